@@ -1,0 +1,330 @@
+"""From the tidy results to the table a test needs: one value per probe and layer.
+
+A results table mixes metrics, site kinds, operations, directions, position selections and individual positions.
+A test across layers is only meaningful on one slice of it, with one number per probe and layer. This module makes
+that reduction explicit and identical for every statistic, figure and report:
+
+1. **Selection.** Rows are restricted to one value of each of :data:`SELECT_COLUMNS` (``metric``, ``site_kind``,
+   ``operation``, ``direction``, ``positions``). When a column holds several values and none was chosen, a
+   :class:`~clap.errors.ClapError` lists them: silently pooling logit differences with probabilities, or denoising
+   with noising, would make the test meaningless.
+2. **Sites outside the stack** (``layer`` is NA, e.g. ``lm_head``) are dropped when testing across layers.
+3. **Trivial rows** (``trivial`` is True: sites that recover 100 % by construction) are excluded unless
+   ``include_trivial=True``; they would manufacture a layer effect. They are counted.
+4. **Undefined values** (``recovery_defined`` is False for the recovery column, or a NaN in ``dv``) are excluded and
+   counted; they are never treated as 0 or 1.
+5. **Position rule.** The remaining rows of one probe and one level of ``within`` (for ``layer``: every position,
+   and every head or site of that layer) are reduced to one value by ``agg`` (default: the mean). The mean keeps
+   the scale of a single patch and is unbiased by the number of positions; ``"max"`` asks "did any position in
+   this layer recover the answer?", but grows with the number of positions, so compare it only between layers
+   that sweep the same positions.
+6. **Missing cells** (a probe lacking a level after steps 1-5) follow ``missing``: ``"drop_subjects"`` (default)
+   removes such probes (listwise deletion, as repeated-measures ANOVA requires complete subjects) with an
+   :class:`AnalysisWarning` naming them; ``"drop_levels"`` instead removes the levels some probe lacks;
+   ``"error"`` refuses; ``"keep"`` leaves the gaps (only for descriptive summaries such as bootstrap intervals,
+   where each layer's mean simply uses the probes it has). The counts travel with the result (``n_dropped``), so
+   reports can state them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+from clap.errors import ClapError
+
+#: Columns on which a test must be restricted to a single value.
+SELECT_COLUMNS = ("metric", "site_kind", "operation", "direction", "positions")
+
+Agg = Literal["mean", "median", "max", "min", "sum"]
+MissingPolicy = Literal["drop_subjects", "drop_levels", "error", "keep"]
+AGGS = ("mean", "median", "max", "min", "sum")
+MISSING_POLICIES = ("drop_subjects", "drop_levels", "error", "keep")
+
+
+class AnalysisWarning(UserWarning):
+    """Something was left out of a test (incomplete probes, undefined recoveries); the counts are in the result."""
+
+
+@dataclass
+class Selected:
+    """Rows that survived steps 1-4, with what was removed and why."""
+
+    rows: pd.DataFrame
+    selection: dict[str, Any]
+    n_rows_in: int
+    n_outside_stack: int = 0
+    n_trivial: int = 0
+    n_undefined: int = 0
+
+
+@dataclass
+class Prepared:
+    """One value of ``dv`` per subject and level of ``within`` (and the subject's ``between`` label)."""
+
+    data: pd.DataFrame
+    dv: str
+    within: str
+    subject: str
+    between: str | None
+    selection: dict[str, Any]
+    levels: list[Any]
+    n_subjects: int
+    n_undefined: int
+    n_trivial: int
+    dropped_subjects: list[Any] = field(default_factory=list)
+    dropped_levels: list[Any] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Book-keeping columns appended to every statistics table (documented in :mod:`analyses.stats`)."""
+        out: dict[str, Any] = {"dv": self.dv}
+        for col in SELECT_COLUMNS:
+            out[col] = self.selection.get(col, pd.NA)
+        out.update(
+            n_subjects=self.n_subjects,
+            n_levels=len(self.levels),
+            n_dropped=len(self.dropped_subjects),
+            n_undefined=self.n_undefined,
+        )
+        return out
+
+
+def select_rows(
+    data: pd.DataFrame,
+    dv: str = "recovery",
+    *,
+    metric: str | None = None,
+    site_kind: str | None = None,
+    operation: str | None = None,
+    direction: str | None = None,
+    positions: str | None = None,
+    include_trivial: bool = False,
+    require_layer: bool = True,
+    vary: Iterable[str] = (),
+) -> Selected:
+    """Steps 1-4 of the module rule: restrict, drop out-of-stack, trivial and undefined rows, count each.
+
+    Columns named in ``vary`` may keep several values (figures that put site kinds side by side use it).
+    ``require_layer=False`` keeps sites whose ``layer`` is NA (per-module bar plots).
+    """
+    _require_columns(data, [dv])
+    chosen = {"metric": metric, "site_kind": site_kind, "operation": operation, "direction": direction, "positions": positions}
+    vary = set(vary)
+    rows = data
+    selection: dict[str, Any] = {}
+    for col in SELECT_COLUMNS:
+        if col not in rows.columns:
+            continue
+        value = chosen[col]
+        present = sorted(rows[col].dropna().unique().tolist(), key=str)
+        if value is not None:
+            if value not in present:
+                raise ClapError(
+                    f"no rows with {col} == {value!r}; the results hold {col} values: {', '.join(map(str, present)) or 'none'}"
+                )
+            rows = rows[rows[col] == value]
+            selection[col] = value
+        elif col in vary:
+            continue
+        elif len(present) > 1:
+            raise ClapError(
+                f"the results hold several {col} values ({', '.join(map(str, present))}); "
+                f"choose one with {col}=... (a test pools rows of one {col} only)"
+            )
+        elif present:
+            selection[col] = present[0]
+    n_in = len(rows)
+    n_outside = 0
+    if require_layer and "layer" in rows.columns:
+        outside = rows["layer"].isna()
+        n_outside = int(outside.sum())
+        rows = rows[~outside]
+    n_trivial = 0
+    if not include_trivial and "trivial" in rows.columns:
+        triv = rows["trivial"].astype(bool)
+        n_trivial = int(triv.sum())
+        rows = rows[~triv]
+    undefined = rows[dv].isna()
+    if dv == "recovery" and "recovery_defined" in rows.columns:
+        undefined = undefined | ~rows["recovery_defined"].astype(bool)
+    n_undefined = int(undefined.sum())
+    rows = rows[~undefined]
+    return Selected(rows, selection, n_in, n_outside, n_trivial, n_undefined)
+
+
+def prepare(
+    data: pd.DataFrame,
+    dv: str = "recovery",
+    within: str = "layer",
+    subject: str = "probe_id",
+    between: str | None = None,
+    *,
+    metric: str | None = None,
+    site_kind: str | None = None,
+    operation: str | None = None,
+    direction: str | None = None,
+    positions: str | None = None,
+    agg: Agg = "mean",
+    missing: MissingPolicy = "drop_subjects",
+    include_trivial: bool = False,
+    min_subjects: int = 2,
+    min_per_group: int = 2,
+    min_groups: int = 2,
+    min_levels: int = 2,
+) -> Prepared:
+    """Apply the whole module rule and check there is enough left for a test.
+
+    Raises :class:`~clap.errors.ClapError` when a column is missing, a selection is ambiguous or empty, fewer than
+    ``min_subjects`` complete probes (or fewer than ``min_levels`` levels) remain, or, with ``between``, fewer than
+    ``min_groups`` groups or a group with fewer than ``min_per_group`` probes remains.
+    """
+    if agg not in AGGS:
+        raise ClapError(f"agg={agg!r} is not a known position rule; expected one of {', '.join(AGGS)}")
+    if missing not in MISSING_POLICIES:
+        raise ClapError(f"missing={missing!r} is not a known policy; expected one of {', '.join(MISSING_POLICIES)}")
+    needed = [dv, within, subject] + ([between] if between else [])
+    _require_columns(data, needed)
+    sel = select_rows(
+        data,
+        dv,
+        metric=metric,
+        site_kind=site_kind,
+        operation=operation,
+        direction=direction,
+        positions=positions,
+        include_trivial=include_trivial,
+        require_layer=(within == "layer"),
+    )
+    rows = sel.rows[sel.rows[within].notna()]
+    where = _describe(sel.selection)
+    if rows.empty:
+        raise ClapError(
+            f"no usable rows for {dv}{where}: {sel.n_rows_in} selected, {sel.n_outside_stack} outside the layer stack, "
+            f"{sel.n_trivial} trivial, {sel.n_undefined} undefined"
+        )
+    if between:
+        labels = rows.groupby(subject, observed=True)[between].nunique()
+        mixed = labels[labels > 1]
+        if len(mixed):
+            raise ClapError(
+                f"column {between!r} must be constant per {subject}; {subject} {mixed.index[0]!r} has "
+                f"{int(mixed.iloc[0])} different labels"
+            )
+    keys = [subject, within] + ([between] if between else [])
+    cells = rows.groupby(keys, observed=True, sort=True)[dv].agg(agg).reset_index()
+    cells[within] = _plain(cells[within])
+
+    wide = cells.pivot(index=subject, columns=within, values=dv)
+    n_all = len(wide)
+    dropped_subjects: list[Any] = []
+    dropped_levels: list[Any] = []
+    if missing != "keep" and wide.isna().any().any():
+        incomplete = wide.index[wide.isna().any(axis=1)].tolist()
+        gaps = {s: [lvl for lvl in wide.columns if pd.isna(wide.loc[s, lvl])] for s in incomplete}
+        detail = "; ".join(f"{s}: {within} {', '.join(map(str, g))}" for s, g in list(gaps.items())[:5])
+        if len(gaps) > 5:
+            detail += f"; and {len(gaps) - 5} more"
+        if missing == "error":
+            raise ClapError(f"{len(incomplete)} of {n_all} {subject}s lack some {within} values{where} ({detail}); "
+                            "choose missing='drop_subjects' or 'drop_levels'")
+        if missing == "drop_subjects":
+            dropped_subjects = incomplete
+            cells = cells[~cells[subject].isin(incomplete)]
+            warnings.warn(
+                f"dropped {len(incomplete)} of {n_all} {subject}s lacking some {within} values{where} ({detail})",
+                AnalysisWarning,
+                stacklevel=3,
+            )
+        else:
+            dropped_levels = [lvl for lvl in wide.columns if wide[lvl].isna().any()]
+            cells = cells[~cells[within].isin(dropped_levels)]
+            warnings.warn(
+                f"dropped {within} {', '.join(map(str, dropped_levels))}{where}: some {subject}s lack them ({detail})",
+                AnalysisWarning,
+                stacklevel=3,
+            )
+    if sel.n_undefined:
+        warnings.warn(f"excluded {sel.n_undefined} rows with undefined {dv}{where}", AnalysisWarning, stacklevel=3)
+
+    subjects = cells[subject].unique().tolist()
+    levels = sorted(cells[within].unique().tolist())
+    if len(subjects) < min_subjects:
+        who = f" (only {subjects[0]!r})" if len(subjects) == 1 else ""
+        raise ClapError(
+            f"{len(subjects)} complete {subject}{'' if len(subjects) == 1 else 's'}{who} for {dv}{where}: a test across "
+            f"{within} needs at least {min_subjects} probes with a value at every {within}"
+            + (f" ({len(dropped_subjects)} incomplete dropped)" if dropped_subjects else "")
+            + (f"; {sel.n_undefined} rows had undefined {dv}" if sel.n_undefined else "")
+        )
+    if len(levels) < min_levels:
+        raise ClapError(f"only {len(levels)} {within} value(s) left for {dv}{where}: a test across {within} needs at least {min_levels}")
+    if between:
+        sizes = cells.drop_duplicates(subject)[between].value_counts()
+        if len(sizes) < min_groups:
+            raise ClapError(f"only one {between} group ({', '.join(map(str, sizes.index))}) left{where}: comparing groups needs at least 2")
+        small = sizes[sizes < min_per_group]
+        if len(small):
+            raise ClapError(
+                f"{between} group(s) {', '.join(f'{g!r} ({n} probes)' for g, n in small.items())}{where}: "
+                f"comparing groups needs at least {min_per_group} complete probes per group"
+            )
+    cells = cells.reset_index(drop=True)
+    return Prepared(
+        data=cells,
+        dv=dv,
+        within=within,
+        subject=subject,
+        between=between,
+        selection=sel.selection,
+        levels=levels,
+        n_subjects=len(subjects),
+        n_undefined=sel.n_undefined,
+        n_trivial=sel.n_trivial,
+        dropped_subjects=dropped_subjects,
+        dropped_levels=dropped_levels,
+    )
+
+
+def analysis_units(data: pd.DataFrame, within: str = "layer", include_trivial: bool = False) -> pd.DataFrame:
+    """The slices a study can be tested on: one row per combination of :data:`SELECT_COLUMNS` values.
+
+    Columns: the :data:`SELECT_COLUMNS` present in ``data``, ``n_rows`` (non-trivial rows inside the stack),
+    ``n_levels`` (distinct ``within`` values). Only slices with at least 2 levels are listed.
+    """
+    rows = data
+    if within == "layer" and "layer" in rows.columns:
+        rows = rows[rows["layer"].notna()]
+    if not include_trivial and "trivial" in rows.columns:
+        rows = rows[~rows["trivial"].astype(bool)]
+    cols = [c for c in SELECT_COLUMNS if c in rows.columns]
+    if rows.empty:
+        return pd.DataFrame(columns=cols + ["n_rows", "n_levels"])
+    units = rows.groupby(cols, observed=True, dropna=False).agg(
+        n_rows=(within, "size"), n_levels=(within, "nunique")
+    ).reset_index()
+    units = units[units["n_levels"] >= 2].reset_index(drop=True)
+    return units
+
+
+def _require_columns(data: pd.DataFrame, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in data.columns]
+    if missing:
+        raise ClapError(
+            f"column(s) {', '.join(missing)} not in the results; available: {', '.join(map(str, data.columns))}"
+        )
+
+
+def _plain(series: pd.Series) -> pd.Series:
+    """Nullable integers to plain ``int64`` so that pingouin labels layers 3, not 3.0."""
+    if pd.api.types.is_integer_dtype(series) and not series.isna().any():
+        return series.astype(np.int64)
+    return series
+
+
+def _describe(selection: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in selection.items() if v is not None]
+    return f" ({', '.join(parts)})" if parts else ""
