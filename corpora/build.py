@@ -1,0 +1,211 @@
+"""``clap corpus build``: inputs -> de-duplicated, filtered, split fine-tuning corpus.
+
+Output folder layout (what fine-tuning and ``clap corpus stats`` read)::
+
+    <out>/dataset/             datasets.DatasetDict (save_to_disk) with splits "train" and "validation";
+                               load with datasets.load_from_disk("<out>/dataset")
+    <out>/train.jsonl          the same rows as JSON lines (one object per record, columns below)
+    <out>/validation.jsonl
+    <out>/stats/by_term.csv    term, pattern, records, mentions (over the whole corpus)
+    <out>/stats/by_year.csv    year, records, <term>_records, <term>_mentions
+    <out>/stats/abstracts_per_year.png
+    <out>/manifest.json        inputs, terms, seed, fraction, counts at each step, bad input, timing
+    <out>/bad_records.jsonl    only with --skip-bad and when something was skipped
+
+Columns (see :data:`corpora.records.COLUMNS`): ``pmid`` (string), ``title``, ``abstract``, ``journal``,
+``year`` (int or null), ``mesh_terms`` (list of strings), ``keywords`` (list of strings), ``url``,
+``source_file``, ``matched_terms`` (filter terms the record mentions) and ``text`` (title, blank line, abstract:
+the fine-tuning text). Rows are sorted by PMID within each split.
+
+Semantics, in stream order: a ``<DeleteCitation>`` drops the PMID from everything read before it; a PMID read
+again replaces the earlier copy unless its ``Version`` is lower ("latest wins", so update files revise the
+baseline). Only the final copy is filtered: records without an abstract and records that mention no term are
+left out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from corpora.errors import CorpusError, ProblemLog
+from corpora.filtering import DEFAULT_TERMS, TermFilter
+from corpora.readers import iter_inputs
+from corpora.records import COLUMNS, Deletion, PubmedRecord, dataset_features
+from corpora.splitting import split_groups
+from corpora.stats import compute_stats, write_stats
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+
+
+@dataclass
+class BuildConfig:
+    """Everything a build depends on (stored in ``manifest.json`` for reproducibility)."""
+
+    inputs: Sequence[str | Path]
+    out: str | Path
+    terms: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TERMS))
+    filter_terms: bool = True
+    require_abstract: bool = True
+    validation_fraction: float = 0.2
+    seed: int = 42
+    skip_bad: bool = False
+    hf_dataset: str | None = None
+    hf_split: str | None = None
+    figure: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class BuildReport:
+    """Counts at each step of a build."""
+
+    read: int = 0                 # records read, all inputs
+    deletions: int = 0            # DeleteCitation PMIDs applied
+    replaced: int = 0             # records that replaced an earlier copy of their PMID
+    superseded: int = 0           # records ignored because a higher version was already read
+    unique: int = 0               # distinct PMIDs alive after deletions
+    without_abstract: int = 0     # of those, without an abstract
+    kept: int = 0                 # in the corpus
+    train: int = 0
+    validation: int = 0
+    bad: int = 0                  # problems skipped under --skip-bad
+    seconds: float = 0.0
+    by_term: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not (out / "manifest.json").is_file() and not overwrite:
+            raise CorpusError(f"{out}: folder exists and is not a built corpus; choose another --out or --overwrite")
+        for name in ("dataset", "stats"):
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+        for name in ("train.jsonl", "validation.jsonl", "bad_records.jsonl", "manifest.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def collect(config: BuildConfig, problems: ProblemLog, report: BuildReport
+            ) -> dict[str, tuple[PubmedRecord, list[str]]]:
+    """Read all inputs, apply deletions and latest-wins, and keep the records that pass the filter.
+
+    Only PMID -> version is remembered for records that do not pass, so memory grows with the corpus, not with
+    the inputs.
+    """
+    term_filter = TermFilter(config.terms)
+    versions: dict[str, int] = {}
+    kept: dict[str, tuple[PubmedRecord, list[str]]] = {}
+    no_abstract: set[str] = set()
+    for event in iter_inputs(config.inputs, problems, config.hf_dataset, config.hf_split):
+        if isinstance(event, Deletion):
+            if versions.pop(event.pmid, None) is not None:
+                report.deletions += 1
+            kept.pop(event.pmid, None)
+            no_abstract.discard(event.pmid)
+            continue
+        record = event
+        report.read += 1
+        previous = versions.get(record.pmid)
+        if previous is not None:
+            if record.version < previous:
+                report.superseded += 1
+                continue
+            report.replaced += 1
+            kept.pop(record.pmid, None)
+            no_abstract.discard(record.pmid)
+        versions[record.pmid] = record.version
+        if config.require_abstract and not record.abstract.strip():
+            no_abstract.add(record.pmid)
+            continue
+        if config.filter_terms:
+            matched = list(term_filter.matches(record.text))
+            if not matched:
+                continue
+        else:
+            matched = list(term_filter.matches(record.text))
+        kept[record.pmid] = (record, matched)
+    report.unique = len(versions)
+    report.without_abstract = len(no_abstract)
+    return kept
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def build_corpus(config: BuildConfig) -> BuildReport:
+    """Run the whole build; returns its counts (also written to ``manifest.json``)."""
+    import datasets
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    if not config.inputs and not config.hf_dataset:
+        raise CorpusError("no inputs given: pass files/folders or --hf-dataset")
+    _prepare_out(out, config.overwrite)
+    problems = ProblemLog(skip_bad=config.skip_bad)
+    report = BuildReport()
+    kept = collect(config, problems, report)
+    report.kept = len(kept)
+    if not kept:
+        raise CorpusError(
+            f"no record left after filtering ({report.read} read, {report.without_abstract} without abstract); "
+            "check the inputs and --term patterns")
+
+    train_ids, validation_ids = split_groups(kept, config.validation_fraction, config.seed)
+    split_rows: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    for pmid in sorted(kept, key=int):
+        record, matched = kept[pmid]
+        split_rows["validation" if pmid in validation_ids else "train"].append(record.to_row(matched))
+    report.train, report.validation = len(split_rows["train"]), len(split_rows["validation"])
+
+    features = dataset_features()
+    dataset = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in COLUMNS}, features=features)
+        for name, rows in split_rows.items()
+    })
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a few hundred rows: the shard bar is noise in logs
+    try:
+        dataset.save_to_disk(str(out / "dataset"))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    for name, rows in split_rows.items():
+        _write_jsonl(out / f"{name}.jsonl", rows)
+
+    stats = compute_stats((row for rows in split_rows.values() for row in rows), config.terms)
+    write_stats(stats, out / "stats", figure=config.figure)
+    report.by_term = stats.by_term().drop(columns="pattern").to_dict("records")
+
+    report.bad = len(problems)
+    if problems.problems:
+        problems.write_jsonl(out / "bad_records.jsonl")
+    report.seconds = round(time.perf_counter() - started, 3)
+    manifest = {
+        "inputs": [str(p) for p in config.inputs],
+        "hf_dataset": config.hf_dataset,
+        "hf_split": config.hf_split,
+        "terms": config.terms,
+        "filter_terms": config.filter_terms,
+        "require_abstract": config.require_abstract,
+        "validation_fraction": config.validation_fraction,
+        "seed": config.seed,
+        "columns": list(COLUMNS),
+        "splits": {name: len(rows) for name, rows in split_rows.items()},
+        "report": asdict(report),
+        "problems": [str(p) for p in problems.problems[:100]],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    log.info("corpus: %d records (%d train, %d validation) in %.1f s", report.kept, report.train,
+             report.validation, report.seconds)
+    return report

@@ -1,0 +1,148 @@
+"""``clap corpus fetch``: a PubMed query into a resumable local store, batch by batch.
+
+One run: ``esearch`` (history server) -> for each batch ``efetch`` -> append the batch's new PMIDs to the store
+(fsync) -> advance the checkpoint. The checkpoint never runs ahead of the data, so an interrupted run loses at most
+the batch in flight, which the rerun fetches again (the store drops the PMIDs it already has).
+
+A rerun re-runs ``esearch`` (history sessions expire) and continues at the saved offset when the result set still
+has the same size; if the size changed, offsets no longer mean the same records, so it starts again from offset 0:
+nothing already stored is written twice and nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from corpora.errors import CorpusError
+from corpora.eutils import PUBMED_HISTORY_LIMIT, EutilsClient, HistoryExpired, SearchResult
+from corpora.store import RecordStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUERY = "epilepsy OR seizure OR EEG"
+DEFAULT_BATCH = 200
+
+
+@dataclass(frozen=True)
+class FetchQuery:
+    """What to fetch: the search term, an optional publication-date range and an optional record limit."""
+
+    term: str = DEFAULT_QUERY
+    mindate: str | None = None
+    maxdate: str | None = None
+    datetype: str = "pdat"
+    limit: int | None = None
+
+    def signature(self) -> str:
+        """A stable key for this query's checkpoint (several queries may share one store)."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class FetchReport:
+    """The outcome of one ``fetch`` call."""
+
+    count: int           # esearch Count
+    target: int          # records this run aimed for (Count, capped by limit and the history limit)
+    started_at: int      # offset the run resumed from
+    added: int           # new PMIDs written to the store
+    returned: int        # records efetch returned in this run (including ones already stored)
+    missing: int         # records asked for that efetch did not return
+    store_size: int      # PMIDs in the store afterwards
+    requests: int        # HTTP requests sent, retries included
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def fetch(
+    store_dir: str | Path,
+    query: FetchQuery,
+    client: EutilsClient,
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    progress: bool = True,
+) -> FetchReport:
+    """Fetch ``query`` into the store at ``store_dir``, resuming a previous run of the same query."""
+    if batch_size < 1 or batch_size > 10_000:
+        raise CorpusError(f"batch size must be between 1 and 10000, got {batch_size}")
+    if query.limit is not None and query.limit < 0:
+        raise CorpusError(f"record limit must be >= 0, got {query.limit}")
+    key = query.signature()
+    with RecordStore(store_dir) as store:
+        state = store.load_state()
+        previous = state["searches"].get(key)
+
+        def search() -> SearchResult:
+            return client.esearch(query.term, mindate=query.mindate, maxdate=query.maxdate,
+                                  datetype=query.datetype)
+
+        result = search()
+        target = result.count if query.limit is None else min(result.count, query.limit)
+        if target > PUBMED_HISTORY_LIMIT:
+            log.warning("%d records match; PubMed serves only the first %d of a search; narrow it with "
+                        "--mindate/--maxdate and fetch each range into the same store",
+                        target, PUBMED_HISTORY_LIMIT)
+            target = PUBMED_HISTORY_LIMIT
+        start = 0
+        if previous and previous.get("count") == result.count and previous.get("target") == target:
+            start = min(int(previous.get("next_retstart", 0)), target)
+            if start:
+                log.info("resuming %r at record %d of %d", query.term, start, target)
+        elif previous:
+            log.warning("%r now matches %d records (was %d); fetching again from the start, "
+                        "records already stored are kept and not duplicated",
+                        query.term, result.count, previous.get("count"))
+        entry = {
+            "query": asdict(query),
+            "count": result.count,
+            "target": target,
+            "next_retstart": start,
+            "done": start >= target,
+            "started": previous.get("started", _now()) if previous else _now(),
+        }
+        state["searches"][key] = entry
+        store.save_state(state)
+
+        added = returned = missing = 0
+        retstart = start
+        with tqdm(total=target, initial=start, unit="rec", desc="fetch", disable=not progress) as bar:
+            while retstart < target:
+                size = min(batch_size, target - retstart)
+                try:
+                    records = client.efetch(result, retstart, size)
+                except HistoryExpired:
+                    log.info("history session expired; searching again")
+                    result = search()
+                    if result.count != entry["count"]:
+                        raise CorpusError(
+                            f"{query.term!r} changed while fetching ({entry['count']} -> {result.count} "
+                            "records); rerun the fetch to start over (stored records are kept)")
+                    records = client.efetch(result, retstart, size)
+                for record in records:
+                    record.source_file = "efetch"
+                added += store.add(records)
+                returned += len(records)
+                if len(records) < size:
+                    missing += size - len(records)
+                    log.warning("efetch returned %d of %d records at offset %d",
+                                len(records), size, retstart)
+                retstart += size
+                entry.update(next_retstart=retstart, done=retstart >= target, updated=_now())
+                store.save_state(state)
+                bar.update(size)
+                bar.set_postfix(stored=len(store))
+        entry.update(done=True, updated=_now())
+        store.save_state(state)
+        return FetchReport(count=result.count, target=target, started_at=start, added=added,
+                           returned=returned, missing=missing, store_size=len(store),
+                           requests=client.requests_sent)
