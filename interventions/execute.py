@@ -1,0 +1,135 @@
+"""Run batches as nnsight traces (local, NDIF, or nnsight's local simulation of NDIF).
+
+Each batch is one ``model.trace`` over all its rows. The trace body only uses torch operations on plain tensors
+and the model's envoys, never clap's own functions, so nnsight can ship it to NDIF unchanged (tests run every plan
+with ``remote="local"`` to prove it). Metrics are computed inside the trace from the last position's logits and
+only a ``[rows, n_metrics]`` tensor comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+
+from clap.errors import ClapError
+from interventions.plan import Batch, Plan
+
+log = logging.getLogger(__name__)
+
+#: metric columns computed in every forward pass, in this order
+METRICS = ("logit_diff", "logit", "prob", "logprob", "kl")
+
+
+class RemoteError(ClapError):
+    pass
+
+
+def trace_kwargs(remote: bool | str) -> dict[str, Any]:
+    """nnsight's ``remote`` argument: False, True (NDIF) or "local" (simulation)."""
+    if remote is False or remote is None:
+        return {}
+    return {"remote": remote}
+
+
+def check_remote(remote: bool | str, model_source: str) -> None:
+    """Fail fast (and never print the key) when NDIF is requested but cannot be used."""
+    if remote is not True:
+        return
+    import requests
+    from nnsight import CONFIG
+
+    key = os.environ.get("NDIF_API_KEY") or getattr(CONFIG.API, "APIKEY", None)
+    if not key:
+        raise RemoteError(
+            "remote: true needs an NDIF API key: set NDIF_API_KEY or run `python -c \"import nnsight; "
+            "nnsight.CONFIG.set_default_api_key('...')\"`"
+        )
+    if os.environ.get("NDIF_API_KEY"):
+        CONFIG.API.APIKEY = os.environ["NDIF_API_KEY"]
+    if os.path.exists(os.path.expanduser(model_source)) or model_source.endswith(".gguf"):
+        raise RemoteError(
+            f"remote: true runs on NDIF's hosted models, addressed by hub id; {model_source!r} is a local file"
+        )
+    host = CONFIG.API.HOST
+    url = host if host.startswith("http") else f"https://{host}"
+    try:
+        requests.get(url.rstrip("/") + "/status", timeout=5)
+    except requests.RequestException as exc:
+        raise RemoteError(
+            f"NDIF at {url} cannot be reached ({type(exc).__name__}); check the network or run with "
+            f"remote: false (local) or remote: local (simulation)"
+        ) from None
+
+
+def _plain_accesses(model: Any, batch: Batch) -> list[tuple]:
+    """Batch patches as tuples of (envoy, access, n_heads, copy, set, add): picklable without clap installed."""
+    return [
+        (model.get(p.module), p.access, p.n_heads or 0, p.copy, p.set, p.add)
+        for p in batch.accesses
+    ]
+
+
+def run_batch(model: Any, batch: Batch, remote: bool | str = False) -> torch.Tensor:
+    """One forward pass with every patch of the batch; returns ``[rows, len(METRICS)]`` float32 metrics."""
+    accesses = _plain_accesses(model, batch)
+    answer_index, answer_mask = batch.answer_index, batch.answer_mask
+    wrong_index, wrong_mask = batch.wrong_index, batch.wrong_mask
+    clean_row = batch.clean_row
+    with torch.no_grad():
+        with model.trace(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, **trace_kwargs(remote)
+        ):
+            for envoy, access, n_heads, copy, set_, add in accesses:
+                value = envoy.input if access == "input" else envoy.output
+                if isinstance(value, tuple):
+                    value = value[0]
+                if n_heads:
+                    value = value.view(value.shape[0], value.shape[1], n_heads, -1)
+                if copy:
+                    if n_heads:
+                        value[copy["t_row"], copy["t_col"], copy["head"]] = value[
+                            copy["s_row"], copy["s_col"], copy["head"]
+                        ]
+                    else:
+                        value[copy["t_row"], copy["t_col"]] = value[copy["s_row"], copy["s_col"]]
+                if set_:
+                    fill = set_["values"].to(value.dtype)
+                    if n_heads:
+                        value[set_["t_row"], set_["t_col"], set_["head"]] = fill
+                    else:
+                        value[set_["t_row"], set_["t_col"]] = fill
+                if add:
+                    extra = add["values"].to(value.dtype)
+                    if n_heads:
+                        value[add["t_row"], add["t_col"], add["head"]] += extra
+                    else:
+                        value[add["t_row"], add["t_col"]] += extra
+            logits = model.output.logits[:, -1, :].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
+            wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
+            prob = (logprobs.gather(1, answer_index).exp() * answer_mask).sum(1)
+            clean_logprobs = logprobs[clean_row]
+            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
+            metrics = torch.stack(
+                [answer_logit - wrong_logit, answer_logit, prob, torch.log(prob), kl], dim=1
+            ).save()
+    return metrics.detach().cpu()
+
+
+def capture(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, modules: Sequence[tuple[str, str]],
+            remote: bool | str = False) -> list[torch.Tensor]:
+    """Activations at (module, access) pairs, in the given (execution) order, for statistics such as means."""
+    envoys = [(model.get(module), access) for module, access in modules]
+    saved = []
+    with torch.no_grad():
+        with model.trace(input_ids=input_ids, attention_mask=attention_mask, **trace_kwargs(remote)):
+            for envoy, access in envoys:
+                value = envoy.input if access == "input" else envoy.output
+                if isinstance(value, tuple):
+                    value = value[0]
+                saved.append(value.clone().save())
+    return [s.detach().cpu() for s in saved]

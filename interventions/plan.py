@@ -1,0 +1,336 @@
+"""Compile a spec into a plan of patch cells and pack the cells into batched forward passes.
+
+Data flow: ``StudySpec`` + probes + sites -> ``Plan`` (one :class:`Cell` per probe x site x position x operation)
+-> ``Batch`` es. A batch is one forward pass: for every probe it touches, a clean and a corrupted baseline row,
+then one row per patched cell (the target prompt again), plus source rows of other probes for ``resample``. All
+patches are described as index tensors per module access, so the forward pass applies them without a Python loop
+per cell and the batch can be shipped to NDIF as plain tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from clap.errors import ClapError
+from interventions.probes import PositionCell, Probe, resolve_positions
+from interventions.sites import Site
+from interventions.spec import OperationSpec, StudySpec
+
+
+class PlanError(ClapError):
+    pass
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One patched forward row: which probe, where, which tokens, what operation."""
+
+    index: int
+    probe: int  #: index into the probe list
+    site: Site
+    positions: PositionCell
+    operation: OperationSpec
+    source_probe: int  #: the probe whose source run supplies the activation (another probe for resample)
+    source_indices: tuple[int, ...]  #: source-prompt token indices matched to ``positions.indices``
+
+
+@dataclass
+class Plan:
+    spec: StudySpec
+    probes: list[Probe]
+    sites: list[Site]
+    cells: list[Cell]
+    target: str  #: prompt that receives patches: "corrupted" (denoising) or "clean" (noising)
+    source: str
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the plan for resuming: same spec, probes and sites -> same fingerprint."""
+        payload = json.dumps(
+            {
+                "spec": self.spec.to_dict(),
+                "probes": [(p.id, p.clean_ids, p.corrupted_ids, p.answer_ids, p.wrong_ids) for p in self.probes],
+                "cells": len(self.cells),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def directions(direction: str) -> tuple[str, str]:
+    """(target prompt, source prompt) for a direction."""
+    return ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
+
+
+def resample_sources(n_probes: int, seed: int) -> list[int]:
+    """A seeded derangement: each probe draws its resampled activation from a different probe."""
+    if n_probes < 2:
+        raise PlanError("operation `resample` needs at least two probes (it takes activations from another probe)")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n_probes, generator=generator).tolist()
+        if all(i != j for i, j in enumerate(perm)):
+            return perm
+
+
+def compile_plan(spec: StudySpec, probes: Sequence[Probe], sites: Sequence[Site], tokenizer: Any) -> Plan:
+    target, source = directions(spec.direction)
+    needs_resample = any(op.name == "resample" for op in spec.operations)
+    resample = resample_sources(len(probes), spec.seed) if needs_resample else None
+    cells: list[Cell] = []
+    for p_index, probe in enumerate(probes):
+        n_target = len(probe.prompt_ids(target))
+        position_cells = [pc for sel in spec.positions for pc in resolve_positions(sel, probe, target, source, tokenizer)]
+        for site in sites:
+            for pc in position_cells:
+                for op in spec.operations:
+                    src_probe = resample[p_index] if op.name == "resample" else p_index
+                    n_source = len(probes[src_probe].prompt_ids(source))
+                    if n_source != n_target and spec.alignment == "strict" and op.name in ("replace", "resample"):
+                        raise PlanError(
+                            f"resample: probe {probe.id} ({n_target} tokens) would take activations from probe "
+                            f"{probes[src_probe].id} ({n_source} tokens); use same-length probes or `alignment: right`"
+                        )
+                    # right alignment: target index i <-> source index i - n_target + n_source
+                    pairs = [(i, i - n_target + n_source) for i in pc.indices]
+                    pairs = [(i, j) for i, j in pairs if j >= 0]
+                    kept = PositionCell(pc.label, pc.position, tuple(i for i, _ in pairs))
+                    cells.append(
+                        Cell(
+                            index=len(cells),
+                            probe=p_index,
+                            site=site,
+                            positions=kept,
+                            operation=op,
+                            source_probe=src_probe,
+                            source_indices=tuple(j for _, j in pairs),
+                        )
+                    )
+    return Plan(spec=spec, probes=list(probes), sites=list(sites), cells=cells, target=target, source=source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class AccessPatches:
+    """Every patch applied at one module access (e.g. ``transformer.h.3.attn.c_proj`` input) in one batch.
+
+    Row/column tensors address the padded batch. ``head`` is -1 for whole-width patches, else the head index
+    (the access is then viewed as ``[rows, cols, n_heads, head_dim]``).
+    """
+
+    module: str
+    access: str
+    n_heads: int | None = None
+    # copy: x[t_row, t_col] = x[s_row, s_col]
+    copy: dict[str, torch.Tensor] = field(default_factory=dict)
+    # set: x[t_row, t_col] = values ; add: x[t_row, t_col] += values
+    set: dict[str, torch.Tensor] = field(default_factory=dict)
+    add: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One forward pass worth of rows."""
+
+    index: int
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    row_probe: list[int]  #: probe index per row
+    row_role: list[str]  #: "clean", "corrupted", "patched", "extra"
+    row_cell: list[int]  #: cell index per patched row, -1 otherwise
+    clean_row: torch.Tensor  #: per row, the row holding its probe's clean run (for KL)
+    answer_index: torch.Tensor  #: [rows, k] answer token ids (padded with 0)
+    answer_mask: torch.Tensor  #: [rows, k] 1 where the id is real
+    wrong_index: torch.Tensor
+    wrong_mask: torch.Tensor
+    accesses: list[AccessPatches]
+    cells: list[int]
+
+
+def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
+    """Split cells into batches of at most ``max_rows`` rows, counting the two baseline rows each probe needs."""
+    if max_rows < 3:
+        raise PlanError("max_rows must be at least 3 (clean, corrupted and one patched row)")
+    chunks: list[list[Cell]] = []
+    current: list[Cell] = []
+    probes_in: set[int] = set()
+    rows = 0
+    for cell in sorted(plan.cells, key=lambda c: (c.probe, c.index)):
+        needed = {cell.probe, cell.source_probe} - probes_in
+        extra = 2 * len(needed) + 1
+        if current and rows + extra > max_rows:
+            chunks.append(current)
+            current, probes_in, rows = [], set(), 0
+            needed = {cell.probe, cell.source_probe}
+            extra = 2 * len(needed) + 1
+        current.append(cell)
+        probes_in |= needed
+        rows += extra
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _pad_sets(sets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(s) for s in sets))
+    index = torch.zeros((len(sets), width), dtype=torch.long)
+    mask = torch.zeros((len(sets), width), dtype=torch.float32)
+    for row, s in enumerate(sets):
+        index[row, : len(s)] = torch.tensor(s, dtype=torch.long) if s else index[row, :0]
+        mask[row, : len(s)] = 1.0
+    return index, mask
+
+
+def build_batch(
+    plan: Plan,
+    cells: Sequence[Cell],
+    index: int,
+    pad_id: int,
+    constants: "PatchConstants",
+) -> Batch:
+    """Lay out rows (left-padded) and turn every cell into index tensors at its module access."""
+    probe_order: list[int] = []
+    for cell in cells:
+        for p in (cell.probe, cell.source_probe):
+            if p not in probe_order:
+                probe_order.append(p)
+    prompts: list[list[int]] = []
+    row_probe: list[int] = []
+    row_role: list[str] = []
+    row_cell: list[int] = []
+    baseline_row: dict[tuple[int, str], int] = {}
+    for p in probe_order:
+        for role in ("clean", "corrupted"):
+            baseline_row[(p, role)] = len(prompts)
+            prompts.append(plan.probes[p].prompt_ids(role))
+            row_probe.append(p)
+            row_role.append(role)
+            row_cell.append(-1)
+    cell_row: dict[int, int] = {}
+    for cell in cells:
+        cell_row[cell.index] = len(prompts)
+        prompts.append(plan.probes[cell.probe].prompt_ids(plan.target))
+        row_probe.append(cell.probe)
+        row_role.append("patched")
+        row_cell.append(cell.index)
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+
+    accesses: dict[tuple[str, str], dict[str, Any]] = {}
+    for cell in cells:
+        if not cell.positions.indices:
+            continue  # a "none" cell: the control row that patches nothing
+        site = cell.site
+        entry = accesses.setdefault(
+            site.access_key,
+            {"site": site, "copy": [], "set": [], "add": []},
+        )
+        t_row = cell_row[cell.index]
+        n_t = len(prompts[t_row])
+        t_cols = [width - n_t + i for i in cell.positions.indices]
+        head = site.head if site.kind == "head" else -1
+        op = cell.operation.name
+        if op in ("replace", "resample"):
+            s_row = baseline_row[(cell.source_probe, plan.source)]
+            n_s = len(prompts[s_row])
+            s_cols = [width - n_s + j for j in cell.source_indices]
+            entry["copy"].extend((t_row, tc, s_row, sc, head) for tc, sc in zip(t_cols, s_cols))
+        elif op == "zero":
+            values = constants.zeros(site)
+            entry["set"].extend((t_row, tc, head, values) for tc in t_cols)
+        elif op == "mean":
+            n_target = len(plan.probes[cell.probe].prompt_ids(plan.target))
+            entry["set"].extend(
+                (t_row, tc, head, constants.mean(site, n_target - i)) for tc, i in zip(t_cols, cell.positions.indices)
+            )
+        elif op == "noise":
+            noise = constants.noise(cell, len(t_cols))
+            entry["add"].extend((t_row, tc, head, noise[k]) for k, tc in enumerate(t_cols))
+    # nnsight must meet module accesses in forward-execution order; plan.sites is already in that order
+    rank = {}
+    for position, site in enumerate(plan.sites):
+        rank.setdefault(site.access_key, position)
+    access_list = []
+    for (module, access), entry in sorted(accesses.items(), key=lambda item: rank[item[0]]):
+        site = entry["site"]
+        patches = AccessPatches(module=module, access=access, n_heads=site.n_heads if site.kind == "head" else None)
+        if entry["copy"]:
+            t = torch.tensor([e[:5] for e in entry["copy"]], dtype=torch.long)
+            patches.copy = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4]}
+        for mode in ("set", "add"):
+            if entry[mode]:
+                t = torch.tensor([e[:3] for e in entry[mode]], dtype=torch.long)
+                values = torch.stack([e[3] for e in entry[mode]])
+                getattr(patches, mode).update({"t_row": t[:, 0], "t_col": t[:, 1], "head": t[:, 2], "values": values})
+        access_list.append(patches)
+
+    clean_row = torch.tensor([baseline_row[(p, "clean")] for p in row_probe], dtype=torch.long)
+    answer_index, answer_mask = _pad_sets([plan.probes[p].answer_ids for p in row_probe])
+    wrong_index, wrong_mask = _pad_sets([plan.probes[p].wrong_ids for p in row_probe])
+    return Batch(
+        index=index,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        row_probe=row_probe,
+        row_role=row_role,
+        row_cell=row_cell,
+        clean_row=clean_row,
+        answer_index=answer_index,
+        answer_mask=answer_mask,
+        wrong_index=wrong_index,
+        wrong_mask=wrong_mask,
+        accesses=access_list,
+        cells=[c.index for c in cells],
+    )
+
+
+@dataclass
+class PatchConstants:
+    """Values that do not come from the batch itself: zeros, probe-set means, seeded noise."""
+
+    widths: dict[str, int]  #: site name -> activation width (head_dim for head sites)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)  #: site name -> [max_len, width], index = offset from end - 1
+    embedding_std: float | None = None
+    seed: int = 0
+
+    def zeros(self, site: Site) -> torch.Tensor:
+        return torch.zeros(self.widths[site.name])
+
+    def mean(self, site: Site, offset_from_end: int) -> torch.Tensor:
+        table = self.means[site.name]
+        return table[offset_from_end - 1]
+
+    def noise(self, cell: Cell, n: int) -> torch.Tensor:
+        op = cell.operation
+        std = op.scale * (self.embedding_std if op.relative_to == "embedding_std" else 1.0)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cell.index)
+        return torch.randn((n, self.widths[cell.site.name]), generator=generator) * std
+
+
+def rows_for_budget(memory_budget_mb: float | None, max_rows: int | None, seq_len: int, vocab: int, d_model: int,
+                    n_layers: int, bytes_per: int) -> int:
+    """Rows per forward pass: ``max_rows`` if given, else a conservative estimate from the memory budget.
+
+    The estimate counts the logits (rows x seq x vocab, the largest single tensor for short prompts) and ~16 live
+    activations of width d_model per layer; it is deliberately generous so a budget is not exceeded.
+    """
+    if max_rows is not None:
+        return max_rows
+    if memory_budget_mb is None:
+        return 64
+    per_row = seq_len * (vocab * 2 + 16 * d_model * max(1, n_layers)) * bytes_per
+    return max(3, int(math.floor(memory_budget_mb * 2**20 / per_row)))

@@ -1,0 +1,253 @@
+"""Probe sets: load clean/corrupted prompt pairs, tokenise them, resolve answers and token positions.
+
+Positions are always indices into the *unpadded* target prompt (the prompt that receives the patch: corrupted for
+denoising, clean for noising). Batching later converts them to padded columns, so a position means the same token
+whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from clap.errors import ClapError
+from interventions.spec import (
+    IndexPositions,
+    MatchPosition,
+    PositionSelector,
+    ProbeSetSpec,
+    ProbeSpec,
+    format_validation_error,
+)
+from interventions.yamlio import SourceError, load_jsonl, load_yaml
+
+from pydantic import ValidationError
+
+
+class ProbeError(ClapError):
+    pass
+
+
+@dataclass
+class Probe:
+    """A validated, tokenised probe."""
+
+    id: str
+    clean: str
+    corrupted: str
+    clean_ids: list[int]
+    corrupted_ids: list[int]
+    answer_ids: list[int]
+    wrong_ids: list[int]
+    labels: dict[str, str] = field(default_factory=dict)
+    origin: str = ""  #: file:line or "inline[i]" for error messages
+
+    def prompt_ids(self, which: str) -> list[int]:
+        return self.clean_ids if which == "clean" else self.corrupted_ids
+
+
+@dataclass(frozen=True)
+class PositionCell:
+    """One position selection for one probe: which target-prompt tokens a patch covers."""
+
+    label: str  #: e.g. ``last``, ``3``, ``all``, ``match:Paris``
+    position: int | None  #: the single token index, or None when several (or none) are patched together
+    indices: tuple[int, ...]  #: target-prompt token indices
+
+
+def read_probe_specs(probe_set: ProbeSetSpec, base_dir: Path) -> list[tuple[str, ProbeSpec]]:
+    """(origin, ProbeSpec) pairs from the inline list or the probe file (JSONL, or YAML list / {probes: [...]})."""
+    if probe_set.inline is not None:
+        return [(f"probes.inline[{i}]", p) for i, p in enumerate(probe_set.inline)]
+    path = Path(probe_set.file)
+    if not path.is_absolute():
+        path = base_dir / path
+    out = []
+    if path.suffix in (".yaml", ".yml"):
+        data, lines = load_yaml(path)
+        items = data.get("probes") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise ProbeError(f"{path}: expected a list of probes (or a mapping with a `probes:` list)")
+        prefix = ("probes",) if isinstance(data, dict) else ()
+        for index, item in enumerate(items):
+            origin_line = lines.get(prefix + (index,))
+            out.append((f"{path}:{origin_line}", _validate_probe(item, f"{path}", lines, prefix + (index,))))
+    elif path.suffix in (".jsonl", ".json"):
+        for number, item in load_jsonl(path):
+            out.append((f"{path}:{number}", _validate_probe(item, f"{path}:{number}", {}, ())))
+    else:
+        raise ProbeError(f"{path}: unknown probe file type {path.suffix!r}; use .jsonl or .yaml")
+    if not out:
+        raise ProbeError(f"{path}: the probe file holds no probes")
+    return out
+
+
+def _validate_probe(item: Any, source: str, lines: dict, prefix: tuple) -> ProbeSpec:
+    if isinstance(item, dict):
+        item = dict(item)
+        # labels may be given as top-level keys of a probe record (e.g. "knowledge_type": "definitional")
+        known = set(ProbeSpec.model_fields)
+        extra = {k: item.pop(k) for k in list(item) if k not in known and isinstance(item[k], (str, int, float))}
+        if extra:
+            item["labels"] = {**{k: str(v) for k, v in extra.items()}, **item.get("labels", {})}
+    try:
+        return ProbeSpec.model_validate(item)
+    except ValidationError as exc:
+        shifted = {k[len(prefix):]: v for k, v in lines.items() if k[: len(prefix)] == prefix}
+        raise ProbeError(format_validation_error(exc, source, shifted, ProbeSpec).replace("study spec", "probe")) from None
+
+
+def _answer_ids(value: Any, tokenizer: Any, policy: str, origin: str, what: str) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    ids: list[int] = []
+    vocab_size = len(tokenizer)
+    for item in values:
+        if isinstance(item, int):
+            if not 0 <= item < vocab_size:
+                raise ProbeError(f"{origin}: {what} token id {item} is outside the vocabulary (0..{vocab_size - 1})")
+            ids.append(item)
+            continue
+        pieces = tokenizer(item, add_special_tokens=False)["input_ids"]
+        if not pieces:
+            raise ProbeError(f"{origin}: {what} {item!r} tokenises to nothing")
+        if len(pieces) > 1:
+            shown = [tokenizer.decode([t]) for t in pieces]
+            if policy == "error":
+                raise ProbeError(
+                    f"{origin}: {what} {item!r} is {len(pieces)} tokens {shown}; give a single token (mind the "
+                    f"leading space), a token id, or set probes.multi_token to 'first' or 'set'"
+                )
+            pieces = pieces[:1] if policy == "first" else pieces
+        ids.extend(pieces)
+    return list(dict.fromkeys(ids))
+
+
+def tokenize_probes(
+    specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, multi_token: str = "error"
+) -> list[Probe]:
+    """Tokenise prompts (no special tokens added beyond what the tokenizer adds itself) and answers."""
+    probes: list[Probe] = []
+    seen: dict[str, str] = {}
+    for index, (origin, spec) in enumerate(specs):
+        probe_id = spec.id or f"p{index:04d}"
+        if probe_id in seen:
+            raise ProbeError(f"{origin}: duplicate probe id {probe_id!r} (first at {seen[probe_id]})")
+        seen[probe_id] = origin
+        clean_ids = tokenizer(spec.clean)["input_ids"]
+        corrupted_ids = tokenizer(spec.corrupted)["input_ids"]
+        answer = _answer_ids(spec.answer, tokenizer, multi_token, origin, "answer")
+        wrong = _answer_ids(spec.wrong, tokenizer, multi_token, origin, "wrong") if spec.wrong is not None else []
+        probes.append(
+            Probe(
+                id=probe_id,
+                clean=spec.clean,
+                corrupted=spec.corrupted,
+                clean_ids=list(clean_ids),
+                corrupted_ids=list(corrupted_ids),
+                answer_ids=answer,
+                wrong_ids=wrong,
+                labels=dict(spec.labels),
+                origin=origin,
+            )
+        )
+    if not probes:
+        raise ProbeError("the probe set is empty")
+    label_keys = {tuple(sorted(p.labels)) for p in probes}
+    if len(label_keys) > 1:
+        raise ProbeError(f"probes carry different label keys {sorted(label_keys)}; every probe needs the same labels")
+    return probes
+
+
+def check_alignment(probes: Sequence[Probe], alignment: str) -> None:
+    """Position-wise patching needs clean and corrupted prompts of one token length, unless aligned at the end."""
+    if alignment != "strict":
+        return
+    bad = [p for p in probes if len(p.clean_ids) != len(p.corrupted_ids)]
+    if bad:
+        lines = [f"{p.id} ({p.origin}): clean {len(p.clean_ids)} tokens, corrupted {len(p.corrupted_ids)}" for p in bad[:5]]
+        raise ProbeError(
+            "clean and corrupted prompts differ in token length, so positions cannot be matched:\n  "
+            + "\n  ".join(lines)
+            + ("\n  ..." if len(bad) > 5 else "")
+            + "\nmake the pairs the same length, or set `alignment: right` to match positions from the end"
+        )
+
+
+def token_spans(ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int]]:
+    """Character span of each token in the decoded prompt (decoding prefixes works for any tokenizer)."""
+    spans = []
+    previous = 0
+    for i in range(len(ids)):
+        end = len(tokenizer.decode(list(ids[: i + 1])))
+        spans.append((previous, max(end, previous)))
+        previous = max(end, previous)
+    return spans
+
+
+def resolve_positions(
+    selector: PositionSelector, probe: Probe, target: str, source: str, tokenizer: Any
+) -> list[PositionCell]:
+    """Position cells of one selector for one probe, as indices into the target prompt."""
+    n_target = len(probe.prompt_ids(target))
+    if selector == "all":
+        return [PositionCell("all", None, tuple(range(n_target)))]
+    if selector == "none":
+        return [PositionCell("none", None, ())]
+    if selector == "last":
+        return [PositionCell("last", n_target - 1, (n_target - 1,))]
+    if selector == "each":
+        return [PositionCell(str(i), i, (i,)) for i in range(n_target)]
+    if isinstance(selector, int):
+        if not -n_target <= selector < n_target:
+            raise ProbeError(f"probe {probe.id} ({probe.origin}): position {selector} is outside its {n_target} tokens")
+        index = selector % n_target
+        return [PositionCell(str(selector), index, (index,))]
+    if isinstance(selector, IndexPositions):
+        for i in selector.indices:
+            if not -n_target <= i < n_target:
+                raise ProbeError(f"probe {probe.id} ({probe.origin}): position {i} is outside its {n_target} tokens")
+        indices = tuple(sorted({i % n_target for i in selector.indices}))
+        label = "indices:" + ",".join(str(i) for i in selector.indices)
+        return [PositionCell(label, indices[0] if len(indices) == 1 else None, indices)]
+    if isinstance(selector, MatchPosition):
+        return [_match_cell(selector, probe, target, tokenizer)]
+    raise ProbeError(f"unknown position selector {selector!r}")
+
+
+def _match_cell(selector: MatchPosition, probe: Probe, target: str, tokenizer: Any) -> PositionCell:
+    prompt = probe.clean if selector.prompt == "clean" else probe.corrupted
+    ids = probe.prompt_ids(selector.prompt)
+    text = tokenizer.decode(ids)
+    starts = []
+    start = text.find(selector.match)
+    while start >= 0:
+        starts.append(start)
+        start = text.find(selector.match, start + 1)
+    if not starts:
+        raise ProbeError(
+            f"probe {probe.id} ({probe.origin}): substring {selector.match!r} not found in its {selector.prompt} "
+            f"prompt {prompt!r}"
+        )
+    try:
+        begin = starts[selector.occurrence]
+    except IndexError:
+        raise ProbeError(
+            f"probe {probe.id}: occurrence {selector.occurrence} of {selector.match!r} requested, "
+            f"found {len(starts)}"
+        ) from None
+    end = begin + len(selector.match)
+    spans = token_spans(ids, tokenizer)
+    indices = [i for i, (a, b) in enumerate(spans) if a < end and b > begin]
+    # the named prompt may differ in length from the target (right alignment): shift to target coordinates
+    shift = len(probe.prompt_ids(target)) - len(ids)
+    indices = tuple(i + shift for i in indices if i + shift >= 0)
+    label = f"match:{selector.match}"
+    return PositionCell(label, indices[0] if len(indices) == 1 else None, indices)
+
+
+def load_probes(probe_set: ProbeSetSpec, tokenizer: Any, base_dir: Path) -> list[Probe]:
+    try:
+        return tokenize_probes(read_probe_specs(probe_set, base_dir), tokenizer, probe_set.multi_token)
+    except SourceError as exc:
+        raise ProbeError(str(exc)) from None

@@ -1,0 +1,237 @@
+"""The study spec: one validated schema for YAML files and Python objects.
+
+A spec says *what* to patch (model, probes, sites, positions, direction, operations, metrics) and *how* to run it
+(execution). It is serialisable (``model_dump``) so every results directory records the exact resolved spec, in
+the spirit of pyvene's intervention configs. Validation errors name the file, the line and the field, and suggest
+the nearest valid field name for typos.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clap.errors import ClapError, closest
+from interventions.yamlio import line_of, load_yaml
+
+
+class SpecError(ClapError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Which weights: a hub id, a local directory, a ``.gguf`` file, or a built-in name (``smollm2-135m``)."""
+
+    source: str
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+
+
+AnswerTokens = Union[str, int, list[Union[str, int]]]
+
+
+class ProbeSpec(_Strict):
+    """One clean/corrupted prompt pair and the answers whose logits are compared."""
+
+    id: str | None = None
+    clean: str
+    corrupted: str
+    answer: AnswerTokens  #: the clean answer: a token string, a token id, or a set of them
+    wrong: AnswerTokens | None = None  #: the answer the corrupted prompt elicits (for logit difference)
+    labels: dict[str, str] = Field(default_factory=dict)  #: grouping labels, e.g. knowledge_type
+
+    @field_validator("clean", "corrupted")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty prompt")
+        return value
+
+
+class ProbeSetSpec(_Strict):
+    """Probes inline or from a JSONL/YAML file (relative paths are relative to the spec file)."""
+
+    file: str | None = None
+    inline: list[ProbeSpec] | None = None
+    #: what to do when an answer string is several tokens: refuse, take the first token, or use them as a set
+    multi_token: Literal["error", "first", "set"] = "error"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ProbeSetSpec":
+        if (self.file is None) == (self.inline is None):
+            raise ValueError("give exactly one of `file` (a JSONL/YAML probe file) or `inline` (a list of probes)")
+        return self
+
+
+class MatchPosition(_Strict):
+    """The tokens that overlap a substring (e.g. the subject), patched together."""
+
+    match: str
+    prompt: Literal["clean", "corrupted"] = "clean"
+    occurrence: int = 0  #: which occurrence of the substring (0 = first, -1 = last)
+
+
+class IndexPositions(_Strict):
+    """Explicit token indices (negative = from the end), patched together as one cell."""
+
+    indices: list[int]
+
+
+PositionSelector = Union[Literal["all", "each", "last", "none"], int, MatchPosition, IndexPositions]
+
+
+class OperationSpec(_Strict):
+    """What a patched activation becomes.
+
+    * ``replace``: the source run's activation (clean for denoising, corrupted for noising);
+    * ``zero``; ``mean``: the mean source activation over the probe set at that (right-aligned) position;
+    * ``noise``: the target activation plus Gaussian noise with std ``scale`` (``relative_to: embedding_std``
+      makes it ``scale`` x the std of the token embeddings over the probe set, e.g. ROME's 3 sigma);
+    * ``resample``: the source activation of another probe (a seeded derangement of the probe set).
+    """
+
+    name: Literal["replace", "zero", "mean", "noise", "resample"]
+    scale: float | None = None
+    relative_to: Literal["absolute", "embedding_std"] = "absolute"
+
+    @model_validator(mode="after")
+    def _scale_for_noise(self) -> "OperationSpec":
+        if self.name == "noise" and (self.scale is None or self.scale <= 0):
+            raise ValueError("operation `noise` needs a positive `scale`")
+        if self.name != "noise" and self.scale is not None:
+            raise ValueError(f"`scale` only applies to operation `noise`, not {self.name!r}")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name != "noise":
+            return self.name
+        unit = "sd" if self.relative_to == "embedding_std" else ""
+        return f"noise({self.scale:g}{unit})"
+
+
+Metric = Literal["logit_diff", "logit", "prob", "logprob", "kl"]
+
+
+class ExecutionSpec(_Strict):
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    #: most rows (baselines + patched) in one forward pass; None = derive from memory_budget_mb
+    max_rows: int | None = Field(default=None, ge=3)
+    memory_budget_mb: float | None = Field(default=None, gt=0)
+    #: False: local; True: NDIF (key from NDIF_API_KEY or nnsight's config); "local": nnsight's local simulation
+    remote: Union[bool, Literal["local"]] = False
+    progress: bool = True
+
+
+class StudySpec(_Strict):
+    """A whole patching study. ``StudySpec.from_yaml(path)`` or build it in Python; both validate the same way."""
+
+    name: str = "study"
+    model: ModelSpec
+    probes: ProbeSetSpec
+    sites: list[str] = Field(min_length=1)
+    positions: list[PositionSelector] = Field(default_factory=lambda: ["last"], min_length=1)
+    direction: Literal["denoising", "noising"] = "denoising"
+    operations: list[OperationSpec] = Field(default_factory=lambda: [OperationSpec(name="replace")], min_length=1)
+    metrics: list[Metric] = Field(default_factory=lambda: ["logit_diff"], min_length=1)
+    #: clean/corrupted pairs of different token lengths: refuse (strict) or align them at the end (right)
+    alignment: Literal["strict", "right"] = "strict"
+    #: |clean - corrupted| below this makes recovery undefined (NaN), never a division
+    recovery_epsilon: float = Field(default=1e-6, ge=0)
+    seed: int = 0
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+
+    #: where the spec was read from (relative probe files resolve against it); not part of the schema
+    _base_dir: Path | None = None
+
+    @field_validator("operations", mode="before")
+    @classmethod
+    def _operation_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "StudySpec":
+        path = Path(path)
+        data, lines = load_yaml(path)
+        if not isinstance(data, dict):
+            raise SpecError(f"{path}: a study spec is a YAML mapping (model:, probes:, sites:, ...)")
+        spec = cls.from_dict(data, source=str(path), lines=lines)
+        spec._base_dir = path.parent
+        return spec
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<spec>", lines: dict | None = None) -> "StudySpec":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(format_validation_error(exc, source, lines or {}, cls)) from None
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir or Path.cwd()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _fields_at(model: type[BaseModel], location: tuple) -> list[str]:
+    """Valid field names of the (nested) model at ``location``, for typo hints."""
+    current: Any = model
+    for part in location:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(exc: ValidationError, source: str, lines: dict, model: type[BaseModel]) -> str:
+    """One line per problem: ``file:line: field.path: what was expected`` (+ nearest names for unknown keys)."""
+    messages = []
+    seen = set()
+    for error in exc.errors():
+        # pydantic reports union members as extra path parts (e.g. 'str', 'MatchPosition'); keep data keys only
+        location = tuple(p for p in error["loc"] if isinstance(p, int) or not p[:1].isupper() and "[" not in p)
+        field = ".".join(str(p) for p in location) or "(top level)"
+        key = (field, error["type"])
+        if key in seen:
+            continue
+        seen.add(key)
+        line = line_of(lines, location)
+        where = f"{source}:{line}" if line else source
+        if error["type"] == "extra_forbidden":
+            valid = _fields_at(model, location[:-1])
+            hint = closest(str(location[-1]), valid)
+            text = f"unknown field {location[-1]!r}" + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "")
+            if valid:
+                text += f" (valid fields here: {', '.join(valid)})"
+        elif error["type"] == "missing":
+            text = "required field is missing"
+        else:
+            text = error["msg"]
+            if error["type"] == "literal_error":
+                text = f"{text}, got {error.get('input')!r}"
+        messages.append(f"{where}: {field}: {text}")
+    return "invalid study spec:\n  " + "\n  ".join(messages)

@@ -1,0 +1,77 @@
+"""YAML and JSONL reading that remembers where each value came from, so errors can name file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clap.errors import ClapError
+
+Location = tuple  # path of keys/indices into the document
+
+
+class SourceError(ClapError):
+    pass
+
+
+def _walk(node: yaml.Node, path: Location, lines: dict[Location, int]) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = path + (key.value,)
+            lines[child] = key.start_mark.line + 1
+            _walk(value, child, lines)
+            lines[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, value in enumerate(node.value):
+            _walk(value, path + (index,), lines)
+
+
+def load_yaml(path: Path) -> tuple[Any, dict[Location, int]]:
+    """Parse a YAML file; return the data and a map from key paths to 1-based line numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise SourceError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    lines: dict[Location, int] = {}
+    if node is not None:
+        _walk(node, (), lines)
+    return data, lines
+
+
+def line_of(lines: dict[Location, int], location: Location) -> int | None:
+    """The line of the deepest known prefix of ``location``."""
+    location = tuple(location)
+    while location not in lines and location:
+        location = location[:-1]
+    return lines.get(location)
+
+
+def load_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line is an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: file not found")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise SourceError(f"{path}:{number}: expected a JSON object per line, got {type(obj).__name__}")
+            records.append((number, obj))
+    return records
