@@ -82,7 +82,7 @@ def write_loss_figure(csv_path: Path, png_path: Path, title: str = "", best_step
     if best_step is not None:
         ax.axvline(best_step, color="grey", linestyle=":", linewidth=1)
         ax.annotate("best (reloaded)", xy=(best_step, 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+                    xytext=(-3, -12), textcoords="offset points", ha="right", fontsize=8, color="grey")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss (mean token NLL, nats)")
     ax.set_title(title or "fine-tuning loss")
