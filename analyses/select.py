@@ -175,12 +175,14 @@ def prepare(
     min_per_group: int = 2,
     min_groups: int = 2,
     min_levels: int = 2,
+    vary: Iterable[str] = (),
 ) -> Prepared:
     """Apply the whole module rule and check there is enough left for a test.
 
     Raises :class:`~clap.errors.ClapError` when a column is missing, a selection is ambiguous or empty, fewer than
     ``min_subjects`` complete probes (or fewer than ``min_levels`` levels) remain, or, with ``between``, fewer than
-    ``min_groups`` groups or a group with fewer than ``min_per_group`` probes remains.
+    ``min_groups`` groups or a group with fewer than ``min_per_group`` probes remains. Columns in ``vary`` may
+    keep several values (for descriptive summaries across site kinds; never for a test).
     """
     if agg not in AGGS:
         raise ClapError(f"agg={agg!r} is not a known position rule; expected one of {', '.join(AGGS)}")
@@ -198,6 +200,7 @@ def prepare(
         positions=positions,
         include_trivial=include_trivial,
         require_layer=(within == "layer"),
+        vary=vary,
     )
     rows = sel.rows[sel.rows[within].notna()]
     where = _describe(sel.selection)

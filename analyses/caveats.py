@@ -1,0 +1,120 @@
+"""Automatic caveats: the things a reader of a patching study must know before trusting its numbers.
+
+Each check looks at the results and the computed tables and, when it applies, returns one plain sentence that the
+report puts at the top. The sentences name the sites, probes and counts involved so they can be acted upon.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import pandas as pd
+
+#: Below this many probes per group a test has little power and its normal-theory p depends on normality.
+SMALL_SAMPLE = 10
+
+
+def _names(values: list[Any], limit: int = 6) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def trivial_caveat(data: pd.DataFrame) -> str | None:
+    """Sites that recover 100 % by construction (unembedding, final residual stream / norm at the answer)."""
+    triv = data[data["trivial"].astype(bool)]
+    if triv.empty:
+        return None
+    sites = triv.groupby(["site", "site_kind"], observed=True)["recovery"].mean().reset_index()
+    listed = _names([f"{r.site} ({r.site_kind}, mean recovery {r.recovery:.2f})" for r in sites.itertuples()])
+    return (
+        f"{len(sites)} site(s) recover the answer by construction, not because they store anything: {listed}. "
+        "Their rows are flagged `trivial`, excluded from every test and hatched in the per-module figure; "
+        "they are sanity checks of the patching, not findings."
+    )
+
+
+def undefined_caveat(data: pd.DataFrame) -> str | None:
+    """Recoveries with a (near) zero denominator: clean and corrupted runs give the same metric."""
+    bad = data[~data["recovery_defined"].astype(bool)]
+    if bad.empty:
+        return None
+    probes = sorted(bad["probe_id"].unique().tolist(), key=str)
+    per_metric = bad.groupby("metric", observed=True).size()
+    detail = ", ".join(f"{m}: {n}" for m, n in per_metric.items())
+    return (
+        f"Recovery is undefined for {len(bad)} of {len(data)} rows ({detail}) in {len(probes)} probe(s) "
+        f"({_names(probes)}): clean and corrupted runs give (nearly) the same metric, so there is nothing to recover. "
+        "These rows are excluded from tests and means (never counted as 0 or 1); a corruption that does not change "
+        "the answer is worth fixing in the probe set."
+    )
+
+
+def sample_caveats(data: pd.DataFrame, group: str | None) -> list[str]:
+    """Single probe (no test possible) and small samples (little power)."""
+    n = data["probe_id"].nunique()
+    if n <= 1:
+        return [
+            f"Only {n} probe: no test across layers is possible (a repeated-measures test needs at least 2 probes, "
+            "and 10 or more per group for useful power). Only descriptive tables and figures are shown."
+        ]
+    if group and group in data.columns:
+        sizes = data.drop_duplicates("probe_id")[group].value_counts().sort_index()
+        small = sizes[sizes < SMALL_SAMPLE]
+        if len(small):
+            return [
+                f"Small samples: {', '.join(f'{g}: {k} probe(s)' for g, k in sizes.items())}. With fewer than "
+                f"{SMALL_SAMPLE} probes per group tests have little power, normal-theory p-values lean on the normality "
+                "assumption and Mauchly's test is unreliable; prefer the Friedman test and the bootstrap intervals, "
+                "and treat non-significant results as inconclusive."
+            ]
+        return []
+    if n < SMALL_SAMPLE:
+        return [
+            f"Small sample: {n} probes. With fewer than {SMALL_SAMPLE} probes tests have little power and normal-theory "
+            "p-values lean on the normality assumption; prefer the Friedman test and the bootstrap intervals."
+        ]
+    return []
+
+
+def table_caveats(tables: Mapping[str, pd.DataFrame], alpha: float = 0.05) -> list[str]:
+    """Caveats that follow from the test results: dropped probes, sphericity, skipped tests, many slices."""
+    out: list[str] = []
+    rm = tables.get("rm_anova", pd.DataFrame())
+    if len(rm):
+        dropped = rm[rm["n_dropped"] > 0]
+        if len(dropped):
+            worst = int(dropped["n_dropped"].max())
+            out.append(
+                f"Missing cells: in {len(dropped)} tested slice(s) up to {worst} probe(s) lacked some layers and were "
+                "dropped from the repeated-measures tests (listwise deletion); descriptive means and intervals still "
+                "use every probe that has a value."
+            )
+        violated = rm[rm["sphericity"].astype("boolean").eq(False).fillna(False)]
+        if len(violated):
+            out.append(
+                f"Sphericity is violated (Mauchly p < 0.05) in {len(violated)} slice(s): read the Greenhouse-Geisser "
+                "corrected p (`p_GG_corr`), not `p_unc`."
+            )
+        undefined = rm[rm["sphericity"].isna()]
+        if len(undefined):
+            out.append(
+                f"Mauchly's test is undefined in {len(undefined)} slice(s) because there are fewer probes than layers; "
+                "the Greenhouse-Geisser correction is still applied."
+            )
+        if len(rm) > 1:
+            out.append(
+                f"{len(rm)} slices (metric x site kind x operation x direction x positions) were tested separately; "
+                f"their p-values are not corrected across slices (at alpha = {alpha}, about {alpha * len(rm):.1f} "
+                "false positives are expected by chance if nothing is going on)."
+            )
+    skipped = tables.get("skipped", pd.DataFrame())
+    if len(skipped):
+        reasons = skipped["reason"].drop_duplicates().tolist()
+        out.append(f"{len(skipped)} test(s) were not run: {' | '.join(reasons[:3])}" + (" | ..." if len(reasons) > 3 else ""))
+    return out
+
+
+def collect(data: pd.DataFrame, tables: Mapping[str, pd.DataFrame], group: str | None, alpha: float = 0.05) -> list[str]:
+    """All caveats that apply, most fundamental first."""
+    found = [trivial_caveat(data), undefined_caveat(data), *sample_caveats(data, group), *table_caveats(tables, alpha)]
+    return [c for c in found if c]

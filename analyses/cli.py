@@ -1,0 +1,84 @@
+"""``clap analyze`` and ``clap report``: statistics, figures and the study report from a results directory.
+
+Heavy imports (pandas, pingouin, matplotlib) happen inside the commands so that ``clap --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="folder with results.parquet and run.json (from `clap patch`)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default: RESULTS_DIR/analysis)")
+    p.add_argument("--dv", default="recovery", help="column to test (default: recovery)")
+    p.add_argument("--group", default=None, help="group column for between-group tests (default: the first of run.json's group_columns)")
+    p.add_argument("--metric", action="append", dest="metrics", default=None, metavar="METRIC",
+                   help="restrict to this metric (repeatable; default: every metric)")
+    p.add_argument("--site-kind", action="append", dest="site_kinds", default=None, metavar="KIND",
+                   help="restrict tests to this site kind (repeatable; default: every site kind with 2+ layers)")
+    p.add_argument("--agg", default="mean", choices=("mean", "median", "max", "min", "sum"),
+                   help="how a probe's rows in one layer (positions, heads) become one value (default: mean)")
+    p.add_argument("--missing", default="drop_subjects", choices=("drop_subjects", "drop_levels", "error"),
+                   help="probes lacking some layer: drop those probes (default), drop those layers, or stop")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the run's seed from run.json)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level for highlighting (default: 0.05)")
+    p.add_argument("--dpi", type=int, default=200, help="PNG resolution, at least 200 (default: 200)")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from clap.errors import ClapError
+
+    if args.n_boot < 100:
+        raise ClapError(f"--n-boot {args.n_boot}: use at least 100 resamples (2000 or more for publication)")
+    if args.dpi < 200:
+        raise ClapError(f"--dpi {args.dpi}: figures are saved at 200 dpi or more")
+    if not 0 < args.alpha < 1:
+        raise ClapError(f"--alpha {args.alpha}: expected a number between 0 and 1")
+    return dict(dv=args.dv, group=args.group, metrics=args.metrics, site_kinds=args.site_kinds, agg=args.agg,
+                missing=args.missing, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha, dpi=args.dpi)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from analyses.pipeline import analyze
+
+    result = analyze(args.results_dir, args.out, **_options(args))
+    n_tests = len(result.tables["rm_anova"])
+    print(f"wrote {len(result.files)} files to {result.out_dir} ({n_tests} slice(s) tested, {len(result.figures)} figures)")
+    for caveat in result.caveats:
+        log.warning("caveat: %s", caveat)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analyses.report import write_report
+
+    files = write_report(args.results_dir, args.out, **_options(args))
+    print(f"wrote {files.html} and {files.markdown}")
+    for caveat in files.analysis.caveats:
+        log.warning("caveat: %s", caveat)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``analyze`` and ``report`` to the ``clap`` command line."""
+    p = subparsers.add_parser(
+        "analyze",
+        help="statistics across layers (CSV tables) and figures (PNG, SVG) from a results directory",
+        description="Repeated-measures and mixed ANOVA, Friedman, Holm-corrected post-hoc tests and bootstrap CIs "
+        "for every slice of the results, written as CSV tables, plus figures (PNG and SVG).",
+    )
+    _add_common(p)
+    p.set_defaults(func=_analyze)
+    r = subparsers.add_parser(
+        "report",
+        help="self-contained HTML report (and Markdown) of a results directory",
+        description="Run `clap analyze` and write report.html (figures embedded) and report.md into the output folder.",
+    )
+    _add_common(r)
+    r.set_defaults(func=_report)

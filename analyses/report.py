@@ -1,0 +1,330 @@
+"""``clap report``: one self-contained HTML page (and a Markdown twin) that states what a study found.
+
+The HTML embeds its figures as base64 ``data:`` URIs and its style inline, so the single file can be mailed,
+archived or attached to a paper's supplement and still show everything. The Markdown version links the PNG files
+written by :func:`analyses.pipeline.analyze` beside it (relative paths), for repositories and wikis.
+
+Both give: the caveats first, then the study spec, model identity, package versions and seed, probe counts, the
+methods (selection and aggregation rules, corrections), and per tested slice the repeated-measures ANOVA,
+Friedman test, mixed ANOVA, post-hoc tables and the figures.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from analyses.pipeline import Analysis, FigureFile, analyze
+from analyses.select import SELECT_COLUMNS
+
+#: Columns shown in the report (the CSV files keep every column).
+SHOWN = {
+    "rm_anova": ["Source", "F", "ddof1", "ddof2", "p_unc", "eps", "p_GG_corr", "np2", "sphericity", "p_spher", "n_subjects", "n_dropped", "n_undefined"],
+    "friedman": ["Source", "Q", "ddof1", "p_unc", "W", "n_subjects"],
+    "mixed_anova": ["Source", "F", "ddof1", "ddof2", "p_unc", "p_GG_corr", "np2", "n_subjects"],
+    "posthoc_layers": ["A", "B", "mean_A", "mean_B", "diff", "T", "dof", "p_unc", "p_corr", "hedges"],
+    "posthoc_groups": ["level", "A", "B", "n_A", "n_B", "mean_A", "mean_B", "diff", "T", "dof", "p_unc", "p_corr", "hedges"],
+    "bootstrap_ci": ["layer", "GROUP", "mean", "ci_low", "ci_high", "sd", "n"],
+}
+TITLES = {
+    "rm_anova": "Repeated-measures ANOVA across layers",
+    "friedman": "Friedman test across layers",
+    "mixed_anova": "Mixed ANOVA: layer x group",
+    "posthoc_layers": "Post-hoc: pairs of layers (paired t, Holm)",
+    "posthoc_groups": "Post-hoc: groups at each layer (Welch t, Holm)",
+    "bootstrap_ci": "Mean recovery with bootstrap CI",
+}
+#: Post-hoc tables longer than this are folded (HTML) so the page stays readable; all rows remain in it.
+FOLD_ROWS = 12
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;
+color:#1a1a1a;line-height:1.45;background:#fff}
+h1{font-size:1.7rem;border-bottom:2px solid #2166ac;padding-bottom:.3rem}
+h2{font-size:1.3rem;margin-top:2rem;border-bottom:1px solid #ccc}
+h3{font-size:1.1rem;margin-top:1.5rem}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.85rem}
+th,td{border:1px solid #d0d0d0;padding:.25rem .5rem;text-align:right}
+th{background:#f0f4f8}
+td:first-child,th:first-child{text-align:left}
+tr.sig td{font-weight:600}
+.caveats{background:#fff8e6;border-left:4px solid #b35806;padding:.5rem 1rem}
+.caveats li{margin:.4rem 0}
+pre{background:#f6f8fa;padding:.75rem;overflow-x:auto;font-size:.8rem}
+figure{margin:1rem 0}
+figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.85rem;color:#444}
+.meta td:first-child{font-weight:600}
+"""
+
+
+@dataclass
+class ReportFiles:
+    """The files :func:`write_report` wrote."""
+
+    html: Path
+    markdown: Path
+    analysis: Analysis
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **options: Any) -> ReportFiles:
+    """Run :func:`analyses.pipeline.analyze` (``options`` go to it) and write ``report.html`` and ``report.md``
+    into its output folder (default ``RESULTS_DIR/analysis``)."""
+    result = analyze(results_dir, out_dir, **options)
+    html_path = result.out_dir / "report.html"
+    md_path = result.out_dir / "report.md"
+    html_path.write_text(render_html(result), encoding="utf-8")
+    md_path.write_text(render_markdown(result), encoding="utf-8")
+    return ReportFiles(html_path, md_path, result)
+
+
+# ----------------------------------------------------------------------------------------------- shared content
+
+
+def _fmt(value: Any) -> str:
+    """Numbers for humans: small p-values in scientific notation, others to 3-4 significant digits."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if v == int(v) and abs(v) < 1e6:
+            return f"{int(v)}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
+        if abs(v) < 1e-3:
+            return f"{v:.2e}"
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.4g}"
+    return str(value)
+
+
+def _shown(name: str, table: pd.DataFrame, group: str | None) -> pd.DataFrame:
+    cols = [group if c == "GROUP" else c for c in SHOWN.get(name, list(table.columns))]
+    return table[[c for c in cols if c and c in table.columns]]
+
+
+def _units(result: Analysis) -> list[dict[str, Any]]:
+    units = result.tables["units"]
+    return [{c: u[c] for c in SELECT_COLUMNS if c in u} for u in units.to_dict("records")]
+
+
+def _in_unit(table: pd.DataFrame, unit: dict[str, Any]) -> pd.DataFrame:
+    if table.empty:
+        return table
+    mask = pd.Series(True, index=table.index)
+    for k, v in unit.items():
+        if k in table.columns:
+            mask &= table[k] == v
+    return table[mask]
+
+
+def _unit_title(unit: dict[str, Any]) -> str:
+    return " · ".join(f"{k} {v}" for k, v in unit.items())
+
+
+def _model_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [(str(k), _plain(v)) for k, v in meta.get("model", {}).items()]
+    rows += [("seed", str(meta.get("seed"))), ("created", str(meta.get("created"))), ("probes (run.json)", str(meta.get("n_probes")))]
+    return rows
+
+
+def _plain(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _spec_text(meta: dict[str, Any]) -> str:
+    try:
+        import yaml
+
+        return yaml.safe_dump(meta.get("spec", {}), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    except Exception:  # a spec with objects yaml cannot represent still shows
+        return json.dumps(meta.get("spec", {}), indent=2, default=str)
+
+
+def _methods(result: Analysis) -> list[str]:
+    o = result.options
+    group = o.get("group")
+    return [
+        f"Dependent variable: `{o['dv']}`, one value per probe and layer: the {o['agg']} over that probe's rows in the "
+        "layer (positions, and heads or sites of the layer). Rows flagged `trivial`, sites outside the layer stack and "
+        "undefined values are excluded first.",
+        "Each slice (one metric, site kind, operation, direction and position selection) is tested separately.",
+        {
+            "drop_subjects": "Missing cells: probes lacking any layer are dropped from the repeated-measures tests (listwise).",
+            "drop_levels": "Missing cells: layers that some probe lacks are dropped from the tests.",
+            "error": "Missing cells: refused (none present).",
+        }.get(o["missing"], f"Missing cells: {o['missing']}."),
+        "Repeated-measures ANOVA (pingouin) with Mauchly's sphericity test and Greenhouse-Geisser correction; effect "
+        "size partial eta squared (np2). Friedman test (chi-square, Kendall's W) as the rank-based alternative.",
+        (f"Mixed ANOVA with layer within and `{group}` between, interaction included; Welch t-tests between groups at "
+         "each layer, Holm-corrected over layers and group pairs." if group else "No group column: no group tests."),
+        "Post-hoc paired t-tests between all pairs of layers, Holm-corrected; Hedges' g (d_av with small-sample factor).",
+        f"Percentile-bootstrap 95 % intervals of the mean over probes (probes resampled), {o['n_boot']} resamples, "
+        f"seed {o['seed']}.",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- HTML
+
+
+def _html_table(table: pd.DataFrame, alpha: float | None = None, p_col: str | None = None) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    body = []
+    for _, row in table.iterrows():
+        sig = alpha is not None and p_col in row and pd.notna(row[p_col]) and float(row[p_col]) < alpha
+        cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row.tolist())
+        attr = ' class="sig"' if sig else ""
+        body.append(f"<tr{attr}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _html_kv(rows: Iterable[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table class=\"meta\"><tbody>{body}</tbody></table>"
+
+
+def _html_figure(fig: FigureFile) -> str:
+    data = base64.b64encode(fig.png.read_bytes()).decode("ascii")
+    return (
+        f"<figure id=\"fig-{html.escape(fig.name)}\"><img alt=\"{html.escape(fig.title)}\" "
+        f"src=\"data:image/png;base64,{data}\"><figcaption><b>{html.escape(fig.title)}.</b> "
+        f"{html.escape(fig.caption)}</figcaption></figure>"
+    )
+
+
+def _md_inline(text: str) -> str:
+    """The caveat and method sentences use `code` spans; show them as <code> in HTML."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_html(result: Analysis) -> str:
+    """The report as one HTML string with everything embedded."""
+    meta, tables, o = result.meta, result.tables, result.options
+    group, alpha = o.get("group"), o.get("alpha", 0.05)
+    model = meta.get("model", {}).get("name", "model")
+    parts = [
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>clap report: {html.escape(str(model))}</title><style>{CSS}</style></head><body>",
+        f"<h1>Activation-patching study: {html.escape(str(model))}</h1>",
+        f"<p>Results: <code>{html.escape(str(result.results_dir))}</code>. {int(meta.get('n_probes', 0))} probes; "
+        f"created {html.escape(str(meta.get('created')))}.</p>",
+        "<h2 id=\"caveats\">Caveats</h2>",
+    ]
+    if result.caveats:
+        parts.append("<ul class=\"caveats\">" + "".join(f"<li>{_md_inline(c)}</li>" for c in result.caveats) + "</ul>")
+    else:
+        parts.append("<p>None detected.</p>")
+    parts += [
+        "<h2 id=\"model\">Model</h2>", _html_kv(_model_rows(meta)),
+        "<h2 id=\"versions\">Package versions</h2>", _html_kv((k, str(v)) for k, v in meta.get("versions", {}).items()),
+        "<h2 id=\"probes\">Probe counts</h2>", _html_table(tables["probe_counts"]),
+        "<h2 id=\"spec\">Study spec</h2>", f"<pre>{html.escape(_spec_text(meta))}</pre>",
+        "<h2 id=\"methods\">Methods</h2><ul>" + "".join(f"<li>{_md_inline(m)}</li>" for m in _methods(result)) + "</ul>",
+    ]
+    if len(tables["trivial_sites"]):
+        parts += ["<h3>Sites that recover by construction</h3>", _html_table(tables["trivial_sites"])]
+    parts.append("<h2 id=\"results\">Results</h2>")
+    units = _units(result)
+    if not units:
+        parts.append("<p>No slice with at least two layers to test.</p>")
+    for i, unit in enumerate(units):
+        parts.append(f"<h3 id=\"unit-{i}\">{html.escape(_unit_title(unit))}</h3>")
+        for name in ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci"):
+            part = _in_unit(tables[name], unit)
+            if part.empty:
+                continue
+            shown = _shown(name, part, group)
+            p_col = "p_corr" if "p_corr" in shown.columns else ("p_GG_corr" if "p_GG_corr" in shown.columns else "p_unc")
+            table_html = _html_table(shown, alpha if name != "bootstrap_ci" else None, p_col)
+            title = f"<h4>{html.escape(TITLES[name])}</h4>"
+            if len(shown) > FOLD_ROWS:
+                n_sig = int((shown[p_col] < alpha).sum()) if p_col in shown else 0
+                parts.append(f"{title}<details><summary>{len(shown)} rows ({n_sig} with {p_col} &lt; {alpha}; bold)</summary>{table_html}</details>")
+            else:
+                parts.append(title + table_html)
+        skipped = _in_unit(tables["skipped"], unit)
+        if len(skipped):
+            parts.append("<h4>Not run</h4>" + _html_table(skipped[["test", "reason"]]))
+        for fig in result.figures:
+            if fig.unit and all(unit.get(k) == v for k, v in fig.unit.items()) and "site_kind" in fig.unit:
+                parts.append(_html_figure(fig))
+    shared = [f for f in result.figures if "site_kind" not in f.unit]
+    if shared:
+        parts.append("<h2 id=\"figures\">Across site kinds and modules</h2>")
+        parts += [_html_figure(f) for f in shared]
+    parts.append(
+        f"<h2 id=\"files\">Files</h2><p>Tables (CSV, every column) and figures (PNG, SVG) are in "
+        f"<code>{html.escape(str(result.out_dir))}</code>.</p></body></html>"
+    )
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ Markdown
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured pipe table (no extra dependency)."""
+    if table.empty:
+        return "_(empty)_\n"
+    def cell(v: Any) -> str:
+        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(str(c) for c in table.columns) + " |"
+    rule = "|" + "|".join(" --- " for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in r) + " |" for r in table.itertuples(index=False)]
+    return "\n".join([head, rule, *rows]) + "\n"
+
+
+def render_markdown(result: Analysis) -> str:
+    """The report as Markdown; figures are linked relative to the report's folder."""
+    meta, tables, o = result.meta, result.tables, result.options
+    group = o.get("group")
+    model = meta.get("model", {}).get("name", "model")
+    out = [f"# Activation-patching study: {model}", "",
+           f"Results: `{result.results_dir}`. {int(meta.get('n_probes', 0))} probes; created {meta.get('created')}.", "",
+           "## Caveats", ""]
+    out += [f"- {c}" for c in result.caveats] or ["None detected."]
+    out += ["", "## Model", "", markdown_table(pd.DataFrame(_model_rows(meta), columns=["field", "value"])),
+            "## Package versions", "",
+            markdown_table(pd.DataFrame([(k, str(v)) for k, v in meta.get("versions", {}).items()], columns=["package", "version"])),
+            "## Probe counts", "", markdown_table(tables["probe_counts"]),
+            "## Study spec", "", "```yaml", _spec_text(meta).rstrip(), "```", "",
+            "## Methods", ""]
+    out += [f"- {m}" for m in _methods(result)]
+    if len(tables["trivial_sites"]):
+        out += ["", "### Sites that recover by construction", "", markdown_table(tables["trivial_sites"])]
+    out += ["", "## Results", ""]
+    for unit in _units(result):
+        out += [f"### {_unit_title(unit)}", ""]
+        for name in ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci"):
+            part = _in_unit(tables[name], unit)
+            if len(part):
+                out += [f"#### {TITLES[name]}", "", markdown_table(_shown(name, part, group))]
+        skipped = _in_unit(tables["skipped"], unit)
+        if len(skipped):
+            out += ["#### Not run", "", markdown_table(skipped[["test", "reason"]])]
+        for fig in result.figures:
+            if "site_kind" in fig.unit and all(unit.get(k) == v for k, v in fig.unit.items()):
+                out += [f"![{fig.title}]({_rel(fig.png, result.out_dir)})", "", f"*{fig.title}.* {fig.caption}", ""]
+    shared = [f for f in result.figures if "site_kind" not in f.unit]
+    if shared:
+        out += ["## Across site kinds and modules", ""]
+        for fig in shared:
+            out += [f"![{fig.title}]({_rel(fig.png, result.out_dir)})", "", f"*{fig.title}.* {fig.caption}", ""]
+    return "\n".join(out) + "\n"
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return path.as_posix()
