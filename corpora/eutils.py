@@ -138,7 +138,7 @@ class EutilsClient:
                 pass
         return delay
 
-    def _call(self, endpoint: str, params: dict[str, object], parse: Callable[[bytes], T]) -> T:
+    def _call(self, endpoint: str, params: dict[str, object], parse: Callable[[bytes], T], what: str = "") -> T:
         """GET ``endpoint`` and ``parse`` its body, retrying transient failures; raise EutilsError when they persist."""
         url = self.base_url + endpoint
         last = "no attempt made"
@@ -162,13 +162,14 @@ class EutilsClient:
                 log.info("%s attempt %d: %s", endpoint, attempt + 1, last)
                 continue
             if response.status_code != 200:
-                raise EutilsError(f"{endpoint}: HTTP {response.status_code} ({body[:200]!r}); not retrying")
+                raise EutilsError(f"{url}: HTTP {response.status_code} ({body[:200]!r}); not retrying")
             try:
                 return parse(body)
             except _BadBody as exc:
                 last = f"unusable response body: {exc}"
                 log.info("%s attempt %d: %s", endpoint, attempt + 1, last)
-        raise EutilsError(f"{endpoint} failed after {self.max_retries + 1} attempts; last problem: {last}")
+        name = endpoint.replace(".fcgi", "") + (f" {what}" if what else "")
+        raise EutilsError(f"{name} failed after {self.max_retries + 1} attempts; last problem: {last}")
 
     # -- esearch ---------------------------------------------------------------------------------------------------
 
@@ -186,7 +187,7 @@ class EutilsClient:
         }
         if dated and mindate is None:
             params["mindate"] = "1800"
-        return self._call("esearch.fcgi", params, _parse_esearch)
+        return self._call("esearch.fcgi", params, _parse_esearch, what=f"of {term!r}")
 
     # -- efetch ----------------------------------------------------------------------------------------------------
 
@@ -200,7 +201,8 @@ class EutilsClient:
             "retmode": "xml",
         }
         source = "efetch"
-        return self._call("efetch.fcgi", params, lambda body: _parse_efetch(body, source))
+        return self._call("efetch.fcgi", params, lambda body: _parse_efetch(body, source),
+                          what=f"of records {retstart}..{retstart + retmax - 1}")
 
 
 def _error_text(root: etree._Element) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from corpora.errors import CorpusError
+from corpora.errors import EutilsError
 from corpora.eutils import PUBMED_HISTORY_LIMIT, EutilsClient, HistoryExpired, SearchResult
 from corpora.store import RecordStore
 
@@ -115,32 +116,36 @@ def fetch(
 
         added = returned = missing = 0
         retstart = start
-        with tqdm(total=target, initial=start, unit="rec", desc="fetch", disable=not progress) as bar:
-            while retstart < target:
-                size = min(batch_size, target - retstart)
-                try:
-                    records = client.efetch(result, retstart, size)
-                except HistoryExpired:
-                    log.info("history session expired; searching again")
-                    result = search()
-                    if result.count != entry["count"]:
-                        raise CorpusError(
-                            f"{query.term!r} changed while fetching ({entry['count']} -> {result.count} "
-                            "records); rerun the fetch to start over (stored records are kept)")
-                    records = client.efetch(result, retstart, size)
-                for record in records:
-                    record.source_file = "efetch"
-                added += store.add(records)
-                returned += len(records)
-                if len(records) < size:
-                    missing += size - len(records)
-                    log.warning("efetch returned %d of %d records at offset %d",
-                                len(records), size, retstart)
-                retstart += size
-                entry.update(next_retstart=retstart, done=retstart >= target, updated=_now())
-                store.save_state(state)
-                bar.update(size)
-                bar.set_postfix(stored=len(store))
+        try:
+            with tqdm(total=target, initial=start, unit="rec", desc="fetch", disable=not progress) as bar:
+                while retstart < target:
+                    size = min(batch_size, target - retstart)
+                    try:
+                        records = client.efetch(result, retstart, size)
+                    except HistoryExpired:
+                        log.info("history session expired; searching again")
+                        result = search()
+                        if result.count != entry["count"]:
+                            raise CorpusError(
+                                f"{query.term!r} changed while fetching ({entry['count']} -> {result.count} "
+                                "records); rerun the fetch to start over (stored records are kept)")
+                        records = client.efetch(result, retstart, size)
+                    for record in records:
+                        record.source_file = "efetch"
+                    added += store.add(records)
+                    returned += len(records)
+                    if len(records) < size:
+                        missing += size - len(records)
+                        log.warning("efetch returned %d of %d records at offset %d",
+                                    len(records), size, retstart)
+                    retstart += size
+                    entry.update(next_retstart=retstart, done=retstart >= target, updated=_now())
+                    store.save_state(state)
+                    bar.update(size)
+                    bar.set_postfix(stored=len(store))
+        except EutilsError as exc:
+            raise EutilsError(f"{exc}; {len(store)} records are stored in {store.directory}, rerun the same "
+                              f"command to resume at record {retstart}") from exc
         entry.update(done=True, updated=_now())
         store.save_state(state)
         return FetchReport(count=result.count, target=target, started_at=start, added=added,

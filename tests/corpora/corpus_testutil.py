@@ -1,0 +1,116 @@
+"""Helpers shared by the corpus tests: regex counters over raw files (independent of the parsers under test)
+and a fake E-utilities HTTP server."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import parse_qs, urlparse
+
+ARTICLE = re.compile(rb"<PubmedArticle>.*?</PubmedArticle>", re.S)
+CITATION_PMID = re.compile(rb"<MedlineCitation[^>]*>\s*<PMID[^>]*>(\d+)</PMID>")
+
+
+def article_pmid(chunk: bytes) -> str:
+    return CITATION_PMID.search(chunk).group(1).decode()
+
+
+
+# -- a fake E-utilities server on 127.0.0.1 ------------------------------------------------------------------------
+
+
+@dataclass
+class FakeEutils:
+    """Serves ``articles`` through esearch (history server) and efetch (retstart/retmax/WebEnv/query_key).
+
+    ``faults`` maps ``(endpoint, n)`` (the n-th call to that endpoint, from 1) to an HTTP status (``"429"``,
+    ``"500"``, ``"400"`` ...),
+    ``"drop"`` (close the connection without answering), ``"truncate"`` (a 200 whose body is cut in half but
+    whose Content-Length matches it) or ``"short"`` (Content-Length of the whole body, half of it sent, then
+    the connection closed).
+    """
+
+    articles: list[bytes]
+    faults: dict[tuple[str, int], str] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=lambda: {"esearch": 0, "efetch": 0})
+    log: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    webenvs: set[str] = field(default_factory=set)
+    expire_after_efetch: int | None = None  # forget all WebEnvs after this many efetch calls
+    url: str = ""
+
+    def body_esearch(self, params: dict[str, str]) -> bytes:
+        webenv = f"MCID_fake_{self.calls['esearch']}"
+        self.webenvs.add(webenv)
+        return (
+            b'<?xml version="1.0" encoding="UTF-8" ?>\n<!DOCTYPE eSearchResult PUBLIC "-//NLM//DTD esearch 20060628'
+            b'//EN" "https://eutils.ncbi.nlm.nih.gov/eutils/dtd/20060628/esearch.dtd">\n<eSearchResult>'
+            + f"<Count>{len(self.articles)}</Count><RetMax>0</RetMax><RetStart>0</RetStart>"
+              f"<QueryKey>1</QueryKey><WebEnv>{webenv}</WebEnv><IdList></IdList>".encode()
+            + b"<TranslationSet/><QueryTranslation>epilepsy[All Fields]</QueryTranslation></eSearchResult>\n"
+        )
+
+    def body_efetch(self, params: dict[str, str]) -> bytes:
+        if params.get("WebEnv") not in self.webenvs or params.get("query_key") != "1":
+            return (b'<?xml version="1.0" encoding="UTF-8" ?>\n<eFetchResult>\n\t<ERROR>Unable to obtain query #1'
+                    b"</ERROR>\n</eFetchResult>\n")
+        start, size = int(params["retstart"]), int(params["retmax"])
+        return (
+            b'<?xml version="1.0" ?>\n<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, 1st January 2025'
+            b'//EN" "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd">\n<PubmedArticleSet>\n'
+            + b"\n".join(self.articles[start:start + size])
+            + b"\n</PubmedArticleSet>\n"
+        )
+
+    def efetch_starts(self) -> list[int]:
+        return [int(p["retstart"]) for name, p in self.log if name == "efetch"]
+
+
+def handler_for(fake: FakeEutils) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:  # keep test output clean
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            url = urlparse(self.path)
+            params = {k: v[0] for k, v in parse_qs(url.query).items()}
+            endpoint = url.path.rsplit("/", 1)[-1].replace(".fcgi", "")
+            if endpoint not in fake.calls:
+                self.send_error(404)
+                return
+            fake.calls[endpoint] += 1
+            fake.log.append((endpoint, params))
+            fault = fake.faults.get((endpoint, fake.calls[endpoint]))
+            if fault == "drop":
+                self.close_connection = True
+                return
+            if fault is not None and fault.isdigit():
+                body = f"HTTP {fault}".encode()
+                self.send_response(int(fault))
+                if fault == "429":
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if endpoint == "efetch" and fake.expire_after_efetch is not None \
+                    and fake.calls["efetch"] > fake.expire_after_efetch:
+                fake.webenvs.clear()
+                fake.expire_after_efetch = None
+            body = fake.body_esearch(params) if endpoint == "esearch" else fake.body_efetch(params)
+            if fault == "truncate":
+                body = body[: len(body) // 2]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/xml; charset=UTF-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if fault == "short":
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+    return Handler
