@@ -1,0 +1,65 @@
+"""Tiny GPT-2 and Llama models (random init, real module names) with the real GPT-2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from interventions.models import wrap
+
+PROBES = [
+    # different lengths across probes (so batches are left-padded), equal lengths within each pair
+    {"id": "fr", "clean": "The capital of France is", "corrupted": "The capital of Spain is",
+     "answer": " Paris", "wrong": " Madrid", "labels": {"knowledge_type": "definitional"}},
+    {"id": "ep", "clean": "Epilepsy is a chronic disorder of the", "corrupted": "Migraine is a chronic disorder of the",
+     "answer": " brain", "wrong": " head", "labels": {"knowledge_type": "definitional"}},
+    {"id": "vpa", "clean": "Valproate treats", "corrupted": "Aspirin treats",
+     "answer": [" seizures", " epilepsy"], "wrong": " pain", "labels": {"knowledge_type": "associative"}},
+]
+
+
+def gpt2_tokenizer(shared_data):
+    from transformers import GPT2Tokenizer
+
+    folder = shared_data / "gpt2-tokenizer"
+    vocab = json.loads((folder / "vocab.json").read_text())
+    lines = (folder / "merges.txt").read_text().split("\n")[1:]
+    return GPT2Tokenizer(vocab=vocab, merges=[tuple(line.split(" ")) for line in lines if line])
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shared_data):
+    return gpt2_tokenizer(shared_data)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1234)
+    config = GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=64, vocab_size=len(tokenizer))
+    config._attn_implementation = "eager"
+    model = GPT2LMHeadModel(config).eval()
+    return wrap(model, tokenizer, {"source": "tiny-gpt2"})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4321)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=64, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).eval()
+    return wrap(model, tokenizer, {"source": "tiny-llama"})
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_model(request, tiny_gpt2, tiny_llama):
+    return tiny_gpt2 if request.param == "gpt2" else tiny_llama

@@ -1,0 +1,93 @@
+"""An independent reference for activation patching: plain PyTorch forward hooks, one unpadded prompt per run.
+
+It shares no code with clap's engine: module paths are given explicitly by the tests, prompts are run one at a
+time without padding, and the metrics are computed by hand from the final logits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def _hook(module: torch.nn.Module, access: str, edit: Callable[[torch.Tensor], torch.Tensor]):
+    """Install a hook that passes the module's input (or output) tensor through ``edit``."""
+    if access == "input":
+
+        def pre(_mod, args, kwargs):
+            if args:
+                return (edit(args[0]), *args[1:]), kwargs
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            kwargs = dict(kwargs)
+            kwargs[key] = edit(kwargs[key])
+            return args, kwargs
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(_mod, _args, output):
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    return module.register_forward_hook(post)
+
+
+def run(model: torch.nn.Module, ids: Sequence[int], patches=()) -> torch.Tensor:
+    """Final-position logits of one unpadded prompt with ``patches`` = [(module path, access, edit)]."""
+    handles = [_hook(model.get_submodule(path), access, edit) for path, access, edit in patches]
+    try:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([list(ids)])).logits[0, -1].float()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture(model: torch.nn.Module, ids: Sequence[int], path: str, access: str) -> torch.Tensor:
+    store = {}
+
+    def keep(x):
+        store["x"] = x.detach().clone()
+        return x
+
+    run(model, ids, [(path, access, keep)])
+    return store["x"][0]  # [seq, width]
+
+
+def replace_edit(values: torch.Tensor, positions: Sequence[int], head: int | None, n_heads: int | None):
+    """Edit that writes ``values[k]`` (width or head_dim) at ``positions[k]``."""
+
+    def edit(x):
+        x = x.clone()
+        for k, pos in enumerate(positions):
+            if head is None:
+                x[0, pos] = values[k]
+            else:
+                d = x.shape[-1] // n_heads
+                x[0, pos, head * d : (head + 1) * d] = values[k]
+        return x
+
+    return edit
+
+
+def source_values(act: torch.Tensor, positions: Sequence[int], head: int | None, n_heads: int | None) -> torch.Tensor:
+    rows = act[list(positions)]
+    if head is None:
+        return rows
+    d = act.shape[-1] // n_heads
+    return rows[:, head * d : (head + 1) * d]
+
+
+def metrics(logits: torch.Tensor, answer: Sequence[int], wrong: Sequence[int], clean_logits: torch.Tensor) -> dict:
+    logprobs = torch.log_softmax(logits, -1)
+    clean_lp = torch.log_softmax(clean_logits, -1)
+    answer_logit = logits[list(answer)].mean()
+    prob = logprobs[list(answer)].exp().sum()
+    return {
+        "logit_diff": float(answer_logit - logits[list(wrong)].mean()) if wrong else float("nan"),
+        "logit": float(answer_logit),
+        "prob": float(prob),
+        "logprob": float(torch.log(prob)),
+        "kl": float((clean_lp.exp() * (clean_lp - logprobs)).sum()),
+    }
