@@ -15,6 +15,8 @@ layer, head               Int64 (NA outside the layer stack / for non-head sites
 position                  Int64 token index in the unpadded target prompt (NA when several were patched)
 positions                 the position selection's label (``last``, ``3``, ``all``, ``match:Paris``)
 token                     the target-prompt token(s) at the patched position(s)
+source_token              the source-prompt token(s) aligned with the patched positions (the activation that
+                          replace/resample copy in)
 operation, direction      e.g. ``replace``, ``denoising``
 metric                    logit_diff / logit / prob / logprob / kl
 clean, corrupted          the metric on the unpatched clean and corrupted runs

@@ -210,6 +210,8 @@ class Study:
             target_ids = probe.prompt_ids(plan.target)
             patched = metrics[row_of[cell.index]]
             token = "".join(tokenizer.decode([target_ids[i]]) for i in cell.positions.indices)
+            source_ids = plan.probes[cell.source_probe].prompt_ids(plan.source)
+            source_token = "".join(tokenizer.decode([source_ids[j]]) for j in cell.source_indices)
             for m in wanted:
                 name = execute.METRICS[m]
                 clean = float(baseline[(cell.probe, "clean")][m])
@@ -228,6 +230,7 @@ class Study:
                         "position": cell.positions.position,
                         "positions": cell.positions.label,
                         "token": token,
+                        "source_token": source_token,
                         "operation": cell.operation.label,
                         "direction": spec.direction,
                         "metric": name,

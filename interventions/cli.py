@@ -1,0 +1,69 @@
+"""``clap patch SPEC.yaml -o DIR`` and ``clap sites MODEL [ADDRESS ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    patch = subparsers.add_parser(
+        "patch",
+        help="run an activation-patching study spec",
+        description="Compile a study spec into batched nnsight runs and write results.parquet + run.json. "
+        "An interrupted run resumes from its finished batches when rerun with the same spec and -o.",
+    )
+    patch.add_argument("spec", type=Path, help="study spec (YAML)")
+    patch.add_argument("-o", "--out", type=Path, required=True, help="results directory")
+    patch.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
+    patch.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    patch.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
+    patch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    patch.set_defaults(func=run_patch)
+
+    sites = subparsers.add_parser(
+        "sites",
+        help="list the sites a model offers (or what addresses expand to)",
+        description="Print the concrete sites that site addresses resolve to, in forward-execution order.",
+    )
+    sites.add_argument("model", help="hub id, local directory, .gguf file or built-in name (smollm2-135m)")
+    sites.add_argument("addresses", nargs="*", default=["embed", "layers[*].resid_pre", "layers[*].attn_out",
+                                                        "layers[*].mlp_out", "final_norm", "unembed"])
+    sites.set_defaults(func=run_sites)
+
+
+def run_patch(args: argparse.Namespace) -> int:
+    from interventions.spec import StudySpec
+    from interventions.study import Study
+
+    spec = StudySpec.from_yaml(args.spec)
+    execution = spec.execution
+    if args.remote is not None:
+        execution.remote = {"false": False, "true": True, "local": "local"}[args.remote]
+    if args.max_rows is not None:
+        execution.max_rows = args.max_rows
+    if args.device:
+        execution.device = args.device
+    if args.no_progress:
+        execution.progress = False
+    frame = Study(spec).run(args.out)
+    n_undefined = int((~frame.recovery_defined).sum())
+    print(
+        f"{len(frame)} result rows ({frame.probe_id.nunique()} probes x {frame.site.nunique()} sites) "
+        f"written to {args.out / 'results.parquet'}"
+        + (f"; {n_undefined} rows have undefined recovery (clean ~= corrupted)" if n_undefined else "")
+    )
+    return 0
+
+
+def run_sites(args: argparse.Namespace) -> int:
+    from interventions.models import load_model
+    from interventions.sites import SiteResolver
+
+    model = load_model(args.model)
+    resolver = SiteResolver(model.hf)
+    for site in resolver.resolve(args.addresses):
+        layer = "" if site.layer is None else site.layer
+        sys.stdout.write(f"{site.name:32s} {site.kind:11s} {site.module}:{site.access}  {layer}\n")
+    return 0
