@@ -29,6 +29,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: the run's seed from run.json)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level for highlighting (default: 0.05)")
     p.add_argument("--dpi", type=int, default=200, help="PNG resolution, at least 200 (default: 200)")
+    p.add_argument("--no-figures", dest="figures", action="store_false", help="tables only (faster)")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,7 +42,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if not 0 < args.alpha < 1:
         raise ClapError(f"--alpha {args.alpha}: expected a number between 0 and 1")
     return dict(dv=args.dv, group=args.group, metrics=args.metrics, site_kinds=args.site_kinds, agg=args.agg,
-                missing=args.missing, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha, dpi=args.dpi)
+                missing=args.missing, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha, dpi=args.dpi,
+                figures=args.figures)
 
 
 def _analyze(args: argparse.Namespace) -> int:

@@ -14,8 +14,10 @@ probe with more rows does not weigh more.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,10 +43,19 @@ STYLE = {
 }
 
 
-def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Any]]:
+@contextlib.contextmanager
+def _style() -> Iterator[None]:
+    """The house style, and silence for seaborn's internal use of soon-deprecated matplotlib calls."""
     import matplotlib as mpl
 
-    with mpl.rc_context(STYLE):
+    with mpl.rc_context(STYLE), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        yield
+
+
+def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Any]]:
+
+    with _style():
         fig = Figure(figsize=(width, height), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, ncols, squeeze=False)[0].tolist()
@@ -129,9 +140,8 @@ def heatmap_layer_position(
         annotate = n_pos * n_layers <= 160
     width = min(3.0 + 0.45 * n_layers * len(groups) + (0.8 if annotate else 0), 24)
     fig, axes = _new_figure(width, 1.6 + 0.38 * n_pos, ncols=len(groups))
-    import matplotlib as mpl
 
-    with mpl.rc_context(STYLE):
+    with _style():
         for i, (g, ax) in enumerate(zip(groups, axes)):
             t = tables[g]
             sns.heatmap(
@@ -165,7 +175,6 @@ def heatmap_layer_site_kind(
     Puts the components side by side: "is it the MLPs or the attention layers at layer 5 that carry the fact?".
     Positions (and heads) are averaged per probe first, by the rule of :mod:`analyses.select`.
     """
-    import matplotlib as mpl
     import seaborn as sns
 
     select.pop("site_kind", None)
@@ -185,7 +194,7 @@ def heatmap_layer_site_kind(
     if annotate is None:
         annotate = n_kinds * n_layers <= 160
     fig, axes = _new_figure(min(2.8 + 0.45 * n_layers * len(groups), 24), 1.8 + 0.45 * n_kinds, ncols=len(groups))
-    with mpl.rc_context(STYLE):
+    with _style():
         for i, (g, ax) in enumerate(zip(groups, axes)):
             sns.heatmap(
                 tables[g], ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax, annot=annotate, fmt=".2f",
@@ -216,14 +225,13 @@ def line_by_layer(
     ``mean``, ``ci_low``, ``ci_high``, ``ci``), so the band drawn is exactly the interval in the tables.
     Dotted lines mark 0 (no recovery) and 1 (full recovery).
     """
-    import matplotlib as mpl
     import seaborn as sns
 
     groups = _groups(ci_table, group)
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
     fig, (ax,) = _new_figure(6.4, 4.0)
     level = float(ci_table["ci"].iloc[0]) if "ci" in ci_table and len(ci_table) else 0.95
-    with mpl.rc_context(STYLE):
+    with _style():
         for i, g in enumerate(groups):
             part = (ci_table if g is None else ci_table[ci_table[group] == g]).sort_values(within)
             x = part[within].to_numpy(float)
@@ -260,7 +268,6 @@ def bar_by_module(
     ``trivial_sites`` (recover 100 % by construction) are hatched and marked so they are not read as findings.
     The order is that of the table (callers sort by layer).
     """
-    import matplotlib as mpl
     import seaborn as sns
 
     groups = _groups(ci_table, group)
@@ -268,7 +275,7 @@ def bar_by_module(
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
     height = 0.8 / len(groups)
     fig, (ax,) = _new_figure(7.0, 1.4 + 0.32 * len(sites) * max(1, len(groups) * 0.7))
-    with mpl.rc_context(STYLE):
+    with _style():
         y = np.arange(len(sites))
         for i, g in enumerate(groups):
             part = (ci_table if g is None else ci_table[ci_table[group] == g]).set_index(site).reindex(sites)
@@ -316,12 +323,11 @@ def save_figure(fig: Figure, stem: str | Path, dpi: int = 200, formats: Sequence
     """Write ``stem.png`` (at ``dpi``, at least 200) and ``stem.svg``; returns the paths written."""
     if dpi < 200:
         raise ValueError(f"dpi must be at least 200 for publication figures, got {dpi}")
-    import matplotlib as mpl
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    with mpl.rc_context(STYLE):
+    with _style():
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
             fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white", metadata=_metadata(fmt))

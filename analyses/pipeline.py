@@ -34,10 +34,21 @@ import pandas as pd
 
 from analyses import caveats as _caveats
 from analyses import figures as _figures
-from analyses.bootstrap import bootstrap_ci
+from analyses.bootstrap import CI_COLUMNS, bootstrap_ci
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units
-from analyses.stats import friedman, mixed_anova, pairwise_between, pairwise_within, rm_anova
+from analyses.stats import (
+    FRIEDMAN_COLUMNS,
+    MIXED_COLUMNS,
+    PAIRWISE_BETWEEN_COLUMNS,
+    PAIRWISE_WITHIN_COLUMNS,
+    RM_COLUMNS,
+    friedman,
+    mixed_anova,
+    pairwise_between,
+    pairwise_within,
+    rm_anova,
+)
 from clap.errors import ClapError
 
 TABLE_FILES = {
@@ -53,6 +64,9 @@ TABLE_FILES = {
     "trivial_sites": "trivial_sites.csv",
     "skipped": "skipped.csv",
 }
+
+#: Book-keeping columns every statistics table ends with (see :mod:`analyses.stats`).
+BOOK_COLUMNS = ["dv", *SELECT_COLUMNS, "n_subjects", "n_levels", "n_dropped", "n_undefined"]
 
 #: Beyond this many sites a per-module bar plot is unreadable; the heatmaps cover layer sweeps.
 MAX_BAR_SITES = 80
@@ -174,7 +188,16 @@ def compute_tables(
                     collected[name].append(run())
                 except ClapError as exc:
                     skipped.append({**sel, "test": name, "reason": str(exc)})
-    tables = {name: _concat(frames) for name, frames in collected.items()}
+    columns = {
+        "rm_anova": RM_COLUMNS,
+        "friedman": FRIEDMAN_COLUMNS,
+        "mixed_anova": MIXED_COLUMNS,
+        "posthoc_layers": PAIRWISE_WITHIN_COLUMNS,
+        "posthoc_groups": PAIRWISE_BETWEEN_COLUMNS,
+        "bootstrap_ci": ["layer", *([group] if group else []), *CI_COLUMNS],
+    }
+    # A table no slice could fill is still written with its header, so readers of the CSV need no special case.
+    tables = {name: _concat(frames, columns[name] + BOOK_COLUMNS) for name, frames in collected.items()}
     tables["units"] = units
     tables["skipped"] = pd.DataFrame(skipped, columns=[*SELECT_COLUMNS, "test", "reason"])
     tables["probe_counts"] = probe_counts(data, group)
@@ -241,7 +264,7 @@ def module_ci(data: pd.DataFrame, *, dv: str = "recovery", group: str | None = N
             triv = set(part.loc[part["trivial"].astype(bool), "site"])
             table.insert(1, "trivial", table["site"].isin(triv))
             frames.append(table)
-    return _concat(frames)
+    return _concat(frames, ["site", "trivial", *([group] if group else []), *CI_COLUMNS, *BOOK_COLUMNS])
 
 
 def make_figures(
@@ -332,9 +355,9 @@ def _match(frame: pd.DataFrame, sel: dict[str, Any]) -> pd.Series:
     return mask
 
 
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+def _concat(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
 
 
 def _slug(sel: dict[str, Any]) -> str:

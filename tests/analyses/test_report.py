@@ -1,0 +1,182 @@
+"""`clap analyze` and `clap report` end to end: files, tables that match the API, a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import lxml.html
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses import load_results, rm_anova
+from analyses.io import save_results
+from analyses.pipeline import TABLE_FILES
+from analyses.synthetic import make_meta, make_results
+from clap.cli import main
+
+from .conftest import GROUP
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def reported(small_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    rc = main(["--quiet", "report", str(small_dir), "-o", str(out), "--n-boot", "300"])
+    assert rc == 0
+    return small_dir, out
+
+
+def test_analyze_writes_every_table_and_figure(small_dir, tmp_path, capsys):
+    rc = main(["--quiet", "analyze", str(small_dir), "-o", str(tmp_path), "--n-boot", "200", "--seed", "7"])
+    assert rc == 0
+    assert f"to {tmp_path}" in capsys.readouterr().out
+    for name in TABLE_FILES.values():
+        assert (tmp_path / name).is_file(), name
+    rm = pd.read_csv(tmp_path / "rm_anova.csv")
+    assert sorted(rm["site_kind"]) == ["mlp_out", "resid_pre"] and (rm["metric"] == "logit_diff").all()
+    data, _ = load_results(small_dir)
+    for _, row in rm.iterrows():
+        ref = rm_anova(data, metric="logit_diff", site_kind=row["site_kind"]).iloc[0]
+        assert row["F"] == pytest.approx(ref["F"], rel=1e-9) and row["p_GG_corr"] == pytest.approx(ref["p_GG_corr"], rel=1e-9)
+        assert row["n_dropped"] == 1 and row["n_undefined"] > 0
+    mixed = pd.read_csv(tmp_path / "mixed_anova.csv")
+    assert list(mixed["Source"][:3]) == [GROUP, "layer", "Interaction"]
+    post = pd.read_csv(tmp_path / "posthoc_layers.csv")
+    assert len(post) == 2 * 6 and (post["p_adjust"] == "holm").all()  # 2 site kinds x C(4, 2) pairs
+    groups = pd.read_csv(tmp_path / "posthoc_groups.csv")
+    assert len(groups) == 2 * 4
+    ci = pd.read_csv(tmp_path / "bootstrap_ci.csv")
+    assert len(ci) == 2 * 4 * 2 and (ci["n_boot"] == 200).all()
+    counts = pd.read_csv(tmp_path / "probe_counts.csv").set_index(GROUP)
+    assert counts.loc["all", "n_probes"] == 10 and counts.loc["all", "n_probes_undefined"] == 1
+    triv = pd.read_csv(tmp_path / "trivial_sites.csv")
+    assert set(triv["site"]) == {"lm_head", "final_norm"} and (triv["mean_recovery"] == 1).all()
+    figs = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    stems = sorted({Path(f).stem for f in figs})
+    assert len(figs) == 2 * len(stems) and len(stems) == 6  # site-kind map, 2 x (line, position map), modules
+    assert all((tmp_path / "figures" / f"{s}.svg").is_file() for s in stems)
+    caveats = (tmp_path / "caveats.md").read_text()
+    for phrase in ("by construction", "undefined", "Small samples", "Missing cells"):
+        assert phrase in caveats
+
+
+def test_same_seed_same_intervals(small_dir, tmp_path):
+    for sub in ("a", "b"):
+        assert main(["--quiet", "analyze", str(small_dir), "-o", str(tmp_path / sub), "--n-boot", "200", "--no-figures"]) == 0
+    a = pd.read_csv(tmp_path / "a" / "bootstrap_ci.csv")
+    b = pd.read_csv(tmp_path / "b" / "bootstrap_ci.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert not (tmp_path / "a" / "figures").exists()
+    assert main(["--quiet", "analyze", str(small_dir), "-o", str(tmp_path / "c"), "--n-boot", "200", "--seed", "99",
+                 "--no-figures"]) == 0
+    c = pd.read_csv(tmp_path / "c" / "bootstrap_ci.csv")
+    assert not np.allclose(a["ci_low"], c["ci_low"]) and np.allclose(a["mean"], c["mean"])
+
+
+def test_html_report_is_self_contained_with_tables_and_images(reported):
+    results_dir, out = reported
+    page = (out / "report.html").read_text(encoding="utf-8")
+    doc = lxml.html.fromstring(page)
+    # Images: every one embedded as a PNG data URI that decodes to a real PNG; nothing fetched from elsewhere.
+    srcs = [img.get("src") for img in doc.iter("img")]
+    assert len(srcs) == 6
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        raw = base64.b64decode(src.split(",", 1)[1])
+        assert raw.startswith(PNG_MAGIC) and len(raw) > 10_000
+    assert not doc.xpath("//link[@href] | //script[@src] | //*[@src][not(self::img)]")
+    # Headings and the tables the issue asks for.
+    text = doc.text_content()
+    for phrase in ("Caveats", "Model", "Package versions", "Probe counts", "Study spec", "Methods",
+                   "Repeated-measures ANOVA across layers", "Friedman test across layers", "Mixed ANOVA: layer x group",
+                   "Post-hoc: pairs of layers", "Post-hoc: groups at each layer", "Mean recovery with bootstrap CI"):
+        assert phrase in text, phrase
+    tables = doc.xpath("//table")
+    assert len(tables) >= 4 + 2 * 6
+    # The ANOVA F shown equals the CSV value (formatted to 3 decimals).
+    rm = pd.read_csv(out / "rm_anova.csv")
+    for f in rm["F"]:
+        assert f">{f:.3f}<" in page
+    # Model identity, versions, spec and counts come from run.json and the data.
+    _, meta = load_results(results_dir)
+    for key, value in meta["versions"].items():
+        assert f"<td>{key}</td><td>{value}</td>" in page
+    assert "metrics:" in page and "- logit_diff" in page
+    caveats = doc.xpath("//ul[@class='caveats']/li")
+    assert any("by construction" in li.text_content() for li in caveats)
+    assert any("undefined" in li.text_content() for li in caveats)
+    assert any("Small samples" in li.text_content() for li in caveats)
+
+
+def test_markdown_report_links_existing_figures(reported):
+    _, out = reported
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Caveats" in md and "#### Repeated-measures ANOVA across layers" in md
+    assert re.search(r"^\| Source \| F \| ddof1 \| ddof2 \| p_unc \|", md, re.M)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 6
+    for link in links:
+        assert (out / link).is_file()
+
+
+def test_single_probe_report_explains_instead_of_failing(tmp_path):
+    data = make_results(n_probes=1, n_layers=3, metrics=("logit_diff",), site_kinds=("resid_pre",), tokens=("a", "b"))
+    save_results(data, make_meta(data), tmp_path / "res")
+    assert main(["--quiet", "report", str(tmp_path / "res"), "--n-boot", "100"]) == 0
+    out = tmp_path / "res" / "analysis"
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert {"rm_anova", "friedman", "posthoc_layers"} <= set(skipped["test"])
+    assert skipped["reason"].str.contains("at least 2 probes").all()
+    rm = pd.read_csv(out / "rm_anova.csv")
+    assert rm.empty and {"F", "p_GG_corr", "np2", "n_subjects"} <= set(rm.columns)
+    page = (out / "report.html").read_text()
+    assert "Only 1 probe: no test across layers is possible" in page
+    assert "Not run" in page and "NaN" not in page
+
+
+def test_cli_errors_are_clear(tmp_path, small_dir, capsys):
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    assert "results directory not found" in capsys.readouterr().err
+    assert main(["analyze", str(small_dir), "-o", str(tmp_path / "o"), "--metric", "kl"]) == 2
+    assert "no rows with metric kl; the results hold logit_diff" in capsys.readouterr().err
+    assert main(["analyze", str(small_dir), "--dpi", "72"]) == 2
+    assert "200 dpi" in capsys.readouterr().err
+    assert main(["report", str(small_dir), "--group", "nope"]) == 2
+    assert "group column 'nope' not in the results" in capsys.readouterr().err
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(reported, tmp_path):
+    browser = _chromium()
+    if not browser:
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium); cannot render the report")
+    _, out = reported
+    shot = tmp_path / "shot.png"
+    cmd = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,2400", "--hide-scrollbars", f"--screenshot={shot}", (out / "report.html").as_uri(),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    assert shot.is_file(), proc.stderr[-2000:]
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(shot)[..., :3]
+    assert img.shape[0] >= 2000 and img.shape[1] >= 1000
+    assert img.std() > 0.05  # not a blank page
+    non_white = (img.min(axis=2) < 0.9).mean()
+    assert non_white > 0.02  # text, tables and figures cover part of the page
+    # Some pixels carry the diverging palette's red or blue (a rendered figure, not only black text).
+    coloured = (np.abs(img[..., 0] - img[..., 2]) > 0.25).mean()
+    assert coloured > 0.001
