@@ -139,7 +139,10 @@ _KIND_WORDS = {"str": "text", "Int64": "integers or missing values", "float": "n
 
 def _coerce(series: pd.Series, kind: str) -> pd.Series:
     if kind == "str":
-        return series.map(lambda v: v if v is None or isinstance(v, str) else (None if pd.isna(v) else str(v))).astype(object)
+        present = series.notna()
+        out = series.astype(object).where(present, None)
+        out[present] = out[present].astype(str)
+        return out
     if kind == "Int64":
         if pd.api.types.is_float_dtype(series):
             values = series.dropna()

@@ -163,6 +163,12 @@ def compute_tables(
     """All statistics tables (the keys of :data:`TABLE_FILES`), without writing anything."""
     units = analysis_units(data)
     if site_kinds:
+        unknown = sorted(set(site_kinds) - set(units["site_kind"]))
+        if unknown:
+            raise ClapError(
+                f"no testable slice with site_kind {', '.join(unknown)}; site kinds with 2+ layers in the results: "
+                f"{', '.join(sorted(set(units['site_kind']))) or 'none'}"
+            )
         units = units[units["site_kind"].isin(list(site_kinds))].reset_index(drop=True)
     n_groups = data[group].nunique() if group else 0
     collected: dict[str, list[pd.DataFrame]] = {k: [] for k in ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci")}

@@ -17,6 +17,7 @@ import pytest
 from analyses import load_results, rm_anova
 from analyses.io import save_results
 from analyses.pipeline import TABLE_FILES
+from analyses.report import _fmt
 from analyses.synthetic import make_meta, make_results
 from clap.cli import main
 
@@ -102,8 +103,9 @@ def test_html_report_is_self_contained_with_tables_and_images(reported):
     assert len(tables) >= 4 + 2 * 6
     # The ANOVA F shown equals the CSV value (formatted to 3 decimals).
     rm = pd.read_csv(out / "rm_anova.csv")
-    for f in rm["F"]:
-        assert f">{f:.3f}<" in page
+    assert len(rm) == 2
+    for f, p in zip(rm["F"], rm["p_GG_corr"]):
+        assert f"<td>{_fmt(f)}</td>" in page and f"<td>{_fmt(p)}</td>" in page
     # Model identity, versions, spec and counts come from run.json and the data.
     _, meta = load_results(results_dir)
     for key, value in meta["versions"].items():
@@ -150,6 +152,8 @@ def test_cli_errors_are_clear(tmp_path, small_dir, capsys):
     assert "200 dpi" in capsys.readouterr().err
     assert main(["report", str(small_dir), "--group", "nope"]) == 2
     assert "group column 'nope' not in the results" in capsys.readouterr().err
+    assert main(["analyze", str(small_dir), "-o", str(tmp_path / "o"), "--site-kind", "attn_out"]) == 2
+    assert "no testable slice with site_kind attn_out; site kinds with 2+ layers in the results: mlp_out, resid_pre" in capsys.readouterr().err
 
 
 def _chromium() -> str | None:
@@ -180,3 +184,12 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
     # Some pixels carry the diverging palette's red or blue (a rendered figure, not only black text).
     coloured = (np.abs(img[..., 0] - img[..., 2]) > 0.25).mean()
     assert coloured > 0.001
+
+
+def test_number_formatting_and_markdown_tables():
+    from analyses.report import markdown_table
+
+    assert _fmt(3.95e-4) == "3.95e-04" and _fmt(0.12345) == "0.123" and _fmt(12) == "12" and _fmt(2.0) == "2"
+    assert _fmt(float("nan")) == "–" and _fmt(None) == "–" and _fmt(True) == "yes" and _fmt(1234.5) == "1234"
+    table = markdown_table(pd.DataFrame({"a": ["x|y"], "p": [0.5]}))
+    assert table.splitlines() == ["| a | p |", "| --- | --- |", "| x\\|y | 0.500 |"]
