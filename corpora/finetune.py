@@ -145,6 +145,20 @@ def _resolve_device(name: str) -> str:
     return name
 
 
+def _declare_causal_lm_loss(model: Any) -> None:
+    """Name the causal-LM loss explicitly on models whose class name does not reveal it (``GPT2LMHeadModel``).
+
+    Why: transformers derives ``loss_type`` from the class name; for ``None`` the model still uses the causal-LM
+    loss, but the Trainer then counts every label, not the shifted ones, when it normalises a batch's summed loss
+    (``num_items_in_batch``). Losses and gradients come out scaled by (L-1)/L: a 64-token row reports 63/64 of its
+    real mean token NLL. With ``ForCausalLM`` named, training and validation losses are exact mean token NLLs.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    if getattr(model, "loss_type", None) not in LOSS_MAPPING:
+        model.loss_type = "ForCausalLM"
+
+
 def _wrap_lora(model: Any, config: FinetuneConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
@@ -299,6 +313,7 @@ def finetune(
     write_yaml(config, out / CONFIG)
     (out / "run.json").write_text(json.dumps({"model": model, "location": location, "corpus": str(corpus)}, indent=2))
 
+    _declare_causal_lm_loss(hf_model)
     hf_model.train()
     if config.lora:
         hf_model = _wrap_lora(hf_model, config)

@@ -48,6 +48,6 @@ def _load(name_or_path: str | Path, split: str | None):
 def iter_hf_dataset(name_or_path: str | Path, split: str | None = None, problems: ProblemLog | None = None
                     ) -> Iterator[PubmedRecord]:
     """Records from every split (or one ``split``) of a Hub dataset or a ``save_to_disk`` folder."""
-    problems = problems or ProblemLog()
+    problems = problems if problems is not None else ProblemLog()
     for source, dataset in _load(name_or_path, split):
         yield from records_from_rows(iter(dataset), dataset.column_names, source, problems)

@@ -52,7 +52,7 @@ def iter_medline(path: str | Path, problems: ProblemLog | None = None, source: s
     """Stream the citations of a MEDLINE tagged-text file (plain or gzipped)."""
     path = Path(path)
     name = source or path.name
-    problems = problems or ProblemLog()
+    problems = problems if problems is not None else ProblemLog()
     fields: list[tuple[str, str, int]] = []  # (tag, value, line) of the citation being read
     bad_citation = False
     seen_any = False

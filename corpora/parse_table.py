@@ -126,7 +126,7 @@ def records_from_rows(rows: Iterable[dict[str, Any]], headers: Iterable[str], so
 
     ``first_line`` is the line number of the first row in its file (None: locate rows by index instead).
     """
-    problems = problems or ProblemLog()
+    problems = problems if problems is not None else ProblemLog()
     mapping = map_columns(headers, source)
     for index, row in enumerate(rows):
         line = first_line + index if first_line is not None else None
@@ -209,7 +209,7 @@ def iter_table(path: str | Path, fmt: str | None = None, problems: ProblemLog | 
     """Stream records from a CSV, TSV or XLSX file (``fmt`` one of ``csv``/``tsv``/``xlsx``; guessed from the name)."""
     path = Path(path)
     name = source or path.name
-    problems = problems or ProblemLog()
+    problems = problems if problems is not None else ProblemLog()
     fmt = fmt or {".tsv": "tsv", ".tab": "tsv", ".xlsx": "xlsx"}.get(path.suffix.lower(), "csv")
     if fmt == "xlsx":
         return _iter_xlsx(path, name, problems)

@@ -149,12 +149,34 @@ def _root_tag(opener: Callable[[], IO[bytes]], source: str) -> str:
             for _event, element in etree.iterparse(fh, events=("start",), resolve_entities=False):
                 return etree.QName(element).localname
         except etree.XMLSyntaxError as exc:
-            if "document is empty" in str(exc).lower():
+            if "document is empty" in str(exc).lower() or "no element found" in str(exc).lower():
                 raise CorpusInputError(source, "file is empty (no XML content)") from exc
             raise CorpusInputError(source, f"not well-formed XML: {exc.msg}", line=exc.lineno) from exc
         except GZIP_ERRORS as exc:
             raise CorpusInputError(source, f"damaged gzip stream before the first element ({exc})") from exc
     raise CorpusInputError(source, "file is empty (no XML content)")
+
+
+class _GuardedReader:
+    """File-like wrapper that turns a damaged gzip stream into end-of-file and remembers why.
+
+    lxml reads ahead in chunks; if the gzip error reached lxml directly, records already decompressed but not yet
+    parsed would be lost. Ending the stream instead lets every complete record through before the (then expected)
+    XML error, so ``--skip-bad`` keeps everything that was readable.
+    """
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self.error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self.error is not None:
+            return b""
+        try:
+            return self.raw.read(size)
+        except GZIP_ERRORS as exc:
+            self.error = exc
+            return b""
 
 
 def _clear(element: etree._Element) -> None:
@@ -178,7 +200,14 @@ def _iter_stream(opener: Callable[[], IO[bytes]], source: str, problems: Problem
         )
     count = 0
     last_line: int | None = None
-    with opener() as fh:
+
+    def gzip_problem(error: BaseException) -> CorpusInputError:
+        near = f" (last complete record ends near line {last_line})" if last_line else ""
+        return CorpusInputError(
+            source, f"gzip stream ends early or is damaged after {count} records{near}: {error}")
+
+    with opener() as raw:
+        fh = _GuardedReader(raw)
         try:
             for _event, element in etree.iterparse(
                 fh, events=("end",), tag=RECORD_TAGS[root], resolve_entities=False, huge_tree=True
@@ -193,23 +222,25 @@ def _iter_stream(opener: Callable[[], IO[bytes]], source: str, problems: Problem
                 count += len(events)
                 yield from events
         except etree.XMLSyntaxError as exc:
-            problems.report(CorpusInputError(
-                source, f"malformed XML after {count} records: {exc.msg}", line=exc.lineno))
-        except GZIP_ERRORS as exc:
-            near = f" (last complete record ends near line {last_line})" if last_line else ""
-            problems.report(CorpusInputError(
-                source, f"gzip stream ends early or is damaged after {count} records{near}: {exc}"))
+            if fh.error is not None:
+                problems.report(gzip_problem(fh.error))
+            else:
+                problems.report(CorpusInputError(
+                    source, f"malformed XML after {count} records: {exc.msg}", line=exc.lineno))
+            return
+        if fh.error is not None:  # the XML closed properly but the gzip trailer is damaged
+            problems.report(gzip_problem(fh.error))
 
 
 def iter_xml(path: str | Path, problems: ProblemLog | None = None, source: str | None = None) -> Iterator[Event]:
     """Stream records and deletions from a PubMed or MEDLINE XML file (plain or gzipped)."""
     path = Path(path)
     name = source or path.name
-    return _iter_stream(lambda: open_binary(path), name, problems or ProblemLog())
+    return _iter_stream(lambda: open_binary(path), name, problems if problems is not None else ProblemLog())
 
 
 def iter_xml_bytes(data: bytes, source: str, problems: ProblemLog | None = None) -> Iterator[Event]:
     """Stream records from an in-memory document (an E-utilities ``efetch`` response)."""
     if not data.strip():
         raise CorpusInputError(source, "empty response body (no XML content)")
-    return _iter_stream(lambda: io.BytesIO(data), source, problems or ProblemLog())
+    return _iter_stream(lambda: io.BytesIO(data), source, problems if problems is not None else ProblemLog())

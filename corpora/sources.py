@@ -8,6 +8,7 @@ Formats are recognised by name first (``.xml[.gz]``, ``.txt``/``.nbib``/``.medli
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from pathlib import Path
 from typing import IO
@@ -35,6 +36,61 @@ _SUFFIXES = {
 }
 
 
+class GzipStream(io.RawIOBase):
+    """Streaming gzip decompression that hands out every byte it could decompress before failing.
+
+    ``gzip.GzipFile`` discards the output of the read call in which it finds the stream cut short, so a parser
+    reading in 32 KB chunks would lose the last complete records of a truncated download. Here decompressed data
+    is always delivered first and ``EOFError`` is raised only when more is asked for. Concatenated gzip members
+    (as ``cat a.gz b.gz`` produces) are read one after the other.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._fh = open(path, "rb")
+        self._decoder: zlib._Decompress | None = zlib.decompressobj(wbits=31)
+        self._buf = b""
+        self._pos = 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while self._pos >= len(self._buf) and not self._done:
+            self._buf, self._pos = b"", 0
+            if self._decoder is not None and self._decoder.eof:
+                rest, self._decoder = self._decoder.unused_data, None
+                if rest.strip(b"\0"):
+                    self._decoder = zlib.decompressobj(wbits=31)
+                    self._buf = self._decoder.decompress(rest)
+                continue
+            chunk = self._fh.read(self.CHUNK)
+            if self._decoder is None:  # between members
+                if not chunk:
+                    self._done = True
+                elif chunk.strip(b"\0"):
+                    self._decoder = zlib.decompressobj(wbits=31)
+                    self._buf = self._decoder.decompress(chunk)
+                continue
+            if not chunk:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            self._buf = self._decoder.decompress(chunk)
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        self._fill()
+        n = min(len(buffer), len(self._buf) - self._pos)
+        buffer[:n] = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 def is_gzip(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(2) == GZIP_MAGIC
@@ -50,7 +106,7 @@ def open_binary(path: str | Path) -> IO[bytes]:
     if path.stat().st_size == 0:
         raise CorpusInputError(path, "file is empty")
     if is_gzip(path):
-        return gzip.open(path, "rb")
+        return GzipStream(path)
     return open(path, "rb")
 
 

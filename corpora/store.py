@@ -37,7 +37,7 @@ def iter_jsonl(path: str | Path, problems: ProblemLog | None = None, source: str
     """Stream records from a JSONL file (a store's ``records.jsonl`` or a built corpus's split files)."""
     path = Path(path)
     name = source or path.name
-    problems = problems or ProblemLog()
+    problems = problems if problems is not None else ProblemLog()
     if path.stat().st_size == 0:
         raise CorpusInputError(name, "file is empty")
     with open(path, "rb") as fh:

@@ -3,6 +3,7 @@ and a fake E-utilities HTTP server."""
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -14,6 +15,44 @@ CITATION_PMID = re.compile(rb"<MedlineCitation[^>]*>\s*<PMID[^>]*>(\d+)</PMID>")
 
 def article_pmid(chunk: bytes) -> str:
     return CITATION_PMID.search(chunk).group(1).decode()
+
+
+def _plain(fragment: bytes | None) -> str:
+    """Markup stripped, entities decoded, whitespace collapsed."""
+    if fragment is None:
+        return ""
+    text = html.unescape(re.sub(rb"<[^>]+>", b"", fragment).decode("utf-8"))
+    return " ".join(text.split())
+
+
+def _first(pattern: bytes, chunk: bytes) -> bytes | None:
+    match = re.search(pattern, chunk, re.S)
+    return match.group(1) if match else None
+
+
+def reference_fields(chunk: bytes) -> dict:
+    """A citation's fields read from its raw XML with regular expressions (the tests' second opinion)."""
+    abstract_block = _first(rb"<Abstract>(.*?)</Abstract>", chunk) or b""
+    sections = []
+    for attrs, body in re.findall(rb"<AbstractText([^>]*)>(.*?)</AbstractText>", abstract_block, re.S):
+        label = _first(rb'Label="([^"]*)"', attrs)
+        text = _plain(body)
+        if text:
+            sections.append(f"{html.unescape(label.decode()).strip()}: {text}" if label and label.strip() else text)
+    title = _plain(_first(rb"<ArticleTitle[^>/]*>(.*?)</ArticleTitle>", chunk))
+    if not title:
+        title = _plain(_first(rb"<VernacularTitle[^>/]*>(.*?)</VernacularTitle>", chunk))
+    pubdate = _first(rb"<PubDate>(.*?)</PubDate>", chunk) or b""
+    year = _first(rb"<Year>(\d{4})</Year>", pubdate) or _first(rb"(\d{4})", pubdate)
+    return {
+        "pmid": article_pmid(chunk),
+        "title": title,
+        "abstract": " ".join(sections),
+        "year": int(year) if year else None,
+        "mesh_terms": [_plain(d) for d in re.findall(rb"<DescriptorName[^>]*>(.*?)</DescriptorName>", chunk, re.S)],
+        "keywords": [k for k in (_plain(k) for k in re.findall(rb"<Keyword(?:\s[^>]*)?>(.*?)</Keyword>", chunk, re.S))
+                     if k],
+    }
 
 
 
