@@ -39,7 +39,7 @@ from analyses.select import Prepared, prepare
 
 
 @contextlib.contextmanager
-def _quiet_pingouin() -> Iterator[None]:
+def _quiet_pingouin() -> Iterator[Any]:
     """pingouin 0.7 calls pandas APIs that warn about their own deprecation; those warnings are not the user's."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
