@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus_testutil import ARTICLE, FakeEutils, article_pmid, handler_for
+from corpus_testutil import ARTICLE, FakeEutils, article_pmid, handler_for, regex_corpus
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +56,18 @@ def eutils_server(article_chunks: list[bytes]):
 def sleeps() -> list[float]:
     """Injected in place of time.sleep: records the delays instead of waiting them."""
     return []
+
+
+@pytest.fixture(scope="session")
+def big_files(pubmed_dir: Path) -> list[Path]:
+    return [pubmed_dir / "pubmed20n0014.xml.gz", pubmed_dir / "pubmed21n1298.xml.gz"]
+
+
+@pytest.fixture(scope="session")
+def big_files_truth(big_files: list[Path]) -> dict:
+    """What the two large files hold, read with regular expressions over the raw XML (not the parsers).
+
+    Returns records read, distinct PMIDs, and the epilepsy corpus (PMID -> title + abstract) after applying
+    DeleteCitation and later-copy-wins in file order.
+    """
+    return regex_corpus(big_files)

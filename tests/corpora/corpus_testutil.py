@@ -55,6 +55,50 @@ def reference_fields(chunk: bytes) -> dict:
     }
 
 
+#: The default filter terms, as the issue states them (case-insensitive, title + abstract).
+TERM_PATTERNS = {
+    "epilepsy": r"\bepilep(?:sy|sies|tic|tics)\b",
+    "seizure": r"\bseizures?\b",
+    "EEG": r"\bEEGs?\b",
+    "anticonvulsant": r"\banti-?convulsants?\b",
+    "antiepileptic": r"\banti-?epileptics?\b",
+}
+
+
+def regex_corpus(paths) -> dict:
+    """Records, distinct PMIDs and the filtered corpus of PubMed XML files, by regex over the raw text."""
+    import gzip
+
+    any_term = re.compile("|".join(TERM_PATTERNS.values()), re.I)
+    any_term_bytes = re.compile("|".join(TERM_PATTERNS.values()).encode(), re.I)
+    alive: dict[str, str | None] = {}  # pmid -> text ("" when it cannot match), None without an abstract
+    read = 0
+    for path in paths:
+        raw = gzip.open(path).read()
+        # articles and DeleteCitation blocks, in document order
+        for match in re.finditer(rb"<PubmedArticle>.*?</PubmedArticle>|<DeleteCitation>.*?</DeleteCitation>", raw,
+                                 re.S):
+            block = match.group(0)
+            if block.startswith(b"<DeleteCitation>"):
+                for pmid in re.findall(rb"<PMID[^>]*>(\d+)</PMID>", block):
+                    alive.pop(pmid.decode(), None)
+                continue
+            read += 1
+            pmid = article_pmid(block)
+            if b"<Abstract>" not in block:
+                text = None
+            elif not any_term_bytes.search(block):  # a quick no: the terms appear nowhere in the record
+                text = ""
+            else:
+                fields = reference_fields(block)
+                text = f"{fields['title']}\n\n{fields['abstract']}" if fields["abstract"] else None
+            alive.pop(pmid, None)
+            alive[pmid] = text
+    corpus = {p: t for p, t in alive.items() if t and any_term.search(t)}
+    mentions = {name: sum(len(re.findall(p, t, re.I)) for t in corpus.values()) for name, p in TERM_PATTERNS.items()}
+    records = {name: sum(1 for t in corpus.values() if re.search(p, t, re.I)) for name, p in TERM_PATTERNS.items()}
+    return {"read": read, "distinct": len(alive), "corpus": corpus, "mentions": mentions, "records": records}
+
 
 # -- a fake E-utilities server on 127.0.0.1 ------------------------------------------------------------------------
 
