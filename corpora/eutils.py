@@ -129,6 +129,10 @@ class EutilsClient:
         params.update({k: v for k, v in extra.items() if v is not None})
         return params
 
+    def _redact(self, text: str) -> str:
+        """Keep the API key out of logs and error messages (exceptions quote the request URL)."""
+        return text.replace(self.api_key, "***") if self.api_key else text
+
     def _delay(self, attempt: int, retry_after: str | None = None) -> float:
         delay = min(self.max_backoff, self.backoff * (2 ** attempt))
         if retry_after:
@@ -153,7 +157,7 @@ class EutilsClient:
                 response = self.session.get(url, params=self._params(params), timeout=self.timeout)
                 body = response.content  # reading the body may itself fail on a dropped connection
             except TRANSIENT_ERRORS as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last = self._redact(f"{type(exc).__name__}: {exc}")
                 log.info("%s attempt %d failed: %s", endpoint, attempt + 1, last)
                 continue
             if response.status_code in RETRY_STATUS:

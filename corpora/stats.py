@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pandas as pd
 
-from corpora.errors import CorpusError, ProblemLog
+from corpora.errors import ProblemLog
 from corpora.filtering import TermFilter
 from corpora.records import PubmedRecord, join_text
 
@@ -144,5 +144,3 @@ def iter_rows(path: str | Path, skip_bad: bool = False) -> Iterator[Mapping[str,
     for event in iter_inputs([path], problems):
         if isinstance(event, PubmedRecord):
             yield {"title": event.title, "abstract": event.abstract, "year": event.year}
-    if not path.exists():
-        raise CorpusError(f"{path}: no such file or folder")

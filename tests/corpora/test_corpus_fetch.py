@@ -206,6 +206,21 @@ def test_client_errors_are_not_retried(eutils_server, sleeps):
     assert sleeps == [] and eutils_server.calls["esearch"] == 1
 
 
+def test_api_key_stays_out_of_error_messages(sleeps):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port with nobody listening: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = EutilsClient(f"http://127.0.0.1:{port}/", email="t@example.org", api_key="s3cret-key",
+                          max_retries=1, sleep=sleeps.append)
+    with pytest.raises(EutilsError) as caught:
+        client.esearch("epilepsy")
+    message = str(caught.value)
+    assert "failed after 2 attempts" in message and "esearch.fcgi?" in message  # the URL is quoted ...
+    assert "s3cret-key" not in message and "api_key=***" in message  # ... without the key
+
+
 def test_base_url_must_be_http():
     with pytest.raises(CorpusError, match="base URL"):
         EutilsClient("ftp://example.org/", email="a@b.c")
