@@ -166,8 +166,12 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
 
 
 def apply_overrides(config: FinetuneConfig, changes: Mapping[str, Any], origin: str = "override",
-                    lines: Mapping[str, int] | None = None) -> FinetuneConfig:
-    """Apply ``changes`` on top of ``config``; unknown names are refused with the closest valid ones."""
+                    lines: Mapping[str, int] | None = None, validate: bool = True) -> FinetuneConfig:
+    """Apply ``changes`` on top of ``config``; unknown names are refused with the closest valid ones.
+
+    ``validate=False`` is for intermediate layers: a YAML file may choose ``eval_strategy: steps`` and leave
+    ``eval_steps`` to the command line, so only the final combination is checked.
+    """
     values = config.to_dict()
     for name, value in changes.items():
         where = f"{origin}:{lines[name]}" if lines and name in lines else origin
@@ -177,7 +181,8 @@ def apply_overrides(config: FinetuneConfig, changes: Mapping[str, Any], origin: 
                 f"{where}: unknown fine-tuning setting {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
             )
         values[name] = _coerce(name, value, where)
-    return FinetuneConfig(**values).validate()
+    result = FinetuneConfig(**values)
+    return result.validate() if validate else result
 
 
 def from_preset(name: str = "config-i", **overrides: Any) -> FinetuneConfig:
@@ -220,10 +225,11 @@ def load_config(preset: str | None = None, yaml_path: str | Path | None = None,
     data.pop("preset", None)
     config = from_preset(name)
     if data:
-        config = apply_overrides(config, data, origin=str(yaml_path), lines=lines)
+        config = apply_overrides(config, data, origin=str(yaml_path), lines=lines, validate=False)
     if overrides:
-        config = apply_overrides(config, {k: v for k, v in overrides.items() if v is not None}, origin="command line")
-    return config
+        config = apply_overrides(config, {k: v for k, v in overrides.items() if v is not None},
+                                 origin="command line", validate=False)
+    return config.validate()
 
 
 def write_yaml(config: FinetuneConfig, path: Path) -> None:

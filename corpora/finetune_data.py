@@ -39,14 +39,28 @@ def corpus_dataset_path(path: str | Path) -> Path:
     return path
 
 
+def _empty_saved_splits(location: Path) -> list[str]:
+    """Splits saved with no data shard: ``datasets`` writes them but cannot load them back (IndexError)."""
+    import json
+
+    try:
+        splits = json.loads((location / "dataset_dict.json").read_text())["splits"]
+        return [s for s in splits
+                if not json.loads((location / s / "state.json").read_text()).get("_data_files", [None])]
+    except (OSError, KeyError, ValueError, TypeError):
+        return []
+
+
 def load_corpus(path: str | Path, text_column: str = "text") -> Any:
     """Load the corpus as a ``DatasetDict`` with non-empty ``train`` and ``validation`` splits."""
     import datasets
 
     location = corpus_dataset_path(path)
+    for split in _empty_saved_splits(location):
+        raise FinetuneDataError(f"{location}: the corpus's {split!r} split is empty")
     try:
         data = datasets.load_from_disk(str(location), keep_in_memory=True)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (FileNotFoundError, ValueError, OSError, IndexError) as exc:
         raise FinetuneDataError(f"{location}: cannot load the corpus dataset: {exc}") from None
     if isinstance(data, datasets.Dataset):
         raise FinetuneDataError(
