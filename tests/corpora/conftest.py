@@ -42,6 +42,7 @@ def eutils_server(article_chunks: list[bytes]):
     fake = FakeEutils(articles=list(article_chunks))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(fake))
     server.daemon_threads = True
+    server.handle_error = lambda request, address: None  # a stalled reply to a client that gave up is expected
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     fake.url = f"http://127.0.0.1:{server.server_address[1]}/entrez/eutils/"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
@@ -109,7 +110,7 @@ class FakeEutils:
 
     ``faults`` maps ``(endpoint, n)`` (the n-th call to that endpoint, from 1) to an HTTP status (``"429"``,
     ``"500"``, ``"400"`` ...),
-    ``"drop"`` (close the connection without answering), ``"truncate"`` (a 200 whose body is cut in half but
+    ``"drop"`` (close the connection without answering), ``"stall"`` (answer after 0.6 s), ``"truncate"`` (a 200 whose body is cut in half but
     whose Content-Length matches it) or ``"short"`` (Content-Length of the whole body, half of it sent, then
     the connection closed).
     """
@@ -166,6 +167,8 @@ def handler_for(fake: FakeEutils) -> type[BaseHTTPRequestHandler]:
             fake.calls[endpoint] += 1
             fake.log.append((endpoint, params))
             fault = fake.faults.get((endpoint, fake.calls[endpoint]))
+            if fault == "stall":  # answer only after the client's read timeout
+                time.sleep(0.6)
             if fault == "drop":
                 self.close_connection = True
                 return

@@ -261,3 +261,9 @@ def test_default_terms_are_the_documented_ones():
         "Epileptic seizures and a seizure on EEG; EEGs of epilepsy; anticonvulsant and anti-epileptic drugs; "
         "antiepileptics. No match: epileptogenic, electroencephalogram, seizured.")
     assert found == {"epilepsy": 3, "seizure": 2, "EEG": 2, "anticonvulsant": 1, "antiepileptic": 2}
+
+
+def test_corpus_without_subcommand_prints_help(capsys):
+    assert main(["corpus"]) == 2
+    out = capsys.readouterr().out
+    assert "fetch" in out and "build" in out and "stats" in out

@@ -199,6 +199,14 @@ def test_expired_history_is_searched_again(eutils_server, tmp_path, sleeps):
     assert len(set(stored_pmids(tmp_path))) == 400
 
 
+def test_read_timeout_is_retried(eutils_server, tmp_path, sleeps):
+    eutils_server.faults = {("efetch", 2): "stall"}
+    client = client_for(eutils_server, sleeps, timeout=(2.0, 0.25))
+    fetch(tmp_path, FetchQuery("epilepsy", limit=90), client, batch_size=30, progress=False)
+    assert eutils_server.efetch_starts() == [0, 30, 30, 60]
+    assert stored_pmids(tmp_path) == [article_pmid(a) for a in eutils_server.articles[:90]]
+
+
 def test_client_errors_are_not_retried(eutils_server, sleeps):
     eutils_server.faults = {("esearch", 1): "400"}
     with pytest.raises(EutilsError, match="HTTP 400"):

@@ -225,3 +225,22 @@ def test_skip_bad_keeps_good_files(pubmed_dir, tmp_path):
         ("a_empty.xml", "file is empty"),
         ("b_wrong.xml", "root element is <eSearchResult>, expected <PubmedArticleSet> or <MedlineCitationSet>"),
     ]
+
+
+def test_book_articles_are_read(tmp_path):
+    """NCBI Bookshelf chapters (<PubmedBookArticle>) appear in baseline files beside journal articles."""
+    path = tmp_path / "books.xml"
+    path.write_text(
+        "<PubmedArticleSet><PubmedBookArticle><BookDocument>"
+        '<PMID Version="1">20301295</PMID><Book><BookTitle book="gene">GeneReviews</BookTitle>'
+        "<PubDate><Year>1993</Year></PubDate></Book>"
+        "<ArticleTitle>Dravet Syndrome</ArticleTitle>"
+        '<Abstract><AbstractText Label="CLINICAL CHARACTERISTICS">Seizures begin in the first year.</AbstractText>'
+        '<AbstractText Label="DIAGNOSIS">Based on clinical findings.</AbstractText></Abstract>'
+        "</BookDocument></PubmedBookArticle></PubmedArticleSet>"
+    )
+    (record,) = records(iter_xml(path))
+    assert (record.pmid, record.title, record.journal, record.year) == ("20301295", "Dravet Syndrome",
+                                                                        "GeneReviews", 1993)
+    assert record.abstract == ("CLINICAL CHARACTERISTICS: Seizures begin in the first year. "
+                               "DIAGNOSIS: Based on clinical findings.")
