@@ -68,7 +68,8 @@ class BuildReport:
     """Counts at each step of a build."""
 
     read: int = 0                 # records read, all inputs
-    deletions: int = 0            # DeleteCitation PMIDs applied
+    deletions_listed: int = 0     # PMIDs listed in DeleteCitation blocks
+    deletions: int = 0            # of those, PMIDs that removed a record read earlier
     replaced: int = 0             # records that replaced an earlier copy of their PMID
     superseded: int = 0           # records ignored because a higher version was already read
     unique: int = 0               # distinct PMIDs alive after deletions
@@ -106,6 +107,7 @@ def collect(config: BuildConfig, problems: ProblemLog, report: BuildReport
     no_abstract: set[str] = set()
     for event in iter_inputs(config.inputs, problems, config.hf_dataset, config.hf_split):
         if isinstance(event, Deletion):
+            report.deletions_listed += 1
             if versions.pop(event.pmid, None) is not None:
                 report.deletions += 1
             kept.pop(event.pmid, None)

@@ -73,7 +73,7 @@ def regex_corpus(paths) -> dict:
     any_term = re.compile("|".join(TERM_PATTERNS.values()), re.I)
     any_term_bytes = re.compile("|".join(TERM_PATTERNS.values()).encode(), re.I)
     alive: dict[str, str | None] = {}  # pmid -> text ("" when it cannot match), None without an abstract
-    read = 0
+    read = deletions_listed = 0
     for path in paths:
         raw = gzip.open(path).read()
         # articles and DeleteCitation blocks, in document order
@@ -82,6 +82,7 @@ def regex_corpus(paths) -> dict:
             block = match.group(0)
             if block.startswith(b"<DeleteCitation>"):
                 for pmid in re.findall(rb"<PMID[^>]*>(\d+)</PMID>", block):
+                    deletions_listed += 1
                     alive.pop(pmid.decode(), None)
                 continue
             read += 1
@@ -98,7 +99,8 @@ def regex_corpus(paths) -> dict:
     corpus = {p: t for p, t in alive.items() if t and any_term.search(t)}
     mentions = {name: sum(len(re.findall(p, t, re.I)) for t in corpus.values()) for name, p in TERM_PATTERNS.items()}
     records = {name: sum(1 for t in corpus.values() if re.search(p, t, re.I)) for name, p in TERM_PATTERNS.items()}
-    return {"read": read, "distinct": len(alive), "corpus": corpus, "mentions": mentions, "records": records}
+    return {"read": read, "deletions_listed": deletions_listed, "distinct": len(alive), "corpus": corpus,
+            "mentions": mentions, "records": records}
 
 
 # -- a fake E-utilities server on 127.0.0.1 ------------------------------------------------------------------------

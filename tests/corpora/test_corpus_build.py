@@ -37,6 +37,7 @@ def test_big_files_corpus_matches_independent_count(built, big_files_truth, caps
     report = manifest["report"]
     assert report["read"] == big_files_truth["read"] == 50788
     assert report["unique"] == big_files_truth["distinct"]
+    assert report["deletions_listed"] == big_files_truth["deletions_listed"] == 20
     truth = big_files_truth["corpus"]
     assert report["kept"] == len(truth) and 450 < len(truth) < 530  # the data README: "roughly 490"
     rows = read_jsonl(built / "train.jsonl") + read_jsonl(built / "validation.jsonl")
