@@ -1,0 +1,94 @@
+"""`clap patch` end to end from a YAML file and a saved model directory; interrupted runs resume."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pandas as pd
+import pytest
+
+from clap.cli import main
+from interventions import execute
+from interventions.results import read_results
+from interventions.spec import StudySpec
+from interventions.study import Study
+
+from .conftest import PROBES
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_gpt2, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved-model")
+    tiny_gpt2.hf.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_spec(tmp_path, model_dir, extra=""):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps({**{k: v for k, v in p.items() if k != "labels"}, **p["labels"]}) + "\n"
+                              for p in PROBES))
+    spec = tmp_path / "study.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        name: cli-study
+        model:
+          source: {model_dir}
+        probes:
+          file: probes.jsonl
+        sites: ["layers[*].resid_pre", "layers[1].heads[*]"]
+        positions: [last, all]
+        operations: [replace, zero]
+        metrics: [logit_diff, prob]
+        execution:
+          max_rows: 8
+        """) + extra)
+    return spec
+
+
+def test_clap_patch_writes_results_and_sidecar(tmp_path, model_dir, tiny_gpt2, capsys):
+    spec = write_spec(tmp_path, model_dir)
+    out = tmp_path / "out"
+    assert main(["patch", str(spec), "-o", str(out), "--no-progress"]) == 0
+    assert "result rows" in capsys.readouterr().out
+    frame, sidecar = read_results(out)
+    n_cells = len(PROBES) * (3 + 4) * 2 * 2
+    assert len(frame) == n_cells * 2
+    assert sidecar["group_columns"] == ["knowledge_type"]
+    assert sidecar["n_probes"] == 3 and sidecar["spec"]["name"] == "cli-study"
+    assert sidecar["model"]["architecture"] == "GPT2LMHeadModel" and sidecar["versions"]["nnsight"]
+    assert not (out / ".partial").exists()
+    # the saved model gives the same numbers as the in-memory one (labels came from top-level JSONL keys)
+    in_memory = Study(StudySpec.from_yaml(spec), model=tiny_gpt2).run()
+    key = ["probe_id", "site", "positions", "operation", "metric"]
+    merged = frame.merge(in_memory, on=key, suffixes=("", "_mem"))
+    assert (merged.patched - merged.patched_mem).abs().max() < 1e-5
+    assert (merged.knowledge_type == merged.knowledge_type_mem).all()
+
+
+def test_interrupted_run_resumes_without_redoing_finished_batches(tmp_path, tiny_gpt2, monkeypatch):
+    spec = StudySpec.from_dict({
+        "model": {"source": "m"}, "probes": {"inline": PROBES}, "sites": ["layers[*].resid_pre", "layers[*].mlp_out"],
+        "positions": ["each"], "metrics": ["logit_diff"], "execution": {"max_rows": 10, "progress": False},
+    })
+    out = tmp_path / "out"
+    real = execute.run_batch
+    calls = []
+
+    def flaky(model, batch, remote=False):
+        calls.append(batch.index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(model, batch, remote)
+
+    monkeypatch.setattr(execute, "run_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        Study(spec, model=tiny_gpt2).run(out)
+    finished = sorted((out / ".partial").glob("*/batch-*.parquet"))
+    assert len(finished) == 2
+    calls.clear()
+    monkeypatch.setattr(execute, "run_batch", lambda m, b, remote=False: (calls.append(b.index), real(m, b, remote))[1])
+    resumed = Study(spec, model=tiny_gpt2).run(out)
+    assert 0 not in calls and 1 not in calls and calls[0] == 2
+    fresh = Study(spec, model=tiny_gpt2).run()
+    pd.testing.assert_frame_equal(resumed.reset_index(drop=True), fresh.reset_index(drop=True))
