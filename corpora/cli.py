@@ -114,7 +114,8 @@ def _build(args: argparse.Namespace) -> int:
     )
     report = build_corpus(config)
     print(f"read {report.read} records ({report.unique} distinct PMIDs after {report.deletions} of "
-          f"{report.deletions_listed} listed deletions, {report.without_abstract} without abstract); kept {report.kept}: "
+          f"{report.deletions_listed} listed deletions, {report.without_abstract} without abstract); "
+          f"kept {report.kept}: "
           f"{report.train} train / {report.validation} validation, in {report.seconds:.1f} s -> {args.out}")
     for row in report.by_term:
         print(f"  {row['term']:<16} {row['records']:>7} records {row['mentions']:>8} mentions")

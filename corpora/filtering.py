@@ -1,9 +1,10 @@
 """Which abstracts belong in the corpus: a named list of case-insensitive regular expressions over title + abstract.
 
 The seed study reports its corpus as mentions per term ("20,595 mentions of epilepsy, 11,674 of EEG, 13,921 of
-seizure") and records per term; :class:`TermFilter` gives both from one pass. The default terms are word-bounded, so "EEG" does not match inside another word and
-"antiepileptic" is not also counted as "epileptic"; the hyphenated "anti-epileptic" does count for both (the
-hyphen is a word boundary), as a reader skimming for "epileptic" would count it.
+seizure") and records per term; :class:`TermFilter` gives both from one pass. The default terms are
+word-bounded, so "EEG" does not match inside another word and "antiepileptic" is not also counted as "epileptic";
+the hyphenated "anti-epileptic" does count for both (the hyphen is a word boundary), as a reader skimming for
+"epileptic" would count it.
 """
 
 from __future__ import annotations

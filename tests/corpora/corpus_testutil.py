@@ -111,10 +111,9 @@ class FakeEutils:
     """Serves ``articles`` through esearch (history server) and efetch (retstart/retmax/WebEnv/query_key).
 
     ``faults`` maps ``(endpoint, n)`` (the n-th call to that endpoint, from 1) to an HTTP status (``"429"``,
-    ``"500"``, ``"400"`` ...),
-    ``"drop"`` (close the connection without answering), ``"stall"`` (answer after 0.6 s), ``"truncate"`` (a 200 whose body is cut in half but
-    whose Content-Length matches it) or ``"short"`` (Content-Length of the whole body, half of it sent, then
-    the connection closed).
+    ``"500"``, ``"400"`` ...), ``"drop"`` (close the connection without answering), ``"stall"`` (answer after
+    0.6 s), ``"truncate"`` (a 200 whose body is cut in half but whose Content-Length matches it) or ``"short"``
+    (Content-Length of the whole body, half of it sent, then the connection closed).
     """
 
     articles: list[bytes]

@@ -111,7 +111,8 @@ def test_interrupted_fetch_resumes_without_duplicates_or_loss(eutils_server, tmp
     # batch 3 (efetch calls 3..5) fails every attempt: the run stops after two stored batches
     eutils_server.faults = {("efetch", 3): "500", ("efetch", 4): "drop", ("efetch", 5): "500"}
     client = client_for(eutils_server, sleeps, max_retries=2)
-    with pytest.raises(EutilsError, match=r"efetch of records 200\.\.299 failed after 3 attempts; last problem: HTTP 500; .* resume at record 200"):
+    with pytest.raises(EutilsError, match=r"efetch of records 200\.\.299 failed after 3 attempts; "
+                                          r"last problem: HTTP 500; .* resume at record 200"):
         fetch(tmp_path, FetchQuery("epilepsy"), client, batch_size=100, progress=False)
     expected = [article_pmid(a) for a in eutils_server.articles]
     assert stored_pmids(tmp_path) == expected[:200]

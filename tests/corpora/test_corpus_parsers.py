@@ -104,7 +104,8 @@ def test_medline_text_matches_its_tags(pubmed_dir):
             len(re.findall(r"^MH  - ", block, re.M)) for block in re.split(r"\n\s*\n(?=PMID-)", text.strip())]
     first = list(iter_medline(pubmed_dir / "medline-text" / "pubmed_result1.txt"))[0]
     assert first.title == "The Bio* toolkits--a brief overview."
-    assert first.abstract.startswith("Bioinformatics research is often difficult to do with commercial software. The Open")
+    assert first.abstract.startswith(
+        "Bioinformatics research is often difficult to do with commercial software. The Open")
     assert first.abstract.endswith("beginning biologist programmer.")
     assert first.year == 2002
     assert "Computational Biology" in first.mesh_terms and "Programming Languages" in first.mesh_terms
