@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch.add_argument("--backoff", type=float, default=1.0,
                        help="first retry delay in seconds, doubled each retry (default 1)")
     fetch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fetch.add_argument("--no-verify", action="store_true",
+                       help="skip the final check of the store against the search's PMID list")
     fetch.set_defaults(func=_fetch)
 
     build = sub.add_parser("build", help="parse, de-duplicate, filter and split inputs into a datasets corpus")
@@ -87,11 +89,14 @@ def _fetch(args: argparse.Namespace) -> int:
                           tool=args.tool, max_retries=args.max_retries, backoff=args.backoff)
     query = FetchQuery(term=args.query or DEFAULT_QUERY, mindate=args.mindate, maxdate=args.maxdate,
                        datetype=args.datetype, limit=args.limit)
-    report = fetch(args.out, query, client, batch_size=args.batch_size, progress=not args.no_progress)
+    report = fetch(args.out, query, client, batch_size=args.batch_size, progress=not args.no_progress,
+                   verify=not args.no_verify)
     print(f"{query.term!r}: {report.count} matching, fetched offsets {report.started_at}..{report.target}, "
           f"{report.added} new records, {report.store_size} in {args.out} ({report.requests} requests)")
+    if report.recovered:
+        print(f"{report.recovered} records missed by paging were fetched by PMID")
     if report.missing:
-        print(f"warning: PubMed returned {report.missing} fewer records than requested", file=sys.stderr)
+        print(f"warning: {report.missing} PMIDs of the search could not be fetched", file=sys.stderr)
     return 0
 
 

@@ -208,6 +208,35 @@ class EutilsClient:
         return self._call("efetch.fcgi", params, lambda body: _parse_efetch(body, source),
                           what=f"of records {retstart}..{retstart + retmax - 1}")
 
+    def efetch_uids(self, search: SearchResult, retstart: int, retmax: int) -> list[str]:
+        """The PMIDs (only) of records ``retstart .. retstart+retmax`` of a result set (``rettype=uilist``).
+
+        A list shorter than the result set says it must have is a cut-off body, and is asked for again.
+        """
+        expected = max(0, min(retmax, search.count - retstart))
+
+        def parse(body: bytes) -> list[str]:
+            pmids = _parse_uilist(body)
+            if len(pmids) != expected:
+                raise _BadBody(f"PMID list holds {len(pmids)} PMIDs, expected {expected}")
+            return pmids
+
+        params = {
+            "WebEnv": search.webenv,
+            "query_key": search.query_key,
+            "retstart": retstart,
+            "retmax": retmax,
+            "rettype": "uilist",
+            "retmode": "text",
+        }
+        return self._call("efetch.fcgi", params, parse, what=f"of the PMID list from {retstart}")
+
+    def efetch_ids(self, pmids: list[str]) -> list[PubmedRecord]:
+        """Records by PMID (for the few a paged fetch missed)."""
+        params = {"id": ",".join(pmids), "retmode": "xml"}
+        return self._call("efetch.fcgi", params, lambda body: _parse_efetch(body, "efetch"),
+                          what=f"of {len(pmids)} PMIDs")
+
 
 def _error_text(root: etree._Element) -> str:
     return "; ".join(" ".join(e.itertext()).strip() for e in root.iter("ERROR"))
@@ -223,6 +252,24 @@ def _parse_esearch(body: bytes) -> SearchResult:
         message = _error_text(root) or f"<{root.tag}> without Count/WebEnv/QueryKey"
         raise _BadBody(f"esearch: {message}")
     return SearchResult(count=int(count), webenv=webenv.strip(), query_key=key.strip())
+
+
+def _parse_uilist(body: bytes) -> list[str]:
+    lines = body.decode("utf-8", "replace").split()
+    if b"<ERROR>" in body[:2000]:
+        try:
+            text = _error_text(etree.fromstring(body, parser=etree.XMLParser(resolve_entities=False)))
+        except etree.XMLSyntaxError:
+            text = body[:300].decode("utf-8", "replace")
+        if "unable to obtain query" in text.lower() or "webenv" in text.lower():
+            raise HistoryExpired(f"efetch: {text}")
+        raise _BadBody(f"efetch returned an error: {text}")
+    bad = [line for line in lines if not line.isdigit()]
+    if bad:
+        raise _BadBody(f"PMID list holds non-numeric lines such as {bad[0][:40]!r}")
+    if not body.endswith(b"\n") and lines:
+        raise _BadBody("PMID list does not end with a newline (truncated?)")
+    return lines
 
 
 def _parse_efetch(body: bytes, source: str) -> list[PubmedRecord]:

@@ -6,7 +6,13 @@ the batch in flight, which the rerun fetches again (the store drops the PMIDs it
 
 A rerun re-runs ``esearch`` (history sessions expire) and continues at the saved offset when the result set still
 has the same size; if the size changed, offsets no longer mean the same records, so it starts again from offset 0:
-nothing already stored is written twice and nothing is skipped.
+nothing already stored is written twice. Because even a same-sized result set may come back in another order,
+every run ends with a check against the search's PMID list (``rettype=uilist``, one request per 10,000) and
+fetches by PMID whatever the pages missed, so nothing is skipped either.
+
+PubMed's history server serves at most the first 10,000 records of a search; larger searches are capped with a
+warning. Fetch them as several date ranges (``--mindate``/``--maxdate``) into the same store: each query keeps
+its own checkpoint and the store de-duplicates across them.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ class FetchReport:
     started_at: int      # offset the run resumed from
     added: int           # new PMIDs written to the store
     returned: int        # records efetch returned in this run (including ones already stored)
-    missing: int         # records asked for that efetch did not return
+    missing: int         # PMIDs of the search still not in the store (after the verification pass)
+    recovered: int       # records the verification pass fetched by PMID (missed by paging)
     store_size: int      # PMIDs in the store afterwards
     requests: int        # HTTP requests sent, retries included
 
@@ -72,8 +79,13 @@ def fetch(
     *,
     batch_size: int = DEFAULT_BATCH,
     progress: bool = True,
+    verify: bool = True,
 ) -> FetchReport:
-    """Fetch ``query`` into the store at ``store_dir``, resuming a previous run of the same query."""
+    """Fetch ``query`` into the store at ``store_dir``, resuming a previous run of the same query.
+
+    With ``verify`` (the default) the run ends by comparing the store with the search's PMID list and fetching
+    any PMID that paging missed, so the store is complete even if the result order changed between runs.
+    """
     if batch_size < 1 or batch_size > 10_000:
         raise CorpusError(f"batch size must be between 1 and 10000, got {batch_size}")
     if query.limit is not None and query.limit < 0:
@@ -114,7 +126,7 @@ def fetch(
         state["searches"][key] = entry
         store.save_state(state)
 
-        added = returned = missing = 0
+        added = returned = short = 0
         retstart = start
         try:
             with tqdm(total=target, initial=start, unit="rec", desc="fetch", disable=not progress) as bar:
@@ -135,7 +147,7 @@ def fetch(
                     added += store.add(records)
                     returned += len(records)
                     if len(records) < size:
-                        missing += size - len(records)
+                        short += size - len(records)
                         log.warning("efetch returned %d of %d records at offset %d",
                                     len(records), size, retstart)
                     retstart += size
@@ -146,8 +158,49 @@ def fetch(
         except EutilsError as exc:
             raise EutilsError(f"{exc}; {len(store)} records are stored in {store.directory}, rerun the same "
                               f"command to resume at record {retstart}") from exc
-        entry.update(done=True, updated=_now())
+        recovered, missing = 0, short
+        if verify and target:
+            recovered, missing = _verify(client, search, result, store, target, batch_size)
+            added += recovered
+        entry.update(done=True, updated=_now(), missing=missing)
         store.save_state(state)
         return FetchReport(count=result.count, target=target, started_at=start, added=added,
-                           returned=returned, missing=missing, store_size=len(store),
+                           returned=returned, missing=missing, recovered=recovered, store_size=len(store),
                            requests=client.requests_sent)
+
+
+def _verify(client: EutilsClient, search, result: SearchResult, store: RecordStore, target: int,
+            batch_size: int) -> tuple[int, int]:
+    """Check the store against the search's PMID list and fetch, by PMID, whatever paging missed.
+
+    Paging by offset is only as stable as the server's ordering: between two runs (a resume gets a fresh history
+    session) records may move, so a resumed run could skip some. The PMID list (one cheap request per 10,000)
+    makes the result loss-free whatever happened. Returns (recovered, still missing).
+    """
+    try:
+        pmids = _uids(client, result, target)
+    except HistoryExpired:
+        result = search()
+        pmids = _uids(client, result, target)
+    absent = [p for p in pmids if p not in store]
+    wanted = set(absent)
+    recovered = 0
+    if absent:
+        log.warning("%d PMIDs of the search are not in the store (results reordered between runs?); "
+                    "fetching them by PMID", len(absent))
+    for start in range(0, len(absent), batch_size):
+        records = client.efetch_ids(absent[start:start + batch_size])
+        for record in records:
+            record.source_file = "efetch"
+        recovered += store.add(r for r in records if r.pmid in wanted)
+    still = sum(1 for p in pmids if p not in store)
+    if still:
+        log.warning("%d PMIDs of the search could not be fetched (withdrawn or not yet available?)", still)
+    return recovered, still
+
+
+def _uids(client: EutilsClient, result: SearchResult, target: int) -> list[str]:
+    pmids: list[str] = []
+    for start in range(0, target, PUBMED_HISTORY_LIMIT):
+        pmids.extend(client.efetch_uids(result, start, min(PUBMED_HISTORY_LIMIT, target - start)))
+    return pmids

@@ -136,19 +136,32 @@ class FakeEutils:
         )
 
     def body_efetch(self, params: dict[str, str]) -> bytes:
+        if "id" in params:
+            wanted = set(params["id"].split(","))
+            return self._article_set([a for a in self.articles if article_pmid(a) in wanted])
         if params.get("WebEnv") not in self.webenvs or params.get("query_key") != "1":
             return (b'<?xml version="1.0" encoding="UTF-8" ?>\n<eFetchResult>\n\t<ERROR>Unable to obtain query #1'
                     b"</ERROR>\n</eFetchResult>\n")
         start, size = int(params["retstart"]), int(params["retmax"])
+        if params.get("rettype") == "uilist":
+            return "".join(f"{article_pmid(a)}\n" for a in self.articles[start:start + size]).encode()
+        return self._article_set(self.articles[start:start + size])
+
+    def _article_set(self, articles: list[bytes]) -> bytes:
         return (
             b'<?xml version="1.0" ?>\n<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, 1st January 2025'
             b'//EN" "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd">\n<PubmedArticleSet>\n'
-            + b"\n".join(self.articles[start:start + size])
+            + b"\n".join(articles)
             + b"\n</PubmedArticleSet>\n"
         )
 
     def efetch_starts(self) -> list[int]:
-        return [int(p["retstart"]) for name, p in self.log if name == "efetch"]
+        """Offsets of the record pages requested (not PMID lists, not fetches by PMID)."""
+        return [int(p["retstart"]) for name, p in self.log
+                if name == "efetch" and "id" not in p and p.get("rettype") != "uilist"]
+
+    def id_fetches(self) -> list[list[str]]:
+        return [p["id"].split(",") for name, p in self.log if name == "efetch" and "id" in p]
 
 
 def handler_for(fake: FakeEutils) -> type[BaseHTTPRequestHandler]:

@@ -77,8 +77,9 @@ def test_requests_carry_ncbi_identification_and_history(eutils_server, tmp_path,
     for _name, params in eutils_server.log:
         assert params["tool"] == "clap-tests" and params["email"] == "tests@example.org"
         assert params["api_key"] == "k3y" and params["db"] == "pubmed"
-    assert [(p["retstart"], p["retmax"], p["WebEnv"], p["query_key"]) for _n, p in fetches] == [
-        ("0", "100", "MCID_fake_1", "1"), ("100", "20", "MCID_fake_1", "1")]
+    assert [(p["retstart"], p["retmax"], p["WebEnv"], p["query_key"], p.get("rettype")) for _n, p in fetches] == [
+        ("0", "100", "MCID_fake_1", "1", None), ("100", "20", "MCID_fake_1", "1", None),
+        ("0", "120", "MCID_fake_1", "1", "uilist")]  # the final check against the PMID list
     assert len(stored_pmids(tmp_path)) == 120
 
 
@@ -128,11 +129,43 @@ def test_interrupted_fetch_resumes_without_duplicates_or_loss(eutils_server, tmp
     got = stored_pmids(tmp_path)
     assert got == expected and len(set(got)) == 500
 
-    # a third run finds nothing left to do and sends only the esearch
+    # a third run finds nothing left to do: the search and the PMID-list check, no records
     eutils_server.log.clear()
     report = fetch(tmp_path, FetchQuery("epilepsy"), client_for(eutils_server, sleeps), batch_size=100,
                    progress=False)
-    assert [name for name, _ in eutils_server.log] == ["esearch"] and report.added == 0
+    assert [(name, p.get("rettype")) for name, p in eutils_server.log] == [("esearch", None), ("efetch", "uilist")]
+    assert report.added == 0 and report.missing == 0
+
+
+def test_results_reordered_between_runs_are_still_complete(eutils_server, tmp_path, sleeps):
+    """Offsets mean other records after a reorder; the PMID-list check fetches what paging skipped."""
+    eutils_server.faults = {("efetch", 3): "500", ("efetch", 4): "500"}
+    with pytest.raises(EutilsError):
+        fetch(tmp_path, FetchQuery("epilepsy"), client_for(eutils_server, sleeps, max_retries=1), batch_size=100,
+              progress=False)
+    first_run = set(stored_pmids(tmp_path))
+    assert len(first_run) == 200
+    eutils_server.articles = eutils_server.articles[::-1]  # same count, new order
+    eutils_server.log.clear()
+    report = fetch(tmp_path, FetchQuery("epilepsy"), client_for(eutils_server, sleeps), batch_size=100,
+                   progress=False)
+    assert eutils_server.efetch_starts() == [200, 300, 400]
+    # pages 200..499 of the reversed list are the old records 0..299 (200 of them already stored); the old
+    # records 300..499 are now at offsets 0..199, which a resumed run never asks for: fetched by PMID at the end
+    skipped = [article_pmid(a) for a in eutils_server.articles[:200]]
+    assert not set(skipped) & first_run
+    assert sorted(sum(eutils_server.id_fetches(), [])) == sorted(skipped)
+    assert report.recovered == 200 and report.missing == 0
+    got = stored_pmids(tmp_path)
+    assert sorted(got) == sorted(article_pmid(a) for a in eutils_server.articles) and len(got) == len(set(got))
+
+
+def test_truncated_pmid_list_is_asked_again(eutils_server, tmp_path, sleeps):
+    eutils_server.faults = {("efetch", 3): "truncate"}  # pages are calls 1-2, the PMID list call 3
+    report = fetch(tmp_path, FetchQuery("eeg", limit=200), client_for(eutils_server, sleeps), batch_size=100,
+                   progress=False)
+    assert [p.get("rettype") for n, p in eutils_server.log if n == "efetch"] == [None, None, "uilist", "uilist"]
+    assert report.missing == 0 and report.recovered == 0 and sleeps == [0.5]
 
 
 def test_ctrl_c_then_rerun(eutils_server, tmp_path, sleeps):
