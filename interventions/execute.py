@@ -8,6 +8,7 @@ only a ``[rows, n_metrics]`` tensor comes back.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any, Sequence
@@ -72,16 +73,27 @@ def _plain_accesses(model: Any, batch: Batch) -> list[tuple]:
     ]
 
 
-def run_batch(model: Any, batch: Batch, remote: bool | str = False) -> torch.Tensor:
+def forward_kwargs(model: Any, batch: Batch, unembed_module: str | None) -> dict[str, Any]:
+    """Inputs of the forward pass. Only the last position's logits are read, so unless a patch touches the
+    unembedding itself, the model computes logits for the last position alone (``logits_to_keep=1``): the
+    vocabulary projection of every other position is skipped, a large share of time and memory for short prompts."""
+    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    touches_unembed = any(p.module == unembed_module for p in batch.accesses)
+    if unembed_module is not None and not touches_unembed:
+        if "logits_to_keep" in inspect.signature(model._module.forward).parameters:
+            kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
+def run_batch(model: Any, batch: Batch, remote: bool | str = False, unembed_module: str | None = None) -> torch.Tensor:
     """One forward pass with every patch of the batch; returns ``[rows, len(METRICS)]`` float32 metrics."""
     accesses = _plain_accesses(model, batch)
+    inputs = forward_kwargs(model, batch, unembed_module)
     answer_index, answer_mask = batch.answer_index, batch.answer_mask
     wrong_index, wrong_mask = batch.wrong_index, batch.wrong_mask
     clean_row = batch.clean_row
     with torch.no_grad():
-        with model.trace(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, **trace_kwargs(remote)
-        ):
+        with model.trace(**inputs, **trace_kwargs(remote)):
             for envoy, access, n_heads, copy, set_, add in accesses:
                 value = envoy.input if access == "input" else envoy.output
                 if isinstance(value, tuple):

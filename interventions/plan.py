@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -79,40 +79,58 @@ def resample_sources(n_probes: int, seed: int) -> list[int]:
             return perm
 
 
-def compile_plan(spec: StudySpec, probes: Sequence[Probe], sites: Sequence[Site], tokenizer: Any) -> Plan:
+def compile_plan(
+    spec: StudySpec,
+    probes: Sequence[Probe],
+    groups: Sequence[tuple[Sequence[Site], Sequence[Any], Sequence[OperationSpec]]],
+    tokenizer: Any,
+    site_order: Callable[[Site], Any],
+) -> Plan:
+    """One cell per probe x (site, position, operation) of every patch group; duplicates across groups merge."""
     target, source = directions(spec.direction)
-    needs_resample = any(op.name == "resample" for op in spec.operations)
+    needs_resample = any(op.name == "resample" for _, _, ops in groups for op in ops)
     resample = resample_sources(len(probes), spec.seed) if needs_resample else None
     cells: list[Cell] = []
+    seen: set[tuple] = set()
     for p_index, probe in enumerate(probes):
         n_target = len(probe.prompt_ids(target))
-        position_cells = [pc for sel in spec.positions for pc in resolve_positions(sel, probe, target, source, tokenizer)]
-        for site in sites:
-            for pc in position_cells:
-                for op in spec.operations:
-                    src_probe = resample[p_index] if op.name == "resample" else p_index
-                    n_source = len(probes[src_probe].prompt_ids(source))
-                    if n_source != n_target and spec.alignment == "strict" and op.name in ("replace", "resample"):
-                        raise PlanError(
-                            f"resample: probe {probe.id} ({n_target} tokens) would take activations from probe "
-                            f"{probes[src_probe].id} ({n_source} tokens); use same-length probes or `alignment: right`"
-                        )
-                    # right alignment: target index i <-> source index i - n_target + n_source
-                    pairs = [(i, i - n_target + n_source) for i in pc.indices]
-                    pairs = [(i, j) for i, j in pairs if j >= 0]
-                    kept = PositionCell(pc.label, pc.position, tuple(i for i, _ in pairs))
-                    cells.append(
-                        Cell(
-                            index=len(cells),
-                            probe=p_index,
-                            site=site,
-                            positions=kept,
-                            operation=op,
-                            source_probe=src_probe,
-                            source_indices=tuple(j for _, j in pairs),
-                        )
-                    )
-    return Plan(spec=spec, probes=list(probes), sites=list(sites), cells=cells, target=target, source=source)
+        for sites, positions, operations in groups:
+            position_cells = [pc for sel in positions for pc in resolve_positions(sel, probe, target, source, tokenizer)]
+            for site in sites:
+                for pc in position_cells:
+                    for op in operations:
+                        key = (p_index, site.name, pc.label, op.label)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        cells.append(_cell(len(cells), p_index, probe, probes, site, pc, op, resample, spec, target,
+                                           source, n_target))
+    all_sites = {site.name: site for sites, _, _ in groups for site in sites}
+    ordered = sorted(all_sites.values(), key=site_order)
+    return Plan(spec=spec, probes=list(probes), sites=ordered, cells=cells, target=target, source=source)
+
+
+def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, source, n_target) -> Cell:
+    src_probe = resample[p_index] if op.name == "resample" else p_index
+    n_source = len(probes[src_probe].prompt_ids(source))
+    if n_source != n_target and spec.alignment == "strict" and op.name in ("replace", "resample"):
+        raise PlanError(
+            f"resample: probe {probe.id} ({n_target} tokens) would take activations from probe "
+            f"{probes[src_probe].id} ({n_source} tokens); use same-length probes or `alignment: right`"
+        )
+    # right alignment: target index i <-> source index i - n_target + n_source
+    pairs = [(i, i - n_target + n_source) for i in pc.indices]
+    pairs = [(i, j) for i, j in pairs if j >= 0]
+    kept = PositionCell(pc.label, pc.position, tuple(i for i, _ in pairs))
+    return Cell(
+        index=index,
+        probe=p_index,
+        site=site,
+        positions=kept,
+        operation=op,
+        source_probe=src_probe,
+        source_indices=tuple(j for _, j in pairs),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -131,13 +131,32 @@ class ExecutionSpec(_Strict):
     progress: bool = True
 
 
+class PatchGroup(_Strict):
+    """Sites patched at their own positions/operations (e.g. a layer x position residual sweep beside a
+    last-token sweep of attention and MLP outputs). Unset fields fall back to the study's."""
+
+    sites: list[str] = Field(min_length=1)
+    positions: list[PositionSelector] | None = Field(default=None, min_length=1)
+    operations: list[OperationSpec] | None = Field(default=None, min_length=1)
+
+    @field_validator("operations", mode="before")
+    @classmethod
+    def _operation_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
 class StudySpec(_Strict):
     """A whole patching study. ``StudySpec.from_yaml(path)`` or build it in Python; both validate the same way."""
 
     name: str = "study"
     model: ModelSpec
     probes: ProbeSetSpec
-    sites: list[str] = Field(min_length=1)
+    #: site addresses patched at ``positions`` with ``operations``; give ``sites``, ``patches`` or both
+    sites: list[str] | None = Field(default=None, min_length=1)
+    #: further groups of sites with their own positions/operations
+    patches: list[PatchGroup] | None = Field(default=None, min_length=1)
     positions: list[PositionSelector] = Field(default_factory=lambda: ["last"], min_length=1)
     direction: Literal["denoising", "noising"] = "denoising"
     operations: list[OperationSpec] = Field(default_factory=lambda: [OperationSpec(name="replace")], min_length=1)
@@ -158,6 +177,24 @@ class StudySpec(_Strict):
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @model_validator(mode="after")
+    def _something_to_patch(self) -> "StudySpec":
+        if not self.sites and not self.patches:
+            raise ValueError("name the sites to patch: `sites: [...]` and/or `patches: [{sites: [...]}, ...]`")
+        return self
+
+    def groups(self) -> list[tuple[list[str], list, list[OperationSpec]]]:
+        """(site addresses, positions, operations) per patch group, with defaults filled in."""
+        out = []
+        if self.sites:
+            out.append((self.sites, self.positions, self.operations))
+        for group in self.patches or []:
+            out.append((group.sites, group.positions or self.positions, group.operations or self.operations))
+        return out
+
+    def all_operations(self) -> list[OperationSpec]:
+        return [op for _, _, ops in self.groups() for op in ops]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "StudySpec":
@@ -230,7 +267,7 @@ def format_validation_error(exc: ValidationError, source: str, lines: dict, mode
         elif error["type"] == "missing":
             text = "required field is missing"
         else:
-            text = error["msg"]
+            text = error["msg"].removeprefix("Value error, ")
             if error["type"] == "literal_error":
                 text = f"{text}, got {error.get('input')!r}"
         messages.append(f"{where}: {field}: {text}")

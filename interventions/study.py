@@ -78,10 +78,13 @@ class Study:
         return probes
 
     def sites(self) -> list[Site]:
-        return SiteResolver(self.model.hf).resolve(self.spec.sites)
+        """Every concrete site of the study, in forward-execution order."""
+        return self.plan().sites
 
     def plan(self) -> Plan:
-        return compile_plan(self.spec, self.probes(), self.sites(), self.model.tokenizer)
+        resolver = SiteResolver(self.model.hf)
+        groups = [(resolver.resolve(addresses), positions, ops) for addresses, positions, ops in self.spec.groups()]
+        return compile_plan(self.spec, self.probes(), groups, self.model.tokenizer, resolver.order_key)
 
     # -- execution ------------------------------------------------------------------------------------------
     def run(self, out_dir: str | Path | None = None) -> pd.DataFrame:
@@ -108,6 +111,7 @@ class Study:
         if partial_dir:
             partial_dir.mkdir(parents=True, exist_ok=True)
         pad_id = model.tokenizer.pad_token_id
+        unembed = self._unembed_module()
         frames = []
         progress = tqdm(total=len(plan.cells), desc=f"patching {spec.name}", unit="cell", disable=not spec.execution.progress)
         for index, cells in enumerate(chunks):
@@ -117,7 +121,7 @@ class Study:
                 progress.update(len(cells))
                 continue
             batch = build_batch(plan, cells, index, pad_id, constants)
-            metrics = execute.run_batch(model.nn, batch, remote=spec.execution.remote)
+            metrics = execute.run_batch(model.nn, batch, remote=spec.execution.remote, unembed_module=unembed)
             frame = self._tidy(plan, batch, cells, metrics)
             if done:
                 frame.to_parquet(done.with_suffix(".tmp"), index=False)
@@ -133,13 +137,20 @@ class Study:
             shutil.rmtree(Path(out_dir) / ".partial", ignore_errors=True)
         return result
 
+    def _unembed_module(self) -> str | None:
+        from interventions.architectures import BY_MODEL_TYPE
+
+        arch = BY_MODEL_TYPE.get(getattr(self.model.hf.config, "model_type", None))
+        return arch.unembed if arch else None
+
     def _constants(self, plan: Plan) -> PatchConstants:
         """Widths of every site; probe-set means and the embedding std where an operation needs them."""
         model = self.model
         widths = {}
         probe_ids = plan.probes[0].clean_ids
-        needs_mean = any(op.name == "mean" for op in self.spec.operations)
-        needs_std = any(op.name == "noise" and op.relative_to == "embedding_std" for op in self.spec.operations)
+        operations = self.spec.all_operations()
+        needs_mean = any(op.name == "mean" for op in operations)
+        needs_std = any(op.name == "noise" and op.relative_to == "embedding_std" for op in operations)
         keys = list(dict.fromkeys(site.access_key for site in plan.sites))
         from interventions.architectures import architecture_of
 

@@ -75,11 +75,11 @@ def test_interrupted_run_resumes_without_redoing_finished_batches(tmp_path, tiny
     real = execute.run_batch
     calls = []
 
-    def flaky(model, batch, remote=False):
+    def flaky(model, batch, remote=False, unembed_module=None):
         calls.append(batch.index)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(model, batch, remote)
+        return real(model, batch, remote, unembed_module)
 
     monkeypatch.setattr(execute, "run_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -87,7 +87,7 @@ def test_interrupted_run_resumes_without_redoing_finished_batches(tmp_path, tiny
     finished = sorted((out / ".partial").glob("*/batch-*.parquet"))
     assert len(finished) == 2
     calls.clear()
-    monkeypatch.setattr(execute, "run_batch", lambda m, b, remote=False: (calls.append(b.index), real(m, b, remote))[1])
+    monkeypatch.setattr(execute, "run_batch", lambda m, b, remote=False, unembed_module=None: (calls.append(b.index), real(m, b, remote, unembed_module))[1])
     resumed = Study(spec, model=tiny_gpt2).run(out)
     assert 0 not in calls and 1 not in calls and calls[0] == 2
     fresh = Study(spec, model=tiny_gpt2).run()

@@ -64,7 +64,7 @@ def test_nested_probe_error_points_at_the_probe_line(tmp_path):
 
 def test_missing_required_field_and_invalid_yaml(tmp_path):
     path = write(tmp_path, VALID.replace("sites: [\"layers[*].resid_pre\"]\n", ""))
-    with pytest.raises(ClapError, match=r"sites: required field is missing"):
+    with pytest.raises(ClapError, match=r"spec.yaml:1: \(top level\): name the sites to patch"):
         StudySpec.from_yaml(path)
     broken = write(tmp_path, "model: [unclosed\n", "broken.yaml")
     with pytest.raises(ClapError, match=r"broken.yaml:2: not valid YAML"):

@@ -108,3 +108,24 @@ def test_right_alignment_patches_matching_positions_from_the_end(tiny_gpt2):
     frame = Study(spec, model=tiny_gpt2).run()
     np.testing.assert_allclose(frame.recovery.to_numpy(), 1.0, atol=1e-4)
     assert frame.set_index("positions").n_patched_tokens.to_dict() == {"last": 1, "all": 3}
+
+
+def test_patch_groups_have_their_own_positions_and_merge_duplicates(tiny_gpt2):
+    spec = StudySpec.from_dict({
+        "model": {"source": "in-memory"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff"],
+        "sites": ["layers[*].mlp_out"], "positions": ["last"],
+        "patches": [
+            {"sites": ["layers[*].resid_pre"], "positions": ["each"]},
+            {"sites": ["layers[0].mlp_out"], "positions": ["last"], "operations": ["replace", "zero"]},
+        ],
+        "execution": {"progress": False},
+    })
+    frame = Study(spec, model=tiny_gpt2).run()
+    lengths = {p["id"]: len(tiny_gpt2.tokenizer(p["corrupted"])["input_ids"]) for p in PROBES}
+    resid = frame[frame.site_kind == "resid_pre"]
+    assert len(resid) == 3 * sum(lengths.values())
+    mlp = frame[frame.site_kind == "mlp_out"]
+    assert set(mlp.positions) == {"last"}
+    # layers.0.mlp_out/last/replace appears in both groups but is run and reported once
+    assert len(mlp) == len(PROBES) * (3 + 1)
+    assert not frame.duplicated(["probe_id", "site", "positions", "operation", "metric"]).any()
