@@ -99,7 +99,7 @@ def compile_plan(
             for site in sites:
                 for pc in position_cells:
                     for op in operations:
-                        key = (p_index, site.name, pc.label, op.label)
+                        key = (p_index, site.name, pc.label, pc.indices, op.label)
                         if key in seen:
                             continue
                         seen.add(key)

@@ -51,7 +51,7 @@ class Probe:
 class PositionCell:
     """One position selection for one probe: which target-prompt tokens a patch covers."""
 
-    label: str  #: e.g. ``last``, ``3``, ``all``, ``match:Paris``
+    label: str  #: the selector: ``last``, ``each`` (one cell per token), ``3``, ``all``, ``match:Paris``
     position: int | None  #: the single token index, or None when several (or none) are patched together
     indices: tuple[int, ...]  #: target-prompt token indices
 
@@ -197,7 +197,8 @@ def resolve_positions(
     if selector == "last":
         return [PositionCell("last", n_target - 1, (n_target - 1,))]
     if selector == "each":
-        return [PositionCell(str(i), i, (i,)) for i in range(n_target)]
+        # one cell per token, all labelled "each" so a sweep stays one slice (layer x position heatmaps)
+        return [PositionCell("each", i, (i,)) for i in range(n_target)]
     if isinstance(selector, int):
         if not -n_target <= selector < n_target:
             raise ProbeError(f"probe {probe.id} ({probe.origin}): position {selector} is outside its {n_target} tokens")
