@@ -128,4 +128,4 @@ def test_patch_groups_have_their_own_positions_and_merge_duplicates(tiny_gpt2):
     assert set(mlp.positions) == {"last"}
     # layers.0.mlp_out/last/replace appears in both groups but is run and reported once
     assert len(mlp) == len(PROBES) * (3 + 1)
-    assert not frame.duplicated(["probe_id", "site", "positions", "operation", "metric"]).any()
+    assert not frame.duplicated(["probe_id", "site", "positions", "position", "operation", "metric"]).any()
