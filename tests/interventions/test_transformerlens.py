@@ -91,3 +91,21 @@ def test_clap_refuses_what_transformerlens_silently_accepts(tiny_gpt2):
     })
     with pytest.raises(Exception, match=r"uneven .*clean 4 tokens, corrupted 3"):
         Study(spec, model=tiny_gpt2).run()
+
+
+def test_sweep_functions_give_the_transformerlens_grid(bridge, tiny_gpt2):
+    from interventions import mlp_out_sweep, to_grid
+
+    tok = tiny_gpt2.tokenizer
+    answer = tok(" Paris", add_special_tokens=False)["input_ids"][0]
+    wrong = tok(" Madrid", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tok(CLEAN, return_tensors="pt")["input_ids"])
+        expected = tl_patching.get_act_patch_mlp_out(
+            bridge, tok(CORRUPTED, return_tensors="pt")["input_ids"], cache,
+            lambda logits: logits[0, -1, answer] - logits[0, -1, wrong],
+        )
+    frame = mlp_out_sweep(tiny_gpt2, [{"id": "p", "clean": CLEAN, "corrupted": CORRUPTED, "answer": " Paris",
+                                       "wrong": " Madrid"}])
+    grid = to_grid(frame)
+    assert torch.tensor(grid.to_numpy(dtype="float64")).float() == pytest.approx(expected.float(), abs=1e-4)
