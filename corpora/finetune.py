@@ -52,10 +52,11 @@ MODEL = "model"
 ADAPTER = "adapter"
 SUMMARY = "finetune.json"
 CONFIG = "config.yaml"
+RUN = "run.json"
 LOG_CSV = "training_log.csv"
 FIGURE = "loss_curve.png"
 #: Files that mark a folder as a fine-tuning output (so ``overwrite`` never deletes an unrelated folder).
-OWN_NAMES = {CHECKPOINTS, MODEL, ADAPTER, SUMMARY, CONFIG, LOG_CSV, FIGURE}
+OWN_NAMES = (CHECKPOINTS, MODEL, ADAPTER, SUMMARY, CONFIG, RUN, LOG_CSV, FIGURE)
 
 
 class FinetuneError(ClapError):
@@ -95,15 +96,21 @@ def model_context_length(hf_config: Any) -> int | None:
     return None
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
+def _check_output_path(out: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out`` cannot be used; ``overwrite`` never deletes files that are not ours."""
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"output path {out} exists and is not a folder")
-    if overwrite and out.is_dir() and any(out.iterdir()):
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_NAMES and not p.name.startswith("model."))
+    if overwrite and out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(OWN_NAMES))
         if foreign:
             raise FinetuneError(
                 f"refusing to overwrite {out}: it holds files that are not fine-tuning outputs ({', '.join(foreign[:5])})"
             )
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Create ``out`` (emptied first under ``overwrite``) and drop leftovers of an interrupted final save."""
+    if overwrite and out.is_dir():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("model.partial-*"):  # a save interrupted before its rename: never a model
@@ -118,7 +125,7 @@ def _check_resume(out: Path, config: FinetuneConfig, model_source: str) -> None:
     data, _ = read_yaml_overrides(saved_path)
     saved = apply_overrides(FinetuneConfig(), data, origin=str(saved_path))
     conflicts = resume_conflicts(saved, config)
-    meta = out / "run.json"
+    meta = out / RUN
     if meta.is_file():
         saved_source = json.loads(meta.read_text()).get("model")
         if saved_source and saved_source != model_source:
@@ -181,6 +188,9 @@ def training_arguments(config: FinetuneConfig, checkpoints: Path, device: str, r
     """The Trainer settings that implement ``config`` (evaluation and checkpoint on the same schedule)."""
     from transformers import TrainingArguments
 
+    extra: dict[str, Any] = {}
+    if config.gradient_checkpointing:  # only when asked: the argument was renamed in transformers 5
+        extra["gradient_checkpointing"] = True
     return TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=config.epochs,
@@ -211,9 +221,9 @@ def training_arguments(config: FinetuneConfig, checkpoints: Path, device: str, r
         report_to="none",
         disable_tqdm=not progress,
         dataloader_num_workers=config.dataloader_workers,
-        gradient_checkpointing=config.gradient_checkpointing,
         remove_unused_columns=False,
         prediction_loss_only=True,
+        **extra,
     )
 
 
@@ -283,19 +293,20 @@ def finetune(
         config = load_config(preset, config_file, overrides)
     config.validate()
     out = Path(output_dir).expanduser()
-    _prepare_output(out, overwrite)
+    _check_output_path(out, overwrite)
     summary_path = out / SUMMARY
-    if (out / MODEL).is_dir() and summary_path.is_file():
+    if not overwrite and (out / MODEL).is_dir() and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         if summary.get("status") == "complete":
             log.info("%s already holds a finished fine-tuning run; pass --overwrite to train again", out)
             return _summary_result(out, summary, already=True)
 
     checkpoints = out / CHECKPOINTS
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() and not overwrite else None
     if last:
         _check_resume(out, config, model)
 
+    # Everything that can be refused is checked before the output folder is created or changed.
     corpus_data = load_corpus(corpus, config.text_column)
     device = _resolve_device(config.device)
     hf_model, tok, location = load_hf_model(
@@ -310,8 +321,9 @@ def finetune(
     train_tok = training_tokenizer(tok)
     train_ds, valid_ds, stats = prepare_datasets(corpus_data, train_tok, config)
 
+    _prepare_output(out, overwrite)
     write_yaml(config, out / CONFIG)
-    (out / "run.json").write_text(json.dumps({"model": model, "location": location, "corpus": str(corpus)}, indent=2))
+    (out / RUN).write_text(json.dumps({"model": model, "location": location, "corpus": str(corpus)}, indent=2))
 
     _declare_causal_lm_loss(hf_model)
     hf_model.train()
@@ -329,50 +341,57 @@ def finetune(
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - started
-    state = trainer.state
 
     _save_final(trainer, tok, config, out)
-    rows = write_log_csv(state.log_history, out / LOG_CSV)
+    summary = _summarise(trainer, output.metrics, wall, early, config, stats, last)
+    summary.update({"model": model, "model_location": location, "corpus": str(corpus), "device": device})
+    write_loss_figure(out / LOG_CSV, out / FIGURE, title=f"{Path(location).name} · {config.preset}",
+                      best_step=summary["best_step"])
+    partial = summary_path.with_name(SUMMARY + ".partial")
+    partial.write_text(json.dumps(summary, indent=2, default=_json_default))
+    partial.replace(summary_path)  # written last: "status: complete" means every output above is in place
+    log.info(
+        "fine-tuning finished at step %d (best %s, validation loss %s -> %s%s); model in %s", summary["global_step"],
+        summary["best_checkpoint"], summary["initial_eval_loss"], summary["best_eval_loss"],
+        ", stopped early" if summary["stopped_early"] else "", out / MODEL,
+    )
+    return _summary_result(out, summary, already=False)
+
+
+def _summarise(trainer: Any, metrics: dict[str, Any], wall: float, early: Any, config: FinetuneConfig,
+               stats: dict[str, Any], resumed_from: str | None) -> dict[str, Any]:
+    """What ``finetune.json`` records about a finished run (the log CSV is rewritten from the final state too)."""
+    state = trainer.state
+    rows = write_log_csv(state.log_history, Path(trainer.args.output_dir).parent / LOG_CSV)
     evals = [r for r in rows if r["split"] == "validation"]
-    initial = next((r["loss"] for r in evals if r["step"] == 0), None)
-    best_step = state.best_global_step or None
     tokens = int(state.num_input_tokens_seen or 0)
-    runtime = output.metrics.get("train_runtime", wall)
+    runtime = metrics.get("train_runtime", wall)
     summary = {
         "status": "complete",
-        "model": model,
-        "model_location": location,
-        "corpus": str(corpus),
         "config": config.to_dict(),
         "data": {split: asdict(s) for split, s in stats.items()},
-        "device": device,
         "global_step": state.global_step,
         "epochs_done": state.epoch,
         "max_steps": state.max_steps,
         "stopped_early": early.early_stopping_patience_counter >= config.patience,
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
-        "best_step": best_step,
+        "best_step": getattr(state, "best_global_step", None) or _step_of(state.best_model_checkpoint),
         "best_eval_loss": state.best_metric,
-        "initial_eval_loss": initial,
+        "initial_eval_loss": next((r["loss"] for r in evals if r["step"] == 0), None),
         "final_eval_loss": evals[-1]["loss"] if evals else None,
-        "resumed_from": Path(last).name if last else None,
-        "train_runtime_s": runtime,
+        "resumed_from": Path(resumed_from).name if resumed_from else None,
+        "train_runtime_s": runtime,  # this call only (after a resume: the resumed part)
         "train_tokens_seen": tokens,  # since the start of training, including steps before a resume
-        "train_loss": output.metrics.get("train_loss"),
+        "train_loss": metrics.get("train_loss"),
         "versions": _versions(),
     }
-    if not last and runtime > 0 and tokens:
+    if not resumed_from and runtime > 0 and tokens:
         summary["tokens_per_second"] = tokens / runtime
-    write_loss_figure(out / LOG_CSV, out / FIGURE, title=f"{Path(location).name} · {config.preset}", best_step=best_step)
-    partial = summary_path.with_name(SUMMARY + ".partial")
-    partial.write_text(json.dumps(summary, indent=2, default=_json_default))
-    partial.replace(summary_path)
-    log.info(
-        "fine-tuning finished at step %d (best %s, eval loss %.4f%s); model in %s", state.global_step,
-        summary["best_checkpoint"], state.best_metric if state.best_metric is not None else math.nan,
-        ", stopped early" if summary["stopped_early"] else "", out / MODEL,
-    )
-    return _summary_result(out, summary, already=False)
+    return summary
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
 
 
 def _json_default(value: Any) -> Any:

