@@ -7,6 +7,7 @@ whatever else shares the batch.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,8 +88,15 @@ def _validate_probe(item: Any, source: str, lines: dict, prefix: tuple) -> Probe
     if isinstance(item, dict):
         item = dict(item)
         # labels may be given as top-level keys of a probe record (e.g. "knowledge_type": "definitional")
+        # ... unless the key looks like a misspelt field ('corupted'): then it stays and is reported as unknown
         known = set(ProbeSpec.model_fields)
-        extra = {k: item.pop(k) for k in list(item) if k not in known and isinstance(item[k], (str, int, float))}
+        extra = {
+            k: item.pop(k)
+            for k in list(item)
+            if k not in known
+            and isinstance(item[k], (str, int, float))
+            and not difflib.get_close_matches(k, known, n=1, cutoff=0.8)
+        }
         if extra:
             item["labels"] = {**{k: str(v) for k, v in extra.items()}, **item.get("labels", {})}
     try:

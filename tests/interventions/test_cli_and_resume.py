@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -92,3 +93,28 @@ def test_interrupted_run_resumes_without_redoing_finished_batches(tmp_path, tiny
     assert 0 not in calls and 1 not in calls and calls[0] == 2
     fresh = Study(spec, model=tiny_gpt2).run()
     pd.testing.assert_frame_equal(resumed.reset_index(drop=True), fresh.reset_index(drop=True))
+
+
+def test_yaml_probe_file_and_memory_budget_chunking(tmp_path, tiny_gpt2):
+    import yaml
+
+    probes = tmp_path / "probes.yaml"
+    probes.write_text(yaml.safe_dump({"probes": PROBES}, sort_keys=False))
+    base = {"model": {"source": "m"}, "probes": {"file": str(probes)}, "sites": ["layers[*].resid_pre"],
+            "positions": ["each"], "metrics": ["logit_diff"]}
+    one_pass = Study(StudySpec.from_dict({**base, "execution": {"max_rows": 500, "progress": False}}), model=tiny_gpt2)
+    reference = one_pass.run(tmp_path / "one")
+    # a budget of ~2 MB allows only a few rows per pass for a 50k vocabulary: many passes, same numbers
+    budget = Study(StudySpec.from_dict({**base, "execution": {"memory_budget_mb": 2, "progress": False}}),
+                   model=tiny_gpt2)
+    chunked = budget.run(tmp_path / "budget")
+    _, sidecar = read_results(tmp_path / "budget")
+    _, single = read_results(tmp_path / "one")
+    assert single["n_batches"] == 1 and sidecar["n_batches"] > 5 and sidecar["max_rows"] < 10
+    pd.testing.assert_frame_equal(chunked.drop(columns="recovery"), reference.drop(columns="recovery"), atol=1e-5)
+    # recovery divides by clean - corrupted, which is small for random weights: compare it relatively
+    np.testing.assert_allclose(chunked.recovery, reference.recovery, rtol=1e-4, atol=1e-6)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("probes:\n  - id: a\n    clean: x y\n    corupted: x z\n    answer: ' z'\n")
+    with pytest.raises(Exception, match=rf"{bad}:4: corupted: unknown field 'corupted'; did you mean 'corrupted'"):
+        Study(StudySpec.from_dict({**base, "probes": {"file": str(bad)}}), model=tiny_gpt2).run()
