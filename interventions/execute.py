@@ -85,13 +85,33 @@ def forward_kwargs(model: Any, batch: Batch, unembed_module: str | None) -> dict
     return kwargs
 
 
+def _device_of(model: Any, remote: bool | str) -> torch.device:
+    """Where batch tensors must live: the model's device locally; CPU for NDIF (the server places them)."""
+    if remote is True:
+        return torch.device("cpu")
+    parameter = next(model._module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
 def run_batch(model: Any, batch: Batch, remote: bool | str = False, unembed_module: str | None = None) -> torch.Tensor:
     """One forward pass with every patch of the batch; returns ``[rows, len(METRICS)]`` float32 metrics."""
-    accesses = _plain_accesses(model, batch)
-    inputs = forward_kwargs(model, batch, unembed_module)
-    answer_index, answer_mask = batch.answer_index, batch.answer_mask
-    wrong_index, wrong_mask = batch.wrong_index, batch.wrong_mask
-    clean_row = batch.clean_row
+    device = _device_of(model, remote)
+    accesses = [(envoy, access, n_heads, *_moved(groups, device)) for envoy, access, n_heads, *groups
+                in _plain_accesses(model, batch)]
+    inputs = _moved(forward_kwargs(model, batch, unembed_module), device)
+    answer_index, answer_mask, wrong_index, wrong_mask, clean_row = _moved(
+        (batch.answer_index, batch.answer_mask, batch.wrong_index, batch.wrong_mask, batch.clean_row), device
+    )
     with torch.no_grad():
         with model.trace(**inputs, **trace_kwargs(remote)):
             for envoy, access, n_heads, copy, set_, add in accesses:
@@ -136,6 +156,8 @@ def capture(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, m
             remote: bool | str = False) -> list[torch.Tensor]:
     """Activations at (module, access) pairs, in the given (execution) order, for statistics such as means."""
     envoys = [(model.get(module), access) for module, access in modules]
+    device = _device_of(model, remote)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     saved = []
     with torch.no_grad():
         with model.trace(input_ids=input_ids, attention_mask=attention_mask, **trace_kwargs(remote)):

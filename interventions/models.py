@@ -217,6 +217,9 @@ def model_identity(hf_model: torch.nn.Module) -> dict[str, Any]:
     config = hf_model.config
     digest = hashlib.sha256()
     for name, tensor in sorted(hf_model.state_dict().items())[:8]:  # cheap, stable weight fingerprint
+        if tensor.device.type == "meta":  # a remote (NDIF) model has no local weights to fingerprint
+            digest = None
+            break
         digest.update(name.encode())
         digest.update(tensor.detach().float().flatten()[:256].cpu().numpy().tobytes())
     return {
@@ -228,7 +231,7 @@ def model_identity(hf_model: torch.nn.Module) -> dict[str, Any]:
         "vocab_size": getattr(config, "vocab_size", None),
         "n_parameters": sum(p.numel() for p in hf_model.parameters()),
         "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
-        "weights_fingerprint": digest.hexdigest()[:16],
+        "weights_fingerprint": digest.hexdigest()[:16] if digest else None,
     }
 
 
@@ -246,3 +249,20 @@ def load_model(
         source, gguf_file=gguf_file, tokenizer=tokenizer, revision=revision, dtype=dtype, device=device
     )
     return wrap(model, tok, {"source": source, "location": location, "revision": revision})
+
+
+def load_remote_model(repo_id: str, revision: str | None = None, tokenizer: str | None = None) -> LoadedModel:
+    """A model for NDIF execution: nnsight builds it on the meta device (no weights are downloaded); the
+    hosted copy runs the traces. Only its config and tokenizer are fetched."""
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    try:
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or repo_id, revision=revision))
+        nn_model = TransformersModel(repo_id, tokenizer=tok, task="text-generation", revision=revision)
+    except OSError as exc:
+        raise ModelLoadError(f"could not fetch the config/tokenizer of {repo_id!r} for remote execution: {exc}") from exc
+    hf_model = nn_model._module
+    ident = model_identity(hf_model)
+    ident.update({"source": repo_id, "location": "ndif", "revision": revision})
+    return LoadedModel(nn=nn_model, hf=hf_model, tokenizer=tok, identity=ident)

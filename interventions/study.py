@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from clap.errors import ClapError
 from interventions import execute
-from interventions.models import LoadedModel, load_model
+from interventions.models import LoadedModel, load_model, load_remote_model
 from interventions.plan import (
     Cell,
     PatchConstants,
@@ -54,6 +54,9 @@ class Study:
     def model(self) -> LoadedModel:
         if self._model is None:
             m = self.spec.model
+            if self.spec.execution.remote is True:
+                self._model = load_remote_model(m.source, revision=m.revision, tokenizer=m.tokenizer)
+                return self._model
             self._model = load_model(
                 m.source,
                 gguf_file=m.gguf_file,
@@ -93,6 +96,10 @@ class Study:
         execute.check_remote(spec.execution.remote, spec.model.source)
         plan = self.plan()
         model = self.model
+        loaded_dtype = model.identity.get("dtype")
+        if loaded_dtype and loaded_dtype != spec.execution.dtype:
+            log.warning("the model was loaded as %s; execution.dtype %s applies only when clap loads the model",
+                        loaded_dtype, spec.execution.dtype)
         constants = self._constants(plan)
         hf = model.hf
         max_len = max(max(len(p.clean_ids), len(p.corrupted_ids)) for p in plan.probes)
@@ -158,7 +165,7 @@ class Study:
         if needs_std:
             extra_keys = [(architecture_of(model.hf).embed, "output")]
         ids = torch.tensor([probe_ids])
-        acts = execute.capture(model.nn, ids, torch.ones_like(ids), keys)
+        acts = execute.capture(model.nn, ids, torch.ones_like(ids), keys, remote=self.spec.execution.remote)
         shape = {key: act.shape[-1] for key, act in zip(keys, acts)}
         for site in plan.sites:
             width = shape[site.access_key]
