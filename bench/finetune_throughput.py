@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-epoch", nargs="*", default=["tiny"], metavar="MODEL",
                         help="models for which one real epoch of each preset is also run (default: tiny)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep earlier results for models not measured now (e.g. re-measure one model)")
     args = parser.parse_args(argv)
     if not (SHARED / "pubmed" / FILES[0]).is_file():
         print(f"skipped: shared data not found under {SHARED}", file=sys.stderr)
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = {"model": name, "preset": preset, **rates, "epoch": epoch,
                        "epoch_optimizer_steps": -(-epoch["train"]["rows"] // 32),
                        "epoch_train_s": round(train_s, 1), "epoch_eval_s": round(eval_s, 1),
-                       "epoch_wall_s_extrapolated": round(train_s + eval_s, 1)}
+                       "epoch_wall_s_extrapolated": round(train_s + eval_s, 1),
+                       "load_average_1m_after": round(os.getloadavg()[0], 2)}
                 if name in args.full_epoch:
                     print(f"[bench] {name} {preset}: one full epoch ...", file=sys.stderr, flush=True)
                     run["epoch_measured"] = full_epoch(work / "corpus", model, preset, work)
@@ -174,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(run), file=sys.stderr, flush=True)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "finetune_throughput.json"
+    if args.merge and previous.is_file():
+        kept = [r for r in json.loads(previous.read_text())["runs"] if r["model"] not in args.models]
+        results["runs"] = kept + results["runs"]
     (args.out / "finetune_throughput.json").write_text(json.dumps(results, indent=2))
     (args.out / "finetune_throughput.md").write_text(markdown(results))
     print(markdown(results))
@@ -191,9 +198,12 @@ def markdown(results: dict) -> str:
         f"load average at start {', '.join(f'{x:.1f}' for x in results['machine']['load_average_at_start'])}.",
         f"Method: {results['method']}.",
         "",
+        "The machine is shared: the 1-minute load average after each measurement is given (this benchmark alone "
+        "accounts for about 2 on 2 cores; more means other work competed for the cores and steps ran slower).",
+        "",
         "| model | preset | micro-batch | s/step | train tokens/s (real) | positions/s | train rows (epoch) "
-        "| optimiser steps (epoch, batch 8 x accum 4) | one epoch (extrapolated) | one epoch (measured) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| optimiser steps (epoch, batch 8 x accum 4) | one epoch (extrapolated) | one epoch (measured) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         lines.append(
@@ -201,7 +211,8 @@ def markdown(results: dict) -> str:
             f"{r['train_tokens_per_s']:.0f} | {r['train_positions_per_s']:.0f} | {r['epoch']['train']['rows']} | "
             f"{r['epoch_optimizer_steps']} | {r['epoch_wall_s_extrapolated'] / 60:.1f} min "
             f"({r['epoch_train_s']:.0f} s train + {r['epoch_eval_s']:.0f} s validation) | "
-            + (f"{r['epoch_measured']['wall_s'] / 60:.1f} min |" if "epoch_measured" in r else "not run |")
+            + (f"{r['epoch_measured']['wall_s'] / 60:.1f} min | " if "epoch_measured" in r else "not run | ")
+            + f"{r.get('load_average_1m_after', 'n/a')} |"
         )
     return "\n".join(lines) + "\n"
 
