@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from clap.errors import ClapError, closest
+from clap.yamlio import SourceError, load_yaml
 
 
 class FinetuneConfigError(ClapError):
@@ -195,22 +196,15 @@ def from_preset(name: str = "config-i", **overrides: Any) -> FinetuneConfig:
 
 def read_yaml_overrides(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """A YAML mapping of settings and the line of each key (for error messages)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FinetuneConfigError(f"{path}: fine-tuning config file not found")
-    text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise FinetuneConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+        data, lines = load_yaml(Path(path))
+    except SourceError as exc:
+        raise FinetuneConfigError(str(exc).replace("file not found", "fine-tuning config file not found")) from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise FinetuneConfigError(f"{path}: expected a mapping of fine-tuning settings, got {type(data).__name__}")
-    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
-    return data, lines
+    return data, {key[0]: line for key, line in lines.items() if len(key) == 1}
 
 
 def load_config(preset: str | None = None, yaml_path: str | Path | None = None,

@@ -21,7 +21,7 @@ from interventions.spec import (
     ProbeSpec,
     format_validation_error,
 )
-from interventions.yamlio import SourceError, load_jsonl, load_yaml
+from clap.yamlio import SourceError, load_jsonl, load_yaml
 
 from pydantic import ValidationError
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clap.errors import ClapError, closest
-from interventions.yamlio import line_of, load_yaml
+from clap.yamlio import line_of, load_yaml
 
 
 class SpecError(ClapError):
