@@ -206,11 +206,19 @@ def _md_inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+def study_title(meta: dict) -> str:
+    """"<study name> on <model source>" from the run sidecar (either part may be missing)."""
+    name = (meta.get("spec") or {}).get("name")
+    model = meta.get("model") or {}
+    source = model.get("name") or model.get("source") or model.get("architecture")
+    return " on ".join(str(part) for part in (name, source) if part) or "results"
+
+
 def render_html(result: Analysis) -> str:
     """The report as one HTML string with everything embedded."""
     meta, tables, o = result.meta, result.tables, result.options
     group, alpha = o.get("group"), o.get("alpha", 0.05)
-    model = meta.get("model", {}).get("name", "model")
+    model = study_title(meta)
     parts = [
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>clap report: {html.escape(str(model))}</title><style>{CSS}</style></head><body>",
@@ -288,7 +296,7 @@ def render_markdown(result: Analysis) -> str:
     """The report as Markdown; figures are linked relative to the report's folder."""
     meta, tables, o = result.meta, result.tables, result.options
     group = o.get("group")
-    model = meta.get("model", {}).get("name", "model")
+    model = study_title(meta)
     out = [f"# Activation-patching study: {model}", "",
            f"Results: `{result.results_dir}`. {int(meta.get('n_probes', 0))} probes; created {meta.get('created')}.", "",
            "## Caveats", ""]

@@ -193,3 +193,11 @@ def test_number_formatting_and_markdown_tables():
     assert _fmt(float("nan")) == "–" and _fmt(None) == "–" and _fmt(True) == "yes" and _fmt(1234.5) == "1234"
     table = markdown_table(pd.DataFrame({"a": ["x|y"], "p": [0.5]}))
     assert table.splitlines() == ["| a | p |", "| --- | --- |", "| x\\|y | 0.500 |"]
+
+
+def test_report_title_names_the_study_and_model():
+    from analyses.report import study_title
+
+    assert study_title({"spec": {"name": "epilepsy"}, "model": {"source": "smollm2-135m"}}) == "epilepsy on smollm2-135m"
+    assert study_title({"model": {"architecture": "GPT2LMHeadModel"}}) == "GPT2LMHeadModel"
+    assert study_title({}) == "results"
