@@ -1,0 +1,33 @@
+"""The top-level command line: every area's commands are registered; a closed pipe is not an error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from clap import __version__
+from clap.cli import build_parser, main
+
+
+def test_every_command_is_registered():
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"patch", "sites", "corpus", "finetune", "analyze", "report", "demo"} <= commands
+
+
+def test_version_and_no_command(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+    try:
+        main(["--version"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert capsys.readouterr().out.strip() == f"clap {__version__}"
+
+
+def test_closed_pipe_is_quiet():
+    reader = subprocess.Popen(
+        f"{sys.executable} -m clap --help | head -c 10", shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = reader.communicate(timeout=120)
+    assert out == b"usage: cla"
+    assert b"Traceback" not in err
