@@ -47,5 +47,5 @@ def run_demo(args: argparse.Namespace) -> int:
         code = main(step)
         if code:
             return code
-    print(f"demo finished: open {results}/report.html")
+    print(f"demo finished: open {results / 'analysis' / 'report.html'}")
     return 0
