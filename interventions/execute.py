@@ -66,9 +66,10 @@ def check_remote(remote: bool | str, model_source: str) -> None:
 
 
 def _plain_accesses(model: Any, batch: Batch) -> list[tuple]:
-    """Batch patches as tuples of (envoy, access, n_heads, copy, set, add): picklable without clap installed."""
+    """Batch patches as plain tuples ``(envoy, access, n_heads, full groups, head groups)``, each group a
+    ``(copy, set, add)`` tuple of dicts of tensors: picklable where clap is not installed (NDIF)."""
     return [
-        (model.get(p.module), p.access, p.n_heads or 0, p.copy, p.set, p.add)
+        (model.get(p.module), p.access, p.n_heads or 0, p.full.as_tuple(), p.heads.as_tuple())
         for p in batch.accesses
     ]
 
@@ -106,48 +107,51 @@ def _moved(value: Any, device: torch.device) -> Any:
 def run_batch(model: Any, batch: Batch, remote: bool | str = False, unembed_module: str | None = None) -> torch.Tensor:
     """One forward pass with every patch of the batch; returns ``[rows, len(METRICS)]`` float32 metrics."""
     device = _device_of(model, remote)
-    accesses = [(envoy, access, n_heads, *_moved(groups, device)) for envoy, access, n_heads, *groups
-                in _plain_accesses(model, batch)]
+    accesses = [(envoy, access, n_heads, _moved(full, device), _moved(heads, device))
+                for envoy, access, n_heads, full, heads in _plain_accesses(model, batch)]
     inputs = _moved(forward_kwargs(model, batch, unembed_module), device)
     answer_index, answer_mask, wrong_index, wrong_mask, clean_row = _moved(
         (batch.answer_index, batch.answer_mask, batch.wrong_index, batch.wrong_mask, batch.clean_row), device
     )
     with torch.no_grad():
         with model.trace(**inputs, **trace_kwargs(remote)):
-            for envoy, access, n_heads, copy, set_, add in accesses:
-                value = envoy.input if access == "input" else envoy.output
-                if isinstance(value, tuple):
-                    value = value[0]
+            for envoy, access, n_heads, full, heads in accesses:
+                # Patch a copy and hand it back: writing into the live tensor in place would also change every
+                # other reader of it (q/k/v projections share their input; a norm's input is the residual).
+                original = envoy.input if access == "input" else envoy.output
+                value = (original[0] if isinstance(original, tuple) else original).clone()
+                views = [(value, full)]
                 if n_heads:
-                    value = value.view(value.shape[0], value.shape[1], n_heads, -1)
-                if copy:
-                    if n_heads:
-                        value[copy["t_row"], copy["t_col"], copy["head"]] = value[
-                            copy["s_row"], copy["s_col"], copy["head"]
-                        ]
-                    else:
-                        value[copy["t_row"], copy["t_col"]] = value[copy["s_row"], copy["s_col"]]
-                if set_:
-                    fill = set_["values"].to(value.dtype)
-                    if n_heads:
-                        value[set_["t_row"], set_["t_col"], set_["head"]] = fill
-                    else:
-                        value[set_["t_row"], set_["t_col"]] = fill
-                if add:
-                    extra = add["values"].to(value.dtype)
-                    if n_heads:
-                        value[add["t_row"], add["t_col"], add["head"]] += extra
-                    else:
-                        value[add["t_row"], add["t_col"]] += extra
+                    views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
+                for view, (copy, set_, add) in views:
+                    by_head = view.dim() == 4
+                    if copy:
+                        target = (copy["t_row"], copy["t_col"]) + ((copy["head"],) if by_head else ())
+                        source = (copy["s_row"], copy["s_col"]) + ((copy["head"],) if by_head else ())
+                        view[target] = view[source]
+                    if set_:
+                        target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
+                        view[target] = set_["values"].to(view.dtype)
+                    if add:
+                        target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
+                        view[target] = view[target] + add["values"].to(view.dtype)
+                patched = (value, *original[1:]) if isinstance(original, tuple) else value
+                if access == "input":
+                    envoy.input = patched
+                else:
+                    envoy.output = patched
             logits = model.output.logits[:, -1, :].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
             wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
-            prob = (logprobs.gather(1, answer_index).exp() * answer_mask).sum(1)
+            # log P(answer set) by logsumexp over the set: exact where the probability underflows float32
+            answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
+            logprob = torch.logsumexp(answer_logprobs, dim=1)
+            prob = logprob.exp()
             clean_logprobs = logprobs[clean_row]
             kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
             metrics = torch.stack(
-                [answer_logit - wrong_logit, answer_logit, prob, torch.log(prob), kl], dim=1
+                [answer_logit - wrong_logit, answer_logit, prob, logprob, kl], dim=1
             ).save()
     return metrics.detach().cpu()
 

@@ -48,13 +48,21 @@ class Plan:
     cells: list[Cell]
     target: str  #: prompt that receives patches: "corrupted" (denoising) or "clean" (noising)
     source: str
+    model_key: str = ""  #: identifies the weights (architecture + weight fingerprint), set by the caller
+    dropped: int = 0  #: cells with no token left to patch under right alignment (not run, not reported)
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the plan for resuming: same spec, probes and sites -> same fingerprint."""
+        """Identifies the plan for resuming: same spec, probes, weights and batching -> same fingerprint.
+
+        Settings that cannot change a number (progress bars; local vs simulated-remote execution) are left out, so
+        a rerun with ``--no-progress`` still resumes."""
+        spec = self.spec.to_dict()
+        spec["execution"] = {k: v for k, v in spec["execution"].items() if k not in ("progress", "remote")}
         payload = json.dumps(
             {
-                "spec": self.spec.to_dict(),
+                "spec": spec,
+                "model": self.model_key,
                 "probes": [(p.id, p.clean_ids, p.corrupted_ids, p.answer_ids, p.wrong_ids) for p in self.probes],
                 "cells": len(self.cells),
             },
@@ -92,6 +100,7 @@ def compile_plan(
     resample = resample_sources(len(probes), spec.seed) if needs_resample else None
     cells: list[Cell] = []
     seen: set[tuple] = set()
+    dropped = 0
     for p_index, probe in enumerate(probes):
         n_target = len(probe.prompt_ids(target))
         for sites, positions, operations in groups:
@@ -103,11 +112,16 @@ def compile_plan(
                         if key in seen:
                             continue
                         seen.add(key)
-                        cells.append(_cell(len(cells), p_index, probe, probes, site, pc, op, resample, spec, target,
-                                           source, n_target))
+                        cell = _cell(len(cells), p_index, probe, probes, site, pc, op, resample, spec, target,
+                                     source, n_target)
+                        if pc.indices and not cell.positions.indices:
+                            dropped += 1  # right alignment: none of these tokens has a source counterpart
+                            continue
+                        cells.append(cell)
     all_sites = {site.name: site for sites, _, _ in groups for site in sites}
     ordered = sorted(all_sites.values(), key=site_order)
-    return Plan(spec=spec, probes=list(probes), sites=ordered, cells=cells, target=target, source=source)
+    return Plan(spec=spec, probes=list(probes), sites=ordered, cells=cells, target=target, source=source,
+                dropped=dropped)
 
 
 def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, source, n_target) -> Cell:
@@ -118,10 +132,14 @@ def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, s
             f"resample: probe {probe.id} ({n_target} tokens) would take activations from probe "
             f"{probes[src_probe].id} ({n_source} tokens); use same-length probes or `alignment: right`"
         )
-    # right alignment: target index i <-> source index i - n_target + n_source
+    # right alignment: target index i <-> source index i - n_target + n_source. Only operations that copy a source
+    # activation need a counterpart; zero/mean/noise act on every selected target token.
     pairs = [(i, i - n_target + n_source) for i in pc.indices]
-    pairs = [(i, j) for i, j in pairs if j >= 0]
-    kept = PositionCell(pc.label, pc.position, tuple(i for i, _ in pairs))
+    if op.name in ("replace", "resample"):
+        pairs = [(i, j) for i, j in pairs if j >= 0]
+    kept_indices = tuple(i for i, _ in pairs)
+    position = pc.position if pc.position in kept_indices else None
+    kept = PositionCell(pc.label, position, kept_indices)
     return Cell(
         index=index,
         probe=p_index,
@@ -129,7 +147,7 @@ def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, s
         positions=kept,
         operation=op,
         source_probe=src_probe,
-        source_indices=tuple(j for _, j in pairs),
+        source_indices=tuple(j for _, j in pairs),  # negative: no source counterpart (zero/mean/noise only)
     )
 
 
@@ -138,21 +156,38 @@ def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, s
 
 
 @dataclass
+class PatchGroups:
+    """Index tensors of the patches of one shape at one module access.
+
+    ``copy``: ``x[t_row, t_col(, head)] = x[s_row, s_col(, head)]``; ``set``: ``x[t_row, t_col(, head)] = values``;
+    ``add``: ``x[t_row, t_col(, head)] += values``. Each is empty or a dict of tensors.
+    """
+
+    copy: dict[str, torch.Tensor] = field(default_factory=dict)
+    set: dict[str, torch.Tensor] = field(default_factory=dict)
+    add: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.copy or self.set or self.add)
+
+    def as_tuple(self) -> tuple[dict, dict, dict]:
+        return (self.copy, self.set, self.add)
+
+
+@dataclass
 class AccessPatches:
     """Every patch applied at one module access (e.g. ``transformer.h.3.attn.c_proj`` input) in one batch.
 
-    Row/column tensors address the padded batch. ``head`` is -1 for whole-width patches, else the head index
-    (the access is then viewed as ``[rows, cols, n_heads, head_dim]``).
+    Row/column tensors address the padded batch. Whole-width patches and per-head patches are kept apart: per-head
+    patches address the access viewed as ``[rows, cols, n_heads, head_dim]``, so a head site and a raw-module site
+    on the same tensor can share one batch.
     """
 
     module: str
     access: str
     n_heads: int | None = None
-    # copy: x[t_row, t_col] = x[s_row, s_col]
-    copy: dict[str, torch.Tensor] = field(default_factory=dict)
-    # set: x[t_row, t_col] = values ; add: x[t_row, t_col] += values
-    set: dict[str, torch.Tensor] = field(default_factory=dict)
-    add: dict[str, torch.Tensor] = field(default_factory=dict)
+    full: PatchGroups = field(default_factory=PatchGroups)
+    heads: PatchGroups = field(default_factory=PatchGroups)
 
 
 @dataclass
@@ -178,6 +213,8 @@ def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
     """Split cells into batches of at most ``max_rows`` rows, counting the two baseline rows each probe needs."""
     if max_rows < 3:
         raise PlanError("max_rows must be at least 3 (clean, corrupted and one patched row)")
+    if max_rows < 5 and any(c.source_probe != c.probe for c in plan.cells):
+        raise PlanError("max_rows must be at least 5 for `resample` (two probes' baselines and one patched row)")
     chunks: list[list[Cell]] = []
     current: list[Cell] = []
     probes_in: set[int] = set()
@@ -253,10 +290,14 @@ def build_batch(
         if not cell.positions.indices:
             continue  # a "none" cell: the control row that patches nothing
         site = cell.site
-        entry = accesses.setdefault(
-            site.access_key,
-            {"site": site, "copy": [], "set": [], "add": []},
-        )
+        per_head = site.kind == "head"
+        access_entry = accesses.setdefault(site.access_key, {"n_heads": None, "full": None, "heads": None})
+        if per_head:
+            access_entry["n_heads"] = site.n_heads
+        shape = "heads" if per_head else "full"
+        if access_entry[shape] is None:
+            access_entry[shape] = {"copy": [], "set": [], "add": []}
+        entry = access_entry[shape]
         t_row = cell_row[cell.index]
         n_t = len(prompts[t_row])
         t_cols = [width - n_t + i for i in cell.positions.indices]
@@ -284,16 +325,10 @@ def build_batch(
         rank.setdefault(site.access_key, position)
     access_list = []
     for (module, access), entry in sorted(accesses.items(), key=lambda item: rank[item[0]]):
-        site = entry["site"]
-        patches = AccessPatches(module=module, access=access, n_heads=site.n_heads if site.kind == "head" else None)
-        if entry["copy"]:
-            t = torch.tensor([e[:5] for e in entry["copy"]], dtype=torch.long)
-            patches.copy = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4]}
-        for mode in ("set", "add"):
-            if entry[mode]:
-                t = torch.tensor([e[:3] for e in entry[mode]], dtype=torch.long)
-                values = torch.stack([e[3] for e in entry[mode]])
-                getattr(patches, mode).update({"t_row": t[:, 0], "t_col": t[:, 1], "head": t[:, 2], "values": values})
+        patches = AccessPatches(module=module, access=access, n_heads=entry["n_heads"])
+        for shape in ("full", "heads"):
+            if entry[shape] is not None:
+                setattr(patches, shape, _patch_groups(entry[shape]))
         access_list.append(patches)
 
     clean_row = torch.tensor([baseline_row[(p, "clean")] for p in row_probe], dtype=torch.long)
@@ -314,6 +349,19 @@ def build_batch(
         accesses=access_list,
         cells=[c.index for c in cells],
     )
+
+
+def _patch_groups(entry: dict[str, list]) -> PatchGroups:
+    groups = PatchGroups()
+    if entry["copy"]:
+        t = torch.tensor([e[:5] for e in entry["copy"]], dtype=torch.long)
+        groups.copy = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4]}
+    for mode in ("set", "add"):
+        if entry[mode]:
+            t = torch.tensor([e[:3] for e in entry[mode]], dtype=torch.long)
+            values = torch.stack([e[3] for e in entry[mode]])
+            getattr(groups, mode).update({"t_row": t[:, 0], "t_col": t[:, 1], "head": t[:, 2], "values": values})
+    return groups
 
 
 @dataclass

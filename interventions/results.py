@@ -23,8 +23,9 @@ clean, corrupted          the metric on the unpatched clean and corrupted runs
 patched                   the metric on the patched run
 recovery                  (patched - corrupted) / (clean - corrupted); NaN when |clean - corrupted| <= epsilon
 recovery_defined          False where the denominator was (near) zero
-trivial                   True where recovery is 1 by construction (unembedding, final norm or last-layer
-                          residual stream patched at the answer position with the source activation)
+trivial                   True where the patched value equals the source run's by construction: the source
+                          activation replaces, at the answer position, the unembedding, the final norm or the last
+                          block's output (recovery 1 when denoising, 0 when noising)
 n_patched_tokens          how many token positions the cell patched
 ========================  ===========================================================================
 """

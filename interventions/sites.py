@@ -68,6 +68,9 @@ class Site:
     layer: int | None = None
     head: int | None = None
     n_heads: int | None = None  #: for head sites: how many equal slices the module input has
+    #: the answer logits are a function of this tensor at the last position alone (unembedding, final norm,
+    #: last block's output), so replacing it there reproduces the source run exactly
+    terminal: bool = False
 
     @property
     def access_key(self) -> tuple[str, str]:
@@ -152,9 +155,18 @@ class SiteResolver:
         if address.endswith((":input", ":output")):
             address, access = address.rsplit(":", 1)
         tokens = tokenize(address)
-        if tokens[0] in TOP_LEVEL and len(tokens) == 1 and self.arch:
+        is_alias = self.arch is not None and address not in self._module_set and (
+            (tokens[0] in TOP_LEVEL and len(tokens) == 1) or tokens[0] == "layers"
+        )
+        if is_alias and access == "input":
+            raise SiteError(
+                f"{address}:input: `:input` applies to real module names (e.g. "
+                f"{self.arch.block(0)}.{self.arch.mlp}:input); an alias already names one tensor "
+                f"(the residual stream entering block i is layers[i].resid_pre)"
+            )
+        if is_alias and tokens[0] in TOP_LEVEL:
             return [self._top_level(tokens[0])]
-        if tokens[0] == "layers" and self.arch and address not in self._module_set:
+        if is_alias:
             return self._expand_alias(address, tokens)
         return self._expand_raw(address, tokens, access)
 
@@ -180,7 +192,7 @@ class SiteResolver:
     def _top_level(self, token: str) -> Site:
         arch = self.arch
         module = {"embed": arch.embed, "final_norm": arch.final_norm, "unembed": arch.unembed}[token]
-        return Site(name=token, kind=TOP_LEVEL[token], module=module, access="output")
+        return Site(name=token, kind=TOP_LEVEL[token], module=module, access="output", terminal=token != "embed")
 
     def _expand_alias(self, address: str, tokens: list[str]) -> list[Site]:
         arch = self.arch
@@ -217,6 +229,7 @@ class SiteResolver:
                 module=arch.block(layer) + (f".{getattr(arch, relative)}" if relative else ""),
                 access=access,
                 layer=layer,
+                terminal=kind in ("resid_post", "block_out") and layer == self.n_layers - 1,
             )
             for layer in layers
         ]
@@ -242,9 +255,12 @@ class SiteResolver:
 
     def _raw_site(self, module: str, access: str) -> Site:
         """A raw module; modules that *are* an alias target keep their name but get the alias's kind."""
-        kind, layer = "module", None
+        kind, layer, terminal = "module", None, False
         arch = self.arch
         if arch:
+            terminal = module in (arch.unembed, arch.final_norm) or (
+                access == "output" and module == arch.block(self.n_layers - 1)
+            )
             if access == "output" and module == arch.unembed:
                 kind = "unembed"
             elif access == "output" and module == arch.final_norm:
@@ -257,7 +273,7 @@ class SiteResolver:
                 if module == arch.block(layer):
                     kind = "resid_pre" if access == "input" else "block_out"
         name = module if access == "output" else f"{module}:input"
-        return Site(name=name, kind=kind, module=module, access=access, layer=layer)
+        return Site(name=name, kind=kind, module=module, access=access, layer=layer, terminal=terminal)
 
 
 @lru_cache(maxsize=8)

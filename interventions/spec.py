@@ -54,6 +54,13 @@ class ProbeSpec(_Strict):
             raise ValueError("must be a non-empty prompt")
         return value
 
+    @field_validator("answer", "wrong")
+    @classmethod
+    def _non_empty_set(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty token set; give a token string, a token id, or a non-empty list of them")
+        return value
+
 
 class ProbeSetSpec(_Strict):
     """Probes inline or from a JSONL/YAML file (relative paths are relative to the spec file)."""
@@ -244,18 +251,49 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
+_TYPE_TAGS = {"int", "str", "float", "bool", "list", "dict"}
+POSITION_HELP = (
+    "a position is all | each | last | none | an integer (negative = from the end) | {match: text} | "
+    "{indices: [integers]}"
+)
+
+
+def _input_at(exc: ValidationError, location: tuple) -> Any:
+    """The offending input value at ``location`` (pydantic reports it per union member; take the widest)."""
+    for error in exc.errors():
+        data_loc = tuple(p for p in error["loc"] if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p in _TYPE_TAGS))
+        if data_loc == location:
+            return error.get("input")
+    for error in exc.errors():
+        if tuple(error["loc"][: len(location)]) == location:
+            return error.get("input")
+    return None
+
+
 def format_validation_error(exc: ValidationError, source: str, lines: dict, model: type[BaseModel]) -> str:
     """One line per problem: ``file:line: field.path: what was expected`` (+ nearest names for unknown keys)."""
     messages = []
     seen = set()
     for error in exc.errors():
-        # pydantic reports union members as extra path parts (e.g. 'str', 'MatchPosition'); keep data keys only
-        location = tuple(p for p in error["loc"] if isinstance(p, int) or not p[:1].isupper() and "[" not in p)
+        # pydantic reports union members as extra path parts (e.g. 'str', 'int', 'MatchPosition'); keep data keys
+        location = tuple(
+            p for p in error["loc"]
+            if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p in _TYPE_TAGS)
+        )
         field = ".".join(str(p) for p in location) or "(top level)"
-        key = (field, error["type"])
+        index = location.index("positions") + 2 if "positions" in location else 0
+        nested_value_error = len(location) > index and error["type"] not in ("extra_forbidden", "missing")
+        in_positions = bool(index) and not nested_value_error
+        key = (location[:index], "positions") if in_positions else (field, error["type"])
         if key in seen:
             continue
         seen.add(key)
+        if in_positions:  # one message for the whole union instead of one per alternative
+            line = line_of(lines, location[:index])
+            where = f"{source}:{line}" if line else source
+            messages.append(f"{where}: {'.'.join(str(p) for p in location[:index])}: {POSITION_HELP}, got "
+                            f"{_input_at(exc, location[:index])!r}")
+            continue
         line = line_of(lines, location)
         where = f"{source}:{line}" if line else source
         if error["type"] == "extra_forbidden":

@@ -87,7 +87,13 @@ class Study:
     def plan(self) -> Plan:
         resolver = SiteResolver(self.model.hf)
         groups = [(resolver.resolve(addresses), positions, ops) for addresses, positions, ops in self.spec.groups()]
-        return compile_plan(self.spec, self.probes(), groups, self.model.tokenizer, resolver.order_key)
+        plan = compile_plan(self.spec, self.probes(), groups, self.model.tokenizer, resolver.order_key)
+        identity = self.model.identity
+        plan.model_key = f"{identity.get('architecture')}:{identity.get('weights_fingerprint')}"
+        if plan.dropped:
+            log.warning("%d cells not run: under right alignment none of their tokens has a source counterpart",
+                        plan.dropped)
+        return plan
 
     # -- execution ------------------------------------------------------------------------------------------
     def run(self, out_dir: str | Path | None = None) -> pd.DataFrame:
@@ -220,7 +226,6 @@ class Study:
             if role in ("clean", "corrupted"):
                 baseline[(probe, role)] = metrics[row]
         row_of = {cell_index: row for row, cell_index in enumerate(batch.row_cell) if cell_index >= 0}
-        n_layers = getattr(self.model.hf.config, "num_hidden_layers", None)
         tokenizer = self.model.tokenizer
         records = []
         for cell in cells:
@@ -229,7 +234,7 @@ class Study:
             patched = metrics[row_of[cell.index]]
             token = "".join(tokenizer.decode([target_ids[i]]) for i in cell.positions.indices)
             source_ids = plan.probes[cell.source_probe].prompt_ids(plan.source)
-            source_token = "".join(tokenizer.decode([source_ids[j]]) for j in cell.source_indices)
+            source_token = "".join(tokenizer.decode([source_ids[j]]) for j in cell.source_indices if j >= 0)
             for m in wanted:
                 name = execute.METRICS[m]
                 clean = float(baseline[(cell.probe, "clean")][m])
@@ -257,7 +262,7 @@ class Study:
                         "patched": value,
                         "recovery": float(rec),
                         "recovery_defined": bool(defined),
-                        "trivial": is_trivial(cell, n_layers, len(target_ids)),
+                        "trivial": is_trivial(cell, len(target_ids)),
                         "n_patched_tokens": len(cell.positions.indices),
                     }
                 )
@@ -283,11 +288,11 @@ class Study:
         }
 
 
-def is_trivial(cell: Cell, n_layers: int | None, n_target: int) -> bool:
-    """Recovery is 1 by construction when the source activation replaces everything the answer logits read."""
-    if cell.operation.name != "replace" or (n_target - 1) not in cell.positions.indices:
-        return False
-    kind = cell.site.kind
-    if kind in ("unembed", "final_norm"):
-        return True
-    return kind in ("resid_post", "block_out") and n_layers is not None and cell.site.layer == n_layers - 1
+def is_trivial(cell: Cell, n_target: int) -> bool:
+    """The patched value equals the source run's by construction: the source activation replaces, at the answer
+    position, a tensor the answer logits depend on alone (recovery 1 when denoising, 0 when noising)."""
+    return (
+        cell.site.terminal
+        and cell.operation.name == "replace"
+        and (n_target - 1) in cell.positions.indices
+    )

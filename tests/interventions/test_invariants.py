@@ -15,7 +15,7 @@ def run(model, sites, positions, operations=("replace",), metrics=("logit_diff",
     spec = StudySpec.from_dict({
         "model": {"source": "in-memory"}, "probes": {"inline": PROBES}, "sites": sites,
         "positions": positions, "operations": list(operations), "metrics": list(metrics),
-        "execution": {"progress": False},
+        "execution": {"progress": False, "remote": "local"},  # every plan must survive NDIF serialisation
     })
     return Study(spec, model=model).run()
 

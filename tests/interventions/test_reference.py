@@ -97,7 +97,7 @@ def mean_tables(hf, probes, path, access, source):
     }
 
 
-def run_study(model, sites, positions, operations, direction="denoising", max_rows=200, remote=False):
+def run_study(model, sites, positions, operations, direction="denoising", max_rows=200, remote="local"):
     spec = StudySpec.from_dict(
         {
             "model": {"source": "in-memory"},
@@ -200,7 +200,7 @@ def test_noising_direction_matches_hooks(tiny_gpt2):
 
 def test_remote_local_simulation_gives_identical_numbers(tiny_model):
     sites = ["layers[*].resid_pre", "layers[1].heads[0:4]", "layers[2].mlp_out"]
-    local = run_study(tiny_model, sites, ["last", "all"], ["replace", "zero"])
+    local = run_study(tiny_model, sites, ["last", "all"], ["replace", "zero"], remote=False)
     simulated = run_study(tiny_model, sites, ["last", "all"], ["replace", "zero"], remote="local", max_rows=20)
     key = ["probe_id", "site", "positions", "operation", "metric"]
     merged = local.merge(simulated, on=key, suffixes=("", "_remote"))
