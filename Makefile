@@ -32,8 +32,11 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/clap demo -o demo-output
 
+# Benchmarks, not tests: they take minutes (fine-tuning most) and write bench/results/.
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/patching_throughput.py
+	$(PY) bench/corpus_build.py --json bench/results/corpus_build.json
+	$(PY) bench/finetune_throughput.py
 
 clean:
 	rm -rf demo-output .pytest_cache build *.egg-info

@@ -35,7 +35,7 @@ PROBES = [
 def timed(model, max_rows: int, remote, repeats: int) -> tuple[float, int]:
     spec = StudySpec.from_dict({
         "model": {"source": "bench"}, "probes": {"inline": PROBES},
-        "sites": ["layers[*].resid_pre", "layers[*].attn_out", "layers[*].mlp_out"], "positions": ["last"],
+        "sites": ["layers[*].resid_pre", "layers[*].mlp_out"], "positions": ["last"],
         "metrics": ["logit_diff"], "execution": {"max_rows": max_rows, "remote": remote, "progress": False},
     })
     best = float("inf")

@@ -98,7 +98,9 @@ class OperationSpec(_Strict):
     """What a patched activation becomes.
 
     * ``replace``: the source run's activation (clean for denoising, corrupted for noising);
-    * ``zero``; ``mean``: the mean source activation over the probe set at that (right-aligned) position;
+    * ``zero``; ``mean``: the mean source activation over the probe set at that position counted from the end
+      (prompts are right-aligned, so with probes of different lengths the earliest positions of the longest
+      prompts average fewer probes; with a single probe of that length ``mean`` equals ``replace`` there);
     * ``noise``: the target activation plus Gaussian noise with std ``scale`` (``relative_to: embedding_std``
       makes it ``scale`` x the std of the token embeddings over the probe set, e.g. ROME's 3 sigma);
     * ``resample``: the source activation of another probe (a seeded derangement of the probe set).
