@@ -160,6 +160,57 @@ def heatmap_layer_position(
     return fig
 
 
+def heatmap_layer_head(
+    data: pd.DataFrame,
+    dv: str = "recovery",
+    group: str | None = None,
+    subject: str = "probe_id",
+    *,
+    annotate: bool | None = None,
+    title: str | None = None,
+    **select: Any,
+) -> Figure:
+    """Mean ``dv`` per layer (x) and attention head (y), one panel per ``group`` value.
+
+    The per-head follow-up of a layer sweep: which individual heads carry the recovered share (the seed study's
+    proposed next check). Each probe's rows in a (layer, head) cell (e.g. several positions) are averaged first.
+    Raises :class:`~clap.errors.ClapError` when the selection holds no head sites.
+    """
+    from clap.errors import ClapError
+    import seaborn as sns
+
+    sel = select_rows(data, dv, **{**select, "site_kind": select.get("site_kind") or "head"})
+    rows = sel.rows[sel.rows["head"].notna()] if "head" in sel.rows.columns else sel.rows.iloc[0:0]
+    if rows.empty:
+        raise ClapError(f"no per-head rows for {dv}{_where(sel.selection)}: patch sites such as layers[*].heads[*]")
+    rows = rows.assign(head=rows["head"].astype(int), layer=rows["layer"].astype(int))
+    groups = _groups(rows, group)
+    tables = {}
+    for g in groups:
+        part = rows if g is None else rows[rows[group] == g]
+        tables[g] = _per_probe(part, ["head", "layer"], dv, subject).pivot(index="head", columns="layer", values="mean")
+    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in tables.values()]))
+    n_heads = max(len(t.index) for t in tables.values())
+    n_layers = max(len(t.columns) for t in tables.values())
+    if annotate is None:
+        annotate = n_heads * n_layers <= 160
+    width = min(3.0 + 0.45 * n_layers * len(groups) + (0.8 if annotate else 0), 24)
+    fig, axes = _new_figure(width, 1.6 + 0.38 * n_heads, ncols=len(groups))
+    with _style():
+        for i, (g, ax) in enumerate(zip(groups, axes)):
+            sns.heatmap(
+                tables[g].sort_index(), ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax, annot=annotate,
+                fmt=".2f", annot_kws={"fontsize": 8}, linewidths=0.3, linecolor="white",
+                cbar=i == len(groups) - 1, cbar_kws={"label": f"mean {dv}"},
+            )
+            ax.set_xlabel("layer")
+            ax.set_ylabel("head" if i == 0 else "")
+            ax.tick_params(axis="y", rotation=0)
+            ax.set_title(f"{group} = {g}" if g is not None else "all probes")
+        fig.suptitle(title or f"Mean {dv} by layer and head{_where(sel.selection, ('metric',))}")
+    return fig
+
+
 def heatmap_layer_site_kind(
     data: pd.DataFrame,
     dv: str = "recovery",

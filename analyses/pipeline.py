@@ -315,6 +315,11 @@ def make_figures(
                          f"Mean over probes with {int(ci['ci'].iloc[0] * 100)} % percentile-bootstrap bands "
                          f"({int(ci['n_boot'].iloc[0])} resamples of probes); one line per {group or 'study'}.", sel)
                 rows = data[_match(data, sel)]
+                if kind == "head" and "head" in rows.columns and rows["head"].nunique() >= 2:
+                    fig = _figures.heatmap_layer_head(data, dv, group, **sel)
+                    save(fig, f"layer_head_{ktag}", f"Mean {dv} by layer and head ({_label(sel)})",
+                         "Mean over probes of each probe's mean over positions, per attention head "
+                         "(the head's output before the output projection).", sel)
                 if rows["position"].notna().any() and rows["position"].nunique() >= 2:
                     fig = _figures.heatmap_layer_position(data, dv, group, **sel)
                     save(fig, f"layer_position_{ktag}", f"Mean {dv} by layer and position ({_label(sel)})",
