@@ -320,7 +320,9 @@ def make_figures(
                     save(fig, f"layer_head_{ktag}", f"Mean {dv} by layer and head ({_label(sel)})",
                          "Mean over probes of each probe's mean over positions, per attention head "
                          "(the head's output before the output projection).", sel)
-                if rows["position"].notna().any() and rows["position"].nunique() >= 2:
+                # a position axis needs several positions within a probe ("last" differs between probes only)
+                per_probe_positions = rows.groupby("probe_id")["position"].nunique() if len(rows) else None
+                if per_probe_positions is not None and per_probe_positions.max() >= 2:
                     fig = _figures.heatmap_layer_position(data, dv, group, **sel)
                     save(fig, f"layer_position_{ktag}", f"Mean {dv} by layer and position ({_label(sel)})",
                          "Mean over probes at each token position (label: most common token, * where probes differ; "
