@@ -118,3 +118,17 @@ def test_yaml_probe_file_and_memory_budget_chunking(tmp_path, tiny_gpt2):
     bad.write_text("probes:\n  - id: a\n    clean: x y\n    corupted: x z\n    answer: ' z'\n")
     with pytest.raises(Exception, match=rf"{bad}:4: corupted: unknown field 'corupted'; did you mean 'corrupted'"):
         Study(StudySpec.from_dict({**base, "probes": {"file": str(bad)}}), model=tiny_gpt2).run()
+
+
+def test_remote_model_is_built_on_meta_without_weights_and_resolves_sites(model_dir):
+    """remote: true never loads weights locally; the site machinery still works on the meta device."""
+    from interventions.models import load_remote_model
+    from interventions.sites import SiteResolver
+
+    model = load_remote_model(str(model_dir))
+    assert {p.device.type for p in model.hf.parameters()} == {"meta"}
+    assert model.identity["weights_fingerprint"] is None and model.identity["architecture"] == "GPT2LMHeadModel"
+    sites = SiteResolver(model.hf).resolve(["unembed", "layers[*].heads[0]", "layers[0].resid_pre"])
+    assert [s.name for s in sites] == ["layers.0.resid_pre", "layers.0.heads.0", "layers.1.heads.0",
+                                       "layers.2.heads.0", "unembed"]
+    assert model.tokenizer.padding_side == "left"
