@@ -43,7 +43,8 @@ def run_demo(args: argparse.Namespace) -> int:
     patch_args = ["patch", str(spec), "-o", str(results)]
     if args.max_rows:
         patch_args += ["--max-rows", str(args.max_rows)]
-    for step in (patch_args, ["analyze", str(results)], ["report", str(results)]):
+    # `clap report` runs the whole analysis (tables, figures) and then writes the report: one step, not two
+    for step in (patch_args, ["report", str(results)]):
         code = main(step)
         if code:
             return code
