@@ -27,7 +27,8 @@ def trivial_caveat(data: pd.DataFrame) -> str | None:
     sites = triv.groupby(["site", "site_kind"], observed=True)["recovery"].mean().reset_index()
     listed = _names([f"{r.site} ({r.site_kind}, mean recovery {r.recovery:.2f})" for r in sites.itertuples()])
     return (
-        f"{len(sites)} site(s) recover the answer by construction, not because they store anything: {listed}. "
+        f"{len(sites)} site(s) reproduce the source run by construction (recovery 1 when denoising, 0 when "
+        f"noising), not because they store anything: {listed}. "
         "Their rows are flagged `trivial`, excluded from every test and hatched in the per-module figure; "
         "they are sanity checks of the patching, not findings."
     )

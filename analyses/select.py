@@ -204,6 +204,15 @@ def prepare(
     )
     rows = sel.rows[sel.rows[within].notna()]
     where = _describe(sel.selection)
+    if within == "layer" and "module" in rows.columns and "site_kind" in rows.columns:
+        raw = rows.loc[rows["site_kind"] == "module", "module"].dropna()
+        roles = sorted(set(raw.str.replace(r"\.\d+(?=\.|$)", ".*", n=1, regex=True)))
+        if len(roles) > 1:
+            raise ClapError(
+                f"raw module sites of different roles ({', '.join(roles[:4])}{' ...' if len(roles) > 4 else ''}) "
+                f"cannot be tested as one layer effect{where}; analyse one role at a time (e.g. restrict the data "
+                f"to rows whose module matches one of them)"
+            )
     if rows.empty:
         raise ClapError(
             f"no usable rows for {dv}{where}: {sel.n_rows_in} selected, {sel.n_outside_stack} outside the layer stack, "

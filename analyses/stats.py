@@ -36,6 +36,18 @@ import numpy as np
 import pandas as pd
 
 from analyses.select import Prepared, prepare
+from clap.errors import ClapError
+
+
+def _require_statistic(table: pd.DataFrame, column: str, test: str, prep: Prepared) -> None:
+    """pingouin drops the statistic (or returns NaN) when the data have no variance, e.g. patching a token the two
+    prompts share gives exactly 0 for every probe: say so instead of failing on a missing column."""
+    values = pd.to_numeric(table[column], errors="coerce") if column in table else pd.Series([np.nan])
+    if values.isna().all():
+        raise ClapError(
+            f"the {test} is undefined for {prep.dv}: the values do not vary (e.g. every probe recovers exactly the "
+            f"same at every level), so there is no error variance to test against"
+        )
 
 
 @contextlib.contextmanager
@@ -92,6 +104,7 @@ def rm_anova(
     prep = prepare(data, dv, within, subject, **select)
     with _quiet_pingouin() as pg:
         detailed = pg.rm_anova(prep.data, dv=dv, within=within, subject=subject, detailed=True, correction=True, effsize="np2")
+    _require_statistic(detailed, "F", "repeated-measures ANOVA", prep)
     effect, error = detailed.iloc[0], detailed.iloc[1]
     k, n = len(prep.levels), prep.n_subjects
     eps = float(effect["eps"]) if "eps" in detailed and pd.notna(effect.get("eps")) else 1.0
@@ -145,6 +158,7 @@ def friedman(
     prep = prepare(data, dv, within, subject, **select)
     with _quiet_pingouin() as pg:
         res = pg.friedman(prep.data, dv=dv, within=within, subject=subject, method="chisq")
+    _require_statistic(res, "Q", "Friedman test", prep)
     r = res.iloc[0]
     row = {"Source": within, "Q": float(r["Q"]), "ddof1": int(r["ddof1"]), "p_unc": float(r["p_unc"]), "W": float(r["W"])}
     return _annotate(pd.DataFrame([row], columns=FRIEDMAN_COLUMNS), prep)
@@ -176,6 +190,7 @@ def mixed_anova(
     prep = prepare(data, dv, within, subject, between=between, **select)
     with _quiet_pingouin() as pg:
         res = pg.mixed_anova(prep.data, dv=dv, within=within, between=between, subject=subject, correction=True, effsize="np2")
+    _require_statistic(res, "F", "mixed ANOVA", prep)
     k = len(prep.levels)
     # Mauchly's test uses the pooled within-group covariance, of rank n - g: undefined below k - 1.
     n_eff = prep.n_subjects - prep.data[between].nunique() + 1
@@ -229,6 +244,7 @@ def pairwise_within(
     prep = prepare(data, dv, within, subject, **select)
     with _quiet_pingouin() as pg:
         res = pg.pairwise_tests(prep.data, dv=dv, within=within, subject=subject, padjust=padjust, effsize="hedges")
+    _require_statistic(res, "T", "pairwise tests", prep)
     means = prep.data.groupby(within)[dv].mean()
     out = pd.DataFrame(
         {

@@ -158,7 +158,9 @@ def _declare_causal_lm_loss(model: Any) -> None:
     Why: transformers derives ``loss_type`` from the class name; for ``None`` the model still uses the causal-LM
     loss, but the Trainer then counts every label, not the shifted ones, when it normalises a batch's summed loss
     (``num_items_in_batch``). Losses and gradients come out scaled by (L-1)/L: a 64-token row reports 63/64 of its
-    real mean token NLL. With ``ForCausalLM`` named, training and validation losses are exact mean token NLLs.
+    real mean token NLL. With ``ForCausalLM`` named, the training loss is the exact mean token NLL. The reported
+    validation loss is the Trainer's mean of per-batch token means: exact for equal-length rows (config II chunks),
+    approximate when rows differ in length (config I abstracts shorter than ``max_length``).
     """
     from transformers.loss.loss_utils import LOSS_MAPPING
 

@@ -64,10 +64,14 @@ class RecordStore:
         self.path = self.directory / RECORDS
         self.versions: dict[str, int] = {}
         self._lock: IO[str] | None = None
-        self._recover()
+        self._recover(repair=False)
 
-    def _recover(self) -> None:
-        """Load the PMIDs on disk; cut a torn final line left by a crash mid-write."""
+    def _recover(self, repair: bool = True) -> None:
+        """Load the PMIDs on disk; cut a torn final line left by a crash mid-write.
+
+        Only a writer holding the lock repairs (``repair=True``): a torn tail may be another fetch's line in
+        flight, which a reader must leave alone."""
+        self.versions = {}
         if not self.path.exists():
             return
         good_end = 0
@@ -86,7 +90,7 @@ class RecordStore:
                     break
                 self.versions[pmid] = max(self.versions.get(pmid, 0), int(data.get("version") or 1))
                 good_end = fh.tell()
-        if good_end < self.path.stat().st_size:
+        if repair and good_end < self.path.stat().st_size:
             log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
                         self.path, self.path.stat().st_size - good_end)
             with open(self.path, "r+b") as fh:
@@ -155,6 +159,7 @@ class RecordStore:
             self._lock.close()
             self._lock = None
             raise CorpusError(f"{self.directory}: another fetch is writing to this store") from exc
+        self._recover(repair=True)  # now that no one else writes, a torn tail is a crash's leftover
         return self
 
     def __exit__(self, *exc: object) -> None:

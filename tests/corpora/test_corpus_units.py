@@ -89,3 +89,19 @@ def test_record_dict_round_trip():
                           keywords=["k"], source_file="f.xml", version=2)
     assert PubmedRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
     assert record.to_row(["epilepsy"])["text"] == "T\n\nA"
+
+
+def test_store_repairs_a_torn_tail_only_under_the_writer_lock(tmp_path):
+    """A torn last line may be another fetch's line in flight: opening the store must not cut it; the writer does."""
+    import json
+
+    from corpora.store import RECORDS, RecordStore
+
+    path = tmp_path / RECORDS
+    whole = json.dumps({"pmid": "1", "version": 1}) + "\n"
+    path.write_text(whole + '{"pmid": "2", "vers')
+    reader = RecordStore(tmp_path)
+    assert len(reader) == 1 and path.read_text().endswith('"vers')
+    with RecordStore(tmp_path) as writer:
+        assert len(writer) == 1
+        assert path.read_text() == whole
