@@ -100,6 +100,53 @@ def position_labels(rows: pd.DataFrame, align: str = "start", subject: str = "pr
     return pos, labels
 
 
+def _layer_heatmaps(
+    rows: pd.DataFrame,
+    index: str,
+    groups: list[Any],
+    group: str | None,
+    dv: str,
+    subject: str,
+    *,
+    ylabel: str,
+    annotate: bool | None,
+    ytick_label: Any = None,
+    title: str,
+) -> Figure:
+    """One heatmap panel per group: mean over probes (each probe's mean first) of ``dv`` per ``index`` (rows) and
+    layer (columns), on one symmetric colour scale centred on 0 shared by all panels."""
+    import seaborn as sns
+
+    tables = {}
+    for g in groups:
+        part = rows if g is None else rows[rows[group] == g]
+        tables[g] = _per_probe(part, [index, "layer"], dv, subject).pivot(index=index, columns="layer", values="mean").sort_index()
+    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in tables.values()]))
+    n_rows = max(len(t.index) for t in tables.values())
+    n_layers = max(len(t.columns) for t in tables.values())
+    if annotate is None:
+        annotate = n_rows * n_layers <= 160
+    width = min(3.0 + 0.45 * n_layers * len(groups) + (0.8 if annotate else 0), 24)
+    fig, axes = _new_figure(width, 1.6 + 0.38 * n_rows, ncols=len(groups))
+    with _style():
+        for i, (g, ax) in enumerate(zip(groups, axes)):
+            t = tables[g]
+            sns.heatmap(
+                t, ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax, annot=annotate, fmt=".2f",
+                annot_kws={"fontsize": 8}, linewidths=0.3, linecolor="white",
+                cbar=i == len(groups) - 1, cbar_kws={"label": f"mean {dv}"},
+                yticklabels=[ytick_label(v) for v in t.index] if ytick_label else "auto",
+            )
+            ax.set_xlabel("layer")
+            ax.set_ylabel(ylabel if i == 0 else "")
+            if i and ytick_label:
+                ax.set_yticklabels([])
+            ax.tick_params(axis="y", rotation=0)
+            ax.set_title(f"{group} = {g}" if g is not None else "all probes")
+        fig.suptitle(title)
+    return fig
+
+
 def heatmap_layer_position(
     data: pd.DataFrame,
     dv: str = "recovery",
@@ -119,7 +166,6 @@ def heatmap_layer_position(
     grid is small (``annotate=None``) or on request.
     """
     from clap.errors import ClapError
-    import seaborn as sns
 
     sel = select_rows(data, dv, **select)
     rows = sel.rows[sel.rows["position"].notna()]
@@ -127,37 +173,11 @@ def heatmap_layer_position(
         raise ClapError(f"no per-position rows for {dv}{_where(sel.selection)}: a layer x position heatmap needs single-position patches")
     pos, labels = position_labels(rows, align, subject)
     rows = rows.assign(_pos=pos.to_numpy())
-    groups = _groups(rows, group)
-    tables = {}
-    for g in groups:
-        part = rows if g is None else rows[rows[group] == g]
-        cells = _per_probe(part, ["_pos", "layer"], dv, subject)
-        tables[g] = cells.pivot(index="_pos", columns="layer", values="mean").sort_index()
-    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in tables.values()]))
-    n_pos = max(len(t.index) for t in tables.values())
-    n_layers = max(len(t.columns) for t in tables.values())
-    if annotate is None:
-        annotate = n_pos * n_layers <= 160
-    width = min(3.0 + 0.45 * n_layers * len(groups) + (0.8 if annotate else 0), 24)
-    fig, axes = _new_figure(width, 1.6 + 0.38 * n_pos, ncols=len(groups))
-
-    with _style():
-        for i, (g, ax) in enumerate(zip(groups, axes)):
-            t = tables[g]
-            sns.heatmap(
-                t, ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax, annot=annotate, fmt=".2f",
-                annot_kws={"fontsize": 8}, linewidths=0.3, linecolor="white",
-                cbar=i == len(groups) - 1, cbar_kws={"label": f"mean {dv}"},
-                yticklabels=[labels[int(p)] for p in t.index],
-            )
-            ax.set_xlabel("layer")
-            ax.set_ylabel("token [position]" if i == 0 else "")
-            if i:
-                ax.set_yticklabels([])
-            ax.tick_params(axis="y", rotation=0)
-            ax.set_title(f"{group} = {g}" if g is not None else "all probes")
-        fig.suptitle(title or f"Mean {dv} by layer and position{_where(sel.selection, ('site_kind', 'metric'))}")
-    return fig
+    return _layer_heatmaps(
+        rows, "_pos", _groups(rows, group), group, dv, subject, ylabel="token [position]", annotate=annotate,
+        ytick_label=lambda p: labels[int(p)],
+        title=title or f"Mean {dv} by layer and position{_where(sel.selection, ('site_kind', 'metric'))}",
+    )
 
 
 def heatmap_layer_head(
@@ -177,38 +197,16 @@ def heatmap_layer_head(
     Raises :class:`~clap.errors.ClapError` when the selection holds no head sites.
     """
     from clap.errors import ClapError
-    import seaborn as sns
 
     sel = select_rows(data, dv, **{**select, "site_kind": select.get("site_kind") or "head"})
     rows = sel.rows[sel.rows["head"].notna()] if "head" in sel.rows.columns else sel.rows.iloc[0:0]
     if rows.empty:
         raise ClapError(f"no per-head rows for {dv}{_where(sel.selection)}: patch sites such as layers[*].heads[*]")
     rows = rows.assign(head=rows["head"].astype(int), layer=rows["layer"].astype(int))
-    groups = _groups(rows, group)
-    tables = {}
-    for g in groups:
-        part = rows if g is None else rows[rows[group] == g]
-        tables[g] = _per_probe(part, ["head", "layer"], dv, subject).pivot(index="head", columns="layer", values="mean")
-    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in tables.values()]))
-    n_heads = max(len(t.index) for t in tables.values())
-    n_layers = max(len(t.columns) for t in tables.values())
-    if annotate is None:
-        annotate = n_heads * n_layers <= 160
-    width = min(3.0 + 0.45 * n_layers * len(groups) + (0.8 if annotate else 0), 24)
-    fig, axes = _new_figure(width, 1.6 + 0.38 * n_heads, ncols=len(groups))
-    with _style():
-        for i, (g, ax) in enumerate(zip(groups, axes)):
-            sns.heatmap(
-                tables[g].sort_index(), ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax, annot=annotate,
-                fmt=".2f", annot_kws={"fontsize": 8}, linewidths=0.3, linecolor="white",
-                cbar=i == len(groups) - 1, cbar_kws={"label": f"mean {dv}"},
-            )
-            ax.set_xlabel("layer")
-            ax.set_ylabel("head" if i == 0 else "")
-            ax.tick_params(axis="y", rotation=0)
-            ax.set_title(f"{group} = {g}" if g is not None else "all probes")
-        fig.suptitle(title or f"Mean {dv} by layer and head{_where(sel.selection, ('metric',))}")
-    return fig
+    return _layer_heatmaps(
+        rows, "head", _groups(rows, group), group, dv, subject, ylabel="head", annotate=annotate,
+        title=title or f"Mean {dv} by layer and head{_where(sel.selection, ('metric',))}",
+    )
 
 
 def heatmap_layer_site_kind(

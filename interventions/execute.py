@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from clap.errors import ClapError
-from interventions.plan import Batch, Plan
+from interventions.plan import Batch
 
 log = logging.getLogger(__name__)
 
