@@ -74,9 +74,13 @@ def _cell(value: Any) -> str:
 
 
 def _pmid(value: Any) -> str:
+    """PMIDs arrive as ints, floats (Excel) or text; spreadsheet exports also write integral floats as text."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return _cell(value)
+    text = _cell(value)
+    if re.fullmatch(r"\d+\.0+", text):
+        return text.split(".")[0]
+    return text
 
 
 def _terms(value: Any) -> list[str]:

@@ -105,3 +105,10 @@ def test_store_repairs_a_torn_tail_only_under_the_writer_lock(tmp_path):
     with RecordStore(tmp_path) as writer:
         assert len(writer) == 1
         assert path.read_text() == whole
+
+
+def test_table_pmids_written_as_float_text_are_accepted():
+    from corpora.parse_table import _pmid
+
+    assert [_pmid(v) for v in ("600.0", 600.0, "12345", " 77 ")] == ["600", "600", "12345", "77"]
+    assert _pmid("600.5") == "600.5"  # not integral: left for the record validation to refuse
