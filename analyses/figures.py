@@ -111,16 +111,20 @@ def _layer_heatmaps(
     ylabel: str,
     annotate: bool | None,
     ytick_label: Any = None,
+    row_order: Any = sorted,
+    inner_yticks: bool = False,
     title: str,
 ) -> Figure:
-    """One heatmap panel per group: mean over probes (each probe's mean first) of ``dv`` per ``index`` (rows) and
-    layer (columns), on one symmetric colour scale centred on 0 shared by all panels."""
+    """One heatmap panel per group: mean over probes (each probe's mean first) of ``dv`` per ``index`` (rows, in
+    ``row_order``) and layer (columns), on one symmetric colour scale centred on 0 shared by all panels. Panels
+    after the first repeat their row labels only with ``inner_yticks``."""
     import seaborn as sns
 
     tables = {}
     for g in groups:
         part = rows if g is None else rows[rows[group] == g]
-        tables[g] = _per_probe(part, [index, "layer"], dv, subject).pivot(index=index, columns="layer", values="mean").sort_index()
+        table = _per_probe(part, [index, "layer"], dv, subject).pivot(index=index, columns="layer", values="mean")
+        tables[g] = table.loc[row_order(table.index)]
     vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in tables.values()]))
     n_rows = max(len(t.index) for t in tables.values())
     n_layers = max(len(t.columns) for t in tables.values())
@@ -139,7 +143,7 @@ def _layer_heatmaps(
             )
             ax.set_xlabel("layer")
             ax.set_ylabel(ylabel if i == 0 else "")
-            if i and ytick_label:
+            if i and not inner_yticks:
                 ax.set_yticklabels([])
             ax.tick_params(axis="y", rotation=0)
             ax.set_title(f"{group} = {g}" if g is not None else "all probes")
@@ -204,7 +208,7 @@ def heatmap_layer_head(
         raise ClapError(f"no per-head rows for {dv}{_where(sel.selection)}: patch sites such as layers[*].heads[*]")
     rows = rows.assign(head=rows["head"].astype(int), layer=rows["layer"].astype(int))
     return _layer_heatmaps(
-        rows, "head", _groups(rows, group), group, dv, subject, ylabel="head", annotate=annotate,
+        rows, "head", _groups(rows, group), group, dv, subject, ylabel="head", annotate=annotate, inner_yticks=True,
         title=title or f"Mean {dv} by layer and head{_where(sel.selection, ('metric',))}",
     )
 
@@ -224,40 +228,17 @@ def heatmap_layer_site_kind(
     Puts the components side by side: "is it the MLPs or the attention layers at layer 5 that carry the fact?".
     Positions (and heads) are averaged per probe first, by the rule of :mod:`analyses.select`.
     """
-    import seaborn as sns
-
     select.pop("site_kind", None)
     sel = select_rows(data, dv, vary=("site_kind",), **select)
     rows = sel.rows
-    groups = _groups(rows, group)
-    tables = {}
-    for g in groups:
-        part = rows if g is None else rows[rows[group] == g]
-        cells = _per_probe(part, ["site_kind", "layer"], dv, subject)
-        t = cells.pivot(index="site_kind", columns="layer", values="mean")
-        order = [k for k in SITE_KIND_ORDER if k in t.index] + sorted(k for k in t.index if k not in SITE_KIND_ORDER)
-        tables[g] = t.loc[order]
-    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in tables.values()]))
-    n_kinds = max(len(t.index) for t in tables.values())
-    n_layers = max(len(t.columns) for t in tables.values())
-    if annotate is None:
-        annotate = n_kinds * n_layers <= 160
-    fig, axes = _new_figure(min(2.8 + 0.45 * n_layers * len(groups), 24), 1.8 + 0.45 * n_kinds, ncols=len(groups))
-    with _style():
-        for i, (g, ax) in enumerate(zip(groups, axes)):
-            sns.heatmap(
-                tables[g], ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax, annot=annotate, fmt=".2f",
-                annot_kws={"fontsize": 8}, linewidths=0.3, linecolor="white",
-                cbar=i == len(groups) - 1, cbar_kws={"label": f"mean {dv}"},
-            )
-            ax.set_xlabel("layer")
-            ax.set_ylabel("site kind" if i == 0 else "")
-            if i:
-                ax.set_yticklabels([])
-            ax.tick_params(axis="y", rotation=0)
-            ax.set_title(f"{group} = {g}" if g is not None else "all probes")
-        fig.suptitle(title or f"Mean {dv} by layer and site kind{_where(sel.selection, ('metric',))}")
-    return fig
+
+    def kind_order(kinds: pd.Index) -> list[str]:
+        return [k for k in SITE_KIND_ORDER if k in kinds] + sorted(k for k in kinds if k not in SITE_KIND_ORDER)
+
+    return _layer_heatmaps(
+        rows, "site_kind", _groups(rows, group), group, dv, subject, ylabel="site kind", annotate=annotate,
+        row_order=kind_order, title=title or f"Mean {dv} by layer and site kind{_where(sel.selection, ('metric',))}",
+    )
 
 
 def line_by_layer(
