@@ -63,3 +63,33 @@ def tiny_llama(tokenizer):
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_model(request, tiny_gpt2, tiny_llama):
     return tiny_gpt2 if request.param == "gpt2" else tiny_llama
+
+
+class BatchRecorder:
+    """The index of every batch ``execute.run_batch`` runs; ``stop_after = n`` raises KeyboardInterrupt on the
+    n-th batch (counted since the last ``reset``), as Ctrl-C would."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls: list[int] = []
+        self.stop_after: int | None = None
+
+    def reset(self, stop_after: int | None = None) -> None:
+        self.calls.clear()
+        self.stop_after = stop_after
+
+    def __call__(self, model, batch, remote=False, unembed_module=None):
+        self.calls.append(batch.index)
+        if self.stop_after is not None and len(self.calls) == self.stop_after:
+            raise KeyboardInterrupt
+        return self.real(model, batch, remote, unembed_module)
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    """Record (and optionally interrupt) the batches a study runs."""
+    from interventions import execute
+
+    recorder = BatchRecorder(execute.run_batch)
+    monkeypatch.setattr(execute, "run_batch", recorder)
+    return recorder

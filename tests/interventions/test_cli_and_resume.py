@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from clap.cli import main
-from interventions import execute
 from interventions.results import read_results
 from interventions.spec import StudySpec
 from interventions.study import Study
@@ -67,30 +66,20 @@ def test_clap_patch_writes_results_and_sidecar(tmp_path, model_dir, tiny_gpt2, c
     assert (merged.knowledge_type == merged.knowledge_type_mem).all()
 
 
-def test_interrupted_run_resumes_without_redoing_finished_batches(tmp_path, tiny_gpt2, monkeypatch):
+def test_interrupted_run_resumes_without_redoing_finished_batches(tmp_path, tiny_gpt2, batches):
     spec = StudySpec.from_dict({
         "model": {"source": "m"}, "probes": {"inline": PROBES}, "sites": ["layers[*].resid_pre", "layers[*].mlp_out"],
         "positions": ["each"], "metrics": ["logit_diff"], "execution": {"max_rows": 10, "progress": False},
     })
     out = tmp_path / "out"
-    real = execute.run_batch
-    calls = []
-
-    def flaky(model, batch, remote=False, unembed_module=None):
-        calls.append(batch.index)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(model, batch, remote, unembed_module)
-
-    monkeypatch.setattr(execute, "run_batch", flaky)
+    batches.reset(stop_after=3)
     with pytest.raises(KeyboardInterrupt):
         Study(spec, model=tiny_gpt2).run(out)
     finished = sorted((out / ".partial").glob("*/batch-*.parquet"))
     assert len(finished) == 2
-    calls.clear()
-    monkeypatch.setattr(execute, "run_batch", lambda m, b, remote=False, unembed_module=None: (calls.append(b.index), real(m, b, remote, unembed_module))[1])
+    batches.reset()
     resumed = Study(spec, model=tiny_gpt2).run(out)
-    assert 0 not in calls and 1 not in calls and calls[0] == 2
+    assert 0 not in batches.calls and 1 not in batches.calls and batches.calls[0] == 2
     fresh = Study(spec, model=tiny_gpt2).run()
     pd.testing.assert_frame_equal(resumed.reset_index(drop=True), fresh.reset_index(drop=True))
 

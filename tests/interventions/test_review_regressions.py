@@ -68,25 +68,15 @@ def test_patching_a_shared_input_changes_only_that_module(tiny_llama, module):
         assert row.patched == pytest.approx(hook_logit_diff(tiny_llama, probe, patches), abs=1e-4)
 
 
-def test_resume_never_mixes_weights_and_ignores_progress_setting(tmp_path, tiny_gpt2, monkeypatch):
-    from interventions import execute
+def test_resume_never_mixes_weights_and_ignores_progress_setting(tmp_path, tiny_gpt2, batches):
     from interventions.models import wrap
 
     spec = {"sites": ["layers[*].resid_pre"], "positions": ["each"],
             "execution": {"max_rows": 10, "progress": False}}
-    real = execute.run_batch
-    calls = []
-
-    def interrupted(model, batch, remote=False, unembed_module=None):
-        calls.append(batch.index)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(model, batch, remote, unembed_module)
-
-    monkeypatch.setattr(execute, "run_batch", interrupted)
+    batches.reset(stop_after=2)
     with pytest.raises(KeyboardInterrupt):
         study(tiny_gpt2, **spec).run(tmp_path)
-    monkeypatch.setattr(execute, "run_batch", real)
+    batches.reset()
     other = copy.deepcopy(tiny_gpt2.hf)
     with torch.no_grad():
         other.lm_head.weight.mul_(2.0)  # tied to the embeddings: different weights throughout
@@ -95,14 +85,12 @@ def test_resume_never_mixes_weights_and_ignores_progress_setting(tmp_path, tiny_
     fresh = study(other_model, **spec).run()
     np.testing.assert_allclose(mixed.patched.to_numpy(), fresh.patched.to_numpy(), atol=1e-6)
     # same weights, only the progress bar switched on: the finished batch is reused
-    calls.clear()
-    monkeypatch.setattr(execute, "run_batch", interrupted)
+    batches.reset(stop_after=2)
     with pytest.raises(KeyboardInterrupt):
         study(tiny_gpt2, **spec).run(tmp_path / "again")
-    calls.clear()
-    monkeypatch.setattr(execute, "run_batch", lambda m, b, remote=False, unembed_module=None: (calls.append(b.index), real(m, b, remote, unembed_module))[1])
+    batches.reset()
     study(tiny_gpt2, **{**spec, "execution": {"max_rows": 10, "progress": True}}).run(tmp_path / "again")
-    assert 0 not in calls
+    assert 0 not in batches.calls
 
 
 def test_right_alignment_keeps_zero_ablation_on_unmatched_tokens(tiny_gpt2):
