@@ -245,6 +245,17 @@ def _pad_sets(sets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return index, mask
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask with every prompt right-aligned: the last column is each row's last token."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 def build_batch(
     plan: Plan,
     cells: Sequence[Cell],
@@ -278,12 +289,8 @@ def build_batch(
         row_role.append("patched")
         row_cell.append(cell.index)
 
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = left_pad(prompts, pad_id)
+    width = input_ids.shape[1]
 
     accesses: dict[tuple[str, str], dict[str, Any]] = {}
     for cell in cells:

@@ -66,8 +66,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def to_frame(records: Sequence[dict[str, Any]], group_columns: Sequence[str]) -> pd.DataFrame:
-    frame = pd.DataFrame.from_records(records)
+def to_frame(frame: pd.DataFrame, group_columns: Sequence[str]) -> pd.DataFrame:
+    """The tidy schema's dtypes (nullable Int64 indices, float64 values) and column order: probe id, labels, rest."""
+    frame = frame.copy()
     for column in ("layer", "head", "position"):
         frame[column] = frame[column].astype("Int64")
     for column in ("clean", "corrupted", "patched", "recovery"):

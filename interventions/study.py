@@ -28,6 +28,7 @@ from interventions.plan import (
     build_batch,
     chunk_cells,
     compile_plan,
+    left_pad,
     rows_for_budget,
 )
 from interventions.probes import Probe, check_alignment, load_probes
@@ -101,6 +102,8 @@ class Study:
         spec = self.spec
         execute.check_remote(spec.execution.remote, spec.model.source)
         plan = self.plan()
+        if not plan.cells:
+            raise ClapError(f"the study has no cells to run ({plan.dropped} dropped under right alignment)")
         model = self.model
         loaded_dtype = model.identity.get("dtype")
         if loaded_dtype and loaded_dtype != spec.execution.dtype:
@@ -143,8 +146,7 @@ class Study:
             progress.update(len(cells))
         progress.close()
         group_columns = sorted(plan.probes[0].labels)
-        result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        result = to_frame(result.to_dict("records"), group_columns)
+        result = to_frame(pd.concat(frames, ignore_index=True), group_columns)
         if out_dir:
             write_results(Path(out_dir), result, self._sidecar(plan, group_columns, len(chunks), max_rows))
             shutil.rmtree(Path(out_dir) / ".partial", ignore_errors=True)
@@ -184,18 +186,13 @@ class Study:
                 constants.means = self._means(plan, keys, prompts)
             if needs_std:
                 embed = self._gather(extra_keys, all_prompts)[0]
-                constants.embedding_std = float(torch.cat([e for e in embed]).std())
+                constants.embedding_std = float(torch.cat(embed).std())
         return constants
 
     def _gather(self, keys: list[tuple[str, str]], prompts: list[list[int]]) -> list[list[torch.Tensor]]:
         """Per key, per prompt, the unpadded [len, width] activation (one batched trace)."""
-        width = max(len(p) for p in prompts)
-        pad = self.model.tokenizer.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad(prompts, self.model.tokenizer.pad_token_id)
+        width = ids.shape[1]
         acts = execute.capture(self.model.nn, ids, mask, keys, remote=self.spec.execution.remote)
         return [[act[row, width - len(p):] for row, p in enumerate(prompts)] for act in acts]
 
