@@ -6,11 +6,16 @@ failures are normal at NCBI's scale, so every request is retried with exponentia
 ``Retry-After``), 5xx, timeouts, dropped connections and, for ``efetch``, on a body that is truncated or not the
 expected XML: a response counts only once every record in it parsed. Clock and sleep are injectable so tests run
 the real retry and rate-limit code in milliseconds.
+
+The API key is a secret that NCBI and ``requests`` both like to repeat (error bodies, exception texts quoting the
+URL): the client is the boundary where a :class:`~corpora.redaction.Redactor` built from it is applied to every
+body received, every error raised and every log record made during a request (see ``corpora.redaction``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from lxml import etree
 from corpora.errors import CorpusError, CorpusInputError, EutilsError, ProblemLog
 from corpora.parse_xml import iter_xml_bytes
 from corpora.records import PubmedRecord
+from corpora.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,9 @@ RATE_WITH_KEY = 10.0
 #: PubMed's history server serves only the first 10,000 records of a search.
 PUBMED_HISTORY_LIMIT = 10_000
 RETRY_STATUS = {429, 500, 502, 503, 504}
+#: Seconds to wait for a connection, and for the server's answer (efetch of 10,000 PMIDs can take a while).
+CONNECT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = 120.0
 TRANSIENT_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
@@ -92,7 +101,7 @@ class EutilsClient:
         max_retries: int = 6,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
-        timeout: tuple[float, float] = (10.0, 120.0),
+        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         requests_per_second: float | None = None,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -103,12 +112,13 @@ class EutilsClient:
             raise CorpusError(f"E-utilities base URL must be http(s)://host/..., got {base_url!r}")
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.api_key = api_key if api_key is not None else os.environ.get("NCBI_API_KEY") or None
+        self.redact = Redactor([self.api_key])
         self.email = email if email is not None else os.environ.get("NCBI_EMAIL") or None
         self.tool = tool
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.timeout = timeout
+        self.timeout = _check_timeout(timeout)
         self.session = session or requests.Session()
         self.sleep = sleep
         limit = RATE_WITH_KEY if self.api_key else RATE_WITHOUT_KEY
@@ -129,9 +139,15 @@ class EutilsClient:
         params.update({k: v for k, v in extra.items() if v is not None})
         return params
 
-    def _redact(self, text: str) -> str:
-        """Keep the API key out of logs and error messages (exceptions quote the request URL)."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+    def _failure(self, exc: requests.RequestException) -> str:
+        """What went wrong with one attempt, in words (a timeout says how long it waited)."""
+        connect, read = self.timeout
+        if isinstance(exc, requests.ConnectTimeout):
+            return f"could not connect within {connect:g} s ({self.redact.exception(exc)})"
+        if isinstance(exc, requests.Timeout) or "timed out" in str(exc).lower():
+            return (f"no answer within {read:g} s (read timeout; a slow server may need a longer --timeout) "
+                    f"({self.redact.exception(exc)})")
+        return self.redact.exception(exc)
 
     def _delay(self, attempt: int, retry_after: str | None = None) -> float:
         delay = min(self.max_backoff, self.backoff * (2 ** attempt))
@@ -143,7 +159,14 @@ class EutilsClient:
         return delay
 
     def _call(self, endpoint: str, params: dict[str, object], parse: Callable[[bytes], T], what: str = "") -> T:
-        """GET ``endpoint`` and ``parse`` its body, retrying transient failures; raise EutilsError when they persist."""
+        """GET ``endpoint`` and ``parse`` its body, retrying transient failures; raise EutilsError when they persist.
+
+        Everything that leaves this method (result, exception text, log records) has passed the redactor.
+        """
+        with self.redact.scope():
+            return self._attempts(endpoint, params, parse, what)
+
+    def _attempts(self, endpoint: str, params: dict[str, object], parse: Callable[[bytes], T], what: str) -> T:
         url = self.base_url + endpoint
         last = "no attempt made"
         retry_after: str | None = None
@@ -155,11 +178,13 @@ class EutilsClient:
             self.requests_sent += 1
             try:
                 response = self.session.get(url, params=self._params(params), timeout=self.timeout)
-                body = response.content  # reading the body may itself fail on a dropped connection
+                body = self.redact.redact_bytes(response.content)  # reading it may fail on a dropped connection
             except TRANSIENT_ERRORS as exc:
-                last = self._redact(f"{type(exc).__name__}: {exc}")
+                last = self._failure(exc)
                 log.info("%s attempt %d failed: %s", endpoint, attempt + 1, last)
                 continue
+            except requests.RequestException as exc:  # invalid URL, too many redirects ...: not worth a retry
+                raise EutilsError(f"{url}: {self._failure(exc)}; not retrying") from None
             if response.status_code in RETRY_STATUS:
                 retry_after = response.headers.get("Retry-After")
                 last = f"HTTP {response.status_code}"
@@ -236,6 +261,19 @@ class EutilsClient:
         params = {"id": ",".join(pmids), "retmode": "xml"}
         return self._call("efetch.fcgi", params, lambda body: _parse_efetch(body, "efetch"),
                           what=f"of {len(pmids)} PMIDs")
+
+
+def _check_timeout(timeout: float | tuple[float, float]) -> tuple[float, float]:
+    """(connect, read) seconds; a single number is the read timeout. Both must be finite and positive."""
+    pair = timeout if isinstance(timeout, tuple) else (CONNECT_TIMEOUT, timeout)
+    try:
+        connect, read = (float(t) for t in pair)
+    except (TypeError, ValueError):
+        raise CorpusError(f"timeout must be a number of seconds or a (connect, read) pair, got {timeout!r}") from None
+    for value in (connect, read):
+        if not (math.isfinite(value) and value > 0):
+            raise CorpusError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return connect, read
 
 
 def _error_text(root: etree._Element) -> str:

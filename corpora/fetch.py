@@ -90,6 +90,12 @@ def fetch(
         raise CorpusError(f"batch size must be between 1 and 10000, got {batch_size}")
     if query.limit is not None and query.limit < 0:
         raise CorpusError(f"record limit must be >= 0, got {query.limit}")
+    with client.redact.scope():
+        return _fetch(store_dir, query, client, batch_size, progress, verify)
+
+
+def _fetch(store_dir: str | Path, query: FetchQuery, client: EutilsClient, batch_size: int, progress: bool,
+           verify: bool) -> FetchReport:
     key = query.signature()
     with RecordStore(store_dir) as store:
         state = store.load_state()

@@ -8,7 +8,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, quote_plus, urlparse
 
 ARTICLE = re.compile(rb"<PubmedArticle>.*?</PubmedArticle>", re.S)
 CITATION_PMID = re.compile(rb"<MedlineCitation[^>]*>\s*<PMID[^>]*>(\d+)</PMID>")
@@ -112,8 +112,10 @@ class FakeEutils:
 
     ``faults`` maps ``(endpoint, n)`` (the n-th call to that endpoint, from 1) to an HTTP status (``"429"``,
     ``"500"``, ``"400"`` ...), ``"drop"`` (close the connection without answering), ``"stall"`` (answer after
-    0.6 s), ``"truncate"`` (a 200 whose body is cut in half but whose Content-Length matches it) or ``"short"``
-    (Content-Length of the whole body, half of it sent, then the connection closed).
+    0.6 s), ``"truncate"`` (a 200 whose body is cut in half but whose Content-Length matches it), ``"short"``
+    (Content-Length of the whole body, half of it sent, then the connection closed), ``"400key"`` (a 400 that
+    echoes the request's ``api_key`` in every spelling, in its body and a header, as NCBI does for a bad key) or
+    ``"errorkey"`` (a 200 whose ``<ERROR>`` echoes it). ``key_in_records`` echoes it inside a record's title.
     """
 
     articles: list[bytes]
@@ -122,6 +124,7 @@ class FakeEutils:
     log: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     webenvs: set[str] = field(default_factory=set)
     expire_after_efetch: int | None = None  # forget all WebEnvs after this many efetch calls
+    key_in_records: bool = False
     url: str = ""
 
     def body_esearch(self, params: dict[str, str]) -> bytes:
@@ -164,6 +167,14 @@ class FakeEutils:
         return [p["id"].split(",") for name, p in self.log if name == "efetch" and "id" in p]
 
 
+def key_echo(key: str, query: str) -> str:
+    """The API key as a careless server may repeat it: raw, form-decoded, URL-encoded every way, the raw query."""
+    spaced = key.replace("+", " ")
+    forms = [key, spaced, quote(key, safe=""), quote_plus(key), quote(spaced, safe=""), quote_plus(spaced),
+             quote(key, safe="").lower(), query]
+    return "Invalid API key: " + " | ".join(forms)
+
+
 def handler_for(fake: FakeEutils) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -186,6 +197,15 @@ def handler_for(fake: FakeEutils) -> type[BaseHTTPRequestHandler]:
             if fault == "drop":
                 self.close_connection = True
                 return
+            key = params.get("api_key", "")
+            if fault == "400key":
+                body = f"{{\"error\":\"{key_echo(key, url.query)}\"}}".encode()
+                self.send_response(400)
+                self.send_header("X-Api-Key", quote_plus(key))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             if fault is not None and fault.isdigit():
                 body = f"HTTP {fault}".encode()
                 self.send_response(int(fault))
@@ -200,6 +220,10 @@ def handler_for(fake: FakeEutils) -> type[BaseHTTPRequestHandler]:
                 fake.webenvs.clear()
                 fake.expire_after_efetch = None
             body = fake.body_esearch(params) if endpoint == "esearch" else fake.body_efetch(params)
+            if fault == "errorkey":
+                body = f"<eSearchResult><ERROR>{html.escape(key_echo(key, url.query))}</ERROR></eSearchResult>".encode()
+            if fake.key_in_records and b"</ArticleTitle>" in body:
+                body = body.replace(b"</ArticleTitle>", f" {html.escape(key_echo(key, ''))}</ArticleTitle>".encode(), 1)
             if fault == "truncate":
                 body = body[: len(body) // 2]
             self.send_response(200)
