@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch.add_argument("--max-retries", type=int, default=6, help="retries per request (default 6)")
     fetch.add_argument("--backoff", type=float, default=1.0,
                        help="first retry delay in seconds, doubled each retry (default 1)")
+    fetch.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="how long to wait for each answer before retrying (default 120)")
     fetch.add_argument("--no-progress", action="store_true", help="no progress bar")
     fetch.add_argument("--no-verify", action="store_true",
                        help="skip the final check of the store against the search's PMID list")
@@ -80,13 +82,17 @@ def _add_term_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    import math
+
     from corpora.eutils import DEFAULT_BASE_URL, EutilsClient
     from corpora.fetch import DEFAULT_QUERY, FetchQuery, fetch
 
     if args.max_retries < 0 or args.backoff < 0:
         raise CorpusError("--max-retries and --backoff must be >= 0")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise CorpusError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     client = EutilsClient(args.base_url or DEFAULT_BASE_URL, api_key=args.api_key, email=args.email,
-                          tool=args.tool, max_retries=args.max_retries, backoff=args.backoff)
+                          tool=args.tool, max_retries=args.max_retries, backoff=args.backoff, timeout=args.timeout)
     query = FetchQuery(term=args.query or DEFAULT_QUERY, mindate=args.mindate, maxdate=args.maxdate,
                        datetype=args.datetype, limit=args.limit)
     report = fetch(args.out, query, client, batch_size=args.batch_size, progress=not args.no_progress,

@@ -284,3 +284,28 @@ def test_cli_fetch_then_build(eutils_server, tmp_path, capsys):
     ds = datasets.load_from_disk(str(out / "dataset"))
     with_abstract = [a for a in eutils_server.articles[:60] if b"<AbstractText" in a]
     assert ds["train"].num_rows + ds["validation"].num_rows == len(with_abstract)
+
+
+def test_timeout_flag_is_used_and_named_in_the_error(eutils_server, tmp_path, capsys):
+    """--timeout sets the read timeout; when every attempt stalls past it, the error says how long it waited."""
+    eutils_server.faults = {("esearch", 1): "stall", ("esearch", 2): "stall"}  # each answers after 0.6 s
+    args = ["corpus", "fetch", "--base-url", eutils_server.url, "--email", "t@example.org", "--backoff", "0",
+            "--max-retries", "1", "--no-progress", "-o", str(tmp_path / "store")]
+    assert main([*args, "--timeout", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "esearch of 'epilepsy OR seizure OR EEG' failed after 2 attempts" in err
+    assert "no answer within 0.2 s (read timeout" in err and "--timeout" in err
+    assert eutils_server.calls["esearch"] == 2
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main([*args, "--timeout", bad]) == 2
+        assert "--timeout must be a positive number of seconds" in capsys.readouterr().err
+    assert eutils_server.calls["esearch"] == 2  # refused before any request
+
+
+def test_timeout_in_the_python_api():
+    assert EutilsClient(email="a@b.c").timeout == (10.0, 120.0)
+    assert EutilsClient(email="a@b.c", timeout=7.5).timeout == (10.0, 7.5)
+    assert EutilsClient(email="a@b.c", timeout=(1, 2)).timeout == (1.0, 2.0)
+    for bad in (0, -3.0, float("nan"), (1.0, 0.0), "soon"):
+        with pytest.raises(CorpusError, match="timeout must be"):
+            EutilsClient(email="a@b.c", timeout=bad)
