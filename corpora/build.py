@@ -21,17 +21,24 @@ Semantics, in stream order: a ``<DeleteCitation>`` drops the PMID from everythin
 again replaces the earlier copy unless its ``Version`` is lower ("latest wins", so update files revise the
 baseline). Only the final copy is filtered: records without an abstract and records that mention no term are
 left out.
+
+Nothing is lost to a failed build: the corpus is written into a hidden sibling folder (``.<out>.building-*``) and
+moved into place only once it is complete, so a bad input, a filter that keeps nothing or Ctrl-C leaves the previous
+corpus at ``<out>`` exactly as it was. Files in ``<out>`` that a build does not write are carried over.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from corpora.errors import CorpusError, ProblemLog
 from corpora.filtering import DEFAULT_TERMS, TermFilter
@@ -43,6 +50,8 @@ from corpora.stats import compute_stats, write_stats
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
+#: What a build writes in its output folder (a rebuild replaces exactly these; other files are kept).
+OUTPUTS = ("dataset", "stats", "train.jsonl", "validation.jsonl", "bad_records.jsonl", "manifest.json")
 
 
 @dataclass
@@ -82,16 +91,56 @@ class BuildReport:
     by_term: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / "manifest.json").is_file() and not overwrite:
-            raise CorpusError(f"{out}: folder exists and is not a built corpus; choose another --out or --overwrite")
-        for name in ("dataset", "stats"):
-            if (out / name).exists():
-                shutil.rmtree(out / name)
-        for name in ("train.jsonl", "validation.jsonl", "bad_records.jsonl", "manifest.json"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder before reading any input: a file, or a non-empty folder that is not a built corpus
+    (unless ``overwrite``). A built corpus is always rebuilt in place; that is what rerunning a build means."""
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"{out}: exists and is not a folder; choose another --out")
+    try:
+        occupied = out.is_dir() and any(out.iterdir())
+    except OSError as exc:
+        raise CorpusError(f"{out}: cannot read the output folder ({exc.strerror or exc})") from exc
+    if occupied and not (out / "manifest.json").is_file() and not overwrite:
+        raise CorpusError(f"{out}: folder exists and is not a built corpus; choose another --out or --overwrite")
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder next to ``out`` (same file system, so moving it in is a rename); removed on failure."""
+    staging = _sibling(out, "building")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise CorpusError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from exc
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished build at ``out``. The previous folder stays whole until the new one is in place, then
+    the files it held that a build does not write are moved across and the rest removed."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    previous = _sibling(out, "previous")
+    os.rename(out, previous)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(previous, out)
+        raise
+    for entry in previous.iterdir():
+        if entry.name not in OUTPUTS:
+            os.rename(entry, out / entry.name)
+    shutil.rmtree(previous)
 
 
 def collect(config: BuildConfig, problems: ProblemLog, report: BuildReport
@@ -147,13 +196,25 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def build_corpus(config: BuildConfig) -> BuildReport:
     """Run the whole build; returns its counts (also written to ``manifest.json``)."""
-    import datasets
-
     started = time.perf_counter()
     out = Path(config.out)
+    if out.is_symlink():  # replace the folder it points to, not the link
+        out = out.resolve()
     if not config.inputs and not config.hf_dataset:
         raise CorpusError("no inputs given: pass files/folders or --hf-dataset")
-    _prepare_out(out, config.overwrite)
+    _check_out(out, config.overwrite)
+    with _staging(out) as staging:
+        report = _build_into(config, staging, started)
+        _swap_in(staging, out)
+    log.info("corpus: %d records (%d train, %d validation) in %.1f s -> %s", report.kept, report.train,
+             report.validation, report.seconds, out)
+    return report
+
+
+def _build_into(config: BuildConfig, out: Path, started: float) -> BuildReport:
+    """Every output of the build, written into the (empty, staging) folder ``out``."""
+    import datasets
+
     problems = ProblemLog(skip_bad=config.skip_bad)
     report = BuildReport()
     kept = collect(config, problems, report)
@@ -208,6 +269,4 @@ def build_corpus(config: BuildConfig) -> BuildReport:
         "problems": [str(p) for p in problems.problems[:100]],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    log.info("corpus: %d records (%d train, %d validation) in %.1f s", report.kept, report.train,
-             report.validation, report.seconds)
     return report

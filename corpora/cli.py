@@ -53,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", help="parse, de-duplicate, filter and split inputs into a datasets corpus")
     build.add_argument("inputs", nargs="*", type=Path,
                        help="PubMed/MEDLINE XML(.gz), MEDLINE text, CSV/TSV/XLSX, JSONL, fetch stores, folders")
-    build.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+    build.add_argument("-o", "--out", required=True, type=Path,
+                       help="output folder; a previous corpus there is replaced only once the new build has "
+                            "succeeded (a failed build leaves it untouched)")
     build.add_argument("--hf-dataset", help="also read a Hugging Face dataset (Hub name or save_to_disk folder)")
     build.add_argument("--hf-split", help="only this split of --hf-dataset")
     _add_term_arguments(build)
@@ -63,7 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
     build.add_argument("--skip-bad", action="store_true", help="keep good records, report bad ones and go on")
     build.add_argument("--no-figure", action="store_true", help="skip the abstracts-per-year figure")
-    build.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    build.add_argument("--overwrite", action="store_true",
+                       help="also write into a non-empty folder that is not a built corpus (without it such a "
+                            "folder is refused; a built corpus is always rebuilt); files the build does not "
+                            "write are kept")
     build.set_defaults(func=_build)
 
     stats = sub.add_parser("stats", help="records and mentions per term and per year, and a figure")
