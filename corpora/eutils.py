@@ -107,7 +107,10 @@ class EutilsClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ):
-        parsed = urlparse(base_url)
+        try:
+            parsed = urlparse(base_url)
+        except ValueError as exc:
+            raise CorpusError(f"E-utilities base URL {base_url!r} is not a URL ({exc})") from None
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise CorpusError(f"E-utilities base URL must be http(s)://host/..., got {base_url!r}")
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUERY = "epilepsy OR seizure OR EEG"
 DEFAULT_BATCH = 200
+#: The date forms E-utilities accepts for mindate/maxdate.
+DATE = re.compile(r"\d{4}(/\d{1,2}(/\d{1,2})?)?")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ def fetch(
         raise CorpusError(f"batch size must be between 1 and 10000, got {batch_size}")
     if query.limit is not None and query.limit < 0:
         raise CorpusError(f"record limit must be >= 0, got {query.limit}")
+    for flag, value in (("--mindate", query.mindate), ("--maxdate", query.maxdate)):
+        if value is not None and not DATE.fullmatch(value):
+            raise CorpusError(f"{flag} {value!r} is not a date: use YYYY, YYYY/MM or YYYY/MM/DD")
     with client.redact.scope():
         return _fetch(store_dir, query, client, batch_size, progress, verify)
 

@@ -72,6 +72,8 @@ def iter_inputs(paths: Iterable[str | Path], problems: ProblemLog, hf_dataset: s
             yield from iter_file(path, problems)
         except CorpusInputError as exc:
             problems.report(exc)
+        except OSError as exc:  # unreadable (permissions, I/O error, a folder vanished while read)
+            problems.report(CorpusInputError(path, f"cannot read ({exc.strerror or exc})"))
     if hf_dataset:
         from corpora.hub import iter_hf_dataset
         yield from iter_hf_dataset(hf_dataset, split=hf_split, problems=problems)

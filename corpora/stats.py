@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pandas as pd
 
-from corpora.errors import ProblemLog
+from corpora.errors import CorpusInputError, ProblemLog
 from corpora.filtering import TermFilter
 from corpora.records import PubmedRecord, join_text
 
@@ -122,9 +122,35 @@ def write_stats(stats: CorpusStats, directory: str | Path, figure: bool = True) 
 def corpus_terms(path: str | Path) -> dict[str, str] | None:
     """The terms a built corpus was filtered with (from its ``manifest.json``), if ``path`` is one."""
     manifest = Path(path) / "manifest.json"
-    if manifest.is_file():
-        return dict(json.loads(manifest.read_text(encoding="utf-8")).get("terms") or {}) or None
-    return None
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        terms = data.get("terms") or {}
+        if not isinstance(terms, dict) or not all(isinstance(v, str) for v in terms.values()):
+            raise ValueError("'terms' is not a NAME -> REGEX mapping")
+    except (ValueError, AttributeError) as exc:  # AttributeError: the JSON is not an object
+        raise CorpusInputError(manifest, f"not a corpus manifest ({exc}); rebuild the corpus or pass --term")
+    return dict(terms) or None
+
+
+def _corpus_rows(split: Path, problems: ProblemLog) -> Iterator[Mapping[str, Any]]:
+    """The rows of one split file of a built corpus; a damaged line is reported with its number."""
+    with open(split, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict):
+                    raise ValueError("expected a JSON object")
+                year = row.get("year")
+                if year not in (None, "") and not str(year).strip().isdigit():
+                    raise ValueError(f"year {year!r} is not a number")
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                problems.report(CorpusInputError(split, f"bad corpus row ({exc})", line=lineno))
+                continue
+            yield row
 
 
 def iter_rows(path: str | Path, skip_bad: bool = False) -> Iterator[Mapping[str, Any]]:
@@ -132,11 +158,9 @@ def iter_rows(path: str | Path, skip_bad: bool = False) -> Iterator[Mapping[str,
     path = Path(path)
     splits = [path / f"{name}.jsonl" for name in ("train", "validation")]
     if (path / "manifest.json").is_file() and all(p.is_file() for p in splits):
+        problems = ProblemLog(skip_bad=skip_bad)
         for split in splits:
-            with open(split, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        yield json.loads(line)
+            yield from _corpus_rows(split, problems)
         return
     from corpora.readers import iter_inputs
 

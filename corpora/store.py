@@ -60,7 +60,12 @@ class RecordStore:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CorpusError(f"{self.directory}: exists and is not a folder; choose another store folder")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CorpusError(f"{self.directory}: cannot create the store folder ({exc.strerror or exc})") from exc
         self.path = self.directory / RECORDS
         self.versions: dict[str, int] = {}
         self._lock: IO[str] | None = None
@@ -81,14 +86,19 @@ class RecordStore:
                     break  # torn tail: the batch it belonged to was never checkpointed
                 try:
                     data = json.loads(raw)
-                    pmid = str(data["pmid"])
-                except (ValueError, KeyError, TypeError) as exc:
+                except ValueError as exc:
                     rest = fh.read()
                     if rest.strip():
                         raise CorpusInputError(self.path, f"store line is not a JSON record ({exc})",
                                                line=lineno) from exc
-                    break
-                self.versions[pmid] = max(self.versions.get(pmid, 0), int(data.get("version") or 1))
+                    break  # garbage at the very end: what a crash during an append can leave
+                try:  # well-formed JSON is never a crash's leftover: a bad field is reported, never cut off
+                    pmid = str(data["pmid"])
+                    version = int(data.get("version") or 1)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise CorpusInputError(self.path, f"store line is not a record ({type(exc).__name__}: {exc}); "
+                                           "fix or remove it", line=lineno) from exc
+                self.versions[pmid] = max(self.versions.get(pmid, 0), version)
                 good_end = fh.tell()
         if repair and good_end < self.path.stat().st_size:
             log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
@@ -137,10 +147,11 @@ class RecordStore:
             return {"searches": {}}
         try:
             state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            if not isinstance(state, dict) or not isinstance(state.setdefault("searches", {}), dict):
+                raise ValueError("expected an object with a 'searches' object")
         except ValueError as exc:
-            raise CorpusInputError(self.state_path, f"checkpoint is not valid JSON ({exc}); "
+            raise CorpusInputError(self.state_path, f"checkpoint is not valid ({exc}); "
                                    "delete it to restart the fetch (stored records are kept)") from exc
-        state.setdefault("searches", {})
         return state
 
     def save_state(self, state: dict[str, Any]) -> None:
