@@ -15,7 +15,8 @@ Modules, one job each:
 - ``parse_table``   CSV/TSV/XLSX with the seed spreadsheet's columns (PMID, Title, Abstract, Journal, Keywords, URL)
 - ``hub``           Hugging Face datasets (``nubahador/Retrieved_Data_from_PubMed`` or save_to_disk folders)
 - ``readers``       one ordered stream of records/deletions over all inputs; ``--skip-bad`` handling
-- ``eutils``        esearch/efetch client: NCBI rate limits, tool/email/api_key, retries with backoff
+- ``eutils``        esearch/efetch client: NCBI rate limits, tool/email/api_key, retries with backoff, timeout
+- ``redaction``     the API key masked in every body received, error, log record and file written
 - ``store``         append-only JSONL store keyed by PMID with an atomic checkpoint
 - ``fetch``         query -> store, batch by batch, resumable
 - ``filtering``     named, case-insensitive term regexes over title + abstract
@@ -34,6 +35,9 @@ Output of ``clap corpus build -o OUT`` (what fine-tuning reads)::
     OUT/stats/abstracts_per_year.png
     OUT/manifest.json       inputs, terms, seed, fraction, counts at each step, problems, timing
     OUT/bad_records.jsonl   only with --skip-bad when something was skipped
+
+A build is written into a hidden sibling folder and moved to OUT only once complete: a failed or interrupted
+build leaves the previous corpus as it was.
 
 Columns: ``pmid`` (str), ``title``, ``abstract``, ``journal``, ``year`` (int32 or null), ``mesh_terms`` (list of
 str), ``keywords`` (list of str), ``url``, ``source_file``, ``matched_terms`` (list of str) and ``text`` (title,

@@ -99,7 +99,7 @@ class Redactor:
                 record = previous(*args, **kwargs)
                 try:
                     message = record.getMessage()
-                except Exception:  # a malformed call: leave it to logging's own error report, but redacted
+                except (TypeError, ValueError):  # a malformed call: leave it to logging's own error report, but redacted
                     message = f"{record.msg!s} {record.args!r}"
                 record.msg, record.args = self(message), None
                 if record.exc_info:

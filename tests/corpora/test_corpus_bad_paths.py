@@ -7,8 +7,6 @@ import builtins
 import json
 from pathlib import Path
 
-import pytest
-
 import corpora.sources
 from clap.cli import main
 
@@ -21,7 +19,7 @@ def fetch_args(url: str, out: Path, *extra: str) -> list[str]:
 def error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    (line,) = [l for l in err.splitlines() if l.startswith("clap: error:")]
+    (line,) = [text for text in err.splitlines() if text.startswith("clap: error:")]
     return line
 
 

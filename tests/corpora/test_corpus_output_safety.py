@@ -66,7 +66,7 @@ def test_interrupted_rebuild_leaves_the_previous_corpus_untouched(corpus, tmp_pa
 
 
 def test_successful_rebuild_replaces_outputs_and_keeps_other_files(corpus, article_chunks, tmp_path):
-    source, out = corpus
+    _source, out = corpus
     smaller = write_xml(tmp_path / "small.xml", [c for c in article_chunks if b"<AbstractText" in c][:10])
     report = build_corpus(BuildConfig(inputs=[smaller], out=out, filter_terms=False, figure=False))
     assert report.kept == 10
@@ -79,7 +79,7 @@ def test_successful_rebuild_replaces_outputs_and_keeps_other_files(corpus, artic
 def test_corpus_rebuilt_from_its_own_files(corpus):
     """The old code emptied the folder before reading: a corpus could not be rebuilt from its own JSONL."""
     _source, out = corpus
-    kept = sum(1 for name in ("train.jsonl", "validation.jsonl") for _ in open(out / name))
+    kept = sum(len((out / name).read_text().splitlines()) for name in ("train.jsonl", "validation.jsonl"))
     assert main(["--quiet", "corpus", "build", str(out / "train.jsonl"), str(out / "validation.jsonl"),
                  "--no-filter", "--no-figure", "-o", str(out)]) == 0
     assert json.loads((out / "manifest.json").read_text())["report"]["kept"] == kept
