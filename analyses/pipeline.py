@@ -229,7 +229,12 @@ def analyze(
     caveat_path.write_text("".join(f"- {c}\n\n" for c in notes) or "No caveats.\n", encoding="utf-8")
     result.files.append(caveat_path)
     if figures:
-        result.figures = make_figures(data, tables, out / "figures", dv=dv, group=group, site_kinds=site_kinds, dpi=dpi)
+        figure_skips: list[dict[str, Any]] = []
+        result.figures = make_figures(data, tables, out / "figures", dv=dv, group=group, site_kinds=site_kinds, dpi=dpi,
+                                      skipped=figure_skips)
+        if figure_skips:
+            tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(figure_skips)], ignore_index=True)
+            (out / TABLE_FILES["skipped"]).write_text(tables["skipped"].to_csv(index=False), encoding="utf-8")
         result.files.extend(p for f in result.figures for p in f.paths)
     return result
 
@@ -500,11 +505,27 @@ def make_figures(
     group: str | None = None,
     site_kinds: Sequence[str] | None = None,
     dpi: int = 200,
+    skipped: list[dict[str, Any]] | None = None,
 ) -> list[FigureFile]:
-    """Draw and save the figures of :mod:`analyses.figures` for every slice; returns what was written."""
+    """Draw and save the figures of :mod:`analyses.figures` for every slice; returns what was written.
+
+    A figure that cannot be drawn for a slice (e.g. every value undefined) is left out and, when ``skipped`` is
+    given, recorded there (``test`` = ``figure:<function>``) with its reason; the other figures are still drawn."""
     made: list[FigureFile] = []
 
+    def draw(func: Callable[..., Any], *args: Any, unit: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ClapError as exc:
+            where = unit if unit is not None else kwargs
+            if skipped is not None:
+                skipped.append({**{c: where[c] for c in SELECT_COLUMNS if c in where}, "test": f"figure:{func.__name__}",
+                                "reason": str(exc)})
+            return None
+
     def save(fig: Any, name: str, title: str, caption: str, unit: dict[str, Any]) -> None:
+        if fig is None:
+            return
         paths = _figures.save_figure(fig, fig_dir / name, dpi=dpi)
         made.append(FigureFile(name, title, caption, unit, paths))
 
@@ -519,7 +540,7 @@ def make_figures(
             tag = _slug(outer_sel)
             kinds = block["site_kind"].tolist()
             if len(kinds) >= 2:
-                fig = _figures.heatmap_layer_site_kind(data, dv, group, **outer_sel)
+                fig = draw(_figures.heatmap_layer_site_kind, data, dv, group, **outer_sel)
                 save(fig, f"layer_site_kind_{tag}", f"Mean {dv} by layer and site kind ({_label(outer_sel)})",
                      "Mean over probes of each probe's mean over positions; colour centred on 0 (no recovery).", outer_sel)
             for kind in kinds:
@@ -528,20 +549,20 @@ def make_figures(
                 ci = tables["bootstrap_ci"]
                 ci = ci[_match(ci, sel)] if len(ci) else ci
                 if len(ci):
-                    fig = _figures.line_by_layer(ci, group, dv=dv, title=f"{dv} by layer ({_label(sel)})")
+                    fig = draw(_figures.line_by_layer, ci, group, dv=dv, unit=sel, title=f"{dv} by layer ({_label(sel)})")
                     save(fig, f"line_{ktag}", f"{dv} by layer ({_label(sel)})",
                          f"Mean over probes ({ci['reduction'].iloc[0]}) with {int(ci['ci'].iloc[0] * 100)} % "
                          f"{_interval_words(ci)} bands; one line per {group or 'study'}.", sel)
                 rows = data[_match(data, sel)]
                 if kind == "head" and "head" in rows.columns and rows["head"].nunique() >= 2:
-                    fig = _figures.heatmap_layer_head(data, dv, group, **sel)
+                    fig = draw(_figures.heatmap_layer_head, data, dv, group, **sel)
                     save(fig, f"layer_head_{ktag}", f"Mean {dv} by layer and head ({_label(sel)})",
                          "Mean over probes of each probe's mean over positions, per attention head "
                          "(the head's output before the output projection).", sel)
                 # a position axis needs several positions within a probe ("last" differs between probes only)
                 per_probe_positions = rows.groupby("probe_id")["position"].nunique() if len(rows) else None
                 if per_probe_positions is not None and per_probe_positions.max() >= 2:
-                    fig = _figures.heatmap_layer_position(data, dv, group, **sel)
+                    fig = draw(_figures.heatmap_layer_position, data, dv, group, **sel)
                     save(fig, f"layer_position_{ktag}", f"Mean {dv} by layer and position ({_label(sel)})",
                          "Mean over probes at each token position (label: most common token, * where probes differ; "
                          "[index] in the unpadded prompt).", sel)
@@ -553,7 +574,7 @@ def make_figures(
             if block["site"].nunique() < 2:
                 continue
             triv = block.loc[block["trivial"], "site"].unique().tolist()
-            fig = _figures.bar_by_module(block, group, dv=dv, trivial_sites=triv, title=f"{dv} per module ({_label(sel)})")
+            fig = draw(_figures.bar_by_module, block, group, dv=dv, trivial_sites=triv, unit=sel, title=f"{dv} per module ({_label(sel)})")
             save(fig, f"modules_{_slug(sel)}", f"{dv} per module ({_label(sel)})",
                  f"Mean over probes with 95 % {_interval_words(block)} intervals; hatched bars reproduce the source run "
                  "by construction (recovery 1 when denoising, 0 when noising).", sel)
