@@ -83,9 +83,9 @@ def _require_error_variance(prep: Prepared, test: str, between: str | None = Non
         resid = x - x.mean(axis=1, keepdims=True) - x.mean(axis=0, keepdims=True) + x.mean()
     if _no_variance(resid, x):
         raise ClapError(
-            f"the {test} is undefined for {prep.dv}{_where(prep)}: no error variance (the {prep.within} x "
-            f"{prep.subject} residuals are zero relative to the data: every probe shows the same {prep.within} profile "
-            "up to a constant), so an F ratio would divide by rounding noise"
+            f"the {test} is undefined for {prep.dv}{_where(prep)}: no error variance: the values do not vary "
+            f"beyond a constant per {prep.subject} (the {prep.within} x {prep.subject} residuals are zero relative to the "
+            "data), so an F ratio would divide by rounding noise"
         )
 
 
