@@ -1,9 +1,13 @@
-"""Seeded bootstrap confidence intervals of mean recovery per layer (and group).
+"""Confidence intervals of mean recovery per layer (and group): t-based by default, bootstrap on request.
 
-A mean over a few dozen probes is only as convincing as its spread; recoveries are bounded and skewed, so a
-percentile bootstrap over probes is used instead of a normal-theory interval. Probes, not rows, are resampled:
-positions of one probe are not independent observations, so the values are first reduced to one per probe and
-layer by the rule of :mod:`analyses.select`.
+A mean over a few dozen probes is only as convincing as its spread. Studies have few probes per group (6-20), and
+at those sizes the percentile bootstrap is too narrow: at n = 6 it covers only 83-87 % of a nominal 95 % (it
+ignores that the SD is estimated, and resamples of 6 values are coarse). The t interval
+``mean +/- t(1 - (1-ci)/2, n-1) * sd / sqrt(n)`` holds its coverage at these sizes for roughly normal data and is
+the default (``method="t"``); ``"bca"`` (scipy's bias-corrected and accelerated bootstrap) suits skewed data with
+more probes; ``"percentile"`` is kept for comparison. Probes, not rows, are the units: positions of one probe are
+not independent observations, so the values are first reduced to one per probe and layer by the rule of
+:mod:`analyses.select`. The table keeps its historical name ``bootstrap_ci``; ``mean_ci`` is the same function.
 """
 
 from __future__ import annotations
@@ -17,6 +21,25 @@ from scipy import stats as sps
 from analyses.select import prepare
 
 CI_COLUMNS = ["mean", "ci_low", "ci_high", "sd", "n", "ci", "n_boot", "method"]
+METHODS = ("t", "bca", "percentile")
+
+
+def t_interval(x: np.ndarray, ci: float = 0.95, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """t interval of the mean along ``axis`` (vectorised: one interval per sample of a stack of samples)."""
+    x = np.asarray(x, float)
+    n = x.shape[axis]
+    mean = x.mean(axis=axis)
+    half = sps.t.ppf(0.5 + ci / 2, n - 1) * x.std(axis=axis, ddof=1) / np.sqrt(n)
+    return mean - half, mean + half
+
+
+def bca_interval(x: np.ndarray, ci: float = 0.95, n_boot: int = 2000, seed: int | np.random.Generator = 0,
+                 axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """BCa bootstrap interval of the mean along ``axis`` (:func:`scipy.stats.bootstrap`, vectorised over samples)."""
+    res = sps.bootstrap((np.asarray(x, float),), np.mean, n_resamples=n_boot, confidence_level=ci, method="BCa",
+                        rng=np.random.default_rng(seed) if not isinstance(seed, np.random.Generator) else seed,
+                        vectorized=True, axis=axis)
+    return np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
 
 
 def bootstrap_ci(
@@ -29,20 +52,21 @@ def bootstrap_ci(
     n_boot: int = 2000,
     ci: float = 0.95,
     seed: int = 0,
-    method: Literal["percentile", "bca"] = "percentile",
+    method: Literal["t", "bca", "percentile"] = "t",
     missing: str = "keep",
     **select: Any,
 ) -> pd.DataFrame:
-    """Mean of ``dv`` and its bootstrap CI for each level of ``within`` (and each ``between`` group).
+    """Mean of ``dv`` and its confidence interval for each level of ``within`` (and each ``between`` group).
 
     Descriptive intervals need no complete probes, so the default ``missing="keep"`` lets every probe that has a
     value at a level contribute to that level (missing cells simply shrink that cell's ``n``); pass
     ``missing="drop_subjects"`` to describe exactly the probes an ANOVA used.
 
-    Each cell resamples its ``n`` probe values ``n_boot`` times with replacement using
-    ``numpy.random.default_rng(seed)`` (one generator for the whole table, cells in sorted order), so the same seed
-    gives the same table. ``method="percentile"`` takes the (1-ci)/2 and (1+ci)/2 quantiles of the resampled means;
-    ``"bca"`` uses :func:`scipy.stats.bootstrap`'s bias-corrected and accelerated interval.
+    ``method="t"`` (default) is the t interval of the mean (see the module docstring); ``n_boot`` and ``seed`` are
+    then unused. The bootstrap methods resample each cell's ``n`` probe values ``n_boot`` times with replacement
+    using ``numpy.random.default_rng(seed)`` (one generator for the whole table, cells in sorted order), so the
+    same seed gives the same table. ``"percentile"`` takes the (1-ci)/2 and (1+ci)/2 quantiles of the resampled
+    means; ``"bca"`` uses :func:`scipy.stats.bootstrap`'s bias-corrected and accelerated interval.
 
     Returns one row per cell with columns: ``within`` (and ``between``), ``mean``, ``ci_low``, ``ci_high`` (NaN
     when the cell has a single probe; both equal the mean when all values are equal), ``sd`` (sample SD), ``n`` (probes in the cell), ``ci`` (the
@@ -50,8 +74,8 @@ def bootstrap_ci(
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
-    if method not in ("percentile", "bca"):
-        raise ValueError(f"method must be 'percentile' or 'bca', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     prep = prepare(
         data, dv, within, subject, between=between, missing=missing,
         min_subjects=1, min_per_group=1, min_groups=1, min_levels=1, **select,
@@ -69,16 +93,23 @@ def bootstrap_ci(
             row.update(ci_low=np.nan, ci_high=np.nan)
         elif np.ptp(x) == 0:  # every resample has the same mean
             row.update(ci_low=float(x[0]), ci_high=float(x[0]))
+        elif method == "t":
+            low, high = t_interval(x, ci)
+            row.update(ci_low=float(low), ci_high=float(high), n_boot=0)
         elif method == "percentile":
             idx = rng.integers(0, len(x), size=(n_boot, len(x)))
             boot = x[idx].mean(axis=1)
             row.update(ci_low=float(np.quantile(boot, alpha)), ci_high=float(np.quantile(boot, 1 - alpha)))
         else:
-            res = sps.bootstrap((x,), np.mean, n_resamples=n_boot, confidence_level=ci, method="BCa", rng=rng, vectorized=True)
-            row.update(ci_low=float(res.confidence_interval.low), ci_high=float(res.confidence_interval.high))
+            low, high = bca_interval(x, ci, n_boot, rng)
+            row.update(ci_low=float(low), ci_high=float(high))
         rows.append(row)
     out = pd.DataFrame(rows, columns=keys + CI_COLUMNS)
     for k, v in prep.summary().items():
         out[k] = v
     return out
 
+
+
+#: The same function under the name that says what it computes by default.
+mean_ci = bootstrap_ci

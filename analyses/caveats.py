@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 
 #: Below this many probes per group a test has little power and its normal-theory p depends on normality.
@@ -35,8 +36,8 @@ def trivial_caveat(data: pd.DataFrame) -> str | None:
 
 
 def undefined_caveat(data: pd.DataFrame) -> str | None:
-    """Recoveries with a (near) zero denominator: clean and corrupted runs give the same metric."""
-    bad = data[~data["recovery_defined"].astype(bool)]
+    """Recoveries with a (near) zero denominator (clean and corrupted runs give the same metric), or infinite."""
+    bad = data[~data["recovery_defined"].astype(bool) | ~np.isfinite(data["recovery"].astype(float))]
     if bad.empty:
         return None
     probes = sorted(bad["probe_id"].unique().tolist(), key=str)
@@ -112,6 +113,29 @@ def table_caveats(tables: Mapping[str, pd.DataFrame], alpha: float = 0.05) -> li
     if len(skipped):
         reasons = skipped["reason"].drop_duplicates().tolist()
         out.append(f"{len(skipped)} test(s) were not run: {' | '.join(reasons[:3])}" + (" | ..." if len(reasons) > 3 else ""))
+    return out
+
+
+def validity_caveats(validity: pd.DataFrame, shared: pd.DataFrame, subject: str = "probe") -> list[str]:
+    """Excluded probes (which and why), probes whose corruption does not flip the preference, shared clean prompts."""
+    out: list[str] = []
+    if len(validity):
+        excluded = validity[validity["excluded"].astype(bool)]
+        if len(excluded):
+            listed = _names([f"{r.probe_id} ({r.reason})" for r in excluded.itertuples()], limit=4)
+            out.append(f"{len(excluded)} of {len(validity)} probe(s) were excluded before any statistic by the analysis "
+                       f"rules: {listed}.")
+        kept = validity[~validity["excluded"].astype(bool)]
+        no_flip = kept[kept["flips"].astype("boolean").eq(False).fillna(False)]
+        if len(no_flip):
+            out.append(f"In {len(no_flip)} of {len(kept)} analysed probe(s) the corruption does not flip the model's "
+                       f"preference (clean and corrupted logit differences of the same sign): {_names(no_flip['probe_id'].tolist())}. "
+                       "Consider `require_flip: true` in the `analysis:` section.")
+    if len(shared) and subject != "clean_prompt":
+        n_probes = int(shared["n_probes"].sum())
+        out.append(f"{n_probes} probes share {len(shared)} clean prompt(s) and are not independent subjects: the tests "
+                   "count them separately, which overstates the sample size. Set `subject: clean_prompt` in the "
+                   "`analysis:` section to average them into one subject per clean prompt.")
     return out
 
 

@@ -21,8 +21,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="restrict to this metric (repeatable; default: every metric)")
     p.add_argument("--site-kind", action="append", dest="site_kinds", default=None, metavar="KIND",
                    help="restrict tests to this site kind (repeatable; default: every site kind with 2+ layers)")
-    p.add_argument("--agg", default="mean", choices=("mean", "median", "max", "min", "sum"),
-                   help="how a probe's rows in one layer (positions, heads) become one value (default: mean)")
+    p.add_argument("--position-reduction", default=None, metavar="RULE",
+                   help="a probe's positions in one layer -> one value: last (default), max, sum, subject, subject_last "
+                        "or a token INDEX (-1 = last); default: the spec's analysis: section, else last")
+    p.add_argument("--head-reduction", default=None, choices=("sum", "each"),
+                   help="attention heads of a layer: sum (the layer's total; default) or each (per-head tests only)")
+    p.add_argument("--subject", dest="subject_unit", default=None, choices=("probe", "clean_prompt"),
+                   help="unit of replication: probe (default) or clean_prompt (probes sharing one are averaged)")
+    p.add_argument("--interval", default=None, choices=("t", "bca", "percentile"),
+                   help="confidence intervals of means: t (default), bca or percentile bootstrap")
+    p.add_argument("--ss-type", type=int, default=None, choices=(2, 3),
+                   help="sums of squares of the mixed ANOVA: 2 (pingouin, default) or 3 (unweighted means)")
+    p.add_argument("--agg", default=None, choices=("mean", "median", "max", "min", "sum"),
+                   help="legacy: one aggregation for all of a probe's rows in a layer, instead of the reductions above")
     p.add_argument("--missing", default="drop_subjects", choices=("drop_subjects", "drop_levels", "error"),
                    help="probes lacking some layer: drop those probes (default), drop those layers, or stop")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default: 2000)")
@@ -41,9 +52,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         raise ClapError(f"--dpi {args.dpi}: figures are saved at 200 dpi or more")
     if not 0 < args.alpha < 1:
         raise ClapError(f"--alpha {args.alpha}: expected a number between 0 and 1")
+    from analyses.options import parse_position_reduction
+
+    position = parse_position_reduction(args.position_reduction) if args.position_reduction is not None else None
     return dict(dv=args.dv, group=args.group, metrics=args.metrics, site_kinds=args.site_kinds, agg=args.agg,
                 missing=args.missing, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha, dpi=args.dpi,
-                figures=args.figures)
+                figures=args.figures, position_reduction=position, head_reduction=args.head_reduction,
+                subject=args.subject_unit, interval=args.interval, ss_type=args.ss_type)
 
 
 def _analyze(args: argparse.Namespace) -> int:

@@ -2,8 +2,14 @@
 
 The study may hold several slices (metrics, site kinds, operations, directions, position selections). Each slice
 with at least two layers is tested on its own (see :func:`analyses.select.analysis_units`); a test that cannot run
-on a slice (a single probe, too few per group) is recorded in ``skipped.csv`` with its reason instead of stopping
-the others. The tables of all slices are concatenated; their book-keeping columns say which slice a row belongs to.
+on a slice (a single probe, too few per group, every value undefined, no error variance, a single group) is
+recorded in ``skipped.csv`` with its reason instead of stopping the others. The tables of all slices are
+concatenated; their book-keeping columns say which slice a row belongs to, and ``reduction`` how each probe's rows
+of a layer became one value (:mod:`analyses.reductions`; chosen by the spec's ``analysis:`` section, see
+:mod:`analyses.options`, or the command line).
+
+Before any statistic, the probe-validity table is computed and the exclusion rules of the ``analysis:`` section
+are applied (:mod:`analyses.validity`).
 
 Files written to the output folder:
 
@@ -14,7 +20,12 @@ Files written to the output folder:
 ``mixed_anova.csv``    :func:`analyses.stats.mixed_anova` per slice (with a group column of 2+ groups)
 ``posthoc_layers.csv`` :func:`analyses.stats.pairwise_within` per slice
 ``posthoc_groups.csv`` :func:`analyses.stats.pairwise_between` per slice (with groups)
-``bootstrap_ci.csv``   :func:`analyses.bootstrap.bootstrap_ci` per slice and group
+``one_sample.csv``     :func:`analyses.stats.one_sample`: recovery against 0 per layer, Holm and BH across layers
+``one_sample_groups.csv`` the same per group (with groups)
+``head_tests.csv``     per-head one-sample tests (slices of attention heads), corrected across the slice's heads
+``probe_validity.csv`` :func:`analyses.validity.probe_validity`, with the exclusions applied
+``shared_prompts.csv`` clean prompts shared by several probes (not independent subjects)
+``bootstrap_ci.csv``   :func:`analyses.bootstrap.bootstrap_ci` per slice and group (t intervals by default)
 ``module_ci.csv``      bootstrap CI per site (trivial sites included), per metric
 ``trivial_sites.csv``  the sites flagged ``trivial`` and their mean recovery
 ``skipped.csv``        tests not run, with the reason
@@ -30,25 +41,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
+
+from pydantic import ValidationError
 
 from analyses import caveats as _caveats
 from analyses import figures as _figures
 from analyses.bootstrap import CI_COLUMNS, bootstrap_ci
 from analyses.io import load_results
+from analyses.options import AnalysisOptions
+from analyses.reductions import position_label
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units
 from analyses.stats import (
     FRIEDMAN_COLUMNS,
     MIXED_COLUMNS,
+    ONE_SAMPLE_COLUMNS,
     PAIRWISE_BETWEEN_COLUMNS,
     PAIRWISE_WITHIN_COLUMNS,
     RM_COLUMNS,
     friedman,
     mixed_anova,
+    one_sample,
     pairwise_between,
     pairwise_within,
     rm_anova,
 )
+from analyses.validity import VALIDITY_COLUMNS, apply_exclusions, clean_prompts, probe_validity, shared_clean_prompts
 from clap.errors import ClapError
 
 TABLE_FILES = {
@@ -59,6 +78,11 @@ TABLE_FILES = {
     "mixed_anova": "mixed_anova.csv",
     "posthoc_layers": "posthoc_layers.csv",
     "posthoc_groups": "posthoc_groups.csv",
+    "one_sample": "one_sample.csv",
+    "one_sample_groups": "one_sample_groups.csv",
+    "head_tests": "head_tests.csv",
+    "probe_validity": "probe_validity.csv",
+    "shared_prompts": "shared_prompts.csv",
     "bootstrap_ci": "bootstrap_ci.csv",
     "module_ci": "module_ci.csv",
     "trivial_sites": "trivial_sites.csv",
@@ -66,7 +90,7 @@ TABLE_FILES = {
 }
 
 #: Book-keeping columns every statistics table ends with (see :mod:`analyses.stats`).
-BOOK_COLUMNS = ["dv", *SELECT_COLUMNS, "n_subjects", "n_levels", "n_dropped", "n_undefined"]
+BOOK_COLUMNS = ["dv", *SELECT_COLUMNS, "n_subjects", "n_levels", "n_dropped", "n_undefined", "reduction"]
 
 #: Beyond this many sites a per-module bar plot is unreadable; the heatmaps cover layer sweeps.
 MAX_BAR_SITES = 80
@@ -89,7 +113,30 @@ class FigureFile:
 
 @dataclass
 class Analysis:
-    """Everything ``clap analyze`` computed; :mod:`analyses.report` renders it."""
+    """Everything ``clap analyze`` computed; :mod:`analyses.report` renders it.
+
+    ``data``
+        the results the statistics used (after the probe exclusions; with a ``clean_prompt`` column when run.json
+        records the prompts).
+    ``options``
+        the resolved options: ``dv``, ``group`` (None when fewer than 2 groups remain: no group tests ran),
+        ``group_requested``, ``metrics``, ``site_kinds``, ``agg`` (the reduction in words, for older readers),
+        ``missing``, ``n_boot``, ``seed``, ``alpha``, and ``analysis`` (the :class:`~analyses.options.AnalysisOptions`
+        as a dict: ``position_reduction``, ``head_reduction``, ``subject_field``, ``subject``, exclusion rules,
+        ``interval``, ``ss_type``).
+    ``tables``
+        the keys of :data:`TABLE_FILES`. Beside the tests (``rm_anova``, ``friedman``, ``mixed_anova``,
+        ``posthoc_layers``, ``posthoc_groups``; every one with a ``reduction`` column): ``one_sample`` /
+        ``one_sample_groups`` (which layers recover at all: ``layer`` [, group], ``n``, ``mean``, ``sd``,
+        ``ci_low``, ``ci_high``, ``popmean``, ``T``, ``dof``, ``p_unc``, ``p_holm``, ``p_fdr_bh``, ``hedges``,
+        ``hedges_ci_low``, ``hedges_ci_high``, ``note``), ``head_tests`` (the same per head: ``site``, ``layer``,
+        ``head`` first), ``probe_validity`` (``probe_id``, labels, ``clean_prompt``, ``clean_logit_diff``,
+        ``corrupted_logit_diff``, ``flips``, ``abs_diff``, ``excluded``, ``reason``), ``shared_prompts``
+        (``clean_prompt``, ``n_probes``, ``probe_ids``), ``skipped`` (slice, ``test``, ``reason``).
+    ``methods``
+        the Methods text, one sentence group per item, naming the reduction, the subject unit, the exclusions, the
+        interval and the tests that actually ran (none that were skipped).
+    """
 
     results_dir: Path
     out_dir: Path
@@ -100,6 +147,7 @@ class Analysis:
     caveats: list[str]
     figures: list[FigureFile] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
 
 
 def analyze(
@@ -110,31 +158,68 @@ def analyze(
     group: str | None = None,
     metrics: Sequence[str] | None = None,
     site_kinds: Sequence[str] | None = None,
-    agg: str = "mean",
+    agg: str | None = None,
     missing: str = "drop_subjects",
     n_boot: int = 2000,
     seed: int | None = None,
     alpha: float = 0.05,
     figures: bool = True,
     dpi: int = 200,
+    analysis: AnalysisOptions | dict[str, Any] | None = None,
+    position_reduction: str | int | None = None,
+    head_reduction: str | None = None,
+    subject: str | None = None,
+    interval: str | None = None,
+    ss_type: int | None = None,
 ) -> Analysis:
     """Load ``results_dir``, run every test on every slice, write tables, caveats and figures to ``out_dir``.
 
     ``out_dir`` defaults to ``RESULTS_DIR/analysis``. ``group`` defaults to the first of the sidecar's
     ``group_columns`` (no group tests when there is none). ``seed`` defaults to the run's seed, so the bootstrap
     intervals of a study are reproducible from its sidecar. ``metrics`` / ``site_kinds`` restrict the slices.
+
+    How the results are reduced and tested comes from ``analysis`` (an :class:`~analyses.options.AnalysisOptions`
+    or dict), else the ``analysis:`` section of the spec recorded in run.json, else the defaults; the keywords
+    ``position_reduction``, ``head_reduction``, ``subject``, ``interval``, ``ss_type`` override single fields (the
+    command line's flags). ``agg`` (legacy) applies one aggregation to all of a cell's rows instead.
     """
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir / "analysis"
     data, meta = load_results(results_dir)
-    group = _resolve_group(group, meta, data)
+    opts = resolve_options(meta, analysis, position_reduction=position_reduction, head_reduction=head_reduction,
+                           subject=subject, interval=interval, ss_type=ss_type)
+    requested = _resolve_group(group, meta, data)
     seed = int(meta.get("seed", 0) if seed is None else seed)
     data = _restrict(data, "metric", metrics)
-    options = dict(dv=dv, group=group, metrics=list(metrics or []), site_kinds=list(site_kinds or []), agg=agg,
-                   missing=missing, n_boot=n_boot, seed=seed, alpha=alpha)
-    tables = compute_tables(data, dv=dv, group=group, site_kinds=site_kinds, agg=agg, missing=missing, n_boot=n_boot, seed=seed)
+    validity = probe_validity(data, meta)
+    data, validity = apply_exclusions(data, validity, min_clean_logit_diff=opts.min_clean_logit_diff,
+                                      require_flip=opts.require_flip, min_abs_diff=opts.min_abs_diff)
+    if data.empty:
+        raise ClapError(f"every probe was excluded by the analysis rules ({_rules(opts)}); see the probe validity table")
+    prompts = clean_prompts(meta, data["probe_id"].unique().tolist())
+    if prompts is not None:
+        data = data.assign(clean_prompt=data["probe_id"].map(prompts))
+    elif opts.subject == "clean_prompt":
+        raise ClapError("subject: clean_prompt needs each probe's clean prompt, but run.json has no `probes` list with "
+                        "`probe_id` and `clean`; rerun `clap patch` (it records them) or use subject: probe")
+    group = requested if requested and data[requested].nunique() >= 2 else None
+    options = dict(dv=dv, group=group, group_requested=requested, metrics=list(metrics or []),
+                   site_kinds=list(site_kinds or []), agg=agg or _reduction_words(opts), missing=missing,
+                   n_boot=n_boot, seed=seed, alpha=alpha, analysis=opts.model_dump())
+    tables = compute_tables(data, dv=dv, group=group, site_kinds=site_kinds, agg=agg, missing=missing, n_boot=n_boot,
+                            seed=seed, options=opts)
+    if requested and not group:
+        only = ", ".join(map(str, data[requested].dropna().unique())) or "none"
+        reason = (f"only one {requested} group ({only}) after exclusions: the mixed ANOVA and the between-group "
+                  "tests need at least 2")
+        extra = [{"test": t, "reason": reason} for t in ("mixed_anova", "posthoc_groups", "one_sample_groups")]
+        tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(extra)], ignore_index=True)
+    tables["probe_validity"] = validity
+    tables["shared_prompts"] = shared_clean_prompts(prompts)
     notes = _caveats.collect(data, tables, group, alpha)
+    notes += _caveats.validity_caveats(validity, tables["shared_prompts"], opts.subject)
     result = Analysis(results_dir, out, data, meta, options, tables, notes)
+    result.methods = methods_text(result)
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         path = out / TABLE_FILES[name]
@@ -144,7 +229,12 @@ def analyze(
     caveat_path.write_text("".join(f"- {c}\n\n" for c in notes) or "No caveats.\n", encoding="utf-8")
     result.files.append(caveat_path)
     if figures:
-        result.figures = make_figures(data, tables, out / "figures", dv=dv, group=group, site_kinds=site_kinds, dpi=dpi)
+        figure_skips: list[dict[str, Any]] = []
+        result.figures = make_figures(data, tables, out / "figures", dv=dv, group=group, site_kinds=site_kinds, dpi=dpi,
+                                      skipped=figure_skips)
+        if figure_skips:
+            tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(figure_skips)], ignore_index=True)
+            (out / TABLE_FILES["skipped"]).write_text(tables["skipped"].to_csv(index=False), encoding="utf-8")
         result.files.extend(p for f in result.figures for p in f.paths)
     return result
 
@@ -159,8 +249,12 @@ def compute_tables(
     missing: str = "drop_subjects",
     n_boot: int = 2000,
     seed: int = 0,
+    options: AnalysisOptions | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """All statistics tables (the keys of :data:`TABLE_FILES`), without writing anything."""
+    """All statistics tables (the keys of :data:`TABLE_FILES`), without writing anything.
+
+    ``probe_validity`` and ``shared_prompts`` need run.json and are filled by :func:`analyze` (empty here)."""
+    opts = options or AnalysisOptions()
     units = analysis_units(data)
     if site_kinds:
         unknown = sorted(set(site_kinds) - set(units["site_kind"]))
@@ -171,24 +265,34 @@ def compute_tables(
             )
         units = units[units["site_kind"].isin(list(site_kinds))].reset_index(drop=True)
     n_groups = data[group].nunique() if group else 0
-    collected: dict[str, list[pd.DataFrame]] = {k: [] for k in ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci")}
+    collected: dict[str, list[pd.DataFrame]] = {k: [] for k in (
+        "rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "one_sample", "one_sample_groups",
+        "head_tests", "bootstrap_ci")}
+    unit = "clean_prompt" if opts.subject == "clean_prompt" else "probe_id"
+    reduce = dict(position_reduction=opts.position_reduction, head_reduction=opts.head_reduction,
+                  subject_field=opts.subject_field) if agg is None else dict(agg=agg)
     skipped: list[dict[str, Any]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AnalysisWarning)  # counts are in the tables and the caveats
-        for unit in units.to_dict("records"):
-            sel = {c: unit[c] for c in SELECT_COLUMNS if c in unit}
-            common = dict(dv=dv, agg=agg, **sel)
+        for unit_row in units.to_dict("records"):
+            sel = {c: unit_row[c] for c in SELECT_COLUMNS if c in unit_row}
+            common = dict(dv=dv, subject=unit, **reduce, **sel)
             runs: list[tuple[str, Callable[[], pd.DataFrame]]] = [
                 ("rm_anova", lambda: rm_anova(data, missing=missing, **common)),
                 ("friedman", lambda: friedman(data, missing=missing, **common)),
                 ("posthoc_layers", lambda: pairwise_within(data, missing=missing, **common)),
+                ("one_sample", lambda: one_sample(data, **common)),
             ]
             if group and n_groups >= 2:
                 runs += [
-                    ("mixed_anova", lambda: mixed_anova(data, between=group, missing=missing, **common)),
+                    ("mixed_anova", lambda: mixed_anova(data, between=group, missing=missing, ss_type=opts.ss_type, **common)),
                     ("posthoc_groups", lambda: pairwise_between(data, between=group, missing=missing, **common)),
+                    ("one_sample_groups", lambda: one_sample(data, between=group, **common)),
                 ]
-            runs.append(("bootstrap_ci", lambda: bootstrap_ci(data, between=group, n_boot=n_boot, seed=seed, **common)))
+            if sel.get("site_kind") == "head":
+                runs.append(("head_tests", lambda: head_tests(data, **common)))
+            runs.append(("bootstrap_ci", lambda: bootstrap_ci(data, between=group, n_boot=n_boot, seed=seed,
+                                                              method=opts.interval, **common)))
             for name, run in runs:
                 try:
                     collected[name].append(run())
@@ -200,6 +304,9 @@ def compute_tables(
         "mixed_anova": MIXED_COLUMNS,
         "posthoc_layers": PAIRWISE_WITHIN_COLUMNS,
         "posthoc_groups": PAIRWISE_BETWEEN_COLUMNS,
+        "one_sample": ["layer", *ONE_SAMPLE_COLUMNS],
+        "one_sample_groups": ["layer", *([group] if group else []), *ONE_SAMPLE_COLUMNS],
+        "head_tests": ["site", "layer", "head", *ONE_SAMPLE_COLUMNS],
         "bootstrap_ci": ["layer", *([group] if group else []), *CI_COLUMNS],
     }
     # A table no slice could fill is still written with its header, so readers of the CSV need no special case.
@@ -208,15 +315,129 @@ def compute_tables(
     tables["skipped"] = pd.DataFrame(skipped, columns=[*SELECT_COLUMNS, "test", "reason"])
     tables["probe_counts"] = probe_counts(data, group)
     tables["trivial_sites"] = trivial_sites(data)
-    tables["module_ci"] = module_ci(data, dv=dv, group=group, n_boot=n_boot, seed=seed)
+    tables["module_ci"] = module_ci(data, dv=dv, group=group, n_boot=n_boot, seed=seed, method=opts.interval,
+                                    position_reduction=opts.position_reduction, subject_field=opts.subject_field)
+    tables["probe_validity"] = pd.DataFrame(columns=VALIDITY_COLUMNS)
+    tables["shared_prompts"] = shared_clean_prompts(None)
     return {name: tables[name] for name in TABLE_FILES}
+
+
+def head_tests(data: pd.DataFrame, **select: Any) -> pd.DataFrame:
+    """Per-head one-sample tests of a head slice: each head (``site``) tested against 0, Holm and BH over the
+    slice's heads, with its ``layer`` and ``head``. The position rule applies; heads are never pooled here."""
+    select = {k: v for k, v in select.items() if k != "head_reduction"}
+    table = one_sample(data, within="site", **select)
+    where = data.drop_duplicates("site").set_index("site")
+    table.insert(1, "layer", where["layer"].reindex(table["site"]).to_numpy())
+    table.insert(2, "head", where["head"].reindex(table["site"]).to_numpy())
+    return table.sort_values(["layer", "head"]).reset_index(drop=True)
+
+
+def resolve_options(meta: dict[str, Any], analysis: AnalysisOptions | dict[str, Any] | None = None,
+                    **overrides: Any) -> AnalysisOptions:
+    """The analysis options: ``analysis`` if given, else the spec's ``analysis:`` section in run.json, else the
+    defaults; non-None ``overrides`` (command-line flags) replace single fields. Invalid values: ClapError."""
+    if analysis is None:
+        analysis = (meta.get("spec") or {}).get("analysis") or {}
+    base = analysis.model_dump() if isinstance(analysis, AnalysisOptions) else dict(analysis)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AnalysisOptions(**base)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field_name = ".".join(map(str, err["loc"])) or "analysis"
+        raise ClapError(f"analysis option {field_name}: {err['msg'].removeprefix('Value error, ')} "
+                        f"(valid options: {', '.join(AnalysisOptions.model_fields)})") from None
+
+
+def _rules(opts: AnalysisOptions) -> str:
+    parts = []
+    if opts.min_clean_logit_diff is not None:
+        parts.append(f"clean logit difference >= {opts.min_clean_logit_diff:g}")
+    if opts.require_flip:
+        parts.append("the corruption flips the preference")
+    if opts.min_abs_diff is not None:
+        parts.append(f"|clean - corrupted| >= {opts.min_abs_diff:g}")
+    return "; ".join(parts)
+
+
+def _reduction_words(opts: AnalysisOptions) -> str:
+    heads = "heads summed per layer" if opts.head_reduction == "sum" else "heads tested one by one"
+    return f"{position_label(opts.position_reduction)} ({heads})"
+
+
+def methods_text(result: Analysis) -> list[str]:
+    """The Methods paragraph, item by item: only what was done, with the reduction and units named."""
+    o, t = result.options, result.tables
+    a = AnalysisOptions(**o["analysis"])
+    group = o.get("group")
+    reductions = sorted(set().union(*[set(t[n]["reduction"].dropna()) for n in ("rm_anova", "one_sample") if len(t[n])]))
+    out = [
+        f"Dependent variable: `{o['dv']}`, one value per probe and layer. Reduction of a probe's rows in one layer: "
+        + (f"legacy aggregation `{o['agg']}`." if o["agg"] and o["agg"] not in (_reduction_words(a),) else
+           f"{position_label(a.position_reduction)} for slices that patched several positions (the mean over positions "
+           "is not used: recovery is roughly conserved across positions, so it would be about 1/prompt length at "
+           "every layer); attention heads "
+           + ("summed per layer (the layer's total) for the layer tests and tested one by one in the per-head table."
+              if a.head_reduction == "sum" else "tested one by one only (no layer test on heads)."))
+        + (f" Reductions in the tables: {'; '.join(reductions)}." if reductions else ""),
+        "Rows flagged `trivial`, sites outside the layer stack and undefined (NaN or infinite) values are excluded "
+        "first and counted. Each slice (metric, site kind, operation, direction, position selection) is tested "
+        "separately.",
+    ]
+    validity = t.get("probe_validity", pd.DataFrame())
+    excluded = validity[validity["excluded"].astype(bool)] if len(validity) else validity
+    if _rules(a):
+        out.append(f"Probe exclusion before any statistic ({_rules(a)}): {len(excluded)} of {len(validity)} probes "
+                   "excluded (listed in the probe validity table).")
+    shared = t.get("shared_prompts", pd.DataFrame())
+    if a.subject == "clean_prompt":
+        out.append("Subjects: clean prompts (probes sharing a clean prompt are averaged first, as they are not "
+                   "independent).")
+    elif len(shared):
+        out.append(f"Subjects: probes ({len(shared)} clean prompt(s) are shared by several probes, which are therefore "
+                   "not independent; `subject: clean_prompt` averages them).")
+    out.append({
+        "drop_subjects": "Missing cells: probes lacking any layer are dropped from the repeated-measures tests (listwise).",
+        "drop_levels": "Missing cells: layers that some probe lacks are dropped from the tests.",
+        "error": "Missing cells: refused (none present).",
+    }.get(o["missing"], f"Missing cells: {o['missing']}."))
+    if len(t["rm_anova"]):
+        out.append("Repeated-measures ANOVA (pingouin) with Mauchly's sphericity test and Greenhouse-Geisser "
+                   "correction; effect size partial eta squared with a 95 % interval (noncentral F inversion). "
+                   "Tests whose error variance is zero relative to the data are reported as undefined, not run.")
+    if len(t["friedman"]):
+        out.append("Friedman test (chi-square, Kendall's W) as the rank-based alternative.")
+    if len(t["one_sample"]):
+        out.append("Which layers recover at all: one-sample t-tests of recovery against 0 per layer"
+                   + (" and per group" if len(t["one_sample_groups"]) else "")
+                   + ", Holm and Benjamini-Hochberg corrected across layers; Hedges' g with 95 % intervals.")
+    if len(t["head_tests"]):
+        out.append("Attention heads: the same one-sample tests per head, corrected across the heads of a slice.")
+    if len(t["mixed_anova"]) and group:
+        ss = ("Type III sums of squares (unweighted group means; statsmodels OLS with sum-to-zero contrasts)"
+              if a.ss_type == 3 else "pingouin's sums of squares (weighted means, Type II for unbalanced groups)")
+        out.append(f"Mixed ANOVA with layer within and `{group}` between, interaction included, {ss}.")
+    if len(t["posthoc_groups"]) and group:
+        out.append("Welch t-tests between groups at each layer, Holm-corrected over layers and group pairs; Hedges' g "
+                   "with 95 % intervals.")
+    if len(t["posthoc_layers"]):
+        out.append("Post-hoc paired t-tests between all pairs of layers, Holm-corrected; Hedges' g (d_av with "
+                   "small-sample factor) with 95 % intervals.")
+    interval = {"t": "t intervals of the mean (t quantile with n-1 degrees of freedom)",
+                "bca": f"BCa bootstrap intervals ({o['n_boot']} resamples of probes, seed {o['seed']})",
+                "percentile": f"percentile-bootstrap intervals ({o['n_boot']} resamples of probes, seed {o['seed']})"}
+    out.append(f"Intervals of means: 95 % {interval[a.interval]}.")
+    if o.get("group_requested") and not group:
+        out.append(f"No group tests: only one `{o['group_requested']}` group.")
+    return out
 
 
 def probe_counts(data: pd.DataFrame, group: str | None = None) -> pd.DataFrame:
     """Per group and overall (``all``): ``n_probes``, ``n_rows``, ``n_undefined`` (rows with undefined recovery),
     ``n_probes_undefined`` (probes with any), ``n_trivial`` (rows flagged trivial)."""
     def count(part: pd.DataFrame, label: str) -> dict[str, Any]:
-        undefined = part[~part["recovery_defined"].astype(bool)]
+        undefined = part[~part["recovery_defined"].astype(bool) | ~np.isfinite(part["recovery"].astype(float))]
         return {
             "group": label,
             "n_probes": part["probe_id"].nunique(),
@@ -247,7 +468,8 @@ def trivial_sites(data: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def module_ci(data: pd.DataFrame, *, dv: str = "recovery", group: str | None = None, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def module_ci(data: pd.DataFrame, *, dv: str = "recovery", group: str | None = None, n_boot: int = 2000, seed: int = 0,
+              method: str = "t", position_reduction: str | int = "last", subject_field: str = "subject") -> pd.DataFrame:
     """Bootstrap CI of mean ``dv`` per site (trivial and out-of-stack sites included), per metric slice, in network
     order, with a ``trivial`` column; the data of the per-module bar plot."""
     frames = []
@@ -259,8 +481,9 @@ def module_ci(data: pd.DataFrame, *, dv: str = "recovery", group: str | None = N
                 continue
             sel = dict(zip(cols, key if isinstance(key, tuple) else (key,)))
             try:
-                table = bootstrap_ci(part, dv, within="site", between=group, n_boot=n_boot, seed=seed,
-                                     include_trivial=True, vary=("site_kind",), **sel)
+                table = bootstrap_ci(part, dv, within="site", between=group, n_boot=n_boot, seed=seed, method=method,
+                                     include_trivial=True, vary=("site_kind",), position_reduction=position_reduction,
+                                     subject_field=subject_field, **sel)
             except ClapError:
                 continue
             order = _figures.site_order(part)
@@ -282,11 +505,27 @@ def make_figures(
     group: str | None = None,
     site_kinds: Sequence[str] | None = None,
     dpi: int = 200,
+    skipped: list[dict[str, Any]] | None = None,
 ) -> list[FigureFile]:
-    """Draw and save the figures of :mod:`analyses.figures` for every slice; returns what was written."""
+    """Draw and save the figures of :mod:`analyses.figures` for every slice; returns what was written.
+
+    A figure that cannot be drawn for a slice (e.g. every value undefined) is left out and, when ``skipped`` is
+    given, recorded there (``test`` = ``figure:<function>``) with its reason; the other figures are still drawn."""
     made: list[FigureFile] = []
 
+    def draw(func: Callable[..., Any], *args: Any, unit: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ClapError as exc:
+            where = unit if unit is not None else kwargs
+            if skipped is not None:
+                skipped.append({**{c: where[c] for c in SELECT_COLUMNS if c in where}, "test": f"figure:{func.__name__}",
+                                "reason": str(exc)})
+            return None
+
     def save(fig: Any, name: str, title: str, caption: str, unit: dict[str, Any]) -> None:
+        if fig is None:
+            return
         paths = _figures.save_figure(fig, fig_dir / name, dpi=dpi)
         made.append(FigureFile(name, title, caption, unit, paths))
 
@@ -301,7 +540,7 @@ def make_figures(
             tag = _slug(outer_sel)
             kinds = block["site_kind"].tolist()
             if len(kinds) >= 2:
-                fig = _figures.heatmap_layer_site_kind(data, dv, group, **outer_sel)
+                fig = draw(_figures.heatmap_layer_site_kind, data, dv, group, **outer_sel)
                 save(fig, f"layer_site_kind_{tag}", f"Mean {dv} by layer and site kind ({_label(outer_sel)})",
                      "Mean over probes of each probe's mean over positions; colour centred on 0 (no recovery).", outer_sel)
             for kind in kinds:
@@ -310,20 +549,20 @@ def make_figures(
                 ci = tables["bootstrap_ci"]
                 ci = ci[_match(ci, sel)] if len(ci) else ci
                 if len(ci):
-                    fig = _figures.line_by_layer(ci, group, dv=dv, title=f"{dv} by layer ({_label(sel)})")
+                    fig = draw(_figures.line_by_layer, ci, group, dv=dv, unit=sel, title=f"{dv} by layer ({_label(sel)})")
                     save(fig, f"line_{ktag}", f"{dv} by layer ({_label(sel)})",
-                         f"Mean over probes with {int(ci['ci'].iloc[0] * 100)} % percentile-bootstrap bands "
-                         f"({int(ci['n_boot'].iloc[0])} resamples of probes); one line per {group or 'study'}.", sel)
+                         f"Mean over probes ({ci['reduction'].iloc[0]}) with {int(ci['ci'].iloc[0] * 100)} % "
+                         f"{_interval_words(ci)} bands; one line per {group or 'study'}.", sel)
                 rows = data[_match(data, sel)]
                 if kind == "head" and "head" in rows.columns and rows["head"].nunique() >= 2:
-                    fig = _figures.heatmap_layer_head(data, dv, group, **sel)
+                    fig = draw(_figures.heatmap_layer_head, data, dv, group, **sel)
                     save(fig, f"layer_head_{ktag}", f"Mean {dv} by layer and head ({_label(sel)})",
                          "Mean over probes of each probe's mean over positions, per attention head "
                          "(the head's output before the output projection).", sel)
                 # a position axis needs several positions within a probe ("last" differs between probes only)
                 per_probe_positions = rows.groupby("probe_id")["position"].nunique() if len(rows) else None
                 if per_probe_positions is not None and per_probe_positions.max() >= 2:
-                    fig = _figures.heatmap_layer_position(data, dv, group, **sel)
+                    fig = draw(_figures.heatmap_layer_position, data, dv, group, **sel)
                     save(fig, f"layer_position_{ktag}", f"Mean {dv} by layer and position ({_label(sel)})",
                          "Mean over probes at each token position (label: most common token, * where probes differ; "
                          "[index] in the unpadded prompt).", sel)
@@ -335,10 +574,18 @@ def make_figures(
             if block["site"].nunique() < 2:
                 continue
             triv = block.loc[block["trivial"], "site"].unique().tolist()
-            fig = _figures.bar_by_module(block, group, dv=dv, trivial_sites=triv, title=f"{dv} per module ({_label(sel)})")
+            fig = draw(_figures.bar_by_module, block, group, dv=dv, trivial_sites=triv, unit=sel, title=f"{dv} per module ({_label(sel)})")
             save(fig, f"modules_{_slug(sel)}", f"{dv} per module ({_label(sel)})",
-                 "Mean over probes with percentile-bootstrap 95 % intervals; hatched bars reproduce the source run by construction (recovery 1 when denoising, 0 when noising).", sel)
+                 f"Mean over probes with 95 % {_interval_words(block)} intervals; hatched bars reproduce the source run "
+                 "by construction (recovery 1 when denoising, 0 when noising).", sel)
     return made
+
+
+def _interval_words(ci: pd.DataFrame) -> str:
+    method = str(ci["method"].iloc[0]) if len(ci) else "t"
+    if method == "t":
+        return "t-interval"
+    return f"{'BCa' if method == 'bca' else 'percentile'}-bootstrap ({int(ci['n_boot'].iloc[0])} resamples of probes)"
 
 
 def _resolve_group(group: str | None, meta: dict[str, Any], data: pd.DataFrame) -> str | None:

@@ -11,13 +11,16 @@ that reduction explicit and identical for every statistic, figure and report:
 2. **Sites outside the stack** (``layer`` is NA, e.g. ``lm_head``) are dropped when testing across layers.
 3. **Trivial rows** (``trivial`` is True: sites that recover 100 % by construction) are excluded unless
    ``include_trivial=True``; they would manufacture a layer effect. They are counted.
-4. **Undefined values** (``recovery_defined`` is False for the recovery column, or a NaN in ``dv``) are excluded and
-   counted; they are never treated as 0 or 1.
-5. **Position rule.** The remaining rows of one probe and one level of ``within`` (for ``layer``: every position,
-   and every head or site of that layer) are reduced to one value by ``agg`` (default: the mean). The mean keeps
-   the scale of a single patch and is unbiased by the number of positions; ``"max"`` asks "did any position in
-   this layer recover the answer?", but grows with the number of positions, so compare it only between layers
-   that sweep the same positions.
+4. **Undefined values** (``recovery_defined`` is False for the recovery column, or a NaN or infinite ``dv``) are
+   excluded and counted; they are never treated as 0 or 1.
+5. **Reduction.** The remaining rows of one probe and one level of ``within`` (for ``layer``: every position,
+   and every head of that layer) are reduced to one value by the rule of :mod:`analyses.reductions`: heads are
+   summed (the layer's total; never averaged), then one position is chosen (default: the last token; or ``max``,
+   ``sum``, the subject's tokens, a fixed index). The mean over positions is not offered: recovery is roughly
+   conserved across positions, so it is about 1 / prompt length at every layer and erases the layer effect. The
+   rule is named in every table (``reduction``). The legacy ``agg=`` keyword applies one pandas aggregation to
+   all of a cell's rows instead (it is named too). With ``subject`` other than ``probe_id`` (e.g. the clean
+   prompt), each probe is reduced first and the probes of one subject are then averaged.
 6. **Missing cells** (a probe lacking a level after steps 1-5) follow ``missing``: ``"drop_subjects"`` (default)
    removes such probes (listwise deletion, as repeated-measures ANOVA requires complete subjects) with an
    :class:`AnalysisWarning` naming them; ``"drop_levels"`` instead removes the levels some probe lacks;
@@ -35,6 +38,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from analyses.reductions import reduce_cells
 from clap.errors import ClapError
 
 #: Columns on which a test must be restricted to a single value.
@@ -78,6 +82,7 @@ class Prepared:
     n_trivial: int
     dropped_subjects: list[Any] = field(default_factory=list)
     dropped_levels: list[Any] = field(default_factory=list)
+    reduction: str = ""
 
     def summary(self) -> dict[str, Any]:
         """Book-keeping columns appended to every statistics table (documented in :mod:`analyses.stats`)."""
@@ -89,6 +94,7 @@ class Prepared:
             n_levels=len(self.levels),
             n_dropped=len(self.dropped_subjects),
             n_undefined=self.n_undefined,
+            reduction=self.reduction,
         )
         return out
 
@@ -148,7 +154,9 @@ def select_rows(
         triv = rows["trivial"].astype(bool)
         n_trivial = int(triv.sum())
         rows = rows[~triv]
-    undefined = rows[dv].isna()
+    values = pd.to_numeric(rows[dv], errors="coerce").astype(float)
+    undefined = ~np.isfinite(values.to_numpy())
+    undefined = pd.Series(undefined, index=rows.index)
     if dv == "recovery" and "recovery_defined" in rows.columns:
         undefined = undefined | ~rows["recovery_defined"].astype(bool)
     n_undefined = int(undefined.sum())
@@ -168,7 +176,10 @@ def prepare(
     operation: str | None = None,
     direction: str | None = None,
     positions: str | None = None,
-    agg: Agg = "mean",
+    agg: Agg | None = None,
+    position_reduction: str | int = "last",
+    head_reduction: str = "sum",
+    subject_field: str = "subject",
     missing: MissingPolicy = "drop_subjects",
     include_trivial: bool = False,
     min_subjects: int = 2,
@@ -184,7 +195,7 @@ def prepare(
     ``min_groups`` groups or a group with fewer than ``min_per_group`` probes remains. Columns in ``vary`` may
     keep several values (for descriptive summaries across site kinds; never for a test).
     """
-    if agg not in AGGS:
+    if agg is not None and agg not in AGGS:
         raise ClapError(f"agg={agg!r} is not a known position rule; expected one of {', '.join(AGGS)}")
     if missing not in MISSING_POLICIES:
         raise ClapError(f"missing={missing!r} is not a known policy; expected one of {', '.join(MISSING_POLICIES)}")
@@ -227,7 +238,18 @@ def prepare(
                 f"{int(mixed.iloc[0])} different labels"
             )
     keys = [subject, within] + ([between] if between else [])
-    cells = rows.groupby(keys, observed=True, sort=True)[dv].agg(agg).reset_index()
+    if agg is not None:
+        cells = rows.groupby(keys, observed=True, sort=True)[dv].agg(agg).reset_index()
+        label = f"{agg} over positions and heads"
+    else:
+        per_probe = list(dict.fromkeys(["probe_id", *keys])) if "probe_id" in rows.columns else keys
+        cells, label = reduce_cells(rows, dv, per_probe, position_reduction=position_reduction,
+                                    head_reduction=head_reduction, subject_field=subject_field, where=where)
+        if per_probe != keys:  # several probes per subject (e.g. one clean prompt): average them
+            cells = cells.groupby(keys, observed=True, sort=True)[dv].mean().reset_index()
+            label += f"; probes averaged per {subject}"
+        if cells.empty:
+            raise ClapError(f"no values left for {dv}{where} after the reduction ({label})")
     cells[within] = _plain(cells[within])
 
     wide = cells.pivot(index=subject, columns=within, values=dv)
@@ -298,6 +320,7 @@ def prepare(
         n_trivial=sel.n_trivial,
         dropped_subjects=dropped_subjects,
         dropped_levels=dropped_levels,
+        reduction=label,
     )
 
 

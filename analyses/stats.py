@@ -20,9 +20,18 @@ be read on their own:
 ``n_dropped``
     probes removed as incomplete.
 ``n_undefined``
-    rows excluded because ``dv`` was undefined (e.g. recovery with a zero denominator).
+    rows excluded because ``dv`` was undefined (e.g. recovery with a zero denominator, or infinite).
+``reduction``
+    how each probe's rows in one level became one value (positions, heads; :mod:`analyses.reductions`).
 
-Too little data is an error, not a table of NaNs: a :class:`~clap.errors.ClapError` says what is missing.
+Too little data is an error, not a table of NaNs: a :class:`~clap.errors.ClapError` says what is missing. So is a
+test whose error variance is zero relative to the data (e.g. every probe's profile is the same up to a constant):
+the F ratio or t would be a division by rounding noise (F = 3e32), not evidence.
+
+Effect sizes come with confidence intervals: partial eta squared (``np2_ci_low``, ``np2_ci_high``) by inverting
+the noncentral F distribution for its noncentrality ``lambda`` (Steiger 2004) and converting with
+``np2 = lambda / (lambda + ddof1 + ddof2 + 1)`` (uncorrected degrees of freedom); Hedges' g (``hedges_ci_low``,
+``hedges_ci_high``) with :func:`pingouin.compute_esci`'s normal-approximation standard error and t critical value.
 """
 
 from __future__ import annotations
@@ -50,6 +59,80 @@ def _require_statistic(table: pd.DataFrame, column: str, test: str, prep: Prepar
         )
 
 
+#: Residual RMS below this fraction of the data's largest magnitude counts as no error variance (rounding noise).
+RELATIVE_TOLERANCE = 1e-9
+
+
+def _no_variance(residuals: np.ndarray, values: np.ndarray) -> bool:
+    """True when the residuals are rounding noise relative to the data scale (both may be exactly 0)."""
+    residuals = np.asarray(residuals, float)
+    scale = float(np.max(np.abs(values))) if np.size(values) else 0.0
+    rms = float(np.sqrt(np.mean(residuals**2))) if residuals.size else 0.0
+    return rms <= RELATIVE_TOLERANCE * scale or rms == 0.0
+
+
+def _require_error_variance(prep: Prepared, test: str, between: str | None = None) -> None:
+    """Refuse a test whose error term is zero: the F ratio would divide by rounding noise."""
+    wide = prep.data.pivot(index=prep.subject, columns=prep.within, values=prep.dv)
+    x = wide.to_numpy(float)
+    if between:
+        groups = prep.data.drop_duplicates(prep.subject).set_index(prep.subject)[between].reindex(wide.index)
+        cell = wide.groupby(groups.to_numpy()).transform("mean").to_numpy(float)
+        resid = x - x.mean(axis=1, keepdims=True) - cell + cell.mean(axis=1, keepdims=True)
+    else:
+        resid = x - x.mean(axis=1, keepdims=True) - x.mean(axis=0, keepdims=True) + x.mean()
+    if _no_variance(resid, x):
+        raise ClapError(
+            f"the {test} is undefined for {prep.dv}{_where(prep)}: no error variance: the values do not vary "
+            f"beyond a constant per {prep.subject} (the {prep.within} x {prep.subject} residuals are zero relative to the "
+            "data), so an F ratio would divide by rounding noise"
+        )
+
+
+def _where(prep: Prepared) -> str:
+    parts = [f"{k}={v}" for k, v in prep.selection.items() if v is not None]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def np2_ci(F: float, ddof1: float, ddof2: float, ci: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of partial eta squared by inverting the noncentral F for its noncentrality.
+
+    The bounds ``lambda_L``, ``lambda_U`` solve ``ncf.cdf(F, ddof1, ddof2, lambda) = (1 + ci) / 2`` and
+    ``(1 - ci) / 2`` (a bound is 0 when even ``lambda = 0`` is beyond it) and are converted with
+    ``lambda / (lambda + ddof1 + ddof2 + 1)``.
+    """
+    from scipy import optimize, stats as sps
+
+    if not np.isfinite(F) or F < 0:
+        return np.nan, np.nan
+
+    def bound(target: float) -> float:
+        f = lambda lam: sps.ncf.cdf(F, ddof1, ddof2, lam) - target  # noqa: E731 - decreasing in lam
+        if f(0.0) <= 0:
+            return 0.0
+        hi = max(10.0, 2 * F * ddof1)
+        while f(hi) > 0:
+            hi *= 2
+        return float(optimize.brentq(f, 0.0, hi, xtol=1e-10))
+
+    n = ddof1 + ddof2 + 1
+    lo, up = bound((1 + ci) / 2), bound((1 - ci) / 2)
+    return lo / (lo + n), up / (up + n)
+
+
+def hedges_ci(g: np.ndarray, nx: np.ndarray, ny: np.ndarray | None = None, paired: bool = False,
+              ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence interval of Hedges' g by :func:`pingouin.compute_esci` (``ny=None``: one-sample)."""
+    with _quiet_pingouin() as pg:
+        g = np.atleast_1d(np.asarray(g, float))
+        nx = np.broadcast_to(np.asarray(nx), g.shape)
+        ny_ = np.broadcast_to(np.asarray(1 if ny is None else ny), g.shape)
+        out = [pg.compute_esci(float(v), nx=int(a), ny=int(b), paired=paired, eftype="hedges", confidence=ci, decimals=12)
+               if np.isfinite(v) and a > 1 else (np.nan, np.nan) for v, a, b in zip(g, nx, ny_)]
+    arr = np.asarray(out, float).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
 @contextlib.contextmanager
 def _quiet_pingouin() -> Iterator[Any]:
     """pingouin 0.7 calls pandas APIs that warn about their own deprecation; those warnings are not the user's."""
@@ -71,7 +154,7 @@ def _annotate(table: pd.DataFrame, prep: Prepared) -> pd.DataFrame:
 
 RM_COLUMNS = [
     "Source", "SS", "SS_error", "ddof1", "ddof2", "MS", "MS_error", "F", "p_unc", "eps", "ddof1_GG", "ddof2_GG",
-    "p_GG_corr", "np2", "sphericity", "W_spher", "p_spher",
+    "p_GG_corr", "np2", "np2_ci_low", "np2_ci_high", "sphericity", "W_spher", "p_spher",
 ]
 
 
@@ -96,12 +179,14 @@ def rm_anova(
     effect x subject error), ``ddof1`` / ``ddof2`` (degrees of freedom k-1 and (k-1)(n-1)), ``MS`` / ``MS_error``,
     ``F``, ``p_unc`` (uncorrected p), ``eps`` (Greenhouse-Geisser epsilon, 1 for two levels), ``ddof1_GG`` /
     ``ddof2_GG`` (degrees of freedom times ``eps``), ``p_GG_corr`` (p on the corrected degrees of freedom),
-    ``np2`` (partial eta squared SS / (SS + SS_error)), ``sphericity`` (Mauchly's test not significant at 0.05;
+    ``np2`` (partial eta squared SS / (SS + SS_error)) and its 95 % interval ``np2_ci_low`` / ``np2_ci_high``
+    (module docstring), ``sphericity`` (Mauchly's test not significant at 0.05;
     True for two levels, NA when Mauchly's test is undefined because there are fewer probes than levels),
     ``W_spher`` / ``p_spher`` (Mauchly's W and its p; NA when undefined or for two levels), then the
     book-keeping columns of the module docstring.
     """
     prep = prepare(data, dv, within, subject, **select)
+    _require_error_variance(prep, "repeated-measures ANOVA")
     with _quiet_pingouin() as pg:
         detailed = pg.rm_anova(prep.data, dv=dv, within=within, subject=subject, detailed=True, correction=True, effsize="np2")
     _require_statistic(detailed, "F", "repeated-measures ANOVA", prep)
@@ -125,6 +210,7 @@ def rm_anova(
         "p_GG_corr": float(effect["p_GG_corr"]) if "p_GG_corr" in detailed else float(effect["p_unc"]),
         "np2": float(effect["np2"]),
     }
+    row["np2_ci_low"], row["np2_ci_high"] = np2_ci(row["F"], ddof1, ddof2)
     row.update(_sphericity(effect, k, n))
     return _annotate(pd.DataFrame([row], columns=RM_COLUMNS), prep)
 
@@ -165,7 +251,8 @@ def friedman(
 
 
 MIXED_COLUMNS = [
-    "Source", "SS", "ddof1", "ddof2", "MS", "F", "p_unc", "eps", "p_GG_corr", "np2", "sphericity", "W_spher", "p_spher",
+    "Source", "SS", "ddof1", "ddof2", "MS", "F", "p_unc", "eps", "p_GG_corr", "np2", "np2_ci_low", "np2_ci_high",
+    "sphericity", "W_spher", "p_spher", "ss_type",
 ]
 
 
@@ -175,6 +262,7 @@ def mixed_anova(
     within: str = "layer",
     between: str = "knowledge_type",
     subject: str = "probe_id",
+    ss_type: int = 2,
     **select: Any,
 ) -> pd.DataFrame:
     """Mixed ANOVA: ``within`` (repeated over probes) x ``between`` (a probe's group), interaction included.
@@ -186,11 +274,26 @@ def mixed_anova(
     ``p_GG_corr`` (NA for the between row, which needs no correction), ``np2`` (partial eta squared),
     ``sphericity``, ``W_spher``, ``p_spher`` (Mauchly's test on the within factor; NA where undefined), then the
     book-keeping columns. Each group needs at least 2 complete probes.
+
+    Sums of squares with unbalanced groups (``ss_type``, recorded in the ``ss_type`` column): pingouin computes
+    the within main effect from *weighted* marginal means (each layer's mean over all probes, so a larger group
+    weighs more), which is Type II here (``ss_type=2``, the default; with complete within data it equals Type I).
+    ``ss_type=3`` uses the *unweighted* mean of the group means at each layer (the hypothesis "the layer profile
+    averaged over groups is flat", independent of group sizes): each probe's values are projected on k-1 orthonormal
+    layer contrasts, each contrast score is regressed on the group with sum-to-zero coding (statsmodels OLS), and
+    the Type III sums of squares of the intercept (the layer effect) and of the group (the interaction) are summed
+    over contrasts. The between effect (a single factor on the probes' means) and the interaction are the same for
+    both types; only the layer row changes, and for balanced groups nothing does.
     """
+    if ss_type not in (2, 3):
+        raise ClapError(f"ss_type={ss_type!r}: expected 2 (pingouin, weighted means) or 3 (unweighted means)")
     prep = prepare(data, dv, within, subject, between=between, **select)
+    _require_error_variance(prep, "mixed ANOVA", between=between)
     with _quiet_pingouin() as pg:
         res = pg.mixed_anova(prep.data, dv=dv, within=within, between=between, subject=subject, correction=True, effsize="np2")
     _require_statistic(res, "F", "mixed ANOVA", prep)
+    if ss_type == 3:
+        res = _type3_within(res, prep, between)
     k = len(prep.levels)
     # Mauchly's test uses the pooled within-group covariance, of rank n - g: undefined below k - 1.
     n_eff = prep.n_subjects - prep.data[between].nunique() + 1
@@ -213,12 +316,47 @@ def mixed_anova(
             eps = float(r["eps"]) if "eps" in r and pd.notna(r["eps"]) else 1.0
             p_gg = float(r["p_GG_corr"]) if "p_GG_corr" in r and pd.notna(r["p_GG_corr"]) else float(r["p_unc"])
             row.update(eps=eps, p_GG_corr=p_gg, **_sphericity(r, k, n_eff))
+        row["np2_ci_low"], row["np2_ci_high"] = np2_ci(row["F"], row["ddof1"], row["ddof2"])
+        row["ss_type"] = ss_type
         rows.append(row)
     return _annotate(pd.DataFrame(rows, columns=MIXED_COLUMNS), prep)
 
 
+def _type3_within(res: pd.DataFrame, prep: Prepared, between: str) -> pd.DataFrame:
+    """Replace the within row of pingouin's mixed ANOVA by its Type III (unweighted-means) version."""
+    import statsmodels.formula.api as smf
+    from scipy import linalg
+    from scipy import stats as sps
+    from statsmodels.stats.anova import anova_lm
+
+    wide = prep.data.pivot(index=prep.subject, columns=prep.within, values=prep.dv).sort_index(axis=1)
+    groups = prep.data.drop_duplicates(prep.subject).set_index(prep.subject)[between].reindex(wide.index)
+    k = wide.shape[1]
+    contrasts = linalg.null_space(np.ones((1, k)))  # k x (k-1), orthonormal, orthogonal to the constant
+    scores = wide.to_numpy(float) @ contrasts
+    ss_within = ss_inter = ss_error = 0.0
+    for c in range(scores.shape[1]):
+        frame = pd.DataFrame({"y": scores[:, c], "g": groups.astype(str).to_numpy()})
+        table = anova_lm(smf.ols("y ~ C(g, Sum)", data=frame).fit(), typ=3)
+        ss_within += float(table.loc["Intercept", "sum_sq"])
+        ss_inter += float(table.loc["C(g, Sum)", "sum_sq"])
+        ss_error += float(table.loc["Residual", "sum_sq"])
+    res = res.copy()
+    w = res.index[res["Source"] == prep.within][0]
+    df1, df2 = float(res.loc[w, "DF1"]), float(res.loc[w, "DF2"])
+    F = (ss_within / df1) / (ss_error / df2)
+    eps = float(res.loc[w, "eps"]) if "eps" in res and pd.notna(res.loc[w, "eps"]) else 1.0
+    res.loc[w, ["SS", "MS", "F"]] = [ss_within, ss_within / df1, F]
+    res.loc[w, "p_unc"] = float(sps.f.sf(F, df1, df2))
+    if "p_GG_corr" in res:
+        res.loc[w, "p_GG_corr"] = float(sps.f.sf(F, df1 * eps, df2 * eps))
+    res.loc[w, "np2"] = ss_within / (ss_within + ss_error)
+    return res
+
+
 PAIRWISE_WITHIN_COLUMNS = [
-    "Contrast", "A", "B", "mean_A", "mean_B", "diff", "T", "dof", "p_unc", "p_corr", "p_adjust", "hedges", "n",
+    "Contrast", "A", "B", "mean_A", "mean_B", "diff", "T", "dof", "p_unc", "p_corr", "p_adjust", "hedges",
+    "hedges_ci_low", "hedges_ci_high", "n", "note",
 ]
 
 
@@ -238,8 +376,10 @@ def pairwise_within(
     Columns: ``Contrast`` (the ``within`` name), ``A``, ``B`` (the two levels, A < B), ``mean_A``, ``mean_B``,
     ``diff`` (mean_A - mean_B), ``T`` (paired t), ``dof`` (n-1), ``p_unc``, ``p_corr`` (adjusted over all pairs),
     ``p_adjust`` (the method), ``hedges`` (Hedges' g of A vs B: Cohen's d_av, the mean difference over the root
-    mean of the two variances, times the small-sample factor 1 - 3/(4(2n)-9)), ``n`` (pairs), then the
-    book-keeping columns.
+    mean of the two variances, times the small-sample factor 1 - 3/(4(2n)-9)) with ``hedges_ci_low`` /
+    ``hedges_ci_high``, ``n`` (pairs), ``note`` (why a pair's test is undefined: its differences do not vary, so
+    T would divide by rounding noise; ``T`` and the p-values are then NaN and the pair leaves the correction
+    family), then the book-keeping columns.
     """
     prep = prepare(data, dv, within, subject, **select)
     with _quiet_pingouin() as pg:
@@ -263,12 +403,26 @@ def pairwise_within(
         }
     )
     out["diff"] = out["mean_A"] - out["mean_B"]
+    wide = prep.data.pivot(index=subject, columns=within, values=dv)
+    scale = wide.to_numpy(float)
+    note = []
+    for a, b in zip(out["A"], out["B"]):
+        d = (wide[a] - wide[b]).to_numpy(float)
+        note.append("undefined: the paired differences do not vary" if _no_variance(d - d.mean(), scale) else "")
+    out["note"] = note
+    bad = out["note"] != ""
+    if bad.any():
+        out.loc[bad, ["T", "p_unc", "p_corr", "hedges"]] = np.nan
+        with _quiet_pingouin() as pg:
+            out["p_corr"] = pg.multicomp(out["p_unc"].to_numpy(float), method=padjust)[1]
+    out["hedges_ci_low"], out["hedges_ci_high"] = hedges_ci(out["hedges"].to_numpy(float), prep.n_subjects,
+                                                            prep.n_subjects, paired=True)
     return _annotate(out[PAIRWISE_WITHIN_COLUMNS], prep)
 
 
 PAIRWISE_BETWEEN_COLUMNS = [
     "level", "Contrast", "A", "B", "n_A", "n_B", "mean_A", "mean_B", "diff", "T", "dof", "p_unc", "p_corr",
-    "p_adjust", "hedges",
+    "p_adjust", "hedges", "hedges_ci_low", "hedges_ci_high", "note",
 ]
 
 
@@ -289,7 +443,8 @@ def pairwise_between(
     Columns: ``level`` (the ``within`` value), ``Contrast`` (the ``between`` name), ``A``, ``B`` (group labels,
     sorted), ``n_A``, ``n_B``, ``mean_A``, ``mean_B``, ``diff`` (mean_A - mean_B), ``T`` (Welch t), ``dof``
     (Welch-Satterthwaite), ``p_unc``, ``p_corr``, ``p_adjust``, ``hedges`` (Hedges' g with the pooled SD and the
-    factor 1 - 3/(4(n_A+n_B)-9)), then the book-keeping columns.
+    factor 1 - 3/(4(n_A+n_B)-9)) with ``hedges_ci_low`` / ``hedges_ci_high``, ``note`` (why a test is undefined:
+    neither group's values vary; its T and p are then NaN), then the book-keeping columns.
     """
     prep = prepare(data, dv, within, subject, between=between, **select)
     groups = sorted(prep.data[between].unique().tolist(), key=str)
@@ -300,6 +455,12 @@ def pairwise_between(
             for a, b in itertools.combinations(groups, 2):
                 x = at.loc[at[between] == a, dv].to_numpy(float)
                 y = at.loc[at[between] == b, dv].to_numpy(float)
+                if _no_variance(np.concatenate([x - x.mean(), y - y.mean()]), np.concatenate([x, y])):
+                    rows.append({"level": level, "Contrast": between, "A": a, "B": b, "n_A": len(x), "n_B": len(y),
+                                 "mean_A": x.mean(), "mean_B": y.mean(), "diff": x.mean() - y.mean(), "T": np.nan,
+                                 "dof": np.nan, "p_unc": np.nan, "hedges": np.nan,
+                                 "note": "undefined: the values do not vary within either group"})
+                    continue
                 t = pg.ttest(x, y, paired=False, correction=True)
                 rows.append(
                     {
@@ -316,9 +477,76 @@ def pairwise_between(
                         "dof": float(t["dof"].iloc[0]),
                         "p_unc": float(t["p_val"].iloc[0]) if "p_val" in t else float(t["p-val"].iloc[0]),
                         "hedges": float(pg.compute_effsize(x, y, paired=False, eftype="hedges")),
+                        "note": "",
                     }
                 )
         out = pd.DataFrame(rows)
-        _, out["p_corr"] = pg.multicomp(out["p_unc"].to_numpy(), method=padjust)
+        _, out["p_corr"] = pg.multicomp(out["p_unc"].to_numpy(float), method=padjust)
     out["p_adjust"] = padjust
+    out["hedges_ci_low"], out["hedges_ci_high"] = hedges_ci(out["hedges"].to_numpy(float), out["n_A"].to_numpy(),
+                                                            out["n_B"].to_numpy())
     return _annotate(out[PAIRWISE_BETWEEN_COLUMNS], prep)
+
+
+ONE_SAMPLE_COLUMNS = [
+    "n", "mean", "sd", "ci_low", "ci_high", "popmean", "T", "dof", "p_unc", "p_holm", "p_fdr_bh", "hedges",
+    "hedges_ci_low", "hedges_ci_high", "note",
+]
+
+
+def one_sample(
+    data: pd.DataFrame,
+    dv: str = "recovery",
+    within: str = "layer",
+    subject: str = "probe_id",
+    between: str | None = None,
+    popmean: float = 0.0,
+    ci: float = 0.95,
+    missing: str = "keep",
+    **select: Any,
+) -> pd.DataFrame:
+    """Which layers recover at all? A one-sample t-test of ``dv`` against ``popmean`` (0: no recovery) per level.
+
+    The omnibus ANOVA says layers *differ*; it does not say which recover anything. Each level (and each
+    ``between`` group) is tested on its own probes, and the p-values of one group's levels form one family,
+    corrected by Holm (family-wise error) and by Benjamini-Hochberg (false discovery rate), both with
+    :func:`pingouin.multicomp`. Descriptive by nature, so ``missing="keep"`` lets every probe with a value count.
+
+    Columns: ``within`` (and ``between``), ``n``, ``mean``, ``sd``, ``ci_low`` / ``ci_high`` (t interval of the
+    mean), ``popmean``, ``T``, ``dof`` (n-1), ``p_unc``, ``p_holm``, ``p_fdr_bh``, ``hedges`` (Hedges' g: the
+    mean difference over the SD times 1 - 3/(4(n-1)-1)) with ``hedges_ci_low`` / ``hedges_ci_high``, ``note``
+    (why a test is undefined: fewer than 2 probes, or values that do not vary), then the book-keeping columns.
+    """
+    from analyses.bootstrap import t_interval
+
+    prep = prepare(data, dv, within, subject, between=between, missing=missing,
+                   min_subjects=2, min_per_group=1, min_groups=1, min_levels=1, **select)
+    keys = [within] + ([between] if between else [])
+    rows = []
+    with _quiet_pingouin() as pg:
+        for key, cell in prep.data.groupby(keys, sort=True):
+            x = cell[dv].to_numpy(float)
+            key = key if isinstance(key, tuple) else (key,)
+            row: dict[str, Any] = dict(zip(keys, key))
+            row.update(n=len(x), mean=x.mean(), sd=x.std(ddof=1) if len(x) > 1 else np.nan, popmean=popmean,
+                       T=np.nan, dof=len(x) - 1, p_unc=np.nan, hedges=np.nan, ci_low=np.nan, ci_high=np.nan, note="")
+            if len(x) < 2:
+                row["note"] = "undefined: fewer than 2 probes"
+            elif _no_variance(x - x.mean(), np.append(x, popmean)):
+                row["note"] = "undefined: the values do not vary"
+            else:
+                t = pg.ttest(x, popmean)
+                low, high = t_interval(x, ci)
+                row.update(T=float(t["T"].iloc[0]), p_unc=float(t["p_val"].iloc[0]), ci_low=float(low),
+                           ci_high=float(high), hedges=float(pg.compute_effsize(x, popmean, eftype="hedges")))
+            rows.append(row)
+        out = pd.DataFrame(rows)
+        out["p_holm"] = np.nan
+        out["p_fdr_bh"] = np.nan
+        families = out.groupby(between, sort=False).groups.values() if between else [out.index]
+        for idx in families:
+            p = out.loc[idx, "p_unc"].to_numpy(float)
+            out.loc[idx, "p_holm"] = pg.multicomp(p, method="holm")[1]
+            out.loc[idx, "p_fdr_bh"] = pg.multicomp(p, method="fdr_bh")[1]
+    out["hedges_ci_low"], out["hedges_ci_high"] = hedges_ci(out["hedges"].to_numpy(float), out["n"].to_numpy(), ci=ci)
+    return _annotate(out[keys + ONE_SAMPLE_COLUMNS], prep)

@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from analyses.options import AnalysisOptions
 from clap.errors import ClapError, closest
 from clap.yamlio import line_of, load_yaml
 
@@ -176,6 +177,8 @@ class StudySpec(_Strict):
     recovery_epsilon: float = Field(default=1e-6, ge=0)
     seed: int = 0
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    #: how `clap analyze` reduces and tests the results (see analyses.options); recorded in run.json
+    analysis: AnalysisOptions | None = None
 
     #: where the spec was read from (relative probe files resolve against it); not part of the schema
     _base_dir: Path | None = None

@@ -29,13 +29,16 @@ def test_missing_column_is_named(results):
         prepare(results, dv="nope", **SEL)
 
 
-def test_position_rule_is_the_mean_over_positions_per_probe_and_layer(results):
+def test_position_rule_is_the_last_position_per_probe_and_layer_by_default(results):
     prep = prepare(results, **SEL)
     rows = results[(results.metric == "logit_diff") & (results.site_kind == "resid_pre") & results.recovery_defined]
-    expected = rows.groupby(["probe_id", "layer"])["recovery"].mean()
+    expected = rows[rows["position"] == rows["position"].max()].set_index(["probe_id", "layer"])["recovery"]
     got = prep.data.set_index(["probe_id", "layer"])["recovery"]
     assert len(got) == prep.n_subjects * 6
     np.testing.assert_allclose(got.to_numpy(), expected.loc[got.index].to_numpy(), rtol=1e-12)
+    assert prep.reduction == "last position"
+    mean = prepare(results, agg="mean", **SEL)  # the legacy keyword still works, and is named
+    assert mean.reduction == "mean over positions and heads"
     mx = prepare(results, agg="max", **SEL).data.set_index(["probe_id", "layer"])["recovery"]
     np.testing.assert_allclose(mx.to_numpy(), rows.groupby(["probe_id", "layer"])["recovery"].max().loc[mx.index].to_numpy())
     assert prep.data["layer"].dtype == np.int64  # plain ints, so pingouin labels read 3, not 3.0
@@ -101,7 +104,7 @@ def test_analysis_units_lists_testable_slices(results):
     assert list(units.columns[:5]) == ["metric", "site_kind", "operation", "direction", "positions"]
 
 
-def test_heads_are_averaged_within_a_layer():
+def test_heads_are_summed_within_a_layer():
     rows = []
     for p in range(3):
         for layer in range(2):
@@ -109,4 +112,5 @@ def test_heads_are_averaged_within_a_layer():
                 rows.append({"probe_id": f"p{p}", "layer": layer, "head": head, "site_kind": "head", "recovery": p + layer + head / 10})
     prep = prepare(pd.DataFrame(rows))
     got = prep.data.set_index(["probe_id", "layer"])["recovery"]
-    assert got[("p1", 1)] == pytest.approx(1 + 1 + 0.15)
+    assert got[("p1", 1)] == pytest.approx(4 * (1 + 1) + 0.6)  # the layer's total, never the mean
+    assert prep.reduction == "single position (as patched); heads summed per layer"

@@ -170,8 +170,10 @@ def test_planted_layer_effect_is_detected():
 
 
 def test_no_planted_effect_gives_no_significance():
-    data = make_results(n_probes=16, n_layers=6, layer_effect=0.0, metrics=("logit_diff",), site_kinds=("resid_pre",), seed=2)
-    assert rm_anova(data, **SEL).iloc[0]["p_GG_corr"] > 0.05
+    """10 null studies: 4 or more rejections at 5 % would happen by chance with probability 0.001."""
+    ps = [rm_anova(make_results(n_probes=16, n_layers=6, layer_effect=0.0, metrics=("logit_diff",),
+                                site_kinds=("resid_pre",), seed=s), **SEL).iloc[0]["p_GG_corr"] for s in range(10)]
+    assert sum(p < 0.05 for p in ps) <= 3
 
 
 def test_null_layer_effect_rejected_at_nominal_rate():
