@@ -157,7 +157,11 @@ def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]
     out = []
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
-        logits = hf_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        # left padding shifts absolute positions; count each row from its first real token (as nnsight does)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = hf_model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
+        ).logits
         out.append(logits[:, -1, :].float().cpu())
     return torch.cat(out)
 
@@ -243,8 +247,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def write_valid(source: Path, frame: pd.DataFrame, target: Path) -> int:
     """The valid probes, each as its source record (all fields, PMIDs included), in file order; atomically."""
     valid = set(frame.loc[frame["valid"].astype(bool), "origin"])
-    if source.suffix in (".jsonl", ".json"):
-        records = [obj for number, obj in load_jsonl(source) if f"{source}:{number}" in valid]
+    if source.suffix in (".jsonl", ".json"):  # origins are "<path as resolved>:<line>"; match on the line
+        lines = {int(origin.rsplit(":", 1)[1]) for origin in valid}
+        records = [obj for number, obj in load_jsonl(source) if number in lines]
     else:  # YAML: the validated probe, labels flattened back to top-level keys
         records = []
         for origin, spec in read_specs(source):
