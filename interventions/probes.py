@@ -99,6 +99,12 @@ def _validate_probe(item: Any, source: str, lines: dict, prefix: tuple) -> Probe
         }
         if extra:
             item["labels"] = {**{k: str(v) for k, v in extra.items()}, **item.get("labels", {})}
+        # list-valued provenance (e.g. "pmids": [123, 456]) documents a probe but does not label it: set aside
+        for k in [k for k in item if k not in known and isinstance(item[k], list)]:
+            if all(isinstance(v, (str, int, float)) for v in item[k]) and not difflib.get_close_matches(
+                k, known, n=1, cutoff=0.8
+            ):
+                item.pop(k)
     try:
         return ProbeSpec.model_validate(item)
     except ValidationError as exc:

