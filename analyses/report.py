@@ -175,15 +175,47 @@ def _methods(result: Analysis) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- HTML
 
 
-def _html_table(table: pd.DataFrame, alpha: float | None = None, p_col: str | None = None) -> str:
+def _html_table(table: pd.DataFrame, alpha: float | None = None, p: pd.Series | None = None) -> str:
+    """A table; with ``alpha`` and ``p`` (one p-value per row, aligned on the index), rows with p < alpha are bold."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     body = []
-    for _, row in table.iterrows():
-        sig = alpha is not None and p_col in row and pd.notna(row[p_col]) and float(row[p_col]) < alpha
+    for idx, row in table.iterrows():
+        sig = alpha is not None and p is not None and pd.notna(p.get(idx)) and float(p[idx]) < alpha
         cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row.tolist())
         attr = ' class="sig"' if sig else ""
         body.append(f"<tr{attr}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def row_p_values(table: pd.DataFrame) -> tuple[pd.Series | None, str]:
+    """The p-value that decides each row, and a label for it; ``(None, "")`` for a table without p-values.
+
+    Post-hoc tables: the corrected ``p_corr``. ANOVA tables: the Greenhouse-Geisser ``p_GG_corr`` where the row has
+    one, else ``p_unc`` (the between-groups row of a mixed ANOVA needs no sphericity correction, so its corrected
+    column is empty by design and must not hide its result). Other tables: ``p_unc``.
+    """
+    if "p_corr" in table.columns:
+        return table["p_corr"].astype(float), "p_corr"
+    if "p_GG_corr" in table.columns and "p_unc" in table.columns:
+        gg = table["p_GG_corr"].astype(float)
+        label = "p_GG_corr" if gg.notna().all() else "p_GG_corr (p_unc where not corrected)"
+        return gg.fillna(table["p_unc"].astype(float)), label
+    if "p_unc" in table.columns:
+        return table["p_unc"].astype(float), "p_unc"
+    return None, ""
+
+
+def _html_stat_table(name: str, shown: pd.DataFrame, alpha: float) -> str:
+    """One statistics table under its title; long ones folded with a summary that counts only real p-values."""
+    p, label = row_p_values(shown)
+    table_html = _html_table(shown, alpha if p is not None else None, p)
+    title = f"<h4>{html.escape(TITLES.get(name, name))}</h4>"
+    if len(shown) <= FOLD_ROWS:
+        return title + table_html
+    summary = f"{len(shown)} rows"
+    if p is not None:
+        summary += f" ({int((p < alpha).sum())} with {html.escape(label)} &lt; {alpha}; bold)"
+    return f"{title}<details><summary>{summary}</summary>{table_html}</details>"
 
 
 def _html_kv(rows: Iterable[tuple[str, str]]) -> str:
@@ -250,15 +282,7 @@ def render_html(result: Analysis) -> str:
             part = _in_unit(tables[name], unit)
             if part.empty:
                 continue
-            shown = _shown(name, part, group)
-            p_col = "p_corr" if "p_corr" in shown.columns else ("p_GG_corr" if "p_GG_corr" in shown.columns else "p_unc")
-            table_html = _html_table(shown, alpha if name != "bootstrap_ci" else None, p_col)
-            title = f"<h4>{html.escape(TITLES[name])}</h4>"
-            if len(shown) > FOLD_ROWS:
-                n_sig = int((shown[p_col] < alpha).sum()) if p_col in shown else 0
-                parts.append(f"{title}<details><summary>{len(shown)} rows ({n_sig} with {p_col} &lt; {alpha}; bold)</summary>{table_html}</details>")
-            else:
-                parts.append(title + table_html)
+            parts.append(_html_stat_table(name, _shown(name, part, group), alpha))
         skipped = _in_unit(tables["skipped"], unit)
         if len(skipped):
             parts.append("<h4>Not run</h4>" + _html_table(skipped[["test", "reason"]]))

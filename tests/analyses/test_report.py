@@ -201,3 +201,55 @@ def test_report_title_names_the_study_and_model():
     assert study_title({"spec": {"name": "epilepsy"}, "model": {"source": "smollm2-135m"}}) == "epilepsy on smollm2-135m"
     assert study_title({"model": {"architecture": "GPT2LMHeadModel"}}) == "GPT2LMHeadModel"
     assert study_title({}) == "results"
+
+
+# ------------------------------------------------------------------------------------- regressions of the tables
+
+
+@pytest.fixture(scope="module")
+def group_effect_analysis(tmp_path_factory):
+    """One slice, 8 layers (so the bootstrap table of 16 rows is folded) and a planted group main effect."""
+    from analyses.pipeline import analyze
+
+    data = make_results(n_probes=12, n_layers=8, site_kinds=("resid_pre",), metrics=("logit_diff",), tokens=("a", "b"),
+                        trivial_sites=False, seed=5)
+    data.loc[data[GROUP] == "definitional", "recovery"] += 0.8
+    root = tmp_path_factory.mktemp("group_effect")
+    save_results(data, make_meta(data, seed=5, group_columns=[GROUP]), root)
+    return analyze(root, root / "analysis", n_boot=200, figures=False)
+
+
+def test_folded_table_without_p_values_claims_no_test(group_effect_analysis):
+    from analyses.report import render_html
+
+    doc = lxml.html.fromstring(render_html(group_effect_analysis))
+    summaries = {s.getparent().getprevious().text_content(): s.text_content() for s in doc.iter("summary")}
+    boot = summaries["Mean recovery with bootstrap CI"]
+    assert boot == "16 rows"  # no "0 with p_unc < 0.05": the table has no p column at all
+    layers = summaries["Post-hoc: pairs of layers (paired t, Holm)"]
+    post = group_effect_analysis.tables["posthoc_layers"]
+    assert layers == f"{len(post)} rows ({int((post['p_corr'] < 0.05).sum())} with p_corr < 0.05; bold)"
+
+
+def test_between_group_row_of_mixed_anova_is_bold(group_effect_analysis):
+    from analyses.report import render_html
+
+    mixed = group_effect_analysis.tables["mixed_anova"].set_index("Source")
+    assert mixed.loc[GROUP, "p_unc"] < 1e-4 and pd.isna(mixed.loc[GROUP, "p_GG_corr"])
+    doc = lxml.html.fromstring(render_html(group_effect_analysis))
+    heading = next(h for h in doc.iter("h4") if h.text_content() == "Mixed ANOVA: layer x group")
+    rows = heading.getnext().xpath(".//tbody/tr")
+    bold = {r.xpath("./td")[0].text_content(): r.get("class") == "sig" for r in rows}
+    assert bold[GROUP] is True
+    # the within rows follow their corrected p
+    for source in ("layer", "Interaction"):
+        assert bold[source] == bool(mixed.loc[source, "p_GG_corr"] < 0.05)
+
+
+def test_false_positive_caveat_counts_every_reported_test(group_effect_analysis):
+    tables = group_effect_analysis.tables
+    # one slice: rm 1 + Friedman 1 + mixed 3 rows (each its own family), and two Holm families of post-hoc tests
+    n_tests = 1 + 1 + 3 + len(tables["posthoc_layers"]) + len(tables["posthoc_groups"])
+    caveat = next(c for c in group_effect_analysis.caveats if "false positives" in c)
+    assert caveat.startswith(f"{n_tests} tests in 1 slice(s)")
+    assert "in 7 separately corrected families" in caveat and "about 0.4 false positives" in caveat
