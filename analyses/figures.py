@@ -576,7 +576,8 @@ def save_figure(fig: Figure, stem: str | Path, dpi: int = 200, formats: Sequence
     with _style():
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
-            fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white", metadata=_metadata(fmt))
+            # no tight bounding box: the file keeps the drawn width, so the report can show it at that size
+            fig.savefig(path, dpi=dpi, facecolor="white", metadata=_metadata(fmt))
             paths.append(path)
     return paths
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from analyses.figures import COLUMN_WIDTH_IN
 from analyses.pipeline import Analysis, FigureFile, analyze
 from analyses.select import SELECT_COLUMNS
 
@@ -44,6 +45,7 @@ TITLES = {
 #: Post-hoc tables longer than this are folded (HTML) so the page stays readable; all rows remain in it.
 FOLD_ROWS = 12
 
+#: Figures are shown at the width they were drawn at (:data:`analyses.figures.COLUMN_WIDTH_IN`), so 9 pt stays 9 pt.
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;
 color:#1a1a1a;line-height:1.45;background:#fff}
@@ -59,10 +61,11 @@ tr.sig td{font-weight:600}
 .caveats li{margin:.4rem 0}
 pre{background:#f6f8fa;padding:.75rem;overflow-x:auto;font-size:.8rem}
 figure{margin:1rem 0}
-figure img{max-width:100%;height:auto;border:1px solid #eee}
+figure img{width:FIGWIDTHin;max-width:100%;height:auto;border:1px solid #eee}
+.findings li{margin:.3rem 0}
 figcaption{font-size:.85rem;color:#444}
 .meta td:first-child{font-weight:600}
-"""
+""".replace("FIGWIDTH", str(COLUMN_WIDTH_IN))
 
 
 @dataclass
@@ -78,11 +81,64 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **o
     """Run :func:`analyses.pipeline.analyze` (``options`` go to it) and write ``report.html`` and ``report.md``
     into its output folder (default ``RESULTS_DIR/analysis``)."""
     result = analyze(results_dir, out_dir, **options)
+    if options.get("figures", True):
+        add_study_figures(result, dpi=options.get("dpi", 200))
     html_path = result.out_dir / "report.html"
     md_path = result.out_dir / "report.md"
     html_path.write_text(render_html(result), encoding="utf-8")
     md_path.write_text(render_markdown(result), encoding="utf-8")
     return ReportFiles(html_path, md_path, result)
+
+
+def add_study_figures(result: Analysis, dpi: int = 200) -> list[FigureFile]:
+    """The figures that answer the study's question, per metric / operation / direction / positions: the group
+    contrast per layer (two or more groups, t-based CIs, ``*`` where the Holm-corrected Welch test differs) and
+    the module view (attention and MLP outputs per layer). Figures ``result`` already holds by name are kept."""
+    import warnings
+
+    from analyses import figures as _figures
+    from analyses.pipeline import _label, _match, _slug
+    from analyses.select import AnalysisWarning
+
+    data, o = result.data, result.options
+    group, dv = o.get("group"), o.get("dv", "recovery")
+    have = {f.name for f in result.figures}
+    made: list[FigureFile] = []
+    units = result.tables["units"]
+    outer = [c for c in ("metric", "operation", "direction", "positions") if c in units.columns]
+    kinds_wanted = set(o.get("site_kinds") or [])
+
+    def save(fig: Any, name: str, title: str, caption: str, unit: dict[str, Any]) -> None:
+        if name in have:
+            return
+        paths = _figures.save_figure(fig, result.out_dir / "figures" / name, dpi=dpi)
+        made.append(FigureFile(name, title, caption, unit, paths))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        for key, block in (units.groupby(outer, sort=True) if len(units) else []):
+            sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
+            kinds = [k for k in block["site_kind"] if not kinds_wanted or k in kinds_wanted]
+            if not kinds:
+                continue
+            means = _figures.layer_means(data, dv, group, site_kinds=kinds, agg=o.get("agg", "mean"), **sel)
+            if group and means[group].nunique() >= 2:
+                post = result.tables["posthoc_groups"]
+                differ = post[_match(post, sel) & (post["p_corr"] < o.get("alpha", 0.05))] if len(post) else None
+                if differ is not None:
+                    differ = differ.rename(columns={"level": "layer"})
+                fig = _figures.layer_contrast(means, group, dv=dv, differ=differ)
+                save(fig, f"contrast_{_slug(sel)}", f"{dv} per layer by {group} ({_label(sel)})",
+                     "Mean over probes (each probe's mean over positions first) with 95 % t-based intervals, one panel "
+                     f"per site kind; * marks layers where the {group} groups differ (Welch t, Holm-corrected).", sel)
+            modules = means[means["site_kind"].isin(["attn_out", "mlp_out"])]
+            if len(modules):
+                fig = _figures.module_bars(modules, group, dv=dv)
+                save(fig, f"module_bars_{_slug(sel)}", f"{dv} per module and layer ({_label(sel)})",
+                     "Attention and MLP outputs patched layer by layer: mean over probes with 95 % t-based intervals.", sel)
+    result.figures.extend(made)
+    result.files.extend(p for f in made for p in f.paths)
+    return made
 
 
 # ----------------------------------------------------------------------------------------------- shared content
@@ -147,6 +203,20 @@ def _spec_text(meta: dict[str, Any]) -> str:
         return yaml.safe_dump(meta.get("spec", {}), sort_keys=False, allow_unicode=True, default_flow_style=False)
     except Exception:  # a spec with objects yaml cannot represent still shows
         return json.dumps(meta.get("spec", {}), indent=2, default=str)
+
+
+def findings(result: Analysis) -> list[tuple[str, list[str]]]:
+    """The findings section: ``(heading, sentences)`` per tested slice, then an overall line per group; built from
+    the same tables the report prints (:mod:`analyses.findings`)."""
+    from analyses.findings import overall_findings, unit_findings
+
+    o = result.options
+    out = [(_unit_title(u), unit_findings(result.tables, u, o.get("group"), o.get("alpha", 0.05), o.get("dv", "recovery")))
+           for u in _units(result)]
+    overall = overall_findings(result.tables, o.get("group"), o.get("dv", "recovery"))
+    if overall:
+        out.append(("Across slices", overall))
+    return [(h, lines) for h, lines in out if lines]
 
 
 def _methods(result: Analysis) -> list[str]:
@@ -263,6 +333,12 @@ def render_html(result: Analysis) -> str:
         parts.append("<ul class=\"caveats\">" + "".join(f"<li>{_md_inline(c)}</li>" for c in result.caveats) + "</ul>")
     else:
         parts.append("<p>None detected.</p>")
+    parts.append("<h2 id=\"findings\">Findings</h2>")
+    found = findings(result)
+    if not found:
+        parts.append("<p>No slice could be tested.</p>")
+    for heading, lines in found:
+        parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">" + "".join(f"<li>{_md_inline(x)}</li>" for x in lines) + "</ul>")
     parts += [
         "<h2 id=\"model\">Model</h2>", _html_kv(_model_rows(meta)),
         "<h2 id=\"versions\">Package versions</h2>", _html_kv((k, str(v)) for k, v in meta.get("versions", {}).items()),
@@ -325,6 +401,12 @@ def render_markdown(result: Analysis) -> str:
            f"Results: `{result.results_dir}`. {int(meta.get('n_probes', 0))} probes; created {meta.get('created')}.", "",
            "## Caveats", ""]
     out += [f"- {c}" for c in result.caveats] or ["None detected."]
+    out += ["", "## Findings", ""]
+    found = findings(result)
+    for heading, lines in found:
+        out += [f"### {heading}", "", *[f"- {x}" for x in lines], ""]
+    if not found:
+        out += ["No slice could be tested.", ""]
     out += ["", "## Model", "", markdown_table(pd.DataFrame(_model_rows(meta), columns=["field", "value"])),
             "## Package versions", "",
             markdown_table(pd.DataFrame([(k, str(v)) for k, v in meta.get("versions", {}).items()], columns=["package", "version"])),

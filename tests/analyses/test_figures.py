@@ -107,7 +107,7 @@ def test_save_figure_png_dpi_and_svg(tmp_path, results):
     assert png.suffix == ".png" and svg.suffix == ".svg"
     img = mpimg.imread(png)
     width_in = fig.get_size_inches()[0]
-    assert img.shape[1] >= 0.8 * 200 * width_in  # tight bbox trims a little, but the resolution is 200 dpi
+    assert img.shape[1] == round(200 * width_in) == round(200 * COLUMN_WIDTH_IN)  # drawn width kept: shown at size
     assert img[..., :3].std() > 0.05  # not blank
     root = ET.parse(svg).getroot()
     assert root.tag.endswith("svg")

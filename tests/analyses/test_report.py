@@ -87,12 +87,16 @@ def test_html_report_is_self_contained_with_tables_and_images(reported):
     doc = lxml.html.fromstring(page)
     # Images: every one embedded as a PNG data URI that decodes to a real PNG; nothing fetched from elsewhere.
     srcs = [img.get("src") for img in doc.iter("img")]
-    assert len(srcs) == 6
+    assert len(srcs) == 8  # 6 from `clap analyze`, the group contrast and the module bars
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         raw = base64.b64decode(src.split(",", 1)[1])
         assert raw.startswith(PNG_MAGIC) and len(raw) > 10_000
     assert not doc.xpath("//link[@href] | //script[@src] | //*[@src][not(self::img)]")
+    # figures are shown at the width they were drawn at, so their 9 pt text is 9 pt on the page
+    from analyses.figures import COLUMN_WIDTH_IN
+
+    assert f"figure img{{width:{COLUMN_WIDTH_IN}in;" in page
     # Headings and the tables the issue asks for.
     text = doc.text_content()
     for phrase in ("Caveats", "Model", "Package versions", "Probe counts", "Study spec", "Methods",
@@ -123,7 +127,7 @@ def test_markdown_report_links_existing_figures(reported):
     assert "## Caveats" in md and "#### Repeated-measures ANOVA across layers" in md
     assert re.search(r"^\| Source \| F \| ddof1 \| ddof2 \| p_unc \|", md, re.M)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 6
+    assert len(links) == 8
     for link in links:
         assert (out / link).is_file()
 
@@ -140,7 +144,8 @@ def test_single_probe_report_explains_instead_of_failing(tmp_path):
     assert rm.empty and {"F", "p_GG_corr", "np2", "n_subjects"} <= set(rm.columns)
     page = (out / "report.html").read_text()
     assert "Only 1 probe: no test across layers is possible" in page
-    assert "Not run" in page and "NaN" not in page
+    text = lxml.html.fromstring(page).text_content()  # (base64 image data may spell anything)
+    assert "Not run" in text and "NaN" not in text
 
 
 def test_cli_errors_are_clear(tmp_path, small_dir, capsys):
@@ -253,3 +258,62 @@ def test_false_positive_caveat_counts_every_reported_test(group_effect_analysis)
     caveat = next(c for c in group_effect_analysis.caveats if "false positives" in c)
     assert caveat.startswith(f"{n_tests} tests in 1 slice(s)")
     assert "in 7 separately corrected families" in caveat and "about 0.4 false positives" in caveat
+
+
+# ------------------------------------------------------------------------------------------------ findings
+
+
+def _findings_for(data):
+    from analyses.findings import unit_findings
+    from analyses.pipeline import compute_tables
+
+    tables = compute_tables(data, group=GROUP, n_boot=300, seed=0)
+    unit = {"metric": "logit_diff", "site_kind": "resid_pre", "operation": "replace", "direction": "denoising", "positions": "all"}
+    return tables, unit_findings(tables, unit, GROUP)
+
+
+def test_findings_name_the_planted_layers_and_direction():
+    data = make_results(n_probes=20, n_layers=6, site_kinds=("resid_pre",), metrics=("logit_diff",), tokens=("a", "b"),
+                        layer_effect=[0, 0, 0, 1.0, 0, 0], trivial_sites=False, seed=2)
+    data.loc[(data[GROUP] == "definitional") & (data["layer"] == 5), "recovery"] += 0.3
+    tables, lines = _findings_for(data)
+    text = "\n".join(lines)
+    ci = tables["bootstrap_ci"]
+    for g in ("associative", "definitional"):
+        best = ci[(ci[GROUP] == g) & (ci["layer"] == 3)].iloc[0]
+        assert (f"`{GROUP}` = {g}: recovery is highest at layer 3 (mean {_fmt(best['mean'])}, 95 % CI "
+                f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}], n = 10)") in text
+    assert "Recovery differs across layers (repeated-measures ANOVA" in text
+    differ = re.search(rf"`{GROUP}` = definitional recovers more than associative at layers? ([0-9, and]+) \(Welch t", text)
+    assert differ and "5" in re.split(r", | and ", differ.group(1))
+    assert "associative recovers more than definitional" not in text
+    # every layer named as "above 0" has a CI above 0 in the table, and only those
+    for g in ("associative", "definitional"):
+        line = next(x for x in lines if x.startswith(f"`{GROUP}` = {g}:"))
+        above = ci[(ci[GROUP] == g) & (ci["ci_low"] > 0)]["layer"].tolist()
+        assert 3 in above and (f"lies above 0 at layer {above[0]}" in line if len(above) == 1 else "lies above 0 at layers" in line)
+
+
+def test_findings_say_no_evidence_when_there_is_none():
+    data = make_results(n_probes=20, n_layers=6, site_kinds=("resid_pre",), metrics=("logit_diff",), tokens=("a", "b"),
+                        layer_effect=0.0, probe_sd=0.0, trivial_sites=False, seed=5)
+    tables, lines = _findings_for(data)
+    text = "\n".join(lines)
+    # no test rejects the null on this seed (checked on the tables, independently of the text)
+    assert tables["rm_anova"]["p_GG_corr"].iloc[0] > 0.05 and (tables["mixed_anova"]["p_unc"] > 0.05).all()
+    assert (tables["posthoc_groups"]["p_corr"] > 0.05).all()
+    assert "No evidence that recovery differs across layers" in text
+    assert "No evidence that mean recovery differs between the `knowledge_type` groups" in text
+    assert "No evidence that the groups' layer profiles differ" in text
+    assert "No evidence of a group difference at any single layer" in text
+    assert "recovers more than" not in text
+
+
+def test_report_has_a_findings_section(reported):
+    _, out = reported
+    doc = lxml.html.fromstring((out / "report.html").read_text(encoding="utf-8"))
+    heads = [h.text_content() for h in doc.iter("h2")]
+    assert heads.index("Findings") == heads.index("Caveats") + 1
+    items = doc.xpath("//ul[@class='findings']/li")
+    assert any("is highest at layer" in li.text_content() for li in items)
+    assert "## Findings" in (out / "report.md").read_text(encoding="utf-8")
