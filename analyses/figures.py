@@ -78,6 +78,13 @@ def _new_figure(height: float, nrows: int = 1, *, sharex: bool = False, width: f
     return fig, axes
 
 
+def _wrap(title: str, width: int = 72) -> str:
+    """Long titles on several lines: the figure keeps the column width, so a long line would be cut off."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def _per_probe(rows: pd.DataFrame, keys: Sequence[str], dv: str, subject: str) -> pd.DataFrame:
     """Mean per probe and cell, then the mean over probes: each probe counts once per cell."""
     per = rows.groupby([subject, *keys], observed=True)[dv].mean().reset_index()
@@ -205,7 +212,7 @@ def _layer_heatmaps(
             ax.set_title(f"{group} = {g}" if g is not None else "all probes", loc="left")
             mesh = ax.collections[0]
         fig.colorbar(mesh, ax=axes, label=f"mean {dv}", shrink=min(1.0, 3.0 / (0.75 + row_h * n_rows * len(groups))) if len(groups) > 2 else 1.0)
-        fig.suptitle(title, fontsize=STYLE["figure.titlesize"])
+        fig.suptitle(_wrap(title), fontsize=STYLE["figure.titlesize"])
     return fig
 
 
@@ -341,7 +348,7 @@ def line_by_layer(
         _layer_ticks(ax, ci_table[within].unique())
         ax.legend(title=group if group else None, frameon=False)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_title(title or f"{dv} by {within}")
+        ax.set_title(_wrap(title or f"{dv} by {within}"))
     return fig
 
 
@@ -389,9 +396,9 @@ def bar_by_module(
         ax.axvline(1.0, color="0.4", linestyle=":", linewidth=1)
         ax.set_xlabel(f"mean {dv} (bootstrap CI)")
         if group:
-            ax.legend(title=group, frameon=False, loc="lower right")
+            ax.legend(title=group, frameon=True, framealpha=0.9, loc="best")
         ax.grid(axis="x", alpha=0.3)
-        ax.set_title(title or f"{dv} per module")
+        ax.set_title(_wrap(title or f"{dv} per module"))
     return fig
 
 
@@ -426,8 +433,8 @@ def layer_means(
     """
     from analyses.select import prepare
 
-    kinds = list(site_kinds) if site_kinds else sorted(set(select_rows(data, dv, vary=("site_kind",), **select).rows["site_kind"]),
-                                                        key=lambda k: (SITE_KIND_ORDER.index(k) if k in SITE_KIND_ORDER else 99, k))
+    kinds = sorted(site_kinds or set(select_rows(data, dv, vary=("site_kind",), **select).rows["site_kind"]),
+                   key=lambda k: (SITE_KIND_ORDER.index(k) if k in SITE_KIND_ORDER else 99, k))
     out = []
     for kind in kinds:
         prep = prepare(data, dv, "layer", subject, between=group, missing="keep", agg=agg, min_subjects=1,
@@ -481,10 +488,9 @@ def layer_contrast(
             ax.set_ylabel(f"{dv}\n({kind})")
             ax.grid(axis="y", alpha=0.3)
             _layer_ticks(ax, part["layer"].unique())
-        fig.legend(*axes[0].get_legend_handles_labels(), title=group, frameon=False, ncols=min(len(groups), 4),
-                   loc="outside upper center")
+        fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4), loc="outside lower center")
         axes[-1].set_xlabel("layer")
-        fig.suptitle(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)", fontsize=STYLE["figure.titlesize"])
+        fig.suptitle(_wrap(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)"), fontsize=STYLE["figure.titlesize"])
     return fig
 
 
@@ -522,11 +528,10 @@ def module_bars(
             ax.grid(axis="y", alpha=0.3)
             _layer_ticks(ax, part["layer"].unique())
         if group:
-            fig.legend(*axes[0].get_legend_handles_labels(), title=group, frameon=False, ncols=min(len(groups), 4),
-                       loc="outside upper center")
+            fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4), loc="outside lower center")
         axes[-1].set_xlabel("layer")
         level = float(means["ci"].iloc[0]) if len(means) else 0.95
-        fig.suptitle(title or f"Mean {dv} per module and layer ({level:.0%} t-based CI)", fontsize=STYLE["figure.titlesize"])
+        fig.suptitle(_wrap(title or f"Mean {dv} per module and layer{f' by {group}' if group else ''} ({level:.0%} t-based CI)"), fontsize=STYLE["figure.titlesize"])
     return fig
 
 

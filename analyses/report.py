@@ -316,6 +316,28 @@ def study_title(meta: dict) -> str:
     return " on ".join(str(part) for part in (name, source) if part) or "results"
 
 
+def _interactive(result: Analysis) -> str:
+    """The layer x position heatmaps of every slice with several positions per probe, as an interactive section."""
+    import warnings
+
+    from analyses import interactive
+    from analyses.select import AnalysisWarning
+
+    payloads = []
+    o = result.options
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        for unit in _units(result):
+            rows = _in_unit(result.data, unit)
+            if rows.empty or rows.groupby("probe_id")["position"].nunique().max() < 2:
+                continue
+            payload = interactive.heatmap_payload(result.data, o.get("dv", "recovery"), o.get("group"),
+                                                  title=f"Mean {o.get('dv', 'recovery')} by layer and position ({_unit_title(unit)})", **unit)
+            if payload:
+                payloads.append(payload)
+    return interactive.render(payloads)
+
+
 def render_html(result: Analysis) -> str:
     """The report as one HTML string with everything embedded."""
     meta, tables, o = result.meta, result.tables, result.options
@@ -369,6 +391,9 @@ def render_html(result: Analysis) -> str:
     if shared:
         parts.append("<h2 id=\"figures\">Across site kinds and modules</h2>")
         parts += [_html_figure(f) for f in shared]
+    interactive = _interactive(result)
+    if interactive:
+        parts += ["<h2 id=\"interactive\">Interactive heatmaps</h2>", interactive]
     parts.append(
         f"<h2 id=\"files\">Files</h2><p>Tables (CSV, every column) and figures (PNG, SVG) are in "
         f"<code>{html.escape(str(result.out_dir))}</code>.</p></body></html>"

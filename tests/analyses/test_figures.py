@@ -279,3 +279,13 @@ def test_module_bars_draw_attention_and_mlp_for_deep_models():
     heights = sorted(round(p.get_height(), 9) for p in axes[1].patches)
     assert heights == sorted(round(v, 9) for v in means.loc[means.site_kind == "mlp_out", "mean"])
     assert len(axes[1].patches) == 48 * 2
+
+
+def test_long_titles_wrap_inside_the_figure(results):
+    ci = bootstrap_ci(results, between=GROUP, n_boot=100, **SEL)
+    fig = line_by_layer(ci, GROUP, title="recovery by layer (metric=logit_diff, operation=replace, direction=denoising, "
+                                          "positions=all, site_kind=resid_pre)")
+    fig.canvas.draw()
+    title = fig.axes[0].title
+    box = title.get_window_extent()
+    assert "\n" in title.get_text() and box.x0 >= 0 and box.x1 <= fig.bbox.width

@@ -317,3 +317,81 @@ def test_report_has_a_findings_section(reported):
     items = doc.xpath("//ul[@class='findings']/li")
     assert any("is highest at layer" in li.text_content() for li in items)
     assert "## Findings" in (out / "report.md").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------- interactive heatmaps
+
+
+def _heatmap_json(page: str):
+    import json
+
+    doc = lxml.html.fromstring(page)
+    (blob,) = doc.xpath("//script[@id='clap-heatmaps']")
+    assert blob.get("type") == "application/json"
+    scripts = doc.xpath("//script[not(@type)]")
+    assert scripts and all(s.get("src") is None for s in scripts)  # inline only: works offline
+    return json.loads(blob.text), doc
+
+
+def test_interactive_heatmap_data_match_the_results(reported):
+    results_dir, out = reported
+    maps, doc = _heatmap_json((out / "report.html").read_text(encoding="utf-8"))
+    assert [m["title"].split("(")[1].split(" · ")[1] for m in maps] == ["site_kind mlp_out", "site_kind resid_pre"]
+    assert all(doc.xpath(f"//div[@id='clap-heatmap-{i}']") for i in range(len(maps)))
+    data, _ = load_results(results_dir)
+    m = maps[1]
+    rows = data[(data.site_kind == "resid_pre") & data.recovery_defined & ~data.trivial & data.layer.notna()]
+    g_idx = [g["name"] for g in m["groups"]].index(f"{GROUP} = definitional")
+    group = m["groups"][g_idx]
+    assert group["rows"] == ["Paris [0]", "is [1]", "in [2]"] and m["layers"] == [0, 1, 2, 3]
+    for r in range(3):
+        for c in range(4):
+            cell = group["cells"][r][c]
+            part = rows[(rows[GROUP] == "definitional") & (rows.position == r) & (rows.layer == c)]
+            x = part.groupby("probe_id").recovery.mean()
+            assert cell["n"] == len(x) and cell["v"] == pytest.approx(x.mean(), abs=1e-6)
+            assert cell["tok"] == group["rows"][r]
+            lo, hi = __import__("scipy.stats", fromlist=["t"]).t.interval(0.95, len(x) - 1, loc=x.mean(), scale=x.sem())
+            assert (cell["lo"], cell["hi"]) == (pytest.approx(lo, abs=1e-6), pytest.approx(hi, abs=1e-6))
+            assert sorted(p[0] for p in cell["p"]) == sorted(x.index)
+            assert dict(cell["p"]) == pytest.approx(x.round(6).to_dict(), abs=1e-6)
+
+
+def _browser():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium_args(tmp_path):
+    return [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000"]
+
+
+@pytest.mark.slow
+def test_interactive_heatmap_in_headless_chromium(reported, tmp_path):
+    if not _browser():
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium)")
+    _, out = reported
+    maps, _ = _heatmap_json((out / "report.html").read_text(encoding="utf-8"))
+    url = (out / "report.html").as_uri() + "#cell=1-0-2-3"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.run([*_chromium_args(tmp_path), "--dump-dom", url], capture_output=True, text=True, timeout=120, env=env)
+    dom = lxml.html.fromstring(proc.stdout)
+    assert dom.body.get("data-heatmaps") == "ready", proc.stderr[-2000:]
+    cells = dom.xpath("//div[@id='clap-heatmap-1']//*[local-name()='rect' and @class='cell']")
+    n_cells = sum(c is not None for g in maps[1]["groups"] for row in g["cells"] for c in row)
+    assert len(cells) == n_cells
+    cell = maps[1]["groups"][0]["cells"][2][3]
+    (tip,) = dom.xpath("//div[@id='clap-tip']")
+    assert tip.get("data-cell") == "1-0-2-3" and f"n = {cell['n']}" in tip.text_content()
+    assert cell["tok"] in tip.text_content() and "layer 3" in tip.text_content() and "95 % CI [" in tip.text_content()
+    (detail,) = dom.xpath("//div[@id='clap-detail']")
+    probes = [tr.xpath("./td")[0].text_content() for tr in detail.xpath(".//tbody/tr")]
+    assert sorted(probes) == sorted(p[0] for p in cell["p"])
+    shot = tmp_path / "shot.png"
+    subprocess.run([*_chromium_args(tmp_path), "--window-size=1200,3000", "--hide-scrollbars", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120, env=env)
+    assert shot.is_file()
+    keep = os.environ.get("CLAP_REPORT_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
