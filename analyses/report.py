@@ -42,6 +42,11 @@ TITLES = {
     "posthoc_groups": "Post-hoc: groups at each layer (Welch t, Holm)",
     "bootstrap_ci": "Mean recovery with bootstrap CI",
 }
+#: Tables rendered per slice, in this order; any other per-slice table the analysis holds follows them.
+SLICE_TABLES = ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci")
+#: Tables that are not per slice or are shown elsewhere (or not at all).
+NOT_PER_SLICE = ("units", "skipped", "probe_counts", "trivial_sites", "module_ci", "probe_validity")
+
 #: Post-hoc tables longer than this are folded (HTML) so the page stays readable; all rows remain in it.
 FOLD_ROWS = 12
 
@@ -165,6 +170,15 @@ def _fmt(value: Any) -> str:
 def _shown(name: str, table: pd.DataFrame, group: str | None) -> pd.DataFrame:
     cols = [group if c == "GROUP" else c for c in SHOWN.get(name, list(table.columns))]
     return table[[c for c in cols if c and c in table.columns]]
+
+
+def slice_tables(result: Analysis) -> list[str]:
+    """The per-slice tables to show: the known ones, then any other table with slice columns (e.g. one-sample tests
+    per layer or effect sizes, when the analysis computes them), so a new table is shown without a report change."""
+    tables = result.tables
+    extra = [n for n, t in tables.items() if n not in SLICE_TABLES and n not in NOT_PER_SLICE
+             and isinstance(t, pd.DataFrame) and "site_kind" in t.columns]
+    return [n for n in SLICE_TABLES if n in tables] + extra
 
 
 def _units(result: Analysis) -> list[dict[str, Any]]:
@@ -365,6 +379,7 @@ def render_html(result: Analysis) -> str:
         "<h2 id=\"model\">Model</h2>", _html_kv(_model_rows(meta)),
         "<h2 id=\"versions\">Package versions</h2>", _html_kv((k, str(v)) for k, v in meta.get("versions", {}).items()),
         "<h2 id=\"probes\">Probe counts</h2>", _html_table(tables["probe_counts"]),
+        *(["<h3>Probe validity</h3>", _html_table(tables["probe_validity"])] if len(tables.get("probe_validity", ())) else []),
         "<h2 id=\"spec\">Study spec</h2>", f"<pre>{html.escape(_spec_text(meta))}</pre>",
         "<h2 id=\"methods\">Methods</h2><ul>" + "".join(f"<li>{_md_inline(m)}</li>" for m in _methods(result)) + "</ul>",
     ]
@@ -376,7 +391,7 @@ def render_html(result: Analysis) -> str:
         parts.append("<p>No slice with at least two layers to test.</p>")
     for i, unit in enumerate(units):
         parts.append(f"<h3 id=\"unit-{i}\">{html.escape(_unit_title(unit))}</h3>")
-        for name in ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci"):
+        for name in slice_tables(result):
             part = _in_unit(tables[name], unit)
             if part.empty:
                 continue
@@ -436,6 +451,7 @@ def render_markdown(result: Analysis) -> str:
             "## Package versions", "",
             markdown_table(pd.DataFrame([(k, str(v)) for k, v in meta.get("versions", {}).items()], columns=["package", "version"])),
             "## Probe counts", "", markdown_table(tables["probe_counts"]),
+            *(["### Probe validity", "", markdown_table(tables["probe_validity"])] if len(tables.get("probe_validity", ())) else []),
             "## Study spec", "", "```yaml", _spec_text(meta).rstrip(), "```", "",
             "## Methods", ""]
     out += [f"- {m}" for m in _methods(result)]
@@ -444,10 +460,10 @@ def render_markdown(result: Analysis) -> str:
     out += ["", "## Results", ""]
     for unit in _units(result):
         out += [f"### {_unit_title(unit)}", ""]
-        for name in ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci"):
+        for name in slice_tables(result):
             part = _in_unit(tables[name], unit)
             if len(part):
-                out += [f"#### {TITLES[name]}", "", markdown_table(_shown(name, part, group))]
+                out += [f"#### {TITLES.get(name, name)}", "", markdown_table(_shown(name, part, group))]
         skipped = _in_unit(tables["skipped"], unit)
         if len(skipped):
             out += ["#### Not run", "", markdown_table(skipped[["test", "reason"]])]

@@ -395,3 +395,31 @@ def test_interactive_heatmap_in_headless_chromium(reported, tmp_path):
     keep = os.environ.get("CLAP_REPORT_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_tables_added_by_the_analysis_are_shown_and_used(group_effect_analysis):
+    """A per-slice table the report does not know (e.g. one-sample tests per layer) and a probe validity table."""
+    import copy
+
+    from analyses.report import render_html, render_markdown
+
+    result = copy.copy(group_effect_analysis)
+    ci = result.tables["bootstrap_ci"]
+    one = ci[["layer", GROUP, "metric", "site_kind", "operation", "direction", "positions"]].copy()
+    one["T"] = 1.0
+    one["p_unc"] = 0.5
+    one["p_corr"] = np.where((one["layer"] == 4) & (one[GROUP] == "definitional"), 0.001, 0.9)
+    validity = pd.DataFrame({"probe_id": ["p000", "p001"], "valid": [True, False], "reason": ["", "clean == corrupted"]})
+    result.tables = {**result.tables, "one_sample": one, "probe_validity": validity}
+    doc = lxml.html.fromstring(render_html(result))
+    heading = next(h for h in doc.iter("h4") if h.text_content() == "one_sample")
+    table = heading.getnext()
+    table = table.xpath(".//table")[0] if table.tag == "details" else table
+    bold = table.xpath(".//tr[@class='sig']")
+    assert len(bold) == 1 and bold[0].xpath("./td")[0].text_content() == "4"
+    assert "clean == corrupted" in doc.text_content()
+    findings = [li.text_content() for li in doc.xpath("//ul[@class='findings']/li")]
+    assert "knowledge_type = definitional: one-sample tests against 0 (p_corr < 0.05) are significant at layer 4." in findings
+    assert "knowledge_type = associative: no evidence from the one-sample tests (p_corr < 0.05) at any layer." in findings
+    md = render_markdown(result)
+    assert "#### one_sample" in md and "### Probe validity" in md
