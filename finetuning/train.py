@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from clap.errors import ClapError
-from corpora.finetune_config import (
+from finetuning.config import (
     FinetuneConfig,
     load_config,
     read_yaml_overrides,
@@ -42,8 +42,8 @@ from corpora.finetune_config import (
     apply_overrides,
     write_yaml,
 )
-from corpora.finetune_data import load_corpus, make_collator, prepare_datasets, training_tokenizer
-from corpora.finetune_log import CsvLogCallback, write_log_csv, write_loss_figure
+from finetuning.data import load_corpus, make_collator, prepare_datasets, training_tokenizer
+from finetuning.log import CsvLogCallback, write_log_csv, write_loss_figure
 
 log = logging.getLogger(__name__)
 

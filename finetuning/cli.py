@@ -1,6 +1,6 @@
 """``clap finetune``: fine-tune a causal LM on a built corpus with one of the seed study's presets.
 
-Every setting of :class:`corpora.finetune_config.FinetuneConfig` can be changed in a YAML file (``--config``) and
+Every setting of :class:`finetuning.config.FinetuneConfig` can be changed in a YAML file (``--config``) and
 the common ones by flags; flags win over the file, the file over the preset.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from corpora.finetune_config import PRESETS
+from finetuning.config import PRESETS
 
 #: flag -> config field, for the settings worth a flag (the rest: --config YAML or --set NAME=VALUE).
 FLAG_FIELDS = {
@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Flags that were given, under their setting names (``--set`` values are strings, coerced later)."""
-    from corpora.finetune_config import FinetuneConfigError
+    from finetuning.config import FinetuneConfigError
 
     changes: dict = {}
     for item in args.set:
@@ -69,8 +69,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from corpora.finetune import finetune
-    from corpora.finetune_config import load_config
+    from finetuning.train import finetune
+    from finetuning.config import load_config
 
     config = load_config(args.preset, args.config, overrides_from_args(args))
     result = finetune(args.corpus, args.model, args.out, config, tokenizer=args.tokenizer,

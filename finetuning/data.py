@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
-from corpora.finetune_config import FinetuneConfig
+from finetuning.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 
 from clap.cli import main
 from clap.errors import ClapError
-from corpora.finetune import FinetuneError, finetune, training_arguments
-from corpora.finetune_config import PRESETS, FinetuneConfigError, from_preset, load_config
-from corpora.finetune_data import FinetuneDataError, load_corpus, make_collator, prepare_datasets, training_tokenizer
+from finetuning.train import FinetuneError, finetune, training_arguments
+from finetuning.config import PRESETS, FinetuneConfigError, from_preset, load_config
+from finetuning.data import FinetuneDataError, load_corpus, make_collator, prepare_datasets, training_tokenizer
 from interventions.models import ModelLoadError, load_hf_model
 
 MAX_LEN = 64
