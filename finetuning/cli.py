@@ -47,32 +47,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    """Flags that were given, under their setting names (``--set`` values are strings, coerced later)."""
+def overrides_from_args(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """Flags that were given, under their setting names, and where each came from (``--lr``, ``--set NAME``).
+
+    ``--set`` values stay strings; the schema converts and checks them like YAML values.
+    """
     from finetuning.config import FinetuneConfigError
 
     changes: dict = {}
+    origins: dict[str, str] = {}
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise FinetuneConfigError(f"--set {item!r}: expected NAME=VALUE")
         changes[name.strip()] = None if value.strip().lower() in ("null", "none") else value.strip()
+        origins[name.strip()] = f"--set {name.strip()}"
     for flag in FLAG_FIELDS:
         value = getattr(args, flag)
         if value is not None:
             changes[RENAMED.get(flag, flag)] = value
+            origins[RENAMED.get(flag, flag)] = f"--{flag.replace('_', '-')}"
     if args.lora:
         changes["lora"] = True
+        origins["lora"] = "--lora"
     if args.lora_targets:
         changes["lora_target_modules"] = args.lora_targets
-    return changes
+        origins["lora_target_modules"] = "--lora-targets"
+    return changes, origins
 
 
 def run(args: argparse.Namespace) -> int:
     from finetuning.train import finetune
     from finetuning.config import load_config
 
-    config = load_config(args.preset, args.config, overrides_from_args(args))
+    changes, origins = overrides_from_args(args)
+    config = load_config(args.preset, args.config, changes, origins)
     result = finetune(args.corpus, args.model, args.out, config, tokenizer=args.tokenizer,
                       overwrite=args.overwrite, progress=not args.no_progress)
     s = result.summary

@@ -1,21 +1,23 @@
 """Fine-tuning settings: the seed study's two configurations by name, overridable field by field.
 
-Why a dataclass of plain fields: the same object is filled from a preset, then from a YAML file, then from the
-command line (each layer overriding the one before), and is written back next to the model so a run is
-reproducible from its output folder alone. Every field is checked once, here, with a message that names the
-field (and, for YAML, the file and line).
+Why one pydantic schema: the same settings are filled from a preset, then from a YAML file, then from the command
+line (each layer overriding the one before), and are written back next to the model so a run is reproducible from
+its output folder alone. The merged settings are validated once, by the schema, and every error names where the
+bad value came from: ``file:line: field`` for the YAML file, ``--lr`` for a flag, ``--set name`` for ``--set``.
+Ranges are checked here, before any model is loaded: a NaN learning rate or a negative clipping norm would
+otherwise train silently into garbage or fail deep inside the Trainer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from clap.errors import ClapError, closest
+from clap.validation import validation_messages
 from clap.yamlio import SourceError, load_yaml
 
 
@@ -29,88 +31,130 @@ MODES = ("truncate", "chunk")
 STRATEGIES = ("epoch", "steps")
 PADDINGS = ("max_length", "longest")
 
+#: Finite floats only: ``nan``/``inf`` parse as floats but make no sense as any of these settings.
+_FINITE = dict(allow_inf_nan=False)
 
-@dataclass
-class FinetuneConfig:
+
+def scheduler_names() -> list[str]:
+    """The learning-rate schedules the Trainer accepts (``transformers.SchedulerType``)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType]
+
+
+def attention_names() -> list[str]:
+    """The attention implementations transformers accepts by name (``eager`` and its registered functions)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if k not in ("eager",))]
+
+
+def _one_of(value: str, valid: list[str], what: str) -> str:
+    if value not in valid:
+        hint = closest(value, valid, n=3)
+        raise ValueError(f"{value!r} is not {what}" + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "")
+                         + f" (valid: {', '.join(valid)})")
+    return value
+
+
+_NUMBERS = {int: "an integer", float: "a number", int | None: "an integer or null", float | None: "a number or null"}
+
+
+class FinetuneConfig(BaseModel):
     """One fine-tuning run's settings. Defaults are configuration I of the seed study."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     preset: str = "config-i"
-    mode: str = "truncate"
-    epochs: float = 30.0
-    max_steps: int = -1  #: > 0 overrides ``epochs`` (Trainer semantics)
-    max_length: int = 512
-    padding: str = "max_length"  #: truncate mode only; ``longest`` pads per batch (same loss, less compute)
-    learning_rate: float = 5e-5
-    batch_size: int = 8
-    eval_batch_size: int | None = None  #: ``None``: same as ``batch_size``
-    grad_accumulation: int = 4
-    warmup_steps: int = 500
-    weight_decay: float = 0.01
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    patience: int = 3  #: evaluations without improvement before early stopping
-    early_stopping_threshold: float = 0.0
-    eval_strategy: str = "epoch"  #: checkpoints follow evaluations (``load_best_model_at_end`` needs both)
-    eval_steps: int | None = None  #: for ``eval_strategy: steps``
-    logging_steps: int = 10
-    save_total_limit: int | None = 2  #: the best checkpoint is always kept in addition
-    subset: int | None = None  #: use only the first N training records
-    eval_subset: int | None = None  #: use only the first N validation records
-    seed: int = 42
-    text_column: str = "text"
+    mode: Literal["truncate", "chunk"] = "truncate"
+    epochs: float = Field(30.0, ge=0, **_FINITE)  #: > 0 unless ``max_steps`` is set
+    max_steps: int = Field(-1, ge=-1)  #: > 0 overrides ``epochs`` (Trainer semantics); -1: train for ``epochs``
+    max_length: int = Field(512, ge=1)
+    padding: Literal["max_length", "longest"] = "max_length"  #: truncate mode; ``longest`` pads per batch
+    learning_rate: float = Field(5e-5, gt=0, **_FINITE)
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)  #: ``None``: same as ``batch_size``
+    grad_accumulation: int = Field(4, ge=1)
+    warmup_steps: int = Field(500, ge=0)
+    weight_decay: float = Field(0.01, ge=0, **_FINITE)
+    lr_scheduler: str = "linear"  #: a ``transformers.SchedulerType`` value
+    max_grad_norm: float = Field(1.0, ge=0, **_FINITE)  #: 0: no clipping
+    patience: int = Field(3, ge=1)  #: evaluations without improvement before early stopping
+    early_stopping_threshold: float = Field(0.0, ge=0, **_FINITE)
+    eval_strategy: Literal["epoch", "steps"] = "epoch"  #: checkpoints follow evaluations (best-model reload)
+    eval_steps: int | None = Field(None, ge=1)  #: for ``eval_strategy: steps``
+    logging_steps: int = Field(10, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)  #: the best checkpoint is always kept in addition
+    subset: int | None = Field(None, ge=1)  #: use only the first N training records
+    eval_subset: int | None = Field(None, ge=1)  #: use only the first N validation records
+    seed: int = Field(42, ge=0, le=2**32 - 1)  #: numpy's seed range
+    text_column: str = Field("text", min_length=1)
     append_eos: bool = False  #: end every abstract with the EOS token before tokenising
     eval_on_start: bool = True  #: evaluate the untouched model first, so the log shows where training began
     lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = None  #: ``None``: peft's default for the architecture
-    dtype: str = "float32"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1, **_FINITE)
+    lora_target_modules: list[str] | None = Field(None, min_length=1)  #: ``None``: peft's default for the model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str = "sdpa"
-    device: str = "auto"  #: ``auto``: CUDA when available, else CPU
+    device: str = "auto"  #: ``auto``: CUDA when available, else CPU (checked by :func:`clap.devices.resolve_device`)
     gradient_checkpointing: bool = False
-    dataloader_workers: int = 0
+    dataloader_workers: int = Field(0, ge=0)
 
-    def validate(self) -> "FinetuneConfig":
-        """Check ranges and choices; return self so calls chain."""
-        def bad(name: str, expected: str) -> FinetuneConfigError:
-            return FinetuneConfigError(f"fine-tuning setting {name!r} = {getattr(self, name)!r}: expected {expected}")
+    #: where each setting that did not come from the preset was given (``--lr``, ``over.yaml:3: learning_rate``)
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
-        if self.mode not in MODES:
-            raise bad("mode", f"one of {', '.join(MODES)}")
-        if self.padding not in PADDINGS:
-            raise bad("padding", f"one of {', '.join(PADDINGS)}")
-        if self.eval_strategy not in STRATEGIES:
-            raise bad("eval_strategy", f"one of {', '.join(STRATEGIES)}")
-        if self.eval_strategy == "steps" and not (self.eval_steps and self.eval_steps > 0):
-            raise bad("eval_steps", "a positive integer when eval_strategy is 'steps'")
-        if not self.epochs > 0 and self.max_steps <= 0:
-            raise bad("epochs", "a positive number (or max_steps > 0)")
-        for name in ("max_length", "batch_size", "grad_accumulation", "patience", "logging_steps", "lora_r"):
-            if int(getattr(self, name)) < 1:
-                raise bad(name, "a positive integer")
-        for name in ("warmup_steps", "dataloader_workers"):
-            if int(getattr(self, name)) < 0:
-                raise bad(name, "zero or a positive integer")
-        for name in ("subset", "eval_subset", "eval_batch_size", "save_total_limit"):
-            value = getattr(self, name)
-            if value is not None and int(value) < 1:
-                raise bad(name, "a positive integer or null")
-        if self.learning_rate < 0:
-            raise bad("learning_rate", "zero or a positive number")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", "zero or a positive number")
-        if not 0 <= self.lora_dropout < 1:
-            raise bad("lora_dropout", "a number in [0, 1)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise bad("dtype", "float32, bfloat16 or float16")
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
+        """``batch_size: true`` is a mistake, not 1 (pydantic's lax mode would take it as 1)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in _NUMBERS:
+            raise ValueError(f"expected {_NUMBERS[annotation]}, got {value!r}")
+        return value
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return _one_of(value, scheduler_names(), "a learning-rate schedule")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value: str) -> str:
+        if "/" in value:  # a kernel from the hub (``kernels-community/...``): transformers checks it when loading
+            return value
+        return _one_of(value, attention_names(), "an attention implementation")
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # ``--lora-targets q_proj,v_proj`` / ``--set lora_target_modules=...``
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def origin_of(self, name: str) -> str:
+        """Where setting ``name`` was given, for error messages (``--device``, ``run.yaml:4: device``)."""
+        return self._origins.get(name, f"fine-tuning setting {name}")
+
+    def validate(self) -> "FinetuneConfig":  # type: ignore[override]
+        """Check the settings that depend on each other; return self so calls chain."""
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise FinetuneConfigError(f"{self.origin_of('eval_steps')}: expected a positive integer when "
+                                      "eval_strategy is 'steps', got null")
+        if self.epochs == 0 and self.max_steps <= 0:
+            raise FinetuneConfigError(f"{self.origin_of('epochs')}: expected a positive number (or max_steps > 0), "
+                                      "got 0")
+        if self.max_steps == 0:
+            raise FinetuneConfigError(f"{self.origin_of('max_steps')}: expected a positive number of steps, or -1 to "
+                                      "train for 'epochs', got 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def replace(self, **changes: Any) -> "FinetuneConfig":
-        """A copy with ``changes`` applied (names checked, values coerced), validated."""
+        """A copy with ``changes`` applied (names and values checked), validated."""
         return apply_overrides(self, changes, origin="argument")
 
 
@@ -126,76 +170,53 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+FIELDS = tuple(FinetuneConfig.model_fields)
 
 
-def _coerce(name: str, value: Any, origin: str) -> Any:
-    """Turn a YAML/CLI value into the field's type; a wrong type names the field and where it came from."""
-    kind = FIELDS[name].type
-    if value is None:
-        if "None" in kind:
-            return None
-        raise FinetuneConfigError(f"{origin}: fine-tuning setting {name!r} cannot be null")
+def build_config(values: Mapping[str, Any], origins: Mapping[str, str] | None = None, source: str = "settings",
+                 lines: Mapping[tuple, int] | None = None, validate: bool = True) -> FinetuneConfig:
+    """Validate ``values`` (all layers merged) with the schema; errors name where each bad value came from.
+
+    ``origins`` labels settings given outside the YAML file (``{"learning_rate": "--lr"}``); the others are
+    located by ``lines`` (key path -> line) in ``source``. Several problems are reported on one line, ``; ``-joined.
+    """
+    origins = dict(origins or {})
     try:
-        if kind.startswith("bool"):
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind.startswith("list"):
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError
-            return list(value)
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    except (TypeError, ValueError):
-        raise FinetuneConfigError(
-            f"{origin}: fine-tuning setting {name!r} = {value!r}: expected {kind.replace(' | None', ' or null')}"
-        ) from None
+        config = FinetuneConfig.model_validate(dict(values))
+    except ValidationError as exc:
+        messages = validation_messages(exc, source, dict(lines or {}), FinetuneConfig, where=origins,
+                                       show_input=True, list_valid=False)
+        raise FinetuneConfigError("; ".join(messages)) from None
+    located = {name: f"{source}:{lines[(name,)]}: {name}" for name in values if lines and (name,) in lines}
+    config._origins = {**located, **origins}
+    return config.validate() if validate else config
 
 
 def apply_overrides(config: FinetuneConfig, changes: Mapping[str, Any], origin: str = "override",
                     lines: Mapping[str, int] | None = None, validate: bool = True) -> FinetuneConfig:
     """Apply ``changes`` on top of ``config``; unknown names are refused with the closest valid ones.
 
-    ``validate=False`` is for intermediate layers: a YAML file may choose ``eval_strategy: steps`` and leave
-    ``eval_steps`` to the command line, so only the final combination is checked.
+    ``origin`` names where the changes came from (a file, when ``lines`` maps names to its lines).
     """
-    values = config.to_dict()
-    for name, value in changes.items():
-        where = f"{origin}:{lines[name]}" if lines and name in lines else origin
-        if name not in FIELDS:
-            hint = closest(str(name), FIELDS)
-            raise FinetuneConfigError(
-                f"{where}: unknown fine-tuning setting {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "")
-            )
-        values[name] = _coerce(name, value, where)
-    result = FinetuneConfig(**values)
-    return result.validate() if validate else result
+    if lines is not None:
+        return build_config({**config.to_dict(), **changes}, dict(config._origins), source=origin,
+                            lines={(k,): v for k, v in lines.items()}, validate=validate)
+    labels = {**config._origins, **{name: f"{origin} {name}" for name in changes}}
+    return build_config({**config.to_dict(), **changes}, labels, source=origin, validate=validate)
 
 
 def from_preset(name: str = "config-i", **overrides: Any) -> FinetuneConfig:
     """The named preset with ``overrides`` applied."""
     if name not in PRESETS:
-        raise FinetuneConfigError(f"unknown fine-tuning preset {name!r}; expected one of {', '.join(PRESETS)}")
-    base = apply_overrides(FinetuneConfig(), {"preset": name, **PRESETS[name]}, origin=f"preset {name}")
+        hint = closest(name, PRESETS)
+        raise FinetuneConfigError(f"unknown fine-tuning preset {name!r}; expected one of {', '.join(PRESETS)}"
+                                  + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    base = build_config({"preset": name, **PRESETS[name]}, source=f"preset {name}")
     return apply_overrides(base, overrides, origin="argument") if overrides else base
 
 
-def read_yaml_overrides(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """A YAML mapping of settings and the line of each key (for error messages)."""
+def read_yaml_overrides(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """A YAML mapping of settings and the line of each key path (for error messages)."""
     try:
         data, lines = load_yaml(Path(path))
     except SourceError as exc:
@@ -204,26 +225,36 @@ def read_yaml_overrides(path: str | Path) -> tuple[dict[str, Any], dict[str, int
         return {}, {}
     if not isinstance(data, dict):
         raise FinetuneConfigError(f"{path}: expected a mapping of fine-tuning settings, got {type(data).__name__}")
-    return data, {key[0]: line for key, line in lines.items() if len(key) == 1}
+    return data, lines
 
 
 def load_config(preset: str | None = None, yaml_path: str | Path | None = None,
-                overrides: Mapping[str, Any] | None = None) -> FinetuneConfig:
+                overrides: Mapping[str, Any] | None = None,
+                origins: Mapping[str, str] | None = None) -> FinetuneConfig:
     """Preset, then YAML file, then explicit overrides (CLI flags), each layer winning over the one before.
 
-    The YAML file may itself name the preset (``preset: config-ii``); an explicit ``preset`` argument wins.
+    The YAML file may itself name the preset (``preset: config-ii``); an explicit ``preset`` argument wins. The
+    merged settings are validated once, so a file may choose ``eval_strategy: steps`` and leave ``eval_steps`` to
+    the command line. ``origins`` labels the overrides for error messages (``{"learning_rate": "--lr"}``; default
+    ``argument NAME``).
     """
     data, lines = read_yaml_overrides(yaml_path) if yaml_path else ({}, {})
     data = dict(data)
     name = preset or data.pop("preset", None) or "config-i"
     data.pop("preset", None)
-    config = from_preset(name)
-    if data:
-        config = apply_overrides(config, data, origin=str(yaml_path), lines=lines, validate=False)
-    if overrides:
-        config = apply_overrides(config, {k: v for k, v in overrides.items() if v is not None},
-                                 origin="command line", validate=False)
-    return config.validate()
+    if not isinstance(name, str):
+        raise FinetuneConfigError(f"{yaml_path}:{lines.get(('preset',), '?')}: preset: expected a preset name, "
+                                  f"got {name!r}")
+    base = from_preset(name)
+    origins = origins or {}
+    # ``None`` means "not given", except where the command line says it was (``--set subset=null``)
+    explicit = {k: v for k, v in (overrides or {}).items() if v is not None or k in origins}
+    labels = {k: origins.get(k, f"argument {k}") for k in explicit}
+    for key in data:  # a key given in both places is reported where it won, the command line
+        if key in labels:
+            lines.pop((key,), None)
+    return build_config({**base.to_dict(), **data, **explicit}, labels, source=str(yaml_path or "settings"),
+                        lines=lines)
 
 
 def write_yaml(config: FinetuneConfig, path: Path) -> None:

@@ -33,15 +33,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from clap.devices import resolve_device
 from clap.errors import ClapError
-from finetuning.config import (
-    FinetuneConfig,
-    load_config,
-    read_yaml_overrides,
-    resume_conflicts,
-    apply_overrides,
-    write_yaml,
-)
+from finetuning.config import FinetuneConfig, load_config, resume_conflicts, write_yaml
 from finetuning.data import load_corpus, make_collator, prepare_datasets, training_tokenizer
 from finetuning.log import CsvLogCallback, write_log_csv, write_loss_figure
 
@@ -122,8 +116,7 @@ def _check_resume(out: Path, config: FinetuneConfig, model_source: str) -> None:
     saved_path = out / CONFIG
     if not saved_path.is_file():
         return
-    data, _ = read_yaml_overrides(saved_path)
-    saved = apply_overrides(FinetuneConfig(), data, origin=str(saved_path))
+    saved = load_config(None, saved_path)
     conflicts = resume_conflicts(saved, config)
     meta = out / RUN
     if meta.is_file():
@@ -144,12 +137,6 @@ def _summary_result(out: Path, summary: dict[str, Any], already: bool) -> Finetu
         initial_eval_loss=summary.get("initial_eval_loss"), stopped_early=summary.get("stopped_early", False),
         resumed_from=summary.get("resumed_from"), already_complete=already, summary=summary,
     )
-
-
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _declare_causal_lm_loss(model: Any) -> None:
@@ -294,6 +281,7 @@ def finetune(
     if config is None:
         config = load_config(preset, config_file, overrides)
     config.validate()
+    device = resolve_device(config.device, where=config.origin_of("device"))
     out = Path(output_dir).expanduser()
     _check_output_path(out, overwrite)
     summary_path = out / SUMMARY
@@ -310,7 +298,6 @@ def finetune(
 
     # Everything that can be refused is checked before the output folder is created or changed.
     corpus_data = load_corpus(corpus, config.text_column)
-    device = _resolve_device(config.device)
     hf_model, tok, location = load_hf_model(
         model, tokenizer=tokenizer, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation
     )
