@@ -8,10 +8,11 @@ Python surface::
 
 Modules, one job each:
 
-- ``config``  :class:`FinetuneConfig`: the seed study's presets, YAML and ``--set`` overrides, validated
+- ``config``  :class:`FinetuneConfig`: the seed study's presets, YAML and ``--set`` overrides, one pydantic schema
 - ``data``    corpus loading and tokenisation in the two layouts (truncate: one abstract per row; chunk: blocks)
 - ``log``     the CSV training log and the loss-curve figure
 - ``train``   the Trainer run: checkpoints, resumption, early stopping, LoRA
+- ``checkpoints`` which checkpoint a rerun resumes from (the newest complete one; half-written ones set aside)
 - ``cli``     ``clap finetune``
 
 Why a package of its own: fine-tuning reads the corpus folder that :mod:`corpora` writes but uses none of its

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         help="fine-tune a causal LM on a corpus (presets config-i / config-ii, early stopping, resumable)",
         description="Fine-tune a causal LM on a corpus built by `clap corpus build`. A rerun into the same output "
-        "folder resumes from its last checkpoint; OUT/model appears only when training has finished.",
+        "folder resumes from its newest complete checkpoint; OUT/model appears only when training has finished.",
     )
     p.add_argument("--corpus", required=True, type=Path, help="output folder of `clap corpus build` (or its dataset/)")
     p.add_argument("--model", required=True, help="model source: local folder, .gguf file, hub id or built-in name")
@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"steps:      {s['global_step']} (best {s.get('best_checkpoint')}, validation loss "
           f"{s.get('initial_eval_loss') or float('nan'):.4f} -> {s.get('best_eval_loss') or float('nan'):.4f})"
           + ("; stopped early" if s.get("stopped_early") else ""))
+    if result.resumed_from and not result.already_complete:
+        print(f"resumed:    from {result.resumed_from}")
+    for entry in result.skipped_checkpoints:
+        print(f"skipped:    {entry.name} ({entry.reason}); moved to {entry.moved_to}")
     print(f"log:        {result.log_csv}")
     print(f"figure:     {result.figure}")
     return 0
