@@ -99,6 +99,12 @@ def _check_output_path(out: Path, overwrite: bool) -> None:
     """Fail before any work if ``out`` cannot be used; ``overwrite`` never deletes files that are not ours."""
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"output path {out} exists and is not a folder")
+    # the folder is created only after the model has loaded: check now that it can be (minutes earlier)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise FinetuneError(f"output path {out} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneError(f"output path {out} cannot be written: no write permission on {existing}")
     if overwrite and out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(OWN_NAMES))
         if foreign:

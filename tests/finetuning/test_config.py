@@ -154,3 +154,32 @@ def test_set_null_clears_a_yaml_value(tmp_path: Path):
     path.write_text("subset: 50\n")
     assert load_config(None, path).subset == 50
     assert load_config(None, path, {"subset": None}, {"subset": "--set subset"}).subset is None
+
+
+def test_output_path_that_cannot_be_created_is_refused_up_front(tmp_path: Path, capsys):
+    """Before the fix, 'OUT under a file' passed the checks and failed with a traceback after the model loaded."""
+    import datasets
+
+    corpus = tmp_path / "corpus"
+    rows = {"text": ["Seizures in rats.", "EEG of sleep."]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(corpus))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    capsys.readouterr()  # the datasets progress bar
+
+    def cli(out: Path, *extra: str) -> tuple[int, str]:
+        code = main(["finetune", "--corpus", str(corpus), "--model", str(tmp_path / "no-model"), "-o", str(out),
+                     *extra])
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and err.count("\n") == 0, err
+        return code, err
+
+    assert cli(blocker / "run") == (2, f"clap: error: output path {blocker / 'run'} cannot be created: {blocker} is a "
+                                       "file, not a folder")
+    assert cli(blocker) == (2, f"clap: error: output path {blocker} exists and is not a folder")
+    code, err = cli(tmp_path / "out", "--set", "text_column=txt")
+    assert code == 2 and err.endswith("split 'train' has no 'txt' column (columns: text); did you mean 'text'? "
+                                      "(set text_column)")
+    assert main(["finetune", "--corpus", str(blocker), "--model", "m", "-o", str(tmp_path / "o")]) == 2
+    assert "holds no saved Hugging Face dataset" in capsys.readouterr().err
