@@ -78,7 +78,7 @@ def sample_caveats(data: pd.DataFrame, group: str | None) -> list[str]:
     return []
 
 
-def table_caveats(tables: Mapping[str, pd.DataFrame], alpha: float = 0.05) -> list[str]:
+def table_caveats(tables: Mapping[str, pd.DataFrame], alpha: float = 0.05, group: str | None = None) -> list[str]:
     """Caveats that follow from the test results: dropped probes, sphericity, skipped tests, many slices."""
     out: list[str] = []
     rm = tables.get("rm_anova", pd.DataFrame())
@@ -103,7 +103,7 @@ def table_caveats(tables: Mapping[str, pd.DataFrame], alpha: float = 0.05) -> li
                 f"Mauchly's test is undefined in {len(undefined)} slice(s) because there are fewer probes than layers; "
                 "the Greenhouse-Geisser correction is still applied."
             )
-    n_tests, n_families, n_slices = count_tests(tables)
+    n_tests, n_families, n_slices = count_tests(tables, group)
     if n_families > 1:
         out.append(
             f"{n_tests} tests in {n_slices} slice(s) (metric x site kind x operation x direction x positions) are "
@@ -141,9 +141,10 @@ def validity_caveats(validity: pd.DataFrame, shared: pd.DataFrame, subject: str 
     return out
 
 
-def count_tests(tables: Mapping[str, pd.DataFrame]) -> tuple[int, int, int]:
+def count_tests(tables: Mapping[str, pd.DataFrame], group: str | None = None) -> tuple[int, int, int]:
     """``(tests, families, slices)`` over every table with p-values: each row with a p-value is a test; a table
-    corrected within a slice (``p_corr``) is one family per slice, every other row a family of its own."""
+    corrected within a slice (``p_corr``, ``p_holm``) is one family per slice (per group too, when the table is
+    corrected within each group, as the per-group one-sample tests are), every other row a family of its own."""
     from analyses.select import SELECT_COLUMNS
 
     n_tests = n_families = 0
@@ -156,7 +157,8 @@ def count_tests(tables: Mapping[str, pd.DataFrame]) -> tuple[int, int, int]:
         slices |= set(tested[keys].astype(str).itertuples(index=False, name=None)) if keys else {()}
         n_tests += len(tested)
         if any(c in tested.columns for c in ("p_corr", "p_holm", "p_fdr_bh")) and keys:
-            n_families += len(tested.drop_duplicates(keys))
+            family = keys + ([group] if group and group in tested.columns else [])
+            n_families += len(tested.drop_duplicates(family))
         else:
             n_families += len(tested)
     return n_tests, n_families, len(slices)
@@ -164,5 +166,5 @@ def count_tests(tables: Mapping[str, pd.DataFrame]) -> tuple[int, int, int]:
 
 def collect(data: pd.DataFrame, tables: Mapping[str, pd.DataFrame], group: str | None, alpha: float = 0.05) -> list[str]:
     """All caveats that apply, most fundamental first."""
-    found = [trivial_caveat(data), undefined_caveat(data), *sample_caveats(data, group), *table_caveats(tables, alpha)]
+    found = [trivial_caveat(data), undefined_caveat(data), *sample_caveats(data, group), *table_caveats(tables, alpha, group)]
     return [c for c in found if c]

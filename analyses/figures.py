@@ -422,12 +422,16 @@ def layer_means(
     *,
     site_kinds: Sequence[str] | None = None,
     ci: float = 0.95,
-    agg: str = "mean",
+    agg: str | None = None,
+    position_reduction: str | int = "last",
+    head_reduction: str = "sum",
+    subject_field: str = "subject",
     **select: Any,
 ) -> pd.DataFrame:
     """Per site kind, layer (and group): ``mean``, t-based ``ci_low`` / ``ci_high``, ``sd``, ``n`` over probes.
 
-    Each probe's rows in a layer are first reduced to one value by the rule of :mod:`analyses.select` (``agg``);
+    Each probe's rows in a layer are first reduced to one value by the named rule of :mod:`analyses.reductions`
+    (``position_reduction``, ``head_reduction``; the same rule the tests use, so figure and tables agree);
     every probe that has a value at a layer counts there (no listwise deletion: these are descriptive). The data
     of :func:`layer_contrast` and :func:`module_bars`.
     """
@@ -438,6 +442,8 @@ def layer_means(
     out = []
     for kind in kinds:
         prep = prepare(data, dv, "layer", subject, between=group, missing="keep", agg=agg, min_subjects=1,
+                       position_reduction=position_reduction, head_reduction=head_reduction,
+                       subject_field=subject_field,
                        min_per_group=1, min_groups=1, min_levels=1, site_kind=kind, **select)
         for key, cell in prep.data.groupby(["layer", *([group] if group else [])], sort=True):
             key = key if isinstance(key, tuple) else (key,)

@@ -232,10 +232,14 @@ def analyze(
         figure_skips: list[dict[str, Any]] = []
         result.figures = make_figures(data, tables, out / "figures", dv=dv, group=group, site_kinds=site_kinds, dpi=dpi,
                                       skipped=figure_skips)
+        try:  # the study's own figures: the group contrast per layer and the per-module bars
+            add_study_figures(result, dpi=dpi)
+        except ClapError as exc:
+            figure_skips.append({"test": "figure:add_study_figures", "reason": str(exc)})
         if figure_skips:
             tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(figure_skips)], ignore_index=True)
             (out / TABLE_FILES["skipped"]).write_text(tables["skipped"].to_csv(index=False), encoding="utf-8")
-        result.files.extend(p for f in result.figures for p in f.paths)
+        result.files.extend(p for f in result.figures for p in f.paths if p not in result.files)
     return result
 
 
@@ -626,3 +630,59 @@ def _slug(sel: dict[str, Any]) -> str:
 
 def _label(sel: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sel.items())
+
+
+def add_study_figures(result: Analysis, dpi: int = 200) -> list[FigureFile]:
+    """The figures that answer the study's question, per metric / operation / direction / positions: the group
+    contrast per layer (two or more groups, t-based CIs, ``*`` where the Holm-corrected Welch test differs) and
+    the module view (attention and MLP outputs per layer). Figures ``result`` already holds by name are kept."""
+    import warnings
+
+    from analyses import figures as _figures
+    from analyses.select import AnalysisWarning
+
+    data, o = result.data, result.options
+    group, dv = o.get("group"), o.get("dv", "recovery")
+    have = {f.name for f in result.figures}
+    made: list[FigureFile] = []
+    units = result.tables["units"]
+    outer = [c for c in ("metric", "operation", "direction", "positions") if c in units.columns]
+    kinds_wanted = set(o.get("site_kinds") or [])
+
+    def save(fig: Any, name: str, title: str, caption: str, unit: dict[str, Any]) -> None:
+        if name in have:
+            return
+        paths = _figures.save_figure(fig, result.out_dir / "figures" / name, dpi=dpi)
+        made.append(FigureFile(name, title, caption, unit, paths))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        for key, block in (units.groupby(outer, sort=True) if len(units) else []):
+            sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
+            kinds = [k for k in block["site_kind"] if not kinds_wanted or k in kinds_wanted]
+            if not kinds:
+                continue
+            a = o.get("analysis") or {}
+            head_rule = "sum" if a.get("head_reduction", "sum") == "each" else a.get("head_reduction", "sum")
+            means = _figures.layer_means(data, dv, group, site_kinds=kinds,
+                                         position_reduction=a.get("position_reduction", "last"),
+                                         head_reduction=head_rule, subject_field=a.get("subject_field", "subject"),
+                                         **sel)
+            if group and means[group].nunique() >= 2:
+                post = result.tables["posthoc_groups"]
+                differ = post[_match(post, sel) & (post["p_corr"] < o.get("alpha", 0.05))] if len(post) else None
+                if differ is not None:
+                    differ = differ.rename(columns={"level": "layer"})
+                fig = _figures.layer_contrast(means, group, dv=dv, differ=differ)
+                save(fig, f"contrast_{_slug(sel)}", f"{dv} per layer by {group} ({_label(sel)})",
+                     f"Mean over probes (each probe reduced first: {o.get('agg')}) with 95 % t-based intervals, one panel "
+                     f"per site kind; * marks layers where the {group} groups differ (Welch t, Holm-corrected).", sel)
+            modules = means[means["site_kind"].isin(["attn_out", "mlp_out"])]
+            if len(modules):
+                fig = _figures.module_bars(modules, group, dv=dv)
+                save(fig, f"module_bars_{_slug(sel)}", f"{dv} per module and layer ({_label(sel)})",
+                     "Attention and MLP outputs patched layer by layer: mean over probes with 95 % t-based intervals.", sel)
+    result.figures.extend(made)
+    result.files.extend(p for f in made for p in f.paths)
+    return made
+

@@ -86,67 +86,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **o
     """Run :func:`analyses.pipeline.analyze` (``options`` go to it) and write ``report.html`` and ``report.md``
     into its output folder (default ``RESULTS_DIR/analysis``)."""
     result = analyze(results_dir, out_dir, **options)
-    if options.get("figures", True):
-        add_study_figures(result, dpi=options.get("dpi", 200))
     html_path = result.out_dir / "report.html"
     md_path = result.out_dir / "report.md"
     html_path.write_text(render_html(result), encoding="utf-8")
     md_path.write_text(render_markdown(result), encoding="utf-8")
     return ReportFiles(html_path, md_path, result)
-
-
-def add_study_figures(result: Analysis, dpi: int = 200) -> list[FigureFile]:
-    """The figures that answer the study's question, per metric / operation / direction / positions: the group
-    contrast per layer (two or more groups, t-based CIs, ``*`` where the Holm-corrected Welch test differs) and
-    the module view (attention and MLP outputs per layer). Figures ``result`` already holds by name are kept."""
-    import warnings
-
-    from analyses import figures as _figures
-    from analyses.pipeline import _label, _match, _slug
-    from analyses.select import AnalysisWarning
-
-    data, o = result.data, result.options
-    group, dv = o.get("group"), o.get("dv", "recovery")
-    have = {f.name for f in result.figures}
-    made: list[FigureFile] = []
-    units = result.tables["units"]
-    outer = [c for c in ("metric", "operation", "direction", "positions") if c in units.columns]
-    kinds_wanted = set(o.get("site_kinds") or [])
-
-    def save(fig: Any, name: str, title: str, caption: str, unit: dict[str, Any]) -> None:
-        if name in have:
-            return
-        paths = _figures.save_figure(fig, result.out_dir / "figures" / name, dpi=dpi)
-        made.append(FigureFile(name, title, caption, unit, paths))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AnalysisWarning)
-        for key, block in (units.groupby(outer, sort=True) if len(units) else []):
-            sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
-            kinds = [k for k in block["site_kind"] if not kinds_wanted or k in kinds_wanted]
-            if not kinds:
-                continue
-            means = _figures.layer_means(data, dv, group, site_kinds=kinds, agg=o.get("agg", "mean"), **sel)
-            if group and means[group].nunique() >= 2:
-                post = result.tables["posthoc_groups"]
-                differ = post[_match(post, sel) & (post["p_corr"] < o.get("alpha", 0.05))] if len(post) else None
-                if differ is not None:
-                    differ = differ.rename(columns={"level": "layer"})
-                fig = _figures.layer_contrast(means, group, dv=dv, differ=differ)
-                save(fig, f"contrast_{_slug(sel)}", f"{dv} per layer by {group} ({_label(sel)})",
-                     "Mean over probes (each probe's mean over positions first) with 95 % t-based intervals, one panel "
-                     f"per site kind; * marks layers where the {group} groups differ (Welch t, Holm-corrected).", sel)
-            modules = means[means["site_kind"].isin(["attn_out", "mlp_out"])]
-            if len(modules):
-                fig = _figures.module_bars(modules, group, dv=dv)
-                save(fig, f"module_bars_{_slug(sel)}", f"{dv} per module and layer ({_label(sel)})",
-                     "Attention and MLP outputs patched layer by layer: mean over probes with 95 % t-based intervals.", sel)
-    result.figures.extend(made)
-    result.files.extend(p for f in made for p in f.paths)
-    return made
-
-
-# ----------------------------------------------------------------------------------------------- shared content
 
 
 def _fmt(value: Any) -> str:
@@ -234,26 +178,9 @@ def findings(result: Analysis) -> list[tuple[str, list[str]]]:
 
 
 def _methods(result: Analysis) -> list[str]:
-    o = result.options
-    group = o.get("group")
-    return [
-        f"Dependent variable: `{o['dv']}`, one value per probe and layer: the {o['agg']} over that probe's rows in the "
-        "layer (positions, and heads or sites of the layer). Rows flagged `trivial`, sites outside the layer stack and "
-        "undefined values are excluded first.",
-        "Each slice (one metric, site kind, operation, direction and position selection) is tested separately.",
-        {
-            "drop_subjects": "Missing cells: probes lacking any layer are dropped from the repeated-measures tests (listwise).",
-            "drop_levels": "Missing cells: layers that some probe lacks are dropped from the tests.",
-            "error": "Missing cells: refused (none present).",
-        }.get(o["missing"], f"Missing cells: {o['missing']}."),
-        "Repeated-measures ANOVA (pingouin) with Mauchly's sphericity test and Greenhouse-Geisser correction; effect "
-        "size partial eta squared (np2). Friedman test (chi-square, Kendall's W) as the rank-based alternative.",
-        (f"Mixed ANOVA with layer within and `{group}` between, interaction included; Welch t-tests between groups at "
-         "each layer, Holm-corrected over layers and group pairs." if group else "No group column: no group tests."),
-        "Post-hoc paired t-tests between all pairs of layers, Holm-corrected; Hedges' g (d_av with small-sample factor).",
-        f"Percentile-bootstrap 95 % intervals of the mean over probes (probes resampled), {o['n_boot']} resamples, "
-        f"seed {o['seed']}.",
-    ]
+    """The Methods text the analysis wrote (:attr:`Analysis.methods`): it names the reduction, subject unit,
+    exclusions, interval and sums-of-squares type, and only the tests that ran, so it cannot claim what was not done."""
+    return list(getattr(result, "methods", None) or [])
 
 
 # ---------------------------------------------------------------------------------------------------- HTML

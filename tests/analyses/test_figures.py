@@ -236,10 +236,13 @@ def test_line_plot_thins_layer_ticks():
     assert all(float(t.get_text()).is_integer() for t in shown)
 
 
-def test_layer_means_are_per_probe_means_with_t_intervals(results):
+def test_layer_means_are_per_probe_last_position_values_with_t_intervals(results):
+    """Each probe contributes its value at its own last token (the default reduction), never a mean over positions."""
     means = layer_means(results, group=GROUP, site_kinds=("attn_out",), metric="logit_diff")
     rows = results[(results.metric == "logit_diff") & (results.site_kind == "attn_out") & results.recovery_defined]
-    per_probe = rows.groupby(["probe_id", GROUP, "layer"]).recovery.mean().reset_index()
+    last = rows.groupby("probe_id").position.transform("max")
+    per_probe = rows[rows.position == last].groupby(["probe_id", GROUP, "layer"]).recovery.mean().reset_index()
+    assert per_probe.groupby(["probe_id", "layer"]).size().max() == 1
     for (g, layer), cell in per_probe.groupby([GROUP, "layer"]):
         row = means[(means[GROUP] == g) & (means["layer"] == layer)].iloc[0]
         x = cell["recovery"].to_numpy()

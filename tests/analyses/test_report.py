@@ -61,7 +61,9 @@ def test_analyze_writes_every_table_and_figure(small_dir, tmp_path, capsys):
     assert set(triv["site"]) == {"lm_head", "final_norm"} and (triv["mean_recovery"] == 1).all()
     figs = sorted(p.name for p in (tmp_path / "figures").iterdir())
     stems = sorted({Path(f).stem for f in figs})
-    assert len(figs) == 2 * len(stems) and len(stems) == 6  # site-kind map, 2 x (line, position map), modules
+    # site-kind map, 2 x (line, position map), per-site bars, the group contrast and the per-module bars
+    assert len(figs) == 2 * len(stems) and len(stems) == 8
+    assert {"contrast_logit-diff-replace-denoising-all", "module_bars_logit-diff-replace-denoising-all"} <= set(stems)
     assert all((tmp_path / "figures" / f"{s}.svg").is_file() for s in stems)
     caveats = (tmp_path / "caveats.md").read_text()
     for phrase in ("by construction", "undefined", "Small samples", "Missing cells"):
@@ -146,8 +148,9 @@ def test_single_probe_report_explains_instead_of_failing(tmp_path):
     assert rm.empty and {"F", "p_GG_corr", "np2", "n_subjects"} <= set(rm.columns)
     page = (out / "report.html").read_text()
     assert "Only 1 probe: no test across layers is possible" in page
-    text = lxml.html.fromstring(page).text_content()  # (base64 image data may spell anything)
-    assert "Not run" in text and "NaN" not in text
+    doc = lxml.html.fromstring(page)  # (base64 image data may spell anything: read the rendered text)
+    assert "Not run" in doc.text_content()
+    assert not [td.text_content() for td in doc.iter("td") if "NaN" in td.text_content()]
 
 
 def test_cli_errors_are_clear(tmp_path, small_dir, capsys):
@@ -255,11 +258,15 @@ def test_between_group_row_of_mixed_anova_is_bold(group_effect_analysis):
 
 def test_false_positive_caveat_counts_every_reported_test(group_effect_analysis):
     tables = group_effect_analysis.tables
-    # one slice: rm 1 + Friedman 1 + mixed 3 rows (each its own family), and two Holm families of post-hoc tests
-    n_tests = 1 + 1 + 3 + len(tables["posthoc_layers"]) + len(tables["posthoc_groups"])
+    # one slice: rm 1 + Friedman 1 + mixed 3 rows (each its own family), two Holm families of post-hoc tests, the
+    # one-sample tests across layers (one Holm family) and per group (one family per group)
+    n_groups = tables["one_sample_groups"][GROUP].nunique()
+    assert n_groups == 2
+    n_tests = (1 + 1 + 3 + len(tables["posthoc_layers"]) + len(tables["posthoc_groups"]) + len(tables["one_sample"])
+               + len(tables["one_sample_groups"]))
     caveat = next(c for c in group_effect_analysis.caveats if "false positives" in c)
     assert caveat.startswith(f"{n_tests} tests in 1 slice(s)")
-    assert "in 7 separately corrected families" in caveat and "about 0.4 false positives" in caveat
+    assert "in 10 separately corrected families" in caveat and "about 0.5 false positives" in caveat
 
 
 # ------------------------------------------------------------------------------------------------ findings
