@@ -26,7 +26,10 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """Which weights: a hub id, a local directory, a ``.gguf`` file, or a built-in name (``smollm2-135m``)."""
+    """Which weights: a hub id, a local directory, a ``.gguf`` file, or a built-in name (``smollm2-135m``).
+
+    A relative ``source`` (or ``tokenizer``) path is resolved like ``probes.file``, against the spec file's folder,
+    when something exists there; otherwise it is used as given (a hub id, or a path from the working directory)."""
 
     source: str
     gguf_file: str | None = None

@@ -4,7 +4,9 @@
 >>> frame = study.run("results/")                 # results/results.parquet + results/run.json
 
 Resuming: each finished batch is written to ``<out>/.partial/<plan fingerprint>/`` as it completes; a rerun of the
-same spec skips those batches, so an interrupted study loses at most the batch in flight.
+same spec skips those batches, so an interrupted study loses at most the batch in flight. The plan fingerprint covers
+every weight, so batches computed with other weights are never reused (the rerun says it starts afresh). The output
+folder is locked for the run (``<out>/.clap.lock``), and a finished run removes only its own partial folder.
 """
 
 from __future__ import annotations
