@@ -104,7 +104,7 @@ class Study:
             )
         return self._model
 
-    def probes(self, tokenizer: Any = None) -> list[Probe]:
+    def probes(self, tokenizer: Any = None, warn: bool = True) -> list[Probe]:
         probes = load_probes(self.spec.probes, tokenizer or self.model.tokenizer, self.spec.base_dir)
         check_alignment(probes, self.spec.alignment)
         for metric in ("logit_diff",):
@@ -115,7 +115,7 @@ class Study:
                         f"metric {metric} needs a `wrong` answer for every probe; missing for "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
                     )
-        check_distinct_prompts(probes)
+        check_distinct_prompts(probes, warn)
         return probes
 
     def sites(self) -> list[Site]:
@@ -175,11 +175,11 @@ class Study:
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(config)
             tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(self.model_source(m.tokenizer) or location))
-        except (OSError, ValueError) as exc:
-            log.debug("pre-load checks skipped: %s", exc)  # the loader reports it with its own message
+        except Exception as exc:  # noqa: BLE001 - the loader reports any such problem with its own message
+            log.debug("pre-load checks skipped: %s", exc)
             return
         self._site_groups(skeleton)
-        self.probes(tokenizer)
+        self.probes(tokenizer, warn=False)  # the run warns once, with the loaded model's tokenizer
 
     # -- execution ------------------------------------------------------------------------------------------
     def run(self, out_dir: str | Path | None = None) -> pd.DataFrame:
@@ -400,7 +400,7 @@ def _few(ids: list[str], n: int = 5) -> str:
     return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
 
 
-def check_distinct_prompts(probes: list[Probe]) -> None:
+def check_distinct_prompts(probes: list[Probe], warn: bool = True) -> None:
     """Refuse a probe set none of whose probes can have a defined recovery, before any weights load.
 
     Why: recovery = (patched - corrupted) / (clean - corrupted). A probe whose clean and corrupted prompts are the
@@ -414,7 +414,7 @@ def check_distinct_prompts(probes: list[Probe]) -> None:
             f"no probe can have a defined recovery: every probe's clean and corrupted prompts are the same tokens "
             f"({_few(same)}), so clean - corrupted = 0 for every metric; give corrupted prompts that differ"
         )
-    if same:
+    if same and warn:
         log.warning("%d of %d probes have identical clean and corrupted prompts (%s): their recovery is undefined",
                     len(same), len(probes), _few(same))
 

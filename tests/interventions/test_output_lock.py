@@ -73,7 +73,8 @@ def test_cli_exits_2_with_one_line_before_loading_the_model(held_lock, tmp_path,
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, tiny_gpt2):
     out = tmp_path / "out"
     out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
+                          text=True)
     (out / ".clap.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "h", "started": 0}))
     frame = Study(_spec(), model=tiny_gpt2).run(out)
     assert len(frame) == len(PROBES) * 3 and (out / "results.parquet").is_file()
