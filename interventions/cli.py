@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_patch(args: argparse.Namespace) -> int:
+    from clap.devices import resolve_device
     from interventions.spec import StudySpec
     from interventions.study import Study
 
@@ -44,6 +45,7 @@ def run_patch(args: argparse.Namespace) -> int:
     if args.max_rows is not None:
         execution.max_rows = args.max_rows
     if args.device:
+        resolve_device(args.device, where="--device")  # before the spec's own setting is replaced and checked
         execution.device = args.device
     if args.no_progress:
         execution.progress = False

@@ -13,6 +13,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
+from interventions.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +78,10 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
-    """Dequantise a GGUF file once into a safetensors directory and return that directory.
-
-    The directory is written under a temporary name and renamed when complete, so an interrupted conversion
-    is never mistaken for a finished one.
-    """
+def _convert_into(gguf_path: Path, folder: Path) -> None:
+    """Dequantise ``gguf_path`` and save it (weights, config, tokenizer) into the existing ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise ModelLoadError(f"GGUF file not found: {gguf_path}")
-    target = (cache_dir or cache_root() / "gguf") / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
-    if (target / "config.json").is_file():
-        return target
-    log.info("converting %s to safetensors in %s (once; later loads take ~1 s)", gguf_path.name, target)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
@@ -98,14 +90,43 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / "clap-source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
-    if target.exists():  # another process finished first
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Dequantise a GGUF file once into a safetensors directory and return that directory.
+
+    Two processes may ask for the same conversion at once (two studies started together): the conversion runs under
+    a file lock, in a temporary folder private to the converting process, and is published by one atomic rename;
+    a process that waited on the lock finds the published folder and reuses it. A failed conversion removes its
+    temporary folder, and temporaries of this target left by a process that died are removed by the next converter
+    (it holds the lock, so nobody else can be writing them).
+    """
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {gguf_path}")
+    root = cache_dir or cache_root() / "gguf"
+    target = root / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    if (target / "config.json").is_file():
         return target
-    partial.rename(target)
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(root / f"{target.name}.lock", wait=True):
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return target
+        for orphan in [*root.glob(f"{target.name}.tmp-*"), root / f"{target.name}.partial"]:
+            shutil.rmtree(orphan, ignore_errors=True)
+        log.info("converting %s to safetensors in %s (once; later loads take ~1 s)", gguf_path.name, target)
+        temporary = Path(tempfile.mkdtemp(dir=root, prefix=f"{target.name}.tmp-"))
+        try:
+            _convert_into(gguf_path, temporary)
+            (temporary / "clap-source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
+            if target.exists():  # an incomplete folder (no config.json) from an older clap: replace it
+                shutil.rmtree(target)
+            temporary.rename(target)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
     return target
 
 
@@ -207,21 +228,65 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, identity: dict[str, Any] | N
     hf_model.eval()
     tokenizer = prepare_tokenizer(tokenizer)
     nn_model = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
-    ident = model_identity(hf_model)
+    ident = model_identity(hf_model, (identity or {}).get("location"))
     ident.update(identity or {})
     return LoadedModel(nn=nn_model, hf=hf_model, tokenizer=tokenizer, identity=ident)
 
 
-def model_identity(hf_model: torch.nn.Module) -> dict[str, Any]:
+def _file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, cached in ``$CLAP_CACHE/fingerprints.json`` by (path, size, mtime_ns): a model
+    directory is hashed in full once, and a rerun only stats its files."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    store = cache_root() / "fingerprints.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    known[key] = digest.hexdigest()
+    try:  # a cache only: a lost race between two writers costs a re-hash, never a wrong answer
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(store)
+    except OSError:
+        pass
+    return known[key]
+
+
+def weights_fingerprint(hf_model: torch.nn.Module, location: str | Path | None = None) -> str | None:
+    """A digest of *every* weight, so resuming never mixes batches computed with different weights.
+
+    For a model loaded from a local directory of safetensors files the files' bytes are hashed (cached, see
+    :func:`_file_digest`); otherwise every tensor's name, shape, dtype and bytes are hashed in name order. A model on
+    the meta device (NDIF) has no local weights: None.
+    """
+    state = hf_model.state_dict()
+    if any(t.device.type == "meta" for t in state.values()):
+        return None
+    folder = Path(location) if location else None
+    files = sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
+    digest = hashlib.blake2b(digest_size=8)
+    if files:
+        for file in files:
+            digest.update(f"{file.name}:{_file_digest(file)};".encode())
+        return digest.hexdigest()
+    for name, tensor in sorted(state.items()):
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def model_identity(hf_model: torch.nn.Module, location: str | Path | None = None) -> dict[str, Any]:
     """What a results sidecar records so a reader knows exactly which weights produced the numbers."""
     config = hf_model.config
-    digest = hashlib.sha256()
-    for name, tensor in sorted(hf_model.state_dict().items())[:8]:  # cheap, stable weight fingerprint
-        if tensor.device.type == "meta":  # a remote (NDIF) model has no local weights to fingerprint
-            digest = None
-            break
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().flatten()[:256].cpu().numpy().tobytes())
     return {
         "architecture": (config.architectures or [type(hf_model).__name__])[0],
         "model_type": config.model_type,
@@ -231,7 +296,7 @@ def model_identity(hf_model: torch.nn.Module) -> dict[str, Any]:
         "vocab_size": getattr(config, "vocab_size", None),
         "n_parameters": sum(p.numel() for p in hf_model.parameters()),
         "dtype": str(next(hf_model.parameters()).dtype).replace("torch.", ""),
-        "weights_fingerprint": digest.hexdigest()[:16] if digest else None,
+        "weights_fingerprint": weights_fingerprint(hf_model, location),
     }
 
 

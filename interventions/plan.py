@@ -57,12 +57,21 @@ class Plan:
 
         Settings that cannot change a number (progress bars; local vs simulated-remote execution) are left out, so
         a rerun with ``--no-progress`` still resumes."""
+        return self._digest(with_model=True)
+
+    @property
+    def content_key(self) -> str:
+        """The fingerprint without the weights: equal content keys with different fingerprints mean the same study
+        was run on changed weights (which a rerun reports rather than resuming)."""
+        return self._digest(with_model=False)
+
+    def _digest(self, with_model: bool) -> str:
         spec = self.spec.to_dict()
         spec["execution"] = {k: v for k, v in spec["execution"].items() if k not in ("progress", "remote")}
         payload = json.dumps(
             {
                 "spec": spec,
-                "model": self.model_key,
+                "model": self.model_key if with_model else None,
                 "probes": [(p.id, p.clean_ids, p.corrupted_ids, p.answer_ids, p.wrong_ids) for p in self.probes],
                 "cells": len(self.cells),
             },

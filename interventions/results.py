@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+
+from clap.errors import ClapError
 
 RESULTS_FILE = "results.parquet"
 SIDECAR_FILE = "run.json"
@@ -75,6 +78,29 @@ def to_frame(frame: pd.DataFrame, group_columns: Sequence[str]) -> pd.DataFrame:
         frame[column] = frame[column].astype("float64")
     ordered = ["probe_id", *group_columns]
     return frame[ordered + [c for c in frame.columns if c not in ordered]]
+
+
+def prepare_output_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` and prove it writable, before any model is loaded: a typo'd ``-o`` that names a file or
+    a folder without write permission must fail in a second, not after the weights load and the first batch runs.
+    Writability is tested by creating a temporary file there (permission bits alone say nothing about read-only
+    file systems or root)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ClapError(f"output folder {out_dir} is an existing file; results are written into a folder "
+                        f"({RESULTS_FILE} + {SIDECAR_FILE}): choose another path")
+    for parent in out_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ClapError(f"output folder {out_dir} cannot be created: {parent} is a file")
+            break
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise ClapError(f"output folder {out_dir} is not writable: {exc.strerror or exc}") from None
+    return out_dir
 
 
 def write_results(out_dir: Path, frame: pd.DataFrame, sidecar: dict[str, Any]) -> Path:

@@ -136,7 +136,14 @@ class SiteResolver:
         self._module_set = set(self.module_names)
         self.n_layers = len(hf_model.get_submodule(self.arch.layers)) if self.arch else 0
         self.n_heads = n_heads(hf_model) if self.arch else 0
-        self._order = execution_order(hf_model)
+        self._order_map: dict[tuple[str, str], int] | None = None
+
+    @property
+    def _order(self) -> dict[tuple[str, str], int]:
+        """Recorded on first use (a forward pass), so addresses can be checked on a meta-device model first."""
+        if self._order_map is None:
+            self._order_map = execution_order(self.hf_model)
+        return self._order_map
 
     # -- public -------------------------------------------------------------------------------------------
     def resolve(self, addresses: Iterable[str]) -> list[Site]:

@@ -28,7 +28,10 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """Which weights: a hub id, a local directory, a ``.gguf`` file, or a built-in name (``smollm2-135m``)."""
+    """Which weights: a hub id, a local directory, a ``.gguf`` file, or a built-in name (``smollm2-135m``).
+
+    A relative ``source`` (or ``tokenizer``) path is resolved like ``probes.file``, against the spec file's folder,
+    when something exists there; otherwise it is used as given (a hub id, or a path from the working directory)."""
 
     source: str
     gguf_file: str | None = None
@@ -183,6 +186,9 @@ class StudySpec(_Strict):
 
     #: where the spec was read from (relative probe files resolve against it); not part of the schema
     _base_dir: Path | None = None
+    #: the spec file and its key-path -> line map, so checks after validation can name file and line too
+    _source: str | None = None
+    _lines: dict | None = None
 
     @field_validator("operations", mode="before")
     @classmethod
@@ -217,6 +223,8 @@ class StudySpec(_Strict):
             raise SpecError(f"{path}: a study spec is a YAML mapping (model:, probes:, sites:, ...)")
         spec = cls.from_dict(data, source=str(path), lines=lines)
         spec._base_dir = path.parent
+        spec._source = str(path)
+        spec._lines = lines
         return spec
 
     @classmethod
@@ -232,6 +240,15 @@ class StudySpec(_Strict):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    def where(self, location: tuple) -> str:
+        """``study.yaml:7: patches[1].sites[0]`` for a key path, for errors found after validation (sites, devices);
+        just the field path when the spec was built in Python."""
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in location).lstrip(".")
+        if self._source is None:
+            return field
+        line = line_of(self._lines or {}, location)
+        return f"{self._source}:{line}: {field}" if line else f"{self._source}: {field}"
 
 
 POSITION_HELP = (

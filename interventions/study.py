@@ -4,11 +4,14 @@
 >>> frame = study.run("results/")                 # results/results.parquet + results/run.json
 
 Resuming: each finished batch is written to ``<out>/.partial/<plan fingerprint>/`` as it completes; a rerun of the
-same spec skips those batches, so an interrupted study loses at most the batch in flight.
+same spec skips those batches, so an interrupted study loses at most the batch in flight. The plan fingerprint covers
+every weight, so batches computed with other weights are never reused (the rerun says it starts afresh). The output
+folder is locked for the run (``<out>/.clap.lock``), and a finished run removes only its own partial folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -18,9 +21,19 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from clap.devices import resolve_device
 from clap.errors import ClapError
 from interventions import execute
-from interventions.models import LoadedModel, load_model, load_remote_model
+from interventions.locks import exclusive_lock
+from interventions.models import (
+    BUILTIN_GGUF,
+    LoadedModel,
+    load_model,
+    load_remote_model,
+    prepare_tokenizer,
+    resolve_source,
+    weights_fingerprint,
+)
 from interventions.plan import (
     Cell,
     PatchConstants,
@@ -32,11 +45,16 @@ from interventions.plan import (
     rows_for_budget,
 )
 from interventions.probes import Probe, check_alignment, load_probes
-from interventions.results import package_versions, recovery, to_frame, write_results
-from interventions.sites import Site, SiteResolver
+from interventions.results import package_versions, prepare_output_dir, recovery, to_frame, write_results
+from interventions.sites import Site, SiteError, SiteResolver
 from interventions.spec import StudySpec
 
 log = logging.getLogger(__name__)
+
+#: held for the whole run so that two runs never write one output folder
+LOCK_FILE = ".clap.lock"
+#: in each partial folder: which plan content and weights its batches belong to
+PLAN_FILE = "plan.json"
 
 
 class Study:
@@ -51,6 +69,24 @@ class Study:
         return cls(StudySpec.from_yaml(path), model=model)
 
     # -- compilation ----------------------------------------------------------------------------------------
+    def model_source(self, value: str | None = None) -> str | None:
+        """``model.source`` (or ``value``, e.g. ``model.tokenizer``) with a relative path resolved like
+        ``probes.file``: against the spec file's folder when something exists there, else as given (a hub id, a
+        built-in name, or a path relative to the working directory)."""
+        value = self.spec.model.source if value is None else value
+        base = self.spec._base_dir
+        if not value or value in BUILTIN_GGUF or base is None:
+            return value
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return value
+        candidate = base / path
+        return str(candidate) if candidate.exists() else value
+
+    def device(self) -> str:
+        """``execution.device`` checked (type, availability, index) before anything is loaded onto it."""
+        return resolve_device(self.spec.execution.device, where=self.spec.where(("execution", "device")))
+
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
@@ -59,17 +95,17 @@ class Study:
                 self._model = load_remote_model(m.source, revision=m.revision, tokenizer=m.tokenizer)
                 return self._model
             self._model = load_model(
-                m.source,
+                self.model_source(),
                 gguf_file=m.gguf_file,
-                tokenizer=m.tokenizer,
+                tokenizer=self.model_source(m.tokenizer),
                 revision=m.revision,
                 dtype=self.spec.execution.dtype,
-                device=self.spec.execution.device,
+                device=self.device(),
             )
         return self._model
 
-    def probes(self) -> list[Probe]:
-        probes = load_probes(self.spec.probes, self.model.tokenizer, self.spec.base_dir)
+    def probes(self, tokenizer: Any = None, warn: bool = True) -> list[Probe]:
+        probes = load_probes(self.spec.probes, tokenizer or self.model.tokenizer, self.spec.base_dir)
         check_alignment(probes, self.spec.alignment)
         for metric in ("logit_diff",):
             if metric in self.spec.metrics:
@@ -79,28 +115,89 @@ class Study:
                         f"metric {metric} needs a `wrong` answer for every probe; missing for "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
                     )
+        check_distinct_prompts(probes, warn)
         return probes
 
     def sites(self) -> list[Site]:
         """Every concrete site of the study, in forward-execution order."""
         return self.plan().sites
 
+    def _site_groups(self, hf_model: torch.nn.Module) -> tuple[SiteResolver, list[list[Site]]]:
+        """Resolve every patch group's addresses; an error names the spec file, line and field of the address."""
+        resolver = SiteResolver(hf_model)
+        locations = ([("sites",)] if self.spec.sites else []) + [
+            ("patches", g, "sites") for g in range(len(self.spec.patches or []))
+        ]
+        groups = []
+        for location, (addresses, _, _) in zip(locations, self.spec.groups()):
+            sites: dict[str, Site] = {}
+            for i, address in enumerate(addresses):
+                try:
+                    expanded = resolver.expand(address)
+                except SiteError as exc:
+                    raise SiteError(f"{self.spec.where(location + (i,))}: {exc}") from None
+                for site in expanded:
+                    sites.setdefault(site.name, site)
+            groups.append(list(sites.values()))
+        return resolver, groups
+
     def plan(self) -> Plan:
-        resolver = SiteResolver(self.model.hf)
-        groups = [(resolver.resolve(addresses), positions, ops) for addresses, positions, ops in self.spec.groups()]
+        resolver, site_groups = self._site_groups(self.model.hf)
+        groups = [
+            (sorted(sites, key=resolver.order_key), positions, ops)
+            for sites, (_, positions, ops) in zip(site_groups, self.spec.groups())
+        ]
         plan = compile_plan(self.spec, self.probes(), groups, self.model.tokenizer, resolver.order_key)
         identity = self.model.identity
+        if identity.get("weights_fingerprint") is not None:  # in-memory weights may have changed since loading
+            identity["weights_fingerprint"] = weights_fingerprint(self.model.hf, identity.get("location"))
         plan.model_key = f"{identity.get('architecture')}:{identity.get('weights_fingerprint')}"
         if plan.dropped:
             log.warning("%d cells not run: under right alignment none of their tokens has a source counterpart",
                         plan.dropped)
         return plan
 
+    def check(self) -> None:
+        """What can be checked before the weights load: the device, the model source, every site address (against
+        the model's config, built on the meta device) and the probes (with the tokenizer alone)."""
+        if self._model is not None:
+            self._site_groups(self._model.hf)
+            return
+        if self.spec.execution.remote is True:
+            return  # the remote model is built on the meta device anyway; plan() checks it
+        self.device()
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        m = self.spec.model
+        location, _ = resolve_source(self.model_source(), gguf_file=m.gguf_file, revision=m.revision)
+        try:
+            config = AutoConfig.from_pretrained(location, revision=m.revision)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config)
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(self.model_source(m.tokenizer) or location))
+        except Exception as exc:  # noqa: BLE001 - the loader reports any such problem with its own message
+            log.debug("pre-load checks skipped: %s", exc)
+            return
+        self._site_groups(skeleton)
+        self.probes(tokenizer, warn=False)  # the run warns once, with the loaded model's tokenizer
+
     # -- execution ------------------------------------------------------------------------------------------
     def run(self, out_dir: str | Path | None = None) -> pd.DataFrame:
-        """Run every cell in batched forward passes; write results to ``out_dir`` if given; return the frame."""
+        """Run every cell in batched forward passes; write results to ``out_dir`` if given; return the frame.
+
+        ``out_dir`` is checked (writable folder) and locked (``<out>/.clap.lock``) first, so a second run into the
+        same folder stops at once, naming the run that holds it."""
+        execute.check_remote(self.spec.execution.remote, self.spec.model.source)
+        if out_dir is None:
+            self.check()
+            return self._run(None)
+        out = prepare_output_dir(Path(out_dir))
+        with exclusive_lock(out / LOCK_FILE, wait=False, what=f"output folder {out}"):
+            self.check()
+            return self._run(out)
+
+    def _run(self, out: Path | None) -> pd.DataFrame:
         spec = self.spec
-        execute.check_remote(spec.execution.remote, spec.model.source)
         plan = self.plan()
         if not plan.cells:
             raise ClapError(f"the study has no cells to run ({plan.dropped} dropped under right alignment)")
@@ -123,33 +220,37 @@ class Study:
             torch.finfo(next(hf.parameters()).dtype).bits // 8,
         )
         chunks = chunk_cells(plan, max_rows)
-        partial_dir = Path(out_dir) / ".partial" / plan.fingerprint if out_dir else None
-        if partial_dir:
-            partial_dir.mkdir(parents=True, exist_ok=True)
+        partial_dir = open_partial_dir(out, plan) if out else None
         pad_id = model.tokenizer.pad_token_id
         unembed = self._unembed_module()
         frames = []
+        baselines = BaselineCheck(spec, len(plan.probes))
         progress = tqdm(total=len(plan.cells), desc=f"patching {spec.name}", unit="cell", disable=not spec.execution.progress)
         for index, cells in enumerate(chunks):
             done = partial_dir / f"batch-{index:05d}.parquet" if partial_dir else None
             if done and done.is_file():
-                frames.append(pd.read_parquet(done))
-                progress.update(len(cells))
-                continue
-            batch = build_batch(plan, cells, index, pad_id, constants)
-            metrics = execute.run_batch(model.nn, batch, remote=spec.execution.remote, unembed_module=unembed)
-            frame = self._tidy(plan, batch, cells, metrics)
-            if done:
-                frame.to_parquet(done.with_suffix(".tmp"), index=False)
-                done.with_suffix(".tmp").replace(done)
+                frame = pd.read_parquet(done)
+            else:
+                batch = build_batch(plan, cells, index, pad_id, constants)
+                metrics = execute.run_batch(model.nn, batch, remote=spec.execution.remote, unembed_module=unembed)
+                frame = self._tidy(plan, batch, cells, metrics)
+                if done:
+                    frame.to_parquet(done.with_suffix(".tmp"), index=False)
+                    done.with_suffix(".tmp").replace(done)
             frames.append(frame)
+            baselines.update(frame)
             progress.update(len(cells))
         progress.close()
+        baselines.report()
         group_columns = sorted(plan.probes[0].labels)
         result = to_frame(pd.concat(frames, ignore_index=True), group_columns)
-        if out_dir:
-            write_results(Path(out_dir), result, self._sidecar(plan, group_columns, len(chunks), max_rows))
-            shutil.rmtree(Path(out_dir) / ".partial", ignore_errors=True)
+        if out:
+            write_results(out, result, self._sidecar(plan, group_columns, len(chunks), max_rows))
+            shutil.rmtree(partial_dir, ignore_errors=True)  # only this plan's batches: others may resume later
+            try:
+                partial_dir.parent.rmdir()
+            except OSError:
+                pass  # other plans' partial batches remain
         return result
 
     def _unembed_module(self) -> str | None:
@@ -293,3 +394,87 @@ def is_trivial(cell: Cell, n_target: int) -> bool:
         and cell.operation.name == "replace"
         and (n_target - 1) in cell.positions.indices
     )
+
+
+def _few(ids: list[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def check_distinct_prompts(probes: list[Probe], warn: bool = True) -> None:
+    """Refuse a probe set none of whose probes can have a defined recovery, before any weights load.
+
+    Why: recovery = (patched - corrupted) / (clean - corrupted). A probe whose clean and corrupted prompts are the
+    same tokens has identical clean and corrupted runs (no patch touches the baseline rows), so its denominator is
+    zero for every metric; if that holds for every probe the whole study would run only to report NaN. A set where
+    only some probes are like that still runs (their rows are marked undefined), with a warning.
+    """
+    same = [p.id for p in probes if list(p.clean_ids) == list(p.corrupted_ids)]
+    if same and len(same) == len(probes):
+        raise ClapError(
+            f"no probe can have a defined recovery: every probe's clean and corrupted prompts are the same tokens "
+            f"({_few(same)}), so clean - corrupted = 0 for every metric; give corrupted prompts that differ"
+        )
+    if same and warn:
+        log.warning("%d of %d probes have identical clean and corrupted prompts (%s): their recovery is undefined",
+                    len(same), len(probes), _few(same))
+
+
+class BaselineCheck:
+    """Watches the baseline rows batch by batch and stops the study as soon as every probe has been seen and none
+    has |clean - corrupted| > recovery_epsilon for any metric: such a study can only report NaN recovery."""
+
+    def __init__(self, spec: StudySpec, n_probes: int):
+        self.spec = spec
+        self.n_probes = n_probes
+        self.seen: set[str] = set()
+        self.defined: set[str] = set()
+
+    def update(self, frame: pd.DataFrame) -> None:
+        self.seen.update(frame.probe_id.unique())
+        gap = (frame.clean - frame.corrupted).abs() > self.spec.recovery_epsilon
+        self.defined.update(frame.probe_id[gap].unique())
+        if len(self.seen) == self.n_probes and not self.defined:
+            raise ClapError(
+                f"recovery is undefined for every probe: |clean - corrupted| <= recovery_epsilon "
+                f"({self.spec.recovery_epsilon:g}) for every metric ({', '.join(self.spec.metrics)}) in "
+                f"{_few(sorted(self.seen))}: the corrupted prompts do not move the answer scores, so no patch can "
+                f"be measured against them; use corrupted prompts that change the answer"
+            )
+
+    def report(self) -> None:
+        undefined = sorted(self.seen - self.defined)
+        if undefined:
+            log.warning("%d of %d probes have undefined recovery for every metric (|clean - corrupted| <= %g): %s",
+                        len(undefined), len(self.seen), self.spec.recovery_epsilon, _few(undefined))
+
+
+def open_partial_dir(out: Path, plan: Plan) -> Path:
+    """``<out>/.partial/<plan fingerprint>/`` (created), saying when other partial batches there are not reused.
+
+    Each partial folder records its plan's content key and weights key, so a rerun after the weights changed
+    (same spec, different fingerprint) says plainly that it starts afresh instead of silently ignoring them."""
+    root = out / ".partial"
+    partial = root / plan.fingerprint
+    for other in sorted(root.glob("*")) if root.is_dir() else []:
+        if other == partial or not other.is_dir():
+            continue
+        n = len(list(other.glob("batch-*.parquet")))
+        if not n:
+            continue
+        try:
+            meta = json.loads((other / PLAN_FILE).read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("content_key") == plan.content_key:
+            log.warning("%s holds %d finished batches of this study computed with different weights (%s, now %s); "
+                        "they are not reused: starting afresh", other, n, meta.get("model_key"), plan.model_key)
+        else:
+            log.warning("%s holds %d finished batches of a different spec, probe set or batching; they are not "
+                        "reused (this run's batches go to %s)", other, n, partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    meta_file = partial / PLAN_FILE
+    if not meta_file.is_file():
+        tmp = meta_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"content_key": plan.content_key, "model_key": plan.model_key}))
+        tmp.replace(meta_file)
+    return partial

@@ -1,0 +1,78 @@
+"""Resuming never mixes batches computed with different weights: every tensor is fingerprinted, and a rerun after
+the weights changed starts afresh and says so."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+
+import pandas as pd
+import pytest
+import torch
+
+from interventions.models import weights_fingerprint, wrap
+from interventions.spec import StudySpec
+from interventions.study import Study
+
+from .conftest import PROBES
+
+
+def _spec():
+    return StudySpec.from_dict({
+        "model": {"source": "m"}, "probes": {"inline": PROBES}, "sites": ["layers[*].resid_pre", "layers[*].mlp_out"],
+        "positions": ["each"], "metrics": ["logit_diff"], "execution": {"max_rows": 10, "progress": False},
+    })
+
+
+def test_editing_the_last_layer_after_an_interrupted_run_recomputes_every_batch(tmp_path, tiny_gpt2, tokenizer,
+                                                                                 batches, caplog):
+    model = wrap(copy.deepcopy(tiny_gpt2.hf), tokenizer)
+    out = tmp_path / "out"
+    batches.reset(stop_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        Study(_spec(), model=model).run(out)
+    stale = next((out / ".partial").iterdir())
+    assert len(list(stale.glob("batch-*.parquet"))) == 3
+    with torch.no_grad():  # a small edit of the last block only: the weights a first-tensors hash never reads
+        model.hf.transformer.h[-1].mlp.c_proj.weight.mul_(1.05)
+    batches.reset()
+    with caplog.at_level(logging.WARNING, logger="interventions.study"):
+        resumed = Study(_spec(), model=model).run(out)
+    assert batches.calls[:3] == [0, 1, 2]  # nothing reused
+    assert f"{stale} holds 3 finished batches of this study computed with different weights" in caplog.text
+    assert "starting afresh" in caplog.text
+    fresh = Study(_spec(), model=model).run()
+    pd.testing.assert_frame_equal(resumed.reset_index(drop=True), fresh.reset_index(drop=True))
+
+
+def test_in_memory_fingerprint_covers_every_tensor(tiny_gpt2):
+    hf = copy.deepcopy(tiny_gpt2.hf)
+    before = weights_fingerprint(hf)
+    assert before == weights_fingerprint(tiny_gpt2.hf)
+    for name, tensor in sorted(hf.state_dict().items()):  # one value of each tensor in turn, the last one too
+        flat = tensor.view(-1)
+        old = flat[-1].item()
+        flat[-1] = old + 1e-3
+        assert weights_fingerprint(hf) != before, name
+        flat[-1] = old
+    assert weights_fingerprint(hf) == before
+    assert weights_fingerprint(hf.to(torch.bfloat16)) != before  # dtype is part of it and bf16 bytes hash too
+
+
+def test_directory_fingerprint_hashes_the_files_once_and_notices_a_resave(tmp_path, tiny_gpt2, monkeypatch):
+    monkeypatch.setenv("CLAP_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    hf = copy.deepcopy(tiny_gpt2.hf)
+    hf.save_pretrained(folder)
+    first = weights_fingerprint(hf, folder)
+    cached = json.loads((tmp_path / "cache" / "fingerprints.json").read_text())
+    weights = folder / "model.safetensors"
+    assert list(cached.values()) == [hashlib.blake2b(weights.read_bytes(), digest_size=16).hexdigest()]
+    assert weights_fingerprint(hf, folder) == first
+    with torch.no_grad():
+        hf.transformer.h[-1].ln_2.bias.add_(1e-4)
+    hf.save_pretrained(folder)
+    assert weights_fingerprint(hf, folder) != first
+    assert len(json.loads((tmp_path / "cache" / "fingerprints.json").read_text())) == 2
