@@ -8,6 +8,7 @@ whatever else shares the batch.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -182,14 +183,30 @@ def check_alignment(probes: Sequence[Probe], alignment: str) -> None:
         )
 
 
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Decode exactly as tokenised: no clean-up of spaces before punctuation, which would shift characters."""
+    return tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)
+
+
 def token_spans(ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int]]:
-    """Character span of each token in the decoded prompt (decoding prefixes works for any tokenizer)."""
+    """Character span ``[start, end)`` of each token in ``_decode(ids)``: the characters its bytes belong to.
+
+    One character may span several tokens (a CJK character or an emoji as two to four byte-level BPE tokens, or as
+    SentencePiece byte-fallback tokens ``<0xE7>``...), and every one of them covers that character. Decoding
+    prefixes works for any tokenizer: the prefix through token ``i`` agrees with the full text on its first ``k``
+    characters; if it then goes on (a partly decoded character, shown as U+FFFD), token ``i`` also covers
+    character ``k``, and the next token starts there.
+    """
+    full = _decode(tokenizer, ids)
     spans = []
-    previous = 0
+    start = 0
     for i in range(len(ids)):
-        end = len(tokenizer.decode(list(ids[: i + 1])))
-        spans.append((previous, max(end, previous)))
-        previous = max(end, previous)
+        prefix = _decode(tokenizer, ids[: i + 1])
+        agreed = len(os.path.commonprefix([prefix, full]))
+        agreed = max(agreed, start)
+        end = agreed + 1 if len(prefix) > agreed and agreed < len(full) else agreed
+        spans.append((start, max(end, start)))
+        start = agreed
     return spans
 
 
@@ -227,7 +244,7 @@ def resolve_positions(
 def _match_cell(selector: MatchPosition, probe: Probe, target: str, tokenizer: Any) -> PositionCell:
     prompt = probe.clean if selector.prompt == "clean" else probe.corrupted
     ids = probe.prompt_ids(selector.prompt)
-    text = tokenizer.decode(ids)
+    text = _decode(tokenizer, ids)
     starts = []
     start = text.find(selector.match)
     while start >= 0:
