@@ -8,6 +8,7 @@ whatever else shares the batch.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,9 @@ class Probe:
 class PositionCell:
     """One position selection for one probe: which target-prompt tokens a patch covers."""
 
-    label: str  #: the selector: ``last``, ``each`` (one cell per token), ``3``, ``all``, ``match:Paris``
+    #: the selector: ``last``, ``each`` (one cell per token), ``3``, ``all``, ``indices:2,3``, ``match:Paris`` /
+    #: ``match:Paris#1@corrupted`` (see ``match_label``)
+    label: str
     position: int | None  #: the single token index, or None when several (or none) are patched together
     indices: tuple[int, ...]  #: target-prompt token indices
 
@@ -268,8 +271,24 @@ def _match_cell(selector: MatchPosition, probe: Probe, target: str, tokenizer: A
     # the named prompt may differ in length from the target (right alignment): shift to target coordinates
     shift = len(probe.prompt_ids(target)) - len(ids)
     indices = tuple(i + shift for i in indices if i + shift >= 0)
-    label = f"match:{selector.match}"
-    return PositionCell(label, indices[0] if len(indices) == 1 else None, indices)
+    return PositionCell(match_label(selector), indices[0] if len(indices) == 1 else None, indices)
+
+
+def match_label(selector: MatchPosition) -> str:
+    """The ``positions`` label of a match selector: canonical (equal selectors, equal labels) and unambiguous
+    (different selectors, different labels), so each selection is its own slice of the results.
+
+    ``match:TEXT``, then ``#N`` when ``occurrence`` is not 0 and ``@corrupted`` when the substring is looked up in
+    the corrupted prompt: ``match:Paris``, ``match:Paris#1``, ``match:Paris#-1@corrupted``. TEXT is written as a
+    JSON string (``match:"a#1"``) when it holds ``#``, ``@`` or ``"`` or starts with a quote, so it cannot be
+    confused with the suffixes.
+    """
+    text = selector.match
+    if any(c in text for c in '#@"'):
+        text = json.dumps(text, ensure_ascii=False)
+    occurrence = f"#{selector.occurrence}" if selector.occurrence != 0 else ""
+    prompt = f"@{selector.prompt}" if selector.prompt != "clean" else ""
+    return f"match:{text}{occurrence}{prompt}"
 
 
 def load_probes(probe_set: ProbeSetSpec, tokenizer: Any, base_dir: Path) -> list[Probe]:

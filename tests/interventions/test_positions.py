@@ -126,3 +126,24 @@ def test_match_on_the_smollm2_tokenizer():
     for text, occurrence in [("癫痫", 0), ("北京", 0), ("🎉", 0), ("Paris", 1)]:
         [cell] = resolve_positions(MatchPosition(match=text, occurrence=occurrence), probe, "clean", "corrupted", tok)
         assert cell.indices == expected_indices(tok, probe.clean_ids, text, occurrence), text
+
+
+def test_match_labels_are_canonical_and_unambiguous(tokenizer):
+    probe = probe_for(tokenizer, "Paris is Paris, said Paris #1 @corrupted")
+
+    def label(**fields) -> str:
+        [cell] = resolve_positions(MatchPosition(**fields), probe, "clean", "corrupted", tokenizer)
+        return cell.label
+
+    distinct = [
+        dict(match="Paris"), dict(match="Paris", occurrence=1), dict(match="Paris", occurrence=-1),
+        dict(match="Paris", prompt="corrupted"), dict(match="Paris", occurrence=1, prompt="corrupted"),
+        dict(match="Paris #1"), dict(match="Paris", occurrence=2), dict(match="#1 @corrupted"), dict(match="@corrupted"),
+    ]
+    labels = [label(**fields) for fields in distinct]
+    assert len(set(labels)) == len(distinct), labels
+    assert labels[:5] == ["match:Paris", "match:Paris#1", "match:Paris#-1", "match:Paris@corrupted",
+                          "match:Paris#1@corrupted"]
+    # equal selectors (defaults spelt out or not) share one label
+    assert label(match="Paris", occurrence=0, prompt="clean") == label(match="Paris") == "match:Paris"
+    assert label(match="Paris", occurrence=1) == label(match="Paris", prompt="clean", occurrence=1)
