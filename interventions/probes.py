@@ -191,6 +191,37 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)
 
 
+#: config attributes that hold a model's context length (the number of positions it has embeddings or was trained for)
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def context_length(config: Any) -> tuple[int, str] | None:
+    """(context length, the config attribute it came from), or None when the config names none."""
+    for name in CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
+def check_context(probes: Sequence[Probe], config: Any) -> None:
+    """Refuse prompts longer than the model's context before any forward pass: past it, learned position
+    embeddings index out of range (a deep torch error) and rotary models run on positions they never saw."""
+    found = context_length(config)
+    if found is None:
+        return
+    limit, name = found
+    too_long = [(p, which, len(p.prompt_ids(which))) for p in probes for which in ("clean", "corrupted")
+                if len(p.prompt_ids(which)) > limit]
+    if too_long:
+        probe, which, n = too_long[0]
+        more = f" (and {len(too_long) - 1} more prompts)" if len(too_long) > 1 else ""
+        raise ProbeError(
+            f"probe {probe.id} ({probe.origin}): its {which} prompt is {n} tokens, longer than the model's context "
+            f"of {limit} tokens ({name}){more}; shorten it"
+        )
+
+
 def token_spans(ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int]]:
     """Character span ``[start, end)`` of each token in ``_decode(ids)``: the characters its bytes belong to.
 

@@ -31,7 +31,7 @@ from interventions.plan import (
     left_pad,
     rows_for_budget,
 )
-from interventions.probes import Probe, check_alignment, load_probes
+from interventions.probes import Probe, check_alignment, check_context, load_probes
 from interventions.results import package_versions, recovery, to_frame, write_results
 from interventions.sites import Site, SiteResolver
 from interventions.spec import StudySpec
@@ -71,6 +71,7 @@ class Study:
     def probes(self) -> list[Probe]:
         probes = load_probes(self.spec.probes, self.model.tokenizer, self.spec.base_dir)
         check_alignment(probes, self.spec.alignment)
+        check_context(probes, self.model.hf.config)
         for metric in ("logit_diff",):
             if metric in self.spec.metrics:
                 missing = [p.id for p in probes if not p.wrong_ids]
