@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,23 @@ Location = tuple  # path of keys/indices into the document
 
 class SourceError(ClapError):
     pass
+
+
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark is dropped); a byte that is not UTF-8 is an error naming
+    the file, its line and column and its byte offset, rather than a traceback from deep inside a parser."""
+    data = Path(path).read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        raise SourceError(
+            f"{path}:{line}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset {offset} (line {line}, "
+            f"column {column}); save the file as UTF-8"
+        ) from None
 
 
 def _walk(node: yaml.Node, path: Location, lines: dict[Location, int]) -> None:
@@ -35,7 +53,7 @@ def load_yaml(path: Path) -> tuple[Any, dict[Location, int]]:
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -63,15 +81,14 @@ def load_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise SourceError(f"{path}: file not found")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise SourceError(f"{path}:{number}: expected a JSON object per line, got {type(obj).__name__}")
-            records.append((number, obj))
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise SourceError(f"{path}:{number}: expected a JSON object per line, got {type(obj).__name__}")
+        records.append((number, obj))
     return records

@@ -8,6 +8,8 @@ whatever else shares the batch.
 from __future__ import annotations
 
 import difflib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,7 +54,9 @@ class Probe:
 class PositionCell:
     """One position selection for one probe: which target-prompt tokens a patch covers."""
 
-    label: str  #: the selector: ``last``, ``each`` (one cell per token), ``3``, ``all``, ``match:Paris``
+    #: the selector: ``last``, ``each`` (one cell per token), ``3``, ``all``, ``indices:2,3``, ``match:Paris`` /
+    #: ``match:Paris#1@corrupted`` (see ``match_label``)
+    label: str
     position: int | None  #: the single token index, or None when several (or none) are patched together
     indices: tuple[int, ...]  #: target-prompt token indices
 
@@ -188,14 +192,61 @@ def check_alignment(probes: Sequence[Probe], alignment: str) -> None:
         )
 
 
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Decode exactly as tokenised: no clean-up of spaces before punctuation, which would shift characters."""
+    return tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)
+
+
+#: config attributes that hold a model's context length (the number of positions it has embeddings or was trained for)
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def context_length(config: Any) -> tuple[int, str] | None:
+    """(context length, the config attribute it came from), or None when the config names none."""
+    for name in CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
+def check_context(probes: Sequence[Probe], config: Any) -> None:
+    """Refuse prompts longer than the model's context before any forward pass: past it, learned position
+    embeddings index out of range (a deep torch error) and rotary models run on positions they never saw."""
+    found = context_length(config)
+    if found is None:
+        return
+    limit, name = found
+    too_long = [(p, which, len(p.prompt_ids(which))) for p in probes for which in ("clean", "corrupted")
+                if len(p.prompt_ids(which)) > limit]
+    if too_long:
+        probe, which, n = too_long[0]
+        more = f" (and {len(too_long) - 1} more prompts)" if len(too_long) > 1 else ""
+        raise ProbeError(
+            f"probe {probe.id} ({probe.origin}): its {which} prompt is {n} tokens, longer than the model's context "
+            f"of {limit} tokens ({name}){more}; shorten it"
+        )
+
+
 def token_spans(ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int]]:
-    """Character span of each token in the decoded prompt (decoding prefixes works for any tokenizer)."""
+    """Character span ``[start, end)`` of each token in ``_decode(ids)``: the characters its bytes belong to.
+
+    One character may span several tokens (a CJK character or an emoji as two to four byte-level BPE tokens, or as
+    SentencePiece byte-fallback tokens ``<0xE7>``...), and every one of them covers that character. Decoding
+    prefixes works for any tokenizer: the prefix through token ``i`` agrees with the full text on its first ``k``
+    characters; if it then goes on (a partly decoded character, shown as U+FFFD), token ``i`` also covers
+    character ``k``, and the next token starts there.
+    """
+    full = _decode(tokenizer, ids)
     spans = []
-    previous = 0
+    start = 0
     for i in range(len(ids)):
-        end = len(tokenizer.decode(list(ids[: i + 1])))
-        spans.append((previous, max(end, previous)))
-        previous = max(end, previous)
+        prefix = _decode(tokenizer, ids[: i + 1])
+        agreed = len(os.path.commonprefix([prefix, full]))
+        agreed = max(agreed, start)
+        end = agreed + 1 if len(prefix) > agreed and agreed < len(full) else agreed
+        spans.append((start, max(end, start)))
+        start = agreed
     return spans
 
 
@@ -233,7 +284,7 @@ def resolve_positions(
 def _match_cell(selector: MatchPosition, probe: Probe, target: str, tokenizer: Any) -> PositionCell:
     prompt = probe.clean if selector.prompt == "clean" else probe.corrupted
     ids = probe.prompt_ids(selector.prompt)
-    text = tokenizer.decode(ids)
+    text = _decode(tokenizer, ids)
     starts = []
     start = text.find(selector.match)
     while start >= 0:
@@ -257,8 +308,24 @@ def _match_cell(selector: MatchPosition, probe: Probe, target: str, tokenizer: A
     # the named prompt may differ in length from the target (right alignment): shift to target coordinates
     shift = len(probe.prompt_ids(target)) - len(ids)
     indices = tuple(i + shift for i in indices if i + shift >= 0)
-    label = f"match:{selector.match}"
-    return PositionCell(label, indices[0] if len(indices) == 1 else None, indices)
+    return PositionCell(match_label(selector), indices[0] if len(indices) == 1 else None, indices)
+
+
+def match_label(selector: MatchPosition) -> str:
+    """The ``positions`` label of a match selector: canonical (equal selectors, equal labels) and unambiguous
+    (different selectors, different labels), so each selection is its own slice of the results.
+
+    ``match:TEXT``, then ``#N`` when ``occurrence`` is not 0 and ``@corrupted`` when the substring is looked up in
+    the corrupted prompt: ``match:Paris``, ``match:Paris#1``, ``match:Paris#-1@corrupted``. TEXT is written as a
+    JSON string (``match:"a#1"``) when it holds ``#``, ``@`` or ``"`` or starts with a quote, so it cannot be
+    confused with the suffixes.
+    """
+    text = selector.match
+    if any(c in text for c in '#@"'):
+        text = json.dumps(text, ensure_ascii=False)
+    occurrence = f"#{selector.occurrence}" if selector.occurrence != 0 else ""
+    prompt = f"@{selector.prompt}" if selector.prompt != "clean" else ""
+    return f"match:{text}{occurrence}{prompt}"
 
 
 def load_probes(probe_set: ProbeSetSpec, tokenizer: Any, base_dir: Path) -> list[Probe]:

@@ -44,7 +44,7 @@ from interventions.plan import (
     left_pad,
     rows_for_budget,
 )
-from interventions.probes import Probe, check_alignment, load_probes
+from interventions.probes import Probe, check_alignment, check_context, load_probes
 from interventions.results import package_versions, prepare_output_dir, recovery, to_frame, write_results
 from interventions.sites import Site, SiteError, SiteResolver
 from interventions.spec import StudySpec
@@ -104,9 +104,12 @@ class Study:
             )
         return self._model
 
-    def probes(self, tokenizer: Any = None, warn: bool = True) -> list[Probe]:
+    def probes(self, tokenizer: Any = None, warn: bool = True, config: Any = None) -> list[Probe]:
+        """The spec's probes, tokenised and checked (alignment, context length, answers). ``tokenizer`` and
+        ``config`` let the pre-load checks run on the tokenizer and the config alone, before any weights load."""
         probes = load_probes(self.spec.probes, tokenizer or self.model.tokenizer, self.spec.base_dir)
         check_alignment(probes, self.spec.alignment)
+        check_context(probes, config if config is not None else self.model.hf.config)
         for metric in ("logit_diff",):
             if metric in self.spec.metrics:
                 missing = [p.id for p in probes if not p.wrong_ids]
@@ -179,7 +182,7 @@ class Study:
             log.debug("pre-load checks skipped: %s", exc)
             return
         self._site_groups(skeleton)
-        self.probes(tokenizer, warn=False)  # the run warns once, with the loaded model's tokenizer
+        self.probes(tokenizer, warn=False, config=config)  # the run warns once, with the loaded model's tokenizer
 
     # -- execution ------------------------------------------------------------------------------------------
     def run(self, out_dir: str | Path | None = None) -> pd.DataFrame:
