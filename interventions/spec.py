@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from analyses.options import AnalysisOptions
 from clap.errors import ClapError
 from clap.validation import format_validation_error as _format_validation_error
-from clap.yamlio import load_yaml
+from clap.yamlio import line_of, load_yaml
 
 
 class SpecError(ClapError):
