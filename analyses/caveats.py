@@ -103,12 +103,14 @@ def table_caveats(tables: Mapping[str, pd.DataFrame], alpha: float = 0.05) -> li
                 f"Mauchly's test is undefined in {len(undefined)} slice(s) because there are fewer probes than layers; "
                 "the Greenhouse-Geisser correction is still applied."
             )
-        if len(rm) > 1:
-            out.append(
-                f"{len(rm)} slices (metric x site kind x operation x direction x positions) were tested separately; "
-                f"their p-values are not corrected across slices (at alpha = {alpha}, about {alpha * len(rm):.1f} "
-                "false positives are expected by chance if nothing is going on)."
-            )
+    n_tests, n_families, n_slices = count_tests(tables)
+    if n_families > 1:
+        out.append(
+            f"{n_tests} tests in {n_slices} slice(s) (metric x site kind x operation x direction x positions) are "
+            f"reported, in {n_families} separately corrected families (each ANOVA or Friedman row is one, each slice's "
+            "Holm-corrected post-hoc table one); p-values are not corrected across them (at alpha = "
+            f"{alpha}, about {alpha * n_families:.1f} false positives are expected by chance if nothing is going on)."
+        )
     skipped = tables.get("skipped", pd.DataFrame())
     if len(skipped):
         reasons = skipped["reason"].drop_duplicates().tolist()
@@ -137,6 +139,27 @@ def validity_caveats(validity: pd.DataFrame, shared: pd.DataFrame, subject: str 
                    "count them separately, which overstates the sample size. Set `subject: clean_prompt` in the "
                    "`analysis:` section to average them into one subject per clean prompt.")
     return out
+
+
+def count_tests(tables: Mapping[str, pd.DataFrame]) -> tuple[int, int, int]:
+    """``(tests, families, slices)`` over every table with p-values: each row with a p-value is a test; a table
+    corrected within a slice (``p_corr``) is one family per slice, every other row a family of its own."""
+    from analyses.select import SELECT_COLUMNS
+
+    n_tests = n_families = 0
+    slices: set[tuple] = set()
+    for name, table in tables.items():
+        if name == "skipped" or not len(table) or "p_unc" not in table.columns:
+            continue
+        tested = table[table["p_unc"].notna()]
+        keys = [c for c in SELECT_COLUMNS if c in tested.columns]
+        slices |= set(tested[keys].astype(str).itertuples(index=False, name=None)) if keys else {()}
+        n_tests += len(tested)
+        if any(c in tested.columns for c in ("p_corr", "p_holm", "p_fdr_bh")) and keys:
+            n_families += len(tested.drop_duplicates(keys))
+        else:
+            n_families += len(tested)
+    return n_tests, n_families, len(slices)
 
 
 def collect(data: pd.DataFrame, tables: Mapping[str, pd.DataFrame], group: str | None, alpha: float = 0.05) -> list[str]:

@@ -82,8 +82,39 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from analyses.compare import compare
+    from clap.errors import ClapError
+
+    if args.dpi < 200:
+        raise ClapError(f"--dpi {args.dpi}: figures are saved at 200 dpi or more")
+    result = compare(args.run_a, args.run_b, args.out, dv=args.dv, group=args.group, alpha=args.alpha,
+                     figures=args.figures, dpi=args.dpi)
+    print(f"wrote {len(result.files)} files to {result.out_dir} ({result.paired['probe_id'].nunique()} probes paired)")
+    return 0
+
+
+def register_compare(subparsers: Any) -> None:
+    """Add ``compare`` (two runs of the same probes and sites, e.g. a base and a fine-tuned model)."""
+    c = subparsers.add_parser(
+        "compare",
+        help="paired comparison of two runs of the same probes (B - A per probe and layer)",
+        description="Match the probes of two results directories by id, compute paired B - A differences per layer "
+        "and site kind, a layer x model repeated-measures ANOVA, difference heatmaps and compare.html / compare.md.",
+    )
+    c.add_argument("run_a", metavar="RUN_A", help="results directory of the reference run (A)")
+    c.add_argument("run_b", metavar="RUN_B", help="results directory of the compared run (B)")
+    c.add_argument("-o", "--out", required=True, help="output folder")
+    c.add_argument("--dv", default="recovery", help="column to compare (default: recovery)")
+    c.add_argument("--group", default=None, help="group column (default: the first group column both runs share)")
+    c.add_argument("--alpha", type=float, default=0.05, help="significance level for highlighting (default: 0.05)")
+    c.add_argument("--dpi", type=int, default=200, help="PNG resolution, at least 200 (default: 200)")
+    c.add_argument("--no-figures", dest="figures", action="store_false", help="tables only")
+    c.set_defaults(func=_compare)
+
+
 def register(subparsers: Any) -> None:
-    """Add ``analyze`` and ``report`` to the ``clap`` command line."""
+    """Add ``analyze``, ``report`` and ``compare`` to the ``clap`` command line."""
     p = subparsers.add_parser(
         "analyze",
         help="statistics across layers (CSV tables) and figures (PNG, SVG) from a results directory",
@@ -99,3 +130,4 @@ def register(subparsers: Any) -> None:
     )
     _add_common(r)
     r.set_defaults(func=_report)
+    register_compare(subparsers)

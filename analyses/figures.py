@@ -7,6 +7,11 @@ palette (ColorBrewer RdBu) centred on 0, so "no recovery" is white whatever the 
 (patching pushed the answer further away) is visibly different from positive. Lines use seaborn's "colorblind"
 palette plus distinct markers and dash patterns, so groups stay apart in greyscale too.
 
+Figures are sized for the report's column: :data:`COLUMN_WIDTH_IN` inches wide, and the HTML report shows them at
+exactly that width, so a font of 9 pt in the figure is 9 pt on the page (nothing is scaled down to fit). Panels of
+several groups are stacked vertically for the same reason. Cells that were not measured are hatched grey, never
+the white of "0".
+
 Every function takes the tidy results and the selection keywords of :func:`analyses.select.select_rows`; values
 are reduced per probe first (mean over the rows of one probe in one cell) and then averaged over probes, so a
 probe with more rows does not weigh more.
@@ -17,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,13 +37,24 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DASHES = ("-", "--", "-.", ":")
 SITE_KIND_ORDER = ("embed", "resid_pre", "attn_out", "head", "mlp_out", "resid_post", "block_out", "module", "final_norm", "unembed")
 
+#: Width of the report's figure column; figures are drawn at this width and shown at it (see the module docstring).
+COLUMN_WIDTH_IN = 6.5
+#: The smallest font used anywhere in a figure.
+MIN_FONT_PT = 9.0
+#: Face of cells that were not measured (hatched), distinct from every colour of the diverging map.
+MISSING_FACE = "0.78"
+MISSING_HATCH = "////"
+
 STYLE = {
-    "font.size": 11,
-    "axes.titlesize": 12,
-    "axes.labelsize": 11,
-    "xtick.labelsize": 10,
-    "ytick.labelsize": 10,
-    "legend.fontsize": 10,
+    "font.size": 10,
+    "axes.titlesize": 10,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "legend.title_fontsize": 9,
+    "figure.titlesize": 11,
+    "hatch.color": "0.55",
     "svg.fonttype": "path",
 }
 
@@ -53,13 +69,20 @@ def _style() -> Iterator[None]:
         yield
 
 
-def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Any]]:
-
+def _new_figure(height: float, nrows: int = 1, *, sharex: bool = False, width: float = COLUMN_WIDTH_IN) -> tuple[Figure, list[Any]]:
+    """A figure of the report's column width with ``nrows`` panels stacked vertically."""
     with _style():
         fig = Figure(figsize=(width, height), layout="constrained")
         FigureCanvasAgg(fig)
-        axes = fig.subplots(1, ncols, squeeze=False)[0].tolist()
+        axes = fig.subplots(nrows, 1, squeeze=False, sharex=sharex)[:, 0].tolist()
     return fig, axes
+
+
+def _wrap(title: str, width: int = 72) -> str:
+    """Long titles on several lines: the figure keeps the column width, so a long line would be cut off."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
 
 
 def _per_probe(rows: pd.DataFrame, keys: Sequence[str], dv: str, subject: str) -> pd.DataFrame:
@@ -77,27 +100,45 @@ def _groups(rows: pd.DataFrame, group: str | None) -> list[Any]:
     return sorted(rows[group].unique().tolist(), key=str) if group else [None]
 
 
-def position_labels(rows: pd.DataFrame, align: str = "start", subject: str = "probe_id") -> tuple[pd.Series, dict[int, str]]:
-    """The position axis of a heatmap and a label per position: ``token [index]``.
+def align_positions(rows: pd.DataFrame, align: str = "auto", subject: str = "probe_id") -> tuple[pd.Series, str]:
+    """The position axis of a heatmap: token indices, aligned so that one row means one role across probes.
 
     ``align="start"`` keeps the engine's index (token index in the unpadded prompt); ``"end"`` counts from each
-    probe's last patched position (-1 is the last token), which lines prompts of different lengths up at the answer.
-    The label shows the most common token at that index, marked ``*`` when probes disagree.
+    probe's last patched position (-1 is the last token, where the answer is read), which lines prompts of
+    different lengths up by their role; ``"auto"`` (default) takes ``"start"`` when every probe has the same
+    positions, else ``"end"``. Returns the aligned positions and the alignment used.
     """
     pos = rows["position"].astype("Int64")
+    if align == "auto":
+        spans = rows.assign(_p=pos).groupby(subject)["_p"].agg(["min", "max", "nunique"])
+        align = "start" if len(spans.drop_duplicates()) <= 1 else "end"
     if align == "end":
         last = rows.assign(_p=pos).groupby(subject)["_p"].transform("max")
         pos = pos - last - 1
     elif align != "start":
-        raise ValueError(f"align must be 'start' or 'end', got {align!r}")
+        raise ValueError(f"align must be 'auto', 'start' or 'end', got {align!r}")
+    return pos, align
+
+
+def position_labels(rows: pd.DataFrame, align: str = "start", subject: str = "probe_id") -> tuple[pd.Series, dict[int, str]]:
+    """The aligned position axis (see :func:`align_positions`) and a label per position: ``token [index]``.
+
+    The label shows the most common token at that index among ``rows``, marked ``*`` when probes disagree; call it
+    on one group's rows to label that group's panel with its own tokens.
+    """
+    pos, _ = align_positions(rows, align, subject)
+    return pos, _token_labels(rows, pos)
+
+
+def _token_labels(rows: pd.DataFrame, pos: pd.Series) -> dict[int, str]:
     labels: dict[int, str] = {}
     tokens = rows["token"].astype(object).where(rows["token"].notna(), "")
-    for p, toks in tokens.groupby(pos.to_numpy()):
+    for p, toks in tokens.groupby(np.asarray(pos, dtype=float)):
         counts = toks.value_counts()
         tok = str(counts.index[0])
         shown = tok.strip() or repr(tok)
         labels[int(p)] = f"{shown}{'*' if len(counts) > 1 else ''} [{int(p)}]"
-    return pos, labels
+    return labels
 
 
 def _layer_heatmaps(
@@ -110,45 +151,73 @@ def _layer_heatmaps(
     *,
     ylabel: str,
     annotate: bool | None,
-    ytick_label: Any = None,
+    ytick_label: Callable[[Any, Any], str] | None = None,
     row_order: Any = sorted,
-    inner_yticks: bool = False,
     title: str,
 ) -> Figure:
-    """One heatmap panel per group: mean over probes (each probe's mean first) of ``dv`` per ``index`` (rows, in
-    ``row_order``) and layer (columns), on one symmetric colour scale centred on 0 shared by all panels. Panels
-    after the first repeat their row labels only with ``inner_yticks``."""
+    """One heatmap panel per group, stacked vertically: mean over probes (each probe's mean first) of ``dv`` per
+    ``index`` (rows, in ``row_order``) and layer (columns), on one symmetric colour scale centred on 0 shared by all
+    panels (one colour bar). Every panel has the same rows and columns; a cell a group did not measure is hatched
+    grey. ``ytick_label(group, value)`` labels a group's rows (its own tokens). Where the number of probes differs
+    between cells of a panel, rows carry their ``n`` and cells below their row's ``n`` are marked ``n=k``."""
     import seaborn as sns
 
-    tables = {}
+    means, counts = {}, {}
     for g in groups:
         part = rows if g is None else rows[rows[group] == g]
-        table = _per_probe(part, [index, "layer"], dv, subject).pivot(index=index, columns="layer", values="mean")
-        tables[g] = table.loc[row_order(table.index)]
-    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in tables.values()]))
-    n_rows = max(len(t.index) for t in tables.values())
-    n_layers = max(len(t.columns) for t in tables.values())
+        per = _per_probe(part, [index, "layer"], dv, subject)
+        means[g] = per.pivot(index=index, columns="layer", values="mean")
+        counts[g] = per.pivot(index=index, columns="layer", values="count")
+    row_values = row_order(pd.Index(sorted(set().union(*(t.index for t in means.values())), key=_sort_key)))
+    layers = sorted(set().union(*(t.columns for t in means.values())), key=_sort_key)
+    for g in groups:
+        means[g] = means[g].reindex(index=row_values, columns=layers)
+        counts[g] = counts[g].reindex(index=row_values, columns=layers)
+    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in means.values()]))
+    n_rows, n_layers = len(row_values), len(layers)
     if annotate is None:
-        annotate = n_rows * n_layers <= 160
-    width = min(3.0 + 0.45 * n_layers * len(groups) + (0.8 if annotate else 0), 24)
-    fig, axes = _new_figure(width, 1.6 + 0.38 * n_rows, ncols=len(groups))
+        annotate = n_layers <= 16 and n_rows <= 16
+    row_h = 0.3 if n_rows <= 16 else 0.16
+    fig, axes = _new_figure(0.5 + len(groups) * (0.75 + row_h * n_rows), nrows=len(groups))
     with _style():
-        for i, (g, ax) in enumerate(zip(groups, axes)):
-            t = tables[g]
+        mesh = None
+        for g, ax in zip(groups, axes):
+            t, n = means[g], counts[g]
+            varies = n.stack().nunique() > 1
+            row_n = n.max(axis=1)
+            text = None
+            if annotate or varies:
+                text = np.full(t.shape, "", dtype=object)
+                for i in range(n_rows):
+                    for j in range(n_layers):
+                        if pd.isna(t.iat[i, j]):
+                            continue
+                        value = f"{t.iat[i, j]:.2f}" if annotate else ""
+                        marker = f"n={int(n.iat[i, j])}" if varies and n.iat[i, j] < row_n.iat[i] else ""
+                        text[i, j] = "\n".join(x for x in (value, marker) if x)
+            labels = [ytick_label(g, v) if ytick_label else str(v) for v in t.index]
+            if varies:
+                labels = [f"{lab} n={int(k)}" if pd.notna(k) else lab for lab, k in zip(labels, row_n)]
             sns.heatmap(
-                t, ax=ax, cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax, annot=annotate, fmt=".2f",
-                annot_kws={"fontsize": 8}, linewidths=0.3, linecolor="white",
-                cbar=i == len(groups) - 1, cbar_kws={"label": f"mean {dv}"},
-                yticklabels=[ytick_label(v) for v in t.index] if ytick_label else "auto",
+                t, ax=ax, mask=t.isna(), cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax,
+                annot=text if text is not None else False, fmt="", annot_kws={"fontsize": MIN_FONT_PT},
+                linewidths=0.3, linecolor="white", cbar=False, yticklabels=labels if n_rows <= 40 else "auto",
             )
+            ax.set_facecolor(MISSING_FACE)
+            ax.patch.set_hatch(MISSING_HATCH)
             ax.set_xlabel("layer")
-            ax.set_ylabel(ylabel if i == 0 else "")
-            if i and not inner_yticks:
-                ax.set_yticklabels([])
+            ax.set_ylabel(ylabel)
             ax.tick_params(axis="y", rotation=0)
-            ax.set_title(f"{group} = {g}" if g is not None else "all probes")
-        fig.suptitle(title)
+            ax.tick_params(axis="x", rotation=0)
+            ax.set_title(f"{group} = {g}" if g is not None else "all probes", loc="left")
+            mesh = ax.collections[0]
+        fig.colorbar(mesh, ax=axes, label=f"mean {dv}", shrink=min(1.0, 3.0 / (0.75 + row_h * n_rows * len(groups))) if len(groups) > 2 else 1.0)
+        fig.suptitle(_wrap(title), fontsize=STYLE["figure.titlesize"])
     return fig
+
+
+def _sort_key(value: Any) -> tuple:
+    return (0, float(value), "") if isinstance(value, (int, float, np.integer, np.floating)) else (1, 0.0, str(value))
 
 
 def heatmap_layer_position(
@@ -157,17 +226,18 @@ def heatmap_layer_position(
     group: str | None = None,
     subject: str = "probe_id",
     *,
-    align: str = "start",
+    align: str = "auto",
     annotate: bool | None = None,
     title: str | None = None,
     **select: Any,
 ) -> Figure:
-    """Mean ``dv`` per layer (x) and token position (y, labelled with tokens), one panel per ``group`` value.
+    """Mean ``dv`` per layer (x) and token position (y), one panel per ``group`` value, stacked.
 
     The standard activation-patching picture: which token's activation, at which layer, carries the answer.
-    Rows whose ``position`` is NA (several positions patched together) are left out; raises
-    :class:`~clap.errors.ClapError` if no per-position rows remain. Cells are annotated with their value when the
-    grid is small (``annotate=None``) or on request.
+    Positions are aligned by role (:func:`align_positions`: from the end when prompts differ in length), and each
+    group's rows are labelled with that group's own tokens. Rows whose ``position`` is NA (several positions
+    patched together) are left out; raises :class:`~clap.errors.ClapError` if no per-position rows remain.
+    Cells are annotated with their value when the grid is small (``annotate=None``) or on request.
     """
     from clap.errors import ClapError
 
@@ -175,11 +245,14 @@ def heatmap_layer_position(
     rows = sel.rows[sel.rows["position"].notna()]
     if rows.empty:
         raise ClapError(f"no per-position rows for {dv}{_where(sel.selection)}: a layer x position heatmap needs single-position patches")
-    pos, labels = position_labels(rows, align, subject)
+    pos, used = align_positions(rows, align, subject)
     rows = rows.assign(_pos=pos.to_numpy())
+    groups = _groups(rows, group)
+    labels = {g: _token_labels(part, part["_pos"]) for g, part in ((g, rows if g is None else rows[rows[group] == g]) for g in groups)}
     return _layer_heatmaps(
-        rows, "_pos", _groups(rows, group), group, dv, subject, ylabel="token [position]", annotate=annotate,
-        ytick_label=lambda p: labels[int(p)],
+        rows, "_pos", groups, group, dv, subject,
+        ylabel="token [position from end]" if used == "end" else "token [position]", annotate=annotate,
+        ytick_label=lambda g, p: labels[g].get(int(p), f"– [{int(p)}]"),
         title=title or f"Mean {dv} by layer and position{_where(sel.selection, ('site_kind', 'metric'))}",
     )
 
@@ -208,7 +281,7 @@ def heatmap_layer_head(
         raise ClapError(f"no per-head rows for {dv}{_where(sel.selection)}: patch sites such as layers[*].heads[*]")
     rows = rows.assign(head=rows["head"].astype(int), layer=rows["layer"].astype(int))
     return _layer_heatmaps(
-        rows, "head", _groups(rows, group), group, dv, subject, ylabel="head", annotate=annotate, inner_yticks=True,
+        rows, "head", _groups(rows, group), group, dv, subject, ylabel="head", annotate=annotate,
         title=title or f"Mean {dv} by layer and head{_where(sel.selection, ('metric',))}",
     )
 
@@ -259,7 +332,7 @@ def line_by_layer(
 
     groups = _groups(ci_table, group)
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
-    fig, (ax,) = _new_figure(6.4, 4.0)
+    fig, (ax,) = _new_figure(3.4)
     level = float(ci_table["ci"].iloc[0]) if "ci" in ci_table and len(ci_table) else 0.95
     with _style():
         for i, g in enumerate(groups):
@@ -272,13 +345,10 @@ def line_by_layer(
         ax.axhline(1.0, color="0.4", linestyle=":", linewidth=1)
         ax.set_xlabel(within)
         ax.set_ylabel(f"mean {dv} ({level:.0%} bootstrap CI)")
-        levels = np.sort(ci_table[within].unique())
-        if len(levels) <= 30:
-            ax.set_xticks(levels.astype(float))
-            ax.set_xticklabels([str(v) for v in levels])
+        _layer_ticks(ax, ci_table[within].unique())
         ax.legend(title=group if group else None, frameon=False)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_title(title or f"{dv} by {within}")
+        ax.set_title(_wrap(title or f"{dv} by {within}"))
     return fig
 
 
@@ -304,7 +374,7 @@ def bar_by_module(
     sites = list(dict.fromkeys(ci_table[site].tolist()))
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
     height = 0.8 / len(groups)
-    fig, (ax,) = _new_figure(7.0, 1.4 + 0.32 * len(sites) * max(1, len(groups) * 0.7))
+    fig, (ax,) = _new_figure(1.2 + 0.22 * len(sites) * max(1.0, len(groups) * 0.7))
     with _style():
         y = np.arange(len(sites))
         for i, g in enumerate(groups):
@@ -326,10 +396,161 @@ def bar_by_module(
         ax.axvline(1.0, color="0.4", linestyle=":", linewidth=1)
         ax.set_xlabel(f"mean {dv} (bootstrap CI)")
         if group:
-            ax.legend(title=group, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(title=group, frameon=True, framealpha=0.9, loc="best")
         ax.grid(axis="x", alpha=0.3)
-        ax.set_title(title or f"{dv} per module")
+        ax.set_title(_wrap(title or f"{dv} per module"))
     return fig
+
+
+def t_interval(values: np.ndarray, ci: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its Student-t interval ``mean ± t(1-(1-ci)/2, n-1) * sd / sqrt(n)``; NaN bounds for one value."""
+    from scipy import stats as sps
+
+    x = np.asarray(values, float)
+    mean = float(x.mean()) if len(x) else np.nan
+    if len(x) < 2:
+        return mean, np.nan, np.nan
+    half = float(sps.t.ppf(1 - (1 - ci) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return mean, mean - half, mean + half
+
+
+def layer_means(
+    data: pd.DataFrame,
+    dv: str = "recovery",
+    group: str | None = None,
+    subject: str = "probe_id",
+    *,
+    site_kinds: Sequence[str] | None = None,
+    ci: float = 0.95,
+    agg: str = "mean",
+    **select: Any,
+) -> pd.DataFrame:
+    """Per site kind, layer (and group): ``mean``, t-based ``ci_low`` / ``ci_high``, ``sd``, ``n`` over probes.
+
+    Each probe's rows in a layer are first reduced to one value by the rule of :mod:`analyses.select` (``agg``);
+    every probe that has a value at a layer counts there (no listwise deletion: these are descriptive). The data
+    of :func:`layer_contrast` and :func:`module_bars`.
+    """
+    from analyses.select import prepare
+
+    kinds = sorted(site_kinds or set(select_rows(data, dv, vary=("site_kind",), **select).rows["site_kind"]),
+                   key=lambda k: (SITE_KIND_ORDER.index(k) if k in SITE_KIND_ORDER else 99, k))
+    out = []
+    for kind in kinds:
+        prep = prepare(data, dv, "layer", subject, between=group, missing="keep", agg=agg, min_subjects=1,
+                       min_per_group=1, min_groups=1, min_levels=1, site_kind=kind, **select)
+        for key, cell in prep.data.groupby(["layer", *([group] if group else [])], sort=True):
+            key = key if isinstance(key, tuple) else (key,)
+            mean, low, high = t_interval(cell[dv].to_numpy(float), ci)
+            x = cell[dv].to_numpy(float)
+            out.append({"site_kind": kind, **dict(zip(["layer", *([group] if group else [])], key)), "mean": mean,
+                        "ci_low": low, "ci_high": high, "sd": float(x.std(ddof=1)) if len(x) > 1 else np.nan,
+                        "n": len(x), "ci": ci})
+    return pd.DataFrame(out, columns=["site_kind", "layer", *([group] if group else []), "mean", "ci_low", "ci_high", "sd", "n", "ci"])
+
+
+def layer_contrast(
+    means: pd.DataFrame,
+    group: str,
+    *,
+    groups: Sequence[Any] | None = None,
+    dv: str = "recovery",
+    differ: pd.DataFrame | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The central contrast: mean ``dv`` per layer for two (or more) groups with t-based CIs, one panel per site
+    kind, stacked with a shared layer axis.
+
+    ``means`` is :func:`layer_means` output. ``differ`` (optional; columns ``site_kind``, ``layer``) marks layers
+    where a test found the groups different with ``*`` above the panel.
+    """
+    import seaborn as sns
+
+    if groups is None:
+        groups = _groups(means, group)
+    kinds = list(dict.fromkeys(means["site_kind"]))
+    colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
+    fig, axes = _new_figure(0.6 + 2.1 * len(kinds), nrows=len(kinds), sharex=True)
+    level = float(means["ci"].iloc[0]) if len(means) else 0.95
+    with _style():
+        for ax, kind in zip(axes, kinds):
+            part = means[means["site_kind"] == kind]
+            for i, g in enumerate(groups):
+                line = part[part[group] == g].sort_values("layer")
+                x = line["layer"].to_numpy(float) + (i - (len(groups) - 1) / 2) * 0.12  # dodge: bars stay apart
+                ax.errorbar(x, line["mean"], yerr=_yerr(line), color=colours[i], marker=MARKERS[i % len(MARKERS)],
+                            linestyle=DASHES[i % len(DASHES)], capsize=2.5, linewidth=1.5, markersize=4, label=str(g))
+            ax.axhline(0.0, color="0.4", linestyle=":", linewidth=1)
+            if differ is not None and len(differ):
+                hits = differ[differ["site_kind"] == kind]["layer"].astype(float).unique()
+                for layer in hits:
+                    ax.annotate("*", (layer, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=12)
+            ax.set_ylabel(f"{dv}\n({kind})")
+            ax.grid(axis="y", alpha=0.3)
+            _layer_ticks(ax, part["layer"].unique())
+        fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4), loc="outside lower center")
+        axes[-1].set_xlabel("layer")
+        fig.suptitle(_wrap(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)"), fontsize=STYLE["figure.titlesize"])
+    return fig
+
+
+def module_bars(
+    means: pd.DataFrame,
+    group: str | None = None,
+    *,
+    dv: str = "recovery",
+    title: str | None = None,
+) -> Figure:
+    """The module view: mean ``dv`` per layer as bars for each module kind (e.g. attention and MLP outputs), one
+    panel per site kind, bars per group, t-based CIs as error bars.
+
+    ``means`` is :func:`layer_means` output for the kinds to show. One bar per layer (not per site), so deep models
+    and head sweeps elsewhere in the run never crowd it out.
+    """
+    import seaborn as sns
+
+    groups = _groups(means, group)
+    kinds = list(dict.fromkeys(means["site_kind"]))
+    colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
+    width = 0.8 / len(groups)
+    fig, axes = _new_figure(0.6 + 1.9 * len(kinds), nrows=len(kinds), sharex=True)
+    with _style():
+        for ax, kind in zip(axes, kinds):
+            part = means[means["site_kind"] == kind]
+            for i, g in enumerate(groups):
+                bars = (part if g is None else part[part[group] == g]).sort_values("layer")
+                x = bars["layer"].to_numpy(float) + (i - (len(groups) - 1) / 2) * width
+                ax.bar(x, bars["mean"], width=width * 0.95, yerr=_yerr(bars), color=colours[i], ecolor="0.2",
+                       capsize=1.5, label=str(g) if g is not None else "all probes")
+            ax.axhline(0.0, color="0.3", linewidth=0.8)
+            ax.set_ylabel(f"{dv}\n({kind})")
+            ax.set_title(kind, loc="left")
+            ax.grid(axis="y", alpha=0.3)
+            _layer_ticks(ax, part["layer"].unique())
+        if group:
+            fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4), loc="outside lower center")
+        axes[-1].set_xlabel("layer")
+        level = float(means["ci"].iloc[0]) if len(means) else 0.95
+        fig.suptitle(_wrap(title or f"Mean {dv} per module and layer{f' by {group}' if group else ''} ({level:.0%} t-based CI)"), fontsize=STYLE["figure.titlesize"])
+    return fig
+
+
+def _yerr(part: pd.DataFrame) -> np.ndarray:
+    mean = part["mean"].to_numpy(float)
+    err = np.vstack([mean - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - mean])
+    return np.where(np.isfinite(err), err, 0.0)
+
+
+def _layer_ticks(ax: Any, levels: Any, max_ticks: int = 12) -> None:
+    """Integer layer ticks, thinned to at most ``max_ticks`` so 9 pt labels never collide at column width."""
+    from matplotlib.ticker import MaxNLocator
+
+    levels = np.sort(np.asarray(levels, float))
+    if len(levels) <= max_ticks:
+        ax.set_xticks(levels)
+        ax.set_xticklabels([str(int(v)) if float(v).is_integer() else str(v) for v in levels])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=max_ticks, integer=True, steps=[1, 2, 4, 5, 10]))
 
 
 def site_order(data: pd.DataFrame, site: str = "site") -> list[str]:
@@ -360,7 +581,8 @@ def save_figure(fig: Figure, stem: str | Path, dpi: int = 200, formats: Sequence
     with _style():
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
-            fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white", metadata=_metadata(fmt))
+            # no tight bounding box: the file keeps the drawn width, so the report can show it at that size
+            fig.savefig(path, dpi=dpi, facecolor="white", metadata=_metadata(fmt))
             paths.append(path)
     return paths
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from analyses.figures import COLUMN_WIDTH_IN
 from analyses.pipeline import Analysis, FigureFile, analyze
 from analyses.select import SELECT_COLUMNS
 
@@ -41,9 +42,15 @@ TITLES = {
     "posthoc_groups": "Post-hoc: groups at each layer (Welch t, Holm)",
     "bootstrap_ci": "Mean recovery with bootstrap CI",
 }
+#: Tables rendered per slice, in this order; any other per-slice table the analysis holds follows them.
+SLICE_TABLES = ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci")
+#: Tables that are not per slice or are shown elsewhere (or not at all).
+NOT_PER_SLICE = ("units", "skipped", "probe_counts", "trivial_sites", "module_ci", "probe_validity")
+
 #: Post-hoc tables longer than this are folded (HTML) so the page stays readable; all rows remain in it.
 FOLD_ROWS = 12
 
+#: Figures are shown at the width they were drawn at (:data:`analyses.figures.COLUMN_WIDTH_IN`), so 9 pt stays 9 pt.
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;
 color:#1a1a1a;line-height:1.45;background:#fff}
@@ -59,10 +66,11 @@ tr.sig td{font-weight:600}
 .caveats li{margin:.4rem 0}
 pre{background:#f6f8fa;padding:.75rem;overflow-x:auto;font-size:.8rem}
 figure{margin:1rem 0}
-figure img{max-width:100%;height:auto;border:1px solid #eee}
+figure img{width:FIGWIDTHin;max-width:100%;height:auto;border:1px solid #eee}
+.findings li{margin:.3rem 0}
 figcaption{font-size:.85rem;color:#444}
 .meta td:first-child{font-weight:600}
-"""
+""".replace("FIGWIDTH", str(COLUMN_WIDTH_IN))
 
 
 @dataclass
@@ -78,11 +86,64 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **o
     """Run :func:`analyses.pipeline.analyze` (``options`` go to it) and write ``report.html`` and ``report.md``
     into its output folder (default ``RESULTS_DIR/analysis``)."""
     result = analyze(results_dir, out_dir, **options)
+    if options.get("figures", True):
+        add_study_figures(result, dpi=options.get("dpi", 200))
     html_path = result.out_dir / "report.html"
     md_path = result.out_dir / "report.md"
     html_path.write_text(render_html(result), encoding="utf-8")
     md_path.write_text(render_markdown(result), encoding="utf-8")
     return ReportFiles(html_path, md_path, result)
+
+
+def add_study_figures(result: Analysis, dpi: int = 200) -> list[FigureFile]:
+    """The figures that answer the study's question, per metric / operation / direction / positions: the group
+    contrast per layer (two or more groups, t-based CIs, ``*`` where the Holm-corrected Welch test differs) and
+    the module view (attention and MLP outputs per layer). Figures ``result`` already holds by name are kept."""
+    import warnings
+
+    from analyses import figures as _figures
+    from analyses.pipeline import _label, _match, _slug
+    from analyses.select import AnalysisWarning
+
+    data, o = result.data, result.options
+    group, dv = o.get("group"), o.get("dv", "recovery")
+    have = {f.name for f in result.figures}
+    made: list[FigureFile] = []
+    units = result.tables["units"]
+    outer = [c for c in ("metric", "operation", "direction", "positions") if c in units.columns]
+    kinds_wanted = set(o.get("site_kinds") or [])
+
+    def save(fig: Any, name: str, title: str, caption: str, unit: dict[str, Any]) -> None:
+        if name in have:
+            return
+        paths = _figures.save_figure(fig, result.out_dir / "figures" / name, dpi=dpi)
+        made.append(FigureFile(name, title, caption, unit, paths))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        for key, block in (units.groupby(outer, sort=True) if len(units) else []):
+            sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
+            kinds = [k for k in block["site_kind"] if not kinds_wanted or k in kinds_wanted]
+            if not kinds:
+                continue
+            means = _figures.layer_means(data, dv, group, site_kinds=kinds, agg=o.get("agg", "mean"), **sel)
+            if group and means[group].nunique() >= 2:
+                post = result.tables["posthoc_groups"]
+                differ = post[_match(post, sel) & (post["p_corr"] < o.get("alpha", 0.05))] if len(post) else None
+                if differ is not None:
+                    differ = differ.rename(columns={"level": "layer"})
+                fig = _figures.layer_contrast(means, group, dv=dv, differ=differ)
+                save(fig, f"contrast_{_slug(sel)}", f"{dv} per layer by {group} ({_label(sel)})",
+                     "Mean over probes (each probe's mean over positions first) with 95 % t-based intervals, one panel "
+                     f"per site kind; * marks layers where the {group} groups differ (Welch t, Holm-corrected).", sel)
+            modules = means[means["site_kind"].isin(["attn_out", "mlp_out"])]
+            if len(modules):
+                fig = _figures.module_bars(modules, group, dv=dv)
+                save(fig, f"module_bars_{_slug(sel)}", f"{dv} per module and layer ({_label(sel)})",
+                     "Attention and MLP outputs patched layer by layer: mean over probes with 95 % t-based intervals.", sel)
+    result.figures.extend(made)
+    result.files.extend(p for f in made for p in f.paths)
+    return made
 
 
 # ----------------------------------------------------------------------------------------------- shared content
@@ -109,6 +170,15 @@ def _fmt(value: Any) -> str:
 def _shown(name: str, table: pd.DataFrame, group: str | None) -> pd.DataFrame:
     cols = [group if c == "GROUP" else c for c in SHOWN.get(name, list(table.columns))]
     return table[[c for c in cols if c and c in table.columns]]
+
+
+def slice_tables(result: Analysis) -> list[str]:
+    """The per-slice tables to show: the known ones, then any other table with slice columns (e.g. one-sample tests
+    per layer or effect sizes, when the analysis computes them), so a new table is shown without a report change."""
+    tables = result.tables
+    extra = [n for n, t in tables.items() if n not in SLICE_TABLES and n not in NOT_PER_SLICE
+             and isinstance(t, pd.DataFrame) and "site_kind" in t.columns]
+    return [n for n in SLICE_TABLES if n in tables] + extra
 
 
 def _units(result: Analysis) -> list[dict[str, Any]]:
@@ -149,6 +219,20 @@ def _spec_text(meta: dict[str, Any]) -> str:
         return json.dumps(meta.get("spec", {}), indent=2, default=str)
 
 
+def findings(result: Analysis) -> list[tuple[str, list[str]]]:
+    """The findings section: ``(heading, sentences)`` per tested slice, then an overall line per group; built from
+    the same tables the report prints (:mod:`analyses.findings`)."""
+    from analyses.findings import overall_findings, unit_findings
+
+    o = result.options
+    out = [(_unit_title(u), unit_findings(result.tables, u, o.get("group"), o.get("alpha", 0.05), o.get("dv", "recovery")))
+           for u in _units(result)]
+    overall = overall_findings(result.tables, o.get("group"), o.get("dv", "recovery"))
+    if overall:
+        out.append(("Across slices", overall))
+    return [(h, lines) for h, lines in out if lines]
+
+
 def _methods(result: Analysis) -> list[str]:
     o = result.options
     group = o.get("group")
@@ -175,15 +259,47 @@ def _methods(result: Analysis) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- HTML
 
 
-def _html_table(table: pd.DataFrame, alpha: float | None = None, p_col: str | None = None) -> str:
+def _html_table(table: pd.DataFrame, alpha: float | None = None, p: pd.Series | None = None) -> str:
+    """A table; with ``alpha`` and ``p`` (one p-value per row, aligned on the index), rows with p < alpha are bold."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     body = []
-    for _, row in table.iterrows():
-        sig = alpha is not None and p_col in row and pd.notna(row[p_col]) and float(row[p_col]) < alpha
+    for idx, row in table.iterrows():
+        sig = alpha is not None and p is not None and pd.notna(p.get(idx)) and float(p[idx]) < alpha
         cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row.tolist())
         attr = ' class="sig"' if sig else ""
         body.append(f"<tr{attr}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def row_p_values(table: pd.DataFrame) -> tuple[pd.Series | None, str]:
+    """The p-value that decides each row, and a label for it; ``(None, "")`` for a table without p-values.
+
+    Post-hoc tables: the corrected ``p_corr``. ANOVA tables: the Greenhouse-Geisser ``p_GG_corr`` where the row has
+    one, else ``p_unc`` (the between-groups row of a mixed ANOVA needs no sphericity correction, so its corrected
+    column is empty by design and must not hide its result). Other tables: ``p_unc``.
+    """
+    if "p_corr" in table.columns:
+        return table["p_corr"].astype(float), "p_corr"
+    if "p_GG_corr" in table.columns and "p_unc" in table.columns:
+        gg = table["p_GG_corr"].astype(float)
+        label = "p_GG_corr" if gg.notna().all() else "p_GG_corr (p_unc where not corrected)"
+        return gg.fillna(table["p_unc"].astype(float)), label
+    if "p_unc" in table.columns:
+        return table["p_unc"].astype(float), "p_unc"
+    return None, ""
+
+
+def _html_stat_table(name: str, shown: pd.DataFrame, alpha: float) -> str:
+    """One statistics table under its title; long ones folded with a summary that counts only real p-values."""
+    p, label = row_p_values(shown)
+    table_html = _html_table(shown, alpha if p is not None else None, p)
+    title = f"<h4>{html.escape(TITLES.get(name, name))}</h4>"
+    if len(shown) <= FOLD_ROWS:
+        return title + table_html
+    summary = f"{len(shown)} rows"
+    if p is not None:
+        summary += f" ({int((p < alpha).sum())} with {html.escape(label)} &lt; {alpha}; bold)"
+    return f"{title}<details><summary>{summary}</summary>{table_html}</details>"
 
 
 def _html_kv(rows: Iterable[tuple[str, str]]) -> str:
@@ -214,6 +330,28 @@ def study_title(meta: dict) -> str:
     return " on ".join(str(part) for part in (name, source) if part) or "results"
 
 
+def _interactive(result: Analysis) -> str:
+    """The layer x position heatmaps of every slice with several positions per probe, as an interactive section."""
+    import warnings
+
+    from analyses import interactive
+    from analyses.select import AnalysisWarning
+
+    payloads = []
+    o = result.options
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        for unit in _units(result):
+            rows = _in_unit(result.data, unit)
+            if rows.empty or rows.groupby("probe_id")["position"].nunique().max() < 2:
+                continue
+            payload = interactive.heatmap_payload(result.data, o.get("dv", "recovery"), o.get("group"),
+                                                  title=f"Mean {o.get('dv', 'recovery')} by layer and position ({_unit_title(unit)})", **unit)
+            if payload:
+                payloads.append(payload)
+    return interactive.render(payloads)
+
+
 def render_html(result: Analysis) -> str:
     """The report as one HTML string with everything embedded."""
     meta, tables, o = result.meta, result.tables, result.options
@@ -231,10 +369,17 @@ def render_html(result: Analysis) -> str:
         parts.append("<ul class=\"caveats\">" + "".join(f"<li>{_md_inline(c)}</li>" for c in result.caveats) + "</ul>")
     else:
         parts.append("<p>None detected.</p>")
+    parts.append("<h2 id=\"findings\">Findings</h2>")
+    found = findings(result)
+    if not found:
+        parts.append("<p>No slice could be tested.</p>")
+    for heading, lines in found:
+        parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">" + "".join(f"<li>{_md_inline(x)}</li>" for x in lines) + "</ul>")
     parts += [
         "<h2 id=\"model\">Model</h2>", _html_kv(_model_rows(meta)),
         "<h2 id=\"versions\">Package versions</h2>", _html_kv((k, str(v)) for k, v in meta.get("versions", {}).items()),
         "<h2 id=\"probes\">Probe counts</h2>", _html_table(tables["probe_counts"]),
+        *(["<h3>Probe validity</h3>", _html_table(tables["probe_validity"])] if len(tables.get("probe_validity", ())) else []),
         "<h2 id=\"spec\">Study spec</h2>", f"<pre>{html.escape(_spec_text(meta))}</pre>",
         "<h2 id=\"methods\">Methods</h2><ul>" + "".join(f"<li>{_md_inline(m)}</li>" for m in _methods(result)) + "</ul>",
     ]
@@ -246,19 +391,11 @@ def render_html(result: Analysis) -> str:
         parts.append("<p>No slice with at least two layers to test.</p>")
     for i, unit in enumerate(units):
         parts.append(f"<h3 id=\"unit-{i}\">{html.escape(_unit_title(unit))}</h3>")
-        for name in ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci"):
+        for name in slice_tables(result):
             part = _in_unit(tables[name], unit)
             if part.empty:
                 continue
-            shown = _shown(name, part, group)
-            p_col = "p_corr" if "p_corr" in shown.columns else ("p_GG_corr" if "p_GG_corr" in shown.columns else "p_unc")
-            table_html = _html_table(shown, alpha if name != "bootstrap_ci" else None, p_col)
-            title = f"<h4>{html.escape(TITLES[name])}</h4>"
-            if len(shown) > FOLD_ROWS:
-                n_sig = int((shown[p_col] < alpha).sum()) if p_col in shown else 0
-                parts.append(f"{title}<details><summary>{len(shown)} rows ({n_sig} with {p_col} &lt; {alpha}; bold)</summary>{table_html}</details>")
-            else:
-                parts.append(title + table_html)
+            parts.append(_html_stat_table(name, _shown(name, part, group), alpha))
         skipped = _in_unit(tables["skipped"], unit)
         if len(skipped):
             parts.append("<h4>Not run</h4>" + _html_table(skipped[["test", "reason"]]))
@@ -269,6 +406,9 @@ def render_html(result: Analysis) -> str:
     if shared:
         parts.append("<h2 id=\"figures\">Across site kinds and modules</h2>")
         parts += [_html_figure(f) for f in shared]
+    interactive = _interactive(result)
+    if interactive:
+        parts += ["<h2 id=\"interactive\">Interactive heatmaps</h2>", interactive]
     parts.append(
         f"<h2 id=\"files\">Files</h2><p>Tables (CSV, every column) and figures (PNG, SVG) are in "
         f"<code>{html.escape(str(result.out_dir))}</code>.</p></body></html>"
@@ -301,10 +441,17 @@ def render_markdown(result: Analysis) -> str:
            f"Results: `{result.results_dir}`. {int(meta.get('n_probes', 0))} probes; created {meta.get('created')}.", "",
            "## Caveats", ""]
     out += [f"- {c}" for c in result.caveats] or ["None detected."]
+    out += ["", "## Findings", ""]
+    found = findings(result)
+    for heading, lines in found:
+        out += [f"### {heading}", "", *[f"- {x}" for x in lines], ""]
+    if not found:
+        out += ["No slice could be tested.", ""]
     out += ["", "## Model", "", markdown_table(pd.DataFrame(_model_rows(meta), columns=["field", "value"])),
             "## Package versions", "",
             markdown_table(pd.DataFrame([(k, str(v)) for k, v in meta.get("versions", {}).items()], columns=["package", "version"])),
             "## Probe counts", "", markdown_table(tables["probe_counts"]),
+            *(["### Probe validity", "", markdown_table(tables["probe_validity"])] if len(tables.get("probe_validity", ())) else []),
             "## Study spec", "", "```yaml", _spec_text(meta).rstrip(), "```", "",
             "## Methods", ""]
     out += [f"- {m}" for m in _methods(result)]
@@ -313,10 +460,10 @@ def render_markdown(result: Analysis) -> str:
     out += ["", "## Results", ""]
     for unit in _units(result):
         out += [f"### {_unit_title(unit)}", ""]
-        for name in ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci"):
+        for name in slice_tables(result):
             part = _in_unit(tables[name], unit)
             if len(part):
-                out += [f"#### {TITLES[name]}", "", markdown_table(_shown(name, part, group))]
+                out += [f"#### {TITLES.get(name, name)}", "", markdown_table(_shown(name, part, group))]
         skipped = _in_unit(tables["skipped"], unit)
         if len(skipped):
             out += ["#### Not run", "", markdown_table(skipped[["test", "reason"]])]

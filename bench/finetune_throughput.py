@@ -2,7 +2,7 @@
 
 For each model (a tiny random GPT-2 with the real GPT-2 tokenizer, and SmolLM2-135M, the built-in ``smollm2-135m``)
 and each preset (``config-i``: whole abstracts padded to 512 tokens; ``config-ii``: 512-token chunks), runs
-``corpora.finetune.finetune`` for a few optimiser steps on the corpus that ``clap corpus build`` makes from the two
+``finetuning.train.finetune`` for a few optimiser steps on the corpus that ``clap corpus build`` makes from the two
 large shared PubMed files, and times every training step and the validation pass. A full epoch would take tens of
 minutes for SmolLM2 on two CPU cores, so the epoch time is extrapolated from the measured per-row rates:
 
@@ -54,8 +54,8 @@ def tiny_gpt2(out: Path) -> Path:
 
 def full_rows(corpus: Path, model: str, preset: str) -> dict:
     """Rows and real tokens of one full epoch (the whole train and validation splits) under ``preset``."""
-    from corpora.finetune_config import from_preset
-    from corpora.finetune_data import load_corpus, prepare_datasets, training_tokenizer
+    from finetuning.config import from_preset
+    from finetuning.data import load_corpus, prepare_datasets, training_tokenizer
     from interventions.models import load_hf_model
 
     _, tok, _ = load_hf_model(model)
@@ -67,8 +67,8 @@ def measure(corpus: Path, model: str, preset: str, steps: int, batch: int, eval_
     """Run ``steps`` optimiser steps of ``preset`` (accumulation 1, micro-batch ``batch``) and time them."""
     from transformers import TrainerCallback
 
-    from corpora.finetune import finetune
-    from corpora.finetune_config import from_preset
+    from finetuning.train import finetune
+    from finetuning.config import from_preset
 
     marks: list[tuple[int, float, int]] = []
 
@@ -107,8 +107,8 @@ def measure(corpus: Path, model: str, preset: str, steps: int, batch: int, eval_
 
 def full_epoch(corpus: Path, model: str, preset: str, work: Path) -> dict:
     """One real epoch of ``preset`` as configured (batch 8, accumulation 4, evaluation and checkpoint at the end)."""
-    from corpora.finetune import finetune
-    from corpora.finetune_config import from_preset
+    from finetuning.train import finetune
+    from finetuning.config import from_preset
 
     started = time.perf_counter()
     result = finetune(corpus, model, work / f"epoch-{Path(model).name}-{preset}", from_preset(preset, epochs=1),

@@ -14,8 +14,9 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from analyses.options import AnalysisOptions
-from clap.errors import ClapError, closest
-from clap.yamlio import line_of, load_yaml
+from clap.errors import ClapError
+from clap.validation import format_validation_error as _format_validation_error
+from clap.yamlio import load_yaml
 
 
 class SpecError(ClapError):
@@ -233,85 +234,13 @@ class StudySpec(_Strict):
         return self.model_dump(mode="json")
 
 
-def _fields_at(model: type[BaseModel], location: tuple) -> list[str]:
-    """Valid field names of the (nested) model at ``location``, for typo hints."""
-    current: Any = model
-    for part in location:
-        if isinstance(part, int) or current is None:
-            continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        current = _model_in(field.annotation)
-    return list(getattr(current, "model_fields", {}))
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-_TYPE_TAGS = {"int", "str", "float", "bool", "list", "dict"}
 POSITION_HELP = (
     "a position is all | each | last | none | an integer (negative = from the end) | {match: text} | "
     "{indices: [integers]}"
 )
 
 
-def _input_at(exc: ValidationError, location: tuple) -> Any:
-    """The offending input value at ``location`` (pydantic reports it per union member; take the widest)."""
-    for error in exc.errors():
-        data_loc = tuple(p for p in error["loc"] if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p in _TYPE_TAGS))
-        if data_loc == location:
-            return error.get("input")
-    for error in exc.errors():
-        if tuple(error["loc"][: len(location)]) == location:
-            return error.get("input")
-    return None
-
-
 def format_validation_error(exc: ValidationError, source: str, lines: dict, model: type[BaseModel]) -> str:
     """One line per problem: ``file:line: field.path: what was expected`` (+ nearest names for unknown keys)."""
-    messages = []
-    seen = set()
-    for error in exc.errors():
-        # pydantic reports union members as extra path parts (e.g. 'str', 'int', 'MatchPosition'); keep data keys
-        location = tuple(
-            p for p in error["loc"]
-            if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p in _TYPE_TAGS)
-        )
-        field = ".".join(str(p) for p in location) or "(top level)"
-        index = location.index("positions") + 2 if "positions" in location else 0
-        nested_value_error = len(location) > index and error["type"] not in ("extra_forbidden", "missing")
-        in_positions = bool(index) and not nested_value_error
-        key = (location[:index], "positions") if in_positions else (field, error["type"])
-        if key in seen:
-            continue
-        seen.add(key)
-        if in_positions:  # one message for the whole union instead of one per alternative
-            line = line_of(lines, location[:index])
-            where = f"{source}:{line}" if line else source
-            messages.append(f"{where}: {'.'.join(str(p) for p in location[:index])}: {POSITION_HELP}, got "
-                            f"{_input_at(exc, location[:index])!r}")
-            continue
-        line = line_of(lines, location)
-        where = f"{source}:{line}" if line else source
-        if error["type"] == "extra_forbidden":
-            valid = _fields_at(model, location[:-1])
-            hint = closest(str(location[-1]), valid)
-            text = f"unknown field {location[-1]!r}" + (f"; did you mean {', '.join(map(repr, hint))}?" if hint else "")
-            if valid:
-                text += f" (valid fields here: {', '.join(valid)})"
-        elif error["type"] == "missing":
-            text = "required field is missing"
-        else:
-            text = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "literal_error":
-                text = f"{text}, got {error.get('input')!r}"
-        messages.append(f"{where}: {field}: {text}")
-    return "invalid study spec:\n  " + "\n  ".join(messages)
+    return _format_validation_error(exc, source, lines, model, title="invalid study spec",
+                                    unions={"positions": POSITION_HELP})

@@ -88,12 +88,16 @@ def test_html_report_is_self_contained_with_tables_and_images(reported):
     doc = lxml.html.fromstring(page)
     # Images: every one embedded as a PNG data URI that decodes to a real PNG; nothing fetched from elsewhere.
     srcs = [img.get("src") for img in doc.iter("img")]
-    assert len(srcs) == 6
+    assert len(srcs) == 8  # 6 from `clap analyze`, the group contrast and the module bars
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         raw = base64.b64decode(src.split(",", 1)[1])
         assert raw.startswith(PNG_MAGIC) and len(raw) > 10_000
     assert not doc.xpath("//link[@href] | //script[@src] | //*[@src][not(self::img)]")
+    # figures are shown at the width they were drawn at, so their 9 pt text is 9 pt on the page
+    from analyses.figures import COLUMN_WIDTH_IN
+
+    assert f"figure img{{width:{COLUMN_WIDTH_IN}in;" in page
     # Headings and the tables the issue asks for.
     text = doc.text_content()
     for phrase in ("Caveats", "Model", "Package versions", "Probe counts", "Study spec", "Methods",
@@ -124,7 +128,7 @@ def test_markdown_report_links_existing_figures(reported):
     assert "## Caveats" in md and "#### Repeated-measures ANOVA across layers" in md
     assert re.search(r"^\| Source \| F \| ddof1 \| ddof2 \| p_unc \|", md, re.M)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 6
+    assert len(links) == 8
     for link in links:
         assert (out / link).is_file()
 
@@ -142,7 +146,7 @@ def test_single_probe_report_explains_instead_of_failing(tmp_path):
     assert rm.empty and {"F", "p_GG_corr", "np2", "n_subjects"} <= set(rm.columns)
     page = (out / "report.html").read_text()
     assert "Only 1 probe: no test across layers is possible" in page
-    text = re.sub(r'data:image/[^"]*', "", page)  # base64 figures may contain the letters "NaN" by chance
+    text = lxml.html.fromstring(page).text_content()  # (base64 image data may spell anything)
     assert "Not run" in text and "NaN" not in text
 
 
@@ -204,3 +208,220 @@ def test_report_title_names_the_study_and_model():
     assert study_title({"spec": {"name": "epilepsy"}, "model": {"source": "smollm2-135m"}}) == "epilepsy on smollm2-135m"
     assert study_title({"model": {"architecture": "GPT2LMHeadModel"}}) == "GPT2LMHeadModel"
     assert study_title({}) == "results"
+
+
+# ------------------------------------------------------------------------------------- regressions of the tables
+
+
+@pytest.fixture(scope="module")
+def group_effect_analysis(tmp_path_factory):
+    """One slice, 8 layers (so the bootstrap table of 16 rows is folded) and a planted group main effect."""
+    from analyses.pipeline import analyze
+
+    data = make_results(n_probes=12, n_layers=8, site_kinds=("resid_pre",), metrics=("logit_diff",), tokens=("a", "b"),
+                        trivial_sites=False, seed=5)
+    data.loc[data[GROUP] == "definitional", "recovery"] += 0.8
+    root = tmp_path_factory.mktemp("group_effect")
+    save_results(data, make_meta(data, seed=5, group_columns=[GROUP]), root)
+    return analyze(root, root / "analysis", n_boot=200, figures=False)
+
+
+def test_folded_table_without_p_values_claims_no_test(group_effect_analysis):
+    from analyses.report import render_html
+
+    doc = lxml.html.fromstring(render_html(group_effect_analysis))
+    summaries = {s.getparent().getprevious().text_content(): s.text_content() for s in doc.iter("summary")}
+    boot = summaries["Mean recovery with bootstrap CI"]
+    assert boot == "16 rows"  # no "0 with p_unc < 0.05": the table has no p column at all
+    layers = summaries["Post-hoc: pairs of layers (paired t, Holm)"]
+    post = group_effect_analysis.tables["posthoc_layers"]
+    assert layers == f"{len(post)} rows ({int((post['p_corr'] < 0.05).sum())} with p_corr < 0.05; bold)"
+
+
+def test_between_group_row_of_mixed_anova_is_bold(group_effect_analysis):
+    from analyses.report import render_html
+
+    mixed = group_effect_analysis.tables["mixed_anova"].set_index("Source")
+    assert mixed.loc[GROUP, "p_unc"] < 1e-4 and pd.isna(mixed.loc[GROUP, "p_GG_corr"])
+    doc = lxml.html.fromstring(render_html(group_effect_analysis))
+    heading = next(h for h in doc.iter("h4") if h.text_content() == "Mixed ANOVA: layer x group")
+    rows = heading.getnext().xpath(".//tbody/tr")
+    bold = {r.xpath("./td")[0].text_content(): r.get("class") == "sig" for r in rows}
+    assert bold[GROUP] is True
+    # the within rows follow their corrected p
+    for source in ("layer", "Interaction"):
+        assert bold[source] == bool(mixed.loc[source, "p_GG_corr"] < 0.05)
+
+
+def test_false_positive_caveat_counts_every_reported_test(group_effect_analysis):
+    tables = group_effect_analysis.tables
+    # one slice: rm 1 + Friedman 1 + mixed 3 rows (each its own family), and two Holm families of post-hoc tests
+    n_tests = 1 + 1 + 3 + len(tables["posthoc_layers"]) + len(tables["posthoc_groups"])
+    caveat = next(c for c in group_effect_analysis.caveats if "false positives" in c)
+    assert caveat.startswith(f"{n_tests} tests in 1 slice(s)")
+    assert "in 7 separately corrected families" in caveat and "about 0.4 false positives" in caveat
+
+
+# ------------------------------------------------------------------------------------------------ findings
+
+
+def _findings_for(data):
+    from analyses.findings import unit_findings
+    from analyses.pipeline import compute_tables
+
+    tables = compute_tables(data, group=GROUP, n_boot=300, seed=0)
+    unit = {"metric": "logit_diff", "site_kind": "resid_pre", "operation": "replace", "direction": "denoising", "positions": "all"}
+    return tables, unit_findings(tables, unit, GROUP)
+
+
+def test_findings_name_the_planted_layers_and_direction():
+    data = make_results(n_probes=20, n_layers=6, site_kinds=("resid_pre",), metrics=("logit_diff",), tokens=("a", "b"),
+                        layer_effect=[0, 0, 0, 1.0, 0, 0], trivial_sites=False, seed=2)
+    data.loc[(data[GROUP] == "definitional") & (data["layer"] == 5), "recovery"] += 0.3
+    tables, lines = _findings_for(data)
+    text = "\n".join(lines)
+    ci = tables["bootstrap_ci"]
+    for g in ("associative", "definitional"):
+        best = ci[(ci[GROUP] == g) & (ci["layer"] == 3)].iloc[0]
+        assert (f"`{GROUP}` = {g}: recovery is highest at layer 3 (mean {_fmt(best['mean'])}, 95 % CI "
+                f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}], n = 10)") in text
+    assert "Recovery differs across layers (repeated-measures ANOVA" in text
+    differ = re.search(rf"`{GROUP}` = definitional recovers more than associative at layers? ([0-9, and]+) \(Welch t", text)
+    assert differ and "5" in re.split(r", | and ", differ.group(1))
+    assert "associative recovers more than definitional" not in text
+    # every layer named as "above 0" has a CI above 0 in the table, and only those
+    for g in ("associative", "definitional"):
+        line = next(x for x in lines if x.startswith(f"`{GROUP}` = {g}:"))
+        above = ci[(ci[GROUP] == g) & (ci["ci_low"] > 0)]["layer"].tolist()
+        assert 3 in above and (f"lies above 0 at layer {above[0]}" in line if len(above) == 1 else "lies above 0 at layers" in line)
+
+
+def test_findings_say_no_evidence_when_there_is_none():
+    data = make_results(n_probes=20, n_layers=6, site_kinds=("resid_pre",), metrics=("logit_diff",), tokens=("a", "b"),
+                        layer_effect=0.0, probe_sd=0.0, trivial_sites=False, seed=5)
+    tables, lines = _findings_for(data)
+    text = "\n".join(lines)
+    # no test rejects the null on this seed (checked on the tables, independently of the text)
+    assert tables["rm_anova"]["p_GG_corr"].iloc[0] > 0.05 and (tables["mixed_anova"]["p_unc"] > 0.05).all()
+    assert (tables["posthoc_groups"]["p_corr"] > 0.05).all()
+    assert "No evidence that recovery differs across layers" in text
+    assert "No evidence that mean recovery differs between the `knowledge_type` groups" in text
+    assert "No evidence that the groups' layer profiles differ" in text
+    assert "No evidence of a group difference at any single layer" in text
+    assert "recovers more than" not in text
+
+
+def test_report_has_a_findings_section(reported):
+    _, out = reported
+    doc = lxml.html.fromstring((out / "report.html").read_text(encoding="utf-8"))
+    heads = [h.text_content() for h in doc.iter("h2")]
+    assert heads.index("Findings") == heads.index("Caveats") + 1
+    items = doc.xpath("//ul[@class='findings']/li")
+    assert any("is highest at layer" in li.text_content() for li in items)
+    assert "## Findings" in (out / "report.md").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------- interactive heatmaps
+
+
+def _heatmap_json(page: str):
+    import json
+
+    doc = lxml.html.fromstring(page)
+    (blob,) = doc.xpath("//script[@id='clap-heatmaps']")
+    assert blob.get("type") == "application/json"
+    scripts = doc.xpath("//script[not(@type)]")
+    assert scripts and all(s.get("src") is None for s in scripts)  # inline only: works offline
+    return json.loads(blob.text), doc
+
+
+def test_interactive_heatmap_data_match_the_results(reported):
+    results_dir, out = reported
+    maps, doc = _heatmap_json((out / "report.html").read_text(encoding="utf-8"))
+    assert [m["title"].split("(")[1].split(" · ")[1] for m in maps] == ["site_kind mlp_out", "site_kind resid_pre"]
+    assert all(doc.xpath(f"//div[@id='clap-heatmap-{i}']") for i in range(len(maps)))
+    data, _ = load_results(results_dir)
+    m = maps[1]
+    rows = data[(data.site_kind == "resid_pre") & data.recovery_defined & ~data.trivial & data.layer.notna()]
+    g_idx = [g["name"] for g in m["groups"]].index(f"{GROUP} = definitional")
+    group = m["groups"][g_idx]
+    assert group["rows"] == ["Paris [0]", "is [1]", "in [2]"] and m["layers"] == [0, 1, 2, 3]
+    for r in range(3):
+        for c in range(4):
+            cell = group["cells"][r][c]
+            part = rows[(rows[GROUP] == "definitional") & (rows.position == r) & (rows.layer == c)]
+            x = part.groupby("probe_id").recovery.mean()
+            assert cell["n"] == len(x) and cell["v"] == pytest.approx(x.mean(), abs=1e-6)
+            assert cell["tok"] == group["rows"][r]
+            lo, hi = __import__("scipy.stats", fromlist=["t"]).t.interval(0.95, len(x) - 1, loc=x.mean(), scale=x.sem())
+            assert (cell["lo"], cell["hi"]) == (pytest.approx(lo, abs=1e-6), pytest.approx(hi, abs=1e-6))
+            assert sorted(p[0] for p in cell["p"]) == sorted(x.index)
+            assert dict(cell["p"]) == pytest.approx(x.round(6).to_dict(), abs=1e-6)
+
+
+def _browser():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium_args(tmp_path):
+    return [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000"]
+
+
+@pytest.mark.slow
+def test_interactive_heatmap_in_headless_chromium(reported, tmp_path):
+    if not _browser():
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium)")
+    _, out = reported
+    maps, _ = _heatmap_json((out / "report.html").read_text(encoding="utf-8"))
+    url = (out / "report.html").as_uri() + "#cell=1-0-2-3"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.run([*_chromium_args(tmp_path), "--dump-dom", url], capture_output=True, text=True, timeout=120, env=env)
+    dom = lxml.html.fromstring(proc.stdout)
+    assert dom.body.get("data-heatmaps") == "ready", proc.stderr[-2000:]
+    cells = dom.xpath("//div[@id='clap-heatmap-1']//*[local-name()='rect' and @class='cell']")
+    n_cells = sum(c is not None for g in maps[1]["groups"] for row in g["cells"] for c in row)
+    assert len(cells) == n_cells
+    cell = maps[1]["groups"][0]["cells"][2][3]
+    (tip,) = dom.xpath("//div[@id='clap-tip']")
+    assert tip.get("data-cell") == "1-0-2-3" and f"n = {cell['n']}" in tip.text_content()
+    assert cell["tok"] in tip.text_content() and "layer 3" in tip.text_content() and "95 % CI [" in tip.text_content()
+    (detail,) = dom.xpath("//div[@id='clap-detail']")
+    probes = [tr.xpath("./td")[0].text_content() for tr in detail.xpath(".//tbody/tr")]
+    assert sorted(probes) == sorted(p[0] for p in cell["p"])
+    shot = tmp_path / "shot.png"
+    subprocess.run([*_chromium_args(tmp_path), "--window-size=1200,3000", "--hide-scrollbars", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=120, env=env)
+    assert shot.is_file()
+    keep = os.environ.get("CLAP_REPORT_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+
+
+def test_tables_added_by_the_analysis_are_shown_and_used(group_effect_analysis):
+    """A per-slice table the report does not know (e.g. one-sample tests per layer) and a probe validity table."""
+    import copy
+
+    from analyses.report import render_html, render_markdown
+
+    result = copy.copy(group_effect_analysis)
+    ci = result.tables["bootstrap_ci"]
+    one = ci[["layer", GROUP, "metric", "site_kind", "operation", "direction", "positions"]].copy()
+    one["T"] = 1.0
+    one["p_unc"] = 0.5
+    one["p_corr"] = np.where((one["layer"] == 4) & (one[GROUP] == "definitional"), 0.001, 0.9)
+    validity = pd.DataFrame({"probe_id": ["p000", "p001"], "valid": [True, False], "reason": ["", "clean == corrupted"]})
+    result.tables = {**result.tables, "one_sample": one, "probe_validity": validity}
+    doc = lxml.html.fromstring(render_html(result))
+    heading = next(h for h in doc.iter("h4") if h.text_content() == "one_sample")
+    table = heading.getnext()
+    table = table.xpath(".//table")[0] if table.tag == "details" else table
+    bold = table.xpath(".//tr[@class='sig']")
+    assert len(bold) == 1 and bold[0].xpath("./td")[0].text_content() == "4"
+    assert "clean == corrupted" in doc.text_content()
+    findings = [li.text_content() for li in doc.xpath("//ul[@class='findings']/li")]
+    assert "knowledge_type = definitional: one-sample tests against 0 (p_corr < 0.05) are significant at layer 4." in findings
+    assert "knowledge_type = associative: no evidence from the one-sample tests (p_corr < 0.05) at any layer." in findings
+    md = render_markdown(result)
+    assert "#### one_sample" in md and "### Probe validity" in md

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from clap.errors import ClapError
-from corpora.finetune_config import FinetuneConfig
+from clap.errors import ClapError, closest
+from finetuning.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,11 @@ def load_corpus(path: str | Path, text_column: str = "text") -> Any:
                 "fine-tuning needs 'train' and 'validation'"
             )
         if text_column not in data[split].column_names:
+            hint = closest(text_column, data[split].column_names, n=1)
             raise FinetuneDataError(
                 f"{location}: split {split!r} has no {text_column!r} column "
                 f"(columns: {', '.join(data[split].column_names)})"
+                + (f"; did you mean {hint[0]!r}? (set text_column)" if hint else "; choose one with text_column")
             )
         if len(data[split]) == 0:
             raise FinetuneDataError(f"{location}: the corpus's {split!r} split is empty")

@@ -1,6 +1,6 @@
 """``clap finetune``: fine-tune a causal LM on a built corpus with one of the seed study's presets.
 
-Every setting of :class:`corpora.finetune_config.FinetuneConfig` can be changed in a YAML file (``--config``) and
+Every setting of :class:`finetuning.config.FinetuneConfig` can be changed in a YAML file (``--config``) and
 the common ones by flags; flags win over the file, the file over the preset.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from corpora.finetune_config import PRESETS
+from finetuning.config import PRESETS
 
 #: flag -> config field, for the settings worth a flag (the rest: --config YAML or --set NAME=VALUE).
 FLAG_FIELDS = {
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         help="fine-tune a causal LM on a corpus (presets config-i / config-ii, early stopping, resumable)",
         description="Fine-tune a causal LM on a corpus built by `clap corpus build`. A rerun into the same output "
-        "folder resumes from its last checkpoint; OUT/model appears only when training has finished.",
+        "folder resumes from its newest complete checkpoint; OUT/model appears only when training has finished.",
     )
     p.add_argument("--corpus", required=True, type=Path, help="output folder of `clap corpus build` (or its dataset/)")
     p.add_argument("--model", required=True, help="model source: local folder, .gguf file, hub id or built-in name")
@@ -47,32 +47,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    """Flags that were given, under their setting names (``--set`` values are strings, coerced later)."""
-    from corpora.finetune_config import FinetuneConfigError
+def overrides_from_args(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """Flags that were given, under their setting names, and where each came from (``--lr``, ``--set NAME``).
+
+    ``--set`` values stay strings; the schema converts and checks them like YAML values.
+    """
+    from finetuning.config import FinetuneConfigError
 
     changes: dict = {}
+    origins: dict[str, str] = {}
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise FinetuneConfigError(f"--set {item!r}: expected NAME=VALUE")
         changes[name.strip()] = None if value.strip().lower() in ("null", "none") else value.strip()
+        origins[name.strip()] = f"--set {name.strip()}"
     for flag in FLAG_FIELDS:
         value = getattr(args, flag)
         if value is not None:
             changes[RENAMED.get(flag, flag)] = value
+            origins[RENAMED.get(flag, flag)] = f"--{flag.replace('_', '-')}"
     if args.lora:
         changes["lora"] = True
+        origins["lora"] = "--lora"
     if args.lora_targets:
         changes["lora_target_modules"] = args.lora_targets
-    return changes
+        origins["lora_target_modules"] = "--lora-targets"
+    return changes, origins
 
 
 def run(args: argparse.Namespace) -> int:
-    from corpora.finetune import finetune
-    from corpora.finetune_config import load_config
+    from finetuning.train import finetune
+    from finetuning.config import load_config
 
-    config = load_config(args.preset, args.config, overrides_from_args(args))
+    changes, origins = overrides_from_args(args)
+    config = load_config(args.preset, args.config, changes, origins)
     result = finetune(args.corpus, args.model, args.out, config, tokenizer=args.tokenizer,
                       overwrite=args.overwrite, progress=not args.no_progress)
     s = result.summary
@@ -82,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"steps:      {s['global_step']} (best {s.get('best_checkpoint')}, validation loss "
           f"{s.get('initial_eval_loss') or float('nan'):.4f} -> {s.get('best_eval_loss') or float('nan'):.4f})"
           + ("; stopped early" if s.get("stopped_early") else ""))
+    if result.resumed_from and not result.already_complete:
+        print(f"resumed:    from {result.resumed_from}")
+    for entry in result.skipped_checkpoints:
+        print(f"skipped:    {entry.name} ({entry.reason}); moved to {entry.moved_to}")
     print(f"log:        {result.log_csv}")
     print(f"figure:     {result.figure}")
     return 0

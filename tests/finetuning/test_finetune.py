@@ -17,9 +17,9 @@ import torch
 
 from clap.cli import main
 from clap.errors import ClapError
-from corpora.finetune import FinetuneError, finetune, training_arguments
-from corpora.finetune_config import PRESETS, FinetuneConfigError, from_preset, load_config
-from corpora.finetune_data import FinetuneDataError, load_corpus, make_collator, prepare_datasets, training_tokenizer
+from finetuning.train import FinetuneError, finetune, training_arguments
+from finetuning.config import PRESETS, FinetuneConfigError, from_preset, load_config
+from finetuning.data import FinetuneDataError, load_corpus, make_collator, prepare_datasets, training_tokenizer
 from interventions.models import ModelLoadError, load_hf_model
 
 MAX_LEN = 64
@@ -131,14 +131,17 @@ def test_yaml_then_flags_override_the_preset(tmp_path: Path):
     assert load_config("config-i", yaml_file).mode == "truncate"  # an explicit preset wins over the file's
 
     yaml_file.write_text("epochs: 3\nlearnig_rate: 1.0e-4\n")
-    with pytest.raises(FinetuneConfigError, match=r"over\.yaml:2: unknown fine-tuning setting 'learnig_rate'.*learning_rate"):
+    with pytest.raises(FinetuneConfigError,
+                       match=r"over\.yaml:2: learnig_rate: unknown field 'learnig_rate'; did you mean 'learning_rate'"):
         load_config(None, yaml_file)
     yaml_file.write_text("batch_size: eight\n")
-    with pytest.raises(FinetuneConfigError, match=r"over\.yaml:1: .*'batch_size' = 'eight': expected int"):
+    with pytest.raises(FinetuneConfigError,
+                       match=r"over\.yaml:1: batch_size: Input should be a valid integer.*got 'eight'"):
         load_config(None, yaml_file)
     with pytest.raises(FinetuneConfigError, match="unknown fine-tuning preset 'config-iii'"):
         from_preset("config-iii")
-    with pytest.raises(FinetuneConfigError, match="'eval_steps'"):
+    with pytest.raises(FinetuneConfigError,
+                       match="^fine-tuning setting eval_steps: expected a positive integer when eval_strategy"):
         from_preset("config-i", eval_strategy="steps")
 
 
@@ -238,9 +241,10 @@ def test_best_checkpoint_is_the_one_reloaded(corpus_dir: Path, tiny_model_dir: P
 
 
 def test_early_stopping_fires_on_a_plateau(corpus_dir: Path, tiny_model_dir: Path, tmp_path: Path):
-    # lr = 0: the weights never change, so every evaluation after the first fails to improve.
+    # lr = 1e-30 (0 is refused): steps of 1e-30 vanish against float32 weights, so every evaluation after the first
+    # fails to improve.
     result = finetune(corpus_dir, str(tiny_model_dir), tmp_path / "run",
-                      fast(learning_rate=0.0, eval_steps=1, patience=2, max_steps=40), progress=False)
+                      fast(learning_rate=1e-30, eval_steps=1, patience=2, max_steps=40), progress=False)
     evals = [r for r in read_log(tmp_path / "run") if r["split"] == "validation"]
     assert [r["step"] for r in evals] == [0, 1, 2, 3]  # best at 1, then `patience` = 2 evaluations without gain
     assert len({r["loss"] for r in evals}) == 1
@@ -281,6 +285,81 @@ def test_resume_continues_from_the_saved_step(corpus_dir: Path, tiny_model_dir: 
 
     again = finetune(corpus_dir, str(tiny_model_dir), out, config, progress=False)
     assert again.already_complete and again.global_step == 8
+
+
+def test_resume_skips_incomplete_checkpoints(corpus_dir: Path, tiny_model_dir: Path, tmp_path: Path, caplog):
+    """A run killed while writing a checkpoint leaves a half-written checkpoint-N; the rerun must resume from the
+    newest complete one, set the broken ones aside and say so."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    from finetuning.checkpoints import checkpoint_problem
+
+    class StopAt5(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise Interrupt("simulated interruption")
+
+    config = fast(max_steps=8)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        finetune(corpus_dir, str(tiny_model_dir), out, config, progress=False, callbacks=[StopAt5()])
+    good = out / "checkpoints" / "checkpoint-3"
+    assert checkpoint_problem(good) is None
+
+    # every way a save can be cut short, checked on copies of the real checkpoint
+    def broken(name: str, damage) -> Path:
+        folder = tmp_path / "variants" / name
+        shutil.copytree(good, folder)
+        damage(folder)
+        return folder
+
+    def truncate(path: Path) -> None:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    assert checkpoint_problem(broken("checkpoint-3", lambda f: truncate(f / "model.safetensors"))).startswith(
+        "model.safetensors is unreadable")
+    assert checkpoint_problem(broken("a/checkpoint-3", lambda f: (f / "model.safetensors").write_bytes(b""))) == (
+        "model.safetensors is empty (0 bytes)")
+    assert checkpoint_problem(broken("b/checkpoint-3", lambda f: (f / "model.safetensors").unlink())).startswith(
+        "no model weights")
+    assert checkpoint_problem(broken("c/checkpoint-3", lambda f: truncate(f / "optimizer.pt"))) == (
+        "optimizer.pt is truncated or not a torch file")
+    assert checkpoint_problem(broken("d/checkpoint-3", lambda f: (f / "scheduler.pt").unlink())) == (
+        "scheduler.pt missing")
+    assert checkpoint_problem(broken("e/checkpoint-3", lambda f: (f / "trainer_state.json").unlink())).startswith(
+        "trainer_state.json missing")
+    assert checkpoint_problem(broken("f/checkpoint-3", lambda f: (f / "trainer_state.json").write_text("{"))) == (
+        "trainer_state.json is unreadable")
+
+    # newer than the good checkpoint: one whose weights were cut off mid-write, and one that is still empty
+    truncated = out / "checkpoints" / "checkpoint-4"
+    shutil.copytree(good, truncated)
+    state = json.loads((truncated / "trainer_state.json").read_text())
+    (truncated / "trainer_state.json").write_text(json.dumps({**state, "global_step": 4}))
+    truncate(truncated / "model.safetensors")
+    (out / "checkpoints" / "checkpoint-6").mkdir()
+
+    with caplog.at_level("INFO", logger="finetuning.train"):
+        resumed = finetune(corpus_dir, str(tiny_model_dir), out, config, progress=False)
+    assert resumed.resumed_from == "checkpoint-3" and resumed.global_step == 8
+    assert [(s.name, s.reason.split(" (")[0]) for s in resumed.skipped_checkpoints] == [
+        ("checkpoint-6", "empty folder"), ("checkpoint-4", "model.safetensors is unreadable")]
+    for entry in resumed.skipped_checkpoints:  # kept for inspection, out of the Trainer's way
+        assert Path(entry.moved_to) == out / "checkpoints-incomplete" / entry.name and Path(entry.moved_to).is_dir()
+    assert "resuming from checkpoint-3" in caplog.text
+    assert "skipping incomplete checkpoint checkpoint-6: empty folder" in caplog.text
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["resumed_from"] == "checkpoint-3" and summary["status"] == "complete"
+    assert [s["name"] for s in summary["skipped_checkpoints"]] == ["checkpoint-6", "checkpoint-4"]
+    assert checkpoint_problem(out / "checkpoints" / "checkpoint-6") is None  # saved afresh by the resumed run
+    log = read_log(out)
+    assert [r["step"] for r in log if r["split"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in log if r["split"] == "validation"] == [0, 3, 6, 8]
+    again = finetune(corpus_dir, str(tiny_model_dir), out, config, progress=False)
+    assert again.already_complete and [s.name for s in again.skipped_checkpoints] == ["checkpoint-6", "checkpoint-4"]
 
 
 def test_lora_merge_gives_the_adapter_models_logits(corpus_dir: Path, tiny_model_dir: Path, tmp_path: Path):
@@ -384,7 +463,7 @@ def test_cli_finetune_config_i(corpus_dir: Path, tiny_model_dir: Path, tmp_path:
     assert "corpus not found" in capsys.readouterr().err
     assert main(["finetune", "--corpus", str(corpus_dir), "--model", str(tiny_model_dir), "--set", "lr=1",
                  "-o", str(tmp_path / "y")]) == 2
-    assert "unknown fine-tuning setting 'lr'" in capsys.readouterr().err
+    assert "--set lr: unknown field 'lr'" in capsys.readouterr().err
     assert issubclass(FinetuneError, ClapError) and issubclass(FinetuneDataError, ClapError)
     assert math.isfinite(json.loads((out / "finetune.json").read_text())["best_eval_loss"])
 

@@ -7,7 +7,8 @@ gradient accumulation with correct token-count loss normalisation, ``load_best_m
 Output folder ``OUT``::
 
     OUT/config.yaml          resolved settings (written first; a rerun must agree with it to resume)
-    OUT/checkpoints/         Trainer checkpoints (checkpoint-<step>/); a rerun resumes from the last one
+    OUT/checkpoints/         Trainer checkpoints (checkpoint-<step>/); a rerun resumes from the newest complete one
+    OUT/checkpoints-incomplete/  checkpoints a rerun found half written (interrupted saves), moved out of the way
     OUT/training_log.csv     step, epoch, split (train|validation), loss, perplexity, learning_rate, grad_norm
     OUT/loss_curve.png       seaborn figure of the log, best checkpoint marked
     OUT/adapter/             LoRA runs only: the best adapter, unmerged (peft format)
@@ -33,21 +34,17 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from clap.devices import resolve_device
 from clap.errors import ClapError
-from corpora.finetune_config import (
-    FinetuneConfig,
-    load_config,
-    read_yaml_overrides,
-    resume_conflicts,
-    apply_overrides,
-    write_yaml,
-)
-from corpora.finetune_data import load_corpus, make_collator, prepare_datasets, training_tokenizer
-from corpora.finetune_log import CsvLogCallback, write_log_csv, write_loss_figure
+from finetuning.checkpoints import SkippedCheckpoint, find_resumable, set_aside
+from finetuning.config import FinetuneConfig, load_config, resume_conflicts, write_yaml
+from finetuning.data import load_corpus, make_collator, prepare_datasets, training_tokenizer
+from finetuning.log import CsvLogCallback, write_log_csv, write_loss_figure
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+INCOMPLETE = "checkpoints-incomplete"
 MODEL = "model"
 ADAPTER = "adapter"
 SUMMARY = "finetune.json"
@@ -56,7 +53,7 @@ RUN = "run.json"
 LOG_CSV = "training_log.csv"
 FIGURE = "loss_curve.png"
 #: Files that mark a folder as a fine-tuning output (so ``overwrite`` never deletes an unrelated folder).
-OWN_NAMES = (CHECKPOINTS, MODEL, ADAPTER, SUMMARY, CONFIG, RUN, LOG_CSV, FIGURE)
+OWN_NAMES = (CHECKPOINTS, INCOMPLETE, MODEL, ADAPTER, SUMMARY, CONFIG, RUN, LOG_CSV, FIGURE)
 
 
 class FinetuneError(ClapError):
@@ -76,6 +73,8 @@ class FinetuneResult:
     stopped_early: bool
     resumed_from: str | None
     already_complete: bool = False
+    #: newer checkpoints passed over on resume because they were incomplete (name, reason, where they were moved)
+    skipped_checkpoints: list[SkippedCheckpoint] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,6 +99,12 @@ def _check_output_path(out: Path, overwrite: bool) -> None:
     """Fail before any work if ``out`` cannot be used; ``overwrite`` never deletes files that are not ours."""
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"output path {out} exists and is not a folder")
+    # the folder is created only after the model has loaded: check now that it can be (minutes earlier)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise FinetuneError(f"output path {out} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneError(f"output path {out} cannot be written: no write permission on {existing}")
     if overwrite and out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(OWN_NAMES))
         if foreign:
@@ -122,8 +127,7 @@ def _check_resume(out: Path, config: FinetuneConfig, model_source: str) -> None:
     saved_path = out / CONFIG
     if not saved_path.is_file():
         return
-    data, _ = read_yaml_overrides(saved_path)
-    saved = apply_overrides(FinetuneConfig(), data, origin=str(saved_path))
+    saved = load_config(None, saved_path)
     conflicts = resume_conflicts(saved, config)
     meta = out / RUN
     if meta.is_file():
@@ -143,13 +147,8 @@ def _summary_result(out: Path, summary: dict[str, Any], already: bool) -> Finetu
         best_checkpoint=summary.get("best_checkpoint"), best_eval_loss=summary.get("best_eval_loss"),
         initial_eval_loss=summary.get("initial_eval_loss"), stopped_early=summary.get("stopped_early", False),
         resumed_from=summary.get("resumed_from"), already_complete=already, summary=summary,
+        skipped_checkpoints=[SkippedCheckpoint(**s) for s in summary.get("skipped_checkpoints", [])],
     )
-
-
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _declare_causal_lm_loss(model: Any) -> None:
@@ -283,17 +282,18 @@ def finetune(
     """Fine-tune ``model`` (any source :func:`interventions.models.load_hf_model` accepts) on ``corpus``.
 
     Settings come from ``config`` or, when it is ``None``, from ``preset`` + ``config_file`` + ``overrides``. A
-    rerun into the same ``output_dir`` resumes from its last checkpoint; a finished run is not repeated (its
-    summary is returned) unless ``overwrite`` is set. ``callbacks`` are extra ``TrainerCallback`` objects.
+    rerun into the same ``output_dir`` resumes from its newest complete checkpoint (half-written newer ones are
+    moved to ``checkpoints-incomplete/`` and reported); a finished run is not repeated (its summary is returned)
+    unless ``overwrite`` is set. ``callbacks`` are extra ``TrainerCallback`` objects.
     """
     from transformers import EarlyStoppingCallback, Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     from interventions.models import load_hf_model
 
     if config is None:
         config = load_config(preset, config_file, overrides)
     config.validate()
+    device = resolve_device(config.device, where=config.origin_of("device"))
     out = Path(output_dir).expanduser()
     _check_output_path(out, overwrite)
     summary_path = out / SUMMARY
@@ -304,13 +304,13 @@ def finetune(
             return _summary_result(out, summary, already=True)
 
     checkpoints = out / CHECKPOINTS
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() and not overwrite else None
-    if last:
+    resume, skipped = find_resumable(checkpoints) if not overwrite else (None, [])
+    last = str(resume) if resume else None
+    if last or skipped:
         _check_resume(out, config, model)
 
     # Everything that can be refused is checked before the output folder is created or changed.
     corpus_data = load_corpus(corpus, config.text_column)
-    device = _resolve_device(config.device)
     hf_model, tok, location = load_hf_model(
         model, tokenizer=tokenizer, dtype=config.dtype, device=device, attn_implementation=config.attn_implementation
     )
@@ -324,6 +324,9 @@ def finetune(
     train_ds, valid_ds, stats = prepare_datasets(corpus_data, train_tok, config)
 
     _prepare_output(out, overwrite)
+    skipped = set_aside(checkpoints, skipped, out / INCOMPLETE)
+    for entry in skipped:
+        log.warning("skipping incomplete checkpoint %s: %s; moved to %s", entry.name, entry.reason, entry.moved_to)
     write_yaml(config, out / CONFIG)
     (out / RUN).write_text(json.dumps({"model": model, "location": location, "corpus": str(corpus)}, indent=2))
 
@@ -339,13 +342,16 @@ def finetune(
         callbacks=[early, CsvLogCallback(out / LOG_CSV), *callbacks],
     )
     if last:
-        log.info("resuming from %s", last)
+        log.info("resuming from %s", Path(last).name)
+    elif skipped:
+        log.warning("no complete checkpoint to resume from: training starts again from step 0")
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - started
 
     _save_final(trainer, tok, config, out)
     summary = _summarise(trainer, output.metrics, wall, early, config, stats, last)
+    summary["skipped_checkpoints"] = [asdict(entry) for entry in skipped]
     summary.update({"model": model, "model_location": location, "corpus": str(corpus), "device": device})
     write_loss_figure(out / LOG_CSV, out / FIGURE, title=f"{Path(location).name} · {config.preset}",
                       best_step=summary["best_step"])

@@ -1,0 +1,287 @@
+"""``clap compare RUN_A RUN_B``: did model B (e.g. fine-tuned) change where the answer is recovered, relative to A?
+
+Both runs must have patched the same probes at the same sites: probes are matched by id, and a mismatch (ids in
+one run only, the same id with different prompt tokens or labels, different sites) is refused with a
+:class:`~clap.errors.ClapError` listing a few, because a difference between unmatched probes says nothing about
+the models. Every number is paired: per probe and layer the value of B minus that of A (each reduced to one value
+per probe and layer by the rule of :mod:`analyses.select`).
+
+Per slice (metric, site kind, operation, direction, positions):
+
+* ``differences``: per layer, mean of A, of B, of the paired difference B - A with its t-based 95 % interval,
+  the paired t-test and its Holm-corrected p over the slice's layers;
+* ``anova``: a two-way repeated-measures ANOVA, ``layer`` x ``model`` both within probes (pingouin
+  ``rm_anova``), on probes complete in both runs: ``model`` says B differs from A on average, the interaction
+  that the difference depends on the layer;
+* a layer x site-kind heatmap of the mean difference, and ``compare.html`` / ``compare.md``.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analyses.io import load_results
+from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
+from clap.errors import ClapError
+
+#: How many offending probes or sites an error message lists.
+SHOW = 5
+
+DIFF_COLUMNS = ["layer", "n", "mean_A", "mean_B", "diff", "ci_low", "ci_high", "T", "dof", "p_unc", "p_corr"]
+ANOVA_COLUMNS = ["Source", "SS", "ddof1", "ddof2", "MS", "F", "p_unc", "p_GG_corr", "eps", "np2", "n_subjects"]
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` computed and wrote."""
+
+    run_a: Path
+    run_b: Path
+    out_dir: Path
+    differences: pd.DataFrame
+    anova: pd.DataFrame
+    paired: pd.DataFrame
+    meta_a: dict[str, Any]
+    meta_b: dict[str, Any]
+    group: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def _listing(items: list[Any]) -> str:
+    items = sorted(map(str, items))
+    return ", ".join(items[:SHOW]) + (f" and {len(items) - SHOW} more" if len(items) > SHOW else "")
+
+
+def check_matched(a: pd.DataFrame, b: pd.DataFrame, group_columns: list[str], names: tuple[str, str] = ("A", "B")) -> None:
+    """Refuse runs whose probes or sites do not match (see the module docstring)."""
+    ids_a, ids_b = set(a["probe_id"]), set(b["probe_id"])
+    only_a, only_b = ids_a - ids_b, ids_b - ids_a
+    if only_a or only_b:
+        parts = [f"{len(s)} only in {n} ({_listing(list(s))})" for s, n in ((only_a, names[0]), (only_b, names[1])) if s]
+        raise ClapError(f"the runs hold different probes: {'; '.join(parts)}; compare runs of the same probe set")
+    text_cols = [c for c in ("prompt", "answer", "answers", "target", "source_prompt", *group_columns) if c in a.columns and c in b.columns]
+    single = a["position"].notna()
+    tok_a = a.loc[single].drop_duplicates(["probe_id", "position"]).set_index(["probe_id", "position"])["token"]
+    tok_b = b.loc[b["position"].notna()].drop_duplicates(["probe_id", "position"]).set_index(["probe_id", "position"])["token"]
+    both = tok_a.index.intersection(tok_b.index)
+    bad = sorted({pid for pid, _ in both[(tok_a.loc[both].astype(str) != tok_b.loc[both].astype(str)).to_numpy()]})
+    for col in text_cols:
+        va = a.drop_duplicates("probe_id").set_index("probe_id")[col].astype(str)
+        vb = b.drop_duplicates("probe_id").set_index("probe_id")[col].astype(str).reindex(va.index)
+        differ = va.index[(va != vb).to_numpy()].tolist()
+        if differ:
+            raise ClapError(f"column {col!r} differs between the runs for {len(differ)} probe(s) ({_listing(differ)}): "
+                            "the same id must mean the same probe")
+    if bad:
+        pid = bad[0]
+        ta = "".join(tok_a.loc[pid].astype(str).tolist())
+        tb = "".join(tok_b.loc[pid].astype(str).tolist())
+        raise ClapError(f"{len(bad)} probe(s) have different prompt tokens in the two runs ({_listing(bad)}; "
+                        f"{pid}: {ta!r} vs {tb!r}): the same id must mean the same prompt")
+    sites_a, sites_b = set(a["site"]), set(b["site"])
+    if sites_a != sites_b:
+        parts = [f"{len(s)} only in {n} ({_listing(list(s))})" for s, n in ((sites_a - sites_b, names[0]), (sites_b - sites_a, names[1])) if s]
+        raise ClapError(f"the runs patched different sites: {'; '.join(parts)}; compare runs of the same study spec")
+
+
+def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group: str | None = None, agg: str = "mean") -> pd.DataFrame:
+    """One row per slice, probe and layer present in both runs: ``value_A``, ``value_B``, ``diff`` (B - A)."""
+    frames = []
+    units = analysis_units(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        for unit in units.to_dict("records"):
+            sel = {c: unit[c] for c in SELECT_COLUMNS if c in unit}
+            kw = dict(between=group, missing="keep", agg=agg, min_subjects=1, min_per_group=1, min_groups=1, min_levels=1, **sel)
+            try:
+                pa = prepare(a, dv, "layer", "probe_id", **kw).data
+                pb = prepare(b, dv, "layer", "probe_id", **kw).data
+            except ClapError:
+                continue
+            keys = ["probe_id", "layer", *([group] if group else [])]
+            m = pa.merge(pb, on=keys, suffixes=("_A", "_B"))
+            m = m.rename(columns={f"{dv}_A": "value_A", f"{dv}_B": "value_B"})
+            m["diff"] = m["value_B"] - m["value_A"]
+            for k, v in sel.items():
+                m[k] = v
+            frames.append(m)
+    if not frames:
+        raise ClapError("no slice with values in both runs (undefined or trivial everywhere?)")
+    return pd.concat(frames, ignore_index=True)
+
+
+def layer_differences(paired: pd.DataFrame, ci: float = 0.95) -> pd.DataFrame:
+    """Per slice and layer: means, the paired difference with its t interval, paired t-test, Holm over layers."""
+    import pingouin as pg
+    from scipy import stats as sps
+
+    keys = [c for c in SELECT_COLUMNS if c in paired.columns]
+    rows = []
+    for key, part in paired.groupby(keys, sort=True):
+        sel = dict(zip(keys, key))
+        block = []
+        for layer, cell in part.groupby("layer", sort=True):
+            d = cell["diff"].to_numpy(float)
+            n = len(d)
+            row = {**sel, "layer": layer, "n": n, "mean_A": cell["value_A"].mean(), "mean_B": cell["value_B"].mean(),
+                   "diff": d.mean(), "ci_low": np.nan, "ci_high": np.nan, "T": np.nan, "dof": n - 1, "p_unc": np.nan}
+            if n >= 2 and d.std(ddof=1) > 0:
+                res = sps.ttest_rel(cell["value_B"].to_numpy(float), cell["value_A"].to_numpy(float))
+                half = sps.t.ppf(1 - (1 - ci) / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
+                row.update(ci_low=d.mean() - half, ci_high=d.mean() + half, T=float(res.statistic), p_unc=float(res.pvalue))
+            block.append(row)
+        frame = pd.DataFrame(block)
+        ok = frame["p_unc"].notna()
+        frame["p_corr"] = np.nan
+        if ok.any():
+            frame.loc[ok, "p_corr"] = pg.multicomp(frame.loc[ok, "p_unc"].to_numpy(), method="holm")[1]
+        rows.append(frame)
+    return pd.concat(rows, ignore_index=True)[[*keys, *DIFF_COLUMNS]]
+
+
+def layer_model_anova(paired: pd.DataFrame) -> pd.DataFrame:
+    """Per slice: two-way repeated-measures ANOVA (``layer`` x ``model``, both within probes) on complete probes."""
+    import pingouin as pg
+
+    keys = [c for c in SELECT_COLUMNS if c in paired.columns]
+    out = []
+    for key, part in paired.groupby(keys, sort=True):
+        sel = dict(zip(keys, key))
+        wide = part.pivot(index="probe_id", columns="layer", values="diff")
+        complete = wide.index[wide.notna().all(axis=1)]
+        part = part[part["probe_id"].isin(complete)]
+        if len(complete) < 2 or part["layer"].nunique() < 2:
+            continue
+        long = pd.concat([
+            part[["probe_id", "layer"]].assign(model="A", value=part["value_A"]),
+            part[["probe_id", "layer"]].assign(model="B", value=part["value_B"]),
+        ], ignore_index=True)
+        long["layer"] = long["layer"].astype(int)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = pg.rm_anova(long, dv="value", within=["layer", "model"], subject="probe_id", detailed=True, effsize="np2")
+        for _, r in res.iterrows():
+            out.append({**sel, "Source": r["Source"], "SS": r["SS"], "ddof1": r["ddof1"], "ddof2": r["ddof2"],
+                        "MS": r["MS"], "F": r["F"], "p_unc": r["p_unc"], "p_GG_corr": r.get("p_GG_corr", np.nan),
+                        "eps": r.get("eps", np.nan), "np2": r.get("np2", np.nan), "n_subjects": len(complete)})
+    return pd.DataFrame(out, columns=[*keys, *ANOVA_COLUMNS])
+
+
+def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: str = "recovery", group: str | None = None,
+            agg: str = "mean", alpha: float = 0.05, figures: bool = True, dpi: int = 200) -> Comparison:
+    """Load both runs, check they match, compute the paired tables and write tables, figure and report."""
+    a, meta_a = load_results(run_a)
+    b, meta_b = load_results(run_b)
+    if group is None:
+        shared = [g for g in meta_a["group_columns"] if g in meta_b["group_columns"]]
+        group = shared[0] if shared else None
+    elif group not in a.columns or group not in b.columns:
+        raise ClapError(f"group column {group!r} is not in both runs; group columns: {', '.join(meta_a['group_columns']) or 'none'}")
+    check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=(str(run_a), str(run_b)))
+    paired = paired_values(a, b, dv, group, agg)
+    result = Comparison(Path(run_a), Path(run_b), Path(out_dir), layer_differences(paired), layer_model_anova(paired),
+                        paired, meta_a, meta_b, group)
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in (("paired_differences", paired), ("layer_differences", result.differences), ("layer_model_anova", result.anova)):
+        path = out / f"{name}.csv"
+        table.to_csv(path, index=False)
+        result.files.append(path)
+    figs = difference_figures(result, out / "figures", dpi=dpi) if figures else []
+    result.files += [p for _, paths in figs for p in paths]
+    (out / "compare.html").write_text(render_html(result, figs, alpha), encoding="utf-8")
+    (out / "compare.md").write_text(render_markdown(result, figs, alpha), encoding="utf-8")
+    result.files += [out / "compare.html", out / "compare.md"]
+    return result
+
+
+def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> list[tuple[str, list[Path]]]:
+    """A layer x site-kind heatmap of the mean paired difference (B - A) per metric slice, one panel per group."""
+    from analyses import figures as _figures
+    from analyses.pipeline import _slug
+
+    made = []
+    paired = result.paired
+    outer = [c for c in ("metric", "operation", "direction", "positions") if c in paired.columns]
+    for key, part in paired.groupby(outer, sort=True):
+        sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
+        groups = _figures._groups(part, result.group)
+        kinds = list(dict.fromkeys(k for k in _figures.SITE_KIND_ORDER if k in set(part["site_kind"])))
+        kinds += sorted(set(part["site_kind"]) - set(kinds))
+        fig = _figures._layer_heatmaps(
+            part, "site_kind", groups, result.group, "diff", "probe_id", ylabel="site kind", annotate=None,
+            row_order=lambda idx: [k for k in kinds if k in idx],
+            title=f"Mean paired difference B - A ({', '.join(f'{k}={v}' for k, v in sel.items())})",
+        )
+        made.append((f"Mean paired difference B - A ({', '.join(f'{k}={v}' for k, v in sel.items())})",
+                     _figures.save_figure(fig, fig_dir / f"difference_{_slug(sel)}", dpi=dpi)))
+    return made
+
+
+def _sections(result: Comparison) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    keys = [c for c in SELECT_COLUMNS if c in result.differences.columns]
+    out = []
+    for key, part in result.differences.groupby(keys, sort=True):
+        sel = dict(zip(keys, key))
+        anova = result.anova
+        for k, v in sel.items():
+            anova = anova[anova[k] == v] if len(anova) else anova
+        title = " · ".join(f"{k} {v}" for k, v in sel.items())
+        out.append((title, part.drop(columns=keys), anova.drop(columns=[k for k in keys if k in anova.columns])))
+    return out
+
+
+def _model_name(meta: dict[str, Any], path: Path) -> str:
+    from analyses.report import study_title
+
+    return f"{study_title(meta)} ({path})"
+
+
+def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: float = 0.05) -> str:
+    """``compare.html``: self-contained (figures embedded), in the style of the study report."""
+    import base64
+
+    from analyses.report import CSS, _html_stat_table
+
+    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>clap compare</title>",
+             f"<style>{CSS}</style></head><body><h1>Comparison of two runs: B - A</h1>",
+             f"<p>A: <code>{html.escape(_model_name(result.meta_a, result.run_a))}</code><br>"
+             f"B: <code>{html.escape(_model_name(result.meta_b, result.run_b))}</code><br>"
+             f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired (the same probe "
+             "in both runs).</p>"]
+    for title, diff, anova in _sections(result):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(_html_stat_table("Paired difference per layer (B - A, t-test, Holm over layers)", diff, alpha))
+        if len(anova):
+            parts.append(_html_stat_table("Repeated-measures ANOVA: layer x model", anova, alpha))
+    for title, paths in figs:
+        png = next(p for p in paths if p.suffix == ".png")
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        parts.append(f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\"><figcaption>"
+                     f"<b>{html.escape(title)}.</b> Mean over probes of each probe's B - A; red: B recovers more.</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: float = 0.05) -> str:
+    """``compare.md``: the same tables, figures linked relative to the output folder."""
+    from analyses.report import _rel, markdown_table
+
+    out = ["# Comparison of two runs: B - A", "", f"- A: `{_model_name(result.meta_a, result.run_a)}`",
+           f"- B: `{_model_name(result.meta_b, result.run_b)}`", "",
+           f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired.", ""]
+    for title, diff, anova in _sections(result):
+        out += [f"## {title}", "", "### Paired difference per layer (B - A, t-test, Holm over layers)", "", markdown_table(diff)]
+        if len(anova):
+            out += ["### Repeated-measures ANOVA: layer x model", "", markdown_table(anova)]
+    for title, paths in figs:
+        png = next(p for p in paths if p.suffix == ".png")
+        out += [f"![{title}]({_rel(png, result.out_dir)})", ""]
+    return "\n".join(out) + "\n"
