@@ -59,8 +59,7 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
     The only place that knows where fine-tuning lives. ``resume``: continue an interrupted run from its last
     checkpoint; otherwise earlier outputs in ``out`` are discarded (the inputs changed)."""
     try:
-        from corpora.finetune import finetune
-        from corpora.finetune_config import load_config
+        from finetuning import finetune, load_config
     except ModuleNotFoundError as exc:
         raise ClapError(f"stage finetune needs clap's fine-tuning code ({exc.name}), which this installation "
                         "lacks") from None
@@ -211,8 +210,8 @@ class _Planner:
             return [model_dir]
 
         def check() -> None:
-            if importlib.util.find_spec("corpora.finetune") is None:
-                raise ClapError("stage finetune needs clap's fine-tuning code (corpora.finetune), which this "
+            if importlib.util.find_spec("finetuning") is None:
+                raise ClapError("stage finetune needs clap's fine-tuning package (finetuning), which this "
                                 "installation lacks")
             self._check_source(section.model, start)
 
