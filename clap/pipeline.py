@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 from clap import __version__
 from clap.errors import ClapError, closest
 from clap.stages import StageStore, digest, file_digest, locked, tree_digest
-from clap.study_file import PACKAGE_PREFIX, ModelEntry, StudyFile, resolve_path
+from clap.study_file import PACKAGE_PREFIX, RUN_FIELDS, ModelEntry, StudyFile, resolve_path
 from interventions.spec import ModelSpec, ProbeSetSpec
 
 STAGE_KINDS = ("corpus", "finetune", "patch", "analyze", "compare", "report")
@@ -68,11 +68,11 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
     return Path(result.model_dir)
 
 
-def compare_models(run_a: Path, run_b: Path, out: Path) -> Path:
+def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True) -> Path:
     """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites)."""
     module = _compare_module()
     function = getattr(module, "compare_runs", None) or getattr(module, "compare")
-    function(run_a, run_b, out)
+    function(run_a, run_b, out, figures=figures)
     return out
 
 
@@ -271,9 +271,7 @@ class _Planner:
             Study(spec).run(results)
             return [results]
 
-        spec_key = self.study.model_dump(mode="json", exclude={"name", "analysis", "probes", "model", "models",
-                                                               "corpus", "finetune", "compare", "cross_model",
-                                                               "causal_tracing"})
+        spec_key = self.study.model_dump(mode="json", exclude={"name", "analysis", "probes", *RUN_FIELDS})
         for setting in NON_RESULT_EXECUTION:
             spec_key["execution"].pop(setting, None)
         probe_options = self.study.probes.model_dump(mode="json", exclude={"file", "files", "inline"})
@@ -313,15 +311,18 @@ class _Planner:
     def _analyze(self, name: str) -> None:
         results = self.out / "models" / name
         options = self.study.analysis
+        render = self.study.report
 
         def run(resume: bool) -> list[Path]:
             from analyses.options import AnalysisOptions
             from analyses.report import write_report
 
-            files = write_report(results, analysis=options or AnalysisOptions())
+            files = write_report(results, analysis=options or AnalysisOptions(), figures=render.figures,
+                                 n_boot=render.n_boot)
             return [files.html.parent]
 
-        key = {"analysis": options.model_dump(mode="json") if options else None}
+        key = {"analysis": options.model_dump(mode="json") if options else None,
+               "report": render.model_dump(mode="json")}
         self._add(f"analyze[{name}]", "analyze", key, [f"patch[{name}]"], run)
 
     def _compare(self, a: str, b: str) -> None:
@@ -329,9 +330,10 @@ class _Planner:
         models = self.out / "models"
 
         def run(resume: bool) -> list[Path]:
-            return [compare_models(models / a, models / b, out)]
+            return [compare_models(models / a, models / b, out, figures=figures)]
 
-        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b]}, [f"patch[{a}]", f"patch[{b}]"], run,
+        figures = self.study.report.figures
+        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures}, [f"patch[{a}]", f"patch[{b}]"], run,
                   lambda: _compare_module() and None)
 
     def _report(self) -> None:

@@ -15,6 +15,7 @@ Everything a ``StudySpec`` accepts is accepted here with the same meaning, plus:
 ``corpus``   ``inputs:`` for ``clap corpus build`` (or ``path:`` of a corpus built before, reused)
 ``finetune`` ``model:`` (a models entry or a source), ``preset:``, ``settings:`` (any fine-tuning setting)
 ``compare``  ``[a, b]`` or ``[[a, b], [a, c]]``: paired comparisons of models (``clap compare``)
+``report``   ``figures: false`` (tables and reports without figures: quick checks), ``n_boot``
 ``cross_model``, ``causal_tracing``  recorded, but refused by ``clap run`` until those analyses exist
 
 Validation errors name file, line and field, in the format of :mod:`interventions.spec`.
@@ -39,7 +40,7 @@ PENDING_SECTIONS = {
     "causal_tracing": "needs causal tracing (not yet available)",
 }
 #: Fields of a study file that are not part of the per-model patching spec.
-RUN_FIELDS = ("models", "model", "corpus", "finetune", "compare", *PENDING_SECTIONS)
+RUN_FIELDS = ("models", "model", "corpus", "finetune", "compare", "report", *PENDING_SECTIONS)
 PACKAGE_PREFIX = "package:"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -118,6 +119,13 @@ class FinetuneSection(_Strict):
     corpus: str | None = None  #: a built corpus folder, when the study has no corpus: section
 
 
+class ReportSection(_Strict):
+    """How the analysis and comparison stages render (not what they compute)."""
+
+    figures: bool = True
+    n_boot: int = Field(default=2000, ge=100)  #: bootstrap resamples (only for bootstrap intervals)
+
+
 class StudyFile(StudySpec):
     """A whole study for ``clap run``. ``StudyFile.from_yaml(path)`` or build it in Python; both validate alike."""
 
@@ -127,6 +135,7 @@ class StudyFile(StudySpec):
     corpus: CorpusSection | None = None
     finetune: FinetuneSection | None = None
     compare: list[str | list[str]] | None = None
+    report: ReportSection = Field(default_factory=ReportSection)
     cross_model: dict[str, Any] | None = None
     causal_tracing: dict[str, Any] | None = None
 

@@ -65,7 +65,7 @@ def model_dirs(tokenizer, tmp_path_factory):
     return base, perturbed
 
 
-def study_text(base: Path, perturbed: Path, compare: bool = HAS_COMPARE) -> str:
+def study_text(base: Path, perturbed: Path, compare: bool = HAS_COMPARE, figures: bool = False) -> str:
     return f"""
 name: tiny-run
 models:
@@ -80,6 +80,7 @@ metrics: [logit_diff]
 seed: 3
 execution: {{max_rows: 64, progress: false}}
 analysis: {{position_reduction: last}}
+report: {{figures: {str(figures).lower()}}}
 """ + ("compare: [base, perturbed]\n" if compare else "")
 
 
