@@ -299,3 +299,16 @@ def test_study_file_errors_name_file_line_and_field(tmp_path, model_dirs):
         run_study(path, tmp_path / "out")
     with pytest.raises(ClapError, match=r"--model bse=x: the study has no model 'bse'; did you mean 'base'"):
         load_study(path, {"bse": "x"})
+
+
+@pytest.mark.slow
+def test_full_study_with_figures_and_comparison(tmp_path, model_dirs):
+    write_probes(tmp_path / "probes.jsonl", PROBES)
+    path = tmp_path / "study.yaml"
+    path.write_text(study_text(*model_dirs, compare=True, figures=True), encoding="utf-8")
+    result = run_study(path, tmp_path / "out", echo=lambda line: None)
+    assert set(result.stages.values()) == {"ran"} and "compare[base-vs-perturbed]" in result.stages
+    out = tmp_path / "out"
+    assert list((out / "models" / "base" / "analysis" / "figures").glob("*.png"))
+    paired = pd.read_csv(out / "compare" / "base-vs-perturbed" / "paired_differences.csv")
+    assert len(paired) and "compare/base-vs-perturbed/compare.html" in (out / "report.md").read_text()
