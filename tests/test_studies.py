@@ -86,8 +86,8 @@ def test_paper_study_on_tiny_gpt2_flags_the_traps(tiny_dir, tmp_path):
     block = frame[(frame.site == "transformer.h.0") & frame.recovery_defined]  # the whole residual stream
     assert block["recovery"].to_numpy() == pytest.approx(1.0, abs=1e-4)
     report = "\n".join(design_caveats(*load_results(tmp_path / "out" / "models" / "paper")))
-    assert "recover 100 % by construction (lm_head, transformer.ln_f)" in report
-    assert "transformer.h.0, transformer.h.1, transformer.wte" in report
+    assert "recover 100 % by construction (lm_head, transformer.h.1, transformer.ln_f)" in report  # h.1: last block
+    assert "reproduce the clean run exactly for every probe (transformer.h.0, transformer.wte)" in report
     assert "`transformers.pytorch_utils.Conv1D`: a linear projection" in report
 
 
