@@ -19,6 +19,7 @@ from clap.errors import ClapError
 #: Modules that contribute sub-commands; each exposes ``register(subparsers)``.
 COMMAND_MODULES = ("interventions.cli", "corpora.cli", "finetuning.cli", "analyses.cli", "clap.demo")
 COMMAND_MODULES += ("interventions.probe_check",)  # `clap probes check`
+COMMAND_MODULES += ("clap.pipeline",)  # `clap run`
 
 
 def build_parser() -> argparse.ArgumentParser:

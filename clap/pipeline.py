@@ -1,0 +1,508 @@
+"""``clap run STUDY.yaml``: a whole study in one command, every stage cached by the hash of its inputs.
+
+>>> from clap.pipeline import run_study
+>>> result = run_study("studies/epilepsy-layers.yaml", "runs/layers")   # or a StudyFile built in Python
+>>> result.frame("model")                                              # the tidy results of one model
+
+Stages, in order (``--until`` stops after one, ``--force`` reruns one and what depends on it)::
+
+    corpus             clap corpus build (or a corpus built before, hashed)      <out>/corpus/
+    finetune           clap finetune, starting from a model of the study          <out>/finetune/
+    patch[NAME]        clap patch, per model: same probes, sites, operations      <out>/models/NAME/
+    analyze[NAME]      clap report, per model: tables, figures, report.html       <out>/models/NAME/analysis/
+    compare[A-vs-B]    clap compare, per pair named by `compare:`                 <out>/compare/A-vs-B/
+    report             the study's own report: models, comparisons, caveats       <out>/report.html, report.md
+
+Why hashes, not timestamps: a stage reruns when what it reads changed (its section of the study file, the bytes of
+its input files, the stages upstream, the clap version), and only then. ``<out>/stages.json`` records each finished
+stage's hash; it is rewritten atomically after the stage's outputs are complete, so an interrupted run resumes at
+the stage it was in (patching resumes from its last finished batch, fine-tuning from its last checkpoint).
+
+This module sits above the packages: it imports ``corpora``, ``interventions`` and ``analyses`` and none of them
+imports it. Fine-tuning and comparison are reached through one adapter function each (:func:`finetune_model`,
+:func:`compare_models`), so where they live is written in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from clap import __version__
+from clap.errors import ClapError, closest
+from clap.stages import StageStore, digest, file_digest, locked, tree_digest
+from clap.study_file import PACKAGE_PREFIX, RUN_FIELDS, ModelEntry, StudyFile, resolve_path
+from interventions.spec import ModelSpec, ProbeSetSpec
+
+STAGE_KINDS = ("corpus", "finetune", "patch", "analyze", "compare", "report")
+#: Built-in model names whose code lands separately: source -> (module that provides it, what it is).
+PENDING_BUILTINS = {
+    "smollm2-135m-epilepsy": ("interventions.builtin_adapters", "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
+}
+#: Execution settings that do not change results (they are left out of the patch stage's hash).
+NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb")
+
+Echo = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------------- adapters
+def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings: dict[str, Any],
+                   tokenizer: str | None = None, resume: bool = True, progress: bool = True) -> Path:
+    """Fine-tune ``model`` on ``corpus`` into ``out``; return the saved model's folder.
+
+    The only place that knows where fine-tuning lives. ``resume``: continue an interrupted run from its last
+    checkpoint; otherwise earlier outputs in ``out`` are discarded (the inputs changed)."""
+    try:
+        from finetuning import finetune, load_config
+    except ModuleNotFoundError as exc:
+        raise ClapError(f"stage finetune needs clap's fine-tuning code ({exc.name}), which this installation "
+                        "lacks") from None
+    config = load_config(preset, None, settings)
+    result = finetune(corpus, model, out, config, tokenizer=tokenizer, overwrite=not resume, progress=progress)
+    return Path(result.model_dir)
+
+
+def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True) -> Path:
+    """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites)."""
+    module = _compare_module()
+    function = getattr(module, "compare_runs", None) or getattr(module, "compare")
+    function(run_a, run_b, out, figures=figures)
+    return out
+
+
+def _compare_module() -> Any:
+    if importlib.util.find_spec("analyses.compare") is None:
+        raise ClapError("stage compare needs `clap compare` (analyses/compare.py), which this installation of clap "
+                        "lacks; remove `compare:` from the study or stop before it with --until analyze")
+    import analyses.compare as module
+
+    return module
+
+
+# ------------------------------------------------------------------------------------------------- stages
+@dataclass
+class Stage:
+    """One step of a study: what it depends on (hashed) and how to produce its outputs."""
+
+    name: str
+    kind: str
+    key: dict[str, Any]  #: the stage's own inputs, hashed with its upstream stages' hashes
+    upstream: list[str]
+    action: Callable[[bool], list[Path]]  #: resume -> output paths
+    check: Callable[[], None] | None = None  #: preconditions, run before any stage starts
+    hash: str = ""
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_study` did: each stage's status ("ran" or "up to date") and where the results are."""
+
+    out: Path
+    study: StudyFile
+    stages: dict[str, str] = field(default_factory=dict)
+
+    def results_dir(self, model: str) -> Path:
+        return self.out / "models" / model
+
+    def frame(self, model: str) -> Any:
+        """The tidy results of ``model`` (``results.parquet``)."""
+        import pandas as pd
+
+        return pd.read_parquet(self.results_dir(model) / "results.parquet")
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.html"
+
+
+class _Planner:
+    """Turns a study file into the ordered list of stages for one output folder."""
+
+    def __init__(self, study: StudyFile, out: Path, progress: bool):
+        self.study = study
+        self.out = out
+        self.progress = progress
+        self.base = study.base_dir
+        self.stages: list[Stage] = []
+        self.corpus_dir: Path | None = None
+        self.finetuned_dir: Path | None = None
+
+    def plan(self) -> list[Stage]:
+        study = self.study
+        if study.corpus is not None:
+            self._corpus()
+        if study.finetune is not None:
+            self._finetune()
+        probes = self._probes()
+        for name, entry in study.model_entries().items():
+            self._patch(name, entry, probes)
+        for name in study.model_entries():
+            self._analyze(name)
+        for a, b in study.comparisons():
+            self._compare(a, b)
+        self._report()
+        return self.stages
+
+    # -- corpus and fine-tuning -----------------------------------------------------------------------------
+    def _corpus(self) -> None:
+        section = self.study.corpus
+        assert section is not None
+        if section.path is not None:
+            folder = resolve_path(section.path, self.base)
+            self.corpus_dir = folder
+
+            def reuse(resume: bool) -> list[Path]:
+                return [folder]
+
+            key = {"reuse": str(folder), "content": tree_digest(folder) if folder.exists() else "missing"}
+            check = (lambda: None) if folder.is_dir() else _fail(f"corpus.path {section.path}: no such folder "
+                                                                 f"({folder})")
+            self._add("corpus", "corpus", key, [], reuse, check)
+            return
+        inputs = [resolve_path(p, self.base) for p in section.inputs or []]
+        missing = [str(p) for p in inputs if not p.exists()]
+        out = self.out / "corpus"
+        self.corpus_dir = out
+
+        def build(resume: bool) -> list[Path]:
+            from corpora.build import BuildConfig, build_corpus
+            from corpora.filtering import DEFAULT_TERMS
+
+            config = BuildConfig(
+                inputs=inputs, out=out, terms=dict(section.terms or DEFAULT_TERMS),
+                filter_terms=section.filter_terms, require_abstract=section.require_abstract,
+                validation_fraction=section.validation_fraction, seed=section.seed, skip_bad=section.skip_bad,
+                hf_dataset=section.hf_dataset, hf_split=section.hf_split,
+            )
+            build_corpus(config)
+            return [out]
+
+        key = {"section": section.model_dump(mode="json"),
+               "inputs": {str(p): tree_digest(p) for p in inputs if p.exists()}}
+        check = _fail(f"corpus.inputs: not found: {', '.join(missing)}") if missing else None
+        self._add("corpus", "corpus", key, [], build, check)
+
+    def _finetune(self) -> None:
+        section = self.study.finetune
+        assert section is not None
+        entries = self.study.model_entries()
+        start = entries.get(section.model) or ModelEntry(source=section.model)
+        upstream = []
+        if self.corpus_dir is not None and section.corpus is None:
+            corpus, upstream, corpus_key = self.corpus_dir, ["corpus"], {}
+        else:
+            corpus = resolve_path(section.corpus or "", self.base)
+            corpus_key = {"content": tree_digest(corpus) if corpus.exists() else "missing"}
+        out = self.out / "finetune"
+        self.finetuned_dir = out / "model"
+        source = self._source(start)
+
+        def train(resume: bool) -> list[Path]:
+            model_dir = finetune_model(corpus, source, out, preset=section.preset, settings=dict(section.settings),
+                                       tokenizer=start.tokenizer, resume=resume, progress=self.progress)
+            self.finetuned_dir = model_dir
+            return [model_dir]
+
+        def check() -> None:
+            if importlib.util.find_spec("finetuning") is None:
+                raise ClapError("stage finetune needs clap's fine-tuning package (finetuning), which this "
+                                "installation lacks")
+            self._check_source(section.model, start)
+
+        key = {"section": section.model_dump(mode="json"), "start": self._identity(start), **corpus_key}
+        self._add("finetune", "finetune", key, upstream, train, check)
+
+    # -- patching -------------------------------------------------------------------------------------------
+    def _probes(self) -> tuple[Path | None, str]:
+        """The probe file each patch stage reads (several files are concatenated into <out>/probes.jsonl) and
+        the digest of its content."""
+        probes = self.study.probes
+        if probes.inline is not None:
+            return None, digest([p.model_dump(mode="json") for p in probes.inline])
+        names = probes.files if probes.files is not None else [probes.file]
+        paths = [resolve_path(str(n), self.base) for n in names]
+        if probes.files is None and not str(probes.file).startswith(PACKAGE_PREFIX):
+            return paths[0], file_digest(paths[0]) if paths[0].is_file() else "missing"
+        return self._merge(paths)
+
+    def _merge(self, paths: list[Path]) -> tuple[Path, str]:
+        from interventions.probes import read_probe_specs
+
+        seen: dict[str, str] = {}
+        lines: list[str] = []
+        for path in paths:
+            if path.suffix != ".jsonl":
+                raise ClapError(f"probes.files: {path}: several probe files are concatenated line by line; use "
+                                "JSONL files (.jsonl)")
+            for origin, spec in read_probe_specs(ProbeSetSpec(file=str(path)), self.base):  # errors name file:line
+                if spec.id is not None and spec.id in seen:
+                    raise ClapError(f"{origin}: probe id {spec.id!r} also in {seen[spec.id]}; ids must be unique "
+                                    "across probes.files")
+                if spec.id is not None:
+                    seen[spec.id] = origin
+            lines += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = "\n".join(lines) + "\n"
+        target = self.out / "probes.jsonl"
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(".probes.jsonl.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(target)
+        return target, digest(text)
+
+    def _patch(self, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
+        from interventions.study import Study
+
+        probes_file, probes_digest = probes
+        results = self.out / "models" / name
+        planner = self
+
+        def run(resume: bool) -> list[Path]:
+            model = ModelSpec(source=planner._source(entry), gguf_file=entry.gguf_file, tokenizer=entry.tokenizer,
+                              revision=entry.revision)
+            spec = planner.study.patch_spec(model, probes_file)
+            spec.name = f"{planner.study.name} [{name}]"
+            Study(spec).run(results)
+            return [results]
+
+        spec_key = self.study.model_dump(mode="json", exclude={"name", "analysis", "probes", *RUN_FIELDS})
+        for setting in NON_RESULT_EXECUTION:
+            spec_key["execution"].pop(setting, None)
+        probe_options = self.study.probes.model_dump(mode="json", exclude={"file", "files", "inline"})
+        key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest, "model": self._identity(entry)}
+        upstream = ["finetune"] if entry.finetuned else []
+        self._add(f"patch[{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
+
+    def _source(self, entry: ModelEntry) -> str:
+        if entry.finetuned:
+            return str(self.finetuned_dir)
+        source = str(entry.source)
+        local = resolve_path(source, self.base)
+        return str(local) if not Path(source).is_absolute() and local.exists() else source
+
+    def _identity(self, entry: ModelEntry) -> dict[str, Any]:
+        """What identifies a model's weights for hashing: the fine-tuning stage, a local path's content, or the
+        hub id / built-in name with its revision."""
+        if entry.finetuned:
+            return {"finetuned": True}  # the finetune stage's hash is upstream
+        source = self._source(entry)
+        identity: dict[str, Any] = {"revision": entry.revision, "gguf_file": entry.gguf_file,
+                                    "tokenizer": entry.tokenizer}
+        if Path(source).exists():
+            identity["content"] = tree_digest(source)
+        else:
+            identity["source"] = source
+        return identity
+
+    def _check_source(self, name: str, entry: ModelEntry) -> None:
+        if entry.source in PENDING_BUILTINS:
+            module, what = PENDING_BUILTINS[entry.source]
+            if importlib.util.find_spec(module) is None:
+                raise ClapError(f"model {name!r}: source {entry.source!r} is {what} ({module}), which this "
+                                "installation of clap lacks")
+
+    # -- analyses -------------------------------------------------------------------------------------------
+    def _analyze(self, name: str) -> None:
+        results = self.out / "models" / name
+        options = self.study.analysis
+        render = self.study.report
+
+        def run(resume: bool) -> list[Path]:
+            from analyses.options import AnalysisOptions
+            from analyses.report import write_report
+
+            files = write_report(results, analysis=options or AnalysisOptions(), figures=render.figures,
+                                 n_boot=render.n_boot)
+            return [files.html.parent]
+
+        key = {"analysis": options.model_dump(mode="json") if options else None,
+               "report": render.model_dump(mode="json")}
+        self._add(f"analyze[{name}]", "analyze", key, [f"patch[{name}]"], run)
+
+    def _compare(self, a: str, b: str) -> None:
+        out = self.out / "compare" / f"{a}-vs-{b}"
+        models = self.out / "models"
+
+        def run(resume: bool) -> list[Path]:
+            return [compare_models(models / a, models / b, out, figures=figures)]
+
+        figures = self.study.report.figures
+        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures}, [f"patch[{a}]", f"patch[{b}]"], run,
+                  lambda: _compare_module() and None)
+
+    def _report(self) -> None:
+        from clap.study_report import write_study_report
+
+        upstream = [s.name for s in self.stages if s.kind in ("analyze", "compare")]
+        planner = self
+
+        def run(resume: bool) -> list[Path]:
+            return write_study_report(planner.study, planner.out, planner.stages)
+
+        self._add("report", "report", {"study": self.study.name}, upstream, run)
+
+    def _add(self, name: str, kind: str, key: dict[str, Any], upstream: list[str],
+             action: Callable[[bool], list[Path]], check: Callable[[], None] | None = None) -> None:
+        hashes = {s.name: s.hash for s in self.stages}
+        stage = Stage(name, kind, key, upstream, action, check)
+        stage.hash = digest({"stage": name, "key": key, "upstream": {u: hashes[u] for u in upstream},
+                             "clap": __version__})
+        self.stages.append(stage)
+
+
+def _fail(message: str) -> Callable[[], None]:
+    def check() -> None:
+        raise ClapError(message)
+
+    return check
+
+
+def _select(stages: Sequence[Stage], names: Iterable[str], option: str) -> set[str]:
+    """Stage names matching each given name: a stage (``patch[base]``), a kind (``patch``) or ``all``."""
+    chosen: set[str] = set()
+    for given in names:
+        matches = [s.name for s in stages if given in ("all", s.name, s.kind)]
+        if not matches:
+            valid = [s.name for s in stages] + sorted({s.kind for s in stages})
+            hint = closest(given, valid)
+            raise ClapError(f"{option} {given}: no such stage in this study" +
+                            (f"; did you mean {', '.join(hint)}?" if hint else "") + f" (stages: {', '.join(valid)})")
+        chosen.update(matches)
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------- running
+def load_study(study: StudyFile | str | Path | dict, models: dict[str, str] | None = None,
+               **execution: Any) -> StudyFile:
+    """The study file with ``models`` (name -> source) and execution settings (``remote``, ``device``,
+    ``max_rows``, ``progress``; None = keep) overridden, as ``clap run --model NAME=SOURCE`` does."""
+    study = StudyFile.coerce(study)
+    if models:
+        entries = study.model_entries()
+        for name, source in models.items():
+            if name not in entries:
+                hint = closest(name, list(entries))
+                raise ClapError(f"--model {name}={source}: the study has no model {name!r}"
+                                + (f"; did you mean {hint[0]!r}?" if hint else "") + f" (models: {', '.join(entries)})")
+            replaced = ModelEntry(source=source)
+            if study.models is not None:
+                study.models[name] = replaced
+            else:
+                study.model = replaced
+        if study.finetune is not None and not any(e.finetuned for e in study.model_entries().values()):
+            study.finetune = None  # its only consumer now has a source of its own
+    for setting, value in execution.items():
+        if value is not None:
+            setattr(study.execution, setting, value)
+    return study
+
+
+def run_study(study: StudyFile | str | Path | dict, out: str | Path | None = None, *, force: Sequence[str] = (),
+              until: str | None = None, models: dict[str, str] | None = None, remote: bool | str | None = None,
+              device: str | None = None, max_rows: int | None = None, progress: bool | None = None,
+              echo: Echo | None = None) -> RunResult:
+    """Run every stage of ``study`` that is not up to date into ``out``; the Python twin of ``clap run``.
+
+    ``force``: stages (or kinds, or ``all``) to rerun although up to date; what depends on them reruns too.
+    ``until``: the last stage (or kind) to run. ``models``: name -> source overrides. ``echo`` receives one line
+    per stage (default: printed to stderr)."""
+    study = load_study(study, models, remote=remote, device=device, max_rows=max_rows, progress=progress)
+    for section, reason in study.pending():
+        raise ClapError(f"study {study.name!r}: `{section}:` {reason}; remove the section to run the rest")
+    out = Path(out) if out is not None else Path(f"{study.name}-output")
+    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    with locked(out):
+        stages = _Planner(study, out, study.execution.progress).plan()
+        if until is not None:
+            last = max(i for i, s in enumerate(stages) if s.name in _select(stages, [until], "--until"))
+            stages = stages[: last + 1]
+        forced = _select(stages, force, "--force")
+        for stage in stages:
+            if stage.check is not None:
+                stage.check()
+        store = StageStore(out)
+        result = RunResult(out, study)
+        ran: set[str] = set()
+        started = time.perf_counter()
+        for number, stage in enumerate(stages, start=1):
+            head = f"stage {number}/{len(stages)} {stage.name}"
+            rerun = stage.name in forced or any(u in ran for u in stage.upstream)
+            if not rerun and store.is_done(stage.name, stage.hash) and _outputs_exist(store, stage.name):
+                result.stages[stage.name] = "up to date"
+                say(f"{head}: up to date")
+                continue
+            record = store.stages.get(stage.name) or {}
+            resume = record.get("status") == "running" and record.get("hash") == stage.hash
+            say(f"{head}: {'resuming' if resume else 'running'}")
+            store.mark_running(stage.name, stage.hash)
+            clock = time.perf_counter()
+            outputs = stage.action(resume)
+            seconds = time.perf_counter() - clock
+            store.mark_done(stage.name, stage.hash, seconds, [_relative(p, out) for p in outputs])
+            ran.add(stage.name)
+            result.stages[stage.name] = "ran"
+            say(f"{head}: done in {seconds:.1f} s (elapsed {time.perf_counter() - started:.1f} s)")
+    return result
+
+
+def _outputs_exist(store: StageStore, name: str) -> bool:
+    outputs = store.stages[name].get("outputs") or []
+    return all((store.path.parent / p).exists() for p in outputs)
+
+
+def _relative(path: Path, out: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+# ------------------------------------------------------------------------------------------------- command line
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run a whole study file: corpus, fine-tuning, patching per model, analyses, comparison, report",
+        description="Run every stage of a study file that is not up to date. Each stage is skipped when the hash "
+        "of its inputs (study section, input files, upstream stages, clap version) matches <out>/stages.json; a "
+        "changed input reruns that stage and everything downstream. An interrupted run resumes.",
+    )
+    p.add_argument("study", type=Path, help="study file (YAML); see studies/")
+    p.add_argument("-o", "--out", type=Path, help="output folder (default: ./<study name>-output)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="rerun this stage (e.g. patch[base], a kind such as patch, or all) and what depends on it")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage (or the last of this kind)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
+                   help="use SOURCE (hub id, folder, .gguf, built-in) for the study's model NAME")
+    p.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
+    p.add_argument("--device", help="override execution.device")
+    p.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_command)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    models = {}
+    for item in args.model:
+        name, sep, source = item.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise ClapError(f"--model {item!r}: expected NAME=SOURCE")
+        models[name.strip()] = source.strip()
+    remote = {"false": False, "true": True, "local": "local"}[args.remote] if args.remote else None
+    result = run_study(args.study, args.out, force=args.force, until=args.until, models=models, remote=remote,
+                       device=args.device, max_rows=args.max_rows, progress=False if args.no_progress else None,
+                       echo=lambda line: print(line, flush=True))
+    ran = sum(status == "ran" for status in result.stages.values())
+    print(f"{len(result.stages)} stages ({ran} ran, {len(result.stages) - ran} up to date) -> {result.out}"
+          + (f"; open {result.report}" if result.report.is_file() else ""))
+    return 0
+
+
+def stage_record(out: str | Path) -> dict[str, Any]:
+    """The ``stages.json`` of an output folder (for tests and tooling)."""
+    return json.loads((Path(out) / "stages.json").read_text(encoding="utf-8"))["stages"]

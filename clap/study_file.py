@@ -1,0 +1,249 @@
+"""The study file of ``clap run``: a patching spec (:class:`interventions.spec.StudySpec`) that names several models
+and, optionally, the corpus and fine-tuning steps that produce one of them.
+
+Why a second schema instead of more fields on ``StudySpec``: a ``StudySpec`` describes one patching run of one
+model, and ``clap patch`` keeps accepting exactly that. A study file is the whole experiment; :meth:`StudyFile.
+patch_spec` derives, per model, the ``StudySpec`` that ``clap patch`` would run, with the *same* probes, sites,
+positions and operations for every model, so that their results can be compared probe by probe.
+
+Everything a ``StudySpec`` accepts is accepted here with the same meaning, plus:
+
+``models``   ``{name: {source: ...}}`` (a model of the ``finetune:`` stage says ``{finetuned: true}``); a plain
+             ``model:`` is the one-model shorthand (named ``model``)
+``probes``   also ``files: [a.jsonl, b.jsonl]`` (concatenated, ids must stay unique); a path ``package:clap/...``
+             names a file shipped inside the installed package (the study file then runs from anywhere)
+``corpus``   ``inputs:`` for ``clap corpus build`` (or ``path:`` of a corpus built before, reused)
+``finetune`` ``model:`` (a models entry or a source), ``preset:``, ``settings:`` (any fine-tuning setting)
+``compare``  ``[a, b]`` or ``[[a, b], [a, c]]``: paired comparisons of models (``clap compare``)
+``report``   ``figures: false`` (tables and reports without figures: quick checks), ``n_boot``
+``cross_model``, ``causal_tracing``  recorded, but refused by ``clap run`` until those analyses exist
+
+Validation errors name file, line and field, in the format of :mod:`interventions.spec`.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from clap.errors import closest
+from clap.yamlio import line_of, load_yaml
+from interventions.spec import ModelSpec, ProbeSetSpec, SpecError, StudySpec, _Strict
+
+#: Sections that describe analyses not available yet: ``clap run`` refuses them with this reason.
+PENDING_SECTIONS = {
+    "cross_model": "needs cross-model patching (not yet available)",
+    "causal_tracing": "needs causal tracing (not yet available)",
+}
+#: Fields of a study file that are not part of the per-model patching spec.
+RUN_FIELDS = ("models", "model", "corpus", "finetune", "compare", "report", *PENDING_SECTIONS)
+PACKAGE_PREFIX = "package:"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    """A study file's path: ``package:clap/data/x`` inside the installed package, else relative to ``base_dir``."""
+    if path.startswith(PACKAGE_PREFIX):
+        package, _, rest = path[len(PACKAGE_PREFIX):].partition("/")
+        try:
+            root = resources.files(package)
+        except ModuleNotFoundError:
+            raise SpecError(f"{path}: no installed package {package!r}") from None
+        return Path(str(root.joinpath(rest)))
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else base_dir / resolved
+
+
+class ModelEntry(_Strict):
+    """One model of the study: a source (hub id, directory, ``.gguf``, built-in name) or the fine-tuned model."""
+
+    source: str | None = None
+    finetuned: bool = False  #: the model the study's ``finetune:`` stage trains
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelEntry":
+        if (self.source is None) == (not self.finetuned):
+            raise ValueError("give exactly one of `source` (hub id, directory, .gguf file, built-in name) or "
+                             "`finetuned: true` (the model the finetune: stage trains)")
+        return self
+
+
+class StudyProbes(ProbeSetSpec):
+    """``ProbeSetSpec`` plus ``files``: several probe files concatenated in order."""
+
+    files: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudyProbes":  # replaces ProbeSetSpec's check (same name)
+        given = [f for f in ("file", "files", "inline") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `file`, `files` (a list of probe files) or `inline`")
+        return self
+
+
+class CorpusSection(_Strict):
+    """``clap corpus build`` inputs and options (see :class:`corpora.build.BuildConfig`), or a corpus to reuse."""
+
+    inputs: list[str] | None = None  #: files or folders, relative to the study file
+    hf_dataset: str | None = None
+    hf_split: str | None = None
+    path: str | None = None  #: a corpus folder built before: reused as it is (its content is hashed)
+    terms: dict[str, str] | None = None  #: NAME: REGEX (default: the epilepsy terms)
+    filter_terms: bool = True
+    require_abstract: bool = True
+    validation_fraction: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 42
+    skip_bad: bool = False
+
+    @model_validator(mode="after")
+    def _what(self) -> "CorpusSection":
+        build = bool(self.inputs) or self.hf_dataset is not None
+        if build == (self.path is not None):
+            raise ValueError("give `inputs:` (and/or `hf_dataset:`) to build a corpus, or `path:` of a built one")
+        return self
+
+
+class FinetuneSection(_Strict):
+    """Fine-tune ``model`` on the corpus; the result is the models entry with ``finetuned: true``."""
+
+    model: str  #: a name under models: (its source is the starting point) or a model source
+    preset: str = "config-i"
+    settings: dict[str, Any] = Field(default_factory=dict)  #: fine-tuning settings overriding the preset
+    corpus: str | None = None  #: a built corpus folder, when the study has no corpus: section
+
+
+class ReportSection(_Strict):
+    """How the analysis and comparison stages render (not what they compute)."""
+
+    figures: bool = True
+    n_boot: int = Field(default=2000, ge=100)  #: bootstrap resamples (only for bootstrap intervals)
+
+
+class StudyFile(StudySpec):
+    """A whole study for ``clap run``. ``StudyFile.from_yaml(path)`` or build it in Python; both validate alike."""
+
+    model: ModelEntry | None = None  # type: ignore[assignment]  # one-model shorthand
+    models: dict[str, ModelEntry] | None = None
+    probes: StudyProbes  # type: ignore[assignment]
+    corpus: CorpusSection | None = None
+    finetune: FinetuneSection | None = None
+    compare: list[str | list[str]] | None = None
+    report: ReportSection = Field(default_factory=ReportSection)
+    cross_model: dict[str, Any] | None = None
+    causal_tracing: dict[str, Any] | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, value: dict[str, ModelEntry] | None) -> dict[str, ModelEntry] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("name at least one model: `models: {base: {source: ...}}`")
+            bad = [n for n in value if not NAME_PATTERN.match(str(n))]
+            if bad:
+                raise ValueError(f"model names become folder names: use letters, digits, '_', '-', '.'; got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_model_field(self) -> "StudyFile":
+        if (self.model is None) == (self.models is None):
+            raise ValueError("name the models: `models: {base: {source: ...}, ...}` (or `model: {source: ...}` "
+                             "for one), not both")
+        return self
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "StudyFile":
+        path = Path(path)
+        data, lines = load_yaml(path)
+        if not isinstance(data, dict):
+            raise SpecError(f"{path}: a study file is a YAML mapping (models:, probes:, sites:, ...)")
+        study = cls.from_dict(data, source=str(path), lines=lines)
+        study._base_dir = path.parent
+        study.check_references(str(path), lines)
+        return study
+
+    @classmethod
+    def coerce(cls, study: "StudyFile | StudySpec | dict | str | Path") -> "StudyFile":
+        """A study file from a path, a dict, a ``StudyFile`` or a plain ``StudySpec`` (its one model)."""
+        if isinstance(study, StudyFile):
+            study.check_references("<study>", {})
+            return study
+        if isinstance(study, (str, Path)):
+            return cls.from_yaml(study)
+        if isinstance(study, StudySpec):
+            base = study._base_dir
+            study = study.to_dict()
+            study = cls.from_dict(study)
+            study._base_dir = base
+        else:
+            study = cls.from_dict(study)
+        study.check_references("<study>", {})
+        return study
+
+    def check_references(self, source: str, lines: dict) -> None:
+        """Names that must refer to each other (compare -> models, finetune <-> finetuned entry), with lines."""
+        names = list(self.model_entries())
+
+        def fail(location: tuple, text: str) -> None:
+            line = line_of(lines, location)
+            raise SpecError(f"invalid study spec:\n  {source}{f':{line}' if line else ''}: "
+                            f"{'.'.join(map(str, location))}: {text}")
+
+        for index, pair in enumerate(self.comparisons()):
+            if len(pair) != 2:
+                fail(("compare", index), f"a comparison names two models, got {pair}")
+            for name in pair:
+                if name not in names:
+                    hint = closest(name, names)
+                    fail(("compare",), f"unknown model {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                         + f" (models: {', '.join(names)})")
+        tuned = [n for n, e in self.model_entries().items() if e.finetuned]
+        if tuned and self.finetune is None:
+            fail(("models", tuned[0]), "`finetuned: true` needs a `finetune:` section (what to train, on what)")
+        if self.finetune is not None:
+            if not tuned:
+                fail(("finetune",), "nothing uses the fine-tuned model: add a models entry `{finetuned: true}`")
+            start = self.model_entries().get(self.finetune.model)
+            if start is not None and start.finetuned:
+                fail(("finetune", "model"), f"{self.finetune.model!r} is the fine-tuned model itself; name the "
+                     "model to start from")
+            if self.corpus is None and self.finetune.corpus is None:
+                fail(("finetune",), "fine-tuning needs a corpus: add a `corpus:` section or `finetune.corpus:`")
+
+    # -- derived ------------------------------------------------------------------------------------------
+    def model_entries(self) -> dict[str, ModelEntry]:
+        """Models by name (the ``model:`` shorthand is named ``model``)."""
+        return dict(self.models) if self.models is not None else {"model": self.model}  # type: ignore[dict-item]
+
+    def comparisons(self) -> list[list[str]]:
+        """``compare: [a, b]`` -> ``[[a, b]]``; a list of pairs stays as it is."""
+        if not self.compare:
+            return []
+        if all(isinstance(c, str) for c in self.compare):
+            return [list(self.compare)]  # type: ignore[arg-type]
+        return [[c] if isinstance(c, str) else list(c) for c in self.compare]
+
+    def pending(self) -> list[tuple[str, str]]:
+        """(section, reason) for each section whose analysis is not available yet."""
+        return [(name, reason) for name, reason in PENDING_SECTIONS.items() if getattr(self, name) is not None]
+
+    def patch_spec(self, model: ModelSpec, probes_file: Path | None = None) -> StudySpec:
+        """The ``StudySpec`` that patches ``model`` with this study's probes, sites and options."""
+        data = self.model_dump(mode="json", exclude=set(RUN_FIELDS))
+        probes = dict(data.pop("probes"))
+        files = probes.pop("files", None)
+        if files is not None or (probes.get("file") or "").startswith(PACKAGE_PREFIX):
+            if probes_file is None:
+                raise SpecError("patch_spec: a probe set of several files (or a package: path) needs the prepared "
+                                "probes file")
+            probes["file"] = str(probes_file)
+        spec = StudySpec.model_validate({**data, "model": model.model_dump(), "probes": probes})
+        spec._base_dir = self.base_dir
+        return spec

@@ -1,0 +1,154 @@
+"""The study-level report of ``clap run``: one page that links each model's report and each comparison, and states
+the caveats that concern the study's design rather than one model's statistics.
+
+Why here and not in ``analyses/report.py``: that report describes one results directory. Whether a study patched
+sites that reproduce the clean run by construction, or modules whose names mislead (GPT-2's ``Conv1D``), is a
+property of the design, visible across models, and a reader of the study should meet it first.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+#: GPT-2's projection modules are ``transformers.pytorch_utils.Conv1D``: a linear layer despite the name.
+CONV1D_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: A site whose patched value equals the clean run's to this tolerance for every probe reproduces it exactly.
+EXACT = 1e-5
+
+
+def design_caveats(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+    """Caveats about what the patched sites can show at all, from one model's results."""
+    notes = []
+    trivial = frame[frame["trivial"]]
+    if len(trivial):
+        sites = sorted(trivial["site"].unique())
+        notes.append(
+            f"{len(sites)} site(s) recover 100 % by construction ({', '.join(sites[:8])}"
+            f"{' ...' if len(sites) > 8 else ''}): the patched tensor alone determines the answer logits (the "
+            "unembedding `lm_head`, the final norm, the last residual stream at the answer position), so their "
+            "recovery says nothing about where the knowledge is stored."
+        )
+    rows = frame[(frame["direction"] == "denoising") & ~frame["trivial"] & frame["recovery_defined"]]
+    if len(rows):
+        same = (rows["patched"] - rows["clean"]).abs() <= EXACT * rows["clean"].abs().clip(lower=1.0)
+        whole = same.groupby(rows["site"]).all()
+        sites = sorted(whole[whole].index)
+        if sites:
+            notes.append(
+                f"{len(sites)} further site(s) reproduce the clean run exactly for every probe "
+                f"({', '.join(sites[:8])}{' ...' if len(sites) > 8 else ''}): patched at every position, a tensor "
+                "that carries the whole residual stream (a block's output, the token embedding) replaces the whole "
+                "corrupted run, so recovery is 1 at every layer by construction, not a finding about that layer."
+            )
+    architecture = str((meta.get("model") or {}).get("architecture") or "")
+    modules = sorted({m for m in frame["module"].dropna().unique() if str(m).endswith(CONV1D_SUFFIXES)})
+    if modules and ("GPT2" in architecture or not architecture):
+        notes.append(
+            f"GPT-2's `c_attn`, `c_proj` and `c_fc` modules ({len(modules)} patched) are "
+            "`transformers.pytorch_utils.Conv1D`: a linear projection (x @ W + b, the weight stored transposed), "
+            "not a convolution. Results for them are results for linear layers."
+        )
+    return notes
+
+
+def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Path]:
+    """Write ``<out>/report.html`` and ``<out>/report.md``; return their paths."""
+    from analyses.io import load_results
+
+    models = []
+    for name, entry in study.model_entries().items():
+        results = out / "models" / name
+        if not (results / "results.parquet").is_file():
+            continue
+        frame, meta = load_results(results)
+        report = results / "analysis" / "report.html"
+        source = "fine-tuned by the finetune stage" if entry.finetuned else str(entry.source)
+        models.append({
+            "name": name, "source": source, "architecture": (meta.get("model") or {}).get("architecture", ""),
+            "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
+            "results": results, "report": report if report.is_file() else None,
+            "caveats": design_caveats(frame, meta),
+        })
+    comparisons = []
+    for a, b in study.comparisons():
+        folder = out / "compare" / f"{a}-vs-{b}"
+        page = folder / "compare.html"
+        comparisons.append({"pair": f"{b} - {a}", "page": page if page.is_file() else None, "folder": folder})
+    record_path = out / "stages.json"
+    record = json.loads(record_path.read_text(encoding="utf-8"))["stages"] if record_path.is_file() else {}
+    stage_rows = [(s.name, s.hash[:12], (record.get(s.name) or {}).get("seconds")) for s in stages]
+    html_path, md_path = out / "report.html", out / "report.md"
+    _write(html_path, _html(study, out, models, comparisons, stage_rows))
+    _write(md_path, _markdown(study, out, models, comparisons, stage_rows))
+    return [html_path, md_path]
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _rel(path: Path, out: Path) -> str:
+    return Path(os.path.relpath(path, out)).as_posix()
+
+
+def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
+    lines = [f"# Study: {study.name}", "", "## Models", "", "| model | source | architecture | probes | sites | rows | report |",
+             "|---|---|---|---|---|---|---|"]
+    for m in models:
+        link = f"[report]({_rel(m['report'], out)})" if m["report"] else "not analysed"
+        lines.append(f"| {m['name']} | {m['source']} | {m['architecture']} | {m['probes']} | {m['sites']} | "
+                     f"{m['rows']} | {link} |")
+    if comparisons:
+        lines += ["", "## Comparisons", ""]
+        for c in comparisons:
+            lines.append(f"- {c['pair']}: " + (f"[compare.html]({_rel(c['page'], out)})" if c["page"] else "not run"))
+    lines += ["", "## Design caveats", ""]
+    any_caveat = False
+    for m in models:
+        for caveat in m["caveats"]:
+            lines.append(f"- **{m['name']}**: {caveat}")
+            any_caveat = True
+    if not any_caveat:
+        lines.append("None found.")
+    lines += ["", "## Stages", "", "| stage | input hash | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | `{h}` | {'' if s is None else f'{s:.1f}'} |" for name, h, s in stages]
+    return "\n".join(lines) + "\n"
+
+
+def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(study.name)}</title>",
+             "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2rem auto;padding:0 1rem}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25rem .5rem}"
+             ".caveats{background:#fff8e6;border-left:4px solid #b35806;padding:.5rem 1rem}</style></head><body>",
+             f"<h1>Study: {e(study.name)}</h1>"]
+    caveats = [(m["name"], c) for m in models for c in m["caveats"]]
+    parts.append("<h2>Design caveats</h2><div class='caveats'><ul>"
+                 + ("".join(f"<li><b>{e(n)}</b>: {e(c)}</li>" for n, c in caveats) or "<li>None found.</li>")
+                 + "</ul></div>")
+    parts.append("<h2>Models</h2><table><tr><th>model</th><th>source</th><th>architecture</th><th>probes</th>"
+                 "<th>sites</th><th>rows</th><th>report</th></tr>")
+    for m in models:
+        link = f"<a href='{e(_rel(m['report'], out))}'>report</a>" if m["report"] else "not analysed"
+        parts.append(f"<tr><td>{e(m['name'])}</td><td>{e(m['source'])}</td><td>{e(str(m['architecture']))}</td>"
+                     f"<td>{m['probes']}</td><td>{m['sites']}</td><td>{m['rows']}</td><td>{link}</td></tr>")
+    parts.append("</table>")
+    if comparisons:
+        parts.append("<h2>Comparisons</h2><ul>")
+        for c in comparisons:
+            link = f"<a href='{e(_rel(c['page'], out))}'>compare.html</a>" if c["page"] else "not run"
+            parts.append(f"<li>{e(c['pair'])}: {link}</li>")
+        parts.append("</ul>")
+    parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>input hash</th><th>seconds</th></tr>")
+    for name, h, s in stages:
+        parts.append(f"<tr><td>{e(name)}</td><td><code>{h}</code></td><td>{'' if s is None else f'{s:.1f}'}</td></tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts)

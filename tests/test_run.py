@@ -1,0 +1,314 @@
+"""``clap run``: a whole study (two tiny GPT-2 models) through every stage, caching, reruns, interruption, and the
+YAML / Python / CLI equivalence; plus unit tests of the stage hashes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from clap.errors import ClapError
+from clap.pipeline import _Planner, load_study, run_study, stage_record
+from clap.stages import StageStore, digest, file_digest, locked, tree_digest
+from clap.study_file import StudyFile
+from tests.interventions.conftest import gpt2_tokenizer
+
+HAS_COMPARE = importlib.util.find_spec("analyses.compare") is not None
+
+PROBES = [
+    {"id": "ep", "clean": "Epilepsy is a chronic disorder of the", "corrupted": "Migraine is a chronic disorder of the",
+     "answer": " brain", "wrong": " head", "knowledge_type": "definitional"},
+    {"id": "fr", "clean": "The capital of France is", "corrupted": "The capital of Spain is",
+     "answer": " Paris", "wrong": " Madrid", "knowledge_type": "definitional"},
+    {"id": "vpa", "clean": "Valproate treats", "corrupted": "Aspirin treats",
+     "answer": " seizures", "wrong": " pain", "knowledge_type": "associative"},
+    {"id": "eth", "clean": "Ethosuximide is a drug used to treat", "corrupted": "Amlodipine is a drug used to treat",
+     "answer": " epilepsy", "wrong": " hypertension", "knowledge_type": "associative"},
+]
+
+
+def write_probes(path: Path, probes: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(p) + "\n" for p in probes), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shared_data):
+    return gpt2_tokenizer(shared_data)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tokenizer, tmp_path_factory):
+    """A tiny GPT-2 and a perturbed copy (every weight plus seeded noise), saved as model folders."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for probe in PROBES:  # the test's probes are token-aligned under the test tokenizer
+        assert len(tokenizer(probe["clean"]).input_ids) == len(tokenizer(probe["corrupted"]).input_ids)
+    torch.manual_seed(7)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=len(tokenizer))
+    model = GPT2LMHeadModel(config).eval()
+    root = tmp_path_factory.mktemp("models")
+    base, perturbed = root / "base", root / "perturbed"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(perturbed)
+    tokenizer.save_pretrained(perturbed)
+    return base, perturbed
+
+
+def study_text(base: Path, perturbed: Path, compare: bool = HAS_COMPARE, figures: bool = False) -> str:
+    return f"""
+name: tiny-run
+models:
+  base: {{source: {base}}}
+  perturbed: {{source: {perturbed}}}
+probes:
+  file: probes.jsonl
+patches:
+  - sites: ["layers[*].resid_pre", "layers[*].mlp_out"]
+    positions: [last]
+metrics: [logit_diff]
+seed: 3
+execution: {{max_rows: 64, progress: false}}
+analysis: {{position_reduction: last}}
+report: {{figures: {str(figures).lower()}}}
+""" + ("compare: [base, perturbed]\n" if compare else "")
+
+
+@pytest.fixture
+def study(tmp_path, model_dirs):
+    write_probes(tmp_path / "probes.jsonl", PROBES)
+    path = tmp_path / "study.yaml"
+    path.write_text(study_text(*model_dirs), encoding="utf-8")
+    return path
+
+
+def lines() -> tuple[list[str], callable]:
+    seen: list[str] = []
+    return seen, seen.append
+
+
+def hf_logit_diff(folder: Path, tokenizer, probe: dict, prompt: str) -> float:
+    """Independent: a plain transformers forward of the unpadded prompt."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer(probe[prompt]).input_ids])).logits[0, -1]
+    answer, wrong = tokenizer(probe["answer"]).input_ids[0], tokenizer(probe["wrong"]).input_ids[0]
+    return float(logits[answer] - logits[wrong])
+
+
+def test_whole_study_runs_then_skips_then_reruns_what_changed(study, tmp_path, model_dirs, tokenizer):
+    out = tmp_path / "out"
+    seen, echo = lines()
+    result = run_study(study, out, echo=echo)
+    expected = ["patch[base]", "patch[perturbed]", "analyze[base]", "analyze[perturbed]"]
+    expected += ["compare[base-vs-perturbed]"] if HAS_COMPARE else []
+    expected += ["report"]
+    assert list(result.stages) == expected
+    assert set(result.stages.values()) == {"ran"}
+    assert any(line.startswith(f"stage 1/{len(expected)} patch[base]: done in") for line in seen)
+    for name, folder in zip(("base", "perturbed"), model_dirs):  # each stage patched its own model
+        frame = result.frame(name)
+        for probe in PROBES:
+            rows = frame[frame.probe_id == probe["id"]]
+            assert rows["clean"].iloc[0] == pytest.approx(hf_logit_diff(folder, tokenizer, probe, "clean"), abs=1e-4)
+            assert rows["corrupted"].iloc[0] == pytest.approx(hf_logit_diff(folder, tokenizer, probe, "corrupted"),
+                                                              abs=1e-4)
+    assert (out / "models" / "base" / "analysis" / "report.html").is_file()
+    assert (out / "report.html").is_file() and "analysis/report.html" in (out / "report.md").read_text()
+    records = stage_record(out)
+    assert all(records[s]["status"] == "done" for s in expected)
+
+    seen.clear()  # a second run: nothing changed, nothing runs
+    again = run_study(study, out, echo=echo)
+    assert set(again.stages.values()) == {"up to date"}
+    assert f"stage 1/{len(expected)} patch[base]: up to date" in seen
+    assert stage_record(out) == records
+
+    os.utime(study.parent / "probes.jsonl")  # a touch without a change of content changes no hash
+    assert set(run_study(study, out, echo=echo).stages.values()) == {"up to date"}
+
+    changed = [dict(PROBES[0], wrong=" skin"), *PROBES[1:]]  # a changed probe file: patching and everything after
+    write_probes(study.parent / "probes.jsonl", changed)
+    third = run_study(study, out, echo=echo)
+    assert [s for s, status in third.stages.items() if status == "ran"] == expected
+    ep = third.frame("base").query("probe_id == 'ep'")
+    assert ep["clean"].iloc[0] == pytest.approx(hf_logit_diff(model_dirs[0], tokenizer, changed[0], "clean"), abs=1e-4)
+
+    text = study.read_text().replace("position_reduction: last", "position_reduction: max")
+    study.write_text(text)  # an analysis option: the analyses and the report only, not the patching
+    fourth = run_study(study, out, echo=echo)
+    assert {s for s, status in fourth.stages.items() if status == "ran"} == {"analyze[base]", "analyze[perturbed]",
+                                                                              "report"}
+
+
+def test_interrupted_run_keeps_finished_stages(study, tmp_path, monkeypatch):
+    import analyses.report
+
+    out = tmp_path / "out"
+    real = analyses.report.write_report
+
+    def failing(results_dir, *args, **kwargs):
+        if Path(results_dir).name == "perturbed":
+            raise RuntimeError("interrupted")
+        return real(results_dir, *args, **kwargs)
+
+    monkeypatch.setattr(analyses.report, "write_report", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_study(study, out, echo=lambda line: None)
+    records = stage_record(out)
+    assert {s for s, r in records.items() if r["status"] == "done"} == {"patch[base]", "patch[perturbed]",
+                                                                        "analyze[base]"}
+    assert records["analyze[perturbed]"]["status"] == "running"
+    monkeypatch.setattr(analyses.report, "write_report", real)
+    seen, echo = lines()
+    result = run_study(study, out, echo=echo)
+    ran = {s for s, status in result.stages.items() if status == "ran"}
+    assert ran == {"analyze[perturbed]", "report"} | ({"compare[base-vs-perturbed]"} if HAS_COMPARE else set())
+    assert any("analyze[perturbed]: resuming" in line for line in seen)
+
+
+def test_force_and_until(study, tmp_path):
+    out = tmp_path / "out"
+    first = run_study(study, out, until="patch", echo=lambda line: None)
+    assert list(first.stages) == ["patch[base]", "patch[perturbed]"]
+    forced = run_study(study, out, force=["patch[perturbed]"], until="analyze", echo=lambda line: None)
+    assert forced.stages == {"patch[base]": "up to date", "patch[perturbed]": "ran", "analyze[base]": "ran",
+                             "analyze[perturbed]": "ran"}
+    with pytest.raises(ClapError, match=r"--force pach: no such stage.*did you mean.*patch"):
+        run_study(study, out, force=["pach"], echo=lambda line: None)
+
+
+def test_yaml_python_and_cli_give_identical_results(study, tmp_path, model_dirs):
+    from clap.cli import main
+
+    yaml_run = run_study(study, tmp_path / "yaml", until="patch", echo=lambda line: None)
+    assert main(["run", str(study), "-o", str(tmp_path / "cli"), "--until", "patch", "--no-progress"]) == 0
+    base, perturbed = model_dirs
+    spec = StudyFile(
+        name="tiny-run", models={"base": {"source": str(base)}, "perturbed": {"source": str(perturbed)}},
+        probes={"file": str(study.parent / "probes.jsonl")}, metrics=["logit_diff"], seed=3,
+        patches=[{"sites": ["layers[*].resid_pre", "layers[*].mlp_out"], "positions": ["last"]}],
+        execution={"max_rows": 64, "progress": False},
+    )
+    python_run = run_study(spec, tmp_path / "python", until="patch", echo=lambda line: None)
+    for name in ("base", "perturbed"):
+        frame = yaml_run.frame(name)
+        assert len(frame) == len(PROBES) * 4
+        pd.testing.assert_frame_equal(frame, pd.read_parquet(tmp_path / "cli" / "models" / name / "results.parquet"))
+        pd.testing.assert_frame_equal(frame, python_run.frame(name))
+    assert not yaml_run.frame("base")["patched"].equals(yaml_run.frame("perturbed")["patched"])
+
+
+@pytest.mark.skipif(HAS_COMPARE, reason="analyses.compare is installed")
+def test_missing_compare_is_a_clear_error_before_any_stage(tmp_path, model_dirs):
+    write_probes(tmp_path / "probes.jsonl", PROBES)
+    path = tmp_path / "study.yaml"
+    path.write_text(study_text(*model_dirs, compare=True), encoding="utf-8")
+    with pytest.raises(ClapError, match=r"stage compare needs `clap compare` \(analyses/compare.py\)"):
+        run_study(path, tmp_path / "out", echo=lambda line: None)
+    assert not (tmp_path / "out" / "models").exists()
+
+
+# ----------------------------------------------------------------------------------------------- stage hashes
+def test_digest_is_canonical():
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    assert digest({"a": 1}) != digest({"a": 2})
+
+
+def test_file_and_tree_digests_follow_content(tmp_path):
+    import hashlib
+
+    f = tmp_path / "x.txt"
+    f.write_text("one")
+    assert file_digest(f) == hashlib.sha256(b"one").hexdigest()
+    os.utime(f, (1, 1))
+    assert file_digest(f) == hashlib.sha256(b"one").hexdigest()
+    f.write_text("two")
+    assert file_digest(f) == hashlib.sha256(b"two").hexdigest()
+    before = tree_digest(tmp_path)
+    (tmp_path / ".hidden").write_text("ignored")
+    assert tree_digest(tmp_path) == before
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "y").write_text("y")
+    assert tree_digest(tmp_path) != before
+
+
+def test_stage_store_round_trip_and_lock(tmp_path):
+    store = StageStore(tmp_path)
+    store.mark_running("patch[a]", "h1")
+    assert not StageStore(tmp_path).is_done("patch[a]", "h1")
+    store.mark_done("patch[a]", "h1", 1.5, ["models/a"])
+    again = StageStore(tmp_path)
+    assert again.is_done("patch[a]", "h1") and not again.is_done("patch[a]", "h2")
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    (tmp_path / "stages.json").write_text("{broken")
+    with pytest.raises(ClapError, match="unreadable stage record"):
+        StageStore(tmp_path)
+    with locked(tmp_path):
+        with pytest.raises(ClapError, match="another `clap run` is writing"):
+            with locked(tmp_path):
+                pass
+
+
+def _hashes(text: str, folder: Path) -> dict[str, str]:
+    path = folder / "study.yaml"
+    path.write_text(text, encoding="utf-8")
+    return {s.name: s.hash for s in _Planner(StudyFile.from_yaml(path), folder / "out", False).plan()}
+
+
+def test_stage_hashes_change_with_their_inputs_only(tmp_path, model_dirs):
+    write_probes(tmp_path / "probes.jsonl", PROBES)
+    text = study_text(*model_dirs, compare=False)
+    base = _hashes(text, tmp_path)
+    rows = _hashes(text.replace("max_rows: 64", "max_rows: 8"), tmp_path)
+    assert rows == base  # batch size does not change results
+    metric = _hashes(text.replace("metrics: [logit_diff]", "metrics: [logit_diff, prob]"), tmp_path)
+    assert all(metric[s] != base[s] for s in base)
+    analysis = _hashes(text.replace("position_reduction: last", "position_reduction: max"), tmp_path)
+    assert {s for s in base if analysis[s] != base[s]} == {"analyze[base]", "analyze[perturbed]", "report"}
+    swapped = _hashes(text.replace(f"perturbed: {{source: {model_dirs[1]}}}", f"perturbed: {{source: {model_dirs[0]}}}"),
+                      tmp_path)
+    assert {s for s in base if swapped[s] != base[s]} == {"patch[perturbed]", "analyze[perturbed]", "report"}
+
+
+def test_study_file_errors_name_file_line_and_field(tmp_path, model_dirs):
+    write_probes(tmp_path / "probes.jsonl", PROBES)
+    path = tmp_path / "study.yaml"
+    path.write_text(study_text(*model_dirs, compare=False) + "compare: [base, perturbd]\n")
+    with pytest.raises(ClapError, match=r"study.yaml:\d+: compare: unknown model 'perturbd'; did you mean 'perturbed'"):
+        StudyFile.from_yaml(path)
+    text = study_text(*model_dirs, compare=False).replace("metrics:", "metrix:")
+    path.write_text(text)
+    line = text.splitlines().index("metrix: [logit_diff]") + 1
+    with pytest.raises(ClapError, match=rf"study.yaml:{line}: metrix: unknown field 'metrix'; did you mean 'metrics'"):
+        StudyFile.from_yaml(path)
+    path.write_text(study_text(*model_dirs, compare=False) + "cross_model: {source: base, target: perturbed}\n")
+    with pytest.raises(ClapError, match=r"needs cross-model patching \(not yet available\)"):
+        run_study(path, tmp_path / "out")
+    with pytest.raises(ClapError, match=r"--model bse=x: the study has no model 'bse'; did you mean 'base'"):
+        load_study(path, {"bse": "x"})
+
+
+@pytest.mark.slow
+def test_full_study_with_figures_and_comparison(tmp_path, model_dirs):
+    write_probes(tmp_path / "probes.jsonl", PROBES)
+    path = tmp_path / "study.yaml"
+    path.write_text(study_text(*model_dirs, compare=True, figures=True), encoding="utf-8")
+    result = run_study(path, tmp_path / "out", echo=lambda line: None)
+    assert set(result.stages.values()) == {"ran"} and "compare[base-vs-perturbed]" in result.stages
+    out = tmp_path / "out"
+    assert list((out / "models" / "base" / "analysis" / "figures").glob("*.png"))
+    paired = pd.read_csv(out / "compare" / "base-vs-perturbed" / "paired_differences.csv")
+    assert len(paired) and "compare/base-vs-perturbed/compare.html" in (out / "report.md").read_text()
