@@ -101,8 +101,12 @@ def test_yaml_probe_file_and_memory_budget_chunking(tmp_path, tiny_gpt2):
     _, single = read_results(tmp_path / "one")
     assert single["n_batches"] == 1 and sidecar["n_batches"] > 5 and sidecar["max_rows"] < 10
     pd.testing.assert_frame_equal(chunked.drop(columns="recovery"), reference.drop(columns="recovery"), atol=1e-5)
-    # recovery divides by clean - corrupted, which is small for random weights: compare it relatively
-    np.testing.assert_allclose(chunked.recovery, reference.recovery, rtol=1e-4, atol=1e-6)
+    # recovery divides by clean - corrupted, which is small for random weights: the metrics agree to forward-pass
+    # rounding (~1e-6, README), so recovery agrees to that error divided by the denominator
+    denominator = (reference.clean - reference.corrupted).abs().to_numpy()
+    tolerance = 2e-6 / denominator + 1e-6 * reference.recovery.abs().to_numpy()
+    difference = (chunked.recovery - reference.recovery).abs().to_numpy()
+    assert (difference <= tolerance).all(), difference / tolerance
     bad = tmp_path / "bad.yaml"
     bad.write_text("probes:\n  - id: a\n    clean: x y\n    corupted: x z\n    answer: ' z'\n")
     with pytest.raises(Exception, match=rf"{bad}:4: corupted: unknown field 'corupted'; did you mean 'corrupted'"):

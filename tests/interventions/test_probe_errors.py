@@ -119,7 +119,10 @@ def test_prompt_longer_than_the_context_is_refused_naming_probe_and_lengths(shor
     ids = tokenizer(long_text)["input_ids"][:16]
     exact = tokenizer.decode(ids)
     assert len(tokenizer(exact)["input_ids"]) == 16
-    at_limit = {"id": "at-limit", "clean": exact, "corrupted": exact, "answer": " the"}
+    # the corrupted prompt differs in its last token (identical prompts could never define a recovery)
+    other = tokenizer.decode(ids[:-1] + tokenizer(" Spain")["input_ids"][:1])
+    assert len(tokenizer(other)["input_ids"]) == 16 and other != exact
+    at_limit = {"id": "at-limit", "clean": exact, "corrupted": other, "answer": " the"}
     frame = Study(StudySpec.from_dict({**spec.model_dump(exclude={"base_dir"}), "probes": {"inline": [at_limit]}}),
                   model=short_context_gpt2).run()
     assert len(frame) == 1
