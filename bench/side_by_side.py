@@ -367,7 +367,7 @@ def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[st
                     if not diff <= TOLERANCE:
                         failures.append(f"{kind} x {n_pairs} pairs: max |clap - TL| = {diff:.3g} > {TOLERANCE}")
                     report.add(clap_row)
-                report.add(_row(row_base, "tl", m, cells, clap_best, args.repeats, max_abs_diff_vs_tl=0.0,
+                report.add(_row(row_base, "tl", m, cells, clap_best, args.repeats,
                                 note="run_with_cache + " + TL_FUNCTIONS[kind]))
             elif clap_grid is not None:
                 report.add(clap_row)
