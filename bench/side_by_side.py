@@ -272,7 +272,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return None
 
         clap, tl, naive, floor = (best(c) for c in CONTENDERS)
-        diff = next((r["max_abs_diff_vs_tl"] for r in rows if r["workload"] == "a" and r["pairs"] == pairs
+        diff = next((r.get("max_abs_diff_vs_tl") for r in rows if r["workload"] == "a" and r["pairs"] == pairs
                      and r["sweep"] == sweep and r["contender"] == "clap"), None)
         out.append({"sweep": sweep, "pairs": pairs, "clap_s": clap, "tl_s": tl, "naive_s": naive, "floor_s": floor,
                     "tl_over_clap": tl / clap if tl and clap else None,
