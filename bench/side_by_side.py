@@ -33,9 +33,11 @@ import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import csv_text, load_average, machine, measure, write_atomic  # noqa: E402
+from harness import csv_text, load_average, machine, measure, write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
@@ -67,7 +69,8 @@ COUNTRIES = [
     (" Russia", " Moscow"), (" India", " Delhi"), (" Greece", " Athens"), (" Sweden", " Stockholm"),
     (" Poland", " Warsaw"), (" Norway", " Oslo"), (" Cuba", " Havana"), (" Kenya", " Nairobi"),
 ]
-FILLER = "In class today our old teacher told us again that everyone should know by heart that".split()
+FILLER = ["In", "class", "today", "our", "old", "teacher", "told", "us", "again", "that", "everyone", "should", "know",
+          "by", "heart", "that"]
 
 
 class BenchError(RuntimeError):
@@ -228,7 +231,7 @@ def floor_forwards(lm: Any, inputs: Inputs, rows: int, batch: int) -> None:
     ids = torch.cat([inputs.clean, inputs.corrupted, inputs.corrupted[order]])
     with torch.no_grad():
         for start in range(0, rows, batch):
-            lm.hf(input_ids=ids[start: start + batch]).logits
+            _ = lm.hf(input_ids=ids[start: start + batch]).logits
 
 
 # -- runner ---------------------------------------------------------------------------------------------------------
@@ -258,20 +261,21 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _best(rows: list[dict[str, Any]], contender: str, sweep: str, pairs: int) -> float | None:
+    for r in rows:
+        if r["workload"] == "a" and r["pairs"] == pairs and r["contender"] == contender and \
+                r["sweep"] in (sweep, "any") and r["status"] == "ok":
+            return r["best_s"]
+    return None
+
+
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (workload a sweep, pairs): the ratios the issue's targets are stated in."""
     out = []
     keys = sorted({(r["sweep"], r["pairs"]) for r in rows if r["workload"] == "a" and r["sweep"] != "any"},
                   key=lambda k: (k[1], SWEEPS.index(k[0])))
     for sweep, pairs in keys:
-        def best(contender: str) -> float | None:
-            for r in rows:
-                if r["workload"] == "a" and r["pairs"] == pairs and r["contender"] == contender and \
-                        r["sweep"] in (sweep, "any") and r["status"] == "ok":
-                    return r["best_s"]
-            return None
-
-        clap, tl, naive, floor = (best(c) for c in CONTENDERS)
+        clap, tl, naive, floor = (_best(rows, c, sweep, pairs) for c in CONTENDERS)
         diff = next((r.get("max_abs_diff_vs_tl") for r in rows if r["workload"] == "a" and r["pairs"] == pairs
                      and r["sweep"] == sweep and r["contender"] == "clap"), None)
         out.append({"sweep": sweep, "pairs": pairs, "clap_s": clap, "tl_s": tl, "naive_s": naive, "floor_s": floor,
@@ -291,8 +295,8 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], notes: list[str])
     table = summary(rows)
     if table:
         lines += ["", "## Workload (a): ratios (targets: TL/clap >= 8, clap/floor <= 0.25)", "",
-                  "| sweep | pairs | clap s | TransformerLens s | naive nnsight s | floor s | TL/clap | clap/floor | "
-                  "naive/clap | max abs diff clap-TL |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  ("| sweep | pairs | clap s | TransformerLens s | naive nnsight s | floor s | TL/clap | clap/floor | "
+                   "naive/clap | max abs diff clap-TL |"), "|---|---|---|---|---|---|---|---|---|---|"]
         for s in table:
             lines.append("| " + " | ".join(_fmt(s[k]) if k != "max_abs_diff" else _fmt(s[k], 6) for k in
                                            ("sweep", "pairs", "clap_s", "tl_s", "naive_s", "floor_s", "tl_over_clap",
@@ -345,7 +349,7 @@ def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[st
         floor_best = None
         if "floor" in contenders:
             batch = args.max_rows or rows_for_budget(None, None, t, config.vocab_size, config.n_embd, n_layers, 4)
-            m = measure(lambda: floor_forwards(lm, inputs, rows, batch), args.repeats)
+            m = measure(partial(floor_forwards, lm, inputs, rows, batch), args.repeats)
             floor_best = m.best
             report.add(_row({**base, "sweep": "any"}, "floor", m, cells, None, args.repeats,
                             note=f"{rows} rows, {batch} per forward, full logits"))
@@ -354,12 +358,12 @@ def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[st
             clap_grid = tl_grid = None
             clap_best = None
             if "clap" in contenders:
-                m = measure(lambda: clap_sweep(lm, inputs, kind, args.max_rows), args.repeats)
+                m = measure(partial(clap_sweep, lm, inputs, kind, args.max_rows), args.repeats)
                 clap_best, clap_grid = m.best, m.result
                 clap_row = _row(row_base, "clap", m, cells, clap_best, args.repeats,
                                 note=f"clap/floor {clap_best / floor_best:.3f}" if floor_best else "")
             if bridge is not None:
-                m = measure(lambda: tl_sweep(bridge, inputs, kind), args.repeats)
+                m = measure(partial(tl_sweep, bridge, inputs, kind), args.repeats)
                 tl_grid = m.result
                 if clap_grid is not None:
                     diff = float(np.abs(clap_grid - tl_grid).max())
@@ -372,7 +376,7 @@ def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[st
             elif clap_grid is not None:
                 report.add(clap_row)
             if "naive" in contenders:
-                m = measure(lambda: naive_sweep(lm, inputs, kind), args.repeats)
+                m = measure(partial(naive_sweep, lm, inputs, kind), args.repeats)
                 extra = {"note": f"{cells + n_pairs} nnsight traces"}
                 if tl_grid is not None:
                     extra["max_abs_diff_vs_tl"] = float(np.abs(m.result - tl_grid).max())
@@ -417,14 +421,17 @@ def workload_c(report: Report, args: argparse.Namespace) -> None:
                     note=f"{len(study.spec.metrics)} metrics per cell; model load not timed"))
 
 
+def _csv_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    csv_list = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    parser.add_argument("--workloads", type=csv_list, default=["a", "b", "c"], help="comma list of a,b,c")
-    parser.add_argument("--pairs", type=lambda s: [int(x) for x in csv_list(s)], default=None,
+    parser.add_argument("--workloads", type=_csv_list, default=["a", "b", "c"], help="comma list of a,b,c")
+    parser.add_argument("--pairs", type=lambda s: [int(x) for x in _csv_list(s)], default=None,
                         help="prompt pairs for workload a, comma list (default 4,16; --quick: 1)")
-    parser.add_argument("--sweeps", type=csv_list, default=list(SWEEPS), help="comma list of " + ",".join(SWEEPS))
-    parser.add_argument("--contenders", type=csv_list, default=list(CONTENDERS),
+    parser.add_argument("--sweeps", type=_csv_list, default=list(SWEEPS), help="comma list of " + ",".join(SWEEPS))
+    parser.add_argument("--contenders", type=_csv_list, default=list(CONTENDERS),
                         help="comma list of " + ",".join(CONTENDERS))
     parser.add_argument("--tokens", type=int, default=None, help="tokens per prompt (default 16; --quick: 6)")
     parser.add_argument("--repeats", type=int, default=1, help="wall time is the best of this many calls")
