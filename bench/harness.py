@@ -5,12 +5,15 @@ benchmarks read the kernel's resident-set high-water mark (``VmHWM`` in ``/proc/
 before each measured call by writing ``5`` to ``/proc/self/clear_refs``, so the peak belongs to that call alone; the
 reported figure is ``peak RSS during the call - RSS just before it`` (what the call added on top of the loaded
 model and inputs). Where the reset is not possible (not Linux, restricted ``/proc``) a background thread samples
-RSS every 5 ms with ``psutil`` instead (``method`` records which one was used).
+RSS every 5 ms with ``psutil`` instead (``method`` records which one was used). Before each call the garbage
+collector runs and glibc returns freed heap to the OS; memory the call reuses from caches that are not returned
+(torch's, Python's) is still invisible to this method, so a figure near 0 means "no new memory", not "none used".
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import gc
 import io
 import os
@@ -45,6 +48,15 @@ def current_rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier calls back to the OS (glibc ``malloc_trim``), so that RSS before a call is not
+    inflated by free heap that the call would reuse, which would hide its peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_hwm() -> bool:
@@ -95,6 +107,7 @@ def measure(fn: Callable[[], Any], repeats: int) -> Measurement:
     out = Measurement()
     for _ in range(repeats):
         gc.collect()
+        _release_freed_memory()
         exact = _reset_hwm()
         before = current_rss_mb()
         sampler = None
