@@ -35,6 +35,7 @@ demo: $(STAMP)
 # Benchmarks, not tests: they take minutes (fine-tuning most) and write bench/results/.
 bench: $(STAMP)
 	$(PY) bench/patching_throughput.py
+	$(PY) bench/side_by_side.py --workloads a,b,c --pairs 4,16 --out bench/results
 	$(PY) bench/corpus_build.py --json bench/results/corpus_build.json
 	$(PY) bench/finetune_throughput.py
 
