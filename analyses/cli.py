@@ -52,7 +52,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         raise ClapError(f"--dpi {args.dpi}: figures are saved at 200 dpi or more")
     if not 0 < args.alpha < 1:
         raise ClapError(f"--alpha {args.alpha}: expected a number between 0 and 1")
-    from analyses.options import parse_position_reduction
+    from clap.analysis_options import parse_position_reduction
 
     position = parse_position_reduction(args.position_reduction) if args.position_reduction is not None else None
     return dict(dv=args.dv, group=args.group, metrics=args.metrics, site_kinds=args.site_kinds, agg=args.agg,

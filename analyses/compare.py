@@ -29,6 +29,7 @@ import pandas as pd
 
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
+from clap.contract import SITE_KINDS
 from clap.errors import ClapError
 
 #: How many offending probes or sites an error message lists.
@@ -213,7 +214,7 @@ def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> lis
     for key, part in paired.groupby(outer, sort=True):
         sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
         groups = _figures._groups(part, result.group)
-        kinds = list(dict.fromkeys(k for k in _figures.SITE_KIND_ORDER if k in set(part["site_kind"])))
+        kinds = list(dict.fromkeys(k for k in SITE_KINDS if k in set(part["site_kind"])))
         kinds += sorted(set(part["site_kind"]) - set(kinds))
         fig = _figures._layer_heatmaps(
             part, "site_kind", groups, result.group, "diff", "probe_id", ylabel="site kind", annotate=None,

@@ -30,12 +30,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analyses.select import select_rows
+from clap.contract import SITE_KINDS
 
 DIVERGING_CMAP = "RdBu_r"
 LINE_PALETTE = "colorblind"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DASHES = ("-", "--", "-.", ":")
-SITE_KIND_ORDER = ("embed", "resid_pre", "attn_out", "head", "mlp_out", "resid_post", "block_out", "module", "final_norm", "unembed")
 
 #: Width of the report's figure column; figures are drawn at this width and shown at it (see the module docstring).
 COLUMN_WIDTH_IN = 6.5
@@ -306,7 +306,7 @@ def heatmap_layer_site_kind(
     rows = sel.rows
 
     def kind_order(kinds: pd.Index) -> list[str]:
-        return [k for k in SITE_KIND_ORDER if k in kinds] + sorted(k for k in kinds if k not in SITE_KIND_ORDER)
+        return [k for k in SITE_KINDS if k in kinds] + sorted(k for k in kinds if k not in SITE_KINDS)
 
     return _layer_heatmaps(
         rows, "site_kind", _groups(rows, group), group, dv, subject, ylabel="site kind", annotate=annotate,
@@ -438,7 +438,7 @@ def layer_means(
     from analyses.select import prepare
 
     kinds = sorted(site_kinds or set(select_rows(data, dv, vary=("site_kind",), **select).rows["site_kind"]),
-                   key=lambda k: (SITE_KIND_ORDER.index(k) if k in SITE_KIND_ORDER else 99, k))
+                   key=lambda k: (SITE_KINDS.index(k) if k in SITE_KINDS else 99, k))
     out = []
     for kind in kinds:
         prep = prepare(data, dv, "layer", subject, between=group, missing="keep", agg=agg, min_subjects=1,
@@ -563,7 +563,7 @@ def site_order(data: pd.DataFrame, site: str = "site") -> list[str]:
     """Sites in network order: by layer, then site kind in forward order (attention before MLP), then name;
     sites outside the layer stack (embedding first, final norm and unembedding last) around them."""
     first = data.drop_duplicates(site)
-    kind_rank = {k: i for i, k in enumerate(SITE_KIND_ORDER)}
+    kind_rank = {k: i for i, k in enumerate(SITE_KINDS)}
 
     def key(row: Any) -> tuple:
         kind = row["site_kind"]

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyses.figures import DIVERGING_CMAP, _limit, _token_labels, align_positions, t_interval
+from analyses.figures import (
+    DIVERGING_CMAP,
+    _limit,
+    _token_labels,
+    align_positions,
+    t_interval,
+)
 from analyses.select import select_rows
 
 #: A heatmap with more cells than this is left to the static figure (the page stays light).

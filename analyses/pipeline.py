@@ -6,7 +6,7 @@ on a slice (a single probe, too few per group, every value undefined, no error v
 recorded in ``skipped.csv`` with its reason instead of stopping the others. The tables of all slices are
 concatenated; their book-keeping columns say which slice a row belongs to, and ``reduction`` how each probe's rows
 of a layer became one value (:mod:`analyses.reductions`; chosen by the spec's ``analysis:`` section, see
-:mod:`analyses.options`, or the command line).
+:mod:`clap.analysis_options`, or the command line).
 
 Before any statistic, the probe-validity table is computed and the exclusion rules of the ``analysis:`` section
 are applied (:mod:`analyses.validity`).
@@ -43,14 +43,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-
 from pydantic import ValidationError
 
 from analyses import caveats as _caveats
 from analyses import figures as _figures
 from analyses.bootstrap import CI_COLUMNS, bootstrap_ci
 from analyses.io import load_results
-from analyses.options import AnalysisOptions
 from analyses.reductions import position_label
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units
 from analyses.stats import (
@@ -67,7 +65,14 @@ from analyses.stats import (
     pairwise_within,
     rm_anova,
 )
-from analyses.validity import VALIDITY_COLUMNS, apply_exclusions, clean_prompts, probe_validity, shared_clean_prompts
+from analyses.validity import (
+    VALIDITY_COLUMNS,
+    apply_exclusions,
+    clean_prompts,
+    probe_validity,
+    shared_clean_prompts,
+)
+from clap.analysis_options import AnalysisOptions
 from clap.errors import ClapError
 
 TABLE_FILES = {
@@ -121,7 +126,7 @@ class Analysis:
     ``options``
         the resolved options: ``dv``, ``group`` (None when fewer than 2 groups remain: no group tests ran),
         ``group_requested``, ``metrics``, ``site_kinds``, ``agg`` (the reduction in words, for older readers),
-        ``missing``, ``n_boot``, ``seed``, ``alpha``, and ``analysis`` (the :class:`~analyses.options.AnalysisOptions`
+        ``missing``, ``n_boot``, ``seed``, ``alpha``, and ``analysis`` (the :class:`~clap.analysis_options.AnalysisOptions`
         as a dict: ``position_reduction``, ``head_reduction``, ``subject_field``, ``subject``, exclusion rules,
         ``interval``, ``ss_type``).
     ``tables``
@@ -178,7 +183,7 @@ def analyze(
     ``group_columns`` (no group tests when there is none). ``seed`` defaults to the run's seed, so the bootstrap
     intervals of a study are reproducible from its sidecar. ``metrics`` / ``site_kinds`` restrict the slices.
 
-    How the results are reduced and tested comes from ``analysis`` (an :class:`~analyses.options.AnalysisOptions`
+    How the results are reduced and tested comes from ``analysis`` (an :class:`~clap.analysis_options.AnalysisOptions`
     or dict), else the ``analysis:`` section of the spec recorded in run.json, else the defaults; the keywords
     ``position_reduction``, ``head_reduction``, ``subject``, ``interval``, ``ss_type`` override single fields (the
     command line's flags). ``agg`` (legacy) applies one aggregation to all of a cell's rows instead.

@@ -8,7 +8,7 @@ Two facts of activation patching drive the defaults:
   over positions is therefore about 1 / prompt length at every layer, whatever the layer does, and a layer test on
   it finds nothing. The last token (where the answer is read out) is the default; ``max``, ``sum``, the subject's
   tokens (``subject``: their sum, the subject's share) or its last token (``subject_last``) and a fixed token index
-  are the alternatives (see :mod:`analyses.options`).
+  are the alternatives (see :mod:`clap.analysis_options`).
 * Heads of one layer add up to the layer's attention output: their *sum* is the layer's total; their mean divides
   a single important head by the number of heads. Heads are summed per probe, layer and position *before* the
   position rule (the layer's total at the chosen token), or analysed one by one (``each``, the per-head table).

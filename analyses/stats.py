@@ -101,7 +101,8 @@ def np2_ci(F: float, ddof1: float, ddof2: float, ci: float = 0.95) -> tuple[floa
     ``(1 - ci) / 2`` (a bound is 0 when even ``lambda = 0`` is beyond it) and are converted with
     ``lambda / (lambda + ddof1 + ddof2 + 1)``.
     """
-    from scipy import optimize, stats as sps
+    from scipy import optimize
+    from scipy import stats as sps
 
     if not np.isfinite(F) or F < 0:
         return np.nan, np.nan

@@ -54,9 +54,9 @@ def tiny_gpt2(out: Path) -> Path:
 
 def full_rows(corpus: Path, model: str, preset: str) -> dict:
     """Rows and real tokens of one full epoch (the whole train and validation splits) under ``preset``."""
+    from clap.models import load_hf_model
     from finetuning.config import from_preset
     from finetuning.data import load_corpus, prepare_datasets, training_tokenizer
-    from interventions.models import load_hf_model
 
     _, tok, _ = load_hf_model(model)
     _, _, stats = prepare_datasets(load_corpus(corpus), training_tokenizer(tok), from_preset(preset))
@@ -67,8 +67,8 @@ def measure(corpus: Path, model: str, preset: str, steps: int, batch: int, eval_
     """Run ``steps`` optimiser steps of ``preset`` (accumulation 1, micro-batch ``batch``) and time them."""
     from transformers import TrainerCallback
 
-    from finetuning.train import finetune
     from finetuning.config import from_preset
+    from finetuning.train import finetune
 
     marks: list[tuple[int, float, int]] = []
 
@@ -107,8 +107,8 @@ def measure(corpus: Path, model: str, preset: str, steps: int, batch: int, eval_
 
 def full_epoch(corpus: Path, model: str, preset: str, work: Path) -> dict:
     """One real epoch of ``preset`` as configured (batch 8, accumulation 4, evaluation and checkpoint at the end)."""
-    from finetuning.train import finetune
     from finetuning.config import from_preset
+    from finetuning.train import finetune
 
     started = time.perf_counter()
     result = finetune(corpus, model, work / f"epoch-{Path(model).name}-{preset}", from_preset(preset, epochs=1),

@@ -27,9 +27,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from corpora.errors import CorpusError
-from corpora.errors import EutilsError
-from corpora.eutils import PUBMED_HISTORY_LIMIT, EutilsClient, HistoryExpired, SearchResult
+from corpora.errors import CorpusError, EutilsError
+from corpora.eutils import (
+    PUBMED_HISTORY_LIMIT,
+    EutilsClient,
+    HistoryExpired,
+    SearchResult,
+)
 from corpora.store import RecordStore
 
 log = logging.getLogger(__name__)

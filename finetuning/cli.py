@@ -77,8 +77,8 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[dict, dict[str, str]]
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetuning.train import finetune
     from finetuning.config import load_config
+    from finetuning.train import finetune
 
     changes, origins = overrides_from_args(args)
     config = load_config(args.preset, args.config, changes, origins)

@@ -16,7 +16,7 @@ Output folder ``OUT``::
     OUT/finetune.json        summary: settings, data statistics, steps, best checkpoint and loss, throughput
 
 ``OUT/model`` is written under a temporary name and renamed when complete, so a folder named ``model`` is
-always a whole model that :func:`interventions.models.load_hf_model` (and ``clap patch``) loads directly.
+always a whole model that :func:`clap.models.load_hf_model` (and ``clap patch``) loads directly.
 """
 
 from __future__ import annotations
@@ -38,7 +38,12 @@ from clap.devices import resolve_device
 from clap.errors import ClapError
 from finetuning.checkpoints import SkippedCheckpoint, find_resumable, set_aside
 from finetuning.config import FinetuneConfig, load_config, resume_conflicts, write_yaml
-from finetuning.data import load_corpus, make_collator, prepare_datasets, training_tokenizer
+from finetuning.data import (
+    load_corpus,
+    make_collator,
+    prepare_datasets,
+    training_tokenizer,
+)
 from finetuning.log import CsvLogCallback, write_log_csv, write_loss_figure
 
 log = logging.getLogger(__name__)
@@ -279,7 +284,7 @@ def finetune(
     callbacks: Iterable[Any] = (),
     progress: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` (any source :func:`interventions.models.load_hf_model` accepts) on ``corpus``.
+    """Fine-tune ``model`` (any source :func:`clap.models.load_hf_model` accepts) on ``corpus``.
 
     Settings come from ``config`` or, when it is ``None``, from ``preset`` + ``config_file`` + ``overrides``. A
     rerun into the same ``output_dir`` resumes from its newest complete checkpoint (half-written newer ones are
@@ -288,7 +293,7 @@ def finetune(
     """
     from transformers import EarlyStoppingCallback, Trainer
 
-    from interventions.models import load_hf_model
+    from clap.models import load_hf_model
 
     if config is None:
         config = load_config(preset, config_file, overrides)

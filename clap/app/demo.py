@@ -36,7 +36,7 @@ def copy_demo_spec(out: Path) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from clap.cli import main
+    from clap.app.cli import main
 
     spec = copy_demo_spec(args.out)
     results = args.out / "results"

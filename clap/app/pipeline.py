@@ -1,6 +1,6 @@
 """``clap run STUDY.yaml``: a whole study in one command, every stage cached by the hash of its inputs.
 
->>> from clap.pipeline import run_study
+>>> from clap.app.pipeline import run_study
 >>> result = run_study("studies/epilepsy-layers.yaml", "runs/layers")   # or a StudyFile built in Python
 >>> result.frame("model")                                              # the tidy results of one model
 
@@ -35,9 +35,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from clap import __version__
+from clap.app.stages import StageStore, digest, file_digest, locked, tree_digest
+from clap.app.study_file import (
+    PACKAGE_PREFIX,
+    RUN_FIELDS,
+    ModelEntry,
+    StudyFile,
+    resolve_path,
+)
+from clap.contract import read_results
 from clap.errors import ClapError, closest
-from clap.stages import StageStore, digest, file_digest, locked, tree_digest
-from clap.study_file import PACKAGE_PREFIX, RUN_FIELDS, ModelEntry, StudyFile, resolve_path
 from interventions.spec import ModelSpec, ProbeSetSpec
 
 STAGE_KINDS = ("corpus", "finetune", "patch", "analyze", "compare", "report")
@@ -112,9 +119,7 @@ class RunResult:
 
     def frame(self, model: str) -> Any:
         """The tidy results of ``model`` (``results.parquet``)."""
-        import pandas as pd
-
-        return pd.read_parquet(self.results_dir(model) / "results.parquet")
+        return read_results(self.results_dir(model), validate=False)[0]
 
     @property
     def report(self) -> Path:
@@ -314,8 +319,8 @@ class _Planner:
         render = self.study.report
 
         def run(resume: bool) -> list[Path]:
-            from analyses.options import AnalysisOptions
             from analyses.report import write_report
+            from clap.analysis_options import AnalysisOptions
 
             files = write_report(results, analysis=options or AnalysisOptions(), figures=render.figures,
                                  n_boot=render.n_boot)
@@ -337,7 +342,7 @@ class _Planner:
                   lambda: _compare_module() and None)
 
     def _report(self) -> None:
-        from clap.study_report import write_study_report
+        from clap.app.study_report import write_study_report
 
         upstream = [s.name for s in self.stages if s.kind in ("analyze", "compare")]
         planner = self

@@ -31,8 +31,9 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from clap.errors import closest
+from clap.validation import StrictModel
 from clap.yamlio import line_of, load_yaml
-from interventions.spec import ModelSpec, ProbeSetSpec, SpecError, StudySpec, _Strict
+from interventions.spec import ModelSpec, ProbeSetSpec, SpecError, StudySpec
 
 #: Sections that describe analyses not available yet: ``clap run`` refuses them with this reason.
 PENDING_SECTIONS = {
@@ -58,7 +59,7 @@ def resolve_path(path: str, base_dir: Path) -> Path:
     return resolved if resolved.is_absolute() else base_dir / resolved
 
 
-class ModelEntry(_Strict):
+class ModelEntry(StrictModel):
     """One model of the study: a source (hub id, directory, ``.gguf``, built-in name) or the fine-tuned model."""
 
     source: str | None = None
@@ -88,7 +89,7 @@ class StudyProbes(ProbeSetSpec):
         return self
 
 
-class CorpusSection(_Strict):
+class CorpusSection(StrictModel):
     """``clap corpus build`` inputs and options (see :class:`corpora.build.BuildConfig`), or a corpus to reuse."""
 
     inputs: list[str] | None = None  #: files or folders, relative to the study file
@@ -110,7 +111,7 @@ class CorpusSection(_Strict):
         return self
 
 
-class FinetuneSection(_Strict):
+class FinetuneSection(StrictModel):
     """Fine-tune ``model`` on the corpus; the result is the models entry with ``finetuned: true``."""
 
     model: str  #: a name under models: (its source is the starting point) or a model source
@@ -119,7 +120,7 @@ class FinetuneSection(_Strict):
     corpus: str | None = None  #: a built corpus folder, when the study has no corpus: section
 
 
-class ReportSection(_Strict):
+class ReportSection(StrictModel):
     """How the analysis and comparison stages render (not what they compute)."""
 
     figures: bool = True

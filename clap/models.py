@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
-from interventions.locks import exclusive_lock
+from clap.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from clap.contract import has_results
+
 #: GPT-2's projection modules are ``transformers.pytorch_utils.Conv1D``: a linear layer despite the name.
 CONV1D_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 #: A site whose patched value equals the clean run's to this tolerance for every probe reproduces it exactly.
@@ -64,7 +66,7 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
     models = []
     for name, entry in study.model_entries().items():
         results = out / "models" / name
-        if not (results / "results.parquet").is_file():
+        if not has_results(results):
             continue
         frame, meta = load_results(results)
         report = results / "analysis" / "report.html"

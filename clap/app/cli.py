@@ -17,9 +17,9 @@ from clap import __version__
 from clap.errors import ClapError
 
 #: Modules that contribute sub-commands; each exposes ``register(subparsers)``.
-COMMAND_MODULES = ("interventions.cli", "corpora.cli", "finetuning.cli", "analyses.cli", "clap.demo")
+COMMAND_MODULES = ("interventions.cli", "corpora.cli", "finetuning.cli", "analyses.cli", "clap.app.demo")
 COMMAND_MODULES += ("interventions.probe_check",)  # `clap probes check`
-COMMAND_MODULES += ("clap.pipeline",)  # `clap run`
+COMMAND_MODULES += ("clap.app.pipeline",)  # `clap run`
 
 
 def build_parser() -> argparse.ArgumentParser:
