@@ -11,7 +11,8 @@ minutes for SmolLM2 on two CPU cores, so the epoch time is extrapolated from the
 (checkpoint saving, ~1-3 s per epoch, is not included). Rates exclude the first step (allocator warm-up). For the
 tiny model one real epoch of each preset is also run (``--full-epoch``), which checks the extrapolation.
 
-    python bench/finetune_throughput.py [--models tiny smollm2-135m] [--steps 4] [--full-epoch tiny] [--out bench/results]
+    python bench/finetune_throughput.py [--models tiny smollm2-135m] [--steps 4] [--full-epoch tiny] \
+        [--out bench/results]
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ was wrong, and a fix to the formatting should reach all of them.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 

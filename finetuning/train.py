@@ -28,9 +28,10 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -114,7 +115,8 @@ def _check_output_path(out: Path, overwrite: bool) -> None:
         foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(OWN_NAMES))
         if foreign:
             raise FinetuneError(
-                f"refusing to overwrite {out}: it holds files that are not fine-tuning outputs ({', '.join(foreign[:5])})"
+                f"refusing to overwrite {out}: it holds files that are not fine-tuning outputs "
+                f"({', '.join(foreign[:5])})"
             )
 
 

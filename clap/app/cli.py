@@ -11,7 +11,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from clap import __version__
 from clap.errors import ClapError

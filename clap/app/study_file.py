@@ -69,7 +69,7 @@ class ModelEntry(StrictModel):
     revision: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelEntry":
+    def _one_source(self) -> ModelEntry:
         if (self.source is None) == (not self.finetuned):
             raise ValueError("give exactly one of `source` (hub id, directory, .gguf file, built-in name) or "
                              "`finetuned: true` (the model the finetune: stage trains)")
@@ -82,7 +82,7 @@ class StudyProbes(ProbeSetSpec):
     files: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "StudyProbes":  # replaces ProbeSetSpec's check (same name)
+    def _one_source(self) -> StudyProbes:  # replaces ProbeSetSpec's check (same name)
         given = [f for f in ("file", "files", "inline") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of `file`, `files` (a list of probe files) or `inline`")
@@ -104,7 +104,7 @@ class CorpusSection(StrictModel):
     skip_bad: bool = False
 
     @model_validator(mode="after")
-    def _what(self) -> "CorpusSection":
+    def _what(self) -> CorpusSection:
         build = bool(self.inputs) or self.hf_dataset is not None
         if build == (self.path is not None):
             raise ValueError("give `inputs:` (and/or `hf_dataset:`) to build a corpus, or `path:` of a built one")
@@ -152,7 +152,7 @@ class StudyFile(StudySpec):
         return value
 
     @model_validator(mode="after")
-    def _one_model_field(self) -> "StudyFile":
+    def _one_model_field(self) -> StudyFile:
         if (self.model is None) == (self.models is None):
             raise ValueError("name the models: `models: {base: {source: ...}, ...}` (or `model: {source: ...}` "
                              "for one), not both")
@@ -160,7 +160,7 @@ class StudyFile(StudySpec):
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "StudyFile":
+    def from_yaml(cls, path: str | Path) -> StudyFile:
         path = Path(path)
         data, lines = load_yaml(path)
         if not isinstance(data, dict):
@@ -171,7 +171,7 @@ class StudyFile(StudySpec):
         return study
 
     @classmethod
-    def coerce(cls, study: "StudyFile | StudySpec | dict | str | Path") -> "StudyFile":
+    def coerce(cls, study: StudyFile | StudySpec | dict | str | Path) -> StudyFile:
         """A study file from a path, a dict, a ``StudyFile`` or a plain ``StudySpec`` (its one model)."""
         if isinstance(study, StudyFile):
             study.check_references("<study>", {})

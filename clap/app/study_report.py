@@ -11,8 +11,9 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -102,7 +103,8 @@ def _rel(path: Path, out: Path) -> str:
 
 
 def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
-    lines = [f"# Study: {study.name}", "", "## Models", "", "| model | source | architecture | probes | sites | rows | report |",
+    lines = [f"# Study: {study.name}", "", "## Models", "",
+             "| model | source | architecture | probes | sites | rows | report |",
              "|---|---|---|---|---|---|---|"]
     for m in models:
         link = f"[report]({_rel(m['report'], out)})" if m["report"] else "not analysed"
