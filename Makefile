@@ -6,7 +6,7 @@ STAMP := $(VENV)/.clap-installed
 # Quiet pytest: any `-v` switches nnsight's debug mode on.
 PYTEST_ARGS ?= -q -rs
 
-.PHONY: venv test test-slow test-all demo bench clean
+.PHONY: venv lint test test-slow test-all demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# ruff: pyflakes, pycodestyle, bugbear, pyupgrade, import order, complexity (configured in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow" tests

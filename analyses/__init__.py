@@ -16,7 +16,13 @@ from __future__ import annotations
 from analyses.bootstrap import bootstrap_ci
 from analyses.io import REQUIRED_COLUMNS, load_results, save_results, validate_results
 from analyses.select import AnalysisWarning, analysis_units, prepare, select_rows
-from analyses.stats import friedman, mixed_anova, pairwise_between, pairwise_within, rm_anova
+from analyses.stats import (
+    friedman,
+    mixed_anova,
+    pairwise_between,
+    pairwise_within,
+    rm_anova,
+)
 
 __all__ = [
     "REQUIRED_COLUMNS",

@@ -69,8 +69,9 @@ def bootstrap_ci(
     means; ``"bca"`` uses :func:`scipy.stats.bootstrap`'s bias-corrected and accelerated interval.
 
     Returns one row per cell with columns: ``within`` (and ``between``), ``mean``, ``ci_low``, ``ci_high`` (NaN
-    when the cell has a single probe; both equal the mean when all values are equal), ``sd`` (sample SD), ``n`` (probes in the cell), ``ci`` (the
-    level), ``n_boot``, ``method``, then the book-keeping columns of :mod:`analyses.stats`.
+    when the cell has a single probe; both equal the mean when all values are equal), ``sd`` (sample SD), ``n``
+    (probes in the cell), ``ci`` (the level), ``n_boot``, ``method``, then the book-keeping columns of
+    :mod:`analyses.stats`.
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
@@ -87,8 +88,9 @@ def bootstrap_ci(
     for key, cell in prep.data.groupby(keys, sort=True):
         x = cell[dv].to_numpy(float)
         key = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(keys, key))
-        row.update(mean=x.mean(), sd=x.std(ddof=1) if len(x) > 1 else np.nan, n=len(x), ci=ci, n_boot=n_boot, method=method)
+        row = dict(zip(keys, key, strict=True))
+        row.update(mean=x.mean(), sd=x.std(ddof=1) if len(x) > 1 else np.nan, n=len(x), ci=ci, n_boot=n_boot,
+                   method=method)
         if len(x) < 2:
             row.update(ci_low=np.nan, ci_high=np.nan)
         elif np.ptp(x) == 0:  # every resample has the same mean

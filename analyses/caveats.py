@@ -6,7 +6,8 @@ report puts at the top. The sentences name the sites, probes and counts involved
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,15 +66,16 @@ def sample_caveats(data: pd.DataFrame, group: str | None) -> list[str]:
         if len(small):
             return [
                 f"Small samples: {', '.join(f'{g}: {k} probe(s)' for g, k in sizes.items())}. With fewer than "
-                f"{SMALL_SAMPLE} probes per group tests have little power, normal-theory p-values lean on the normality "
-                "assumption and Mauchly's test is unreliable; prefer the Friedman test and the bootstrap intervals, "
-                "and treat non-significant results as inconclusive."
+                f"{SMALL_SAMPLE} probes per group tests have little power, normal-theory p-values lean on the "
+                "normality assumption and Mauchly's test is unreliable; prefer the Friedman test and the bootstrap "
+                "intervals, and treat non-significant results as inconclusive."
             ]
         return []
     if n < SMALL_SAMPLE:
         return [
-            f"Small sample: {n} probes. With fewer than {SMALL_SAMPLE} probes tests have little power and normal-theory "
-            "p-values lean on the normality assumption; prefer the Friedman test and the bootstrap intervals."
+            f"Small sample: {n} probes. With fewer than {SMALL_SAMPLE} probes tests have little power and "
+            "normal-theory p-values lean on the normality assumption; prefer the Friedman test and the bootstrap "
+            "intervals."
         ]
     return []
 
@@ -114,7 +116,8 @@ def table_caveats(tables: Mapping[str, pd.DataFrame], alpha: float = 0.05, group
     skipped = tables.get("skipped", pd.DataFrame())
     if len(skipped):
         reasons = skipped["reason"].drop_duplicates().tolist()
-        out.append(f"{len(skipped)} test(s) were not run: {' | '.join(reasons[:3])}" + (" | ..." if len(reasons) > 3 else ""))
+        out.append(f"{len(skipped)} test(s) were not run: {' | '.join(reasons[:3])}"
+                   + (" | ..." if len(reasons) > 3 else ""))
     return out
 
 
@@ -125,13 +128,14 @@ def validity_caveats(validity: pd.DataFrame, shared: pd.DataFrame, subject: str 
         excluded = validity[validity["excluded"].astype(bool)]
         if len(excluded):
             listed = _names([f"{r.probe_id} ({r.reason})" for r in excluded.itertuples()], limit=4)
-            out.append(f"{len(excluded)} of {len(validity)} probe(s) were excluded before any statistic by the analysis "
-                       f"rules: {listed}.")
+            out.append(f"{len(excluded)} of {len(validity)} probe(s) were excluded before any statistic by the "
+                       f"analysis rules: {listed}.")
         kept = validity[~validity["excluded"].astype(bool)]
         no_flip = kept[kept["flips"].astype("boolean").eq(False).fillna(False)]
         if len(no_flip):
             out.append(f"In {len(no_flip)} of {len(kept)} analysed probe(s) the corruption does not flip the model's "
-                       f"preference (clean and corrupted logit differences of the same sign): {_names(no_flip['probe_id'].tolist())}. "
+                       "preference (clean and corrupted logit differences of the same sign): "
+                       f"{_names(no_flip['probe_id'].tolist())}. "
                        "Consider `require_flip: true` in the `analysis:` section.")
     if len(shared) and subject != "clean_prompt":
         n_probes = int(shared["n_probes"].sum())
@@ -164,7 +168,9 @@ def count_tests(tables: Mapping[str, pd.DataFrame], group: str | None = None) ->
     return n_tests, n_families, len(slices)
 
 
-def collect(data: pd.DataFrame, tables: Mapping[str, pd.DataFrame], group: str | None, alpha: float = 0.05) -> list[str]:
+def collect(data: pd.DataFrame, tables: Mapping[str, pd.DataFrame], group: str | None,
+            alpha: float = 0.05) -> list[str]:
     """All caveats that apply, most fundamental first."""
-    found = [trivial_caveat(data), undefined_caveat(data), *sample_caveats(data, group), *table_caveats(tables, alpha, group)]
+    found = [trivial_caveat(data), undefined_caveat(data), *sample_caveats(data, group),
+             *table_caveats(tables, alpha, group)]
     return [c for c in found if c]

@@ -13,17 +13,19 @@ log = logging.getLogger(__name__)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results_dir", metavar="RESULTS_DIR", help="folder with results.parquet and run.json (from `clap patch`)")
+    p.add_argument("results_dir", metavar="RESULTS_DIR",
+                   help="folder with results.parquet and run.json (from `clap patch`)")
     p.add_argument("-o", "--out", default=None, help="output folder (default: RESULTS_DIR/analysis)")
     p.add_argument("--dv", default="recovery", help="column to test (default: recovery)")
-    p.add_argument("--group", default=None, help="group column for between-group tests (default: the first of run.json's group_columns)")
+    p.add_argument("--group", default=None,
+                   help="group column for between-group tests (default: the first of run.json's group_columns)")
     p.add_argument("--metric", action="append", dest="metrics", default=None, metavar="METRIC",
                    help="restrict to this metric (repeatable; default: every metric)")
     p.add_argument("--site-kind", action="append", dest="site_kinds", default=None, metavar="KIND",
                    help="restrict tests to this site kind (repeatable; default: every site kind with 2+ layers)")
     p.add_argument("--position-reduction", default=None, metavar="RULE",
-                   help="a probe's positions in one layer -> one value: last (default), max, sum, subject, subject_last "
-                        "or a token INDEX (-1 = last); default: the spec's analysis: section, else last")
+                   help="a probe's positions in one layer -> one value: last (default), max, sum, subject, "
+                        "subject_last or a token INDEX (-1 = last); default: the spec's analysis: section, else last")
     p.add_argument("--head-reduction", default=None, choices=("sum", "each"),
                    help="attention heads of a layer: sum (the layer's total; default) or each (per-head tests only)")
     p.add_argument("--subject", dest="subject_unit", default=None, choices=("probe", "clean_prompt"),
@@ -52,7 +54,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         raise ClapError(f"--dpi {args.dpi}: figures are saved at 200 dpi or more")
     if not 0 < args.alpha < 1:
         raise ClapError(f"--alpha {args.alpha}: expected a number between 0 and 1")
-    from analyses.options import parse_position_reduction
+    from clap.analysis_options import parse_position_reduction
 
     position = parse_position_reduction(args.position_reduction) if args.position_reduction is not None else None
     return dict(dv=args.dv, group=args.group, metrics=args.metrics, site_kinds=args.site_kinds, agg=args.agg,
@@ -66,7 +68,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
     result = analyze(args.results_dir, args.out, **_options(args))
     n_tests = len(result.tables["rm_anova"])
-    print(f"wrote {len(result.files)} files to {result.out_dir} ({n_tests} slice(s) tested, {len(result.figures)} figures)")
+    print(f"wrote {len(result.files)} files to {result.out_dir} "
+          f"({n_tests} slice(s) tested, {len(result.figures)} figures)")
     for caveat in result.caveats:
         log.warning("caveat: %s", caveat)
     return 0

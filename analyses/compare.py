@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import pandas as pd
 
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
+from clap.contract import SITE_KINDS
 from clap.errors import ClapError
 
 #: How many offending probes or sites an error message lists.
@@ -59,17 +61,21 @@ def _listing(items: list[Any]) -> str:
     return ", ".join(items[:SHOW]) + (f" and {len(items) - SHOW} more" if len(items) > SHOW else "")
 
 
-def check_matched(a: pd.DataFrame, b: pd.DataFrame, group_columns: list[str], names: tuple[str, str] = ("A", "B")) -> None:
+def check_matched(a: pd.DataFrame, b: pd.DataFrame, group_columns: list[str],
+                  names: tuple[str, str] = ("A", "B")) -> None:
     """Refuse runs whose probes or sites do not match (see the module docstring)."""
     ids_a, ids_b = set(a["probe_id"]), set(b["probe_id"])
     only_a, only_b = ids_a - ids_b, ids_b - ids_a
     if only_a or only_b:
-        parts = [f"{len(s)} only in {n} ({_listing(list(s))})" for s, n in ((only_a, names[0]), (only_b, names[1])) if s]
+        parts = [f"{len(s)} only in {n} ({_listing(list(s))})"
+                 for s, n in ((only_a, names[0]), (only_b, names[1])) if s]
         raise ClapError(f"the runs hold different probes: {'; '.join(parts)}; compare runs of the same probe set")
-    text_cols = [c for c in ("prompt", "answer", "answers", "target", "source_prompt", *group_columns) if c in a.columns and c in b.columns]
+    text_cols = [c for c in ("prompt", "answer", "answers", "target", "source_prompt", *group_columns)
+                 if c in a.columns and c in b.columns]
     single = a["position"].notna()
     tok_a = a.loc[single].drop_duplicates(["probe_id", "position"]).set_index(["probe_id", "position"])["token"]
-    tok_b = b.loc[b["position"].notna()].drop_duplicates(["probe_id", "position"]).set_index(["probe_id", "position"])["token"]
+    tok_b = (b.loc[b["position"].notna()].drop_duplicates(["probe_id", "position"])
+             .set_index(["probe_id", "position"])["token"])
     both = tok_a.index.intersection(tok_b.index)
     bad = sorted({pid for pid, _ in both[(tok_a.loc[both].astype(str) != tok_b.loc[both].astype(str)).to_numpy()]})
     for col in text_cols:
@@ -87,11 +93,13 @@ def check_matched(a: pd.DataFrame, b: pd.DataFrame, group_columns: list[str], na
                         f"{pid}: {ta!r} vs {tb!r}): the same id must mean the same prompt")
     sites_a, sites_b = set(a["site"]), set(b["site"])
     if sites_a != sites_b:
-        parts = [f"{len(s)} only in {n} ({_listing(list(s))})" for s, n in ((sites_a - sites_b, names[0]), (sites_b - sites_a, names[1])) if s]
+        parts = [f"{len(s)} only in {n} ({_listing(list(s))})"
+                 for s, n in ((sites_a - sites_b, names[0]), (sites_b - sites_a, names[1])) if s]
         raise ClapError(f"the runs patched different sites: {'; '.join(parts)}; compare runs of the same study spec")
 
 
-def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group: str | None = None, agg: str = "mean") -> pd.DataFrame:
+def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group: str | None = None,
+                  agg: str = "mean") -> pd.DataFrame:
     """One row per slice, probe and layer present in both runs: ``value_A``, ``value_B``, ``diff`` (B - A)."""
     frames = []
     units = analysis_units(a)
@@ -99,7 +107,8 @@ def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group:
         warnings.simplefilter("ignore", AnalysisWarning)
         for unit in units.to_dict("records"):
             sel = {c: unit[c] for c in SELECT_COLUMNS if c in unit}
-            kw = dict(between=group, missing="keep", agg=agg, min_subjects=1, min_per_group=1, min_groups=1, min_levels=1, **sel)
+            kw = dict(between=group, missing="keep", agg=agg, min_subjects=1, min_per_group=1, min_groups=1,
+                      min_levels=1, **sel)
             try:
                 pa = prepare(a, dv, "layer", "probe_id", **kw).data
                 pb = prepare(b, dv, "layer", "probe_id", **kw).data
@@ -125,7 +134,7 @@ def layer_differences(paired: pd.DataFrame, ci: float = 0.95) -> pd.DataFrame:
     keys = [c for c in SELECT_COLUMNS if c in paired.columns]
     rows = []
     for key, part in paired.groupby(keys, sort=True):
-        sel = dict(zip(keys, key))
+        sel = dict(zip(keys, key, strict=True))
         block = []
         for layer, cell in part.groupby("layer", sort=True):
             d = cell["diff"].to_numpy(float)
@@ -135,7 +144,8 @@ def layer_differences(paired: pd.DataFrame, ci: float = 0.95) -> pd.DataFrame:
             if n >= 2 and d.std(ddof=1) > 0:
                 res = sps.ttest_rel(cell["value_B"].to_numpy(float), cell["value_A"].to_numpy(float))
                 half = sps.t.ppf(1 - (1 - ci) / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
-                row.update(ci_low=d.mean() - half, ci_high=d.mean() + half, T=float(res.statistic), p_unc=float(res.pvalue))
+                row.update(ci_low=d.mean() - half, ci_high=d.mean() + half, T=float(res.statistic),
+                           p_unc=float(res.pvalue))
             block.append(row)
         frame = pd.DataFrame(block)
         ok = frame["p_unc"].notna()
@@ -153,7 +163,7 @@ def layer_model_anova(paired: pd.DataFrame) -> pd.DataFrame:
     keys = [c for c in SELECT_COLUMNS if c in paired.columns]
     out = []
     for key, part in paired.groupby(keys, sort=True):
-        sel = dict(zip(keys, key))
+        sel = dict(zip(keys, key, strict=True))
         wide = part.pivot(index="probe_id", columns="layer", values="diff")
         complete = wide.index[wide.notna().all(axis=1)]
         part = part[part["probe_id"].isin(complete)]
@@ -166,7 +176,8 @@ def layer_model_anova(paired: pd.DataFrame) -> pd.DataFrame:
         long["layer"] = long["layer"].astype(int)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = pg.rm_anova(long, dv="value", within=["layer", "model"], subject="probe_id", detailed=True, effsize="np2")
+            res = pg.rm_anova(long, dv="value", within=["layer", "model"], subject="probe_id", detailed=True,
+                              effsize="np2")
         for _, r in res.iterrows():
             out.append({**sel, "Source": r["Source"], "SS": r["SS"], "ddof1": r["ddof1"], "ddof2": r["ddof2"],
                         "MS": r["MS"], "F": r["F"], "p_unc": r["p_unc"], "p_GG_corr": r.get("p_GG_corr", np.nan),
@@ -174,8 +185,9 @@ def layer_model_anova(paired: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=[*keys, *ANOVA_COLUMNS])
 
 
-def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: str = "recovery", group: str | None = None,
-            agg: str = "mean", alpha: float = 0.05, figures: bool = True, dpi: int = 200) -> Comparison:
+def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: str = "recovery",
+            group: str | None = None, agg: str = "mean", alpha: float = 0.05, figures: bool = True,
+            dpi: int = 200) -> Comparison:
     """Load both runs, check they match, compute the paired tables and write tables, figure and report."""
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
@@ -183,14 +195,16 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
         shared = [g for g in meta_a["group_columns"] if g in meta_b["group_columns"]]
         group = shared[0] if shared else None
     elif group not in a.columns or group not in b.columns:
-        raise ClapError(f"group column {group!r} is not in both runs; group columns: {', '.join(meta_a['group_columns']) or 'none'}")
+        raise ClapError(f"group column {group!r} is not in both runs; group columns: "
+                        f"{', '.join(meta_a['group_columns']) or 'none'}")
     check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=(str(run_a), str(run_b)))
     paired = paired_values(a, b, dv, group, agg)
     result = Comparison(Path(run_a), Path(run_b), Path(out_dir), layer_differences(paired), layer_model_anova(paired),
                         paired, meta_a, meta_b, group)
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("paired_differences", paired), ("layer_differences", result.differences), ("layer_model_anova", result.anova)):
+    for name, table in (("paired_differences", paired), ("layer_differences", result.differences),
+                        ("layer_model_anova", result.anova)):
         path = out / f"{name}.csv"
         table.to_csv(path, index=False)
         result.files.append(path)
@@ -211,13 +225,13 @@ def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> lis
     paired = result.paired
     outer = [c for c in ("metric", "operation", "direction", "positions") if c in paired.columns]
     for key, part in paired.groupby(outer, sort=True):
-        sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
+        sel = dict(zip(outer, key if isinstance(key, tuple) else (key,), strict=True))
         groups = _figures._groups(part, result.group)
-        kinds = list(dict.fromkeys(k for k in _figures.SITE_KIND_ORDER if k in set(part["site_kind"])))
+        kinds = list(dict.fromkeys(k for k in SITE_KINDS if k in set(part["site_kind"])))
         kinds += sorted(set(part["site_kind"]) - set(kinds))
         fig = _figures._layer_heatmaps(
             part, "site_kind", groups, result.group, "diff", "probe_id", ylabel="site kind", annotate=None,
-            row_order=lambda idx: [k for k in kinds if k in idx],
+            row_order=_in_order(kinds),
             title=f"Mean paired difference B - A ({', '.join(f'{k}={v}' for k, v in sel.items())})",
         )
         made.append((f"Mean paired difference B - A ({', '.join(f'{k}={v}' for k, v in sel.items())})",
@@ -225,11 +239,16 @@ def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> lis
     return made
 
 
+def _in_order(order: list[str]) -> Callable[[pd.Index], list[str]]:
+    """A ``row_order`` callable: the entries of ``order`` present in an index (``order`` bound now, not at call)."""
+    return lambda index: [k for k in order if k in index]
+
+
 def _sections(result: Comparison) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
     keys = [c for c in SELECT_COLUMNS if c in result.differences.columns]
     out = []
     for key, part in result.differences.groupby(keys, sort=True):
-        sel = dict(zip(keys, key))
+        sel = dict(zip(keys, key, strict=True))
         anova = result.anova
         for k, v in sel.items():
             anova = anova[anova[k] == v] if len(anova) else anova
@@ -265,7 +284,8 @@ def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: f
         png = next(p for p in paths if p.suffix == ".png")
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         parts.append(f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\"><figcaption>"
-                     f"<b>{html.escape(title)}.</b> Mean over probes of each probe's B - A; red: B recovers more.</figcaption></figure>")
+                     f"<b>{html.escape(title)}.</b> Mean over probes of each probe's B - A; red: B recovers more."
+                     "</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -278,7 +298,8 @@ def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alph
            f"- B: `{_model_name(result.meta_b, result.run_b)}`", "",
            f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired.", ""]
     for title, diff, anova in _sections(result):
-        out += [f"## {title}", "", "### Paired difference per layer (B - A, t-test, Holm over layers)", "", markdown_table(diff)]
+        out += [f"## {title}", "", "### Paired difference per layer (B - A, t-test, Holm over layers)", "",
+                markdown_table(diff)]
         if len(anova):
             out += ["### Repeated-measures ANOVA: layer x model", "", markdown_table(anova)]
     for title, paths in figs:

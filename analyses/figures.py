@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,12 +31,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analyses.select import select_rows
+from clap.contract import SITE_KINDS
 
 DIVERGING_CMAP = "RdBu_r"
 LINE_PALETTE = "colorblind"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 DASHES = ("-", "--", "-.", ":")
-SITE_KIND_ORDER = ("embed", "resid_pre", "attn_out", "head", "mlp_out", "resid_post", "block_out", "module", "final_norm", "unembed")
 
 #: Width of the report's figure column; figures are drawn at this width and shown at it (see the module docstring).
 COLUMN_WIDTH_IN = 6.5
@@ -69,7 +70,8 @@ def _style() -> Iterator[None]:
         yield
 
 
-def _new_figure(height: float, nrows: int = 1, *, sharex: bool = False, width: float = COLUMN_WIDTH_IN) -> tuple[Figure, list[Any]]:
+def _new_figure(height: float, nrows: int = 1, *, sharex: bool = False,
+                width: float = COLUMN_WIDTH_IN) -> tuple[Figure, list[Any]]:
     """A figure of the report's column width with ``nrows`` panels stacked vertically."""
     with _style():
         fig = Figure(figsize=(width, height), layout="constrained")
@@ -120,7 +122,8 @@ def align_positions(rows: pd.DataFrame, align: str = "auto", subject: str = "pro
     return pos, align
 
 
-def position_labels(rows: pd.DataFrame, align: str = "start", subject: str = "probe_id") -> tuple[pd.Series, dict[int, str]]:
+def position_labels(rows: pd.DataFrame, align: str = "start",
+                    subject: str = "probe_id") -> tuple[pd.Series, dict[int, str]]:
     """The aligned position axis (see :func:`align_positions`) and a label per position: ``token [index]``.
 
     The label shows the most common token at that index among ``rows``, marked ``*`` when probes disagree; call it
@@ -181,7 +184,7 @@ def _layer_heatmaps(
     fig, axes = _new_figure(0.5 + len(groups) * (0.75 + row_h * n_rows), nrows=len(groups))
     with _style():
         mesh = None
-        for g, ax in zip(groups, axes):
+        for g, ax in zip(groups, axes, strict=True):
             t, n = means[g], counts[g]
             varies = n.stack().nunique() > 1
             row_n = n.max(axis=1)
@@ -197,7 +200,7 @@ def _layer_heatmaps(
                         text[i, j] = "\n".join(x for x in (value, marker) if x)
             labels = [ytick_label(g, v) if ytick_label else str(v) for v in t.index]
             if varies:
-                labels = [f"{lab} n={int(k)}" if pd.notna(k) else lab for lab, k in zip(labels, row_n)]
+                labels = [f"{lab} n={int(k)}" if pd.notna(k) else lab for lab, k in zip(labels, row_n, strict=True)]
             sns.heatmap(
                 t, ax=ax, mask=t.isna(), cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax,
                 annot=text if text is not None else False, fmt="", annot_kws={"fontsize": MIN_FONT_PT},
@@ -211,7 +214,8 @@ def _layer_heatmaps(
             ax.tick_params(axis="x", rotation=0)
             ax.set_title(f"{group} = {g}" if g is not None else "all probes", loc="left")
             mesh = ax.collections[0]
-        fig.colorbar(mesh, ax=axes, label=f"mean {dv}", shrink=min(1.0, 3.0 / (0.75 + row_h * n_rows * len(groups))) if len(groups) > 2 else 1.0)
+        shrink = min(1.0, 3.0 / (0.75 + row_h * n_rows * len(groups))) if len(groups) > 2 else 1.0
+        fig.colorbar(mesh, ax=axes, label=f"mean {dv}", shrink=shrink)
         fig.suptitle(_wrap(title), fontsize=STYLE["figure.titlesize"])
     return fig
 
@@ -244,11 +248,13 @@ def heatmap_layer_position(
     sel = select_rows(data, dv, **select)
     rows = sel.rows[sel.rows["position"].notna()]
     if rows.empty:
-        raise ClapError(f"no per-position rows for {dv}{_where(sel.selection)}: a layer x position heatmap needs single-position patches")
+        raise ClapError(f"no per-position rows for {dv}{_where(sel.selection)}: a layer x position heatmap needs "
+                        "single-position patches")
     pos, used = align_positions(rows, align, subject)
     rows = rows.assign(_pos=pos.to_numpy())
     groups = _groups(rows, group)
-    labels = {g: _token_labels(part, part["_pos"]) for g, part in ((g, rows if g is None else rows[rows[group] == g]) for g in groups)}
+    labels = {g: _token_labels(part, part["_pos"])
+              for g, part in ((g, rows if g is None else rows[rows[group] == g]) for g in groups)}
     return _layer_heatmaps(
         rows, "_pos", groups, group, dv, subject,
         ylabel="token [position from end]" if used == "end" else "token [position]", annotate=annotate,
@@ -306,7 +312,7 @@ def heatmap_layer_site_kind(
     rows = sel.rows
 
     def kind_order(kinds: pd.Index) -> list[str]:
-        return [k for k in SITE_KIND_ORDER if k in kinds] + sorted(k for k in kinds if k not in SITE_KIND_ORDER)
+        return [k for k in SITE_KINDS if k in kinds] + sorted(k for k in kinds if k not in SITE_KINDS)
 
     return _layer_heatmaps(
         rows, "site_kind", _groups(rows, group), group, dv, subject, ylabel="site kind", annotate=annotate,
@@ -338,9 +344,11 @@ def line_by_layer(
         for i, g in enumerate(groups):
             part = (ci_table if g is None else ci_table[ci_table[group] == g]).sort_values(within)
             x = part[within].to_numpy(float)
-            ax.plot(x, part["mean"], color=colours[i], marker=MARKERS[i % len(MARKERS)], linestyle=DASHES[i % len(DASHES)],
-                    label=str(g) if g is not None else "all probes", linewidth=1.8, markersize=5)
-            ax.fill_between(x, part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float), color=colours[i], alpha=0.2, linewidth=0)
+            ax.plot(x, part["mean"], color=colours[i], marker=MARKERS[i % len(MARKERS)],
+                    linestyle=DASHES[i % len(DASHES)], label=str(g) if g is not None else "all probes", linewidth=1.8,
+                    markersize=5)
+            ax.fill_between(x, part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float), color=colours[i],
+                            alpha=0.2, linewidth=0)
         ax.axhline(0.0, color="0.4", linestyle=":", linewidth=1)
         ax.axhline(1.0, color="0.4", linestyle=":", linewidth=1)
         ax.set_xlabel(within)
@@ -385,7 +393,7 @@ def bar_by_module(
             offset = (i - (len(groups) - 1) / 2) * height
             bars = ax.barh(y + offset, mean, height=height * 0.95, xerr=err, color=colours[i], ecolor="0.2", capsize=2,
                            label=str(g) if g is not None else "all probes")
-            for bar, name in zip(bars, sites):
+            for bar, name in zip(bars, sites, strict=True):
                 if name in trivial_sites:
                     bar.set_hatch("//")
                     bar.set_edgecolor("0.3")
@@ -438,21 +446,22 @@ def layer_means(
     from analyses.select import prepare
 
     kinds = sorted(site_kinds or set(select_rows(data, dv, vary=("site_kind",), **select).rows["site_kind"]),
-                   key=lambda k: (SITE_KIND_ORDER.index(k) if k in SITE_KIND_ORDER else 99, k))
+                   key=lambda k: (SITE_KINDS.index(k) if k in SITE_KINDS else 99, k))
     out = []
     for kind in kinds:
         prep = prepare(data, dv, "layer", subject, between=group, missing="keep", agg=agg, min_subjects=1,
                        position_reduction=position_reduction, head_reduction=head_reduction,
                        subject_field=subject_field,
                        min_per_group=1, min_groups=1, min_levels=1, site_kind=kind, **select)
-        for key, cell in prep.data.groupby(["layer", *([group] if group else [])], sort=True):
+        cell_keys = ["layer", *([group] if group else [])]
+        for key, cell in prep.data.groupby(cell_keys, sort=True):
             key = key if isinstance(key, tuple) else (key,)
             mean, low, high = t_interval(cell[dv].to_numpy(float), ci)
             x = cell[dv].to_numpy(float)
-            out.append({"site_kind": kind, **dict(zip(["layer", *([group] if group else [])], key)), "mean": mean,
-                        "ci_low": low, "ci_high": high, "sd": float(x.std(ddof=1)) if len(x) > 1 else np.nan,
-                        "n": len(x), "ci": ci})
-    return pd.DataFrame(out, columns=["site_kind", "layer", *([group] if group else []), "mean", "ci_low", "ci_high", "sd", "n", "ci"])
+            out.append({"site_kind": kind, **dict(zip(cell_keys, key, strict=True)), "mean": mean, "ci_low": low,
+                        "ci_high": high, "sd": float(x.std(ddof=1)) if len(x) > 1 else np.nan, "n": len(x), "ci": ci})
+    return pd.DataFrame(out, columns=["site_kind", "layer", *([group] if group else []), "mean", "ci_low", "ci_high",
+                                      "sd", "n", "ci"])
 
 
 def layer_contrast(
@@ -479,7 +488,7 @@ def layer_contrast(
     fig, axes = _new_figure(0.6 + 2.1 * len(kinds), nrows=len(kinds), sharex=True)
     level = float(means["ci"].iloc[0]) if len(means) else 0.95
     with _style():
-        for ax, kind in zip(axes, kinds):
+        for ax, kind in zip(axes, kinds, strict=True):
             part = means[means["site_kind"] == kind]
             for i, g in enumerate(groups):
                 line = part[part[group] == g].sort_values("layer")
@@ -490,13 +499,16 @@ def layer_contrast(
             if differ is not None and len(differ):
                 hits = differ[differ["site_kind"] == kind]["layer"].astype(float).unique()
                 for layer in hits:
-                    ax.annotate("*", (layer, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=12)
+                    ax.annotate("*", (layer, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top",
+                                fontsize=12)
             ax.set_ylabel(f"{dv}\n({kind})")
             ax.grid(axis="y", alpha=0.3)
             _layer_ticks(ax, part["layer"].unique())
-        fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4), loc="outside lower center")
+        fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4),
+                   loc="outside lower center")
         axes[-1].set_xlabel("layer")
-        fig.suptitle(_wrap(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)"), fontsize=STYLE["figure.titlesize"])
+        fig.suptitle(_wrap(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)"),
+                     fontsize=STYLE["figure.titlesize"])
     return fig
 
 
@@ -521,7 +533,7 @@ def module_bars(
     width = 0.8 / len(groups)
     fig, axes = _new_figure(0.6 + 1.9 * len(kinds), nrows=len(kinds), sharex=True)
     with _style():
-        for ax, kind in zip(axes, kinds):
+        for ax, kind in zip(axes, kinds, strict=True):
             part = means[means["site_kind"] == kind]
             for i, g in enumerate(groups):
                 bars = (part if g is None else part[part[group] == g]).sort_values("layer")
@@ -534,10 +546,13 @@ def module_bars(
             ax.grid(axis="y", alpha=0.3)
             _layer_ticks(ax, part["layer"].unique())
         if group:
-            fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4), loc="outside lower center")
+            fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4),
+                       loc="outside lower center")
         axes[-1].set_xlabel("layer")
         level = float(means["ci"].iloc[0]) if len(means) else 0.95
-        fig.suptitle(_wrap(title or f"Mean {dv} per module and layer{f' by {group}' if group else ''} ({level:.0%} t-based CI)"), fontsize=STYLE["figure.titlesize"])
+        by_group = f" by {group}" if group else ""
+        fig.suptitle(_wrap(title or f"Mean {dv} per module and layer{by_group} ({level:.0%} t-based CI)"),
+                     fontsize=STYLE["figure.titlesize"])
     return fig
 
 
@@ -563,7 +578,7 @@ def site_order(data: pd.DataFrame, site: str = "site") -> list[str]:
     """Sites in network order: by layer, then site kind in forward order (attention before MLP), then name;
     sites outside the layer stack (embedding first, final norm and unembedding last) around them."""
     first = data.drop_duplicates(site)
-    kind_rank = {k: i for i, k in enumerate(SITE_KIND_ORDER)}
+    kind_rank = {k: i for i, k in enumerate(SITE_KINDS)}
 
     def key(row: Any) -> tuple:
         kind = row["site_kind"]

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyses.figures import DIVERGING_CMAP, _limit, _token_labels, align_positions, t_interval
+from analyses.figures import (
+    DIVERGING_CMAP,
+    _limit,
+    _token_labels,
+    align_positions,
+    t_interval,
+)
 from analyses.select import select_rows
 
 #: A heatmap with more cells than this is left to the static figure (the page stays light).
@@ -67,7 +73,7 @@ def heatmap_payload(data: pd.DataFrame, dv: str = "recovery", group: str | None 
                     "v": round(mean, 6), "n": int(len(x)), "lo": None if np.isnan(lo) else round(lo, 6),
                     "hi": None if np.isnan(hi) else round(hi, 6), "tok": labels.get(int(p), ""),
                     "c": to_hex(cmap(norm(mean))),
-                    "p": [[str(s), round(float(v), 6)] for s, v in zip(cell[subject], x)],
+                    "p": [[str(s), round(float(v), 6)] for s, v in zip(cell[subject], x, strict=True)],
                 })
             cells.append(line)
         out["groups"].append({"name": f"{group} = {g}" if g is not None else "all probes",
@@ -81,7 +87,8 @@ SCRIPT = r"""
   var tip = document.getElementById('clap-tip'), detail = document.getElementById('clap-detail');
   function f(x){ return x === null ? '–' : (Math.abs(x) < 1e-3 && x !== 0 ? x.toExponential(2) : x.toFixed(3)); }
   function cellOf(id){ var k = id.split('-').map(Number); var m = maps[k[0]]; if(!m) return null;
-    var g = m.groups[k[1]]; if(!g || !g.cells[k[2]]) return null; return {m:m, g:g, c:g.cells[k[2]][k[3]], layer:m.layers[k[3]], id:id}; }
+    var g = m.groups[k[1]]; if(!g || !g.cells[k[2]]) return null;
+    return {m:m, g:g, c:g.cells[k[2]][k[3]], layer:m.layers[k[3]], id:id}; }
   function describe(x){ return x.g.name + ' · ' + x.c.tok + ' · layer ' + x.layer + ': ' + x.m.dv + ' ' + f(x.c.v) +
     ', n = ' + x.c.n + ', 95 % CI [' + f(x.c.lo) + ', ' + f(x.c.hi) + ']'; }
   function showTip(x, ev){ tip.textContent = describe(x); tip.dataset.cell = x.id; tip.style.display = 'block';
@@ -91,8 +98,10 @@ SCRIPT = r"""
     var t = document.createElement('table'); t.className = 'probes';
     t.innerHTML = '<thead><tr><th>probe</th><th>' + x.m.dv + '</th></tr></thead>';
     var body = document.createElement('tbody');
-    rows.forEach(function(r){ var tr = document.createElement('tr'); var a = document.createElement('td'); a.textContent = r[0];
-      var b = document.createElement('td'); b.textContent = f(r[1]); tr.appendChild(a); tr.appendChild(b); body.appendChild(tr); });
+    rows.forEach(function(r){ var tr = document.createElement('tr');
+      var a = document.createElement('td'); a.textContent = r[0];
+      var b = document.createElement('td'); b.textContent = f(r[1]);
+      tr.appendChild(a); tr.appendChild(b); body.appendChild(tr); });
     t.appendChild(body); detail.appendChild(t); detail.dataset.cell = x.id; detail.style.display = 'block';
     var host = document.getElementById('clap-heatmap-' + x.id.split('-')[0]); if(host) host.appendChild(detail); }
   var NS = 'http://www.w3.org/2000/svg';
@@ -101,21 +110,25 @@ SCRIPT = r"""
     m.groups.forEach(function(g, j){
       var cw = Math.max(14, Math.min(44, 560 / m.layers.length)), ch = 20, left = 150, top = 22;
       var svg = document.createElementNS(NS, 'svg');
-      svg.setAttribute('width', left + cw * m.layers.length + 10); svg.setAttribute('height', top + ch * g.rows.length + 24);
+      svg.setAttribute('width', left + cw * m.layers.length + 10);
+      svg.setAttribute('height', top + ch * g.rows.length + 24);
       var title = document.createElementNS(NS, 'text'); title.setAttribute('x', 0); title.setAttribute('y', 14);
       title.textContent = g.name; title.setAttribute('class', 'hm-title'); svg.appendChild(title);
       g.rows.forEach(function(label, r){
-        var t = document.createElementNS(NS, 'text'); t.setAttribute('x', left - 6); t.setAttribute('y', top + ch * r + 14);
+        var t = document.createElementNS(NS, 'text');
+        t.setAttribute('x', left - 6); t.setAttribute('y', top + ch * r + 14);
         t.setAttribute('text-anchor', 'end'); t.textContent = label; svg.appendChild(t);
         m.layers.forEach(function(layer, c){
           var cell = g.cells[r][c], rect = document.createElementNS(NS, 'rect'), id = [i, j, r, c].join('-');
-          rect.setAttribute('x', left + cw * c); rect.setAttribute('y', top + ch * r); rect.setAttribute('width', cw - 1);
-          rect.setAttribute('height', ch - 1); rect.setAttribute('id', 'cell-' + id);
+          rect.setAttribute('x', left + cw * c); rect.setAttribute('y', top + ch * r);
+          rect.setAttribute('width', cw - 1); rect.setAttribute('height', ch - 1);
+          rect.setAttribute('id', 'cell-' + id);
           if(cell === null){ rect.setAttribute('fill', 'url(#clap-missing)'); rect.setAttribute('class', 'missing'); }
           else { rect.setAttribute('fill', cell.c); rect.setAttribute('class', 'cell');
             rect.addEventListener('mousemove', function(ev){ showTip(cellOf(id), ev); });
             rect.addEventListener('mouseleave', function(){ tip.style.display = 'none'; });
-            rect.addEventListener('click', function(){ history.replaceState(null, '', '#cell=' + id); openDetail(cellOf(id)); }); }
+            rect.addEventListener('click', function(){
+              history.replaceState(null, '', '#cell=' + id); openDetail(cellOf(id)); }); }
           svg.appendChild(rect); });
       });
       m.layers.forEach(function(layer, c){ var t = document.createElementNS(NS, 'text');
@@ -137,8 +150,8 @@ CSS = """
 .hm svg{display:block;margin:.3rem 0 .6rem;font-size:12px;font-family:inherit}
 .hm rect.cell{cursor:pointer}.hm rect.cell:hover{stroke:#000;stroke-width:1.5}
 .hm .hm-title{font-weight:600}
-#clap-tip{position:absolute;display:none;background:#222;color:#fff;padding:.3rem .5rem;border-radius:3px;font-size:.8rem;
-pointer-events:none;max-width:28rem;z-index:10}
+#clap-tip{position:absolute;display:none;background:#222;color:#fff;padding:.3rem .5rem;border-radius:3px;
+font-size:.8rem;pointer-events:none;max-width:28rem;z-index:10}
 #clap-detail{display:none;border:1px solid #ccc;padding:.5rem 1rem;background:#fafafa;max-height:24rem;overflow:auto}
 """
 
@@ -155,9 +168,10 @@ def render(payloads: list[dict[str, Any]]) -> str:
         "measured.</p></div>"
         for i, p in enumerate(payloads)
     )
-    pattern = ("<svg width=\"0\" height=\"0\" style=\"position:absolute\"><defs><pattern id=\"clap-missing\" width=\"6\" "
-               "height=\"6\" patternUnits=\"userSpaceOnUse\" patternTransform=\"rotate(45)\"><rect width=\"6\" height=\"6\" "
-               "fill=\"#c7c7c7\"/><line x1=\"0\" y1=\"0\" x2=\"0\" y2=\"6\" stroke=\"#8c8c8c\" stroke-width=\"2\"/>"
+    pattern = ("<svg width=\"0\" height=\"0\" style=\"position:absolute\"><defs>"
+               "<pattern id=\"clap-missing\" width=\"6\" height=\"6\" patternUnits=\"userSpaceOnUse\" "
+               "patternTransform=\"rotate(45)\"><rect width=\"6\" height=\"6\" fill=\"#c7c7c7\"/>"
+               "<line x1=\"0\" y1=\"0\" x2=\"0\" y2=\"6\" stroke=\"#8c8c8c\" stroke-width=\"2\"/>"
                "</pattern></defs></svg>")
     return (f"<style>{CSS}</style>{pattern}{hosts}<div id=\"clap-tip\"></div><div id=\"clap-detail\"></div>"
             f"<script type=\"application/json\" id=\"clap-heatmaps\">{blob}</script><script>{SCRIPT}</script>")

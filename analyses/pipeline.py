@@ -6,7 +6,7 @@ on a slice (a single probe, too few per group, every value undefined, no error v
 recorded in ``skipped.csv`` with its reason instead of stopping the others. The tables of all slices are
 concatenated; their book-keeping columns say which slice a row belongs to, and ``reduction`` how each probe's rows
 of a layer became one value (:mod:`analyses.reductions`; chosen by the spec's ``analysis:`` section, see
-:mod:`analyses.options`, or the command line).
+:mod:`clap.analysis_options`, or the command line).
 
 Before any statistic, the probe-validity table is computed and the exclusion rules of the ``analysis:`` section
 are applied (:mod:`analyses.validity`).
@@ -37,20 +37,20 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
 from pydantic import ValidationError
 
 from analyses import caveats as _caveats
 from analyses import figures as _figures
 from analyses.bootstrap import CI_COLUMNS, bootstrap_ci
 from analyses.io import load_results
-from analyses.options import AnalysisOptions
 from analyses.reductions import position_label
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units
 from analyses.stats import (
@@ -67,7 +67,14 @@ from analyses.stats import (
     pairwise_within,
     rm_anova,
 )
-from analyses.validity import VALIDITY_COLUMNS, apply_exclusions, clean_prompts, probe_validity, shared_clean_prompts
+from analyses.validity import (
+    VALIDITY_COLUMNS,
+    apply_exclusions,
+    clean_prompts,
+    probe_validity,
+    shared_clean_prompts,
+)
+from clap.analysis_options import AnalysisOptions
 from clap.errors import ClapError
 
 TABLE_FILES = {
@@ -121,9 +128,9 @@ class Analysis:
     ``options``
         the resolved options: ``dv``, ``group`` (None when fewer than 2 groups remain: no group tests ran),
         ``group_requested``, ``metrics``, ``site_kinds``, ``agg`` (the reduction in words, for older readers),
-        ``missing``, ``n_boot``, ``seed``, ``alpha``, and ``analysis`` (the :class:`~analyses.options.AnalysisOptions`
-        as a dict: ``position_reduction``, ``head_reduction``, ``subject_field``, ``subject``, exclusion rules,
-        ``interval``, ``ss_type``).
+        ``missing``, ``n_boot``, ``seed``, ``alpha``, and ``analysis`` (the
+        :class:`~clap.analysis_options.AnalysisOptions` as a dict: ``position_reduction``, ``head_reduction``,
+        ``subject_field``, ``subject``, exclusion rules, ``interval``, ``ss_type``).
     ``tables``
         the keys of :data:`TABLE_FILES`. Beside the tests (``rm_anova``, ``friedman``, ``mixed_anova``,
         ``posthoc_layers``, ``posthoc_groups``; every one with a ``reduction`` column): ``one_sample`` /
@@ -178,7 +185,7 @@ def analyze(
     ``group_columns`` (no group tests when there is none). ``seed`` defaults to the run's seed, so the bootstrap
     intervals of a study are reproducible from its sidecar. ``metrics`` / ``site_kinds`` restrict the slices.
 
-    How the results are reduced and tested comes from ``analysis`` (an :class:`~analyses.options.AnalysisOptions`
+    How the results are reduced and tested comes from ``analysis`` (an :class:`~clap.analysis_options.AnalysisOptions`
     or dict), else the ``analysis:`` section of the spec recorded in run.json, else the defaults; the keywords
     ``position_reduction``, ``head_reduction``, ``subject``, ``interval``, ``ss_type`` override single fields (the
     command line's flags). ``agg`` (legacy) applies one aggregation to all of a cell's rows instead.
@@ -195,7 +202,8 @@ def analyze(
     data, validity = apply_exclusions(data, validity, min_clean_logit_diff=opts.min_clean_logit_diff,
                                       require_flip=opts.require_flip, min_abs_diff=opts.min_abs_diff)
     if data.empty:
-        raise ClapError(f"every probe was excluded by the analysis rules ({_rules(opts)}); see the probe validity table")
+        raise ClapError(f"every probe was excluded by the analysis rules ({_rules(opts)}); "
+                        "see the probe validity table")
     prompts = clean_prompts(meta, data["probe_id"].unique().tolist())
     if prompts is not None:
         data = data.assign(clean_prompt=data["probe_id"].map(prompts))
@@ -282,21 +290,22 @@ def compute_tables(
             sel = {c: unit_row[c] for c in SELECT_COLUMNS if c in unit_row}
             common = dict(dv=dv, subject=unit, **reduce, **sel)
             runs: list[tuple[str, Callable[[], pd.DataFrame]]] = [
-                ("rm_anova", lambda: rm_anova(data, missing=missing, **common)),
-                ("friedman", lambda: friedman(data, missing=missing, **common)),
-                ("posthoc_layers", lambda: pairwise_within(data, missing=missing, **common)),
-                ("one_sample", lambda: one_sample(data, **common)),
+                ("rm_anova", partial(rm_anova, data, missing=missing, **common)),
+                ("friedman", partial(friedman, data, missing=missing, **common)),
+                ("posthoc_layers", partial(pairwise_within, data, missing=missing, **common)),
+                ("one_sample", partial(one_sample, data, **common)),
             ]
             if group and n_groups >= 2:
                 runs += [
-                    ("mixed_anova", lambda: mixed_anova(data, between=group, missing=missing, ss_type=opts.ss_type, **common)),
-                    ("posthoc_groups", lambda: pairwise_between(data, between=group, missing=missing, **common)),
-                    ("one_sample_groups", lambda: one_sample(data, between=group, **common)),
+                    ("mixed_anova",
+                     partial(mixed_anova, data, between=group, missing=missing, ss_type=opts.ss_type, **common)),
+                    ("posthoc_groups", partial(pairwise_between, data, between=group, missing=missing, **common)),
+                    ("one_sample_groups", partial(one_sample, data, between=group, **common)),
                 ]
             if sel.get("site_kind") == "head":
-                runs.append(("head_tests", lambda: head_tests(data, **common)))
-            runs.append(("bootstrap_ci", lambda: bootstrap_ci(data, between=group, n_boot=n_boot, seed=seed,
-                                                              method=opts.interval, **common)))
+                runs.append(("head_tests", partial(head_tests, data, **common)))
+            runs.append(("bootstrap_ci", partial(bootstrap_ci, data, between=group, n_boot=n_boot, seed=seed,
+                                                 method=opts.interval, **common)))
             for name, run in runs:
                 try:
                     collected[name].append(run())
@@ -375,7 +384,8 @@ def methods_text(result: Analysis) -> list[str]:
     o, t = result.options, result.tables
     a = AnalysisOptions(**o["analysis"])
     group = o.get("group")
-    reductions = sorted(set().union(*[set(t[n]["reduction"].dropna()) for n in ("rm_anova", "one_sample") if len(t[n])]))
+    reductions = sorted(set().union(*[set(t[n]["reduction"].dropna())
+                                      for n in ("rm_anova", "one_sample") if len(t[n])]))
     out = [
         f"Dependent variable: `{o['dv']}`, one value per probe and layer. Reduction of a probe's rows in one layer: "
         + (f"legacy aggregation `{o['agg']}`." if o["agg"] and o["agg"] not in (_reduction_words(a),) else
@@ -402,7 +412,8 @@ def methods_text(result: Analysis) -> list[str]:
         out.append(f"Subjects: probes ({len(shared)} clean prompt(s) are shared by several probes, which are therefore "
                    "not independent; `subject: clean_prompt` averages them).")
     out.append({
-        "drop_subjects": "Missing cells: probes lacking any layer are dropped from the repeated-measures tests (listwise).",
+        "drop_subjects": "Missing cells: probes lacking any layer are dropped from the repeated-measures tests "
+                         "(listwise).",
         "drop_levels": "Missing cells: layers that some probe lacks are dropped from the tests.",
         "error": "Missing cells: refused (none present).",
     }.get(o["missing"], f"Missing cells: {o['missing']}."))
@@ -472,8 +483,9 @@ def trivial_sites(data: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def module_ci(data: pd.DataFrame, *, dv: str = "recovery", group: str | None = None, n_boot: int = 2000, seed: int = 0,
-              method: str = "t", position_reduction: str | int = "last", subject_field: str = "subject") -> pd.DataFrame:
+def module_ci(data: pd.DataFrame, *, dv: str = "recovery", group: str | None = None, n_boot: int = 2000,
+              seed: int = 0, method: str = "t", position_reduction: str | int = "last",
+              subject_field: str = "subject") -> pd.DataFrame:
     """Bootstrap CI of mean ``dv`` per site (trivial and out-of-stack sites included), per metric slice, in network
     order, with a ``trivial`` column; the data of the per-module bar plot."""
     frames = []
@@ -483,7 +495,7 @@ def module_ci(data: pd.DataFrame, *, dv: str = "recovery", group: str | None = N
         for key, part in data.groupby(cols, observed=True, sort=True):
             if part["site"].nunique() > MAX_BAR_SITES:
                 continue
-            sel = dict(zip(cols, key if isinstance(key, tuple) else (key,)))
+            sel = dict(zip(cols, key if isinstance(key, tuple) else (key,), strict=True))
             try:
                 table = bootstrap_ci(part, dv, within="site", between=group, n_boot=n_boot, seed=seed, method=method,
                                      include_trivial=True, vary=("site_kind",), position_reduction=position_reduction,
@@ -515,74 +527,99 @@ def make_figures(
 
     A figure that cannot be drawn for a slice (e.g. every value undefined) is left out and, when ``skipped`` is
     given, recorded there (``test`` = ``figure:<function>``) with its reason; the other figures are still drawn."""
-    made: list[FigureFile] = []
-
-    def draw(func: Callable[..., Any], *args: Any, unit: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ClapError as exc:
-            where = unit if unit is not None else kwargs
-            if skipped is not None:
-                skipped.append({**{c: where[c] for c in SELECT_COLUMNS if c in where}, "test": f"figure:{func.__name__}",
-                                "reason": str(exc)})
-            return None
-
-    def save(fig: Any, name: str, title: str, caption: str, unit: dict[str, Any]) -> None:
-        if fig is None:
-            return
-        paths = _figures.save_figure(fig, fig_dir / name, dpi=dpi)
-        made.append(FigureFile(name, title, caption, unit, paths))
-
+    sink = _FigureSink(fig_dir, dpi, skipped)
     units = tables["units"]
     if units.empty and tables["module_ci"].empty:
-        return made
+        return sink.made
     outer = [c for c in ("metric", "operation", "direction", "positions") if c in units.columns]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AnalysisWarning)
         for key, block in (units.groupby(outer, sort=True) if len(units) else []):
-            outer_sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
-            tag = _slug(outer_sel)
+            outer_sel = dict(zip(outer, key if isinstance(key, tuple) else (key,), strict=True))
             kinds = block["site_kind"].tolist()
             if len(kinds) >= 2:
-                fig = draw(_figures.heatmap_layer_site_kind, data, dv, group, **outer_sel)
-                save(fig, f"layer_site_kind_{tag}", f"Mean {dv} by layer and site kind ({_label(outer_sel)})",
-                     "Mean over probes of each probe's mean over positions; colour centred on 0 (no recovery).", outer_sel)
+                fig = sink.draw(_figures.heatmap_layer_site_kind, data, dv, group, **outer_sel)
+                sink.save(fig, f"layer_site_kind_{_slug(outer_sel)}",
+                          f"Mean {dv} by layer and site kind ({_label(outer_sel)})",
+                          "Mean over probes of each probe's mean over positions; colour centred on 0 (no recovery).",
+                          outer_sel)
             for kind in kinds:
-                sel = {**outer_sel, "site_kind": kind}
-                ktag = _slug(sel)
-                ci = tables["bootstrap_ci"]
-                ci = ci[_match(ci, sel)] if len(ci) else ci
-                if len(ci):
-                    fig = draw(_figures.line_by_layer, ci, group, dv=dv, unit=sel, title=f"{dv} by layer ({_label(sel)})")
-                    save(fig, f"line_{ktag}", f"{dv} by layer ({_label(sel)})",
-                         f"Mean over probes ({ci['reduction'].iloc[0]}) with {int(ci['ci'].iloc[0] * 100)} % "
-                         f"{_interval_words(ci)} bands; one line per {group or 'study'}.", sel)
-                rows = data[_match(data, sel)]
-                if kind == "head" and "head" in rows.columns and rows["head"].nunique() >= 2:
-                    fig = draw(_figures.heatmap_layer_head, data, dv, group, **sel)
-                    save(fig, f"layer_head_{ktag}", f"Mean {dv} by layer and head ({_label(sel)})",
-                         "Mean over probes of each probe's mean over positions, per attention head "
-                         "(the head's output before the output projection).", sel)
-                # a position axis needs several positions within a probe ("last" differs between probes only)
-                per_probe_positions = rows.groupby("probe_id")["position"].nunique() if len(rows) else None
-                if per_probe_positions is not None and per_probe_positions.max() >= 2:
-                    fig = draw(_figures.heatmap_layer_position, data, dv, group, **sel)
-                    save(fig, f"layer_position_{ktag}", f"Mean {dv} by layer and position ({_label(sel)})",
-                         "Mean over probes at each token position (label: most common token, * where probes differ; "
-                         "[index] in the unpadded prompt).", sel)
-    mod = tables["module_ci"]
-    if len(mod):
-        cols = [c for c in ("metric", "operation", "direction", "positions") if c in mod.columns]
-        for key, block in mod.groupby(cols, sort=True, dropna=False):
-            sel = dict(zip(cols, key if isinstance(key, tuple) else (key,)))
-            if block["site"].nunique() < 2:
-                continue
-            triv = block.loc[block["trivial"], "site"].unique().tolist()
-            fig = draw(_figures.bar_by_module, block, group, dv=dv, trivial_sites=triv, unit=sel, title=f"{dv} per module ({_label(sel)})")
-            save(fig, f"modules_{_slug(sel)}", f"{dv} per module ({_label(sel)})",
-                 f"Mean over probes with 95 % {_interval_words(block)} intervals; hatched bars reproduce the source run "
-                 "by construction (recovery 1 when denoising, 0 when noising).", sel)
-    return made
+                _site_kind_figures(sink, data, tables["bootstrap_ci"], {**outer_sel, "site_kind": kind}, dv, group)
+    _module_figures(sink, tables["module_ci"], dv, group)
+    return sink.made
+
+
+@dataclass
+class _FigureSink:
+    """Draws and saves the figures of :func:`make_figures`, keeping one list of what was written and what was not.
+
+    A figure that cannot be drawn for a slice is recorded in ``skipped`` (when given) instead of failing the run.
+    """
+
+    fig_dir: Path
+    dpi: int
+    skipped: list[dict[str, Any]] | None
+    made: list[FigureFile] = field(default_factory=list)
+
+    def draw(self, func: Callable[..., Any], *args: Any, unit: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """``func(*args, **kwargs)``, or ``None`` (and a ``skipped`` entry) if it raises a :class:`ClapError`."""
+        try:
+            return func(*args, **kwargs)
+        except ClapError as exc:
+            where = unit if unit is not None else kwargs
+            if self.skipped is not None:
+                self.skipped.append({**{c: where[c] for c in SELECT_COLUMNS if c in where},
+                                     "test": f"figure:{func.__name__}", "reason": str(exc)})
+            return None
+
+    def save(self, fig: Any, name: str, title: str, caption: str, unit: dict[str, Any]) -> None:
+        """Save a drawn figure under ``name`` and list it (nothing for a figure that could not be drawn)."""
+        if fig is None:
+            return
+        paths = _figures.save_figure(fig, self.fig_dir / name, dpi=self.dpi)
+        self.made.append(FigureFile(name, title, caption, unit, paths))
+
+
+def _site_kind_figures(sink: _FigureSink, data: pd.DataFrame, bootstrap: pd.DataFrame, sel: dict[str, Any], dv: str,
+                       group: str | None) -> None:
+    """The figures of one site kind in one slice: line by layer, and layer x head or x position where they vary."""
+    ktag = _slug(sel)
+    ci = bootstrap[_match(bootstrap, sel)] if len(bootstrap) else bootstrap
+    if len(ci):
+        fig = sink.draw(_figures.line_by_layer, ci, group, dv=dv, unit=sel, title=f"{dv} by layer ({_label(sel)})")
+        sink.save(fig, f"line_{ktag}", f"{dv} by layer ({_label(sel)})",
+                  f"Mean over probes ({ci['reduction'].iloc[0]}) with {int(ci['ci'].iloc[0] * 100)} % "
+                  f"{_interval_words(ci)} bands; one line per {group or 'study'}.", sel)
+    rows = data[_match(data, sel)]
+    if sel["site_kind"] == "head" and "head" in rows.columns and rows["head"].nunique() >= 2:
+        fig = sink.draw(_figures.heatmap_layer_head, data, dv, group, **sel)
+        sink.save(fig, f"layer_head_{ktag}", f"Mean {dv} by layer and head ({_label(sel)})",
+                  "Mean over probes of each probe's mean over positions, per attention head "
+                  "(the head's output before the output projection).", sel)
+    # a position axis needs several positions within a probe ("last" differs between probes only)
+    per_probe_positions = rows.groupby("probe_id")["position"].nunique() if len(rows) else None
+    if per_probe_positions is not None and per_probe_positions.max() >= 2:
+        fig = sink.draw(_figures.heatmap_layer_position, data, dv, group, **sel)
+        sink.save(fig, f"layer_position_{ktag}", f"Mean {dv} by layer and position ({_label(sel)})",
+                  "Mean over probes at each token position (label: most common token, * where probes differ; "
+                  "[index] in the unpadded prompt).", sel)
+
+
+def _module_figures(sink: _FigureSink, mod: pd.DataFrame, dv: str, group: str | None) -> None:
+    """One bar chart per metric slice of the per-module intervals (slices with at least two modules)."""
+    if not len(mod):
+        return
+    cols = [c for c in ("metric", "operation", "direction", "positions") if c in mod.columns]
+    for key, block in mod.groupby(cols, sort=True, dropna=False):
+        sel = dict(zip(cols, key if isinstance(key, tuple) else (key,), strict=True))
+        if block["site"].nunique() < 2:
+            continue
+        triv = block.loc[block["trivial"], "site"].unique().tolist()
+        fig = sink.draw(_figures.bar_by_module, block, group, dv=dv, trivial_sites=triv, unit=sel,
+                        title=f"{dv} per module ({_label(sel)})")
+        sink.save(fig, f"modules_{_slug(sel)}", f"{dv} per module ({_label(sel)})",
+                  f"Mean over probes with 95 % {_interval_words(block)} intervals; hatched bars reproduce the source "
+                  "run by construction (recovery 1 when denoising, 0 when noising).", sel)
 
 
 def _interval_words(ci: pd.DataFrame) -> str:
@@ -597,7 +634,8 @@ def _resolve_group(group: str | None, meta: dict[str, Any], data: pd.DataFrame) 
         names = meta.get("group_columns") or []
         return names[0] if names else None
     if group not in data.columns:
-        raise ClapError(f"group column {group!r} not in the results; group columns in run.json: {', '.join(meta.get('group_columns') or []) or 'none'}")
+        raise ClapError(f"group column {group!r} not in the results; group columns in run.json: "
+                        f"{', '.join(meta.get('group_columns') or []) or 'none'}")
     return group
 
 
@@ -607,7 +645,8 @@ def _restrict(data: pd.DataFrame, column: str, values: Sequence[str] | None) -> 
     present = set(data[column])
     unknown = [v for v in values if v not in present]
     if unknown:
-        raise ClapError(f"no rows with {column} {', '.join(unknown)}; the results hold {', '.join(sorted(map(str, present)))}")
+        raise ClapError(f"no rows with {column} {', '.join(unknown)}; "
+                        f"the results hold {', '.join(sorted(map(str, present)))}")
     return data[data[column].isin(list(values))]
 
 
@@ -658,7 +697,7 @@ def add_study_figures(result: Analysis, dpi: int = 200) -> list[FigureFile]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AnalysisWarning)
         for key, block in (units.groupby(outer, sort=True) if len(units) else []):
-            sel = dict(zip(outer, key if isinstance(key, tuple) else (key,)))
+            sel = dict(zip(outer, key if isinstance(key, tuple) else (key,), strict=True))
             kinds = [k for k in block["site_kind"] if not kinds_wanted or k in kinds_wanted]
             if not kinds:
                 continue
@@ -675,13 +714,15 @@ def add_study_figures(result: Analysis, dpi: int = 200) -> list[FigureFile]:
                     differ = differ.rename(columns={"level": "layer"})
                 fig = _figures.layer_contrast(means, group, dv=dv, differ=differ)
                 save(fig, f"contrast_{_slug(sel)}", f"{dv} per layer by {group} ({_label(sel)})",
-                     f"Mean over probes (each probe reduced first: {o.get('agg')}) with 95 % t-based intervals, one panel "
-                     f"per site kind; * marks layers where the {group} groups differ (Welch t, Holm-corrected).", sel)
+                     f"Mean over probes (each probe reduced first: {o.get('agg')}) with 95 % t-based intervals, "
+                     f"one panel per site kind; * marks layers where the {group} groups differ "
+                     "(Welch t, Holm-corrected).", sel)
             modules = means[means["site_kind"].isin(["attn_out", "mlp_out"])]
             if len(modules):
                 fig = _figures.module_bars(modules, group, dv=dv)
                 save(fig, f"module_bars_{_slug(sel)}", f"{dv} per module and layer ({_label(sel)})",
-                     "Attention and MLP outputs patched layer by layer: mean over probes with 95 % t-based intervals.", sel)
+                     "Attention and MLP outputs patched layer by layer: mean over probes with 95 % t-based "
+                     "intervals.", sel)
     result.figures.extend(made)
     result.files.extend(p for f in made for p in f.paths)
     return made

@@ -8,7 +8,7 @@ Two facts of activation patching drive the defaults:
   over positions is therefore about 1 / prompt length at every layer, whatever the layer does, and a layer test on
   it finds nothing. The last token (where the answer is read out) is the default; ``max``, ``sum``, the subject's
   tokens (``subject``: their sum, the subject's share) or its last token (``subject_last``) and a fixed token index
-  are the alternatives (see :mod:`analyses.options`).
+  are the alternatives (see :mod:`clap.analysis_options`).
 * Heads of one layer add up to the layer's attention output: their *sum* is the layer's total; their mean divides
   a single important head by the number of heads. Heads are summed per probe, layer and position *before* the
   position rule (the layer's total at the chosen token), or analysed one by one (``each``, the per-head table).
@@ -19,7 +19,8 @@ patched, and the label says so.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -78,7 +79,8 @@ def reduce_cells(
                 "test across layers; use head_reduction='sum' for a layer test on each layer's total"
             )
         if head_reduction != "sum":
-            raise ClapError(f"head_reduction={head_reduction!r} is not known; expected 'sum' or 'each' (never the mean)")
+            raise ClapError(f"head_reduction={head_reduction!r} is not known; "
+                            "expected 'sum' or 'each' (never the mean)")
         rows = _sum_heads(rows, dv, keys)
         head_rule = "sum"
     pos = "position" if "position" in rows.columns else None
@@ -109,7 +111,7 @@ def reduce_cells(
         spans = subject_positions(rows, subject_field, where=where)
         if rule == "subject_last":
             spans = {p: [max(s)] for p, s in spans.items()}
-        wanted = pd.Series([(p, t) for p, t in zip(rows["probe_id"], rows[pos])], index=rows.index)
+        wanted = pd.Series([(p, t) for p, t in zip(rows["probe_id"], rows[pos], strict=True)], index=rows.index)
         allowed = {(p, t) for p, s in spans.items() for t in s}
         keep = wanted.isin(allowed)
     else:
@@ -148,7 +150,8 @@ def subject_positions(rows: pd.DataFrame, subject_field: str, where: str = "") -
         )
     token_cols = [c for c in ("token", "source_token") if c in rows.columns]
     if not token_cols:
-        raise ClapError(f"position_reduction 'subject' needs the patched tokens (column 'token'){where}; the results have none")
+        raise ClapError(f"position_reduction 'subject' needs the patched tokens (column 'token'){where}; "
+                        "the results have none")
     out: dict[Any, list[int]] = {}
     for probe, part in rows.groupby("probe_id", observed=True, sort=False):
         subject = str(part[subject_field].iloc[0])
@@ -162,8 +165,9 @@ def subject_positions(rows: pd.DataFrame, subject_field: str, where: str = "") -
         if not found:
             text = "".join(map(str, ordered[token_cols[0]]))
             raise ClapError(
-                f"probe {probe!r}: subject {subject!r} not found in its patched tokens {text!r}{where}; the subject rule "
-                "needs every position of the prompt patched (positions: [each]) and the subject spelled as in the prompt"
+                f"probe {probe!r}: subject {subject!r} not found in its patched tokens {text!r}{where}; "
+                "the subject rule needs every position of the prompt patched (positions: [each]) and the subject "
+                "spelled as in the prompt"
             )
         out[probe] = found
     return out
@@ -182,7 +186,7 @@ def _match_span(tokens: list[str], positions: list[int], subject: str) -> list[i
         return None
     end = start + len(subject)
     found, offset = [], 0
-    for pos, tok in zip(positions, tokens):
+    for pos, tok in zip(positions, tokens, strict=True):
         if offset < end and offset + len(tok) > start:
             found.append(pos)
         offset += len(tok)

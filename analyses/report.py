@@ -14,9 +14,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,11 +28,13 @@ from analyses.select import SELECT_COLUMNS
 
 #: Columns shown in the report (the CSV files keep every column).
 SHOWN = {
-    "rm_anova": ["Source", "F", "ddof1", "ddof2", "p_unc", "eps", "p_GG_corr", "np2", "sphericity", "p_spher", "n_subjects", "n_dropped", "n_undefined"],
+    "rm_anova": ["Source", "F", "ddof1", "ddof2", "p_unc", "eps", "p_GG_corr", "np2", "sphericity", "p_spher",
+                 "n_subjects", "n_dropped", "n_undefined"],
     "friedman": ["Source", "Q", "ddof1", "p_unc", "W", "n_subjects"],
     "mixed_anova": ["Source", "F", "ddof1", "ddof2", "p_unc", "p_GG_corr", "np2", "n_subjects"],
     "posthoc_layers": ["A", "B", "mean_A", "mean_B", "diff", "T", "dof", "p_unc", "p_corr", "hedges"],
-    "posthoc_groups": ["level", "A", "B", "n_A", "n_B", "mean_A", "mean_B", "diff", "T", "dof", "p_unc", "p_corr", "hedges"],
+    "posthoc_groups": ["level", "A", "B", "n_A", "n_B", "mean_A", "mean_B", "diff", "T", "dof", "p_unc", "p_corr",
+                       "hedges"],
     "bootstrap_ci": ["layer", "GROUP", "mean", "ci_low", "ci_high", "sd", "n"],
 }
 TITLES = {
@@ -146,7 +149,8 @@ def _unit_title(unit: dict[str, Any]) -> str:
 
 def _model_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [(str(k), _plain(v)) for k, v in meta.get("model", {}).items()]
-    rows += [("seed", str(meta.get("seed"))), ("created", str(meta.get("created"))), ("probes (run.json)", str(meta.get("n_probes")))]
+    rows += [("seed", str(meta.get("seed"))), ("created", str(meta.get("created"))),
+             ("probes (run.json)", str(meta.get("n_probes")))]
     return rows
 
 
@@ -169,7 +173,8 @@ def findings(result: Analysis) -> list[tuple[str, list[str]]]:
     from analyses.findings import overall_findings, unit_findings
 
     o = result.options
-    out = [(_unit_title(u), unit_findings(result.tables, u, o.get("group"), o.get("alpha", 0.05), o.get("dv", "recovery")))
+    out = [(_unit_title(u),
+            unit_findings(result.tables, u, o.get("group"), o.get("alpha", 0.05), o.get("dv", "recovery")))
            for u in _units(result)]
     overall = overall_findings(result.tables, o.get("group"), o.get("dv", "recovery"))
     if overall:
@@ -272,8 +277,9 @@ def _interactive(result: Analysis) -> str:
             rows = _in_unit(result.data, unit)
             if rows.empty or rows.groupby("probe_id")["position"].nunique().max() < 2:
                 continue
-            payload = interactive.heatmap_payload(result.data, o.get("dv", "recovery"), o.get("group"),
-                                                  title=f"Mean {o.get('dv', 'recovery')} by layer and position ({_unit_title(unit)})", **unit)
+            title = f"Mean {o.get('dv', 'recovery')} by layer and position ({_unit_title(unit)})"
+            payload = interactive.heatmap_payload(result.data, o.get("dv", "recovery"), o.get("group"), title=title,
+                                                  **unit)
             if payload:
                 payloads.append(payload)
     return interactive.render(payloads)
@@ -292,30 +298,57 @@ def render_html(result: Analysis) -> str:
         f"created {html.escape(str(meta.get('created')))}.</p>",
         "<h2 id=\"caveats\">Caveats</h2>",
     ]
+    parts += _html_caveats_and_findings(result)
+    validity = tables.get("probe_validity", ())
+    parts += [
+        "<h2 id=\"model\">Model</h2>", _html_kv(_model_rows(meta)),
+        "<h2 id=\"versions\">Package versions</h2>",
+        _html_kv((k, str(v)) for k, v in meta.get("versions", {}).items()),
+        "<h2 id=\"probes\">Probe counts</h2>", _html_table(tables["probe_counts"]),
+        *(["<h3>Probe validity</h3>", _html_table(validity)] if len(validity) else []),
+        "<h2 id=\"spec\">Study spec</h2>", f"<pre>{html.escape(_spec_text(meta))}</pre>",
+        "<h2 id=\"methods\">Methods</h2><ul>" + "".join(f"<li>{_md_inline(m)}</li>" for m in _methods(result))
+        + "</ul>",
+    ]
+    if len(tables["trivial_sites"]):
+        parts += ["<h3>Sites that recover by construction</h3>", _html_table(tables["trivial_sites"])]
+    parts.append("<h2 id=\"results\">Results</h2>")
+    parts += _html_results(result, group, alpha)
+    shared = [f for f in result.figures if "site_kind" not in f.unit]
+    if shared:
+        parts.append("<h2 id=\"figures\">Across site kinds and modules</h2>")
+        parts += [_html_figure(f) for f in shared]
+    interactive = _interactive(result)
+    if interactive:
+        parts += ["<h2 id=\"interactive\">Interactive heatmaps</h2>", interactive]
+    parts.append(
+        f"<h2 id=\"files\">Files</h2><p>Tables (CSV, every column) and figures (PNG, SVG) are in "
+        f"<code>{html.escape(str(result.out_dir))}</code>.</p></body></html>"
+    )
+    return "\n".join(parts)
+
+
+def _html_caveats_and_findings(result: Analysis) -> list[str]:
+    """The caveats list and the findings section, the first things a reader sees after the title."""
     if result.caveats:
-        parts.append("<ul class=\"caveats\">" + "".join(f"<li>{_md_inline(c)}</li>" for c in result.caveats) + "</ul>")
+        parts = ["<ul class=\"caveats\">" + "".join(f"<li>{_md_inline(c)}</li>" for c in result.caveats) + "</ul>"]
     else:
-        parts.append("<p>None detected.</p>")
+        parts = ["<p>None detected.</p>"]
     parts.append("<h2 id=\"findings\">Findings</h2>")
     found = findings(result)
     if not found:
         parts.append("<p>No slice could be tested.</p>")
     for heading, lines in found:
-        parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">" + "".join(f"<li>{_md_inline(x)}</li>" for x in lines) + "</ul>")
-    parts += [
-        "<h2 id=\"model\">Model</h2>", _html_kv(_model_rows(meta)),
-        "<h2 id=\"versions\">Package versions</h2>", _html_kv((k, str(v)) for k, v in meta.get("versions", {}).items()),
-        "<h2 id=\"probes\">Probe counts</h2>", _html_table(tables["probe_counts"]),
-        *(["<h3>Probe validity</h3>", _html_table(tables["probe_validity"])] if len(tables.get("probe_validity", ())) else []),
-        "<h2 id=\"spec\">Study spec</h2>", f"<pre>{html.escape(_spec_text(meta))}</pre>",
-        "<h2 id=\"methods\">Methods</h2><ul>" + "".join(f"<li>{_md_inline(m)}</li>" for m in _methods(result)) + "</ul>",
-    ]
-    if len(tables["trivial_sites"]):
-        parts += ["<h3>Sites that recover by construction</h3>", _html_table(tables["trivial_sites"])]
-    parts.append("<h2 id=\"results\">Results</h2>")
+        parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">"
+                     + "".join(f"<li>{_md_inline(x)}</li>" for x in lines) + "</ul>")
+    return parts
+
+
+def _html_results(result: Analysis, group: str | None, alpha: float) -> list[str]:
+    """One section per tested slice: its statistics tables, the tests not run and the slice's own figures."""
+    tables = result.tables
     units = _units(result)
-    if not units:
-        parts.append("<p>No slice with at least two layers to test.</p>")
+    parts = [] if units else ["<p>No slice with at least two layers to test.</p>"]
     for i, unit in enumerate(units):
         parts.append(f"<h3 id=\"unit-{i}\">{html.escape(_unit_title(unit))}</h3>")
         for name in slice_tables(result):
@@ -329,18 +362,7 @@ def render_html(result: Analysis) -> str:
         for fig in result.figures:
             if fig.unit and all(unit.get(k) == v for k, v in fig.unit.items()) and "site_kind" in fig.unit:
                 parts.append(_html_figure(fig))
-    shared = [f for f in result.figures if "site_kind" not in f.unit]
-    if shared:
-        parts.append("<h2 id=\"figures\">Across site kinds and modules</h2>")
-        parts += [_html_figure(f) for f in shared]
-    interactive = _interactive(result)
-    if interactive:
-        parts += ["<h2 id=\"interactive\">Interactive heatmaps</h2>", interactive]
-    parts.append(
-        f"<h2 id=\"files\">Files</h2><p>Tables (CSV, every column) and figures (PNG, SVG) are in "
-        f"<code>{html.escape(str(result.out_dir))}</code>.</p></body></html>"
-    )
-    return "\n".join(parts)
+    return parts
 
 
 # ------------------------------------------------------------------------------------------------ Markdown
@@ -365,7 +387,8 @@ def render_markdown(result: Analysis) -> str:
     group = o.get("group")
     model = study_title(meta)
     out = [f"# Activation-patching study: {model}", "",
-           f"Results: `{result.results_dir}`. {int(meta.get('n_probes', 0))} probes; created {meta.get('created')}.", "",
+           f"Results: `{result.results_dir}`. {int(meta.get('n_probes', 0))} probes; "
+           f"created {meta.get('created')}.", "",
            "## Caveats", ""]
     out += [f"- {c}" for c in result.caveats] or ["None detected."]
     out += ["", "## Findings", ""]
@@ -376,9 +399,11 @@ def render_markdown(result: Analysis) -> str:
         out += ["No slice could be tested.", ""]
     out += ["", "## Model", "", markdown_table(pd.DataFrame(_model_rows(meta), columns=["field", "value"])),
             "## Package versions", "",
-            markdown_table(pd.DataFrame([(k, str(v)) for k, v in meta.get("versions", {}).items()], columns=["package", "version"])),
+            markdown_table(pd.DataFrame([(k, str(v)) for k, v in meta.get("versions", {}).items()],
+                                        columns=["package", "version"])),
             "## Probe counts", "", markdown_table(tables["probe_counts"]),
-            *(["### Probe validity", "", markdown_table(tables["probe_validity"])] if len(tables.get("probe_validity", ())) else []),
+            *(["### Probe validity", "", markdown_table(tables["probe_validity"])]
+              if len(tables.get("probe_validity", ())) else []),
             "## Study spec", "", "```yaml", _spec_text(meta).rstrip(), "```", "",
             "## Methods", ""]
     out += [f"- {m}" for m in _methods(result)]

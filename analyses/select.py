@@ -32,8 +32,9 @@ that reduction explicit and identical for every statistic, figure and report:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -118,7 +119,8 @@ def select_rows(
     ``require_layer=False`` keeps sites whose ``layer`` is NA (per-module bar plots).
     """
     _require_columns(data, [dv])
-    chosen = {"metric": metric, "site_kind": site_kind, "operation": operation, "direction": direction, "positions": positions}
+    chosen = {"metric": metric, "site_kind": site_kind, "operation": operation, "direction": direction,
+              "positions": positions}
     vary = set(vary)
     rows = data
     selection: dict[str, Any] = {}
@@ -130,7 +132,8 @@ def select_rows(
         if value is not None:
             if value not in present:
                 raise ClapError(
-                    f"no rows with {col} == {value!r}; the results hold {col} values: {', '.join(map(str, present)) or 'none'}"
+                    f"no rows with {col} == {value!r}; the results hold {col} values: "
+                    f"{', '.join(map(str, present)) or 'none'}"
                 )
             rows = rows[rows[col] == value]
             selection[col] = value
@@ -215,72 +218,20 @@ def prepare(
     )
     rows = sel.rows[sel.rows[within].notna()]
     where = _describe(sel.selection)
-    if within == "layer" and "module" in rows.columns and "site_kind" in rows.columns:
-        raw = rows.loc[rows["site_kind"] == "module", "module"].dropna()
-        roles = sorted(set(raw.str.replace(r"\.\d+(?=\.|$)", ".*", n=1, regex=True)))
-        if len(roles) > 1:
-            raise ClapError(
-                f"raw module sites of different roles ({', '.join(roles[:4])}{' ...' if len(roles) > 4 else ''}) "
-                f"cannot be tested as one layer effect{where}; analyse one role at a time (e.g. restrict the data "
-                f"to rows whose module matches one of them)"
-            )
+    if within == "layer":
+        _check_one_module_role(rows, where)
     if rows.empty:
         raise ClapError(
             f"no usable rows for {dv}{where}: {sel.n_rows_in} selected, {sel.n_outside_stack} outside the layer stack, "
             f"{sel.n_trivial} trivial, {sel.n_undefined} undefined"
         )
     if between:
-        labels = rows.groupby(subject, observed=True)[between].nunique()
-        mixed = labels[labels > 1]
-        if len(mixed):
-            raise ClapError(
-                f"column {between!r} must be constant per {subject}; {subject} {mixed.index[0]!r} has "
-                f"{int(mixed.iloc[0])} different labels"
-            )
+        _check_constant_per_subject(rows, subject, between)
     keys = [subject, within] + ([between] if between else [])
-    if agg is not None:
-        cells = rows.groupby(keys, observed=True, sort=True)[dv].agg(agg).reset_index()
-        label = f"{agg} over positions and heads"
-    else:
-        per_probe = list(dict.fromkeys(["probe_id", *keys])) if "probe_id" in rows.columns else keys
-        cells, label = reduce_cells(rows, dv, per_probe, position_reduction=position_reduction,
-                                    head_reduction=head_reduction, subject_field=subject_field, where=where)
-        if per_probe != keys:  # several probes per subject (e.g. one clean prompt): average them
-            cells = cells.groupby(keys, observed=True, sort=True)[dv].mean().reset_index()
-            label += f"; probes averaged per {subject}"
-        if cells.empty:
-            raise ClapError(f"no values left for {dv}{where} after the reduction ({label})")
+    cells, label = _cells(rows, dv, keys, subject, agg, where, position_reduction=position_reduction,
+                          head_reduction=head_reduction, subject_field=subject_field)
     cells[within] = _plain(cells[within])
-
-    wide = cells.pivot(index=subject, columns=within, values=dv)
-    n_all = len(wide)
-    dropped_subjects: list[Any] = []
-    dropped_levels: list[Any] = []
-    if missing != "keep" and wide.isna().any().any():
-        incomplete = wide.index[wide.isna().any(axis=1)].tolist()
-        gaps = {s: [lvl for lvl in wide.columns if pd.isna(wide.loc[s, lvl])] for s in incomplete}
-        detail = "; ".join(f"{s}: {within} {', '.join(map(str, g))}" for s, g in list(gaps.items())[:5])
-        if len(gaps) > 5:
-            detail += f"; and {len(gaps) - 5} more"
-        if missing == "error":
-            raise ClapError(f"{len(incomplete)} of {n_all} {subject}s lack some {within} values{where} ({detail}); "
-                            "choose missing='drop_subjects' or 'drop_levels'")
-        if missing == "drop_subjects":
-            dropped_subjects = incomplete
-            cells = cells[~cells[subject].isin(incomplete)]
-            warnings.warn(
-                f"dropped {len(incomplete)} of {n_all} {subject}s lacking some {within} values{where} ({detail})",
-                AnalysisWarning,
-                stacklevel=3,
-            )
-        else:
-            dropped_levels = [lvl for lvl in wide.columns if wide[lvl].isna().any()]
-            cells = cells[~cells[within].isin(dropped_levels)]
-            warnings.warn(
-                f"dropped {within} {', '.join(map(str, dropped_levels))}{where}: some {subject}s lack them ({detail})",
-                AnalysisWarning,
-                stacklevel=3,
-            )
+    cells, dropped_subjects, dropped_levels = _apply_missing_policy(cells, dv, within, subject, missing, where)
     if sel.n_undefined:
         warnings.warn(f"excluded {sel.n_undefined} rows with undefined {dv}{where}", AnalysisWarning, stacklevel=3)
 
@@ -289,23 +240,16 @@ def prepare(
     if len(subjects) < min_subjects:
         who = f" (only {subjects[0]!r})" if len(subjects) == 1 else ""
         raise ClapError(
-            f"{len(subjects)} complete {subject}{'' if len(subjects) == 1 else 's'}{who} for {dv}{where}: a test across "
-            f"{within} needs at least {min_subjects} probes with a value at every {within}"
+            f"{len(subjects)} complete {subject}{'' if len(subjects) == 1 else 's'}{who} for {dv}{where}: a test "
+            f"across {within} needs at least {min_subjects} probes with a value at every {within}"
             + (f" ({len(dropped_subjects)} incomplete dropped)" if dropped_subjects else "")
             + (f"; {sel.n_undefined} rows had undefined {dv}" if sel.n_undefined else "")
         )
     if len(levels) < min_levels:
-        raise ClapError(f"only {len(levels)} {within} value(s) left for {dv}{where}: a test across {within} needs at least {min_levels}")
+        raise ClapError(f"only {len(levels)} {within} value(s) left for {dv}{where}: a test across {within} "
+                        f"needs at least {min_levels}")
     if between:
-        sizes = cells.drop_duplicates(subject)[between].value_counts()
-        if len(sizes) < min_groups:
-            raise ClapError(f"only one {between} group ({', '.join(map(str, sizes.index))}) left{where}: comparing groups needs at least 2")
-        small = sizes[sizes < min_per_group]
-        if len(small):
-            raise ClapError(
-                f"{between} group(s) {', '.join(f'{g!r} ({n} probes)' for g, n in small.items())}{where}: "
-                f"comparing groups needs at least {min_per_group} complete probes per group"
-            )
+        _check_groups(cells, subject, between, where, min_groups=min_groups, min_per_group=min_per_group)
     cells = cells.reset_index(drop=True)
     return Prepared(
         data=cells,
@@ -322,6 +266,109 @@ def prepare(
         dropped_levels=dropped_levels,
         reduction=label,
     )
+
+
+def _check_one_module_role(rows: pd.DataFrame, where: str) -> None:
+    """Refuse raw module sites of several roles: their layer indices are not one layer effect."""
+    if "module" not in rows.columns or "site_kind" not in rows.columns:
+        return
+    raw = rows.loc[rows["site_kind"] == "module", "module"].dropna()
+    roles = sorted(set(raw.str.replace(r"\.\d+(?=\.|$)", ".*", n=1, regex=True)))
+    if len(roles) > 1:
+        raise ClapError(
+            f"raw module sites of different roles ({', '.join(roles[:4])}{' ...' if len(roles) > 4 else ''}) "
+            f"cannot be tested as one layer effect{where}; analyse one role at a time (e.g. restrict the data "
+            f"to rows whose module matches one of them)"
+        )
+
+
+def _check_constant_per_subject(rows: pd.DataFrame, subject: str, between: str) -> None:
+    """Refuse a ``between`` label that changes within a subject: a subject belongs to exactly one group."""
+    labels = rows.groupby(subject, observed=True)[between].nunique()
+    mixed = labels[labels > 1]
+    if len(mixed):
+        raise ClapError(
+            f"column {between!r} must be constant per {subject}; {subject} {mixed.index[0]!r} has "
+            f"{int(mixed.iloc[0])} different labels"
+        )
+
+
+def _cells(
+    rows: pd.DataFrame,
+    dv: str,
+    keys: list[str],
+    subject: str,
+    agg: Agg | None,
+    where: str,
+    **reduction: Any,
+) -> tuple[pd.DataFrame, str]:
+    """One value per (subject, level[, group]) cell and a label saying how positions and heads were reduced.
+
+    ``agg`` pools every position and head; otherwise :func:`reduce_cells` applies the named rules per probe and
+    several probes of one subject (e.g. one clean prompt) are averaged.
+    """
+    if agg is not None:
+        cells = rows.groupby(keys, observed=True, sort=True)[dv].agg(agg).reset_index()
+        return cells, f"{agg} over positions and heads"
+    per_probe = list(dict.fromkeys(["probe_id", *keys])) if "probe_id" in rows.columns else keys
+    cells, label = reduce_cells(rows, dv, per_probe, where=where, **reduction)
+    if per_probe != keys:  # several probes per subject (e.g. one clean prompt): average them
+        cells = cells.groupby(keys, observed=True, sort=True)[dv].mean().reset_index()
+        label += f"; probes averaged per {subject}"
+    if cells.empty:
+        raise ClapError(f"no values left for {dv}{where} after the reduction ({label})")
+    return cells, label
+
+
+def _apply_missing_policy(
+    cells: pd.DataFrame, dv: str, within: str, subject: str, missing: MissingPolicy, where: str
+) -> tuple[pd.DataFrame, list[Any], list[Any]]:
+    """Make the design complete as ``missing`` says: drop incomplete subjects or levels, refuse, or keep gaps.
+
+    Returns the cells and the dropped subjects and levels; a drop is announced with an :class:`AnalysisWarning`
+    (one stack level deeper than :func:`prepare`'s own warnings, so all of them point at the same caller).
+    """
+    wide = cells.pivot(index=subject, columns=within, values=dv)
+    if missing == "keep" or not wide.isna().any().any():
+        return cells, [], []
+    n_all = len(wide)
+    incomplete = wide.index[wide.isna().any(axis=1)].tolist()
+    gaps = {s: [lvl for lvl in wide.columns if pd.isna(wide.loc[s, lvl])] for s in incomplete}
+    detail = "; ".join(f"{s}: {within} {', '.join(map(str, g))}" for s, g in list(gaps.items())[:5])
+    if len(gaps) > 5:
+        detail += f"; and {len(gaps) - 5} more"
+    if missing == "error":
+        raise ClapError(f"{len(incomplete)} of {n_all} {subject}s lack some {within} values{where} ({detail}); "
+                        "choose missing='drop_subjects' or 'drop_levels'")
+    if missing == "drop_subjects":
+        warnings.warn(
+            f"dropped {len(incomplete)} of {n_all} {subject}s lacking some {within} values{where} ({detail})",
+            AnalysisWarning,
+            stacklevel=4,
+        )
+        return cells[~cells[subject].isin(incomplete)], incomplete, []
+    dropped_levels = [lvl for lvl in wide.columns if wide[lvl].isna().any()]
+    warnings.warn(
+        f"dropped {within} {', '.join(map(str, dropped_levels))}{where}: some {subject}s lack them ({detail})",
+        AnalysisWarning,
+        stacklevel=4,
+    )
+    return cells[~cells[within].isin(dropped_levels)], [], dropped_levels
+
+
+def _check_groups(cells: pd.DataFrame, subject: str, between: str, where: str, *, min_groups: int,
+                  min_per_group: int) -> None:
+    """Refuse a group comparison with too few groups, or a group with too few complete subjects."""
+    sizes = cells.drop_duplicates(subject)[between].value_counts()
+    if len(sizes) < min_groups:
+        raise ClapError(f"only one {between} group ({', '.join(map(str, sizes.index))}) left{where}: "
+                        "comparing groups needs at least 2")
+    small = sizes[sizes < min_per_group]
+    if len(small):
+        raise ClapError(
+            f"{between} group(s) {', '.join(f'{g!r} ({n} probes)' for g, n in small.items())}{where}: "
+            f"comparing groups needs at least {min_per_group} complete probes per group"
+        )
 
 
 def analysis_units(data: pd.DataFrame, within: str = "layer", include_trivial: bool = False) -> pd.DataFrame:

@@ -39,7 +39,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,8 +85,8 @@ def _require_error_variance(prep: Prepared, test: str, between: str | None = Non
     if _no_variance(resid, x):
         raise ClapError(
             f"the {test} is undefined for {prep.dv}{_where(prep)}: no error variance: the values do not vary "
-            f"beyond a constant per {prep.subject} (the {prep.within} x {prep.subject} residuals are zero relative to the "
-            "data), so an F ratio would divide by rounding noise"
+            f"beyond a constant per {prep.subject} (the {prep.within} x {prep.subject} residuals are zero relative to "
+            "the data), so an F ratio would divide by rounding noise"
         )
 
 
@@ -101,7 +102,8 @@ def np2_ci(F: float, ddof1: float, ddof2: float, ci: float = 0.95) -> tuple[floa
     ``(1 - ci) / 2`` (a bound is 0 when even ``lambda = 0`` is beyond it) and are converted with
     ``lambda / (lambda + ddof1 + ddof2 + 1)``.
     """
-    from scipy import optimize, stats as sps
+    from scipy import optimize
+    from scipy import stats as sps
 
     if not np.isfinite(F) or F < 0:
         return np.nan, np.nan
@@ -127,8 +129,9 @@ def hedges_ci(g: np.ndarray, nx: np.ndarray, ny: np.ndarray | None = None, paire
         g = np.atleast_1d(np.asarray(g, float))
         nx = np.broadcast_to(np.asarray(nx), g.shape)
         ny_ = np.broadcast_to(np.asarray(1 if ny is None else ny), g.shape)
-        out = [pg.compute_esci(float(v), nx=int(a), ny=int(b), paired=paired, eftype="hedges", confidence=ci, decimals=12)
-               if np.isfinite(v) and a > 1 else (np.nan, np.nan) for v, a, b in zip(g, nx, ny_)]
+        out = [pg.compute_esci(float(v), nx=int(a), ny=int(b), paired=paired, eftype="hedges", confidence=ci,
+                               decimals=12)
+               if np.isfinite(v) and a > 1 else (np.nan, np.nan) for v, a, b in zip(g, nx, ny_, strict=True)]
     arr = np.asarray(out, float).reshape(-1, 2)
     return arr[:, 0], arr[:, 1]
 
@@ -188,7 +191,8 @@ def rm_anova(
     prep = prepare(data, dv, within, subject, **select)
     _require_error_variance(prep, "repeated-measures ANOVA")
     with _quiet_pingouin() as pg:
-        detailed = pg.rm_anova(prep.data, dv=dv, within=within, subject=subject, detailed=True, correction=True, effsize="np2")
+        detailed = pg.rm_anova(prep.data, dv=dv, within=within, subject=subject, detailed=True, correction=True,
+                               effsize="np2")
     _require_statistic(detailed, "F", "repeated-measures ANOVA", prep)
     effect, error = detailed.iloc[0], detailed.iloc[1]
     k, n = len(prep.levels), prep.n_subjects
@@ -221,7 +225,8 @@ def _sphericity(effect: pd.Series, k: int, n: int) -> dict[str, Any]:
         return {"sphericity": True, "W_spher": np.nan, "p_spher": np.nan}
     if n < k or "W_spher" not in effect:  # the (k-1)x(k-1) covariance of contrasts is singular
         return {"sphericity": pd.NA, "W_spher": np.nan, "p_spher": np.nan}
-    return {"sphericity": bool(effect["sphericity"]), "W_spher": float(effect["W_spher"]), "p_spher": float(effect["p_spher"])}
+    return {"sphericity": bool(effect["sphericity"]), "W_spher": float(effect["W_spher"]),
+            "p_spher": float(effect["p_spher"])}
 
 
 FRIEDMAN_COLUMNS = ["Source", "Q", "ddof1", "p_unc", "W"]
@@ -246,7 +251,8 @@ def friedman(
         res = pg.friedman(prep.data, dv=dv, within=within, subject=subject, method="chisq")
     _require_statistic(res, "Q", "Friedman test", prep)
     r = res.iloc[0]
-    row = {"Source": within, "Q": float(r["Q"]), "ddof1": int(r["ddof1"]), "p_unc": float(r["p_unc"]), "W": float(r["W"])}
+    row = {"Source": within, "Q": float(r["Q"]), "ddof1": int(r["ddof1"]), "p_unc": float(r["p_unc"]),
+           "W": float(r["W"])}
     return _annotate(pd.DataFrame([row], columns=FRIEDMAN_COLUMNS), prep)
 
 
@@ -290,7 +296,8 @@ def mixed_anova(
     prep = prepare(data, dv, within, subject, between=between, **select)
     _require_error_variance(prep, "mixed ANOVA", between=between)
     with _quiet_pingouin() as pg:
-        res = pg.mixed_anova(prep.data, dv=dv, within=within, between=between, subject=subject, correction=True, effsize="np2")
+        res = pg.mixed_anova(prep.data, dv=dv, within=within, between=between, subject=subject, correction=True,
+                             effsize="np2")
     _require_statistic(res, "F", "mixed ANOVA", prep)
     if ss_type == 3:
         res = _type3_within(res, prep, between)
@@ -396,7 +403,7 @@ def pairwise_within(
             "T": res["T"].astype(float).to_numpy(),
             "dof": res["dof"].astype(float).to_numpy(),
             "p_unc": res["p_unc"].astype(float).to_numpy(),
-            "p_corr": res["p_corr"].astype(float).to_numpy() if "p_corr" in res else res["p_unc"].astype(float).to_numpy(),
+            "p_corr": (res["p_corr"] if "p_corr" in res else res["p_unc"]).astype(float).to_numpy(),
             "p_adjust": padjust,
             "hedges": res["hedges"].astype(float).to_numpy(),
             "n": prep.n_subjects,
@@ -406,7 +413,7 @@ def pairwise_within(
     wide = prep.data.pivot(index=subject, columns=within, values=dv)
     scale = wide.to_numpy(float)
     note = []
-    for a, b in zip(out["A"], out["B"]):
+    for a, b in zip(out["A"], out["B"], strict=True):
         d = (wide[a] - wide[b]).to_numpy(float)
         note.append("undefined: the paired differences do not vary" if _no_variance(d - d.mean(), scale) else "")
     out["note"] = note
@@ -527,7 +534,7 @@ def one_sample(
         for key, cell in prep.data.groupby(keys, sort=True):
             x = cell[dv].to_numpy(float)
             key = key if isinstance(key, tuple) else (key,)
-            row: dict[str, Any] = dict(zip(keys, key))
+            row: dict[str, Any] = dict(zip(keys, key, strict=True))
             row.update(n=len(x), mean=x.mean(), sd=x.std(ddof=1) if len(x) > 1 else np.nan, popmean=popmean,
                        T=np.nan, dof=len(x) - 1, p_unc=np.nan, hedges=np.nan, ci_low=np.nan, ci_high=np.nan, note="")
             if len(x) < 2:

@@ -19,8 +19,9 @@ overall means. ``clean`` and ``corrupted`` are drawn per probe and metric and ``
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,8 @@ from analyses.io import save_results
 
 DEFAULT_TOKENS = ("The", " Eiffel", " Tower", " is", " located", " in")
 DEFAULT_GROUPS: Mapping[str, Sequence[str]] = {"knowledge_type": ("definitional", "associative")}
-KIND_SCALE = {"resid_pre": 1.0, "resid_post": 1.0, "block_out": 1.0, "attn_out": 0.45, "mlp_out": 0.8, "head": 0.2, "module": 0.7}
+KIND_SCALE = {"resid_pre": 1.0, "resid_post": 1.0, "block_out": 1.0, "attn_out": 0.45, "mlp_out": 0.8, "head": 0.2,
+              "module": 0.7}
 
 
 def make_results(
@@ -74,47 +76,52 @@ def make_results(
     first = next(iter(group_cols), None)
     n_groups = len(group_cols[first]) if first else 1
     centre = (
-        np.array([group_cols[first].index(labels[first][p]) for p in range(n_probes)], float) / max(n_groups - 1, 1) - 0.5
+        np.array([group_cols[first].index(labels[first][p]) for p in range(n_probes)], float)
+        / max(n_groups - 1, 1) - 0.5
         if first
         else np.zeros(n_probes)
     )
     offsets = rng.normal(0.0, probe_sd, n_probes)
-    undefined = set(rng.choice(n_probes, size=min(undefined_probes, n_probes), replace=False).tolist()) if undefined_probes else set()
+    undefined = (set(rng.choice(n_probes, size=min(undefined_probes, n_probes), replace=False).tolist())
+                 if undefined_probes else set())
 
     frames = []
-    for m_i, metric in enumerate(metrics):
+    for metric in metrics:
         clean, corrupted = _endpoints(metric, n_probes, rng)
         for p in undefined:
             corrupted[p] = clean[p]
         for kind in site_kinds:
             scale = KIND_SCALE.get(kind, 0.7)
             # shape (probe, layer, position)
-            mean = (profile[None, :] + interaction * centre[:, None] * ramp[None, :])[:, :, None] * scale * weights[None, None, :]
+            mean = ((profile[None, :] + interaction * centre[:, None] * ramp[None, :])[:, :, None] * scale
+                    * weights[None, None, :])
             rec = mean + offsets[:, None, None] + rng.normal(0.0, noise_sd, (n_probes, n_layers, n_pos))
             p_idx, l_idx, t_idx = np.meshgrid(np.arange(n_probes), layers, np.arange(n_pos), indexing="ij")
             p_idx, l_idx, t_idx, rec = p_idx.ravel(), l_idx.ravel(), t_idx.ravel(), rec.ravel()
             frames.append(
-                _rows(p_idx, l_idx, t_idx, rec, clean, corrupted, kind, metric, tokens, labels, operation, direction, trivial=False)
+                _rows(p_idx, l_idx, t_idx, rec, clean, corrupted, kind, metric, tokens, labels, operation, direction,
+                      trivial=False)
             )
         if trivial_sites:
             last = n_pos - 1
             for kind in ("unembed", "final_norm"):
                 p_idx = np.arange(n_probes)
                 frames.append(
-                    _rows(p_idx, None, np.full(n_probes, last), np.ones(n_probes), clean, corrupted, kind, metric, tokens,
-                          labels, operation, direction, trivial=True)
+                    _rows(p_idx, None, np.full(n_probes, last), np.ones(n_probes), clean, corrupted, kind, metric,
+                          tokens, labels, operation, direction, trivial=True)
                 )
     data = pd.concat(frames, ignore_index=True)
     if missing_cells:
-        pairs = [(p, l) for p in range(n_probes) for l in range(n_layers)]
+        pairs = [(p, layer) for p in range(n_probes) for layer in range(n_layers)]
         drop = rng.choice(len(pairs), size=min(missing_cells, len(pairs)), replace=False)
         gone = {(f"p{pairs[i][0]:03d}", pairs[i][1]) for i in drop}
-        key = list(zip(data["probe_id"], data["layer"].fillna(-1).astype(int)))
+        key = list(zip(data["probe_id"], data["layer"].fillna(-1).astype(int), strict=True))
         data = data[[k not in gone for k in key]].reset_index(drop=True)
     return data
 
 
-def make_meta(data: pd.DataFrame, *, seed: int = 0, group_columns: Sequence[str] | None = None, **spec: Any) -> dict[str, Any]:
+def make_meta(data: pd.DataFrame, *, seed: int = 0, group_columns: Sequence[str] | None = None,
+              **spec: Any) -> dict[str, Any]:
     """A ``run.json`` sidecar for synthetic ``data``: a plausible spec, a synthetic model identity, versions."""
     import importlib.metadata as md
 
@@ -156,7 +163,10 @@ def make_meta(data: pd.DataFrame, *, seed: int = 0, group_columns: Sequence[str]
 
 
 def write_synthetic(results_dir: str | Path, *, seed: int = 0, **kwargs: Any) -> Path:
-    """Write synthetic ``results.parquet`` and ``run.json`` into ``results_dir``; ``kwargs`` go to :func:`make_results`."""
+    """Write synthetic ``results.parquet`` and ``run.json`` into ``results_dir``.
+
+    ``kwargs`` go to :func:`make_results`.
+    """
     data = make_results(seed=seed, **kwargs)
     groups = kwargs.get("groups", DEFAULT_GROUPS) or {}
     meta = make_meta(data, seed=seed, group_columns=list(groups))
@@ -243,7 +253,7 @@ def _rows(p_idx, l_idx, t_idx, rec, clean, corrupted, kind, metric, tokens, labe
         site = np.full(n, "lm_head" if kind == "unembed" else "final_norm", dtype=object)
         layer = pd.array([pd.NA] * n, dtype="Int64")
     else:
-        site = np.array([f"layers.{l}.{kind}" for l in l_idx], dtype=object)
+        site = np.array([f"layers.{index}.{kind}" for index in l_idx], dtype=object)
         layer = pd.array(l_idx, dtype="Int64")
     frame = {
         "probe_id": np.array([f"p{p:03d}" for p in p_idx], dtype=object),

@@ -14,7 +14,8 @@ such probes into one subject.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,8 @@ def shared_clean_prompts(prompts: pd.Series | None) -> pd.DataFrame:
                          "probe_ids": [", ".join(map(str, v)) for v in shared]})
 
 
-def probe_validity(data: pd.DataFrame, meta: Mapping[str, Any] | None = None, metric: str = "logit_diff") -> pd.DataFrame:
+def probe_validity(data: pd.DataFrame, meta: Mapping[str, Any] | None = None,
+                   metric: str = "logit_diff") -> pd.DataFrame:
     """One row per probe: ``probe_id``, its labels, ``clean_prompt`` (NA when run.json lacks it),
     ``clean_logit_diff``, ``corrupted_logit_diff`` (the metric on the unpatched runs), ``flips`` (opposite signs:
     the corruption reverses the preference), ``abs_diff`` (|clean - corrupted|), ``excluded`` / ``reason`` (filled
@@ -56,7 +58,8 @@ def probe_validity(data: pd.DataFrame, meta: Mapping[str, Any] | None = None, me
     probes = data.drop_duplicates("probe_id")[["probe_id", *labels]].set_index("probe_id")
     rows = data[data["metric"] == metric] if "metric" in data.columns else data.iloc[0:0]
     ends = rows.groupby("probe_id", observed=True)[["clean", "corrupted"]].first()
-    out = probes.join(ends, how="left").rename(columns={"clean": "clean_logit_diff", "corrupted": "corrupted_logit_diff"})
+    out = probes.join(ends, how="left").rename(
+        columns={"clean": "clean_logit_diff", "corrupted": "corrupted_logit_diff"})
     prompts = clean_prompts(meta or {}, out.index.tolist())
     out["clean_prompt"] = prompts.to_numpy() if prompts is not None else pd.NA
     c, k = out["clean_logit_diff"].astype(float), out["corrupted_logit_diff"].astype(float)

@@ -11,7 +11,8 @@ minutes for SmolLM2 on two CPU cores, so the epoch time is extrapolated from the
 (checkpoint saving, ~1-3 s per epoch, is not included). Rates exclude the first step (allocator warm-up). For the
 tiny model one real epoch of each preset is also run (``--full-epoch``), which checks the extrapolation.
 
-    python bench/finetune_throughput.py [--models tiny smollm2-135m] [--steps 4] [--full-epoch tiny] [--out bench/results]
+    python bench/finetune_throughput.py [--models tiny smollm2-135m] [--steps 4] [--full-epoch tiny] \
+        [--out bench/results]
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def tiny_gpt2(out: Path) -> Path:
 
 def full_rows(corpus: Path, model: str, preset: str) -> dict:
     """Rows and real tokens of one full epoch (the whole train and validation splits) under ``preset``."""
+    from clap.models import load_hf_model
     from finetuning.config import from_preset
     from finetuning.data import load_corpus, prepare_datasets, training_tokenizer
-    from interventions.models import load_hf_model
 
     _, tok, _ = load_hf_model(model)
     _, _, stats = prepare_datasets(load_corpus(corpus), training_tokenizer(tok), from_preset(preset))
@@ -67,8 +68,8 @@ def measure(corpus: Path, model: str, preset: str, steps: int, batch: int, eval_
     """Run ``steps`` optimiser steps of ``preset`` (accumulation 1, micro-batch ``batch``) and time them."""
     from transformers import TrainerCallback
 
-    from finetuning.train import finetune
     from finetuning.config import from_preset
+    from finetuning.train import finetune
 
     marks: list[tuple[int, float, int]] = []
 
@@ -107,8 +108,8 @@ def measure(corpus: Path, model: str, preset: str, steps: int, batch: int, eval_
 
 def full_epoch(corpus: Path, model: str, preset: str, work: Path) -> dict:
     """One real epoch of ``preset`` as configured (batch 8, accumulation 4, evaluation and checkpoint at the end)."""
-    from finetuning.train import finetune
     from finetuning.config import from_preset
+    from finetuning.train import finetune
 
     started = time.perf_counter()
     result = finetune(corpus, model, work / f"epoch-{Path(model).name}-{preset}", from_preset(preset, epochs=1),

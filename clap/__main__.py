@@ -2,6 +2,6 @@
 
 import sys
 
-from clap.cli import main
+from clap.app.cli import main
 
 sys.exit(main())

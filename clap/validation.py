@@ -7,12 +7,19 @@ was wrong, and a fix to the formatting should reach all of them.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clap.errors import closest
 from clap.yamlio import line_of
+
+
+class StrictModel(BaseModel):
+    """A schema that refuses unknown fields: a misspelt key is an error with a 'did you mean', never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 #: pydantic's names for union members in an error location (``'int'``, ``'str'``, ...): not data keys.
 _TYPE_TAGS = {"int", "str", "float", "bool", "list", "dict"}

@@ -35,10 +35,11 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from corpora.errors import CorpusError, ProblemLog
 from corpora.filtering import DEFAULT_TERMS, TermFilter

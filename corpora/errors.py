@@ -8,9 +8,9 @@ names the file, the line or record and what was expected) or, under ``--skip-bad
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from clap.errors import ClapError
 

@@ -27,9 +27,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from corpora.errors import CorpusError
-from corpora.errors import EutilsError
-from corpora.eutils import PUBMED_HISTORY_LIMIT, EutilsClient, HistoryExpired, SearchResult
+from corpora.errors import CorpusError, EutilsError
+from corpora.eutils import (
+    PUBMED_HISTORY_LIMIT,
+    EutilsClient,
+    HistoryExpired,
+    SearchResult,
+)
 from corpora.store import RecordStore
 
 log = logging.getLogger(__name__)
@@ -112,21 +116,8 @@ def _fetch(store_dir: str | Path, query: FetchQuery, client: EutilsClient, batch
                                   datetype=query.datetype)
 
         result = search()
-        target = result.count if query.limit is None else min(result.count, query.limit)
-        if target > PUBMED_HISTORY_LIMIT:
-            log.warning("%d records match; PubMed serves only the first %d of a search; narrow it with "
-                        "--mindate/--maxdate and fetch each range into the same store",
-                        target, PUBMED_HISTORY_LIMIT)
-            target = PUBMED_HISTORY_LIMIT
-        start = 0
-        if previous and previous.get("count") == result.count and previous.get("target") == target:
-            start = min(int(previous.get("next_retstart", 0)), target)
-            if start:
-                log.info("resuming %r at record %d of %d", query.term, start, target)
-        elif previous:
-            log.warning("%r now matches %d records (was %d); fetching again from the start, "
-                        "records already stored are kept and not duplicated",
-                        query.term, result.count, previous.get("count"))
+        target = _capped_target(result.count, query.limit)
+        start = _resume_point(previous, query.term, result.count, target)
         entry = {
             "query": asdict(query),
             "count": result.count,
@@ -144,16 +135,8 @@ def _fetch(store_dir: str | Path, query: FetchQuery, client: EutilsClient, batch
             with tqdm(total=target, initial=start, unit="rec", desc="fetch", disable=not progress) as bar:
                 while retstart < target:
                     size = min(batch_size, target - retstart)
-                    try:
-                        records = client.efetch(result, retstart, size)
-                    except HistoryExpired:
-                        log.info("history session expired; searching again")
-                        result = search()
-                        if result.count != entry["count"]:
-                            raise CorpusError(
-                                f"{query.term!r} changed while fetching ({entry['count']} -> {result.count} "
-                                "records); rerun the fetch to start over (stored records are kept)")
-                        records = client.efetch(result, retstart, size)
+                    records, result = _efetch_page(client, search, result, query.term, entry["count"], retstart,
+                                                   size)
                     for record in records:
                         record.source_file = "efetch"
                     added += store.add(records)
@@ -179,6 +162,46 @@ def _fetch(store_dir: str | Path, query: FetchQuery, client: EutilsClient, batch
         return FetchReport(count=result.count, target=target, started_at=start, added=added,
                            returned=returned, missing=missing, recovered=recovered, store_size=len(store),
                            requests=client.requests_sent)
+
+
+def _capped_target(count: int, limit: int | None) -> int:
+    """How many records this run aims for: the search's count, capped by the user's limit and PubMed's history cap."""
+    target = count if limit is None else min(count, limit)
+    if target > PUBMED_HISTORY_LIMIT:
+        log.warning("%d records match; PubMed serves only the first %d of a search; narrow it with "
+                    "--mindate/--maxdate and fetch each range into the same store",
+                    target, PUBMED_HISTORY_LIMIT)
+        target = PUBMED_HISTORY_LIMIT
+    return target
+
+
+def _resume_point(previous: dict | None, term: str, count: int, target: int) -> int:
+    """The offset to continue at: the saved one only if the result set kept its size (else offsets moved)."""
+    if previous and previous.get("count") == count and previous.get("target") == target:
+        start = min(int(previous.get("next_retstart", 0)), target)
+        if start:
+            log.info("resuming %r at record %d of %d", term, start, target)
+        return start
+    if previous:
+        log.warning("%r now matches %d records (was %d); fetching again from the start, "
+                    "records already stored are kept and not duplicated",
+                    term, count, previous.get("count"))
+    return 0
+
+
+def _efetch_page(client: EutilsClient, search, result: SearchResult, term: str, count: int, retstart: int,
+                 size: int) -> tuple[list, SearchResult]:
+    """One page of records, searching again once if the history session expired (returns the search used)."""
+    try:
+        return client.efetch(result, retstart, size), result
+    except HistoryExpired:
+        log.info("history session expired; searching again")
+        result = search()
+        if result.count != count:
+            raise CorpusError(
+                f"{term!r} changed while fetching ({count} -> {result.count} "
+                "records); rerun the fetch to start over (stored records are kept)") from None
+        return client.efetch(result, retstart, size), result
 
 
 def _verify(client: EutilsClient, search, result: SearchResult, store: RecordStore, target: int,

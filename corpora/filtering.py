@@ -10,9 +10,9 @@ the hyphenated "anti-epileptic" does count for both (the hyphen is a word bounda
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from corpora.errors import CorpusError, CorpusInputError
 

@@ -7,8 +7,8 @@ and a hand export of the same table give the same records.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from corpora.errors import CorpusError, ProblemLog
 from corpora.parse_table import records_from_rows

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from corpora.errors import CorpusInputError, ProblemLog
 from corpora.records import PubmedRecord
@@ -47,6 +47,31 @@ def _record(fields: list[tuple[str, str, int]], source: str) -> PubmedRecord:
     )
 
 
+def _opens_citation(line: str) -> bool:
+    """Whether ``line`` is a ``PMID- `` line, which starts a new citation even without a blank line before it."""
+    match = _TAG_LINE.match(line)
+    return bool(match) and match.group(1) == "PMID"
+
+
+def _fold_line(fields: list[tuple[str, str, int]], line: str, lineno: int, name: str) -> None:
+    """Add one non-blank line to the citation being read: a new ``TAG - value`` or the continuation of the last.
+
+    Kept apart from the reading loop so that loop only decides where citations end; a line that fits nowhere
+    raises :class:`CorpusInputError` and the caller drops the citation.
+    """
+    if line[0] == " ":
+        if not fields:
+            raise CorpusInputError(name, "continuation line with no 'TAG - ' line before it", line=lineno)
+        tag, value, first = fields[-1]
+        fields[-1] = (tag, f"{value} {line.strip()}".strip(), first)
+        return
+    match = _TAG_LINE.match(line)
+    if not match:
+        raise CorpusInputError(
+            name, f"expected 'TAG - value' (e.g. 'PMID- 123', 'AB  - ...'), got {line[:40]!r}", line=lineno)
+    fields.append((match.group(1), match.group(2).strip(), lineno))
+
+
 def iter_medline(path: str | Path, problems: ProblemLog | None = None, source: str | None = None
                  ) -> Iterator[PubmedRecord]:
     """Stream the citations of a MEDLINE tagged-text file (plain or gzipped)."""
@@ -70,31 +95,18 @@ def iter_medline(path: str | Path, problems: ProblemLog | None = None, source: s
         try:
             for lineno, line in enumerate(text, start=1):
                 line = line.rstrip("\r\n")
-                if not line.strip():
+                blank = not line.strip()
+                if blank or (fields and _opens_citation(line)):  # a PMID line with no blank line before it
                     yield from finish()
                     fields, bad_citation = [], False
+                if blank:
                     continue
                 seen_any = True
-                if line[0] == " ":
-                    if not fields:
-                        problems.report(CorpusInputError(
-                            name, "continuation line with no 'TAG - ' line before it", line=lineno))
-                        bad_citation = True
-                        continue
-                    tag, value, first = fields[-1]
-                    fields[-1] = (tag, f"{value} {line.strip()}".strip(), first)
-                    continue
-                match = _TAG_LINE.match(line)
-                if not match:
-                    problems.report(CorpusInputError(
-                        name, f"expected 'TAG - value' (e.g. 'PMID- 123', 'AB  - ...'), got {line[:40]!r}",
-                        line=lineno))
+                try:
+                    _fold_line(fields, line, lineno, name)
+                except CorpusInputError as exc:
+                    problems.report(exc)
                     bad_citation = True
-                    continue
-                if match.group(1) == "PMID" and fields:  # a citation starting without a blank line before it
-                    yield from finish()
-                    fields, bad_citation = [], False
-                fields.append((match.group(1), match.group(2).strip(), lineno))
         except UnicodeDecodeError as exc:
             problems.report(CorpusInputError(name, f"not UTF-8 text ({exc.reason})", line=lineno + 1))
             return

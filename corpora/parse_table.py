@@ -14,8 +14,9 @@ import io
 import math
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from clap.errors import closest
 from corpora.errors import CorpusInputError, ProblemLog
@@ -160,8 +161,8 @@ def _iter_delimited(path: Path, delimiter: str, name: str, problems: ProblemLog)
                     problems.report(CorpusInputError(
                         name, f"row has {len(row)} cells, header has {len(header)}", line=reader.line_num))
                     continue
-                try:
-                    yield record_from_row(dict(zip(header, row)), mapping, name, line=reader.line_num)
+                try:  # a shorter row (trailing cells left out) leaves those columns absent
+                    yield record_from_row(dict(zip(header, row, strict=False)), mapping, name, line=reader.line_num)
                 except CorpusInputError as exc:
                     problems.report(exc)
         except UnicodeDecodeError as exc:
@@ -171,6 +172,11 @@ def _iter_delimited(path: Path, delimiter: str, name: str, problems: ProblemLog)
         except GZIP_ERRORS as exc:
             problems.report(CorpusInputError(name, f"gzip stream ends early or is damaged: {exc}",
                                              line=reader.line_num))
+
+
+def _has_cells(values: tuple) -> bool:
+    """Whether a worksheet row holds any non-blank cell (blank rows are skipped, before and after the header)."""
+    return any(v is not None and str(v).strip() for v in values)
 
 
 def _iter_xlsx(path: Path, name: str, problems: ProblemLog) -> Iterator[PubmedRecord]:
@@ -187,21 +193,17 @@ def _iter_xlsx(path: Path, name: str, problems: ProblemLog) -> Iterator[PubmedRe
     try:
         sheet = workbook.worksheets[0]
         rows = sheet.iter_rows(values_only=True)
-        header: tuple | None = None
-        line = 0
-        for line, values in enumerate(rows, start=1):
-            if any(v is not None and str(v).strip() for v in values):
-                header = values
-                break
+        header_line, header = next(((n, values) for n, values in enumerate(rows, start=1) if _has_cells(values)),
+                                   (0, None))
         if header is None:
             raise CorpusInputError(name, f"sheet {sheet.title!r} is empty (no header row)")
         keys = [str(h) if h is not None else "" for h in header]
-        mapping = map_columns(keys, name, line=line)
-        for line, values in enumerate(rows, start=line + 1):
-            if not any(v is not None and str(v).strip() for v in values):
+        mapping = map_columns(keys, name, line=header_line)
+        for line, values in enumerate(rows, start=header_line + 1):
+            if not _has_cells(values):
                 continue
-            try:
-                yield record_from_row(dict(zip(keys, values)), mapping, name, line=line)
+            try:  # row and header may differ in length (openpyxl trims rows); unmatched cells are left out
+                yield record_from_row(dict(zip(keys, values, strict=False)), mapping, name, line=line)
             except CorpusInputError as exc:
                 problems.report(exc)
     finally:

@@ -7,8 +7,8 @@ no Abstract column) raises, or under ``--skip-bad`` is reported and the next fil
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from corpora.errors import CorpusInputError, ProblemLog
 from corpora.records import Event

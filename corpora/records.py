@@ -9,7 +9,7 @@ apply "latest wins" exactly as PubMed's baseline + update files intend.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
 #: Columns of the built dataset and of its JSONL files, in order. ``text`` is what a language model is
 #: fine-tuned on (title, blank line, abstract); ``matched_terms`` names the filter terms the record mentions.
@@ -73,7 +73,7 @@ class PubmedRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PubmedRecord":
+    def from_dict(cls, data: dict[str, Any]) -> PubmedRecord:
         """Inverse of :meth:`to_dict`; unknown keys (e.g. ``text`` of a built corpus) are ignored."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         known["pmid"] = str(known["pmid"])
@@ -109,7 +109,7 @@ class Deletion:
     source_file: str = ""
 
 
-Event = Union[PubmedRecord, Deletion]
+Event = PubmedRecord | Deletion
 
 
 def dataset_features():

@@ -18,7 +18,7 @@ import html
 import logging
 import re
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from urllib.parse import quote, quote_plus
 
 from clap.errors import ClapError
@@ -99,7 +99,7 @@ class Redactor:
                 record = previous(*args, **kwargs)
                 try:
                     message = record.getMessage()
-                except (TypeError, ValueError):  # a malformed call: leave it to logging's own error report, but redacted
+                except (TypeError, ValueError):  # a malformed call: left to logging's own error report, redacted
                     message = f"{record.msg!s} {record.args!r}"
                 record.msg, record.args = self(message), None
                 if record.exc_info:

@@ -8,7 +8,7 @@ set of PMIDs and the seed, not on the order the inputs were read in.
 from __future__ import annotations
 
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 from corpora.errors import CorpusError
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -130,7 +131,7 @@ def corpus_terms(path: str | Path) -> dict[str, str] | None:
         if not isinstance(terms, dict) or not all(isinstance(v, str) for v in terms.values()):
             raise ValueError("'terms' is not a NAME -> REGEX mapping")
     except (ValueError, AttributeError) as exc:  # AttributeError: the JSON is not an object
-        raise CorpusInputError(manifest, f"not a corpus manifest ({exc}); rebuild the corpus or pass --term")
+        raise CorpusInputError(manifest, f"not a corpus manifest ({exc}); rebuild the corpus or pass --term") from exc
     return dict(terms) or None
 
 

@@ -19,8 +19,9 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 from corpora.errors import CorpusError, CorpusInputError, ProblemLog
 from corpora.records import PubmedRecord
@@ -162,7 +163,7 @@ class RecordStore:
 
     # -- exclusive writer --------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "RecordStore":
+    def __enter__(self) -> RecordStore:
         self._lock = open(self.directory / LOCK, "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,12 +16,18 @@ Modules, one job each:
 - ``cli``     ``clap finetune``
 
 Why a package of its own: fine-tuning reads the corpus folder that :mod:`corpora` writes but uses none of its
-code; models are loaded through :mod:`interventions.models`, the same loader ``clap patch`` uses.
+code; models are loaded through :mod:`clap.models`, the same loader ``clap patch`` uses.
 """
 
 from __future__ import annotations
 
-from finetuning.config import PRESETS, FinetuneConfig, FinetuneConfigError, from_preset, load_config
+from finetuning.config import (
+    PRESETS,
+    FinetuneConfig,
+    FinetuneConfigError,
+    from_preset,
+    load_config,
+)
 from finetuning.data import FinetuneDataError, load_corpus, prepare_datasets
 from finetuning.train import FinetuneError, FinetuneResult, finetune
 

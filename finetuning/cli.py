@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None,
                        help=f"override setting {RENAMED.get(flag, flag)}")
     p.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters, merged into the saved model")
-    p.add_argument("--lora-targets", help="comma-separated module names for LoRA (default: peft's for the architecture)")
+    p.add_argument("--lora-targets",
+                   help="comma-separated module names for LoRA (default: peft's for the architecture)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override any other setting (repeatable), e.g. --set append_eos=true")
     p.add_argument("--overwrite", action="store_true", help="discard previous outputs in OUT and start again")
@@ -77,8 +78,8 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[dict, dict[str, str]]
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetuning.train import finetune
     from finetuning.config import load_config
+    from finetuning.train import finetune
 
     changes, origins = overrides_from_args(args)
     config = load_config(args.preset, args.config, changes, origins)

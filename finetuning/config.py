@@ -10,11 +10,19 @@ otherwise train silently into garbage or fail deep inside the Trainer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 from clap.errors import ClapError, closest
 from clap.validation import validation_messages
@@ -137,7 +145,7 @@ class FinetuneConfig(BaseModel):
         """Where setting ``name`` was given, for error messages (``--device``, ``run.yaml:4: device``)."""
         return self._origins.get(name, f"fine-tuning setting {name}")
 
-    def validate(self) -> "FinetuneConfig":  # type: ignore[override]
+    def validate(self) -> FinetuneConfig:  # type: ignore[override]
         """Check the settings that depend on each other; return self so calls chain."""
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise FinetuneConfigError(f"{self.origin_of('eval_steps')}: expected a positive integer when "
@@ -153,7 +161,7 @@ class FinetuneConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
-    def replace(self, **changes: Any) -> "FinetuneConfig":
+    def replace(self, **changes: Any) -> FinetuneConfig:
         """A copy with ``changes`` applied (names and values checked), validated."""
         return apply_overrides(self, changes, origin="argument")
 

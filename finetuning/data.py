@@ -132,7 +132,9 @@ def _chunk(ids: list[list[int]], block: int) -> tuple[list[list[int]], int]:
     return [flat[i : i + block] for i in range(0, usable, block)], len(flat) - usable
 
 
-def tokenize_split(split: Any, tokenizer: Any, config: FinetuneConfig, limit: int | None = None) -> tuple[Any, SplitStats]:
+def tokenize_split(
+    split: Any, tokenizer: Any, config: FinetuneConfig, limit: int | None = None
+) -> tuple[Any, SplitStats]:
     """Token-id rows for one split: ``input_ids`` of at most ``max_length`` tokens, unpadded."""
     import datasets
 

@@ -16,7 +16,7 @@ Output folder ``OUT``::
     OUT/finetune.json        summary: settings, data statistics, steps, best checkpoint and loss, throughput
 
 ``OUT/model`` is written under a temporary name and renamed when complete, so a folder named ``model`` is
-always a whole model that :func:`interventions.models.load_hf_model` (and ``clap patch``) loads directly.
+always a whole model that :func:`clap.models.load_hf_model` (and ``clap patch``) loads directly.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -38,7 +39,12 @@ from clap.devices import resolve_device
 from clap.errors import ClapError
 from finetuning.checkpoints import SkippedCheckpoint, find_resumable, set_aside
 from finetuning.config import FinetuneConfig, load_config, resume_conflicts, write_yaml
-from finetuning.data import load_corpus, make_collator, prepare_datasets, training_tokenizer
+from finetuning.data import (
+    load_corpus,
+    make_collator,
+    prepare_datasets,
+    training_tokenizer,
+)
 from finetuning.log import CsvLogCallback, write_log_csv, write_loss_figure
 
 log = logging.getLogger(__name__)
@@ -109,7 +115,8 @@ def _check_output_path(out: Path, overwrite: bool) -> None:
         foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(OWN_NAMES))
         if foreign:
             raise FinetuneError(
-                f"refusing to overwrite {out}: it holds files that are not fine-tuning outputs ({', '.join(foreign[:5])})"
+                f"refusing to overwrite {out}: it holds files that are not fine-tuning outputs "
+                f"({', '.join(foreign[:5])})"
             )
 
 
@@ -279,7 +286,7 @@ def finetune(
     callbacks: Iterable[Any] = (),
     progress: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` (any source :func:`interventions.models.load_hf_model` accepts) on ``corpus``.
+    """Fine-tune ``model`` (any source :func:`clap.models.load_hf_model` accepts) on ``corpus``.
 
     Settings come from ``config`` or, when it is ``None``, from ``preset`` + ``config_file`` + ``overrides``. A
     rerun into the same ``output_dir`` resumes from its newest complete checkpoint (half-written newer ones are
@@ -288,7 +295,7 @@ def finetune(
     """
     from transformers import EarlyStoppingCallback, Trainer
 
-    from interventions.models import load_hf_model
+    from clap.models import load_hf_model
 
     if config is None:
         config = load_config(preset, config_file, overrides)

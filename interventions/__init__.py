@@ -15,11 +15,18 @@ Layers: :mod:`spec` (schema) -> :mod:`sites` / :mod:`probes` (resolution) -> :mo
 
 from __future__ import annotations
 
-from interventions.models import LoadedModel, load_model, wrap
+from clap.models import LoadedModel, load_model, wrap
 from interventions.sites import Site, SiteResolver
 from interventions.spec import OperationSpec, PatchGroup, ProbeSpec, StudySpec
 from interventions.study import Study
-from interventions.sweeps import attn_out_sweep, head_sweep, mlp_out_sweep, resid_pre_sweep, sweep, to_grid
+from interventions.sweeps import (
+    attn_out_sweep,
+    head_sweep,
+    mlp_out_sweep,
+    resid_pre_sweep,
+    sweep,
+    to_grid,
+)
 
 __all__ = [
     "LoadedModel",

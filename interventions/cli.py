@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from clap.contract import results_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     patch = subparsers.add_parser(
@@ -53,14 +55,14 @@ def run_patch(args: argparse.Namespace) -> int:
     n_undefined = int((~frame.recovery_defined).sum())
     print(
         f"{len(frame)} result rows ({frame.probe_id.nunique()} probes x {frame.site.nunique()} sites) "
-        f"written to {args.out / 'results.parquet'}"
+        f"written to {results_path(args.out)}"
         + (f"; {n_undefined} rows have undefined recovery (clean ~= corrupted)" if n_undefined else "")
     )
     return 0
 
 
 def run_sites(args: argparse.Namespace) -> int:
-    from interventions.models import load_model
+    from clap.models import load_model
     from interventions.sites import SiteResolver
 
     model = load_model(args.model)

@@ -21,7 +21,6 @@ from interventions.plan import Batch
 log = logging.getLogger(__name__)
 
 #: metric columns computed in every forward pass, in this order
-METRICS = ("logit_diff", "logit", "prob", "logprob", "kl")
 
 
 class RemoteError(ClapError):

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 
 from clap.errors import ClapError
+from clap.yamlio import SourceError, load_jsonl
 from interventions.probes import ProbeError, _answer_ids, read_probe_specs
 from interventions.spec import ProbeSetSpec, ProbeSpec
-from clap.yamlio import SourceError, load_jsonl
 
 
 @dataclass
@@ -194,7 +194,7 @@ def load_tokenizer(source: str) -> Any:
     """
     from transformers import AutoTokenizer, GPT2Tokenizer
 
-    from interventions.models import prepare_tokenizer, resolve_source
+    from clap.models import prepare_tokenizer, resolve_source
 
     path = Path(source).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and (path / "vocab.json").is_file():
@@ -276,7 +276,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.structural_only:
         tokenizer = load_tokenizer(args.model)
     else:
-        from interventions.models import load_model
+        from clap.models import load_model
 
         loaded = load_model(args.model, dtype=args.dtype, device=args.device)
         tokenizer, hf_model = loaded.tokenizer, loaded.hf

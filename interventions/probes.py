@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from pydantic import ValidationError
+
 from clap.errors import ClapError
+from clap.yamlio import SourceError, load_jsonl, load_yaml
 from interventions.spec import (
     IndexPositions,
     MatchPosition,
@@ -23,9 +26,6 @@ from interventions.spec import (
     ProbeSpec,
     format_validation_error,
 )
-from clap.yamlio import SourceError, load_jsonl, load_yaml
-
-from pydantic import ValidationError
 
 
 class ProbeError(ClapError):

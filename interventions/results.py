@@ -1,52 +1,32 @@
-"""Tidy results: one row per (probe, site, position, operation, metric), saved as Parquet + a JSON sidecar.
+"""Tidy results: the engine's side of the results contract (:mod:`clap.contract` defines the files, columns,
+dtypes, site kinds and metric names once; this module computes what goes into them).
 
-This schema is the contract with ``analyses/``:
-
-========================  ===========================================================================
-column                    meaning
-========================  ===========================================================================
-probe_id                  the probe's id
-<label columns>           one column per probe label (e.g. ``knowledge_type``); named in ``group_columns``
-site                      canonical site address (``layers.3.mlp_out``, ``layers.3.heads.7``, raw module path)
-site_kind                 embed / resid_pre / attn_out / head / mlp_out / resid_post / block_out /
-                          final_norm / unembed / module
-module                    the real module path patched
-layer, head               Int64 (NA outside the layer stack / for non-head sites)
-position                  Int64 token index in the unpadded target prompt (NA when several were patched)
-positions                 the position selection's label (``last``, ``3``, ``all``, ``match:Paris``)
-token                     the target-prompt token(s) at the patched position(s)
-source_token              the source-prompt token(s) aligned with the patched positions (the activation that
-                          replace/resample copy in)
-operation, direction      e.g. ``replace``, ``denoising``
-metric                    logit_diff / logit / prob / logprob / kl
-clean, corrupted          the metric on the unpatched clean and corrupted runs
-patched                   the metric on the patched run
-recovery                  (patched - corrupted) / (clean - corrupted); NaN when |clean - corrupted| <= epsilon
-recovery_defined          False where the denominator was (near) zero
-trivial                   True where the patched value equals the source run's by construction: the source
-                          activation replaces, at the answer position, the unembedding, the final norm or the last
-                          block's output (recovery 1 when denoising, 0 when noising)
-n_patched_tokens          how many token positions the cell patched
-========================  ===========================================================================
+Recovery with undefined denominators, package versions for the sidecar, the tidy frame's dtypes, and the output
+folder check that runs before any model is loaded.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from clap.contract import (
+    RESULTS_FILE,
+    SIDECAR_FILE,
+    read_results,
+    typed_frame,
+    write_results,
+)
 from clap.errors import ClapError
 
-RESULTS_FILE = "results.parquet"
-SIDECAR_FILE = "run.json"
+__all__ = ["package_versions", "prepare_output_dir", "read_results", "recovery", "to_frame", "write_results"]
+
 VERSIONED_PACKAGES = ("clap", "torch", "nnsight", "transformers", "pandas", "numpy", "pingouin", "seaborn")
 
 
@@ -70,14 +50,8 @@ def package_versions() -> dict[str, str]:
 
 
 def to_frame(frame: pd.DataFrame, group_columns: Sequence[str]) -> pd.DataFrame:
-    """The tidy schema's dtypes (nullable Int64 indices, float64 values) and column order: probe id, labels, rest."""
-    frame = frame.copy()
-    for column in ("layer", "head", "position"):
-        frame[column] = frame[column].astype("Int64")
-    for column in ("clean", "corrupted", "patched", "recovery"):
-        frame[column] = frame[column].astype("float64")
-    ordered = ["probe_id", *group_columns]
-    return frame[ordered + [c for c in frame.columns if c not in ordered]]
+    """The contract's dtypes and column order (probe id, labels, rest): :func:`clap.contract.typed_frame`."""
+    return typed_frame(frame, group_columns)
 
 
 def prepare_output_dir(out_dir: Path) -> Path:
@@ -101,21 +75,3 @@ def prepare_output_dir(out_dir: Path) -> Path:
     except OSError as exc:
         raise ClapError(f"output folder {out_dir} is not writable: {exc.strerror or exc}") from None
     return out_dir
-
-
-def write_results(out_dir: Path, frame: pd.DataFrame, sidecar: dict[str, Any]) -> Path:
-    """Write ``results.parquet`` and ``run.json`` (atomically: temp names, then rename)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (RESULTS_FILE + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(out_dir / RESULTS_FILE)
-    sidecar = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **sidecar}
-    tmp_json = out_dir / (SIDECAR_FILE + ".tmp")
-    tmp_json.write_text(json.dumps(sidecar, indent=2, default=str))
-    tmp_json.replace(out_dir / SIDECAR_FILE)
-    return out_dir / RESULTS_FILE
-
-
-def read_results(out_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    out_dir = Path(out_dir)
-    return pd.read_parquet(out_dir / RESULTS_FILE), json.loads((out_dir / SIDECAR_FILE).read_text())

@@ -22,22 +22,8 @@ from typing import Iterable
 
 import torch
 
+from clap.architectures import BY_MODEL_TYPE, ArchitectureMap, n_heads
 from clap.errors import ClapError, closest
-from interventions.architectures import ArchitectureMap, BY_MODEL_TYPE, n_heads
-
-#: Site kinds of the residual stream and components; ``module`` is any raw module.
-SITE_KINDS = (
-    "embed",
-    "resid_pre",
-    "attn_out",
-    "head",
-    "mlp_out",
-    "resid_post",
-    "block_out",
-    "final_norm",
-    "unembed",
-    "module",
-)
 
 #: component name in an alias -> (site kind, path relative to the block or None for the block, access)
 COMPONENTS: dict[str, tuple[str, str | None, str]] = {
@@ -62,7 +48,7 @@ class Site:
     """One concrete patch location."""
 
     name: str  #: canonical address, e.g. ``layers.3.mlp_out``, ``layers.3.heads.7``, ``transformer.h.3.mlp.c_fc``
-    kind: str  #: one of :data:`SITE_KINDS`
+    kind: str  #: one of :data:`clap.contract.SITE_KINDS`
     module: str  #: real module path
     access: str  #: ``input`` or ``output``
     layer: int | None = None

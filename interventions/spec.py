@@ -11,10 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from analyses.options import AnalysisOptions
+from clap.analysis_options import AnalysisOptions
 from clap.errors import ClapError
+from clap.validation import StrictModel
 from clap.validation import format_validation_error as _format_validation_error
 from clap.yamlio import line_of, load_yaml
 
@@ -23,11 +30,7 @@ class SpecError(ClapError):
     pass
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """Which weights: a hub id, a local directory, a ``.gguf`` file, or a built-in name (``smollm2-135m``).
 
     A relative ``source`` (or ``tokenizer``) path is resolved like ``probes.file``, against the spec file's folder,
@@ -42,7 +45,7 @@ class ModelSpec(_Strict):
 AnswerTokens = Union[str, int, list[Union[str, int]]]
 
 
-class ProbeSpec(_Strict):
+class ProbeSpec(StrictModel):
     """One clean/corrupted prompt pair and the answers whose logits are compared."""
 
     id: str | None = None
@@ -67,7 +70,7 @@ class ProbeSpec(_Strict):
         return value
 
 
-class ProbeSetSpec(_Strict):
+class ProbeSetSpec(StrictModel):
     """Probes inline or from a JSONL/YAML file (relative paths are relative to the spec file)."""
 
     file: str | None = None
@@ -82,7 +85,7 @@ class ProbeSetSpec(_Strict):
         return self
 
 
-class MatchPosition(_Strict):
+class MatchPosition(StrictModel):
     """The tokens that overlap a substring (e.g. the subject), patched together."""
 
     match: str
@@ -90,7 +93,7 @@ class MatchPosition(_Strict):
     occurrence: int = 0  #: which occurrence of the substring (0 = first, -1 = last)
 
 
-class IndexPositions(_Strict):
+class IndexPositions(StrictModel):
     """Explicit token indices (negative = from the end), patched together as one cell."""
 
     indices: list[int]
@@ -99,7 +102,7 @@ class IndexPositions(_Strict):
 PositionSelector = Union[Literal["all", "each", "last", "none"], int, MatchPosition, IndexPositions]
 
 
-class OperationSpec(_Strict):
+class OperationSpec(StrictModel):
     """What a patched activation becomes.
 
     * ``replace``: the source run's activation (clean for denoising, corrupted for noising);
@@ -131,10 +134,10 @@ class OperationSpec(_Strict):
         return f"noise({self.scale:g}{unit})"
 
 
-Metric = Literal["logit_diff", "logit", "prob", "logprob", "kl"]
+Metric = Literal["logit_diff", "logit", "prob", "logprob", "kl"]  # the names of clap.contract.METRICS (a test checks they agree)
 
 
-class ExecutionSpec(_Strict):
+class ExecutionSpec(StrictModel):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     #: most rows (baselines + patched) in one forward pass; None = derive from memory_budget_mb
@@ -145,7 +148,7 @@ class ExecutionSpec(_Strict):
     progress: bool = True
 
 
-class PatchGroup(_Strict):
+class PatchGroup(StrictModel):
     """Sites patched at their own positions/operations (e.g. a layer x position residual sweep beside a
     last-token sweep of attention and MLP outputs). Unset fields fall back to the study's."""
 
@@ -161,7 +164,7 @@ class PatchGroup(_Strict):
         return value
 
 
-class StudySpec(_Strict):
+class StudySpec(StrictModel):
     """A whole patching study. ``StudySpec.from_yaml(path)`` or build it in Python; both validate the same way."""
 
     name: str = "study"
@@ -181,7 +184,7 @@ class StudySpec(_Strict):
     recovery_epsilon: float = Field(default=1e-6, ge=0)
     seed: int = 0
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
-    #: how `clap analyze` reduces and tests the results (see analyses.options); recorded in run.json
+    #: how `clap analyze` reduces and tests the results (see clap.analysis_options); recorded in run.json
     analysis: AnalysisOptions | None = None
 
     #: where the spec was read from (relative probe files resolve against it); not part of the schema

@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from clap.contract import METRICS
 from clap.devices import resolve_device
 from clap.errors import ClapError
-from interventions import execute
-from interventions.locks import exclusive_lock
-from interventions.models import (
+from clap.locks import exclusive_lock
+from clap.models import (
     BUILTIN_GGUF,
     LoadedModel,
     load_model,
@@ -34,6 +34,7 @@ from interventions.models import (
     resolve_source,
     weights_fingerprint,
 )
+from interventions import execute
 from interventions.plan import (
     Cell,
     PatchConstants,
@@ -45,7 +46,13 @@ from interventions.plan import (
     rows_for_budget,
 )
 from interventions.probes import Probe, check_alignment, check_context, load_probes
-from interventions.results import package_versions, prepare_output_dir, recovery, to_frame, write_results
+from interventions.results import (
+    package_versions,
+    prepare_output_dir,
+    recovery,
+    to_frame,
+    write_results,
+)
 from interventions.sites import Site, SiteError, SiteResolver
 from interventions.spec import StudySpec
 
@@ -257,7 +264,7 @@ class Study:
         return result
 
     def _unembed_module(self) -> str | None:
-        from interventions.architectures import BY_MODEL_TYPE
+        from clap.architectures import BY_MODEL_TYPE
 
         arch = BY_MODEL_TYPE.get(getattr(self.model.hf.config, "model_type", None))
         return arch.unembed if arch else None
@@ -271,7 +278,7 @@ class Study:
         needs_mean = any(op.name == "mean" for op in operations)
         needs_std = any(op.name == "noise" and op.relative_to == "embedding_std" for op in operations)
         keys = list(dict.fromkeys(site.access_key for site in plan.sites))
-        from interventions.architectures import architecture_of
+        from clap.architectures import architecture_of
 
         extra_keys = []
         if needs_std:
@@ -321,7 +328,7 @@ class Study:
 
     def _tidy(self, plan: Plan, batch, cells: list[Cell], metrics: torch.Tensor) -> pd.DataFrame:
         spec = self.spec
-        wanted = [execute.METRICS.index(m) for m in spec.metrics]
+        wanted = [METRICS.index(m) for m in spec.metrics]
         baseline = {}
         for row, (probe, role) in enumerate(zip(batch.row_probe, batch.row_role)):
             if role in ("clean", "corrupted"):
@@ -337,7 +344,7 @@ class Study:
             source_ids = plan.probes[cell.source_probe].prompt_ids(plan.source)
             source_token = "".join(tokenizer.decode([source_ids[j]]) for j in cell.source_indices if j >= 0)
             for m in wanted:
-                name = execute.METRICS[m]
+                name = METRICS[m]
                 clean = float(baseline[(cell.probe, "clean")][m])
                 corrupted = float(baseline[(cell.probe, "corrupted")][m])
                 value = float(patched[m])

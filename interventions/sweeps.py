@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from interventions.models import LoadedModel
+from clap.models import LoadedModel
 from interventions.spec import StudySpec
 from interventions.study import Study
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clap import __version__
-from clap.cli import build_parser, main
+from clap.app.cli import build_parser, main
 
 
 def test_every_command_is_registered():

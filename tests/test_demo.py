@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
-from interventions.models import builtin_gguf_path
+from clap.models import builtin_gguf_path
 from interventions.results import read_results
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from interventions.probe_check import structural_checks
 from interventions.probes import read_probe_specs
 from interventions.spec import ProbeSetSpec
@@ -70,7 +70,7 @@ def test_structure_under_gpt2_tokenizer(name, shared_data):
 
 
 def _smollm2_folder(convert: bool) -> Path | None:
-    from interventions.models import _fingerprint, builtin_gguf_path, cache_root, convert_gguf
+    from clap.models import _fingerprint, builtin_gguf_path, cache_root, convert_gguf
 
     try:
         gguf = builtin_gguf_path("smollm2-135m")

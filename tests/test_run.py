@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
+from clap.app.pipeline import _Planner, load_study, run_study, stage_record
+from clap.app.stages import StageStore, digest, file_digest, locked, tree_digest
+from clap.app.study_file import StudyFile
 from clap.errors import ClapError
-from clap.pipeline import _Planner, load_study, run_study, stage_record
-from clap.stages import StageStore, digest, file_digest, locked, tree_digest
-from clap.study_file import StudyFile
 from tests.interventions.conftest import gpt2_tokenizer
 
 HAS_COMPARE = importlib.util.find_spec("analyses.compare") is not None
@@ -191,7 +191,7 @@ def test_force_and_until(study, tmp_path):
 
 
 def test_yaml_python_and_cli_give_identical_results(study, tmp_path, model_dirs):
-    from clap.cli import main
+    from clap.app.cli import main
 
     yaml_run = run_study(study, tmp_path / "yaml", until="patch", echo=lambda line: None)
     assert main(["run", str(study), "-o", str(tmp_path / "cli"), "--until", "patch", "--no-progress"]) == 0

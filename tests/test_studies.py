@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from clap.app.pipeline import run_study
+from clap.app.study_file import StudyFile
 from clap.errors import ClapError
-from clap.pipeline import run_study
-from clap.study_file import StudyFile
 from tests.interventions.conftest import gpt2_tokenizer
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -38,7 +38,7 @@ def test_shipped_study_validates_and_reads_both_probe_sets(name):
 
 
 def test_pending_studies_are_refused_by_name(tmp_path, capsys):
-    from clap.cli import main
+    from clap.app.cli import main
 
     assert main(["run", str(STUDIES / "epilepsy-trace.yaml"), "-o", str(tmp_path / "out")]) == 2
     assert "needs causal tracing (not yet available)" in capsys.readouterr().err
@@ -74,7 +74,7 @@ def test_paper_study_model_is_one_line_and_offline_fails_clearly(tmp_path, monke
 @pytest.mark.slow
 def test_paper_study_on_tiny_gpt2_flags_the_traps(tiny_dir, tmp_path):
     from analyses.io import load_results
-    from clap.study_report import design_caveats
+    from clap.app.study_report import design_caveats
 
     # until patch: `clap analyze` refuses one layer test over raw modules of different roles (analyses/select.py)
     result = run_study(STUDIES / "epilepsy-paper.yaml", tmp_path / "out", models={"paper": str(tiny_dir)},

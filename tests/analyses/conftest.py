@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses.io import validate_results
+from analyses.io import save_results, validate_results
 from analyses.synthetic import make_meta, make_results
-from analyses.io import save_results
 
 GROUP = "knowledge_type"
 

@@ -11,7 +11,7 @@ from scipy import stats as sps
 from analyses.compare import check_matched, compare
 from analyses.io import save_results
 from analyses.synthetic import make_meta, make_results
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
 
 from .conftest import GROUP

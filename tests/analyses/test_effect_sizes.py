@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from analyses.stats import hedges_ci, np2_ci, pairwise_between, pairwise_within, rm_anova
+from analyses.stats import (
+    hedges_ci,
+    np2_ci,
+    pairwise_between,
+    pairwise_within,
+    rm_anova,
+)
 
 from .conftest import GROUP, rm_frame
 

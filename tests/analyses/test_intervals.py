@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from analyses import bootstrap_ci
 from analyses.bootstrap import bca_interval, t_interval

@@ -89,5 +89,5 @@ def test_bad_values_are_refused(written):
     bad = original.copy()
     bad.loc[0, "site_kind"] = "mlp"
     bad.to_parquet(root / "results.parquet")
-    with pytest.raises(ClapError, match="unknown value\\(s\\) mlp; expected one of resid_pre"):
+    with pytest.raises(ClapError, match="unknown value\\(s\\) mlp; expected one of embed, resid_pre"):
         load_results(root)

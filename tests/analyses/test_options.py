@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from analyses.io import save_results
-from analyses.options import AnalysisOptions, parse_position_reduction
-from analyses.pipeline import analyze, resolve_options
+from analyses.pipeline import resolve_options
 from analyses.synthetic import make_meta, make_results
-from clap.cli import main
+from clap.analysis_options import AnalysisOptions, parse_position_reduction
+from clap.app.cli import main
 from clap.errors import ClapError
 from interventions.spec import StudySpec
 

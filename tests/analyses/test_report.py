@@ -19,7 +19,7 @@ from analyses.io import save_results
 from analyses.pipeline import TABLE_FILES
 from analyses.report import _fmt
 from analyses.synthetic import make_meta, make_results
-from clap.cli import main
+from clap.app.cli import main
 
 from .conftest import GROUP
 

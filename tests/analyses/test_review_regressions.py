@@ -7,7 +7,7 @@ import pytest
 from analyses import friedman, mixed_anova, pairwise_within, rm_anova
 from analyses.io import save_results
 from analyses.synthetic import make_meta, make_results
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
 
 

@@ -10,7 +10,14 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.anova import AnovaRM
 
-from analyses import friedman, mixed_anova, pairwise_between, pairwise_within, prepare, rm_anova
+from analyses import (
+    friedman,
+    mixed_anova,
+    pairwise_between,
+    pairwise_within,
+    prepare,
+    rm_anova,
+)
 from analyses.synthetic import make_results, power
 from clap.errors import ClapError
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from analyses.io import save_results
 from analyses.pipeline import analyze
 from analyses.synthetic import make_meta, make_results
-from analyses.validity import apply_exclusions, probe_validity, shared_clean_prompts, clean_prompts
+from analyses.validity import (
+    apply_exclusions,
+    clean_prompts,
+    probe_validity,
+    shared_clean_prompts,
+)
 from clap.errors import ClapError
 
 from .conftest import GROUP

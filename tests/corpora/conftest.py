@@ -9,7 +9,6 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from corpus_testutil import ARTICLE, FakeEutils, article_pmid, handler_for, regex_corpus
 
 

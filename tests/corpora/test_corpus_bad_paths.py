@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import corpora.sources
-from clap.cli import main
+from clap.app.cli import main
 
 
 def fetch_args(url: str, out: Path, *extra: str) -> list[str]:

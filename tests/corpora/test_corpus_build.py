@@ -9,14 +9,13 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import pytest
+from corpus_testutil import ARTICLE, TERM_PATTERNS, reference_fields
 
-from clap.cli import main
+from clap.app.cli import main
 from corpora.build import BuildConfig, build_corpus
 from corpora.errors import CorpusError, CorpusInputError, ProblemLog
 from corpora.parse_table import iter_table
 from corpora.records import COLUMNS
-
-from corpus_testutil import ARTICLE, TERM_PATTERNS, reference_fields
 
 
 def read_jsonl(path: Path) -> list[dict]:

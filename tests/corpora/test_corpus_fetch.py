@@ -7,14 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+from corpus_testutil import article_pmid
 
-from clap.cli import main
+from clap.app.cli import main
 from corpora.errors import CorpusError, EutilsError
 from corpora.eutils import EutilsClient, RateLimiter
 from corpora.fetch import FetchQuery, fetch
 from corpora.store import RecordStore
-
-from corpus_testutil import article_pmid
 
 STORE_PMID = re.compile(r'"pmid": "(\d+)"')
 

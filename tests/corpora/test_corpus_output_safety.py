@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from corpora import build as build_module
 from corpora.build import BuildConfig, build_corpus
 

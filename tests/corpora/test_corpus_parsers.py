@@ -9,14 +9,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+from corpus_testutil import ARTICLE, reference_fields
 
 from corpora.errors import CorpusInputError, ProblemLog
 from corpora.parse_medline import iter_medline
 from corpora.parse_xml import iter_xml, iter_xml_bytes
 from corpora.readers import iter_inputs
 from corpora.records import Deletion, PubmedRecord
-
-from corpus_testutil import ARTICLE, reference_fields
 
 MEDLINE_CITATION = re.compile(rb"<MedlineCitation [^>]*>.*?</MedlineCitation>", re.S)
 FIELDS = ("pmid", "title", "abstract", "year", "mesh_terms", "keywords")

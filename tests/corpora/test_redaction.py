@@ -9,7 +9,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from corpora.errors import EutilsError
 from corpora.eutils import EutilsClient
 from corpora.redaction import Redactor

@@ -11,19 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from clap.cli import main
-from finetuning.config import FinetuneConfig, FinetuneConfigError, from_preset, load_config
+from clap.app.cli import main
+from finetuning.config import (
+    FinetuneConfig,
+    FinetuneConfigError,
+    from_preset,
+    load_config,
+)
 
 
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch):
     """Any model load during these tests is a failure: settings must be checked first."""
-    import interventions.models
+    import clap.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    monkeypatch.setattr(interventions.models, "load_hf_model", refuse)
+    monkeypatch.setattr(clap.models, "load_hf_model", refuse)
 
 
 def run_cli(tmp_path: Path, capsys, *extra: str, config: Path | None = None) -> str:

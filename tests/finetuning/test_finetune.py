@@ -15,12 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
-from finetuning.train import FinetuneError, finetune, training_arguments
+from clap.models import ModelLoadError, load_hf_model
 from finetuning.config import PRESETS, FinetuneConfigError, from_preset, load_config
-from finetuning.data import FinetuneDataError, load_corpus, make_collator, prepare_datasets, training_tokenizer
-from interventions.models import ModelLoadError, load_hf_model
+from finetuning.data import (
+    FinetuneDataError,
+    load_corpus,
+    make_collator,
+    prepare_datasets,
+    training_tokenizer,
+)
+from finetuning.train import FinetuneError, finetune, training_arguments
 
 MAX_LEN = 64
 N_VALID = 6  # validation records used (eval_subset): ~20 chunks, so each evaluation is quick
@@ -452,7 +458,7 @@ def test_cli_finetune_config_i(corpus_dir: Path, tiny_model_dir: Path, tmp_path:
             saved.padding, saved.subset) == ("config-i", "truncate", 4, 48, 0.01, 1e-3, "longest", 40)
     model, tok, _ = load_hf_model(str(out / "model"))
     assert model.config.model_type == "gpt2" and tok("EEG")["input_ids"]
-    from interventions.models import load_model
+    from clap.models import load_model
 
     wrapped = load_model(str(out / "model"))  # what `clap patch` does with a model folder
     assert wrapped.tokenizer.padding_side == "left" and wrapped.identity["n_layers"] == 2
@@ -476,7 +482,7 @@ def test_smollm2_lora_finetune_round_trip(corpus_dir: Path, tmp_path: Path):
     """The Llama architecture of the built-in SmolLM2-135M: LoRA on q/v projections, merged, reloaded."""
     from peft import PeftModel
 
-    from interventions.models import builtin_gguf_path
+    from clap.models import builtin_gguf_path
 
     try:
         builtin_gguf_path("smollm2-135m")  # the package ships the weights; importing it would need `llm`

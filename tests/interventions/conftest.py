@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from interventions.models import wrap
+from clap.models import wrap
 
 PROBES = [
     # different lengths across probes (so batches are left-padded), equal lengths within each pair

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from interventions.spec import StudySpec
 from interventions.study import Study
 

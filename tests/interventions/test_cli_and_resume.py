@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from interventions.results import read_results
 from interventions.spec import StudySpec
 from interventions.study import Study
@@ -115,7 +115,7 @@ def test_yaml_probe_file_and_memory_budget_chunking(tmp_path, tiny_gpt2):
 
 def test_remote_model_is_built_on_meta_without_weights_and_resolves_sites(model_dir):
     """remote: true never loads weights locally; the site machinery still works on the meta device."""
-    from interventions.models import load_remote_model
+    from clap.models import load_remote_model
     from interventions.sites import SiteResolver
 
     model = load_remote_model(str(model_dir))

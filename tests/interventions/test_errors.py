@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
-from interventions.models import load_model
+from clap.models import load_model
 from interventions.sites import SiteResolver
 from interventions.spec import StudySpec
 from interventions.study import Study

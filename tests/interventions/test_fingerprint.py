@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from interventions.models import weights_fingerprint, wrap
+from clap.models import weights_fingerprint, wrap
 from interventions.spec import StudySpec
 from interventions.study import Study
 

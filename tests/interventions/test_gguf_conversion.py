@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from interventions import models
+from clap import models
 
 
 @pytest.fixture

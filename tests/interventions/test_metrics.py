@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clap.models import wrap
 from interventions import execute
-from interventions.models import wrap
 from interventions.spec import StudySpec
 from interventions.study import Study
 

@@ -11,7 +11,7 @@ import textwrap
 import pandas as pd
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
 from interventions.spec import StudySpec
 from interventions.study import Study

@@ -15,7 +15,14 @@ SENTENCE = "The city of Paris 癫痫 is in 北京 🎉, near Paris."
 def sentencepiece_tokenizer():
     """A Llama-style tokenizer: BPE with byte fallback, Metaspace pre-tokenizer, BOS added, trained on a few
     sentences so that 癫痫 is one token while 北京, 🎉 and some ASCII letters fall back to byte tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -115,7 +122,7 @@ def test_the_reported_sentence_patches_all_six_tokens(tokenizer):
 
 @pytest.mark.slow
 def test_match_on_the_smollm2_tokenizer():
-    from interventions.models import builtin_gguf_path, load_model
+    from clap.models import builtin_gguf_path, load_model
 
     try:
         builtin_gguf_path("smollm2-135m")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clap.cli import main
+from clap.app.cli import main
 from interventions.probe_check import check_probes, structural_checks
 from interventions.probes import ProbeError, read_probe_specs
 from interventions.spec import ProbeSetSpec

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
 from clap.yamlio import SourceError, load_jsonl, load_yaml
 
@@ -86,7 +86,7 @@ def short_context_gpt2(tokenizer):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from interventions.models import wrap
+    from clap.models import wrap
 
     torch.manual_seed(3)
     config = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=len(tokenizer))

@@ -69,7 +69,7 @@ def test_patching_a_shared_input_changes_only_that_module(tiny_llama, module):
 
 
 def test_resume_never_mixes_weights_and_ignores_progress_setting(tmp_path, tiny_gpt2, batches):
-    from interventions.models import wrap
+    from clap.models import wrap
 
     spec = {"sites": ["layers[*].resid_pre"], "positions": ["each"],
             "execution": {"max_rows": 10, "progress": False}}
@@ -129,7 +129,7 @@ def test_raw_final_modules_are_flagged_trivial(tiny_llama):
 def test_logprob_does_not_underflow(tiny_gpt2):
     sharp = copy.deepcopy(tiny_gpt2.hf)
     sharp.lm_head.weight = torch.nn.Parameter(sharp.lm_head.weight.detach().clone() * 400)
-    from interventions.models import wrap
+    from clap.models import wrap
 
     model = wrap(sharp, tiny_gpt2.tokenizer)
     frame = study(model, sites=["layers[0].mlp_out"], positions=["last"], metrics=["logprob"]).run()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from interventions.models import builtin_gguf_path, convert_gguf, load_model
+from clap.models import builtin_gguf_path, convert_gguf, load_model
 from interventions.spec import StudySpec
 from interventions.study import Study
 

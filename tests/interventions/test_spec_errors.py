@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
 from interventions import study as study_module
 from interventions.results import read_results

@@ -10,10 +10,10 @@ import logging
 import pytest
 import torch
 
-from clap.cli import main
+from clap.app.cli import main
 from clap.errors import ClapError
+from clap.models import wrap
 from interventions import study as study_module
-from interventions.models import wrap
 from interventions.spec import StudySpec
 from interventions.study import Study
 

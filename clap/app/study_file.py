@@ -31,8 +31,9 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from clap.errors import closest
+from clap.validation import StrictModel
 from clap.yamlio import line_of, load_yaml
-from interventions.spec import ModelSpec, ProbeSetSpec, SpecError, StudySpec, _Strict
+from interventions.spec import ModelSpec, ProbeSetSpec, SpecError, StudySpec
 
 #: Sections that describe analyses not available yet: ``clap run`` refuses them with this reason.
 PENDING_SECTIONS = {
@@ -58,7 +59,7 @@ def resolve_path(path: str, base_dir: Path) -> Path:
     return resolved if resolved.is_absolute() else base_dir / resolved
 
 
-class ModelEntry(_Strict):
+class ModelEntry(StrictModel):
     """One model of the study: a source (hub id, directory, ``.gguf``, built-in name) or the fine-tuned model."""
 
     source: str | None = None
@@ -68,7 +69,7 @@ class ModelEntry(_Strict):
     revision: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelEntry":
+    def _one_source(self) -> ModelEntry:
         if (self.source is None) == (not self.finetuned):
             raise ValueError("give exactly one of `source` (hub id, directory, .gguf file, built-in name) or "
                              "`finetuned: true` (the model the finetune: stage trains)")
@@ -81,14 +82,14 @@ class StudyProbes(ProbeSetSpec):
     files: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "StudyProbes":  # replaces ProbeSetSpec's check (same name)
+    def _one_source(self) -> StudyProbes:  # replaces ProbeSetSpec's check (same name)
         given = [f for f in ("file", "files", "inline") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of `file`, `files` (a list of probe files) or `inline`")
         return self
 
 
-class CorpusSection(_Strict):
+class CorpusSection(StrictModel):
     """``clap corpus build`` inputs and options (see :class:`corpora.build.BuildConfig`), or a corpus to reuse."""
 
     inputs: list[str] | None = None  #: files or folders, relative to the study file
@@ -103,14 +104,14 @@ class CorpusSection(_Strict):
     skip_bad: bool = False
 
     @model_validator(mode="after")
-    def _what(self) -> "CorpusSection":
+    def _what(self) -> CorpusSection:
         build = bool(self.inputs) or self.hf_dataset is not None
         if build == (self.path is not None):
             raise ValueError("give `inputs:` (and/or `hf_dataset:`) to build a corpus, or `path:` of a built one")
         return self
 
 
-class FinetuneSection(_Strict):
+class FinetuneSection(StrictModel):
     """Fine-tune ``model`` on the corpus; the result is the models entry with ``finetuned: true``."""
 
     model: str  #: a name under models: (its source is the starting point) or a model source
@@ -119,7 +120,7 @@ class FinetuneSection(_Strict):
     corpus: str | None = None  #: a built corpus folder, when the study has no corpus: section
 
 
-class ReportSection(_Strict):
+class ReportSection(StrictModel):
     """How the analysis and comparison stages render (not what they compute)."""
 
     figures: bool = True
@@ -151,7 +152,7 @@ class StudyFile(StudySpec):
         return value
 
     @model_validator(mode="after")
-    def _one_model_field(self) -> "StudyFile":
+    def _one_model_field(self) -> StudyFile:
         if (self.model is None) == (self.models is None):
             raise ValueError("name the models: `models: {base: {source: ...}, ...}` (or `model: {source: ...}` "
                              "for one), not both")
@@ -159,7 +160,7 @@ class StudyFile(StudySpec):
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "StudyFile":
+    def from_yaml(cls, path: str | Path) -> StudyFile:
         path = Path(path)
         data, lines = load_yaml(path)
         if not isinstance(data, dict):
@@ -170,7 +171,7 @@ class StudyFile(StudySpec):
         return study
 
     @classmethod
-    def coerce(cls, study: "StudyFile | StudySpec | dict | str | Path") -> "StudyFile":
+    def coerce(cls, study: StudyFile | StudySpec | dict | str | Path) -> StudyFile:
         """A study file from a path, a dict, a ``StudyFile`` or a plain ``StudySpec`` (its one model)."""
         if isinstance(study, StudyFile):
             study.check_references("<study>", {})

@@ -1,6 +1,6 @@
 """``clap run STUDY.yaml``: a whole study in one command, every stage cached by the hash of its inputs.
 
->>> from clap.pipeline import run_study
+>>> from clap.app.pipeline import run_study
 >>> result = run_study("studies/epilepsy-layers.yaml", "runs/layers")   # or a StudyFile built in Python
 >>> result.frame("model")                                              # the tidy results of one model
 
@@ -30,20 +30,29 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from clap import __version__
+from clap.app.stages import StageStore, digest, file_digest, locked, tree_digest
+from clap.app.study_file import (
+    PACKAGE_PREFIX,
+    RUN_FIELDS,
+    ModelEntry,
+    StudyFile,
+    resolve_path,
+)
+from clap.contract import read_results
 from clap.errors import ClapError, closest
-from clap.stages import StageStore, digest, file_digest, locked, tree_digest
-from clap.study_file import PACKAGE_PREFIX, RUN_FIELDS, ModelEntry, StudyFile, resolve_path
 from interventions.spec import ModelSpec, ProbeSetSpec
 
 STAGE_KINDS = ("corpus", "finetune", "patch", "analyze", "compare", "report")
 #: Built-in model names whose code lands separately: source -> (module that provides it, what it is).
 PENDING_BUILTINS = {
-    "smollm2-135m-epilepsy": ("interventions.builtin_adapters", "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
+    "smollm2-135m-epilepsy": ("interventions.builtin_adapters",
+                              "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
 }
 #: Execution settings that do not change results (they are left out of the patch stage's hash).
 NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb")
@@ -71,7 +80,7 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
 def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True) -> Path:
     """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites)."""
     module = _compare_module()
-    function = getattr(module, "compare_runs", None) or getattr(module, "compare")
+    function = getattr(module, "compare_runs", None) or module.compare
     function(run_a, run_b, out, figures=figures)
     return out
 
@@ -112,9 +121,7 @@ class RunResult:
 
     def frame(self, model: str) -> Any:
         """The tidy results of ``model`` (``results.parquet``)."""
-        import pandas as pd
-
-        return pd.read_parquet(self.results_dir(model) / "results.parquet")
+        return read_results(self.results_dir(model), validate=False)[0]
 
     @property
     def report(self) -> Path:
@@ -275,7 +282,8 @@ class _Planner:
         for setting in NON_RESULT_EXECUTION:
             spec_key["execution"].pop(setting, None)
         probe_options = self.study.probes.model_dump(mode="json", exclude={"file", "files", "inline"})
-        key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest, "model": self._identity(entry)}
+        key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest,
+               "model": self._identity(entry)}
         upstream = ["finetune"] if entry.finetuned else []
         self._add(f"patch[{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
 
@@ -314,8 +322,8 @@ class _Planner:
         render = self.study.report
 
         def run(resume: bool) -> list[Path]:
-            from analyses.options import AnalysisOptions
             from analyses.report import write_report
+            from clap.analysis_options import AnalysisOptions
 
             files = write_report(results, analysis=options or AnalysisOptions(), figures=render.figures,
                                  n_boot=render.n_boot)
@@ -333,11 +341,11 @@ class _Planner:
             return [compare_models(models / a, models / b, out, figures=figures)]
 
         figures = self.study.report.figures
-        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures}, [f"patch[{a}]", f"patch[{b}]"], run,
-                  lambda: _compare_module() and None)
+        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures},
+                  [f"patch[{a}]", f"patch[{b}]"], run, lambda: _compare_module() and None)
 
     def _report(self) -> None:
-        from clap.study_report import write_study_report
+        from clap.app.study_report import write_study_report
 
         upstream = [s.name for s in self.stages if s.kind in ("analyze", "compare")]
         planner = self

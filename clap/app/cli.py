@@ -11,15 +11,15 @@ import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from clap import __version__
 from clap.errors import ClapError
 
 #: Modules that contribute sub-commands; each exposes ``register(subparsers)``.
-COMMAND_MODULES = ("interventions.cli", "corpora.cli", "finetuning.cli", "analyses.cli", "clap.demo")
+COMMAND_MODULES = ("interventions.cli", "corpora.cli", "finetuning.cli", "analyses.cli", "clap.app.demo")
 COMMAND_MODULES += ("interventions.probe_check",)  # `clap probes check`
-COMMAND_MODULES += ("clap.pipeline",)  # `clap run`
+COMMAND_MODULES += ("clap.app.pipeline",)  # `clap run`
 
 
 def build_parser() -> argparse.ArgumentParser:

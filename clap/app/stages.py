@@ -12,9 +12,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from clap.errors import ClapError
 
@@ -74,7 +75,8 @@ class StageStore:
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
-                raise ClapError(f"{self.path}: unreadable stage record ({exc}); delete it to rerun every stage") from None
+                raise ClapError(f"{self.path}: unreadable stage record ({exc}); "
+                                "delete it to rerun every stage") from None
             if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
                 raise ClapError(f"{self.path}: not a clap stage record; delete it to rerun every stage")
             self.stages = data["stages"]
@@ -115,7 +117,8 @@ def locked(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ClapError(f"{out}: another `clap run` is writing to this folder; wait for it or use another -o") from None
+            raise ClapError(f"{out}: another `clap run` is writing to this folder; "
+                            "wait for it or use another -o") from None
         yield
     finally:
         handle.close()

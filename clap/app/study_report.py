@@ -11,10 +11,13 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
+
+from clap.contract import has_results
 
 #: GPT-2's projection modules are ``transformers.pytorch_utils.Conv1D``: a linear layer despite the name.
 CONV1D_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -64,7 +67,7 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
     models = []
     for name, entry in study.model_entries().items():
         results = out / "models" / name
-        if not (results / "results.parquet").is_file():
+        if not has_results(results):
             continue
         frame, meta = load_results(results)
         report = results / "analysis" / "report.html"
@@ -100,7 +103,8 @@ def _rel(path: Path, out: Path) -> str:
 
 
 def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
-    lines = [f"# Study: {study.name}", "", "## Models", "", "| model | source | architecture | probes | sites | rows | report |",
+    lines = [f"# Study: {study.name}", "", "## Models", "",
+             "| model | source | architecture | probes | sites | rows | report |",
              "|---|---|---|---|---|---|---|"]
     for m in models:
         link = f"[report]({_rel(m['report'], out)})" if m["report"] else "not analysed"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
-from interventions.locks import exclusive_lock
+from clap.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,8 @@ def load_remote_model(repo_id: str, revision: str | None = None, tokenizer: str 
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or repo_id, revision=revision))
         nn_model = TransformersModel(repo_id, tokenizer=tok, task="text-generation", revision=revision)
     except OSError as exc:
-        raise ModelLoadError(f"could not fetch the config/tokenizer of {repo_id!r} for remote execution: {exc}") from exc
+        raise ModelLoadError(f"could not fetch the config/tokenizer of {repo_id!r} "
+                             f"for remote execution: {exc}") from exc
     hf_model = nn_model._module
     ident = model_identity(hf_model)
     ident.update({"source": repo_id, "location": "ndif", "revision": revision})

@@ -36,17 +36,16 @@ def copy_demo_spec(out: Path) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from clap.cli import main
+    """Patch, analyse and report the embedded study through the Python API (no argv round trip through ``main``)."""
+    from analyses.report import write_report
+    from interventions import Study, StudySpec
 
-    spec = copy_demo_spec(args.out)
-    results = args.out / "results"
-    patch_args = ["patch", str(spec), "-o", str(results)]
+    spec = StudySpec.from_yaml(copy_demo_spec(args.out))
     if args.max_rows:
-        patch_args += ["--max-rows", str(args.max_rows)]
-    # `clap report` runs the whole analysis (tables, figures) and then writes the report: one step, not two
-    for step in (patch_args, ["report", str(results)]):
-        code = main(step)
-        if code:
-            return code
-    print(f"demo finished: open {results / 'analysis' / 'report.html'}")
+        spec.execution.max_rows = args.max_rows
+    results = args.out / "results"
+    Study(spec).run(results)
+    # the report runs the whole analysis (tables, figures) and then writes the pages: one step, not two
+    files = write_report(results)
+    print(f"demo finished: open {files.html}")
     return 0

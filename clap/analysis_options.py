@@ -34,7 +34,7 @@ exclusion rules
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -43,7 +43,7 @@ HEAD_RULES = ("sum", "each")
 SUBJECT_UNITS = ("probe", "clean_prompt")
 INTERVALS = ("t", "bca", "percentile")
 
-PositionReduction = Union[Literal["last", "max", "sum", "subject", "subject_last"], int]
+PositionReduction = Literal["last", "max", "sum", "subject", "subject_last"] | int
 
 
 class AnalysisOptions(BaseModel):
@@ -69,7 +69,8 @@ class AnalysisOptions(BaseModel):
             return int(value)
         if isinstance(value, str) and value not in POSITION_RULES:
             raise ValueError(f"unknown position reduction {value!r}; expected one of {', '.join(POSITION_RULES)} or a "
-                             "token index such as 0 or -1 (the mean over positions is not offered: it erases layer effects)")
+                             "token index such as 0 or -1 "
+                             "(the mean over positions is not offered: it erases layer effects)")
         return value
 
 
@@ -82,4 +83,5 @@ def parse_position_reduction(value: str | int) -> str | int:
     try:
         return AnalysisOptions(position_reduction=value).position_reduction
     except ValidationError as exc:
-        raise ClapError(f"--position-reduction {value}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ClapError(f"--position-reduction {value}: {reason}") from None

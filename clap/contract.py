@@ -1,0 +1,281 @@
+"""The results contract between the patching engine and the analyses: file names, columns and dtypes, site kinds,
+metric names, and the atomic reading and writing of a results folder.
+
+Why one module: the engine writes what the analyses read, so every name both sides rely on is defined here once.
+``interventions`` writes through :func:`write_results`; ``analyses`` reads through :func:`read_results`; neither
+spells a file name or a column list of its own (``tests/test_layout.py`` checks that by grepping the tree).
+
+A results folder holds two files:
+
+``results.parquet``
+    One row per (probe, site, position, operation, metric), columns:
+
+    ========================  ===========================================================================
+    column                    meaning
+    ========================  ===========================================================================
+    probe_id                  the probe's id
+    <label columns>           one column per probe label (e.g. ``knowledge_type``); named in ``group_columns``
+    site                      canonical site address (``layers.3.mlp_out``, ``layers.3.heads.7``, raw module path)
+    site_kind                 one of :data:`SITE_KINDS`
+    module                    the real module path patched
+    layer, head               Int64 (NA outside the layer stack / for non-head sites)
+    position                  Int64 token index in the unpadded target prompt (NA when several were patched)
+    positions                 the position selection's canonical label (``last``, ``3``, ``all``,
+                              ``match:Paris#2@clean``: text, occurrence and prompt of a substring match)
+    token                     the target-prompt token(s) at the patched position(s)
+    source_token              the source-prompt token(s) aligned with the patched positions (the activation that
+                              replace/resample copy in)
+    operation, direction      e.g. ``replace``, ``denoising``
+    metric                    one of :data:`METRICS`
+    clean, corrupted          the metric on the unpatched clean and corrupted runs
+    patched                   the metric on the patched run
+    recovery                  (patched - corrupted) / (clean - corrupted); NaN when |clean - corrupted| <= epsilon
+    recovery_defined          False where the denominator was (near) zero
+    trivial                   True where the patched value equals the source run's by construction: the source
+                              activation replaces, at the answer position, the unembedding, the final norm or the
+                              last block's output (recovery 1 when denoising, 0 when noising)
+    n_patched_tokens          how many token positions the cell patched
+    ========================  ===========================================================================
+
+``run.json``
+    The sidecar: a JSON object with at least :data:`REQUIRED_SIDECAR_KEYS` (the resolved spec, the model's
+    identity and weight fingerprint, package versions, the seed, the label columns, the creation time, the probes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from clap.errors import ClapError
+
+RESULTS_FILE = "results.parquet"
+SIDECAR_FILE = "run.json"
+
+#: Site kinds in forward-execution order; ``module`` is any raw module address.
+SITE_KINDS: tuple[str, ...] = (
+    "embed",
+    "resid_pre",
+    "attn_out",
+    "head",
+    "mlp_out",
+    "resid_post",
+    "block_out",
+    "final_norm",
+    "unembed",
+    "module",
+)
+
+#: Metrics the engine computes from last-position logits, in the order of its ``[rows, len(METRICS)]`` tensor.
+METRICS: tuple[str, ...] = ("logit_diff", "logit", "prob", "logprob", "kl")
+
+#: Column -> kind of values. ``str`` columns are read as plain object strings, ``Int64`` as pandas' nullable
+#: integers (NA outside the layer stack), ``float`` as float64 and ``bool`` as bool.
+REQUIRED_COLUMNS: dict[str, str] = {
+    "probe_id": "str",
+    "site": "str",
+    "site_kind": "str",
+    "layer": "Int64",
+    "head": "Int64",
+    "position": "Int64",
+    "positions": "str",
+    "token": "str",
+    "operation": "str",
+    "direction": "str",
+    "metric": "str",
+    "clean": "float",
+    "corrupted": "float",
+    "patched": "float",
+    "recovery": "float",
+    "recovery_defined": "bool",
+    "trivial": "bool",
+}
+
+REQUIRED_SIDECAR_KEYS: tuple[str, ...] = ("spec", "model", "versions", "seed", "group_columns", "created", "n_probes")
+
+_KIND_WORDS = {"str": "text", "Int64": "integers or missing values", "float": "numbers", "bool": "true/false values"}
+
+
+# --------------------------------------------------------------------------------------------- atomic files
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place.
+
+    Why: a reader (or a crash) never sees half a file; the rename is atomic on one file system, and the
+    temporary is removed when ``write`` fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (values JSON cannot hold are written as text)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def atomic_write_frame(path: str | Path, frame: pd.DataFrame) -> Path:
+    """Write ``frame`` atomically as Parquet (``.parquet``) or CSV (anything else), without the index."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+# --------------------------------------------------------------------------------------------- the results folder
+def results_path(results_dir: str | Path) -> Path:
+    """``RESULTS_DIR/results.parquet``."""
+    return Path(results_dir) / RESULTS_FILE
+
+
+def sidecar_path(results_dir: str | Path) -> Path:
+    """``RESULTS_DIR/run.json``."""
+    return Path(results_dir) / SIDECAR_FILE
+
+
+def has_results(results_dir: str | Path) -> bool:
+    """Whether a folder holds a complete results pair (both files are written last, by rename)."""
+    return results_path(results_dir).is_file() and sidecar_path(results_dir).is_file()
+
+
+def write_results(results_dir: str | Path, frame: pd.DataFrame, sidecar: dict[str, Any]) -> Path:
+    """Write ``results.parquet`` and ``run.json`` atomically (temporary names, then rename); ``created`` is
+    stamped into the sidecar unless given. Returns the Parquet path."""
+    root = Path(results_dir)
+    sidecar = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **sidecar}
+    atomic_write_frame(results_path(root), frame)
+    atomic_write_json(sidecar_path(root), sidecar)
+    return results_path(root)
+
+
+def read_results(results_dir: str | Path, *, validate: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a results folder: ``(frame, sidecar)``, checked and with the documented dtypes.
+
+    Raises :class:`~clap.errors.ClapError` naming the file and what is wrong when either file is missing or
+    malformed (``validate=False`` skips the column checks, for the engine's own round trips).
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ClapError(f"{root}: results directory not found (expected a folder with {RESULTS_FILE} and "
+                        f"{SIDECAR_FILE})")
+    meta = read_sidecar(sidecar_path(root))
+    path = results_path(root)
+    if not path.is_file():
+        raise ClapError(f"{path}: results file not found (the patching run writes {RESULTS_FILE} beside "
+                        f"{SIDECAR_FILE})")
+    try:
+        data = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for a corrupt file
+        raise ClapError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if validate:
+        data = validate_results(data, source=str(path), group_columns=meta["group_columns"])
+    return data, meta
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """Read and check ``run.json``: a JSON object holding :data:`REQUIRED_SIDECAR_KEYS`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClapError(f"{path}: sidecar not found (the patching run writes {SIDECAR_FILE} beside {RESULTS_FILE})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ClapError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise ClapError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    if not isinstance(meta, dict):
+        raise ClapError(f"{path}: expected a JSON object with keys {', '.join(REQUIRED_SIDECAR_KEYS)}")
+    missing = [k for k in REQUIRED_SIDECAR_KEYS if k not in meta]
+    if missing:
+        raise ClapError(f"{path}: missing key(s) {', '.join(missing)}; expected {', '.join(REQUIRED_SIDECAR_KEYS)}")
+    groups = meta["group_columns"]
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise ClapError(f"{path}: 'group_columns' must be a list of column names, got {groups!r}")
+    for key in ("spec", "model", "versions"):
+        if not isinstance(meta[key], dict):
+            raise ClapError(f"{path}: {key!r} must be a JSON object, got {type(meta[key]).__name__}")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------- columns and dtypes
+def typed_frame(frame: pd.DataFrame, group_columns: Iterable[str]) -> pd.DataFrame:
+    """The contract's dtypes (nullable Int64 indices, float64 values) and column order: probe id, labels, rest."""
+    frame = frame.copy()
+    for column, kind in REQUIRED_COLUMNS.items():
+        if column in frame.columns and kind in ("Int64", "float"):
+            frame[column] = frame[column].astype("Int64" if kind == "Int64" else "float64")
+    ordered = ["probe_id", *group_columns]
+    return frame[ordered + [c for c in frame.columns if c not in ordered]]
+
+
+def validate_results(
+    data: pd.DataFrame, source: str = "results", group_columns: list[str] | tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """Check the columns of a results frame and return a copy with the documented dtypes.
+
+    ``source`` names the file in error messages. Integer-like columns become nullable ``Int64``; string columns
+    become plain Python strings (so comparisons and grouping behave the same whatever Parquet stored).
+    """
+    expected = list(REQUIRED_COLUMNS) + list(group_columns)
+    missing = [c for c in expected if c not in data.columns]
+    if missing:
+        raise ClapError(
+            f"{source}: missing column(s) {', '.join(missing)}; a results table needs "
+            f"{', '.join(expected)} (group columns come from {SIDECAR_FILE} 'group_columns')"
+        )
+    out = data.copy()
+    for col, kind in REQUIRED_COLUMNS.items():
+        try:
+            out[col] = _coerce(out[col], kind)
+        except (TypeError, ValueError) as exc:
+            raise ClapError(f"{source}: column {col!r} must hold {_KIND_WORDS[kind]} ({exc})") from exc
+    for col in group_columns:
+        if out[col].isna().any():
+            raise ClapError(f"{source}: group column {col!r} has missing labels; every probe needs a group")
+        out[col] = out[col].astype(str).astype(object)
+    unknown = sorted(set(out["site_kind"]) - set(SITE_KINDS))
+    if unknown:
+        raise ClapError(f"{source}: column 'site_kind' has unknown value(s) {', '.join(unknown)}; expected one of "
+                        f"{', '.join(SITE_KINDS)}")
+    return out
+
+
+def _coerce(series: pd.Series, kind: str) -> pd.Series:
+    if kind == "str":
+        present = series.notna()
+        out = series.astype(object).where(present, None)
+        out[present] = out[present].astype(str)
+        return out
+    if kind == "Int64":
+        if pd.api.types.is_float_dtype(series):
+            values = series.dropna()
+            if not (values == values.round()).all():
+                raise ValueError("found non-integer values")
+        return series.astype("Int64")
+    if kind == "float":
+        return pd.to_numeric(series, errors="raise").astype("float64")
+    if kind == "bool":
+        if series.isna().any():
+            raise ValueError("found missing values")
+        return series.astype(bool)
+    raise AssertionError(kind)
