@@ -27,7 +27,21 @@ trivial                   True where the patched value equals the source run's b
                           activation replaces, at the answer position, the unembedding, the final norm or the last
                           block's output (recovery 1 when denoising, 0 when noising)
 n_patched_tokens          how many token positions the cell patched
+window                    how many sites the cell patched together: 1, a window's layer count (``site`` is then
+                          ``layers.L.<kind>@wN``, ``layer`` its centre L), or a combined group's size (``site``
+                          ``a+b+...``, ``layer`` of the first)
+sample                    Int64 noise draw (0 .. samples - 1); NA in an average over samples (``samples.parquet``
+                          holds the per-sample rows when ``samples`` > 1). Every noise draw is seeded by
+                          (seed, probe id, sample, site): a probe's corrupted row and its restored rows share it
+effect                    patched - corrupted: with metric ``prob`` in a causal trace, the indirect effect
+                          p(answer | corrupted + restored) - p(answer | corrupted)
+token_group               (causal traces only) ROME's token group of ``position``: first / middle / last subject,
+                          first subsequent, further, last
 ========================  ===========================================================================
+
+With ``samples`` > 1 the results hold, per cell and metric, the mean over samples of ``clean``, ``corrupted`` and
+``patched`` (ROME averages probabilities over noise draws), and ``recovery`` and ``effect`` recomputed from those
+means. ``run.json`` records the noise stds used (``noise``).
 """
 
 from __future__ import annotations
@@ -47,6 +61,7 @@ from clap.errors import ClapError
 
 RESULTS_FILE = "results.parquet"
 SIDECAR_FILE = "run.json"
+SAMPLES_FILE = "samples.parquet"
 VERSIONED_PACKAGES = ("clap", "torch", "nnsight", "transformers", "pandas", "numpy", "pingouin", "seaborn")
 
 
@@ -72,12 +87,31 @@ def package_versions() -> dict[str, str]:
 def to_frame(frame: pd.DataFrame, group_columns: Sequence[str]) -> pd.DataFrame:
     """The tidy schema's dtypes (nullable Int64 indices, float64 values) and column order: probe id, labels, rest."""
     frame = frame.copy()
-    for column in ("layer", "head", "position"):
-        frame[column] = frame[column].astype("Int64")
-    for column in ("clean", "corrupted", "patched", "recovery"):
-        frame[column] = frame[column].astype("float64")
+    for column in ("layer", "head", "position", "window", "sample"):
+        if column in frame:
+            frame[column] = frame[column].astype("Int64")
+    for column in ("clean", "corrupted", "patched", "recovery", "effect"):
+        if column in frame:
+            frame[column] = frame[column].astype("float64")
     ordered = ["probe_id", *group_columns]
     return frame[ordered + [c for c in frame.columns if c not in ordered]]
+
+
+#: columns averaged over noise samples; every other column identifies the cell (or is equal across its samples)
+_AVERAGED = ("clean", "corrupted", "patched")
+_DERIVED = ("recovery", "recovery_defined", "effect", "sample")
+
+
+def average_samples(frame: pd.DataFrame, epsilon: float) -> pd.DataFrame:
+    """One row per cell and metric: clean, corrupted and patched averaged over the noise samples, recovery and effect
+    recomputed from the means, ``sample`` NA."""
+    keys = [c for c in frame.columns if c not in _AVERAGED + _DERIVED]
+    means = frame.groupby(keys, dropna=False, sort=False)[list(_AVERAGED)].mean().reset_index()
+    rec, defined = recovery(means.clean.to_numpy(), means.corrupted.to_numpy(), means.patched.to_numpy(), epsilon)
+    means["recovery"], means["recovery_defined"] = rec, defined
+    means["effect"] = means.patched - means.corrupted
+    means["sample"] = pd.array([pd.NA] * len(means), dtype="Int64")
+    return means[[c for c in frame.columns]]
 
 
 def prepare_output_dir(out_dir: Path) -> Path:
