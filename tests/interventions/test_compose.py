@@ -187,3 +187,30 @@ def test_restores_without_corruption_are_refused():
     with pytest.raises(ClapError, match="`alpha` only applies to operation `steer` / `interpolate`"):
         StudySpec.from_dict({"model": {"source": "x"}, "probes": {"inline": probes}, "sites": ["embed"],
                              "operations": [{"name": "replace", "alpha": 1}]})
+
+
+def test_trace_outputs_and_cli_refusal(tiny_gpt2, tmp_path):
+    from interventions.trace_figures import token_group_table, write_trace_outputs
+
+    spec = StudySpec.from_dict({
+        "model": {"source": "in-memory"}, "probes": {"inline": TRACE_PROBES}, "recovery_epsilon": 0,
+        "trace": {"samples": 1, "kinds": {"resid_post": 1}}, "execution": {"progress": False},
+    })
+    frame = Study(spec, model=tiny_gpt2).run()
+    table = token_group_table(frame)
+    # by hand: per probe the mean effect of its tokens in the group, then the mean over probes
+    rows = frame[(frame.layer == 1) & (frame.token_group == "further")]
+    expected = rows.groupby("probe_id").effect.mean().mean()
+    got = table[(table.layer == 1) & (table.token_group == "further")].effect.iloc[0]
+    assert got == pytest.approx(expected, abs=1e-12)
+    written = write_trace_outputs(frame, tmp_path, n_probe_figures=1)
+    assert [p.name for p in written] == ["token_groups.csv", "trace_groups.png", "trace_ep.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+    (tmp_path / "plain.yaml").write_text("model: {source: x}\nprobes: {inline: [{clean: a, corrupted: b, answer: ' c'}]}\n"
+                                         "sites: [embed]\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "clap", "trace", str(tmp_path / "plain.yaml"), "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and "needs a `trace:` section" in done.stderr
