@@ -35,7 +35,25 @@ A results folder holds two files:
                               activation replaces, at the answer position, the unembedding, the final norm or the
                               last block's output (recovery 1 when denoising, 0 when noising)
     n_patched_tokens          how many token positions the cell patched
+    window                    Int64: how many sites the cell patched together: 1, a window's layer count
+                              (``site`` is then ``layers.L.<kind>@wN``, ``layer`` its centre L), or a combined
+                              group's size (``site`` ``a+b+...``, ``layer`` of the first)
+    sample                    Int64 noise draw (0 .. samples - 1); NA in an average over samples
+                              (``samples.parquet`` holds the per-sample rows when ``samples`` > 1). Every noise draw
+                              is seeded by (seed, probe id, sample, site): a probe's corrupted row and its restored
+                              rows share it
+    effect                    patched - corrupted: with metric ``prob`` in a causal trace, the indirect effect
+                              p(answer | corrupted + restored) - p(answer | corrupted)
+    token_group               (causal traces only) ROME's token group of ``position``: first / middle / last
+                              subject, first subsequent, further, last
     ========================  ===========================================================================
+
+    With ``samples`` > 1 the results hold, per cell and metric, the mean over samples of ``clean``, ``corrupted``
+    and ``patched`` (ROME averages probabilities over noise draws), and ``recovery`` and ``effect`` recomputed from
+    those means. ``run.json`` then records the noise stds used (``noise``).
+
+``samples.parquet``
+    Only with ``samples`` > 1: the same columns, one row per noise draw.
 
 ``run.json``
     The sidecar: a JSON object with at least :data:`REQUIRED_SIDECAR_KEYS` (the resolved spec, the model's
@@ -58,6 +76,7 @@ from clap.errors import ClapError
 
 RESULTS_FILE = "results.parquet"
 SIDECAR_FILE = "run.json"
+SAMPLES_FILE = "samples.parquet"
 
 #: Site kinds in forward-execution order; ``module`` is any raw module address.
 SITE_KINDS: tuple[str, ...] = (
@@ -97,6 +116,9 @@ REQUIRED_COLUMNS: dict[str, str] = {
     "recovery_defined": "bool",
     "trivial": "bool",
 }
+
+#: Columns only some kinds of study produce (windows, noise samples, causal traces), with their kinds.
+OPTIONAL_COLUMNS: dict[str, str] = {"window": "Int64", "sample": "Int64", "effect": "float", "token_group": "str"}
 
 REQUIRED_SIDECAR_KEYS: tuple[str, ...] = ("spec", "model", "versions", "seed", "group_columns", "created", "n_probes")
 
@@ -221,7 +243,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
 def typed_frame(frame: pd.DataFrame, group_columns: Iterable[str]) -> pd.DataFrame:
     """The contract's dtypes (nullable Int64 indices, float64 values) and column order: probe id, labels, rest."""
     frame = frame.copy()
-    for column, kind in REQUIRED_COLUMNS.items():
+    for column, kind in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():
         if column in frame.columns and kind in ("Int64", "float"):
             frame[column] = frame[column].astype("Int64" if kind == "Int64" else "float64")
     ordered = ["probe_id", *group_columns]

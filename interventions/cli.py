@@ -24,6 +24,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
     patch.set_defaults(func=run_patch)
 
+    trace = subparsers.add_parser(
+        "trace",
+        help="run a causal-tracing study (a spec with a `trace:` section) and draw its heatmaps",
+        description="Causal tracing (Meng et al. 2022): noise on each probe's subject embeddings, then each clean "
+        "hidden state / MLP / attention output restored per (layer, token). Writes results.parquet, run.json, "
+        "samples.parquet, token_groups.csv and ROME-style heatmaps.",
+    )
+    trace.add_argument("spec", type=Path, help="study spec (YAML) with a `trace:` section")
+    trace.add_argument("-o", "--out", type=Path, required=True, help="results directory")
+    trace.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
+    trace.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    trace.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
+    trace.add_argument("--no-progress", action="store_true", help="no progress bar")
+    trace.add_argument("--probe-figures", type=int, default=3, help="per-probe heatmaps to draw (default 3)")
+    trace.set_defaults(func=run_trace)
+
     sites = subparsers.add_parser(
         "sites",
         help="list the sites a model offers (or what addresses expand to)",
@@ -33,6 +49,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sites.add_argument("addresses", nargs="*", default=["embed", "layers[*].resid_pre", "layers[*].attn_out",
                                                         "layers[*].mlp_out", "final_norm", "unembed"])
     sites.set_defaults(func=run_sites)
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from clap.errors import ClapError
+    from interventions.spec import StudySpec
+    from interventions.study import Study
+    from interventions.trace_figures import write_trace_outputs
+
+    spec = _overridden(StudySpec.from_yaml(args.spec), args)
+    if spec.trace is None:
+        raise ClapError(f"{args.spec}: `clap trace` needs a `trace:` section (e.g. `trace: {{samples: 10}}`); "
+                        f"run other specs with `clap patch`")
+    frame = Study(spec).run(args.out)
+    written = write_trace_outputs(frame, args.out, args.probe_figures)
+    print(f"{len(frame)} result rows ({frame.probe_id.nunique()} probes) written to {args.out / 'results.parquet'}; "
+          f"{', '.join(p.name for p in written)}")
+    return 0
+
+
+def _overridden(spec, args: argparse.Namespace):
+    from clap.devices import resolve_device
+
+    execution = spec.execution
+    if args.remote is not None:
+        execution.remote = {"false": False, "true": True, "local": "local"}[args.remote]
+    if args.max_rows is not None:
+        execution.max_rows = args.max_rows
+    if args.device:
+        resolve_device(args.device, where="--device")  # before the spec's own setting is replaced and checked
+        execution.device = args.device
+    if args.no_progress:
+        execution.progress = False
+    return spec
 
 
 def run_patch(args: argparse.Namespace) -> int:

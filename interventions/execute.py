@@ -65,10 +65,11 @@ def check_remote(remote: bool | str, model_source: str) -> None:
 
 
 def _plain_accesses(model: Any, batch: Batch) -> list[tuple]:
-    """Batch patches as plain tuples ``(envoy, access, n_heads, full groups, head groups)``, each group a
-    ``(copy, set, add)`` tuple of dicts of tensors: picklable where clap is not installed (NDIF)."""
+    """Batch patches as plain tuples ``(envoy, access, n_heads, stages)``, each stage a list of ``(full, heads)``
+    groups, each group a ``(copy, set, add, mix)`` tuple of dicts of tensors: picklable where clap is not installed
+    (NDIF)."""
     return [
-        (model.get(p.module), p.access, p.n_heads or 0, p.full.as_tuple(), p.heads.as_tuple())
+        (model.get(p.module), p.access, p.n_heads or 0, [(full.as_tuple(), heads.as_tuple()) for full, heads in p.stages])
         for p in batch.accesses
     ]
 
@@ -114,34 +115,40 @@ def run_batch(model: Any, batch: Batch, remote: bool | str = False, unembed_modu
     (``metric_dtype_for``) from the model's last-position logits."""
     device = _device_of(model, remote)
     metric_dtype = metric_dtype_for(device)
-    accesses = [(envoy, access, n_heads, _moved(full, device), _moved(heads, device))
-                for envoy, access, n_heads, full, heads in _plain_accesses(model, batch)]
+    accesses = [(envoy, access, n_heads, _moved(stages, device))
+                for envoy, access, n_heads, stages in _plain_accesses(model, batch)]
     inputs = _moved(forward_kwargs(model, batch, unembed_module), device)
     answer_index, answer_mask, wrong_index, wrong_mask, clean_row = _moved(
         (batch.answer_index, batch.answer_mask, batch.wrong_index, batch.wrong_mask, batch.clean_row), device
     )
     with torch.no_grad():
         with model.trace(**inputs, **trace_kwargs(remote)):
-            for envoy, access, n_heads, full, heads in accesses:
+            for envoy, access, n_heads, stages in accesses:
                 # Patch a copy and hand it back: writing into the live tensor in place would also change every
                 # other reader of it (q/k/v projections share their input; a norm's input is the residual).
                 original = envoy.input if access == "input" else envoy.output
                 value = (original[0] if isinstance(original, tuple) else original).clone()
-                views = [(value, full)]
-                if n_heads:
-                    views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
-                for view, (copy, set_, add) in views:
-                    by_head = view.dim() == 4
-                    if copy:
-                        target = (copy["t_row"], copy["t_col"]) + ((copy["head"],) if by_head else ())
-                        source = (copy["s_row"], copy["s_col"]) + ((copy["head"],) if by_head else ())
-                        view[target] = view[source]
-                    if set_:
-                        target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
-                        view[target] = set_["values"].to(view.dtype)
-                    if add:
-                        target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
-                        view[target] = view[target] + add["values"].to(view.dtype)
+                for full, heads in stages:  # baseline interventions, then the cells' own
+                    views = [(value, full)]
+                    if n_heads:
+                        views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
+                    for view, (copy, set_, add, mix) in views:
+                        by_head = view.dim() == 4
+                        if copy:
+                            target = (copy["t_row"], copy["t_col"]) + ((copy["head"],) if by_head else ())
+                            source = (copy["s_row"], copy["s_col"]) + ((copy["head"],) if by_head else ())
+                            view[target] = view[source]
+                        if set_:
+                            target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
+                            view[target] = set_["values"].to(view.dtype)
+                        if add:
+                            target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
+                            view[target] = view[target] + add["values"].to(view.dtype)
+                        if mix:
+                            target = (mix["t_row"], mix["t_col"]) + ((mix["head"],) if by_head else ())
+                            source = (mix["s_row"], mix["s_col"]) + ((mix["head"],) if by_head else ())
+                            alpha = mix["alpha"].to(view.dtype)
+                            view[target] = view[target] + alpha * (view[source] - view[target])
                 patched = (value, *original[1:]) if isinstance(original, tuple) else value
                 if access == "input":
                     envoy.input = patched

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
 
 from clap.errors import ClapError
+from interventions import operations
 from interventions.probes import PositionCell, Probe, resolve_positions
 from interventions.sites import Site
 from interventions.spec import OperationSpec, StudySpec
@@ -29,7 +30,10 @@ class PlanError(ClapError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One patched forward row: which probe, where, which tokens, what operation."""
+    """One patched forward row: which probe, where, which tokens, what operation (and which noise sample).
+
+    A cell may apply its operation at several sites together (``sites``: a window of consecutive layers, or a
+    combined group), in forward order; ``site`` is the one it is reported under (a window's centre layer)."""
 
     index: int
     probe: int  #: index into the probe list
@@ -38,6 +42,37 @@ class Cell:
     operation: OperationSpec
     source_probe: int  #: the probe whose source run supplies the activation (another probe for resample)
     source_indices: tuple[int, ...]  #: source-prompt token indices matched to ``positions.indices``
+    sites: tuple[Site, ...] = ()  #: every site the cell patches (empty: just ``site``)
+    sample: int = 0  #: which noise draw (0 .. samples - 1)
+    site_label: str = ""  #: the reported site name (``site.name``, a window ``layers.3.mlp_out@w10``, a combination)
+
+    @property
+    def all_sites(self) -> tuple[Site, ...]:
+        return self.sites or (self.site,)
+
+    @property
+    def name(self) -> str:
+        return self.site_label or self.site.name
+
+
+@dataclass(frozen=True)
+class BaselineEdit:
+    """A baseline intervention resolved for one probe: the target-prompt tokens it acts on at each site."""
+
+    sites: tuple[Site, ...]
+    indices: tuple[int, ...]
+    operation: OperationSpec
+
+
+@dataclass
+class GroupPlan:
+    """A patch group with its sites resolved: ``stacks`` maps a reported site to every site its cell patches."""
+
+    sites: list[Site]
+    positions: list[Any]
+    operations: list[OperationSpec]
+    stacks: dict[str, tuple[Site, ...]] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +85,12 @@ class Plan:
     source: str
     model_key: str = ""  #: identifies the weights (architecture + weight fingerprint), set by the caller
     dropped: int = 0  #: cells with no token left to patch under right alignment (not run, not reported)
+    baseline: dict[int, list[BaselineEdit]] = field(default_factory=dict)  #: per probe index
+    #: target baseline rows per probe: one per noise sample when a baseline intervention draws noise, else one
+    target_samples: int = 1
+
+    def target_row_sample(self, sample: int) -> int:
+        return sample if self.target_samples > 1 else 0
 
     @property
     def fingerprint(self) -> str:
@@ -96,47 +137,73 @@ def resample_sources(n_probes: int, seed: int) -> list[int]:
             return perm
 
 
+def _as_group(group: Any) -> GroupPlan:
+    return group if isinstance(group, GroupPlan) else GroupPlan(list(group[0]), list(group[1]), list(group[2]))
+
+
 def compile_plan(
     spec: StudySpec,
     probes: Sequence[Probe],
-    groups: Sequence[tuple[Sequence[Site], Sequence[Any], Sequence[OperationSpec]]],
+    groups: Sequence[Any],
     tokenizer: Any,
     site_order: Callable[[Site], Any],
+    baseline: Sequence[tuple[Sequence[Site], Sequence[Any], OperationSpec]] = (),
 ) -> Plan:
-    """One cell per probe x (site, position, operation) of every patch group; duplicates across groups merge."""
+    """One cell per probe x (site, position, operation) of every patch group (x noise sample); duplicates across
+    groups merge. ``groups`` are :class:`GroupPlan` s or (sites, positions, operations) tuples; ``baseline`` the
+    resolved baseline interventions (sites, position selectors, operation)."""
+    groups = [_as_group(g) for g in groups]
     target, source = directions(spec.direction)
-    needs_resample = any(op.name == "resample" for _, _, ops in groups for op in ops)
+    needs_resample = any(op.name == "resample" for g in groups for op in g.operations)
     resample = resample_sources(len(probes), spec.seed) if needs_resample else None
+    baseline_noise = any(op.name == "noise" for _, _, op in baseline)
     cells: list[Cell] = []
     seen: set[tuple] = set()
     dropped = 0
+    plan_baseline: dict[int, list[BaselineEdit]] = {}
     for p_index, probe in enumerate(probes):
         n_target = len(probe.prompt_ids(target))
-        for sites, positions, operations in groups:
-            position_cells = [pc for sel in positions for pc in resolve_positions(sel, probe, target, source, tokenizer)]
-            for site in sites:
+        edits = []
+        for sites, selectors, op in baseline:
+            indices = sorted({i for sel in selectors for pc in resolve_positions(sel, probe, target, source, tokenizer)
+                              for i in pc.indices})
+            edits.append(BaselineEdit(tuple(sites), tuple(indices), op))
+        plan_baseline[p_index] = edits
+        for group in groups:
+            position_cells = [pc for sel in group.positions
+                              for pc in resolve_positions(sel, probe, target, source, tokenizer)]
+            for site in group.sites:
                 for pc in position_cells:
-                    for op in operations:
-                        key = (p_index, site.name, pc.label, pc.indices, op.label)
+                    if pc.label != "none" and not pc.indices:
+                        dropped += 1  # e.g. the middle tokens of a one-token subject: nothing to patch
+                        continue
+                    for op in group.operations:
+                        label = group.labels.get(site.name, "")
+                        key = (p_index, label or site.name, pc.label, pc.indices, op.label)
                         if key in seen:
                             continue
                         seen.add(key)
-                        cell = _cell(len(cells), p_index, probe, probes, site, pc, op, resample, spec, target,
-                                     source, n_target)
-                        if pc.indices and not cell.positions.indices:
-                            dropped += 1  # right alignment: none of these tokens has a source counterpart
-                            continue
-                        cells.append(cell)
-    all_sites = {site.name: site for sites, _, _ in groups for site in sites}
+                        n_samples = spec.samples if (baseline_noise or op.name == "noise") else 1
+                        for sample in range(n_samples):
+                            cell = _cell(len(cells), p_index, probe, probes, site, pc, op, resample, spec, target,
+                                         source, n_target)
+                            if pc.indices and not cell.positions.indices:
+                                dropped += 1  # right alignment: none of these tokens has a source counterpart
+                                break
+                            stack = group.stacks.get(site.name, ())
+                            cells.append(replace(cell, sites=stack, sample=sample, site_label=label))
+    all_sites = {s.name: s for g in groups for site in g.sites for s in (g.stacks.get(site.name) or (site,))}
+    all_sites.update({s.name: s for sites, _, _ in baseline for s in sites})
     ordered = sorted(all_sites.values(), key=site_order)
     return Plan(spec=spec, probes=list(probes), sites=ordered, cells=cells, target=target, source=source,
-                dropped=dropped)
+                dropped=dropped, baseline=plan_baseline, target_samples=spec.samples if baseline_noise else 1)
 
 
 def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, source, n_target) -> Cell:
     src_probe = resample[p_index] if op.name == "resample" else p_index
     n_source = len(probes[src_probe].prompt_ids(source))
-    if n_source != n_target and spec.alignment == "strict" and op.name in ("replace", "resample"):
+    copies = operations.get(op.name).copies_source
+    if n_source != n_target and spec.alignment == "strict" and copies:
         raise PlanError(
             f"resample: probe {probe.id} ({n_target} tokens) would take activations from probe "
             f"{probes[src_probe].id} ({n_source} tokens); use same-length probes or `alignment: right`"
@@ -144,7 +211,7 @@ def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, s
     # right alignment: target index i <-> source index i - n_target + n_source. Only operations that copy a source
     # activation need a counterpart; zero/mean/noise act on every selected target token.
     pairs = [(i, i - n_target + n_source) for i in pc.indices]
-    if op.name in ("replace", "resample"):
+    if copies:
         pairs = [(i, j) for i, j in pairs if j >= 0]
     kept_indices = tuple(i for i, _ in pairs)
     position = pc.position if pc.position in kept_indices else None
@@ -169,18 +236,20 @@ class PatchGroups:
     """Index tensors of the patches of one shape at one module access.
 
     ``copy``: ``x[t_row, t_col(, head)] = x[s_row, s_col(, head)]``; ``set``: ``x[t_row, t_col(, head)] = values``;
-    ``add``: ``x[t_row, t_col(, head)] += values``. Each is empty or a dict of tensors.
+    ``add``: ``x[t_row, t_col(, head)] += values``; ``mix``: ``x[t] += alpha * (x[s] - x[t])``. Each is empty or a
+    dict of tensors.
     """
 
     copy: dict[str, torch.Tensor] = field(default_factory=dict)
     set: dict[str, torch.Tensor] = field(default_factory=dict)
     add: dict[str, torch.Tensor] = field(default_factory=dict)
+    mix: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.copy or self.set or self.add)
+        return bool(self.copy or self.set or self.add or self.mix)
 
-    def as_tuple(self) -> tuple[dict, dict, dict]:
-        return (self.copy, self.set, self.add)
+    def as_tuple(self) -> tuple[dict, dict, dict, dict]:
+        return (self.copy, self.set, self.add, self.mix)
 
 
 @dataclass
@@ -189,14 +258,22 @@ class AccessPatches:
 
     Row/column tensors address the padded batch. Whole-width patches and per-head patches are kept apart: per-head
     patches address the access viewed as ``[rows, cols, n_heads, head_dim]``, so a head site and a raw-module site
-    on the same tensor can share one batch.
+    on the same tensor can share one batch. ``stages`` hold (full, heads) groups applied one after the other: the
+    baseline interventions first, then the cells' own (a restore at a noised token overwrites the noise).
     """
 
     module: str
     access: str
     n_heads: int | None = None
-    full: PatchGroups = field(default_factory=PatchGroups)
-    heads: PatchGroups = field(default_factory=PatchGroups)
+    stages: list[tuple[PatchGroups, PatchGroups]] = field(default_factory=list)
+
+    @property
+    def full(self) -> PatchGroups:
+        return self.stages[-1][0]
+
+    @property
+    def heads(self) -> PatchGroups:
+        return self.stages[-1][1]
 
 
 @dataclass
@@ -216,10 +293,16 @@ class Batch:
     wrong_mask: torch.Tensor
     accesses: list[AccessPatches]
     cells: list[int]
+    row_sample: list[int] = field(default_factory=list)  #: noise sample per row (0 where there is none)
 
 
 def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
-    """Split cells into batches of at most ``max_rows`` rows, counting the two baseline rows each probe needs."""
+    """Split cells into batches of at most ``max_rows`` rows, counting the baseline rows each probe needs (its
+    source row and one target row, or one per noise sample when a baseline intervention draws noise)."""
+    per_probe = 1 + plan.target_samples
+    if max_rows < per_probe + 1:
+        raise PlanError(f"max_rows must be at least {per_probe + 1} ({per_probe} baseline rows per probe with "
+                        f"{plan.target_samples} noise samples, and one patched row)")
     if max_rows < 3:
         raise PlanError("max_rows must be at least 3 (clean, corrupted and one patched row)")
     if max_rows < 5 and any(c.source_probe != c.probe for c in plan.cells):
@@ -230,12 +313,12 @@ def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
     rows = 0
     for cell in sorted(plan.cells, key=lambda c: (c.probe, c.index)):
         needed = {cell.probe, cell.source_probe} - probes_in
-        extra = 2 * len(needed) + 1
+        extra = per_probe * len(needed) + 1
         if current and rows + extra > max_rows:
             chunks.append(current)
             current, probes_in, rows = [], set(), 0
             needed = {cell.probe, cell.source_probe}
-            extra = 2 * len(needed) + 1
+            extra = per_probe * len(needed) + 1
         current.append(cell)
         probes_in |= needed
         rows += extra
@@ -272,7 +355,12 @@ def build_batch(
     pad_id: int,
     constants: "PatchConstants",
 ) -> Batch:
-    """Lay out rows (left-padded) and turn every cell into index tensors at its module access."""
+    """Lay out rows (left-padded) and compile every edit into index tensors at its module access.
+
+    Rows: per probe its source baseline row and its target baseline row(s) (one per noise sample when a baseline
+    intervention draws noise), then one row per cell. The target baseline rows and every patched row get the
+    probe's baseline interventions (stage 0); each patched row then gets its cell's operation at each of its sites
+    (stage 1). Operations compile through :mod:`interventions.operations`."""
     probe_order: list[int] = []
     for cell in cells:
         for p in (cell.probe, cell.source_probe):
@@ -282,14 +370,17 @@ def build_batch(
     row_probe: list[int] = []
     row_role: list[str] = []
     row_cell: list[int] = []
-    baseline_row: dict[tuple[int, str], int] = {}
+    row_sample: list[int] = []
+    baseline_row: dict[tuple[int, str, int], int] = {}
     for p in probe_order:
         for role in ("clean", "corrupted"):
-            baseline_row[(p, role)] = len(prompts)
-            prompts.append(plan.probes[p].prompt_ids(role))
-            row_probe.append(p)
-            row_role.append(role)
-            row_cell.append(-1)
+            for sample in range(plan.target_samples if role == plan.target else 1):
+                baseline_row[(p, role, sample)] = len(prompts)
+                prompts.append(plan.probes[p].prompt_ids(role))
+                row_probe.append(p)
+                row_role.append(role)
+                row_cell.append(-1)
+                row_sample.append(sample)
     cell_row: dict[int, int] = {}
     for cell in cells:
         cell_row[cell.index] = len(prompts)
@@ -297,44 +388,48 @@ def build_batch(
         row_probe.append(cell.probe)
         row_role.append("patched")
         row_cell.append(cell.index)
+        row_sample.append(cell.sample)
 
     input_ids, attention_mask = left_pad(prompts, pad_id)
     width = input_ids.shape[1]
-
     accesses: dict[tuple[str, str], dict[str, Any]] = {}
-    for cell in cells:
-        if not cell.positions.indices:
-            continue  # a "none" cell: the control row that patches nothing
-        site = cell.site
+
+    def emit(stage: int, site: Site, op: OperationSpec, t_row: int, indices: Sequence[int], s_row: int | None,
+             source_indices: Sequence[int], n_target: int, noise_key: str) -> None:
         per_head = site.kind == "head"
-        access_entry = accesses.setdefault(site.access_key, {"n_heads": None, "full": None, "heads": None})
+        entry = accesses.setdefault(site.access_key, {"n_heads": None, "stages": {}})
         if per_head:
-            access_entry["n_heads"] = site.n_heads
-        shape = "heads" if per_head else "full"
-        if access_entry[shape] is None:
-            access_entry[shape] = {"copy": [], "set": [], "add": []}
-        entry = access_entry[shape]
+            entry["n_heads"] = site.n_heads
+        shape = entry["stages"].setdefault(stage, {}).setdefault(
+            "heads" if per_head else "full", {"copy": [], "set": [], "add": [], "mix": []})
+        t_cols = [width - n_target + i for i in indices]
+        s_cols = [width - len(prompts[s_row]) + j for j in source_indices] if s_row is not None else []
+        edit = operations.EditContext(op=op, site=site, t_row=t_row, t_cols=t_cols, indices=tuple(indices),
+                                      s_row=s_row, s_cols=s_cols, n_target=n_target,
+                                      head=site.head if per_head else -1, constants=constants, noise_key=noise_key)
+        for mode, item in operations.get(op.name).compile(edit):
+            shape[mode].append(item)
+
+    def emit_baseline(p: int, t_row: int, sample: int) -> None:
+        n_target = len(plan.probes[p].prompt_ids(plan.target))
+        for number, edit in enumerate(plan.baseline.get(p, ())):
+            for site in edit.sites:
+                key = f"{constants.seed}|{plan.probes[p].id}|{sample}|{site.name}|baseline{number}"
+                emit(0, site, edit.operation, t_row, edit.indices, None, (), n_target, key)
+
+    for p in probe_order:
+        for sample in range(plan.target_samples):
+            emit_baseline(p, baseline_row[(p, plan.target, sample)], sample)
+    for cell in cells:
         t_row = cell_row[cell.index]
-        n_t = len(prompts[t_row])
-        t_cols = [width - n_t + i for i in cell.positions.indices]
-        head = site.head if site.kind == "head" else -1
-        op = cell.operation.name
-        if op in ("replace", "resample"):
-            s_row = baseline_row[(cell.source_probe, plan.source)]
-            n_s = len(prompts[s_row])
-            s_cols = [width - n_s + j for j in cell.source_indices]
-            entry["copy"].extend((t_row, tc, s_row, sc, head) for tc, sc in zip(t_cols, s_cols))
-        elif op == "zero":
-            values = constants.zeros(site)
-            entry["set"].extend((t_row, tc, head, values) for tc in t_cols)
-        elif op == "mean":
-            n_target = len(plan.probes[cell.probe].prompt_ids(plan.target))
-            entry["set"].extend(
-                (t_row, tc, head, constants.mean(site, n_target - i)) for tc, i in zip(t_cols, cell.positions.indices)
-            )
-        elif op == "noise":
-            noise = constants.noise(cell, len(t_cols))
-            entry["add"].extend((t_row, tc, head, noise[k]) for k, tc in enumerate(t_cols))
+        emit_baseline(cell.probe, t_row, plan.target_row_sample(cell.sample))
+        if not cell.positions.indices:
+            continue  # a "none" cell: the control row that patches nothing (beyond the baseline)
+        n_target = len(prompts[t_row])
+        s_row = baseline_row[(cell.source_probe, plan.source, 0)]
+        for site in cell.all_sites:
+            key = f"{constants.seed}|{plan.probes[cell.probe].id}|{cell.sample}|{site.name}|cell"
+            emit(1, site, cell.operation, t_row, cell.positions.indices, s_row, cell.source_indices, n_target, key)
     # nnsight must meet module accesses in forward-execution order; plan.sites is already in that order
     rank = {}
     for position, site in enumerate(plan.sites):
@@ -342,12 +437,13 @@ def build_batch(
     access_list = []
     for (module, access), entry in sorted(accesses.items(), key=lambda item: rank[item[0]]):
         patches = AccessPatches(module=module, access=access, n_heads=entry["n_heads"])
-        for shape in ("full", "heads"):
-            if entry[shape] is not None:
-                setattr(patches, shape, _patch_groups(entry[shape]))
+        for stage in sorted(entry["stages"]):
+            shapes = entry["stages"][stage]
+            patches.stages.append(tuple(_patch_groups(shapes[k]) if k in shapes else PatchGroups()
+                                        for k in ("full", "heads")))
         access_list.append(patches)
 
-    clean_row = torch.tensor([baseline_row[(p, "clean")] for p in row_probe], dtype=torch.long)
+    clean_row = torch.tensor([baseline_row[(p, "clean", 0)] for p in row_probe], dtype=torch.long)
     answer_index, answer_mask = _pad_sets([plan.probes[p].answer_ids for p in row_probe])
     wrong_index, wrong_mask = _pad_sets([plan.probes[p].wrong_ids for p in row_probe])
     return Batch(
@@ -364,6 +460,7 @@ def build_batch(
         wrong_mask=wrong_mask,
         accesses=access_list,
         cells=[c.index for c in cells],
+        row_sample=row_sample,
     )
 
 
@@ -372,6 +469,10 @@ def _patch_groups(entry: dict[str, list]) -> PatchGroups:
     if entry["copy"]:
         t = torch.tensor([e[:5] for e in entry["copy"]], dtype=torch.long)
         groups.copy = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4]}
+    if entry["mix"]:
+        t = torch.tensor([e[:5] for e in entry["mix"]], dtype=torch.long)
+        groups.mix = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4],
+                      "alpha": torch.tensor([e[5] for e in entry["mix"]], dtype=torch.float64)[:, None]}
     for mode in ("set", "add"):
         if entry[mode]:
             t = torch.tensor([e[:3] for e in entry[mode]], dtype=torch.long)
@@ -382,11 +483,13 @@ def _patch_groups(entry: dict[str, list]) -> PatchGroups:
 
 @dataclass
 class PatchConstants:
-    """Values that do not come from the batch itself: zeros, probe-set means, seeded noise."""
+    """Values that do not come from the batch itself: zeros, probe-set means, noise scales, steering vectors."""
 
     widths: dict[str, int]  #: site name -> activation width (head_dim for head sites)
     means: dict[str, torch.Tensor] = field(default_factory=dict)  #: site name -> [max_len, width], index = offset from end - 1
-    embedding_std: float | None = None
+    embedding_std: float | None = None  #: std of the token embeddings of every prompt of the probe set
+    selected_std: float | None = None  #: std of the embeddings of the tokens ``selected_std`` noise selects
+    vectors: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  #: (op JSON, site name) -> vector
     seed: int = 0
 
     def zeros(self, site: Site) -> torch.Tensor:
@@ -396,11 +499,12 @@ class PatchConstants:
         table = self.means[site.name]
         return table[offset_from_end - 1]
 
-    def noise(self, cell: Cell, n: int) -> torch.Tensor:
-        op = cell.operation
-        std = op.scale * (self.embedding_std if op.relative_to == "embedding_std" else 1.0)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cell.index)
-        return torch.randn((n, self.widths[cell.site.name]), generator=generator) * std
+    def noise_std(self, op: OperationSpec) -> float:
+        unit = {"absolute": 1.0, "embedding_std": self.embedding_std, "selected_std": self.selected_std}[op.relative_to]
+        return op.scale * unit
+
+    def vector(self, op: OperationSpec, site: Site) -> torch.Tensor:
+        return self.vectors[(op.model_dump_json(), site.name)]
 
 
 def rows_for_budget(memory_budget_mb: float | None, max_rows: int | None, seq_len: int, vocab: int, d_model: int,

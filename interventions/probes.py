@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from clap.errors import ClapError
 from clap.yamlio import SourceError, load_jsonl, load_yaml
 from interventions.spec import (
+    FieldPosition,
     IndexPositions,
     MatchPosition,
     PositionSelector,
@@ -278,6 +279,8 @@ def resolve_positions(
         return [PositionCell(label, indices[0] if len(indices) == 1 else None, indices)]
     if isinstance(selector, MatchPosition):
         return [_match_cell(selector, probe, target, tokenizer)]
+    if isinstance(selector, FieldPosition):
+        return [field_cell(selector, probe, target, tokenizer)]
     raise ProbeError(f"unknown position selector {selector!r}")
 
 
@@ -309,6 +312,61 @@ def _match_cell(selector: MatchPosition, probe: Probe, target: str, tokenizer: A
     shift = len(probe.prompt_ids(target)) - len(ids)
     indices = tuple(i + shift for i in indices if i + shift >= 0)
     return PositionCell(match_label(selector), indices[0] if len(indices) == 1 else None, indices)
+
+
+def field_value(probe: Probe, name: str) -> str:
+    """A probe's own field (``subject``, or any other label it carries) by name, or an error naming those it has."""
+    if name in ("clean", "corrupted"):
+        return getattr(probe, name)
+    if name not in probe.labels:
+        raise ProbeError(f"probe {probe.id} ({probe.origin}): no field {name!r} for a {{field: {name}}} position; "
+                         f"its fields: {', '.join(sorted(probe.labels)) or 'none besides the prompts'}")
+    return probe.labels[name]
+
+
+def subject_range(probe: Probe, name: str, prompt: str, target: str, tokenizer: Any) -> tuple[int, int]:
+    """[first, last] target-prompt token indices of the field's string (its first occurrence)."""
+    cell = _match_cell(MatchPosition(match=field_value(probe, name), prompt=prompt), probe, target, tokenizer)
+    if not cell.indices:
+        raise ProbeError(f"probe {probe.id} ({probe.origin}): its {name} has no token in the target prompt")
+    return cell.indices[0], cell.indices[-1]
+
+
+#: ROME's six token groups, in prompt order
+TOKEN_GROUPS = ("first subject", "middle subject", "last subject", "first subsequent", "further", "last")
+
+
+def token_group(index: int, first: int, last: int, n_tokens: int) -> str:
+    """ROME's token group of a target-prompt token, given the subject's [first, last] token indices. The prompt's
+    last token is ``last`` (even inside the subject); before the subject is ``further`` too (ROME drops it)."""
+    if index == n_tokens - 1:
+        return "last"
+    if index == first:
+        return "first subject"
+    if index == last:
+        return "last subject"
+    if first < index < last:
+        return "middle subject"
+    if index == last + 1:
+        return "first subsequent"
+    return "further"
+
+
+def field_cell(selector: FieldPosition, probe: Probe, target: str, tokenizer: Any) -> PositionCell:
+    """The tokens of a probe field's string, or one of ROME's groups relative to it."""
+    first, last = subject_range(probe, selector.field, selector.prompt, target, tokenizer)
+    n = len(probe.prompt_ids(target))
+    chosen = {
+        "all": range(first, last + 1),
+        "first": [first],
+        "last": [last],
+        "middle": range(first + 1, last),
+        "after": [last + 1] if last + 1 < n else [],
+        "further": range(last + 2, n - 1),
+    }[selector.token]
+    indices = tuple(chosen)
+    label = f"field:{selector.field}" + ("" if selector.token == "all" else f"@{selector.token}")
+    return PositionCell(label, indices[0] if len(indices) == 1 else None, indices)
 
 
 def match_label(selector: MatchPosition) -> str:

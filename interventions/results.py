@@ -54,6 +54,23 @@ def to_frame(frame: pd.DataFrame, group_columns: Sequence[str]) -> pd.DataFrame:
     return typed_frame(frame, group_columns)
 
 
+#: columns averaged over noise samples; every other column identifies the cell (or is equal across its samples)
+_AVERAGED = ("clean", "corrupted", "patched")
+_DERIVED = ("recovery", "recovery_defined", "effect", "sample")
+
+
+def average_samples(frame: pd.DataFrame, epsilon: float) -> pd.DataFrame:
+    """One row per cell and metric: clean, corrupted and patched averaged over the noise samples, recovery and effect
+    recomputed from the means, ``sample`` NA."""
+    keys = [c for c in frame.columns if c not in _AVERAGED + _DERIVED]
+    means = frame.groupby(keys, dropna=False, sort=False)[list(_AVERAGED)].mean().reset_index()
+    rec, defined = recovery(means.clean.to_numpy(), means.corrupted.to_numpy(), means.patched.to_numpy(), epsilon)
+    means["recovery"], means["recovery_defined"] = rec, defined
+    means["effect"] = means.patched - means.corrupted
+    means["sample"] = pd.array([pd.NA] * len(means), dtype="Int64")
+    return means[[c for c in frame.columns]]
+
+
 def prepare_output_dir(out_dir: Path) -> Path:
     """Create ``out_dir`` and prove it writable, before any model is loaded: a typo'd ``-o`` that names a file or
     a folder without write permission must fail in a second, not after the weights load and the first batch runs.

@@ -99,39 +99,81 @@ class IndexPositions(StrictModel):
     indices: list[int]
 
 
-PositionSelector = Union[Literal["all", "each", "last", "none"], int, MatchPosition, IndexPositions]
+class FieldPosition(StrictModel):
+    """Per-probe tokens named by one of the probe's own fields (e.g. ``subject``): the tokens of that string in the
+    prompt (``token: all``), its ``first`` / ``middle`` (between first and last) / ``last`` token, the ``after``
+    (first subsequent) token, or the ``further`` tokens (after that, before the prompt's last token): ROME's
+    token groups."""
+
+    field: str
+    token: Literal["all", "first", "middle", "last", "after", "further"] = "all"
+    prompt: Literal["clean", "corrupted"] = "clean"
+
+
+PositionSelector = Union[Literal["all", "each", "last", "none"], int, MatchPosition, IndexPositions, FieldPosition]
+
+
+class VectorFrom(StrictModel):
+    """A steering vector as the mean difference of two prompt sets' last-token activations at the site."""
+
+    plus: list[str] = Field(min_length=1)
+    minus: list[str] = Field(min_length=1)
 
 
 class OperationSpec(StrictModel):
-    """What a patched activation becomes.
+    """What a patched activation becomes; the operations and what each needs are defined in
+    :mod:`interventions.operations` (one class each):
 
     * ``replace``: the source run's activation (clean for denoising, corrupted for noising);
     * ``zero``; ``mean``: the mean source activation over the probe set at that position counted from the end
       (prompts are right-aligned, so with probes of different lengths the earliest positions of the longest
       prompts average fewer probes; with a single probe of that length ``mean`` equals ``replace`` there);
     * ``noise``: the target activation plus Gaussian noise with std ``scale`` (``relative_to: embedding_std``
-      makes it ``scale`` x the std of the token embeddings over the probe set, e.g. ROME's 3 sigma);
-    * ``resample``: the source activation of another probe (a seeded derangement of the probe set).
+      makes it ``scale`` x the std of the token embeddings of every prompt of the probe set; ``selected_std`` of
+      the embeddings of the tokens the study's ``selected_std`` noise selects, e.g. ROME's 3 sigma of the subjects);
+    * ``resample``: the source activation of another probe (a seeded derangement of the probe set);
+    * ``steer``: ``x + alpha * v`` with ``vector`` (a .pt/.npy file) or ``vector_from`` (mean difference);
+    * ``interpolate``: ``(1 - alpha) * target + alpha * source``.
     """
 
-    name: Literal["replace", "zero", "mean", "noise", "resample"]
+    name: str
     scale: float | None = None
-    relative_to: Literal["absolute", "embedding_std"] = "absolute"
+    relative_to: Literal["absolute", "embedding_std", "selected_std"] = "absolute"
+    alpha: float | None = None
+    vector: str | None = None
+    vector_from: VectorFrom | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from interventions.operations import REGISTRY
+
+        if value not in REGISTRY:
+            from clap.errors import closest
+
+            hint = closest(value, list(REGISTRY), n=1)
+            raise ValueError(f"unknown operation {value!r}{f'; did you mean {hint[0]!r}' if hint else ''} "
+                             f"(valid: {', '.join(REGISTRY)})")
+        return value
 
     @model_validator(mode="after")
-    def _scale_for_noise(self) -> "OperationSpec":
-        if self.name == "noise" and (self.scale is None or self.scale <= 0):
-            raise ValueError("operation `noise` needs a positive `scale`")
-        if self.name != "noise" and self.scale is not None:
-            raise ValueError(f"`scale` only applies to operation `noise`, not {self.name!r}")
+    def _fields_fit(self) -> "OperationSpec":
+        from interventions.operations import OPTIONAL_FIELDS, REGISTRY
+
+        operation = REGISTRY[self.name]
+        for name in OPTIONAL_FIELDS:
+            if name in self.model_fields_set and getattr(self, name) is not None and name not in operation.fields:
+                users = [n for n, op in REGISTRY.items() if name in op.fields]
+                raise ValueError(f"`{name}` only applies to operation {' / '.join(f'`{u}`' for u in users)}, "
+                                 f"not {self.name!r}")
+        operation.check(self)
         return self
 
     @property
     def label(self) -> str:
-        if self.name != "noise":
-            return self.name
-        unit = "sd" if self.relative_to == "embedding_std" else ""
-        return f"noise({self.scale:g}{unit})"
+        from interventions.operations import REGISTRY
+
+        return REGISTRY[self.name].label(self)
 
 
 Metric = Literal["logit_diff", "logit", "prob", "logprob", "kl"]  # the names of clap.contract.METRICS (a test checks they agree)
@@ -155,6 +197,17 @@ class PatchGroup(StrictModel):
     sites: list[str] = Field(min_length=1)
     positions: list[PositionSelector] | None = Field(default=None, min_length=1)
     operations: list[OperationSpec] | None = Field(default=None, min_length=1)
+    #: one cell per layer that patches the run of ``window`` consecutive layers centred on it (ROME: layers
+    #: max(0, L - window // 2) .. min(n_layers, L + ceil(window / 2)) - 1), same component, same tokens
+    window: int = Field(default=1, ge=1)
+    #: all the group's sites applied together in one row (one cell per position and operation), in forward order
+    combine: bool = False
+
+    @model_validator(mode="after")
+    def _window_or_combine(self) -> "PatchGroup":
+        if self.window > 1 and self.combine:
+            raise ValueError("`window` and `combine` exclude each other: a window already stacks its layers")
+        return self
 
     @field_validator("operations", mode="before")
     @classmethod
@@ -162,6 +215,52 @@ class PatchGroup(StrictModel):
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
+
+
+class BaselineIntervention(StrictModel):
+    """An intervention applied to the target baseline row and to every patched row (never to the source row): the
+    corruption that patched cells restore from, e.g. noise on the subject's token embeddings."""
+
+    sites: list[str] = Field(min_length=1)
+    positions: list[PositionSelector] = Field(default_factory=lambda: ["all"], min_length=1)
+    operation: OperationSpec
+
+    @field_validator("operation", mode="before")
+    @classmethod
+    def _operation_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("positions")
+    @classmethod
+    def _one_selection(cls, value: list) -> list:
+        if "each" in value:
+            raise ValueError("a baseline intervention is one selection of tokens; `each` would make one per token")
+        return value
+
+
+class TraceSpec(StrictModel):
+    """Causal tracing (Meng et al. 2022): the clean prompt, its subject's token embeddings noised (the corrupted
+    run), and each clean hidden state / MLP / attention output restored at one (layer, token), or a window of
+    layers. Expands into ``baseline``, ``patches``, ``samples`` and ``corrupted_prompt: clean``."""
+
+    subject: str = "subject"  #: the probe field holding the subject string
+    noise: float = Field(default=3.0, gt=0)  #: noise std: ``noise`` x the std of ``relative_to``
+    relative_to: Literal["absolute", "embedding_std", "selected_std"] = "selected_std"
+    samples: int = Field(default=10, ge=1)
+    #: component -> window (1 = single layers); ROME: hidden states single, MLP and attention windows of 10
+    kinds: dict[Literal["resid_post", "mlp_out", "attn_out", "resid_pre"], int] = Field(
+        default_factory=lambda: {"resid_post": 1, "mlp_out": 10, "attn_out": 10})
+    positions: list[PositionSelector] = Field(default_factory=lambda: ["each"], min_length=1)
+
+    def expand(self) -> dict[str, Any]:
+        return {
+            "baseline": [{"sites": ["embed"], "positions": [{"field": self.subject}],
+                          "operation": {"name": "noise", "scale": self.noise, "relative_to": self.relative_to}}],
+            "patches": [{"sites": [f"layers[*].{kind}"], "positions": self.positions, "window": window,
+                         "operations": ["replace"]} for kind, window in self.kinds.items()],
+            "samples": self.samples,
+            "corrupted_prompt": "clean",
+        }
 
 
 class StudySpec(StrictModel):
@@ -187,6 +286,16 @@ class StudySpec(StrictModel):
     #: how `clap analyze` reduces and tests the results (see clap.analysis_options); recorded in run.json
     analysis: AnalysisOptions | None = None
 
+    #: interventions applied to the target baseline row and every patched row, in forward order (e.g. noise)
+    baseline: list[BaselineIntervention] | None = None
+    #: noise draws per cell (seeded by seed, probe, sample): reported per sample and averaged
+    samples: int = Field(default=1, ge=1)
+    #: the corrupted run's prompt: the probe's own ``corrupted`` prompt, or its ``clean`` prompt (then only the
+    #: baseline interventions corrupt it, as in causal tracing)
+    corrupted_prompt: Literal["probe", "clean"] = "probe"
+    #: causal tracing; fills baseline, patches, samples, corrupted_prompt and metrics (prob) where not given
+    trace: TraceSpec | None = None
+
     #: where the spec was read from (relative probe files resolve against it); not part of the schema
     _base_dir: Path | None = None
     #: the spec file and its key-path -> line map, so checks after validation can name file and line too
@@ -200,10 +309,29 @@ class StudySpec(StrictModel):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_trace(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("trace"), (dict, TraceSpec)):
+            trace = data["trace"] if isinstance(data["trace"], TraceSpec) else TraceSpec.model_validate(data["trace"])
+            data = {**trace.expand(), "metrics": ["prob"], **data}
+        return data
+
     @model_validator(mode="after")
     def _something_to_patch(self) -> "StudySpec":
+        from interventions.operations import REGISTRY
+
         if not self.sites and not self.patches:
             raise ValueError("name the sites to patch: `sites: [...]` and/or `patches: [{sites: [...]}, ...]`")
+        copies = [op.name for op in self.all_operations() if REGISTRY[op.name].copies_source]
+        if self.corrupted_prompt == "clean" and not self.baseline and copies:
+            raise ValueError(
+                f"nothing to restore from: with corrupted_prompt: clean the corrupted run is the clean prompt, and "
+                f"without a `baseline` intervention (e.g. noise on the subject's embeddings) operation "
+                f"{copies[0]!r} would copy the clean run into itself; add a baseline intervention")
+        noisy = [op for op in self.all_operations() + [b.operation for b in self.baseline or []] if op.name == "noise"]
+        if self.samples > 1 and not noisy:
+            raise ValueError("`samples` draws noise several times; the study has no `noise` operation")
         return self
 
     def groups(self) -> list[tuple[list[str], list, list[OperationSpec]]]:
@@ -216,7 +344,13 @@ class StudySpec(StrictModel):
         return out
 
     def all_operations(self) -> list[OperationSpec]:
+        """The operations of patched cells (not the baseline interventions)."""
         return [op for _, _, ops in self.groups() for op in ops]
+
+    def group_options(self) -> list[tuple[int, bool]]:
+        """(window, combine) per patch group, in ``groups()`` order."""
+        out = [(1, False)] if self.sites else []
+        return out + [(g.window, g.combine) for g in self.patches or []]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "StudySpec":
@@ -256,7 +390,7 @@ class StudySpec(StrictModel):
 
 POSITION_HELP = (
     "a position is all | each | last | none | an integer (negative = from the end) | {match: text} | "
-    "{indices: [integers]}"
+    "{indices: [integers]} | {field: subject, token: all|first|middle|last|after|further}"
 )
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from clap.contract import METRICS
+from clap.contract import METRICS, SAMPLES_FILE, atomic_write_frame
 from clap.devices import resolve_device
 from clap.errors import ClapError
 from clap.locks import exclusive_lock
@@ -37,6 +37,7 @@ from clap.models import (
 from interventions import execute
 from interventions.plan import (
     Cell,
+    GroupPlan,
     PatchConstants,
     Plan,
     build_batch,
@@ -45,8 +46,9 @@ from interventions.plan import (
     left_pad,
     rows_for_budget,
 )
-from interventions.probes import Probe, check_alignment, check_context, load_probes
+from interventions.probes import Probe, check_alignment, check_context, load_probes, subject_range, token_group
 from interventions.results import (
+    average_samples,
     package_versions,
     prepare_output_dir,
     recovery,
@@ -115,6 +117,9 @@ class Study:
         """The spec's probes, tokenised and checked (alignment, context length, answers). ``tokenizer`` and
         ``config`` let the pre-load checks run on the tokenizer and the config alone, before any weights load."""
         probes = load_probes(self.spec.probes, tokenizer or self.model.tokenizer, self.spec.base_dir)
+        if self.spec.corrupted_prompt == "clean":  # causal tracing: only the baseline interventions corrupt
+            for probe in probes:
+                probe.corrupted, probe.corrupted_ids = probe.clean, list(probe.clean_ids)
         check_alignment(probes, self.spec.alignment)
         check_context(probes, config if config is not None else self.model.hf.config)
         for metric in ("logit_diff",):
@@ -125,46 +130,78 @@ class Study:
                         f"metric {metric} needs a `wrong` answer for every probe; missing for "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
                     )
-        check_distinct_prompts(probes, warn)
+        if not self.spec.baseline:
+            check_distinct_prompts(probes, warn)
         return probes
 
     def sites(self) -> list[Site]:
         """Every concrete site of the study, in forward-execution order."""
         return self.plan().sites
 
+    def _resolve(self, resolver: SiteResolver, addresses: list[str], location: tuple) -> list[Site]:
+        sites: dict[str, Site] = {}
+        for i, address in enumerate(addresses):
+            try:
+                expanded = resolver.expand(address)
+            except SiteError as exc:
+                raise SiteError(f"{self.spec.where(location + (i,))}: {exc}") from None
+            for site in expanded:
+                sites.setdefault(site.name, site)
+        return list(sites.values())
+
     def _site_groups(self, hf_model: torch.nn.Module) -> tuple[SiteResolver, list[list[Site]]]:
         """Resolve every patch group's addresses; an error names the spec file, line and field of the address."""
         resolver = SiteResolver(hf_model)
-        locations = ([("sites",)] if self.spec.sites else []) + [
-            ("patches", g, "sites") for g in range(len(self.spec.patches or []))
-        ]
-        groups = []
-        for location, (addresses, _, _) in zip(locations, self.spec.groups()):
-            sites: dict[str, Site] = {}
-            for i, address in enumerate(addresses):
-                try:
-                    expanded = resolver.expand(address)
-                except SiteError as exc:
-                    raise SiteError(f"{self.spec.where(location + (i,))}: {exc}") from None
-                for site in expanded:
-                    sites.setdefault(site.name, site)
-            groups.append(list(sites.values()))
+        groups = [self._resolve(resolver, addresses, location)
+                  for location, (addresses, _, _) in zip(self._group_locations(), self.spec.groups())]
+        for b, intervention in enumerate(self.spec.baseline or []):
+            self._resolve(resolver, intervention.sites, ("baseline", b, "sites"))
         return resolver, groups
+
+    def _group_locations(self) -> list[tuple]:
+        return ([("sites",)] if self.spec.sites else []) + [
+            ("patches", g, "sites") for g in range(len(self.spec.patches or []))]
+
+    def _group_plans(self, resolver: SiteResolver, site_groups: list[list[Site]]) -> list[GroupPlan]:
+        """Patch groups with windows and combinations resolved into the stack of sites each cell patches."""
+        plans = []
+        for location, sites, (_, positions, ops), (window, combine) in zip(
+                self._group_locations(), site_groups, self.spec.groups(), self.spec.group_options()):
+            sites = sorted(sites, key=resolver.order_key)
+            group = GroupPlan(sites, list(positions), list(ops))
+            if combine:
+                group.sites = [sites[0]]
+                group.stacks[sites[0].name] = tuple(sites)
+                group.labels[sites[0].name] = "+".join(s.name for s in sites)
+            elif window > 1:
+                for site in sites:
+                    if site.layer is None or site.kind not in ("resid_pre", "resid_post", "block_out", "attn_out",
+                                                                "mlp_out"):
+                        raise SiteError(f"{self.spec.where(location)}: a window stacks consecutive layers of one "
+                                        f"component; {site.name} is not a layer's resid_pre / resid_post / block_out "
+                                        f"/ attn_out / mlp_out")
+                    low, high = max(0, site.layer - window // 2), min(resolver.n_layers, site.layer - (-window // 2))
+                    group.stacks[site.name] = tuple(resolver.expand(f"layers[{low}:{high}].{site.kind}"))
+                    group.labels[site.name] = f"{site.name}@w{window}"
+            plans.append(group)
+        return plans
+
+    def _baseline(self, resolver: SiteResolver) -> list[tuple[list[Site], list, Any]]:
+        return [(sorted(self._resolve(resolver, b.sites, ("baseline", i, "sites")), key=resolver.order_key),
+                 b.positions, b.operation) for i, b in enumerate(self.spec.baseline or [])]
 
     def plan(self) -> Plan:
         resolver, site_groups = self._site_groups(self.model.hf)
-        groups = [
-            (sorted(sites, key=resolver.order_key), positions, ops)
-            for sites, (_, positions, ops) in zip(site_groups, self.spec.groups())
-        ]
-        plan = compile_plan(self.spec, self.probes(), groups, self.model.tokenizer, resolver.order_key)
+        groups = self._group_plans(resolver, site_groups)
+        plan = compile_plan(self.spec, self.probes(), groups, self.model.tokenizer, resolver.order_key,
+                            baseline=self._baseline(resolver))
         identity = self.model.identity
         if identity.get("weights_fingerprint") is not None:  # in-memory weights may have changed since loading
             identity["weights_fingerprint"] = weights_fingerprint(self.model.hf, identity.get("location"))
         plan.model_key = f"{identity.get('architecture')}:{identity.get('weights_fingerprint')}"
         if plan.dropped:
-            log.warning("%d cells not run: under right alignment none of their tokens has a source counterpart",
-                        plan.dropped)
+            log.warning("%d cells not run: none of their tokens is left to patch (right alignment, or an empty "
+                        "token group)", plan.dropped)
         return plan
 
     def check(self) -> None:
@@ -254,8 +291,15 @@ class Study:
         baselines.report()
         group_columns = sorted(plan.probes[0].labels)
         result = to_frame(pd.concat(frames, ignore_index=True), group_columns)
+        self.samples_frame = None
+        if spec.samples > 1:  # per-sample rows aside (samples.parquet); the results average them
+            self.samples_frame = result
+            result = to_frame(average_samples(result, spec.recovery_epsilon), group_columns)
+        self.constants = constants
         if out:
-            write_results(out, result, self._sidecar(plan, group_columns, len(chunks), max_rows))
+            if self.samples_frame is not None:
+                atomic_write_frame(out / SAMPLES_FILE, self.samples_frame)
+            write_results(out, result, self._sidecar(plan, group_columns, len(chunks), max_rows, constants))
             shutil.rmtree(partial_dir, ignore_errors=True)  # only this plan's batches: others may resume later
             try:
                 partial_dir.parent.rmdir()
@@ -270,19 +314,18 @@ class Study:
         return arch.unembed if arch else None
 
     def _constants(self, plan: Plan) -> PatchConstants:
-        """Widths of every site; probe-set means and the embedding std where an operation needs them."""
+        """Widths of every site; the statistics passes the plan's operations need (:mod:`operations` ``needs``):
+        probe-set means, embedding stds for noise, steering vectors."""
+        from clap.architectures import architecture_of
+        from interventions import operations
+
         model = self.model
         widths = {}
         probe_ids = plan.probes[0].clean_ids
-        operations = self.spec.all_operations()
-        needs_mean = any(op.name == "mean" for op in operations)
-        needs_std = any(op.name == "noise" and op.relative_to == "embedding_std" for op in operations)
+        cell_ops = list({op.model_dump_json(): op for op in self.spec.all_operations()}.values())
+        baseline_ops = [b.operation for b in self.spec.baseline or []]
+        needs = set().union(*(operations.get(op.name).needs for op in cell_ops + baseline_ops))
         keys = list(dict.fromkeys(site.access_key for site in plan.sites))
-        from clap.architectures import architecture_of
-
-        extra_keys = []
-        if needs_std:
-            extra_keys = [(architecture_of(model.hf).embed, "output")]
         ids = torch.tensor([probe_ids])
         acts = execute.capture(model.nn, ids, torch.ones_like(ids), keys, remote=self.spec.execution.remote)
         shape = {key: act.shape[-1] for key, act in zip(keys, acts)}
@@ -290,15 +333,70 @@ class Study:
             width = shape[site.access_key]
             widths[site.name] = width // site.n_heads if site.kind == "head" else width
         constants = PatchConstants(widths=widths, seed=self.spec.seed)
-        if needs_mean or needs_std:
-            prompts = [p.prompt_ids(plan.source) for p in plan.probes]
-            all_prompts = [p.prompt_ids(r) for p in plan.probes for r in ("clean", "corrupted")]
-            if needs_mean:
-                constants.means = self._means(plan, keys, prompts)
-            if needs_std:
-                embed = self._gather(extra_keys, all_prompts)[0]
-                constants.embedding_std = float(torch.cat(embed).std())
+        if "mean" in needs:
+            constants.means = self._means(plan, keys, [p.prompt_ids(plan.source) for p in plan.probes])
+        noise_ops = [op for op in cell_ops + baseline_ops if op.name == "noise"]
+        if any(op.relative_to != "absolute" for op in noise_ops):
+            embed_key = (architecture_of(model.hf).embed, "output")
+            prompts = [p.prompt_ids(r) for p in plan.probes for r in ("clean", "corrupted")]
+            embeddings = self._gather([embed_key], prompts)[0]
+            if any(op.relative_to == "embedding_std" for op in noise_ops):
+                constants.embedding_std = float(torch.cat(embeddings).std())
+            if any(op.relative_to == "selected_std" for op in noise_ops):
+                constants.selected_std = self._selected_std(plan, embeddings)
+        if "vector" in needs:
+            constants.vectors = self._vectors(plan, cell_ops + baseline_ops, widths)
         return constants
+
+    def _selected_std(self, plan: Plan, embeddings: list[torch.Tensor]) -> float:
+        """Std (over all elements) of the token embeddings of the tokens that ``selected_std`` noise acts on, over
+        the probe set (each probe's target prompt once): ROME's noise unit over the subjects' tokens."""
+        rows = []
+        for p_index, probe in enumerate(plan.probes):
+            target = embeddings[2 * p_index + (0 if plan.target == "clean" else 1)]
+            chosen = set()
+            for edit in plan.baseline.get(p_index, ()):
+                if edit.operation.name == "noise" and edit.operation.relative_to == "selected_std":
+                    chosen.update(edit.indices)
+            for cell in plan.cells:
+                if cell.probe == p_index and cell.operation.name == "noise" and \
+                        cell.operation.relative_to == "selected_std":
+                    chosen.update(cell.positions.indices)
+            rows += [target[i] for i in sorted(chosen)]
+        if not rows:
+            raise ClapError("noise relative_to: selected_std selects no token in any probe")
+        return float(torch.stack(rows).std())
+
+    def _vectors(self, plan: Plan, ops: list, widths: dict[str, int]) -> dict[tuple[str, str], torch.Tensor]:
+        """Steering vectors per (operation, site): from a .pt/.npy file, or the mean difference of the last-token
+        activations of two prompt sets at the site (one statistics pass per set)."""
+        tokenizer = self.model.tokenizer
+        out = {}
+        for op in ops:
+            if op.name != "steer":
+                continue
+            key = op.model_dump_json()
+            if op.vector is not None:
+                vector = load_vector(op.vector, self.spec.base_dir).reshape(-1)
+                for site in plan.sites:
+                    if vector.numel() != widths[site.name]:
+                        raise ClapError(f"steering vector {op.vector}: {vector.numel()} values, but site {site.name} "
+                                        f"is {widths[site.name]} wide")
+                    out[(key, site.name)] = vector
+                continue
+            sets = [[tokenizer(t)["input_ids"] for t in prompts] for prompts in (op.vector_from.plus,
+                                                                                op.vector_from.minus)]
+            site_keys = list(dict.fromkeys(site.access_key for site in plan.sites))
+            means = []
+            for prompts in sets:
+                acts = self._gather(site_keys, prompts)
+                means.append({k: torch.stack([a[-1] for a in per]).double().mean(0) for k, per in zip(site_keys, acts)})
+            for site in plan.sites:
+                diff = (means[0][site.access_key] - means[1][site.access_key]).float()
+                if site.kind == "head":
+                    diff = diff.view(site.n_heads, -1)[site.head]
+                out[(key, site.name)] = diff
+        return out
 
     def _gather(self, keys: list[tuple[str, str]], prompts: list[list[int]]) -> list[list[torch.Tensor]]:
         """Per key, per prompt, the unpadded [len, width] activation (one batched trace)."""
@@ -330,9 +428,14 @@ class Study:
         spec = self.spec
         wanted = [METRICS.index(m) for m in spec.metrics]
         baseline = {}
-        for row, (probe, role) in enumerate(zip(batch.row_probe, batch.row_role)):
+        for row, (probe, role, sample) in enumerate(zip(batch.row_probe, batch.row_role, batch.row_sample)):
             if role in ("clean", "corrupted"):
-                baseline[(probe, role)] = metrics[row]
+                baseline[(probe, role, sample)] = metrics[row]
+        subjects = {}
+        if spec.trace is not None:
+            for p_index in {c.probe for c in cells}:
+                probe = plan.probes[p_index]
+                subjects[p_index] = subject_range(probe, spec.trace.subject, "clean", plan.target, self.model.tokenizer)
         row_of = {cell_index: row for row, cell_index in enumerate(batch.row_cell) if cell_index >= 0}
         tokenizer = self.model.tokenizer
         records = []
@@ -343,17 +446,21 @@ class Study:
             token = "".join(tokenizer.decode([target_ids[i]]) for i in cell.positions.indices)
             source_ids = plan.probes[cell.source_probe].prompt_ids(plan.source)
             source_token = "".join(tokenizer.decode([source_ids[j]]) for j in cell.source_indices if j >= 0)
+            samples = {plan.target: plan.target_row_sample(cell.sample), plan.source: 0}
+            group = None
+            if cell.probe in subjects and cell.positions.position is not None:
+                group = token_group(cell.positions.position, *subjects[cell.probe], len(target_ids))
             for m in wanted:
                 name = METRICS[m]
-                clean = float(baseline[(cell.probe, "clean")][m])
-                corrupted = float(baseline[(cell.probe, "corrupted")][m])
+                clean = float(baseline[(cell.probe, "clean", samples["clean"])][m])
+                corrupted = float(baseline[(cell.probe, "corrupted", samples["corrupted"])][m])
                 value = float(patched[m])
                 rec, defined = recovery(clean, corrupted, value, spec.recovery_epsilon)
                 records.append(
                     {
                         "probe_id": probe.id,
                         **probe.labels,
-                        "site": cell.site.name,
+                        "site": cell.name,
                         "site_kind": cell.site.kind,
                         "module": cell.site.module,
                         "layer": cell.site.layer,
@@ -372,12 +479,25 @@ class Study:
                         "recovery_defined": bool(defined),
                         "trivial": is_trivial(cell, len(target_ids)),
                         "n_patched_tokens": len(cell.positions.indices),
+                        "window": len(cell.all_sites),
+                        "sample": cell.sample,
+                        "effect": value - corrupted,
+                        **({"token_group": group} if subjects else {}),
                     }
                 )
         return pd.DataFrame.from_records(records)
 
-    def _sidecar(self, plan: Plan, group_columns: list[str], n_batches: int, max_rows: int) -> dict[str, Any]:
+    def _sidecar(self, plan: Plan, group_columns: list[str], n_batches: int, max_rows: int,
+                 constants: PatchConstants) -> dict[str, Any]:
+        noise_ops = [op for op in self.spec.all_operations() + [b.operation for b in self.spec.baseline or []]
+                     if op.name == "noise"]
         return {
+            "noise": {
+                "embedding_std": constants.embedding_std,
+                "selected_std": constants.selected_std,
+                "std_by_operation": {op.label: constants.noise_std(op) for op in noise_ops},
+                "samples": self.spec.samples,
+            } if noise_ops else None,
             "spec": self.spec.to_dict(),
             "model": self.model.identity,
             "versions": package_versions(),
@@ -396,11 +516,31 @@ class Study:
         }
 
 
+def load_vector(path: str, base_dir: Path) -> torch.Tensor:
+    """A steering vector from a ``.pt`` (a tensor) or ``.npy`` file; a relative path is taken from the spec's
+    folder."""
+    file = Path(path)
+    if not file.is_absolute():
+        file = base_dir / file
+    if not file.is_file():
+        raise ClapError(f"steering vector file {file} does not exist")
+    if file.suffix == ".npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(file)).float()
+    if file.suffix == ".pt":
+        value = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(value, torch.Tensor):
+            raise ClapError(f"steering vector file {file} holds a {type(value).__name__}, not a tensor")
+        return value.float()
+    raise ClapError(f"steering vector file {file}: use a .pt or .npy file")
+
+
 def is_trivial(cell: Cell, n_target: int) -> bool:
     """The patched value equals the source run's by construction: the source activation replaces, at the answer
     position, a tensor the answer logits depend on alone (recovery 1 when denoising, 0 when noising)."""
     return (
-        cell.site.terminal
+        any(site.terminal for site in cell.all_sites)
         and cell.operation.name == "replace"
         and (n_target - 1) in cell.positions.indices
     )

@@ -91,3 +91,53 @@ def metrics(logits: torch.Tensor, answer: Sequence[int], wrong: Sequence[int], c
         "logprob": float(torch.log(prob)),
         "kl": float((clean_lp.exp() * (clean_lp - logprobs)).sum()),
     }
+
+
+# -- composed interventions: noise, restores, windows, steering, interpolation --------------------------------------
+
+
+def seed_of(key: str) -> int:
+    """The documented noise seed: the first 15 hex digits of sha256(key) as an integer."""
+    import hashlib
+
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
+def gaussian(key: str, n: int, width: int, std: float) -> torch.Tensor:
+    return torch.randn((n, width), generator=torch.Generator().manual_seed(seed_of(key))) * std
+
+
+def add_edit(values: torch.Tensor, positions: Sequence[int]):
+    """Edit that adds ``values[k]`` at ``positions[k]``."""
+
+    def edit(x):
+        x = x.clone()
+        for k, pos in enumerate(positions):
+            x[0, pos] = x[0, pos] + values[k]
+        return x
+
+    return edit
+
+
+def mix_edit(source: torch.Tensor, positions: Sequence[int], alpha: float):
+    """Edit that moves the activation at ``positions`` a fraction ``alpha`` towards ``source[pos]``."""
+
+    def edit(x):
+        x = x.clone()
+        for pos in positions:
+            x[0, pos] = x[0, pos] + alpha * (source[pos] - x[0, pos])
+        return x
+
+    return edit
+
+
+def subject_indices(tokenizer, prompt: str, subject: str) -> list[int]:
+    """Token indices of ``subject`` in ``prompt``, by tokenising the text before it and through it."""
+    start = prompt.index(subject)
+    before = len(tokenizer(prompt[:start])["input_ids"]) if start else 0
+    through = len(tokenizer(prompt[: start + len(subject)])["input_ids"])
+    return list(range(before, through))
+
+
+def answer_prob(logits: torch.Tensor, answer: Sequence[int]) -> float:
+    return float(torch.softmax(logits.double(), -1)[list(answer)].sum())

@@ -1,0 +1,101 @@
+"""Causal-trace tables and heatmaps in ROME's layout (Meng et al. 2022, figure 1).
+
+Input: the tidy results of a ``trace:`` study (metric ``prob``, one row per probe x site x token). The indirect
+effect of a cell is ``effect`` = p(answer | corrupted + restored) - p(answer | corrupted). Heatmaps put layers on
+x and tokens on y, one panel per traced component (hidden states, MLP, attention); per probe the y labels are its
+tokens (the subject's marked with ``*``), averaged over probes they are ROME's six token groups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from interventions.probes import TOKEN_GROUPS
+
+#: panel titles per traced component
+KIND_TITLES = {"resid_post": "hidden states", "resid_pre": "hidden states (block input)", "mlp_out": "MLP",
+               "attn_out": "attention"}
+
+
+def _traced(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    rows = frame[(frame.metric == metric) & frame.position.notna()].copy()
+    rows["kind"] = rows.site_kind
+    return rows
+
+
+def token_group_table(frame: pd.DataFrame, metric: str = "prob") -> pd.DataFrame:
+    """Mean indirect effect (and its n) per traced component, layer and ROME token group, averaged first within a
+    probe (several ``further`` tokens count once per probe) and then over probes."""
+    rows = _traced(frame, metric)
+    per_probe = rows.groupby(["kind", "window", "layer", "token_group", "probe_id"], observed=True).effect.mean()
+    table = per_probe.groupby(["kind", "window", "layer", "token_group"], observed=True).agg(["mean", "count"])
+    table = table.rename(columns={"mean": "effect", "count": "n_probes"}).reset_index()
+    table["token_group"] = pd.Categorical(table.token_group, categories=TOKEN_GROUPS, ordered=True)
+    return table.sort_values(["kind", "window", "token_group", "layer"]).reset_index(drop=True)
+
+
+def plot_groups(frame: pd.DataFrame, path: str | Path, metric: str = "prob") -> Path:
+    """Layers x token groups heatmaps of the mean indirect effect, one panel per component."""
+    table = token_group_table(frame, metric)
+    panels = [(k, w) for k, w in table[["kind", "window"]].drop_duplicates().itertuples(index=False)]
+    grids = [table[(table.kind == k) & (table.window == w)].pivot(index="token_group", columns="layer",
+                                                                  values="effect") for k, w in panels]
+    return _draw(grids, [f"{KIND_TITLES.get(k, k)}" + (f" (window {w})" if w > 1 else "") for k, w in panels],
+                 path, "mean indirect effect on p(answer)")
+
+
+def plot_probe(frame: pd.DataFrame, probe_id: str, path: str | Path, metric: str = "prob") -> Path:
+    """One probe's layers x tokens heatmaps, the subject's tokens marked with ``*``."""
+    rows = _traced(frame, metric)
+    rows = rows[rows.probe_id == probe_id]
+    panels = rows[["kind", "window"]].drop_duplicates().itertuples(index=False)
+    grids, titles = [], []
+    for kind, window in panels:
+        part = rows[(rows.kind == kind) & (rows.window == window)]
+        labels = part.drop_duplicates("position").set_index("position")
+        grid = part.pivot_table(index="position", columns="layer", values="effect")
+        grid.index = [f"{labels.token[i]!r}" + ("*" if "subject" in str(labels.token_group[i]) else "")
+                      for i in grid.index]
+        grids.append(grid)
+        titles.append(KIND_TITLES.get(kind, kind) + (f" (window {window})" if window > 1 else ""))
+    return _draw(grids, titles, path, f"indirect effect on p(answer), {probe_id}")
+
+
+def _draw(grids: list[pd.DataFrame], titles: list[str], path: str | Path, label: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    n = len(grids)
+    height = 0.3 * max(len(g) for g in grids) + 1.2
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, height), squeeze=False)
+    for ax, grid, title in zip(axes[0], grids, titles):
+        sns.heatmap(grid, ax=ax, cmap="Purples", cbar_kws={"label": label}, xticklabels=max(1, grid.shape[1] // 10))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("layer", fontsize=9)
+        ax.set_ylabel("")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_trace_outputs(frame: pd.DataFrame, out_dir: str | Path, n_probe_figures: int = 3) -> list[Path]:
+    """``token_groups.csv``, ``trace_groups.png`` and the first ``n_probe_figures`` probes' heatmaps."""
+    out = Path(out_dir)
+    table = token_group_table(frame)
+    tmp = out / "token_groups.csv.tmp"
+    table.to_csv(tmp, index=False)
+    tmp.replace(out / "token_groups.csv")
+    written = [out / "token_groups.csv", plot_groups(frame, out / "trace_groups.png")]
+    for probe_id in list(dict.fromkeys(frame.probe_id))[:n_probe_figures]:
+        written.append(plot_probe(frame, probe_id, out / f"trace_{probe_id}.png"))
+    return written

@@ -1,0 +1,216 @@
+"""Composed interventions equal plain-PyTorch-hook implementations (reference.py), with identical noise draws, to 1e-5:
+causal tracing (noise on the subject's embeddings, one clean state restored), windows of layers, several sites
+in one row, steering by a vector (file or mean difference) and interpolation, on tiny GPT-2 and tiny Llama (GQA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clap.errors import ClapError
+from interventions.spec import StudySpec
+from interventions.study import Study
+
+from . import reference as ref
+
+TRACE_PROBES = [
+    {"id": "ep", "clean": "Epilepsy is a chronic disorder of the", "corrupted": "Epilepsy is a chronic disorder of the",
+     "answer": " brain", "wrong": " skin", "labels": {"subject": "Epilepsy"}},
+    {"id": "vpa", "clean": "The drug valproic acid treats", "corrupted": "The drug valproic acid treats",
+     "answer": " seizures", "wrong": " pain", "labels": {"subject": " valproic acid"}},
+]
+PATHS = {  # written out by hand, not from clap's tables
+    "gpt2": {"embed": "transformer.wte", "block": "transformer.h.{}", "mlp": "transformer.h.{}.mlp",
+             "attn": "transformer.h.{}.attn"},
+    "llama": {"embed": "model.embed_tokens", "block": "model.layers.{}", "mlp": "model.layers.{}.mlp",
+              "attn": "model.layers.{}.self_attn"},
+}
+TOL = 1e-5
+
+
+def family(model) -> str:
+    return "gpt2" if model.hf.config.model_type == "gpt2" else "llama"
+
+
+def trace_spec(**trace) -> StudySpec:
+    return StudySpec.from_dict({
+        "model": {"source": "in-memory"}, "probes": {"inline": TRACE_PROBES}, "seed": 7, "recovery_epsilon": 0,
+        "trace": {"samples": 2, "kinds": {"resid_post": 1, "mlp_out": 2}, **trace},
+        "execution": {"progress": False, "remote": "local", "max_rows": 64},
+    })
+
+
+def test_causal_trace_equals_hooks(tiny_model):
+    study = Study(trace_spec(), model=tiny_model)
+    frame = study.run()
+    per_sample = study.samples_frame
+    hf, tok, paths = tiny_model.hf, tiny_model.tokenizer, PATHS[family(tiny_model)]
+    n_layers = hf.config.num_hidden_layers
+    # the noise unit: std of the subjects' token embeddings over the probe set, times 3
+    subjects = {p["id"]: ref.subject_indices(tok, p["clean"], p["labels"]["subject"]) for p in TRACE_PROBES}
+    embeds = [ref.capture(hf, tok(p["clean"])["input_ids"], paths["embed"], "output")[subjects[p["id"]]]
+              for p in TRACE_PROBES]
+    std = 3 * float(torch.cat(embeds).std())
+    assert study.constants.noise_std(study.spec.baseline[0].operation) == pytest.approx(std, rel=1e-6)
+    checked = 0
+    for probe in TRACE_PROBES:
+        ids = tok(probe["clean"])["input_ids"]
+        answer = tok(probe["answer"], add_special_tokens=False)["input_ids"]
+        subject = subjects[probe["id"]]
+        width = hf.config.hidden_size
+        corrupted_by_sample, patched_sums = [], {}
+        clean_acts = {}
+
+        def clean_act_of(path):
+            if path not in clean_acts:
+                clean_acts[path] = ref.capture(hf, ids, path, "output")
+            return clean_acts[path]
+
+        for sample in range(2):
+            noise = ref.gaussian(f"7|{probe['id']}|{sample}|embed|baseline0", len(subject), width, std)
+            noised = (paths["embed"], "output", ref.add_edit(noise, subject))
+            corrupted = ref.answer_prob(ref.run(hf, ids, [noised]), answer)
+            corrupted_by_sample.append(corrupted)
+            for kind, module, window in (("resid_post", "block", 1), ("mlp_out", "mlp", 2)):
+                for layer in range(n_layers):
+                    low, high = max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2)
+                    for token in (subject[-1], len(ids) - 1):
+                        patches = [noised]
+                        for l in range(low, high):
+                            path = paths[module].format(l)
+                            clean_act = clean_act_of(path)
+                            patches.append((path, "output", ref.replace_edit(clean_act[[token]], [token], None, None)))
+                        expected = ref.answer_prob(ref.run(hf, ids, patches), answer)
+                        site = f"layers.{layer}.{kind}" + (f"@w{window}" if window > 1 else "")
+                        rows = per_sample[(per_sample.probe_id == probe["id"]) & (per_sample.site == site)
+                                          & (per_sample.position == token) & (per_sample["sample"] == sample)]
+                        assert len(rows) == 1
+                        row = rows.iloc[0]
+                        assert row.patched == pytest.approx(expected, abs=TOL), (probe["id"], site, token, sample)
+                        assert row.corrupted == pytest.approx(corrupted, abs=TOL)
+                        assert row.effect == pytest.approx(expected - corrupted, abs=TOL)
+                        assert row["window"] == high - low
+                        patched_sums.setdefault((site, token), []).append(expected)
+                        checked += 1
+        clean = ref.answer_prob(ref.run(hf, ids), answer)
+        for (site, token), values in patched_sums.items():
+            row = frame[(frame.probe_id == probe["id"]) & (frame.site == site) & (frame.position == token)].iloc[0]
+            mean_corrupted = sum(corrupted_by_sample) / 2
+            assert row.patched == pytest.approx(sum(values) / 2, abs=TOL)
+            assert row.corrupted == pytest.approx(mean_corrupted, abs=TOL)
+            assert row.clean == pytest.approx(clean, abs=TOL)
+            assert row.recovery == pytest.approx((sum(values) / 2 - mean_corrupted) / (clean - mean_corrupted), abs=1e-4)
+            assert pd_isna(row["sample"])
+    assert checked == 2 * 2 * n_layers * 2 * 2
+    # ROME's token groups: the last token of " valproic acid" and the prompt's last token
+    vpa = frame[(frame.probe_id == "vpa") & (frame.site == "layers.0.resid_post")].set_index("position")
+    assert vpa.loc[subjects["vpa"][-1], "token_group"] == "last subject"
+    assert vpa.loc[subjects["vpa"][0], "token_group"] == "first subject"
+    assert vpa.loc[len(tok(TRACE_PROBES[1]["clean"])["input_ids"]) - 1, "token_group"] == "last"
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+def test_stacked_steer_and_interpolate_equal_hooks(tiny_model, tmp_path):
+    from .conftest import PROBES
+
+    hf, tok, paths = tiny_model.hf, tiny_model.tokenizer, PATHS[family(tiny_model)]
+    width = hf.config.hidden_size
+    vector = torch.randn(width, generator=torch.Generator().manual_seed(3))
+    torch.save(vector, tmp_path / "v.pt")
+    plus, minus = ["Seizures are caused by the", "The neurologist"], ["Rashes are caused by the", "The dermatologist"]
+    spec = StudySpec.from_dict({
+        "model": {"source": "in-memory"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff", "prob"],
+        "patches": [
+            {"sites": ["layers[0].attn_out", "layers[1].resid_pre", "layers[2].mlp_out"], "combine": True,
+             "positions": ["last", {"indices": [0, 1]}]},
+            {"sites": ["layers[1].resid_pre"], "positions": ["last"],
+             "operations": [{"name": "steer", "alpha": 2.5, "vector": str(tmp_path / "v.pt")},
+                            {"name": "steer", "alpha": -1.0, "vector_from": {"plus": plus, "minus": minus}}]},
+            {"sites": ["layers[2].mlp_out"], "positions": ["all"],
+             "operations": [{"name": "interpolate", "alpha": 0.3}]},
+        ],
+        "execution": {"progress": False, "remote": "local", "max_rows": 7},
+    })
+    frame = Study(spec, model=hf_model(tiny_model)).run()
+    # the mean-difference vector, from plain hooks
+    def last(prompts):
+        return torch.stack([ref.capture(hf, tok(t)["input_ids"], paths["block"].format(1), "input")[-1]
+                            for t in prompts]).double().mean(0)
+    diff = (last(plus) - last(minus)).float()
+    for probe in PROBES:
+        clean, corrupted = tok(probe["clean"])["input_ids"], tok(probe["corrupted"])["input_ids"]
+        answers = probe["answer"] if isinstance(probe["answer"], list) else [probe["answer"]]
+        answer = [tok(a, add_special_tokens=False)["input_ids"][0] for a in answers]
+        n = len(corrupted)
+        sites = [(paths["attn"].format(0), "output"), (paths["block"].format(1), "input"),
+                 (paths["mlp"].format(2), "output")]
+
+        def check(site, positions, operation, patches):
+            logits = ref.run(hf, corrupted, patches)
+            row = frame[(frame.probe_id == probe["id"]) & (frame.site == site) & (frame.positions == positions)
+                        & (frame.operation == operation) & (frame.metric == "prob")]
+            assert len(row) == 1, (site, positions, operation)
+            assert row.iloc[0].patched == pytest.approx(ref.answer_prob(logits, answer), abs=TOL), (site, operation)
+
+        for label, positions in (("last", [n - 1]), ("indices:0,1", [0, 1])):
+            patches = [(path, access, ref.replace_edit(ref.capture(hf, clean, path, access)[positions], positions,
+                                                        None, None)) for path, access in sites]
+            check("layers.0.attn_out+layers.1.resid_pre+layers.2.mlp_out", label, "replace", patches)
+        block = paths["block"].format(1)
+        check("layers.1.resid_pre", "last", "steer(2.5)", [(block, "input", ref.add_edit(2.5 * vector[None], [n - 1]))])
+        check("layers.1.resid_pre", "last", "steer(-1)", [(block, "input", ref.add_edit(-1.0 * diff[None], [n - 1]))])
+        mlp = paths["mlp"].format(2)
+        source = ref.capture(hf, clean, mlp, "output")
+        check("layers.2.mlp_out", "all", "interpolate(0.3)", [(mlp, "output", ref.mix_edit(source, range(n), 0.3))])
+
+
+def hf_model(model):
+    return model
+
+
+def test_restores_without_corruption_are_refused():
+    probes = [{"clean": "a b", "corrupted": "a b", "answer": " c", "labels": {"subject": "a"}}]
+    with pytest.raises(ClapError, match="nothing to restore from.*add a baseline intervention"):
+        StudySpec.from_dict({"model": {"source": "x"}, "probes": {"inline": probes}, "corrupted_prompt": "clean",
+                             "sites": ["layers[*].resid_post"]})
+    with pytest.raises(ClapError, match="`samples` draws noise several times"):
+        StudySpec.from_dict({"model": {"source": "x"}, "probes": {"inline": probes}, "sites": ["embed"],
+                             "samples": 3})
+    with pytest.raises(ClapError, match=r"unknown operation 'stear'; did you mean 'steer'"):
+        StudySpec.from_dict({"model": {"source": "x"}, "probes": {"inline": probes}, "sites": ["embed"],
+                             "operations": [{"name": "stear", "alpha": 1}]})
+    with pytest.raises(ClapError, match="`alpha` only applies to operation `steer` / `interpolate`"):
+        StudySpec.from_dict({"model": {"source": "x"}, "probes": {"inline": probes}, "sites": ["embed"],
+                             "operations": [{"name": "replace", "alpha": 1}]})
+
+
+def test_trace_outputs_and_cli_refusal(tiny_gpt2, tmp_path):
+    from interventions.trace_figures import token_group_table, write_trace_outputs
+
+    spec = StudySpec.from_dict({
+        "model": {"source": "in-memory"}, "probes": {"inline": TRACE_PROBES}, "recovery_epsilon": 0,
+        "trace": {"samples": 1, "kinds": {"resid_post": 1}}, "execution": {"progress": False},
+    })
+    frame = Study(spec, model=tiny_gpt2).run()
+    table = token_group_table(frame)
+    # by hand: per probe the mean effect of its tokens in the group, then the mean over probes
+    rows = frame[(frame.layer == 1) & (frame.token_group == "further")]
+    expected = rows.groupby("probe_id").effect.mean().mean()
+    got = table[(table.layer == 1) & (table.token_group == "further")].effect.iloc[0]
+    assert got == pytest.approx(expected, abs=1e-12)
+    written = write_trace_outputs(frame, tmp_path, n_probe_figures=1)
+    assert [p.name for p in written] == ["token_groups.csv", "trace_groups.png", "trace_ep.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+    (tmp_path / "plain.yaml").write_text("model: {source: x}\nprobes: {inline: [{clean: a, corrupted: b, answer: ' c'}]}\n"
+                                         "sites: [embed]\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "clap", "trace", str(tmp_path / "plain.yaml"), "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and "needs a `trace:` section" in done.stderr
