@@ -63,7 +63,7 @@ def run_trace(args: argparse.Namespace) -> int:
                         f"run other specs with `clap patch`")
     frame = Study(spec).run(args.out)
     written = write_trace_outputs(frame, args.out, args.probe_figures)
-    print(f"{len(frame)} result rows ({frame.probe_id.nunique()} probes) written to {args.out / 'results.parquet'}; "
+    print(f"{len(frame)} result rows ({frame.probe_id.nunique()} probes) written to {results_path(args.out)}; "
           f"{', '.join(p.name for p in written)}")
     return 0
 
