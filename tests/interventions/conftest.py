@@ -1,13 +1,13 @@
-"""Tiny GPT-2 and Llama models (random init, real module names) with the real GPT-2 tokenizer."""
+"""Tiny GPT-2 and Llama models (random init, real module names) with a tiny byte-level BPE tokenizer built in the
+tests (tests/tiny_tokenizer.py), so the engine tests need no shared data."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from clap.models import wrap
+from tests.tiny_tokenizer import tiny_tokenizer
 
 PROBES = [
     # different lengths across probes (so batches are left-padded), equal lengths within each pair
@@ -20,18 +20,10 @@ PROBES = [
 ]
 
 
-def gpt2_tokenizer(shared_data):
-    from transformers import GPT2Tokenizer
-
-    folder = shared_data / "gpt2-tokenizer"
-    vocab = json.loads((folder / "vocab.json").read_text())
-    lines = (folder / "merges.txt").read_text().split("\n")[1:]
-    return GPT2Tokenizer(vocab=vocab, merges=[tuple(line.split(" ")) for line in lines if line])
-
-
 @pytest.fixture(scope="session")
-def tokenizer(shared_data):
-    return gpt2_tokenizer(shared_data)
+def tokenizer():
+    """GPT-2-like byte-level BPE whose vocabulary makes every word of the test prompts one token."""
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
