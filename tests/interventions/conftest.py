@@ -52,6 +52,27 @@ def tiny_llama(tokenizer):
     return wrap(model, tokenizer, {"source": "tiny-llama"})
 
 
+def small_study(model, **overrides):
+    """A study of the first two probes (logit_diff, under nnsight's NDIF simulation); ``overrides`` replace
+    top-level spec fields."""
+    from interventions.spec import StudySpec
+    from interventions.study import Study
+
+    data = {"model": {"source": "m"}, "probes": {"inline": PROBES[:2]}, "metrics": ["logit_diff"],
+            "execution": {"progress": False, "remote": "local"}}
+    data.update(overrides)
+    return Study(StudySpec.from_dict(data), model=model)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_gpt2, tmp_path_factory):
+    """The tiny GPT-2 and its tokenizer saved as a model folder."""
+    folder = tmp_path_factory.mktemp("saved-model")
+    tiny_gpt2.hf.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_model(request, tiny_gpt2, tiny_llama):
     return tiny_gpt2 if request.param == "gpt2" else tiny_llama

@@ -131,3 +131,30 @@ def test_results_do_not_depend_on_max_rows_beyond_forward_pass_rounding(request,
             prob = frame.metric == "prob"
             relative = difference[prob] / one_pass[column][prob].abs()
             assert relative.max() < 1e-6, (max_rows, column, relative.max())
+
+
+def test_logprob_does_not_underflow(tiny_gpt2):
+    """Regression (review): log P(answer) is a logsumexp of log-probabilities, finite where the probability of a very
+    sharp distribution underflows."""
+    import copy
+
+    import numpy as np
+
+    from . import reference as ref
+    from .conftest import PROBES as MIXED_LENGTH_PROBES
+    from .conftest import small_study
+    from .reference import probe_ids
+
+    sharp = copy.deepcopy(tiny_gpt2.hf)
+    sharp.lm_head.weight = torch.nn.Parameter(sharp.lm_head.weight.detach().clone() * 400)
+    from clap.models import wrap
+
+    model = wrap(sharp, tiny_gpt2.tokenizer)
+    frame = small_study(model, sites=["layers[0].mlp_out"], positions=["last"], metrics=["logprob"]).run()
+    for probe in MIXED_LENGTH_PROBES[:2]:
+        clean, corrupted, answer, _ = probe_ids(model, probe)
+        logits = ref.run(sharp, corrupted).double()
+        expected = float(torch.logsumexp(torch.log_softmax(logits, -1)[answer], 0))
+        row = frame[frame.probe_id == probe["id"]].iloc[0]
+        assert np.isfinite(row.corrupted)
+        assert row.corrupted == pytest.approx(expected, rel=1e-4)
