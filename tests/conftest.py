@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,3 +22,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def gpt2_tokenizer(shared_data: Path):
+    """The real GPT-2 tokenizer from the shared files, for tests whose subject is that tokenizer or data made for it
+    (the engine tests use tests/tiny_tokenizer.py instead). ``GPT2TokenizerFast(vocab_file=...)`` would silently give
+    an empty tokenizer, so the slow class is built from the parsed files."""
+    from transformers import GPT2Tokenizer
+
+    folder = shared_data / "gpt2-tokenizer"
+    vocab = json.loads((folder / "vocab.json").read_text())
+    lines = (folder / "merges.txt").read_text().split("\n")[1:]
+    return GPT2Tokenizer(vocab=vocab, merges=[tuple(line.split(" ")) for line in lines if line])
+
+
+@pytest.fixture(scope="session")
+def real_gpt2_tokenizer(shared_data):
+    """The real GPT-2 tokenizer; skips where ``../shared/data`` is absent."""
+    return gpt2_tokenizer(shared_data)

@@ -64,7 +64,7 @@ def assert_structurally_sound(name: str, tokenizer) -> None:
 
 @pytest.mark.parametrize("name", SETS)
 def test_structure_under_gpt2_tokenizer(name, shared_data):
-    from tests.interventions.conftest import gpt2_tokenizer
+    from tests.conftest import gpt2_tokenizer
 
     assert_structurally_sound(name, gpt2_tokenizer(shared_data))
 

@@ -16,7 +16,7 @@ from clap.app.pipeline import _Planner, load_study, run_study, stage_record
 from clap.app.stages import StageStore, digest, file_digest, locked, tree_digest
 from clap.app.study_file import StudyFile
 from clap.errors import ClapError
-from tests.interventions.conftest import gpt2_tokenizer
+from tests.tiny_tokenizer import tiny_tokenizer
 
 HAS_COMPARE = importlib.util.find_spec("analyses.compare") is not None
 
@@ -38,8 +38,8 @@ def write_probes(path: Path, probes: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(shared_data):
-    return gpt2_tokenizer(shared_data)
+def tokenizer():
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from clap.app.pipeline import run_study
 from clap.app.study_file import StudyFile
 from clap.errors import ClapError
-from tests.interventions.conftest import gpt2_tokenizer
+from tests.conftest import gpt2_tokenizer
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 NAMES = ["epilepsy-paper", "epilepsy-layers", "epilepsy-finetune", "epilepsy-trace", "ndif-llama-70b"]
@@ -20,6 +20,8 @@ NAMES = ["epilepsy-paper", "epilepsy-layers", "epilepsy-finetune", "epilepsy-tra
 
 @pytest.fixture(scope="module")
 def tiny_dir(shared_data, tmp_path_factory):
+    """A tiny GPT-2 with the real GPT-2 tokenizer: the shipped probe sets are token-aligned under it (not under the
+    tests' tiny tokenizer, where some pairs differ in word count), so these tests need ``../shared``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = gpt2_tokenizer(shared_data)

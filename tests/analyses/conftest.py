@@ -59,3 +59,11 @@ def rm_frame(values: np.ndarray, groups: list[str] | None = None) -> pd.DataFram
                 row[GROUP] = groups[i]
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def constant_results() -> pd.DataFrame:
+    """Recoveries that are exactly 0 everywhere: no variance for any test to measure."""
+    data = make_results(n_probes=6, n_layers=4, site_kinds=("resid_pre",), metrics=("logit_diff",),
+                        trivial_sites=False, seed=3)
+    data["recovery"] = 0.0  # e.g. a patched token the clean and corrupted prompts share: exactly no effect
+    return data

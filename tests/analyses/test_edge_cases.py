@@ -11,9 +11,10 @@ from analyses.pipeline import analyze
 from analyses.select import select_rows
 from analyses.stats import mixed_anova, pairwise_within, rm_anova
 from analyses.synthetic import make_meta, make_results
+from clap.app.cli import main
 from clap.errors import ClapError
 
-from .conftest import GROUP, rm_frame
+from .conftest import GROUP, constant_results, rm_frame
 
 
 def test_a_wholly_undefined_slice_is_skipped_not_fatal(tmp_path):
@@ -75,3 +76,12 @@ def test_one_group_records_the_group_tests_as_skipped_and_methods_do_not_claim_t
     methods = " ".join(result.methods)
     assert "Mixed ANOVA" not in methods and "Welch" not in methods and "only one `knowledge_type` group" in methods
     assert result.options["group"] is None and result.options["group_requested"] == GROUP
+
+
+# regression (review): `clap analyze` records a slice without variance as skipped instead of crashing
+def test_analyze_records_the_untestable_slice_instead_of_crashing(tmp_path):
+    data = constant_results()
+    save_results(data, make_meta(data, group_columns=["knowledge_type"]), tmp_path)
+    assert main(["analyze", str(tmp_path), "--no-figures"]) == 0
+    skipped = (tmp_path / "analysis" / "skipped.csv").read_text()
+    assert "do not vary" in skipped

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses import AnalysisWarning, analysis_units, prepare, select_rows
+from analyses import AnalysisWarning, analysis_units, prepare, rm_anova, select_rows
 from analyses.synthetic import make_results
 from clap.errors import ClapError
 
@@ -114,3 +114,15 @@ def test_heads_are_summed_within_a_layer():
     got = prep.data.set_index(["probe_id", "layer"])["recovery"]
     assert got[("p1", 1)] == pytest.approx(4 * (1 + 1) + 0.6)  # the layer's total, never the mean
     assert prep.reduction == "single position (as patched); heads summed per layer"
+
+
+# regression (review): raw module sites of different roles are refused as one layer effect, not tested together
+def test_raw_modules_of_different_roles_are_not_one_layer_effect():
+    data = make_results(n_probes=6, n_layers=2, site_kinds=("resid_pre",), metrics=("logit_diff",),
+                        trivial_sites=False, seed=4)
+    data["site_kind"] = "module"
+    data["module"] = data["layer"].map({0: "transformer.h.0.mlp", 1: "transformer.h.1.attn.c_attn"})
+    with pytest.raises(ClapError, match="different roles"):
+        rm_anova(data, dv="recovery", within="layer", subject="probe_id", metric="logit_diff")
+    data["module"] = data["layer"].map({0: "transformer.h.0.mlp", 1: "transformer.h.1.mlp"})
+    assert rm_anova(data, dv="recovery", within="layer", subject="probe_id", metric="logit_diff").F.notna().all()

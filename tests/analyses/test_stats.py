@@ -21,7 +21,7 @@ from analyses import (
 from analyses.synthetic import make_results, power
 from clap.errors import ClapError
 
-from .conftest import GROUP, rm_frame, wide
+from .conftest import GROUP, constant_results, rm_frame, wide
 
 SEL = dict(metric="logit_diff", site_kind="resid_pre")
 
@@ -306,3 +306,16 @@ def test_single_layer_is_refused():
     frame = rm_frame(np.ones((5, 1)))
     with pytest.raises(ClapError, match="only 1 layer value"):
         rm_anova(frame)
+
+
+# regression (review): data without variance gives a clear error, not a crash
+@pytest.mark.parametrize("test", [rm_anova, friedman, pairwise_within])
+def test_no_variance_is_a_clear_error(test):
+    with pytest.raises(ClapError, match="do not vary"):
+        test(constant_results(), dv="recovery", within="layer", subject="probe_id", metric="logit_diff")
+
+
+def test_no_variance_mixed_anova():
+    with pytest.raises(ClapError, match="do not vary"):
+        mixed_anova(constant_results(), dv="recovery", within="layer", between="knowledge_type",
+                    subject="probe_id", metric="logit_diff")

@@ -1,13 +1,13 @@
-"""Tiny GPT-2 and Llama models (random init, real module names) with the real GPT-2 tokenizer."""
+"""Tiny GPT-2 and Llama models (random init, real module names) with a tiny byte-level BPE tokenizer built in the
+tests (tests/tiny_tokenizer.py), so the engine tests need no shared data."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from clap.models import wrap
+from tests.tiny_tokenizer import tiny_tokenizer
 
 PROBES = [
     # different lengths across probes (so batches are left-padded), equal lengths within each pair
@@ -20,18 +20,10 @@ PROBES = [
 ]
 
 
-def gpt2_tokenizer(shared_data):
-    from transformers import GPT2Tokenizer
-
-    folder = shared_data / "gpt2-tokenizer"
-    vocab = json.loads((folder / "vocab.json").read_text())
-    lines = (folder / "merges.txt").read_text().split("\n")[1:]
-    return GPT2Tokenizer(vocab=vocab, merges=[tuple(line.split(" ")) for line in lines if line])
-
-
 @pytest.fixture(scope="session")
-def tokenizer(shared_data):
-    return gpt2_tokenizer(shared_data)
+def tokenizer():
+    """GPT-2-like byte-level BPE whose vocabulary makes every word of the test prompts one token."""
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +50,27 @@ def tiny_llama(tokenizer):
     config._attn_implementation = "eager"
     model = LlamaForCausalLM(config).eval()
     return wrap(model, tokenizer, {"source": "tiny-llama"})
+
+
+def small_study(model, **overrides):
+    """A study of the first two probes (logit_diff, under nnsight's NDIF simulation); ``overrides`` replace
+    top-level spec fields."""
+    from interventions.spec import StudySpec
+    from interventions.study import Study
+
+    data = {"model": {"source": "m"}, "probes": {"inline": PROBES[:2]}, "metrics": ["logit_diff"],
+            "execution": {"progress": False, "remote": "local"}}
+    data.update(overrides)
+    return Study(StudySpec.from_dict(data), model=model)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_gpt2, tmp_path_factory):
+    """The tiny GPT-2 and its tokenizer saved as a model folder."""
+    folder = tmp_path_factory.mktemp("saved-model")
+    tiny_gpt2.hf.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(params=["gpt2", "llama"])

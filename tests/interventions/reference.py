@@ -141,3 +141,18 @@ def subject_indices(tokenizer, prompt: str, subject: str) -> list[int]:
 
 def answer_prob(logits: torch.Tensor, answer: Sequence[int]) -> float:
     return float(torch.softmax(logits.double(), -1)[list(answer)].sum())
+
+
+def probe_ids(model, probe: dict) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Token ids of a probe's clean and corrupted prompts and of its (single-string) answer and wrong answer."""
+    tok = model.tokenizer
+    return (tok(probe["clean"])["input_ids"], tok(probe["corrupted"])["input_ids"],
+            tok(probe["answer"], add_special_tokens=False)["input_ids"],
+            tok(probe["wrong"], add_special_tokens=False)["input_ids"])
+
+
+def hook_logit_diff(model, probe: dict, patches_for) -> float:
+    """Reference: patches_for(clean_ids, corrupted_ids) -> [(path, access, edit)] applied to the corrupted prompt."""
+    clean, corrupted, answer, wrong = probe_ids(model, probe)
+    logits = run(model.hf, corrupted, patches_for(clean, corrupted))
+    return float(logits[answer].mean() - logits[wrong].mean())

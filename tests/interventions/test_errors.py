@@ -121,7 +121,9 @@ def _study(loaded, **overrides):
 
 def test_probe_problems_name_the_probe(tiny_gpt2, tmp_path):
     multi = [dict(PROBES[0], answer=" Parisians")]
-    with pytest.raises(ClapError, match=r"probes.inline\[0\]: answer ' Parisians' is 2 tokens .*multi_token"):
+    n_answer = len(tiny_gpt2.tokenizer(" Parisians", add_special_tokens=False)["input_ids"])
+    assert n_answer > 1
+    with pytest.raises(ClapError, match=rf"probes.inline\[0\]: answer ' Parisians' is {n_answer} tokens .*multi_token"):
         _study(tiny_gpt2, probes={"inline": multi}).run()
     no_wrong = [{k: v for k, v in PROBES[0].items() if k != "wrong"}]
     with pytest.raises(ClapError, match=r"logit_diff needs a `wrong` answer .*fr"):
@@ -144,9 +146,13 @@ def test_probe_problems_name_the_probe(tiny_gpt2, tmp_path):
 
 
 def test_length_mismatch_is_refused_naming_the_pair(tiny_gpt2):
-    uneven = PROBES + [{"id": "insulin", "clean": "Valproate treats", "corrupted": "Insulin treats",
-                        "answer": " seizures", "wrong": " pain", "labels": {"knowledge_type": "associative"}}]
-    with pytest.raises(ClapError, match=r"(?s)insulin \(probes.inline\[3\]\): clean 4 tokens, corrupted 3.*alignment: right"):
+    insulin = {"id": "insulin", "clean": "Valproate sodium treats", "corrupted": "Insulin treats",
+               "answer": " seizures", "wrong": " pain", "labels": {"knowledge_type": "associative"}}
+    n_clean, n_corrupted = (len(tiny_gpt2.tokenizer(insulin[k])["input_ids"]) for k in ("clean", "corrupted"))
+    assert n_clean != n_corrupted
+    uneven = PROBES + [insulin]
+    with pytest.raises(ClapError, match=rf"(?s)insulin \(probes.inline\[3\]\): clean {n_clean} tokens, corrupted "
+                                        rf"{n_corrupted}.*alignment: right"):
         _study(tiny_gpt2, probes={"inline": uneven}).run()
 
 

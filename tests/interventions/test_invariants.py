@@ -97,8 +97,10 @@ def test_match_positions_cover_the_subject_tokens(tiny_gpt2):
 
 
 def test_right_alignment_patches_matching_positions_from_the_end(tiny_gpt2):
-    probes = [{"id": "uneven", "clean": "Valproate treats", "corrupted": "Insulin treats",
+    probes = [{"id": "uneven", "clean": "Valproate sodium treats", "corrupted": "Insulin treats",
                "answer": " seizures", "wrong": " pain"}]
+    n_clean, n_corrupted = (len(tiny_gpt2.tokenizer(probes[0][k])["input_ids"]) for k in ("clean", "corrupted"))
+    assert n_clean > n_corrupted
     spec = StudySpec.from_dict({
         "model": {"source": "in-memory"}, "probes": {"inline": probes}, "sites": ["layers[2].resid_post"],
         "positions": ["last", "all"], "alignment": "right", "metrics": ["logit_diff"],
@@ -106,7 +108,7 @@ def test_right_alignment_patches_matching_positions_from_the_end(tiny_gpt2):
     })
     frame = Study(spec, model=tiny_gpt2).run()
     np.testing.assert_allclose(frame.recovery.to_numpy(), 1.0, atol=1e-4)
-    assert frame.set_index("positions").n_patched_tokens.to_dict() == {"last": 1, "all": 3}
+    assert frame.set_index("positions").n_patched_tokens.to_dict() == {"last": 1, "all": n_corrupted}
 
 
 def test_patch_groups_have_their_own_positions_and_merge_duplicates(tiny_gpt2):

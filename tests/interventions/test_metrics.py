@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clap.contract import METRICS
 from clap.models import wrap
 from interventions import execute
 from interventions.spec import StudySpec
@@ -83,7 +84,7 @@ def test_kl_and_answer_probabilities_match_a_float64_reference(sharp_gpt2, monke
     frame = Study(spec, model=sharp_gpt2).run()
     [(batch, logits, metrics)] = recorder.records
     reference = reference_metrics(logits, batch)
-    columns = {name: execute.METRICS.index(name) for name in reference}
+    columns = {name: METRICS.index(name) for name in reference}
     kl = metrics[:, columns["kl"]].double()
     assert kl.max() > 5  # a large KL, where float32 reductions lose ~1e-5 relative
     for name, column in columns.items():
@@ -110,14 +111,14 @@ def test_results_do_not_depend_on_max_rows_beyond_forward_pass_rounding(request,
         spec = StudySpec.from_dict({
             "model": {"source": "in-memory"}, "probes": {"inline": MIXED_LENGTH_PROBES},
             "sites": ["layers[1].resid_pre", "layers[2].attn_out"], "positions": ["last", 1, "all"],
-            "operations": ["zero"], "metrics": list(execute.METRICS),
+            "operations": ["zero"], "metrics": list(METRICS),
             "execution": {"max_rows": max_rows, "progress": False},
         })
         frame = Study(spec, model=tiny_model).run()
         key = ["probe_id", "site", "position", "positions", "operation", "metric"]
         frames[max_rows] = frame.sort_values(key).reset_index(drop=True)
     one_pass = frames[500]
-    assert len(one_pass) == 3 * 2 * 3 * len(execute.METRICS)
+    assert len(one_pass) == 3 * 2 * 3 * len(METRICS)
     for max_rows in (3, 8):
         frame = frames[max_rows]
         assert (frame[["probe_id", "site", "positions", "operation", "metric"]]
@@ -130,3 +131,30 @@ def test_results_do_not_depend_on_max_rows_beyond_forward_pass_rounding(request,
             prob = frame.metric == "prob"
             relative = difference[prob] / one_pass[column][prob].abs()
             assert relative.max() < 1e-6, (max_rows, column, relative.max())
+
+
+def test_logprob_does_not_underflow(tiny_gpt2):
+    """Regression (review): log P(answer) is a logsumexp of log-probabilities, finite where the probability of a very
+    sharp distribution underflows."""
+    import copy
+
+    import numpy as np
+
+    from . import reference as ref
+    from .conftest import PROBES as MIXED_LENGTH_PROBES
+    from .conftest import small_study
+    from .reference import probe_ids
+
+    sharp = copy.deepcopy(tiny_gpt2.hf)
+    sharp.lm_head.weight = torch.nn.Parameter(sharp.lm_head.weight.detach().clone() * 400)
+    from clap.models import wrap
+
+    model = wrap(sharp, tiny_gpt2.tokenizer)
+    frame = small_study(model, sites=["layers[0].mlp_out"], positions=["last"], metrics=["logprob"]).run()
+    for probe in MIXED_LENGTH_PROBES[:2]:
+        clean, corrupted, answer, _ = probe_ids(model, probe)
+        logits = ref.run(sharp, corrupted).double()
+        expected = float(torch.logsumexp(torch.log_softmax(logits, -1)[answer], 0))
+        row = frame[frame.probe_id == probe["id"]].iloc[0]
+        assert np.isfinite(row.corrupted)
+        assert row.corrupted == pytest.approx(expected, rel=1e-4)

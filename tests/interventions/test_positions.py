@@ -90,13 +90,19 @@ def sentencepiece():
     return sentencepiece_tokenizer()
 
 
-@pytest.mark.parametrize("which", ["gpt2", "sentencepiece"])
+def byte_level(request, which: str):
+    """The real GPT-2 tokenizer (skips without ``../shared/data``) or the tests' tiny byte-level BPE, which runs
+    everywhere: both split a CJK character or an emoji into one token per byte."""
+    return request.getfixturevalue("real_gpt2_tokenizer" if which == "gpt2" else "tokenizer")
+
+
+@pytest.mark.parametrize("which", ["gpt2", "byte-level", "sentencepiece"])
 @pytest.mark.parametrize("text,occurrence", [
     ("癫痫", 0), ("Paris 癫痫", 0), ("北京", 0), ("🎉", 0), ("京 🎉", 0), ("Paris", 1), ("Paris", -1), (" is", 0),
     ("The", 0), ("city", 0),
 ])
-def test_match_selects_exactly_the_overlapping_tokens(which, text, occurrence, tokenizer, sentencepiece):
-    tok = {"gpt2": tokenizer, "sentencepiece": sentencepiece}[which]
+def test_match_selects_exactly_the_overlapping_tokens(which, text, occurrence, request, sentencepiece):
+    tok = sentencepiece if which == "sentencepiece" else byte_level(request, which)
     probe = probe_for(tok)
     [cell] = resolve_positions(MatchPosition(match=text, occurrence=occurrence), probe, "clean", "corrupted", tok)
     expected = expected_indices(tok, probe.clean_ids, text, occurrence)
@@ -104,20 +110,29 @@ def test_match_selects_exactly_the_overlapping_tokens(which, text, occurrence, t
     assert cell.position == (expected[0] if len(expected) == 1 else None)
 
 
-def test_multi_token_characters_are_really_exercised(tokenizer, sentencepiece):
+@pytest.mark.parametrize("which", ["gpt2", "byte-level"])
+def test_multi_token_characters_are_really_exercised(which, request, sentencepiece):
     """The sentence must hold characters split over several tokens, or the test above proves nothing."""
-    gpt2_ids = tokenizer(SENTENCE)["input_ids"]
-    assert expected_indices(tokenizer, gpt2_ids, "癫痫") == (4, 5, 6, 7, 8, 9)  # the reported case: 3 bytes each
+    tokenizer = byte_level(request, which)
+    byte_ids = tokenizer(SENTENCE)["input_ids"]
+    assert len(expected_indices(tokenizer, byte_ids, "癫痫")) == 6  # the reported case: 3 bytes each
+    if which == "gpt2":
+        assert expected_indices(tokenizer, byte_ids, "癫痫") == (4, 5, 6, 7, 8, 9)
+    assert len(expected_indices(tokenizer, byte_ids, "🎉")) > 1
     sp_ids = sentencepiece(SENTENCE)["input_ids"]
     pieces = sentencepiece.convert_ids_to_tokens(sp_ids)
     assert "▁癫痫" in pieces and pieces.count("<0xE5>") == 1  # 北 falls back to bytes, 癫痫 does not
     assert len(expected_indices(sentencepiece, sp_ids, "🎉")) == 4
 
 
-def test_the_reported_sentence_patches_all_six_tokens(tokenizer):
+@pytest.mark.parametrize("which", ["gpt2", "byte-level"])
+def test_the_reported_sentence_patches_all_six_tokens(which, request):
+    tokenizer = byte_level(request, which)
     probe = probe_for(tokenizer, "The city of Paris 癫痫 is in")
     [cell] = resolve_positions(MatchPosition(match="癫痫"), probe, "clean", "corrupted", tokenizer)
-    assert cell.indices == (4, 5, 6, 7, 8, 9)
+    # GPT-2 merges the space into the first byte's token; the tiny tokenizer keeps the space a token of its own
+    expected = (4, 5, 6, 7, 8, 9) if which == "gpt2" else (5, 6, 7, 8, 9, 10)
+    assert cell.indices == expected == expected_indices(tokenizer, probe.clean_ids, "癫痫")
 
 
 @pytest.mark.slow

@@ -17,14 +17,14 @@ from tests.interventions.conftest import PROBES
 
 #: structurally broken on purpose: unequal lengths, a multi-token answer string, a duplicate id and clean prompt
 BROKEN = [
-    {"id": "len", "clean": "Epilepsy is a disorder of the", "corrupted": "Tachycardia is a disorder of the",
+    {"id": "len", "clean": "Epilepsy is a disorder of the", "corrupted": "Tachycardia is a heart disorder of the",
      "answer": " brain", "wrong": " heart", "knowledge_type": "definitional"},
     {"id": "multi", "clean": "Epilepsy is a chronic disorder of the", "corrupted": "Eczema is a chronic disorder of the",
      "answer": " central nervous", "wrong": " skin", "knowledge_type": "definitional"},
     {"id": "len", "clean": "Valproate treats", "corrupted": "Aspirin treats",
      "answer": " seizures", "wrong": " pain", "knowledge_type": "associative"},
     {"id": "dup-clean", "clean": "Valproate treats", "corrupted": "Aspirin treats",
-     "answer": [" seizures", 30000], "wrong": " pain", "knowledge_type": "associative"},
+     "answer": [" seizures", 1000], "wrong": " pain", "knowledge_type": "associative"},  # an id in any test vocabulary
 ]
 
 
@@ -65,7 +65,7 @@ def test_structural_verdicts(tmp_path, tokenizer):
     assert multi.equal_length and multi.answer.kind == "multi" and len(multi.answer.ids) == 2
     assert multi.answer.pieces == [" central", " nervous"] and multi.wrong.kind == "single"
     assert dup_id.problems == ["duplicate id (first at %s)" % first.origin]
-    assert dup_clean.answer.kind == "set" and dup_clean.answer.ids == [tokenizer(" seizures")["input_ids"][0], 30000]
+    assert dup_clean.answer.kind == "set" and dup_clean.answer.ids == [tokenizer(" seizures")["input_ids"][0], 1000]
     assert dup_clean.problems == ["duplicate clean prompt (first at %s)" % dup_id.origin]
     assert [c.structural_ok for c in checks.values()] == [False, False, False, False]
 
@@ -110,11 +110,15 @@ def test_cli_with_model_writes_csv_and_valid_subset(tmp_path, tokenizer, tiny_gp
     assert all(k["pmids"] == [101, 202] for k in kept)  # source records are written whole
 
 
-def test_cli_structural_only_needs_only_tokenizer_files(tmp_path, shared_data, capsys, monkeypatch):
+def test_cli_structural_only_needs_only_tokenizer_files(tmp_path, tokenizer, capsys, monkeypatch):
+    folder = tmp_path / "bpe"  # only the GPT-2 BPE files, vocab.json + merges.txt: no config, no weights
+    folder.mkdir()
+    assert sorted(Path(f).name for f in tokenizer.backend_tokenizer.model.save(str(folder))) == ["merges.txt",
+                                                                                                 "vocab.json"]
     write_jsonl(tmp_path / "b.jsonl", BROKEN[:2] + [flat(PROBES[0])])
     out, valid = tmp_path / "s.csv", tmp_path / "v.jsonl"
     monkeypatch.chdir(tmp_path)  # a relative probe path, as typed on the command line
-    code = main(["probes", "check", "b.jsonl", "--model", str(shared_data / "gpt2-tokenizer"), "--structural-only",
+    code = main(["probes", "check", "b.jsonl", "--model", str(folder), "--structural-only",
                  "-o", str(out), "--write-valid", str(valid)])
     assert code == 0
     assert "1 valid / 3 total" in capsys.readouterr().out

@@ -118,13 +118,12 @@ def test_prompt_longer_than_the_context_is_refused_naming_probe_and_lengths(shor
     # a prompt of exactly the context length runs
     ids = tokenizer(long_text)["input_ids"][:16]
     exact = tokenizer.decode(ids)
-    assert len(tokenizer(exact)["input_ids"]) == 16
-    # the corrupted prompt differs in its last token (identical prompts could never define a recovery)
-    other = tokenizer.decode(ids[:-1] + tokenizer(" Spain")["input_ids"][:1])
-    assert len(tokenizer(other)["input_ids"]) == 16 and other != exact
+    other = exact.replace(" Paris", " Rome")  # a corrupted prompt that differs, or no recovery could be defined
+    assert len(tokenizer(exact)["input_ids"]) == len(tokenizer(other)["input_ids"]) == 16 and other != exact
     at_limit = {"id": "at-limit", "clean": exact, "corrupted": other, "answer": " the"}
-    frame = Study(StudySpec.from_dict({**spec.model_dump(exclude={"base_dir"}), "probes": {"inline": [at_limit]}}),
-                  model=short_context_gpt2).run()
+    # random weights: P(answer) ~ 1/V barely moves between the prompts, its logit does
+    frame = Study(StudySpec.from_dict({**spec.model_dump(exclude={"base_dir"}), "probes": {"inline": [at_limit]},
+                                       "metrics": ["logit"]}), model=short_context_gpt2).run()
     assert len(frame) == 1
 
 

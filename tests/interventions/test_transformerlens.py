@@ -83,13 +83,15 @@ def test_layer_position_sweep_equals_transformerlens(bridge, tiny_gpt2, tl_funct
 
 def test_clap_refuses_what_transformerlens_silently_accepts(tiny_gpt2):
     """TransformerLens patches prompts of different lengths position by position without complaint."""
+    probe = {"id": "uneven", "clean": "Valproate sodium treats", "corrupted": "Insulin treats", "answer": " seizures",
+             "wrong": " pain"}
+    n_clean, n_corrupted = (len(tiny_gpt2.tokenizer(probe[k])["input_ids"]) for k in ("clean", "corrupted"))
+    assert n_clean != n_corrupted
     spec = StudySpec.from_dict({
-        "model": {"source": "in-memory"},
-        "probes": {"inline": [{"id": "uneven", "clean": "Valproate treats", "corrupted": "Insulin treats",
-                               "answer": " seizures", "wrong": " pain"}]},
+        "model": {"source": "in-memory"}, "probes": {"inline": [probe]},
         "sites": ["layers[*].resid_pre"], "positions": ["each"], "metrics": ["logit_diff"],
     })
-    with pytest.raises(Exception, match=r"uneven .*clean 4 tokens, corrupted 3"):
+    with pytest.raises(Exception, match=rf"uneven .*clean {n_clean} tokens, corrupted {n_corrupted}"):
         Study(spec, model=tiny_gpt2).run()
 
 
