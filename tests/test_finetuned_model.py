@@ -199,3 +199,50 @@ def test_retraining_the_first_steps_reproduces_the_shipped_log(tmp_path):
         assert float(mine["learning_rate"]) == pytest.approx(float(theirs["learning_rate"]), rel=1e-9)
         assert float(mine["loss"]) == pytest.approx(float(theirs["loss"]), abs=2e-3)
         assert float(mine["grad_norm"]) == pytest.approx(float(theirs["grad_norm"]), rel=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ seeded LoRA runs
+
+
+@pytest.fixture
+def tiny_model_and_corpus(tmp_path, shared_data):
+    from clap.cli import main
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    tok_dir = shared_data / "gpt2-tokenizer"
+    merges = (tok_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+    tokenizer = GPT2Tokenizer(vocab=json.loads((tok_dir / "vocab.json").read_text(encoding="utf-8")),
+                              merges=[tuple(line.split(" ")) for line in merges[1:] if line])
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(tokenizer))).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    small = sorted((shared_data / "pubmed" / "efetch-xml").glob("*.xml"))[:2]
+    corpus = tmp_path / "corpus"
+    assert main(["--quiet", "corpus", "build", *map(str, small), "--no-filter", "--no-figure", "-o", str(corpus)]) == 0
+    return model_dir, corpus
+
+
+def test_two_lora_runs_with_the_same_seed_are_identical(tiny_model_and_corpus, tmp_path):
+    """Regression: LoRA's A matrices were drawn before anything was seeded, so two runs with the same seed started
+    from different adapters (identical first losses, different gradients) and a shipped log could not be
+    reproduced."""
+    from safetensors.torch import load_file
+
+    from clap.cli import main
+
+    model_dir, corpus = tiny_model_and_corpus
+    adapters, logs = [], []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["--quiet", "finetune", "--corpus", str(corpus), "--model", str(model_dir), "-o", str(out),
+                     "--lora", "--lora-targets", "c_attn", "--mode", "chunk", "--max-length", "32", "--batch", "2",
+                     "--grad-accum", "1", "--max-steps", "2", "--warmup", "0", "--lr", "1e-2", "--eval-strategy",
+                     "steps", "--eval-steps", "2", "--eval-subset", "2", "--logging-steps", "1", "--seed", "7",
+                     "--set", "eval_on_start=false", "--device", "cpu", "--no-progress"]) == 0
+        adapters.append(load_file(out / "adapter" / "adapter_model.safetensors"))
+        logs.append([(r["step"], r["split"], r["loss"], r["grad_norm"]) for r in read_log(out / "training_log.csv")])
+    assert adapters[0].keys() == adapters[1].keys() and any("lora_A" in k for k in adapters[0])
+    for key in adapters[0]:
+        assert torch.equal(adapters[0][key], adapters[1][key]), key
+    assert logs[0] == logs[1] and len(logs[0]) >= 2
