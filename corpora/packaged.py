@@ -41,4 +41,4 @@ def packaged_pubmed_files() -> list[Path]:
     return files
 
 
-__all__ = ["packaged_pubmed_files", "DISTRIBUTION", "VERSION"]
+__all__ = ["DISTRIBUTION", "VERSION", "packaged_pubmed_files"]

@@ -80,4 +80,4 @@ def merge_builtin_adapter(name: str, cache_dir: Path | None = None) -> Path:
     return target
 
 
-__all__ = ["BUILTIN_ADAPTERS", "ADAPTERS_DIR", "builtin_adapter_dir", "merge_builtin_adapter"]
+__all__ = ["ADAPTERS_DIR", "BUILTIN_ADAPTERS", "builtin_adapter_dir", "merge_builtin_adapter"]

