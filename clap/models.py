@@ -165,6 +165,10 @@ def resolve_source(source: str, gguf_file: str | None = None, revision: str | No
     """Turn a user-facing model source into (directory or hub id, gguf file name or None)."""
     if source in BUILTIN_GGUF:
         return str(convert_gguf(builtin_gguf_path(source))), None
+    from clap.builtin_adapters import BUILTIN_ADAPTERS, merge_builtin_adapter
+
+    if source in BUILTIN_ADAPTERS:  # a built-in base + a shipped LoRA adapter, merged once and cached
+        return str(merge_builtin_adapter(source)), None
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         return str(convert_gguf(path)), None

