@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from interventions import builtin_adapters
+from clap import builtin_adapters
 from clap.builtin_adapters import (
     ADAPTERS_DIR,
     BUILTIN_ADAPTERS,
