@@ -20,7 +20,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
