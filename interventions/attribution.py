@@ -1,0 +1,416 @@
+"""Attribution patching: a first-order (gradient) approximation of activation patching for every site and position
+at once.
+
+Activation patching replaces one activation ``a`` of the target run by the source run's ``a'`` and measures the
+metric ``M``; that costs one forward pass per cell. Attribution patching (Nanda 2023; Syed, Rager and Conmy 2023,
+"Attribution Patching Outperforms Automated Circuit Discovery") takes the first-order Taylor expansion of ``M``
+around the target run instead::
+
+    M(patched) - M(target)  ~=  (a_source - a_target) . dM/da |_target
+
+so the effect of patching *every* site at *every* position comes from one forward pass over the clean and corrupted
+prompts and one backward pass. Denoising (the default) patches clean into corrupted, so the gradient is taken at the
+corrupted run; noising patches corrupted into clean, with the gradient at the clean run. The metric is the logit
+difference (mean answer logit minus mean wrong logit, over each token set) at the last position, as in clap's exact
+engine, and ``recovery = (patched - corrupted) / (clean - corrupted)`` with ``patched = target metric + effect``
+(for denoising that is ``effect / (clean - corrupted)``). Every row carries ``approximate=True``.
+
+When it fails: the expansion is exact only where ``M`` is linear in the patched activation (the final norm's
+output or the unembedding's input at the last position). Through layer norms, attention softmaxes and MLP
+nonlinearities a large clean - corrupted difference (early residual stream at the subject tokens, whose patch
+changes everything downstream) is poorly approximated, and saturated outputs (a probability near 1) have
+gradients near 0 whatever the patch would do. Use it to rank sites and choose what to patch exactly, not as the
+final number; ``bench/attribution.py`` measures the agreement with exact patching on SmolLM2-135M.
+
+How the gradients are taken, and why not nnsight's ``with metric.backward(): act.grad``: the trace body reads every
+site's activation (nnsight envoys, in forward-execution order), computes the metric from the logits and calls
+``torch.autograd.grad(metric, activations)`` on the real tensors inside the same trace. nnsight 0.8.1's backward
+tracer serves ``.grad`` through one hook per tensor, and two sites often *are* one tensor (block ``i``'s output is
+block ``i+1``'s input; every head of a layer reads one ``o_proj`` input), so a second read of the same tensor's
+gradient would wait for a hook that never fires; ``Tensor.backward`` would also accumulate into the model's
+parameters' ``.grad``, a side effect on the caller's model, while ``autograd.grad`` computes exactly the gradients
+asked for. The body uses only torch operations and envoys, so it also runs under nnsight's local simulation of NDIF
+(``remote="local"``, tested); on NDIF itself it needs a backend that runs traces with gradients enabled (a backend
+under ``torch.inference_mode`` cannot), which clap cannot check from here: treat ``remote: true`` as untested.
+
+Layout: one trace per chunk of probes, rows ``[target prompts; source prompts]`` left-padded to one width. Left
+padding right-aligns every row, so a column holds the same token of a probe's target and source prompt when they
+have equal length (``alignment: strict``) and the right-aligned counterpart otherwise (``alignment: right``).
+Batched rows do not interact, so the gradient of the summed target-row metric with respect to a target row's
+activation is that row's own gradient. Only ``[probes, columns, heads]`` effect tensors and the baseline metrics
+leave the trace.
+
+This module is standalone on purpose: it reuses :mod:`interventions.sites` (site resolution and heads) and
+:mod:`interventions.probes` (tokenisation, answers and position selectors) and none of the exact engine's plan or
+execution code. ``attribution_sweep`` is the Python entry point; :func:`attribution_from_spec` runs a
+:class:`~interventions.spec.StudySpec` so that a spec can ask for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from clap.errors import ClapError
+from interventions.architectures import BY_MODEL_TYPE
+from interventions.models import LoadedModel
+from interventions.probes import (
+    PositionCell,
+    Probe,
+    check_alignment,
+    check_context,
+    load_probes,
+    resolve_positions,
+    tokenize_probes,
+)
+from interventions.results import recovery, to_frame
+from interventions.sites import Site, SiteError, SiteResolver
+from interventions.spec import PositionSelector, ProbeSpec, StudySpec
+
+#: the metrics attribution patching approximates (the gradient of the logit difference at the last position)
+METRICS = ("logit_diff",)
+#: probes per forward/backward pass when nothing else is said (two rows each: target and source prompt)
+DEFAULT_PROBES_PER_PASS = 32
+
+
+class AttributionError(ClapError):
+    pass
+
+
+@dataclass
+class _Chunk:
+    """The tensors of one pass: rows ``0..n-1`` are target prompts, ``n..2n-1`` the same probes' source prompts."""
+
+    probes: list[int]  #: indices into the probe list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_index: torch.Tensor
+    answer_mask: torch.Tensor
+    wrong_index: torch.Tensor
+    wrong_mask: torch.Tensor
+
+
+def directions(direction: str) -> tuple[str, str]:
+    """(target prompt, source prompt): denoising patches clean into corrupted, noising corrupted into clean."""
+    if direction not in ("denoising", "noising"):
+        raise AttributionError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    return ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
+
+
+def _token_table(sets: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sets as a padded index tensor and a 0/1 mask (a mean over a set = masked sum / count)."""
+    width = max(len(s) for s in sets)
+    index = torch.zeros((len(sets), width), dtype=torch.long)
+    mask = torch.zeros((len(sets), width), dtype=torch.float64)
+    for row, ids in enumerate(sets):
+        index[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return index, mask
+
+
+def _build_chunk(probes: Sequence[Probe], members: list[int], target: str, source: str, pad_id: int) -> _Chunk:
+    prompts = [probes[p].prompt_ids(target) for p in members] + [probes[p].prompt_ids(source) for p in members]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    answers = [probes[p].answer_ids for p in members] * 2
+    wrongs = [probes[p].wrong_ids for p in members] * 2
+    answer_index, answer_mask = _token_table(answers)
+    wrong_index, wrong_mask = _token_table(wrongs)
+    return _Chunk(members, input_ids, attention_mask, answer_index, answer_mask, wrong_index, wrong_mask)
+
+
+def _accesses(sites: Sequence[Site]) -> list[tuple[str, str, int]]:
+    """Distinct (module, access, n_heads) in the sites' (forward-execution) order; n_heads 0 where no head site
+    reads the tensor. Sites sharing an access (the heads of one layer) share one gradient."""
+    out: dict[tuple[str, str], int] = {}
+    for site in sites:
+        heads = site.n_heads if site.kind == "head" else 0
+        out[site.access_key] = max(out.get(site.access_key, 0), heads or 0)
+    return [(module, access, heads) for (module, access), heads in out.items()]
+
+
+def _forward_kwargs(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site]) -> dict[str, Any]:
+    """Logits of the last position only (``logits_to_keep=1``) unless a site is the unembedding's input or output,
+    which then needs every position (with ``logits_to_keep`` it would hold the last one alone)."""
+    kwargs: dict[str, Any] = {"input_ids": chunk.input_ids, "attention_mask": chunk.attention_mask}
+    arch = BY_MODEL_TYPE.get(getattr(model.hf.config, "model_type", None))
+    unembed = arch.unembed if arch else None
+    touches = any(site.module == unembed for site in sites)
+    if unembed is not None and not touches:
+        if "logits_to_keep" in inspect.signature(model.hf.forward).parameters:
+            kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
+def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_module: str | None,
+               remote: bool | str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward and one backward pass. Returns the logit difference of every row ``[2n]`` and, per access,
+    ``[n, width, heads or 1]``: ``(a_source - a_target) . dM/da_target`` summed over each head's slice (or the
+    whole width), per padded column."""
+    nn = model.nn
+    parameter = next(model.hf.parameters())
+    device = torch.device("cpu") if remote is True else parameter.device
+    accesses = [(nn.get(module), access, heads) for module, access, heads in _accesses(sites)]
+    embed = nn.get(embed_module) if embed_module and all(m != embed_module for m, _, _ in _accesses(sites)) else None
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+              for k, v in _forward_kwargs(model, chunk, sites).items()}
+    answer_index, answer_mask = chunk.answer_index.to(device), chunk.answer_mask.to(device)
+    wrong_index, wrong_mask = chunk.wrong_index.to(device), chunk.wrong_mask.to(device)
+    n = len(chunk.probes)
+    trace_kwargs = {} if remote is False or remote is None else {"remote": remote}
+    with torch.enable_grad():
+        with nn.trace(**kwargs, **trace_kwargs):
+            if embed is not None:
+                start = embed.output
+                if not start.requires_grad:  # frozen weights: let the graph start at the token embeddings
+                    start.requires_grad_(True)
+            values = []
+            for envoy, access, _heads in accesses:
+                value = envoy.input if access == "input" else envoy.output
+                value = value[0] if isinstance(value, tuple) else value
+                if not value.requires_grad:  # the embedding itself, with frozen weights
+                    value.requires_grad_(True)
+                values.append(value)
+            logits = nn.output.logits[:, -1, :].to(torch.float64)
+            answer = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
+            wrong = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
+            logit_diff = answer - wrong
+            # rows never interact, so the gradient of the summed target-row metric is each row's own gradient
+            grads = torch.autograd.grad(logit_diff[:n].sum(), values, allow_unused=True)
+            effects = []
+            for value, grad, (_envoy, _access, heads) in zip(values, grads, accesses):
+                if grad is None:  # the metric does not depend on this tensor
+                    grad = torch.zeros_like(value)
+                delta = (value[n:] - value[:n]).detach().to(torch.float64)
+                product = delta * grad[:n].to(torch.float64)
+                product = product.reshape(n, product.shape[1], heads, -1) if heads else product.unsqueeze(2)
+                effects.append(product.sum(-1).reshape(n, -1))
+            # one tensor back: the baseline metrics, then each access's [n, width x (heads or 1)] block
+            packed = torch.cat([logit_diff.detach().reshape(2, n).t(), *effects], dim=1).save()
+    packed = packed.detach().cpu()
+    metric = torch.cat([packed[:, 0], packed[:, 1]])
+    width = chunk.input_ids.shape[1]
+    out, start = [], 2
+    for _module, _access, heads in _accesses(sites):
+        size = width * (heads or 1)
+        out.append(packed[:, start:start + size].reshape(n, width, heads or 1))
+        start += size
+    return metric, out
+
+
+def _parse_positions(positions: Sequence[Any]) -> list[Any]:
+    try:
+        return TypeAdapter(list[PositionSelector]).validate_python(list(positions))
+    except ValidationError:
+        raise AttributionError(
+            f"bad positions {list(positions)!r}: a position is all | each | last | none | an integer | "
+            "{match: text} | {indices: [integers]}"
+        ) from None
+
+
+def _check_sites(sites: Sequence[Site], embed_module: str | None) -> None:
+    for site in sites:
+        if embed_module and site.module == embed_module and site.access == "input":
+            raise AttributionError(f"site {site.name}: the embedding's input is token ids, which have no gradient")
+
+
+def attribute(
+    model: LoadedModel,
+    probes: Sequence[Probe],
+    groups: Sequence[tuple[Sequence[Site], Sequence[Any]]],
+    direction: str = "denoising",
+    probes_per_pass: int | None = None,
+    remote: bool | str = False,
+    recovery_epsilon: float = 1e-6,
+) -> pd.DataFrame:
+    """The attribution of every (site, position selection) of every group for every probe, as a tidy frame.
+
+    ``groups`` are (sites, position selectors); a selection of several tokens (``all``, ``indices``, ``match``) gets
+    the sum of its tokens' first-order effects, which is what the linear approximation says of patching them
+    together."""
+    target, source = directions(direction)
+    missing = [p.id for p in probes if not p.wrong_ids]
+    if missing:
+        raise AttributionError(f"metric logit_diff needs a `wrong` answer for every probe; missing for "
+                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    arch = BY_MODEL_TYPE.get(getattr(model.hf.config, "model_type", None))
+    embed_module = arch.embed if arch else None
+    resolver = SiteResolver(model.hf)
+    all_sites = sorted({s.name: s for sites, _ in groups for s in sites}.values(), key=resolver.order_key)
+    if not all_sites:
+        raise AttributionError("no sites to attribute")
+    _check_sites(all_sites, embed_module)
+    access_index = {(m, a): i for i, (m, a, _) in enumerate(_accesses(all_sites))}
+    per_pass = probes_per_pass or DEFAULT_PROBES_PER_PASS
+    pad_id = model.tokenizer.pad_token_id
+    tokenizer = model.tokenizer
+    records = []
+    for begin in range(0, len(probes), per_pass):
+        members = list(range(begin, min(begin + per_pass, len(probes))))
+        chunk = _build_chunk(probes, members, target, source, pad_id)
+        metric, effects = _run_chunk(model, chunk, all_sites, embed_module, remote)
+        width = chunk.input_ids.shape[1]
+        n = len(members)
+        for row, p in enumerate(members):
+            probe = probes[p]
+            target_ids, source_ids = probe.prompt_ids(target), probe.prompt_ids(source)
+            n_t, n_s = len(target_ids), len(source_ids)
+            values = {target: float(metric[row]), source: float(metric[n + row])}
+            clean, corrupted = values["clean"], values["corrupted"]
+            for sites, selectors in groups:
+                cells = [c for sel in selectors for c in resolve_positions(sel, probe, target, source, tokenizer)]
+                for site in sites:
+                    table = effects[access_index[site.access_key]][row]  # [width, heads or 1]
+                    column = table[:, site.head] if site.kind == "head" else table.sum(-1)
+                    for cell in cells:
+                        records.append(_record(probe, site, cell, column, width, n_t, n_s, target_ids, source_ids,
+                                               tokenizer, clean, corrupted, values[target], direction,
+                                               recovery_epsilon))
+    frame = pd.DataFrame.from_records(records)
+    return to_frame(frame, sorted(probes[0].labels))
+
+
+def _record(probe: Probe, site: Site, cell: PositionCell, column: torch.Tensor, width: int, n_t: int, n_s: int,
+            target_ids: Sequence[int], source_ids: Sequence[int], tokenizer: Any, clean: float, corrupted: float,
+            baseline: float, direction: str, epsilon: float) -> dict[str, Any]:
+    # right alignment: target index i <-> source index i - n_t + n_s; tokens without a counterpart patch nothing
+    pairs = [(i, i - n_t + n_s) for i in cell.indices if i - n_t + n_s >= 0]
+    effect = float(sum(float(column[width - n_t + i]) for i, _ in pairs))
+    patched = baseline + effect
+    rec, defined = recovery(clean, corrupted, patched, epsilon)
+    kept = [i for i, _ in pairs]
+    return {
+        "probe_id": probe.id,
+        **probe.labels,
+        "site": site.name,
+        "site_kind": site.kind,
+        "module": site.module,
+        "layer": site.layer,
+        "head": site.head,
+        "position": cell.position if cell.position in kept else None,
+        "positions": cell.label,
+        "token": "".join(tokenizer.decode([target_ids[i]]) for i in kept),
+        "source_token": "".join(tokenizer.decode([source_ids[j]]) for _, j in pairs),
+        "operation": "replace",
+        "direction": direction,
+        "metric": "logit_diff",
+        "clean": clean,
+        "corrupted": corrupted,
+        "patched": patched,
+        "recovery": float(rec),
+        "recovery_defined": bool(defined),
+        "trivial": bool(site.terminal and (n_t - 1) in kept),
+        "n_patched_tokens": len(kept),
+        "effect": effect,
+        "approximate": True,
+    }
+
+
+def _probes_from(model: LoadedModel, probes: Sequence[Probe | dict[str, Any] | ProbeSpec], multi_token: str,
+                 alignment: str) -> list[Probe]:
+    if all(isinstance(p, Probe) for p in probes):
+        out = list(probes)
+    else:
+        specs = []
+        for i, item in enumerate(probes):
+            try:
+                spec = item if isinstance(item, ProbeSpec) else ProbeSpec.model_validate(item)
+            except ValidationError as exc:
+                raise AttributionError(f"probes[{i}]: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+            specs.append((f"probes[{i}]", spec))
+        out = tokenize_probes(specs, model.tokenizer, multi_token)
+    check_alignment(out, alignment)
+    check_context(out, model.hf.config)
+    return out
+
+
+def attribution_sweep(
+    model: LoadedModel,
+    probes: Sequence[Probe | dict[str, Any] | ProbeSpec],
+    sites: Iterable[str] = ("layers[*].resid_pre",),
+    positions: Sequence[Any] = ("each",),
+    metric: str = "logit_diff",
+    direction: str = "denoising",
+    multi_token: str = "error",
+    alignment: str = "strict",
+    probes_per_pass: int | None = None,
+    remote: bool | str = False,
+) -> pd.DataFrame:
+    """Approximate the patching sweep over ``sites`` x ``positions`` for every probe in one forward and one backward
+    pass per chunk of probes; one tidy row per cell (the exact results' columns, plus ``effect`` and
+    ``approximate=True``).
+
+    >>> frame = attribution_sweep(model, probes, ["layers[*].resid_pre"], positions=["each"])
+    >>> to_grid(frame, values="recovery")            # layer x position, approximate recovery
+    """
+    if metric not in METRICS:
+        raise AttributionError(f"attribution patching approximates {', '.join(METRICS)} only, not {metric!r}")
+    resolver = SiteResolver(model.hf)
+    resolved = resolver.resolve(list(sites))
+    return attribute(model, _probes_from(model, probes, multi_token, alignment),
+                     [(resolved, _parse_positions(positions))], direction=direction,
+                     probes_per_pass=probes_per_pass, remote=remote)
+
+
+def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None) -> pd.DataFrame:
+    """Run a study spec as attribution patching: its probes, sites, positions and direction; every operation must
+    be ``replace`` and every metric ``logit_diff`` (the only ones a gradient approximates). ``model`` is loaded
+    from ``spec.model`` when not given. ``execution.max_rows`` bounds the rows of a pass (two per probe)."""
+    for index, operation in enumerate(spec.all_operations()):
+        if operation.name != "replace":
+            raise AttributionError(
+                f"{spec.where(('operations', index)) if spec.operations else 'operations'}: attribution patching "
+                f"approximates `replace` only (the source activation patched in), not {operation.label!r}"
+            )
+    other = [m for m in spec.metrics if m not in METRICS]
+    if other:
+        raise AttributionError(f"{spec.where(('metrics',))}: attribution patching approximates "
+                               f"{', '.join(METRICS)} only; remove {', '.join(other)}")
+    if model is None:
+        model = _load(spec)
+    resolver = SiteResolver(model.hf)
+    locations = ([("sites",)] if spec.sites else []) + [("patches", g, "sites") for g in range(len(spec.patches or []))]
+    groups = []
+    for location, (addresses, positions, _) in zip(locations, spec.groups()):
+        sites: dict[str, Site] = {}
+        for i, address in enumerate(addresses):
+            try:
+                expanded = resolver.expand(address)
+            except SiteError as exc:
+                raise SiteError(f"{spec.where(location + (i,))}: {exc}") from None
+            for site in expanded:
+                sites.setdefault(site.name, site)
+        groups.append((sorted(sites.values(), key=resolver.order_key), positions))
+    probes = load_probes(spec.probes, model.tokenizer, spec.base_dir)
+    check_alignment(probes, spec.alignment)
+    check_context(probes, model.hf.config)
+    per_pass = max(1, spec.execution.max_rows // 2) if spec.execution.max_rows else None
+    return attribute(model, probes, groups, direction=spec.direction, probes_per_pass=per_pass,
+                     remote=spec.execution.remote, recovery_epsilon=spec.recovery_epsilon)
+
+
+def _load(spec: StudySpec) -> LoadedModel:
+    """The spec's model, a relative path taken from the spec's folder when it exists there (as ``Study`` does)."""
+    from clap.devices import resolve_device
+    from interventions.models import BUILTIN_GGUF, load_model
+
+    def located(value: str | None) -> str | None:
+        if not value or value in BUILTIN_GGUF or spec._base_dir is None or Path(value).expanduser().is_absolute():
+            return value
+        candidate = spec._base_dir / value
+        return str(candidate) if candidate.exists() else value
+
+    m = spec.model
+    device = resolve_device(spec.execution.device, where=spec.where(("execution", "device")))
+    return load_model(located(m.source), gguf_file=m.gguf_file, tokenizer=located(m.tokenizer), revision=m.revision,
+                      dtype=spec.execution.dtype, device=device)

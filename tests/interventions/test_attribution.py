@@ -1,0 +1,245 @@
+"""Attribution patching: its ingredients against plain autograd through forward hooks, and exact patching where the
+metric is linear in the activation."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clap.errors import ClapError
+from interventions.attribution import attribution_from_spec, attribution_sweep
+from interventions.spec import StudySpec
+from interventions.sweeps import sweep
+from tests.interventions.conftest import PROBES
+from tests.interventions.reference import _hook
+
+# module paths written out by hand (not clap's architecture table): (block, attention, mlp, o_proj, final norm)
+PATHS = {
+    "gpt2": ("transformer.h.{}", "transformer.h.{}.attn", "transformer.h.{}.mlp", "transformer.h.{}.attn.c_proj",
+             "transformer.ln_f"),
+    "llama": ("model.layers.{}", "model.layers.{}.self_attn", "model.layers.{}.mlp", "model.layers.{}.self_attn.o_proj",
+              "model.norm"),
+}
+N_HEADS = 4
+SITES = ["layers[*].resid_pre", "layers[*].attn_out", "layers[*].heads[*]", "layers[*].mlp_out",
+         "layers[*].resid_post"]
+
+
+def family(model) -> str:
+    return "gpt2" if model.hf.config.model_type == "gpt2" else "llama"
+
+
+def tokens(model, probe: dict) -> tuple[list[int], list[int], list[int], list[int]]:
+    tok = model.tokenizer
+    answers = probe["answer"] if isinstance(probe["answer"], list) else [probe["answer"]]
+    answer = list(dict.fromkeys(t for a in answers for t in tok(a, add_special_tokens=False)["input_ids"]))
+    wrong = tok(probe["wrong"], add_special_tokens=False)["input_ids"]
+    return tok(probe["clean"])["input_ids"], tok(probe["corrupted"])["input_ids"], answer, wrong
+
+
+def logit_diff(logits: torch.Tensor, answer: Sequence[int], wrong: Sequence[int]) -> torch.Tensor:
+    logits = logits.double()
+    return logits[list(answer)].mean() - logits[list(wrong)].mean()
+
+
+def run_recording(model, ids: Sequence[int], accesses, answer, wrong, grads: bool):
+    """One unpadded forward pass with plain hooks recording the tensor at every (path, access); with ``grads``, also
+    ``torch.autograd.grad`` of the logit difference with respect to each recorded tensor (no nnsight involved)."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, path, access, _heads in accesses:
+        def keep(x, name=name):
+            store[name] = x
+            return x
+        handles.append(_hook(model.hf.get_submodule(path), access, keep))
+    names = [name for name, *_ in accesses]
+    try:
+        with torch.enable_grad():
+            logits = model.hf(input_ids=torch.tensor([list(ids)])).logits[0, -1]
+            metric = logit_diff(logits, answer, wrong)
+            tensors = [store[name] for name in names]
+            gradients = torch.autograd.grad(metric, tensors) if grads else [None] * len(tensors)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [x[0].detach().double() for x in tensors], [g[0].double() if g is not None else None for g in gradients]
+
+
+def reference_effects(model, probe: dict, direction: str) -> dict[tuple[str, int], float]:
+    """(site name, position) -> (a_source - a_target) . dM/da_target, per site and position, by plain autograd."""
+    block, attn, mlp, o_proj, _ = PATHS[family(model)]
+    clean, corrupted, answer, wrong = tokens(model, probe)
+    target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+    accesses = []
+    for layer in range(model.hf.config.num_hidden_layers):
+        accesses += [(f"layers.{layer}.resid_pre", block.format(layer), "input", None),
+                     (f"layers.{layer}.attn_out", attn.format(layer), "output", None),
+                     (f"layers.{layer}.heads", o_proj.format(layer), "input", N_HEADS),
+                     (f"layers.{layer}.mlp_out", mlp.format(layer), "output", None),
+                     (f"layers.{layer}.resid_post", block.format(layer), "output", None)]
+    a_target, grads = run_recording(model, target, accesses, answer, wrong, grads=True)
+    a_source, _ = run_recording(model, source, accesses, answer, wrong, grads=False)
+    out = {}
+    for (name, _path, _access, heads), t, s, g in zip(accesses, a_target, a_source, grads):
+        product = (s - t) * g
+        for position in range(len(target)):
+            if heads:
+                for head, value in enumerate(product[position].view(heads, -1).sum(-1)):
+                    out[(f"{name}.{head}", position)] = float(value)
+            else:
+                out[(name, position)] = float(product[position].sum())
+    return out
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_attribution_equals_autograd_reference(tiny_model, direction):
+    """Every site and position of every probe (batched, left-padded) equals plain autograd on the unpadded prompt."""
+    frame = attribution_sweep(tiny_model, PROBES, SITES, positions=["each"], direction=direction, multi_token="set")
+    n_positions = sum(len(tokens(tiny_model, p)[0]) for p in PROBES)
+    assert len(frame) == n_positions * 3 * (4 + N_HEADS)
+    assert frame["approximate"].all() and (frame["direction"] == direction).all()
+    checked = 0
+    for probe in PROBES:
+        reference = reference_effects(tiny_model, probe, direction)
+        rows = frame[frame["probe_id"] == probe["id"]]
+        clean_ids, corrupted_ids, answer, wrong = tokens(tiny_model, probe)
+        clean = float(logit_diff(capture_logits(tiny_model, clean_ids), answer, wrong))
+        corrupted = float(logit_diff(capture_logits(tiny_model, corrupted_ids), answer, wrong))
+        np.testing.assert_allclose(rows["clean"], clean, atol=1e-5)
+        np.testing.assert_allclose(rows["corrupted"], corrupted, atol=1e-5)
+        ours = {(r.site, int(r.position)): r.effect for r in rows.itertuples()}
+        assert set(ours) == set(reference)
+        for key, value in reference.items():
+            assert ours[key] == pytest.approx(value, abs=1e-5), key
+            checked += 1
+        baseline = rows["corrupted"] if direction == "denoising" else rows["clean"]
+        np.testing.assert_allclose(rows["patched"], baseline + rows["effect"], atol=1e-12)
+        np.testing.assert_allclose(rows["recovery"], (rows["patched"] - rows["corrupted"])
+                                   / (rows["clean"] - rows["corrupted"]), atol=1e-9)
+    assert checked == len(frame)
+    # not all zero: the gradients really reach every kind of site
+    assert (frame.groupby("site_kind")["effect"].apply(lambda e: e.abs().max()) > 1e-4).all()
+
+
+def capture_logits(model, ids):
+    with torch.no_grad():
+        return model.hf(input_ids=torch.tensor([list(ids)])).logits[0, -1].double()
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_linear_sites_equal_exact_patching(tiny_model, direction):
+    """Where the logit difference is exactly linear in the patched activation (the final norm's output and the
+    unembedding's input: only a matrix product lies between them and the logits), the first-order approximation
+    is exact: attribution equals clap's exact engine at every position (0 away from the last)."""
+    sites = ["final_norm", "lm_head:input"]
+    approx = attribution_sweep(tiny_model, PROBES, sites, positions=["each", "all"], direction=direction,
+                               multi_token="set")
+    exact = _exact(tiny_model, sites, direction)
+    keys = ["probe_id", "site", "positions", "position"]
+    merged = approx.merge(exact, on=keys, suffixes=("_approx", "_exact"))
+    assert len(merged) == len(approx) == len(exact)
+    np.testing.assert_allclose(merged["patched_approx"], merged["patched_exact"], atol=1e-5)
+    np.testing.assert_allclose(merged["recovery_approx"], merged["recovery_exact"], atol=1e-5)
+    last = merged[merged["trivial_exact"]]
+    assert len(last) and (last["trivial_approx"]).all()
+    np.testing.assert_allclose(last["recovery_approx"], 1.0 if direction == "denoising" else 0.0, atol=1e-5)
+
+
+def _exact(model, sites, direction) -> pd.DataFrame:
+    spec = StudySpec.from_dict({
+        "model": {"source": "tiny"}, "probes": {"inline": PROBES, "multi_token": "set"}, "sites": sites,
+        "positions": ["each", "all"], "direction": direction, "metrics": ["logit_diff"],
+        "execution": {"progress": False},
+    })
+    from interventions.study import Study
+
+    return Study(spec, model=model).run()
+
+
+def test_nonlinear_sites_differ_from_exact_patching(tiny_gpt2):
+    """The approximation is not exact elsewhere: the embedding's patch passes every nonlinearity of the model."""
+    approx = attribution_sweep(tiny_gpt2, PROBES, ["layers[0].resid_pre"], positions=["all"], multi_token="set")
+    exact = sweep(tiny_gpt2, PROBES[:2], ["layers[0].resid_pre"], positions=["all"])
+    merged = approx.merge(exact, on=["probe_id", "site", "positions"], suffixes=("_approx", "_exact"))
+    # patching the whole residual stream entering layer 0 reproduces the clean run exactly (recovery 1) ...
+    np.testing.assert_allclose(merged["recovery_exact"], 1.0, atol=1e-5)
+    # ... which a first-order expansion around the corrupted run does not
+    assert (merged["recovery_approx"] - 1.0).abs().max() > 1e-3
+
+
+def test_batching_frozen_weights_and_remote_simulation(tiny_llama):
+    """One probe per pass or all in one, frozen weights (no parameter gradients), and nnsight's local NDIF
+    simulation all give the same numbers; the caller's parameters get no ``.grad``."""
+    sites = ["layers[*].resid_pre", "layers[1].heads[*]", "final_norm"]
+    base = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set")
+    one = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set", probes_per_pass=1)
+    np.testing.assert_allclose(one["effect"], base["effect"], atol=1e-6)
+    remote = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set", remote="local")
+    np.testing.assert_allclose(remote["effect"], base["effect"], atol=1e-6)
+    parameters = list(tiny_llama.hf.parameters())
+    assert all(p.grad is None for p in parameters)
+    flags = [p.requires_grad for p in parameters]
+    try:
+        for p in parameters:
+            p.requires_grad_(False)
+        frozen = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set")
+    finally:
+        for p, flag in zip(parameters, flags):
+            p.requires_grad_(flag)
+    np.testing.assert_allclose(frozen["effect"], base["effect"], atol=1e-6)
+    assert base["effect"].abs().max() > 1e-4
+
+
+def test_position_selections_sum_token_effects(tiny_gpt2):
+    """A selection of several tokens gets the sum of its tokens' first-order effects."""
+    each = attribution_sweep(tiny_gpt2, PROBES, ["layers[1].mlp_out"], positions=["each"], multi_token="set")
+    grouped = attribution_sweep(tiny_gpt2, PROBES, ["layers[1].mlp_out"],
+                                positions=["all", "last", {"indices": [0, 1]}], multi_token="set")
+    for probe_id, rows in each.groupby("probe_id"):
+        mine = grouped[grouped["probe_id"] == probe_id].set_index("positions")["effect"]
+        assert mine["all"] == pytest.approx(rows["effect"].sum(), abs=1e-9)
+        assert mine["last"] == pytest.approx(rows["effect"].iloc[-1], abs=1e-12)
+        assert mine["indices:0,1"] == pytest.approx(rows["effect"].iloc[:2].sum(), abs=1e-9)
+
+
+def test_spec_hook(tiny_gpt2):
+    """A study spec runs as attribution: its groups, positions and direction; the same numbers as the sweep."""
+    spec = StudySpec.from_dict({
+        "model": {"source": "tiny"}, "probes": {"inline": PROBES, "multi_token": "set"},
+        "sites": ["layers[*].resid_pre"], "positions": ["each"], "direction": "noising",
+        "patches": [{"sites": ["layers[*].heads[*]", "layers[*].mlp_out"], "positions": ["last"]}],
+        "execution": {"max_rows": 4},
+    })
+    frame = attribution_from_spec(spec, model=tiny_gpt2)
+    resid = attribution_sweep(tiny_gpt2, PROBES, ["layers[*].resid_pre"], direction="noising", multi_token="set")
+    rest = attribution_sweep(tiny_gpt2, PROBES, ["layers[*].heads[*]", "layers[*].mlp_out"], positions=["last"],
+                             direction="noising", multi_token="set")
+    expected = pd.concat([resid, rest])
+    merged = frame.merge(expected, on=["probe_id", "site", "positions", "position"])
+    assert len(merged) == len(frame) == len(expected)
+    np.testing.assert_allclose(merged["effect_x"], merged["effect_y"], atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"operations": ["zero"]}, "approximates `replace` only"),
+    ({"metrics": ["logit_diff", "prob"]}, "remove prob"),
+    ({"sites": ["layers[9].mlp_out"]}, "out of range"),
+])
+def test_spec_hook_refuses_what_it_cannot_approximate(tiny_gpt2, change, message):
+    spec = StudySpec.from_dict({"model": {"source": "tiny"}, "probes": {"inline": PROBES, "multi_token": "set"},
+                                "sites": ["layers[*].mlp_out"], **change})
+    with pytest.raises(ClapError, match=message):
+        attribution_from_spec(spec, model=tiny_gpt2)
+
+
+def test_sweep_refuses_bad_input(tiny_gpt2):
+    with pytest.raises(ClapError, match="approximates logit_diff only"):
+        attribution_sweep(tiny_gpt2, PROBES, metric="prob", multi_token="set")
+    with pytest.raises(ClapError, match="token ids"):
+        attribution_sweep(tiny_gpt2, PROBES, ["transformer.wte:input"], multi_token="set")
+    with pytest.raises(ClapError, match="needs a `wrong` answer"):
+        attribution_sweep(tiny_gpt2, [{k: v for k, v in PROBES[0].items() if k != "wrong"}])
