@@ -40,6 +40,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/patching_throughput.py
 	$(PY) bench/side_by_side.py --workloads a,b,c --pairs 4,16 --out bench/results
+	$(PY) bench/attribution.py
 	$(PY) bench/corpus_build.py --json bench/results/corpus_build.json
 	$(PY) bench/finetune_throughput.py
 

@@ -16,6 +16,7 @@ Layers: :mod:`spec` (schema) -> :mod:`sites` / :mod:`probes` (resolution) -> :mo
 from __future__ import annotations
 
 from clap.models import LoadedModel, load_model, wrap
+from interventions.attribution import attribution_from_spec, attribution_sweep
 from interventions.sites import Site, SiteResolver
 from interventions.spec import OperationSpec, PatchGroup, ProbeSpec, StudySpec
 from interventions.study import Study
@@ -38,6 +39,8 @@ __all__ = [
     "Study",
     "StudySpec",
     "attn_out_sweep",
+    "attribution_from_spec",
+    "attribution_sweep",
     "head_sweep",
     "load_model",
     "mlp_out_sweep",

@@ -58,8 +58,8 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from clap.errors import ClapError
-from interventions.architectures import BY_MODEL_TYPE
-from interventions.models import LoadedModel
+from clap.architectures import BY_MODEL_TYPE
+from clap.models import LoadedModel
 from interventions.probes import (
     PositionCell,
     Probe,
@@ -402,7 +402,7 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None) -> 
 def _load(spec: StudySpec) -> LoadedModel:
     """The spec's model, a relative path taken from the spec's folder when it exists there (as ``Study`` does)."""
     from clap.devices import resolve_device
-    from interventions.models import BUILTIN_GGUF, load_model
+    from clap.models import BUILTIN_GGUF, load_model
 
     def located(value: str | None) -> str | None:
         if not value or value in BUILTIN_GGUF or spec._base_dir is None or Path(value).expanduser().is_absolute():
