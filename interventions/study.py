@@ -67,7 +67,40 @@ PLAN_FILE = "plan.json"
 
 
 class Study:
-    """A compiled, runnable patching study."""
+    """A compiled, runnable activation-patching study: spec -> plan -> batches -> tidy results.
+
+    A study patches activations between two runs of each probe: the *clean* prompt (where the model knows the
+    answer) and the *corrupted* one (one fact changed). **Denoising** (the default) runs the corrupted prompt and
+    overwrites one site's activation at chosen positions with the clean run's value; a metric that moves back towards
+    the clean run marks an activation that *suffices* to carry the fact. **Noising** does the reverse and marks
+    activations the clean behaviour *needs*. Every cell (probe x site x position x operation) becomes one row of a
+    batched forward pass, beside the unpatched clean and corrupted rows of the same pass.
+
+    ``recovery = (patched - corrupted) / (clean - corrupted)`` normalises the effect (0: nothing, 1: the clean
+    behaviour restored); it is undefined (NaN) when the two runs barely differ, and a spec in which no probe can
+    define it is refused. Sites that recover 100 % by construction (the unembedding, the final norm, the last
+    block's output at the answer position) are flagged ``trivial``: they show that patching works, not where a fact
+    lives.
+
+    Parameters
+    ----------
+    spec : StudySpec
+        The validated study (from YAML with :meth:`from_yaml`, or built in Python).
+    model : LoadedModel, optional
+        An already-loaded model (:func:`interventions.load_model`); otherwise the spec's ``model.source`` is
+        loaded on first use, after every check that needs no weights (sites, devices, probes, output folder).
+
+    Examples
+    --------
+    >>> study = Study.from_yaml("study.yaml")                                          # doctest: +SKIP
+    >>> frame = study.run("results/")         # results/results.parquet + run.json     # doctest: +SKIP
+    >>> frame[frame.site_kind == "mlp_out"].groupby("layer").recovery.mean()           # doctest: +SKIP
+
+    See Also
+    --------
+    interventions.sweeps : one-line sweeps (``resid_pre_sweep``...) in the manner of TransformerLens.
+    analyses.analyze : statistics on the results folder.
+    """
 
     def __init__(self, spec: StudySpec, model: LoadedModel | None = None):
         self.spec = spec
