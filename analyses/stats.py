@@ -187,6 +187,43 @@ def rm_anova(
     True for two levels, NA when Mauchly's test is undefined because there are fewer probes than levels),
     ``W_spher`` / ``p_spher`` (Mauchly's W and its p; NA when undefined or for two levels), then the
     book-keeping columns of the module docstring.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results (:func:`analyses.load_results`) or any frame with the ``dv``, ``within`` and ``subject``
+        columns.
+    dv : str, default "recovery"
+        The dependent variable.
+    within : str, default "layer"
+        The repeated factor.
+    subject : str, default "probe_id"
+        The unit measured at every level of ``within``.
+    **select
+        Selection keywords passed on to :func:`analyses.select.prepare` (``metric``, ``site_kind``, ``operation``,
+        ``direction``, ``positions``, ``agg``, ``missing``, ``include_trivial``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row, the columns listed above.
+
+    Raises
+    ------
+    clap.errors.ClapError
+        Ambiguous or empty selection, too few complete probes or levels, or no error variance.
+
+    Examples
+    --------
+    >>> from analyses import rm_anova
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> aov = rm_anova(data, site_kind="mlp_out")
+    >>> aov[["Source", "ddof1", "ddof2", "F", "np2"]].round(3)
+      Source  ddof1  ddof2      F    np2
+    0  layer      3     21  9.396  0.573
+    >>> bool(aov["p_GG_corr"].iloc[0] < 0.01)
+    True
     """
     prep = prepare(data, dv, within, subject, **select)
     _require_error_variance(prep, "repeated-measures ANOVA")
@@ -245,6 +282,35 @@ def friedman(
     their distribution. Returns one row with columns ``Source``, ``Q`` (Friedman chi-square, corrected for ties),
     ``ddof1`` (k-1), ``p_unc`` (chi-square p), ``W`` (Kendall's coefficient of concordance, an effect size in
     [0, 1]), then the book-keeping columns.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results (:func:`analyses.load_results`) or any frame with the ``dv``, ``within`` and ``subject``
+        columns.
+    dv : str, default "recovery"
+        The dependent variable.
+    within : str, default "layer"
+        The repeated factor.
+    subject : str, default "probe_id"
+        The unit measured at every level of ``within``.
+    **select
+        Selection keywords passed on to :func:`analyses.select.prepare` (``metric``, ``site_kind``, ``operation``,
+        ``direction``, ``positions``, ``agg``, ``missing``, ``include_trivial``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row, the columns listed above.
+
+    Examples
+    --------
+    >>> from analyses import friedman
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> friedman(data, site_kind="mlp_out")[["Source", "Q", "ddof1", "p_unc", "W"]].round(3)
+      Source      Q  ddof1  p_unc      W
+    0  layer  15.15      3  0.002  0.631
     """
     prep = prepare(data, dv, within, subject, **select)
     with _quiet_pingouin() as pg:
@@ -290,6 +356,42 @@ def mixed_anova(
     the Type III sums of squares of the intercept (the layer effect) and of the group (the interaction) are summed
     over contrasts. The between effect (a single factor on the probes' means) and the interaction are the same for
     both types; only the layer row changes, and for balanced groups nothing does.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results (:func:`analyses.load_results`) or any frame with the ``dv``, ``within``, ``subject``
+        and ``between`` columns.
+    dv : str, default "recovery"
+        The dependent variable.
+    within : str, default "layer"
+        The repeated factor.
+    between : str, default "knowledge_type"
+        A probe's group label (constant per ``subject``).
+    subject : str, default "probe_id"
+        The unit measured at every level of ``within``.
+    ss_type : {2, 3}, default 2
+        Sums of squares of the within effect with unbalanced groups (see above).
+    **select
+        Selection keywords passed on to :func:`analyses.select.prepare` (``metric``, ``site_kind``, ``operation``,
+        ``direction``, ``positions``, ``agg``, ``missing``, ``include_trivial``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Three rows (between, within, interaction), the columns listed above.
+
+    Examples
+    --------
+    >>> from analyses import mixed_anova
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> aov = mixed_anova(data, between="knowledge_type", site_kind="mlp_out")
+    >>> aov[["Source", "ddof1", "ddof2", "F", "np2"]].round(3)
+               Source  ddof1  ddof2      F    np2
+    0  knowledge_type      1      6  0.421  0.066
+    1           layer      3     18  9.141  0.604
+    2     Interaction      3     18  0.810  0.119
     """
     if ss_type not in (2, 3):
         raise ClapError(f"ss_type={ss_type!r}: expected 2 (pingouin, weighted means) or 3 (unweighted means)")
@@ -387,6 +489,43 @@ def pairwise_within(
     ``hedges_ci_high``, ``n`` (pairs), ``note`` (why a pair's test is undefined: its differences do not vary, so
     T would divide by rounding noise; ``T`` and the p-values are then NaN and the pair leaves the correction
     family), then the book-keeping columns.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results (:func:`analyses.load_results`) or any frame with the ``dv``, ``within`` and ``subject``
+        columns.
+    dv : str, default "recovery"
+        The dependent variable.
+    within : str, default "layer"
+        The repeated factor whose levels are compared pairwise.
+    subject : str, default "probe_id"
+        The unit measured at every level of ``within``.
+    padjust : str, default "holm"
+        Multiple-comparison correction, any method of :func:`pingouin.multicomp`.
+    **select
+        Selection keywords passed on to :func:`analyses.select.prepare` (``metric``, ``site_kind``, ``operation``,
+        ``direction``, ``positions``, ``agg``, ``missing``, ``include_trivial``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per pair of levels, the columns listed above.
+
+    Examples
+    --------
+    >>> from analyses import pairwise_within
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> pw = pairwise_within(data, site_kind="mlp_out")
+    >>> pw[["A", "B", "diff", "T", "p_corr"]].round(3)
+       A  B   diff      T  p_corr
+    0  0  1 -0.202 -2.070   0.154
+    1  0  2 -0.387 -4.174   0.021
+    2  0  3 -0.002 -0.023   0.982
+    3  1  2 -0.185 -2.887   0.094
+    4  1  3  0.200  2.668   0.096
+    5  2  3  0.385  5.292   0.007
     """
     prep = prepare(data, dv, within, subject, **select)
     with _quiet_pingouin() as pg:
@@ -452,6 +591,43 @@ def pairwise_between(
     (Welch-Satterthwaite), ``p_unc``, ``p_corr``, ``p_adjust``, ``hedges`` (Hedges' g with the pooled SD and the
     factor 1 - 3/(4(n_A+n_B)-9)) with ``hedges_ci_low`` / ``hedges_ci_high``, ``note`` (why a test is undefined:
     neither group's values vary; its T and p are then NaN), then the book-keeping columns.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results (:func:`analyses.load_results`) or any frame with the ``dv``, ``within``, ``subject``
+        and ``between`` columns.
+    dv : str, default "recovery"
+        The dependent variable.
+    within : str, default "layer"
+        The factor at each of whose levels the groups are compared.
+    between : str, default "knowledge_type"
+        A probe's group label (constant per ``subject``).
+    subject : str, default "probe_id"
+        The unit measured at every level of ``within``.
+    padjust : str, default "holm"
+        Multiple-comparison correction over all tests, any method of :func:`pingouin.multicomp`.
+    **select
+        Selection keywords passed on to :func:`analyses.select.prepare` (``metric``, ``site_kind``, ``operation``,
+        ``direction``, ``positions``, ``agg``, ``missing``, ``include_trivial``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per level and pair of groups, the columns listed above.
+
+    Examples
+    --------
+    >>> from analyses import pairwise_between
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> pb = pairwise_between(data, site_kind="mlp_out")
+    >>> pb[["level", "A", "B", "diff", "T", "p_corr"]].round(3)
+       level            A             B   diff      T  p_corr
+    0      0  associative  definitional  0.063  0.525   1.000
+    1      1  associative  definitional -0.011 -0.083   1.000
+    2      2  associative  definitional -0.199 -1.804   0.556
+    3      3  associative  definitional -0.063 -0.378   1.000
     """
     prep = prepare(data, dv, within, subject, between=between, **select)
     groups = sorted(prep.data[between].unique().tolist(), key=str)
@@ -523,6 +699,47 @@ def one_sample(
     mean), ``popmean``, ``T``, ``dof`` (n-1), ``p_unc``, ``p_holm``, ``p_fdr_bh``, ``hedges`` (Hedges' g: the
     mean difference over the SD times 1 - 3/(4(n-1)-1)) with ``hedges_ci_low`` / ``hedges_ci_high``, ``note``
     (why a test is undefined: fewer than 2 probes, or values that do not vary), then the book-keeping columns.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results (:func:`analyses.load_results`) or any frame with the ``dv``, ``within`` and ``subject``
+        columns.
+    dv : str, default "recovery"
+        The dependent variable.
+    within : str, default "layer"
+        One test per level of this column.
+    subject : str, default "probe_id"
+        The unit of observation.
+    between : str, optional
+        A group column: one test per level and group, one correction family per group.
+    popmean : float, default 0.0
+        The value tested against (0: no recovery).
+    ci : float, default 0.95
+        Level of the t interval of the mean and of the Hedges' g interval.
+    missing : str, default "keep"
+        Missing-cell policy of :func:`analyses.select.prepare`.
+    **select
+        Selection keywords passed on to :func:`analyses.select.prepare` (``metric``, ``site_kind``, ``operation``,
+        ``direction``, ``positions``, ``agg``, ``missing``, ``include_trivial``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per level (and group), the columns listed above.
+
+    Examples
+    --------
+    >>> from analyses.stats import one_sample
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> res = one_sample(data, site_kind="mlp_out")
+    >>> res[["layer", "n", "mean", "T", "p_holm"]].round(3)
+       layer  n   mean      T  p_holm
+    0      0  8  0.190  3.359   0.024
+    1      1  8  0.392  6.521   0.001
+    2      2  8  0.577  9.117   0.000
+    3      3  8  0.193  2.461   0.043
     """
     from analyses.bootstrap import t_interval
 
