@@ -72,6 +72,55 @@ def bootstrap_ci(
     when the cell has a single probe; both equal the mean when all values are equal), ``sd`` (sample SD), ``n``
     (probes in the cell), ``ci`` (the level), ``n_boot``, ``method``, then the book-keeping columns of
     :mod:`analyses.stats`.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results (:func:`analyses.load_results`) or any frame with the ``dv``, ``within`` and ``subject``
+        columns.
+    dv : str, default "recovery"
+        The variable whose mean is described.
+    within : str, default "layer"
+        One interval per level of this column.
+    subject : str, default "probe_id"
+        The unit of observation (one value per subject and level, :mod:`analyses.select`).
+    between : str, optional
+        A group column: one interval per level and group.
+    n_boot : int, default 2000
+        Resamples of the bootstrap methods (unused by ``"t"``).
+    ci : float, default 0.95
+        Confidence level, in (0, 1).
+    seed : int, default 0
+        Seed of the bootstrap generator (unused by ``"t"``).
+    method : {"t", "bca", "percentile"}, default "t"
+        How the interval is computed (see above and the module docstring).
+    missing : str, default "keep"
+        Missing-cell policy of :func:`analyses.select.prepare`.
+    **select
+        Selection keywords passed on to :func:`analyses.select.prepare` (``metric``, ``site_kind``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per cell, the columns listed above.
+
+    Raises
+    ------
+    ValueError
+        ``ci`` outside (0, 1) or an unknown ``method``.
+
+    Examples
+    --------
+    >>> from analyses import bootstrap_ci
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> table = bootstrap_ci(data, site_kind="mlp_out")
+    >>> table[["layer", "mean", "ci_low", "ci_high", "n", "method"]].round(3)
+       layer   mean  ci_low  ci_high  n method
+    0      0  0.190   0.056    0.324  8      t
+    1      1  0.392   0.250    0.535  8      t
+    2      2  0.577   0.428    0.727  8      t
+    3      3  0.193   0.008    0.378  8      t
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")

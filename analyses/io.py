@@ -49,6 +49,17 @@ def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]
     >>> from analyses import load_results
     >>> data, meta = load_results("runs/capitals")          # doctest: +SKIP
     >>> data.groupby("site_kind").recovery.mean()            # doctest: +SKIP
+
+    A folder written by :func:`analyses.synthetic.write_synthetic` reads the same way:
+
+    >>> import tempfile
+    >>> from analyses.synthetic import write_synthetic
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     data, meta = load_results(write_synthetic(tmp, n_probes=4, n_layers=3, site_kinds=("mlp_out",)))
+    >>> sorted(data["site_kind"].unique())
+    ['final_norm', 'mlp_out', 'unembed']
+    >>> str(data["layer"].dtype)
+    'Int64'
     """
     return read_results(results_dir)
 
@@ -60,6 +71,32 @@ def load_sidecar(path: str | Path) -> dict[str, Any]:
 
 def save_results(data: pd.DataFrame, meta: dict[str, Any], results_dir: str | Path) -> Path:
     """Write ``data`` and ``meta`` in the engine's layout, atomically (used by :mod:`analyses.synthetic` and tests).
-    Returns the folder."""
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        A results table with the columns of :data:`clap.contract.REQUIRED_COLUMNS`.
+    meta : dict
+        The ``run.json`` sidecar (:func:`analyses.synthetic.make_meta` makes one for synthetic data).
+    results_dir : str or Path
+        The folder to write ``results.parquet`` and ``run.json`` into.
+
+    Returns
+    -------
+    Path
+        The folder.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from analyses import load_results, save_results
+    >>> from analyses.synthetic import make_meta, make_results
+    >>> data = make_results(n_probes=4, n_layers=3, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = save_results(data, make_meta(data), tmp)
+    ...     back, meta = load_results(folder)
+    >>> back.shape == data.shape, meta["group_columns"]
+    (True, ['knowledge_type'])
+    """
     write_results(results_dir, data, meta)
     return Path(results_dir)

@@ -117,6 +117,43 @@ def select_rows(
 
     Columns named in ``vary`` may keep several values (figures that put site kinds side by side use it).
     ``require_layer=False`` keeps sites whose ``layer`` is NA (per-module bar plots).
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results.
+    dv : str, default "recovery"
+        The dependent variable; rows where it is undefined are dropped and counted.
+    metric, site_kind, operation, direction, positions : str, optional
+        The value to keep of each :data:`SELECT_COLUMNS` column; required where the column holds several values.
+    include_trivial : bool, default False
+        Keep rows flagged ``trivial``.
+    require_layer : bool, default True
+        Drop rows whose ``layer`` is NA.
+    vary : iterable of str
+        :data:`SELECT_COLUMNS` allowed to keep several values.
+
+    Returns
+    -------
+    Selected
+        ``rows`` (the surviving rows), ``selection`` (the value of each selection column) and the counts
+        ``n_rows_in``, ``n_outside_stack``, ``n_trivial``, ``n_undefined``.
+
+    Raises
+    ------
+    clap.errors.ClapError
+        A missing column, a value not in the results, or a column with several values and none chosen.
+
+    Examples
+    --------
+    >>> from analyses import select_rows
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> sel = select_rows(data, site_kind="mlp_out")
+    >>> len(sel.rows), sel.n_outside_stack, sel.n_trivial, sel.n_undefined
+    (192, 0, 0, 0)
+    >>> sel.selection["metric"], sel.selection["site_kind"]
+    ('logit_diff', 'mlp_out')
     """
     _require_columns(data, [dv])
     chosen = {"metric": metric, "site_kind": site_kind, "operation": operation, "direction": direction,
@@ -197,6 +234,58 @@ def prepare(
     ``min_subjects`` complete probes (or fewer than ``min_levels`` levels) remain, or, with ``between``, fewer than
     ``min_groups`` groups or a group with fewer than ``min_per_group`` probes remains. Columns in ``vary`` may
     keep several values (for descriptive summaries across site kinds; never for a test).
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results, or any frame with the ``dv``, ``within`` and ``subject`` (and ``between``) columns.
+    dv : str, default "recovery"
+        The dependent variable.
+    within : str, default "layer"
+        The repeated factor.
+    subject : str, default "probe_id"
+        The unit measured at every level of ``within``.
+    between : str, optional
+        A group column, constant per subject.
+    metric, site_kind, operation, direction, positions : str, optional
+        Step 1, the selection (:func:`select_rows`).
+    agg : {"mean", "median", "max", "min", "sum"}, optional
+        Legacy: one pandas aggregation over all of a cell's rows instead of the reduction rules.
+    position_reduction : str or int, default "last"
+        Which position stands for a probe at one level (:mod:`analyses.reductions`).
+    head_reduction : str, default "sum"
+        How the heads of one layer are combined.
+    subject_field : str, default "subject"
+        Where a probe's subject tokens are recorded (for ``position_reduction="subject"``).
+    missing : {"drop_subjects", "drop_levels", "error", "keep"}, default "drop_subjects"
+        Step 6, the missing-cell policy.
+    include_trivial : bool, default False
+        Keep rows flagged ``trivial``.
+    min_subjects, min_per_group, min_groups, min_levels : int
+        What a test needs; fewer is a :class:`~clap.errors.ClapError`.
+    vary : iterable of str
+        :data:`SELECT_COLUMNS` allowed to keep several values.
+
+    Returns
+    -------
+    Prepared
+        ``data`` (one row per subject and level: ``subject``, ``within``, ``dv`` and ``between``), ``levels``,
+        ``n_subjects``, what was dropped and the ``reduction`` label; :meth:`Prepared.summary` gives the
+        book-keeping columns.
+
+    Examples
+    --------
+    >>> from analyses import prepare
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> prep = prepare(data, site_kind="mlp_out")
+    >>> prep.data.shape, prep.levels, prep.n_subjects, prep.reduction
+    ((32, 3), [0, 1, 2, 3], 8, 'last position')
+    >>> prep.data.head(3).round(3)
+      probe_id  layer  recovery
+    0     p000      0     0.139
+    1     p000      1     0.478
+    2     p000      2     0.710
     """
     if agg is not None and agg not in AGGS:
         raise ClapError(f"agg={agg!r} is not a known position rule; expected one of {', '.join(AGGS)}")
@@ -376,6 +465,30 @@ def analysis_units(data: pd.DataFrame, within: str = "layer", include_trivial: b
 
     Columns: the :data:`SELECT_COLUMNS` present in ``data``, ``n_rows`` (non-trivial rows inside the stack),
     ``n_levels`` (distinct ``within`` values). Only slices with at least 2 levels are listed.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        The tidy results.
+    within : str, default "layer"
+        The factor a test would run across.
+    include_trivial : bool, default False
+        Count rows flagged ``trivial``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per testable slice; pass its selection columns as keywords to any test of :mod:`analyses.stats`.
+
+    Examples
+    --------
+    >>> from analyses import analysis_units
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=4, n_layers=3, site_kinds=("attn_out", "mlp_out"), metrics=("logit_diff",))
+    >>> analysis_units(data)[["metric", "site_kind", "n_rows", "n_levels"]]
+           metric site_kind  n_rows  n_levels
+    0  logit_diff  attn_out      72         3
+    1  logit_diff   mlp_out      72         3
     """
     rows = data
     if within == "layer" and "layer" in rows.columns:
