@@ -188,7 +188,66 @@ def layer_model_anova(paired: pd.DataFrame) -> pd.DataFrame:
 def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: str = "recovery",
             group: str | None = None, agg: str = "mean", alpha: float = 0.05, figures: bool = True,
             dpi: int = 200) -> Comparison:
-    """Load both runs, check they match, compute the paired tables and write tables, figure and report."""
+    """Load both runs, check they match, compute the paired tables and write tables, figure and report.
+
+    Every number is paired per probe and layer (B - A; see the module docstring), so the two runs must have
+    patched the same probes at the same sites.
+
+    Parameters
+    ----------
+    run_a, run_b : str or Path
+        Results folders of the reference model (A) and of the model compared with it (B, e.g. fine-tuned).
+    out_dir : str or Path
+        Where ``paired_differences.csv``, ``layer_differences.csv``, ``layer_model_anova.csv``, the figures and
+        ``compare.html`` / ``compare.md`` are written.
+    dv : str, default "recovery"
+        The variable compared.
+    group : str, optional
+        A group column present in both runs; default the first group column they share.
+    agg : str, default "mean"
+        How a probe's rows at one layer become one value.
+    alpha : float, default 0.05
+        Significance level for highlighting in the reports.
+    figures : bool, default True
+        Draw the difference heatmaps.
+    dpi : int, default 200
+        Resolution of the PNG figures.
+
+    Returns
+    -------
+    Comparison
+        ``differences`` (per slice and layer: ``mean_A``, ``mean_B``, ``diff`` with its interval, paired t-test,
+        Holm-corrected ``p_corr``), ``anova`` (``layer`` x ``model``), ``paired`` (the per-probe values) and
+        ``files`` (everything written).
+
+    Raises
+    ------
+    clap.errors.ClapError
+        Runs whose probes or sites do not match, or a ``group`` not in both runs.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from analyses.compare import compare
+    >>> from analyses.synthetic import write_synthetic
+    >>> kw = dict(n_probes=8, n_layers=4, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     a = write_synthetic(Path(tmp) / "a", **kw)
+    ...     b = write_synthetic(Path(tmp) / "b", layer_effect=1.2, seed=1, **kw)
+    ...     result = compare(a, b, Path(tmp) / "cmp", figures=False)
+    >>> result.differences[["layer", "n", "mean_A", "mean_B", "diff", "p_corr"]].round(3)
+       layer  n  mean_A  mean_B   diff  p_corr
+    0      0  8   0.093   0.061 -0.032   0.890
+    1      1  8   0.160   0.389  0.229   0.006
+    2      2  8   0.231   0.363  0.131   0.005
+    3      3  8   0.129   0.084 -0.045   0.890
+    >>> result.anova[["Source", "ddof1", "ddof2"]]
+              Source  ddof1  ddof2
+    0          layer      3     21
+    1          model      1      7
+    2  layer * model      3     21
+    """
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
     if group is None:

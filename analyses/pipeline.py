@@ -189,6 +189,66 @@ def analyze(
     or dict), else the ``analysis:`` section of the spec recorded in run.json, else the defaults; the keywords
     ``position_reduction``, ``head_reduction``, ``subject``, ``interval``, ``ss_type`` override single fields (the
     command line's flags). ``agg`` (legacy) applies one aggregation to all of a cell's rows instead.
+
+    Parameters
+    ----------
+    results_dir : str or Path
+        A folder written by ``clap patch`` (``results.parquet`` + ``run.json``).
+    out_dir : str or Path, optional
+        Where tables, caveats and figures go; default ``RESULTS_DIR/analysis``.
+    dv : str, default "recovery"
+        The dependent variable of every test.
+    group : str, optional
+        The group column of the between-probe tests; default the sidecar's first ``group_columns``.
+    metrics, site_kinds : sequence of str, optional
+        Restrict the slices analysed.
+    agg : str, optional
+        Legacy: one aggregation over all of a cell's rows instead of the reduction rules.
+    missing : str, default "drop_subjects"
+        Missing-cell policy of :func:`analyses.select.prepare`.
+    n_boot : int, default 2000
+        Resamples of bootstrap intervals.
+    seed : int, optional
+        Bootstrap seed; default the run's seed.
+    alpha : float, default 0.05
+        Significance level used by the caveats and findings.
+    figures : bool, default True
+        Draw and save the figures (``False`` writes tables only, much faster).
+    dpi : int, default 200
+        Resolution of the PNG figures.
+    analysis : AnalysisOptions or dict, optional
+        How results are reduced and tested (see above).
+    position_reduction, head_reduction, subject, interval, ss_type : optional
+        Override single fields of ``analysis``.
+
+    Returns
+    -------
+    Analysis
+        The tables (keys of :data:`TABLE_FILES`), caveats, figures, Methods text and the files written.
+
+    Raises
+    ------
+    clap.errors.ClapError
+        A malformed results folder or options naming columns or values the results do not have.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from analyses.pipeline import analyze
+    >>> from analyses.synthetic import write_synthetic
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     run = write_synthetic(Path(tmp) / "run", n_probes=8, n_layers=4, site_kinds=("mlp_out",),
+    ...                           metrics=("logit_diff",))
+    ...     result = analyze(run, figures=False, n_boot=200)
+    ...     where = result.out_dir.relative_to(tmp).as_posix()
+    >>> where, result.options["group"]
+    ('run/analysis', 'knowledge_type')
+    >>> "rm_anova" in result.tables and "mixed_anova" in result.tables
+    True
+    >>> result.tables["rm_anova"][["Source", "F", "np2"]].round(3)
+      Source      F    np2
+    0  layer  9.396  0.573
     """
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir / "analysis"

@@ -87,7 +87,39 @@ class ReportFiles:
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **options: Any) -> ReportFiles:
     """Run :func:`analyses.pipeline.analyze` (``options`` go to it) and write ``report.html`` and ``report.md``
-    into its output folder (default ``RESULTS_DIR/analysis``)."""
+    into its output folder (default ``RESULTS_DIR/analysis``).
+
+    The HTML report is self-contained (figures embedded); the Markdown one links the figures relative to its folder.
+
+    Parameters
+    ----------
+    results_dir : str or Path
+        A folder written by ``clap patch``.
+    out_dir : str or Path, optional
+        The analysis folder; default ``RESULTS_DIR/analysis``.
+    **options
+        Keywords of :func:`analyses.pipeline.analyze` (``group``, ``metrics``, ``figures``, ``n_boot``, ...).
+
+    Returns
+    -------
+    ReportFiles
+        ``html`` and ``markdown`` (the two paths) and ``analysis`` (the :class:`~analyses.pipeline.Analysis`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from analyses.report import write_report
+    >>> from analyses.synthetic import write_synthetic
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     run = write_synthetic(Path(tmp) / "run", n_probes=8, n_layers=4, site_kinds=("mlp_out",),
+    ...                           metrics=("logit_diff",))
+    ...     files = write_report(run, Path(tmp) / "report", figures=False, n_boot=200)
+    ...     written = sorted(p.name for p in files.html.parent.glob("report.*"))
+    ...     title = "<html" in files.html.read_text(encoding="utf-8").lower()
+    >>> written, title
+    (['report.html', 'report.md'], True)
+    """
     result = analyze(results_dir, out_dir, **options)
     html_path = result.out_dir / "report.html"
     md_path = result.out_dir / "report.md"
