@@ -226,7 +226,36 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
 
 
 def wrap(hf_model: torch.nn.Module, tokenizer: Any, identity: dict[str, Any] | None = None) -> LoadedModel:
-    """Wrap an already-built transformers model (e.g. one made in a test) for nnsight."""
+    """Wrap an already-built transformers model (e.g. one made in a test) for nnsight.
+
+    The tokenizer is switched to left padding with a pad token (:func:`prepare_tokenizer`), so the last batch
+    column is every row's last real token, and the identity a results sidecar records (including a fingerprint of
+    every weight) is computed here, so a model built in memory is described as exactly as a loaded one.
+
+    Parameters
+    ----------
+    hf_model : torch.nn.Module
+        A transformers causal LM; it is put in eval mode.
+    tokenizer : transformers tokenizer
+        Its tokenizer (modified in place: left padding, pad token).
+    identity : dict, optional
+        Entries that override or extend :func:`model_identity` (``source``, ``location``, ``revision``, ...).
+
+    Returns
+    -------
+    LoadedModel
+        ``nn`` (the nnsight ``TransformersModel``), ``hf``, ``tokenizer`` and ``identity``.
+
+    Examples
+    --------
+    >>> from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+    >>> from clap.models import wrap
+    >>> tok = GPT2Tokenizer(vocab="gpt2/vocab.json", merges="gpt2/merges.txt")  # doctest: +SKIP
+    >>> tiny = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32))  # doctest: +SKIP
+    >>> model = wrap(tiny, tok, {"source": "tiny"})  # doctest: +SKIP
+    >>> model.tokenizer.padding_side, model.identity["source"]  # doctest: +SKIP
+    ('left', 'tiny')
+    """
     from nnsight.modeling.transformers import TransformersModel
 
     hf_model.eval()
@@ -313,7 +342,44 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
 ) -> LoadedModel:
-    """Load a causal LM from a hub id, a local directory, a ``.gguf`` file or a built-in name, for nnsight."""
+    """Load a causal LM from a hub id, a local directory, a ``.gguf`` file or a built-in name, for nnsight.
+
+    One loader for ``clap patch``, ``clap finetune`` and the Python API, so every command sees the same weights,
+    dtype and (eager) attention, and every result records the same identity. A GGUF file is dequantised once into
+    a cached safetensors folder (:func:`convert_gguf`).
+
+    Parameters
+    ----------
+    source : str
+        A Hugging Face hub id, a local model folder, a ``.gguf`` file or a built-in name (e.g. ``smollm2-135m``).
+    gguf_file : str, optional
+        The GGUF file inside a hub repository or folder.
+    tokenizer : str, optional
+        Where to load the tokenizer from, when not from ``source``.
+    revision : str, optional
+        Hub revision (branch, tag or commit).
+    dtype : str, default "float32"
+        Weight dtype (a key of ``DTYPES``).
+    device : str, default "cpu"
+        Where the weights are placed.
+
+    Returns
+    -------
+    LoadedModel
+        The nnsight-wrapped model, the transformers model, the left-padding tokenizer and the identity to record.
+
+    Raises
+    ------
+    ModelLoadError
+        An unknown dtype or a source that cannot be found or loaded.
+
+    Examples
+    --------
+    >>> from clap.models import load_model
+    >>> model = load_model("smollm2-135m")  # doctest: +SKIP
+    >>> model.identity["source"], model.identity["n_parameters"]  # doctest: +SKIP
+    ('smollm2-135m', ...)
+    """
     model, tok, location = load_hf_model(
         source, gguf_file=gguf_file, tokenizer=tokenizer, revision=revision, dtype=dtype, device=device
     )
