@@ -92,6 +92,41 @@ def fetch(
 
     With ``verify`` (the default) the run ends by comparing the store with the search's PMID list and fetching
     any PMID that paging missed, so the store is complete even if the result order changed between runs.
+
+    Parameters
+    ----------
+    store_dir : str or Path
+        The append-only JSONL store (created if missing); several queries may share one.
+    query : FetchQuery
+        Search term, optional publication-date range and record limit.
+    client : corpora.eutils.EutilsClient
+        The E-utilities client (rate limits, ``email`` / ``api_key`` identification, retries).
+    batch_size : int, default 200 (DEFAULT_BATCH)
+        Records per efetch request, 1 to 10000.
+    progress : bool, default True
+        Show a progress bar.
+    verify : bool, default True
+        Fetch by PMID whatever paging missed (see above).
+
+    Returns
+    -------
+    FetchReport
+        ``count`` (the search's), ``target``, ``started_at``, ``added``, ``returned``, ``missing``, ``recovered``,
+        ``store_size`` and ``requests``.
+
+    Raises
+    ------
+    corpora.errors.CorpusError
+        Bad arguments (batch size, limit, dates) or a request that still fails after the retries.
+
+    Examples
+    --------
+    >>> from corpora.eutils import EutilsClient
+    >>> from corpora.fetch import FetchQuery, fetch
+    >>> client = EutilsClient(email="you@example.org")  # doctest: +SKIP
+    >>> report = fetch("store/", FetchQuery("epilepsy OR seizure", mindate="2020", limit=500), client)  # doctest: +SKIP
+    >>> report.store_size  # doctest: +SKIP
+    500
     """
     if batch_size < 1 or batch_size > 10_000:
         raise CorpusError(f"batch size must be between 1 and 10000, got {batch_size}")

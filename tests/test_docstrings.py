@@ -1,7 +1,8 @@
-"""The examples in the public docstrings of :mod:`analyses` run and print what they say.
+"""The examples in the public docstrings of :mod:`analyses` (and the corpus build) run and print what they say.
 
-Each example builds a tiny synthetic results table (:func:`analyses.synthetic.make_results`), so the printed numbers
-are deterministic; a change that alters a statistic or a table's layout fails here as well as in the unit tests.
+Each analyses example builds a tiny synthetic results table (:func:`analyses.synthetic.make_results`), so the
+printed numbers are deterministic; a change that alters a statistic or a table's layout fails here as well as
+in the unit tests.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ MODULES = [
     "analyses.pipeline",
     "analyses.report",
     "analyses.compare",
+    "corpora.build",
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
