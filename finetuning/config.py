@@ -214,7 +214,39 @@ def apply_overrides(config: FinetuneConfig, changes: Mapping[str, Any], origin: 
 
 
 def from_preset(name: str = "config-i", **overrides: Any) -> FinetuneConfig:
-    """The named preset with ``overrides`` applied."""
+    """The named preset with ``overrides`` applied.
+
+    The presets are the seed study's two configurations (:data:`PRESETS`); overrides are validated with the same
+    schema as a YAML file, so a bad value is refused here, before any model is loaded.
+
+    Parameters
+    ----------
+    name : str, default "config-i"
+        A key of :data:`PRESETS`.
+    **overrides
+        Settings of :class:`FinetuneConfig` that replace the preset's.
+
+    Returns
+    -------
+    FinetuneConfig
+        The validated settings.
+
+    Raises
+    ------
+    FinetuneConfigError
+        An unknown preset (with the closest name) or an unknown or out-of-range setting.
+
+    Examples
+    --------
+    >>> from finetuning import from_preset
+    >>> config = from_preset("config-ii", epochs=3)
+    >>> config.preset, config.epochs, config.mode, config.max_length
+    ('config-ii', 3.0, 'chunk', 512)
+    >>> from_preset("config-iii")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    finetuning.config.FinetuneConfigError: unknown fine-tuning preset 'config-iii'; ... (did you mean 'config-ii'?)
+    """
     if name not in PRESETS:
         hint = closest(name, PRESETS)
         raise FinetuneConfigError(f"unknown fine-tuning preset {name!r}; expected one of {', '.join(PRESETS)}"
@@ -245,6 +277,34 @@ def load_config(preset: str | None = None, yaml_path: str | Path | None = None,
     merged settings are validated once, so a file may choose ``eval_strategy: steps`` and leave ``eval_steps`` to
     the command line. ``origins`` labels the overrides for error messages (``{"learning_rate": "--lr"}``; default
     ``argument NAME``).
+
+    Parameters
+    ----------
+    preset : str, optional
+        A key of :data:`PRESETS`; default the file's ``preset:`` or ``config-i``.
+    yaml_path : str or Path, optional
+        A YAML mapping of settings.
+    overrides : mapping, optional
+        Settings that win over the preset and the file (``None`` values mean "not given").
+    origins : mapping, optional
+        Where each override came from, for error messages.
+
+    Returns
+    -------
+    FinetuneConfig
+        The merged, validated settings.
+
+    Raises
+    ------
+    FinetuneConfigError
+        An unreadable file, an unknown preset or setting, or a bad value, named with its file and line or flag.
+
+    Examples
+    --------
+    >>> from finetuning import load_config
+    >>> config = load_config("config-i", overrides={"learning_rate": 1e-4})
+    >>> config.preset, config.learning_rate
+    ('config-i', 0.0001)
     """
     data, lines = read_yaml_overrides(yaml_path) if yaml_path else ({}, {})
     data = dict(data)

@@ -52,7 +52,35 @@ def _empty_saved_splits(location: Path) -> list[str]:
 
 
 def load_corpus(path: str | Path, text_column: str = "text") -> Any:
-    """Load the corpus as a ``DatasetDict`` with non-empty ``train`` and ``validation`` splits."""
+    """Load the corpus as a ``DatasetDict`` with non-empty ``train`` and ``validation`` splits.
+
+    Every way a corpus can be unusable is checked here, before a model is loaded: a missing folder, a single
+    split, an empty split, a missing text column (with the closest column name).
+
+    Parameters
+    ----------
+    path : str or Path
+        The output folder of ``clap corpus build`` or its ``dataset`` sub-folder.
+    text_column : str, default "text"
+        The column fine-tuned on.
+
+    Returns
+    -------
+    datasets.DatasetDict
+        With ``train`` and ``validation`` splits, loaded into memory.
+
+    Raises
+    ------
+    FinetuneDataError
+        A corpus that cannot be fine-tuned on (see above).
+
+    Examples
+    --------
+    >>> from finetuning import load_corpus
+    >>> corpus = load_corpus("corpus/")  # doctest: +SKIP
+    >>> sorted(corpus)  # doctest: +SKIP
+    ['train', 'validation']
+    """
     import datasets
 
     location = corpus_dataset_path(path)
@@ -152,7 +180,36 @@ def tokenize_split(
 
 
 def prepare_datasets(corpus: Any, tokenizer: Any, config: FinetuneConfig) -> tuple[Any, Any, dict[str, SplitStats]]:
-    """Tokenised (train, validation) datasets and their statistics."""
+    """Tokenised (train, validation) datasets and their statistics.
+
+    ``config.mode`` chooses the layout: ``truncate`` (one abstract per row, cut at ``max_length``) or ``chunk``
+    (all abstracts concatenated and cut into ``max_length``-token blocks, the remainder dropped); ``subset`` /
+    ``eval_subset`` limit the records used.
+
+    Parameters
+    ----------
+    corpus : datasets.DatasetDict
+        From :func:`load_corpus`.
+    tokenizer : transformers tokenizer
+        The model's tokenizer.
+    config : FinetuneConfig
+        The run's settings.
+
+    Returns
+    -------
+    train, validation : datasets.Dataset
+        Rows of ``input_ids`` (unpadded; the collator pads).
+    stats : dict of str to SplitStats
+        Per split: records in, rows and real tokens out, truncated rows or dropped tokens.
+
+    Examples
+    --------
+    >>> from transformers import AutoTokenizer
+    >>> from finetuning import from_preset, load_corpus, prepare_datasets
+    >>> train, valid, stats = prepare_datasets(load_corpus("corpus/"), AutoTokenizer.from_pretrained("gpt2-dir/"),
+    ...                                        from_preset("config-ii"))  # doctest: +SKIP
+    >>> stats["train"].rows  # doctest: +SKIP
+    """
     train, train_stats = tokenize_split(corpus["train"], tokenizer, config, config.subset)
     valid, valid_stats = tokenize_split(corpus["validation"], tokenizer, config, config.eval_subset)
     for name, stats in (("train", train_stats), ("validation", valid_stats)):

@@ -292,6 +292,48 @@ def finetune(
     rerun into the same ``output_dir`` resumes from its newest complete checkpoint (half-written newer ones are
     moved to ``checkpoints-incomplete/`` and reported); a finished run is not repeated (its summary is returned)
     unless ``overwrite`` is set. ``callbacks`` are extra ``TrainerCallback`` objects.
+
+    Parameters
+    ----------
+    corpus : str or Path
+        The output folder of ``clap corpus build`` (or its ``dataset`` sub-folder).
+    model : str
+        A hub id, model folder, ``.gguf`` file or built-in name.
+    output_dir : str or Path
+        Where checkpoints, the training log, the loss figure, ``finetune.json`` and ``model/`` are written.
+    config : FinetuneConfig, optional
+        The settings; when ``None`` they come from ``preset``, ``config_file`` and ``overrides``
+        (:func:`~finetuning.config.load_config`).
+    preset, config_file, overrides : optional
+        Used only when ``config`` is ``None``.
+    tokenizer : str, optional
+        Where to load the tokenizer from, when not from ``model``.
+    overwrite : bool, default False
+        Start afresh in an ``output_dir`` that holds a previous run (never deletes files that are not ours).
+    callbacks : iterable of transformers.TrainerCallback
+        Extra callbacks.
+    progress : bool, default True
+        Show progress bars.
+
+    Returns
+    -------
+    FinetuneResult
+        ``model_dir`` (loads like any model folder, e.g. in ``clap patch``), ``best_eval_loss``,
+        ``initial_eval_loss``, ``global_step``, ``stopped_early``, ``resumed_from``, ``log_csv``, ``figure``.
+
+    Raises
+    ------
+    FinetuneError
+        A model that cannot be loaded, an output folder in the way or a rerun with different data or model settings.
+    FinetuneDataError, FinetuneConfigError
+        An unusable corpus or bad settings, before any model is loaded.
+
+    Examples
+    --------
+    >>> from finetuning import finetune, from_preset
+    >>> result = finetune("corpus/", "gpt2-dir/", "run/", from_preset("config-ii", epochs=3))  # doctest: +SKIP
+    >>> result.model_dir  # doctest: +SKIP
+    PosixPath('run/model')
     """
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
