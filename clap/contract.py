@@ -257,6 +257,38 @@ def validate_results(
 
     ``source`` names the file in error messages. Integer-like columns become nullable ``Int64``; string columns
     become plain Python strings (so comparisons and grouping behave the same whatever Parquet stored).
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        A results table.
+    source : str, default "results"
+        The name error messages give it (usually the file it came from).
+    group_columns : sequence of str
+        Label columns that must be present and have no missing labels.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy with the dtypes of :data:`REQUIRED_COLUMNS`.
+
+    Raises
+    ------
+    clap.errors.ClapError
+        A missing column, a value of the wrong kind, a missing group label or an unknown site kind.
+
+    Examples
+    --------
+    >>> from analyses import validate_results
+    >>> from analyses.synthetic import make_results
+    >>> data = make_results(n_probes=4, n_layers=3, site_kinds=("mlp_out",), metrics=("logit_diff",))
+    >>> checked = validate_results(data, group_columns=["knowledge_type"])
+    >>> str(checked["layer"].dtype), checked.shape == data.shape
+    ('Int64', True)
+    >>> validate_results(data.drop(columns=["recovery"]), source="x.parquet")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    clap.errors.ClapError: x.parquet: missing column(s) recovery; a results table needs probe_id, ...
     """
     expected = list(REQUIRED_COLUMNS) + list(group_columns)
     missing = [c for c in expected if c not in data.columns]

@@ -1,4 +1,4 @@
-"""The examples in the public docstrings of :mod:`analyses` (and the corpus build) run and print what they say.
+"""The examples in the public docstrings of :mod:`analyses` (and a few modules around it) run as written.
 
 Each analyses example builds a tiny synthetic results table (:func:`analyses.synthetic.make_results`), so the
 printed numbers are deterministic; a change that alters a statistic or a table's layout fails here as well as
@@ -20,7 +20,10 @@ MODULES = [
     "analyses.pipeline",
     "analyses.report",
     "analyses.compare",
+    "clap.contract",
     "corpora.build",
+    # validating a fine-tuning config imports transformers (several seconds on a loaded machine)
+    pytest.param("finetuning.config", marks=pytest.mark.slow),
 ]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
