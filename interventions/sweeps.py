@@ -10,7 +10,8 @@ tidy results frame; :func:`to_grid` turns a sweep into the familiar ``[layer, po
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -77,4 +78,5 @@ def to_grid(frame: pd.DataFrame, index: str = "layer", columns: str = "position"
             raise ValueError(f"the frame holds several metrics {list(metrics)}; pass metric=")
         metric = metrics[0]
     chosen = frame[frame["metric"] == metric]
-    return chosen.pivot_table(index=index, columns=columns, values=values, aggfunc="mean").sort_index().sort_index(axis=1)
+    grid = chosen.pivot_table(index=index, columns=columns, values=values, aggfunc="mean")
+    return grid.sort_index().sort_index(axis=1)
