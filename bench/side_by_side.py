@@ -325,17 +325,7 @@ def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[st
     tokenizer = load_tokenizer(Path(args.tokenizer))
     lm = build_gpt2(tokenizer, args.quick, args.seed)
     config = lm.hf.config
-    bridge = None
-    if "tl" in contenders:
-        try:
-            bridge = boot_bridge(lm)
-        except ImportError as exc:
-            report.notes.append(f"TransformerLens not available ({exc}); its column is empty")
-    if bridge is not None:
-        with torch.no_grad():
-            ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
-            gap = float((lm.hf(ids).logits - bridge(ids)).abs().max())
-        report.notes.append(f"TransformerLens bridge vs HF logits on the same weights: max abs diff {gap:.2e}")
+    bridge = _tl_bridge(report, lm, tokenizer) if "tl" in contenders else None
     from interventions.plan import rows_for_budget
 
     failures = []
@@ -354,34 +344,55 @@ def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[st
             report.add(_row({**base, "sweep": "any"}, "floor", m, cells, None, args.repeats,
                             note=f"{rows} rows, {batch} per forward, full logits"))
         for kind in args.sweeps:
-            row_base = {**base, "sweep": kind}
-            clap_grid = tl_grid = None
-            clap_best = None
-            if "clap" in contenders:
-                m = measure(partial(clap_sweep, lm, inputs, kind, args.max_rows), args.repeats)
-                clap_best, clap_grid = m.best, m.result
-                clap_row = _row(row_base, "clap", m, cells, clap_best, args.repeats,
-                                note=f"clap/floor {clap_best / floor_best:.3f}" if floor_best else "")
-            if bridge is not None:
-                m = measure(partial(tl_sweep, bridge, inputs, kind), args.repeats)
-                tl_grid = m.result
-                if clap_grid is not None:
-                    diff = float(np.abs(clap_grid - tl_grid).max())
-                    clap_row["max_abs_diff_vs_tl"] = diff
-                    if not diff <= TOLERANCE:
-                        failures.append(f"{kind} x {n_pairs} pairs: max |clap - TL| = {diff:.3g} > {TOLERANCE}")
-                    report.add(clap_row)
-                report.add(_row(row_base, "tl", m, cells, clap_best, args.repeats,
-                                note="run_with_cache + " + TL_FUNCTIONS[kind]))
-            elif clap_grid is not None:
-                report.add(clap_row)
-            if "naive" in contenders:
-                m = measure(partial(naive_sweep, lm, inputs, kind), args.repeats)
-                extra = {"note": f"{cells + n_pairs} nnsight traces"}
-                if tl_grid is not None:
-                    extra["max_abs_diff_vs_tl"] = float(np.abs(m.result - tl_grid).max())
-                report.add(_row(row_base, "naive", m, cells, clap_best, args.repeats, **extra))
+            _sweep_a(report, args, contenders, lm, bridge, inputs, kind, {**base, "sweep": kind}, cells, n_pairs,
+                     floor_best, failures)
     return failures
+
+
+def _tl_bridge(report: Report, lm: Any, tokenizer: Any) -> Any:
+    """The TransformerLens bridge on the same weights, checked against HF once (None when TL is not installed)."""
+    try:
+        bridge = boot_bridge(lm)
+    except ImportError as exc:
+        report.notes.append(f"TransformerLens not available ({exc}); its column is empty")
+        return None
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+        gap = float((lm.hf(ids).logits - bridge(ids)).abs().max())
+    report.notes.append(f"TransformerLens bridge vs HF logits on the same weights: max abs diff {gap:.2e}")
+    return bridge
+
+
+def _sweep_a(report: Report, args: argparse.Namespace, contenders: Sequence[str], lm: Any, bridge: Any, inputs: Any,
+             kind: str, row_base: dict[str, Any], cells: int, n_pairs: int, floor_best: float | None,
+             failures: list[str]) -> None:
+    """One sweep kind at one pair count: clap, TL and naive rows, clap checked against TL (failures appended)."""
+    clap_grid = tl_grid = None
+    clap_best = None
+    if "clap" in contenders:
+        m = measure(partial(clap_sweep, lm, inputs, kind, args.max_rows), args.repeats)
+        clap_best, clap_grid = m.best, m.result
+        clap_row = _row(row_base, "clap", m, cells, clap_best, args.repeats,
+                        note=f"clap/floor {clap_best / floor_best:.3f}" if floor_best else "")
+    if bridge is not None:
+        m = measure(partial(tl_sweep, bridge, inputs, kind), args.repeats)
+        tl_grid = m.result
+        if clap_grid is not None:
+            diff = float(np.abs(clap_grid - tl_grid).max())
+            clap_row["max_abs_diff_vs_tl"] = diff
+            if not diff <= TOLERANCE:
+                failures.append(f"{kind} x {n_pairs} pairs: max |clap - TL| = {diff:.3g} > {TOLERANCE}")
+            report.add(clap_row)
+        report.add(_row(row_base, "tl", m, cells, clap_best, args.repeats,
+                        note="run_with_cache + " + TL_FUNCTIONS[kind]))
+    elif clap_grid is not None:
+        report.add(clap_row)
+    if "naive" in contenders:
+        m = measure(partial(naive_sweep, lm, inputs, kind), args.repeats)
+        extra = {"note": f"{cells + n_pairs} nnsight traces"}
+        if tl_grid is not None:
+            extra["max_abs_diff_vs_tl"] = float(np.abs(m.result - tl_grid).max())
+        report.add(_row(row_base, "naive", m, cells, clap_best, args.repeats, **extra))
 
 
 def workload_b(report: Report) -> None:
@@ -393,7 +404,8 @@ def workload_b(report: Report) -> None:
     reason = (f"interventions.{entry} exists but is not wired into this benchmark yet" if entry else
               "needs causal tracing in interventions (not yet available)")
     report.add({"workload": "b", "sweep": "causal_trace", "model": "smollm2-135m", "contender": "clap",
-                "status": "skipped", "note": reason + "; planned: 30 facts x 10 noise samples x 30 layers x every token"})
+                "status": "skipped",
+                "note": reason + "; planned: 30 facts x 10 noise samples x 30 layers x every token"})
     print(f"workload b skipped: {reason}", file=sys.stderr)
 
 

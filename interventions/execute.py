@@ -11,7 +11,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -69,7 +70,8 @@ def _plain_accesses(model: Any, batch: Batch) -> list[tuple]:
     groups, each group a ``(copy, set, add, mix)`` tuple of dicts of tensors: picklable where clap is not installed
     (NDIF)."""
     return [
-        (model.get(p.module), p.access, p.n_heads or 0, [(full.as_tuple(), heads.as_tuple()) for full, heads in p.stages])
+        (model.get(p.module), p.access, p.n_heads or 0,
+         [(full.as_tuple(), heads.as_tuple()) for full, heads in p.stages])
         for p in batch.accesses
     ]
 

@@ -84,7 +84,9 @@ class Replace(Operation):
     copies_source = True
 
     def compile(self, edit):
-        return [("copy", (edit.t_row, tc, edit.s_row, sc, edit.head)) for tc, sc in zip(edit.t_cols, edit.s_cols)]
+        # not strict: a baseline edit has no source row (s_cols empty), so it copies nothing
+        return [("copy", (edit.t_row, tc, edit.s_row, sc, edit.head))
+                for tc, sc in zip(edit.t_cols, edit.s_cols, strict=False)]
 
 
 @register
@@ -112,7 +114,7 @@ class Mean(Operation):
 
     def compile(self, edit):
         return [("set", (edit.t_row, tc, edit.head, edit.constants.mean(edit.site, edit.n_target - i)))
-                for tc, i in zip(edit.t_cols, edit.indices)]
+                for tc, i in zip(edit.t_cols, edit.indices, strict=True)]
 
 
 @register
@@ -180,8 +182,9 @@ class Interpolate(Operation):
         return f"interpolate({spec.alpha:g})"
 
     def compile(self, edit):
+        # not strict, as in ``Replace``: a baseline edit has no source columns to mix in
         return [("mix", (edit.t_row, tc, edit.s_row, sc, edit.head, float(edit.op.alpha)))
-                for tc, sc in zip(edit.t_cols, edit.s_cols)]
+                for tc, sc in zip(edit.t_cols, edit.s_cols, strict=False)]
 
 
 #: every spec field an operation may use (those outside ``fields`` of the named operation are refused)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -353,7 +354,7 @@ def build_batch(
     cells: Sequence[Cell],
     index: int,
     pad_id: int,
-    constants: "PatchConstants",
+    constants: PatchConstants,
 ) -> Batch:
     """Lay out rows (left-padded) and compile every edit into index tensors at its module access.
 
@@ -361,76 +362,132 @@ def build_batch(
     intervention draws noise), then one row per cell. The target baseline rows and every patched row get the
     probe's baseline interventions (stage 0); each patched row then gets its cell's operation at each of its sites
     (stage 1). Operations compile through :mod:`interventions.operations`."""
+    probe_order = _probe_order(cells)
+    rows = _lay_out_rows(plan, cells, probe_order)
+    input_ids, attention_mask = left_pad(rows.prompts, pad_id)
+    sink = _EditSink(plan, rows.prompts, input_ids.shape[1], constants)
+    for p in probe_order:
+        for sample in range(plan.target_samples):
+            sink.emit_baseline(p, rows.baseline_row[(p, plan.target, sample)], sample)
+    for cell in cells:
+        t_row = rows.cell_row[cell.index]
+        sink.emit_baseline(cell.probe, t_row, plan.target_row_sample(cell.sample))
+        if not cell.positions.indices:
+            continue  # a "none" cell: the control row that patches nothing (beyond the baseline)
+        n_target = len(rows.prompts[t_row])
+        s_row = rows.baseline_row[(cell.source_probe, plan.source, 0)]
+        for site in cell.all_sites:
+            key = f"{constants.seed}|{plan.probes[cell.probe].id}|{cell.sample}|{site.name}|cell"
+            sink.emit(1, site, cell.operation, t_row, cell.positions.indices, s_row, cell.source_indices, n_target,
+                      key)
+    access_list = _access_list(plan, sink.accesses)
+
+    row_probe = rows.row_probe
+    clean_row = torch.tensor([rows.baseline_row[(p, "clean", 0)] for p in row_probe], dtype=torch.long)
+    answer_index, answer_mask = _pad_sets([plan.probes[p].answer_ids for p in row_probe])
+    wrong_index, wrong_mask = _pad_sets([plan.probes[p].wrong_ids for p in row_probe])
+    return Batch(
+        index=index,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        row_probe=row_probe,
+        row_role=rows.row_role,
+        row_cell=rows.row_cell,
+        clean_row=clean_row,
+        answer_index=answer_index,
+        answer_mask=answer_mask,
+        wrong_index=wrong_index,
+        wrong_mask=wrong_mask,
+        accesses=access_list,
+        cells=[c.index for c in cells],
+        row_sample=rows.row_sample,
+    )
+
+
+def _probe_order(cells: Sequence[Cell]) -> list[int]:
+    """Target and source probes in first-use order: this order fixes where each probe's baseline rows go."""
     probe_order: list[int] = []
     for cell in cells:
         for p in (cell.probe, cell.source_probe):
             if p not in probe_order:
                 probe_order.append(p)
-    prompts: list[list[int]] = []
-    row_probe: list[int] = []
-    row_role: list[str] = []
-    row_cell: list[int] = []
-    row_sample: list[int] = []
-    baseline_row: dict[tuple[int, str, int], int] = {}
+    return probe_order
+
+
+@dataclass
+class _Rows:
+    """The row layout of one batch (prompts and per-row bookkeeping), kept apart from compiling the edits."""
+
+    prompts: list[list[int]] = field(default_factory=list)
+    row_probe: list[int] = field(default_factory=list)
+    row_role: list[str] = field(default_factory=list)
+    row_cell: list[int] = field(default_factory=list)
+    row_sample: list[int] = field(default_factory=list)
+    baseline_row: dict[tuple[int, str, int], int] = field(default_factory=dict)  #: (probe, role, sample) -> row
+    cell_row: dict[int, int] = field(default_factory=dict)  #: cell index -> row
+
+    def add(self, prompt: list[int], probe: int, role: str, cell: int, sample: int) -> int:
+        self.prompts.append(prompt)
+        self.row_probe.append(probe)
+        self.row_role.append(role)
+        self.row_cell.append(cell)
+        self.row_sample.append(sample)
+        return len(self.prompts) - 1
+
+
+def _lay_out_rows(plan: Plan, cells: Sequence[Cell], probe_order: list[int]) -> _Rows:
+    """Baseline rows per probe first, then one patched row per cell: the layout every edit's row index refers to."""
+    rows = _Rows()
     for p in probe_order:
         for role in ("clean", "corrupted"):
             for sample in range(plan.target_samples if role == plan.target else 1):
-                baseline_row[(p, role, sample)] = len(prompts)
-                prompts.append(plan.probes[p].prompt_ids(role))
-                row_probe.append(p)
-                row_role.append(role)
-                row_cell.append(-1)
-                row_sample.append(sample)
-    cell_row: dict[int, int] = {}
+                rows.baseline_row[(p, role, sample)] = rows.add(plan.probes[p].prompt_ids(role), p, role, -1, sample)
     for cell in cells:
-        cell_row[cell.index] = len(prompts)
-        prompts.append(plan.probes[cell.probe].prompt_ids(plan.target))
-        row_probe.append(cell.probe)
-        row_role.append("patched")
-        row_cell.append(cell.index)
-        row_sample.append(cell.sample)
+        rows.cell_row[cell.index] = rows.add(
+            plan.probes[cell.probe].prompt_ids(plan.target), cell.probe, "patched", cell.index, cell.sample)
+    return rows
 
-    input_ids, attention_mask = left_pad(prompts, pad_id)
-    width = input_ids.shape[1]
-    accesses: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def emit(stage: int, site: Site, op: OperationSpec, t_row: int, indices: Sequence[int], s_row: int | None,
+@dataclass
+class _EditSink:
+    """Compiles edits into per-access, per-stage index lists: one place that knows the padded column layout."""
+
+    plan: Plan
+    prompts: list[list[int]]
+    width: int
+    constants: PatchConstants
+    accesses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def emit(self, stage: int, site: Site, op: OperationSpec, t_row: int, indices: Sequence[int], s_row: int | None,
              source_indices: Sequence[int], n_target: int, noise_key: str) -> None:
         per_head = site.kind == "head"
-        entry = accesses.setdefault(site.access_key, {"n_heads": None, "stages": {}})
+        entry = self.accesses.setdefault(site.access_key, {"n_heads": None, "stages": {}})
         if per_head:
             entry["n_heads"] = site.n_heads
         shape = entry["stages"].setdefault(stage, {}).setdefault(
             "heads" if per_head else "full", {"copy": [], "set": [], "add": [], "mix": []})
+        width = self.width
         t_cols = [width - n_target + i for i in indices]
-        s_cols = [width - len(prompts[s_row]) + j for j in source_indices] if s_row is not None else []
+        s_cols = [width - len(self.prompts[s_row]) + j for j in source_indices] if s_row is not None else []
         edit = operations.EditContext(op=op, site=site, t_row=t_row, t_cols=t_cols, indices=tuple(indices),
                                       s_row=s_row, s_cols=s_cols, n_target=n_target,
-                                      head=site.head if per_head else -1, constants=constants, noise_key=noise_key)
+                                      head=site.head if per_head else -1, constants=self.constants,
+                                      noise_key=noise_key)
         for mode, item in operations.get(op.name).compile(edit):
             shape[mode].append(item)
 
-    def emit_baseline(p: int, t_row: int, sample: int) -> None:
+    def emit_baseline(self, p: int, t_row: int, sample: int) -> None:
+        plan = self.plan
         n_target = len(plan.probes[p].prompt_ids(plan.target))
         for number, edit in enumerate(plan.baseline.get(p, ())):
             for site in edit.sites:
-                key = f"{constants.seed}|{plan.probes[p].id}|{sample}|{site.name}|baseline{number}"
-                emit(0, site, edit.operation, t_row, edit.indices, None, (), n_target, key)
+                key = f"{self.constants.seed}|{plan.probes[p].id}|{sample}|{site.name}|baseline{number}"
+                self.emit(0, site, edit.operation, t_row, edit.indices, None, (), n_target, key)
 
-    for p in probe_order:
-        for sample in range(plan.target_samples):
-            emit_baseline(p, baseline_row[(p, plan.target, sample)], sample)
-    for cell in cells:
-        t_row = cell_row[cell.index]
-        emit_baseline(cell.probe, t_row, plan.target_row_sample(cell.sample))
-        if not cell.positions.indices:
-            continue  # a "none" cell: the control row that patches nothing (beyond the baseline)
-        n_target = len(prompts[t_row])
-        s_row = baseline_row[(cell.source_probe, plan.source, 0)]
-        for site in cell.all_sites:
-            key = f"{constants.seed}|{plan.probes[cell.probe].id}|{cell.sample}|{site.name}|cell"
-            emit(1, site, cell.operation, t_row, cell.positions.indices, s_row, cell.source_indices, n_target, key)
-    # nnsight must meet module accesses in forward-execution order; plan.sites is already in that order
+
+def _access_list(plan: Plan, accesses: dict[tuple[str, str], dict[str, Any]]) -> list[AccessPatches]:
+    """The compiled edits per module access, sorted: nnsight must meet module accesses in forward-execution order."""
+    # plan.sites is already in forward-execution order
     rank = {}
     for position, site in enumerate(plan.sites):
         rank.setdefault(site.access_key, position)
@@ -442,26 +499,7 @@ def build_batch(
             patches.stages.append(tuple(_patch_groups(shapes[k]) if k in shapes else PatchGroups()
                                         for k in ("full", "heads")))
         access_list.append(patches)
-
-    clean_row = torch.tensor([baseline_row[(p, "clean", 0)] for p in row_probe], dtype=torch.long)
-    answer_index, answer_mask = _pad_sets([plan.probes[p].answer_ids for p in row_probe])
-    wrong_index, wrong_mask = _pad_sets([plan.probes[p].wrong_ids for p in row_probe])
-    return Batch(
-        index=index,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        row_probe=row_probe,
-        row_role=row_role,
-        row_cell=row_cell,
-        clean_row=clean_row,
-        answer_index=answer_index,
-        answer_mask=answer_mask,
-        wrong_index=wrong_index,
-        wrong_mask=wrong_mask,
-        accesses=access_list,
-        cells=[c.index for c in cells],
-        row_sample=row_sample,
-    )
+    return access_list
 
 
 def _patch_groups(entry: dict[str, list]) -> PatchGroups:
@@ -486,7 +524,8 @@ class PatchConstants:
     """Values that do not come from the batch itself: zeros, probe-set means, noise scales, steering vectors."""
 
     widths: dict[str, int]  #: site name -> activation width (head_dim for head sites)
-    means: dict[str, torch.Tensor] = field(default_factory=dict)  #: site name -> [max_len, width], index = offset from end - 1
+    #: site name -> [max_len, width], index = offset from end - 1
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
     embedding_std: float | None = None  #: std of the token embeddings of every prompt of the probe set
     selected_std: float | None = None  #: std of the embeddings of the tokens ``selected_std`` noise selects
     vectors: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  #: (op JSON, site name) -> vector

@@ -18,9 +18,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -99,7 +100,8 @@ def _tokenise_answer(value: Any, tokenizer: Any, origin: str, what: str) -> Answ
     ids = _answer_ids(value, tokenizer, "set", origin, what)
     pieces = [tokenizer.decode([i]) for i in ids]
     if isinstance(value, list):
-        several = [v for v in value if isinstance(v, str) and len(tokenizer(v, add_special_tokens=False)["input_ids"]) > 1]
+        several = [v for v in value
+                   if isinstance(v, str) and len(tokenizer(v, add_special_tokens=False)["input_ids"]) > 1]
         if several:
             return AnswerTokens(ids, pieces, "set", f"{what} set member(s) {several} are several tokens each")
         return AnswerTokens(ids, pieces, "set" if len(ids) > 1 else "single")
@@ -160,7 +162,9 @@ def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]
         # left padding shifts absolute positions; count each row from its first real token (as nnsight does)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = hf_model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device)
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
         ).logits
         out.append(logits[:, -1, :].float().cpu())
     return torch.cat(out)
@@ -177,7 +181,8 @@ def behavioural_checks(checks: Sequence[ProbeCheck], hf_model: torch.nn.Module, 
     runnable = [c for c in checks if c.wrong is not None and c.answer.ids and c.wrong.ids]
     if not runnable:
         return
-    prompts = [tokenizer(c.clean)["input_ids"] for c in runnable] + [tokenizer(c.corrupted)["input_ids"] for c in runnable]
+    prompts = ([tokenizer(c.clean)["input_ids"] for c in runnable]
+               + [tokenizer(c.corrupted)["input_ids"] for c in runnable])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logits = last_token_logits(hf_model, prompts, pad_id, batch_size)
     n = len(runnable)
@@ -225,7 +230,8 @@ def check_probes(path: Path, tokenizer: Any, hf_model: torch.nn.Module | None = 
 
 
 def summary_line(frame: pd.DataFrame, ran_model: bool) -> str:
-    parts = [f"{int(frame['valid'].sum())} valid / {len(frame)} total", f"structural ok {int(frame['structural_ok'].sum())}"]
+    parts = [f"{int(frame['valid'].sum())} valid / {len(frame)} total",
+             f"structural ok {int(frame['structural_ok'].sum())}"]
     if ran_model:
         parts += [f"knows {int(frame['knows'].sum())}", f"flips {int(frame['flips'].sum())}"]
     return "; ".join(parts)

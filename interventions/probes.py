@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -114,7 +115,8 @@ def _validate_probe(item: Any, source: str, lines: dict, prefix: tuple) -> Probe
         return ProbeSpec.model_validate(item)
     except ValidationError as exc:
         shifted = {k[len(prefix):]: v for k, v in lines.items() if k[: len(prefix)] == prefix}
-        raise ProbeError(format_validation_error(exc, source, shifted, ProbeSpec).replace("study spec", "probe")) from None
+        message = format_validation_error(exc, source, shifted, ProbeSpec).replace("study spec", "probe")
+        raise ProbeError(message) from None
 
 
 def _answer_ids(value: Any, tokenizer: Any, policy: str, origin: str, what: str) -> list[int]:
@@ -184,7 +186,8 @@ def check_alignment(probes: Sequence[Probe], alignment: str) -> None:
         return
     bad = [p for p in probes if len(p.clean_ids) != len(p.corrupted_ids)]
     if bad:
-        lines = [f"{p.id} ({p.origin}): clean {len(p.clean_ids)} tokens, corrupted {len(p.corrupted_ids)}" for p in bad[:5]]
+        lines = [f"{p.id} ({p.origin}): clean {len(p.clean_ids)} tokens, corrupted {len(p.corrupted_ids)}"
+                 for p in bad[:5]]
         raise ProbeError(
             "clean and corrupted prompts differ in token length, so positions cannot be matched:\n  "
             + "\n  ".join(lines)

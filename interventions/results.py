@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import platform
 import tempfile
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,9 @@ __all__ = ["package_versions", "prepare_output_dir", "read_results", "recovery",
 VERSIONED_PACKAGES = ("clap", "torch", "nnsight", "transformers", "pandas", "numpy", "pingouin", "seaborn")
 
 
-def recovery(clean: np.ndarray, corrupted: np.ndarray, patched: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+def recovery(
+    clean: np.ndarray, corrupted: np.ndarray, patched: np.ndarray, epsilon: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Normalised recovery and whether it is defined; a (near) zero denominator is never divided."""
     denominator = clean - corrupted
     defined = np.abs(denominator) > epsilon

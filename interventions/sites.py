@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable
 
 import torch
 
@@ -236,7 +236,7 @@ class SiteResolver:
     def _raw_match(self, tokens: list[str], parts: list[str], address: str) -> bool:
         if len(tokens) != len(parts):
             return False
-        for token, part in zip(tokens, parts):
+        for token, part in zip(tokens, parts, strict=True):
             if token.startswith("["):
                 if not part.isdigit():
                     return False

@@ -9,7 +9,7 @@ the nearest valid field name for typos.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -42,7 +42,7 @@ class ModelSpec(StrictModel):
     revision: str | None = None
 
 
-AnswerTokens = Union[str, int, list[Union[str, int]]]
+AnswerTokens = str | int | list[str | int]
 
 
 class ProbeSpec(StrictModel):
@@ -79,7 +79,7 @@ class ProbeSetSpec(StrictModel):
     multi_token: Literal["error", "first", "set"] = "error"
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ProbeSetSpec":
+    def _one_source(self) -> ProbeSetSpec:
         if (self.file is None) == (self.inline is None):
             raise ValueError("give exactly one of `file` (a JSONL/YAML probe file) or `inline` (a list of probes)")
         return self
@@ -110,7 +110,7 @@ class FieldPosition(StrictModel):
     prompt: Literal["clean", "corrupted"] = "clean"
 
 
-PositionSelector = Union[Literal["all", "each", "last", "none"], int, MatchPosition, IndexPositions, FieldPosition]
+PositionSelector = Literal["all", "each", "last", "none"] | int | MatchPosition | IndexPositions | FieldPosition
 
 
 class VectorFrom(StrictModel):
@@ -157,7 +157,7 @@ class OperationSpec(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _fields_fit(self) -> "OperationSpec":
+    def _fields_fit(self) -> OperationSpec:
         from interventions.operations import OPTIONAL_FIELDS, REGISTRY
 
         operation = REGISTRY[self.name]
@@ -176,7 +176,8 @@ class OperationSpec(StrictModel):
         return REGISTRY[self.name].label(self)
 
 
-Metric = Literal["logit_diff", "logit", "prob", "logprob", "kl"]  # the names of clap.contract.METRICS (a test checks they agree)
+# the names of clap.contract.METRICS (a test checks they agree)
+Metric = Literal["logit_diff", "logit", "prob", "logprob", "kl"]
 
 
 class ExecutionSpec(StrictModel):
@@ -186,7 +187,7 @@ class ExecutionSpec(StrictModel):
     max_rows: int | None = Field(default=None, ge=3)
     memory_budget_mb: float | None = Field(default=None, gt=0)
     #: False: local; True: NDIF (key from NDIF_API_KEY or nnsight's config); "local": nnsight's local simulation
-    remote: Union[bool, Literal["local"]] = False
+    remote: bool | Literal["local"] = False
     progress: bool = True
 
 
@@ -204,7 +205,7 @@ class PatchGroup(StrictModel):
     combine: bool = False
 
     @model_validator(mode="after")
-    def _window_or_combine(self) -> "PatchGroup":
+    def _window_or_combine(self) -> PatchGroup:
         if self.window > 1 and self.combine:
             raise ValueError("`window` and `combine` exclude each other: a window already stacks its layers")
         return self
@@ -318,7 +319,7 @@ class StudySpec(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _something_to_patch(self) -> "StudySpec":
+    def _something_to_patch(self) -> StudySpec:
         from interventions.operations import REGISTRY
 
         if not self.sites and not self.patches:
@@ -353,7 +354,7 @@ class StudySpec(StrictModel):
         return out + [(g.window, g.combine) for g in self.patches or []]
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "StudySpec":
+    def from_yaml(cls, path: str | Path) -> StudySpec:
         path = Path(path)
         data, lines = load_yaml(path)
         if not isinstance(data, dict):
@@ -365,7 +366,7 @@ class StudySpec(StrictModel):
         return spec
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<spec>", lines: dict | None = None) -> "StudySpec":
+    def from_dict(cls, data: dict, source: str = "<spec>", lines: dict | None = None) -> StudySpec:
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

@@ -107,7 +107,7 @@ class Study:
         self._model = model
 
     @classmethod
-    def from_yaml(cls, path: str | Path, model: LoadedModel | None = None) -> "Study":
+    def from_yaml(cls, path: str | Path, model: LoadedModel | None = None) -> Study:
         return cls(StudySpec.from_yaml(path), model=model)
 
     # -- compilation ----------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class Study:
         """Resolve every patch group's addresses; an error names the spec file, line and field of the address."""
         resolver = SiteResolver(hf_model)
         groups = [self._resolve(resolver, addresses, location)
-                  for location, (addresses, _, _) in zip(self._group_locations(), self.spec.groups())]
+                  for location, (addresses, _, _) in zip(self._group_locations(), self.spec.groups(), strict=True)]
         for b, intervention in enumerate(self.spec.baseline or []):
             self._resolve(resolver, intervention.sites, ("baseline", b, "sites"))
         return resolver, groups
@@ -199,7 +199,7 @@ class Study:
         """Patch groups with windows and combinations resolved into the stack of sites each cell patches."""
         plans = []
         for location, sites, (_, positions, ops), (window, combine) in zip(
-                self._group_locations(), site_groups, self.spec.groups(), self.spec.group_options()):
+                self._group_locations(), site_groups, self.spec.groups(), self.spec.group_options(), strict=True):
             sites = sorted(sites, key=resolver.order_key)
             group = GroupPlan(sites, list(positions), list(ops))
             if combine:
@@ -305,7 +305,8 @@ class Study:
         unembed = self._unembed_module()
         frames = []
         baselines = BaselineCheck(spec, len(plan.probes))
-        progress = tqdm(total=len(plan.cells), desc=f"patching {spec.name}", unit="cell", disable=not spec.execution.progress)
+        progress = tqdm(total=len(plan.cells), desc=f"patching {spec.name}", unit="cell",
+                        disable=not spec.execution.progress)
         for index, cells in enumerate(chunks):
             done = partial_dir / f"batch-{index:05d}.parquet" if partial_dir else None
             if done and done.is_file():
@@ -361,7 +362,7 @@ class Study:
         keys = list(dict.fromkeys(site.access_key for site in plan.sites))
         ids = torch.tensor([probe_ids])
         acts = execute.capture(model.nn, ids, torch.ones_like(ids), keys, remote=self.spec.execution.remote)
-        shape = {key: act.shape[-1] for key, act in zip(keys, acts)}
+        shape = {key: act.shape[-1] for key, act in zip(keys, acts, strict=True)}
         for site in plan.sites:
             width = shape[site.access_key]
             widths[site.name] = width // site.n_heads if site.kind == "head" else width
@@ -385,7 +386,7 @@ class Study:
         """Std (over all elements) of the token embeddings of the tokens that ``selected_std`` noise acts on, over
         the probe set (each probe's target prompt once): ROME's noise unit over the subjects' tokens."""
         rows = []
-        for p_index, probe in enumerate(plan.probes):
+        for p_index in range(len(plan.probes)):
             target = embeddings[2 * p_index + (0 if plan.target == "clean" else 1)]
             chosen = set()
             for edit in plan.baseline.get(p_index, ()):
@@ -423,7 +424,8 @@ class Study:
             means = []
             for prompts in sets:
                 acts = self._gather(site_keys, prompts)
-                means.append({k: torch.stack([a[-1] for a in per]).double().mean(0) for k, per in zip(site_keys, acts)})
+                means.append({k: torch.stack([a[-1] for a in per]).double().mean(0)
+                              for k, per in zip(site_keys, acts, strict=True)})
             for site in plan.sites:
                 diff = (means[0][site.access_key] - means[1][site.access_key]).float()
                 if site.kind == "head":
@@ -440,7 +442,7 @@ class Study:
 
     def _means(self, plan: Plan, keys: list[tuple[str, str]], prompts: list[list[int]]) -> dict[str, torch.Tensor]:
         """Mean source activation over the probe set per right-aligned position (offset from the end)."""
-        gathered = dict(zip(keys, self._gather(keys, prompts)))
+        gathered = dict(zip(keys, self._gather(keys, prompts), strict=True))
         longest = max(len(p) for p in prompts)
         means = {}
         for site in plan.sites:
@@ -461,7 +463,8 @@ class Study:
         spec = self.spec
         wanted = [METRICS.index(m) for m in spec.metrics]
         baseline = {}
-        for row, (probe, role, sample) in enumerate(zip(batch.row_probe, batch.row_role, batch.row_sample)):
+        rows = zip(batch.row_probe, batch.row_role, batch.row_sample, strict=True)
+        for row, (probe, role, sample) in enumerate(rows):
             if role in ("clean", "corrupted"):
                 baseline[(probe, role, sample)] = metrics[row]
         subjects = {}

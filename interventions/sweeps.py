@@ -37,7 +37,8 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -191,4 +192,5 @@ def to_grid(frame: pd.DataFrame, index: str = "layer", columns: str = "position"
             raise ClapError(f"the frame holds several metrics {list(metrics)}; pass metric= one of them")
         metric = metrics[0]
     chosen = frame[frame["metric"] == metric]
-    return chosen.pivot_table(index=index, columns=columns, values=values, aggfunc="mean").sort_index().sort_index(axis=1)
+    grid = chosen.pivot_table(index=index, columns=columns, values=values, aggfunc="mean")
+    return grid.sort_index().sort_index(axis=1)

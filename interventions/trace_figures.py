@@ -73,7 +73,7 @@ def _draw(grids: list[pd.DataFrame], titles: list[str], path: str | Path, label:
     n = len(grids)
     height = 0.3 * max(len(g) for g in grids) + 1.2
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, height), squeeze=False)
-    for ax, grid, title in zip(axes[0], grids, titles):
+    for ax, grid, title in zip(axes[0], grids, titles, strict=True):
         sns.heatmap(grid, ax=ax, cmap="Purples", cbar_kws={"label": label}, xticklabels=max(1, grid.shape[1] // 10))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer", fontsize=9)

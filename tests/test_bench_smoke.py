@@ -58,7 +58,7 @@ def test_pairs_have_exactly_the_asked_length_and_differ_in_one_token(bench, shar
     for pair in pairs:
         clean, corrupted = (tokenizer(pair[k])["input_ids"] for k in ("clean", "corrupted"))
         assert len(clean) == len(corrupted) == 16
-        assert sum(a != b for a, b in zip(clean, corrupted)) == 1
+        assert sum(a != b for a, b in zip(clean, corrupted, strict=True)) == 1
     with pytest.raises(bench.BenchError, match="prompts must be"):
         bench.make_pairs(tokenizer, 1, 40)
 

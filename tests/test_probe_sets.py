@@ -89,7 +89,8 @@ def smollm2_tokenizer_cached():
 
     folder = _smollm2_folder(convert=False)
     if folder is None:
-        pytest.skip("SmolLM2 GGUF not converted yet (~30 s); covered by the slow test_structure_under_smollm2_tokenizer")
+        pytest.skip("SmolLM2 GGUF not converted yet (~30 s); "
+                    "covered by the slow test_structure_under_smollm2_tokenizer")
     return AutoTokenizer.from_pretrained(str(folder))
 
 

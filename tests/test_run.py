@@ -118,7 +118,7 @@ def test_whole_study_runs_then_skips_then_reruns_what_changed(study, tmp_path, m
     assert list(result.stages) == expected
     assert set(result.stages.values()) == {"ran"}
     assert any(line.startswith(f"stage 1/{len(expected)} patch[base]: done in") for line in seen)
-    for name, folder in zip(("base", "perturbed"), model_dirs):  # each stage patched its own model
+    for name, folder in zip(("base", "perturbed"), model_dirs, strict=True):  # each stage patched its own model
         frame = result.frame(name)
         for probe in PROBES:
             rows = frame[frame.probe_id == probe["id"]]
@@ -278,8 +278,8 @@ def test_stage_hashes_change_with_their_inputs_only(tmp_path, model_dirs):
     assert all(metric[s] != base[s] for s in base)
     analysis = _hashes(text.replace("position_reduction: last", "position_reduction: max"), tmp_path)
     assert {s for s in base if analysis[s] != base[s]} == {"analyze[base]", "analyze[perturbed]", "report"}
-    swapped = _hashes(text.replace(f"perturbed: {{source: {model_dirs[1]}}}", f"perturbed: {{source: {model_dirs[0]}}}"),
-                      tmp_path)
+    swapped = _hashes(text.replace(f"perturbed: {{source: {model_dirs[1]}}}",
+                                   f"perturbed: {{source: {model_dirs[0]}}}"), tmp_path)
     assert {s for s in base if swapped[s] != base[s]} == {"patch[perturbed]", "analyze[perturbed]", "report"}
 
 

@@ -84,7 +84,8 @@ def test_mismatched_runs_are_refused_with_the_probes_named():
         check_matched(a, b, [GROUP])
     b = a.copy()
     b.loc[b["probe_id"].isin(["p001", "p002"]), GROUP] = "other"
-    with pytest.raises(ClapError, match=r"column 'knowledge_type' differs between the runs for 2 probe\(s\) \(p001, p002\)"):
+    with pytest.raises(ClapError,
+                       match=r"column 'knowledge_type' differs between the runs for 2 probe\(s\) \(p001, p002\)"):
         check_matched(a, b, [GROUP])
     with pytest.raises(ClapError, match=r"different sites: 1 only in A \(layers.2.resid_pre\)"):
         check_matched(a, a[a["layer"] != 2], [GROUP])

@@ -26,7 +26,8 @@ def test_a_wholly_undefined_slice_is_skipped_not_fatal(tmp_path):
     save_results(data, make_meta(data), tmp_path / "r")
     result = analyze(tmp_path / "r", figures=True)
     skipped = result.tables["skipped"]
-    assert {"rm_anova", "mixed_anova", "figure:heatmap_layer_position"} <= set(skipped.loc[skipped.metric == "prob", "test"])
+    assert {"rm_anova", "mixed_anova", "figure:heatmap_layer_position"} <= set(
+        skipped.loc[skipped.metric == "prob", "test"])
     assert (result.tables["rm_anova"]["metric"] == "logit_diff").all()
     assert "figure:heatmap_layer_position" in pd.read_csv(tmp_path / "r" / "analysis" / "skipped.csv")["test"].tolist()
 

@@ -80,7 +80,7 @@ def test_line_plot_draws_one_band_per_group(results):
     fig = line_by_layer(ci, GROUP)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["associative", "definitional"]
-    lines = [l for l in ax.get_lines() if l.get_label() in ("associative", "definitional")]
+    lines = [line for line in ax.get_lines() if line.get_label() in ("associative", "definitional")]
     np.testing.assert_allclose(lines[0].get_ydata(), ci[ci[GROUP] == "associative"].sort_values("layer")["mean"])
     assert len(ax.collections) == 2  # the two CI bands
     assert lines[0].get_linestyle() != lines[1].get_linestyle()
@@ -88,9 +88,11 @@ def test_line_plot_draws_one_band_per_group(results):
 
 def test_bar_plot_marks_trivial_sites(results):
     rows = results[results.metric == "logit_diff"]
-    ci = bootstrap_ci(rows, within="site", between=GROUP, n_boot=200, include_trivial=True, vary=("site_kind",), metric="logit_diff")
+    ci = bootstrap_ci(rows, within="site", between=GROUP, n_boot=200, include_trivial=True, vary=("site_kind",),
+                      metric="logit_diff")
     order = site_order(rows)
-    assert order[:3] == ["layers.0.resid_pre", "layers.0.attn_out", "layers.0.mlp_out"] and order[-2:] == ["final_norm", "lm_head"]
+    assert order[:3] == ["layers.0.resid_pre", "layers.0.attn_out", "layers.0.mlp_out"]
+    assert order[-2:] == ["final_norm", "lm_head"]
     ci = ci.set_index("site").loc[order].reset_index()
     fig = bar_by_module(ci, GROUP, trivial_sites=["lm_head", "final_norm"])
     ax = fig.axes[0]
@@ -116,7 +118,8 @@ def test_save_figure_png_dpi_and_svg(tmp_path, results):
 
 
 def test_single_group_panel():
-    data = make_results(n_probes=3, n_layers=2, groups=None, metrics=("logit_diff",), site_kinds=("mlp_out",), tokens=("a", "b"))
+    data = make_results(n_probes=3, n_layers=2, groups=None, metrics=("logit_diff",), site_kinds=("mlp_out",),
+                        tokens=("a", "b"))
     fig = heatmap_layer_position(data, metric="logit_diff", site_kind="mlp_out")
     assert [a.get_title(loc="left") for a in fig.axes if a.get_title(loc="left")] == ["all probes"]
 
@@ -142,10 +145,10 @@ def two_prompt_lengths():
     """Definitional prompts of 7 tokens and associative ones of 3, each group labelled in its own tokens."""
     import pandas as pd
 
-    a = make_results(n_probes=6, n_layers=4, groups={GROUP: ("definitional",)}, tokens=DEF_TOKENS, metrics=("logit_diff",),
-                     site_kinds=("resid_pre",), trivial_sites=False, seed=11)
-    b = make_results(n_probes=5, n_layers=4, groups={GROUP: ("associative",)}, tokens=ASSOC_TOKENS, metrics=("logit_diff",),
-                     site_kinds=("resid_pre",), trivial_sites=False, seed=12)
+    a = make_results(n_probes=6, n_layers=4, groups={GROUP: ("definitional",)}, tokens=DEF_TOKENS,
+                     metrics=("logit_diff",), site_kinds=("resid_pre",), trivial_sites=False, seed=11)
+    b = make_results(n_probes=5, n_layers=4, groups={GROUP: ("associative",)}, tokens=ASSOC_TOKENS,
+                     metrics=("logit_diff",), site_kinds=("resid_pre",), trivial_sites=False, seed=12)
     b["probe_id"] = "q" + b["probe_id"]
     return pd.concat([a, b], ignore_index=True)
 
@@ -166,7 +169,7 @@ def _stacked(axes):
     fig.canvas.draw()
     boxes = [a.get_position() for a in axes]
     assert all(b.x0 == pytest.approx(boxes[0].x0, abs=0.02) for b in boxes)
-    assert all(b1.y0 > b2.y1 - 1e-6 for b1, b2 in zip(boxes, boxes[1:]))
+    assert all(b1.y0 > b2.y1 - 1e-6 for b1, b2 in zip(boxes, boxes[1:], strict=False))
 
 
 def test_position_heatmap_labels_each_group_with_its_own_tokens_aligned_from_the_end():
@@ -231,7 +234,7 @@ def test_line_plot_thins_layer_ticks():
     fig.canvas.draw()
     ax = fig.axes[0]
     lo, hi = ax.get_xlim()
-    shown = [t for t, v in zip(ax.get_xticklabels(), ax.get_xticks()) if lo <= v <= hi and t.get_text()]
+    shown = [t for t, v in zip(ax.get_xticklabels(), ax.get_xticks(), strict=True) if lo <= v <= hi and t.get_text()]
     assert 4 <= len(shown) <= 12
     assert all(float(t.get_text()).is_integer() for t in shown)
 
@@ -271,8 +274,8 @@ def test_contrast_figure_draws_both_groups_per_site_kind(results):
 
 def test_module_bars_draw_attention_and_mlp_for_deep_models():
     # 48 layers x 3 kinds = 144 sites: more than a per-site bar plot shows; the module view has one bar per layer
-    data = make_results(n_probes=4, n_layers=48, metrics=("logit_diff",), site_kinds=("resid_pre", "attn_out", "mlp_out"),
-                        tokens=("x",), trivial_sites=False)
+    data = make_results(n_probes=4, n_layers=48, metrics=("logit_diff",),
+                        site_kinds=("resid_pre", "attn_out", "mlp_out"), tokens=("x",), trivial_sites=False)
     means = layer_means(data, group=GROUP, site_kinds=("attn_out", "mlp_out"), metric="logit_diff")
     fig = module_bars(means, GROUP)
     axes = fig.axes
@@ -286,8 +289,8 @@ def test_module_bars_draw_attention_and_mlp_for_deep_models():
 
 def test_long_titles_wrap_inside_the_figure(results):
     ci = bootstrap_ci(results, between=GROUP, n_boot=100, **SEL)
-    fig = line_by_layer(ci, GROUP, title="recovery by layer (metric=logit_diff, operation=replace, direction=denoising, "
-                                          "positions=all, site_kind=resid_pre)")
+    fig = line_by_layer(ci, GROUP, title="recovery by layer (metric=logit_diff, operation=replace, "
+                                          "direction=denoising, positions=all, site_kind=resid_pre)")
     fig.canvas.draw()
     title = fig.axes[0].title
     box = title.get_window_extent()

@@ -54,7 +54,8 @@ def test_missing_group_column_named_in_sidecar_is_reported(written):
         (None, r"run\.json: sidecar not found"),
         ("{not json", r"run\.json: line 1: not valid JSON"),
         ("[1, 2]", r"run\.json: expected a JSON object"),
-        (json.dumps({"spec": {}, "model": {}}), r"run\.json: missing key\(s\) versions, seed, group_columns, created, n_probes"),
+        (json.dumps({"spec": {}, "model": {}}),
+         r"run\.json: missing key\(s\) versions, seed, group_columns, created, n_probes"),
     ],
 )
 def test_bad_sidecar(written, content, message):

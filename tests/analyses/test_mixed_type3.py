@@ -13,9 +13,10 @@ from .conftest import GROUP, rm_frame
 
 def _data(sizes):
     rng = np.random.default_rng(5)
-    groups = [g for g, n in zip("abc", sizes) for _ in range(n)]
+    groups = [g for g, n in zip("abc", sizes, strict=True) for _ in range(n)]
     effect = {"a": [0, 0.5, 1.0, 0.3], "b": [0.2, 0.2, 0.8, 0.9], "c": [0.1, 0.6, 0.4, 0.0]}
-    values = np.array([effect[g] for g in groups]) + rng.normal(0, 0.4, (len(groups), 4)) + rng.normal(0, 0.3, (len(groups), 1))
+    values = (np.array([effect[g] for g in groups]) + rng.normal(0, 0.4, (len(groups), 4))
+              + rng.normal(0, 0.3, (len(groups), 1)))
     return values, groups
 
 

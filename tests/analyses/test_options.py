@@ -48,7 +48,8 @@ def test_flags_override_the_recorded_section():
 
 
 def test_cli_flags_reach_the_tables(tmp_path, capsys):
-    data = make_results(n_probes=6, n_layers=3, site_kinds=("resid_pre",), metrics=("logit_diff",), tokens=("a", " b", " c"))
+    data = make_results(n_probes=6, n_layers=3, site_kinds=("resid_pre",), metrics=("logit_diff",),
+                        tokens=("a", " b", " c"))
     save_results(data, make_meta(data), tmp_path / "r")
     assert main(["analyze", str(tmp_path / "r"), "--no-figures", "--position-reduction", "max", "--interval", "t"]) == 0
     import pandas as pd

@@ -28,8 +28,9 @@ def conserved(n_probes: int = 12, n_layers: int = 6, seed: int = 0) -> pd.DataFr
             share = share + rng.normal(0, 0.05, 5)
             share += (1 - share.sum()) / 5  # exactly conserved
             for t, tok in enumerate(TOKENS):
-                rows.append({"probe_id": f"p{p}", "layer": layer, "position": t, "token": tok, "subject": "Eiffel Tower",
-                             "positions": "each", "site_kind": "resid_pre", "recovery": share[t]})
+                rows.append({"probe_id": f"p{p}", "layer": layer, "position": t, "token": tok,
+                             "subject": "Eiffel Tower", "positions": "each", "site_kind": "resid_pre",
+                             "recovery": share[t]})
     return pd.DataFrame(rows)
 
 

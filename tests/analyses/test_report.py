@@ -45,7 +45,8 @@ def test_analyze_writes_every_table_and_figure(small_dir, tmp_path, capsys):
     data, _ = load_results(small_dir)
     for _, row in rm.iterrows():
         ref = rm_anova(data, metric="logit_diff", site_kind=row["site_kind"]).iloc[0]
-        assert row["F"] == pytest.approx(ref["F"], rel=1e-9) and row["p_GG_corr"] == pytest.approx(ref["p_GG_corr"], rel=1e-9)
+        assert row["F"] == pytest.approx(ref["F"], rel=1e-9)
+        assert row["p_GG_corr"] == pytest.approx(ref["p_GG_corr"], rel=1e-9)
         assert row["n_dropped"] == 1 and row["n_undefined"] > 0
     mixed = pd.read_csv(tmp_path / "mixed_anova.csv")
     assert list(mixed["Source"][:3]) == [GROUP, "layer", "Interaction"]
@@ -111,7 +112,7 @@ def test_html_report_is_self_contained_with_tables_and_images(reported):
     # The ANOVA F shown equals the CSV value (formatted to 3 decimals).
     rm = pd.read_csv(out / "rm_anova.csv")
     assert len(rm) == 2
-    for f, p in zip(rm["F"], rm["p_GG_corr"]):
+    for f, p in zip(rm["F"], rm["p_GG_corr"], strict=True):
         assert f"<td>{_fmt(f)}</td>" in page and f"<td>{_fmt(p)}</td>" in page
     # Model identity, versions, spec and counts come from run.json and the data.
     _, meta = load_results(results_dir)
@@ -163,7 +164,8 @@ def test_cli_errors_are_clear(tmp_path, small_dir, capsys):
     assert main(["report", str(small_dir), "--group", "nope"]) == 2
     assert "group column 'nope' not in the results" in capsys.readouterr().err
     assert main(["analyze", str(small_dir), "-o", str(tmp_path / "o"), "--site-kind", "attn_out"]) == 2
-    assert "no testable slice with site_kind attn_out; site kinds with 2+ layers in the results: mlp_out, resid_pre" in capsys.readouterr().err
+    assert ("no testable slice with site_kind attn_out; site kinds with 2+ layers in the results: mlp_out, resid_pre"
+            in capsys.readouterr().err)
 
 
 def _chromium() -> str | None:
@@ -208,7 +210,8 @@ def test_number_formatting_and_markdown_tables():
 def test_report_title_names_the_study_and_model():
     from analyses.report import study_title
 
-    assert study_title({"spec": {"name": "epilepsy"}, "model": {"source": "smollm2-135m"}}) == "epilepsy on smollm2-135m"
+    run = {"spec": {"name": "epilepsy"}, "model": {"source": "smollm2-135m"}}
+    assert study_title(run) == "epilepsy on smollm2-135m"
     assert study_title({"model": {"architecture": "GPT2LMHeadModel"}}) == "GPT2LMHeadModel"
     assert study_title({}) == "results"
 
@@ -277,7 +280,8 @@ def _findings_for(data):
     from analyses.pipeline import compute_tables
 
     tables = compute_tables(data, group=GROUP, n_boot=300, seed=0)
-    unit = {"metric": "logit_diff", "site_kind": "resid_pre", "operation": "replace", "direction": "denoising", "positions": "all"}
+    unit = {"metric": "logit_diff", "site_kind": "resid_pre", "operation": "replace", "direction": "denoising",
+            "positions": "all"}
     return tables, unit_findings(tables, unit, GROUP)
 
 
@@ -293,14 +297,17 @@ def test_findings_name_the_planted_layers_and_direction():
         assert (f"`{GROUP}` = {g}: recovery is highest at layer 3 (mean {_fmt(best['mean'])}, 95 % CI "
                 f"[{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}], n = 10)") in text
     assert "Recovery differs across layers (repeated-measures ANOVA" in text
-    differ = re.search(rf"`{GROUP}` = definitional recovers more than associative at layers? ([0-9, and]+) \(Welch t", text)
+    differ = re.search(rf"`{GROUP}` = definitional recovers more than associative at layers? ([0-9, and]+) \(Welch t",
+                       text)
     assert differ and "5" in re.split(r", | and ", differ.group(1))
     assert "associative recovers more than definitional" not in text
     # every layer named as "above 0" has a CI above 0 in the table, and only those
     for g in ("associative", "definitional"):
         line = next(x for x in lines if x.startswith(f"`{GROUP}` = {g}:"))
         above = ci[(ci[GROUP] == g) & (ci["ci_low"] > 0)]["layer"].tolist()
-        assert 3 in above and (f"lies above 0 at layer {above[0]}" in line if len(above) == 1 else "lies above 0 at layers" in line)
+        assert 3 in above
+        assert (f"lies above 0 at layer {above[0]}" in line if len(above) == 1
+                else "lies above 0 at layers" in line)
 
 
 def test_findings_say_no_evidence_when_there_is_none():
@@ -384,7 +391,8 @@ def test_interactive_heatmap_in_headless_chromium(reported, tmp_path):
     maps, _ = _heatmap_json((out / "report.html").read_text(encoding="utf-8"))
     url = (out / "report.html").as_uri() + "#cell=1-0-2-3"
     env = {**os.environ, "HOME": str(tmp_path)}
-    proc = subprocess.run([*_chromium_args(tmp_path), "--dump-dom", url], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([*_chromium_args(tmp_path), "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                          env=env)
     dom = lxml.html.fromstring(proc.stdout)
     assert dom.body.get("data-heatmaps") == "ready", proc.stderr[-2000:]
     cells = dom.xpath("//div[@id='clap-heatmap-1']//*[local-name()='rect' and @class='cell']")
@@ -398,8 +406,8 @@ def test_interactive_heatmap_in_headless_chromium(reported, tmp_path):
     probes = [tr.xpath("./td")[0].text_content() for tr in detail.xpath(".//tbody/tr")]
     assert sorted(probes) == sorted(p[0] for p in cell["p"])
     shot = tmp_path / "shot.png"
-    subprocess.run([*_chromium_args(tmp_path), "--window-size=1200,3000", "--hide-scrollbars", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=120, env=env)
+    subprocess.run([*_chromium_args(tmp_path), "--window-size=1200,3000", "--hide-scrollbars", f"--screenshot={shot}",
+                    url], capture_output=True, timeout=120, env=env)
     assert shot.is_file()
     keep = os.environ.get("CLAP_REPORT_SCREENSHOT")
     if keep:
@@ -418,7 +426,8 @@ def test_tables_added_by_the_analysis_are_shown_and_used(group_effect_analysis):
     one["T"] = 1.0
     one["p_unc"] = 0.5
     one["p_corr"] = np.where((one["layer"] == 4) & (one[GROUP] == "definitional"), 0.001, 0.9)
-    validity = pd.DataFrame({"probe_id": ["p000", "p001"], "valid": [True, False], "reason": ["", "clean == corrupted"]})
+    validity = pd.DataFrame({"probe_id": ["p000", "p001"], "valid": [True, False],
+                             "reason": ["", "clean == corrupted"]})
     result.tables = {**result.tables, "one_sample": one, "probe_validity": validity}
     doc = lxml.html.fromstring(render_html(result))
     heading = next(h for h in doc.iter("h4") if h.text_content() == "one_sample")
@@ -428,7 +437,9 @@ def test_tables_added_by_the_analysis_are_shown_and_used(group_effect_analysis):
     assert len(bold) == 1 and bold[0].xpath("./td")[0].text_content() == "4"
     assert "clean == corrupted" in doc.text_content()
     findings = [li.text_content() for li in doc.xpath("//ul[@class='findings']/li")]
-    assert "knowledge_type = definitional: one-sample tests against 0 (p_corr < 0.05) are significant at layer 4." in findings
-    assert "knowledge_type = associative: no evidence from the one-sample tests (p_corr < 0.05) at any layer." in findings
+    assert ("knowledge_type = definitional: one-sample tests against 0 (p_corr < 0.05) are significant at layer 4."
+            in findings)
+    assert ("knowledge_type = associative: no evidence from the one-sample tests (p_corr < 0.05) at any layer."
+            in findings)
     md = render_markdown(result)
     assert "#### one_sample" in md and "### Probe validity" in md

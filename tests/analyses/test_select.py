@@ -18,9 +18,11 @@ SEL = dict(metric="logit_diff", site_kind="resid_pre")
 def test_ambiguous_selection_lists_the_choices(results):
     with pytest.raises(ClapError, match=r"several metric values \(logit_diff, prob\); choose one with metric="):
         prepare(results, site_kind="resid_pre")
-    with pytest.raises(ClapError, match=r"several site_kind values \(attn_out, final_norm, mlp_out, resid_pre, unembed\)"):
+    with pytest.raises(ClapError,
+                       match=r"several site_kind values \(attn_out, final_norm, mlp_out, resid_pre, unembed\)"):
         prepare(results, metric="prob")
-    with pytest.raises(ClapError, match=r"no rows with metric == 'kl'; the results hold metric values: logit_diff, prob"):
+    with pytest.raises(ClapError,
+                       match=r"no rows with metric == 'kl'; the results hold metric values: logit_diff, prob"):
         prepare(results, metric="kl", site_kind="resid_pre")
 
 
@@ -40,7 +42,8 @@ def test_position_rule_is_the_last_position_per_probe_and_layer_by_default(resul
     mean = prepare(results, agg="mean", **SEL)  # the legacy keyword still works, and is named
     assert mean.reduction == "mean over positions and heads"
     mx = prepare(results, agg="max", **SEL).data.set_index(["probe_id", "layer"])["recovery"]
-    np.testing.assert_allclose(mx.to_numpy(), rows.groupby(["probe_id", "layer"])["recovery"].max().loc[mx.index].to_numpy())
+    np.testing.assert_allclose(mx.to_numpy(),
+                               rows.groupby(["probe_id", "layer"])["recovery"].max().loc[mx.index].to_numpy())
     assert prep.data["layer"].dtype == np.int64  # plain ints, so pingouin labels read 3, not 3.0
 
 
@@ -52,13 +55,15 @@ def test_exclusions_are_counted(results):
     sel = select_rows(results, **SEL)
     undefined_probe = results.loc[~results.recovery_defined, "probe_id"].unique()
     assert len(undefined_probe) == 1
-    n_rows_probe = ((results.probe_id == undefined_probe[0]) & (results.metric == "logit_diff") & (results.site_kind == "resid_pre")).sum()
+    n_rows_probe = ((results.probe_id == undefined_probe[0]) & (results.metric == "logit_diff")
+                    & (results.site_kind == "resid_pre")).sum()
     assert sel.n_undefined == n_rows_probe == 36  # 6 layers x 6 positions
     assert sel.rows["recovery_defined"].all()
 
 
 def test_trivial_rows_can_be_included_on_request():
-    data = make_results(n_probes=4, n_layers=3, metrics=("logit_diff",), site_kinds=("resid_post",), tokens=("a",), trivial_sites=False)
+    data = make_results(n_probes=4, n_layers=3, metrics=("logit_diff",), site_kinds=("resid_post",), tokens=("a",),
+                        trivial_sites=False)
     data.loc[data.layer == 2, "trivial"] = True
     data.loc[data.layer == 2, "recovery"] = 1.0
     assert prepare(data).levels == [0, 1]
@@ -109,7 +114,8 @@ def test_heads_are_summed_within_a_layer():
     for p in range(3):
         for layer in range(2):
             for head in range(4):
-                rows.append({"probe_id": f"p{p}", "layer": layer, "head": head, "site_kind": "head", "recovery": p + layer + head / 10})
+                rows.append({"probe_id": f"p{p}", "layer": layer, "head": head, "site_kind": "head",
+                             "recovery": p + layer + head / 10})
     prep = prepare(pd.DataFrame(rows))
     got = prep.data.set_index(["probe_id", "layer"])["recovery"]
     assert got[("p1", 1)] == pytest.approx(4 * (1 + 1) + 0.6)  # the layer's total, never the mean

@@ -166,7 +166,8 @@ def test_mauchly_is_na_when_fewer_probes_than_levels():
 
 
 def test_planted_layer_effect_is_detected():
-    data = make_results(n_probes=16, n_layers=6, layer_effect=0.5, metrics=("logit_diff",), site_kinds=("resid_pre",), seed=2)
+    data = make_results(n_probes=16, n_layers=6, layer_effect=0.5, metrics=("logit_diff",), site_kinds=("resid_pre",),
+                        seed=2)
     row = rm_anova(data, **SEL).iloc[0]
     assert row["p_GG_corr"] < 1e-6 and row["np2"] > 0.3
     fr = friedman(data, **SEL).iloc[0]
@@ -235,7 +236,8 @@ def test_mixed_anova_matches_hand_computation(results):
 
 def test_mixed_anova_interaction_null_rate():
     n = 200
-    rate = power(n, test="mixed_anova", p_column="p_unc", layer_effect=0.4, interaction=0.0, n_probes=12, n_layers=4, seed=21)
+    rate = power(n, test="mixed_anova", p_column="p_unc", layer_effect=0.4, interaction=0.0, n_probes=12, n_layers=4,
+                 seed=21)
     lo, hi = sps.binom.ppf(0.001, n, 0.05) / n, sps.binom.isf(0.001, n, 0.05) / n
     assert lo <= rate <= hi, rate
 
@@ -249,7 +251,7 @@ def test_pairwise_within_matches_scipy_and_hand_holm(results):
     table = pairwise_within(results, **SEL)
     pairs = list(itertools.combinations(range(x.shape[1]), 2))
     assert len(table) == len(pairs)
-    assert [(a, b) for a, b in zip(table["A"], table["B"])] == pairs
+    assert [(a, b) for a, b in zip(table["A"], table["B"], strict=True)] == pairs
     ref = [sps.ttest_rel(x[:, a], x[:, b]) for a, b in pairs]
     np.testing.assert_allclose(table["T"], [r.statistic for r in ref], rtol=1e-9)
     np.testing.assert_allclose(table["p_unc"], [r.pvalue for r in ref], rtol=1e-7)

@@ -198,34 +198,9 @@ def handler_for(fake: FakeEutils) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             key = params.get("api_key", "")
-            if fault == "400key":
-                body = f"{{\"error\":\"{key_echo(key, url.query)}\"}}".encode()
-                self.send_response(400)
-                self.send_header("X-Api-Key", quote_plus(key))
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+            if _error_fault(self, fault, key, url.query):
                 return
-            if fault is not None and fault.isdigit():
-                body = f"HTTP {fault}".encode()
-                self.send_response(int(fault))
-                if fault == "429":
-                    self.send_header("Retry-After", "0")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            if endpoint == "efetch" and fake.expire_after_efetch is not None \
-                    and fake.calls["efetch"] > fake.expire_after_efetch:
-                fake.webenvs.clear()
-                fake.expire_after_efetch = None
-            body = fake.body_esearch(params) if endpoint == "esearch" else fake.body_efetch(params)
-            if fault == "errorkey":
-                body = f"<eSearchResult><ERROR>{html.escape(key_echo(key, url.query))}</ERROR></eSearchResult>".encode()
-            if fake.key_in_records and b"</ArticleTitle>" in body:
-                body = body.replace(b"</ArticleTitle>", f" {html.escape(key_echo(key, ''))}</ArticleTitle>".encode(), 1)
-            if fault == "truncate":
-                body = body[: len(body) // 2]
+            body = _records_body(fake, endpoint, params, fault, key, url.query)
             self.send_response(200)
             self.send_header("Content-Type", "text/xml; charset=UTF-8")
             self.send_header("Content-Length", str(len(body)))
@@ -238,3 +213,42 @@ def handler_for(fake: FakeEutils) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
     return Handler
+
+
+def _error_fault(handler: BaseHTTPRequestHandler, fault: str | None, key: str, query: str) -> bool:
+    """Answer an HTTP-error fault (a 400 echoing the key, or a bare status); False when the fault is none."""
+    if fault == "400key":
+        body = f"{{\"error\":\"{key_echo(key, query)}\"}}".encode()
+        handler.send_response(400)
+        handler.send_header("X-Api-Key", quote_plus(key))
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+        return True
+    if fault is not None and fault.isdigit():
+        body = f"HTTP {fault}".encode()
+        handler.send_response(int(fault))
+        if fault == "429":
+            handler.send_header("Retry-After", "0")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+        return True
+    return False
+
+
+def _records_body(fake: FakeEutils, endpoint: str, params: dict[str, str], fault: str | None, key: str,
+                  query: str) -> bytes:
+    """The esearch/efetch answer with the faults that alter a 200 body (expiry, key echoes, truncation)."""
+    if endpoint == "efetch" and fake.expire_after_efetch is not None \
+            and fake.calls["efetch"] > fake.expire_after_efetch:
+        fake.webenvs.clear()
+        fake.expire_after_efetch = None
+    body = fake.body_esearch(params) if endpoint == "esearch" else fake.body_efetch(params)
+    if fault == "errorkey":
+        body = f"<eSearchResult><ERROR>{html.escape(key_echo(key, query))}</ERROR></eSearchResult>".encode()
+    if fake.key_in_records and b"</ArticleTitle>" in body:
+        body = body.replace(b"</ArticleTitle>", f" {html.escape(key_echo(key, ''))}</ArticleTitle>".encode(), 1)
+    if fault == "truncate":
+        body = body[: len(body) // 2]
+    return body

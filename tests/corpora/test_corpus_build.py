@@ -44,8 +44,8 @@ def test_big_files_corpus_matches_independent_count(built, big_files_truth, caps
     assert {r["pmid"]: r["text"] for r in rows} == truth
     assert report["seconds"] < 60
     by_term = pd.read_csv(built / "stats" / "by_term.csv")
-    assert dict(zip(by_term.term, by_term.mentions)) == big_files_truth["mentions"]
-    assert dict(zip(by_term.term, by_term.records)) == big_files_truth["records"]
+    assert dict(zip(by_term.term, by_term.mentions, strict=True)) == big_files_truth["mentions"]
+    assert dict(zip(by_term.term, by_term.records, strict=True)) == big_files_truth["records"]
 
 
 def test_split_is_80_20_grouped_and_seeded(built, big_files_truth):
@@ -82,7 +82,7 @@ def test_stats_command_reports_the_build(built, big_files_truth, capsys, tmp_pat
     assert by_year.records.sum() == len(big_files_truth["corpus"])
     rows = read_jsonl(built / "train.jsonl") + read_jsonl(built / "validation.jsonl")
     per_year = pd.Series([r["year"] for r in rows]).value_counts()
-    assert dict(zip(by_year.year.astype(int), by_year.records)) == per_year.to_dict()
+    assert dict(zip(by_year.year.astype(int), by_year.records, strict=True)) == per_year.to_dict()
 
 
 def _write_xml(path: Path, chunks: list[bytes], deletions: list[str] = ()) -> None:

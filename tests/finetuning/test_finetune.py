@@ -192,8 +192,8 @@ def test_truncate_and_chunk_layouts(corpus_dir: Path, tiny_model_dir: Path):
 @pytest.fixture(scope="module")
 def trained(corpus_dir: Path, tiny_model_dir: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "run"
-    result = finetune(corpus_dir, str(tiny_model_dir), out, fast(max_steps=20, eval_steps=10, batch_size=8, learning_rate=2e-3),
-                      progress=False)
+    result = finetune(corpus_dir, str(tiny_model_dir), out,
+                      fast(max_steps=20, eval_steps=10, batch_size=8, learning_rate=2e-3), progress=False)
     return result
 
 
@@ -209,7 +209,7 @@ def test_validation_loss_goes_down(trained, corpus_dir: Path, tiny_model_dir: Pa
     log = read_log(trained.output_dir)
     evals = [r for r in log if r["split"] == "validation"]
     assert [r["step"] for r in evals] == [0, 10, 20]
-    assert all(b["loss"] < a["loss"] for a, b in zip(evals, evals[1:]))
+    assert all(b["loss"] < a["loss"] for a, b in zip(evals, evals[1:], strict=False))
     assert [r["step"] for r in log if r["split"] == "train"] == list(range(1, 21))
     assert trained.global_step == 20 and not trained.stopped_early
     png = trained.figure.read_bytes()

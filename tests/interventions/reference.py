@@ -6,7 +6,7 @@ time without padding, and the metrics are computed by hand from the final logits
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -40,7 +40,8 @@ def test_layer_head_heatmap_shows_the_per_probe_means(results_dir):
     data, _ = load_results(results_dir)
     fig = heatmap_layer_head(data, "patched", group="knowledge_type", metric="logit_diff", positions="last")
     heads = data[(data.site_kind == "head")]
-    for ax, group in zip(fig.axes, ("associative", "definitional")):
+    # not strict: fig.axes may also hold colorbar axes after the two panels
+    for ax, group in zip(fig.axes, ("associative", "definitional"), strict=False):
         part = heads[heads.knowledge_type == group]
         expected = part.groupby(["head", "layer"]).patched.mean().unstack("layer").sort_index().to_numpy()
         drawn = np.asarray(ax.collections[0].get_array()).reshape(expected.shape)

@@ -61,7 +61,7 @@ def test_causal_trace_equals_hooks(tiny_model):
         corrupted_by_sample, patched_sums = [], {}
         clean_acts = {}
 
-        def clean_act_of(path):
+        def clean_act_of(path, clean_acts=clean_acts, ids=ids):
             if path not in clean_acts:
                 clean_acts[path] = ref.capture(hf, ids, path, "output")
             return clean_acts[path]
@@ -76,8 +76,8 @@ def test_causal_trace_equals_hooks(tiny_model):
                     low, high = max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2)
                     for token in (subject[-1], len(ids) - 1):
                         patches = [noised]
-                        for l in range(low, high):
-                            path = paths[module].format(l)
+                        for patched_layer in range(low, high):
+                            path = paths[module].format(patched_layer)
                             clean_act = clean_act_of(path)
                             patches.append((path, "output", ref.replace_edit(clean_act[[token]], [token], None, None)))
                         expected = ref.answer_prob(ref.run(hf, ids, patches), answer)
@@ -99,7 +99,8 @@ def test_causal_trace_equals_hooks(tiny_model):
             assert row.patched == pytest.approx(sum(values) / 2, abs=TOL)
             assert row.corrupted == pytest.approx(mean_corrupted, abs=TOL)
             assert row.clean == pytest.approx(clean, abs=TOL)
-            assert row.recovery == pytest.approx((sum(values) / 2 - mean_corrupted) / (clean - mean_corrupted), abs=1e-4)
+            recovery = (sum(values) / 2 - mean_corrupted) / (clean - mean_corrupted)
+            assert row.recovery == pytest.approx(recovery, abs=1e-4)
             assert pd_isna(row["sample"])
     assert checked == 2 * 2 * n_layers * 2 * 2
     # ROME's token groups: the last token of " valproic acid" and the prompt's last token
@@ -150,7 +151,7 @@ def test_stacked_steer_and_interpolate_equal_hooks(tiny_model, tmp_path):
         sites = [(paths["attn"].format(0), "output"), (paths["block"].format(1), "input"),
                  (paths["mlp"].format(2), "output")]
 
-        def check(site, positions, operation, patches):
+        def check(site, positions, operation, patches, corrupted=corrupted, probe=probe, answer=answer):
             logits = ref.run(hf, corrupted, patches)
             row = frame[(frame.probe_id == probe["id"]) & (frame.site == site) & (frame.positions == positions)
                         & (frame.operation == operation) & (frame.metric == "prob")]
@@ -206,7 +207,8 @@ def test_trace_outputs_and_cli_refusal(tiny_gpt2, tmp_path):
     written = write_trace_outputs(frame, tmp_path, n_probe_figures=1)
     assert [p.name for p in written] == ["token_groups.csv", "trace_groups.png", "trace_ep.png"]
     assert all(p.stat().st_size > 0 for p in written)
-    (tmp_path / "plain.yaml").write_text("model: {source: x}\nprobes: {inline: [{clean: a, corrupted: b, answer: ' c'}]}\n"
+    (tmp_path / "plain.yaml").write_text("model: {source: x}\n"
+                                         "probes: {inline: [{clean: a, corrupted: b, answer: ' c'}]}\n"
                                          "sites: [embed]\n")
     import subprocess
     import sys

@@ -58,7 +58,8 @@ def test_bad_value_names_line_field_and_expected_values(tmp_path):
 
 def test_nested_probe_error_points_at_the_probe_line(tmp_path):
     path = write(tmp_path, VALID.replace('      wrong: " Madrid"\n', '      wrong: " Madrid"\n      answr: x\n'))
-    with pytest.raises(ClapError, match=rf"{path}:11: probes.inline.0.answr: unknown field 'answr'; did you mean 'answer'"):
+    with pytest.raises(ClapError,
+                       match=rf"{path}:11: probes.inline.0.answr: unknown field 'answr'; did you mean 'answer'"):
         StudySpec.from_yaml(path)
 
 
@@ -106,7 +107,8 @@ def test_wildcards_and_ranges_expand_to_concrete_sites_in_execution_order(tiny_g
     assert names == ["transformer.h.0.attn.c_proj", "layers.0.mlp_out", "transformer.h.1.attn.c_proj",
                      "layers.1.mlp_out", "transformer.h.2.attn.c_proj", "unembed"]
     heads = SiteResolver(tiny_llama.hf).resolve(["layers[1].heads[0:4]"])
-    assert [(s.module, s.access, s.head) for s in heads] == [("model.layers.1.self_attn.o_proj", "input", h) for h in range(4)]
+    assert [(s.module, s.access, s.head) for s in heads] == [
+        ("model.layers.1.self_attn.o_proj", "input", h) for h in range(4)]
     raw = SiteResolver(tiny_gpt2.hf).resolve(["transformer.h[1:3].mlp.c_fc:input"])
     assert [(s.name, s.access) for s in raw] == [("transformer.h.1.mlp.c_fc:input", "input"),
                                                  ("transformer.h.2.mlp.c_fc:input", "input")]
@@ -158,7 +160,8 @@ def test_length_mismatch_is_refused_naming_the_pair(tiny_gpt2):
 
 def test_model_sources_fail_fast_and_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ClapError, match=r"'gpt2-xl-not-cached' are not in the local Hugging Face cache .*local directory"):
+    with pytest.raises(ClapError,
+                       match=r"'gpt2-xl-not-cached' are not in the local Hugging Face cache .*local directory"):
         load_model("gpt2-xl-not-cached")
     with pytest.raises(ClapError, match="does not exist"):
         load_model(str(tmp_path / "nowhere"))

@@ -74,7 +74,8 @@ def test_result_schema_and_group_labels(tiny_gpt2):
     ids = tok(PROBES[0]["corrupted"])["input_ids"]
     assert list(fr.position) == list(range(len(ids)))
     assert list(fr.token) == [tok.decode([i]) for i in ids]
-    assert dict(zip(frame.probe_id, frame.knowledge_type)) == {p["id"]: p["labels"]["knowledge_type"] for p in PROBES}
+    assert dict(zip(frame.probe_id, frame.knowledge_type, strict=True)) == {
+        p["id"]: p["labels"]["knowledge_type"] for p in PROBES}
 
 
 def test_match_positions_cover_the_subject_tokens(tiny_gpt2):

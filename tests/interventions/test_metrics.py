@@ -66,7 +66,7 @@ def reference_metrics(logits: torch.Tensor, batch) -> dict[str, torch.Tensor]:
     kl = torch.stack([(p[c] * (logp[c] - logp[r])).sum() for r, c in enumerate(clean_rows)])
     answer_logprob = []
     for r in range(logits.shape[0]):
-        ids = [int(i) for i, m in zip(batch.answer_index[r], batch.answer_mask[r]) if m]
+        ids = [int(i) for i, m in zip(batch.answer_index[r], batch.answer_mask[r], strict=True) if m]
         answer_logprob.append(torch.log(p[r, ids].sum()))
     logprob = torch.stack(answer_logprob)
     return {"kl": kl, "logprob": logprob, "prob": logprob.exp()}

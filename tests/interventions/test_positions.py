@@ -35,7 +35,8 @@ def sentencepiece_tokenizer():
     corpus = ["The city of Paris is in France.", "Epilepsy is a chronic disorder of the brain.",
               "癫痫 is epilepsy in Chinese. 癫痫 癫痫", "Valproate treats seizures."] * 3
     tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -160,7 +161,8 @@ def test_match_labels_are_canonical_and_unambiguous(tokenizer):
     distinct = [
         dict(match="Paris"), dict(match="Paris", occurrence=1), dict(match="Paris", occurrence=-1),
         dict(match="Paris", prompt="corrupted"), dict(match="Paris", occurrence=1, prompt="corrupted"),
-        dict(match="Paris #1"), dict(match="Paris", occurrence=2), dict(match="#1 @corrupted"), dict(match="@corrupted"),
+        dict(match="Paris #1"), dict(match="Paris", occurrence=2),
+        dict(match="#1 @corrupted"), dict(match="@corrupted"),
     ]
     labels = [label(**fields) for fields in distinct]
     assert len(set(labels)) == len(distinct), labels

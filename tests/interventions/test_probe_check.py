@@ -19,7 +19,8 @@ from tests.interventions.conftest import PROBES
 BROKEN = [
     {"id": "len", "clean": "Epilepsy is a disorder of the", "corrupted": "Tachycardia is a heart disorder of the",
      "answer": " brain", "wrong": " heart", "knowledge_type": "definitional"},
-    {"id": "multi", "clean": "Epilepsy is a chronic disorder of the", "corrupted": "Eczema is a chronic disorder of the",
+    {"id": "multi", "clean": "Epilepsy is a chronic disorder of the",
+     "corrupted": "Eczema is a chronic disorder of the",
      "answer": " central nervous", "wrong": " skin", "knowledge_type": "definitional"},
     {"id": "len", "clean": "Valproate treats", "corrupted": "Aspirin treats",
      "answer": " seizures", "wrong": " pain", "knowledge_type": "associative"},
@@ -64,9 +65,9 @@ def test_structural_verdicts(tmp_path, tokenizer):
     assert not first.equal_length and "clean is" in first.problems[0]
     assert multi.equal_length and multi.answer.kind == "multi" and len(multi.answer.ids) == 2
     assert multi.answer.pieces == [" central", " nervous"] and multi.wrong.kind == "single"
-    assert dup_id.problems == ["duplicate id (first at %s)" % first.origin]
+    assert dup_id.problems == [f"duplicate id (first at {first.origin})"]
     assert dup_clean.answer.kind == "set" and dup_clean.answer.ids == [tokenizer(" seizures")["input_ids"][0], 1000]
-    assert dup_clean.problems == ["duplicate clean prompt (first at %s)" % dup_id.origin]
+    assert dup_clean.problems == [f"duplicate clean prompt (first at {dup_id.origin})"]
     assert [c.structural_ok for c in checks.values()] == [False, False, False, False]
 
 
@@ -74,7 +75,7 @@ def test_logit_diffs_match_unpadded_hf_forward(tmp_path, tokenizer, tiny_gpt2):
     path = write_jsonl(tmp_path / "p.jsonl", [flat(p) for p in PROBES])
     frame = check_probes(path, tokenizer, tiny_gpt2.hf, min_logit_diff=0.0)
     assert list(frame["id"]) == [p["id"] for p in PROBES]
-    for row, probe in zip(frame.itertuples(), PROBES):
+    for row, probe in zip(frame.itertuples(), PROBES, strict=True):
         for which, column in (("clean", "clean_logit_diff"), ("corrupted", "corrupted_logit_diff")):
             expected = reference_logit_diff(tiny_gpt2.hf, tokenizer, probe[which], probe["answer"], probe["wrong"])
             assert getattr(row, column) == pytest.approx(expected, abs=1e-5)
@@ -100,7 +101,7 @@ def test_cli_with_model_writes_csv_and_valid_subset(tmp_path, tokenizer, tiny_gp
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["id"] for r in rows] == [p["id"] for p in PROBES]
-    for row, probe in zip(rows, PROBES):
+    for row, probe in zip(rows, PROBES, strict=True):
         clean = reference_logit_diff(tiny_gpt2.hf, tokenizer, probe["clean"], probe["answer"], probe["wrong"])
         corrupted = reference_logit_diff(tiny_gpt2.hf, tokenizer, probe["corrupted"], probe["answer"], probe["wrong"])
         assert float(row["clean_logit_diff"]) == pytest.approx(clean, abs=1e-5)

@@ -67,7 +67,8 @@ def test_probe_file_in_latin1_is_a_clear_error(tmp_path, capsys, suffix, model_d
     code, output = run_cli(capsys, "patch", str(spec), "-o", str(tmp_path / "out"))
     assert code == 2
     assert "Traceback" not in output
-    assert f"{probes}:{line}: not UTF-8 text: byte 0xe9 at byte offset {offset} (line {line}, column {column})" in output
+    assert (f"{probes}:{line}: not UTF-8 text: byte 0xe9 at byte offset {offset} (line {line}, column {column})"
+            in output)
 
 
 def test_utf8_with_a_byte_order_mark_still_reads(tmp_path):
@@ -76,7 +77,8 @@ def test_utf8_with_a_byte_order_mark_still_reads(tmp_path):
     assert [number for number, _ in load_jsonl(jsonl)] == [1, 3]
     yml = tmp_path / "p.yaml"
     yml.write_bytes(b"\xef\xbb\xbfa: caf\xc3\xa9\nb: \xff\n")
-    with pytest.raises(SourceError, match=r"p.yaml:2: not UTF-8 text: byte 0xff at byte offset 15 \(line 2, column 4\)"):
+    with pytest.raises(SourceError,
+                       match=r"p.yaml:2: not UTF-8 text: byte 0xff at byte offset 15 \(line 2, column 4\)"):
         load_yaml(yml)
 
 

@@ -156,7 +156,8 @@ def test_baselines_match_unpatched_runs(tiny_model):
         corrupted_logits = ref.run(tiny_model.hf, probe["corrupted"])
         for metric in METRICS:
             row = lookup(frame, probe["id"], "layers.0.mlp_out", "last", "replace", metric)
-            assert row.clean == pytest.approx(ref.metrics(clean_logits, probe["answer"], probe["wrong"], clean_logits)[metric], abs=1e-4)
+            clean_metric = ref.metrics(clean_logits, probe["answer"], probe["wrong"], clean_logits)[metric]
+            assert row.clean == pytest.approx(clean_metric, abs=1e-4)
             assert row.corrupted == pytest.approx(
                 ref.metrics(corrupted_logits, probe["answer"], probe["wrong"], clean_logits)[metric], abs=1e-4
             )
@@ -225,7 +226,8 @@ def test_resample_takes_another_probes_activation(tiny_gpt2):
         act = ref.capture(tiny_gpt2.hf, tok(ids[other]["clean"])["input_ids"], "transformer.h.1", "input")
         target = tok(ids[this]["corrupted"])["input_ids"]
         n = len(target)
-        logits = ref.run(tiny_gpt2.hf, target, [("transformer.h.1", "input", ref.replace_edit(act[[n - 1]], [n - 1], None, None))])
+        edit = ref.replace_edit(act[[n - 1]], [n - 1], None, None)
+        logits = ref.run(tiny_gpt2.hf, target, [("transformer.h.1", "input", edit)])
         answer = tok(ids[this]["answer"], add_special_tokens=False)["input_ids"]
         wrong = tok(ids[this]["wrong"], add_special_tokens=False)["input_ids"]
         expected = float(logits[answer].mean() - logits[wrong].mean())

@@ -44,7 +44,8 @@ def test_real_weights_know_the_demo_facts_and_patching_matches_hooks(smollm2):
     assert frame.clean.iloc[0] > 3 > frame.corrupted.iloc[0]  # the model knows epilepsy is a brain disorder
     tok = smollm2.tokenizer
     clean, corrupted = tok(probe["clean"])["input_ids"], tok(probe["corrupted"])["input_ids"]
-    answer, wrong = tok(" brain", add_special_tokens=False)["input_ids"], tok(" heart", add_special_tokens=False)["input_ids"]
+    answer = tok(" brain", add_special_tokens=False)["input_ids"]
+    wrong = tok(" heart", add_special_tokens=False)["input_ids"]
     n_heads = smollm2.hf.config.num_attention_heads
     sites = {
         "layers.0.resid_pre": ("model.layers.0", "input", None),

@@ -69,7 +69,8 @@ def test_layer_position_sweep_equals_transformerlens(bridge, tiny_gpt2, tl_funct
 
     spec = StudySpec.from_dict({
         "model": {"source": "in-memory"},
-        "probes": {"inline": [{"id": "p", "clean": CLEAN, "corrupted": CORRUPTED, "answer": " Paris", "wrong": " Madrid"}]},
+        "probes": {"inline": [{"id": "p", "clean": CLEAN, "corrupted": CORRUPTED, "answer": " Paris",
+                               "wrong": " Madrid"}]},
         "sites": [alias], "positions": ["each"], "metrics": ["logit_diff"], "execution": {"progress": False},
     })
     frame = Study(spec, model=tiny_gpt2).run()

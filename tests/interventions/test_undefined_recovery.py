@@ -66,7 +66,8 @@ def test_answer_scores_that_no_prompt_moves_stop_the_study_after_its_baselines(t
     ids += [tokenizer(p["corrupted"], return_tensors="pt").input_ids for p in PROBES]
     with torch.no_grad():  # independently: the clean and corrupted runs give identical last-position logits
         assert all(torch.equal(hf(i).logits[0, -1], torch.zeros(hf.config.vocab_size)) for i in ids)
-    with pytest.raises(ClapError, match=r"recovery is undefined for every probe: .*\(logit_diff, prob\) in ep, fr, vpa"):
+    with pytest.raises(ClapError,
+                       match=r"recovery is undefined for every probe: .*\(logit_diff, prob\) in ep, fr, vpa"):
         Study(_spec(PROBES, max_rows=8), model=model).run(tmp_path / "out")
     assert not (tmp_path / "out" / "results.parquet").exists()
     stopped_after = len(batches.calls)
