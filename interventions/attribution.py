@@ -49,16 +49,17 @@ execution code. ``attribution_sweep`` is the Python entry point; :func:`attribut
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from clap.errors import ClapError
 from clap.architectures import BY_MODEL_TYPE
+from clap.errors import ClapError
 from clap.models import LoadedModel
 from interventions.probes import (
     PositionCell,
@@ -74,7 +75,7 @@ from interventions.sites import Site, SiteError, SiteResolver
 from interventions.spec import PositionSelector, ProbeSpec, StudySpec
 
 #: the metrics attribution patching approximates (the gradient of the logit difference at the last position)
-METRICS = ("logit_diff",)
+APPROXIMATED_METRICS = ("logit_diff",)  # the metric whose gradient is taken
 #: probes per forward/backward pass when nothing else is said (two rows each: target and source prompt)
 DEFAULT_PROBES_PER_PASS = 32
 
@@ -188,7 +189,7 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
             # rows never interact, so the gradient of the summed target-row metric is each row's own gradient
             grads = torch.autograd.grad(logit_diff[:n].sum(), values, allow_unused=True)
             effects = []
-            for value, grad, (_envoy, _access, heads) in zip(values, grads, accesses):
+            for value, grad, (_envoy, _access, heads) in zip(values, grads, accesses, strict=True):
                 if grad is None:  # the metric does not depend on this tensor
                     grad = torch.zeros_like(value)
                 delta = (value[n:] - value[:n]).detach().to(torch.float64)
@@ -353,8 +354,9 @@ def attribution_sweep(
     >>> frame = attribution_sweep(model, probes, ["layers[*].resid_pre"], positions=["each"])
     >>> to_grid(frame, values="recovery")            # layer x position, approximate recovery
     """
-    if metric not in METRICS:
-        raise AttributionError(f"attribution patching approximates {', '.join(METRICS)} only, not {metric!r}")
+    if metric not in APPROXIMATED_METRICS:
+        raise AttributionError(f"attribution patching approximates {', '.join(APPROXIMATED_METRICS)} only, "
+                               f"not {metric!r}")
     resolver = SiteResolver(model.hf)
     resolved = resolver.resolve(list(sites))
     return attribute(model, _probes_from(model, probes, multi_token, alignment),
@@ -372,16 +374,16 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None) -> 
                 f"{spec.where(('operations', index)) if spec.operations else 'operations'}: attribution patching "
                 f"approximates `replace` only (the source activation patched in), not {operation.label!r}"
             )
-    other = [m for m in spec.metrics if m not in METRICS]
+    other = [m for m in spec.metrics if m not in APPROXIMATED_METRICS]
     if other:
         raise AttributionError(f"{spec.where(('metrics',))}: attribution patching approximates "
-                               f"{', '.join(METRICS)} only; remove {', '.join(other)}")
+                               f"{', '.join(APPROXIMATED_METRICS)} only; remove {', '.join(other)}")
     if model is None:
         model = _load(spec)
     resolver = SiteResolver(model.hf)
     locations = ([("sites",)] if spec.sites else []) + [("patches", g, "sites") for g in range(len(spec.patches or []))]
     groups = []
-    for location, (addresses, positions, _) in zip(locations, spec.groups()):
+    for location, (addresses, positions, _) in zip(locations, spec.groups(), strict=True):
         sites: dict[str, Site] = {}
         for i, address in enumerate(addresses):
             try:

@@ -143,7 +143,8 @@ def test_missing_adapter_file_is_one_clear_error(tiny_builtin):
     from clap.errors import ClapError
 
     (tiny_builtin[1] / "adapter_model.safetensors").unlink()
-    with pytest.raises(ClapError, match=r"built-in model 'tiny-test': adapter_model\.safetensors missing in .*tiny-lora"):
+    missing = r"built-in model 'tiny-test': adapter_model\.safetensors missing in .*tiny-lora"
+    with pytest.raises(ClapError, match=missing):
         load_model("tiny-test")
 
 
@@ -212,7 +213,7 @@ def test_retraining_the_first_steps_reproduces_the_shipped_log(tmp_path, request
     ours = [r for r in ours_all if r["split"] == "train"]
     shipped = [r for r in shipped_all if r["split"] == "train"][:steps]
     assert [int(r["step"]) for r in ours] == [int(r["step"]) for r in shipped] == list(range(1, steps + 1))
-    for mine, theirs in zip(ours, shipped):
+    for mine, theirs in zip(ours, shipped, strict=True):
         assert float(mine["learning_rate"]) == pytest.approx(float(theirs["learning_rate"]), rel=1e-9)
         assert float(mine["loss"]) == pytest.approx(float(theirs["loss"]), abs=1e-4)
         assert float(mine["grad_norm"]) == pytest.approx(float(theirs["grad_norm"]), rel=1e-3)

