@@ -162,7 +162,11 @@ class OperationSpec(StrictModel):
 
         operation = REGISTRY[self.name]
         for name in OPTIONAL_FIELDS:
-            if name in self.model_fields_set and getattr(self, name) is not None and name not in operation.fields:
+            value = getattr(self, name)
+            default = type(self).model_fields[name].default
+            # a value equal to the default says nothing (a dumped and reloaded spec lists every field)
+            given = name in self.model_fields_set and value is not None and value != default
+            if given and name not in operation.fields:
                 users = [n for n, op in REGISTRY.items() if name in op.fields]
                 raise ValueError(f"`{name}` only applies to operation {' / '.join(f'`{u}`' for u in users)}, "
                                  f"not {self.name!r}")

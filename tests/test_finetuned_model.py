@@ -51,7 +51,7 @@ def test_shipped_adapter_matches_its_config_and_log():
     """The adapter's peft config is the one the shipped settings ask for, and its tensors have that shape."""
     from safetensors.torch import load_file
 
-    from corpora.finetune_config import load_config
+    from finetuning.config import load_config
 
     config = load_config(yaml_path=SHIPPED / "finetune_config.yaml")
     adapter = json.loads((SHIPPED / "adapter_config.json").read_text())
@@ -192,7 +192,7 @@ def test_retraining_the_first_steps_reproduces_the_shipped_log(tmp_path, request
         packaged_pubmed_files()
     except CorpusError as exc:
         pytest.skip(str(exc))
-    from corpora.finetune_config import load_config
+    from finetuning.config import load_config
 
     config = load_config(yaml_path=SHIPPED / "finetune_config.yaml")
     steps = 5
