@@ -100,7 +100,8 @@ def test_causal_trace_equals_hooks(tiny_model):
             assert row.corrupted == pytest.approx(mean_corrupted, abs=TOL)
             assert row.clean == pytest.approx(clean, abs=TOL)
             recovery = (sum(values) / 2 - mean_corrupted) / (clean - mean_corrupted)
-            assert row.recovery == pytest.approx(recovery, abs=1e-4)
+            # the probabilities agree to TOL; recovery divides by clean - corrupted (tiny for random weights)
+            assert row.recovery == pytest.approx(recovery, abs=3 * TOL / abs(clean - mean_corrupted) + 1e-6)
             assert pd_isna(row["sample"])
     assert checked == 2 * 2 * n_layers * 2 * 2
     # ROME's token groups: the last token of " valproic acid" and the prompt's last token
