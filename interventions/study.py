@@ -139,7 +139,7 @@ class Study:
             self._model = load_model(
                 self.model_source(),
                 gguf_file=m.gguf_file,
-                tokenizer=self.model_source(m.tokenizer),
+                tokenizer=self.model_source(m.tokenizer) if m.tokenizer else None,
                 revision=m.revision,
                 dtype=self.spec.execution.dtype,
                 device=self.device(),
@@ -254,7 +254,8 @@ class Study:
             config = AutoConfig.from_pretrained(location, revision=m.revision)
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(config)
-            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(self.model_source(m.tokenizer) or location))
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(
+                (self.model_source(m.tokenizer) if m.tokenizer else None) or location))
         except Exception as exc:  # noqa: BLE001 - the loader reports any such problem with its own message
             log.debug("pre-load checks skipped: %s", exc)
             return
