@@ -67,15 +67,16 @@ def sample_caveats(data: pd.DataFrame, group: str | None) -> list[str]:
             return [
                 f"Small samples: {', '.join(f'{g}: {k} probe(s)' for g, k in sizes.items())}. With fewer than "
                 f"{SMALL_SAMPLE} probes per group tests have little power, normal-theory p-values lean on the "
-                "normality assumption and Mauchly's test is unreliable; prefer the Friedman test and the bootstrap "
-                "intervals, and treat non-significant results as inconclusive."
+                "normality assumption and Mauchly's test is unreliable; check the Friedman test (ranks, no normality), "
+                "read the t intervals (they keep their coverage at small n; percentile bootstraps do not) and treat "
+                "non-significant results as inconclusive."
             ]
         return []
     if n < SMALL_SAMPLE:
         return [
             f"Small sample: {n} probes. With fewer than {SMALL_SAMPLE} probes tests have little power and "
-            "normal-theory p-values lean on the normality assumption; prefer the Friedman test and the bootstrap "
-            "intervals."
+            "normal-theory p-values lean on the normality assumption; check the Friedman test (ranks, no "
+            "normality) and read the t intervals (they keep their coverage at small n)."
         ]
     return []
 
