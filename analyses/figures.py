@@ -352,7 +352,7 @@ def line_by_layer(
         ax.axhline(0.0, color="0.4", linestyle=":", linewidth=1)
         ax.axhline(1.0, color="0.4", linestyle=":", linewidth=1)
         ax.set_xlabel(within)
-        ax.set_ylabel(f"mean {dv} ({level:.0%} bootstrap CI)")
+        ax.set_ylabel(f"mean {dv} ({level:.0%} {_ci_words(ci_table)} CI)")
         _layer_ticks(ax, ci_table[within].unique())
         ax.legend(title=group if group else None, frameon=False)
         ax.grid(axis="y", alpha=0.3)
@@ -402,7 +402,7 @@ def bar_by_module(
         ax.invert_yaxis()
         ax.axvline(0.0, color="0.3", linewidth=1)
         ax.axvline(1.0, color="0.4", linestyle=":", linewidth=1)
-        ax.set_xlabel(f"mean {dv} (bootstrap CI)")
+        ax.set_xlabel(f"mean {dv} ({_ci_words(ci_table)} CI)")
         if group:
             ax.legend(title=group, frameon=True, framealpha=0.9, loc="best")
         ax.grid(axis="x", alpha=0.3)
@@ -616,3 +616,10 @@ def _metadata(fmt: str) -> dict[str, Any]:
 def _where(selection: dict[str, Any], keys: Sequence[str] | None = None) -> str:
     items = [(k, v) for k, v in selection.items() if keys is None or k in keys]
     return f" ({', '.join(f'{k}={v}' for k, v in items)})" if items else ""
+
+
+def _ci_words(table: pd.DataFrame) -> str:
+    """How the table's intervals were made (its ``method`` column), for axis labels that must not misname them."""
+    methods = set(table["method"].dropna().astype(str)) if "method" in table.columns else set()
+    words = {"t": "t", "bca": "BCa bootstrap", "percentile": "percentile bootstrap"}
+    return " / ".join(words.get(m, m) for m in sorted(methods)) or "bootstrap"

@@ -43,7 +43,7 @@ TITLES = {
     "mixed_anova": "Mixed ANOVA: layer x group",
     "posthoc_layers": "Post-hoc: pairs of layers (paired t, Holm)",
     "posthoc_groups": "Post-hoc: groups at each layer (Welch t, Holm)",
-    "bootstrap_ci": "Mean recovery with bootstrap CI",
+    "bootstrap_ci": "Mean recovery with its confidence interval (t by default; see Methods)",
 }
 #: Tables rendered per slice, in this order; any other per-slice table the analysis holds follows them.
 SLICE_TABLES = ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci")

@@ -105,7 +105,8 @@ def test_html_report_is_self_contained_with_tables_and_images(reported):
     text = doc.text_content()
     for phrase in ("Caveats", "Model", "Package versions", "Probe counts", "Study spec", "Methods",
                    "Repeated-measures ANOVA across layers", "Friedman test across layers", "Mixed ANOVA: layer x group",
-                   "Post-hoc: pairs of layers", "Post-hoc: groups at each layer", "Mean recovery with bootstrap CI"):
+                   "Post-hoc: pairs of layers", "Post-hoc: groups at each layer",
+                   "Mean recovery with its confidence interval (t by default; see Methods)"):
         assert phrase in text, phrase
     tables = doc.xpath("//table")
     assert len(tables) >= 4 + 2 * 6
@@ -237,7 +238,7 @@ def test_folded_table_without_p_values_claims_no_test(group_effect_analysis):
 
     doc = lxml.html.fromstring(render_html(group_effect_analysis))
     summaries = {s.getparent().getprevious().text_content(): s.text_content() for s in doc.iter("summary")}
-    boot = summaries["Mean recovery with bootstrap CI"]
+    boot = summaries["Mean recovery with its confidence interval (t by default; see Methods)"]
     assert boot == "16 rows"  # no "0 with p_unc < 0.05": the table has no p column at all
     layers = summaries["Post-hoc: pairs of layers (paired t, Holm)"]
     post = group_effect_analysis.tables["posthoc_layers"]
