@@ -99,19 +99,25 @@ def check_matched(a: pd.DataFrame, b: pd.DataFrame, group_columns: list[str],
 
 
 def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group: str | None = None,
-                  agg: str = "mean") -> pd.DataFrame:
-    """One row per slice, probe and layer present in both runs: ``value_A``, ``value_B``, ``diff`` (B - A)."""
+                  agg: str | None = None, position_reduction: str | int = "last",
+                  head_reduction: str = "sum") -> pd.DataFrame:
+    """One row per slice, probe and layer present in both runs: ``value_A``, ``value_B``, ``diff`` (B - A).
+
+    A probe's rows in one layer become one value by the same named rules as :func:`analyses.prepare` (default: its
+    last token; heads summed per layer), recorded in the ``reduction`` column: a mean over positions would erase
+    the layer effect (recovery is roughly conserved across positions)."""
     frames = []
     units = analysis_units(a)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AnalysisWarning)
         for unit in units.to_dict("records"):
             sel = {c: unit[c] for c in SELECT_COLUMNS if c in unit}
-            kw = dict(between=group, missing="keep", agg=agg, min_subjects=1, min_per_group=1, min_groups=1,
-                      min_levels=1, **sel)
+            kw = dict(between=group, missing="keep", agg=agg, position_reduction=position_reduction,
+                      head_reduction=head_reduction, min_subjects=1, min_per_group=1, min_groups=1, min_levels=1,
+                      **sel)
             try:
-                pa = prepare(a, dv, "layer", "probe_id", **kw).data
-                pb = prepare(b, dv, "layer", "probe_id", **kw).data
+                prep_a = prepare(a, dv, "layer", "probe_id", **kw)
+                pa, pb = prep_a.data, prepare(b, dv, "layer", "probe_id", **kw).data
             except ClapError:
                 continue
             keys = ["probe_id", "layer", *([group] if group else [])]
@@ -120,6 +126,7 @@ def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group:
             m["diff"] = m["value_B"] - m["value_A"]
             for k, v in sel.items():
                 m[k] = v
+            m["reduction"] = prep_a.reduction
             frames.append(m)
     if not frames:
         raise ClapError("no slice with values in both runs (undefined or trivial everywhere?)")
@@ -186,7 +193,8 @@ def layer_model_anova(paired: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: str = "recovery",
-            group: str | None = None, agg: str = "mean", alpha: float = 0.05, figures: bool = True,
+            group: str | None = None, agg: str | None = None, position_reduction: str | int = "last",
+            head_reduction: str = "sum", alpha: float = 0.05, figures: bool = True,
             dpi: int = 200) -> Comparison:
     """Load both runs, check they match, compute the paired tables and write tables, figure and report.
 
@@ -204,8 +212,12 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
         The variable compared.
     group : str, optional
         A group column present in both runs; default the first group column they share.
-    agg : str, default "mean"
-        How a probe's rows at one layer become one value.
+    agg : str, optional
+        Legacy: one pandas aggregation over a probe's rows at one layer instead of the named reductions.
+    position_reduction : str or int, default "last"
+        How a probe's rows at several positions of one layer become one value (:mod:`analyses.reductions`).
+    head_reduction : {"sum"}, default "sum"
+        Heads of one layer are summed (the layer's total), never averaged.
     alpha : float, default 0.05
         Significance level for highlighting in the reports.
     figures : bool, default True
@@ -257,7 +269,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
         raise ClapError(f"group column {group!r} is not in both runs; group columns: "
                         f"{', '.join(meta_a['group_columns']) or 'none'}")
     check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=(str(run_a), str(run_b)))
-    paired = paired_values(a, b, dv, group, agg)
+    paired = paired_values(a, b, dv, group, agg, position_reduction, head_reduction)
     result = Comparison(Path(run_a), Path(run_b), Path(out_dir), layer_differences(paired), layer_model_anova(paired),
                         paired, meta_a, meta_b, group)
     out = result.out_dir

@@ -19,10 +19,15 @@ def test_demo_runs_end_to_end(tmp_path):
         pytest.skip(str(exc))
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out)]) == 0
-    frame, sidecar = read_results(out / "results")
-    assert sidecar["n_probes"] == 12 and sidecar["group_columns"] == ["knowledge_type"]
-    logit_diff = frame[frame.metric == "logit_diff"].drop_duplicates("probe_id")
-    # the pretrained model prefers the clean answer on the clean prompt far more than on the corrupted one
-    assert ((logit_diff.clean - logit_diff.corrupted) > 1).all()
-    assert (out / "results" / "analysis" / "report.html").stat().st_size > 100_000
-    assert (out / "results" / "analysis" / "rm_anova.csv").is_file()
+    for model in ("base", "finetuned"):
+        frame, sidecar = read_results(out / "models" / model)
+        assert sidecar["n_probes"] == 24 and sidecar["group_columns"] == ["knowledge_type"]
+        assert frame.groupby("knowledge_type").probe_id.nunique().to_dict() == {"associative": 12, "definitional": 12}
+        assert (out / "models" / model / "analysis" / "rm_anova.csv").is_file()
+    base, _ = read_results(out / "models" / "base")
+    logit_diff = base[base.metric == "logit_diff"].drop_duplicates("probe_id")
+    # the demo's probes are those the base model knows and whose corruption flips its preference
+    assert ((logit_diff.clean > 0) & (logit_diff.corrupted < 0)).all()
+    assert (out / "report.html").stat().st_size > 1_000
+    # a rerun finds every stage up to date
+    assert main(["demo", "-o", str(out)]) == 0

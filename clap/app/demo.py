@@ -1,7 +1,9 @@
-"""``clap demo``: the whole pipeline on the embedded default study, with no network.
+"""``clap demo``: the whole study on the embedded default, with no network.
 
-It copies the embedded spec and probes into the output directory (so the run is reproducible from there), runs
-the patching study on SmolLM2-135M-Instruct, then the statistics, figures and report.
+It copies the embedded study file and probes into the output directory (so the run is reproducible from there) and
+runs them with the Python API of ``clap run`` (:func:`clap.app.pipeline.run_study`): patching of the base and the
+fine-tuned SmolLM2-135M-Instruct, statistics, figures and a report per model, their comparison, and the study's
+report. A rerun skips every stage that is up to date.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ DEMO_FILES = ("demo_study.yaml", "demo_probes.jsonl")
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
-        help="run the embedded default study end to end (patching, statistics, figures, report)",
-        description="Definitional vs associative epilepsy knowledge in SmolLM2-135M-Instruct: residual, attention "
-        "and MLP patching across all 30 layers, then ANOVA across layers, figures and an HTML report.",
+        help="run the embedded default study end to end (patching, statistics, comparison, report)",
+        description="Definitional vs associative epilepsy knowledge in SmolLM2-135M-Instruct before and after "
+        "fine-tuning on epilepsy abstracts (the shipped LoRA adapter): residual, attention, MLP and head patching "
+        "across all 30 layers, ANOVA across layers, base vs fine-tuned comparison, figures and HTML reports.",
     )
     demo.add_argument("-o", "--out", type=Path, default=Path("demo-output"), help="output directory")
     demo.add_argument("--max-rows", type=int, help="rows per forward pass (default: the spec's)")
@@ -36,16 +39,9 @@ def copy_demo_spec(out: Path) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Patch, analyse and report the embedded study through the Python API (no argv round trip through ``main``)."""
-    from analyses.report import write_report
-    from interventions import Study, StudySpec
+    """Run the embedded study through the Python API of ``clap run`` (no argv round trip through ``main``)."""
+    from clap.app.pipeline import run_study
 
-    spec = StudySpec.from_yaml(copy_demo_spec(args.out))
-    if args.max_rows:
-        spec.execution.max_rows = args.max_rows
-    results = args.out / "results"
-    Study(spec).run(results)
-    # the report runs the whole analysis (tables, figures) and then writes the pages: one step, not two
-    files = write_report(results)
-    print(f"demo finished: open {files.html}")
+    result = run_study(copy_demo_spec(args.out), args.out, max_rows=args.max_rows)
+    print(f"demo finished: open {result.report}")
     return 0

@@ -32,7 +32,10 @@ def _runs(tmp_path, shift=0.5, layer=2, kind="mlp_out"):
 
 
 def _per_probe(frame, kind):
+    """Each probe's value at its own last token (the default reduction), never a mean over positions."""
     rows = frame[(frame["site_kind"] == kind) & frame["recovery_defined"]]
+    rows = rows[rows["position"] == rows.groupby("probe_id")["position"].transform("max")]
+    assert rows.groupby(["probe_id", "layer"]).size().max() == 1
     return rows.groupby(["probe_id", "layer"])["recovery"].mean().unstack()
 
 
