@@ -250,10 +250,10 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     ...     result = compare(a, b, Path(tmp) / "cmp", figures=False)
     >>> result.differences[["layer", "n", "mean_A", "mean_B", "diff", "p_corr"]].round(3)
        layer  n  mean_A  mean_B   diff  p_corr
-    0      0  8   0.093   0.061 -0.032   0.890
-    1      1  8   0.160   0.389  0.229   0.006
-    2      2  8   0.231   0.363  0.131   0.005
-    3      3  8   0.129   0.084 -0.045   0.890
+    0      0  8   0.190   0.117 -0.073   0.813
+    1      1  8   0.392   0.847  0.454   0.026
+    2      2  8   0.577   0.748  0.171   0.186
+    3      3  8   0.193   0.131 -0.062   0.813
     >>> result.anova[["Source", "ddof1", "ddof2"]]
               Source  ddof1  ddof2
     0          layer      3     21
