@@ -69,6 +69,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def _overridden(spec, args: argparse.Namespace):
+    """The spec with the command line's execution flags applied (``clap patch`` and ``clap trace`` share them)."""
     from clap.devices import resolve_device
 
     execution = spec.execution
@@ -85,22 +86,10 @@ def _overridden(spec, args: argparse.Namespace):
 
 
 def run_patch(args: argparse.Namespace) -> int:
-    from clap.devices import resolve_device
     from interventions.spec import StudySpec
     from interventions.study import Study
 
-    spec = StudySpec.from_yaml(args.spec)
-    execution = spec.execution
-    if args.remote is not None:
-        execution.remote = {"false": False, "true": True, "local": "local"}[args.remote]
-    if args.max_rows is not None:
-        execution.max_rows = args.max_rows
-    if args.device:
-        resolve_device(args.device, where="--device")  # before the spec's own setting is replaced and checked
-        execution.device = args.device
-    if args.no_progress:
-        execution.progress = False
-    frame = Study(spec).run(args.out)
+    frame = Study(_overridden(StudySpec.from_yaml(args.spec), args)).run(args.out)
     n_undefined = int((~frame.recovery_defined).sum())
     print(
         f"{len(frame)} result rows ({frame.probe_id.nunique()} probes x {frame.site.nunique()} sites) "
