@@ -211,16 +211,6 @@ def test_yaml_python_and_cli_give_identical_results(study, tmp_path, model_dirs)
     assert not yaml_run.frame("base")["patched"].equals(yaml_run.frame("perturbed")["patched"])
 
 
-@pytest.mark.skipif(HAS_COMPARE, reason="analyses.compare is installed")
-def test_missing_compare_is_a_clear_error_before_any_stage(tmp_path, model_dirs):
-    write_probes(tmp_path / "probes.jsonl", PROBES)
-    path = tmp_path / "study.yaml"
-    path.write_text(study_text(*model_dirs, compare=True), encoding="utf-8")
-    with pytest.raises(ClapError, match=r"stage compare needs `clap compare` \(analyses/compare.py\)"):
-        run_study(path, tmp_path / "out", echo=lambda line: None)
-    assert not (tmp_path / "out" / "models").exists()
-
-
 # ----------------------------------------------------------------------------------------------- stage hashes
 def test_digest_is_canonical():
     assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})

@@ -3,7 +3,6 @@ on a tiny local GPT-2 (the real models need the network, NDIF or real weights)."
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -52,15 +51,6 @@ def test_pending_studies_are_refused_by_name(tmp_path, capsys):
     (tmp_path / "finetune.yaml").write_text(uncommented)
     with pytest.raises(ClapError, match=r"`cross_model:` needs cross-model patching \(not yet available\)"):
         run_study(tmp_path / "finetune.yaml", tmp_path / "out")
-    assert not (tmp_path / "out" / "models").exists()
-
-
-@pytest.mark.skipif(importlib.util.find_spec("clap.builtin_adapters") is not None,
-                    reason="the shipped fine-tuned adapter is installed")
-def test_finetune_study_names_the_missing_adapter_before_any_stage(tmp_path):
-    with pytest.raises(ClapError, match=r"model 'finetuned': source 'smollm2-135m-epilepsy' is the shipped LoRA "
-                                        r"adapter .*\(clap.builtin_adapters\), which this installation"):
-        run_study(STUDIES / "epilepsy-finetune.yaml", tmp_path / "out")
     assert not (tmp_path / "out" / "models").exists()
 
 
