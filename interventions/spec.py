@@ -9,7 +9,7 @@ the nearest valid field name for typos.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -357,12 +357,15 @@ class StudySpec(StrictModel):
         out = [(1, False)] if self.sites else []
         return out + [(g.window, g.combine) for g in self.patches or []]
 
+    #: how an error names this kind of file (subclasses such as ``clap run``'s study file say their own)
+    _file_kind: ClassVar[str] = "a study spec is a YAML mapping (model:, probes:, sites:, ...)"
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> StudySpec:
         path = Path(path)
         data, lines = load_yaml(path)
         if not isinstance(data, dict):
-            raise SpecError(f"{path}: a study spec is a YAML mapping (model:, probes:, sites:, ...)")
+            raise SpecError(f"{path}: {cls._file_kind}")
         spec = cls.from_dict(data, source=str(path), lines=lines)
         spec._base_dir = path.parent
         spec._source = str(path)

@@ -302,3 +302,16 @@ def test_full_study_with_figures_and_comparison(tmp_path, model_dirs):
     assert list((out / "models" / "base" / "analysis" / "figures").glob("*.png"))
     paired = pd.read_csv(out / "compare" / "base-vs-perturbed" / "paired_differences.csv")
     assert len(paired) and "compare/base-vs-perturbed/compare.html" in (out / "report.md").read_text()
+
+
+def test_study_file_errors_found_later_name_the_file_and_line(tmp_path):
+    """A study file keeps its path and line map like a patching spec, so a device error (checked when the stage
+    runs) names ``file:line: execution.device``; the study file's own reader used to drop them."""
+    from clap.app.study_file import StudyFile
+
+    path = tmp_path / "study.yaml"
+    path.write_text("name: s\nmodels:\n  a: {source: smollm2-135m}\nprobes:\n  inline:\n"
+                    "    - {id: p, clean: x y, corrupted: x z, answer: ' y', wrong: ' z'}\n"
+                    "sites: ['layers[0].resid_pre']\nexecution:\n  device: gpu\n", encoding="utf-8")
+    study = StudyFile.from_yaml(path)
+    assert study.where(("execution", "device")) == f"{path}:9: execution.device"

@@ -26,13 +26,13 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
 from clap.errors import closest
 from clap.validation import StrictModel
-from clap.yamlio import line_of, load_yaml
+from clap.yamlio import line_of
 from interventions.spec import ModelSpec, ProbeSetSpec, SpecError, StudySpec
 
 #: Sections that describe analyses not available yet: ``clap run`` refuses them with this reason.
@@ -159,15 +159,14 @@ class StudyFile(StudySpec):
         return self
 
     # -- construction -------------------------------------------------------------------------------------
+    _file_kind: ClassVar[str] = "a study file is a YAML mapping (models:, probes:, sites:, ...)"
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> StudyFile:
-        path = Path(path)
-        data, lines = load_yaml(path)
-        if not isinstance(data, dict):
-            raise SpecError(f"{path}: a study file is a YAML mapping (models:, probes:, sites:, ...)")
-        study = cls.from_dict(data, source=str(path), lines=lines)
-        study._base_dir = path.parent
-        study.check_references(str(path), lines)
+        """:meth:`StudySpec.from_yaml` (base folder, file and lines for later ``file:line`` errors), then the
+        study file's own cross-references."""
+        study = super().from_yaml(path)
+        study.check_references(str(path), study._lines or {})
         return study
 
     @classmethod
