@@ -30,7 +30,7 @@ import pandas as pd
 
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
-from clap.contract import SITE_KINDS
+from clap.contract import SITE_KINDS, atomic_write_text
 from clap.errors import ClapError
 
 #: How many offending probes or sites an error message lists.
@@ -281,8 +281,8 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
         result.files.append(path)
     figs = difference_figures(result, out / "figures", dpi=dpi) if figures else []
     result.files += [p for _, paths in figs for p in paths]
-    (out / "compare.html").write_text(render_html(result, figs, alpha), encoding="utf-8")
-    (out / "compare.md").write_text(render_markdown(result, figs, alpha), encoding="utf-8")
+    atomic_write_text(out / "compare.html", render_html(result, figs, alpha))
+    atomic_write_text(out / "compare.md", render_markdown(result, figs, alpha))
     result.files += [out / "compare.html", out / "compare.md"]
     return result
 

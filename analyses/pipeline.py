@@ -75,6 +75,7 @@ from analyses.validity import (
     shared_clean_prompts,
 )
 from clap.analysis_options import AnalysisOptions
+from clap.contract import atomic_write_text
 from clap.errors import ClapError
 
 TABLE_FILES = {
@@ -294,7 +295,7 @@ def analyze(
         table.to_csv(path, index=False)
         result.files.append(path)
     caveat_path = out / "caveats.md"
-    caveat_path.write_text("".join(f"- {c}\n\n" for c in notes) or "No caveats.\n", encoding="utf-8")
+    atomic_write_text(caveat_path, "".join(f"- {c}\n\n" for c in notes) or "No caveats.\n")
     result.files.append(caveat_path)
     if figures:
         figure_skips: list[dict[str, Any]] = []
@@ -306,7 +307,7 @@ def analyze(
             figure_skips.append({"test": "figure:add_study_figures", "reason": str(exc)})
         if figure_skips:
             tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(figure_skips)], ignore_index=True)
-            (out / TABLE_FILES["skipped"]).write_text(tables["skipped"].to_csv(index=False), encoding="utf-8")
+            atomic_write_text(out / TABLE_FILES["skipped"], tables["skipped"].to_csv(index=False))
         result.files.extend(p for f in result.figures for p in f.paths if p not in result.files)
     return result
 

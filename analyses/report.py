@@ -25,6 +25,7 @@ import pandas as pd
 from analyses.figures import COLUMN_WIDTH_IN
 from analyses.pipeline import Analysis, FigureFile, analyze
 from analyses.select import SELECT_COLUMNS
+from clap.contract import atomic_write_text
 
 #: Columns shown in the report (the CSV files keep every column).
 SHOWN = {
@@ -123,8 +124,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **o
     result = analyze(results_dir, out_dir, **options)
     html_path = result.out_dir / "report.html"
     md_path = result.out_dir / "report.md"
-    html_path.write_text(render_html(result), encoding="utf-8")
-    md_path.write_text(render_markdown(result), encoding="utf-8")
+    atomic_write_text(html_path, render_html(result))
+    atomic_write_text(md_path, render_markdown(result))
     return ReportFiles(html_path, md_path, result)
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from clap.contract import atomic_write_frame, atomic_write_text
 from interventions import Study, StudySpec, load_model
 from interventions.attribution import attribution_from_spec
 
@@ -123,10 +124,7 @@ def main() -> None:
     table["speedup_best"] = round(exact_s / best, 1)
     table["speedup_first"] = round(exact_s / attribution_s[0], 1)
     out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    tmp = out / "attribution.csv.tmp"
-    table.round(4).to_csv(tmp, index=False)
-    tmp.replace(out / "attribution.csv")
+    atomic_write_frame(out / "attribution.csv", table.round(4))
 
     shown = table[["slice", "cells", "pearson_cells", "spearman_cells", "grid_cells", "pearson_probe_means",
                    "spearman_probe_means", "mean_abs_error", "mean_abs_exact_effect"]].round(3)
@@ -148,8 +146,7 @@ def main() -> None:
         "|" + "---|" * len(shown.columns),
         *["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)], "",
     ]
-    (out / "attribution.md.tmp").write_text("\n".join(lines))
-    (out / "attribution.md.tmp").replace(out / "attribution.md")
+    atomic_write_text(out / "attribution.md", "\n".join(lines))
     print("\n".join(lines))
 
 

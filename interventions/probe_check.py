@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from clap.contract import atomic_write_text
 from clap.errors import ClapError
 from clap.yamlio import SourceError, load_jsonl
 from interventions.probes import ProbeError, _answer_ids, read_probe_specs
@@ -237,19 +236,6 @@ def summary_line(frame: pd.DataFrame, ran_model: bool) -> str:
     return "; ".join(parts)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_valid(source: Path, frame: pd.DataFrame, target: Path) -> int:
     """The valid probes, each as its source record (all fields, PMIDs included), in file order; atomically."""
     valid = set(frame.loc[frame["valid"].astype(bool), "origin"])
@@ -262,7 +248,7 @@ def write_valid(source: Path, frame: pd.DataFrame, target: Path) -> int:
             if origin in valid:
                 record = spec.model_dump(exclude_none=True, exclude={"labels"})
                 records.append({**record, **spec.labels})
-    _atomic_write_text(target, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(target, "".join(json.dumps(r) + "\n" for r in records))
     return len(records)
 
 
@@ -293,7 +279,7 @@ def run_check(args: argparse.Namespace) -> int:
     line = summary_line(frame, hf_model is not None)
     print(line)
     if args.output:
-        _atomic_write_text(Path(args.output), frame.to_csv(index=False))
+        atomic_write_text(Path(args.output), frame.to_csv(index=False))
         print(f"wrote {args.output}")
     if args.write_valid:
         n = write_valid(path, frame, Path(args.write_valid))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from clap.contract import atomic_write_text
 from clap.errors import ClapError
 
 STAGES_FILE = "stages.json"
@@ -99,11 +99,8 @@ class StageStore:
         """Write to a temporary name and rename, so a reader never sees half a file."""
         from clap import __version__
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "clap": __version__, "stages": self.stages}, indent=2,
-                                  sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps({"format": FORMAT, "clap": __version__, "stages": self.stages},
+                                                indent=2, sort_keys=True))
 
 
 @contextmanager

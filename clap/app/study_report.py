@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from clap.contract import has_results
+from clap.contract import atomic_write_text, has_results
 
 #: GPT-2's projection modules are ``transformers.pytorch_utils.Conv1D``: a linear layer despite the name.
 CONV1D_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -87,15 +87,9 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
     record = json.loads(record_path.read_text(encoding="utf-8"))["stages"] if record_path.is_file() else {}
     stage_rows = [(s.name, s.hash[:12], (record.get(s.name) or {}).get("seconds")) for s in stages]
     html_path, md_path = out / "report.html", out / "report.md"
-    _write(html_path, _html(study, out, models, comparisons, stage_rows))
-    _write(md_path, _markdown(study, out, models, comparisons, stage_rows))
+    atomic_write_text(html_path, _html(study, out, models, comparisons, stage_rows))
+    atomic_write_text(md_path, _markdown(study, out, models, comparisons, stage_rows))
     return [html_path, md_path]
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _rel(path: Path, out: Path) -> str:
