@@ -30,7 +30,7 @@ import pandas as pd
 
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
-from clap.contract import SITE_KINDS, atomic_write_text
+from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_text
 from clap.errors import ClapError
 
 #: How many offending probes or sites an error message lists.
@@ -276,8 +276,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("paired_differences", paired), ("layer_differences", result.differences),
                         ("layer_model_anova", result.anova)):
-        path = out / f"{name}.csv"
-        table.to_csv(path, index=False)
+        path = atomic_write_frame(out / f"{name}.csv", table)
         result.files.append(path)
     figs = difference_figures(result, out / "figures", dpi=dpi) if figures else []
     result.files += [p for _, paths in figs for p in paths]

@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analyses.select import select_rows
-from clap.contract import SITE_KINDS
+from clap.contract import SITE_KINDS, atomic_write
 
 DIVERGING_CMAP = "RdBu_r"
 LINE_PALETTE = "colorblind"
@@ -603,7 +603,8 @@ def save_figure(fig: Figure, stem: str | Path, dpi: int = 200, formats: Sequence
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
             # no tight bounding box: the file keeps the drawn width, so the report can show it at that size
-            fig.savefig(path, dpi=dpi, facecolor="white", metadata=_metadata(fmt))
+            atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi, facecolor="white",
+                                                                metadata=_metadata(fmt)))
             paths.append(path)
     return paths
 

@@ -75,7 +75,7 @@ from analyses.validity import (
     shared_clean_prompts,
 )
 from clap.analysis_options import AnalysisOptions
-from clap.contract import atomic_write_text
+from clap.contract import atomic_write_frame, atomic_write_text
 from clap.errors import ClapError
 
 TABLE_FILES = {
@@ -291,8 +291,7 @@ def analyze(
     result.methods = methods_text(result)
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
-        path = out / TABLE_FILES[name]
-        table.to_csv(path, index=False)
+        path = atomic_write_frame(out / TABLE_FILES[name], table)
         result.files.append(path)
     caveat_path = out / "caveats.md"
     atomic_write_text(caveat_path, "".join(f"- {c}\n\n" for c in notes) or "No caveats.\n")

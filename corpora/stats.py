@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from clap.contract import atomic_write, atomic_write_frame
 from corpora.errors import CorpusInputError, ProblemLog
 from corpora.filtering import TermFilter
 from corpora.records import PubmedRecord, join_text
@@ -103,7 +104,7 @@ def plot_abstracts_per_year(stats: CorpusStats, path: str | Path, title: str = "
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -113,8 +114,8 @@ def write_stats(stats: CorpusStats, directory: str | Path, figure: bool = True) 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = {"by_term": directory / "by_term.csv", "by_year": directory / "by_year.csv"}
-    stats.by_term().to_csv(written["by_term"], index=False)
-    stats.by_year().to_csv(written["by_year"], index=False)
+    atomic_write_frame(written["by_term"], stats.by_term())
+    atomic_write_frame(written["by_year"], stats.by_year())
     if figure:
         written["figure"] = plot_abstracts_per_year(stats, directory / "abstracts_per_year.png")
     return written

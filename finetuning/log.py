@@ -19,8 +19,12 @@ LOG_COLUMNS = ("step", "epoch", "split", "loss", "perplexity", "learning_rate", 
 
 
 def history_rows(history: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per logged training loss and per validation loss, in log order."""
+    """One row per logged training loss and per validation loss, in log order.
+
+    An evaluation repeated at the same step (the Trainer's scheduled one and the final one when training ends on
+    an evaluation step) is one measurement of the same weights: it is kept once, its last value."""
     rows = []
+    validation_at: dict[int, int] = {}
     for entry in history:
         if "loss" in entry:
             split, loss = "train", entry["loss"]
@@ -28,7 +32,7 @@ def history_rows(history: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             split, loss = "validation", entry["eval_loss"]
         else:  # the end-of-training summary (runtime, mean train loss) is reported elsewhere
             continue
-        rows.append({
+        row = {
             "step": int(entry.get("step", 0)),
             "epoch": entry.get("epoch"),
             "split": split,
@@ -36,7 +40,13 @@ def history_rows(history: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "perplexity": math.exp(loss) if loss < 700 else math.inf,
             "learning_rate": entry.get("learning_rate"),
             "grad_norm": entry.get("grad_norm"),
-        })
+        }
+        if split == "validation" and row["step"] in validation_at:
+            rows[validation_at[row["step"]]] = row
+            continue
+        if split == "validation":
+            validation_at[row["step"]] = len(rows)
+        rows.append(row)
     return rows
 
 

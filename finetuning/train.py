@@ -403,7 +403,7 @@ def finetune(
     summary = _summarise(trainer, output.metrics, wall, early, config, stats, last)
     summary["skipped_checkpoints"] = [asdict(entry) for entry in skipped]
     summary.update({"model": model, "model_location": location, "corpus": str(corpus), "device": device})
-    write_loss_figure(out / LOG_CSV, out / FIGURE, title=f"{Path(location).name} · {config.preset}",
+    write_loss_figure(out / LOG_CSV, out / FIGURE, title=f"{Path(str(model)).name} · {config.preset}",
                       best_step=summary["best_step"])
     partial = summary_path.with_name(SUMMARY + ".partial")
     partial.write_text(json.dumps(summary, indent=2, default=_json_default))

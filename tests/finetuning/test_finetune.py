@@ -503,3 +503,18 @@ def test_smollm2_lora_finetune_round_trip(corpus_dir: Path, tmp_path: Path):
         want = adapted(**ids).logits
         got = merged(**ids).logits
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def test_an_evaluation_repeated_at_one_step_is_logged_once():
+    from finetuning.log import history_rows
+
+    history = [
+        {"eval_loss": 3.0, "step": 0, "epoch": 0.0},
+        {"loss": 2.9, "step": 1, "epoch": 0.5, "learning_rate": 1e-4, "grad_norm": 0.3},
+        {"eval_loss": 2.8, "step": 2, "epoch": 1.0},
+        {"eval_loss": 2.8, "step": 2, "epoch": 1.0},  # the final evaluation of the same weights
+        {"train_runtime": 1.0, "step": 2},
+    ]
+    rows = history_rows(history)
+    assert [(r["step"], r["split"]) for r in rows] == [(0, "validation"), (1, "train"), (2, "validation")]
+    assert rows[2]["loss"] == 2.8 and math.isclose(rows[2]["perplexity"], math.exp(2.8))
