@@ -291,6 +291,7 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
         (batch.answer_index[rows], batch.answer_mask[rows], batch.wrong_index[rows], batch.wrong_mask[rows],
          base_index[batch.clean_row[rows]]), device)
     cache_in = DynamicCache(config=layout.config)
+    cache_name = layout.cache_kwarg  # a plain string: the trace body must not reference clap's objects (NDIF)
     boundary_values, gathered = [], []
     with torch.no_grad():
         with model.trace(**inputs, **{layout.cache_kwarg: cache_in, "use_cache": True},
@@ -343,7 +344,7 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
             kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
             metrics = torch.stack([answer_logit - wrong_logit, answer_logit, logprob.exp(), logprob, kl], dim=1).save()
             logprobs = logprobs.save()
-            cache = getattr(model.output, layout.cache_kwarg).save()
+            cache = getattr(model.output, cache_name).save()
     capture_keys = [key for key in order if key in want_boundary]
     gather_keys = [key for key in order for _ in plan[key]["gathers"]]
     sources: dict[Key, list[torch.Tensor]] = {}
