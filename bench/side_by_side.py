@@ -59,7 +59,7 @@ TL_FUNCTIONS = {"resid_pre": "get_act_patch_resid_pre", "attn_out": "get_act_pat
 COLUMNS = [
     "workload", "sweep", "model", "pairs", "tokens", "layers", "d_model", "cells", "rows", "contender", "status",
     "repeats", "best_s", "times_s", "cells_per_s", "time_vs_clap", "peak_rss_delta_mb", "peak_rss_mb",
-    "max_abs_diff_vs_tl", "note",
+    "max_abs_diff_vs_tl", "strategy", "note",
 ]
 
 # Countries and capitals that are each one GPT-2 token (with the leading space): a pair swaps the country.
@@ -170,11 +170,26 @@ def boot_bridge(lm: Any) -> Any:
 
 
 # -- contenders -----------------------------------------------------------------------------------------------------
-def clap_sweep(lm: Any, inputs: Inputs, kind: str, max_rows: int | None) -> np.ndarray:
+#: --strategies: execution.strategy values, plus the suffix strategy with one of its two savings only
+STRATEGY_PARTS = {"auto": None, "full": None, "suffix": ("kv", "layer"), "kv": ("kv",), "layer": ("layer",)}
+
+
+def clap_sweep(lm: Any, inputs: Inputs, kind: str, max_rows: int | None, strategy: str = "auto") -> np.ndarray:
     from interventions import sweep, to_grid
+    from interventions.executor import Executor
 
     extra = {"max_rows": max_rows} if max_rows else {}
-    frame = sweep(lm, inputs.pairs, [f"layers[*].{kind}"], positions=["each"], metrics=["logit_diff"], **extra)
+    parts = STRATEGY_PARTS[strategy]
+    if parts is not None:
+        extra["strategy"] = "suffix"
+    elif strategy == "full":
+        extra["strategy"] = "full"
+    saved = Executor.suffix_parts
+    Executor.suffix_parts = parts or saved
+    try:
+        frame = sweep(lm, inputs.pairs, [f"layers[*].{kind}"], positions=["each"], metrics=["logit_diff"], **extra)
+    finally:
+        Executor.suffix_parts = saved
     return to_grid(frame).to_numpy(dtype="float64")
 
 
@@ -369,11 +384,22 @@ def _sweep_a(report: Report, args: argparse.Namespace, contenders: Sequence[str]
     """One sweep kind at one pair count: clap, TL and naive rows, clap checked against TL (failures appended)."""
     clap_grid = tl_grid = None
     clap_best = None
+    variants = []
     if "clap" in contenders:
-        m = measure(partial(clap_sweep, lm, inputs, kind, args.max_rows), args.repeats)
-        clap_best, clap_grid = m.best, m.result
-        clap_row = _row(row_base, "clap", m, cells, clap_best, args.repeats,
-                        note=f"clap/floor {clap_best / floor_best:.3f}" if floor_best else "")
+        for strategy in args.strategies:
+            m = measure(partial(clap_sweep, lm, inputs, kind, args.max_rows, strategy), args.repeats)
+            if clap_grid is None:
+                clap_best, clap_grid = m.best, m.result
+                clap_row = _row(row_base, "clap", m, cells, clap_best, args.repeats, strategy=strategy,
+                                note=f"clap/floor {clap_best / floor_best:.3f}" if floor_best else "")
+                continue
+            diff = float(np.abs(m.result - clap_grid).max())
+            if not diff <= TOLERANCE:
+                failures.append(f"{kind} x {n_pairs} pairs: strategy {strategy} differs from "
+                                f"{args.strategies[0]} by {diff:.3g}")
+            variants.append(_row(row_base, f"clap[{strategy}]", m, cells, clap_best, args.repeats, strategy=strategy,
+                                 note=(f"clap/floor {m.best / floor_best:.3f}; " if floor_best else "")
+                                 + f"max abs diff vs clap[{args.strategies[0]}] {diff:.1e}"))
     if bridge is not None:
         m = measure(partial(tl_sweep, bridge, inputs, kind), args.repeats)
         tl_grid = m.result
@@ -387,6 +413,8 @@ def _sweep_a(report: Report, args: argparse.Namespace, contenders: Sequence[str]
                         note="run_with_cache + " + TL_FUNCTIONS[kind]))
     elif clap_grid is not None:
         report.add(clap_row)
+    for row in variants:
+        report.add(row)
     if "naive" in contenders:
         m = measure(partial(naive_sweep, lm, inputs, kind), args.repeats)
         extra = {"note": f"{cells + n_pairs} nnsight traces"}
@@ -395,18 +423,69 @@ def _sweep_a(report: Report, args: argparse.Namespace, contenders: Sequence[str]
         report.add(_row(row_base, "naive", m, cells, clap_best, args.repeats, **extra))
 
 
-def workload_b(report: Report) -> None:
-    """Causal tracing (noise the subject tokens, restore clean states layer x token) is not in ``interventions``
-    yet; the workload is reported as skipped until it is, then it is wired here."""
-    import interventions
+TRACE_SUBJECTS = [("The Eiffel Tower", " Paris", " Rome"), ("The Colosseum", " Rome", " Paris"),
+                  ("The Brandenburg Gate", " Berlin", " Madrid"), ("The Kremlin", " Moscow", " Tokyo")]
 
-    entry = next((n for n in ("causal_trace", "causal_tracing", "CausalTrace") if hasattr(interventions, n)), None)
-    reason = (f"interventions.{entry} exists but is not wired into this benchmark yet" if entry else
-              "needs causal tracing in interventions (not yet available)")
-    report.add({"workload": "b", "sweep": "causal_trace", "model": "smollm2-135m", "contender": "clap",
-                "status": "skipped",
-                "note": reason + "; planned: 30 facts x 10 noise samples x 30 layers x every token"})
-    print(f"workload b skipped: {reason}", file=sys.stderr)
+
+def workload_b(report: Report, args: argparse.Namespace) -> list[str]:
+    """Causal trace (ROME): noise on the subject's embeddings at baseline (``--trace-samples`` draws), then each
+    clean hidden state (single layers) and MLP / attention output (windows of 10) restored per (layer, token), on
+    the random GPT-2 (``--quick``: the 2-layer toy) and the real tokenizer. clap with each strategy, and "one row per
+    restore": the full strategy with one restored row per forward pass (the baseline rows plus one), the cost of a
+    loop that runs each restore as its own pass. Returns failures (strategies that disagree beyond 1e-4)."""
+    import pandas as pd
+
+    from interventions import Study, StudySpec
+    from interventions.executor import Executor
+
+    tokenizer = load_tokenizer(Path(args.tokenizer))
+    lm = build_gpt2(tokenizer, args.quick, args.seed)
+    probes = [{"id": f"t{i}", "clean": f"{subject} is located in the city of", "corrupted":
+               f"{subject} is located in the city of", "answer": answer, "wrong": wrong,
+               "labels": {"subject": subject}} for i, (subject, answer, wrong) in enumerate(TRACE_SUBJECTS)]
+    samples = args.trace_samples
+    config = lm.hf.config
+    base = {"workload": "b", "sweep": "causal_trace", "model": lm.identity["source"], "pairs": len(probes),
+            "layers": config.n_layer, "d_model": config.n_embd}
+
+    def trace(strategy: str, max_rows: int | None) -> pd.DataFrame:
+        parts = STRATEGY_PARTS[strategy]
+        execution = {"progress": False, "strategy": "full" if strategy == "full" else "suffix"}
+        if max_rows:
+            execution["max_rows"] = max_rows
+        spec = StudySpec.from_dict({"model": {"source": "in-memory"}, "probes": {"inline": probes},
+                                    "recovery_epsilon": 0, "execution": execution,
+                                    "trace": {"samples": samples, "kinds": {"resid_post": 1, "mlp_out": 10,
+                                                                            "attn_out": 10}}})
+        saved = Executor.suffix_parts
+        Executor.suffix_parts = parts or saved
+        try:
+            study = Study(spec, model=lm)
+            return study.run()
+        finally:
+            Executor.suffix_parts = saved
+
+    failures, reference, first = [], None, None
+    runs = [(s, args.max_rows) for s in dict.fromkeys(["suffix", "full", *args.strategies]) if s != "auto"]
+    runs.append(("one-row-per-restore", samples + 2))
+    for label, max_rows in runs:
+        strategy = "full" if label == "one-row-per-restore" else label
+        m = measure(partial(trace, strategy, max_rows), args.repeats)
+        frame = m.result.sort_values(["probe_id", "site", "position", "metric"]).reset_index(drop=True)
+        cells = len(frame) * samples // frame.metric.nunique()
+        diff = None
+        if reference is None:
+            reference, first = frame, m.best
+        else:
+            diff = float((frame.patched - reference.patched).abs().max())
+            if not diff <= TOLERANCE:
+                failures.append(f"causal trace: {label} differs from suffix by {diff:.3g}")
+        report.add(_row({**base, "tokens": len(tokenizer(probes[0]["clean"])["input_ids"]), "cells": cells,
+                         "rows": cells}, f"clap[{label}]", m, cells, first, args.repeats, strategy=strategy,
+                        max_abs_diff_vs_tl=diff if diff is not None else "",
+                        note=f"max_rows {max_rows or 'default'}; time_vs_clap is relative to clap[suffix]; "
+                             f"max_abs_diff column: vs clap[suffix]"))
+    return failures
 
 
 def workload_c(report: Report, args: argparse.Namespace) -> None:
@@ -449,6 +528,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="wall time is the best of this many calls")
     parser.add_argument("--max-rows", type=int, default=None,
                         help="rows per forward for clap and the floor (default: clap's own default)")
+    parser.add_argument("--strategies", type=_csv_list, default=["auto"],
+                        help="clap's execution strategies, comma list of " + ",".join(STRATEGY_PARTS) +
+                             " (kv / layer: the suffix strategy with only prefix key/value reuse / only the start "
+                             "at the first edited layer); the first is the `clap` contender, the others are "
+                             "`clap[STRATEGY]` rows checked against it")
+    parser.add_argument("--trace-samples", type=int, default=3, help="workload b: noise samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2-layer d=64 model, 1 pair of 6 tokens, workload a only by default")
@@ -460,7 +545,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.pairs = args.pairs or ([1] if args.quick else [4, 16])
     args.tokens = args.tokens or (6 if args.quick else 16)
     for name, values, valid in (("workloads", args.workloads, "abc"), ("sweeps", args.sweeps, SWEEPS),
-                                ("contenders", args.contenders, CONTENDERS)):
+                                ("contenders", args.contenders, CONTENDERS),
+                                ("strategies", args.strategies, tuple(STRATEGY_PARTS))):
         bad = [v for v in values if v not in valid]
         if bad:
             parser.error(f"--{name}: unknown {', '.join(bad)} (valid: {', '.join(valid)})")
@@ -483,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "a" in args.workloads:
             failures += workload_a(report, args, args.contenders)
         if "b" in args.workloads:
-            workload_b(report)
+            failures += workload_b(report, args)
         if "c" in args.workloads:
             workload_c(report, args)
     except BenchError as exc:

@@ -97,8 +97,8 @@ class Plan:
     def fingerprint(self) -> str:
         """Identifies the plan for resuming: same spec, probes, weights and batching -> same fingerprint.
 
-        Settings that cannot change a number (progress bars; local vs simulated-remote execution) are left out, so
-        a rerun with ``--no-progress`` still resumes."""
+        Settings that cannot change a number (progress bars; local vs simulated-remote execution; the execution
+        strategy, which batches cells the same way) are left out, so a rerun with ``--no-progress`` still resumes."""
         return self._digest(with_model=True)
 
     @property
@@ -109,7 +109,7 @@ class Plan:
 
     def _digest(self, with_model: bool) -> str:
         spec = self.spec.to_dict()
-        spec["execution"] = {k: v for k, v in spec["execution"].items() if k not in ("progress", "remote")}
+        spec["execution"] = {k: v for k, v in spec["execution"].items() if k not in ("progress", "remote", "strategy")}
         payload = json.dumps(
             {
                 "spec": spec,
@@ -267,6 +267,8 @@ class AccessPatches:
     access: str
     n_heads: int | None = None
     stages: list[tuple[PatchGroups, PatchGroups]] = field(default_factory=list)
+    #: the stage number of each entry of ``stages`` (0: baseline interventions, 1: the cells' own edits)
+    stage_ids: list[int] = field(default_factory=list)
 
     @property
     def full(self) -> PatchGroups:
@@ -295,6 +297,9 @@ class Batch:
     accesses: list[AccessPatches]
     cells: list[int]
     row_sample: list[int] = field(default_factory=list)  #: noise sample per row (0 where there is none)
+    #: per row, the row holding its target baseline run (same probe, same noise sample; itself for a baseline row):
+    #: a patched row equals that row up to its cell's first edit (what the suffix strategy builds on)
+    target_row: list[int] = field(default_factory=list)
 
 
 def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
@@ -401,6 +406,10 @@ def build_batch(
         accesses=access_list,
         cells=[c.index for c in cells],
         row_sample=rows.row_sample,
+        target_row=[rows.baseline_row.get((p, plan.target, plan.target_row_sample(sample)), row)
+                    if role == "patched" else row
+                    for row, (p, role, sample) in enumerate(zip(row_probe, rows.row_role, rows.row_sample,
+                                                                strict=True))],
     )
 
 
@@ -498,6 +507,7 @@ def _access_list(plan: Plan, accesses: dict[tuple[str, str], dict[str, Any]]) ->
             shapes = entry["stages"][stage]
             patches.stages.append(tuple(_patch_groups(shapes[k]) if k in shapes else PatchGroups()
                                         for k in ("full", "heads")))
+            patches.stage_ids.append(stage)
         access_list.append(patches)
     return access_list
 

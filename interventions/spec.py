@@ -192,7 +192,18 @@ class ExecutionSpec(StrictModel):
     memory_budget_mb: float | None = Field(default=None, gt=0)
     #: False: local; True: NDIF (key from NDIF_API_KEY or nnsight's config); "local": nnsight's local simulation
     remote: bool | Literal["local"] = False
+    #: how batches run (interventions/executor.py): ``full`` runs every row over the whole prompt; ``suffix`` runs a
+    #: patched row only from its first edited layer and token on, from its baseline row's cached state (exact, and
+    #: faster); ``auto`` is ``suffix`` except on NDIF (``remote: true``), which cannot take a client-side cache
+    strategy: Literal["auto", "full", "suffix"] = "auto"
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _strategy_fits_remote(self) -> ExecutionSpec:
+        if self.strategy == "suffix" and self.remote is True:
+            raise ValueError("strategy `suffix` cannot run on NDIF (remote: true): it passes a key/value cache made "
+                             "on this machine into the trace; use strategy `auto` or `full`")
+        return self
 
 
 class PatchGroup(StrictModel):

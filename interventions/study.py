@@ -35,6 +35,7 @@ from clap.models import (
     weights_fingerprint,
 )
 from interventions import execute
+from interventions.executor import Executor
 from interventions.plan import (
     Cell,
     GroupPlan,
@@ -105,6 +106,7 @@ class Study:
     def __init__(self, spec: StudySpec, model: LoadedModel | None = None):
         self.spec = spec
         self._model = model
+        self._executor: Executor | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, model: LoadedModel | None = None) -> Study:
@@ -145,6 +147,15 @@ class Study:
                 device=self.device(),
             )
         return self._model
+
+    @property
+    def executor(self) -> Executor:
+        """Runs this study's traces: the model, the remote mode and the execution strategy (built on first use)."""
+        if self._executor is None:
+            execution = self.spec.execution
+            self._executor = Executor(self.model.nn, remote=execution.remote, strategy=execution.strategy,
+                                      unembed_module=self._unembed_module())
+        return self._executor
 
     def probes(self, tokenizer: Any = None, warn: bool = True, config: Any = None) -> list[Probe]:
         """The spec's probes, tokenised and checked (alignment, context length, answers). ``tokenizer`` and
@@ -303,7 +314,6 @@ class Study:
         chunks = chunk_cells(plan, max_rows)
         partial_dir = open_partial_dir(out, plan) if out else None
         pad_id = model.tokenizer.pad_token_id
-        unembed = self._unembed_module()
         frames = []
         baselines = BaselineCheck(spec, len(plan.probes))
         progress = tqdm(total=len(plan.cells), desc=f"patching {spec.name}", unit="cell",
@@ -314,7 +324,7 @@ class Study:
                 frame = pd.read_parquet(done)
             else:
                 batch = build_batch(plan, cells, index, pad_id, constants)
-                metrics = execute.run_batch(model.nn, batch, remote=spec.execution.remote, unembed_module=unembed)
+                metrics = self.executor.run_batch(batch)
                 frame = self._tidy(plan, batch, cells, metrics)
                 if done:
                     frame.to_parquet(done.with_suffix(".tmp"), index=False)
@@ -362,7 +372,7 @@ class Study:
         needs = set().union(*(operations.get(op.name).needs for op in cell_ops + baseline_ops))
         keys = list(dict.fromkeys(site.access_key for site in plan.sites))
         ids = torch.tensor([probe_ids])
-        acts = execute.capture(model.nn, ids, torch.ones_like(ids), keys, remote=self.spec.execution.remote)
+        acts = self.executor.capture(ids, torch.ones_like(ids), keys)
         shape = {key: act.shape[-1] for key, act in zip(keys, acts, strict=True)}
         for site in plan.sites:
             width = shape[site.access_key]
@@ -438,7 +448,7 @@ class Study:
         """Per key, per prompt, the unpadded [len, width] activation (one batched trace)."""
         ids, mask = left_pad(prompts, self.model.tokenizer.pad_token_id)
         width = ids.shape[1]
-        acts = execute.capture(self.model.nn, ids, mask, keys, remote=self.spec.execution.remote)
+        acts = self.executor.capture(ids, mask, keys)
         return [[act[row, width - len(p):] for row, p in enumerate(prompts)] for act in acts]
 
     def _means(self, plan: Plan, keys: list[tuple[str, str]], prompts: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -544,6 +554,7 @@ class Study:
             "n_cells": len(plan.cells),
             "n_batches": n_batches,
             "max_rows": max_rows,
+            "strategy": self.executor.strategy_used,
             "plan_fingerprint": plan.fingerprint,
             "probes": [
                 {"probe_id": p.id, **p.labels, "clean": p.clean, "corrupted": p.corrupted,

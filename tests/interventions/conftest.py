@@ -79,7 +79,7 @@ def tiny_model(request, tiny_gpt2, tiny_llama):
 
 
 class BatchRecorder:
-    """The index of every batch ``execute.run_batch`` runs; ``stop_after = n`` raises KeyboardInterrupt on the
+    """The index of every batch ``Executor.run_batch`` runs (whatever the strategy); ``stop_after = n`` raises KeyboardInterrupt on the
     n-th batch (counted since the last ``reset``), as Ctrl-C would."""
 
     def __init__(self, real):
@@ -91,18 +91,18 @@ class BatchRecorder:
         self.calls.clear()
         self.stop_after = stop_after
 
-    def __call__(self, model, batch, remote=False, unembed_module=None):
+    def __call__(self, executor, batch):
         self.calls.append(batch.index)
         if self.stop_after is not None and len(self.calls) == self.stop_after:
             raise KeyboardInterrupt
-        return self.real(model, batch, remote, unembed_module)
+        return self.real(executor, batch)
 
 
 @pytest.fixture
 def batches(monkeypatch):
     """Record (and optionally interrupt) the batches a study runs."""
-    from interventions import execute
+    from interventions.executor import Executor
 
-    recorder = BatchRecorder(execute.run_batch)
-    monkeypatch.setattr(execute, "run_batch", recorder)
+    recorder = BatchRecorder(Executor.run_batch)
+    monkeypatch.setattr(Executor, "run_batch", lambda executor, batch: recorder(executor, batch))
     return recorder

@@ -79,7 +79,9 @@ def test_kl_and_answer_probabilities_match_a_float64_reference(sharp_gpt2, monke
     spec = StudySpec.from_dict({
         "model": {"source": "in-memory"}, "probes": {"inline": PROBES}, "sites": ["layers[*].resid_pre"],
         "positions": ["last", "all"], "operations": ["zero", "replace"], "metrics": ["kl", "logprob", "prob"],
-        "execution": {"max_rows": 200, "remote": remote, "progress": False},
+        # the full strategy: the recorder reads the one forward pass's logits (the suffix strategy's equality with it
+        # is tested in test_strategies.py)
+        "execution": {"max_rows": 200, "remote": remote, "progress": False, "strategy": "full"},
     })
     frame = Study(spec, model=sharp_gpt2).run()
     [(batch, logits, metrics)] = recorder.records

@@ -1,0 +1,114 @@
+"""Where and how a study's traces run: one object that owns the nnsight model, the device, the remote mode and the
+execution strategy, so the rest of the engine says *what* to run (a :class:`~interventions.plan.Batch`, a capture)
+and never threads ``remote`` or strategy flags through its calls.
+
+Strategies (``execution.strategy``):
+
+* ``full``: one trace per batch over every row and column (:func:`interventions.execute.run_batch`);
+* ``suffix``: one baseline pass per batch, then each patched row only from its first edited block and column on,
+  from its baseline row's cached state (:mod:`interventions.suffix`; exact under causal attention);
+* ``auto``: ``suffix`` locally and under nnsight's NDIF simulation (``remote: local``, where the cache travels as a
+  saved value), ``full`` on NDIF itself (``remote: true``: the server cannot take a client-side cache object).
+
+A model the suffix strategy cannot place (no architecture map, blocks that return tuples) runs ``full``;
+:attr:`Executor.used` counts the batches per strategy and :attr:`Executor.strategy_used` names what ran, for
+``run.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from clap.errors import ClapError
+from interventions import execute, suffix
+from interventions.plan import Batch
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "full", "suffix")
+
+
+def resolve_strategy(strategy: str, remote: bool | str) -> str:
+    """``auto`` -> ``full`` on NDIF, else ``suffix``; ``suffix`` on NDIF is refused."""
+    if strategy not in STRATEGIES:
+        raise ClapError(f"unknown execution strategy {strategy!r} (valid: {', '.join(STRATEGIES)})")
+    if strategy == "auto":
+        return "full" if remote is True else "suffix"
+    if strategy == "suffix" and remote is True:
+        raise ClapError("strategy `suffix` cannot run on NDIF (remote: true); use `auto` or `full`")
+    return strategy
+
+
+class Executor:
+    """Runs batches and captures for one model.
+
+    Parameters
+    ----------
+    model : nnsight model
+        The wrapped model (``LoadedModel.nn``).
+    remote : bool or "local"
+        False: local; True: NDIF; "local": nnsight's local simulation of NDIF.
+    strategy : {"auto", "full", "suffix"}
+    unembed_module : str, optional
+        The unembedding's module path (only the last position's logits are computed unless it is patched).
+    """
+
+    #: which savings the suffix strategy uses: "kv" (prefix key/value reuse), "layer" (start at the first edited
+    #: block). Both by default; the benchmark switches one off to measure the other.
+    suffix_parts: tuple[str, ...] = ("kv", "layer")
+
+    def __init__(self, model: Any, remote: bool | str = False, strategy: str = "auto",
+                 unembed_module: str | None = None):
+        self.model = model
+        self.remote = remote
+        self.unembed_module = unembed_module
+        self.strategy = resolve_strategy(strategy, remote)
+        self.used: Counter[str] = Counter()
+        self._layout: suffix.ModelLayout | None | bool = False  # False: not looked at yet
+
+    @property
+    def device(self) -> torch.device:
+        return execute._device_of(self.model, self.remote)
+
+    @property
+    def layout(self) -> suffix.ModelLayout | None:
+        if self._layout is False:
+            self._layout = suffix.ModelLayout.of(self.model._module)
+            if self._layout is None and self.strategy == "suffix":
+                log.info("the suffix strategy does not apply to this model; batches run in full")
+        return self._layout
+
+    @property
+    def strategy_used(self) -> str:
+        """What ran: ``suffix``, ``full``, or e.g. ``suffix (3 of 40 batches full)``; the resolved strategy before
+        any batch ran."""
+        if not self.used:
+            return self.strategy
+        if len(self.used) == 1:
+            return next(iter(self.used))
+        return f"suffix ({self.used['full']} of {sum(self.used.values())} batches full)"
+
+    def run_batch(self, batch: Batch) -> torch.Tensor:
+        """``[rows, len(METRICS)]`` metrics of one batch, in the batch's row order."""
+        if self.strategy == "suffix" and self.layout is not None:
+            try:
+                metrics = suffix.run_batch(self.model, batch, self.layout, self.remote, self.unembed_module,
+                                           kv="kv" in self.suffix_parts, skip="layer" in self.suffix_parts)
+            except suffix.Unsupported as exc:
+                log.info("batch %d runs in full: %s", batch.index, exc)
+            else:
+                self.used["suffix"] += 1
+                return metrics
+        self.used["full"] += 1
+        return execute.run_batch(self.model, batch, remote=self.remote, unembed_module=self.unembed_module)
+
+    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                modules: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
+        """Activations at (module, access) pairs, in execution order (statistics passes: means, noise scales,
+        steering vectors)."""
+        return execute.capture(self.model, input_ids, attention_mask, modules, remote=self.remote)

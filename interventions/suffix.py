@@ -1,0 +1,449 @@
+"""The ``suffix`` strategy: run each patched row only where a patch can change it, exactly.
+
+Why it is exact: a patched row is its target baseline row (same prompt, same baseline interventions, same noise
+sample) until its cell's first edit. Under causal attention nothing flows backwards, so at every module access
+before the row's first edited access (in execution order), and at every column before its first edited column, the
+patched row holds the baseline row's values. A row whose first edit is in block ``L`` at padded column ``c`` therefore
+only needs blocks ``L..N-1`` on columns ``c..W-1``:
+
+* **prefix key/value reuse**: columns ``< c`` are not run; their keys and values, the only thing later columns read
+  from them, are the baseline row's, passed in as a key/value cache (the full-width attention mask still masks the
+  left padding, and position ids are given explicitly so each token keeps its position);
+* **start at a layer**: blocks ``< L`` are skipped (``envoy.skip``) with the baseline row's residual stream entering
+  block ``L`` (on columns ``c..``) as their output.
+
+One batch runs as one *baseline pass* over its clean/corrupted rows (full width, with their baseline interventions),
+which returns their metrics as the full strategy would and captures the key/value cache, the residual stream at each
+block boundary some group starts from, the source rows' activations that ``copy``/``mix`` edits read (the source rows
+are not in the suffix passes, so those edits become writes of captured values), and the clean rows' log-probabilities
+(for KL). The patched rows then run in *suffix passes*, grouped so that rows of similar (layer, column) start
+together (a group starts at its rows' earliest layer and column: recomputing a little more for some rows is still
+exact). Edits inside skipped blocks or left of the start column are already contained in the cached state and are
+not applied again; the rest are applied with their columns shifted. A row with no edit of its own (a ``none`` cell)
+is its baseline row's result.
+
+Every trace body uses only torch operations and envoys, as in :mod:`interventions.execute`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from interventions.execute import _device_of, _moved, metric_dtype_for, trace_kwargs
+from interventions.plan import AccessPatches, Batch
+
+Key = tuple[str, str]
+
+#: fixed cost of one extra suffix pass, in floating-point operations (tracing, cache assembly, small-matmul
+#: inefficiency): a group is split only where that saves more than this much compute
+PASS_OVERHEAD_FLOPS = 2e9
+
+
+class Unsupported(Exception):
+    """The batch cannot run as suffix passes (e.g. a patch on a module the layout cannot place): run it in full."""
+
+
+@dataclass
+class ModelLayout:
+    """What the suffix strategy needs to know about a model: which block each module access belongs to, where the
+    residual stream enters each block, and how its forward takes a key/value cache."""
+
+    n_layers: int
+    layers: str  #: the module path of the block list
+    rank: dict[Key, int]  #: module access -> position in execution order
+    block_of: dict[Key, int]  #: module access -> number of blocks that finished before it (embed 0, final norm N)
+    boundary: dict[int, Key]  #: L (1..N) -> the access whose input is the residual stream leaving block L - 1
+    cache_kwarg: str  #: "cache" (transformers 5) or "past_key_values"
+    config: Any
+    flops_per_token_block: float  #: 2 x parameters of one block: the cost of one block on one token
+
+    @classmethod
+    def of(cls, hf: torch.nn.Module) -> ModelLayout | None:
+        """The layout, or None when the strategy does not apply (no architecture map, blocks that return tuples,
+        a forward without a cache argument)."""
+        from clap.architectures import BY_MODEL_TYPE
+        from interventions.sites import execution_order
+
+        arch = BY_MODEL_TYPE.get(getattr(hf.config, "model_type", None))
+        if arch is None:
+            return None
+        parameters = inspect.signature(hf.forward).parameters
+        cache_kwarg = next((n for n in ("cache", "past_key_values") if n in parameters), None)
+        if cache_kwarg is None:
+            return None
+        blocks = hf.get_submodule(arch.layers)
+        n_layers = len(blocks)
+        outputs: list[Any] = []
+        handle = blocks[0].register_forward_hook(lambda _m, _a, out: outputs.append(out))
+        try:
+            order = dict(execution_order(hf))
+            if not outputs:  # the order was cached: run once more to see what a block returns
+                with torch.no_grad():
+                    device = next(hf.parameters()).device
+                    hf(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device))
+        finally:
+            handle.remove()
+        if not outputs or not isinstance(outputs[0], torch.Tensor):
+            return None  # a block returning a tuple would need a tuple replacement when skipped
+        ends = sorted(order[(arch.block(i), "output")] for i in range(n_layers))
+        block_of = {key: sum(1 for end in ends if end < rank) for key, rank in order.items()}
+        boundary = {layer: (arch.block(layer), "input") for layer in range(1, n_layers)}
+        boundary[n_layers] = (arch.final_norm, "input")
+        if any(key not in order for key in boundary.values()):
+            return None
+        flops = 2.0 * sum(p.numel() for p in blocks[0].parameters())
+        return cls(n_layers, arch.layers, order, block_of, boundary, cache_kwarg, hf.config, flops)
+
+
+# -- where each row starts ------------------------------------------------------------------------------------------
+def row_starts(batch: Batch, layout: ModelLayout) -> dict[int, tuple[int, int]]:
+    """Per patched row with edits of its own (stage >= 1): (first edited block, first edited padded column)."""
+    starts: dict[int, tuple[int, int]] = {}
+    for patches in batch.accesses:
+        block = layout.block_of.get((patches.module, patches.access))
+        if block is None:
+            raise Unsupported(f"{patches.module} {patches.access} is not on the model's recorded execution path")
+        for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
+            if stage == 0:
+                continue
+            for group in groups:
+                for entry in group.as_tuple():
+                    if not entry:
+                        continue
+                    for row, col in zip(entry["t_row"].tolist(), entry["t_col"].tolist(), strict=True):
+                        old = starts.get(row, (block, col))
+                        starts[row] = (min(old[0], block), min(old[1], col))
+    return starts
+
+
+def _stage_ids(patches: AccessPatches) -> list[int]:
+    if len(patches.stage_ids) != len(patches.stages):
+        raise Unsupported("access patches without stage numbers")
+    return patches.stage_ids
+
+
+def group_rows(starts: dict[int, tuple[int, int]], width: int, layout: ModelLayout, kv: bool = True,
+               skip: bool = True, overhead: float = PASS_OVERHEAD_FLOPS) -> list[tuple[int, int, list[int]]]:
+    """Partition patched rows into suffix passes ``(start block, start column, rows)``.
+
+    Rows are sorted by (block, column) and cut into contiguous groups by dynamic programming on the cost
+    ``rows x (N - L0) x (W - c0) x flops per token-block`` plus a fixed cost per pass: each group starts at its
+    earliest row, so similar rows share a pass. ``kv``/``skip`` switch the two savings off (for measuring each)."""
+    n_layers = layout.n_layers
+    items = sorted((layer if skip else 0, col if kv else 0, row) for row, (layer, col) in starts.items())
+    if not items:
+        return []
+    unit = layout.flops_per_token_block
+    best = [0.0] + [float("inf")] * len(items)
+    cut = [0] * (len(items) + 1)
+    for end in range(1, len(items) + 1):
+        low_col = width
+        for begin in range(end - 1, -1, -1):
+            low_col = min(low_col, items[begin][1])
+            layer = items[begin][0]  # sorted by layer: the group's earliest
+            cost = best[begin] + overhead + (end - begin) * (max(n_layers - layer, 0) + 0.05) * (width - low_col) * unit
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    groups = []
+    end = len(items)
+    while end > 0:
+        begin = cut[end]
+        chunk = items[begin:end]
+        groups.append((chunk[0][0], min(c for _, c, _ in chunk), [r for _, _, r in chunk]))
+        end = begin
+    return groups[::-1]
+
+
+# -- edits, re-addressed ----------------------------------------------------------------------------------------------
+def _baseline_groups(groups: Sequence[Any], table: torch.Tensor) -> tuple | None:
+    """A stage's (copy, set, add, mix) groups restricted to the baseline rows, rows renumbered (``table``: batch row
+    -> baseline-pass row or -1). None when nothing is left."""
+    out = []
+    for mode, entry in zip(("copy", "set", "add", "mix"), groups, strict=True):
+        if not entry:
+            out.append({})
+            continue
+        rows = table[entry["t_row"]]
+        keep = rows >= 0
+        if mode in ("copy", "mix"):
+            sources = table[entry["s_row"]]
+            keep &= sources >= 0
+        if not bool(keep.any()):
+            out.append({})
+            continue
+        picked = {k: v[keep] for k, v in entry.items()}
+        picked["t_row"] = rows[keep]
+        if mode in ("copy", "mix"):
+            picked["s_row"] = sources[keep]
+        out.append(picked)
+    return tuple(out) if any(out) else None
+
+
+def _suffix_groups(groups: Sequence[Any], table: torch.Tensor, start_col: int,
+                   sources: Sequence[torch.Tensor | None]) -> tuple | None:
+    """A stage's groups for one suffix pass, as (set from captured source, set, add, mix with captured source): rows
+    renumbered into the pass (``table``: batch row -> pass row or -1), columns shifted by ``start_col``, edits left of
+    it dropped (they are in the cached state). ``sources[k]``: the captured source values of group ``k``'s copy/mix
+    entries, in entry order."""
+    out = []
+    for k, entry in enumerate(groups):
+        if not entry:
+            out.append({})
+            continue
+        rows = table[entry["t_row"]]
+        keep = (rows >= 0) & (entry["t_col"] >= start_col)
+        if not bool(keep.any()):
+            out.append({})
+            continue
+        picked = {"t_row": rows[keep], "t_col": entry["t_col"][keep] - start_col, "head": entry["head"][keep]}
+        if k in (0, 3):  # copy / mix: the source row is not in this pass; its value was captured
+            picked["values"] = sources[k][keep]
+            if k == 3:
+                picked["alpha"] = entry["alpha"][keep]
+        else:
+            picked["values"] = entry["values"][keep]
+        out.append(picked)
+    return tuple(out) if any(out) else None
+
+
+# -- the passes -------------------------------------------------------------------------------------------------------
+def run_batch(model: Any, batch: Batch, layout: ModelLayout, remote: bool | str = False,
+              unembed_module: str | None = None, kv: bool = True, skip: bool = True) -> torch.Tensor:
+    """``[rows, 5]`` metrics of a batch, equal to :func:`interventions.execute.run_batch`'s (to float rounding),
+    from one baseline pass and suffix passes over the patched rows."""
+    if len(batch.target_row) != len(batch.row_role):
+        raise Unsupported("the batch does not name each row's target baseline row")
+    starts = row_starts(batch, layout)
+    n_rows, width = batch.input_ids.shape
+    base_rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
+    base_index = torch.full((n_rows,), -1, dtype=torch.long)
+    base_index[base_rows] = torch.arange(len(base_rows))
+    groups = group_rows(starts, width, layout, kv=kv, skip=skip)
+    boundaries = sorted({layer for layer, _, _ in groups if layer > 0})
+    device = _device_of(model, remote)
+    base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, device, remote, unembed_module)
+    metrics = torch.empty((n_rows, base["metrics"].shape[1]), dtype=base["metrics"].dtype)
+    metrics[base_rows] = base["metrics"]
+    for row, role in enumerate(batch.row_role):
+        if role == "patched" and row not in starts:  # nothing of its own: its baseline row's run
+            metrics[row] = base["metrics"][base_index[batch.target_row[row]]]
+    for layer, col, rows in groups:
+        metrics[rows] = _suffix_pass(model, batch, layout, base, base_index, layer, col, rows, device, remote,
+                                     unembed_module)
+    return metrics
+
+
+def _logits_to_keep(model: Any, touches_unembed: bool) -> dict[str, Any]:
+    if not touches_unembed and "logits_to_keep" in inspect.signature(model._module.forward).parameters:
+        return {"logits_to_keep": 1}
+    return {}
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: each row counted from its first real token (what nnsight supplies for a
+    left-padded batch in the full strategy), given explicitly so a suffix pass keeps every token's position."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: list[int], base_index: torch.Tensor,
+                   boundaries: list[int], device: torch.device, remote: bool | str,
+                   unembed_module: str | None) -> dict[str, Any]:
+    """The baseline rows over the whole prompt: metrics, key/value cache, residual stream at the boundaries the
+    groups start from, captured source activations, clean log-probabilities."""
+    from transformers import DynamicCache
+
+    rows = torch.tensor(base_rows)
+    want_boundary = {layout.boundary[layer]: layer for layer in boundaries}
+    plan: dict[Key, dict[str, Any]] = {}
+    for patches in batch.accesses:
+        key = (patches.module, patches.access)
+        entry = plan.setdefault(key, {"n_heads": patches.n_heads or 0, "stages": [], "gathers": []})
+        for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
+            if stage == 0:
+                kept = [_baseline_groups(g.as_tuple(), base_index) for g in groups]
+                if any(k is not None for k in kept):
+                    entry["stages"].append(tuple(k or ({}, {}, {}, {}) for k in kept))
+            else:
+                for shape, group in enumerate(groups):
+                    for mode in ("copy", "mix"):
+                        found = getattr(group, mode)
+                        if found:
+                            entry["gathers"].append((shape == 1, base_index[found["s_row"]], found["s_col"],
+                                                     found["head"]))
+    for key in want_boundary:
+        plan.setdefault(key, {"n_heads": 0, "stages": [], "gathers": []})
+    order = sorted(plan, key=layout.rank.__getitem__)
+    accesses = [(model.get(module), access, plan[(module, access)]["n_heads"], _moved(plan[(module, access)]["stages"],
+                                                                                      device),
+                 (module, access) in want_boundary, _moved(plan[(module, access)]["gathers"], device))
+                for module, access in order]
+    mask = batch.attention_mask[rows]
+    touches_unembed = any(p.module == unembed_module for p in batch.accesses)
+    inputs = _moved({"input_ids": batch.input_ids[rows], "attention_mask": mask, "position_ids": _positions(mask)},
+                    device)
+    metric_dtype = metric_dtype_for(device)
+    answer_index, answer_mask, wrong_index, wrong_mask, clean_row = _moved(
+        (batch.answer_index[rows], batch.answer_mask[rows], batch.wrong_index[rows], batch.wrong_mask[rows],
+         base_index[batch.clean_row[rows]]), device)
+    cache_in = DynamicCache(config=layout.config)
+    cache_name = layout.cache_kwarg  # a plain string: the trace body must not reference clap's objects (NDIF)
+    boundary_values, gathered = [], []
+    with torch.no_grad():
+        with model.trace(**inputs, **{layout.cache_kwarg: cache_in, "use_cache": True},
+                         **_logits_to_keep(model, touches_unembed), **trace_kwargs(remote)):
+            for envoy, access, n_heads, stages, capture, gathers in accesses:
+                original = envoy.input if access == "input" else envoy.output
+                value = (original[0] if isinstance(original, tuple) else original).clone()
+                if capture:  # the residual stream as it leaves the previous block, before this access's edits
+                    boundary_values.append(value.clone().save())
+                for full, heads in stages:
+                    views = [(value, full)]
+                    if n_heads:
+                        views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
+                    for view, (copy, set_, add, mix) in views:
+                        by_head = view.dim() == 4
+                        if copy:
+                            target = (copy["t_row"], copy["t_col"]) + ((copy["head"],) if by_head else ())
+                            source = (copy["s_row"], copy["s_col"]) + ((copy["head"],) if by_head else ())
+                            view[target] = view[source]
+                        if set_:
+                            target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
+                            view[target] = set_["values"].to(view.dtype)
+                        if add:
+                            target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
+                            view[target] = view[target] + add["values"].to(view.dtype)
+                        if mix:
+                            target = (mix["t_row"], mix["t_col"]) + ((mix["head"],) if by_head else ())
+                            source = (mix["s_row"], mix["s_col"]) + ((mix["head"],) if by_head else ())
+                            alpha = mix["alpha"].to(view.dtype)
+                            view[target] = view[target] + alpha * (view[source] - view[target])
+                for by_head, s_row, s_col, head in gathers:  # source activations the suffix passes will write
+                    if by_head:
+                        gathered.append(value.view(value.shape[0], value.shape[1], n_heads, -1)[s_row, s_col, head]
+                                        .clone().save())
+                    else:
+                        gathered.append(value[s_row, s_col].clone().save())
+                if stages:
+                    patched = (value, *original[1:]) if isinstance(original, tuple) else value
+                    if access == "input":
+                        envoy.input = patched
+                    else:
+                        envoy.output = patched
+            logits = model.output.logits[:, -1, :].to(metric_dtype)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
+            wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
+            answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
+            logprob = torch.logsumexp(answer_logprobs, dim=1)
+            clean_logprobs = logprobs[clean_row]
+            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
+            metrics = torch.stack([answer_logit - wrong_logit, answer_logit, logprob.exp(), logprob, kl], dim=1).save()
+            logprobs = logprobs.save()
+            cache = getattr(model.output, cache_name).save()
+    capture_keys = [key for key in order if key in want_boundary]
+    gather_keys = [key for key in order for _ in plan[key]["gathers"]]
+    sources: dict[Key, list[torch.Tensor]] = {}
+    for key, value in zip(gather_keys, gathered, strict=True):
+        sources.setdefault(key, []).append(value)
+    return {
+        "metrics": metrics.detach().cpu(),
+        "logprobs": logprobs.detach(),
+        "boundary": {want_boundary[key]: value for key, value in zip(capture_keys, boundary_values, strict=True)},
+        "cache": [(layer.keys, layer.values) for layer in cache.layers],
+        "sources": sources,
+    }
+
+
+def _suffix_pass(model: Any, batch: Batch, layout: ModelLayout, base: dict[str, Any], base_index: torch.Tensor,
+                 start_layer: int, start_col: int, rows: list[int], device: torch.device, remote: bool | str,
+                 unembed_module: str | None) -> torch.Tensor:
+    """Metrics of ``rows``, run from block ``start_layer`` and column ``start_col`` on their baseline rows' state."""
+    from transformers import DynamicCache
+
+    n_rows, width = batch.input_ids.shape
+    index = torch.tensor(rows)
+    table = torch.full((n_rows,), -1, dtype=torch.long)
+    table[index] = torch.arange(len(rows))
+    targets = base_index[torch.tensor([batch.target_row[r] for r in rows])].to(device)
+    accesses = []
+    touches_unembed = False
+    for patches in batch.accesses:
+        key = (patches.module, patches.access)
+        if layout.block_of[key] < start_layer:
+            continue  # inside a skipped block: its effect is in the baseline state
+        captured = iter(base["sources"].get(key, []))
+        stages = []
+        for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
+            shaped = []
+            for group in groups:
+                sources = [next(captured) if (stage >= 1 and k in (0, 3) and entry) else None
+                           for k, entry in enumerate(group.as_tuple())]
+                shaped.append(_suffix_groups(group.as_tuple(), table, start_col, [
+                    s.cpu() if s is not None else None for s in sources]))
+            if any(s is not None for s in shaped):
+                stages.append(tuple(s or ({}, {}, {}, {}) for s in shaped))
+        if stages:
+            touches_unembed |= patches.module == unembed_module
+            accesses.append((model.get(patches.module), patches.access, patches.n_heads or 0, _moved(stages, device)))
+    mask = batch.attention_mask[index]
+    inputs = _moved({"input_ids": batch.input_ids[index, start_col:], "attention_mask": mask,
+                     "position_ids": _positions(mask)[:, start_col:]}, device)
+    extra: dict[str, Any] = {}
+    if start_col > 0:
+        extra = {layout.cache_kwarg: DynamicCache(ddp_cache_data=[(k[targets, :, :start_col], v[targets, :, :start_col])
+                                                                  for k, v in base["cache"]], config=layout.config),
+                 "use_cache": True}
+    else:
+        extra = {"use_cache": False}
+    replacement = base["boundary"][start_layer][targets, start_col:] if start_layer > 0 else None
+    skipped = [model.get(f"{layout.layers}.{i}") for i in range(min(start_layer, layout.n_layers))]
+    metric_dtype = metric_dtype_for(device)
+    answer_index, answer_mask, wrong_index, wrong_mask = _moved(
+        (batch.answer_index[index], batch.answer_mask[index], batch.wrong_index[index], batch.wrong_mask[index]),
+        device)
+    clean_logprobs = base["logprobs"][base_index[batch.clean_row[index]].to(base["logprobs"].device)].to(device)
+    with torch.no_grad():
+        with model.trace(**inputs, **extra, **_logits_to_keep(model, touches_unembed), **trace_kwargs(remote)):
+            for block in skipped:
+                block.skip(replacement)
+            for envoy, access, n_heads, stages in accesses:
+                original = envoy.input if access == "input" else envoy.output
+                value = (original[0] if isinstance(original, tuple) else original).clone()
+                for full, heads in stages:
+                    views = [(value, full)]
+                    if n_heads:
+                        views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
+                    for view, (copied, set_, add, mixed) in views:
+                        by_head = view.dim() == 4
+                        if copied:
+                            target = (copied["t_row"], copied["t_col"]) + ((copied["head"],) if by_head else ())
+                            view[target] = copied["values"].to(view.dtype)
+                        if set_:
+                            target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
+                            view[target] = set_["values"].to(view.dtype)
+                        if add:
+                            target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
+                            view[target] = view[target] + add["values"].to(view.dtype)
+                        if mixed:
+                            target = (mixed["t_row"], mixed["t_col"]) + ((mixed["head"],) if by_head else ())
+                            alpha = mixed["alpha"].to(view.dtype)
+                            view[target] = view[target] + alpha * (mixed["values"].to(view.dtype) - view[target])
+                patched = (value, *original[1:]) if isinstance(original, tuple) else value
+                if access == "input":
+                    envoy.input = patched
+                else:
+                    envoy.output = patched
+            logits = model.output.logits[:, -1, :].to(metric_dtype)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
+            wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
+            answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
+            logprob = torch.logsumexp(answer_logprobs, dim=1)
+            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
+            metrics = torch.stack([answer_logit - wrong_logit, answer_logit, logprob.exp(), logprob, kl], dim=1).save()
+    return metrics.detach().cpu()
