@@ -193,8 +193,8 @@ class ExecutionSpec(StrictModel):
     #: False: local; True: NDIF (key from NDIF_API_KEY or nnsight's config); "local": nnsight's local simulation
     remote: bool | Literal["local"] = False
     #: how batches run (interventions/executor.py): ``full`` runs every row over the whole prompt; ``suffix`` runs a
-    #: patched row only from its first edited layer and token on, from its baseline row's cached state (exact, and
-    #: faster); ``auto`` is ``suffix`` except on NDIF (``remote: true``), which cannot take a client-side cache
+    #: patched row only from its first edited layer and token on, from its baseline row's cached state (exact; less
+    #: compute, but not yet faster on CPU: see interventions/executor.py); ``auto`` is ``full`` for now
     strategy: Literal["auto", "full", "suffix"] = "auto"
     progress: bool = True
 

@@ -41,7 +41,7 @@ Key = tuple[str, str]
 
 #: fixed cost of one extra suffix pass, in floating-point operations (tracing, cache assembly, small-matmul
 #: inefficiency): a group is split only where that saves more than this much compute
-PASS_OVERHEAD_FLOPS = 2e9
+PASS_OVERHEAD_FLOPS = 1e12
 
 
 class Unsupported(Exception):
@@ -128,12 +128,13 @@ def _stage_ids(patches: AccessPatches) -> list[int]:
 
 
 def group_rows(starts: dict[int, tuple[int, int]], width: int, layout: ModelLayout, kv: bool = True,
-               skip: bool = True, overhead: float = PASS_OVERHEAD_FLOPS) -> list[tuple[int, int, list[int]]]:
+               skip: bool = True, overhead: float | None = None) -> list[tuple[int, int, list[int]]]:
     """Partition patched rows into suffix passes ``(start block, start column, rows)``.
 
     Rows are sorted by (block, column) and cut into contiguous groups by dynamic programming on the cost
     ``rows x (N - L0) x (W - c0) x flops per token-block`` plus a fixed cost per pass: each group starts at its
     earliest row, so similar rows share a pass. ``kv``/``skip`` switch the two savings off (for measuring each)."""
+    overhead = PASS_OVERHEAD_FLOPS if overhead is None else overhead
     n_layers = layout.n_layers
     items = sorted((layer if skip else 0, col if kv else 0, row) for row, (layer, col) in starts.items())
     if not items:
