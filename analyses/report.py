@@ -343,6 +343,8 @@ def render_html(result: Analysis) -> str:
         "<h2 id=\"methods\">Methods</h2><ul>" + "".join(f"<li>{_md_inline(m)}</li>" for m in _methods(result))
         + "</ul>",
     ]
+    if len(tables.get("noise_samples", ())):
+        parts += ["<h3>Noise draws</h3>", _html_table(tables["noise_samples"])]
     if len(tables["trivial_sites"]):
         parts += ["<h3>Sites that recover by construction</h3>", _html_table(tables["trivial_sites"])]
     parts.append("<h2 id=\"results\">Results</h2>")
@@ -440,6 +442,8 @@ def render_markdown(result: Analysis) -> str:
             "## Study spec", "", "```yaml", _spec_text(meta).rstrip(), "```", "",
             "## Methods", ""]
     out += [f"- {m}" for m in _methods(result)]
+    if len(tables.get("noise_samples", ())):
+        out += ["", "### Noise draws", "", markdown_table(tables["noise_samples"])]
     if len(tables["trivial_sites"]):
         out += ["", "### Sites that recover by construction", "", markdown_table(tables["trivial_sites"])]
     out += ["", "## Results", ""]
