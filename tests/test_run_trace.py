@@ -58,70 +58,73 @@ def write_study(folder: Path, model_dir: Path, section: str = f"trace: {TRACE}",
     return path
 
 
-def test_run_study_traces_tables_figures_and_report(model_dir, tmp_path):
+def check_table_by_hand(folder: Path, n_draws: int) -> int:
+    """``token_groups.csv`` recomputed from samples.parquet with numpy: per draw, per probe the mean effect of its
+    tokens in the group, the mean over probes; then the mean, sd (ddof 1) and t interval over the draws."""
+    table = pd.read_csv(folder / "token_groups.csv")
+    samples = read_samples(folder)
+    for row in table.itertuples(index=False):
+        cells = samples[(samples.site_kind == row.kind) & (samples.layer == row.layer)
+                        & (samples.token_group == row.token_group) & (samples["window"] == row.window)]
+        per_draw = np.array([np.mean([cells[(cells["sample"] == s) & (cells.probe_id == p)].effect.mean()
+                                      for p in sorted(set(cells.probe_id))]) for s in range(n_draws)])
+        mean, sd = per_draw.mean(), per_draw.std(ddof=1)
+        half = stats.t.ppf(0.975, n_draws - 1) * sd / np.sqrt(n_draws)
+        assert row.effect == pytest.approx(mean, abs=1e-12)
+        assert row.sample_sd == pytest.approx(sd, abs=1e-12)
+        assert (row.sample_ci_low, row.sample_ci_high) == pytest.approx((mean - half, mean + half), abs=1e-12)
+        assert row.n_samples == n_draws and row.n_probes == cells.probe_id.nunique()
+    assert set(table.kind) == {"resid_post", "mlp_out"}
+    return len(table)
+
+
+def test_trace_stage_table_and_clap_trace_are_one_spelling(model_dir, tmp_path):
+    """The trace stage's folder holds results, draws and the token-group table (equal to numpy by hand); the study
+    file's `trace:` is the study spec's: `clap trace` on the same section gives the same rows and table."""
+    from clap.app.cli import main
+
+    study = write_study(tmp_path, model_dir, figures=False)
+    roof = run_study(study, tmp_path / "out", until="trace", echo=lambda line: None)
+    assert list(roof.stages) == ["patch[model]", "trace[model]"]
+    folder = roof.results_dir("model")
+    frame, meta = read_results(folder)
+    assert meta["noise"]["samples"] == 3 and set(read_samples(folder)["sample"]) == {0, 1, 2}
+    assert set(frame.metric) == {"prob"} and set(frame.token_group) <= set(TOKEN_GROUPS)
+    assert check_table_by_hand(folder, 3) > 0
+    assert not (folder / "trace_groups.png").exists()  # report.figures: false
+    assert main(["trace", str(study), "-o", str(tmp_path / "cli")]) == 2  # a study file is not a plain spec
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("\n".join(line for line in study.read_text().splitlines() if not line.startswith("report:")))
+    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress"]) == 0
+    keys = ["probe_id", "site", "position"]
+    a = frame.sort_values(keys).reset_index(drop=True)
+    b = read_results(tmp_path / "cli")[0].sort_values(keys).reset_index(drop=True)
+    assert a.patched.to_numpy() == pytest.approx(b.patched.to_numpy(), abs=1e-7)
+    assert pd.read_csv(tmp_path / "cli" / "token_groups.csv").effect.to_numpy() == pytest.approx(
+        pd.read_csv(folder / "token_groups.csv").effect.to_numpy(), abs=1e-7)
+
+
+@pytest.mark.slow
+def test_run_study_traces_draws_figures_and_reports(model_dir, tmp_path):
     study = write_study(tmp_path, model_dir)
     result = run_study(study, tmp_path / "out", echo=lambda line: None)
     assert list(result.stages) == ["patch[model]", "trace[model]", "analyze[model]", "report"]
     folder = result.results_dir("model")
-    frame, meta = read_results(folder)
-    samples = read_samples(folder)
-    assert meta["noise"]["samples"] == 3 and set(samples["sample"]) == {0, 1, 2}
-    assert set(frame.metric) == {"prob"} and set(frame.token_group) <= set(TOKEN_GROUPS)
-    for name in ("token_groups.csv", "trace_groups.png", "trace_ep.png", "trace_eth.png", "trace_fr.png"):
+    for name in ("results.parquet", "samples.parquet", "token_groups.csv", "trace_groups.png", "trace_ep.png",
+                 "trace_eth.png", "trace_fr.png"):
         assert (folder / name).stat().st_size > 0, name
-
-    # the table, recomputed by hand from samples.parquet with numpy: per draw, per probe the mean effect of its
-    # tokens in the group, the mean over probes; then the mean, sd (ddof 1) and t interval over the 3 draws
-    table = pd.read_csv(folder / "token_groups.csv")
-    checked = 0
-    for row in table.itertuples(index=False):
-        kind = samples.site_kind == row.kind
-        cells = samples[kind & (samples.layer == row.layer) & (samples.token_group == row.token_group)
-                        & (samples["window"] == row.window)]
-        per_draw = np.array([np.mean([cells[(cells["sample"] == s) & (cells.probe_id == p)].effect.mean()
-                                      for p in sorted(set(cells.probe_id))]) for s in range(3)])
-        mean, sd = per_draw.mean(), per_draw.std(ddof=1)
-        half = stats.t.ppf(0.975, 2) * sd / np.sqrt(3)
-        assert row.effect == pytest.approx(mean, abs=1e-12)
-        assert row.sample_sd == pytest.approx(sd, abs=1e-12)
-        assert (row.sample_ci_low, row.sample_ci_high) == pytest.approx((mean - half, mean + half), abs=1e-12)
-        assert row.n_samples == 3 and row.n_probes == cells.probe_id.nunique()
-        checked += 1
-    assert checked == len(table) and set(table.kind) == {"resid_post", "mlp_out"}
-
+    assert check_table_by_hand(folder, 3) > 0
     # the study's report shows the averaged heatmap and the peaks of the table
     html = (tmp_path / "out" / "report.html").read_text()
     md = (tmp_path / "out" / "report.md").read_text()
     assert "<h2>Causal trace: model</h2>" in html and "src='models/model/trace_groups.png'" in html
     assert "![causal trace of model](models/model/trace_groups.png)" in md
     assert "average over 3 seeded noise draw(s)" in md and "95 % t interval over draws" in md
-    # and the analyses' Methods say what every value is
+    # the analyses' Methods say what every value is, and their noise-draws table is there
     analysis = (folder / "analysis" / "report.md").read_text()
-    assert "average over 3 seeded noise draws" in analysis
-
+    assert "average over 3 seeded noise draws" in analysis and "### Noise draws" in analysis
     again = run_study(study, tmp_path / "out", echo=lambda line: None)
     assert set(again.stages.values()) == {"up to date"}
-
-
-def test_study_file_and_clap_trace_are_one_spelling(model_dir, tmp_path):
-    """The study file's `trace:` is the study spec's: `clap trace` on the same section gives the same rows."""
-    from clap.app.cli import main
-
-    study = write_study(tmp_path, model_dir, figures=False)
-    roof = run_study(study, tmp_path / "out", until="trace", echo=lambda line: None)
-    assert list(roof.stages) == ["patch[model]", "trace[model]"]
-    assert not (roof.results_dir("model") / "trace_groups.png").exists()  # report.figures: false
-    assert main(["trace", str(study), "-o", str(tmp_path / "cli"),
-                 "--probe-figures", "0"]) == 2  # a study file is not a plain spec: `report:` is refused
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("\n".join(line for line in study.read_text().splitlines() if not line.startswith("report:")))
-    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress"]) == 0
-    keys = ["probe_id", "site", "position"]
-    a = roof.frame("model").sort_values(keys).reset_index(drop=True)
-    b = read_results(tmp_path / "cli")[0].sort_values(keys).reset_index(drop=True)
-    assert a.patched.to_numpy() == pytest.approx(b.patched.to_numpy(), abs=1e-7)
-    assert pd.read_csv(tmp_path / "cli" / "token_groups.csv").effect.to_numpy() == pytest.approx(
-        pd.read_csv(roof.results_dir("model") / "token_groups.csv").effect.to_numpy(), abs=1e-7)
 
 
 def test_old_section_name_is_refused_with_the_one_spelling(model_dir, tmp_path):
