@@ -25,6 +25,20 @@ def _traced(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return rows
 
 
+def _one_token_subjects(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` plus, for a one-token subject, its token again as the ``last subject``: ROME's averages read that
+    token as both the first and the last subject token. A subject is one token when the token after its first
+    token is the ``first subsequent`` one or the prompt's ``last`` (so it is known only where that token was traced
+    too; a subject that ends the prompt, which a fact to complete never has, would be misread)."""
+    firsts = rows[rows.token_group == "first subject"]
+    if firsts.empty:
+        return rows
+    labels = rows.drop_duplicates(["probe_id", "position"]).set_index(["probe_id", "position"]).token_group.to_dict()
+    single = [labels.get((p, int(q) + 1)) in ("first subsequent", "last")
+              for p, q in zip(firsts.probe_id, firsts.position, strict=True)]
+    return pd.concat([rows, firsts[single].assign(token_group="last subject")], ignore_index=True)
+
+
 #: the keys of one cell of the token-group table
 GROUP_KEYS = ["kind", "window", "layer", "token_group"]
 
@@ -40,17 +54,18 @@ def _group_means(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 def token_group_table(frame: pd.DataFrame, metric: str = "prob", samples: pd.DataFrame | None = None,
                       confidence: float = 0.95) -> pd.DataFrame:
     """Mean indirect effect (and its n) per traced component, layer and ROME token group, averaged first within a
-    probe (several ``further`` tokens count once per probe) and then over probes.
+    probe (several ``further`` tokens count once per probe) and then over probes. A one-token subject's token counts
+    as its first and its last subject token, as in ROME's averages.
 
     With ``samples`` (the per-draw rows, ``samples.parquet``) the table also says how much that mean moves between
     noise draws: the same mean computed per draw, then ``n_samples``, ``sample_sd`` (their standard deviation,
     ddof 1) and a ``confidence`` t interval over draws (``sample_ci_low``, ``sample_ci_high``). The mean over draws
     equals ``effect`` (every step is a mean), so the interval is centred on it."""
-    table = _group_means(_traced(frame, metric), GROUP_KEYS)
+    table = _group_means(_one_token_subjects(_traced(frame, metric)), GROUP_KEYS)
     if samples is not None and len(samples):
         from scipy import stats
 
-        per_draw = _group_means(_traced(samples, metric), [*GROUP_KEYS, "sample"])
+        per_draw = _group_means(_one_token_subjects(_traced(samples, metric)), [*GROUP_KEYS, "sample"])
         spread = per_draw.groupby(GROUP_KEYS, observed=True).effect.agg(["count", "std"]).reset_index()
         spread = spread.rename(columns={"count": "n_samples", "std": "sample_sd"})
         table = table.merge(spread, on=GROUP_KEYS, how="left")

@@ -27,8 +27,8 @@ PROBES = [  # corrupted prompts are never run: the trace's corrupted run is the 
      "answer": " epilepsy", "wrong": " hypertension", "knowledge_type": "associative", "subject": "Ethosuximide"},
     {"id": "fr", "clean": "The capital of France is", "corrupted": "The capital of Spain is",
      "answer": " Paris", "wrong": " Madrid", "knowledge_type": "definitional", "subject": " France"},
-    {"id": "vpa", "clean": "Valproate treats", "corrupted": "Aspirin treats", "answer": " seizures", "wrong": " pain",
-     "knowledge_type": "associative", "subject": "Valproate"},
+    {"id": "vpa", "clean": "The drug valproic acid treats", "corrupted": "The drug valproic acid treats",
+     "answer": " seizures", "wrong": " pain", "knowledge_type": "associative", "subject": " valproic acid"},
     {"id": "mig", "clean": "Migraine is a chronic disorder of the", "corrupted": "Epilepsy is a chronic disorder of the",
      "answer": " head", "wrong": " brain", "knowledge_type": "associative", "subject": "Migraine"},
 ]
@@ -61,11 +61,19 @@ def write_study(folder: Path, model_dir: Path, section: str = f"trace: {TRACE}",
 def check_table_by_hand(folder: Path, n_draws: int) -> int:
     """``token_groups.csv`` recomputed from samples.parquet with numpy: per draw, per probe the mean effect of its
     tokens in the group, the mean over probes; then the mean, sd (ddof 1) and t interval over the draws."""
+    from tests.interventions.reference import subject_indices
+
+    tokenizer = tiny_tokenizer()
+    one_token = {p["id"] for p in PROBES if len(subject_indices(tokenizer, p["clean"], p["subject"])) == 1}
+    assert one_token and len(one_token) < len(PROBES)  # both kinds of subject are in the test
     table = pd.read_csv(folder / "token_groups.csv")
     samples = read_samples(folder)
     for row in table.itertuples(index=False):
-        cells = samples[(samples.site_kind == row.kind) & (samples.layer == row.layer)
-                        & (samples.token_group == row.token_group) & (samples["window"] == row.window)]
+        group = samples.token_group == row.token_group
+        if row.token_group == "last subject":  # a one-token subject's token is also its last (ROME)
+            group |= (samples.token_group == "first subject") & samples.probe_id.isin(one_token)
+        cells = samples[(samples.site_kind == row.kind) & (samples.layer == row.layer) & group
+                        & (samples["window"] == row.window)]
         per_draw = np.array([np.mean([cells[(cells["sample"] == s) & (cells.probe_id == p)].effect.mean()
                                       for p in sorted(set(cells.probe_id))]) for s in range(n_draws)])
         mean, sd = per_draw.mean(), per_draw.std(ddof=1)
