@@ -89,3 +89,23 @@ def test_causal_trace_shows_the_published_pattern(smollm2, tmp_path):
     assert subject.loc[early].mean() > last.loc[early].mean()  # early on, the subject matters, the last token not
     assert last.loc[late].mean() > last.loc[early].mean()  # the last token rises in the late layers
     assert last.loc[late].mean() > subject.loc[late].mean()  # ... and exceeds the last subject token there
+
+
+def test_causal_trace_equals_hooks_on_smollm2(smollm2, tmp_path):
+    """Three shipped facts, three layers, every traced component (hidden states single, MLP and attention in
+    windows of 10), two noise draws: equal to the plain-hook reference with identical draws, to 1e-5."""
+    from .test_compose import CHECKED_POSITIONS, check_trace_against_hooks
+
+    lines = DEFINITIONAL.read_text(encoding="utf-8").splitlines()[:3]
+    (tmp_path / "three.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    probes = [json.loads(line) for line in lines]
+    spec = StudySpec.from_dict({
+        "model": {"source": "smollm2-135m"}, "probes": {"file": str(tmp_path / "three.jsonl")}, "seed": 11,
+        "recovery_epsilon": 0, "execution": {"progress": False, "max_rows": 64},
+        "trace": {"samples": 2, "layers": "10:13", "positions": CHECKED_POSITIONS,
+                  "kinds": {"resid_post": 1, "mlp_out": 10, "attn_out": 10}},
+    })
+    study = Study(spec, model=smollm2)
+    frame = study.run()
+    assert sorted(frame.layer.unique()) == [10, 11, 12]
+    assert check_trace_against_hooks(study, frame, smollm2, probes, [10, 11, 12]) == 3 * 2 * 3 * 3 * 2
