@@ -522,7 +522,13 @@ def methods_text(result: Analysis) -> list[str]:
     out.append(f"Intervals of means: 95 % {interval[a.interval]}.")
     if o.get("group_requested") and not group:
         out.append(f"No group tests: only one `{o['group_requested']}` group.")
-    draws = (result.meta.get("noise") or {}).get("samples") or 1
+    return out + _noise_methods(result.meta)
+
+
+def _noise_methods(meta: dict[str, Any]) -> list[str]:
+    """The Methods sentence of a study that drew noise several times (none otherwise)."""
+    out = []
+    draws = (meta.get("noise") or {}).get("samples") or 1
     if draws > 1:
         out.append(f"Noise: every value is the average over {draws} seeded noise draws per cell (each draw seeded by "
                    "the study's seed, the probe, the draw and the site; the std used is in run.json); clean, corrupted "

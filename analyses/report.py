@@ -416,6 +416,13 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([head, rule, *rows]) + "\n"
 
 
+def _noise_markdown(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The noise draws table (studies with ``samples`` > 1), after the Methods."""
+    if not len(tables.get("noise_samples", ())):
+        return []
+    return ["", "### Noise draws", "", markdown_table(tables["noise_samples"])]
+
+
 def render_markdown(result: Analysis) -> str:
     """The report as Markdown; figures are linked relative to the report's folder."""
     meta, tables, o = result.meta, result.tables, result.options
@@ -441,9 +448,7 @@ def render_markdown(result: Analysis) -> str:
               if len(tables.get("probe_validity", ())) else []),
             "## Study spec", "", "```yaml", _spec_text(meta).rstrip(), "```", "",
             "## Methods", ""]
-    out += [f"- {m}" for m in _methods(result)]
-    if len(tables.get("noise_samples", ())):
-        out += ["", "### Noise draws", "", markdown_table(tables["noise_samples"])]
+    out += [f"- {m}" for m in _methods(result)] + _noise_markdown(tables)
     if len(tables["trivial_sites"]):
         out += ["", "### Sites that recover by construction", "", markdown_table(tables["trivial_sites"])]
     out += ["", "## Results", ""]

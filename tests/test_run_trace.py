@@ -29,8 +29,9 @@ PROBES = [  # corrupted prompts are never run: the trace's corrupted run is the 
      "answer": " Paris", "wrong": " Madrid", "knowledge_type": "definitional", "subject": " France"},
     {"id": "vpa", "clean": "The drug valproic acid treats", "corrupted": "The drug valproic acid treats",
      "answer": " seizures", "wrong": " pain", "knowledge_type": "associative", "subject": " valproic acid"},
-    {"id": "mig", "clean": "Migraine is a chronic disorder of the", "corrupted": "Epilepsy is a chronic disorder of the",
-     "answer": " head", "wrong": " brain", "knowledge_type": "associative", "subject": "Migraine"},
+    {"id": "mig", "clean": "Migraine is a chronic disorder of the",
+     "corrupted": "Epilepsy is a chronic disorder of the", "answer": " head", "wrong": " brain",
+     "knowledge_type": "associative", "subject": "Migraine"},
 ]
 TRACE = "{samples: 3, noise: 3, relative_to: selected_std, kinds: {resid_post: 1, mlp_out: 2}}"
 
