@@ -56,7 +56,7 @@ def test_causal_trace_shows_the_published_pattern(smollm2, tmp_path):
     probes = tmp_path / "known.jsonl"
     n_known = known_facts(smollm2, DEFINITIONAL, probes)
     assert n_known >= 30
-    samples = 3  # ROME draws 10; 3 keeps this test within ~half an hour on a loaded 2-core machine
+    samples = 3  # ROME draws 10; 3 keeps this to ~37,000 patched rows (about 4 rows/s on 2 cores at load 10)
     spec = StudySpec.from_dict({
         "name": "trace-smollm2", "model": {"source": "smollm2-135m"}, "probes": {"file": str(probes)},
         "trace": {"samples": samples, "kinds": {"resid_post": 1}},
