@@ -95,6 +95,7 @@ TABLE_FILES = {
     "module_ci": "module_ci.csv",
     "trivial_sites": "trivial_sites.csv",
     "skipped": "skipped.csv",
+    "noise_samples": "noise_samples.csv",
 }
 
 #: Book-keeping columns every statistics table ends with (see :mod:`analyses.stats`).
@@ -285,6 +286,7 @@ def analyze(
         tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(extra)], ignore_index=True)
     tables["probe_validity"] = validity
     tables["shared_prompts"] = shared_clean_prompts(prompts)
+    tables["noise_samples"] = noise_samples(results_dir, data)
     notes = _caveats.collect(data, tables, group, alpha)
     notes += _caveats.validity_caveats(validity, tables["shared_prompts"], opts.subject)
     result = Analysis(results_dir, out, data, meta, options, tables, notes)
@@ -392,6 +394,7 @@ def compute_tables(
                                     position_reduction=opts.position_reduction, subject_field=opts.subject_field)
     tables["probe_validity"] = pd.DataFrame(columns=VALIDITY_COLUMNS)
     tables["shared_prompts"] = shared_clean_prompts(None)
+    tables["noise_samples"] = pd.DataFrame()  # filled by analyze() from samples.parquet when the study drew noise
     return {name: tables[name] for name in TABLE_FILES}
 
 
@@ -437,6 +440,19 @@ def _rules(opts: AnalysisOptions) -> str:
 def _reduction_words(opts: AnalysisOptions) -> str:
     heads = "heads summed per layer" if opts.head_reduction == "sum" else "heads tested one by one"
     return f"{position_label(opts.position_reduction)} ({heads})"
+
+
+def noise_samples(results_dir: Path, data: pd.DataFrame) -> pd.DataFrame:
+    """The spread over noise draws (:func:`analyses.samples.sample_spread`) of the probes the analysis kept, from
+    ``samples.parquet``; empty when the study drew noise once."""
+    from analyses.samples import sample_spread
+    from clap.contract import read_samples
+
+    samples = read_samples(results_dir)
+    if samples is None:
+        return pd.DataFrame()
+    kept = samples[samples["probe_id"].isin(set(data["probe_id"])) & samples["metric"].isin(set(data["metric"]))]
+    return sample_spread(kept)
 
 
 def methods_text(result: Analysis) -> list[str]:
@@ -505,6 +521,19 @@ def methods_text(result: Analysis) -> list[str]:
     out.append(f"Intervals of means: 95 % {interval[a.interval]}.")
     if o.get("group_requested") and not group:
         out.append(f"No group tests: only one `{o['group_requested']}` group.")
+    return out + _noise_methods(result.meta)
+
+
+def _noise_methods(meta: dict[str, Any]) -> list[str]:
+    """The Methods sentence of a study that drew noise several times (none otherwise)."""
+    out = []
+    draws = (meta.get("noise") or {}).get("samples") or 1
+    if draws > 1:
+        out.append(f"Noise: every value is the average over {draws} seeded noise draws per cell (each draw seeded by "
+                   "the study's seed, the probe, the draw and the site; the std used is in run.json); clean, corrupted "
+                   "and patched values are averaged, recovery and effect computed from the averages. The draws are in "
+                   "samples.parquet; the noise draws table gives per metric, site kind and layer the spread of each "
+                   "cell's effect over its draws (median and largest standard deviation, mean 95 % t half-width).")
     return out
 
 

@@ -343,6 +343,8 @@ def render_html(result: Analysis) -> str:
         "<h2 id=\"methods\">Methods</h2><ul>" + "".join(f"<li>{_md_inline(m)}</li>" for m in _methods(result))
         + "</ul>",
     ]
+    if len(tables.get("noise_samples", ())):
+        parts += ["<h3>Noise draws</h3>", _html_table(tables["noise_samples"])]
     if len(tables["trivial_sites"]):
         parts += ["<h3>Sites that recover by construction</h3>", _html_table(tables["trivial_sites"])]
     parts.append("<h2 id=\"results\">Results</h2>")
@@ -414,6 +416,13 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([head, rule, *rows]) + "\n"
 
 
+def _noise_markdown(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The noise draws table (studies with ``samples`` > 1), after the Methods."""
+    if not len(tables.get("noise_samples", ())):
+        return []
+    return ["", "### Noise draws", "", markdown_table(tables["noise_samples"])]
+
+
 def render_markdown(result: Analysis) -> str:
     """The report as Markdown; figures are linked relative to the report's folder."""
     meta, tables, o = result.meta, result.tables, result.options
@@ -439,7 +448,7 @@ def render_markdown(result: Analysis) -> str:
               if len(tables.get("probe_validity", ())) else []),
             "## Study spec", "", "```yaml", _spec_text(meta).rstrip(), "```", "",
             "## Methods", ""]
-    out += [f"- {m}" for m in _methods(result)]
+    out += [f"- {m}" for m in _methods(result)] + _noise_markdown(tables)
     if len(tables["trivial_sites"]):
         out += ["", "### Sites that recover by construction", "", markdown_table(tables["trivial_sites"])]
     out += ["", "## Results", ""]

@@ -53,7 +53,8 @@ A results folder holds two files:
     those means. ``run.json`` then records the noise stds used (``noise``).
 
 ``samples.parquet``
-    Only with ``samples`` > 1: the same columns, one row per noise draw.
+    Only with ``samples`` > 1: the same columns, one row per noise draw (:func:`read_samples`; the analyses and the
+    trace tables report the spread over draws from it).
 
 ``run.json``
     The sidecar: a JSON object with at least :data:`REQUIRED_SIDECAR_KEYS` (the resolved spec, the model's
@@ -212,6 +213,29 @@ def read_results(results_dir: str | Path, *, validate: bool = True) -> tuple[pd.
     if validate:
         data = validate_results(data, source=str(path), group_columns=meta["group_columns"])
     return data, meta
+
+
+def samples_path(results_dir: str | Path) -> Path:
+    """``RESULTS_DIR/samples.parquet`` (only with ``samples`` > 1)."""
+    return Path(results_dir) / SAMPLES_FILE
+
+
+def read_samples(results_dir: str | Path) -> pd.DataFrame | None:
+    """The per-noise-draw rows of a results folder (``samples.parquet``), checked and typed like the results, or
+    None when the study drew noise once (no such file). Every row has an integer ``sample``."""
+    root = Path(results_dir)
+    path = samples_path(root)
+    if not path.is_file():
+        return None
+    meta = read_sidecar(sidecar_path(root))
+    try:
+        data = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for a corrupt file
+        raise ClapError(f"{path}: not a readable Parquet file ({exc})") from exc
+    data = validate_results(data, source=str(path), group_columns=meta["group_columns"])
+    if "sample" not in data.columns or data["sample"].isna().any():
+        raise ClapError(f"{path}: every row of {SAMPLES_FILE} names its noise draw in column 'sample'")
+    return data
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:

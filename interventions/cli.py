@@ -61,8 +61,9 @@ def run_trace(args: argparse.Namespace) -> int:
     if spec.trace is None:
         raise ClapError(f"{args.spec}: `clap trace` needs a `trace:` section (e.g. `trace: {{samples: 10}}`); "
                         f"run other specs with `clap patch`")
-    frame = Study(spec).run(args.out)
-    written = write_trace_outputs(frame, args.out, args.probe_figures)
+    study = Study(spec)
+    frame = study.run(args.out)
+    written = write_trace_outputs(frame, args.out, args.probe_figures, samples=study.samples_frame)
     print(f"{len(frame)} result rows ({frame.probe_id.nunique()} probes) written to {results_path(args.out)}; "
           f"{', '.join(p.name for p in written)}")
     return 0

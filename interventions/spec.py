@@ -267,12 +267,15 @@ class TraceSpec(StrictModel):
     kinds: dict[Literal["resid_post", "mlp_out", "attn_out", "resid_pre"], int] = Field(
         default_factory=lambda: {"resid_post": 1, "mlp_out": 10, "attn_out": 10})
     positions: list[PositionSelector] = Field(default_factory=lambda: ["each"], min_length=1)
+    #: which layers to trace, in the site syntax's brackets: ``*`` (all), ``0:8``, ``12``; a window still takes its
+    #: neighbours from the whole stack
+    layers: str = "*"
 
     def expand(self) -> dict[str, Any]:
         return {
             "baseline": [{"sites": ["embed"], "positions": [{"field": self.subject}],
                           "operation": {"name": "noise", "scale": self.noise, "relative_to": self.relative_to}}],
-            "patches": [{"sites": [f"layers[*].{kind}"], "positions": self.positions, "window": window,
+            "patches": [{"sites": [f"layers[{self.layers}].{kind}"], "positions": self.positions, "window": window,
                          "operations": ["replace"]} for kind, window in self.kinds.items()],
             "samples": self.samples,
             "corrupted_prompt": "clean",

@@ -25,13 +25,53 @@ def _traced(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return rows
 
 
-def token_group_table(frame: pd.DataFrame, metric: str = "prob") -> pd.DataFrame:
+def _one_token_subjects(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` plus, for a one-token subject, its token again as the ``last subject``: ROME's averages read that
+    token as both the first and the last subject token. A subject is one token when the token after its first
+    token is the ``first subsequent`` one or the prompt's ``last`` (so it is known only where that token was traced
+    too; a subject that ends the prompt, which a fact to complete never has, would be misread)."""
+    firsts = rows[rows.token_group == "first subject"]
+    if firsts.empty:
+        return rows
+    labels = rows.drop_duplicates(["probe_id", "position"]).set_index(["probe_id", "position"]).token_group.to_dict()
+    single = [labels.get((p, int(q) + 1)) in ("first subsequent", "last")
+              for p, q in zip(firsts.probe_id, firsts.position, strict=True)]
+    return pd.concat([rows, firsts[single].assign(token_group="last subject")], ignore_index=True)
+
+
+#: the keys of one cell of the token-group table
+GROUP_KEYS = ["kind", "window", "layer", "token_group"]
+
+
+def _group_means(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean effect per ``by`` + token group: first within a probe (several ``further`` tokens count once), then over
+    probes; with the number of probes."""
+    per_probe = rows.groupby([*by, "probe_id"], observed=True).effect.mean()
+    table = per_probe.groupby(by, observed=True).agg(["mean", "count"])
+    return table.rename(columns={"mean": "effect", "count": "n_probes"}).reset_index()
+
+
+def token_group_table(frame: pd.DataFrame, metric: str = "prob", samples: pd.DataFrame | None = None,
+                      confidence: float = 0.95) -> pd.DataFrame:
     """Mean indirect effect (and its n) per traced component, layer and ROME token group, averaged first within a
-    probe (several ``further`` tokens count once per probe) and then over probes."""
-    rows = _traced(frame, metric)
-    per_probe = rows.groupby(["kind", "window", "layer", "token_group", "probe_id"], observed=True).effect.mean()
-    table = per_probe.groupby(["kind", "window", "layer", "token_group"], observed=True).agg(["mean", "count"])
-    table = table.rename(columns={"mean": "effect", "count": "n_probes"}).reset_index()
+    probe (several ``further`` tokens count once per probe) and then over probes. A one-token subject's token counts
+    as its first and its last subject token, as in ROME's averages.
+
+    With ``samples`` (the per-draw rows, ``samples.parquet``) the table also says how much that mean moves between
+    noise draws: the same mean computed per draw, then ``n_samples``, ``sample_sd`` (their standard deviation,
+    ddof 1) and a ``confidence`` t interval over draws (``sample_ci_low``, ``sample_ci_high``). The mean over draws
+    equals ``effect`` (every step is a mean), so the interval is centred on it."""
+    table = _group_means(_one_token_subjects(_traced(frame, metric)), GROUP_KEYS)
+    if samples is not None and len(samples):
+        from scipy import stats
+
+        per_draw = _group_means(_one_token_subjects(_traced(samples, metric)), [*GROUP_KEYS, "sample"])
+        spread = per_draw.groupby(GROUP_KEYS, observed=True).effect.agg(["count", "std"]).reset_index()
+        spread = spread.rename(columns={"count": "n_samples", "std": "sample_sd"})
+        table = table.merge(spread, on=GROUP_KEYS, how="left")
+        n = table.n_samples.to_numpy(dtype=float)
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * table.sample_sd.to_numpy(dtype=float) / n ** 0.5
+        table["sample_ci_low"], table["sample_ci_high"] = table.effect - half, table.effect + half
     table["token_group"] = pd.Categorical(table.token_group, categories=TOKEN_GROUPS, ordered=True)
     return table.sort_values(["kind", "window", "token_group", "layer"]).reset_index(drop=True)
 
@@ -80,22 +120,29 @@ def _draw(grids: list[pd.DataFrame], titles: list[str], path: str | Path, label:
         ax.set_ylabel("")
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from clap.contract import atomic_write
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
-def write_trace_outputs(frame: pd.DataFrame, out_dir: str | Path, n_probe_figures: int = 3) -> list[Path]:
-    """``token_groups.csv``, ``trace_groups.png`` and the first ``n_probe_figures`` probes' heatmaps."""
+#: the files :func:`write_trace_outputs` writes beside the results (per-probe heatmaps are ``trace_<probe id>.png``)
+TABLE_FILE, GROUPS_FIGURE = "token_groups.csv", "trace_groups.png"
+
+
+def write_trace_outputs(frame: pd.DataFrame, out_dir: str | Path, n_probe_figures: int = 3,
+                        samples: pd.DataFrame | None = None, figures: bool = True) -> list[Path]:
+    """``token_groups.csv`` (with the spread over noise draws when ``samples`` are given), ``trace_groups.png`` and
+    the first ``n_probe_figures`` probes' heatmaps (no figures with ``figures=False``)."""
+    from clap.contract import atomic_write_frame
+
     out = Path(out_dir)
-    table = token_group_table(frame)
-    tmp = out / "token_groups.csv.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(out / "token_groups.csv")
-    written = [out / "token_groups.csv", plot_groups(frame, out / "trace_groups.png")]
+    written = [atomic_write_frame(out / TABLE_FILE, token_group_table(frame, samples=samples))]
+    if not figures:
+        return written
+    written.append(plot_groups(frame, out / GROUPS_FIGURE))
     for probe_id in list(dict.fromkeys(frame.probe_id))[:n_probe_figures]:
         written.append(plot_probe(frame, probe_id, out / f"trace_{probe_id}.png"))
     return written

@@ -1,5 +1,5 @@
-"""The shipped studies in studies/: they validate, the pending ones are refused clearly, and the runnable ones run
-on a tiny local GPT-2 (the real models need the network, NDIF or real weights)."""
+"""The shipped studies in studies/: they validate, the causal trace has ROME's settings, pending sections are refused
+clearly, and the runnable ones run on a tiny local GPT-2 (the real models need the network, NDIF or real weights)."""
 
 from __future__ import annotations
 
@@ -38,13 +38,21 @@ def test_shipped_study_validates_and_reads_both_probe_sets(name):
     assert [Path(f).name for f in study.probes.files] == ["definitional.jsonl", "associative.jsonl"]
 
 
-def test_pending_studies_are_refused_by_name(tmp_path, capsys):
-    from clap.app.cli import main
+def test_trace_study_has_romes_settings():
+    from interventions.spec import ModelSpec
 
-    assert main(["run", str(STUDIES / "epilepsy-trace.yaml"), "-o", str(tmp_path / "out")]) == 2
-    assert "needs causal tracing (not yet available)" in capsys.readouterr().err
-    with pytest.raises(ClapError, match=r"`causal_tracing:` needs causal tracing \(not yet available\)"):
-        run_study(STUDIES / "epilepsy-trace.yaml", tmp_path / "out")
+    study = StudyFile.from_yaml(STUDIES / "epilepsy-trace.yaml")
+    assert study.pending() == []
+    spec = study.patch_spec(ModelSpec(source="smollm2-135m"), Path("probes.jsonl"))
+    assert spec.corrupted_prompt == "clean" and spec.samples == 10 and spec.metrics == ["prob"]
+    noise = spec.baseline[0]
+    assert noise.sites == ["embed"] and noise.positions[0].field == "subject"
+    assert (noise.operation.name, noise.operation.scale, noise.operation.relative_to) == ("noise", 3, "selected_std")
+    assert [(g.sites, g.window) for g in spec.patches] == [
+        (["layers[*].resid_post"], 1), (["layers[*].mlp_out"], 10), (["layers[*].attn_out"], 10)]
+
+
+def test_pending_studies_are_refused_by_name(tmp_path, capsys):
     text = (STUDIES / "epilepsy-finetune.yaml").read_text()
     head, tail = text.split("# cross_model:")
     uncommented = head + "cross_model:" + tail.replace("#   ", "  ")

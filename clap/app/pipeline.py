@@ -9,6 +9,8 @@ Stages, in order (``--until`` stops after one, ``--force`` reruns one and what d
     corpus             clap corpus build (or a corpus built before, hashed)      <out>/corpus/
     finetune           clap finetune, starting from a model of the study          <out>/finetune/
     patch[NAME]        clap patch, per model: same probes, sites, operations      <out>/models/NAME/
+    trace[NAME]        with a `trace:` section: ROME's token-group table and      <out>/models/NAME/
+                       heatmaps beside the results (what `clap trace` writes)     token_groups.csv, trace_*.png
     analyze[NAME]      clap report, per model: tables, figures, report.html       <out>/models/NAME/analysis/
     compare[A-vs-B]    clap compare, per pair named by `compare:`                 <out>/compare/A-vs-B/
     report             the study's own report: models, comparisons, caveats       <out>/report.html, report.md
@@ -48,7 +50,9 @@ from clap.contract import read_results
 from clap.errors import ClapError, closest
 from interventions.spec import ModelSpec, ProbeSetSpec
 
-STAGE_KINDS = ("corpus", "finetune", "patch", "analyze", "compare", "report")
+STAGE_KINDS = ("corpus", "finetune", "patch", "trace", "analyze", "compare", "report")
+#: Per-probe heatmaps a trace stage draws (the first probes of the set); the averaged figure is always drawn.
+TRACE_PROBE_FIGURES = 3
 #: Built-in model names whose code lands separately: source -> (module that provides it, what it is).
 PENDING_BUILTINS = {
     "smollm2-135m-epilepsy": ("clap.builtin_adapters",
@@ -149,6 +153,9 @@ class _Planner:
         probes = self._probes()
         for name, entry in study.model_entries().items():
             self._patch(name, entry, probes)
+        if study.trace is not None:
+            for name in study.model_entries():
+                self._trace(name)
         for name in study.model_entries():
             self._analyze(name)
         for a, b in study.comparisons():
@@ -315,6 +322,22 @@ class _Planner:
                 raise ClapError(f"model {name!r}: source {entry.source!r} is {what} ({module}), which this "
                                 "installation of clap lacks")
 
+    def _trace(self, name: str) -> None:
+        """ROME's six-token-group table (with the spread over noise draws) and the heatmaps, beside the results."""
+        results = self.out / "models" / name
+        figures = self.study.report.figures
+
+        def run(resume: bool) -> list[Path]:
+            from clap.contract import read_samples
+            from interventions.trace_figures import write_trace_outputs
+
+            frame = read_results(results)[0]
+            return write_trace_outputs(frame, results, TRACE_PROBE_FIGURES, samples=read_samples(results),
+                                       figures=figures)
+
+        key = {"figures": figures, "probe_figures": TRACE_PROBE_FIGURES}
+        self._add(f"trace[{name}]", "trace", key, [f"patch[{name}]"], run)
+
     # -- analyses -------------------------------------------------------------------------------------------
     def _analyze(self, name: str) -> None:
         results = self.out / "models" / name
@@ -347,7 +370,7 @@ class _Planner:
     def _report(self) -> None:
         from clap.app.study_report import write_study_report
 
-        upstream = [s.name for s in self.stages if s.kind in ("analyze", "compare")]
+        upstream = [s.name for s in self.stages if s.kind in ("trace", "analyze", "compare")]
         planner = self
 
         def run(resume: bool) -> list[Path]:

@@ -16,7 +16,10 @@ Everything a ``StudySpec`` accepts is accepted here with the same meaning, plus:
 ``finetune`` ``model:`` (a models entry or a source), ``preset:``, ``settings:`` (any fine-tuning setting)
 ``compare``  ``[a, b]`` or ``[[a, b], [a, c]]``: paired comparisons of models (``clap compare``)
 ``report``   ``figures: false`` (tables and reports without figures: quick checks), ``n_boot``
-``cross_model``, ``causal_tracing``  recorded, but refused by ``clap run`` until those analyses exist
+``trace``    causal tracing, the study spec's own section (:class:`interventions.spec.TraceSpec`): the patch stage
+             runs the trace and a ``trace[NAME]`` stage writes its token-group table and heatmaps; the section is
+             what makes a study a causal trace (there is no separate ``kind:``)
+``cross_model``  recorded, but refused by ``clap run`` until that analysis exists
 
 Validation errors name file, line and field, in the format of :mod:`interventions.spec`.
 """
@@ -38,8 +41,9 @@ from interventions.spec import ModelSpec, ProbeSetSpec, SpecError, StudySpec
 #: Sections that describe analyses not available yet: ``clap run`` refuses them with this reason.
 PENDING_SECTIONS = {
     "cross_model": "needs cross-model patching (not yet available)",
-    "causal_tracing": "needs causal tracing (not yet available)",
 }
+#: Earlier spellings of sections, refused with the one spelling to use.
+RENAMED_SECTIONS = {"causal_tracing": "trace"}
 #: Fields of a study file that are not part of the per-model patching spec.
 RUN_FIELDS = ("models", "model", "corpus", "finetune", "compare", "report", *PENDING_SECTIONS)
 PACKAGE_PREFIX = "package:"
@@ -138,7 +142,16 @@ class StudyFile(StudySpec):
     compare: list[str | list[str]] | None = None
     report: ReportSection = Field(default_factory=ReportSection)
     cross_model: dict[str, Any] | None = None
-    causal_tracing: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in RENAMED_SECTIONS.items():
+                if old in data:
+                    raise ValueError(f"`{old}:` is spelled `{new}:` (the study spec's section, same keys as in "
+                                     f"`clap trace`; see interventions.spec.TraceSpec)")
+        return data
 
     @field_validator("models")
     @classmethod

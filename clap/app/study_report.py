@@ -60,6 +60,32 @@ def design_caveats(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     return notes
 
 
+def trace_peaks(table: pd.DataFrame) -> pd.DataFrame:
+    """From a causal trace's token-group table (``token_groups.csv``): per traced component and ROME token group,
+    the largest mean indirect effect over layers, its layer, and its interval over noise draws when recorded."""
+    rows = []
+    for (kind, window, group), part in table.groupby(["kind", "window", "token_group"], sort=False, observed=True):
+        best = part.loc[part["effect"].idxmax()]
+        row = {"component": kind + (f" (window {window})" if window > 1 else ""), "token group": group,
+               "peak effect": best["effect"], "layer": int(best["layer"]), "probes": int(best["n_probes"])}
+        if "sample_sd" in part.columns:
+            row["draws"] = int(best["n_samples"])
+            row["95 % t interval over draws"] = f"[{best['sample_ci_low']:.4f}, {best['sample_ci_high']:.4f}]"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _trace(results: Path) -> dict[str, Any] | None:
+    """A model's causal-trace outputs, when its stage wrote them."""
+    from interventions.trace_figures import GROUPS_FIGURE, TABLE_FILE
+
+    table = results / TABLE_FILE
+    if not table.is_file():
+        return None
+    figure = results / GROUPS_FIGURE
+    return {"peaks": trace_peaks(pd.read_csv(table)), "table": table, "figure": figure if figure.is_file() else None}
+
+
 def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Path]:
     """Write ``<out>/report.html`` and ``<out>/report.md``; return their paths."""
     from analyses.io import load_results
@@ -76,7 +102,8 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
             "name": name, "source": source, "architecture": (meta.get("model") or {}).get("architecture", ""),
             "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
             "results": results, "report": report if report.is_file() else None,
-            "caveats": design_caveats(frame, meta),
+            "caveats": design_caveats(frame, meta), "trace": _trace(results),
+            "samples": ((meta.get("noise") or {}).get("samples")),
         })
     comparisons = []
     for a, b in study.comparisons():
@@ -90,6 +117,20 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
     atomic_write_text(html_path, _html(study, out, models, comparisons, stage_rows))
     atomic_write_text(md_path, _markdown(study, out, models, comparisons, stage_rows))
     return [html_path, md_path]
+
+
+def _trace_words(m: dict[str, Any]) -> str:
+    draws = m["samples"] or 1
+    return ("Indirect effect = p(answer | corrupted + restored) - p(answer | corrupted), the corruption being noise "
+            "on the subject's token embeddings; per component and ROME token group the mean over probes (within a "
+            f"probe first over its tokens in the group), each value the average over {draws} seeded noise draw(s)"
+            + ("; the interval is a t interval over the draws' means." if draws > 1 else "."))
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    return "\n".join(["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+                     + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def _rel(path: Path, out: Path) -> str:
@@ -108,6 +149,13 @@ def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict]
         lines += ["", "## Comparisons", ""]
         for c in comparisons:
             lines.append(f"- {c['pair']}: " + (f"[compare.html]({_rel(c['page'], out)})" if c["page"] else "not run"))
+    for m in models:
+        if m["trace"]:
+            lines += ["", f"## Causal trace: {m['name']}", "", _trace_words(m), ""]
+            if m["trace"]["figure"]:
+                lines += [f"![causal trace of {m['name']}]({_rel(m['trace']['figure'], out)})", ""]
+            lines += [_markdown_table(m["trace"]["peaks"]), "",
+                      f"Full table: [{m['trace']['table'].name}]({_rel(m['trace']['table'], out)})"]
     lines += ["", "## Design caveats", ""]
     any_caveat = False
     for m in models:
@@ -139,6 +187,15 @@ def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], st
         parts.append(f"<tr><td>{e(m['name'])}</td><td>{e(m['source'])}</td><td>{e(str(m['architecture']))}</td>"
                      f"<td>{m['probes']}</td><td>{m['sites']}</td><td>{m['rows']}</td><td>{link}</td></tr>")
     parts.append("</table>")
+    for m in models:
+        if m["trace"]:
+            parts.append(f"<h2>Causal trace: {e(m['name'])}</h2><p>{e(_trace_words(m))}</p>")
+            if m["trace"]["figure"]:
+                parts.append(f"<img src='{e(_rel(m['trace']['figure'], out))}' alt='causal trace of {e(m['name'])}' "
+                             "style='max-width:100%'>")
+            parts.append(m["trace"]["peaks"].to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0))
+            parts.append(f"<p>Full table: <a href='{e(_rel(m['trace']['table'], out))}'>"
+                         f"{e(m['trace']['table'].name)}</a></p>")
     if comparisons:
         parts.append("<h2>Comparisons</h2><ul>")
         for c in comparisons:

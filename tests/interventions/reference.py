@@ -132,11 +132,19 @@ def mix_edit(source: torch.Tensor, positions: Sequence[int], alpha: float):
 
 
 def subject_indices(tokenizer, prompt: str, subject: str) -> list[int]:
-    """Token indices of ``subject`` in ``prompt``, by tokenising the text before it and through it."""
+    """Token indices of the tokens of ``prompt`` whose text overlaps ``subject``'s characters; a token's characters
+    are found by decoding the prompt's tokens up to it (tokenising the text before the subject alone would split
+    " epilepsy" into " " + "epilepsy" where the subject has no leading space)."""
+    ids = tokenizer(prompt)["input_ids"]
     start = prompt.index(subject)
-    before = len(tokenizer(prompt[:start])["input_ids"]) if start else 0
-    through = len(tokenizer(prompt[: start + len(subject)])["input_ids"])
-    return list(range(before, through))
+    end = start + len(subject)
+    out, previous = [], 0
+    for i in range(len(ids)):
+        upto = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
+        if upto > previous and previous < end and upto > start:
+            out.append(i)
+        previous = upto
+    return out
 
 
 def answer_prob(logits: torch.Tensor, answer: Sequence[int]) -> float:

@@ -32,28 +32,40 @@ def family(model) -> str:
     return "gpt2" if model.hf.config.model_type == "gpt2" else "llama"
 
 
-def trace_spec(**trace) -> StudySpec:
+#: the two tokens the hook reference checks: ROME's last subject token and the prompt's last token
+CHECKED_POSITIONS = [{"field": "subject", "token": "last"}, "last"]
+
+
+def trace_spec(remote: bool | str = False, **trace) -> StudySpec:
     return StudySpec.from_dict({
         "model": {"source": "in-memory"}, "probes": {"inline": TRACE_PROBES}, "seed": 7, "recovery_epsilon": 0,
         "trace": {"samples": 2, "kinds": {"resid_post": 1, "mlp_out": 2}, **trace},
-        "execution": {"progress": False, "remote": "local", "max_rows": 64},
+        "execution": {"progress": False, "remote": remote, "max_rows": 64},
     })
 
 
-def test_causal_trace_equals_hooks(tiny_model):
-    study = Study(trace_spec(), model=tiny_model)
-    frame = study.run()
-    per_sample = study.samples_frame
-    hf, tok, paths = tiny_model.hf, tiny_model.tokenizer, PATHS[family(tiny_model)]
+def subject_of(probe: dict) -> str:
+    return probe["labels"]["subject"] if "labels" in probe else probe["subject"]
+
+
+def check_trace_against_hooks(study: Study, frame, model, probes: list[dict], layers: list[int]) -> int:
+    """Every (probe, draw, traced component, layer, token in {last subject, last}) of a finished trace ``study``
+    recomputed with plain hooks on the unpadded clean prompt, the noise drawn by the documented seed; the averages
+    over draws in ``frame`` checked too. Returns the number of per-draw cells checked."""
+    spec = study.spec
+    per_sample = study.samples_frame if spec.samples > 1 else frame
+    hf, tok, paths = model.hf, model.tokenizer, PATHS[family(model)]
     n_layers = hf.config.num_hidden_layers
-    # the noise unit: std of the subjects' token embeddings over the probe set, times 3
-    subjects = {p["id"]: ref.subject_indices(tok, p["clean"], p["labels"]["subject"]) for p in TRACE_PROBES}
+    modules = {"resid_post": "block", "mlp_out": "mlp", "attn_out": "attn"}
+    kinds = [(kind, modules[kind], window) for kind, window in spec.trace.kinds.items()]
+    # the noise unit: std of the subjects' token embeddings over the probe set, times the trace's noise
+    subjects = {p["id"]: ref.subject_indices(tok, p["clean"], subject_of(p)) for p in probes}
     embeds = [ref.capture(hf, tok(p["clean"])["input_ids"], paths["embed"], "output")[subjects[p["id"]]]
-              for p in TRACE_PROBES]
-    std = 3 * float(torch.cat(embeds).std())
-    assert study.constants.noise_std(study.spec.baseline[0].operation) == pytest.approx(std, rel=1e-6)
+              for p in probes]
+    std = spec.trace.noise * float(torch.cat(embeds).std())
+    assert study.constants.noise_std(spec.baseline[0].operation) == pytest.approx(std, rel=1e-6)
     checked = 0
-    for probe in TRACE_PROBES:
+    for probe in probes:
         ids = tok(probe["clean"])["input_ids"]
         answer = tok(probe["answer"], add_special_tokens=False)["input_ids"]
         subject = subjects[probe["id"]]
@@ -66,13 +78,13 @@ def test_causal_trace_equals_hooks(tiny_model):
                 clean_acts[path] = ref.capture(hf, ids, path, "output")
             return clean_acts[path]
 
-        for sample in range(2):
-            noise = ref.gaussian(f"7|{probe['id']}|{sample}|embed|baseline0", len(subject), width, std)
+        for sample in range(spec.samples):
+            noise = ref.gaussian(f"{spec.seed}|{probe['id']}|{sample}|embed|baseline0", len(subject), width, std)
             noised = (paths["embed"], "output", ref.add_edit(noise, subject))
             corrupted = ref.answer_prob(ref.run(hf, ids, [noised]), answer)
             corrupted_by_sample.append(corrupted)
-            for kind, module, window in (("resid_post", "block", 1), ("mlp_out", "mlp", 2)):
-                for layer in range(n_layers):
+            for kind, module, window in kinds:
+                for layer in layers:
                     low, high = max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2)
                     for token in (subject[-1], len(ids) - 1):
                         patches = [noised]
@@ -93,21 +105,46 @@ def test_causal_trace_equals_hooks(tiny_model):
                         patched_sums.setdefault((site, token), []).append(expected)
                         checked += 1
         clean = ref.answer_prob(ref.run(hf, ids), answer)
+        n = spec.samples
         for (site, token), values in patched_sums.items():
             row = frame[(frame.probe_id == probe["id"]) & (frame.site == site) & (frame.position == token)].iloc[0]
-            mean_corrupted = sum(corrupted_by_sample) / 2
-            assert row.patched == pytest.approx(sum(values) / 2, abs=TOL)
+            mean_corrupted = sum(corrupted_by_sample) / n
+            assert row.patched == pytest.approx(sum(values) / n, abs=TOL)
             assert row.corrupted == pytest.approx(mean_corrupted, abs=TOL)
             assert row.clean == pytest.approx(clean, abs=TOL)
-            recovery = (sum(values) / 2 - mean_corrupted) / (clean - mean_corrupted)
+            recovery = (sum(values) / n - mean_corrupted) / (clean - mean_corrupted)
             # the probabilities agree to TOL; recovery divides by clean - corrupted (tiny for random weights)
             assert row.recovery == pytest.approx(recovery, abs=3 * TOL / abs(clean - mean_corrupted) + 1e-6)
-            assert pd_isna(row["sample"])
+            if n > 1:
+                assert pd_isna(row["sample"])
+    return checked
+
+
+def test_causal_trace_equals_hooks(tiny_model):
+    """The default run's variant: only the two tokens the reference checks are traced."""
+    study = Study(trace_spec(positions=CHECKED_POSITIONS), model=tiny_model)
+    frame = study.run()
+    n_layers = tiny_model.hf.config.num_hidden_layers
+    checked = check_trace_against_hooks(study, frame, tiny_model, TRACE_PROBES, list(range(n_layers)))
+    assert checked == 2 * 2 * n_layers * 2 * 2
+    assert set(frame.token_group) <= {"first subject", "last subject", "last"}  # a one-token subject: "first"
+
+
+@pytest.mark.slow
+def test_causal_trace_of_every_token_equals_hooks_under_ndif_simulation(tiny_model):
+    """Every token traced (so each batch mixes the checked cells with others), through nnsight's local NDIF
+    simulation."""
+    study = Study(trace_spec(remote="local"), model=tiny_model)
+    frame = study.run()
+    n_layers = tiny_model.hf.config.num_hidden_layers
+    checked = check_trace_against_hooks(study, frame, tiny_model, TRACE_PROBES, list(range(n_layers)))
     assert checked == 2 * 2 * n_layers * 2 * 2
     # ROME's token groups: the last token of " valproic acid" and the prompt's last token
+    tok = tiny_model.tokenizer
+    subject = ref.subject_indices(tok, TRACE_PROBES[1]["clean"], TRACE_PROBES[1]["labels"]["subject"])
     vpa = frame[(frame.probe_id == "vpa") & (frame.site == "layers.0.resid_post")].set_index("position")
-    assert vpa.loc[subjects["vpa"][-1], "token_group"] == "last subject"
-    assert vpa.loc[subjects["vpa"][0], "token_group"] == "first subject"
+    assert vpa.loc[subject[-1], "token_group"] == "last subject"
+    assert vpa.loc[subject[0], "token_group"] == "first subject"
     assert vpa.loc[len(tok(TRACE_PROBES[1]["clean"])["input_ids"]) - 1, "token_group"] == "last"
 
 
@@ -191,7 +228,7 @@ def test_restores_without_corruption_are_refused():
                              "operations": [{"name": "replace", "alpha": 1}]})
 
 
-def test_trace_outputs_and_cli_refusal(tiny_gpt2, tmp_path):
+def test_trace_outputs_and_cli_refusal(tiny_gpt2, tmp_path, capsys):
     from interventions.trace_figures import token_group_table, write_trace_outputs
 
     spec = StudySpec.from_dict({
@@ -199,21 +236,34 @@ def test_trace_outputs_and_cli_refusal(tiny_gpt2, tmp_path):
         "trace": {"samples": 1, "kinds": {"resid_post": 1}}, "execution": {"progress": False},
     })
     frame = Study(spec, model=tiny_gpt2).run()
-    table = token_group_table(frame)
+    tok = tiny_gpt2.tokenizer
+    # ROME's token groups: the first and last tokens of " valproic acid" and the prompt's last token
+    subjects = {p["id"]: ref.subject_indices(tok, p["clean"], p["labels"]["subject"]) for p in TRACE_PROBES}
+    assert len(subjects["ep"]) == 1 and len(subjects["vpa"]) > 1  # the tiny tokenizer: "Epilepsy" is one token
+    vpa = frame[(frame.probe_id == "vpa") & (frame.site == "layers.0.resid_post")].set_index("position")
+    assert vpa.loc[subjects["vpa"][-1], "token_group"] == "last subject"
+    assert vpa.loc[subjects["vpa"][0], "token_group"] == "first subject"
+    assert vpa.loc[len(tok(TRACE_PROBES[1]["clean"])["input_ids"]) - 1, "token_group"] == "last"
+    table = token_group_table(frame).set_index(["layer", "token_group"]).effect
+    layer1 = frame[frame.layer == 1]
+
+    def effect(probe: str, position: int) -> float:
+        return float(layer1[(layer1.probe_id == probe) & (layer1.position == position)].effect.iloc[0])
+
     # by hand: per probe the mean effect of its tokens in the group, then the mean over probes
-    rows = frame[(frame.layer == 1) & (frame.token_group == "further")]
-    expected = rows.groupby("probe_id").effect.mean().mean()
-    got = table[(table.layer == 1) & (table.token_group == "further")].effect.iloc[0]
-    assert got == pytest.approx(expected, abs=1e-12)
+    expected = layer1[layer1.token_group == "further"].groupby("probe_id").effect.mean().mean()
+    assert table[(1, "further")] == pytest.approx(expected, abs=1e-12)
+    # a one-token subject's token is its first and its last subject token (ROME's averages)
+    ep, vpa_ids = subjects["ep"][0], subjects["vpa"]
+    assert table[(1, "first subject")] == pytest.approx((effect("ep", ep) + effect("vpa", vpa_ids[0])) / 2, abs=1e-12)
+    assert table[(1, "last subject")] == pytest.approx((effect("ep", ep) + effect("vpa", vpa_ids[-1])) / 2, abs=1e-12)
     written = write_trace_outputs(frame, tmp_path, n_probe_figures=1)
     assert [p.name for p in written] == ["token_groups.csv", "trace_groups.png", "trace_ep.png"]
     assert all(p.stat().st_size > 0 for p in written)
     (tmp_path / "plain.yaml").write_text("model: {source: x}\n"
                                          "probes: {inline: [{clean: a, corrupted: b, answer: ' c'}]}\n"
                                          "sites: [embed]\n")
-    import subprocess
-    import sys
+    from clap.app.cli import main
 
-    done = subprocess.run([sys.executable, "-m", "clap", "trace", str(tmp_path / "plain.yaml"), "-o",
-                           str(tmp_path / "out")], capture_output=True, text=True)
-    assert done.returncode == 2 and "needs a `trace:` section" in done.stderr
+    assert main(["trace", str(tmp_path / "plain.yaml"), "-o", str(tmp_path / "out")]) == 2
+    assert "needs a `trace:` section" in capsys.readouterr().err

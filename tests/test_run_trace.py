@@ -1,0 +1,142 @@
+"""``clap run`` with a ``trace:`` section: the patch stage runs the causal trace (results.parquet, samples.parquet),
+a ``trace[NAME]`` stage writes ROME's token-group table (with the spread over noise draws) and the heatmaps, the
+study report shows them; the study file and ``clap trace`` give the same numbers; the old spelling is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from clap.app.pipeline import run_study
+from clap.app.study_file import StudyFile
+from clap.contract import read_results, read_samples
+from clap.errors import ClapError
+from interventions.probes import TOKEN_GROUPS
+from tests.tiny_tokenizer import tiny_tokenizer
+
+PROBES = [  # corrupted prompts are never run: the trace's corrupted run is the clean prompt + noise on the subject
+    {"id": "ep", "clean": "Epilepsy is a chronic disorder of the", "corrupted": "Migraine is a chronic disorder of the",
+     "answer": " brain", "wrong": " head", "knowledge_type": "definitional", "subject": "Epilepsy"},
+    {"id": "eth", "clean": "Ethosuximide is a drug used to treat", "corrupted": "Amlodipine is a drug used to treat",
+     "answer": " epilepsy", "wrong": " hypertension", "knowledge_type": "associative", "subject": "Ethosuximide"},
+    {"id": "fr", "clean": "The capital of France is", "corrupted": "The capital of Spain is",
+     "answer": " Paris", "wrong": " Madrid", "knowledge_type": "definitional", "subject": " France"},
+    {"id": "vpa", "clean": "The drug valproic acid treats", "corrupted": "The drug valproic acid treats",
+     "answer": " seizures", "wrong": " pain", "knowledge_type": "associative", "subject": " valproic acid"},
+    {"id": "mig", "clean": "Migraine is a chronic disorder of the",
+     "corrupted": "Epilepsy is a chronic disorder of the", "answer": " head", "wrong": " brain",
+     "knowledge_type": "associative", "subject": "Migraine"},
+]
+TRACE = "{samples: 3, noise: 3, relative_to: selected_std, kinds: {resid_post: 1, mlp_out: 2}}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(3)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=32, n_positions=32,
+                                       vocab_size=len(tokenizer))).eval()
+    folder = tmp_path_factory.mktemp("trace-model") / "gpt2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_study(folder: Path, model_dir: Path, section: str = f"trace: {TRACE}", figures: bool = True) -> Path:
+    (folder / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBES), encoding="utf-8")
+    path = folder / "study.yaml"
+    path.write_text(f"name: tiny-trace\nmodel: {{source: {model_dir}}}\nprobes: {{file: probes.jsonl}}\n{section}\n"
+                    f"seed: 5\nexecution: {{progress: false}}\nreport: {{figures: {str(figures).lower()}}}\n",
+                    encoding="utf-8")
+    return path
+
+
+def check_table_by_hand(folder: Path, n_draws: int) -> int:
+    """``token_groups.csv`` recomputed from samples.parquet with numpy: per draw, per probe the mean effect of its
+    tokens in the group, the mean over probes; then the mean, sd (ddof 1) and t interval over the draws."""
+    from tests.interventions.reference import subject_indices
+
+    tokenizer = tiny_tokenizer()
+    one_token = {p["id"] for p in PROBES if len(subject_indices(tokenizer, p["clean"], p["subject"])) == 1}
+    assert one_token and len(one_token) < len(PROBES)  # both kinds of subject are in the test
+    table = pd.read_csv(folder / "token_groups.csv")
+    samples = read_samples(folder)
+    for row in table.itertuples(index=False):
+        group = samples.token_group == row.token_group
+        if row.token_group == "last subject":  # a one-token subject's token is also its last (ROME)
+            group |= (samples.token_group == "first subject") & samples.probe_id.isin(one_token)
+        cells = samples[(samples.site_kind == row.kind) & (samples.layer == row.layer) & group
+                        & (samples["window"] == row.window)]
+        per_draw = np.array([np.mean([cells[(cells["sample"] == s) & (cells.probe_id == p)].effect.mean()
+                                      for p in sorted(set(cells.probe_id))]) for s in range(n_draws)])
+        mean, sd = per_draw.mean(), per_draw.std(ddof=1)
+        half = stats.t.ppf(0.975, n_draws - 1) * sd / np.sqrt(n_draws)
+        assert row.effect == pytest.approx(mean, abs=1e-12)
+        assert row.sample_sd == pytest.approx(sd, abs=1e-12)
+        assert (row.sample_ci_low, row.sample_ci_high) == pytest.approx((mean - half, mean + half), abs=1e-12)
+        assert row.n_samples == n_draws and row.n_probes == cells.probe_id.nunique()
+    assert set(table.kind) == {"resid_post", "mlp_out"}
+    return len(table)
+
+
+def test_trace_stage_table_and_clap_trace_are_one_spelling(model_dir, tmp_path):
+    """The trace stage's folder holds results, draws and the token-group table (equal to numpy by hand); the study
+    file's `trace:` is the study spec's: `clap trace` on the same section gives the same rows and table."""
+    from clap.app.cli import main
+
+    study = write_study(tmp_path, model_dir, figures=False)
+    roof = run_study(study, tmp_path / "out", until="trace", echo=lambda line: None)
+    assert list(roof.stages) == ["patch[model]", "trace[model]"]
+    folder = roof.results_dir("model")
+    frame, meta = read_results(folder)
+    assert meta["noise"]["samples"] == 3 and set(read_samples(folder)["sample"]) == {0, 1, 2}
+    assert set(frame.metric) == {"prob"} and set(frame.token_group) <= set(TOKEN_GROUPS)
+    assert check_table_by_hand(folder, 3) > 0
+    assert not (folder / "trace_groups.png").exists()  # report.figures: false
+    assert main(["trace", str(study), "-o", str(tmp_path / "cli")]) == 2  # a study file is not a plain spec
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("\n".join(line for line in study.read_text().splitlines() if not line.startswith("report:")))
+    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress"]) == 0
+    keys = ["probe_id", "site", "position"]
+    a = frame.sort_values(keys).reset_index(drop=True)
+    b = read_results(tmp_path / "cli")[0].sort_values(keys).reset_index(drop=True)
+    assert a.patched.to_numpy() == pytest.approx(b.patched.to_numpy(), abs=1e-7)
+    assert pd.read_csv(tmp_path / "cli" / "token_groups.csv").effect.to_numpy() == pytest.approx(
+        pd.read_csv(folder / "token_groups.csv").effect.to_numpy(), abs=1e-7)
+
+
+@pytest.mark.slow
+def test_run_study_traces_draws_figures_and_reports(model_dir, tmp_path):
+    study = write_study(tmp_path, model_dir)
+    result = run_study(study, tmp_path / "out", echo=lambda line: None)
+    assert list(result.stages) == ["patch[model]", "trace[model]", "analyze[model]", "report"]
+    folder = result.results_dir("model")
+    for name in ("results.parquet", "samples.parquet", "token_groups.csv", "trace_groups.png", "trace_ep.png",
+                 "trace_eth.png", "trace_fr.png"):
+        assert (folder / name).stat().st_size > 0, name
+    assert check_table_by_hand(folder, 3) > 0
+    # the study's report shows the averaged heatmap and the peaks of the table
+    html = (tmp_path / "out" / "report.html").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "<h2>Causal trace: model</h2>" in html and "src='models/model/trace_groups.png'" in html
+    assert "![causal trace of model](models/model/trace_groups.png)" in md
+    assert "average over 3 seeded noise draw(s)" in md and "95 % t interval over draws" in md
+    # the analyses' Methods say what every value is, and their noise-draws table is there
+    analysis = (folder / "analysis" / "report.md").read_text()
+    assert "average over 3 seeded noise draws" in analysis and "### Noise draws" in analysis
+    again = run_study(study, tmp_path / "out", echo=lambda line: None)
+    assert set(again.stages.values()) == {"up to date"}
+
+
+def test_old_section_name_is_refused_with_the_one_spelling(model_dir, tmp_path):
+    study = write_study(tmp_path, model_dir, section=f"causal_tracing: {TRACE}")
+    with pytest.raises(ClapError, match=r"`causal_tracing:` is spelled `trace:`"):
+        StudyFile.from_yaml(study)
