@@ -41,7 +41,7 @@ Key = tuple[str, str]
 
 #: fixed cost of one extra suffix pass, in floating-point operations (tracing, cache assembly, small-matmul
 #: inefficiency): a group is split only where that saves more than this much compute
-PASS_OVERHEAD_FLOPS = 1e12
+PASS_OVERHEAD_FLOPS = 1e11
 
 
 class Unsupported(Exception):
