@@ -460,6 +460,12 @@ def methods_text(result: Analysis) -> list[str]:
         "first and counted. Each slice (metric, site kind, operation, direction, position selection) is tested "
         "separately.",
     ]
+    source = (result.meta or {}).get("source_model")
+    if source:
+        out.append(f"Cross-model patching: source activations from {source.get('source') or 'another model'} "
+                   f"patched into {(result.meta.get('model') or {}).get('source') or 'the target model'}; recovery "
+                   "= (patched - target model on the target prompt) / (source model on the source prompt - target "
+                   "model on the target prompt).")
     validity = t.get("probe_validity", pd.DataFrame())
     excluded = validity[validity["excluded"].astype(bool)] if len(validity) else validity
     if _rules(a):
