@@ -343,7 +343,8 @@ class StudySpec(StrictModel):
             raise ValueError(
                 f"nothing to restore from: with corrupted_prompt: clean the corrupted run is the clean prompt, and "
                 f"without a `baseline` intervention (e.g. noise on the subject's embeddings) operation "
-                f"{copies[0]!r} would copy the clean run into itself; add a baseline intervention")
+                f"{copies[0]!r} would copy the clean run into itself; add a baseline intervention (or a "
+                f"`source_model:` whose runs are patched in: cross-model patching)")
         noisy = [op for op in self.all_operations() + [b.operation for b in self.baseline or []] if op.name == "noise"]
         if self.samples > 1 and not noisy:
             raise ValueError("`samples` draws noise several times; the study has no `noise` operation")

@@ -300,3 +300,57 @@ def test_refuses_another_tokenizer(tiny_gpt2, tokenizer):
     study = Study(cross_spec(["layers[0].resid_pre"], ["last"], ["replace"]), model=tiny_gpt2, source_model=source)
     with pytest.raises(ClapError, match="tokenizer gives probe fr other clean token ids"):
         study.run()
+
+
+# -- the three front ends ------------------------------------------------------------------------------------------
+
+
+def test_yaml_python_sweep_and_cli_give_identical_frames(model_dir, tokenizer, tmp_path, capsys):
+    """`source_model:` in YAML, `Study(..., source_model=...)`, `cross_model_sweep` and `clap patch --source-model`
+    compute the same frame; the CLI refuses an operation that cannot read another model with exit code 2."""
+    import pandas as pd
+
+    from clap.app.cli import main
+    from clap.models import load_model
+    from interventions import cross_model_sweep
+
+    other = tmp_path / "other-model"
+    source = gpt2(tokenizer, 31)
+    source.hf.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    (tmp_path / "probes.jsonl").write_text("".join(
+        __import__("json").dumps({**{k: v for k, v in p.items() if k != "labels"}, **p["labels"]}) + "\n"
+        for p in CROSS_PROBES))
+    base = f"""model: {{source: {model_dir}}}
+probes: {{file: probes.jsonl}}
+sites: ["layers[*].resid_pre", "layers[0].heads[1]"]
+positions: [last]
+metrics: [logit_diff, prob]
+corrupted_prompt: clean
+execution: {{progress: false}}
+"""
+    (tmp_path / "plain.yaml").write_text(base.replace("corrupted_prompt: clean\n", ""))
+    (tmp_path / "cross.yaml").write_text(base + f"source_model: {{source: {other}}}\n")
+    from_yaml = Study.from_yaml(tmp_path / "cross.yaml").run(tmp_path / "yaml")
+    target, loaded = load_model(str(model_dir)), load_model(str(other))
+    from_python = Study(StudySpec.from_yaml(tmp_path / "plain.yaml").model_copy(update={"corrupted_prompt": "clean"}),
+                        model=target, source_model=loaded).run()
+    from_sweep = cross_model_sweep(target, loaded, CROSS_PROBES, ["layers[*].resid_pre", "layers[0].heads[1]"],
+                                   positions=["last"], same_prompt=True, metrics=["logit_diff", "prob"])
+    assert main(["patch", str(tmp_path / "cross.yaml"), "-o", str(tmp_path / "cli"), "--no-progress"]) == 0
+    plain = str(tmp_path / "plain.yaml")
+    columns = ["probe_id", "site", "metric", "clean", "corrupted", "patched", "source_model_clean", "recovery"]
+    for frame in (from_python, from_sweep, pd.read_parquet(tmp_path / "cli" / "results.parquet")):
+        pd.testing.assert_frame_equal(frame[columns].reset_index(drop=True),
+                                      from_yaml[columns].reset_index(drop=True))
+    assert from_yaml.recovery_defined.any()
+    # paired prompts: the flag equals the Python API
+    assert main(["patch", plain, "-o", str(tmp_path / "flag"), "--no-progress", "--source-model", str(other)]) == 0
+    paired = Study(StudySpec.from_yaml(plain), model=target, source_model=loaded).run()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "flag" / "results.parquet")[columns],
+                                  paired[columns])
+    assert not paired.patched.equals(from_yaml.patched)
+    (tmp_path / "zero.yaml").write_text(base.replace("positions: [last]", "positions: [last]\noperations: [zero]"))
+    capsys.readouterr()
+    assert main(["patch", str(tmp_path / "zero.yaml"), "-o", str(tmp_path / "zero"), "--source-model", plain]) == 2
+    assert "operation 'zero' does not read the source run" in capsys.readouterr().err
