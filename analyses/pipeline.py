@@ -440,6 +440,16 @@ def _reduction_words(opts: AnalysisOptions) -> str:
     return f"{position_label(opts.position_reduction)} ({heads})"
 
 
+def _cross_model_methods(meta: dict[str, Any]) -> list[str]:
+    """The baselines of a cross-model run (``run.json`` names a ``source_model``), else nothing."""
+    source = meta.get("source_model")
+    if not source:
+        return []
+    return [f"Cross-model patching: source activations from {source.get('source') or 'another model'} patched into "
+            f"{(meta.get('model') or {}).get('source') or 'the target model'}; recovery = (patched - target model on "
+            "the target prompt) / (source model on the source prompt - target model on the target prompt)."]
+
+
 def methods_text(result: Analysis) -> list[str]:
     """The Methods paragraph, item by item: only what was done, with the reduction and units named."""
     o, t = result.options, result.tables
@@ -460,12 +470,7 @@ def methods_text(result: Analysis) -> list[str]:
         "first and counted. Each slice (metric, site kind, operation, direction, position selection) is tested "
         "separately.",
     ]
-    source = (result.meta or {}).get("source_model")
-    if source:
-        out.append(f"Cross-model patching: source activations from {source.get('source') or 'another model'} "
-                   f"patched into {(result.meta.get('model') or {}).get('source') or 'the target model'}; recovery "
-                   "= (patched - target model on the target prompt) / (source model on the source prompt - target "
-                   "model on the target prompt).")
+    out += _cross_model_methods(result.meta or {})
     validity = t.get("probe_validity", pd.DataFrame())
     excluded = validity[validity["excluded"].astype(bool)] if len(validity) else validity
     if _rules(a):

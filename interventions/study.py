@@ -89,9 +89,10 @@ class Study:
     target model on the target prompt and ``source`` the source model on the source prompt: 1 = the source model's
     behaviour fully transferred by the patch (in both directions; for noising this is not the usual 1 - x).
     ``kl`` stays each model's KL to its *own* clean-prompt run (``patched``: to the target model's), so its
-    cross-model recovery is undefined (NaN): read its ``patched`` values. Sites that recover 100 % by construction (the unembedding, the final norm, the last
-    block's output at the answer position) are flagged ``trivial``: they show that patching works, not where a fact
-    lives.
+    cross-model recovery is undefined (NaN): read its ``patched`` values.
+
+    Sites that recover 100 % by construction (the unembedding, the final norm, the last block's output at the
+    answer position) are flagged ``trivial``: they show that patching works, not where a fact lives.
 
     Parameters
     ----------

@@ -134,7 +134,7 @@ def cross_model_sweep(
     --------
     >>> base, tuned = load_model("smollm2-135m"), load_model("smollm2-135m-epilepsy")    # doctest: +SKIP
     >>> frame = cross_model_sweep(base, tuned, [probe], same_prompt=True)                  # doctest: +SKIP
-    >>> frame.groupby("layer").recovery.mean()          # per layer: how much of the tuned answer moves over   # doctest: +SKIP
+    >>> frame.groupby("layer").recovery.mean()     # how much of the tuned answer each layer carries  # doctest: +SKIP
     """
     spec = StudySpec.from_dict(
         {

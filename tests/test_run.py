@@ -332,9 +332,10 @@ def test_cross_model_section_runs_end_to_end_and_equals_hooks(tmp_path, model_di
     """`cross_model:` in a study file: patch[cross:...] and its analysis run; YAML, Python and CLI give identical
     frames; every number equals plain hooks (the perturbed model's block input at the last token written into the
     base model's run of the same prompt)."""
+    from transformers import GPT2LMHeadModel
+
     from clap.app.cli import main
     from tests.interventions import reference as ref
-    from transformers import GPT2LMHeadModel
 
     write_probes(tmp_path / "probes.jsonl", PROBES)
     path = tmp_path / "study.yaml"

@@ -260,9 +260,18 @@ class StudyFile(StudySpec):
                      "model to start from")
             if self.corpus is None and self.finetune.corpus is None:
                 fail(("finetune",), "fine-tuning needs a corpus: add a `corpus:` section or `finetune.corpus:`")
-        sections = self.cross_model if isinstance(self.cross_model, list) else [self.cross_model] * bool(self.cross_model)
-        for index, section in enumerate(sections):
-            at = ("cross_model", index) if isinstance(self.cross_model, list) else ("cross_model",)
+        self._check_cross_model(names, fail)
+
+    def _cross_sections(self) -> list[tuple[tuple, CrossModelSection]]:
+        """(key path, section) of each ``cross_model`` section (one, or a list)."""
+        if self.cross_model is None:
+            return []
+        if isinstance(self.cross_model, list):
+            return [(("cross_model", i), section) for i, section in enumerate(self.cross_model)]
+        return [(("cross_model",), self.cross_model)]
+
+    def _check_cross_model(self, names: list[str], fail: Any) -> None:
+        for at, section in self._cross_sections():
             for role in ("source", "target"):
                 name = getattr(section, role)
                 if name not in names:
@@ -291,8 +300,7 @@ class StudyFile(StudySpec):
 
     def cross_runs(self) -> dict[str, CrossModelSection]:
         """Cross-model runs by name (``SOURCE-into-TARGET``)."""
-        sections = self.cross_model if isinstance(self.cross_model, list) else [self.cross_model] * bool(self.cross_model)
-        return {section.name: section for section in sections}
+        return {section.name: section for _, section in self._cross_sections()}
 
     def cross_spec(self, section: CrossModelSection, target: ModelSpec, source: ModelSpec,
                    probes_file: Path | None = None) -> StudySpec:
