@@ -785,6 +785,13 @@ class BaselineCheck:
         self.seen.update(frame.probe_id.unique())
         # recovery's denominator: |clean - corrupted|, or across models |source model's run - target model's run|
         self.defined.update(frame.probe_id[frame.recovery_defined.astype(bool)].unique())
+        if len(self.seen) == self.n_probes and not self.defined and self.spec.source_model is not None:
+            raise ClapError(
+                f"recovery is undefined for every probe: the source model's run of the source prompt and the target "
+                f"model's run of the target prompt differ by at most recovery_epsilon "
+                f"({self.spec.recovery_epsilon:g}) for every metric ({', '.join(self.spec.metrics)}) in "
+                f"{_few(sorted(self.seen))}: the two models answer alike, so no patch can be measured between them"
+            )
         if len(self.seen) == self.n_probes and not self.defined:
             raise ClapError(
                 f"recovery is undefined for every probe: |clean - corrupted| <= recovery_epsilon "

@@ -354,3 +354,12 @@ execution: {{progress: false}}
     capsys.readouterr()
     assert main(["patch", str(tmp_path / "zero.yaml"), "-o", str(tmp_path / "zero"), "--source-model", plain]) == 2
     assert "operation 'zero' does not read the source run" in capsys.readouterr().err
+
+
+def test_models_that_answer_alike_are_refused(tiny_gpt2, tokenizer):
+    """A source model with the target's weights: every recovery denominator is 0, and the study says so."""
+    twin = gpt2(tokenizer, 1234)  # the conftest's seed: the same weights
+    study = Study(cross_spec(["layers[0].resid_pre"], ["last"], ["replace"], same_prompt=True), model=tiny_gpt2,
+                  source_model=twin)
+    with pytest.raises(ClapError, match="the two models answer alike"):
+        study.run()
