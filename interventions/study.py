@@ -338,6 +338,8 @@ class Study:
         ``out_dir`` is checked (writable folder) and locked (``<out>/.clap.lock``) first, so a second run into the
         same folder stops at once, naming the run that holds it."""
         execute.check_remote(self.spec.execution.remote, self.spec.model.source)
+        if self.spec.source_model is not None:
+            execute.check_remote(self.spec.execution.remote, self.spec.source_model.source)
         if out_dir is None:
             self.check()
             return self._run(None)
