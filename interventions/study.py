@@ -805,8 +805,9 @@ class BaselineCheck:
     def report(self) -> None:
         undefined = sorted(self.seen - self.defined)
         if undefined:
-            log.warning("%d of %d probes have undefined recovery for every metric (|clean - corrupted| <= %g): %s",
-                        len(undefined), len(self.seen), self.spec.recovery_epsilon, _few(undefined))
+            gap = "|source model - target model|" if self.spec.source_model is not None else "|clean - corrupted|"
+            log.warning("%d of %d probes have undefined recovery for every metric (%s <= %g): %s",
+                        len(undefined), len(self.seen), gap, self.spec.recovery_epsilon, _few(undefined))
 
 
 def open_partial_dir(out: Path, plan: Plan) -> Path:

@@ -1,6 +1,8 @@
 """Cross-model patching on real weights: SmolLM2-135M-Instruct fine-tuned on epilepsy abstracts
 (``smollm2-135m-epilepsy``, the shipped LoRA adapter merged) patched into the base model (``smollm2-135m``), for
-shipped probes at a few layers, equals plain-PyTorch-hook patching to 1e-5."""
+shipped probes at a few layers, equals plain-PyTorch-hook patching to 2e-5: float32 rounding alone (a batched,
+left-padded forward vs one unpadded prompt) differs by up to 1.5e-5 at logit differences near 10 (measured; 7.6e-6
+with paired prompts)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ SITES = {  # written out by hand (Llama module names)
 NAMES = {"layers[3].resid_pre": "layers.3.resid_pre", "layers[15].resid_pre": "layers.15.resid_pre",
          "layers[12].attn_out": "layers.12.attn_out", "layers[20].mlp_out": "layers.20.mlp_out",
          "layers[15].heads[3]": "layers.15.heads.3"}
-TOL = 1e-5
+TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
