@@ -118,7 +118,7 @@ class Study:
         if source_model is not None and spec.source_model is None:
             spec = spec.model_copy(update={"source_model": ModelSpec(source=source_model.identity.get("source")
                                                                      or "in-memory")})
-            StudySpec.model_validate(spec.model_dump())  # the cross-model rules (operations, baselines) apply
+            StudySpec.from_dict(spec.to_dict(), source="source_model=")  # the cross-model rules apply
         self.spec = spec
         self._model = model
         self._source = source_model

@@ -48,13 +48,13 @@ def test_pending_studies_are_refused_by_name(tmp_path, capsys):
     assert not (tmp_path / "out" / "models").exists()
 
 
-def test_finetune_study_patches_the_finetuned_model_into_the_base_model():
+def test_finetune_study_patches_the_finetuned_model_into_the_base_model(tmp_path):
     from clap.app.pipeline import _Planner
 
     study = StudyFile.from_yaml(STUDIES / "epilepsy-finetune.yaml")
     (section,) = study.cross_runs().values()
     assert (section.source, section.target, section.corrupted_prompt) == ("finetuned", "base", "clean")
-    stages = [s.name for s in _Planner(study, Path("out"), False).plan()]
+    stages = [s.name for s in _Planner(study, tmp_path / "out", False).plan()]
     assert "patch[cross:finetuned-into-base]" in stages and "analyze[cross:finetuned-into-base]" in stages
     from interventions.spec import ModelSpec
 
