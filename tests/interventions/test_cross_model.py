@@ -363,3 +363,12 @@ def test_models_that_answer_alike_are_refused(tiny_gpt2, tokenizer):
                   source_model=twin)
     with pytest.raises(ClapError, match="the two models answer alike"):
         study.run()
+
+
+def test_python_api_source_model_follows_the_spec_rules(pairs):
+    target, source = pairs["gpt2"]
+    data = cross_spec(["layers[0].resid_pre"], ["last"], ["replace"]).to_dict()
+    data.pop("source_model")
+    data["operations"] = [{"name": "zero"}]
+    with pytest.raises(SpecError, match="source_model: operation 'zero' does not read the source run"):
+        Study(StudySpec.from_dict(data), model=target, source_model=source)
