@@ -169,9 +169,20 @@ def count_tests(tables: Mapping[str, pd.DataFrame], group: str | None = None) ->
     return n_tests, n_families, len(slices)
 
 
+def cross_model_caveat(data: pd.DataFrame) -> str | None:
+    """What the baselines are when the source activations came from another model (cross-model patching)."""
+    if "source_model_clean" not in data.columns or not data["source_model_clean"].notna().any():
+        return None
+    return ("Cross-model patching: the source activations come from another model. `clean` and `corrupted` (and "
+            "the probe validity table) are the target model's runs; recovery runs from the target model on the "
+            "target prompt (0) to the source model on the source prompt (1, `source_model_clean` when denoising), "
+            "so it measures how much of the source model's behaviour a site carries over, not a restored "
+            "corruption; `kl` has no cross-model recovery.")
+
+
 def collect(data: pd.DataFrame, tables: Mapping[str, pd.DataFrame], group: str | None,
             alpha: float = 0.05) -> list[str]:
     """All caveats that apply, most fundamental first."""
-    found = [trivial_caveat(data), undefined_caveat(data), *sample_caveats(data, group),
+    found = [cross_model_caveat(data), trivial_caveat(data), undefined_caveat(data), *sample_caveats(data, group),
              *table_caveats(tables, alpha, group)]
     return [c for c in found if c]

@@ -453,6 +453,14 @@ def noise_samples(results_dir: Path, data: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     kept = samples[samples["probe_id"].isin(set(data["probe_id"])) & samples["metric"].isin(set(data["metric"]))]
     return sample_spread(kept)
+def _cross_model_methods(meta: dict[str, Any]) -> list[str]:
+    """The baselines of a cross-model run (``run.json`` names a ``source_model``), else nothing."""
+    source = meta.get("source_model")
+    if not source:
+        return []
+    return [f"Cross-model patching: source activations from {source.get('source') or 'another model'} patched into "
+            f"{(meta.get('model') or {}).get('source') or 'the target model'}; recovery = (patched - target model on "
+            "the target prompt) / (source model on the source prompt - target model on the target prompt)."]
 
 
 def methods_text(result: Analysis) -> list[str]:
@@ -475,6 +483,7 @@ def methods_text(result: Analysis) -> list[str]:
         "first and counted. Each slice (metric, site kind, operation, direction, position selection) is tested "
         "separately.",
     ]
+    out += _cross_model_methods(result.meta or {})
     validity = t.get("probe_validity", pd.DataFrame())
     excluded = validity[validity["excluded"].astype(bool)] if len(validity) else validity
     if _rules(a):

@@ -46,6 +46,14 @@ A results folder holds two files:
                               p(answer | corrupted + restored) - p(answer | corrupted)
     token_group               (causal traces only) ROME's token group of ``position``: first / middle / last
                               subject, first subsequent, further, last
+    source_model_clean,       (cross-model patching only; float) the metric on the *source* model's unpatched
+    source_model_corrupted    run of the clean / corrupted prompt. ``clean``, ``corrupted`` and ``patched`` are
+                              then the *target* model's runs, and ``recovery`` is (patched - target) /
+                              (source - target): ``target`` the target model on the target prompt (``corrupted``
+                              when denoising, ``clean`` when noising), ``source`` the source model on the source
+                              prompt (``source_model_clean`` when denoising, ``source_model_corrupted`` when
+                              noising); 1 = the source model's behaviour transferred. ``kl`` is each model's KL to
+                              its own clean run, so its recovery is NaN across models
     ========================  ===========================================================================
 
     With ``samples`` > 1 the results hold, per cell and metric, the mean over samples of ``clean``, ``corrupted``
@@ -58,7 +66,8 @@ A results folder holds two files:
 
 ``run.json``
     The sidecar: a JSON object with at least :data:`REQUIRED_SIDECAR_KEYS` (the resolved spec, the model's
-    identity and weight fingerprint, package versions, the seed, the label columns, the creation time, the probes).
+    identity and weight fingerprint, package versions, the seed, the label columns, the creation time, the probes);
+    a cross-model run adds ``source_model`` (the source model's identity and weight fingerprint).
 """
 
 from __future__ import annotations
@@ -119,7 +128,8 @@ REQUIRED_COLUMNS: dict[str, str] = {
 }
 
 #: Columns only some kinds of study produce (windows, noise samples, causal traces), with their kinds.
-OPTIONAL_COLUMNS: dict[str, str] = {"window": "Int64", "sample": "Int64", "effect": "float", "token_group": "str"}
+OPTIONAL_COLUMNS: dict[str, str] = {"window": "Int64", "sample": "Int64", "effect": "float", "token_group": "str",
+                                    "source_model_clean": "float", "source_model_corrupted": "float"}
 
 REQUIRED_SIDECAR_KEYS: tuple[str, ...] = ("spec", "model", "versions", "seed", "group_columns", "created", "n_probes")
 

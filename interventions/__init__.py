@@ -22,6 +22,7 @@ from interventions.spec import OperationSpec, PatchGroup, ProbeSpec, StudySpec
 from interventions.study import Study
 from interventions.sweeps import (
     attn_out_sweep,
+    cross_model_sweep,
     head_sweep,
     mlp_out_sweep,
     resid_pre_sweep,
@@ -41,6 +42,7 @@ __all__ = [
     "attn_out_sweep",
     "attribution_from_spec",
     "attribution_sweep",
+    "cross_model_sweep",
     "head_sweep",
     "load_model",
     "mlp_out_sweep",

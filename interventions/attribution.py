@@ -368,6 +368,9 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None) -> 
     """Run a study spec as attribution patching: its probes, sites, positions and direction; every operation must
     be ``replace`` and every metric ``logit_diff`` (the only ones a gradient approximates). ``model`` is loaded
     from ``spec.model`` when not given. ``execution.max_rows`` bounds the rows of a pass (two per probe)."""
+    if spec.source_model is not None:
+        raise AttributionError(f"{spec.where(('source_model',))}: attribution patching runs one model; cross-model "
+                               "patching is exact patching only (clap patch)")
     for index, operation in enumerate(spec.all_operations()):
         if operation.name != "replace":
             raise AttributionError(

@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     patch.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
     patch.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    patch.add_argument("--source-model", metavar="SOURCE",
+                       help="cross-model patching: take the source activations from this model (hub id, folder, "
+                            ".gguf, built-in; overrides the spec's source_model)")
     patch.set_defaults(func=run_patch)
 
     trace = subparsers.add_parser(
@@ -90,7 +93,14 @@ def run_patch(args: argparse.Namespace) -> int:
     from interventions.spec import StudySpec
     from interventions.study import Study
 
-    frame = Study(_overridden(StudySpec.from_yaml(args.spec), args)).run(args.out)
+    spec = _overridden(StudySpec.from_yaml(args.spec), args)
+    if args.source_model:  # validated like the spec's own section (operations that can read another model)
+        data = spec.to_dict()
+        data["source_model"] = {"source": args.source_model}
+        overridden = StudySpec.from_dict(data, source=f"{args.spec} with --source-model")
+        overridden._base_dir, overridden._source, overridden._lines = spec._base_dir, spec._source, spec._lines
+        spec = overridden
+    frame = Study(spec).run(args.out)
     n_undefined = int((~frame.recovery_defined).sum())
     print(
         f"{len(frame)} result rows ({frame.probe_id.nunique()} probes x {frame.site.nunique()} sites) "

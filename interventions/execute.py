@@ -150,7 +150,9 @@ def run_batch(model: Any, batch: Batch, remote: bool | str = False, unembed_modu
                             target = (mix["t_row"], mix["t_col"]) + ((mix["head"],) if by_head else ())
                             source = (mix["s_row"], mix["s_col"]) + ((mix["head"],) if by_head else ())
                             alpha = mix["alpha"].to(view.dtype)
-                            view[target] = view[target] + alpha * (view[source] - view[target])
+                            # towards given values (another model's activations) or a row of this batch
+                            towards = mix["values"].to(view.dtype) if "values" in mix else view[source]
+                            view[target] = view[target] + alpha * (towards - view[target])
                 patched = (value, *original[1:]) if isinstance(original, tuple) else value
                 if access == "input":
                     envoy.input = patched

@@ -10,8 +10,12 @@ touches only this module. An operation declares
 * ``check(spec)``: what its spec fields must satisfy (a ``ValueError`` becomes a file:line error);
 * ``label(spec)``: its name in the results' ``operation`` column;
 * ``compile(edit)``: the batch primitives it writes, as entries of ``copy`` (``x[t] = x[s]``), ``set``
-  (``x[t] = v``), ``add`` (``x[t] += v``) and ``mix`` (``x[t] += alpha * (x[s] - x[t])``), which the trace applies as
-  plain index operations (so every trace stays NDIF-serialisable).
+  (``x[t] = v``), ``add`` (``x[t] += v``) and ``mix`` (``x[t] += alpha * (x[s] - x[t])``, or towards given values
+  ``v``), which the trace applies as plain index operations (so every trace stays NDIF-serialisable).
+
+Cross-model patching (``source_model``): the source run is another model's, captured before batching
+(``PatchConstants.source_acts``), so ``replace`` compiles to ``set`` and ``interpolate`` to a ``mix`` towards those
+values instead of reading a row of the batch.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ class EditContext:
     head: int  #: -1 for whole-width sites
     constants: Any  #: PatchConstants
     noise_key: str  #: identifies the noise draw: seed, probe, sample, site, role (see ``noise_seed``)
+    source_probe: int | None = None  #: the probe whose source run supplies the activation (None: a baseline edit)
+    source_indices: tuple[int, ...] = ()  #: source-prompt token indices matched to ``indices``
+
+    def source_values(self) -> list[Any] | None:
+        """The source model's captured activations at the source tokens (cross-model patching), else None: the
+        source run is then a row of the same batch, addressed by ``s_row`` / ``s_cols``."""
+        if self.source_probe is None or not getattr(self.constants, "source_acts", None):
+            return None
+        return [self.constants.source_value(self.site, self.source_probe, j) for j in self.source_indices]
 
 
 def noise_seed(*parts: Any) -> int:
@@ -84,6 +97,9 @@ class Replace(Operation):
     copies_source = True
 
     def compile(self, edit):
+        values = edit.source_values()
+        if values is not None:  # cross-model: the source model's activation, captured beforehand
+            return [("set", (edit.t_row, tc, edit.head, v)) for tc, v in zip(edit.t_cols, values, strict=True)]
         # not strict: a baseline edit has no source row (s_cols empty), so it copies nothing
         return [("copy", (edit.t_row, tc, edit.s_row, sc, edit.head))
                 for tc, sc in zip(edit.t_cols, edit.s_cols, strict=False)]
@@ -182,6 +198,10 @@ class Interpolate(Operation):
         return f"interpolate({spec.alpha:g})"
 
     def compile(self, edit):
+        values = edit.source_values()
+        if values is not None:  # cross-model: mix towards the source model's captured activation
+            return [("mix", (edit.t_row, tc, -1, -1, edit.head, float(edit.op.alpha), v))
+                    for tc, v in zip(edit.t_cols, values, strict=True)]
         # not strict, as in ``Replace``: a baseline edit has no source columns to mix in
         return [("mix", (edit.t_row, tc, edit.s_row, sc, edit.head, float(edit.op.alpha)))
                 for tc, sc in zip(edit.t_cols, edit.s_cols, strict=False)]

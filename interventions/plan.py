@@ -237,8 +237,8 @@ class PatchGroups:
     """Index tensors of the patches of one shape at one module access.
 
     ``copy``: ``x[t_row, t_col(, head)] = x[s_row, s_col(, head)]``; ``set``: ``x[t_row, t_col(, head)] = values``;
-    ``add``: ``x[t_row, t_col(, head)] += values``; ``mix``: ``x[t] += alpha * (x[s] - x[t])``. Each is empty or a
-    dict of tensors.
+    ``add``: ``x[t_row, t_col(, head)] += values``; ``mix``: ``x[t] += alpha * (x[s] - x[t])``, or
+    ``x[t] += alpha * (values - x[t])`` when it holds ``values`` (cross-model). Each is empty or a dict of tensors.
     """
 
     copy: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -384,7 +384,7 @@ def build_batch(
         for site in cell.all_sites:
             key = f"{constants.seed}|{plan.probes[cell.probe].id}|{cell.sample}|{site.name}|cell"
             sink.emit(1, site, cell.operation, t_row, cell.positions.indices, s_row, cell.source_indices, n_target,
-                      key)
+                      key, source_probe=cell.source_probe)
     access_list = _access_list(plan, sink.accesses)
 
     row_probe = rows.row_probe
@@ -468,7 +468,7 @@ class _EditSink:
     accesses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     def emit(self, stage: int, site: Site, op: OperationSpec, t_row: int, indices: Sequence[int], s_row: int | None,
-             source_indices: Sequence[int], n_target: int, noise_key: str) -> None:
+             source_indices: Sequence[int], n_target: int, noise_key: str, source_probe: int | None = None) -> None:
         per_head = site.kind == "head"
         entry = self.accesses.setdefault(site.access_key, {"n_heads": None, "stages": {}})
         if per_head:
@@ -481,7 +481,8 @@ class _EditSink:
         edit = operations.EditContext(op=op, site=site, t_row=t_row, t_cols=t_cols, indices=tuple(indices),
                                       s_row=s_row, s_cols=s_cols, n_target=n_target,
                                       head=site.head if per_head else -1, constants=self.constants,
-                                      noise_key=noise_key)
+                                      noise_key=noise_key, source_probe=source_probe,
+                                      source_indices=tuple(source_indices))
         for mode, item in operations.get(op.name).compile(edit):
             shape[mode].append(item)
 
@@ -521,6 +522,8 @@ def _patch_groups(entry: dict[str, list]) -> PatchGroups:
         t = torch.tensor([e[:5] for e in entry["mix"]], dtype=torch.long)
         groups.mix = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4],
                       "alpha": torch.tensor([e[5] for e in entry["mix"]], dtype=torch.float64)[:, None]}
+        if len(entry["mix"][0]) > 6:  # towards given values (another model's activations), not a batch row
+            groups.mix["values"] = torch.stack([e[6] for e in entry["mix"]])
     for mode in ("set", "add"):
         if entry[mode]:
             t = torch.tensor([e[:3] for e in entry[mode]], dtype=torch.long)
@@ -540,6 +543,17 @@ class PatchConstants:
     selected_std: float | None = None  #: std of the embeddings of the tokens ``selected_std`` noise selects
     vectors: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  #: (op JSON, site name) -> vector
     seed: int = 0
+    #: cross-model patching: (module, access) -> per probe the source model's unpadded [len, width] activation on
+    #: the probe's source prompt
+    source_acts: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=dict)
+
+    def source_value(self, site: Site, probe: int, index: int) -> torch.Tensor:
+        """The source model's activation at ``site`` for ``probe``'s source-prompt token ``index`` (a head site's
+        slice of it)."""
+        value = self.source_acts[site.access_key][probe][index]
+        if site.kind == "head":
+            value = value.view(site.n_heads, -1)[site.head]
+        return value
 
     def zeros(self, site: Site) -> torch.Tensor:
         return torch.zeros(self.widths[site.name])

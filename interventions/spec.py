@@ -180,6 +180,9 @@ class OperationSpec(StrictModel):
         return REGISTRY[self.name].label(self)
 
 
+#: operations that read the source run and so can take it from another model (``source_model``)
+CROSS_MODEL_OPERATIONS = frozenset({"replace", "interpolate"})
+
 # the names of clap.contract.METRICS (a test checks they agree)
 Metric = Literal["logit_diff", "logit", "prob", "logprob", "kl"]
 
@@ -314,6 +317,11 @@ class StudySpec(StrictModel):
     corrupted_prompt: Literal["probe", "clean"] = "probe"
     #: causal tracing; fills baseline, patches, samples, corrupted_prompt and metrics (prob) where not given
     trace: TraceSpec | None = None
+    #: cross-model patching: the source run (the clean prompt when denoising, the corrupted one when noising) is run
+    #: by this model, the target run by ``model``; both must share architecture, sizes and tokenizer. Only the
+    #: operations that read the source run (``replace``, ``interpolate``) apply. Recovery is then measured from the
+    #: target model on the target prompt (0) to the source model on the source prompt (1).
+    source_model: ModelSpec | None = None
 
     #: where the spec was read from (relative probe files resolve against it); not part of the schema
     _base_dir: Path | None = None
@@ -343,15 +351,30 @@ class StudySpec(StrictModel):
         if not self.sites and not self.patches:
             raise ValueError("name the sites to patch: `sites: [...]` and/or `patches: [{sites: [...]}, ...]`")
         copies = [op.name for op in self.all_operations() if REGISTRY[op.name].copies_source]
-        if self.corrupted_prompt == "clean" and not self.baseline and copies:
+        if self.source_model is not None:
+            self._check_cross_model()
+        elif self.corrupted_prompt == "clean" and not self.baseline and copies:
             raise ValueError(
                 f"nothing to restore from: with corrupted_prompt: clean the corrupted run is the clean prompt, and "
                 f"without a `baseline` intervention (e.g. noise on the subject's embeddings) operation "
-                f"{copies[0]!r} would copy the clean run into itself; add a baseline intervention")
+                f"{copies[0]!r} would copy the clean run into itself; add a baseline intervention (or a "
+                f"`source_model:` whose runs are patched in: cross-model patching)")
         noisy = [op for op in self.all_operations() + [b.operation for b in self.baseline or []] if op.name == "noise"]
         if self.samples > 1 and not noisy:
             raise ValueError("`samples` draws noise several times; the study has no `noise` operation")
         return self
+
+    def _check_cross_model(self) -> None:
+        """A source model only means something for operations that read the source run; noise baselines would
+        corrupt only the target model's rows, a design clap does not run across models."""
+        foreign = sorted({op.name for op in self.all_operations()} - CROSS_MODEL_OPERATIONS)
+        if foreign:
+            raise ValueError(
+                f"source_model: operation {foreign[0]!r} does not read the source run, so another model cannot "
+                f"supply it; with a source model use {' / '.join(sorted(CROSS_MODEL_OPERATIONS))}")
+        if self.baseline or self.samples > 1:
+            raise ValueError("source_model does not combine with `baseline` interventions, `samples` or `trace` "
+                             "(the source model's run would not carry the target's corruption); drop one of them")
 
     def groups(self) -> list[tuple[list[str], list, list[OperationSpec]]]:
         """(site addresses, positions, operations) per patch group, with defaults filled in."""

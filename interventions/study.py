@@ -37,6 +37,7 @@ from clap.models import (
 from interventions import execute
 from interventions.executor import Executor
 from interventions.plan import (
+    Batch,
     Cell,
     GroupPlan,
     PatchConstants,
@@ -57,7 +58,7 @@ from interventions.results import (
     write_results,
 )
 from interventions.sites import Site, SiteError, SiteResolver
-from interventions.spec import StudySpec
+from interventions.spec import ModelSpec, StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,20 @@ class Study:
 
     ``recovery = (patched - corrupted) / (clean - corrupted)`` normalises the effect (0: nothing, 1: the clean
     behaviour restored); it is undefined (NaN) when the two runs barely differ, and a spec in which no probe can
-    define it is refused. Sites that recover 100 % by construction (the unembedding, the final norm, the last
-    block's output at the answer position) are flagged ``trivial``: they show that patching works, not where a fact
-    lives.
+    define it is refused.
+
+    **Cross-model patching** (``source_model:`` in the spec, or ``source_model=`` here): the source run is another
+    model's (same architecture, sizes and tokenizer; e.g. the fine-tuned model patched into the base model), on the
+    source prompt or, with ``corrupted_prompt: clean``, on the very prompt the target model runs. ``clean`` and
+    ``corrupted`` stay the *target* model's runs; ``source_model_clean`` / ``source_model_corrupted`` are the source
+    model's runs of the two prompts; and ``recovery = (patched - target) / (source - target)`` with ``target`` the
+    target model on the target prompt and ``source`` the source model on the source prompt: 1 = the source model's
+    behaviour fully transferred by the patch (in both directions; for noising this is not the usual 1 - x).
+    ``kl`` stays each model's KL to its *own* clean-prompt run (``patched``: to the target model's), so its
+    cross-model recovery is undefined (NaN): read its ``patched`` values.
+
+    Sites that recover 100 % by construction (the unembedding, the final norm, the last block's output at the
+    answer position) are flagged ``trivial``: they show that patching works, not where a fact lives.
 
     Parameters
     ----------
@@ -103,14 +115,21 @@ class Study:
     analyses.analyze : statistics on the results folder.
     """
 
-    def __init__(self, spec: StudySpec, model: LoadedModel | None = None):
+    def __init__(self, spec: StudySpec, model: LoadedModel | None = None, source_model: LoadedModel | None = None):
+        if source_model is not None and spec.source_model is None:
+            spec = spec.model_copy(update={"source_model": ModelSpec(source=source_model.identity.get("source")
+                                                                     or "in-memory")})
+            StudySpec.from_dict(spec.to_dict(), source="source_model=")  # the cross-model rules apply
         self.spec = spec
         self._model = model
         self._executor: Executor | None = None
+        self._source = source_model
+        self._source_metrics: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
-    def from_yaml(cls, path: str | Path, model: LoadedModel | None = None) -> Study:
-        return cls(StudySpec.from_yaml(path), model=model)
+    def from_yaml(cls, path: str | Path, model: LoadedModel | None = None,
+                  source_model: LoadedModel | None = None) -> Study:
+        return cls(StudySpec.from_yaml(path), model=model, source_model=source_model)
 
     # -- compilation ----------------------------------------------------------------------------------------
     def model_source(self, value: str | None = None) -> str | None:
@@ -134,18 +153,7 @@ class Study:
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
-            m = self.spec.model
-            if self.spec.execution.remote is True:
-                self._model = load_remote_model(m.source, revision=m.revision, tokenizer=m.tokenizer)
-                return self._model
-            self._model = load_model(
-                self.model_source(),
-                gguf_file=m.gguf_file,
-                tokenizer=self.model_source(m.tokenizer) if m.tokenizer else None,
-                revision=m.revision,
-                dtype=self.spec.execution.dtype,
-                device=self.device(),
-            )
+            self._model = self._load(self.spec.model)
         return self._model
 
     @property
@@ -156,6 +164,25 @@ class Study:
             self._executor = Executor(self.model.nn, remote=execution.remote, strategy=execution.strategy,
                                       unembed_module=self._unembed_module())
         return self._executor
+    def source_model(self) -> LoadedModel | None:
+        """The model whose runs supply the source activations (cross-model patching); None: the target model."""
+        if self.spec.source_model is None:
+            return None
+        if self._source is None:
+            self._source = self._load(self.spec.source_model)
+        return self._source
+
+    def _load(self, m: ModelSpec) -> LoadedModel:
+        if self.spec.execution.remote is True:
+            return load_remote_model(m.source, revision=m.revision, tokenizer=m.tokenizer)
+        return load_model(
+            self.model_source(m.source),
+            gguf_file=m.gguf_file,
+            tokenizer=self.model_source(m.tokenizer) if m.tokenizer else None,
+            revision=m.revision,
+            dtype=self.spec.execution.dtype,
+            device=self.device(),
+        )
 
     def probes(self, tokenizer: Any = None, warn: bool = True, config: Any = None) -> list[Probe]:
         """The spec's probes, tokenised and checked (alignment, context length, answers). ``tokenizer`` and
@@ -174,7 +201,7 @@ class Study:
                         f"metric {metric} needs a `wrong` answer for every probe; missing for "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
                     )
-        if not self.spec.baseline:
+        if not self.spec.baseline and self.spec.source_model is None:  # across models the models differ
             check_distinct_prompts(probes, warn)
         return probes
 
@@ -243,6 +270,14 @@ class Study:
         if identity.get("weights_fingerprint") is not None:  # in-memory weights may have changed since loading
             identity["weights_fingerprint"] = weights_fingerprint(self.model.hf, identity.get("location"))
         plan.model_key = f"{identity.get('architecture')}:{identity.get('weights_fingerprint')}"
+        source = self.source_model
+        if source is not None:  # resuming must never mix batches patched from other source weights
+            check_compatible(self.model.hf.config, source.hf.config, self.spec.where(("source_model",)))
+            check_same_tokens(plan.probes, self._source_probes(source.tokenizer), self.spec.where(("source_model",)))
+            ident = source.identity
+            if ident.get("weights_fingerprint") is not None:
+                ident["weights_fingerprint"] = weights_fingerprint(source.hf, ident.get("location"))
+            plan.model_key += f"|source:{ident.get('architecture')}:{ident.get('weights_fingerprint')}"
         if plan.dropped:
             log.warning("%d cells not run: none of their tokens is left to patch (right alignment, or an empty "
                         "token group)", plan.dropped)
@@ -250,28 +285,60 @@ class Study:
 
     def check(self) -> None:
         """What can be checked before the weights load: the device, the model source, every site address (against
-        the model's config, built on the meta device) and the probes (with the tokenizer alone)."""
+        the model's config, built on the meta device) and the probes (with the tokenizer alone); with a source
+        model, that its architecture, sizes and probe tokens equal the target's."""
         if self._model is not None:
             self._site_groups(self._model.hf)
+            if self._source is None and self.spec.source_model is not None and self.spec.execution.remote is not True:
+                loaded = self._config_and_tokenizer(self.spec.source_model)
+                if loaded is not None:
+                    self._check_source(self._model.hf.config, self._model.tokenizer, *loaded)
             return
         if self.spec.execution.remote is True:
             return  # the remote model is built on the meta device anyway; plan() checks it
         self.device()
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        m = self.spec.model
-        location, _ = resolve_source(self.model_source(), gguf_file=m.gguf_file, revision=m.revision)
+        loaded = self._config_and_tokenizer(self.spec.model)
+        if loaded is None:
+            return
+        config, tokenizer = loaded
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        self._site_groups(skeleton)
+        self.probes(tokenizer, warn=False, config=config)  # the run warns once, with the loaded model's tokenizer
+        if self.spec.source_model is not None:
+            source = (self._source.hf.config, self._source.tokenizer) if self._source is not None else \
+                self._config_and_tokenizer(self.spec.source_model)
+            if source is not None:
+                self._check_source(config, tokenizer, *source)
+
+    def _config_and_tokenizer(self, m: ModelSpec) -> tuple[Any, Any] | None:
+        """A model's config and tokenizer without its weights (None when they cannot be read that way: the loader
+        then reports the problem with its own message)."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        location, _ = resolve_source(self.model_source(m.source), gguf_file=m.gguf_file, revision=m.revision)
         try:
             config = AutoConfig.from_pretrained(location, revision=m.revision)
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(config)
             tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(
                 (self.model_source(m.tokenizer) if m.tokenizer else None) or location))
         except Exception as exc:  # noqa: BLE001 - the loader reports any such problem with its own message
             log.debug("pre-load checks skipped: %s", exc)
-            return
-        self._site_groups(skeleton)
-        self.probes(tokenizer, warn=False, config=config)  # the run warns once, with the loaded model's tokenizer
+            return None
+        return config, tokenizer
+
+    def _check_source(self, config: Any, tokenizer: Any, source_config: Any, source_tokenizer: Any) -> None:
+        where = self.spec.where(("source_model",))
+        check_compatible(config, source_config, where)
+        check_same_tokens(self._source_probes(tokenizer), self._source_probes(source_tokenizer), where)
+
+    def _source_probes(self, tokenizer: Any) -> list[Probe]:
+        probes = load_probes(self.spec.probes, tokenizer, self.spec.base_dir)
+        if self.spec.corrupted_prompt == "clean":
+            for probe in probes:
+                probe.corrupted, probe.corrupted_ids = probe.clean, list(probe.clean_ids)
+        return probes
 
     # -- execution ------------------------------------------------------------------------------------------
     def run(self, out_dir: str | Path | None = None) -> pd.DataFrame:
@@ -280,6 +347,8 @@ class Study:
         ``out_dir`` is checked (writable folder) and locked (``<out>/.clap.lock``) first, so a second run into the
         same folder stops at once, naming the run that holds it."""
         execute.check_remote(self.spec.execution.remote, self.spec.model.source)
+        if self.spec.source_model is not None:
+            execute.check_remote(self.spec.execution.remote, self.spec.source_model.source)
         if out_dir is None:
             self.check()
             return self._run(None)
@@ -391,7 +460,37 @@ class Study:
                 constants.selected_std = self._selected_std(plan, embeddings)
         if "vector" in needs:
             constants.vectors = self._vectors(plan, cell_ops + baseline_ops, widths)
+        if self.source_model is not None:
+            self._cross_model(plan, keys, shape, constants)
         return constants
+
+    def _cross_model(self, plan: Plan, keys: list[tuple[str, str]], widths: dict[tuple[str, str], int],
+                     constants: PatchConstants) -> None:
+        """The source model's part of a cross-model study, before any batch: its activations on every probe's source
+        prompt at every patched module access (``replace`` / ``interpolate`` compile to them), and its own metrics
+        on both prompts (``source_model_clean`` / ``_corrupted``: the recovery's 1)."""
+        source = self.source_model
+        assert source is not None
+        step = max(2, self.spec.execution.max_rows or 64)
+        prompts = [p.prompt_ids(plan.source) for p in plan.probes]
+        acts: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in keys}
+        for start in range(0, len(prompts), step):
+            for key, per in zip(keys, self._gather(keys, prompts[start:start + step], source), strict=True):
+                acts[key] += per
+        for key in keys:
+            if acts[key][0].shape[-1] != widths[key]:
+                raise ClapError(f"{self.spec.where(('source_model',))}: {key[0]} ({key[1]}) is "
+                                f"{acts[key][0].shape[-1]} wide in the source model but {widths[key]} in the target")
+        constants.source_acts = acts
+        rows = [(p, role) for p in range(len(plan.probes)) for role in ("clean", "corrupted")]
+        metrics: dict[tuple[int, str], torch.Tensor] = {}
+        unembed = self._unembed_module()
+        for start in range(0, len(rows), step - step % 2):
+            chunk = rows[start:start + step - step % 2]
+            batch = baseline_batch(plan, chunk, source.tokenizer.pad_token_id)
+            values = execute.run_batch(source.nn, batch, remote=self.spec.execution.remote, unembed_module=unembed)
+            metrics.update({row: values[i] for i, row in enumerate(chunk)})
+        self._source_metrics = metrics
 
     def _selected_std(self, plan: Plan, embeddings: list[torch.Tensor]) -> float:
         """Std (over all elements) of the token embeddings of the tokens that ``selected_std`` noise acts on, over
@@ -444,11 +543,17 @@ class Study:
                 out[(key, site.name)] = diff
         return out
 
-    def _gather(self, keys: list[tuple[str, str]], prompts: list[list[int]]) -> list[list[torch.Tensor]]:
-        """Per key, per prompt, the unpadded [len, width] activation (one batched trace)."""
-        ids, mask = left_pad(prompts, self.model.tokenizer.pad_token_id)
+    def _gather(self, keys: list[tuple[str, str]], prompts: list[list[int]],
+                model: LoadedModel | None = None) -> list[list[torch.Tensor]]:
+        """Per key, per prompt, the unpadded [len, width] activation (one batched trace) of ``model`` (default: the
+        target model)."""
+        model = model or self.model
+        ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
         width = ids.shape[1]
-        acts = self.executor.capture(ids, mask, keys)
+        if model is self.model:
+            acts = self.executor.capture(ids, mask, keys)
+        else:  # the source model of a cross-model study: always a full capture
+            acts = Executor(model.nn, remote=self.spec.execution.remote, strategy="full").capture(ids, mask, keys)
         return [[act[row, width - len(p):] for row, p in enumerate(prompts)] for act in acts]
 
     def _means(self, plan: Plan, keys: list[tuple[str, str]], prompts: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -502,7 +607,16 @@ class Study:
                 clean = float(baseline[(cell.probe, "clean", samples["clean"])][m])
                 corrupted = float(baseline[(cell.probe, "corrupted", samples["corrupted"])][m])
                 value = float(patched[m])
-                rec, defined = recovery(clean, corrupted, value, spec.recovery_epsilon)
+                cross = {}
+                if self._source_metrics:  # 0 = the target model on the target prompt, 1 = the source model's run
+                    cross = {f"source_model_{role}": float(self._source_metrics[(cell.probe, role)][m])
+                             for role in ("clean", "corrupted")}
+                    start = clean if plan.target == "clean" else corrupted
+                    rec, defined = recovery(cross[f"source_model_{plan.source}"], start, value, spec.recovery_epsilon)
+                    if name == "kl":  # each model's KL is to its own clean run: no common scale to recover along
+                        rec, defined = float("nan"), False
+                else:
+                    rec, defined = recovery(clean, corrupted, value, spec.recovery_epsilon)
                 records.append(
                     {
                         "probe_id": probe.id,
@@ -522,6 +636,7 @@ class Study:
                         "clean": clean,
                         "corrupted": corrupted,
                         "patched": value,
+                        **cross,
                         "recovery": float(rec),
                         "recovery_defined": bool(defined),
                         "trivial": is_trivial(cell, len(target_ids)),
@@ -547,6 +662,7 @@ class Study:
             } if noise_ops else None,
             "spec": self.spec.to_dict(),
             "model": self.model.identity,
+            **({"source_model": self.source_model.identity} if self.source_model is not None else {}),
             "versions": package_versions(),
             "seed": self.spec.seed,
             "group_columns": group_columns,
@@ -562,6 +678,58 @@ class Study:
                 for p in plan.probes
             ],
         }
+
+
+#: config fields that must agree between a source and a target model (GPT-2's names map onto these)
+SHAPE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "n_inner", "head_dim", "vocab_size")
+
+
+def check_compatible(config: Any, source_config: Any, where: str) -> None:
+    """Refuse a source model whose activations cannot stand in for the target's: another architecture, layer count,
+    width, head count or vocabulary (every site's meaning and shape depends on them)."""
+    for name in SHAPE_FIELDS:
+        mine, theirs = getattr(config, name, None), getattr(source_config, name, None)
+        if mine != theirs:
+            raise ClapError(f"{where}: the source model's {name} is {theirs!r}, the target model's {mine!r}; "
+                            f"cross-model patching needs the same architecture, sizes and tokenizer")
+
+
+def check_same_tokens(probes: list[Probe], source_probes: list[Probe], where: str) -> None:
+    """Refuse a source model whose tokenizer splits the probes (prompts or answers) differently: a position would
+    then name different tokens in the two models."""
+    for mine, theirs in zip(probes, source_probes, strict=True):
+        for what in ("clean_ids", "corrupted_ids", "answer_ids", "wrong_ids"):
+            if list(getattr(mine, what) or []) != list(getattr(theirs, what) or []):
+                raise ClapError(f"{where}: the source model's tokenizer gives probe {mine.id} other "
+                                f"{what.replace('_ids', '')} token ids than the target's; cross-model patching "
+                                f"needs the same tokenizer")
+
+
+def baseline_batch(plan: Plan, rows: list[tuple[int, str]], pad_id: int) -> Batch:
+    """An unpatched batch of (probe, prompt role) rows: a model's own metrics on the probes' prompts (the source
+    model's baselines in cross-model patching). KL is to the same model's clean row where the batch holds it."""
+    prompts = [plan.probes[p].prompt_ids(role) for p, role in rows]
+    input_ids, attention_mask = left_pad(prompts, pad_id)
+    position = {row: i for i, row in enumerate(rows)}
+    clean_row = torch.tensor([position.get((p, "clean"), i) for i, (p, _) in enumerate(rows)], dtype=torch.long)
+
+    def sets(which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(getattr(plan.probes[p], which)) for p, _ in rows))
+        index = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, (p, _) in enumerate(rows):
+            ids = getattr(plan.probes[p], which)
+            index[i, :len(ids)] = torch.tensor(ids, dtype=torch.long) if ids else index[i, :0]
+            mask[i, :len(ids)] = 1.0
+        return index, mask
+
+    answer_index, answer_mask = sets("answer_ids")
+    wrong_index, wrong_mask = sets("wrong_ids")
+    return Batch(index=-1, input_ids=input_ids, attention_mask=attention_mask, row_probe=[p for p, _ in rows],
+                 row_role=[role for _, role in rows], row_cell=[-1] * len(rows), clean_row=clean_row,
+                 answer_index=answer_index, answer_mask=answer_mask, wrong_index=wrong_index, wrong_mask=wrong_mask,
+                 accesses=[], cells=[])
 
 
 def load_vector(path: str, base_dir: Path) -> torch.Tensor:
@@ -629,8 +797,15 @@ class BaselineCheck:
 
     def update(self, frame: pd.DataFrame) -> None:
         self.seen.update(frame.probe_id.unique())
-        gap = (frame.clean - frame.corrupted).abs() > self.spec.recovery_epsilon
-        self.defined.update(frame.probe_id[gap].unique())
+        # recovery's denominator: |clean - corrupted|, or across models |source model's run - target model's run|
+        self.defined.update(frame.probe_id[frame.recovery_defined.astype(bool)].unique())
+        if len(self.seen) == self.n_probes and not self.defined and self.spec.source_model is not None:
+            raise ClapError(
+                f"recovery is undefined for every probe: the source model's run of the source prompt and the target "
+                f"model's run of the target prompt differ by at most recovery_epsilon "
+                f"({self.spec.recovery_epsilon:g}) for every metric ({', '.join(self.spec.metrics)}) in "
+                f"{_few(sorted(self.seen))}: the two models answer alike, so no patch can be measured between them"
+            )
         if len(self.seen) == self.n_probes and not self.defined:
             raise ClapError(
                 f"recovery is undefined for every probe: |clean - corrupted| <= recovery_epsilon "
@@ -642,8 +817,9 @@ class BaselineCheck:
     def report(self) -> None:
         undefined = sorted(self.seen - self.defined)
         if undefined:
-            log.warning("%d of %d probes have undefined recovery for every metric (|clean - corrupted| <= %g): %s",
-                        len(undefined), len(self.seen), self.spec.recovery_epsilon, _few(undefined))
+            gap = "|source model - target model|" if self.spec.source_model is not None else "|clean - corrupted|"
+            log.warning("%d of %d probes have undefined recovery for every metric (%s <= %g): %s",
+                        len(undefined), len(self.seen), gap, self.spec.recovery_epsilon, _few(undefined))
 
 
 def open_partial_dir(out: Path, plan: Plan) -> Path:

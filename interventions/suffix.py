@@ -251,7 +251,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: list[int], base_index: torch.Tensor,
+def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: list[int], base_index: torch.Tensor,  # noqa: C901 - one trace body (NDIF)
                    boundaries: list[int], device: torch.device, remote: bool | str,
                    unembed_module: str | None) -> dict[str, Any]:
     """The baseline rows over the whole prompt: metrics, key/value cache, residual stream at the boundaries the
@@ -360,7 +360,7 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
     }
 
 
-def _suffix_pass(model: Any, batch: Batch, layout: ModelLayout, base: dict[str, Any], base_index: torch.Tensor,
+def _suffix_pass(model: Any, batch: Batch, layout: ModelLayout, base: dict[str, Any], base_index: torch.Tensor,  # noqa: C901 - one trace body (NDIF)
                  start_layer: int, start_col: int, rows: list[int], device: torch.device, remote: bool | str,
                  unembed_module: str | None) -> torch.Tensor:
     """Metrics of ``rows``, run from block ``start_layer`` and column ``start_col`` on their baseline rows' state."""

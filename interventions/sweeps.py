@@ -108,6 +108,52 @@ def sweep(
     return Study(spec, model=model).run()
 
 
+def cross_model_sweep(
+    target: LoadedModel,
+    source: LoadedModel,
+    probes: Sequence[dict[str, Any]],
+    sites: Iterable[str] = ("layers[*].resid_pre",),
+    positions: Sequence[Any] = ("last",),
+    same_prompt: bool = False,
+    operation: str | dict[str, Any] = "replace",
+    direction: str = "denoising",
+    metrics: Sequence[str] = ("logit_diff",),
+    **execution: Any,
+) -> pd.DataFrame:
+    """Patch ``source``'s activations into ``target`` (same architecture, sizes and tokenizer; e.g. a fine-tuned
+    model into its base model) at every site and selected position: where did fine-tuning put what it changed?
+
+    ``same_prompt=True``: both models run each probe's clean prompt (only the models differ; probes need no
+    corrupted prompt beyond a placeholder); otherwise the source model runs the source prompt (clean when
+    denoising) and the target model the other one. ``operation``: ``replace`` or ``{"name": "interpolate",
+    "alpha": a}``. The frame adds ``source_model_clean`` / ``source_model_corrupted`` (the source model's own runs),
+    and ``recovery`` runs from the target model on the target prompt (0) to the source model on the source prompt
+    (1); see :class:`~interventions.study.Study`.
+
+    Examples
+    --------
+    >>> base, tuned = load_model("smollm2-135m"), load_model("smollm2-135m-epilepsy")    # doctest: +SKIP
+    >>> frame = cross_model_sweep(base, tuned, [probe], same_prompt=True)                  # doctest: +SKIP
+    >>> frame.groupby("layer").recovery.mean()     # how much of the tuned answer each layer carries  # doctest: +SKIP
+    """
+    spec = StudySpec.from_dict(
+        {
+            "model": {"source": target.identity.get("source", "in-memory")},
+            "source_model": {"source": source.identity.get("source", "in-memory")},
+            "probes": {"inline": list(probes)},
+            "sites": list(sites),
+            "positions": list(positions),
+            "operations": [operation],
+            "direction": direction,
+            "metrics": list(metrics),
+            "corrupted_prompt": "clean" if same_prompt else "probe",
+            "execution": {"progress": False, **execution},
+        },
+        source="<cross_model_sweep>",
+    )
+    return Study(spec, model=target, source_model=source).run()
+
+
 def resid_pre_sweep(model: LoadedModel, probes: Sequence[dict[str, Any]], **kwargs: Any) -> pd.DataFrame:
     """The residual stream entering each block, at each position (TransformerLens: ``get_act_patch_resid_pre``).
 

@@ -29,5 +29,10 @@ def test_demo_runs_end_to_end(tmp_path):
     # the demo's probes are those the base model knows and whose corruption flips its preference
     assert ((logit_diff.clean > 0) & (logit_diff.corrupted < 0)).all()
     assert (out / "report.html").stat().st_size > 1_000
+    # cross-model: the fine-tuned model's residual stream per layer into the base model's run of the clean prompt
+    cross, sidecar = read_results(out / "cross" / "finetuned-into-base")
+    assert sidecar["source_model"]["source"] == "smollm2-135m-epilepsy" and set(cross.positions) == {"last"}
+    assert cross.layer.nunique() == 30 and (cross.clean == cross.corrupted).all()
+    assert (out / "cross" / "finetuned-into-base" / "analysis" / "report.html").is_file()
     # a rerun finds every stage up to date
     assert main(["demo", "-o", str(out)]) == 0

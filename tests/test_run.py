@@ -284,9 +284,16 @@ def test_study_file_errors_name_file_line_and_field(tmp_path, model_dirs):
     line = text.splitlines().index("metrix: [logit_diff]") + 1
     with pytest.raises(ClapError, match=rf"study.yaml:{line}: metrix: unknown field 'metrix'; did you mean 'metrics'"):
         StudyFile.from_yaml(path)
-    path.write_text(study_text(*model_dirs, compare=False) + "cross_model: {source: base, target: perturbed}\n")
-    with pytest.raises(ClapError, match=r"needs cross-model patching \(not yet available\)"):
-        run_study(path, tmp_path / "out")
+    path.write_text(study_text(*model_dirs, compare=False) + "cross_model: {source: base, target: perturbd}\n")
+    with pytest.raises(ClapError, match=r"study.yaml:\d+: cross_model.target: unknown model 'perturbd'; did you "
+                                        r"mean 'perturbed'"):
+        StudyFile.from_yaml(path)
+    path.write_text(study_text(*model_dirs, compare=False)
+                    + "cross_model: {source: base, target: perturbed, operations: [zero]}\n")
+    with pytest.raises(ClapError, match=r"study.yaml:\d+: cross_model: source_model: operation 'zero' does not read "
+                                        r"the source run"):
+        StudyFile.from_yaml(path)
+    path.write_text(study_text(*model_dirs, compare=False))
     with pytest.raises(ClapError, match=r"--model bse=x: the study has no model 'bse'; did you mean 'base'"):
         load_study(path, {"bse": "x"})
 
@@ -315,3 +322,66 @@ def test_study_file_errors_found_later_name_the_file_and_line(tmp_path):
                     "sites: ['layers[0].resid_pre']\nexecution:\n  device: gpu\n", encoding="utf-8")
     study = StudyFile.from_yaml(path)
     assert study.where(("execution", "device")) == f"{path}:9: execution.device"
+
+
+# ----------------------------------------------------------------------------------------------- cross-model
+CROSS = "cross_model: {source: perturbed, target: base, sites: ['layers[*].resid_pre'], corrupted_prompt: clean}\n"
+
+
+def test_cross_model_section_runs_end_to_end_and_equals_hooks(tmp_path, model_dirs, tokenizer):
+    """`cross_model:` in a study file: patch[cross:...] and its analysis run; YAML, Python and CLI give identical
+    frames; every number equals plain hooks (the perturbed model's block input at the last token written into the
+    base model's run of the same prompt)."""
+    from transformers import GPT2LMHeadModel
+
+    from clap.app.cli import main
+    from tests.interventions import reference as ref
+
+    write_probes(tmp_path / "probes.jsonl", PROBES)
+    path = tmp_path / "study.yaml"
+    path.write_text(study_text(*model_dirs, compare=False) + CROSS, encoding="utf-8")
+    yaml_run = run_study(path, tmp_path / "yaml", echo=lambda line: None)
+    assert yaml_run.stages["patch[cross:perturbed-into-base]"] == "ran"
+    assert yaml_run.stages["analyze[cross:perturbed-into-base]"] == "ran"
+    folder = tmp_path / "yaml" / "cross" / "perturbed-into-base"
+    assert (folder / "analysis" / "report.html").is_file()
+    assert "cross:perturbed-into-base" in (tmp_path / "yaml" / "report.md").read_text()
+    assert "Cross-model patching" in (folder / "analysis" / "report.html").read_text()
+    frame = pd.read_parquet(folder / "results.parquet")
+    meta = json.loads((folder / "run.json").read_text())
+    assert meta["source_model"]["source"].endswith("perturbed") and meta["model"]["source"].endswith("base")
+
+    base, perturbed = (GPT2LMHeadModel.from_pretrained(f).eval() for f in model_dirs)
+    for probe in PROBES:
+        ids = tokenizer(probe["clean"]).input_ids
+        answer, wrong = tokenizer(probe["answer"]).input_ids, tokenizer(probe["wrong"]).input_ids
+        base_ld = ref.metrics(ref.run(base, ids), answer, wrong, ref.run(base, ids))["logit_diff"]
+        tuned_ld = ref.metrics(ref.run(perturbed, ids), answer, wrong, ref.run(perturbed, ids))["logit_diff"]
+        for layer in range(2):
+            path_ = f"transformer.h.{layer}"
+            value = ref.capture(perturbed, ids, path_, "input")[[len(ids) - 1]]
+            logits = ref.run(base, ids, [(path_, "input", ref.replace_edit(value, [len(ids) - 1], None, None))])
+            patched = float(logits[answer].mean() - logits[wrong].mean())
+            row = frame[(frame.probe_id == probe["id"]) & (frame.layer == layer)].iloc[0]
+            assert row.patched == pytest.approx(patched, abs=1e-5)
+            assert row.clean == pytest.approx(base_ld, abs=1e-5) and row.corrupted == pytest.approx(base_ld, abs=1e-5)
+            assert row.source_model_clean == pytest.approx(tuned_ld, abs=1e-5)
+            assert row.recovery == pytest.approx((patched - base_ld) / (tuned_ld - base_ld),
+                                                 abs=4e-5 / abs(tuned_ld - base_ld))
+
+    assert main(["run", str(path), "-o", str(tmp_path / "cli"), "--until", "patch", "--no-progress"]) == 0
+    study = StudyFile(
+        name="tiny-run", models={"base": {"source": str(model_dirs[0])}, "perturbed": {"source": str(model_dirs[1])}},
+        probes={"file": str(tmp_path / "probes.jsonl")}, metrics=["logit_diff"], seed=3,
+        patches=[{"sites": ["layers[*].resid_pre", "layers[*].mlp_out"], "positions": ["last"]}],
+        execution={"max_rows": 64, "progress": False},
+        cross_model={"source": "perturbed", "target": "base", "sites": ["layers[*].resid_pre"],
+                     "corrupted_prompt": "clean"},
+    )
+    python_run = run_study(study, tmp_path / "python", until="patch", echo=lambda line: None)
+    assert python_run.stages["patch[cross:perturbed-into-base]"] == "ran"
+    for other in ("cli", "python"):
+        pd.testing.assert_frame_equal(frame, pd.read_parquet(
+            tmp_path / other / "cross" / "perturbed-into-base" / "results.parquet"))
+    again = run_study(path, tmp_path / "yaml", echo=lambda line: None)
+    assert again.stages["patch[cross:perturbed-into-base]"] == "up to date"

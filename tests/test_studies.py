@@ -52,14 +52,20 @@ def test_trace_study_has_romes_settings():
         (["layers[*].resid_post"], 1), (["layers[*].mlp_out"], 10), (["layers[*].attn_out"], 10)]
 
 
-def test_pending_studies_are_refused_by_name(tmp_path, capsys):
-    text = (STUDIES / "epilepsy-finetune.yaml").read_text()
-    head, tail = text.split("# cross_model:")
-    uncommented = head + "cross_model:" + tail.replace("#   ", "  ")
-    (tmp_path / "finetune.yaml").write_text(uncommented)
-    with pytest.raises(ClapError, match=r"`cross_model:` needs cross-model patching \(not yet available\)"):
-        run_study(tmp_path / "finetune.yaml", tmp_path / "out")
-    assert not (tmp_path / "out" / "models").exists()
+def test_finetune_study_patches_the_finetuned_model_into_the_base_model(tmp_path):
+    from clap.app.pipeline import _Planner
+
+    study = StudyFile.from_yaml(STUDIES / "epilepsy-finetune.yaml")
+    (section,) = study.cross_runs().values()
+    assert (section.source, section.target, section.corrupted_prompt) == ("finetuned", "base", "clean")
+    stages = [s.name for s in _Planner(study, tmp_path / "out", False).plan()]
+    assert "patch[cross:finetuned-into-base]" in stages and "analyze[cross:finetuned-into-base]" in stages
+    from interventions.spec import ModelSpec
+
+    base, tuned = (ModelSpec(source=study.models[n].source) for n in ("base", "finetuned"))
+    spec = study.cross_spec(section, base, tuned, Path("p.jsonl"))
+    assert spec.source_model.source == "smollm2-135m-epilepsy" and spec.model.source == "smollm2-135m"
+    assert spec.sites == ["layers[*].resid_pre"] and spec.patches is None and spec.positions == ["last"]
 
 
 def test_paper_study_model_is_one_line_and_offline_fails_clearly(tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ Stages, in order (``--until`` stops after one, ``--force`` reruns one and what d
     patch[NAME]        clap patch, per model: same probes, sites, operations      <out>/models/NAME/
     trace[NAME]        with a `trace:` section: ROME's token-group table and      <out>/models/NAME/
                        heatmaps beside the results (what `clap trace` writes)     token_groups.csv, trace_*.png
+    patch[cross:S-into-T]  cross-model patching: S's activations into T's runs    <out>/cross/S-into-T/
     analyze[NAME]      clap report, per model: tables, figures, report.html       <out>/models/NAME/analysis/
+    analyze[cross:...] the same for each cross-model run                          <out>/cross/S-into-T/analysis/
     compare[A-vs-B]    clap compare, per pair named by `compare:`                 <out>/compare/A-vs-B/
     report             the study's own report: models, comparisons, caveats       <out>/report.html, report.md
 
@@ -156,8 +158,12 @@ class _Planner:
         if study.trace is not None:
             for name in study.model_entries():
                 self._trace(name)
+        for name, section in study.cross_runs().items():
+            self._cross_patch(name, section, probes)
         for name in study.model_entries():
             self._analyze(name)
+        for name in study.cross_runs():
+            self._analyze(f"cross:{name}", self.out / "cross" / name)
         for a, b in study.comparisons():
             self._compare(a, b)
         self._report()
@@ -294,6 +300,40 @@ class _Planner:
         upstream = ["finetune"] if entry.finetuned else []
         self._add(f"patch[{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
 
+    def _cross_patch(self, name: str, section: Any, probes: tuple[Path | None, str]) -> None:
+        """``patch[cross:S-into-T]``: the source model's activations patched into the target model's runs."""
+        from interventions.study import Study
+
+        probes_file, probes_digest = probes
+        results = self.out / "cross" / name
+        entries = self.study.model_entries()
+        target, source = entries[section.target], entries[section.source]
+        planner = self
+
+        def model_spec(entry: ModelEntry) -> ModelSpec:
+            return ModelSpec(source=planner._source(entry), gguf_file=entry.gguf_file, tokenizer=entry.tokenizer,
+                             revision=entry.revision)
+
+        def run(resume: bool) -> list[Path]:
+            spec = planner.study.cross_spec(section, model_spec(target), model_spec(source), probes_file)
+            spec.name = f"{planner.study.name} [cross:{name}]"
+            Study(spec).run(results)
+            return [results]
+
+        spec_key = self.study.model_dump(mode="json", exclude={"name", "analysis", "probes", *RUN_FIELDS})
+        for setting in NON_RESULT_EXECUTION:
+            spec_key["execution"].pop(setting, None)
+        probe_options = self.study.probes.model_dump(mode="json", exclude={"file", "files", "inline"})
+        key = {"spec": spec_key, "cross_model": section.model_dump(mode="json"), "probe_options": probe_options,
+               "probes": probes_digest, "target": self._identity(target), "source": self._identity(source)}
+        upstream = ["finetune"] if target.finetuned or source.finetuned else []
+
+        def check() -> None:
+            self._check_source(section.target, target)
+            self._check_source(section.source, source)
+
+        self._add(f"patch[cross:{name}]", "patch", key, upstream, run, check)
+
     def _source(self, entry: ModelEntry) -> str:
         if entry.finetuned:
             return str(self.finetuned_dir)
@@ -339,8 +379,8 @@ class _Planner:
         self._add(f"trace[{name}]", "trace", key, [f"patch[{name}]"], run)
 
     # -- analyses -------------------------------------------------------------------------------------------
-    def _analyze(self, name: str) -> None:
-        results = self.out / "models" / name
+    def _analyze(self, name: str, results: Path | None = None) -> None:
+        results = results or self.out / "models" / name
         options = self.study.analysis
         render = self.study.report
 

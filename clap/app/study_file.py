@@ -19,7 +19,10 @@ Everything a ``StudySpec`` accepts is accepted here with the same meaning, plus:
 ``trace``    causal tracing, the study spec's own section (:class:`interventions.spec.TraceSpec`): the patch stage
              runs the trace and a ``trace[NAME]`` stage writes its token-group table and heatmaps; the section is
              what makes a study a causal trace (there is no separate ``kind:``)
-``cross_model``  recorded, but refused by ``clap run`` until that analysis exists
+``cross_model`` ``{source: finetuned, target: base, sites: [...], positions: [...]}`` (or a list of them): the
+             source model's activations patched into the target model (both named under ``models:``), one
+             ``patch[cross:SOURCE-into-TARGET]`` stage (``<out>/cross/SOURCE-into-TARGET/``) and its analysis;
+             ``sites`` / ``patches`` / ``positions`` / ``operations`` / ``corrupted_prompt`` default to the study's
 
 Validation errors name file, line and field, in the format of :mod:`interventions.spec`.
 """
@@ -29,23 +32,30 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from clap.errors import closest
 from clap.validation import StrictModel
 from clap.yamlio import line_of
-from interventions.spec import ModelSpec, ProbeSetSpec, SpecError, StudySpec
+from interventions.spec import (
+    ModelSpec,
+    OperationSpec,
+    PatchGroup,
+    PositionSelector,
+    ProbeSetSpec,
+    SpecError,
+    StudySpec,
+)
 
-#: Sections that describe analyses not available yet: ``clap run`` refuses them with this reason.
-PENDING_SECTIONS = {
-    "cross_model": "needs cross-model patching (not yet available)",
-}
+#: Sections that describe analyses not available yet: ``clap run`` refuses them with this reason (none at present;
+#: a section is added here while its analysis is being built, so designs can be written down before it exists).
+PENDING_SECTIONS: dict[str, str] = {}
 #: Earlier spellings of sections, refused with the one spelling to use.
 RENAMED_SECTIONS = {"causal_tracing": "trace"}
 #: Fields of a study file that are not part of the per-model patching spec.
-RUN_FIELDS = ("models", "model", "corpus", "finetune", "compare", "report", *PENDING_SECTIONS)
+RUN_FIELDS = ("models", "model", "corpus", "finetune", "compare", "report", "cross_model", *PENDING_SECTIONS)
 PACKAGE_PREFIX = "package:"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -124,6 +134,39 @@ class FinetuneSection(StrictModel):
     corpus: str | None = None  #: a built corpus folder, when the study has no corpus: section
 
 
+class CrossModelSection(StrictModel):
+    """Cross-model patching: ``source``'s activations patched into ``target`` (both names under ``models:``); the
+    patching fields left out are the study's."""
+
+    source: str
+    target: str
+    sites: list[str] | None = Field(default=None, min_length=1)
+    patches: list[PatchGroup] | None = Field(default=None, min_length=1)
+    positions: list[PositionSelector] | None = Field(default=None, min_length=1)
+    operations: list[OperationSpec] | None = Field(default=None, min_length=1)
+    #: ``clean``: both models run the clean prompt (only the models differ)
+    corrupted_prompt: Literal["probe", "clean"] | None = None
+
+    @field_validator("operations", mode="before")
+    @classmethod
+    def _operation_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}-into-{self.target}"
+
+    def overrides(self) -> dict[str, Any]:
+        """The patching fields this section sets, as spec fields (its own sites replace the study's groups)."""
+        data = self.model_dump(mode="json", exclude={"source", "target"}, exclude_none=True)
+        if "sites" in data or "patches" in data:
+            data.setdefault("sites", None)
+            data.setdefault("patches", None)
+        return data
+
+
 class ReportSection(StrictModel):
     """How the analysis and comparison stages render (not what they compute)."""
 
@@ -141,7 +184,7 @@ class StudyFile(StudySpec):
     finetune: FinetuneSection | None = None
     compare: list[str | list[str]] | None = None
     report: ReportSection = Field(default_factory=ReportSection)
-    cross_model: dict[str, Any] | None = None
+    cross_model: CrossModelSection | list[CrossModelSection] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -229,6 +272,30 @@ class StudyFile(StudySpec):
                      "model to start from")
             if self.corpus is None and self.finetune.corpus is None:
                 fail(("finetune",), "fine-tuning needs a corpus: add a `corpus:` section or `finetune.corpus:`")
+        self._check_cross_model(names, fail)
+
+    def _cross_sections(self) -> list[tuple[tuple, CrossModelSection]]:
+        """(key path, section) of each ``cross_model`` section (one, or a list)."""
+        if self.cross_model is None:
+            return []
+        if isinstance(self.cross_model, list):
+            return [(("cross_model", i), section) for i, section in enumerate(self.cross_model)]
+        return [(("cross_model",), self.cross_model)]
+
+    def _check_cross_model(self, names: list[str], fail: Any) -> None:
+        for at, section in self._cross_sections():
+            for role in ("source", "target"):
+                name = getattr(section, role)
+                if name not in names:
+                    hint = closest(name, names)
+                    fail(at + (role,), f"unknown model {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                         + f" (models: {', '.join(names)})")
+            if section.source == section.target:
+                fail(at, f"source and target are both {section.source!r}; cross-model patching needs two models")
+            try:  # the derived spec's own rules (operations that can read another model, restores without corruption)
+                self.cross_spec(section, ModelSpec(source="target"), ModelSpec(source="source"), Path("probes.jsonl"))
+            except SpecError as exc:
+                fail(at, str(exc))
 
     # -- derived ------------------------------------------------------------------------------------------
     def model_entries(self) -> dict[str, ModelEntry]:
@@ -243,13 +310,25 @@ class StudyFile(StudySpec):
             return [list(self.compare)]  # type: ignore[arg-type]
         return [[c] if isinstance(c, str) else list(c) for c in self.compare]
 
+    def cross_runs(self) -> dict[str, CrossModelSection]:
+        """Cross-model runs by name (``SOURCE-into-TARGET``)."""
+        return {section.name: section for _, section in self._cross_sections()}
+
+    def cross_spec(self, section: CrossModelSection, target: ModelSpec, source: ModelSpec,
+                   probes_file: Path | None = None) -> StudySpec:
+        """The ``StudySpec`` that patches ``source``'s activations into ``target`` (cross-model patching)."""
+        spec = self.patch_spec(target, probes_file, {**section.overrides(), "source_model": source.model_dump()})
+        return spec
+
     def pending(self) -> list[tuple[str, str]]:
         """(section, reason) for each section whose analysis is not available yet."""
         return [(name, reason) for name, reason in PENDING_SECTIONS.items() if getattr(self, name) is not None]
 
-    def patch_spec(self, model: ModelSpec, probes_file: Path | None = None) -> StudySpec:
-        """The ``StudySpec`` that patches ``model`` with this study's probes, sites and options."""
-        data = self.model_dump(mode="json", exclude=set(RUN_FIELDS))
+    def patch_spec(self, model: ModelSpec, probes_file: Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> StudySpec:
+        """The ``StudySpec`` that patches ``model`` with this study's probes, sites and options (``overrides``:
+        spec fields set otherwise, e.g. a cross-model section's)."""
+        data = {**self.model_dump(mode="json", exclude=set(RUN_FIELDS)), **(overrides or {})}
         probes = dict(data.pop("probes"))
         files = probes.pop("files", None)
         if files is not None or (probes.get("file") or "").startswith(PACKAGE_PREFIX):
@@ -257,6 +336,10 @@ class StudyFile(StudySpec):
                 raise SpecError("patch_spec: a probe set of several files (or a package: path) needs the prepared "
                                 "probes file")
             probes["file"] = str(probes_file)
-        spec = StudySpec.model_validate({**data, "model": model.model_dump(), "probes": probes})
+        try:
+            spec = StudySpec.model_validate({**data, "model": model.model_dump(), "probes": probes})
+        except ValidationError as exc:  # only overrides can fail here: the study file itself validated
+            reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+            raise SpecError(reasons) from None
         spec._base_dir = self.base_dir
         return spec

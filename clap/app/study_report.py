@@ -39,7 +39,9 @@ def design_caveats(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
         )
     rows = frame[(frame["direction"] == "denoising") & ~frame["trivial"] & frame["recovery_defined"]]
     if len(rows):
-        same = (rows["patched"] - rows["clean"]).abs() <= EXACT * rows["clean"].abs().clip(lower=1.0)
+        # the run a whole-stream patch reproduces: the clean one, or across models the source model's clean run
+        reference = rows["source_model_clean"] if "source_model_clean" in rows.columns else rows["clean"]
+        same = (rows["patched"] - reference).abs() <= EXACT * reference.abs().clip(lower=1.0)
         whole = same.groupby(rows["site"]).all()
         sites = sorted(whole[whole].index)
         if sites:
@@ -104,6 +106,19 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
             "results": results, "report": report if report.is_file() else None,
             "caveats": design_caveats(frame, meta), "trace": _trace(results),
             "samples": ((meta.get("noise") or {}).get("samples")),
+        })
+    for name, section in study.cross_runs().items():
+        results = out / "cross" / name
+        if not has_results(results):
+            continue
+        frame, meta = load_results(results)
+        report = results / "analysis" / "report.html"
+        models.append({
+            "name": f"cross:{name}", "source": f"{section.source} activations patched into {section.target}",
+            "architecture": (meta.get("model") or {}).get("architecture", ""),
+            "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
+            "results": results, "report": report if report.is_file() else None,
+            "caveats": design_caveats(frame, meta),
         })
     comparisons = []
     for a, b in study.comparisons():

@@ -79,8 +79,8 @@ def tiny_model(request, tiny_gpt2, tiny_llama):
 
 
 class BatchRecorder:
-    """The index of every batch ``Executor.run_batch`` runs (whatever the strategy); ``stop_after = n`` raises KeyboardInterrupt on the
-    n-th batch (counted since the last ``reset``), as Ctrl-C would."""
+    """The index of every batch ``Executor.run_batch`` runs (whatever the strategy); ``stop_after = n`` raises
+    KeyboardInterrupt on the n-th batch (counted since the last ``reset``), as Ctrl-C would."""
 
     def __init__(self, real):
         self.real = real

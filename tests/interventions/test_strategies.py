@@ -107,8 +107,9 @@ def test_suffix_passes_compute_less(tiny_gpt2, monkeypatch):
     counts = {}
     for strategy in ("full", "suffix"):
         seen = []
-        handles = [block.mlp.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0] * args[0].shape[1]))
-                   for block in tiny_gpt2.hf.transformer.h]
+        handles = [block.mlp.register_forward_hook(
+            lambda _m, args, _o, seen=seen: seen.append(args[0].shape[0] * args[0].shape[1]))
+            for block in tiny_gpt2.hf.transformer.h]
         try:
             run(tiny_gpt2, spec, strategy, 64)
         finally:
