@@ -164,6 +164,8 @@ class Study:
             self._executor = Executor(self.model.nn, remote=execution.remote, strategy=execution.strategy,
                                       unembed_module=self._unembed_module())
         return self._executor
+
+    @property
     def source_model(self) -> LoadedModel | None:
         """The model whose runs supply the source activations (cross-model patching); None: the target model."""
         if self.spec.source_model is None:

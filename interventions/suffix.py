@@ -203,7 +203,8 @@ def _suffix_groups(groups: Sequence[Any], table: torch.Tensor, start_col: int,
             continue
         picked = {"t_row": rows[keep], "t_col": entry["t_col"][keep] - start_col, "head": entry["head"][keep]}
         if k in (0, 3):  # copy / mix: the source row is not in this pass; its value was captured
-            picked["values"] = sources[k][keep]
+            given = entry.get("values")  # cross-model: a mix towards another model's activations, given as values
+            picked["values"] = (given if given is not None else sources[k])[keep]
             if k == 3:
                 picked["alpha"] = entry["alpha"][keep]
         else:
@@ -273,7 +274,7 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
                 for shape, group in enumerate(groups):
                     for mode in ("copy", "mix"):
                         found = getattr(group, mode)
-                        if found:
+                        if found and "values" not in found:  # a mix towards given values reads no batch row
                             entry["gathers"].append((shape == 1, base_index[found["s_row"]], found["s_col"],
                                                      found["head"]))
     for key in want_boundary:
@@ -382,7 +383,7 @@ def _suffix_pass(model: Any, batch: Batch, layout: ModelLayout, base: dict[str, 
         for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
             shaped = []
             for group in groups:
-                sources = [next(captured) if (stage >= 1 and k in (0, 3) and entry) else None
+                sources = [next(captured) if (stage >= 1 and k in (0, 3) and entry and "values" not in entry) else None
                            for k, entry in enumerate(group.as_tuple())]
                 shaped.append(_suffix_groups(group.as_tuple(), table, start_col, [
                     s.cpu() if s is not None else None for s in sources]))
