@@ -390,12 +390,14 @@ def named_groups(spec: StudySpec) -> list[tuple[int, tuple, tuple]]:
 def check_spec(spec: StudySpec, named: Sequence[tuple[int, tuple, tuple]] | None = None) -> None:
     """Refuse, naming file and line, what a first-order expansion of the logit difference around the plain target
     run cannot estimate: other metrics, a baseline intervention (the expansion point would be an intervened run),
-    noise samples, windows and combined sites (several sites patched together: their joint effect is not the sum of
-    first-order terms' own cells), and a second model. Before any weights load."""
+    noise samples, windows and combined sites (several sites patched together in one cell), and a second model.
+    Checked before any weights load."""
     named = named_groups(spec) if named is None else named
     if not named:
         return
     at = spec.where(named[0][2])
+    if spec._source and at.startswith(f"{spec._source}:"):  # the same file: its line is enough
+        at = "line " + at[len(spec._source) + 1:].lstrip()
 
     def refuse(location: tuple, what: str) -> None:
         raise SpecError(f"{spec.where(location)}: {what} (operation `attribution` at {at})")
