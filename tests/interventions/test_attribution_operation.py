@@ -31,7 +31,7 @@ def mixed_spec(ops, direction="denoising", **extra) -> StudySpec:
     return StudySpec.from_dict({
         "model": {"source": "tiny"}, "probes": {"inline": PROBES, "multi_token": "set"}, "sites": RESID,
         "positions": ["each"], "patches": [{"sites": LAST, "positions": ["last"]}], "operations": ops,
-        "direction": direction, "metrics": ["logit_diff"], "execution": {"progress": False, "max_rows": 16}, **extra})
+        "direction": direction, "metrics": ["logit_diff"], "execution": {"progress": False}, **extra})
 
 
 @pytest.mark.parametrize("family, direction", [("gpt2", "denoising"), ("llama", "noising")])
