@@ -134,7 +134,7 @@ def test_attribution_takes_no_fields(tmp_path):
         "[replace, attribution]", "[replace, {name: attribution, alpha: 0.5}]"))
     with pytest.raises(ClapError, match=r"study\.yaml:6: operations\.1.*`alpha`.*not 'attribution'"):
         StudySpec.from_yaml(path)
-    given = SimpleNamespace(**{**{f: None for f in operations.OPTIONAL_FIELDS}, "relative_to": "absolute", "scale": 2.0})
+    given = SimpleNamespace(**{**dict.fromkeys(operations.OPTIONAL_FIELDS), "relative_to": "absolute", "scale": 2.0})
     with pytest.raises(ValueError, match="takes no fields .* remove `scale`"):
         operations.get("attribution").check(given)
 
