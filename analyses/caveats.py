@@ -36,6 +36,22 @@ def trivial_caveat(data: pd.DataFrame) -> str | None:
     )
 
 
+def approximate_caveat(data: pd.DataFrame) -> str | None:
+    """Rows estimated by attribution patching (``approximate``): a first-order estimate, not a measurement."""
+    if "approximate" not in data.columns:
+        return None
+    approx = data[data["approximate"].astype(bool)]
+    if approx.empty:
+        return None
+    operations = _names(sorted(approx["operation"].unique().tolist(), key=str))
+    return (
+        f"{len(approx)} of {len(data)} rows are attribution-patching estimates (operation {operations}): first-order "
+        "(activation difference x gradient of the logit difference at the target run), not measured. They are "
+        "tested and drawn as their own operation; trust them where they agree with exact patching, and patch the "
+        "sites they rank highest exactly before reporting a finding."
+    )
+
+
 def undefined_caveat(data: pd.DataFrame) -> str | None:
     """Recoveries with a (near) zero denominator (clean and corrupted runs give the same metric), or infinite."""
     bad = data[~data["recovery_defined"].astype(bool) | ~np.isfinite(data["recovery"].astype(float))]
@@ -183,6 +199,7 @@ def cross_model_caveat(data: pd.DataFrame) -> str | None:
 def collect(data: pd.DataFrame, tables: Mapping[str, pd.DataFrame], group: str | None,
             alpha: float = 0.05) -> list[str]:
     """All caveats that apply, most fundamental first."""
-    found = [cross_model_caveat(data), trivial_caveat(data), undefined_caveat(data), *sample_caveats(data, group),
+    found = [cross_model_caveat(data), approximate_caveat(data), trivial_caveat(data), undefined_caveat(data),
+             *sample_caveats(data, group),
              *table_caveats(tables, alpha, group)]
     return [c for c in found if c]

@@ -530,7 +530,18 @@ def methods_text(result: Analysis) -> list[str]:
     out.append(f"Intervals of means: 95 % {interval[a.interval]}.")
     if o.get("group_requested") and not group:
         out.append(f"No group tests: only one `{o['group_requested']}` group.")
-    return out + _noise_methods(result.meta)
+    return out + _noise_methods(result.meta) + _approximate_methods(result.data)
+
+
+def _approximate_methods(data: pd.DataFrame) -> list[str]:
+    """The Methods sentence of results holding attribution-patching estimates (none otherwise)."""
+    if "approximate" not in data.columns or not data["approximate"].astype(bool).any():
+        return []
+    n = int(data["approximate"].astype(bool).sum())
+    return [f"{n} rows (operation `attribution`) are attribution-patching estimates, not measurements: the "
+            "first-order term (source - target activation) . d logit_diff / d activation at the target run, from one "
+            "forward and one backward pass per chunk of probes (Nanda 2023; Syed et al. 2023); they are analysed as a "
+            "separate operation."]
 
 
 def _noise_methods(meta: dict[str, Any]) -> list[str]:

@@ -127,9 +127,13 @@ REQUIRED_COLUMNS: dict[str, str] = {
     "trivial": "bool",
 }
 
-#: Columns only some kinds of study produce (windows, noise samples, causal traces), with their kinds.
+#: Columns only some kinds of study produce (windows, noise samples, causal traces, cross-model patching, attribution
+#: patching), with their kinds. ``approximate`` is true on rows estimated by attribution patching (operation
+#: ``attribution``: first order, not measured) and false on the exact rows beside them; a study without attribution
+#: rows has no such column.
 OPTIONAL_COLUMNS: dict[str, str] = {"window": "Int64", "sample": "Int64", "effect": "float", "token_group": "str",
-                                    "source_model_clean": "float", "source_model_corrupted": "float"}
+                                    "source_model_clean": "float", "source_model_corrupted": "float",
+                                    "approximate": "bool"}
 
 REQUIRED_SIDECAR_KEYS: tuple[str, ...] = ("spec", "model", "versions", "seed", "group_columns", "created", "n_probes")
 

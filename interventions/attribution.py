@@ -42,8 +42,10 @@ leave the trace.
 
 This module is standalone on purpose: it reuses :mod:`interventions.sites` (site resolution and heads) and
 :mod:`interventions.probes` (tokenisation, answers and position selectors) and none of the exact engine's plan or
-execution code. ``attribution_sweep`` is the Python entry point; :func:`attribution_from_spec` runs a
-:class:`~interventions.spec.StudySpec` so that a spec can ask for it.
+execution code. ``attribution_sweep`` is the Python entry point. In a study spec it is the operation
+``attribution`` (:class:`interventions.operations.Attribution`): ``Study`` runs the groups that name it through
+:func:`study_rows` (checked by :func:`check_spec` and :func:`check_sites`) and the other operations through its
+batches, in one results frame; :func:`attribution_from_spec` runs a whole spec this way (every ``replace`` estimated).
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ from interventions.probes import (
 )
 from interventions.results import recovery, to_frame
 from interventions.sites import Site, SiteError, SiteResolver
-from interventions.spec import PositionSelector, ProbeSpec, StudySpec
+from interventions.spec import PositionSelector, ProbeSpec, SpecError, StudySpec
 
 #: the metrics attribution patching approximates (the gradient of the logit difference at the last position)
 APPROXIMATED_METRICS = ("logit_diff",)  # the metric whose gradient is taken
+#: the operation's name in specs and in the results' ``operation`` column
+OPERATION = "attribution"
 #: probes per forward/backward pass when nothing else is said (two rows each: target and source prompt)
 DEFAULT_PROBES_PER_PASS = 32
 
@@ -302,7 +306,7 @@ def _record(probe: Probe, site: Site, cell: PositionCell, column: torch.Tensor, 
         "positions": cell.label,
         "token": "".join(tokenizer.decode([target_ids[i]]) for i in kept),
         "source_token": "".join(tokenizer.decode([source_ids[j]]) for _, j in pairs),
-        "operation": "replace",
+        "operation": OPERATION,
         "direction": direction,
         "metric": "logit_diff",
         "clean": clean,
@@ -364,29 +368,73 @@ def attribution_sweep(
                      probes_per_pass=probes_per_pass, remote=remote)
 
 
-def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None) -> pd.DataFrame:
-    """Run a study spec as attribution patching: its probes, sites, positions and direction; every operation must
-    be ``replace`` and every metric ``logit_diff`` (the only ones a gradient approximates). ``model`` is loaded
-    from ``spec.model`` when not given. ``execution.max_rows`` bounds the rows of a pass (two per probe)."""
-    if spec.source_model is not None:
-        raise AttributionError(f"{spec.where(('source_model',))}: attribution patching runs one model; cross-model "
-                               "patching is exact patching only (clap patch)")
-    for index, operation in enumerate(spec.all_operations()):
-        if operation.name != "replace":
-            raise AttributionError(
-                f"{spec.where(('operations', index)) if spec.operations else 'operations'}: attribution patching "
-                f"approximates `replace` only (the source activation patched in), not {operation.label!r}"
-            )
+# -- as an operation of the study spec ---------------------------------------------------------------------------
+def _locations(spec: StudySpec) -> list[tuple]:
+    """The key path of each patch group's ``sites``, in ``spec.groups()`` order."""
+    return ([("sites",)] if spec.sites else []) + [("patches", g, "sites") for g in range(len(spec.patches or []))]
+
+
+def named_groups(spec: StudySpec) -> list[tuple[int, tuple, tuple]]:
+    """(group index, key path of its sites, key path of the operation) of every patch group whose operations name
+    ``attribution`` (a group without its own ``operations`` takes the study's)."""
+    out = []
+    for g, (location, (_, _, ops)) in enumerate(zip(_locations(spec), spec.groups(), strict=True)):
+        index = next((i for i, op in enumerate(ops) if op.name == OPERATION), None)
+        if index is None:
+            continue
+        own = location[0] == "patches" and spec.patches[location[1]].operations
+        out.append((g, location, (location[:-1] + ("operations", index)) if own else ("operations", index)))
+    return out
+
+
+def check_spec(spec: StudySpec, named: Sequence[tuple[int, tuple, tuple]] | None = None) -> None:
+    """Refuse, naming file and line, what a first-order expansion of the logit difference around the plain target
+    run cannot estimate: other metrics, a baseline intervention (the expansion point would be an intervened run),
+    noise samples, windows and combined sites (several sites patched together in one cell), and a second model.
+    Checked before any weights load."""
+    named = named_groups(spec) if named is None else named
+    if not named:
+        return
+    at = spec.where(named[0][2])
+    if spec._source and at.startswith(f"{spec._source}:"):  # the same file: its line is enough
+        at = "line " + at[len(spec._source) + 1:].lstrip()
+
+    def refuse(location: tuple, what: str) -> None:
+        raise SpecError(f"{spec.where(location)}: {what} (operation `attribution` at {at})")
+
     other = [m for m in spec.metrics if m not in APPROXIMATED_METRICS]
     if other:
-        raise AttributionError(f"{spec.where(('metrics',))}: attribution patching approximates "
-                               f"{', '.join(APPROXIMATED_METRICS)} only; remove {', '.join(other)}")
-    if model is None:
-        model = _load(spec)
-    resolver = SiteResolver(model.hf)
-    locations = ([("sites",)] if spec.sites else []) + [("patches", g, "sites") for g in range(len(spec.patches or []))]
-    groups = []
-    for location, (addresses, positions, _) in zip(locations, spec.groups(), strict=True):
+        refuse(("metrics",), f"attribution patching approximates {', '.join(APPROXIMATED_METRICS)} only; remove "
+                             f"{', '.join(other)}, or run the exact operations in a spec of their own")
+    if spec.baseline:
+        refuse(("baseline",), "attribution patching expands around the plain target run and cannot include a "
+                              "baseline intervention; use exact operations for causal tracing")
+    if spec.samples > 1:
+        refuse(("samples",), "attribution patching draws no noise; `samples` must be 1")
+    for _g, location, _op in named:
+        if location[0] != "patches":
+            continue
+        group = spec.patches[location[1]]
+        if group.window > 1:
+            refuse(("patches", location[1], "window"), "attribution patching estimates one site at a time; "
+                                                       "`window` stacks several layers")
+        if group.combine:
+            refuse(("patches", location[1], "combine"), "attribution patching estimates one site at a time; "
+                                                        "`combine` patches the group's sites together")
+    if spec.source_model is not None:
+        refuse(("source_model",), "attribution patching takes both runs from one model; remove `source_model`")
+
+
+def spec_groups(spec: StudySpec, resolver: SiteResolver,
+                named: Sequence[tuple[int, tuple, tuple]] | None = None) -> list[tuple[list[Site], list]]:
+    """(sites in forward order, position selectors) of the given groups (default: those naming ``attribution``);
+    a bad address, or a site with no gradient (the embedding's input: token ids), names the spec's file and line."""
+    named = named_groups(spec) if named is None else named
+    embed = resolver.arch.embed if resolver.arch else None
+    groups = spec.groups()
+    out = []
+    for g, location, _op in named:
+        addresses, positions, _ = groups[g]
         sites: dict[str, Site] = {}
         for i, address in enumerate(addresses):
             try:
@@ -394,8 +442,62 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None) -> 
             except SiteError as exc:
                 raise SiteError(f"{spec.where(location + (i,))}: {exc}") from None
             for site in expanded:
+                if embed and site.module == embed and site.access == "input":
+                    raise AttributionError(f"{spec.where(location + (i,))}: operation `attribution` cannot "
+                                           f"differentiate {site.name}: the embedding's input is token ids, which "
+                                           "have no gradient (patch the embedding's output, `embed`, instead)")
                 sites.setdefault(site.name, site)
-        groups.append((sorted(sites.values(), key=resolver.order_key), positions))
+        out.append((sorted(sites.values(), key=resolver.order_key), list(positions)))
+    return out
+
+
+def check_sites(spec: StudySpec, resolver: SiteResolver) -> None:
+    """The sites of the groups naming ``attribution`` resolve and can be differentiated (see :func:`spec_groups`)."""
+    spec_groups(spec, resolver)
+
+
+def study_rows(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe]) -> pd.DataFrame | None:
+    """The rows of every cell whose operation is ``attribution`` (None when no group names it), as ``Study`` reports
+    them: cells the exact plan would drop (no token left to patch) are dropped, a cell named by two groups is
+    reported once, ``window`` is 1 and ``sample`` 0. ``execution.max_rows`` bounds the rows of a pass (two per
+    probe)."""
+    named = named_groups(spec)
+    if not named:
+        return None
+    check_spec(spec, named)
+    groups = spec_groups(spec, SiteResolver(model.hf), named)
+    per_pass = max(1, spec.execution.max_rows // 2) if spec.execution.max_rows else None
+    frame = attribute(model, probes, groups, direction=spec.direction, probes_per_pass=per_pass,
+                      remote=spec.execution.remote, recovery_epsilon=spec.recovery_epsilon)
+    frame = frame[(frame["n_patched_tokens"] > 0) | (frame["positions"] == "none")]
+    frame = frame.drop_duplicates(["probe_id", "site", "positions", "position"]).reset_index(drop=True)
+    return frame.assign(window=1, sample=0)
+
+
+def with_exact(frames: list[pd.DataFrame], rows: pd.DataFrame | None) -> list[pd.DataFrame]:
+    """The exact batches' frames and the attribution rows, to be concatenated: when there are attribution rows the
+    exact ones say ``approximate=False``; a study without them has no ``approximate`` column."""
+    if rows is None:
+        return frames
+    return [f.assign(approximate=False) for f in frames] + [rows]
+
+
+def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None) -> pd.DataFrame:
+    """Run a whole study spec as attribution patching: its probes, sites, positions and direction, every group
+    estimated; every operation must be ``replace`` or ``attribution`` and every metric ``logit_diff`` (the only ones
+    a gradient approximates). ``model`` is loaded from ``spec.model`` when not given. To mix exact and approximate
+    cells, name ``operations: [replace, attribution]`` and run the spec with ``Study`` (or ``clap patch``)."""
+    for index, operation in enumerate(spec.all_operations()):
+        if operation.name not in ("replace", OPERATION):
+            raise AttributionError(
+                f"{spec.where(('operations', index)) if spec.operations else 'operations'}: attribution patching "
+                f"approximates `replace` only (the source activation patched in), not {operation.label!r}"
+            )
+    named = [(g, location, ("operations",)) for g, location in enumerate(_locations(spec))]
+    check_spec(spec, named)
+    if model is None:
+        model = _load(spec)
+    groups = spec_groups(spec, SiteResolver(model.hf), named)
     probes = load_probes(spec.probes, model.tokenizer, spec.base_dir)
     check_alignment(probes, spec.alignment)
     check_context(probes, model.hf.config)

@@ -9,6 +9,8 @@ touches only this module. An operation declares
   an embedding std; ``vector``: a steering vector loaded from a file or captured as a mean difference);
 * ``check(spec)``: what its spec fields must satisfy (a ``ValueError`` becomes a file:line error);
 * ``label(spec)``: its name in the results' ``operation`` column;
+* ``approximate``: it is estimated, not measured: executed by the gradient path (:mod:`interventions.attribution`,
+  one forward and backward pass per chunk of probes) instead of being compiled into batch edits;
 * ``compile(edit)``: the batch primitives it writes, as entries of ``copy`` (``x[t] = x[s]``), ``set``
   (``x[t] = v``), ``add`` (``x[t] += v``) and ``mix`` (``x[t] += alpha * (x[s] - x[t])``, or towards given values
   ``v``), which the trace applies as plain index operations (so every trace stays NDIF-serialisable).
@@ -64,6 +66,8 @@ class Operation:
     name: ClassVar[str]
     copies_source: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: estimated by attribution patching (the gradient path), never compiled into batch edits
+    approximate: ClassVar[bool] = False
     #: spec fields this operation accepts beyond ``name``
     fields: ClassVar[frozenset[str]] = frozenset()
 
@@ -205,6 +209,29 @@ class Interpolate(Operation):
         # not strict, as in ``Replace``: a baseline edit has no source columns to mix in
         return [("mix", (edit.t_row, tc, edit.s_row, sc, edit.head, float(edit.op.alpha)))
                 for tc, sc in zip(edit.t_cols, edit.s_cols, strict=False)]
+
+
+@register
+class Attribution(Operation):
+    """``replace`` estimated to first order (attribution patching): ``(a_source - a_target) . dM/da`` at the target
+    run, for every cell of its groups from one forward and one backward pass per chunk of probes
+    (:mod:`interventions.attribution`). Its rows say ``approximate=True``; beside ``replace`` in one spec it gives the
+    exact and the approximate value of the same cells. It reads the source activation at aligned tokens, as
+    ``replace`` does, and takes no fields."""
+
+    name = "attribution"
+    copies_source = True
+    approximate = True
+
+    def check(self, spec):
+        given = [f for f in OPTIONAL_FIELDS if getattr(spec, f) not in (None, "absolute")]
+        if given:
+            raise ValueError(f"operation `attribution` takes no fields (it estimates `replace`); remove "
+                             f"{', '.join(f'`{f}`' for f in given)}")
+
+    def compile(self, edit):
+        raise NotImplementedError("operation `attribution` runs on the gradient path (interventions.attribution), "
+                                  "not in batches")
 
 
 #: every spec field an operation may use (those outside ``fields`` of the named operation are refused)

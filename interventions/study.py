@@ -34,7 +34,7 @@ from clap.models import (
     resolve_source,
     weights_fingerprint,
 )
-from interventions import execute
+from interventions import attribution, execute, operations
 from interventions.executor import Executor
 from interventions.plan import (
     Batch,
@@ -229,6 +229,7 @@ class Study:
                   for location, (addresses, _, _) in zip(self._group_locations(), self.spec.groups(), strict=True)]
         for b, intervention in enumerate(self.spec.baseline or []):
             self._resolve(resolver, intervention.sites, ("baseline", b, "sites"))
+        attribution.check_sites(self.spec, resolver)
         return resolver, groups
 
     def _group_locations(self) -> list[tuple]:
@@ -241,7 +242,8 @@ class Study:
         for location, sites, (_, positions, ops), (window, combine) in zip(
                 self._group_locations(), site_groups, self.spec.groups(), self.spec.group_options(), strict=True):
             sites = sorted(sites, key=resolver.order_key)
-            group = GroupPlan(sites, list(positions), list(ops))
+            # `attribution` cells run on the gradient path (_attribution_rows), not in batches
+            group = GroupPlan(sites, list(positions), [op for op in ops if not operations.get(op.name).approximate])
             if combine:
                 group.sites = [sites[0]]
                 group.stacks[sites[0].name] = tuple(sites)
@@ -289,6 +291,7 @@ class Study:
         """What can be checked before the weights load: the device, the model source, every site address (against
         the model's config, built on the meta device) and the probes (with the tokenizer alone); with a source
         model, that its architecture, sizes and probe tokens equal the target's."""
+        attribution.check_spec(self.spec)
         if self._model is not None:
             self._site_groups(self._model.hf)
             if self._source is None and self.spec.source_model is not None and self.spec.execution.remote is not True:
@@ -362,7 +365,7 @@ class Study:
     def _run(self, out: Path | None) -> pd.DataFrame:
         spec = self.spec
         plan = self.plan()
-        if not plan.cells:
+        if not plan.cells and not attribution.named_groups(spec):
             raise ClapError(f"the study has no cells to run ({plan.dropped} dropped under right alignment)")
         model = self.model
         loaded_dtype = model.identity.get("dtype")
@@ -406,7 +409,8 @@ class Study:
         progress.close()
         baselines.report()
         group_columns = sorted(plan.probes[0].labels)
-        result = to_frame(pd.concat(frames, ignore_index=True), group_columns)
+        result = to_frame(pd.concat(attribution.with_exact(frames, self._attribution_rows(plan)), ignore_index=True),
+                          group_columns)
         self.samples_frame = None
         if spec.samples > 1:  # per-sample rows aside (samples.parquet); the results average them
             self.samples_frame = result
@@ -422,6 +426,11 @@ class Study:
             except OSError:
                 pass  # other plans' partial batches remain
         return result
+
+    def _attribution_rows(self, plan: Plan) -> pd.DataFrame | None:
+        """The cells whose operation is ``attribution``: estimated by :mod:`interventions.attribution` (one forward and
+        one backward pass per chunk of probes) on the plan's probes; None when no group names it."""
+        return attribution.study_rows(self.spec, self.model, plan.probes)
 
     def _unembed_module(self) -> str | None:
         from clap.architectures import BY_MODEL_TYPE

@@ -236,6 +236,9 @@ def test_spec_hook(tiny_gpt2):
     ({"operations": ["zero"]}, "approximates `replace` only"),
     ({"metrics": ["logit_diff", "prob"]}, "remove prob"),
     ({"sites": ["layers[9].mlp_out"]}, "out of range"),
+    # once silently estimated as single sites / around the unintervened run
+    ({"patches": [{"sites": ["layers[*].mlp_out"], "window": 3}]}, r"patches\[0\]\.window: .*one site at a time"),
+    ({"baseline": [{"sites": ["embed"], "operation": {"name": "noise", "scale": 1.0}}]}, "baseline intervention"),
 ])
 def test_spec_hook_refuses_what_it_cannot_approximate(tiny_gpt2, change, message):
     spec = StudySpec.from_dict({"model": {"source": "tiny"}, "probes": {"inline": PROBES, "multi_token": "set"},

@@ -1,0 +1,159 @@
+"""Operation `attribution` in a study spec: its rows equal `attribution_sweep` (itself checked against plain autograd in
+test_attribution.py), the exact rows beside them equal the same spec without it, refusals name file and line, and
+`clap patch` / `clap report` carry the rows through to the report."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clap.app.cli import main
+from clap.errors import ClapError
+from interventions import operations
+from interventions.attribution import attribution_sweep
+from interventions.results import read_results
+from interventions.spec import StudySpec
+from interventions.study import Study
+
+from .conftest import PROBES
+from .test_cli import write_spec
+
+RESID = ["layers[*].resid_pre"]
+LAST = ["layers[*].attn_out", "layers[*].mlp_out", "layers[*].heads[*]"]
+KEYS = ["probe_id", "site", "positions", "position"]
+
+
+def mixed_spec(ops, direction="denoising", **extra) -> StudySpec:
+    """Residual stream at every position, attention / MLP outputs and heads at the last one."""
+    return StudySpec.from_dict({
+        "model": {"source": "tiny"}, "probes": {"inline": PROBES, "multi_token": "set"}, "sites": RESID,
+        "positions": ["each"], "patches": [{"sites": LAST, "positions": ["last"]}], "operations": ops,
+        "direction": direction, "metrics": ["logit_diff"], "execution": {"progress": False}, **extra})
+
+
+@pytest.mark.parametrize("family, direction", [("gpt2", "denoising"), ("llama", "noising")])
+def test_replace_and_attribution_in_one_spec(family, direction, tiny_gpt2, tiny_llama):
+    model = tiny_gpt2 if family == "gpt2" else tiny_llama
+    frame = Study(mixed_spec(["replace", "attribution"], direction), model=model).run()
+    approx = frame[frame["operation"] == "attribution"]
+    exact = frame[frame["operation"] == "replace"]
+    assert set(frame["operation"]) == {"replace", "attribution"} and frame["approximate"].dtype == bool
+    assert approx["approximate"].all() and not exact["approximate"].any()
+
+    # the attribution rows are the sweep's, cell for cell
+    sweep = pd.concat([
+        attribution_sweep(model, PROBES, RESID, positions=["each"], direction=direction, multi_token="set"),
+        attribution_sweep(model, PROBES, LAST, positions=["last"], direction=direction, multi_token="set"),
+    ])
+    merged = approx.merge(sweep, on=KEYS, suffixes=("", "_sweep"))
+    assert len(merged) == len(approx) == len(sweep)
+    for column in ("effect", "patched", "clean", "corrupted"):
+        np.testing.assert_allclose(merged[column], merged[f"{column}_sweep"], atol=1e-6)
+    np.testing.assert_allclose(merged["recovery"], merged["recovery_sweep"], atol=1e-6, equal_nan=True)
+    assert (merged["trivial"] == merged["trivial_sweep"]).all()
+    assert (approx["window"] == 1).all() and (approx["sample"] == 0).all()
+
+    # the exact rows are those of the same spec without `attribution` (which has no `approximate` column)
+    alone = Study(mixed_spec(["replace"], direction), model=model).run()
+    assert "approximate" not in alone.columns
+    both = exact.merge(alone, on=KEYS, suffixes=("", "_alone"))
+    assert len(both) == len(exact) == len(alone)
+    np.testing.assert_allclose(both["patched"], both["patched_alone"], atol=1e-6)
+    # every site kind asked for, and the baselines the two paths share
+    assert set(approx["site_kind"]) == {"resid_pre", "attn_out", "mlp_out", "head"}
+    np.testing.assert_allclose(merged.sort_values(KEYS)["clean"],
+                               exact.merge(approx[KEYS], on=KEYS).sort_values(KEYS)["clean"], atol=1e-5)
+
+
+def test_attribution_named_by_one_group_only(tiny_gpt2):
+    """A group's own `operations: [attribution]` estimates that group alone; a spec with only attribution cells
+    runs too (no exact batch)."""
+    spec = StudySpec.from_dict({
+        "model": {"source": "tiny"}, "probes": {"inline": PROBES, "multi_token": "set"},
+        "sites": ["layers[1].mlp_out"], "positions": ["last"], "operations": ["zero"],
+        "patches": [{"sites": ["layers[*].heads[*]"], "operations": ["attribution"]}],
+        "execution": {"progress": False}})
+    frame = Study(spec, model=tiny_gpt2).run()
+    assert dict(frame.groupby("operation")["site_kind"].unique().apply(set)) == {
+        "zero": {"mlp_out"}, "attribution": {"head"}}
+    assert len(frame[frame["operation"] == "attribution"]) == len(PROBES) * 3 * 4
+    only = StudySpec.from_dict({**spec.to_dict(), "sites": None, "operations": ["attribution"],
+                                "patches": [{"sites": ["layers[*].heads[*]"]}]})
+    frame_only = Study(only, model=tiny_gpt2).run()
+    assert (frame_only["operation"] == "attribution").all() and frame_only["approximate"].all()
+    np.testing.assert_allclose(frame_only.sort_values(KEYS)["effect"],
+                               frame[frame["operation"] == "attribution"].sort_values(KEYS)["effect"], atol=1e-9)
+
+
+def test_registered_as_approximate():
+    op = operations.get("attribution")
+    assert op.approximate and op.copies_source
+    assert not any(o.approximate for name, o in operations.REGISTRY.items() if name != "attribution")
+    with pytest.raises(NotImplementedError, match="gradient path"):
+        op.compile(None)
+
+
+YAML = """\
+model: {source: tiny}
+probes:
+  inline:
+    - {clean: "The capital of France is", corrupted: "The capital of Spain is", answer: " Paris", wrong: " Madrid"}
+sites: ["SITE"]
+operations: [replace, attribution]
+"""
+
+
+@pytest.mark.parametrize("extra, site, where", [
+    ("metrics: [logit_diff, prob]\n", "layers[*].mlp_out", r"study\.yaml:7: metrics: .*logit_diff only; remove prob"),
+    ("baseline: [{sites: [embed], operation: {name: noise, scale: 1}}]\n", "layers[*].mlp_out",
+     r"study\.yaml:7: baseline: .*baseline intervention"),
+    ("samples: 2\npatches: [{sites: [embed], operations: [{name: noise, scale: 1}]}]\n", "layers[*].mlp_out",
+     r"study\.yaml:7: samples: .*must be 1"),
+    ("patches: [{sites: ['layers[*].mlp_out'], window: 3}]\n", "layers[0].mlp_out",
+     r"study\.yaml:7: patches\[0\]\.window: .*one site at a time"),
+    ("patches: [{sites: ['layers[*].mlp_out'], combine: true}]\n", "layers[0].mlp_out",
+     r"study\.yaml:7: patches\[0\]\.combine: .*one site at a time"),
+    ("", "transformer.wte:input", r"study\.yaml:5: sites\[0\]: .*token ids, which have no gradient"),
+])
+def test_refusals_name_file_and_line(tmp_path, tiny_gpt2, extra, site, where):
+    path = tmp_path / "study.yaml"
+    path.write_text(YAML.replace("SITE", site) + extra)
+    study = Study.from_yaml(path, model=tiny_gpt2)
+    with pytest.raises(ClapError, match=where) as error:
+        study.run()
+    if not site.endswith(":input"):  # spec-level refusals also say where attribution was named
+        assert str(error.value).endswith("(operation `attribution` at line 6: operations[1])")
+
+
+def test_attribution_takes_no_fields(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(YAML.replace("SITE", "layers[*].mlp_out").replace(
+        "[replace, attribution]", "[replace, {name: attribution, alpha: 0.5}]"))
+    with pytest.raises(ClapError, match=r"study\.yaml:6: operations\.1.*`alpha`.*not 'attribution'"):
+        StudySpec.from_yaml(path)
+    given = SimpleNamespace(**{**dict.fromkeys(operations.OPTIONAL_FIELDS), "relative_to": "absolute", "scale": 2.0})
+    with pytest.raises(ValueError, match="takes no fields .* remove `scale`"):
+        operations.get("attribution").check(given)
+
+
+def test_clap_patch_and_report(tmp_path, model_dir):
+    """`clap patch` runs a spec naming attribution like any other; `clap report` labels its rows."""
+    spec = write_spec(tmp_path, model_dir)
+    text = spec.read_text().replace("operations: [replace, zero]", "operations: [replace, attribution]")
+    spec.write_text(text.replace("metrics: [logit_diff, prob]", "metrics: [logit_diff]"))
+    out = tmp_path / "out"
+    assert main(["patch", str(spec), "-o", str(out), "--no-progress"]) == 0
+    frame, _ = read_results(out)
+    approx = frame[frame["approximate"]]
+    assert len(approx) == len(frame) / 2 and (approx["operation"] == "attribution").all()
+    exact, estimated = (frame[frame["operation"] == op].set_index(KEYS) for op in ("replace", "attribution"))
+    assert (exact["clean"] - estimated.loc[exact.index, "clean"]).abs().max() < 1e-5  # one model, two paths
+    report = tmp_path / "report"
+    assert main(["report", str(out), "-o", str(report), "--no-figures", "--n-boot", "100"]) == 0
+    text = (report / "report.md").read_text()
+    assert f"{len(approx)} of {len(frame)} rows are attribution-patching estimates" in text
+    assert f"{len(approx)} rows (operation `attribution`) are attribution-patching estimates, not measurements" in text
+    assert "operation=attribution" in text and "operation=replace" in text
