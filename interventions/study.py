@@ -11,9 +11,7 @@ folder is locked for the run (``<out>/.clap.lock``), and a finished run removes 
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from clap.contract import METRICS, SAMPLES_FILE, atomic_write_frame
+from clap.contract import SAMPLES_FILE, atomic_write_frame
 from clap.devices import resolve_device
 from clap.errors import ClapError
 from clap.locks import exclusive_lock
@@ -35,6 +33,7 @@ from clap.models import (
     weights_fingerprint,
 )
 from interventions import attribution, execute, operations
+from interventions.batch_store import BatchStore
 from interventions.executor import Executor
 from interventions.plan import (
     Batch,
@@ -45,27 +44,25 @@ from interventions.plan import (
     build_batch,
     chunk_cells,
     compile_plan,
-    left_pad,
     rows_for_budget,
 )
-from interventions.probes import Probe, check_alignment, check_context, load_probes, subject_range, token_group
+from interventions.probes import Probe, check_alignment, check_context, load_probes
 from interventions.results import (
     average_samples,
     package_versions,
     prepare_output_dir,
-    recovery,
     to_frame,
     write_results,
 )
 from interventions.sites import Site, SiteError, SiteResolver
 from interventions.spec import ModelSpec, StudySpec
+from interventions.statistics import StatisticsPasses
+from interventions.tidy import TidyRows
 
 log = logging.getLogger(__name__)
 
 #: held for the whole run so that two runs never write one output folder
 LOCK_FILE = ".clap.lock"
-#: in each partial folder: which plan content and weights its batches belong to
-PLAN_FILE = "plan.json"
 
 
 class Study:
@@ -124,7 +121,7 @@ class Study:
         self._model = model
         self._executor: Executor | None = None
         self._source = source_model
-        self._source_metrics: dict[tuple[int, str], torch.Tensor] = {}
+        self.source_metrics: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
     def from_yaml(cls, path: str | Path, model: LoadedModel | None = None,
@@ -162,7 +159,7 @@ class Study:
         if self._executor is None:
             execution = self.spec.execution
             self._executor = Executor(self.model.nn, remote=execution.remote, strategy=execution.strategy,
-                                      unembed_module=self._unembed_module())
+                                      unembed_module=self.unembed_module())
         return self._executor
 
     @property
@@ -386,23 +383,19 @@ class Study:
             torch.finfo(next(hf.parameters()).dtype).bits // 8,
         )
         chunks = chunk_cells(plan, max_rows)
-        partial_dir = open_partial_dir(out, plan) if out else None
+        store = BatchStore(out, plan)
         pad_id = model.tokenizer.pad_token_id
         frames = []
         baselines = BaselineCheck(spec, len(plan.probes))
         progress = tqdm(total=len(plan.cells), desc=f"patching {spec.name}", unit="cell",
                         disable=not spec.execution.progress)
         for index, cells in enumerate(chunks):
-            done = partial_dir / f"batch-{index:05d}.parquet" if partial_dir else None
-            if done and done.is_file():
-                frame = pd.read_parquet(done)
-            else:
+            frame = store.load(index)
+            if frame is None:
                 batch = build_batch(plan, cells, index, pad_id, constants)
                 metrics = self.executor.run_batch(batch)
                 frame = self._tidy(plan, batch, cells, metrics)
-                if done:
-                    frame.to_parquet(done.with_suffix(".tmp"), index=False)
-                    done.with_suffix(".tmp").replace(done)
+                store.save(index, frame)
             frames.append(frame)
             baselines.update(frame)
             progress.update(len(cells))
@@ -420,11 +413,7 @@ class Study:
             if self.samples_frame is not None:
                 atomic_write_frame(out / SAMPLES_FILE, self.samples_frame)
             write_results(out, result, self._sidecar(plan, group_columns, len(chunks), max_rows, constants))
-            shutil.rmtree(partial_dir, ignore_errors=True)  # only this plan's batches: others may resume later
-            try:
-                partial_dir.parent.rmdir()
-            except OSError:
-                pass  # other plans' partial batches remain
+            store.discard()  # only this plan's batches: others may resume later
         return result
 
     def _attribution_rows(self, plan: Plan) -> pd.DataFrame | None:
@@ -432,233 +421,21 @@ class Study:
         one backward pass per chunk of probes) on the plan's probes; None when no group names it."""
         return attribution.study_rows(self.spec, self.model, plan.probes)
 
-    def _unembed_module(self) -> str | None:
+    def unembed_module(self) -> str | None:
         from clap.architectures import BY_MODEL_TYPE
 
         arch = BY_MODEL_TYPE.get(getattr(self.model.hf.config, "model_type", None))
         return arch.unembed if arch else None
 
     def _constants(self, plan: Plan) -> PatchConstants:
-        """Widths of every site; the statistics passes the plan's operations need (:mod:`operations` ``needs``):
-        probe-set means, embedding stds for noise, steering vectors."""
-        from clap.architectures import architecture_of
-        from interventions import operations
+        """What the plan's operations need measured first (:class:`interventions.statistics.StatisticsPasses`)."""
+        return StatisticsPasses(self).constants(plan)
 
-        model = self.model
-        widths = {}
-        probe_ids = plan.probes[0].clean_ids
-        cell_ops = list({op.model_dump_json(): op for op in self.spec.all_operations()}.values())
-        baseline_ops = [b.operation for b in self.spec.baseline or []]
-        needs = set().union(*(operations.get(op.name).needs for op in cell_ops + baseline_ops))
-        keys = list(dict.fromkeys(site.access_key for site in plan.sites))
-        ids = torch.tensor([probe_ids])
-        acts = self.executor.capture(ids, torch.ones_like(ids), keys)
-        shape = {key: act.shape[-1] for key, act in zip(keys, acts, strict=True)}
-        for site in plan.sites:
-            width = shape[site.access_key]
-            widths[site.name] = width // site.n_heads if site.kind == "head" else width
-        constants = PatchConstants(widths=widths, seed=self.spec.seed)
-        if "mean" in needs:
-            constants.means = self._means(plan, keys, [p.prompt_ids(plan.source) for p in plan.probes])
-        noise_ops = [op for op in cell_ops + baseline_ops if op.name == "noise"]
-        if any(op.relative_to != "absolute" for op in noise_ops):
-            embed_key = (architecture_of(model.hf).embed, "output")
-            prompts = [p.prompt_ids(r) for p in plan.probes for r in ("clean", "corrupted")]
-            embeddings = self._gather([embed_key], prompts)[0]
-            if any(op.relative_to == "embedding_std" for op in noise_ops):
-                constants.embedding_std = float(torch.cat(embeddings).std())
-            if any(op.relative_to == "selected_std" for op in noise_ops):
-                constants.selected_std = self._selected_std(plan, embeddings)
-        if "vector" in needs:
-            constants.vectors = self._vectors(plan, cell_ops + baseline_ops, widths)
-        if self.source_model is not None:
-            self._cross_model(plan, keys, shape, constants)
-        return constants
 
-    def _cross_model(self, plan: Plan, keys: list[tuple[str, str]], widths: dict[tuple[str, str], int],
-                     constants: PatchConstants) -> None:
-        """The source model's part of a cross-model study, before any batch: its activations on every probe's source
-        prompt at every patched module access (``replace`` / ``interpolate`` compile to them), and its own metrics
-        on both prompts (``source_model_clean`` / ``_corrupted``: the recovery's 1)."""
-        source = self.source_model
-        assert source is not None
-        step = max(2, self.spec.execution.max_rows or 64)
-        prompts = [p.prompt_ids(plan.source) for p in plan.probes]
-        acts: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in keys}
-        for start in range(0, len(prompts), step):
-            for key, per in zip(keys, self._gather(keys, prompts[start:start + step], source), strict=True):
-                acts[key] += per
-        for key in keys:
-            if acts[key][0].shape[-1] != widths[key]:
-                raise ClapError(f"{self.spec.where(('source_model',))}: {key[0]} ({key[1]}) is "
-                                f"{acts[key][0].shape[-1]} wide in the source model but {widths[key]} in the target")
-        constants.source_acts = acts
-        rows = [(p, role) for p in range(len(plan.probes)) for role in ("clean", "corrupted")]
-        metrics: dict[tuple[int, str], torch.Tensor] = {}
-        unembed = self._unembed_module()
-        for start in range(0, len(rows), step - step % 2):
-            chunk = rows[start:start + step - step % 2]
-            batch = baseline_batch(plan, chunk, source.tokenizer.pad_token_id)
-            values = execute.run_batch(source.nn, batch, remote=self.spec.execution.remote, unembed_module=unembed)
-            metrics.update({row: values[i] for i, row in enumerate(chunk)})
-        self._source_metrics = metrics
+    def _tidy(self, plan: Plan, batch: Batch, cells: list[Cell], metrics: torch.Tensor) -> pd.DataFrame:
+        """Tidy rows of one batch (:class:`interventions.tidy.TidyRows`)."""
+        return TidyRows(self.spec, self.model.tokenizer, self.source_metrics).rows(plan, batch, cells, metrics)
 
-    def _selected_std(self, plan: Plan, embeddings: list[torch.Tensor]) -> float:
-        """Std (over all elements) of the token embeddings of the tokens that ``selected_std`` noise acts on, over
-        the probe set (each probe's target prompt once): ROME's noise unit over the subjects' tokens."""
-        rows = []
-        for p_index in range(len(plan.probes)):
-            target = embeddings[2 * p_index + (0 if plan.target == "clean" else 1)]
-            chosen = set()
-            for edit in plan.baseline.get(p_index, ()):
-                if edit.operation.name == "noise" and edit.operation.relative_to == "selected_std":
-                    chosen.update(edit.indices)
-            for cell in plan.cells:
-                if cell.probe == p_index and cell.operation.name == "noise" and \
-                        cell.operation.relative_to == "selected_std":
-                    chosen.update(cell.positions.indices)
-            rows += [target[i] for i in sorted(chosen)]
-        if not rows:
-            raise ClapError("noise relative_to: selected_std selects no token in any probe")
-        return float(torch.stack(rows).std())
-
-    def _vectors(self, plan: Plan, ops: list, widths: dict[str, int]) -> dict[tuple[str, str], torch.Tensor]:
-        """Steering vectors per (operation, site): from a .pt/.npy file, or the mean difference of the last-token
-        activations of two prompt sets at the site (one statistics pass per set)."""
-        tokenizer = self.model.tokenizer
-        out = {}
-        for op in ops:
-            if op.name != "steer":
-                continue
-            key = op.model_dump_json()
-            if op.vector is not None:
-                vector = load_vector(op.vector, self.spec.base_dir).reshape(-1)
-                for site in plan.sites:
-                    if vector.numel() != widths[site.name]:
-                        raise ClapError(f"steering vector {op.vector}: {vector.numel()} values, but site {site.name} "
-                                        f"is {widths[site.name]} wide")
-                    out[(key, site.name)] = vector
-                continue
-            sets = [[tokenizer(t)["input_ids"] for t in prompts] for prompts in (op.vector_from.plus,
-                                                                                op.vector_from.minus)]
-            site_keys = list(dict.fromkeys(site.access_key for site in plan.sites))
-            means = []
-            for prompts in sets:
-                acts = self._gather(site_keys, prompts)
-                means.append({k: torch.stack([a[-1] for a in per]).double().mean(0)
-                              for k, per in zip(site_keys, acts, strict=True)})
-            for site in plan.sites:
-                diff = (means[0][site.access_key] - means[1][site.access_key]).float()
-                if site.kind == "head":
-                    diff = diff.view(site.n_heads, -1)[site.head]
-                out[(key, site.name)] = diff
-        return out
-
-    def _gather(self, keys: list[tuple[str, str]], prompts: list[list[int]],
-                model: LoadedModel | None = None) -> list[list[torch.Tensor]]:
-        """Per key, per prompt, the unpadded [len, width] activation (one batched trace) of ``model`` (default: the
-        target model)."""
-        model = model or self.model
-        ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
-        width = ids.shape[1]
-        if model is self.model:
-            acts = self.executor.capture(ids, mask, keys)
-        else:  # the source model of a cross-model study: always a full capture
-            acts = Executor(model.nn, remote=self.spec.execution.remote, strategy="full").capture(ids, mask, keys)
-        return [[act[row, width - len(p):] for row, p in enumerate(prompts)] for act in acts]
-
-    def _means(self, plan: Plan, keys: list[tuple[str, str]], prompts: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Mean source activation over the probe set per right-aligned position (offset from the end)."""
-        gathered = dict(zip(keys, self._gather(keys, prompts), strict=True))
-        longest = max(len(p) for p in prompts)
-        means = {}
-        for site in plan.sites:
-            per_prompt = gathered[site.access_key]
-            total = torch.zeros(longest, per_prompt[0].shape[-1])
-            count = torch.zeros(longest, 1)
-            for act in per_prompt:
-                flipped = act.flip(0).float()  # row k = offset k+1 from the end
-                total[: len(act)] += flipped
-                count[: len(act)] += 1
-            table = total / count.clamp(min=1)
-            if site.kind == "head":
-                table = table.view(longest, site.n_heads, -1)[:, site.head]
-            means[site.name] = table
-        return means
-
-    def _tidy(self, plan: Plan, batch, cells: list[Cell], metrics: torch.Tensor) -> pd.DataFrame:
-        spec = self.spec
-        wanted = [METRICS.index(m) for m in spec.metrics]
-        baseline = {}
-        rows = zip(batch.row_probe, batch.row_role, batch.row_sample, strict=True)
-        for row, (probe, role, sample) in enumerate(rows):
-            if role in ("clean", "corrupted"):
-                baseline[(probe, role, sample)] = metrics[row]
-        subjects = {}
-        if spec.trace is not None:
-            for p_index in {c.probe for c in cells}:
-                probe = plan.probes[p_index]
-                subjects[p_index] = subject_range(probe, spec.trace.subject, "clean", plan.target, self.model.tokenizer)
-        row_of = {cell_index: row for row, cell_index in enumerate(batch.row_cell) if cell_index >= 0}
-        tokenizer = self.model.tokenizer
-        records = []
-        for cell in cells:
-            probe = plan.probes[cell.probe]
-            target_ids = probe.prompt_ids(plan.target)
-            patched = metrics[row_of[cell.index]]
-            token = "".join(tokenizer.decode([target_ids[i]]) for i in cell.positions.indices)
-            source_ids = plan.probes[cell.source_probe].prompt_ids(plan.source)
-            source_token = "".join(tokenizer.decode([source_ids[j]]) for j in cell.source_indices if j >= 0)
-            samples = {plan.target: plan.target_row_sample(cell.sample), plan.source: 0}
-            group = None
-            if cell.probe in subjects and cell.positions.position is not None:
-                group = token_group(cell.positions.position, *subjects[cell.probe], len(target_ids))
-            for m in wanted:
-                name = METRICS[m]
-                clean = float(baseline[(cell.probe, "clean", samples["clean"])][m])
-                corrupted = float(baseline[(cell.probe, "corrupted", samples["corrupted"])][m])
-                value = float(patched[m])
-                cross = {}
-                if self._source_metrics:  # 0 = the target model on the target prompt, 1 = the source model's run
-                    cross = {f"source_model_{role}": float(self._source_metrics[(cell.probe, role)][m])
-                             for role in ("clean", "corrupted")}
-                    start = clean if plan.target == "clean" else corrupted
-                    rec, defined = recovery(cross[f"source_model_{plan.source}"], start, value, spec.recovery_epsilon)
-                    if name == "kl":  # each model's KL is to its own clean run: no common scale to recover along
-                        rec, defined = float("nan"), False
-                else:
-                    rec, defined = recovery(clean, corrupted, value, spec.recovery_epsilon)
-                records.append(
-                    {
-                        "probe_id": probe.id,
-                        **probe.labels,
-                        "site": cell.name,
-                        "site_kind": cell.site.kind,
-                        "module": cell.site.module,
-                        "layer": cell.site.layer,
-                        "head": cell.site.head,
-                        "position": cell.positions.position,
-                        "positions": cell.positions.label,
-                        "token": token,
-                        "source_token": source_token,
-                        "operation": cell.operation.label,
-                        "direction": spec.direction,
-                        "metric": name,
-                        "clean": clean,
-                        "corrupted": corrupted,
-                        "patched": value,
-                        **cross,
-                        "recovery": float(rec),
-                        "recovery_defined": bool(defined),
-                        "trivial": is_trivial(cell, len(target_ids)),
-                        "n_patched_tokens": len(cell.positions.indices),
-                        "window": len(cell.all_sites),
-                        "sample": cell.sample,
-                        "effect": value - corrupted,
-                        **({"token_group": group} if subjects else {}),
-                    }
-                )
-        return pd.DataFrame.from_records(records)
 
     def _sidecar(self, plan: Plan, group_columns: list[str], n_batches: int, max_rows: int,
                  constants: PatchConstants) -> dict[str, Any]:
@@ -717,60 +494,10 @@ def check_same_tokens(probes: list[Probe], source_probes: list[Probe], where: st
                                 f"needs the same tokenizer")
 
 
-def baseline_batch(plan: Plan, rows: list[tuple[int, str]], pad_id: int) -> Batch:
-    """An unpatched batch of (probe, prompt role) rows: a model's own metrics on the probes' prompts (the source
-    model's baselines in cross-model patching). KL is to the same model's clean row where the batch holds it."""
-    prompts = [plan.probes[p].prompt_ids(role) for p, role in rows]
-    input_ids, attention_mask = left_pad(prompts, pad_id)
-    position = {row: i for i, row in enumerate(rows)}
-    clean_row = torch.tensor([position.get((p, "clean"), i) for i, (p, _) in enumerate(rows)], dtype=torch.long)
-
-    def sets(which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(1, max(len(getattr(plan.probes[p], which)) for p, _ in rows))
-        index = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.float32)
-        for i, (p, _) in enumerate(rows):
-            ids = getattr(plan.probes[p], which)
-            index[i, :len(ids)] = torch.tensor(ids, dtype=torch.long) if ids else index[i, :0]
-            mask[i, :len(ids)] = 1.0
-        return index, mask
-
-    answer_index, answer_mask = sets("answer_ids")
-    wrong_index, wrong_mask = sets("wrong_ids")
-    return Batch(index=-1, input_ids=input_ids, attention_mask=attention_mask, row_probe=[p for p, _ in rows],
-                 row_role=[role for _, role in rows], row_cell=[-1] * len(rows), clean_row=clean_row,
-                 answer_index=answer_index, answer_mask=answer_mask, wrong_index=wrong_index, wrong_mask=wrong_mask,
-                 accesses=[], cells=[])
 
 
-def load_vector(path: str, base_dir: Path) -> torch.Tensor:
-    """A steering vector from a ``.pt`` (a tensor) or ``.npy`` file; a relative path is taken from the spec's
-    folder."""
-    file = Path(path)
-    if not file.is_absolute():
-        file = base_dir / file
-    if not file.is_file():
-        raise ClapError(f"steering vector file {file} does not exist")
-    if file.suffix == ".npy":
-        import numpy as np
-
-        return torch.from_numpy(np.load(file)).float()
-    if file.suffix == ".pt":
-        value = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(value, torch.Tensor):
-            raise ClapError(f"steering vector file {file} holds a {type(value).__name__}, not a tensor")
-        return value.float()
-    raise ClapError(f"steering vector file {file}: use a .pt or .npy file")
 
 
-def is_trivial(cell: Cell, n_target: int) -> bool:
-    """The patched value equals the source run's by construction: the source activation replaces, at the answer
-    position, a tensor the answer logits depend on alone (recovery 1 when denoising, 0 when noising)."""
-    return (
-        any(site.terminal for site in cell.all_sites)
-        and cell.operation.name == "replace"
-        and (n_target - 1) in cell.positions.indices
-    )
 
 
 def _few(ids: list[str], n: int = 5) -> str:
@@ -833,33 +560,3 @@ class BaselineCheck:
                         len(undefined), len(self.seen), gap, self.spec.recovery_epsilon, _few(undefined))
 
 
-def open_partial_dir(out: Path, plan: Plan) -> Path:
-    """``<out>/.partial/<plan fingerprint>/`` (created), saying when other partial batches there are not reused.
-
-    Each partial folder records its plan's content key and weights key, so a rerun after the weights changed
-    (same spec, different fingerprint) says plainly that it starts afresh instead of silently ignoring them."""
-    root = out / ".partial"
-    partial = root / plan.fingerprint
-    for other in sorted(root.glob("*")) if root.is_dir() else []:
-        if other == partial or not other.is_dir():
-            continue
-        n = len(list(other.glob("batch-*.parquet")))
-        if not n:
-            continue
-        try:
-            meta = json.loads((other / PLAN_FILE).read_text())
-        except (OSError, ValueError):
-            meta = {}
-        if meta.get("content_key") == plan.content_key:
-            log.warning("%s holds %d finished batches of this study computed with different weights (%s, now %s); "
-                        "they are not reused: starting afresh", other, n, meta.get("model_key"), plan.model_key)
-        else:
-            log.warning("%s holds %d finished batches of a different spec, probe set or batching; they are not "
-                        "reused (this run's batches go to %s)", other, n, partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    meta_file = partial / PLAN_FILE
-    if not meta_file.is_file():
-        tmp = meta_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"content_key": plan.content_key, "model_key": plan.model_key}))
-        tmp.replace(meta_file)
-    return partial
