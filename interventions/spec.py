@@ -133,7 +133,11 @@ class OperationSpec(StrictModel):
       the embeddings of the tokens the study's ``selected_std`` noise selects, e.g. ROME's 3 sigma of the subjects);
     * ``resample``: the source activation of another probe (a seeded derangement of the probe set);
     * ``steer``: ``x + alpha * v`` with ``vector`` (a .pt/.npy file) or ``vector_from`` (mean difference);
-    * ``interpolate``: ``(1 - alpha) * target + alpha * source``.
+    * ``interpolate``: ``(1 - alpha) * target + alpha * source``;
+    * ``attribution``: the first-order estimate of ``replace`` (attribution patching, one forward and backward pass
+      per chunk of probes; rows marked ``approximate``), beside exact operations or alone.
+
+    With a ``source_model``, ``replace`` and ``interpolate`` read the source model's activations.
     """
 
     name: str
