@@ -105,7 +105,9 @@ def run_patch(args: argparse.Namespace) -> int:
     print(
         f"{len(frame)} result rows ({frame.probe_id.nunique()} probes x {frame.site.nunique()} sites) "
         f"written to {results_path(args.out)}"
-        + (f"; {n_undefined} rows have undefined recovery (clean ~= corrupted)" if n_undefined else "")
+        + (f"; {n_undefined} rows have undefined recovery ("
+           + ("kl has no cross-model recovery; otherwise source model ~= target model" if spec.source_model
+              else "clean ~= corrupted") + ")" if n_undefined else "")
     )
     return 0
 

@@ -97,8 +97,9 @@ class Plan:
     def fingerprint(self) -> str:
         """Identifies the plan for resuming: same spec, probes, weights and batching -> same fingerprint.
 
-        Settings that cannot change a number (progress bars; local vs simulated-remote execution; the execution
-        strategy, which batches cells the same way) are left out, so a rerun with ``--no-progress`` still resumes."""
+        Settings that cannot change a number beyond float rounding (progress bars; local vs simulated-remote
+        execution; the execution strategy, which batches cells the same way and agrees to ~1e-6) are left out, so a
+        rerun with ``--no-progress`` still resumes."""
         return self._digest(with_model=True)
 
     @property

@@ -372,6 +372,9 @@ class StudySpec(StrictModel):
         """A source model only means something for operations that read the source run; noise baselines would
         corrupt only the target model's rows, a design clap does not run across models."""
         foreign = sorted({op.name for op in self.all_operations()} - CROSS_MODEL_OPERATIONS)
+        if "attribution" in foreign:
+            raise ValueError("source_model: operation 'attribution' estimates a patch within one model (the gradient "
+                             "of the target run); it cannot take its source run from another model: use replace")
         if foreign:
             raise ValueError(
                 f"source_model: operation {foreign[0]!r} does not read the source run, so another model cannot "

@@ -94,7 +94,7 @@ class TidyRows:
                         **cross,
                         "recovery": float(rec),
                         "recovery_defined": bool(defined),
-                        "trivial": is_trivial(cell, len(target_ids)),
+                        "trivial": is_trivial(cell, len(target_ids), cross_model=bool(self.source_metrics)),
                         "n_patched_tokens": len(cell.positions.indices),
                         "window": len(cell.all_sites),
                         "sample": cell.sample,
@@ -105,11 +105,16 @@ class TidyRows:
         return pd.DataFrame.from_records(records)
 
 
-def is_trivial(cell: Cell, n_target: int) -> bool:
+def is_trivial(cell: Cell, n_target: int, cross_model: bool = False) -> bool:
     """The patched value equals the source run's by construction: the source activation replaces, at the answer
-    position, a tensor the answer logits depend on alone (recovery 1 when denoising, 0 when noising)."""
+    position, a tensor the answer logits depend on alone (recovery 1 when denoising, 0 when noising; across models 1,
+    the source model's value, in either direction).
+
+    Across models only the unembedding's output qualifies: the final norm's or the last block's output still goes
+    through the *target* model's final norm / unembedding, whose weights a fully fine-tuned source may not share."""
+    terminal = (lambda site: site.kind == "unembed") if cross_model else (lambda site: site.terminal)
     return (
-        any(site.terminal for site in cell.all_sites)
+        any(terminal(site) for site in cell.all_sites)
         and cell.operation.name == "replace"
         and (n_target - 1) in cell.positions.indices
     )

@@ -372,3 +372,10 @@ def test_python_api_source_model_follows_the_spec_rules(pairs):
     data["operations"] = [{"name": "zero"}]
     with pytest.raises(SpecError, match="source_model: operation 'zero' does not read the source run"):
         Study(StudySpec.from_dict(data), model=target, source_model=source)
+
+
+def test_attribution_with_a_source_model_is_refused_with_its_own_reason():
+    spec = {"model": {"source": "a"}, "source_model": {"source": "b"}, "probes": {"inline": CROSS_PROBES},
+            "sites": ["layers[0].resid_pre"], "operations": ["attribution"]}
+    with pytest.raises(SpecError, match="estimates a patch within one model"):
+        StudySpec.from_dict(spec)
