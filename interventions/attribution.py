@@ -63,6 +63,8 @@ from pydantic import TypeAdapter, ValidationError
 from clap.architectures import BY_MODEL_TYPE
 from clap.errors import ClapError
 from clap.models import LoadedModel
+from interventions.alignment import aligned_pairs, left_pad
+from interventions.alignment import column as padded_column
 from interventions.probes import (
     PositionCell,
     Probe,
@@ -121,12 +123,7 @@ def _token_table(sets: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
 
 def _build_chunk(probes: Sequence[Probe], members: list[int], target: str, source: str, pad_id: int) -> _Chunk:
     prompts = [probes[p].prompt_ids(target) for p in members] + [probes[p].prompt_ids(source) for p in members]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
+    input_ids, attention_mask = left_pad(prompts, pad_id)
     answers = [probes[p].answer_ids for p in members] * 2
     wrongs = [probes[p].wrong_ids for p in members] * 2
     answer_index, answer_mask = _token_table(answers)
@@ -288,9 +285,9 @@ def attribute(
 def _record(probe: Probe, site: Site, cell: PositionCell, column: torch.Tensor, width: int, n_t: int, n_s: int,
             target_ids: Sequence[int], source_ids: Sequence[int], tokenizer: Any, clean: float, corrupted: float,
             baseline: float, direction: str, epsilon: float) -> dict[str, Any]:
-    # right alignment: target index i <-> source index i - n_t + n_s; tokens without a counterpart patch nothing
-    pairs = [(i, i - n_t + n_s) for i in cell.indices if i - n_t + n_s >= 0]
-    effect = float(sum(float(column[width - n_t + i]) for i, _ in pairs))
+    # right alignment: tokens without a source counterpart patch nothing
+    pairs = aligned_pairs(cell.indices, n_t, n_s)
+    effect = float(sum(float(column[padded_column(i, n_t, width)]) for i, _ in pairs))
     patched = baseline + effect
     rec, defined = recovery(clean, corrupted, patched, epsilon)
     kept = [i for i, _ in pairs]

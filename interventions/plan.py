@@ -20,6 +20,7 @@ import torch
 
 from clap.errors import ClapError
 from interventions import operations
+from interventions.alignment import aligned_pairs, column, left_pad
 from interventions.probes import PositionCell, Probe, resolve_positions
 from interventions.sites import Site
 from interventions.spec import OperationSpec, StudySpec
@@ -210,11 +211,9 @@ def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, s
             f"resample: probe {probe.id} ({n_target} tokens) would take activations from probe "
             f"{probes[src_probe].id} ({n_source} tokens); use same-length probes or `alignment: right`"
         )
-    # right alignment: target index i <-> source index i - n_target + n_source. Only operations that copy a source
-    # activation need a counterpart; zero/mean/noise act on every selected target token.
-    pairs = [(i, i - n_target + n_source) for i in pc.indices]
-    if copies:
-        pairs = [(i, j) for i, j in pairs if j >= 0]
+    # right alignment (interventions.alignment). Only operations that copy a source activation need a
+    # counterpart; zero/mean/noise act on every selected target token.
+    pairs = aligned_pairs(pc.indices, n_target, n_source, keep_unmatched=not copies)
     kept_indices = tuple(i for i, _ in pairs)
     position = pc.position if pc.position in kept_indices else None
     kept = PositionCell(pc.label, position, kept_indices)
@@ -344,17 +343,6 @@ def _pad_sets(sets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return index, mask
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask with every prompt right-aligned: the last column is each row's last token."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
-    return input_ids, attention_mask
-
-
 def build_batch(
     plan: Plan,
     cells: Sequence[Cell],
@@ -477,8 +465,8 @@ class _EditSink:
         shape = entry["stages"].setdefault(stage, {}).setdefault(
             "heads" if per_head else "full", {"copy": [], "set": [], "add": [], "mix": []})
         width = self.width
-        t_cols = [width - n_target + i for i in indices]
-        s_cols = [width - len(self.prompts[s_row]) + j for j in source_indices] if s_row is not None else []
+        t_cols = [column(i, n_target, width) for i in indices]
+        s_cols = [column(j, len(self.prompts[s_row]), width) for j in source_indices] if s_row is not None else []
         edit = operations.EditContext(op=op, site=site, t_row=t_row, t_cols=t_cols, indices=tuple(indices),
                                       s_row=s_row, s_cols=s_cols, n_target=n_target,
                                       head=site.head if per_head else -1, constants=self.constants,

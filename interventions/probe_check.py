@@ -152,7 +152,7 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any) ->
 def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
                       batch_size: int = 64) -> torch.Tensor:
     """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (float32)."""
-    from interventions.plan import left_pad
+    from interventions.alignment import left_pad
 
     device = next(hf_model.parameters()).device
     out = []

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from clap.errors import ClapError
 from clap.yamlio import SourceError, load_jsonl, load_yaml
+from interventions.alignment import shift_to
 from interventions.spec import (
     FieldPosition,
     IndexPositions,
@@ -312,8 +313,7 @@ def _match_cell(selector: MatchPosition, probe: Probe, target: str, tokenizer: A
     spans = token_spans(ids, tokenizer)
     indices = [i for i, (a, b) in enumerate(spans) if a < end and b > begin]
     # the named prompt may differ in length from the target (right alignment): shift to target coordinates
-    shift = len(probe.prompt_ids(target)) - len(ids)
-    indices = tuple(i + shift for i in indices if i + shift >= 0)
+    indices = shift_to(indices, len(ids), len(probe.prompt_ids(target)))
     return PositionCell(match_label(selector), indices[0] if len(indices) == 1 else None, indices)
 
 

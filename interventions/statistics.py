@@ -17,8 +17,9 @@ import torch
 from clap.errors import ClapError
 from clap.models import LoadedModel
 from interventions import execute
+from interventions.alignment import left_pad, unpad
 from interventions.executor import Executor
-from interventions.plan import Batch, PatchConstants, Plan, left_pad
+from interventions.plan import Batch, PatchConstants, Plan
 
 if TYPE_CHECKING:
     from interventions.study import Study
@@ -153,12 +154,11 @@ class StatisticsPasses:
         target model)."""
         model = model or self.study.model
         ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
-        width = ids.shape[1]
         if model is self.study.model:
             acts = self.study.executor.capture(ids, mask, keys)
         else:  # the source model of a cross-model study: always a full capture
             acts = Executor(model.nn, remote=self.study.spec.execution.remote, strategy="full").capture(ids, mask, keys)
-        return [[act[row, width - len(p):] for row, p in enumerate(prompts)] for act in acts]
+        return [[unpad(act, row, len(p)) for row, p in enumerate(prompts)] for act in acts]
 
     def _means(self, plan: Plan, keys: list[tuple[str, str]], prompts: list[list[int]]) -> dict[str, torch.Tensor]:
         """Mean source activation over the probe set per right-aligned position (offset from the end)."""

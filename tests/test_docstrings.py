@@ -22,6 +22,7 @@ MODULES = [
     "analyses.compare",
     "clap.contract",
     "corpora.build",
+    "interventions.alignment",
     # validating a fine-tuning config imports transformers (several seconds on a loaded machine)
     pytest.param("finetuning.config", marks=pytest.mark.slow),
 ]
