@@ -385,3 +385,17 @@ def test_cross_model_section_runs_end_to_end_and_equals_hooks(tmp_path, model_di
             tmp_path / other / "cross" / "perturbed-into-base" / "results.parquet"))
     again = run_study(path, tmp_path / "yaml", echo=lambda line: None)
     assert again.stages["patch[cross:perturbed-into-base]"] == "up to date"
+
+
+def test_corruption_rules_do_not_empty_a_same_prompt_cross_model_analysis(tmp_path, model_dirs):
+    """`min_abs_diff` (like `require_flip`) judges a probe's corruption; a same-prompt cross-model stage has none
+    (clean == corrupted), so the rule would exclude every probe there. It applies to the per-model stages only."""
+    write_probes(tmp_path / "probes.jsonl", PROBES)
+    text = study_text(*model_dirs, compare=False).replace(
+        "analysis: {position_reduction: last}", "analysis: {position_reduction: last, min_abs_diff: 1.0e-9}")
+    assert "min_abs_diff" in text
+    path = tmp_path / "study.yaml"
+    path.write_text(text + CROSS, encoding="utf-8")
+    run_study(path, tmp_path / "out", echo=lambda line: None)
+    cross = pd.read_csv(tmp_path / "out" / "cross" / "perturbed-into-base" / "analysis" / "probe_validity.csv")
+    assert len(cross) == len(PROBES) and not cross["excluded"].any()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,8 @@ from clap.app.study_file import (
 from clap.contract import read_results
 from clap.errors import ClapError, closest
 from interventions.spec import ModelSpec, ProbeSetSpec
+
+log = logging.getLogger(__name__)
 
 STAGE_KINDS = ("corpus", "finetune", "patch", "trace", "analyze", "compare", "report")
 #: Per-probe heatmaps a trace stage draws (the first probes of the set); the averaged figure is always drawn.
@@ -162,8 +165,9 @@ class _Planner:
             self._cross_patch(name, section, probes)
         for name in study.model_entries():
             self._analyze(name)
-        for name in study.cross_runs():
-            self._analyze(f"cross:{name}", self.out / "cross" / name)
+        for name, section in study.cross_runs().items():
+            same_prompt = (section.corrupted_prompt or study.corrupted_prompt) == "clean"
+            self._analyze(f"cross:{name}", self.out / "cross" / name, same_prompt=same_prompt)
         for a, b in study.comparisons():
             self._compare(a, b)
         self._report()
@@ -379,9 +383,16 @@ class _Planner:
         self._add(f"trace[{name}]", "trace", key, [f"patch[{name}]"], run)
 
     # -- analyses -------------------------------------------------------------------------------------------
-    def _analyze(self, name: str, results: Path | None = None) -> None:
+    def _analyze(self, name: str, results: Path | None = None, same_prompt: bool = False) -> None:
+        """``analyze[NAME]``. A same-prompt cross-model stage has no corruption of its own (the models are the
+        difference), so the exclusion rules that judge a probe's corruption (``require_flip``, ``min_abs_diff``)
+        would drop every probe there: they apply to the per-model stages only."""
         results = results or self.out / "models" / name
         options = self.study.analysis
+        if same_prompt and options is not None and (options.require_flip or options.min_abs_diff is not None):
+            log.info("analyze[%s]: require_flip / min_abs_diff judge a corruption; a same-prompt cross-model run "
+                     "has none, so they are not applied there", name)
+            options = options.model_copy(update={"require_flip": False, "min_abs_diff": None})
         render = self.study.report
 
         def run(resume: bool) -> list[Path]:

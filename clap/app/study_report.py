@@ -118,7 +118,7 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
             "architecture": (meta.get("model") or {}).get("architecture", ""),
             "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
             "results": results, "report": report if report.is_file() else None,
-            "caveats": design_caveats(frame, meta),
+            "caveats": design_caveats(frame, meta), "trace": None, "samples": None,
         })
     comparisons = []
     for a, b in study.comparisons():
@@ -165,7 +165,7 @@ def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict]
         for c in comparisons:
             lines.append(f"- {c['pair']}: " + (f"[compare.html]({_rel(c['page'], out)})" if c["page"] else "not run"))
     for m in models:
-        if m["trace"]:
+        if m.get("trace"):
             lines += ["", f"## Causal trace: {m['name']}", "", _trace_words(m), ""]
             if m["trace"]["figure"]:
                 lines += [f"![causal trace of {m['name']}]({_rel(m['trace']['figure'], out)})", ""]
@@ -203,7 +203,7 @@ def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], st
                      f"<td>{m['probes']}</td><td>{m['sites']}</td><td>{m['rows']}</td><td>{link}</td></tr>")
     parts.append("</table>")
     for m in models:
-        if m["trace"]:
+        if m.get("trace"):
             parts.append(f"<h2>Causal trace: {e(m['name'])}</h2><p>{e(_trace_words(m))}</p>")
             if m["trace"]["figure"]:
                 parts.append(f"<img src='{e(_rel(m['trace']['figure'], out))}' alt='causal trace of {e(m['name'])}' "
