@@ -157,6 +157,32 @@ def pd_isna(value) -> bool:
 def test_stacked_steer_and_interpolate_equal_hooks(tiny_model, tmp_path):
     from .conftest import PROBES
 
+    check_stacked_steer_interpolate(tiny_model, PROBES, tmp_path, remote="local")
+
+
+@pytest.mark.slow
+def test_stacked_steer_and_interpolate_equal_hooks_on_smollm2(tmp_path):
+    """The same checks on real weights (SmolLM2-135M, three shipped probes)."""
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("gguf")
+    from clap.errors import ClapError
+    from clap.models import builtin_gguf_path, load_model
+
+    try:
+        builtin_gguf_path("smollm2-135m")
+    except ClapError as exc:
+        pytest.skip(str(exc))
+    lines = (Path(__file__).resolve().parents[2] / "clap/data/demo_probes.jsonl").read_text().splitlines()
+    probes = [json.loads(line) for line in lines[:3]]
+    probes = [{k: p[k] for k in ("id", "clean", "corrupted", "answer", "wrong")} for p in probes]
+    check_stacked_steer_interpolate(load_model("smollm2-135m"), probes, tmp_path, remote=False)
+
+
+def check_stacked_steer_interpolate(tiny_model, PROBES, tmp_path, remote):
+    """Stacked restores (three sites combined, two position selections), steering by a vector file and by a mean
+    difference, and interpolation, each against plain hooks (``ref``) to TOL on the answer probability."""
     hf, tok, paths = tiny_model.hf, tiny_model.tokenizer, PATHS[family(tiny_model)]
     width = hf.config.hidden_size
     vector = torch.randn(width, generator=torch.Generator().manual_seed(3))
@@ -173,7 +199,7 @@ def test_stacked_steer_and_interpolate_equal_hooks(tiny_model, tmp_path):
             {"sites": ["layers[2].mlp_out"], "positions": ["all"],
              "operations": [{"name": "interpolate", "alpha": 0.3}]},
         ],
-        "execution": {"progress": False, "remote": "local", "max_rows": 7},
+        "execution": {"progress": False, "remote": remote, "max_rows": 7},
     })
     frame = Study(spec, model=hf_model(tiny_model)).run()
     # the mean-difference vector, from plain hooks
