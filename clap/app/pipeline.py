@@ -288,21 +288,30 @@ class _Planner:
         planner = self
 
         def run(resume: bool) -> list[Path]:
-            model = ModelSpec(source=planner._source(entry), gguf_file=entry.gguf_file, tokenizer=entry.tokenizer,
-                              revision=entry.revision)
-            spec = planner.study.patch_spec(model, probes_file)
+            spec = planner.study.patch_spec(planner._model_spec(entry), probes_file)
             spec.name = f"{planner.study.name} [{name}]"
             Study(spec).run(results)
             return [results]
 
-        spec_key = self.study.model_dump(mode="json", exclude={"name", "analysis", "probes", *RUN_FIELDS})
-        for setting in NON_RESULT_EXECUTION:
-            spec_key["execution"].pop(setting, None)
-        probe_options = self.study.probes.model_dump(mode="json", exclude={"file", "files", "inline"})
+        spec_key, probe_options = self._spec_key()
         key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest,
                "model": self._identity(entry)}
         upstream = ["finetune"] if entry.finetuned else []
         self._add(f"patch[{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
+
+    def _model_spec(self, entry: ModelEntry) -> ModelSpec:
+        """The ``model:`` a patching stage runs for one of the study's models."""
+        return ModelSpec(source=self._source(entry), gguf_file=entry.gguf_file, tokenizer=entry.tokenizer,
+                         revision=entry.revision)
+
+    def _spec_key(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The parts of the study file a patching stage's numbers depend on: the spec (without the settings that
+        cannot change a number) and the probe options."""
+        spec_key = self.study.model_dump(mode="json", exclude={"name", "analysis", "probes", *RUN_FIELDS})
+        for setting in NON_RESULT_EXECUTION:
+            spec_key["execution"].pop(setting, None)
+        probe_options = self.study.probes.model_dump(mode="json", exclude={"file", "files", "inline"})
+        return spec_key, probe_options
 
     def _cross_patch(self, name: str, section: Any, probes: tuple[Path | None, str]) -> None:
         """``patch[cross:S-into-T]``: the source model's activations patched into the target model's runs."""
@@ -314,20 +323,14 @@ class _Planner:
         target, source = entries[section.target], entries[section.source]
         planner = self
 
-        def model_spec(entry: ModelEntry) -> ModelSpec:
-            return ModelSpec(source=planner._source(entry), gguf_file=entry.gguf_file, tokenizer=entry.tokenizer,
-                             revision=entry.revision)
-
         def run(resume: bool) -> list[Path]:
-            spec = planner.study.cross_spec(section, model_spec(target), model_spec(source), probes_file)
+            spec = planner.study.cross_spec(section, planner._model_spec(target), planner._model_spec(source),
+                                           probes_file)
             spec.name = f"{planner.study.name} [cross:{name}]"
             Study(spec).run(results)
             return [results]
 
-        spec_key = self.study.model_dump(mode="json", exclude={"name", "analysis", "probes", *RUN_FIELDS})
-        for setting in NON_RESULT_EXECUTION:
-            spec_key["execution"].pop(setting, None)
-        probe_options = self.study.probes.model_dump(mode="json", exclude={"file", "files", "inline"})
+        spec_key, probe_options = self._spec_key()
         key = {"spec": spec_key, "cross_model": section.model_dump(mode="json"), "probe_options": probe_options,
                "probes": probes_digest, "target": self._identity(target), "source": self._identity(source)}
         upstream = ["finetune"] if target.finetuned or source.finetuned else []
