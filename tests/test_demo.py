@@ -21,7 +21,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert main(["demo", "-o", str(out)]) == 0
     for model in ("base", "finetuned"):
         frame, sidecar = read_results(out / "models" / model)
-        assert sidecar["n_probes"] == 24 and sidecar["group_columns"] == ["knowledge_type"]
+        # the probes' labels: knowledge_type (the between-probe factor) and each probe's own subject
+        assert sidecar["n_probes"] == 24 and sidecar["group_columns"] == ["knowledge_type", "subject"]
         assert frame.groupby("knowledge_type").probe_id.nunique().to_dict() == {"associative": 12, "definitional": 12}
         assert (out / "models" / model / "analysis" / "rm_anova.csv").is_file()
     base, _ = read_results(out / "models" / "base")
