@@ -120,6 +120,14 @@ class VectorFrom(StrictModel):
     minus: list[str] = Field(min_length=1)
 
 
+def expand_operation_names(cls: type, value: Any) -> Any:
+    """``operations: [replace, {name: noise, ...}]``: a bare name is shorthand for ``{name: NAME}`` (a pydantic
+    ``before`` validator, shared by every model with an ``operations`` list)."""
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
 class OperationSpec(StrictModel):
     """What a patched activation becomes; the operations and what each needs are defined in
     :mod:`interventions.operations` (one class each):
@@ -232,12 +240,7 @@ class PatchGroup(StrictModel):
             raise ValueError("`window` and `combine` exclude each other: a window already stacks its layers")
         return self
 
-    @field_validator("operations", mode="before")
-    @classmethod
-    def _operation_shorthand(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+    _operation_shorthand = field_validator("operations", mode="before")(expand_operation_names)
 
 
 class BaselineIntervention(StrictModel):
@@ -333,12 +336,7 @@ class StudySpec(StrictModel):
     _source: str | None = None
     _lines: dict | None = None
 
-    @field_validator("operations", mode="before")
-    @classmethod
-    def _operation_shorthand(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+    _operation_shorthand = field_validator("operations", mode="before")(expand_operation_names)
 
     @model_validator(mode="before")
     @classmethod

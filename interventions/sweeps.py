@@ -92,7 +92,15 @@ def sweep(
     >>> frame = sweep(model, [probe], ["layers[*].mlp_out"], positions=["last"])            # doctest: +SKIP
     >>> frame.groupby("layer").recovery.mean()                                                # doctest: +SKIP
     """
-    spec = StudySpec.from_dict(
+    spec = _sweep_spec("<sweep>", model, probes, sites, positions, operation, direction, metrics, execution)
+    return Study(spec, model=model).run()
+
+
+def _sweep_spec(origin: str, model: LoadedModel, probes: Sequence[dict[str, Any]], sites: Iterable[str],
+                positions: Sequence[Any], operation: str | dict[str, Any], direction: str, metrics: Sequence[str],
+                execution: dict[str, Any], **fields: Any) -> StudySpec:
+    """The study spec a one-line sweep runs (``fields``: further spec fields, e.g. a source model)."""
+    return StudySpec.from_dict(
         {
             "model": {"source": model.identity.get("source", "in-memory")},
             "probes": {"inline": list(probes)},
@@ -102,10 +110,10 @@ def sweep(
             "direction": direction,
             "metrics": list(metrics),
             "execution": {"progress": False, **execution},
+            **fields,
         },
-        source="<sweep>",
+        source=origin,
     )
-    return Study(spec, model=model).run()
 
 
 def cross_model_sweep(
@@ -136,21 +144,9 @@ def cross_model_sweep(
     >>> frame = cross_model_sweep(base, tuned, [probe], same_prompt=True)                  # doctest: +SKIP
     >>> frame.groupby("layer").recovery.mean()     # how much of the tuned answer each layer carries  # doctest: +SKIP
     """
-    spec = StudySpec.from_dict(
-        {
-            "model": {"source": target.identity.get("source", "in-memory")},
-            "source_model": {"source": source.identity.get("source", "in-memory")},
-            "probes": {"inline": list(probes)},
-            "sites": list(sites),
-            "positions": list(positions),
-            "operations": [operation],
-            "direction": direction,
-            "metrics": list(metrics),
-            "corrupted_prompt": "clean" if same_prompt else "probe",
-            "execution": {"progress": False, **execution},
-        },
-        source="<cross_model_sweep>",
-    )
+    spec = _sweep_spec("<cross_model_sweep>", target, probes, sites, positions, operation, direction, metrics,
+                       execution, source_model={"source": source.identity.get("source", "in-memory")},
+                       corrupted_prompt="clean" if same_prompt else "probe")
     return Study(spec, model=target, source_model=source).run()
 
 

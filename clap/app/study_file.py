@@ -47,6 +47,7 @@ from interventions.spec import (
     ProbeSetSpec,
     SpecError,
     StudySpec,
+    expand_operation_names,
 )
 
 #: Sections that describe analyses not available yet: ``clap run`` refuses them with this reason (none at present;
@@ -147,12 +148,7 @@ class CrossModelSection(StrictModel):
     #: ``clean``: both models run the clean prompt (only the models differ)
     corrupted_prompt: Literal["probe", "clean"] | None = None
 
-    @field_validator("operations", mode="before")
-    @classmethod
-    def _operation_shorthand(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+    _operation_shorthand = field_validator("operations", mode="before")(expand_operation_names)
 
     @property
     def name(self) -> str:

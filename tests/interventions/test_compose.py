@@ -166,18 +166,13 @@ def test_stacked_steer_and_interpolate_equal_hooks_on_smollm2(tmp_path):
     import json
     from pathlib import Path
 
-    pytest.importorskip("gguf")
-    from clap.errors import ClapError
-    from clap.models import builtin_gguf_path, load_model
+    from .conftest import load_smollm2_or_skip
 
-    try:
-        builtin_gguf_path("smollm2-135m")
-    except ClapError as exc:
-        pytest.skip(str(exc))
+    model = load_smollm2_or_skip()
     lines = (Path(__file__).resolve().parents[2] / "clap/data/demo_probes.jsonl").read_text().splitlines()
     probes = [json.loads(line) for line in lines[:3]]
     probes = [{k: p[k] for k in ("id", "clean", "corrupted", "answer", "wrong")} for p in probes]
-    check_stacked_steer_interpolate(load_model("smollm2-135m"), probes, tmp_path, remote=False)
+    check_stacked_steer_interpolate(model, probes, tmp_path, remote=False)
 
 
 def check_stacked_steer_interpolate(tiny_model, PROBES, tmp_path, remote):

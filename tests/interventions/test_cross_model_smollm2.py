@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from clap.models import builtin_gguf_path, load_model
 from interventions.spec import StudySpec
 from interventions.study import Study
 
 from . import reference as ref
+from .conftest import load_smollm2_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,7 @@ TOL = 2e-5
 
 @pytest.fixture(scope="module")
 def models():
-    pytest.importorskip("gguf")
-    try:
-        builtin_gguf_path("smollm2-135m")
-    except Exception as exc:  # the package is installed by `make` with --no-deps
-        pytest.skip(str(exc))
-    return load_model("smollm2-135m"), load_model("smollm2-135m-epilepsy")
+    return load_smollm2_or_skip("smollm2-135m"), load_smollm2_or_skip("smollm2-135m-epilepsy")
 
 
 def shipped_probes() -> list[dict]:

@@ -19,6 +19,8 @@ from interventions.spec import StudySpec
 from interventions.study import Study
 from interventions.trace_figures import plot_groups, token_group_table
 
+from .conftest import load_smollm2_or_skip
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,14 +29,7 @@ DEFINITIONAL = ROOT / "clap/data/probes/definitional.jsonl"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("gguf")
-    from clap.models import builtin_gguf_path, load_model
-
-    try:
-        builtin_gguf_path("smollm2-135m")
-    except Exception as exc:  # the package is installed by `make` with --no-deps
-        pytest.skip(str(exc))
-    return load_model("smollm2-135m")
+    return load_smollm2_or_skip()
 
 
 def known_facts(model, path: Path, target: Path) -> int:
