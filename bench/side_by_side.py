@@ -170,12 +170,16 @@ def boot_bridge(lm: Any) -> Any:
 
 
 # -- contenders -----------------------------------------------------------------------------------------------------
-#: --strategies: execution.strategy values, plus the suffix strategy with one of its two savings only
-STRATEGY_PARTS = {"auto": None, "full": None, "suffix": ("kv", "layer"), "kv": ("kv",), "layer": ("layer",)}
+#: --strategies: execution.strategy values, plus the suffix strategy with some of its savings only (see
+#: ``Executor.suffix_parts``): "ragged" without skipping no-op rows, "traces" as nnsight traces (no ragged passes),
+#: "kv" / "layer" as nnsight traces with only one of the two savings and no no-op skipping
+STRATEGY_PARTS = {"auto": None, "full": None, "suffix": ("kv", "layer", "ragged", "no-op"),
+                  "ragged": ("kv", "layer", "ragged"), "traces": ("kv", "layer", "no-op"), "kv": ("kv",),
+                  "layer": ("layer",)}
 
 
 def clap_sweep(lm: Any, inputs: Inputs, kind: str, max_rows: int | None, strategy: str = "auto") -> np.ndarray:
-    from interventions import sweep, to_grid
+    from interventions import suffix, sweep, to_grid
     from interventions.executor import Executor
 
     extra = {"max_rows": max_rows} if max_rows else {}
@@ -184,13 +188,25 @@ def clap_sweep(lm: Any, inputs: Inputs, kind: str, max_rows: int | None, strateg
         extra["strategy"] = "suffix"
     elif strategy == "full":
         extra["strategy"] = "full"
-    saved = Executor.suffix_parts
+    saved, counting = Executor.suffix_parts, suffix.no_op_rows
     Executor.suffix_parts = parts or saved
+
+    def count(*args: Any) -> set[int]:
+        found = counting(*args)
+        NO_OP_ROWS[-1] += len(found)
+        return found
+
+    NO_OP_ROWS.append(0)
+    suffix.no_op_rows = count
     try:
         frame = sweep(lm, inputs.pairs, [f"layers[*].{kind}"], positions=["each"], metrics=["logit_diff"], **extra)
     finally:
-        Executor.suffix_parts = saved
+        Executor.suffix_parts, suffix.no_op_rows = saved, counting
     return to_grid(frame).to_numpy(dtype="float64")
+
+
+#: rows the suffix strategy found to be no-ops, one entry per clap_sweep call (appended to, read by the report)
+NO_OP_ROWS: list[int] = []
 
 
 def tl_sweep(bridge: Any, inputs: Inputs, kind: str) -> np.ndarray:
@@ -391,7 +407,8 @@ def _sweep_a(report: Report, args: argparse.Namespace, contenders: Sequence[str]
             if clap_grid is None:
                 clap_best, clap_grid = m.best, m.result
                 clap_row = _row(row_base, "clap", m, cells, clap_best, args.repeats, strategy=strategy,
-                                note=f"clap/floor {clap_best / floor_best:.3f}" if floor_best else "")
+                                note=(f"clap/floor {clap_best / floor_best:.3f}; " if floor_best else "")
+                                + f"{NO_OP_ROWS[-1]} no-op rows not run")
                 continue
             diff = float(np.abs(m.result - clap_grid).max())
             if not diff <= TOLERANCE:
@@ -399,7 +416,8 @@ def _sweep_a(report: Report, args: argparse.Namespace, contenders: Sequence[str]
                                 f"{args.strategies[0]} by {diff:.3g}")
             variants.append(_row(row_base, f"clap[{strategy}]", m, cells, clap_best, args.repeats, strategy=strategy,
                                  note=(f"clap/floor {m.best / floor_best:.3f}; " if floor_best else "")
-                                 + f"max abs diff vs clap[{args.strategies[0]}] {diff:.1e}"))
+                                 + f"max abs diff vs clap[{args.strategies[0]}] {diff:.1e}; "
+                                 + f"{NO_OP_ROWS[-1]} no-op rows not run"))
     if bridge is not None:
         m = measure(partial(tl_sweep, bridge, inputs, kind), args.repeats)
         tl_grid = m.result
@@ -530,8 +548,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="rows per forward for clap and the floor (default: clap's own default)")
     parser.add_argument("--strategies", type=_csv_list, default=["auto"],
                         help="clap's execution strategies, comma list of " + ",".join(STRATEGY_PARTS) +
-                             " (kv / layer: the suffix strategy with only prefix key/value reuse / only the start "
-                             "at the first edited layer); the first is the `clap` contender, the others are "
+                             " (ragged: the suffix strategy without skipping no-op rows; traces: its passes as "
+                             "nnsight traces; kv / layer: nnsight traces with only prefix key/value reuse / only the "
+                             "start at the first edited layer); the first is the `clap` contender, the others are "
                              "`clap[STRATEGY]` rows checked against it")
     parser.add_argument("--trace-samples", type=int, default=3, help="workload b: noise samples")
     parser.add_argument("--seed", type=int, default=0)

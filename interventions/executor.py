@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
-from interventions import execute, suffix
+from interventions import execute, ragged, suffix
 from interventions.plan import Batch
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class Executor:
     """
 
     #: which savings the suffix strategy uses: "kv" (prefix key/value reuse), "layer" (start at the first edited
-    #: block). Both by default; the benchmark switches one off to measure the other.
-    suffix_parts: tuple[str, ...] = ("kv", "layer")
+    #: block), "ragged" (locally: one pass per start column as plain module calls, :mod:`interventions.ragged`),
+    #: "no-op" (rows whose edits change nothing are not run, :func:`interventions.suffix.no_op_rows`). All by
+    #: default; the benchmark switches some off to measure the others.
+    suffix_parts: tuple[str, ...] = ("kv", "layer", "ragged", "no-op")
 
     def __init__(self, model: Any, remote: bool | str = False, strategy: str = "auto",
                  unembed_module: str | None = None):
@@ -73,6 +75,9 @@ class Executor:
         self.strategy = resolve_strategy(strategy, remote)
         self.used: Counter[str] = Counter()
         self._layout: suffix.ModelLayout | None | bool = False  # False: not looked at yet
+        self._ragged: ragged.RaggedPath | None | bool = False
+        #: suffix strategy counts: rows run, rows skipped as no-ops, batches on the ragged path
+        self.suffix_stats: Counter[str] = Counter()
 
     @property
     def device(self) -> torch.device:
@@ -96,12 +101,32 @@ class Executor:
             return next(iter(self.used))
         return f"suffix ({self.used['full']} of {sum(self.used.values())} batches full)"
 
+    @property
+    def ragged(self) -> ragged.RaggedPath | None:
+        """The local ragged path of the suffix strategy, or None (remote, simulation, no layout, switched off)."""
+        if self._ragged is False:
+            usable = self.remote is False and "ragged" in self.suffix_parts and self.layout is not None
+            self._ragged = ragged.RaggedPath(self.model._module, self.layout) if usable else None
+        return self._ragged
+
     def run_batch(self, batch: Batch) -> torch.Tensor:
         """``[rows, len(METRICS)]`` metrics of one batch, in the batch's row order."""
         if self.strategy == "suffix" and self.layout is not None:
+            parts = {"kv": "kv" in self.suffix_parts, "skip": "layer" in self.suffix_parts,
+                     "skip_no_ops": "no-op" in self.suffix_parts}
+            if self.ragged is not None:
+                try:
+                    metrics = suffix.run_batch(self.model, batch, self.layout, self.remote, self.unembed_module,
+                                               ragged_path=self.ragged, stats=self.suffix_stats, **parts)
+                except ragged.Unsupported as exc:
+                    log.info("batch %d runs as nnsight suffix passes: %s", batch.index, exc)
+                else:
+                    self.used["suffix"] += 1
+                    self.suffix_stats["ragged_batches"] += 1
+                    return metrics
             try:
                 metrics = suffix.run_batch(self.model, batch, self.layout, self.remote, self.unembed_module,
-                                           kv="kv" in self.suffix_parts, skip="layer" in self.suffix_parts)
+                                           stats=self.suffix_stats, **parts)
             except suffix.Unsupported as exc:
                 log.info("batch %d runs in full: %s", batch.index, exc)
             else:

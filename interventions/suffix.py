@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,8 @@ class ModelLayout:
     layers: str  #: the module path of the block list
     rank: dict[Key, int]  #: module access -> position in execution order
     block_of: dict[Key, int]  #: module access -> number of blocks that finished before it (embed 0, final norm N)
-    boundary: dict[int, Key]  #: L (1..N) -> the access whose input is the residual stream leaving block L - 1
+    #: L (0..N) -> the access whose input is the residual stream entering block L (N: the final norm)
+    boundary: dict[int, Key]
     cache_kwarg: str  #: "cache" (transformers 5) or "past_key_values"
     config: Any
     flops_per_token_block: float  #: 2 x parameters of one block: the cost of one block on one token
@@ -92,7 +94,7 @@ class ModelLayout:
             return None  # a block returning a tuple would need a tuple replacement when skipped
         ends = sorted(order[(arch.block(i), "output")] for i in range(n_layers))
         block_of = {key: sum(1 for end in ends if end < rank) for key, rank in order.items()}
-        boundary = {layer: (arch.block(layer), "input") for layer in range(1, n_layers)}
+        boundary = {layer: (arch.block(layer), "input") for layer in range(n_layers)}
         boundary[n_layers] = (arch.final_norm, "input")
         if any(key not in order for key in boundary.values()):
             return None
@@ -213,31 +215,130 @@ def _suffix_groups(groups: Sequence[Any], table: torch.Tensor, start_col: int,
     return tuple(out) if any(out) else None
 
 
+def pass_edits(batch: Batch, layout: ModelLayout, base: dict[str, Any], table: torch.Tensor, start_layer: int,
+               start_col: int) -> list[tuple[AccessPatches, list[tuple]]]:
+    """Each access's edits for one suffix pass, as ``(patches, stages)``: rows renumbered by ``table`` (batch row ->
+    pass row or -1), columns shifted by ``start_col``, copy/mix sources replaced by the values the baseline pass
+    captured (``base["sources"]``, in entry order). Accesses in blocks before ``start_layer`` are left out (their
+    effect is in the baseline state), as are accesses with nothing left for the pass's rows."""
+    out = []
+    for patches in batch.accesses:
+        key = (patches.module, patches.access)
+        if layout.block_of[key] < start_layer:
+            continue
+        captured = iter(base["sources"].get(key, []))
+        stages = []
+        for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
+            shaped = []
+            for group in groups:
+                sources = [next(captured) if (stage >= 1 and k in (0, 3) and entry and "values" not in entry) else None
+                           for k, entry in enumerate(group.as_tuple())]
+                shaped.append(_suffix_groups(group.as_tuple(), table, start_col, [
+                    s.cpu() if s is not None else None for s in sources]))
+            if any(s is not None for s in shaped):
+                stages.append(tuple(s or ({}, {}, {}, {}) for s in shaped))
+        if stages:
+            out.append((patches, stages))
+    return out
+
+
 # -- the passes -------------------------------------------------------------------------------------------------------
 def run_batch(model: Any, batch: Batch, layout: ModelLayout, remote: bool | str = False,
-              unembed_module: str | None = None, kv: bool = True, skip: bool = True) -> torch.Tensor:
+              unembed_module: str | None = None, kv: bool = True, skip: bool = True,
+              ragged_path: Any = None, stats: dict[str, int] | None = None, skip_no_ops: bool = True
+              ) -> torch.Tensor:
     """``[rows, 5]`` metrics of a batch, equal to :func:`interventions.execute.run_batch`'s (to float rounding),
-    from one baseline pass and suffix passes over the patched rows."""
+    from one baseline pass and suffix passes over the patched rows.
+
+    ``ragged_path``: a :class:`interventions.ragged.RaggedPath` to run the patched rows locally as plain module
+    calls, one pass per start column (it raises :class:`interventions.ragged.Unsupported` before any work when the
+    batch cannot run there); None: nnsight suffix passes. Patched rows whose every edit writes the value already
+    there (:func:`no_op_rows`) are their baseline row's result and are not run (unless ``skip_no_ops`` is False,
+    for measuring); ``stats`` counts them
+    (``"no_op_rows"``) and the rows run (``"rows_run"``)."""
     if len(batch.target_row) != len(batch.row_role):
         raise Unsupported("the batch does not name each row's target baseline row")
     starts = row_starts(batch, layout)
+    if ragged_path is not None:
+        ragged_path.check(batch, unembed_module)
     n_rows, width = batch.input_ids.shape
     base_rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
     base_index = torch.full((n_rows,), -1, dtype=torch.long)
     base_index[base_rows] = torch.arange(len(base_rows))
-    groups = group_rows(starts, width, layout, kv=kv, skip=skip)
-    boundaries = sorted({layer for layer, _, _ in groups if layer > 0})
+    boundaries = sorted({layer for layer, _ in starts.values() if ragged_path is not None or layer > 0}
+                        | ({0} if ragged_path is not None else set()))  # 0: the ragged path's self-check
     device = _device_of(model, remote)
-    base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, device, remote, unembed_module)
+    with ragged_path.capturing() if ragged_path is not None else nullcontext() as block_inputs:
+        base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, device, remote, unembed_module,
+                              keep_values=True)
     metrics = torch.empty((n_rows, base["metrics"].shape[1]), dtype=base["metrics"].dtype)
     metrics[base_rows] = base["metrics"]
+    quiet = no_op_rows(batch, base, base_index) if skip_no_ops else set()
     for row, role in enumerate(batch.row_role):
-        if role == "patched" and row not in starts:  # nothing of its own: its baseline row's run
+        if role == "patched" and (row not in starts or row in quiet):  # nothing of its own: its baseline row's run
             metrics[row] = base["metrics"][base_index[batch.target_row[row]]]
-    for layer, col, rows in groups:
-        metrics[rows] = _suffix_pass(model, batch, layout, base, base_index, layer, col, rows, device, remote,
-                                     unembed_module)
+    starts = {row: start for row, start in starts.items() if row not in quiet}
+    if ragged_path is not None:
+        ragged_path.run(batch, base, base_index, block_inputs, starts, metrics)
+    else:
+        for layer, col, rows in group_rows(starts, width, layout, kv=kv, skip=skip):
+            metrics[rows] = _suffix_pass(model, batch, layout, base, base_index, layer, col, rows, device, remote,
+                                         unembed_module)
+    if stats is not None:  # counted once the batch is done (a ragged path that gives up leaves them to the retry)
+        stats["no_op_rows"] = stats.get("no_op_rows", 0) + len(quiet)
+        stats["rows_run"] = stats.get("rows_run", 0) + len(starts)
     return metrics
+
+
+_MODES = ("copy", "set", "add", "mix")
+
+
+def _at(view: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+    index = (rows.to(view.device), cols.to(view.device)) + ((heads.to(view.device),) if heads is not None else ())
+    return view[index]
+
+
+def no_op_rows(batch: Batch, base: dict[str, Any], base_index: torch.Tensor) -> set[int]:
+    """Patched rows whose every edit of their own writes exactly the value their baseline row already holds there.
+
+    Such a row *is* its baseline row (each edit, in execution order, meets the baseline value and leaves it), so its
+    result is the baseline row's, without running it. The common case: clean and corrupted prompts that share a
+    prefix hold bitwise equal activations on it, and restoring one there changes nothing. Equality is exact (a
+    difference in the last bit runs the row)."""
+    values = base.get("values", {})
+    touched: set[int] = set()
+    changed: set[int] = set()
+    target_rows = torch.tensor(batch.target_row)
+    for patches in batch.accesses:
+        whole = values.get((patches.module, patches.access))
+        for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
+            if stage == 0:
+                continue
+            for shape, group in enumerate(groups):
+                for mode, entry in zip(_MODES, group.as_tuple(), strict=True):
+                    if not entry:
+                        continue
+                    rows = entry["t_row"]
+                    touched.update(rows.tolist())
+                    if whole is None:
+                        changed.update(rows.tolist())
+                        continue
+                    view = whole if shape == 0 else whole.view(*whole.shape[:2], patches.n_heads, -1)
+                    heads = entry["head"] if shape == 1 else None
+                    current = _at(view, base_index[target_rows[rows]], entry["t_col"], heads)
+                    if mode == "copy":
+                        new = _at(view, base_index[entry["s_row"]], entry["s_col"], heads)
+                    elif mode == "set":
+                        new = entry["values"].to(view.device, view.dtype)
+                    elif mode == "add":
+                        new = current + entry["values"].to(view.device, view.dtype)
+                    else:
+                        towards = (entry["values"].to(view.device, view.dtype) if "values" in entry
+                                   else _at(view, base_index[entry["s_row"]], entry["s_col"], heads))
+                        new = current + entry["alpha"].to(view.device, view.dtype) * (towards - current)
+                    same = (new == current).reshape(len(rows), -1).all(1).cpu()
+                    changed.update(rows[~same].tolist())
+    return touched - changed
 
 
 def _logits_to_keep(model: Any, touches_unembed: bool) -> dict[str, Any]:
@@ -254,9 +355,11 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: list[int], base_index: torch.Tensor,  # noqa: C901 - one trace body (NDIF)
                    boundaries: list[int], device: torch.device, remote: bool | str,
-                   unembed_module: str | None) -> dict[str, Any]:
+                   unembed_module: str | None, keep_values: bool = False) -> dict[str, Any]:
     """The baseline rows over the whole prompt: metrics, key/value cache, residual stream at the boundaries the
-    groups start from, captured source activations, clean log-probabilities."""
+    groups start from, captured source activations, clean log-probabilities; with ``keep_values``, also each
+    patched access's whole value after the baseline interventions (``values``: what :func:`no_op_rows` compares
+    the cells' edits with)."""
     from transformers import DynamicCache
 
     rows = torch.tensor(base_rows)
@@ -264,13 +367,14 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
     plan: dict[Key, dict[str, Any]] = {}
     for patches in batch.accesses:
         key = (patches.module, patches.access)
-        entry = plan.setdefault(key, {"n_heads": patches.n_heads or 0, "stages": [], "gathers": []})
+        entry = plan.setdefault(key, {"n_heads": patches.n_heads or 0, "stages": [], "gathers": [], "keep": False})
         for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
             if stage == 0:
                 kept = [_baseline_groups(g.as_tuple(), base_index) for g in groups]
                 if any(k is not None for k in kept):
                     entry["stages"].append(tuple(k or ({}, {}, {}, {}) for k in kept))
             else:
+                entry["keep"] = keep_values
                 for shape, group in enumerate(groups):
                     for mode in ("copy", "mix"):
                         found = getattr(group, mode)
@@ -278,11 +382,12 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
                             entry["gathers"].append((shape == 1, base_index[found["s_row"]], found["s_col"],
                                                      found["head"]))
     for key in want_boundary:
-        plan.setdefault(key, {"n_heads": 0, "stages": [], "gathers": []})
+        plan.setdefault(key, {"n_heads": 0, "stages": [], "gathers": [], "keep": False})
     order = sorted(plan, key=layout.rank.__getitem__)
     accesses = [(model.get(module), access, plan[(module, access)]["n_heads"], _moved(plan[(module, access)]["stages"],
                                                                                       device),
-                 (module, access) in want_boundary, _moved(plan[(module, access)]["gathers"], device))
+                 (module, access) in want_boundary, _moved(plan[(module, access)]["gathers"], device),
+                 plan[(module, access)]["keep"])
                 for module, access in order]
     mask = batch.attention_mask[rows]
     touches_unembed = any(p.module == unembed_module for p in batch.accesses)
@@ -292,13 +397,15 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
     answer_index, answer_mask, wrong_index, wrong_mask, clean_row = _moved(
         (batch.answer_index[rows], batch.answer_mask[rows], batch.wrong_index[rows], batch.wrong_mask[rows],
          base_index[batch.clean_row[rows]]), device)
-    cache_in = DynamicCache(config=layout.config)
+    # no config: every layer keeps all its columns (a sliding-window layer would keep only its window, and the
+    # suffix passes read the whole prefix)
+    cache_in = DynamicCache()
     cache_name = layout.cache_kwarg  # a plain string: the trace body must not reference clap's objects (NDIF)
-    boundary_values, gathered = [], []
+    boundary_values, gathered, kept = [], [], []
     with torch.no_grad():
         with model.trace(**inputs, **{layout.cache_kwarg: cache_in, "use_cache": True},
                          **_logits_to_keep(model, touches_unembed), **trace_kwargs(remote)):
-            for envoy, access, n_heads, stages, capture, gathers in accesses:
+            for envoy, access, n_heads, stages, capture, gathers, keep in accesses:
                 original = envoy.input if access == "input" else envoy.output
                 value = (original[0] if isinstance(original, tuple) else original).clone()
                 if capture:  # the residual stream as it leaves the previous block, before this access's edits
@@ -330,6 +437,8 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
                                         .clone().save())
                     else:
                         gathered.append(value[s_row, s_col].clone().save())
+                if keep:
+                    kept.append(value.clone().save())
                 if stages:
                     patched = (value, *original[1:]) if isinstance(original, tuple) else value
                     if access == "input":
@@ -349,6 +458,7 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
             cache = getattr(model.output, cache_name).save()
     capture_keys = [key for key in order if key in want_boundary]
     gather_keys = [key for key in order for _ in plan[key]["gathers"]]
+    kept_keys = [key for key in order if plan[key]["keep"]]
     sources: dict[Key, list[torch.Tensor]] = {}
     for key, value in zip(gather_keys, gathered, strict=True):
         sources.setdefault(key, []).append(value)
@@ -358,6 +468,7 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
         "boundary": {want_boundary[key]: value for key, value in zip(capture_keys, boundary_values, strict=True)},
         "cache": [(layer.keys, layer.values) for layer in cache.layers],
         "sources": sources,
+        "values": dict(zip(kept_keys, kept, strict=True)),
     }
 
 
@@ -374,31 +485,16 @@ def _suffix_pass(model: Any, batch: Batch, layout: ModelLayout, base: dict[str, 
     targets = base_index[torch.tensor([batch.target_row[r] for r in rows])].to(device)
     accesses = []
     touches_unembed = False
-    for patches in batch.accesses:
-        key = (patches.module, patches.access)
-        if layout.block_of[key] < start_layer:
-            continue  # inside a skipped block: its effect is in the baseline state
-        captured = iter(base["sources"].get(key, []))
-        stages = []
-        for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
-            shaped = []
-            for group in groups:
-                sources = [next(captured) if (stage >= 1 and k in (0, 3) and entry and "values" not in entry) else None
-                           for k, entry in enumerate(group.as_tuple())]
-                shaped.append(_suffix_groups(group.as_tuple(), table, start_col, [
-                    s.cpu() if s is not None else None for s in sources]))
-            if any(s is not None for s in shaped):
-                stages.append(tuple(s or ({}, {}, {}, {}) for s in shaped))
-        if stages:
-            touches_unembed |= patches.module == unembed_module
-            accesses.append((model.get(patches.module), patches.access, patches.n_heads or 0, _moved(stages, device)))
+    for patches, stages in pass_edits(batch, layout, base, table, start_layer, start_col):
+        touches_unembed |= patches.module == unembed_module
+        accesses.append((model.get(patches.module), patches.access, patches.n_heads or 0, _moved(stages, device)))
     mask = batch.attention_mask[index]
     inputs = _moved({"input_ids": batch.input_ids[index, start_col:], "attention_mask": mask,
                      "position_ids": _positions(mask)[:, start_col:]}, device)
     extra: dict[str, Any] = {}
     if start_col > 0:
         extra = {layout.cache_kwarg: DynamicCache(ddp_cache_data=[(k[targets, :, :start_col], v[targets, :, :start_col])
-                                                                  for k, v in base["cache"]], config=layout.config),
+                                                                  for k, v in base["cache"]]),
                  "use_cache": True}
     else:
         extra = {"use_cache": False}

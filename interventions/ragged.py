@@ -1,0 +1,367 @@
+"""Suffix passes with ragged starts, run locally as plain module calls: the fast path of the ``suffix`` strategy.
+
+:mod:`interventions.suffix` runs each group of patched rows as its own nnsight trace, starting at the group's
+earliest (block, column). On a CPU those many small traces cost more than they save. Here one *pass* covers every
+patched row that starts at the same padded column, whatever its first edited block:
+
+* the pass holds only columns ``c..W-1``; columns ``< c`` are the baseline row's, read from its key/value cache;
+* rows *join* the pass at their first edited block ``L``: sorted by ``L``, the rows in the pass at block ``l`` are
+  a prefix of the pass, and a joining row enters with its baseline row's residual stream at block ``L``'s input.
+  Block ``l`` therefore runs on exactly the rows whose edits have begun, and no row recomputes a block it shares
+  with its baseline row.
+
+The blocks are the model's own modules, called one by one with the arguments the model itself gave them in the
+baseline pass (its attention mask, rotary position embeddings, position ids; sliced to the pass's rows and columns)
+and a small key/value cache holding the baseline prefix. Edits are applied by forward hooks on the patched modules,
+with the same arithmetic as the trace bodies of :mod:`interventions.execute`. Only the last column reaches the
+unembedding.
+
+This path runs outside nnsight, so it is local only: on NDIF and under its simulation the suffix strategy runs as
+nnsight traces. Every model is checked once against its own baseline pass (:func:`self_check`) before this path is
+trusted with it; a model that fails (an architecture that does something between its blocks this module does not
+know about, such as a logit soft-cap) runs the nnsight passes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from interventions.plan import Batch
+
+Key = tuple[str, str]
+
+#: fixed cost of one more pass, in floating-point operations (a block call per layer, hooks, cache slices): columns
+#: whose rows are few are merged into the pass of the column before them only when that costs less than this
+PASS_OVERHEAD_FLOPS = 2e9
+
+#: largest metric difference the self-check accepts between this path and the model's own forward pass
+SELF_CHECK_TOLERANCE = 1e-4
+
+
+class Unsupported(Exception):
+    """This batch (or model) cannot run on the ragged path; the caller runs nnsight suffix passes instead."""
+
+
+# -- the blocks' own arguments ------------------------------------------------------------------------------------
+@dataclass
+class BlockInputs:
+    """The keyword arguments each block received in the baseline pass (its input hidden state left out), captured
+    by forward pre-hooks; :meth:`for_pass` slices them to one pass's rows and columns."""
+
+    cache_kwarg: str
+    per_block: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    @contextmanager
+    def capture(cls, blocks: Sequence[torch.nn.Module], cache_kwarg: str) -> Iterator[BlockInputs]:
+        found = cls(cache_kwarg)
+        handles = []
+        for index, block in enumerate(blocks):
+            # the class's forward: nnsight may have replaced the instance's with a wrapper of another signature
+            signature = inspect.signature(type(block).forward)
+
+            def hook(_module: Any, args: tuple, kwargs: dict, index: int = index, signature: Any = signature) -> None:
+                bound = signature.bind(_module, *args, **kwargs).arguments
+                named: dict[str, Any] = {}
+                for name, value in list(bound.items())[2:]:  # self, then the hidden state
+                    if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                        named.update(value)
+                    else:
+                        named[name] = value
+                found.per_block[index] = named
+
+            handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield found
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def for_pass(self, layer: int, rows: torch.Tensor, col: int, cache: PrefixCache) -> dict[str, Any]:
+        """Block ``layer``'s arguments for baseline rows ``rows`` (one per pass row) and columns ``col..``."""
+        if layer not in self.per_block:
+            raise Unsupported(f"block {layer} was not seen in the baseline pass")
+        out: dict[str, Any] = {}
+        for name, value in self.per_block[layer].items():
+            if name == self.cache_kwarg:
+                out[name] = cache
+            elif name == "attention_mask":
+                if not isinstance(value, torch.Tensor) or value.dim() != 4:
+                    raise Unsupported("the blocks take no materialised 4-d attention mask")
+                out[name] = _rows(value, rows)[:, :, col:, :]
+            elif name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
+                out[name] = (_rows(value, rows) if value.dim() > 1 else value)[..., col:]
+            elif name == "position_embeddings" and isinstance(value, tuple):
+                out[name] = tuple(_rows(part, rows)[:, col:] for part in value)
+            elif isinstance(value, torch.Tensor) or (isinstance(value, tuple) and value):
+                raise Unsupported(f"block argument {name!r} is not one this path knows how to slice")
+            else:
+                out[name] = value
+        return out
+
+
+def _rows(value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return value if value.shape[0] == 1 else value[rows.to(value.device)]
+
+
+class PrefixCache:
+    """What a transformers attention layer asks of its cache in one call: ``update`` returns the baseline rows' keys
+    and values of the columns before the pass, followed by the pass's own."""
+
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *_args: Any, **_kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            return key_states, value_states
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+# -- what can run here ---------------------------------------------------------------------------------------------
+def check_batch(batch: Batch, layout: Any, final_norm: str, unembed_module: str | None) -> None:
+    """Raise :class:`Unsupported` unless every edit of the batch can be applied here: edits of the cells (stage >= 1)
+    must lie between the first block's input and the final norm's output; baseline edits before the first block are
+    already in the cached state; nothing may touch the unembedding."""
+    first = layout.rank[layout.boundary[0]]
+    for patches in batch.accesses:
+        key = (patches.module, patches.access)
+        if patches.module == unembed_module:
+            raise Unsupported("a patch on the unembedding")
+        own = any(stage >= 1 for stage in patches.stage_ids)
+        if not own:
+            continue
+        if layout.rank[key] < first:
+            raise Unsupported(f"{patches.module} {patches.access} comes before the first block")
+        if layout.block_of[key] >= layout.n_layers and patches.module != final_norm:
+            raise Unsupported(f"{patches.module} {patches.access} comes after the final norm")
+
+
+def column_groups(starts: dict[int, tuple[int, int]], width: int, n_layers: int, flops_per_token_block: float,
+                  overhead: float = PASS_OVERHEAD_FLOPS) -> list[tuple[int, list[int]]]:
+    """Partition rows into passes ``(start column, rows)``: rows sorted by start column, cut where a new pass saves
+    more than ``overhead`` (dynamic programming on rows x (N - L) x (W - c0) x flops)."""
+    items = sorted((col, layer, row) for row, (layer, col) in starts.items())
+    if not items:
+        return []
+    best = [0.0] + [float("inf")] * len(items)
+    cut = [0] * (len(items) + 1)
+    for end in range(1, len(items) + 1):
+        blocks = 0.0
+        for begin in range(end - 1, -1, -1):
+            blocks += n_layers - items[begin][1] + 0.05
+            cost = best[begin] + overhead + blocks * (width - items[begin][0]) * flops_per_token_block
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    groups = []
+    end = len(items)
+    while end > 0:
+        begin = cut[end]
+        groups.append((items[begin][0], [row for _, _, row in items[begin:end]]))
+        end = begin
+    return groups[::-1]
+
+
+# -- one pass ------------------------------------------------------------------------------------------------------
+def apply_stages(value: torch.Tensor, n_heads: int, stages: Sequence[tuple]) -> torch.Tensor:
+    """The edits of one access on a copy of ``value``, in the arithmetic of the trace bodies (copy/mix sources are
+    given as values here: the source rows are not in a suffix pass)."""
+    value = value.clone()
+    for full, heads in stages:
+        views = [(value, full)]
+        if n_heads:
+            views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
+        for view, (copied, set_, add, mixed) in views:
+            by_head = view.dim() == 4
+            if copied:
+                target = (copied["t_row"], copied["t_col"]) + ((copied["head"],) if by_head else ())
+                view[target] = copied["values"].to(view.dtype)
+            if set_:
+                target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
+                view[target] = set_["values"].to(view.dtype)
+            if add:
+                target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
+                view[target] = view[target] + add["values"].to(view.dtype)
+            if mixed:
+                target = (mixed["t_row"], mixed["t_col"]) + ((mixed["head"],) if by_head else ())
+                alpha = mixed["alpha"].to(view.dtype)
+                view[target] = view[target] + alpha * (mixed["values"].to(view.dtype) - view[target])
+    return value
+
+
+def _rows_below(stages: Sequence[tuple], limit: int) -> list[tuple]:
+    """Only the edits of pass rows ``< limit`` (the rows already in the pass at that block): a later row's
+    baseline edits at this access are in the state it joins with."""
+    out = []
+    for shapes in stages:
+        kept_shapes = []
+        for groups in shapes:
+            kept = []
+            for entry in groups:
+                if entry:
+                    keep = entry["t_row"] < limit
+                    entry = {k: v[keep] for k, v in entry.items()} if not bool(keep.all()) else entry
+                    entry = entry if len(entry["t_row"]) else {}
+                kept.append(entry)
+            kept_shapes.append(tuple(kept))
+        if any(any(g) for g in kept_shapes):
+            out.append(tuple(kept_shapes))
+    return out
+
+
+def _hook(module: torch.nn.Module, access: str, n_heads: int, stages: list[tuple]) -> Any:
+    if access == "input":
+        def pre(_m: Any, args: tuple, kwargs: dict) -> tuple:
+            return (apply_stages(args[0], n_heads, stages), *args[1:]), kwargs
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(_m: Any, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (apply_stages(output[0], n_heads, stages), *output[1:])
+        return apply_stages(output, n_heads, stages)
+    return module.register_forward_hook(post)
+
+
+def metrics_of(logits: torch.Tensor, answer_index: torch.Tensor, answer_mask: torch.Tensor,
+               wrong_index: torch.Tensor, wrong_mask: torch.Tensor, clean_logprobs: torch.Tensor) -> torch.Tensor:
+    """``[rows, 5]`` metrics from last-position logits, as the trace bodies compute them (in the logits' dtype)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
+    wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
+    answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
+    logprob = torch.logsumexp(answer_logprobs, dim=1)
+    kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
+    return torch.stack([answer_logit - wrong_logit, answer_logit, logprob.exp(), logprob, kl], dim=1)
+
+
+@dataclass
+class Pass:
+    """One ragged pass: ``rows`` (batch rows, sorted by first edited block), their start blocks, the column."""
+
+    col: int
+    rows: list[int]
+    layers: list[int]
+
+    @classmethod
+    def of(cls, col: int, rows: Sequence[int], starts: dict[int, tuple[int, int]]) -> Pass:
+        ordered = sorted(rows, key=lambda r: starts[r][0])
+        return cls(col, ordered, [starts[r][0] for r in ordered])
+
+    def active(self, block: int) -> int:
+        """How many of the pass's rows have begun by block ``block``."""
+        return bisect.bisect_right(self.layers, block)
+
+
+def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
+             base_index: torch.Tensor, inputs: BlockInputs, one: Pass, edits: list[tuple],
+             metric_dtype: torch.dtype) -> torch.Tensor:
+    """``[rows, 5]`` metrics of one pass. ``edits``: ``(patches, stages)`` from :func:`interventions.suffix.pass_edits`
+    with this pass's row numbering and column shift."""
+    device = next(hf.parameters()).device
+    targets = base_index[torch.tensor([batch.target_row[r] for r in one.rows])].to(device)
+    col = one.col
+    blocks = hf.get_submodule(arch.layers)
+    handles = []
+    try:
+        for patches, stages in edits:
+            key = (patches.module, patches.access)
+            if layout.rank[key] < layout.rank[layout.boundary[0]]:
+                continue  # baseline edits before the first block: in the state every row joins with
+            kept = _rows_below(_on(stages, device), one.active(layout.block_of[key]))
+            if kept:
+                handles.append(_hook(hf.get_submodule(patches.module), patches.access, patches.n_heads or 0, kept))
+        hidden = base["boundary"][one.layers[0]][targets[:0], col:]
+        with torch.no_grad():
+            for layer in range(one.layers[0], layout.n_layers):
+                n = one.active(layer)
+                if n > hidden.shape[0]:
+                    joining = base["boundary"][layer][targets[hidden.shape[0]:n], col:]
+                    hidden = torch.cat([hidden, joining]) if hidden.shape[0] else joining
+                keys, values = base["cache"][layer]
+                cache = PrefixCache(keys[targets[:n], :, :col], values[targets[:n], :, :col]) if col else PrefixCache(
+                    None, None)
+                hidden = blocks[layer](hidden, **inputs.for_pass(layer, targets[:n], col, cache))
+            if len(one.rows) > hidden.shape[0]:
+                joining = base["boundary"][layout.n_layers][targets[hidden.shape[0]:], col:]
+                hidden = torch.cat([hidden, joining]) if hidden.shape[0] else joining
+            normed = hf.get_submodule(arch.final_norm)(hidden)
+            logits = hf.get_submodule(arch.unembed)(normed[:, -1, :]).to(metric_dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+    index = torch.tensor(one.rows)
+    answer_index, answer_mask, wrong_index, wrong_mask = (t[index].to(device) for t in (
+        batch.answer_index, batch.answer_mask, batch.wrong_index, batch.wrong_mask))
+    clean_logprobs = base["logprobs"][base_index[batch.clean_row[index]].to(base["logprobs"].device)].to(device)
+    return metrics_of(logits, answer_index, answer_mask, wrong_index, wrong_mask, clean_logprobs).cpu()
+
+
+def _on(stages: list[tuple], device: torch.device) -> list[tuple]:
+    from interventions.execute import _moved
+
+    return _moved(stages, device)
+
+
+def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
+               base_index: torch.Tensor, inputs: BlockInputs, metric_dtype: torch.dtype) -> float:
+    """Run the baseline rows themselves on this path (from the first block, every column, no edits) and return the
+    largest difference from the metrics of the model's own forward pass. Catches an architecture whose forward does
+    something between or after its blocks that calling them one by one would miss."""
+    rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
+    probe = Batch(**{**batch.__dict__, "target_row": list(range(len(batch.row_role)))})
+    one = Pass(0, rows, [0] * len(rows))
+    got = run_pass(hf, arch, layout, probe, base, base_index, inputs, one, [], metric_dtype)
+    want = base["metrics"][base_index[torch.tensor(rows)]]
+    finite = torch.isfinite(want) & torch.isfinite(got)
+    if not bool((torch.isfinite(want) == torch.isfinite(got)).all()):
+        return float("inf")
+    return float((got[finite] - want[finite]).abs().max()) if bool(finite.any()) else 0.0
+
+
+class RaggedPath:
+    """The ragged path for one local model: checks batches, captures the blocks' arguments during the baseline
+    pass, checks itself once against the model's own forward pass, then runs the passes."""
+
+    def __init__(self, hf: torch.nn.Module, layout: Any):
+        from clap.architectures import architecture_of
+
+        self.hf, self.layout = hf, layout
+        self.arch = architecture_of(hf)
+        self.self_check_gap: float | None = None  #: the first batch's self-check result
+
+    def check(self, batch: Batch, unembed_module: str | None) -> None:
+        if self.self_check_gap is not None and not self.self_check_gap <= SELF_CHECK_TOLERANCE:
+            raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
+        check_batch(batch, self.layout, self.arch.final_norm, unembed_module)
+
+    def capturing(self) -> Any:
+        return BlockInputs.capture(self.hf.get_submodule(self.arch.layers), self.layout.cache_kwarg)
+
+    def run(self, batch: Batch, base: dict[str, Any], base_index: torch.Tensor, inputs: BlockInputs,
+            starts: dict[int, tuple[int, int]], metrics: torch.Tensor) -> torch.Tensor:
+        """Fill ``metrics`` (the batch's, baseline rows already in place) for the rows of ``starts``."""
+        from interventions.execute import metric_dtype_for
+        from interventions.suffix import pass_edits
+
+        metric_dtype = metric_dtype_for(next(self.hf.parameters()).device)
+        if self.self_check_gap is None:
+            self.self_check_gap = self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs,
+                                             metric_dtype)
+            if not self.self_check_gap <= SELF_CHECK_TOLERANCE:
+                raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
+        n_rows, width = batch.input_ids.shape
+        for col, rows in column_groups(starts, width, self.layout.n_layers, self.layout.flops_per_token_block):
+            one = Pass.of(col, rows, starts)
+            table = torch.full((n_rows,), -1, dtype=torch.long)
+            table[torch.tensor(one.rows)] = torch.arange(len(one.rows))
+            edits = pass_edits(batch, self.layout, base, table, 0, col)
+            metrics[one.rows] = run_pass(self.hf, self.arch, self.layout, batch, base, base_index, inputs, one, edits,
+                                         metric_dtype)
+        return metrics

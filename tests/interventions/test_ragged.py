@@ -1,0 +1,160 @@
+"""The suffix strategy's local fast path (interventions/ragged.py: one pass per start column, rows joining at their
+first edited block, the model's blocks called one by one) and its no-op rows (interventions/suffix.py::no_op_rows).
+
+Every batch is required to run on the ragged path (not a fallback), and its numbers must equal the full strategy's,
+which tests/interventions/test_reference.py holds to independent plain-hook patching. The no-op rows are counted
+independently from the token ids, and the rows they stand for must equal the corrupted baseline exactly."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from interventions.executor import Executor
+
+from .conftest import PROBES
+from .test_compose import TRACE_PROBES
+from .test_strategies import METRIC_LIST, assert_same, run
+
+
+def compare_ragged(model, spec, rows=(5, 200)) -> list:
+    full, _ = run(model, spec, "full", 200)
+    studies = []
+    for max_rows in rows:
+        frame, study = run(model, spec, "suffix", max_rows)
+        executor = study.executor
+        assert executor.used["full"] == 0
+        assert executor.suffix_stats["ragged_batches"] == executor.used["suffix"] > 0  # no fallback
+        assert executor.ragged.self_check_gap < 1e-5
+        assert_same(full, frame)
+        studies.append(study)
+    return studies
+
+
+def test_every_site_kind_operation_and_shape(tiny_model, tmp_path):
+    vector = torch.randn(tiny_model.hf.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    torch.save(vector, tmp_path / "v.pt")
+    spec = {
+        "model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST, "alignment": "right",
+        "patches": [
+            {"sites": ["layers[*].resid_pre", "layers[2].resid_post", "layers[1].attn_out", "layers[0].mlp_out",
+                       "layers[1].heads[0:2]", "final_norm"],
+             "positions": ["each", "all"], "operations": ["replace", "zero"]},
+            {"sites": ["layers[2].heads[3]", "layers[0].resid_post"], "positions": ["each"],
+             "operations": ["mean", "resample", {"name": "interpolate", "alpha": 0.6}]},
+            {"sites": ["layers[*].mlp_out"], "positions": ["each"], "window": 2},
+            {"sites": ["layers[0].attn_out", "layers[1].resid_pre", "layers[2].mlp_out"], "combine": True,
+             "positions": ["last", {"indices": [0, 1]}]},
+        ],
+    }
+    compare_ragged(tiny_model, spec)
+    # steering vectors are as wide as every site of the plan: whole-width sites only
+    spec["patches"] = [{"sites": ["layers[1].mlp_out", "layers[2].resid_pre"], "positions": ["last", "all"],
+                        "operations": [{"name": "steer", "alpha": 2.0, "vector": str(tmp_path / "v.pt")}]}]
+    compare_ragged(tiny_model, spec)
+
+
+def test_noising_direction(tiny_model):
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST, "direction": "noising",
+            "sites": ["layers[*].resid_pre", "layers[*].attn_out"], "positions": ["each"]}
+    compare_ragged(tiny_model, spec)
+
+
+def test_causal_trace_with_noise_samples(tiny_model):
+    """Noise at the subject's embeddings (a baseline edit before the first block, carried by the state every row
+    joins with), restores of single layers and windows."""
+    spec = {"model": {"source": "m"}, "probes": {"inline": TRACE_PROBES}, "seed": 7, "recovery_epsilon": 0,
+            "trace": {"samples": 2, "kinds": {"resid_post": 1, "mlp_out": 2, "attn_out": 2}}}
+    compare_ragged(tiny_model, spec, rows=(6, 300))
+
+
+def _shared_prefix(probe: dict, tokenizer) -> int:
+    clean, corrupted = tokenizer(probe["clean"])["input_ids"], tokenizer(probe["corrupted"])["input_ids"]
+    assert len(clean) == len(corrupted)
+    return next(i for i, (a, b) in enumerate(zip(clean, corrupted, strict=True)) if a != b)
+
+
+def test_no_op_rows_are_the_shared_prefix_and_equal_the_baseline(tiny_gpt2):
+    """Restoring clean activations on the tokens clean and corrupted prompts share changes nothing: those rows are
+    not run, and what is reported for them is the corrupted run. A ``zero`` there does change the row: it runs."""
+    probes = [PROBES[0], {**PROBES[0], "id": "es", "clean": PROBES[0]["corrupted"], "corrupted": PROBES[0]["clean"],
+                          "answer": PROBES[0]["wrong"], "wrong": PROBES[0]["answer"]}]
+    spec = {"model": {"source": "m"}, "probes": {"inline": probes}, "metrics": ["logit_diff"],
+            "sites": ["layers[*].resid_pre", "layers[*].attn_out", "layers[1].heads[2]"],
+            "positions": ["each"], "operations": ["replace", "zero"]}
+    frame, study = run(tiny_gpt2, spec, "suffix", 500)
+    full, _ = run(tiny_gpt2, spec, "full", 500)
+    assert_same(full, frame)
+    shared = {p["id"]: _shared_prefix(p, tiny_gpt2.tokenizer) for p in probes}
+    assert all(shared.values())  # every probe has a shared prefix (else the test proves nothing)
+    # the first block's input is each token's embedding alone: there every equal token (" is" after the country)
+    # is a no-op too, not only the shared prefix
+    equal = {p["id"]: [a == b for a, b in zip(tiny_gpt2.tokenizer(p["clean"])["input_ids"],
+                                                tiny_gpt2.tokenizer(p["corrupted"])["input_ids"], strict=True)]
+             for p in probes}
+    replaced = frame[frame.operation == "replace"]
+    first_block = replaced.site == "layers.0.resid_pre"
+    same_token = pd.Series([equal[p][i] for p, i in zip(replaced.probe_id, replaced.position, strict=True)],
+                           index=replaced.index)
+    quiet = replaced[(first_block & same_token)
+                     | (~first_block & (replaced.position < replaced.probe_id.map(shared)))]
+    sites = frame.site.nunique()
+    assert len(quiet) == (sites - 1) * sum(shared.values()) + sum(sum(e) for e in equal.values())
+    assert study.executor.suffix_stats["no_op_rows"] == len(quiet)
+    assert (quiet.patched == quiet.corrupted).all()
+    loud = replaced[replaced.position >= replaced.probe_id.map(shared)]
+    assert (loud.patched != loud.corrupted).any()
+
+
+def test_switching_the_savings_off_changes_no_number(tiny_gpt2, monkeypatch):
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST,
+            "sites": ["layers[*].resid_pre", "layers[2].mlp_out"], "positions": ["each"]}
+    reference, _ = run(tiny_gpt2, spec, "suffix", 64)
+    for parts in (("kv", "layer", "ragged"), ("kv", "layer", "no-op"), ("kv", "layer")):
+        monkeypatch.setattr(Executor, "suffix_parts", parts)
+        frame, study = run(tiny_gpt2, spec, "suffix", 64)
+        assert_same(reference, frame)
+        assert (study.executor.suffix_stats["ragged_batches"] > 0) == ("ragged" in parts)
+        assert (study.executor.suffix_stats["no_op_rows"] > 0) == ("no-op" in parts)
+
+
+def test_not_under_the_ndif_simulation(tiny_gpt2):
+    """The ragged path runs outside nnsight: under the NDIF simulation the suffix passes are nnsight traces."""
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES[:2]}, "metrics": ["logit_diff"],
+            "sites": ["layers[*].resid_pre"], "positions": ["each"]}
+    local, _ = run(tiny_gpt2, spec, "suffix", 64)
+    simulated, study = run(tiny_gpt2, spec, "suffix", 64, remote="local")
+    assert study.executor.ragged is None and study.executor.suffix_stats["ragged_batches"] == 0
+    assert study.executor.used["suffix"] > 0
+    assert_same(local, simulated)
+
+
+def test_a_model_the_self_check_rejects_runs_as_traces(tokenizer):
+    """Gemma-2 soft-caps its logits in the model's forward, after the last block and the unembedding: calling the
+    blocks one by one misses it. The self-check sees the difference on the first batch and every batch then runs
+    as nnsight suffix passes, with the full strategy's numbers. Without the soft-cap the ragged path runs Gemma-2
+    (sliding-window layers, extra norms) itself."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from clap.models import wrap
+
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST,
+            "sites": ["layers[*].resid_pre", "layers[1].mlp_out"], "positions": ["each"]}
+    for softcap in (2.0, None):
+        torch.manual_seed(11)
+        config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer),
+                              max_position_embeddings=64, sliding_window=4, final_logit_softcapping=softcap,
+                              pad_token_id=0, bos_token_id=0, eos_token_id=0)
+        config._attn_implementation = "eager"
+        model = wrap(Gemma2ForCausalLM(config).eval(), tokenizer, {"source": "tiny-gemma2"})
+        full, _ = run(model, spec, "full", 200)
+        frame, study = run(model, spec, "suffix", 12)
+        assert_same(full, frame)
+        executor = study.executor
+        if softcap:
+            assert executor.ragged.self_check_gap > 1e-3
+            assert executor.suffix_stats["ragged_batches"] == 0 and executor.used["suffix"] > 0
+        else:
+            assert executor.ragged.self_check_gap < 1e-5
+            assert executor.suffix_stats["ragged_batches"] == executor.used["suffix"] > 0
