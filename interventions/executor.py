@@ -6,12 +6,15 @@ Strategies (``execution.strategy``):
 
 * ``full``: one trace per batch over every row and column (:func:`interventions.execute.run_batch`);
 * ``suffix``: one baseline pass per batch, then each patched row only from its first edited block and column on,
-  from its baseline row's cached state (:mod:`interventions.suffix`; exact under causal attention);
-* ``auto``: ``full`` for now. ``suffix`` computes less (0.38x the block x token work of ``full`` on a GPT-2-small
-  residual sweep) but it runs many small passes, and on this project's 2-core CPU machine their fixed cost made it
-  2-3x *slower* than ``full`` (measured in CPU time: 40 s vs 17 s for 228 cells); it stays opt-in until it beats
-  ``full`` in the benchmark. It also runs under nnsight's NDIF simulation (``remote: local``); on NDIF itself
-  (``remote: true``) it is refused (the server cannot take a client-side cache object).
+  from its baseline row's cached state (:mod:`interventions.suffix`; exact under causal attention). Rows whose
+  edits write the value already there (a restore on tokens clean and corrupted prompts share) are not run at all.
+  Locally the patched rows run on the *ragged path* (:mod:`interventions.ragged`): one pass per start column, rows
+  joining at their first edited block, the model's own blocks called one by one. Under nnsight's NDIF simulation
+  (``remote: local``) they run as nnsight traces, one per group of similar starts; on NDIF itself
+  (``remote: true``) the strategy is refused (the server cannot take a client-side cache object).
+* ``auto``: ``suffix`` locally, ``full`` under the NDIF simulation and on NDIF. Measured on GPT-2-small (4 pairs,
+  768 cells, `bench/side_by_side.py`): locally suffix 4.2 s vs full 20.0 s (11.3 s without skipping no-op rows);
+  as nnsight traces without the no-op rows it was slower than full on this 2-core CPU (many small traces).
 
 A model the suffix strategy cannot place (no architecture map, blocks that return tuples) runs ``full``;
 :attr:`Executor.used` counts the batches per strategy and :attr:`Executor.strategy_used` names what ran, for
@@ -37,11 +40,12 @@ STRATEGIES = ("auto", "full", "suffix")
 
 
 def resolve_strategy(strategy: str, remote: bool | str) -> str:
-    """``auto`` -> ``full`` (see the module docstring for why); ``suffix`` on NDIF is refused."""
+    """``auto`` -> ``suffix`` locally, ``full`` otherwise (see the module docstring for why); ``suffix`` on NDIF is
+    refused."""
     if strategy not in STRATEGIES:
         raise ClapError(f"unknown execution strategy {strategy!r} (valid: {', '.join(STRATEGIES)})")
     if strategy == "auto":
-        return "full"
+        return "suffix" if remote is False or remote is None else "full"
     if strategy == "suffix" and remote is True:
         raise ClapError("strategy `suffix` cannot run on NDIF (remote: true); use `auto` or `full`")
     return strategy

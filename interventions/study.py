@@ -459,6 +459,9 @@ class Study:
             "n_batches": n_batches,
             "max_rows": max_rows,
             "strategy": self.executor.strategy_used,
+            #: suffix strategy: patched rows run, rows not run because their edits change nothing, batches on the
+            #: local ragged path (this run's batches only; resumed batches were counted by the run that made them)
+            "suffix_counts": dict(self.executor.suffix_stats),
             "plan_fingerprint": plan.fingerprint,
             "probes": [
                 {"probe_id": p.id, **p.labels, "clean": p.clean, "corrupted": p.corrupted,

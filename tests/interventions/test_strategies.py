@@ -1,7 +1,8 @@
 """The suffix strategy (interventions/suffix.py) gives the full strategy's numbers, to 1e-5, on every kind of plan:
 all site kinds, positions `each`, windows, combined patches, causal traces (baseline noise + restores), resample,
 mean, steer, interpolate, probes of different lengths in one batch, and batch sizes that split batches differently;
-on tiny GPT-2 and tiny Llama (grouped-query attention). It also really computes less, and run.json says what ran."""
+on tiny GPT-2 and tiny Llama (grouped-query attention); both as nnsight traces and (locally, by default) on the
+ragged path. It also really computes less, and run.json says what ran."""
 
 from __future__ import annotations
 
@@ -39,13 +40,26 @@ def assert_same(a: pd.DataFrame, b: pd.DataFrame) -> None:
         assert gap <= TOL, (column, gap)
 
 
+#: the suffix strategy as nnsight traces only (locally it would take the ragged path, tested in test_ragged.py)
+TRACES_ONLY = ("kv", "layer", "no-op")
+
+
 def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200), remote=False) -> Study:
+    from interventions.executor import Executor
+
     full, _ = run(model, spec_dict, "full", full_rows, remote)
     study = None
     for rows in suffix_rows:
-        frame, study = run(model, spec_dict, "suffix", rows, remote)
-        assert study.executor.used["full"] == 0 and study.executor.used["suffix"] > 0
-        assert_same(full, frame)
+        for parts in (Executor.suffix_parts, TRACES_ONLY):
+            saved, Executor.suffix_parts = Executor.suffix_parts, parts
+            try:
+                frame, study = run(model, spec_dict, "suffix", rows, remote)
+            finally:
+                Executor.suffix_parts = saved
+            assert study.executor.used["full"] == 0 and study.executor.used["suffix"] > 0
+            if parts == TRACES_ONLY:
+                assert study.executor.suffix_stats["ragged_batches"] == 0
+            assert_same(full, frame)
     return study
 
 
@@ -125,7 +139,11 @@ def test_strategy_is_recorded_and_checked(tiny_gpt2, tmp_path):
     data = {"model": {"source": "m"}, "probes": {"inline": PROBES[:2]}, "metrics": ["logit_diff"],
             "sites": ["layers[0].resid_pre"], "positions": ["last"], "execution": {"progress": False}}
     Study(StudySpec.from_dict(data), model=tiny_gpt2).run(tmp_path / "auto")
-    assert read_results(tmp_path / "auto")[1]["strategy"] == "full"  # auto is full until suffix is faster
+    sidecar = read_results(tmp_path / "auto")[1]
+    assert sidecar["strategy"] == "suffix"  # auto is suffix locally
+    counts = sidecar["suffix_counts"]
+    # both cells restore the first block's input at " is", the same token in both prompts: no-ops, not run
+    assert counts["ragged_batches"] >= 1 and counts["no_op_rows"] == 2 and counts["rows_run"] == 0
     data["execution"]["strategy"] = "suffix"
     Study(StudySpec.from_dict(data), model=tiny_gpt2).run(tmp_path / "suffix")
     assert read_results(tmp_path / "suffix")[1]["strategy"] == "suffix"
@@ -133,4 +151,6 @@ def test_strategy_is_recorded_and_checked(tiny_gpt2, tmp_path):
     with pytest.raises(ClapError, match="strategy `suffix` cannot run on NDIF"):
         StudySpec.from_dict(data)
     data["execution"].update(strategy="auto")
+    assert Study(StudySpec.from_dict(data), model=tiny_gpt2).executor.strategy == "full"
+    data["execution"].update(remote="local")  # the NDIF simulation: nnsight suffix traces are slower than full
     assert Study(StudySpec.from_dict(data), model=tiny_gpt2).executor.strategy == "full"
