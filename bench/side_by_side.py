@@ -456,15 +456,25 @@ def workload_b(report: Report, args: argparse.Namespace) -> list[str]:
     from interventions import Study, StudySpec
     from interventions.executor import Executor
 
-    tokenizer = load_tokenizer(Path(args.tokenizer))
-    lm = build_gpt2(tokenizer, args.quick, args.seed)
-    probes = [{"id": f"t{i}", "clean": f"{subject} is located in the city of", "corrupted":
-               f"{subject} is located in the city of", "answer": answer, "wrong": wrong,
-               "labels": {"subject": subject}} for i, (subject, answer, wrong) in enumerate(TRACE_SUBJECTS)]
+    if args.trace_model == "smollm2":
+        from interventions import load_model
+
+        lm = load_model("smollm2-135m")
+        tokenizer = lm.tokenizer
+        shipped = [json.loads(line) for line in (REPO_ROOT / "clap" / "data" / "probes" / "definitional.jsonl")
+                   .read_text().splitlines() if line.strip()][: args.trace_facts]
+        probes = [{"id": p["id"], "clean": p["clean"], "corrupted": p["clean"], "answer": p["answer"],
+                   "wrong": p["wrong"], "labels": {"subject": p["subject"]}} for p in shipped]
+    else:
+        tokenizer = load_tokenizer(Path(args.tokenizer))
+        lm = build_gpt2(tokenizer, args.quick, args.seed)
+        probes = [{"id": f"t{i}", "clean": f"{subject} is located in the city of", "corrupted":
+                   f"{subject} is located in the city of", "answer": answer, "wrong": wrong,
+                   "labels": {"subject": subject}} for i, (subject, answer, wrong) in enumerate(TRACE_SUBJECTS)]
     samples = args.trace_samples
     config = lm.hf.config
     base = {"workload": "b", "sweep": "causal_trace", "model": lm.identity["source"], "pairs": len(probes),
-            "layers": config.n_layer, "d_model": config.n_embd}
+            "layers": config.num_hidden_layers, "d_model": config.hidden_size}
 
     def trace(strategy: str, max_rows: int | None) -> pd.DataFrame:
         parts = STRATEGY_PARTS[strategy]
@@ -486,6 +496,8 @@ def workload_b(report: Report, args: argparse.Namespace) -> list[str]:
     failures, reference, first = [], None, None
     runs = [(s, args.max_rows) for s in dict.fromkeys(["suffix", "full", *args.strategies]) if s != "auto"]
     runs.append(("one-row-per-restore", samples + 2))
+    if args.trace_runs:
+        runs = [run for run in runs if run[0] in args.trace_runs]
     for label, max_rows in runs:
         strategy = "full" if label == "one-row-per-restore" else label
         m = measure(partial(trace, strategy, max_rows), args.repeats)
@@ -553,6 +565,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "start at the first edited layer); the first is the `clap` contender, the others are "
                              "`clap[STRATEGY]` rows checked against it")
     parser.add_argument("--trace-samples", type=int, default=3, help="workload b: noise samples")
+    parser.add_argument("--trace-model", choices=("gpt2-random", "smollm2"), default="gpt2-random",
+                        help="workload b: the random GPT-2 (--quick: the 2-layer toy) on city facts, or SmolLM2-135M "
+                             "on the shipped definitional probes")
+    parser.add_argument("--trace-facts", type=int, default=30, help="workload b with smollm2: how many facts")
+    parser.add_argument("--trace-runs", type=_csv_list, default=None,
+                        help="workload b: which runs (default: suffix, full, the --strategies, one-row-per-restore)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2-layer d=64 model, 1 pair of 6 tokens, workload a only by default")

@@ -90,6 +90,9 @@ class Plan:
     baseline: dict[int, list[BaselineEdit]] = field(default_factory=dict)  #: per probe index
     #: target baseline rows per probe: one per noise sample when a baseline intervention draws noise, else one
     target_samples: int = 1
+    #: rows per forward pass the cells were chunked with (0: not chunked yet); part of the fingerprint, since
+    #: finished batches are only reusable under the same chunking
+    rows_per_batch: int = 0
 
     def target_row_sample(self, sample: int) -> int:
         return sample if self.target_samples > 1 else 0
@@ -99,8 +102,9 @@ class Plan:
         """Identifies the plan for resuming: same spec, probes, weights and batching -> same fingerprint.
 
         Settings that cannot change a number beyond float rounding (progress bars; local vs simulated-remote
-        execution; the execution strategy, which batches cells the same way and agrees to ~1e-6) are left out, so a
-        rerun with ``--no-progress`` still resumes."""
+        execution; the execution strategy, which agrees to ~1e-6) are left out, so a rerun with ``--no-progress``
+        still resumes; the rows per batch the cells were chunked with are in (the strategies' default batch sizes
+        differ, and a batch is only reusable under the same chunking)."""
         return self._digest(with_model=True)
 
     @property
@@ -118,6 +122,7 @@ class Plan:
                 "model": self.model_key if with_model else None,
                 "probes": [(p.id, p.clean_ids, p.corrupted_ids, p.answer_ids, p.wrong_ids) for p in self.probes],
                 "cells": len(self.cells),
+                "rows_per_batch": self.rows_per_batch,
             },
             sort_keys=True,
         )
@@ -559,9 +564,16 @@ class PatchConstants:
         return self.vectors[(op.model_dump_json(), site.name)]
 
 
+#: rows per batch when neither ``max_rows`` nor ``memory_budget_mb`` is given, per execution strategy: a suffix batch
+#: holds one baseline pass and passes that run only the rows' suffixes, so it can take (and gains from) many more rows
+#: (SmolLM2 causal trace, 1,530 restores: 18.6 s at 64 rows, 12.5 s at 256, 9.6 s at 1,024; full: 22.4 / 20.1 s)
+DEFAULT_ROWS = {"full": 64, "suffix": 512}
+
+
 def rows_for_budget(memory_budget_mb: float | None, max_rows: int | None, seq_len: int, vocab: int, d_model: int,
-                    n_layers: int, bytes_per: int) -> int:
-    """Rows per forward pass: ``max_rows`` if given, else a conservative estimate from the memory budget.
+                    n_layers: int, bytes_per: int, default: int = DEFAULT_ROWS["full"]) -> int:
+    """Rows per forward pass: ``max_rows`` if given, else a conservative estimate from the memory budget, else
+    ``default``.
 
     The estimate counts the logits (rows x seq x vocab, the largest single tensor for short prompts) and ~16 live
     activations of width d_model per layer; it is deliberately generous so a budget is not exceeded.
@@ -569,6 +581,6 @@ def rows_for_budget(memory_budget_mb: float | None, max_rows: int | None, seq_le
     if max_rows is not None:
         return max_rows
     if memory_budget_mb is None:
-        return 64
+        return default
     per_row = seq_len * (vocab * 2 + 16 * d_model * max(1, n_layers)) * bytes_per
     return max(3, int(math.floor(memory_budget_mb * 2**20 / per_row)))

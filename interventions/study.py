@@ -36,6 +36,7 @@ from interventions import attribution, execute, operations
 from interventions.batch_store import BatchStore
 from interventions.executor import Executor
 from interventions.plan import (
+    DEFAULT_ROWS,
     Batch,
     Cell,
     GroupPlan,
@@ -381,7 +382,9 @@ class Study:
             getattr(config, "hidden_size", 768),
             getattr(config, "num_hidden_layers", 12),
             torch.finfo(next(hf.parameters()).dtype).bits // 8,
+            default=DEFAULT_ROWS[self.executor.strategy],
         )
+        plan.rows_per_batch = max_rows
         chunks = chunk_cells(plan, max_rows)
         store = BatchStore(out, plan)
         pad_id = model.tokenizer.pad_token_id
