@@ -39,7 +39,9 @@ demo: $(STAMP)
 # Benchmarks, not tests: they take minutes (fine-tuning most) and write bench/results/.
 bench: $(STAMP)
 	$(PY) bench/patching_throughput.py
-	$(PY) bench/side_by_side.py --workloads a,b,c --pairs 4,16 --out bench/results
+	$(PY) bench/side_by_side.py --workloads a,b,c --pairs 4,16 --strategies suffix,ragged,traces,full --out bench/results
+	$(PY) bench/side_by_side.py --workloads b --trace-model smollm2 --trace-facts 1 --trace-samples 1 \
+		--out bench/results/trace_smollm2
 	$(PY) bench/attribution.py
 	$(PY) bench/corpus_build.py --json bench/results/corpus_build.json
 	$(PY) bench/finetune_throughput.py
