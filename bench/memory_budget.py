@@ -66,7 +66,7 @@ def main() -> int:
     diff = max(float(np.nanmax(np.abs(g - grids[0]))) for g in grids)
     lines = ["# Peak memory under two memory budgets", "",
              f"random GPT-2-small, {args.pairs} pairs x {args.tokens} tokens, resid_pre at every layer x position; "
-             f"load average {os.getloadavg()[0]:.2f}", "",
+             f"the default execution strategy (suffix, locally); load average {os.getloadavg()[0]:.2f}", "",
              "| memory_budget_mb | RSS before the sweep (MB) | peak RSS of the run (MB) | peak - before (MB) |",
              "|---|---|---|---|"]
     lines += [f"| {b:g} | {before:.0f} | {peak:.0f} | {peak - before:.0f} |" for b, before, peak in rows]
