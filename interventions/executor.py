@@ -122,7 +122,7 @@ class Executor:
                 try:
                     metrics = suffix.run_batch(self.model, batch, self.layout, self.remote, self.unembed_module,
                                                ragged_path=self.ragged, stats=self.suffix_stats, **parts)
-                except ragged.Unsupported as exc:
+                except (ragged.Unsupported, suffix.Unsupported) as exc:  # the traces below may still take it
                     log.info("batch %d runs as nnsight suffix passes: %s", batch.index, exc)
                 else:
                     self.used["suffix"] += 1

@@ -102,9 +102,11 @@ class Plan:
         """Identifies the plan for resuming: same spec, probes, weights and batching -> same fingerprint.
 
         Settings that cannot change a number beyond float rounding (progress bars; local vs simulated-remote
-        execution; the execution strategy, which agrees to ~1e-6) are left out, so a rerun with ``--no-progress``
-        still resumes; the rows per batch the cells were chunked with are in (the strategies' default batch sizes
-        differ, and a batch is only reusable under the same chunking)."""
+        execution; the execution strategy) are left out, so a rerun with ``--no-progress`` still resumes; the rows
+        per batch the cells were chunked with are in, since a batch is only reusable under the same chunking. So
+        when they change the rows per batch (``auto`` is ``suffix`` locally, with 512 rows by default, and ``full``
+        under the NDIF simulation, with 64), a rerun starts afresh (and says so); so do folders of finished
+        batches written before the rows per batch were part of the fingerprint."""
         return self._digest(with_model=True)
 
     @property

@@ -18,8 +18,9 @@ unembedding.
 
 This path runs outside nnsight, so it is local only: on NDIF and under its simulation the suffix strategy runs as
 nnsight traces. Every model is checked once against its own baseline pass (:func:`self_check`) before this path is
-trusted with it; a model that fails (an architecture that does something between its blocks this module does not
-know about, such as a logit soft-cap) runs the nnsight passes.
+trusted with it; a model that fails the check, or on which it cannot run at all (an architecture that does
+something between or after its blocks this module does not know about, such as a logit soft-cap), runs the nnsight
+passes from then on.
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ class BlockInputs:
 
     cache_kwarg: str
     per_block: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: per block, the input hidden state's shape and dtype (for an explicit causal mask)
+    shapes: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=dict)
+
+    def causal_mask(self, layer: int) -> torch.Tensor:
+        """An additive causal mask ``[rows, 1, W, W]`` for a block that received none (a batch without padding under
+        SDPA, where the kernel applies causality itself)."""
+        shape, dtype, device = self.shapes[layer]
+        width = shape[1]
+        allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        mask = torch.zeros(width, width, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask.expand(shape[0], 1, width, width)
 
     @classmethod
     @contextmanager
@@ -75,7 +87,12 @@ class BlockInputs:
                         named.update(value)
                     else:
                         named[name] = value
+                if "attention_mask" in signature.parameters:
+                    named.setdefault("attention_mask", None)  # made explicit in for_pass: a pass is not square
                 found.per_block[index] = named
+                hidden = list(bound.values())[1]
+                if isinstance(hidden, torch.Tensor):
+                    found.shapes[index] = (hidden.shape, hidden.dtype, hidden.device)
 
             handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         try:
@@ -88,11 +105,15 @@ class BlockInputs:
         """Block ``layer``'s arguments for baseline rows ``rows`` (one per pass row) and columns ``col..``."""
         if layer not in self.per_block:
             raise Unsupported(f"block {layer} was not seen in the baseline pass")
+        from transformers.cache_utils import Cache
+
         out: dict[str, Any] = {}
         for name, value in self.per_block[layer].items():
-            if name == self.cache_kwarg:
+            if name == self.cache_kwarg or isinstance(value, Cache):  # GPT-NeoX's blocks call it `layer_past`
                 out[name] = cache
             elif name == "attention_mask":
+                if value is None:  # no padding, causal attention left to the kernel: make the mask explicit
+                    value = self.causal_mask(layer)
                 if not isinstance(value, torch.Tensor) or value.dim() != 4:
                     raise Unsupported("the blocks take no materialised 4-d attention mask")
                 out[name] = _rows(value, rows)[:, :, col:, :]
@@ -219,7 +240,10 @@ def _rows_below(stages: Sequence[tuple], limit: int) -> list[tuple]:
 def _hook(module: torch.nn.Module, access: str, n_heads: int, stages: list[tuple]) -> Any:
     if access == "input":
         def pre(_m: Any, args: tuple, kwargs: dict) -> tuple:
-            return (apply_stages(args[0], n_heads, stages), *args[1:]), kwargs
+            if args:  # nnsight's `.input`: the first positional argument, else the first keyword argument
+                return (apply_stages(args[0], n_heads, stages), *args[1:]), kwargs
+            first = next(iter(kwargs))
+            return args, {**kwargs, first: apply_stages(kwargs[first], n_heads, stages)}
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(_m: Any, _args: Any, output: Any) -> Any:
@@ -311,13 +335,18 @@ def _on(stages: list[tuple], device: torch.device) -> list[tuple]:
 
 def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
                base_index: torch.Tensor, inputs: BlockInputs, metric_dtype: torch.dtype) -> float:
-    """Run the baseline rows themselves on this path (from the first block, every column, no edits) and return the
-    largest difference from the metrics of the model's own forward pass. Catches an architecture whose forward does
+    """Run the baseline rows themselves on this path (from the first block, every column, with their baseline
+    interventions) and return the largest difference from the metrics of the model's own forward pass. Catches an architecture whose forward does
     something between or after its blocks that calling them one by one would miss."""
+    from interventions.suffix import pass_edits
+
     rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
     probe = Batch(**{**batch.__dict__, "target_row": list(range(len(batch.row_role)))})
     one = Pass(0, rows, [0] * len(rows))
-    got = run_pass(hf, arch, layout, probe, base, base_index, inputs, one, [], metric_dtype)
+    table = torch.full((len(batch.row_role),), -1, dtype=torch.long)
+    table[torch.tensor(rows)] = torch.arange(len(rows))
+    edits = pass_edits(probe, layout, base, table, 0, 0)  # the baseline rows' own (baseline) interventions
+    got = run_pass(hf, arch, layout, probe, base, base_index, inputs, one, edits, metric_dtype)
     want = base["metrics"][base_index[torch.tensor(rows)]]
     finite = torch.isfinite(want) & torch.isfinite(got)
     if not bool((torch.isfinite(want) == torch.isfinite(got)).all()):
@@ -352,8 +381,13 @@ class RaggedPath:
 
         metric_dtype = metric_dtype_for(next(self.hf.parameters()).device)
         if self.self_check_gap is None:
-            self.self_check_gap = self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs,
-                                             metric_dtype)
+            try:
+                self.self_check_gap = self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs,
+                                                 metric_dtype)
+            except Exception as exc:  # noqa: BLE001 - whatever breaks here, this path is not for this model
+                self.self_check_gap = float("inf")
+                raise Unsupported(f"the self-check could not run on this model ({type(exc).__name__}: {exc})"
+                                  ) from exc
             if not self.self_check_gap <= SELF_CHECK_TOLERANCE:
                 raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
         n_rows, width = batch.input_ids.shape

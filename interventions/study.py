@@ -382,7 +382,7 @@ class Study:
             getattr(config, "hidden_size", 768),
             getattr(config, "num_hidden_layers", 12),
             torch.finfo(next(hf.parameters()).dtype).bits // 8,
-            default=DEFAULT_ROWS[self.executor.strategy],
+            default=DEFAULT_ROWS[self._batch_kind(plan)],
         )
         plan.rows_per_batch = max_rows
         chunks = chunk_cells(plan, max_rows)
@@ -439,6 +439,16 @@ class Study:
         """Tidy rows of one batch (:class:`interventions.tidy.TidyRows`)."""
         return TidyRows(self.spec, self.model.tokenizer, self.source_metrics).rows(plan, batch, cells, metrics)
 
+
+    def _batch_kind(self, plan: Plan) -> str:
+        """Which default batch size applies: ``suffix`` only where suffix passes will run (a model the strategy can
+        place, no patch on the unembedding, whose full-width logits a batch would then hold); else ``full``."""
+        executor = self.executor
+        if executor.strategy != "suffix" or executor.layout is None:
+            return "full"
+        if any(site.module == executor.unembed_module for site in plan.sites):
+            return "full"
+        return "suffix"
 
     def _sidecar(self, plan: Plan, group_columns: list[str], n_batches: int, max_rows: int,
                  constants: PatchConstants) -> dict[str, Any]:

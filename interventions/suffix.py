@@ -303,8 +303,9 @@ def no_op_rows(batch: Batch, base: dict[str, Any], base_index: torch.Tensor) -> 
 
     Such a row *is* its baseline row (each edit, in execution order, meets the baseline value and leaves it), so its
     result is the baseline row's, without running it. The common case: clean and corrupted prompts that share a
-    prefix hold bitwise equal activations on it, and restoring one there changes nothing. Equality is exact (a
-    difference in the last bit runs the row)."""
+    prefix hold bitwise equal activations on it, and restoring one there changes nothing. Equality is exact float
+    equality (``==``: a difference in the last bit runs the row; -0.0 and 0.0 count as equal, which no later
+    computation can tell apart except by a sign of zero)."""
     values = base.get("values", {})
     touched: set[int] = set()
     changed: set[int] = set()

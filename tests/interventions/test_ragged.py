@@ -158,3 +158,60 @@ def test_a_model_the_self_check_rejects_runs_as_traces(tokenizer):
         else:
             assert executor.ragged.self_check_gap < 1e-5
             assert executor.suffix_stats["ragged_batches"] == executor.used["suffix"] > 0
+
+
+def _tiny(kind: str, tokenizer, attention: str = "eager"):
+    import transformers as T
+
+    from clap.models import wrap
+
+    torch.manual_seed(5)
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+             "vocab_size": len(tokenizer), "max_position_embeddings": 64}
+    tokens = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
+    config, model_class = {
+        "gpt_neox": lambda: (T.GPTNeoXConfig(**sizes, rotary_pct=0.5), T.GPTNeoXForCausalLM),
+        "mistral": lambda: (T.MistralConfig(**sizes, **tokens, num_key_value_heads=2, sliding_window=3),
+                            T.MistralForCausalLM),
+        "phi3": lambda: (T.Phi3Config(**sizes, **tokens, num_key_value_heads=2), T.Phi3ForCausalLM),
+        "gpt2": lambda: (T.GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=64, vocab_size=len(tokenizer)),
+                         T.GPT2LMHeadModel),
+        "llama": lambda: (T.LlamaConfig(**sizes, **tokens, num_key_value_heads=2), T.LlamaForCausalLM),
+    }[kind]()
+    config._attn_implementation = attention
+    return wrap(model_class(config).eval(), tokenizer, {"source": f"tiny-{kind}"})
+
+
+def test_more_architectures(tokenizer):
+    """GPT-NeoX (its blocks call the cache `layer_past`; partial rotary), Mistral with a sliding window shorter than
+    the prompts, Phi-3 (fused projections): every batch on the ragged path, equal to `full`."""
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST,
+            "sites": ["layers[*].resid_pre", "layers[1].attn_out", "layers[2].mlp_out", "layers[1].heads[1]",
+                      "final_norm"], "positions": ["each"]}
+    for kind in ("gpt_neox", "mistral", "phi3"):
+        compare_ragged(_tiny(kind, tokenizer), spec, rows=(7, 200))
+
+
+def test_raw_input_sites_and_baseline_edits_inside_blocks(tokenizer):
+    """A raw module input the model passes as a keyword (Llama's attention gets `hidden_states=`), and baseline noise
+    inside blocks (the self-check runs the baseline rows with their baseline edits, so it must apply them too)."""
+    for kind, attention_input in (("llama", "model.layers.1.self_attn:input"), ("gpt2", "transformer.h.1.attn:input")):
+        model = _tiny(kind, tokenizer)
+        spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST, "seed": 3,
+                "sites": [attention_input, "layers[*].resid_pre"], "positions": ["each"]}
+        compare_ragged(model, spec, rows=(7, 200))
+        spec.update(corrupted_prompt="clean", sites=["layers[*].resid_pre", "layers[1].attn_out",
+                                                      "layers[1].heads[1]"],
+                    baseline=[{"sites": ["layers[1].mlp_out", "layers[0].resid_post"],
+                               "positions": [{"indices": [0, 1]}], "operation": {"name": "noise", "scale": 2.0}}])
+        compare_ragged(model, spec, rows=(7, 200))
+
+
+def test_sdpa_batches_without_padding(tokenizer):
+    """Under SDPA a batch without padding reaches the blocks with no mask (the kernel applies causality): the ragged
+    path makes the causal mask explicit (a pass's queries are not square with its keys). One probe: no padding."""
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES[:1]}, "metrics": METRIC_LIST,
+            "sites": ["layers[*].resid_pre", "layers[1].attn_out", "layers[1].heads[1]"], "positions": ["each"]}
+    for kind in ("gpt2", "llama"):
+        studies = compare_ragged(_tiny(kind, tokenizer, "sdpa"), spec, rows=(4, 200))
+        assert studies[0].executor.used["suffix"] > 1  # several batches, one self-check, no fallback

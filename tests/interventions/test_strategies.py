@@ -50,7 +50,7 @@ def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200), remote=False)
     full, _ = run(model, spec_dict, "full", full_rows, remote)
     study = None
     for rows in suffix_rows:
-        for parts in (Executor.suffix_parts, TRACES_ONLY):
+        for parts in (Executor.suffix_parts, TRACES_ONLY) if remote is False else (Executor.suffix_parts,):
             saved, Executor.suffix_parts = Executor.suffix_parts, parts
             try:
                 frame, study = run(model, spec_dict, "suffix", rows, remote)
