@@ -336,8 +336,9 @@ def _on(stages: list[tuple], device: torch.device) -> list[tuple]:
 def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
                base_index: torch.Tensor, inputs: BlockInputs, metric_dtype: torch.dtype) -> float:
     """Run the baseline rows themselves on this path (from the first block, every column, with their baseline
-    interventions) and return the largest difference from the metrics of the model's own forward pass. Catches an architecture whose forward does
-    something between or after its blocks that calling them one by one would miss."""
+    interventions) and return the largest difference from the metrics of the model's own forward pass. Catches an
+    architecture whose forward does something between or after its blocks that calling them one by one would
+    miss."""
     from interventions.suffix import pass_edits
 
     rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
