@@ -8,7 +8,7 @@ site x position), per site kind, and on the probe means per (layer, position/hea
 Timings are noisy on a shared machine: the ratio within one run is the number that matters, and the load average
 is recorded. Writes ``bench/results/attribution.csv`` and ``bench/results/attribution.md``.
 
-    python bench/attribution.py [--model smollm2-135m] [--probes 20] [--max-rows 96]
+    python bench/attribution.py [--model smollm2-135m] [--probes 20] [--max-rows N]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def probes(n: int) -> list[dict]:
     return out
 
 
-def spec(probe_list: list[dict], max_rows: int) -> StudySpec:
+def spec(probe_list: list[dict], max_rows: int | None) -> StudySpec:
     return StudySpec.from_dict({
         "name": "attribution-bench", "model": {"source": "bench"},
         "probes": {"inline": probe_list, "multi_token": "first"},
@@ -52,7 +52,7 @@ def spec(probe_list: list[dict], max_rows: int) -> StudySpec:
             {"sites": ["layers[*].resid_pre"], "positions": ["each"]},
             {"sites": ["layers[*].attn_out", "layers[*].mlp_out", "layers[*].heads[*]"], "positions": ["last"]},
         ],
-        "metrics": ["logit_diff"], "execution": {"max_rows": max_rows, "progress": False},
+        "metrics": ["logit_diff"], "execution": {"progress": False, **({"max_rows": max_rows} if max_rows else {})},
     })
 
 
@@ -93,7 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--probes", type=int, default=20)
-    parser.add_argument("--max-rows", type=int, default=96)
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="rows per batch of the exact engine (default: its own, by execution strategy)")
     parser.add_argument("--repeats", type=int, default=3, help="attribution runs (the exact sweep runs once)")
     args = parser.parse_args()
     model = load_model(args.model)
@@ -133,7 +134,8 @@ def main() -> None:
         f"Model {args.model}, {args.probes} shipped probes ({args.probes // 2} definitional, {args.probes // 2} "
         f"associative), denoising, logit difference; {len(exact)} cells: residual stream entering every layer at "
         "every position, attention and MLP outputs of every layer and every head at the last position.", "",
-        f"- exact engine (`Study.run`, max_rows {args.max_rows}): {exact_s:.1f} s",
+        f"- exact engine (`Study.run`, default strategy (suffix locally), max_rows {args.max_rows or 'default'}): "
+        f"{exact_s:.1f} s",
         f"- attribution (`attribution_from_spec`): first run {attribution_s[0]:.2f} s, best of {args.repeats} "
         f"{best:.2f} s",
         f"- speed-up: **{exact_s / best:.0f}x** (best), {exact_s / attribution_s[0]:.0f}x (first run)",
