@@ -46,7 +46,8 @@ def approximate_caveat(data: pd.DataFrame) -> str | None:
     operations = _names(sorted(approx["operation"].unique().tolist(), key=str))
     return (
         f"{len(approx)} of {len(data)} rows are attribution-patching estimates (operation {operations}): first-order "
-        "(activation difference x gradient of the logit difference at the target run), not measured. They are "
+        "(activation difference x gradient of the logit difference at the target run, or that gradient integrated "
+        "along the input path for `attribution(ig...)`), not measured. They are "
         "tested and drawn as their own operation; trust them where they agree with exact patching, and patch the "
         "sites they rank highest exactly before reporting a finding."
     )

@@ -534,14 +534,26 @@ def methods_text(result: Analysis) -> list[str]:
 
 
 def _approximate_methods(data: pd.DataFrame) -> list[str]:
-    """The Methods sentence of results holding attribution-patching estimates (none otherwise)."""
+    """The Methods sentence of results holding attribution-patching estimates (none otherwise), naming how each
+    estimating operation takes its gradient."""
     if "approximate" not in data.columns or not data["approximate"].astype(bool).any():
         return []
-    n = int(data["approximate"].astype(bool).sum())
-    return [f"{n} rows (operation `attribution`) are attribution-patching estimates, not measurements: the "
-            "first-order term (source - target activation) . d logit_diff / d activation at the target run, from one "
-            "forward and one backward pass per chunk of probes (Nanda 2023; Syed et al. 2023); they are analysed as a "
-            "separate operation."]
+    approx = data[data["approximate"].astype(bool)]
+    n = len(approx)
+    labels = sorted(approx["operation"].astype(str).unique())
+    named = ", ".join(f"`{label}`" for label in labels)
+    how = []
+    if "attribution" in labels:
+        how.append("`attribution` is the first-order term (source - target activation) . d logit_diff / d activation "
+                   "at the target run, from one forward and one backward pass per chunk of probes (Nanda 2023; Syed "
+                   "et al. 2023)")
+    steps = sorted(int(label[len("attribution(ig"):-1]) for label in labels if label.startswith("attribution(ig"))
+    if steps:
+        how.append(f"`attribution(igK)` (K = {', '.join(map(str, steps))}) multiplies the same activation difference "
+                   "by the gradient integrated along the straight line from the target prompt's token embeddings to "
+                   "the source prompt's, by the trapezoid rule over K points (EAP-IG; Hanna et al. 2024)")
+    return [f"{n} rows (operation {named}) are attribution-patching estimates, not measurements: "
+            f"{'; '.join(how)}. They are analysed as separate operations."]
 
 
 def _noise_methods(meta: dict[str, Any]) -> list[str]:

@@ -3,12 +3,14 @@
 The same study (shipped epilepsy probes; residual stream entering every layer at every position; attention and MLP
 outputs of every layer and every head at the last position; denoising, logit difference) runs once through clap's
 exact engine (one patched row per cell, batched) and through ``interventions.attribution`` (one forward and one
-backward pass per chunk of probes). Agreement is measured on the effect ``patched - corrupted`` per cell (probe x
-site x position), per site kind, and on the probe means per (layer, position/head) that the heatmaps show.
+backward pass per chunk of probes) at each ``--steps``: 1 is attribution patching proper (the gradient at the
+corrupted run), k >= 2 the gradient integrated along the input path over k points (EAP-IG, ``k - 1`` times the
+rows). Agreement is measured on the effect ``patched - corrupted`` per cell (probe x site x position), per site
+kind, and on the probe means per (layer, position/head) that the heatmaps show.
 Timings are noisy on a shared machine: the ratio within one run is the number that matters, and the load average
 is recorded. Writes ``bench/results/attribution.csv`` and ``bench/results/attribution.md``.
 
-    python bench/attribution.py [--model smollm2-135m] [--probes 20] [--max-rows N]
+    python bench/attribution.py [--model smollm2-135m] [--probes 20] [--steps 1,2,3] [--max-rows N]
 """
 
 from __future__ import annotations
@@ -93,10 +95,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--steps", default="1,2,3", help="comma-separated integration points to compare")
     parser.add_argument("--max-rows", type=int, default=None,
                         help="rows per batch of the exact engine (default: its own, by execution strategy)")
-    parser.add_argument("--repeats", type=int, default=3, help="attribution runs (the exact sweep runs once)")
+    parser.add_argument("--repeats", type=int, default=3, help="attribution runs per steps (the exact sweep runs once)")
     args = parser.parse_args()
+    step_list = [int(x) for x in args.steps.split(",")]
     model = load_model(args.model)
     study = spec(probes(args.probes), args.max_rows)
     load_before = os.getloadavg()
@@ -104,31 +108,36 @@ def main() -> None:
     start = time.perf_counter()
     exact = Study(study, model=model).run()
     exact_s = time.perf_counter() - start
-    attribution_s = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        approx = attribution_from_spec(study, model=model)
-        attribution_s.append(time.perf_counter() - start)
-    load_after = os.getloadavg()
-
     exact = exact.assign(effect=exact["patched"] - exact["corrupted"])
     keys = ["probe_id", "site", "positions", "position"]
-    merged = exact.merge(approx[keys + ["effect", "recovery"]], on=keys, suffixes=("_exact", "_approx"))
-    assert len(merged) == len(exact) == len(approx), (len(merged), len(exact), len(approx))
-    table = agreement(merged)
-    best = min(attribution_s)
-    table.insert(0, "model", args.model)
-    table["probes"] = args.probes
-    table["exact_s"] = round(exact_s, 2)
-    table["attribution_s_first"] = round(attribution_s[0], 2)
-    table["attribution_s_best"] = round(best, 2)
-    table["speedup_best"] = round(exact_s / best, 1)
-    table["speedup_first"] = round(exact_s / attribution_s[0], 1)
+    tables, timings = [], {}
+    for steps in step_list:
+        seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            approx = attribution_from_spec(study, model=model, steps=steps)
+            seconds.append(time.perf_counter() - start)
+        timings[steps] = seconds
+        merged = exact.merge(approx[keys + ["effect", "recovery"]], on=keys, suffixes=("_exact", "_approx"))
+        assert len(merged) == len(exact) == len(approx), (len(merged), len(exact), len(approx))
+        table = agreement(merged)
+        table.insert(0, "steps", steps)
+        table.insert(0, "model", args.model)
+        table["probes"] = args.probes
+        table["exact_s"] = round(exact_s, 2)
+        table["attribution_s_first"] = round(seconds[0], 2)
+        table["attribution_s_best"] = round(min(seconds), 2)
+        table["speedup_best"] = round(exact_s / min(seconds), 1)
+        table["speedup_first"] = round(exact_s / seconds[0], 1)
+        tables.append(table)
+    load_after = os.getloadavg()
+    table = pd.concat(tables, ignore_index=True)
     out = Path(__file__).parent / "results"
     atomic_write_frame(out / "attribution.csv", table.round(4))
 
-    shown = table[["slice", "cells", "pearson_cells", "spearman_cells", "grid_cells", "pearson_probe_means",
-                   "spearman_probe_means", "mean_abs_error", "mean_abs_exact_effect"]].round(3)
+    def name(steps: int) -> str:
+        return "attribution" if steps == 1 else f"attribution(ig{steps})"
+
     lines = [
         "# Attribution patching vs exact patching (approximate results)", "",
         f"Model {args.model}, {args.probes} shipped probes ({args.probes // 2} definitional, {args.probes // 2} "
@@ -136,18 +145,23 @@ def main() -> None:
         "every position, attention and MLP outputs of every layer and every head at the last position.", "",
         f"- exact engine (`Study.run`, default strategy (suffix locally), max_rows {args.max_rows or 'default'}): "
         f"{exact_s:.1f} s",
-        f"- attribution (`attribution_from_spec`): first run {attribution_s[0]:.2f} s, best of {args.repeats} "
-        f"{best:.2f} s",
-        f"- speed-up: **{exact_s / best:.0f}x** (best), {exact_s / attribution_s[0]:.0f}x (first run)",
+        *[f"- `{name(steps)}` (`attribution_from_spec(steps={steps})`): first run {seconds[0]:.2f} s, best of "
+          f"{args.repeats} {min(seconds):.2f} s: **{exact_s / min(seconds):.0f}x** faster than exact (best), "
+          f"{exact_s / seconds[0]:.0f}x (first run)" for steps, seconds in timings.items()],
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"load average (1/5/15 min) before {', '.join(f'{x:.1f}' for x in load_before)}, after "
         f"{', '.join(f'{x:.1f}' for x in load_after)}", "",
-        "Agreement of the effect (patched - corrupted logit difference), per cell and on the probe means per "
-        "(layer, position from the end) or (layer, head):", "",
-        "| " + " | ".join(shown.columns) + " |",
-        "|" + "---|" * len(shown.columns),
-        *["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)], "",
+        "Agreement of the effect (patched - corrupted logit difference) with exact patching, per cell and on the probe "
+        "means per (layer, position from the end) or (layer, head):", "",
     ]
+    columns = ["slice", "cells", "pearson_cells", "spearman_cells", "grid_cells", "pearson_probe_means",
+               "spearman_probe_means", "mean_abs_error", "mean_abs_exact_effect"]
+    for steps, part in table.groupby("steps", sort=False):
+        shown = part[columns].round(3)
+        lines += [f"## `{name(int(steps))}`", "",
+                  "| " + " | ".join(shown.columns) + " |",
+                  "|" + "---|" * len(shown.columns),
+                  *["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)], ""]
     atomic_write_text(out / "attribution.md", "\n".join(lines))
     print("\n".join(lines))
 

@@ -22,6 +22,18 @@ changes everything downstream) is poorly approximated, and saturated outputs (a 
 gradients near 0 whatever the patch would do. Use it to rank sites and choose what to patch exactly, not as the
 final number; ``bench/attribution.py`` measures the agreement with exact patching on SmolLM2-135M.
 
+Integrated gradients along the input path (``steps = k >= 2``; EAP-IG, Hanna, Pezzelle and Belinkov 2024): the
+gradient is instead averaged over ``k`` points of the straight line from the target prompt's token embeddings to
+the source prompt's (the trapezoid rule, endpoints included), still multiplied by the site's own
+``a_source - a_target``. At the first layer's input the estimates then add up to the whole ``M(source) -
+M(target)`` as ``k`` grows (completeness), and large changes downstream of the tokens that differ are followed far
+better than by the gradient at one end; small, local patches (a head at the last position), which the target-run
+gradient already describes well, are described a little worse, because the path's gradients are taken in contexts
+the exact patch never sees. The path points are extra rows of the same pass (``k - 2`` blocks, their embeddings
+written inside the trace; the two ends are the target and source rows themselves when every pair has equal length,
+else the far end gets rows of its own: the target's attention mask with the source's tokens where both prompts
+have one). Tokens without a counterpart stay at the target's embedding along the path.
+
 How the gradients are taken, and why not nnsight's ``with metric.backward(): act.grad``: the trace body reads every
 site's activation (nnsight envoys, in forward-execution order), computes the metric from the logits and calls
 ``torch.autograd.grad(metric, activations)`` on the real tensors inside the same trace. nnsight 0.8.1's backward
@@ -54,6 +66,7 @@ import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -121,14 +134,51 @@ def _token_table(sets: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return index, mask
 
 
-def _build_chunk(probes: Sequence[Probe], members: list[int], target: str, source: str, pad_id: int) -> _Chunk:
-    prompts = [probes[p].prompt_ids(target) for p in members] + [probes[p].prompt_ids(source) for p in members]
+def operation_label(steps: int) -> str:
+    """The results' ``operation`` of attribution rows: ``attribution``, or ``attribution(ig<steps>)`` along a path."""
+    from interventions.operations import get
+
+    return get(OPERATION).label(SimpleNamespace(steps=steps))
+
+
+def path_points(points: int) -> list[tuple[float, float]]:
+    """(alpha, weight) of the gradient evaluations: ``points = 1`` is the target run alone (weight 1: attribution
+    patching proper); ``points = k >= 2`` is the trapezoid rule over ``k`` equally spaced points of the straight
+    line from the target input (alpha 0) to the source input (alpha 1), whose weights sum to 1."""
+    if points < 1:
+        raise AttributionError(f"gradient points must be at least 1, got {points}")
+    if points == 1:
+        return [(0.0, 1.0)]
+    step = 1.0 / (points - 1)
+    return [(j * step, step / 2 if j in (0, points - 1) else step) for j in range(points)]
+
+
+def _build_chunk(probes: Sequence[Probe], members: list[int], target: str, source: str, pad_id: int,
+                 extra_rows: int = 0) -> _Chunk:
+    """Rows ``[target prompts; source prompts]`` and then ``extra_rows`` more blocks of the target prompts (the
+    path points between the two runs, whose embeddings the trace overwrites)."""
+    targets = [probes[p].prompt_ids(target) for p in members]
+    prompts = targets + [probes[p].prompt_ids(source) for p in members] + targets * extra_rows
     input_ids, attention_mask = left_pad(prompts, pad_id)
-    answers = [probes[p].answer_ids for p in members] * 2
-    wrongs = [probes[p].wrong_ids for p in members] * 2
+    answers = [probes[p].answer_ids for p in members] * (2 + extra_rows)
+    wrongs = [probes[p].wrong_ids for p in members] * (2 + extra_rows)
     answer_index, answer_mask = _token_table(answers)
     wrong_index, wrong_mask = _token_table(wrongs)
     return _Chunk(members, input_ids, attention_mask, answer_index, answer_mask, wrong_index, wrong_mask)
+
+
+def _path_rows(probes: Sequence[Probe], members: list[int], target: str, source: str,
+               points: int) -> tuple[list[float], list[float], float]:
+    """How the path points map to rows: (alphas of the extra row blocks, their weights, the weight of the source
+    rows). The path's end (alpha 1: the source input under the target's attention mask) *is* the source run when
+    every probe's two prompts have equal length, and its gradient is then read from the source rows; otherwise the
+    end gets rows of its own (the source run attends to tokens the target lacks)."""
+    path = path_points(points)
+    if points == 1:
+        return [], [], 0.0
+    equal = all(len(probes[p].prompt_ids(target)) == len(probes[p].prompt_ids(source)) for p in members)
+    inner = path[1:-1] if equal else path[1:]
+    return [a for a, _ in inner], [w for _, w in inner], path[-1][1] if equal else 0.0
 
 
 def _accesses(sites: Sequence[Site]) -> list[tuple[str, str, int]]:
@@ -155,31 +205,59 @@ def _forward_kwargs(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site]) ->
 
 
 def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_module: str | None,
-               remote: bool | str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One forward and one backward pass. Returns the logit difference of every row ``[2n]`` and, per access,
-    ``[n, width, heads or 1]``: ``(a_source - a_target) . dM/da_target`` summed over each head's slice (or the
-    whole width), per padded column."""
+               remote: bool | str, path: tuple[list[float], list[float], float] = ([], [], 0.0),
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward and one backward pass. Returns the logit difference of the target and source rows ``[2n]`` and,
+    per access, ``[n, width, heads or 1]``: ``(a_source - a_target) . g`` summed over each head's slice (or the
+    whole width), per padded column, where ``g`` is the gradient of the metric at the target run, or with path
+    points (:func:`_path_rows`: extra row blocks' alphas and weights, the source rows' weight) the weighted sum of
+    its gradients along the path from the target's input embeddings to the source's."""
+    alphas, weights, source_weight = path
     nn = model.nn
     parameter = next(model.hf.parameters())
     device = torch.device("cpu") if remote is True else parameter.device
     accesses = [(nn.get(module), access, heads) for module, access, heads in _accesses(sites)]
-    embed = nn.get(embed_module) if embed_module and all(m != embed_module for m, _, _ in _accesses(sites)) else None
+    if alphas and not embed_module:
+        raise AttributionError("gradient points along the path need the model's token embedding module, which "
+                               "clap's architecture table does not name for this model")
+    embed_is_site = any(m == embed_module and a == "output" for m, a, _ in _accesses(sites))
+    embed = nn.get(embed_module) if embed_module and (alphas or not embed_is_site) else None
     kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
               for k, v in _forward_kwargs(model, chunk, sites).items()}
     answer_index, answer_mask = chunk.answer_index.to(device), chunk.answer_mask.to(device)
     wrong_index, wrong_mask = chunk.wrong_index.to(device), chunk.wrong_mask.to(device)
     n = len(chunk.probes)
+    blocks = 2 + len(alphas)
+    # the weight of each row's metric in the differentiated sum: target rows, source rows, then each path block
+    row_weight = torch.tensor([1.0 - source_weight - sum(weights), source_weight, *weights],
+                              dtype=torch.float64).repeat_interleave(n).to(device)
+    # the path moves only tokens both prompts have (right-aligned): a target token without a source counterpart
+    # stays put, as an exact patch leaves it
+    shared = (chunk.attention_mask[:n] * chunk.attention_mask[n:2 * n]).unsqueeze(-1)
+    mix = (torch.tensor(alphas).reshape(-1, 1, 1, 1) * shared).to(parameter.dtype).to(device)
     trace_kwargs = {} if remote is False or remote is None else {"remote": remote}
     with torch.enable_grad():
         with nn.trace(**kwargs, **trace_kwargs):
+            embedded = None
             if embed is not None:
                 start = embed.output
-                if not start.requires_grad:  # frozen weights: let the graph start at the token embeddings
+                if alphas:  # path rows: target + alpha (source - target) of the token embeddings
+                    ends = start[: 2 * n]
+                    inner = ends[:n] + mix * (ends[n:] - ends[:n])
+                    start = torch.cat([ends, inner.reshape(-1, *ends.shape[1:])])
+                    if not start.requires_grad:
+                        start.requires_grad_(True)
+                    embed.output = start
+                    embedded = start
+                elif not start.requires_grad:  # frozen weights: let the graph start at the token embeddings
                     start.requires_grad_(True)
             values = []
             for envoy, access, _heads in accesses:
-                value = envoy.input if access == "input" else envoy.output
-                value = value[0] if isinstance(value, tuple) else value
+                if embedded is not None and envoy is embed and access == "output":
+                    value = embedded
+                else:
+                    value = envoy.input if access == "input" else envoy.output
+                    value = value[0] if isinstance(value, tuple) else value
                 if not value.requires_grad:  # the embedding itself, with frozen weights
                     value.requires_grad_(True)
                 values.append(value)
@@ -187,18 +265,21 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
             answer = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
             wrong = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
             logit_diff = answer - wrong
-            # rows never interact, so the gradient of the summed target-row metric is each row's own gradient
-            grads = torch.autograd.grad(logit_diff[:n].sum(), values, allow_unused=True)
+            # rows never interact, so the gradient of the weighted sum of row metrics is each row's own gradient,
+            # weighted; summed over a probe's row blocks it is the path's quadrature of the gradient
+            grads = torch.autograd.grad((logit_diff * row_weight).sum(), values, allow_unused=True)
             effects = []
             for value, grad, (_envoy, _access, heads) in zip(values, grads, accesses, strict=True):
                 if grad is None:  # the metric does not depend on this tensor
                     grad = torch.zeros_like(value)
-                delta = (value[n:] - value[:n]).detach().to(torch.float64)
-                product = delta * grad[:n].to(torch.float64)
+                grad = grad.to(torch.float64).reshape(blocks, n, *grad.shape[1:])
+                grad = grad[0] + grad[2:].sum(0) + (grad[1] if source_weight else 0)
+                delta = (value[n:2 * n] - value[:n]).detach().to(torch.float64)
+                product = delta * grad
                 product = product.reshape(n, product.shape[1], heads, -1) if heads else product.unsqueeze(2)
                 effects.append(product.sum(-1).reshape(n, -1))
             # one tensor back: the baseline metrics, then each access's [n, width x (heads or 1)] block
-            packed = torch.cat([logit_diff.detach().reshape(2, n).t(), *effects], dim=1).save()
+            packed = torch.cat([logit_diff[: 2 * n].detach().reshape(2, n).t(), *effects], dim=1).save()
     packed = packed.detach().cpu()
     metric = torch.cat([packed[:, 0], packed[:, 1]])
     width = chunk.input_ids.shape[1]
@@ -234,12 +315,14 @@ def attribute(
     probes_per_pass: int | None = None,
     remote: bool | str = False,
     recovery_epsilon: float = 1e-6,
+    steps: int = 1,
 ) -> pd.DataFrame:
     """The attribution of every (site, position selection) of every group for every probe, as a tidy frame.
 
     ``groups`` are (sites, position selectors); a selection of several tokens (``all``, ``indices``, ``match``) gets
     the sum of its tokens' first-order effects, which is what the linear approximation says of patching them
-    together."""
+    together. ``steps`` (>= 2) integrates the gradient along the input path (:func:`path_points`); the rows'
+    ``operation`` is then ``attribution(ig<steps>)``."""
     target, source = directions(direction)
     missing = [p.id for p in probes if not p.wrong_ids]
     if missing:
@@ -253,14 +336,17 @@ def attribute(
         raise AttributionError("no sites to attribute")
     _check_sites(all_sites, embed_module)
     access_index = {(m, a): i for i, (m, a, _) in enumerate(_accesses(all_sites))}
+    path_points(steps)  # checks steps
+    label = operation_label(steps)
     per_pass = probes_per_pass or DEFAULT_PROBES_PER_PASS
     pad_id = model.tokenizer.pad_token_id
     tokenizer = model.tokenizer
     records = []
     for begin in range(0, len(probes), per_pass):
         members = list(range(begin, min(begin + per_pass, len(probes))))
-        chunk = _build_chunk(probes, members, target, source, pad_id)
-        metric, effects = _run_chunk(model, chunk, all_sites, embed_module, remote)
+        path = _path_rows(probes, members, target, source, steps)
+        chunk = _build_chunk(probes, members, target, source, pad_id, extra_rows=len(path[0]))
+        metric, effects = _run_chunk(model, chunk, all_sites, embed_module, remote, path)
         width = chunk.input_ids.shape[1]
         n = len(members)
         for row, p in enumerate(members):
@@ -277,14 +363,14 @@ def attribute(
                     for cell in cells:
                         records.append(_record(probe, site, cell, column, width, n_t, n_s, target_ids, source_ids,
                                                tokenizer, clean, corrupted, values[target], direction,
-                                               recovery_epsilon))
+                                               recovery_epsilon, label))
     frame = pd.DataFrame.from_records(records)
     return to_frame(frame, sorted(probes[0].labels))
 
 
 def _record(probe: Probe, site: Site, cell: PositionCell, column: torch.Tensor, width: int, n_t: int, n_s: int,
             target_ids: Sequence[int], source_ids: Sequence[int], tokenizer: Any, clean: float, corrupted: float,
-            baseline: float, direction: str, epsilon: float) -> dict[str, Any]:
+            baseline: float, direction: str, epsilon: float, label: str) -> dict[str, Any]:
     # right alignment: tokens without a source counterpart patch nothing
     pairs = aligned_pairs(cell.indices, n_t, n_s)
     effect = float(sum(float(column[padded_column(i, n_t, width)]) for i, _ in pairs))
@@ -303,7 +389,7 @@ def _record(probe: Probe, site: Site, cell: PositionCell, column: torch.Tensor, 
         "positions": cell.label,
         "token": "".join(tokenizer.decode([target_ids[i]]) for i in kept),
         "source_token": "".join(tokenizer.decode([source_ids[j]]) for _, j in pairs),
-        "operation": OPERATION,
+        "operation": label,
         "direction": direction,
         "metric": "logit_diff",
         "clean": clean,
@@ -347,10 +433,12 @@ def attribution_sweep(
     alignment: str = "strict",
     probes_per_pass: int | None = None,
     remote: bool | str = False,
+    steps: int = 1,
 ) -> pd.DataFrame:
     """Approximate the patching sweep over ``sites`` x ``positions`` for every probe in one forward and one backward
     pass per chunk of probes; one tidy row per cell (the exact results' columns, plus ``effect`` and
-    ``approximate=True``).
+    ``approximate=True``). ``steps >= 2``: the gradient integrated along the straight line between the two prompts'
+    input embeddings (trapezoid rule over ``steps`` points, ``steps - 1`` times the rows; EAP-IG).
 
     >>> frame = attribution_sweep(model, probes, ["layers[*].resid_pre"], positions=["each"])
     >>> to_grid(frame, values="recovery")            # layer x position, approximate recovery
@@ -362,7 +450,7 @@ def attribution_sweep(
     resolved = resolver.resolve(list(sites))
     return attribute(model, _probes_from(model, probes, multi_token, alignment),
                      [(resolved, _parse_positions(positions))], direction=direction,
-                     probes_per_pass=probes_per_pass, remote=remote)
+                     probes_per_pass=probes_per_pass, remote=remote, steps=steps)
 
 
 # -- as an operation of the study spec ---------------------------------------------------------------------------
@@ -372,15 +460,15 @@ def _locations(spec: StudySpec) -> list[tuple]:
 
 
 def named_groups(spec: StudySpec) -> list[tuple[int, tuple, tuple]]:
-    """(group index, key path of its sites, key path of the operation) of every patch group whose operations name
-    ``attribution`` (a group without its own ``operations`` takes the study's)."""
+    """(group index, key path of its sites, key path of the operation) for every ``attribution`` operation of every
+    patch group (a group without its own ``operations`` takes the study's); a group naming it twice (with different
+    ``steps``) appears twice."""
     out = []
     for g, (location, (_, _, ops)) in enumerate(zip(_locations(spec), spec.groups(), strict=True)):
-        index = next((i for i, op in enumerate(ops) if op.name == OPERATION), None)
-        if index is None:
-            continue
         own = location[0] == "patches" and spec.patches[location[1]].operations
-        out.append((g, location, (location[:-1] + ("operations", index)) if own else ("operations", index)))
+        for index, op in enumerate(ops):
+            if op.name == OPERATION:
+                out.append((g, location, (location[:-1] + ("operations", index)) if own else ("operations", index)))
     return out
 
 
@@ -453,21 +541,43 @@ def check_sites(spec: StudySpec, resolver: SiteResolver) -> None:
     spec_groups(spec, resolver)
 
 
+def _group_steps(spec: StudySpec, named: Sequence[tuple[int, tuple, tuple]], default: int = 1) -> list[int]:
+    """The ``steps`` of each entry's ``attribution`` operation (``default`` where the entry names none: an operation
+    path without an index)."""
+    groups = spec.groups()
+    out = []
+    for g, _location, op_location in named:
+        index = op_location[-1]
+        out.append((groups[g][2][index].steps or 1) if isinstance(index, int) else default)
+    return out
+
+
+def _attribute_groups(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe],
+                      named: Sequence[tuple[int, tuple, tuple]], default_steps: int = 1) -> pd.DataFrame:
+    """Every named group estimated, one :func:`attribute` call per distinct ``steps`` (groups sharing it share
+    passes)."""
+    groups = spec_groups(spec, SiteResolver(model.hf), named)
+    per_pass = max(1, spec.execution.max_rows // 2) if spec.execution.max_rows else None
+    by_steps: dict[int, list] = {}
+    for group, steps in zip(groups, _group_steps(spec, named, default_steps), strict=True):
+        by_steps.setdefault(steps, []).append(group)
+    return pd.concat([attribute(model, probes, members, direction=spec.direction, probes_per_pass=per_pass,
+                                remote=spec.execution.remote, recovery_epsilon=spec.recovery_epsilon, steps=steps)
+                      for steps, members in by_steps.items()], ignore_index=True)
+
+
 def study_rows(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe]) -> pd.DataFrame | None:
     """The rows of every cell whose operation is ``attribution`` (None when no group names it), as ``Study`` reports
-    them: cells the exact plan would drop (no token left to patch) are dropped, a cell named by two groups is
-    reported once, ``window`` is 1 and ``sample`` 0. ``execution.max_rows`` bounds the rows of a pass (two per
-    probe)."""
+    them: cells the exact plan would drop (no token left to patch) are dropped, a cell named by two groups with the
+    same ``steps`` is reported once, ``window`` is 1 and ``sample`` 0. ``execution.max_rows`` bounds the rows of a
+    pass (two per probe, and one more per inner path point)."""
     named = named_groups(spec)
     if not named:
         return None
     check_spec(spec, named)
-    groups = spec_groups(spec, SiteResolver(model.hf), named)
-    per_pass = max(1, spec.execution.max_rows // 2) if spec.execution.max_rows else None
-    frame = attribute(model, probes, groups, direction=spec.direction, probes_per_pass=per_pass,
-                      remote=spec.execution.remote, recovery_epsilon=spec.recovery_epsilon)
+    frame = _attribute_groups(spec, model, probes, named)
     frame = frame[(frame["n_patched_tokens"] > 0) | (frame["positions"] == "none")]
-    frame = frame.drop_duplicates(["probe_id", "site", "positions", "position"]).reset_index(drop=True)
+    frame = frame.drop_duplicates(["probe_id", "site", "positions", "position", "operation"]).reset_index(drop=True)
     return frame.assign(window=1, sample=0)
 
 
@@ -479,28 +589,30 @@ def with_exact(frames: list[pd.DataFrame], rows: pd.DataFrame | None) -> list[pd
     return [f.assign(approximate=False) for f in frames] + [rows]
 
 
-def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None) -> pd.DataFrame:
+def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None, steps: int = 1) -> pd.DataFrame:
     """Run a whole study spec as attribution patching: its probes, sites, positions and direction, every group
     estimated; every operation must be ``replace`` or ``attribution`` and every metric ``logit_diff`` (the only ones
-    a gradient approximates). ``model`` is loaded from ``spec.model`` when not given. To mix exact and approximate
-    cells, name ``operations: [replace, attribution]`` and run the spec with ``Study`` (or ``clap patch``)."""
+    a gradient approximates). ``model`` is loaded from ``spec.model`` when not given. A group naming ``attribution``
+    uses that operation's ``steps``, the others ``steps`` (1: attribution patching at the target run). To mix exact
+    and approximate cells, name ``operations: [replace, attribution]`` and run the spec with ``Study`` (or
+    ``clap patch``)."""
+    path_points(steps)
     for index, operation in enumerate(spec.all_operations()):
         if operation.name not in ("replace", OPERATION):
             raise AttributionError(
                 f"{spec.where(('operations', index)) if spec.operations else 'operations'}: attribution patching "
                 f"approximates `replace` only (the source activation patched in), not {operation.label!r}"
             )
-    named = [(g, location, ("operations",)) for g, location in enumerate(_locations(spec))]
+    named = named_groups(spec)
+    named += [(g, location, ("operations",)) for g, location in enumerate(_locations(spec))
+              if all(entry[0] != g for entry in named)]
     check_spec(spec, named)
     if model is None:
         model = _load(spec)
-    groups = spec_groups(spec, SiteResolver(model.hf), named)
     probes = load_probes(spec.probes, model.tokenizer, spec.base_dir)
     check_alignment(probes, spec.alignment)
     check_context(probes, model.hf.config)
-    per_pass = max(1, spec.execution.max_rows // 2) if spec.execution.max_rows else None
-    return attribute(model, probes, groups, direction=spec.direction, probes_per_pass=per_pass,
-                     remote=spec.execution.remote, recovery_epsilon=spec.recovery_epsilon)
+    return _attribute_groups(spec, model, probes, named, default_steps=steps)
 
 
 def _load(spec: StudySpec) -> LoadedModel:

@@ -143,7 +143,9 @@ class OperationSpec(StrictModel):
     * ``steer``: ``x + alpha * v`` with ``vector`` (a .pt/.npy file) or ``vector_from`` (mean difference);
     * ``interpolate``: ``(1 - alpha) * target + alpha * source``;
     * ``attribution``: the first-order estimate of ``replace`` (attribution patching, one forward and backward pass
-      per chunk of probes; rows marked ``approximate``), beside exact operations or alone.
+      per chunk of probes; rows marked ``approximate``), beside exact operations or alone; ``steps: k`` (k >= 2)
+      integrates the gradient along the path from the target's to the source's input embeddings instead (EAP-IG,
+      trapezoid rule over k points; operation label ``attribution(igk)``).
 
     With a ``source_model``, ``replace`` and ``interpolate`` read the source model's activations.
     """
@@ -154,6 +156,7 @@ class OperationSpec(StrictModel):
     alpha: float | None = None
     vector: str | None = None
     vector_from: VectorFrom | None = None
+    steps: int | None = Field(default=None, ge=1)
 
     @field_validator("name")
     @classmethod

@@ -46,9 +46,11 @@ def logit_diff(logits: torch.Tensor, answer: Sequence[int], wrong: Sequence[int]
     return logits[list(answer)].mean() - logits[list(wrong)].mean()
 
 
-def run_recording(model, ids: Sequence[int], accesses, answer, wrong, grads: bool):
-    """One unpadded forward pass with plain hooks recording the tensor at every (path, access); with ``grads``, also
-    ``torch.autograd.grad`` of the logit difference with respect to each recorded tensor (no nnsight involved)."""
+def run_recording(model, ids: Sequence[int] | None, accesses, answer, wrong, grads: bool,
+                  embeds: torch.Tensor | None = None):
+    """One unpadded forward pass (of token ids, or of given input embeddings) with plain hooks recording the tensor
+    at every (path, access); with ``grads``, also ``torch.autograd.grad`` of the logit difference with respect to
+    each recorded tensor (no nnsight involved)."""
     store: dict[str, torch.Tensor] = {}
     handles = []
     for name, path, access, _heads in accesses:
@@ -57,9 +59,10 @@ def run_recording(model, ids: Sequence[int], accesses, answer, wrong, grads: boo
             return x
         handles.append(_hook(model.hf.get_submodule(path), access, keep))
     names = [name for name, *_ in accesses]
+    inputs = {"input_ids": torch.tensor([list(ids)])} if embeds is None else {"inputs_embeds": embeds[None]}
     try:
         with torch.enable_grad():
-            logits = model.hf(input_ids=torch.tensor([list(ids)])).logits[0, -1]
+            logits = model.hf(**inputs).logits[0, -1]
             metric = logit_diff(logits, answer, wrong)
             tensors = [store[name] for name in names]
             gradients = torch.autograd.grad(metric, tensors) if grads else [None] * len(tensors)
@@ -69,11 +72,30 @@ def run_recording(model, ids: Sequence[int], accesses, answer, wrong, grads: boo
     return [x[0].detach().double() for x in tensors], [g[0].double() if g is not None else None for g in gradients]
 
 
-def reference_effects(model, probe: dict, direction: str) -> dict[tuple[str, int], float]:
-    """(site name, position) -> (a_source - a_target) . dM/da_target, per site and position, by plain autograd."""
+#: the token embedding modules, written out by hand
+EMBED = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}
+
+
+def trapezoid(steps: int) -> list[tuple[float, float]]:
+    """(alpha, weight) of the trapezoid rule on [0, 1] with ``steps`` points; one point is the left end alone."""
+    if steps == 1:
+        return [(0.0, 1.0)]
+    alphas = np.linspace(0.0, 1.0, steps)
+    weights = np.full(steps, 1.0 / (steps - 1))
+    weights[[0, -1]] /= 2
+    return list(zip(alphas.tolist(), weights.tolist(), strict=True))
+
+
+def reference_effects(model, probe: dict, direction: str, steps: int = 1) -> dict[tuple[str, int], float]:
+    """(site name, target position) -> (a_source - a_target) . g by plain autograd, where g is the gradient at the
+    target run (``steps`` 1) or the trapezoid sum of the gradients at ``steps`` points of the straight line from the
+    target's token embeddings to the source's (right-aligned; a target token without a source counterpart keeps its
+    embedding). Only positions with a source counterpart."""
     block, attn, mlp, o_proj, _ = PATHS[family(model)]
     clean, corrupted, answer, wrong = tokens(model, probe)
     target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+    offset = len(target) - len(source)  # target position i <-> source position i - offset
+    aligned = [i for i in range(len(target)) if 0 <= i - offset < len(source)]
     accesses = []
     for layer in range(model.hf.config.num_hidden_layers):
         accesses += [(f"layers.{layer}.resid_pre", block.format(layer), "input", None),
@@ -81,17 +103,28 @@ def reference_effects(model, probe: dict, direction: str) -> dict[tuple[str, int
                      (f"layers.{layer}.heads", o_proj.format(layer), "input", N_HEADS),
                      (f"layers.{layer}.mlp_out", mlp.format(layer), "output", None),
                      (f"layers.{layer}.resid_post", block.format(layer), "output", None)]
-    a_target, grads = run_recording(model, target, accesses, answer, wrong, grads=True)
+    a_target, _ = run_recording(model, target, accesses, answer, wrong, grads=False)
     a_source, _ = run_recording(model, source, accesses, answer, wrong, grads=False)
+    embed = model.hf.get_submodule(EMBED[family(model)])
+    with torch.no_grad():
+        e_target, e_source = embed(torch.tensor(target)), embed(torch.tensor(source))
+    move = torch.zeros_like(e_target)
+    move[aligned] = e_source[[i - offset for i in aligned]] - e_target[aligned]
+    grads = None
+    for alpha, weight in trapezoid(steps):
+        _, g = run_recording(model, None, accesses, answer, wrong, grads=True,
+                            embeds=(e_target + alpha * move).requires_grad_(True))
+        grads = [weight * x for x in g] if grads is None else [acc + weight * x for acc, x in zip(grads, g,
+                                                                                                   strict=True)]
     out = {}
     for (name, _path, _access, heads), t, s, g in zip(accesses, a_target, a_source, grads, strict=True):
-        product = (s - t) * g
-        for position in range(len(target)):
+        for position in aligned:
+            product = (s[position - offset] - t[position]) * g[position]
             if heads:
-                for head, value in enumerate(product[position].view(heads, -1).sum(-1)):
+                for head, value in enumerate(product.view(heads, -1).sum(-1)):
                     out[(f"{name}.{head}", position)] = float(value)
             else:
-                out[(name, position)] = float(product[position].sum())
+                out[(name, position)] = float(product.sum())
     return out
 
 
@@ -123,6 +156,68 @@ def test_attribution_equals_autograd_reference(tiny_model, direction):
     assert checked == len(frame)
     # not all zero: the gradients really reach every kind of site
     assert (frame.groupby("site_kind")["effect"].apply(lambda e: e.abs().max()) > 1e-4).all()
+
+
+@pytest.mark.parametrize("direction, steps", [("denoising", 2), ("noising", 3), ("denoising", 4)])
+def test_integrated_gradients_equal_autograd_reference(tiny_model, direction, steps):
+    """``steps`` points on the input path (batched, left-padded, path rows made inside the trace) equal plain
+    autograd at the same points of the unpadded prompts' embeddings, trapezoid-weighted, for every site kind."""
+    frame = attribution_sweep(tiny_model, PROBES, SITES, positions=["each"], direction=direction, multi_token="set",
+                              steps=steps)
+    assert (frame["operation"] == f"attribution(ig{steps})").all()
+    plain = attribution_sweep(tiny_model, PROBES, SITES, positions=["each"], direction=direction, multi_token="set")
+    for probe in PROBES:
+        reference = reference_effects(tiny_model, probe, direction, steps)
+        rows = frame[frame["probe_id"] == probe["id"]]
+        ours = {(r.site, int(r.position)): r.effect for r in rows.itertuples()}
+        assert set(ours) == set(reference)
+        for key, value in reference.items():
+            assert ours[key] == pytest.approx(value, abs=1e-5), key
+    # the integral is not the single gradient: the two estimates differ where the model is not linear
+    assert (frame["effect"] - plain["effect"]).abs().max() > 1e-3
+    np.testing.assert_allclose(frame[["clean", "corrupted"]], plain[["clean", "corrupted"]], atol=1e-5)
+
+
+UNEQUAL = [{"id": "short", "clean": "The capital of France is", "corrupted": "capital of Spain is",
+            "answer": " Paris", "wrong": " Madrid"},
+           {"id": "same", "clean": "Valproate treats", "corrupted": "Aspirin treats", "answer": " seizures",
+            "wrong": " pain"}]
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_integrated_gradients_with_right_alignment(tiny_gpt2, direction):
+    """Prompts of different lengths (``alignment: right``): the path's end gets rows of its own (the target's
+    context with the source's tokens where both have one); denoising has a target shorter than its source, noising
+    a target token without a counterpart, which the path leaves alone."""
+    frame = attribution_sweep(tiny_gpt2, UNEQUAL, SITES, positions=["each"], direction=direction, alignment="right",
+                              steps=3)
+    for probe in UNEQUAL:
+        reference = reference_effects(tiny_gpt2, probe, direction, steps=3)
+        rows = frame[(frame["probe_id"] == probe["id"]) & frame["position"].notna()]
+        ours = {(r.site, int(r.position)): r.effect for r in rows.itertuples()}
+        assert set(ours) == set(reference)
+        for key, value in reference.items():
+            assert ours[key] == pytest.approx(value, abs=1e-5), key
+    unmatched = frame[frame["position"].isna()]
+    assert direction == "denoising" or len(unmatched) and (unmatched["effect"] == 0).all()
+
+
+@pytest.mark.parametrize("family_name", ["gpt2", "llama"])
+def test_integrated_gradients_are_complete_at_the_first_layer(family_name, tiny_gpt2, tiny_llama):
+    """Completeness: the first layer's input differs from the corrupted run's only by the interpolated embeddings,
+    so its attributions summed over positions approach the whole difference ``clean - corrupted`` as the path is
+    refined (trapezoid error ~1/steps^2); the single gradient at the target run does not."""
+    model = tiny_gpt2 if family_name == "gpt2" else tiny_llama
+    errors = {}
+    for steps in (1, 3, 9, 33):
+        frame = attribution_sweep(model, PROBES, ["layers[0].resid_pre"], positions=["each"], multi_token="set",
+                                  steps=steps)
+        per_probe = frame.groupby("probe_id").agg(total=("effect", "sum"), clean=("clean", "first"),
+                                                  corrupted=("corrupted", "first"))
+        errors[steps] = float((per_probe["total"] - (per_probe["clean"] - per_probe["corrupted"])).abs().max())
+    size = float((per_probe["clean"] - per_probe["corrupted"]).abs().max())
+    assert errors[33] < 2e-3 * size and errors[33] < errors[9] < errors[3]
+    assert errors[1] > 10 * errors[33]
 
 
 def capture_logits(model, ids):
@@ -188,6 +283,13 @@ def test_batching_frozen_weights_and_remote_simulation(tiny_llama):
     np.testing.assert_allclose(one["effect"], base["effect"], atol=1e-6)
     remote = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set", remote="local")
     np.testing.assert_allclose(remote["effect"], base["effect"], atol=1e-6)
+    path = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set", steps=3)
+    path_one = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set", steps=3,
+                                 probes_per_pass=1)
+    path_remote = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set", steps=3,
+                                    remote="local")
+    np.testing.assert_allclose(path_one["effect"], path["effect"], atol=1e-6)
+    np.testing.assert_allclose(path_remote["effect"], path["effect"], atol=1e-6)
     parameters = list(tiny_llama.hf.parameters())
     assert all(p.grad is None for p in parameters)
     flags = [p.requires_grad for p in parameters]
@@ -195,11 +297,13 @@ def test_batching_frozen_weights_and_remote_simulation(tiny_llama):
         for p in parameters:
             p.requires_grad_(False)
         frozen = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set")
+        frozen_path = attribution_sweep(tiny_llama, PROBES, sites, positions=["each"], multi_token="set", steps=3)
     finally:
         for p, flag in zip(parameters, flags, strict=True):
             p.requires_grad_(flag)
     np.testing.assert_allclose(frozen["effect"], base["effect"], atol=1e-6)
-    assert base["effect"].abs().max() > 1e-4
+    np.testing.assert_allclose(frozen_path["effect"], path["effect"], atol=1e-6)
+    assert base["effect"].abs().max() > 1e-4 and (path["effect"] - base["effect"]).abs().max() > 1e-4
 
 
 def test_position_selections_sum_token_effects(tiny_gpt2):

@@ -128,32 +128,62 @@ def test_refusals_name_file_and_line(tmp_path, tiny_gpt2, extra, site, where):
         assert str(error.value).endswith("(operation `attribution` at line 6: operations[1])")
 
 
-def test_attribution_takes_no_fields(tmp_path):
+def test_attribution_takes_only_steps(tmp_path):
+    """`steps` (integration points, >= 1) is the operation's one field; other operations refuse it."""
     path = tmp_path / "study.yaml"
-    path.write_text(YAML.replace("SITE", "layers[*].mlp_out").replace(
-        "[replace, attribution]", "[replace, {name: attribution, alpha: 0.5}]"))
+    text = YAML.replace("SITE", "layers[*].mlp_out")
+    path.write_text(text.replace("[replace, attribution]", "[replace, {name: attribution, alpha: 0.5}]"))
     with pytest.raises(ClapError, match=r"study\.yaml:6: operations\.1.*`alpha`.*not 'attribution'"):
         StudySpec.from_yaml(path)
-    given = SimpleNamespace(**{**dict.fromkeys(operations.OPTIONAL_FIELDS), "relative_to": "absolute", "scale": 2.0})
-    with pytest.raises(ValueError, match="takes no fields .* remove `scale`"):
-        operations.get("attribution").check(given)
+    path.write_text(text.replace("[replace, attribution]", "[replace, {name: attribution, steps: 0}]"))
+    with pytest.raises(ClapError, match=r"study\.yaml:6: operations\.1\.steps.*greater than or equal to 1"):
+        StudySpec.from_yaml(path)
+    path.write_text(text.replace("[replace, attribution]", "[{name: replace, steps: 3}, attribution]"))
+    with pytest.raises(ClapError, match=r"`steps` only applies to operation `attribution`, not 'replace'"):
+        StudySpec.from_yaml(path)
+    path.write_text(text.replace("[replace, attribution]", "[replace, {name: attribution, steps: 3}]"))
+    ops = StudySpec.from_yaml(path).all_operations()
+    assert [op.label for op in ops] == ["replace", "attribution(ig3)"]
+    assert operations.get("attribution").label(SimpleNamespace(steps=1)) == "attribution"
+
+
+def test_groups_with_different_steps(tiny_gpt2):
+    """Each group's `attribution` keeps its own `steps`: rows equal to the sweep with those steps, labelled apart."""
+    spec = mixed_spec(["replace"])
+    data = spec.model_dump(exclude_none=True)
+    data["patches"] = [{"sites": RESID, "positions": ["each"], "operations": [{"name": "attribution", "steps": 3}]},
+                       {"sites": LAST, "positions": ["last"], "operations": ["attribution"]}]
+    del data["sites"], data["positions"]
+    frame = Study(StudySpec.from_dict(data), model=tiny_gpt2).run()
+    assert sorted(frame["operation"].unique()) == ["attribution", "attribution(ig3)"]
+    for sites, positions, steps, label in ((RESID, ["each"], 3, "attribution(ig3)"), (LAST, ["last"], 1,
+                                                                                         "attribution")):
+        expected = attribution_sweep(tiny_gpt2, PROBES, sites, positions=positions, multi_token="set", steps=steps)
+        mine = frame[frame["operation"] == label]
+        merged = mine.merge(expected, on=KEYS)
+        assert len(merged) == len(mine) == len(expected[expected["n_patched_tokens"] > 0])
+        np.testing.assert_allclose(merged["effect_x"], merged["effect_y"], atol=1e-9)
 
 
 def test_clap_patch_and_report(tmp_path, model_dir):
     """`clap patch` runs a spec naming attribution like any other; `clap report` labels its rows."""
     spec = write_spec(tmp_path, model_dir)
-    text = spec.read_text().replace("operations: [replace, zero]", "operations: [replace, attribution]")
+    text = spec.read_text().replace("operations: [replace, zero]",
+                                    "operations: [replace, attribution, {name: attribution, steps: 3}]")
     spec.write_text(text.replace("metrics: [logit_diff, prob]", "metrics: [logit_diff]"))
     out = tmp_path / "out"
     assert main(["patch", str(spec), "-o", str(out), "--no-progress"]) == 0
     frame, _ = read_results(out)
     approx = frame[frame["approximate"]]
-    assert len(approx) == len(frame) / 2 and (approx["operation"] == "attribution").all()
+    assert len(approx) == 2 * len(frame) / 3
+    assert sorted(approx["operation"].unique()) == ["attribution", "attribution(ig3)"]
     exact, estimated = (frame[frame["operation"] == op].set_index(KEYS) for op in ("replace", "attribution"))
     assert (exact["clean"] - estimated.loc[exact.index, "clean"]).abs().max() < 1e-5  # one model, two paths
     report = tmp_path / "report"
     assert main(["report", str(out), "-o", str(report), "--no-figures", "--n-boot", "100"]) == 0
     text = (report / "report.md").read_text()
     assert f"{len(approx)} of {len(frame)} rows are attribution-patching estimates" in text
-    assert f"{len(approx)} rows (operation `attribution`) are attribution-patching estimates, not measurements" in text
+    assert (f"{len(approx)} rows (operation `attribution`, `attribution(ig3)`) are attribution-patching estimates, "
+            "not measurements: `attribution` is the first-order term") in text
+    assert "`attribution(igK)` (K = 3) multiplies the same activation difference" in text
     assert "operation=attribution" in text and "operation=replace" in text
