@@ -476,7 +476,7 @@ def workload_b(report: Report, args: argparse.Namespace) -> list[str]:
     base = {"workload": "b", "sweep": "causal_trace", "model": lm.identity["source"], "pairs": len(probes),
             "layers": config.num_hidden_layers, "d_model": config.hidden_size}
 
-    def trace(strategy: str, max_rows: int | None) -> pd.DataFrame:
+    def trace(strategy: str, max_rows: int | None, probes: list[dict] = probes, samples: int = samples) -> pd.DataFrame:
         parts = STRATEGY_PARTS[strategy]
         execution = {"progress": False, "strategy": "full" if strategy == "full" else "suffix"}
         if max_rows:
@@ -515,6 +515,50 @@ def workload_b(report: Report, args: argparse.Namespace) -> list[str]:
                         max_abs_diff_vs_tl=diff if diff is not None else "",
                         note=f"max_rows {max_rows or 'default'}; time_vs_clap is relative to clap[suffix]; "
                              f"max_abs_diff column: vs clap[suffix]"))
+    if args.trace_baseline_facts:
+        failures += _baseline_on_subset(report, args, trace, probes, samples, base, tokenizer)
+    return failures
+
+
+def _baseline_on_subset(report: Report, args: argparse.Namespace, trace: Any, probes: list[dict], samples: int,
+                        base: dict[str, Any], tokenizer: Any) -> list[str]:
+    """One row per restore costs the same per restore at any size (one forward pass of the baseline rows plus one
+    each), so at full size it is measured on the first ``--trace-baseline-facts`` facts and
+    ``--trace-baseline-samples`` draws, checked there against clap[suffix] on the same subset, and its time per
+    restore compared with the full-size clap[suffix] run's (the first row of this workload): an extrapolation,
+    labelled as one."""
+    facts, draws = probes[: args.trace_baseline_facts], args.trace_baseline_samples
+    full = next(r for r in report.rows if r["workload"] == "b" and r["contender"] == "clap[suffix]")
+    full_per_restore = full["best_s"] / full["cells"]
+    failures, reference = [], None
+    for label, max_rows in (("suffix", args.max_rows), ("one-row-per-restore", draws + 2)):
+        m = measure(partial(trace, "full" if label != "suffix" else "suffix", max_rows, facts, draws), 1)
+        frame = m.result.sort_values(["probe_id", "site", "position", "metric"]).reset_index(drop=True)
+        cells = len(frame) * draws // frame.metric.nunique()
+        diff = None
+        if reference is None:
+            reference = frame
+        else:
+            diff = float((frame.patched - reference.patched).abs().max())
+            if not diff <= TOLERANCE:
+                failures.append(f"causal trace subset: {label} differs from suffix by {diff:.3g}")
+        per_restore = m.best / cells
+        report.add(_row({**base, "pairs": len(facts), "tokens": len(tokenizer(facts[0]["clean"])["input_ids"]),
+                         "cells": cells, "rows": cells}, f"clap[{label}] subset", m, cells, None, 1,
+                        strategy="full" if label != "suffix" else "suffix",
+                        max_abs_diff_vs_tl=diff if diff is not None else "",
+                        note=f"subset: {len(facts)} facts x {draws} draws; {per_restore * 1e3:.2f} ms per restore; "
+                             f"x{per_restore / full_per_restore:.1f} the full-size clap[suffix] run's "
+                             f"{full_per_restore * 1e3:.2f} ms per restore; max_abs_diff column: vs clap[suffix] on "
+                             "the subset"))
+        if label != "suffix":
+            report.notes.append(
+                f"Workload b at full size ({full['pairs']} facts x {samples} draws, {full['cells']} restores): "
+                f"clap[suffix] {full['best_s']:.1f} s ({full_per_restore * 1e3:.2f} ms per restore). One row per "
+                f"restore, measured on {len(facts)} facts x {draws} draws ({cells} restores, {m.best:.1f} s, "
+                f"{per_restore * 1e3:.2f} ms per restore) and extrapolated per restore: "
+                f"{per_restore * full['cells']:.0f} s, **{per_restore / full_per_restore:.1f}x** the full-size "
+                "clap[suffix] run.")
     return failures
 
 
@@ -569,6 +613,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="workload b: the random GPT-2 (--quick: the 2-layer toy) on city facts, or SmolLM2-135M "
                              "on the shipped definitional probes")
     parser.add_argument("--trace-facts", type=int, default=30, help="workload b with smollm2: how many facts")
+    parser.add_argument("--trace-baseline-facts", type=int, default=0,
+                        help="workload b: also measure one row per restore on this many facts (with "
+                             "--trace-baseline-samples draws) and compare per restore with the full-size "
+                             "clap[suffix] run (for sizes where the baseline itself would take hours)")
+    parser.add_argument("--trace-baseline-samples", type=int, default=1,
+                        help="workload b: noise draws of the --trace-baseline-facts subset")
     parser.add_argument("--trace-runs", type=_csv_list, default=None,
                         help="workload b: which runs (default: suffix, full, the --strategies, one-row-per-restore)")
     parser.add_argument("--seed", type=int, default=0)

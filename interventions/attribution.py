@@ -557,20 +557,31 @@ def _attribute_groups(spec: StudySpec, model: LoadedModel, probes: Sequence[Prob
     """Every named group estimated, one :func:`attribute` call per distinct ``steps`` (groups sharing it share
     passes)."""
     groups = spec_groups(spec, SiteResolver(model.hf), named)
-    per_pass = max(1, spec.execution.max_rows // 2) if spec.execution.max_rows else None
     by_steps: dict[int, list] = {}
     for group, steps in zip(groups, _group_steps(spec, named, default_steps), strict=True):
         by_steps.setdefault(steps, []).append(group)
-    return pd.concat([attribute(model, probes, members, direction=spec.direction, probes_per_pass=per_pass,
-                                remote=spec.execution.remote, recovery_epsilon=spec.recovery_epsilon, steps=steps)
-                      for steps, members in by_steps.items()], ignore_index=True)
+    max_rows = spec.execution.max_rows
+    target, source = directions(spec.direction)
+    frames = []
+    for steps, members in by_steps.items():
+        per_pass = max(1, max_rows // rows_per_probe(probes, target, source, steps)) if max_rows else None
+        frames.append(attribute(model, probes, members, direction=spec.direction, probes_per_pass=per_pass,
+                                remote=spec.execution.remote, recovery_epsilon=spec.recovery_epsilon, steps=steps))
+    return pd.concat(frames, ignore_index=True)
+
+
+def rows_per_probe(probes: Sequence[Probe], target: str, source: str, steps: int) -> int:
+    """Rows a probe takes in a pass: its target and source prompts, and the path's inner points (and its far end
+    when some pair differs in length), so that ``execution.max_rows`` bounds a pass's rows whatever ``steps``."""
+    inner, _, _ = _path_rows(probes, list(range(len(probes))), target, source, steps)
+    return 2 + len(inner)
 
 
 def study_rows(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe]) -> pd.DataFrame | None:
     """The rows of every cell whose operation is ``attribution`` (None when no group names it), as ``Study`` reports
     them: cells the exact plan would drop (no token left to patch) are dropped, a cell named by two groups with the
     same ``steps`` is reported once, ``window`` is 1 and ``sample`` 0. ``execution.max_rows`` bounds the rows of a
-    pass (two per probe, and one more per inner path point)."""
+    pass (:func:`rows_per_probe`)."""
     named = named_groups(spec)
     if not named:
         return None

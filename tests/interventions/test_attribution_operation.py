@@ -187,3 +187,29 @@ def test_clap_patch_and_report(tmp_path, model_dir):
             "not measurements: `attribution` is the first-order term") in text
     assert "`attribution(igK)` (K = 3) multiplies the same activation difference" in text
     assert "operation=attribution" in text and "operation=replace" in text
+
+
+@pytest.mark.parametrize("steps, rows", [(1, 2), (3, 3), (4, 4)])
+def test_max_rows_bounds_the_path_rows(tiny_gpt2, monkeypatch, steps, rows):
+    """`execution.max_rows` bounds a pass's rows with the path's extra rows counted (equal-length pairs: the two
+    ends are the target and source rows); the numbers do not depend on it."""
+    from interventions import attribution
+
+    seen = []
+    original = attribution._run_chunk
+
+    def recording(model, chunk, *args, **kwargs):
+        seen.append(chunk.input_ids.shape[0])
+        return original(model, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(attribution, "_run_chunk", recording)
+    bounded = Study(mixed_spec([{"name": "attribution", "steps": steps}], execution={"progress": False,
+                                                                                   "max_rows": 2 * rows}),
+                    model=tiny_gpt2).run()
+    assert seen == [2 * rows, rows]  # 3 probes: two per pass, then one
+    seen.clear()
+    whole = Study(mixed_spec([{"name": "attribution", "steps": steps}]), model=tiny_gpt2).run()
+    assert seen == [3 * rows]
+    merged = bounded.merge(whole, on=KEYS)
+    assert len(merged) == len(whole)
+    np.testing.assert_allclose(merged["effect_x"], merged["effect_y"], atol=1e-6)
