@@ -4,8 +4,8 @@ The same study (shipped epilepsy probes; residual stream entering every layer at
 outputs of every layer and every head at the last position; denoising, logit difference) runs once through clap's
 exact engine (one patched row per cell, batched) and through ``interventions.attribution`` (one forward and one
 backward pass per chunk of probes) at each ``--steps``: 1 is attribution patching proper (the gradient at the
-corrupted run), k >= 2 the gradient integrated along the input path over k points (EAP-IG, ``k - 1`` times the
-rows). Agreement is measured on the effect ``patched - corrupted`` per cell (probe x site x position), per site
+corrupted run), k >= 2 the gradient integrated along the input path over k points (EAP-IG, k rows per probe
+instead of 2). Agreement is measured on the effect ``patched - corrupted`` per cell (probe x site x position), per site
 kind, and on the probe means per (layer, position/head) that the heatmaps show.
 Timings are noisy on a shared machine: the ratio within one run is the number that matters, and the load average
 is recorded. Writes ``bench/results/attribution.csv`` and ``bench/results/attribution.md``.

@@ -25,8 +25,10 @@ final number; ``bench/attribution.py`` measures the agreement with exact patchin
 Integrated gradients along the input path (``steps = k >= 2``; EAP-IG, Hanna, Pezzelle and Belinkov 2024): the
 gradient is instead averaged over ``k`` points of the straight line from the target prompt's token embeddings to
 the source prompt's (the trapezoid rule, endpoints included), still multiplied by the site's own
-``a_source - a_target``. At the first layer's input the estimates then add up to the whole ``M(source) -
-M(target)`` as ``k`` grows (completeness), and large changes downstream of the tokens that differ are followed far
+``a_source - a_target``. For pairs of equal length the path ends at the source run, so the estimates at the first
+layer's input (GPT-2, Llama: nothing nonlinear between the embedding and the first block) add up to the whole
+``M(source) - M(target)`` as ``k`` grows (completeness; for pairs of different length the path ends at the source's
+tokens in the target's context instead). Large changes downstream of the tokens that differ are followed far
 better than by the gradient at one end; small, local patches (a head at the last position), which the target-run
 gradient already describes well, are described a little worse, because the path's gradients are taken in contexts
 the exact patch never sees. The path points are extra rows of the same pass (``k - 2`` blocks, their embeddings
@@ -96,7 +98,7 @@ APPROXIMATED_METRICS = ("logit_diff",)  # the metric whose gradient is taken
 #: the operation's name in specs and in the results' ``operation`` column
 OPERATION = "attribution"
 #: probes per forward/backward pass when nothing else is said (two rows each: target and source prompt)
-DEFAULT_PROBES_PER_PASS = 32
+DEFAULT_ROWS_PER_PASS = 64  #: rows of a pass when nothing else is said (``rows_per_probe`` rows per probe)
 
 
 class AttributionError(ClapError):
@@ -338,7 +340,7 @@ def attribute(
     access_index = {(m, a): i for i, (m, a, _) in enumerate(_accesses(all_sites))}
     path_points(steps)  # checks steps
     label = operation_label(steps)
-    per_pass = probes_per_pass or DEFAULT_PROBES_PER_PASS
+    per_pass = probes_per_pass or max(1, DEFAULT_ROWS_PER_PASS // rows_per_probe(probes, target, source, steps))
     pad_id = model.tokenizer.pad_token_id
     tokenizer = model.tokenizer
     records = []
@@ -438,7 +440,8 @@ def attribution_sweep(
     """Approximate the patching sweep over ``sites`` x ``positions`` for every probe in one forward and one backward
     pass per chunk of probes; one tidy row per cell (the exact results' columns, plus ``effect`` and
     ``approximate=True``). ``steps >= 2``: the gradient integrated along the straight line between the two prompts'
-    input embeddings (trapezoid rule over ``steps`` points, ``steps - 1`` times the rows; EAP-IG).
+    input embeddings (trapezoid rule over ``steps`` points; EAP-IG): ``steps`` rows per probe instead of 2, one more
+    when a pair differs in length (:func:`rows_per_probe`).
 
     >>> frame = attribution_sweep(model, probes, ["layers[*].resid_pre"], positions=["each"])
     >>> to_grid(frame, values="recovery")            # layer x position, approximate recovery
@@ -542,13 +545,14 @@ def check_sites(spec: StudySpec, resolver: SiteResolver) -> None:
 
 
 def _group_steps(spec: StudySpec, named: Sequence[tuple[int, tuple, tuple]], default: int = 1) -> list[int]:
-    """The ``steps`` of each entry's ``attribution`` operation (``default`` where the entry names none: an operation
-    path without an index)."""
+    """The ``steps`` of each entry's ``attribution`` operation, ``default`` where it does not set them or the entry
+    names none (an operation path without an index)."""
     groups = spec.groups()
     out = []
     for g, _location, op_location in named:
         index = op_location[-1]
-        out.append((groups[g][2][index].steps or 1) if isinstance(index, int) else default)
+        steps = groups[g][2][index].steps if isinstance(index, int) else None
+        out.append(default if steps is None else steps)
     return out
 
 
@@ -604,7 +608,8 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None, ste
     """Run a whole study spec as attribution patching: its probes, sites, positions and direction, every group
     estimated; every operation must be ``replace`` or ``attribution`` and every metric ``logit_diff`` (the only ones
     a gradient approximates). ``model`` is loaded from ``spec.model`` when not given. A group naming ``attribution``
-    uses that operation's ``steps``, the others ``steps`` (1: attribution patching at the target run). To mix exact
+    uses that operation's ``steps`` where it sets them, every other group ``steps`` (1: attribution patching at the
+    target run). To mix exact
     and approximate cells, name ``operations: [replace, attribution]`` and run the spec with ``Study`` (or
     ``clap patch``)."""
     path_points(steps)
@@ -623,7 +628,9 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None, ste
     probes = load_probes(spec.probes, model.tokenizer, spec.base_dir)
     check_alignment(probes, spec.alignment)
     check_context(probes, model.hf.config)
-    return _attribute_groups(spec, model, probes, named, default_steps=steps)
+    frame = _attribute_groups(spec, model, probes, named, default_steps=steps)
+    # a cell named twice with the same estimate (two groups, or `attribution` twice in one) is reported once
+    return frame.drop_duplicates(["probe_id", "site", "positions", "position", "operation"]).reset_index(drop=True)
 
 
 def _load(spec: StudySpec) -> LoadedModel:

@@ -218,7 +218,7 @@ class Attribution(Operation):
     (:mod:`interventions.attribution`). Its rows say ``approximate=True``; beside ``replace`` in one spec it gives the
     exact and the approximate value of the same cells. It reads the source activation at aligned tokens, as
     ``replace`` does. ``steps: k >= 2`` takes the gradient at ``k`` points of the straight line from the target's to
-    the source's input embeddings, trapezoid-weighted (EAP-IG, Hanna et al. 2024), at ``k - 1`` times the rows: much
+    the source's input embeddings, trapezoid-weighted (EAP-IG, Hanna et al. 2024), at ``k / 2`` times the rows: much
     closer to exact patching for large changes (the early residual stream at the tokens that differ), less close for
     small ones (components at the last position), as ``bench/attribution.py`` measures."""
 

@@ -25,8 +25,8 @@ PATHS = {
               "model.norm"),
 }
 N_HEADS = 4
-SITES = ["layers[*].resid_pre", "layers[*].attn_out", "layers[*].heads[*]", "layers[*].mlp_out",
-         "layers[*].resid_post"]
+SITES = ["embed", "layers[*].resid_pre", "layers[*].attn_out", "layers[*].heads[*]", "layers[*].mlp_out",
+         "layers[*].resid_post", "unembed"]
 
 
 def family(model) -> str:
@@ -48,9 +48,9 @@ def logit_diff(logits: torch.Tensor, answer: Sequence[int], wrong: Sequence[int]
 
 def run_recording(model, ids: Sequence[int] | None, accesses, answer, wrong, grads: bool,
                   embeds: torch.Tensor | None = None):
-    """One unpadded forward pass (of token ids, or of given input embeddings) with plain hooks recording the tensor
-    at every (path, access); with ``grads``, also ``torch.autograd.grad`` of the logit difference with respect to
-    each recorded tensor (no nnsight involved)."""
+    """One unpadded forward pass (of token ids, or of given input embeddings, which then stand for the access named
+    ``embed``) with plain hooks recording the tensor at every (path, access); with ``grads``, also
+    ``torch.autograd.grad`` of the logit difference with respect to each recorded tensor (no nnsight involved)."""
     store: dict[str, torch.Tensor] = {}
     handles = []
     for name, path, access, _heads in accesses:
@@ -60,6 +60,8 @@ def run_recording(model, ids: Sequence[int] | None, accesses, answer, wrong, gra
         handles.append(_hook(model.hf.get_submodule(path), access, keep))
     names = [name for name, *_ in accesses]
     inputs = {"input_ids": torch.tensor([list(ids)])} if embeds is None else {"inputs_embeds": embeds[None]}
+    if embeds is not None:
+        store["embed"] = inputs["inputs_embeds"]
     try:
         with torch.enable_grad():
             logits = model.hf(**inputs).logits[0, -1]
@@ -96,13 +98,14 @@ def reference_effects(model, probe: dict, direction: str, steps: int = 1) -> dic
     target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     offset = len(target) - len(source)  # target position i <-> source position i - offset
     aligned = [i for i in range(len(target)) if 0 <= i - offset < len(source)]
-    accesses = []
+    accesses = [("embed", EMBED[family(model)], "output", None)]
     for layer in range(model.hf.config.num_hidden_layers):
         accesses += [(f"layers.{layer}.resid_pre", block.format(layer), "input", None),
                      (f"layers.{layer}.attn_out", attn.format(layer), "output", None),
                      (f"layers.{layer}.heads", o_proj.format(layer), "input", N_HEADS),
                      (f"layers.{layer}.mlp_out", mlp.format(layer), "output", None),
                      (f"layers.{layer}.resid_post", block.format(layer), "output", None)]
+    accesses.append(("unembed", "lm_head", "output", None))
     a_target, _ = run_recording(model, target, accesses, answer, wrong, grads=False)
     a_source, _ = run_recording(model, source, accesses, answer, wrong, grads=False)
     embed = model.hf.get_submodule(EMBED[family(model)])
@@ -133,7 +136,7 @@ def test_attribution_equals_autograd_reference(tiny_model, direction):
     """Every site and position of every probe (batched, left-padded) equals plain autograd on the unpadded prompt."""
     frame = attribution_sweep(tiny_model, PROBES, SITES, positions=["each"], direction=direction, multi_token="set")
     n_positions = sum(len(tokens(tiny_model, p)[0]) for p in PROBES)
-    assert len(frame) == n_positions * 3 * (4 + N_HEADS)
+    assert len(frame) == n_positions * (3 * (4 + N_HEADS) + 2)
     assert frame["approximate"].all() and (frame["direction"] == direction).all()
     checked = 0
     for probe in PROBES:
@@ -188,7 +191,8 @@ UNEQUAL = [{"id": "short", "clean": "The capital of France is", "corrupted": "ca
 def test_integrated_gradients_with_right_alignment(tiny_gpt2, direction):
     """Prompts of different lengths (``alignment: right``): the path's end gets rows of its own (the target's
     context with the source's tokens where both have one); denoising has a target shorter than its source, noising
-    a target token without a counterpart, which the path leaves alone."""
+    a target token without a counterpart, which the path must leave alone for the other positions' estimates to
+    match the reference (its own row patches nothing)."""
     frame = attribution_sweep(tiny_gpt2, UNEQUAL, SITES, positions=["each"], direction=direction, alignment="right",
                               steps=3)
     for probe in UNEQUAL:
@@ -334,6 +338,28 @@ def test_spec_hook(tiny_gpt2):
     merged = frame.merge(expected, on=["probe_id", "site", "positions", "position"])
     assert len(merged) == len(frame) == len(expected)
     np.testing.assert_allclose(merged["effect_x"], merged["effect_y"], atol=1e-6)
+
+
+def test_spec_hook_steps_and_duplicates(tiny_gpt2):
+    """``attribution_from_spec(steps=k)`` applies to every group that does not set its own ``steps`` (a plain
+    ``attribution`` included); a cell named twice with the same estimate is reported once."""
+    spec = StudySpec.from_dict({
+        "model": {"source": "tiny"}, "probes": {"inline": PROBES, "multi_token": "set"},
+        "patches": [{"sites": ["layers[*].mlp_out"], "positions": ["last"], "operations": ["attribution"]},
+                    {"sites": ["layers[1].mlp_out"], "positions": ["last"],
+                     "operations": ["replace", {"name": "attribution", "steps": 2}]},
+                    {"sites": ["layers[0].attn_out"], "positions": ["last"]}],
+    })
+    frame = attribution_from_spec(spec, model=tiny_gpt2, steps=3)
+    expected = {label: attribution_sweep(tiny_gpt2, PROBES, sites, positions=["last"], multi_token="set", steps=k)
+                for label, sites, k in (("attribution(ig3)", ["layers[*].mlp_out", "layers[0].attn_out"], 3),
+                                        ("attribution(ig2)", ["layers[1].mlp_out"], 2))}
+    assert sorted(frame["operation"].unique()) == sorted(expected)
+    for label, rows in expected.items():
+        mine = frame[frame["operation"] == label]
+        merged = mine.merge(rows, on=["probe_id", "site", "positions", "position"])
+        assert len(merged) == len(mine) == len(rows)
+        np.testing.assert_allclose(merged["effect_x"], merged["effect_y"], atol=1e-9)
 
 
 @pytest.mark.parametrize("change, message", [
