@@ -67,7 +67,7 @@ COUNTRIES = [
     (" France", " Paris"), (" Spain", " Madrid"), (" Italy", " Rome"), (" Germany", " Berlin"),
     (" Japan", " Tokyo"), (" China", " Beijing"), (" Egypt", " Cairo"), (" Canada", " Ottawa"),
     (" Russia", " Moscow"), (" India", " Delhi"), (" Greece", " Athens"), (" Sweden", " Stockholm"),
-    (" Poland", " Warsaw"), (" Norway", " Oslo"), (" Cuba", " Havana"), (" Kenya", " Nairobi"),
+    (" Poland", " Warsaw"), (" Norway", " Oslo"), (" Cuba", " Havana"), (" Ireland", " Dublin"),
 ]
 FILLER = ["In", "class", "today", "our", "old", "teacher", "told", "us", "again", "that", "everyone", "should", "know",
           "by", "heart", "that"]

@@ -59,6 +59,8 @@ def test_pairs_have_exactly_the_asked_length_and_differ_in_one_token(bench, shar
         clean, corrupted = (tokenizer(pair[k])["input_ids"] for k in ("clean", "corrupted"))
         assert len(clean) == len(corrupted) == 16
         assert sum(a != b for a, b in zip(clean, corrupted, strict=True)) == 1
+        # clap's probes refuse multi-token answers unless told otherwise (a 16-pair run once stopped on " Nairobi")
+        assert [len(tokenizer(pair[k], add_special_tokens=False)["input_ids"]) for k in ("answer", "wrong")] == [1, 1]
     with pytest.raises(bench.BenchError, match="prompts must be"):
         bench.make_pairs(tokenizer, 1, 40)
 
