@@ -32,6 +32,7 @@ from clap.models import (
     resolve_source,
     weights_fingerprint,
 )
+from clap.process_memory import release_freed_memory
 from interventions import attribution, execute, operations
 from interventions.batch_store import BatchStore
 from interventions.executor import Executor
@@ -399,6 +400,7 @@ class Study:
                 metrics = self.executor.run_batch(batch)
                 frame = self._tidy(plan, batch, cells, metrics)
                 store.save(index, frame)
+                release_freed_memory()  # else the allocator's heap creeps up over hundreds of batches
             frames.append(frame)
             baselines.update(frame)
             progress.update(len(cells))
