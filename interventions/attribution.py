@@ -68,7 +68,6 @@ import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -91,14 +90,14 @@ from interventions.probes import (
 )
 from interventions.results import recovery, to_frame
 from interventions.sites import Site, SiteError, SiteResolver
-from interventions.spec import PositionSelector, ProbeSpec, SpecError, StudySpec
+from interventions.spec import OperationSpec, PositionSelector, ProbeSpec, SpecError, StudySpec
 
 #: the metrics attribution patching approximates (the gradient of the logit difference at the last position)
 APPROXIMATED_METRICS = ("logit_diff",)  # the metric whose gradient is taken
 #: the operation's name in specs and in the results' ``operation`` column
 OPERATION = "attribution"
-#: probes per forward/backward pass when nothing else is said (two rows each: target and source prompt)
-DEFAULT_ROWS_PER_PASS = 64  #: rows of a pass when nothing else is said (``rows_per_probe`` rows per probe)
+#: rows of a forward/backward pass when nothing else is said (``rows_per_probe`` rows per probe)
+DEFAULT_ROWS_PER_PASS = 64
 
 
 class AttributionError(ClapError):
@@ -138,9 +137,7 @@ def _token_table(sets: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
 
 def operation_label(steps: int) -> str:
     """The results' ``operation`` of attribution rows: ``attribution``, or ``attribution(ig<steps>)`` along a path."""
-    from interventions.operations import get
-
-    return get(OPERATION).label(SimpleNamespace(steps=steps))
+    return OperationSpec(name=OPERATION, steps=steps).label
 
 
 def path_points(points: int) -> list[tuple[float, float]]:
@@ -170,17 +167,18 @@ def _build_chunk(probes: Sequence[Probe], members: list[int], target: str, sourc
 
 
 def _path_rows(probes: Sequence[Probe], members: list[int], target: str, source: str,
-               points: int) -> tuple[list[float], list[float], float]:
-    """How the path points map to rows: (alphas of the extra row blocks, their weights, the weight of the source
-    rows). The path's end (alpha 1: the source input under the target's attention mask) *is* the source run when
-    every probe's two prompts have equal length, and its gradient is then read from the source rows; otherwise the
-    end gets rows of its own (the source run attends to tokens the target lacks)."""
+               points: int) -> tuple[list[float], list[float]]:
+    """How the path points map to rows: (alphas of the extra row blocks, the weight of every row block: target
+    rows, source rows, then the extra blocks). The path's end (alpha 1: the source input under the target's
+    attention mask) *is* the source run when every probe's two prompts have equal length, and its gradient is then
+    read from the source rows; otherwise the end gets rows of its own (the source run attends to tokens the target
+    lacks) and the source rows weigh 0."""
     path = path_points(points)
     if points == 1:
-        return [], [], 0.0
+        return [], [1.0, 0.0]
     equal = all(len(probes[p].prompt_ids(target)) == len(probes[p].prompt_ids(source)) for p in members)
     inner = path[1:-1] if equal else path[1:]
-    return [a for a, _ in inner], [w for _, w in inner], path[-1][1] if equal else 0.0
+    return [a for a, _ in inner], [path[0][1], path[-1][1] if equal else 0.0, *(w for _, w in inner)]
 
 
 def _accesses(sites: Sequence[Site]) -> list[tuple[str, str, int]]:
@@ -207,14 +205,14 @@ def _forward_kwargs(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site]) ->
 
 
 def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_module: str | None,
-               remote: bool | str, path: tuple[list[float], list[float], float] = ([], [], 0.0),
+               remote: bool | str, path: tuple[list[float], list[float]] = ([], [1.0, 0.0]),
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One forward and one backward pass. Returns the logit difference of the target and source rows ``[2n]`` and,
     per access, ``[n, width, heads or 1]``: ``(a_source - a_target) . g`` summed over each head's slice (or the
     whole width), per padded column, where ``g`` is the gradient of the metric at the target run, or with path
-    points (:func:`_path_rows`: extra row blocks' alphas and weights, the source rows' weight) the weighted sum of
-    its gradients along the path from the target's input embeddings to the source's."""
-    alphas, weights, source_weight = path
+    points (:func:`_path_rows`: the extra row blocks' alphas, every block's weight) the weighted sum of its
+    gradients along the path from the target's input embeddings to the source's."""
+    alphas, block_weights = path
     nn = model.nn
     parameter = next(model.hf.parameters())
     device = torch.device("cpu") if remote is True else parameter.device
@@ -229,10 +227,9 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
     answer_index, answer_mask = chunk.answer_index.to(device), chunk.answer_mask.to(device)
     wrong_index, wrong_mask = chunk.wrong_index.to(device), chunk.wrong_mask.to(device)
     n = len(chunk.probes)
-    blocks = 2 + len(alphas)
+    blocks = len(block_weights)
     # the weight of each row's metric in the differentiated sum: target rows, source rows, then each path block
-    row_weight = torch.tensor([1.0 - source_weight - sum(weights), source_weight, *weights],
-                              dtype=torch.float64).repeat_interleave(n).to(device)
+    row_weight = torch.tensor(block_weights, dtype=torch.float64).repeat_interleave(n).to(device)
     # the path moves only tokens both prompts have (right-aligned): a target token without a source counterpart
     # stays put, as an exact patch leaves it
     shared = (chunk.attention_mask[:n] * chunk.attention_mask[n:2 * n]).unsqueeze(-1)
@@ -268,14 +265,13 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
             wrong = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
             logit_diff = answer - wrong
             # rows never interact, so the gradient of the weighted sum of row metrics is each row's own gradient,
-            # weighted; summed over a probe's row blocks it is the path's quadrature of the gradient
+            # weighted (zero for rows of weight 0); summed over a probe's row blocks it is the path's quadrature
             grads = torch.autograd.grad((logit_diff * row_weight).sum(), values, allow_unused=True)
             effects = []
             for value, grad, (_envoy, _access, heads) in zip(values, grads, accesses, strict=True):
                 if grad is None:  # the metric does not depend on this tensor
                     grad = torch.zeros_like(value)
-                grad = grad.to(torch.float64).reshape(blocks, n, *grad.shape[1:])
-                grad = grad[0] + grad[2:].sum(0) + (grad[1] if source_weight else 0)
+                grad = grad.to(torch.float64).reshape(blocks, n, *grad.shape[1:]).sum(0)
                 delta = (value[n:2 * n] - value[:n]).detach().to(torch.float64)
                 product = delta * grad
                 product = product.reshape(n, product.shape[1], heads, -1) if heads else product.unsqueeze(2)
@@ -577,8 +573,8 @@ def _attribute_groups(spec: StudySpec, model: LoadedModel, probes: Sequence[Prob
 def rows_per_probe(probes: Sequence[Probe], target: str, source: str, steps: int) -> int:
     """Rows a probe takes in a pass: its target and source prompts, and the path's inner points (and its far end
     when some pair differs in length), so that ``execution.max_rows`` bounds a pass's rows whatever ``steps``."""
-    inner, _, _ = _path_rows(probes, list(range(len(probes))), target, source, steps)
-    return 2 + len(inner)
+    alphas, _ = _path_rows(probes, list(range(len(probes))), target, source, steps)
+    return 2 + len(alphas)
 
 
 def study_rows(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe]) -> pd.DataFrame | None:
@@ -609,9 +605,8 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None, ste
     estimated; every operation must be ``replace`` or ``attribution`` and every metric ``logit_diff`` (the only ones
     a gradient approximates). ``model`` is loaded from ``spec.model`` when not given. A group naming ``attribution``
     uses that operation's ``steps`` where it sets them, every other group ``steps`` (1: attribution patching at the
-    target run). To mix exact
-    and approximate cells, name ``operations: [replace, attribution]`` and run the spec with ``Study`` (or
-    ``clap patch``)."""
+    target run). To mix exact and approximate cells, name ``operations: [replace, attribution]`` and run the spec
+    with ``Study`` (or ``clap patch``)."""
     path_points(steps)
     for index, operation in enumerate(spec.all_operations()):
         if operation.name not in ("replace", OPERATION):
