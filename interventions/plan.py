@@ -21,6 +21,7 @@ import torch
 from clap.errors import ClapError
 from interventions import operations
 from interventions.alignment import aligned_pairs, column, left_pad
+from interventions.kernel import Edits
 from interventions.probes import PositionCell, Probe, resolve_positions
 from interventions.sites import Site
 from interventions.spec import OperationSpec, StudySpec
@@ -241,22 +242,18 @@ def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, s
 
 @dataclass
 class PatchGroups:
-    """Index tensors of the patches of one shape at one module access.
+    """The edits of one shape (whole width or per head) at one module access, one :class:`~interventions.kernel.Edits`
+    per mode or None (:mod:`interventions.kernel` says what each mode does)."""
 
-    ``copy``: ``x[t_row, t_col(, head)] = x[s_row, s_col(, head)]``; ``set``: ``x[t_row, t_col(, head)] = values``;
-    ``add``: ``x[t_row, t_col(, head)] += values``; ``mix``: ``x[t] += alpha * (x[s] - x[t])``, or
-    ``x[t] += alpha * (values - x[t])`` when it holds ``values`` (cross-model). Each is empty or a dict of tensors.
-    """
-
-    copy: dict[str, torch.Tensor] = field(default_factory=dict)
-    set: dict[str, torch.Tensor] = field(default_factory=dict)
-    add: dict[str, torch.Tensor] = field(default_factory=dict)
-    mix: dict[str, torch.Tensor] = field(default_factory=dict)
+    copy: Edits | None = None
+    set: Edits | None = None
+    add: Edits | None = None
+    mix: Edits | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.copy or self.set or self.add or self.mix)
+        return any(e is not None for e in self.as_tuple())
 
-    def as_tuple(self) -> tuple[dict, dict, dict, dict]:
+    def as_tuple(self) -> tuple[Edits | None, Edits | None, Edits | None, Edits | None]:
         return (self.copy, self.set, self.add, self.mix)
 
 
@@ -511,20 +508,22 @@ def _access_list(plan: Plan, accesses: dict[tuple[str, str], dict[str, Any]]) ->
 
 def _patch_groups(entry: dict[str, list]) -> PatchGroups:
     groups = PatchGroups()
-    if entry["copy"]:
-        t = torch.tensor([e[:5] for e in entry["copy"]], dtype=torch.long)
-        groups.copy = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4]}
-    if entry["mix"]:
-        t = torch.tensor([e[:5] for e in entry["mix"]], dtype=torch.long)
-        groups.mix = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4],
-                      "alpha": torch.tensor([e[5] for e in entry["mix"]], dtype=torch.float64)[:, None]}
-        if len(entry["mix"][0]) > 6:  # towards given values (another model's activations), not a batch row
-            groups.mix["values"] = torch.stack([e[6] for e in entry["mix"]])
+    for mode in ("copy", "mix"):
+        items = entry[mode]
+        if not items:
+            continue
+        t = torch.tensor([e[:5] for e in items], dtype=torch.long)
+        extra: dict[str, torch.Tensor] = {}
+        if mode == "mix":
+            extra["alpha"] = torch.tensor([e[5] for e in items], dtype=torch.float64)[:, None]
+            if len(items[0]) > 6:  # towards given values (another model's activations), not a batch row
+                extra["values"] = torch.stack([e[6] for e in items])
+        setattr(groups, mode, Edits(t_row=t[:, 0], t_col=t[:, 1], s_row=t[:, 2], s_col=t[:, 3], head=t[:, 4], **extra))
     for mode in ("set", "add"):
         if entry[mode]:
             t = torch.tensor([e[:3] for e in entry[mode]], dtype=torch.long)
             values = torch.stack([e[3] for e in entry[mode]])
-            getattr(groups, mode).update({"t_row": t[:, 0], "t_col": t[:, 1], "head": t[:, 2], "values": values})
+            setattr(groups, mode, Edits(t_row=t[:, 0], t_col=t[:, 1], head=t[:, 2], values=values))
     return groups
 
 
