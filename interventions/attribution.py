@@ -77,6 +77,7 @@ from pydantic import TypeAdapter, ValidationError
 from clap.architectures import BY_MODEL_TYPE
 from clap.errors import ClapError
 from clap.models import LoadedModel
+from interventions import execute, kernel
 from interventions.alignment import aligned_pairs, left_pad
 from interventions.alignment import column as padded_column
 from interventions.probes import (
@@ -124,17 +125,6 @@ def directions(direction: str) -> tuple[str, str]:
     return ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
 
 
-def _token_table(sets: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token sets as a padded index tensor and a 0/1 mask (a mean over a set = masked sum / count)."""
-    width = max(len(s) for s in sets)
-    index = torch.zeros((len(sets), width), dtype=torch.long)
-    mask = torch.zeros((len(sets), width), dtype=torch.float64)
-    for row, ids in enumerate(sets):
-        index[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    return index, mask
-
-
 def operation_label(steps: int) -> str:
     """The results' ``operation`` of attribution rows: ``attribution``, or ``attribution(ig<steps>)`` along a path."""
     return OperationSpec(name=OPERATION, steps=steps).label
@@ -161,8 +151,8 @@ def _build_chunk(probes: Sequence[Probe], members: list[int], target: str, sourc
     input_ids, attention_mask = left_pad(prompts, pad_id)
     answers = [probes[p].answer_ids for p in members] * (2 + extra_rows)
     wrongs = [probes[p].wrong_ids for p in members] * (2 + extra_rows)
-    answer_index, answer_mask = _token_table(answers)
-    wrong_index, wrong_mask = _token_table(wrongs)
+    answer_index, answer_mask = kernel.token_sets(answers)
+    wrong_index, wrong_mask = kernel.token_sets(wrongs)
     return _Chunk(members, input_ids, attention_mask, answer_index, answer_mask, wrong_index, wrong_mask)
 
 
@@ -234,9 +224,9 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
     # stays put, as an exact patch leaves it
     shared = (chunk.attention_mask[:n] * chunk.attention_mask[n:2 * n]).unsqueeze(-1)
     mix = (torch.tensor(alphas).reshape(-1, 1, 1, 1) * shared).to(parameter.dtype).to(device)
-    trace_kwargs = {} if remote is False or remote is None else {"remote": remote}
+    remote_kwargs = execute.trace_kwargs(remote)
     with torch.enable_grad():
-        with nn.trace(**kwargs, **trace_kwargs):
+        with nn.trace(**kwargs, **remote_kwargs):
             embedded = None
             if embed is not None:
                 start = embed.output
@@ -260,10 +250,8 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
                 if not value.requires_grad:  # the embedding itself, with frozen weights
                     value.requires_grad_(True)
                 values.append(value)
-            logits = nn.output.logits[:, -1, :].to(torch.float64)
-            answer = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
-            wrong = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
-            logit_diff = answer - wrong
+            logit_diff = kernel.logit_difference(nn.output.logits[:, -1, :].to(torch.float64), answer_index,
+                                                 answer_mask, wrong_index, wrong_mask)
             # rows never interact, so the gradient of the weighted sum of row metrics is each row's own gradient,
             # weighted (zero for rows of weight 0); summed over a probe's row blocks it is the path's quadrature
             grads = torch.autograd.grad((logit_diff * row_weight).sum(), values, allow_unused=True)

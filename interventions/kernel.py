@@ -119,6 +119,29 @@ def edit_access(original: object, n_heads: int, stages: Sequence[EditStage]) -> 
     return (edited, *original[1:]) if isinstance(original, tuple) else edited
 
 
+def set_mean(logits: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean logit over a token set (``index`` ``[rows, k]`` padded, ``mask`` 1 where real)."""
+    return (logits.gather(1, index) * mask).sum(1) / mask.sum(1)
+
+
+def logit_difference(logits: torch.Tensor, answer_index: torch.Tensor, answer_mask: torch.Tensor,
+                     wrong_index: torch.Tensor, wrong_mask: torch.Tensor) -> torch.Tensor:
+    """Mean answer-set logit minus mean wrong-set logit, per row, in the logits' dtype (differentiable: attribution
+    takes its gradient)."""
+    return set_mean(logits, answer_index, answer_mask) - set_mean(logits, wrong_index, wrong_mask)
+
+
+def token_sets(sets: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, mask)`` for per-row token sets of different sizes: ids padded with 0, mask 1 where real."""
+    width = max(1, max((len(s) for s in sets), default=1))
+    index = torch.zeros((len(sets), width), dtype=torch.long)
+    mask = torch.zeros((len(sets), width), dtype=torch.float64)
+    for row, ids in enumerate(sets):
+        index[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        mask[row, : len(ids)] = 1.0
+    return index, mask
+
+
 def reduce_metrics(logits: torch.Tensor, answer_index: torch.Tensor, answer_mask: torch.Tensor,
                    wrong_index: torch.Tensor, wrong_mask: torch.Tensor, *, clean_row: torch.Tensor | None = None,
                    clean_logprobs: torch.Tensor | None = None, dtype: torch.dtype = torch.float64
@@ -134,8 +157,8 @@ def reduce_metrics(logits: torch.Tensor, answer_index: torch.Tensor, answer_mask
     token ids padded with 0 and masks with 1 where the id is real."""
     logits = logits.to(dtype)
     logprobs = torch.log_softmax(logits, dim=-1)
-    answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
-    wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
+    answer_logit = set_mean(logits, answer_index, answer_mask)
+    wrong_logit = set_mean(logits, wrong_index, wrong_mask)
     answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
     logprob = torch.logsumexp(answer_logprobs, dim=1)
     if clean_logprobs is None and clean_row is not None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
-from interventions import operations
+from interventions import kernel, operations
 from interventions.alignment import aligned_pairs, column, left_pad
 from interventions.kernel import Edits
 from interventions.probes import PositionCell, Probe, resolve_positions
@@ -337,16 +337,6 @@ def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
     return chunks
 
 
-def _pad_sets(sets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(s) for s in sets))
-    index = torch.zeros((len(sets), width), dtype=torch.long)
-    mask = torch.zeros((len(sets), width), dtype=torch.float32)
-    for row, s in enumerate(sets):
-        index[row, : len(s)] = torch.tensor(s, dtype=torch.long) if s else index[row, :0]
-        mask[row, : len(s)] = 1.0
-    return index, mask
-
-
 def build_batch(
     plan: Plan,
     cells: Sequence[Cell],
@@ -382,8 +372,8 @@ def build_batch(
 
     row_probe = rows.row_probe
     clean_row = torch.tensor([rows.baseline_row[(p, "clean", 0)] for p in row_probe], dtype=torch.long)
-    answer_index, answer_mask = _pad_sets([plan.probes[p].answer_ids for p in row_probe])
-    wrong_index, wrong_mask = _pad_sets([plan.probes[p].wrong_ids for p in row_probe])
+    answer_index, answer_mask = kernel.token_sets([plan.probes[p].answer_ids for p in row_probe])
+    wrong_index, wrong_mask = kernel.token_sets([plan.probes[p].wrong_ids for p in row_probe])
     return Batch(
         index=index,
         input_ids=input_ids,

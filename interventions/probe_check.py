@@ -27,6 +27,7 @@ import torch
 from clap.contract import atomic_write_text
 from clap.errors import ClapError
 from clap.yamlio import SourceError, load_jsonl
+from interventions import kernel
 from interventions.probes import ProbeError, _answer_ids, read_probe_specs
 from interventions.spec import ProbeSetSpec, ProbeSpec
 
@@ -151,7 +152,7 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any) ->
 @torch.no_grad()
 def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
                       batch_size: int = 64) -> torch.Tensor:
-    """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (float32)."""
+    """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (in the model's dtype)."""
     from interventions.alignment import left_pad
 
     device = next(hf_model.parameters()).device
@@ -165,13 +166,16 @@ def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
         ).logits
-        out.append(logits[:, -1, :].float().cpu())
+        out.append(logits[:, -1, :].cpu())
     return torch.cat(out)
 
 
 def logit_diffs(logits: torch.Tensor, answer_ids: Sequence[int], wrong_ids: Sequence[int]) -> torch.Tensor:
-    """mean over the answer set minus mean over the wrong set, per row."""
-    return logits[:, list(answer_ids)].mean(-1) - logits[:, list(wrong_ids)].mean(-1)
+    """Mean over the answer set minus mean over the wrong set, per row, reduced in float64 by the edit kernel (the
+    same reduction as patching's ``logit_diff``)."""
+    answer_index, answer_mask = kernel.token_sets([answer_ids] * len(logits))
+    wrong_index, wrong_mask = kernel.token_sets([wrong_ids] * len(logits))
+    return kernel.logit_difference(logits.to(torch.float64), answer_index, answer_mask, wrong_index, wrong_mask)
 
 
 def behavioural_checks(checks: Sequence[ProbeCheck], hf_model: torch.nn.Module, tokenizer: Any,
