@@ -67,7 +67,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -80,17 +79,18 @@ from clap.models import LoadedModel
 from interventions import execute, kernel
 from interventions.alignment import aligned_pairs, left_pad
 from interventions.alignment import column as padded_column
+from interventions.plan import directions
 from interventions.probes import (
     PositionCell,
     Probe,
     check_alignment,
     check_context,
-    load_probes,
     resolve_positions,
     tokenize_probes,
 )
+from interventions.resolved import ResolvedStudy, load_spec_model, resolve_addresses, spec_probes
 from interventions.results import recovery, to_frame
-from interventions.sites import Site, SiteError, SiteResolver
+from interventions.sites import Site, SiteResolver
 from interventions.spec import OperationSpec, PositionSelector, ProbeSpec, SpecError, StudySpec
 
 #: the metrics attribution patching approximates (the gradient of the logit difference at the last position)
@@ -116,13 +116,6 @@ class _Chunk:
     answer_mask: torch.Tensor
     wrong_index: torch.Tensor
     wrong_mask: torch.Tensor
-
-
-def directions(direction: str) -> tuple[str, str]:
-    """(target prompt, source prompt): denoising patches clean into corrupted, noising corrupted into clean."""
-    if direction not in ("denoising", "noising"):
-        raise AttributionError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    return ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
 
 
 def operation_label(steps: int) -> str:
@@ -507,19 +500,14 @@ def spec_groups(spec: StudySpec, resolver: SiteResolver,
     out = []
     for g, location, _op in named:
         addresses, positions, _ = groups[g]
-        sites: dict[str, Site] = {}
-        for i, address in enumerate(addresses):
-            try:
-                expanded = resolver.expand(address)
-            except SiteError as exc:
-                raise SiteError(f"{spec.where(location + (i,))}: {exc}") from None
-            for site in expanded:
-                if embed and site.module == embed and site.access == "input":
-                    raise AttributionError(f"{spec.where(location + (i,))}: operation `attribution` cannot "
-                                           f"differentiate {site.name}: the embedding's input is token ids, which "
-                                           "have no gradient (patch the embedding's output, `embed`, instead)")
-                sites.setdefault(site.name, site)
-        out.append((sorted(sites.values(), key=resolver.order_key), list(positions)))
+        sites = resolve_addresses(spec, resolver, list(addresses), location)
+        for site in sites:
+            if embed and site.module == embed and site.access == "input":
+                i = next(i for i, a in enumerate(addresses) if site in resolver.expand(a))
+                raise AttributionError(f"{spec.where(location + (i,))}: operation `attribution` cannot "
+                                       f"differentiate {site.name}: the embedding's input is token ids, which "
+                                       "have no gradient (patch the embedding's output, `embed`, instead)")
+        out.append((sorted(sites, key=resolver.order_key), list(positions)))
     return out
 
 
@@ -541,10 +529,11 @@ def _group_steps(spec: StudySpec, named: Sequence[tuple[int, tuple, tuple]], def
 
 
 def _attribute_groups(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe],
-                      named: Sequence[tuple[int, tuple, tuple]], default_steps: int = 1) -> pd.DataFrame:
+                      named: Sequence[tuple[int, tuple, tuple]], resolver: SiteResolver,
+                      default_steps: int = 1) -> pd.DataFrame:
     """Every named group estimated, one :func:`attribute` call per distinct ``steps`` (groups sharing it share
     passes)."""
-    groups = spec_groups(spec, SiteResolver(model.hf), named)
+    groups = spec_groups(spec, resolver, named)
     by_steps: dict[int, list] = {}
     for group, steps in zip(groups, _group_steps(spec, named, default_steps), strict=True):
         by_steps.setdefault(steps, []).append(group)
@@ -565,16 +554,17 @@ def rows_per_probe(probes: Sequence[Probe], target: str, source: str, steps: int
     return 2 + len(alphas)
 
 
-def study_rows(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe]) -> pd.DataFrame | None:
+def study_rows(study: ResolvedStudy) -> pd.DataFrame | None:
     """The rows of every cell whose operation is ``attribution`` (None when no group names it), as ``Study`` reports
     them: cells the exact plan would drop (no token left to patch) are dropped, a cell named by two groups with the
     same ``steps`` is reported once, ``window`` is 1 and ``sample`` 0. ``execution.max_rows`` bounds the rows of a
     pass (:func:`rows_per_probe`)."""
+    spec = study.spec
     named = named_groups(spec)
     if not named:
         return None
     check_spec(spec, named)
-    frame = _attribute_groups(spec, model, probes, named)
+    frame = _attribute_groups(spec, study.model, study.probes, named, study.resolver)
     frame = frame[(frame["n_patched_tokens"] > 0) | (frame["positions"] == "none")]
     frame = frame.drop_duplicates(["probe_id", "site", "positions", "position", "operation"]).reset_index(drop=True)
     return frame.assign(window=1, sample=0)
@@ -607,27 +597,8 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None, ste
               if all(entry[0] != g for entry in named)]
     check_spec(spec, named)
     if model is None:
-        model = _load(spec)
-    probes = load_probes(spec.probes, model.tokenizer, spec.base_dir)
-    check_alignment(probes, spec.alignment)
-    check_context(probes, model.hf.config)
-    frame = _attribute_groups(spec, model, probes, named, default_steps=steps)
+        model = load_spec_model(spec, spec.model)
+    probes = spec_probes(spec, model.tokenizer, model.hf.config)
+    frame = _attribute_groups(spec, model, probes, named, SiteResolver(model.hf), default_steps=steps)
     # a cell named twice with the same estimate (two groups, or `attribution` twice in one) is reported once
     return frame.drop_duplicates(["probe_id", "site", "positions", "position", "operation"]).reset_index(drop=True)
-
-
-def _load(spec: StudySpec) -> LoadedModel:
-    """The spec's model, a relative path taken from the spec's folder when it exists there (as ``Study`` does)."""
-    from clap.devices import resolve_device
-    from clap.models import BUILTIN_GGUF, load_model
-
-    def located(value: str | None) -> str | None:
-        if not value or value in BUILTIN_GGUF or spec._base_dir is None or Path(value).expanduser().is_absolute():
-            return value
-        candidate = spec._base_dir / value
-        return str(candidate) if candidate.exists() else value
-
-    m = spec.model
-    device = resolve_device(spec.execution.device, where=spec.where(("execution", "device")))
-    return load_model(located(m.source), gguf_file=m.gguf_file, tokenizer=located(m.tokenizer), revision=m.revision,
-                      dtype=spec.execution.dtype, device=device)

@@ -133,7 +133,9 @@ class Plan:
 
 
 def directions(direction: str) -> tuple[str, str]:
-    """(target prompt, source prompt) for a direction."""
+    """(target prompt, source prompt): denoising patches clean into corrupted, noising corrupted into clean."""
+    if direction not in ("denoising", "noising"):
+        raise PlanError(f"direction must be 'denoising' or 'noising', got {direction!r}")
     return ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
 
 
