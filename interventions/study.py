@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from clap.contract import SAMPLES_FILE, atomic_write_frame
 from clap.devices import resolve_device
-from clap.errors import ClapError
+from clap.errors import ClapError, closest
 from clap.locks import exclusive_lock
 from clap.models import (
     BUILTIN_GGUF,
@@ -202,7 +202,8 @@ class Study:
                         f"metric {metric} needs a `wrong` answer for every probe; missing for "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
                     )
-        if not self.spec.baseline and self.spec.source_model is None:  # across models the models differ
+        # across models the models differ; an ablation of the clean run has no corrupted prompt by design
+        if not self.spec.baseline and self.spec.source_model is None and not self.spec.ablates_clean_run:
             check_distinct_prompts(probes, warn)
         return probes
 
@@ -238,11 +239,15 @@ class Study:
     def _group_plans(self, resolver: SiteResolver, site_groups: list[list[Site]]) -> list[GroupPlan]:
         """Patch groups with windows and combinations resolved into the stack of sites each cell patches."""
         plans = []
-        for location, sites, (_, positions, ops), (window, combine) in zip(
-                self._group_locations(), site_groups, self.spec.groups(), self.spec.group_options(), strict=True):
+        for location, sites, (_, positions, ops), (window, combine), (cumulative, probes) in zip(
+                self._group_locations(), site_groups, self.spec.groups(), self.spec.group_options(),
+                self.spec.group_stacks(), strict=True):
             sites = sorted(sites, key=resolver.order_key)
             # `attribution` cells run on the gradient path (_attribution_rows), not in batches
-            group = GroupPlan(sites, list(positions), [op for op in ops if not operations.get(op.name).approximate])
+            group = GroupPlan(sites, list(positions), [op for op in ops if not operations.get(op.name).approximate],
+                              probes=frozenset(probes) if probes is not None else None)
+            if cumulative is not None:
+                _stack_cumulative(group, cumulative, resolver, self.spec.where(location))
             if combine:
                 group.sites = [sites[0]]
                 group.stacks[sites[0].name] = tuple(sites)
@@ -260,6 +265,16 @@ class Study:
             plans.append(group)
         return plans
 
+    def _check_group_probes(self, probes: list[Probe]) -> None:
+        """A patch group restricted to ``probes:`` must name probes of the study (a typo would drop its cells)."""
+        ids = [p.id for p in probes]
+        for g, group in enumerate(self.spec.patches or []):
+            unknown = [i for i in group.probes or [] if i not in ids]
+            if unknown:
+                hint = closest(unknown[0], ids, n=1)
+                raise ClapError(f"{self.spec.where(('patches', g, 'probes'))}: no probe {unknown[0]!r} in the study"
+                                + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
     def _baseline(self, resolver: SiteResolver) -> list[tuple[list[Site], list, Any]]:
         return [(sorted(self._resolve(resolver, b.sites, ("baseline", i, "sites")), key=resolver.order_key),
                  b.positions, b.operation) for i, b in enumerate(self.spec.baseline or [])]
@@ -267,7 +282,9 @@ class Study:
     def plan(self) -> Plan:
         resolver, site_groups = self._site_groups(self.model.hf)
         groups = self._group_plans(resolver, site_groups)
-        plan = compile_plan(self.spec, self.probes(), groups, self.model.tokenizer, resolver.order_key,
+        probes = self.probes()
+        self._check_group_probes(probes)
+        plan = compile_plan(self.spec, probes, groups, self.model.tokenizer, resolver.order_key,
                             baseline=self._baseline(resolver))
         identity = self.model.identity
         if identity.get("weights_fingerprint") is not None:  # in-memory weights may have changed since loading
@@ -309,8 +326,9 @@ class Study:
         config, tokenizer = loaded
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        self._site_groups(skeleton)
-        self.probes(tokenizer, warn=False, config=config)  # the run warns once, with the loaded model's tokenizer
+        self._group_plans(*self._site_groups(skeleton))  # windows and cumulative stacks too
+        # the run warns once, with the loaded model's tokenizer
+        self._check_group_probes(self.probes(tokenizer, warn=False, config=config))
         if self.spec.source_model is not None:
             source = (self._source.hf.config, self._source.tokenizer) if self._source is not None else \
                 self._config_and_tokenizer(self.spec.source_model)
@@ -486,6 +504,19 @@ class Study:
         }
 
 
+def _stack_cumulative(group: GroupPlan, cumulative: str, resolver: SiteResolver, where: str) -> None:
+    """``cumulative: bottom|top``: each site's cell patches its component at layers 0..L or L..n_layers-1 together,
+    reported as ``layers[a:b].<kind>`` at layer L."""
+    for site in group.sites:
+        if site.layer is None or site.kind not in ("attn_out", "mlp_out"):
+            raise SiteError(f"{where}: `cumulative` stacks a layer's attention or MLP output over the layers below "
+                            f"or above it; {site.name} is not a layer's attn_out / mlp_out (a residual-stream state "
+                            f"already holds the layers below it, so a stack of them equals its last layer's patch)")
+        low, high = (0, site.layer + 1) if cumulative == "bottom" else (site.layer, resolver.n_layers)
+        group.stacks[site.name] = tuple(resolver.expand(f"layers[{low}:{high}].{site.kind}"))
+        group.labels[site.name] = f"layers[{low}:{high}].{site.kind}"
+
+
 #: config fields that must agree between a source and a target model (GPT-2's names map onto these)
 SHAPE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "n_inner", "head_dim", "vocab_size")
@@ -555,6 +586,8 @@ class BaselineCheck:
         self.seen.update(frame.probe_id.unique())
         # recovery's denominator: |clean - corrupted|, or across models |source model's run - target model's run|
         self.defined.update(frame.probe_id[frame.recovery_defined.astype(bool)].unique())
+        if self.spec.ablates_clean_run:
+            return  # the effect on the clean run is the measure; recovery is undefined by design
         if len(self.seen) == self.n_probes and not self.defined and self.spec.source_model is not None:
             raise ClapError(
                 f"recovery is undefined for every probe: the source model's run of the source prompt and the target "
@@ -572,7 +605,7 @@ class BaselineCheck:
 
     def report(self) -> None:
         undefined = sorted(self.seen - self.defined)
-        if undefined:
+        if undefined and not self.spec.ablates_clean_run:
             gap = "|source model - target model|" if self.spec.source_model is not None else "|clean - corrupted|"
             log.warning("%d of %d probes have undefined recovery for every metric (%s <= %g): %s",
                         len(undefined), len(self.seen), gap, self.spec.recovery_epsilon, _few(undefined))
