@@ -28,12 +28,11 @@ import numpy as np
 import pandas as pd
 import scipy.stats as sps
 
-from clap.contract import atomic_write_frame, read_results
+from clap.contract import DESIGN_FILE, atomic_write_frame, read_results
 from clap.errors import ClapError
 
 #: the table files :func:`analyze_additivity` writes into the analysis folder
 TABLE_FILES = {"cells": "additivity_cells.csv", "gaps": "additivity_gaps.csv", "pairs": "additivity_pairs.csv"}
-DESIGN_FILE = "design.csv"
 FAMILY_WORDS = {"bottom": "layers 0..k", "top": "layers k..N-1", "top_m": "each probe's top-m layers",
                 "pair": "pairs among each probe's top layers"}
 SUMMARY_COLUMNS = ["n", "joint", "sum_single", "gap", "gap_sd", "ci_low", "ci_high", "T", "p_unc"]
