@@ -353,6 +353,9 @@ def render_html(result: Analysis) -> str:
     if shared:
         parts.append("<h2 id=\"figures\">Across site kinds and modules</h2>")
         parts += [_html_figure(f) for f in shared]
+    from analyses.derived import html_sections
+
+    parts += html_sections(result)  # additivity check, clean-run ablation
     interactive = _interactive(result)
     if interactive:
         parts += ["<h2 id=\"interactive\">Interactive heatmaps</h2>", interactive]
@@ -469,6 +472,9 @@ def render_markdown(result: Analysis) -> str:
         out += ["## Across site kinds and modules", ""]
         for fig in shared:
             out += [f"![{fig.title}]({_rel(fig.png, result.out_dir)})", "", f"*{fig.title}.* {fig.caption}", ""]
+    from analyses.derived import markdown_sections
+
+    out += markdown_sections(result)  # additivity check, clean-run ablation
     return "\n".join(out) + "\n"
 
 

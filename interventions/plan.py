@@ -76,6 +76,7 @@ class GroupPlan:
     operations: list[OperationSpec]
     stacks: dict[str, tuple[Site, ...]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    probes: frozenset[str] | None = None  #: the probe ids the group's cells are made for (None: every probe)
 
 
 @dataclass
@@ -183,6 +184,8 @@ def compile_plan(
             edits.append(BaselineEdit(tuple(sites), tuple(indices), op))
         plan_baseline[p_index] = edits
         for group in groups:
+            if group.probes is not None and probe.id not in group.probes:
+                continue
             position_cells = [pc for sel in group.positions
                               for pc in resolve_positions(sel, probe, target, source, tokenizer)]
             for site in group.sites:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from clap.devices import resolve_device
-from clap.errors import ClapError
+from clap.errors import ClapError, closest
 from clap.models import BUILTIN_GGUF, LoadedModel, load_model, load_remote_model
 from interventions import operations
 from interventions.plan import GroupPlan
@@ -99,10 +99,13 @@ def group_plans(spec: StudySpec, resolver: SiteResolver, groups: list[list[Site]
     """Patch groups with windows and combinations resolved into the stack of sites each cell patches; exact
     operations only (``attribution`` cells run on the gradient path)."""
     plans = []
-    for location, sites, (_, positions, ops), (window, combine) in zip(
-            group_locations(spec), groups, spec.groups(), spec.group_options(), strict=True):
+    for location, sites, (_, positions, ops), (window, combine), (cumulative, probes) in zip(
+            group_locations(spec), groups, spec.groups(), spec.group_options(), spec.group_stacks(), strict=True):
         sites = sorted(sites, key=resolver.order_key)
-        group = GroupPlan(sites, list(positions), [op for op in ops if not operations.get(op.name).approximate])
+        group = GroupPlan(sites, list(positions), [op for op in ops if not operations.get(op.name).approximate],
+                          probes=frozenset(probes) if probes is not None else None)
+        if cumulative is not None:
+            stack_cumulative(group, cumulative, resolver, spec.where(location))
         if combine:
             group.sites = [sites[0]]
             group.stacks[sites[0].name] = tuple(sites)
@@ -117,6 +120,30 @@ def group_plans(spec: StudySpec, resolver: SiteResolver, groups: list[list[Site]
                 group.labels[site.name] = f"{site.name}@w{window}"
         plans.append(group)
     return plans
+
+
+def stack_cumulative(group: GroupPlan, cumulative: str, resolver: SiteResolver, where: str) -> None:
+    """``cumulative: bottom|top``: each site's cell patches its component at layers 0..L or L..n_layers-1 together,
+    reported as ``layers[a:b].<kind>`` at layer L."""
+    for site in group.sites:
+        if site.layer is None or site.kind not in ("attn_out", "mlp_out"):
+            raise SiteError(f"{where}: `cumulative` stacks a layer's attention or MLP output over the layers below "
+                            f"or above it; {site.name} is not a layer's attn_out / mlp_out (a residual-stream state "
+                            f"already holds the layers below it, so a stack of them equals its last layer's patch)")
+        low, high = (0, site.layer + 1) if cumulative == "bottom" else (site.layer, resolver.n_layers)
+        group.stacks[site.name] = tuple(resolver.expand(f"layers[{low}:{high}].{site.kind}"))
+        group.labels[site.name] = f"layers[{low}:{high}].{site.kind}"
+
+
+def check_group_probes(spec: StudySpec, probes: list[Probe]) -> None:
+    """A patch group restricted to ``probes:`` must name probes of the study (a typo would drop its cells)."""
+    ids = [p.id for p in probes]
+    for g, group in enumerate(spec.patches or []):
+        unknown = [i for i in group.probes or [] if i not in ids]
+        if unknown:
+            hint = closest(unknown[0], ids, n=1)
+            raise ClapError(f"{spec.where(('patches', g, 'probes'))}: no probe {unknown[0]!r} in the study"
+                            + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
 def baseline_sites(spec: StudySpec, resolver: SiteResolver) -> list[tuple[list[Site], list, OperationSpec]]:
@@ -155,6 +182,7 @@ class ResolvedStudy:
         resolver, sites = site_groups(spec, model.hf)
         if not probes:
             raise ClapError(f"{spec.where(('probes',))}: the probe set is empty")
+        check_group_probes(spec, probes)
         return cls(spec=spec, model=model, probes=probes, resolver=resolver,
                    groups=group_plans(spec, resolver, sites), baseline=baseline_sites(spec, resolver),
                    source_model=source_model, unembed_module=unembed_module(model.hf),

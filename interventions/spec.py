@@ -236,11 +236,20 @@ class PatchGroup(StrictModel):
     window: int = Field(default=1, ge=1)
     #: all the group's sites applied together in one row (one cell per position and operation), in forward order
     combine: bool = False
+    #: one cell per layer L that patches the same component at layers 0..L (``bottom``) or L..n_layers-1 (``top``)
+    #: together, same tokens; ``site`` is the stack's address ``layers[a:b].<kind>``, ``layer`` L. Attention and MLP
+    #: outputs only: a residual-stream state at the patched tokens already holds every earlier layer's contribution
+    #: there, so a stack of them equals its last layer's patch alone (exactly, at the last token or at every token)
+    cumulative: Literal["bottom", "top"] | None = None
+    #: make the group's cells for these probe ids only (per-probe site sets, e.g. each probe's own top layers)
+    probes: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _window_or_combine(self) -> PatchGroup:
         if self.window > 1 and self.combine:
             raise ValueError("`window` and `combine` exclude each other: a window already stacks its layers")
+        if self.cumulative is not None and (self.window > 1 or self.combine):
+            raise ValueError("`cumulative` excludes `window` and `combine`: it already stacks its layers")
         return self
 
     _operation_shorthand = field_validator("operations", mode="before")(expand_operation_names)
@@ -355,7 +364,8 @@ class StudySpec(StrictModel):
 
         if not self.sites and not self.patches:
             raise ValueError("name the sites to patch: `sites: [...]` and/or `patches: [{sites: [...]}, ...]`")
-        copies = [op.name for op in self.all_operations() if REGISTRY[op.name].copies_source]
+        # `resample` reads another probe's run, so it ablates even when both runs are the clean prompt
+        copies = [op.name for op in self.all_operations() if REGISTRY[op.name].copies_source and op.name != "resample"]
         if self.source_model is not None:
             self._check_cross_model()
         elif self.corrupted_prompt == "clean" and not self.baseline and copies:
@@ -368,6 +378,13 @@ class StudySpec(StrictModel):
         if self.samples > 1 and not noisy:
             raise ValueError("`samples` draws noise several times; the study has no `noise` operation")
         return self
+
+    @property
+    def ablates_clean_run(self) -> bool:
+        """Both runs are the clean prompt and nothing corrupts them (``corrupted_prompt: clean``, no baseline
+        intervention, one model): the cells ablate the clean run (``zero``, ``mean``, ``resample``), their ``effect``
+        is the change in the clean metric, and recovery is undefined by design."""
+        return self.corrupted_prompt == "clean" and not self.baseline and self.source_model is None
 
     def _check_cross_model(self) -> None:
         """A source model only means something for operations that read the source run; noise baselines would
@@ -401,6 +418,11 @@ class StudySpec(StrictModel):
         """(window, combine) per patch group, in ``groups()`` order."""
         out = [(1, False)] if self.sites else []
         return out + [(g.window, g.combine) for g in self.patches or []]
+
+    def group_stacks(self) -> list[tuple[str | None, list[str] | None]]:
+        """(cumulative, probes) per patch group, in ``groups()`` order (the top-level ``sites`` have neither)."""
+        out: list[tuple[str | None, list[str] | None]] = [(None, None)] if self.sites else []
+        return out + [(g.cumulative, g.probes) for g in self.patches or []]
 
     #: how an error names this kind of file (subclasses such as ``clap run``'s study file say their own)
     _file_kind: ClassVar[str] = "a study spec is a YAML mapping (model:, probes:, sites:, ...)"

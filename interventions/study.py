@@ -45,7 +45,16 @@ from interventions.plan import (
     rows_for_budget,
 )
 from interventions.probes import Probe
-from interventions.resolved import ResolvedStudy, load_spec_model, located, site_groups, spec_probes, unembed_module
+from interventions.resolved import (
+    ResolvedStudy,
+    check_group_probes,
+    group_plans,
+    load_spec_model,
+    located,
+    site_groups,
+    spec_probes,
+    unembed_module,
+)
 from interventions.results import (
     average_samples,
     package_versions,
@@ -175,7 +184,8 @@ class Study:
                         f"metric {metric} needs a `wrong` answer for every probe; missing for "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
                     )
-        if not self.spec.baseline and self.spec.source_model is None:  # across models the models differ
+        # across models the models differ; an ablation of the clean run has no corrupted prompt by design
+        if not self.spec.baseline and self.spec.source_model is None and not self.spec.ablates_clean_run:
             check_distinct_prompts(probes, warn)
         return probes
 
@@ -240,8 +250,10 @@ class Study:
         config, tokenizer = loaded
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
+        group_plans(self.spec, *site_groups(self.spec, skeleton))  # windows and cumulative stacks too
         self._site_groups(skeleton)
-        self.probes(tokenizer, warn=False, config=config)  # the run warns once, with the loaded model's tokenizer
+        # the run warns once, with the loaded model's tokenizer
+        check_group_probes(self.spec, self.probes(tokenizer, warn=False, config=config))
         if self.spec.source_model is not None:
             source = (self._source.hf.config, self._source.tokenizer) if self._source is not None else \
                 self._config_and_tokenizer(self.spec.source_model)
@@ -482,6 +494,8 @@ class BaselineCheck:
         self.seen.update(frame.probe_id.unique())
         # recovery's denominator: |clean - corrupted|, or across models |source model's run - target model's run|
         self.defined.update(frame.probe_id[frame.recovery_defined.astype(bool)].unique())
+        if self.spec.ablates_clean_run:
+            return  # the effect on the clean run is the measure; recovery is undefined by design
         if len(self.seen) == self.n_probes and not self.defined and self.spec.source_model is not None:
             raise ClapError(
                 f"recovery is undefined for every probe: the source model's run of the source prompt and the target "
@@ -499,7 +513,7 @@ class BaselineCheck:
 
     def report(self) -> None:
         undefined = sorted(self.seen - self.defined)
-        if undefined:
+        if undefined and not self.spec.ablates_clean_run:
             gap = "|source model - target model|" if self.spec.source_model is not None else "|clean - corrupted|"
             log.warning("%d of %d probes have undefined recovery for every metric (%s <= %g): %s",
                         len(undefined), len(self.seen), gap, self.spec.recovery_epsilon, _few(undefined))

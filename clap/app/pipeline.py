@@ -12,6 +12,8 @@ Stages, in order (``--until`` stops after one, ``--force`` reruns one and what d
     trace[NAME]        with a `trace:` section: ROME's token-group table and      <out>/models/NAME/
                        heatmaps beside the results (what `clap trace` writes)     token_groups.csv, trace_*.png
     patch[cross:S-into-T]  cross-model patching: S's activations into T's runs    <out>/cross/S-into-T/
+    patch[additivity:NAME] layers patched jointly (sets from patch[NAME])        <out>/additivity/NAME/
+    patch[ablation:NAME]   the clean run ablated (zero / mean / resample)        <out>/ablation/NAME/
     analyze[NAME]      clap report, per model: tables, figures, report.html       <out>/models/NAME/analysis/
     analyze[cross:...] the same for each cross-model run                          <out>/cross/S-into-T/analysis/
     compare[A-vs-B]    clap compare, per pair named by `compare:`                 <out>/compare/A-vs-B/
@@ -163,6 +165,9 @@ class _Planner:
                 self._trace(name)
         for name, section in study.cross_runs().items():
             self._cross_patch(name, section, probes)
+        for kind, name, entry in [(k, n, e) for k in ("additivity", "ablation") if getattr(study, k) is not None
+                                  for n, e in study.model_entries().items()]:
+            self._derived(kind, name, entry, probes)
         for name in study.model_entries():
             self._analyze(name)
         for name, section in study.cross_runs().items():
@@ -341,6 +346,39 @@ class _Planner:
 
         self._add(f"patch[cross:{name}]", "patch", key, upstream, run, check)
 
+    def _derived(self, kind: str, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
+        """``patch[additivity:NAME]`` (layers patched jointly, the sets chosen from ``patch[NAME]``'s single-layer
+        results; the design table beside the results) or ``patch[ablation:NAME]`` (the clean run ablated):
+        ``<out>/KIND/NAME/``, specs derived by :mod:`interventions.derived`."""
+        from interventions.study import Study
+
+        probes_file, probes_digest = probes
+        results = self.out / kind / name
+        singles = self.out / "models" / name
+        planner = self
+        section = getattr(self.study, kind)
+
+        def run(resume: bool) -> list[Path]:
+            from clap.contract import DESIGN_FILE, atomic_write_frame
+            from interventions import derived
+
+            spec = planner.study.patch_spec(planner._model_spec(entry), probes_file)
+            spec.name = f"{planner.study.name} [{kind}:{name}]"
+            if kind == "ablation":
+                Study(derived.ablation_spec(spec, section)).run(results)
+                return [results]
+            joint, design = derived.additivity_spec(spec, read_results(singles)[0], section)
+            joint.name = spec.name
+            Study(joint).run(results)
+            atomic_write_frame(results / DESIGN_FILE, design)
+            return [results]
+
+        spec_key, probe_options = self._spec_key()
+        key = {"spec": spec_key, kind: section.model_dump(mode="json"), "probe_options": probe_options,
+               "probes": probes_digest, "model": self._identity(entry)}
+        upstream = [f"patch[{name}]"] if kind == "additivity" else (["finetune"] if entry.finetuned else [])
+        self._add(f"patch[{kind}:{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
+
     def _source(self, entry: ModelEntry) -> str:
         if entry.finetuned:
             return str(self.finetuned_dir)
@@ -397,18 +435,22 @@ class _Planner:
                      "has none, so they are not applied there", name)
             options = options.model_copy(update={"require_flip": False, "min_abs_diff": None})
         render = self.study.report
+        # a model's report holds its derived runs' sections (additivity check, clean-run ablation)
+        derived = {kind: self.out / kind / name for kind in ("additivity", "ablation")
+                   if any(s.name == f"patch[{kind}:{name}]" for s in self.stages)}
 
         def run(resume: bool) -> list[Path]:
             from analyses.report import write_report
             from clap.analysis_options import AnalysisOptions
 
             files = write_report(results, analysis=options or AnalysisOptions(), figures=render.figures,
-                                 n_boot=render.n_boot)
+                                 n_boot=render.n_boot, **derived)
             return [files.html.parent]
 
         key = {"analysis": options.model_dump(mode="json") if options else None,
                "report": render.model_dump(mode="json")}
-        self._add(f"analyze[{name}]", "analyze", key, [f"patch[{name}]"], run)
+        self._add(f"analyze[{name}]", "analyze", key, [f"patch[{name}]", *(f"patch[{k}:{name}]" for k in derived)],
+                  run)
 
     def _compare(self, a: str, b: str) -> None:
         out = self.out / "compare" / f"{a}-vs-{b}"
