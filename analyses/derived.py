@@ -109,7 +109,7 @@ def html_sections(result: Any) -> list[str]:
 
 def markdown_sections(result: Any) -> list[str]:
     """The derived sections as Markdown (figures linked relative to the analysis folder)."""
-    from analyses.report import markdown_table
+    from analyses.formatting import markdown_table
 
     out = []
     for s in getattr(result, "derived", None) or []:

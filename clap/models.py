@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from clap.builtin_adapters import BUILTIN_ADAPTERS, merge_builtin_adapter
 from clap.errors import ClapError
 from clap.locks import exclusive_lock
 
@@ -161,14 +162,20 @@ def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
     return repo_id
 
 
+def merged_builtin_adapter(name: str) -> Path:
+    """The folder of built-in fine-tuned model ``name``: its base model resolved, the shipped adapter merged into it
+    once and cached under the cache root (:func:`clap.builtin_adapters.merge_builtin_adapter`)."""
+    base_name, _ = BUILTIN_ADAPTERS[name]
+    base_location, _ = resolve_source(base_name)
+    return merge_builtin_adapter(name, base_location, cache_root() / "merged")
+
+
 def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> tuple[str, str | None]:
     """Turn a user-facing model source into (directory or hub id, gguf file name or None)."""
     if source in BUILTIN_GGUF:
         return str(convert_gguf(builtin_gguf_path(source))), None
-    from clap.builtin_adapters import BUILTIN_ADAPTERS, merge_builtin_adapter
-
     if source in BUILTIN_ADAPTERS:  # a built-in base + a shipped LoRA adapter, merged once and cached
-        return str(merge_builtin_adapter(source)), None
+        return str(merged_builtin_adapter(source)), None
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         return str(convert_gguf(path)), None

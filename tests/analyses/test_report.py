@@ -17,7 +17,7 @@ import pytest
 from analyses import load_results, rm_anova
 from analyses.io import save_results
 from analyses.pipeline import TABLE_FILES
-from analyses.report import _fmt
+from analyses.formatting import fmt as _fmt
 from analyses.synthetic import make_meta, make_results
 from clap.app.cli import main
 
