@@ -150,8 +150,8 @@ def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group:
         for unit in units.to_dict("records"):
             sel = {c: unit[c] for c in SELECT_COLUMNS if c in unit}
             kw = dict(between=group, missing="keep", agg=agg, position_reduction=position_reduction,
-                      head_reduction=head_reduction, subject_field=subject_field, min_subjects=1, min_per_group=1, min_groups=1, min_levels=1,
-                      **sel)
+                      head_reduction=head_reduction, subject_field=subject_field, min_subjects=1, min_per_group=1,
+                      min_groups=1, min_levels=1, **sel)
             try:
                 prep_a = prepare(a, dv, "layer", "probe_id", **kw)
                 pa, pb = prep_a.data, prepare(b, dv, "layer", "probe_id", **kw).data
