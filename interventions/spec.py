@@ -226,6 +226,9 @@ class ExecutionSpec(StrictModel):
     #: compute, but not yet faster on CPU: see interventions/executor.py); ``auto`` is ``full`` for now
     strategy: Literal["auto", "full", "suffix"] = "auto"
     progress: bool = True
+    #: the largest plan (patched cells, counted before any is built) a study runs; larger ones are refused with
+    #: the estimate of cells, rows and memory. null: no limit
+    max_cells: int | None = Field(default=5_000_000, ge=1)
 
     @model_validator(mode="after")
     def _strategy_fits_remote(self) -> ExecutionSpec:
