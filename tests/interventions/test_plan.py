@@ -80,15 +80,16 @@ def test_runaway_plan_is_refused_from_counts_before_any_cell_is_built(tiny_gpt2,
             "positions": ["each"], "samples": 2, "metrics": ["logit_diff"],
             "execution": {"progress": False, **execution}})
 
-    study = Study(spec(max_cells=None), model=tiny_gpt2)
-    probes = study.probes()
-    resolver, site_groups = study._site_groups(tiny_gpt2.hf)
-    groups = study._group_plans(resolver, site_groups)
-    estimate = plan_module.estimate_plan(study.spec, probes, groups)
+    estimates = []
+    count = plan_module.estimate_plan
+    monkeypatch.setattr(plan_module, "estimate_plan", lambda *a, **k: estimates.append(count(*a, **k)) or estimates[-1])
+    plan = Study(spec(max_cells=None), model=tiny_gpt2).plan()
+    (estimate,) = estimates  # counted once, by compile_plan, before it built anything
+    probes = plan.probes
     lengths = [len(p.corrupted_ids) for p in probes]
     # group 1: 3 layers x each token x replace; group 2: 3 layers x (1 + each) x (replace + zero + 2 noise draws)
     by_hand = sum(3 * n + 3 * (1 + n) * 4 for n in lengths)
-    assert estimate.cells == by_hand == len(study.plan().cells)
+    assert estimate.cells == by_hand == len(plan.cells)
     assert estimate.rows == by_hand + 2 * len(probes)
     assert estimate.bytes == by_hand * plan_module.BYTES_PER_CELL
 
