@@ -74,9 +74,9 @@ def builtin_gguf_path(name: str) -> Path:
 
 
 def _fingerprint(path: Path) -> str:
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The conversion cache's key of a GGUF file: its content digest (:func:`_file_digest`, hashed once per
+    :func:`stat_key`), so an edit that keeps size and mtime is a new conversion and a copy elsewhere reuses one."""
+    return _file_digest(path)[:16]
 
 
 def _convert_into(gguf_path: Path, folder: Path) -> None:
@@ -273,15 +273,26 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, identity: dict[str, Any] | N
     return LoadedModel(nn=nn_model, hf=hf_model, tokenizer=tokenizer, identity=ident)
 
 
-def _file_digest(path: Path) -> str:
-    """blake2b of a file's bytes, cached in ``$CLAP_CACHE/fingerprints.json`` by (path, size, mtime_ns): a model
-    directory is hashed in full once, and a rerun only stats its files."""
+def stat_key(path: Path) -> str:
+    """What identifies a file's bytes without reading them: path, size, mtime, inode and change time (ns).
+
+    Why the inode and the change time: ``cp -p``, ``rsync -a`` and ``touch -r`` give edited bytes the old size and
+    mtime, but none of them can set the change time (the kernel stamps it on every write, rename or chmod), and a
+    replaced file has a new inode. A key that only changes too often costs a re-hash, never a wrong answer."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
+
+
+def _file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, cached in ``$CLAP_CACHE/fingerprints.json`` by :func:`stat_key`: a model
+    directory is hashed in full once, and a rerun only stats its files."""
+    key = stat_key(path)
     store = cache_root() / "fingerprints.json"
     try:
         known = json.loads(store.read_text())
     except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):  # not a cache this code wrote: start it again
         known = {}
     if key in known:
         return known[key]

@@ -119,7 +119,8 @@ class Plan:
 
     def _digest(self, with_model: bool) -> str:
         spec = self.spec.to_dict()
-        spec["execution"] = {k: v for k, v in spec["execution"].items() if k not in ("progress", "remote", "strategy")}
+        spec["execution"] = {k: v for k, v in spec["execution"].items()
+                             if k not in ("progress", "remote", "strategy", "max_cells")}
         payload = json.dumps(
             {
                 "spec": spec,
@@ -155,6 +156,58 @@ def _as_group(group: Any) -> GroupPlan:
     return group if isinstance(group, GroupPlan) else GroupPlan(list(group[0]), list(group[1]), list(group[2]))
 
 
+#: Memory a plan takes per cell while it is compiled and run: the ``Cell`` with its de-duplication key, then its
+#: row of the tidy results and the copies the concatenation of batches makes (traced on a tiny GPT-2 plan with
+#: ``each`` position: about 0.6 KB while compiling and 0.9 KB more while running), rounded up.
+BYTES_PER_CELL = 2048
+
+
+@dataclass(frozen=True)
+class PlanEstimate:
+    """An upper bound on a plan's size from counts alone (no cell is built): cells, result rows, memory."""
+
+    cells: int
+    rows: int  #: forward-pass rows: one per cell plus each probe's clean and corrupted baselines (per noise draw)
+    bytes: int
+
+    def describe(self) -> str:
+        return (f"{self.cells:,} cells ({self.rows:,} forward-pass rows), about {self.bytes / 2**30:,.1f} GB "
+                "of memory for the plan and its results")
+
+
+def estimate_plan(spec: StudySpec, probes: Sequence[Probe], groups: Sequence[Any],
+                  baseline: Sequence[tuple[Sequence[Site], Sequence[Any], OperationSpec]] = ()) -> PlanEstimate:
+    """What :func:`compile_plan` would build, counted instead of built: per probe and group, sites x positions
+    (``each``: one per token of the target prompt; any other selector: one) x operations x noise draws. Cells that
+    compiling would merge or drop are counted, so this is an upper bound."""
+    groups = [_as_group(g) for g in groups]
+    target, _ = directions(spec.direction)
+    baseline_noise = any(op.name == "noise" for _, _, op in baseline) or any(
+        b.operation.name == "noise" for b in spec.baseline or [])
+    target_samples = spec.samples if baseline_noise else 1
+    cells = 0
+    for probe in probes:
+        n_target = len(probe.prompt_ids(target))
+        for group in groups:
+            positions = sum(n_target if sel == "each" else 1 for sel in group.positions)
+            per_site = sum(spec.samples if (baseline_noise or op.name == "noise") else 1 for op in group.operations)
+            cells += len(group.sites) * positions * per_site
+    rows = cells + len(probes) * (1 + target_samples)
+    return PlanEstimate(cells=cells, rows=rows, bytes=cells * BYTES_PER_CELL)
+
+
+def check_plan_size(estimate: PlanEstimate, max_cells: int | None, where: str = "execution.max_cells") -> None:
+    """Refuse a plan larger than ``max_cells`` (None: no limit) before any cell is built, naming the estimate and
+    how to run it anyway: a runaway design (every position x every operation x 100k probes) would otherwise fill
+    the memory for minutes and end in a MemoryError."""
+    if max_cells is None or estimate.cells <= max_cells:
+        return
+    raise PlanError(f"the study would run {estimate.describe()}, more than {where} ({max_cells:,}); narrow it "
+                    f"(fewer probes, sites, positions such as `each`, operations or noise samples), split it into "
+                    f"several studies, or raise the limit: `execution: {{max_cells: {estimate.cells}}}` "
+                    "(null: no limit)")
+
+
 def compile_plan(
     spec: StudySpec,
     probes: Sequence[Probe],
@@ -167,6 +220,7 @@ def compile_plan(
     groups merge. ``groups`` are :class:`GroupPlan` s or (sites, positions, operations) tuples; ``baseline`` the
     resolved baseline interventions (sites, position selectors, operation)."""
     groups = [_as_group(g) for g in groups]
+    check_plan_size(estimate_plan(spec, probes, groups, baseline), spec.execution.max_cells)
     target, source = directions(spec.direction)
     needs_resample = any(op.name == "resample" for g in groups for op in g.operations)
     resample = resample_sources(len(probes), spec.seed) if needs_resample else None

@@ -15,12 +15,14 @@ from pydantic import (
     BaseModel,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from clap.analysis_options import AnalysisOptions
 from clap.errors import ClapError
+from clap.names import name_problem
 from clap.validation import StrictModel
 from clap.validation import format_validation_error as _format_validation_error
 from clap.yamlio import line_of, load_yaml
@@ -54,6 +56,15 @@ class ProbeSpec(StrictModel):
     answer: AnswerTokens  #: the clean answer: a token string, a token id, or a set of them
     wrong: AnswerTokens | None = None  #: the answer the corrupted prompt elicits (for logit difference)
     labels: dict[str, str] = Field(default_factory=dict)  #: grouping labels, e.g. knowledge_type
+
+    @field_validator("id")
+    @classmethod
+    def _file_safe_id(cls, value: str | None) -> str | None:
+        """An id names files (``trace_<id>.png``): no path separators, ``..`` or control characters."""
+        problem = name_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(f"probe id {value!r} {problem}")
+        return value
 
     @field_validator("clean", "corrupted")
     @classmethod
@@ -215,6 +226,9 @@ class ExecutionSpec(StrictModel):
     #: compute, but not yet faster on CPU: see interventions/executor.py); ``auto`` is ``full`` for now
     strategy: Literal["auto", "full", "suffix"] = "auto"
     progress: bool = True
+    #: the largest plan (patched cells, counted before any is built) a study runs; larger ones are refused with
+    #: the estimate of cells, rows and memory. null: no limit
+    max_cells: int | None = Field(default=5_000_000, ge=1)
 
     @model_validator(mode="after")
     def _strategy_fits_remote(self) -> ExecutionSpec:
@@ -349,6 +363,27 @@ class StudySpec(StrictModel):
     _lines: dict | None = None
 
     _operation_shorthand = field_validator("operations", mode="before")(expand_operation_names)
+
+    @field_validator("name")
+    @classmethod
+    def _file_safe_name(cls, value: str) -> str:
+        """The name names the default output folder of ``clap run`` (``<name>-output``)."""
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(f"study name {value!r} {problem}")
+        return value
+
+    @field_validator("trace")
+    @classmethod
+    def _trace_reads_prob(cls, value: TraceSpec | None, info: ValidationInfo) -> TraceSpec | None:
+        """A trace's table and heatmaps are the indirect effect on p(answer): refuse before anything runs rather
+        than after the whole run, when the figures are drawn."""
+        metrics = info.data.get("metrics")
+        if value is not None and metrics is not None and "prob" not in metrics:
+            raise ValueError(f"a causal trace measures the indirect effect on p(answer), the metric `prob`, but "
+                             f"`metrics:` lists {', '.join(metrics)}; add it (metrics: [prob, "
+                             f"{', '.join(metrics)}]) or leave `metrics:` out (a trace then measures prob)")
+        return value
 
     @model_validator(mode="before")
     @classmethod

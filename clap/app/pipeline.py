@@ -66,7 +66,7 @@ PENDING_BUILTINS = {
                               "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
 }
 #: Execution settings that do not change results (they are left out of the patch stage's hash).
-NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb")
+NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "max_cells")
 
 Echo = Callable[[str], None]
 
@@ -88,11 +88,12 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
     return Path(result.model_dir)
 
 
-def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True) -> Path:
-    """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites)."""
+def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True, analysis: Any = None) -> Path:
+    """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites), under
+    the study's ``analysis:`` options (``analysis``; None: those recorded in run A)."""
     module = _compare_module()
     function = getattr(module, "compare_runs", None) or module.compare
-    function(run_a, run_b, out, figures=figures)
+    function(run_a, run_b, out, figures=figures, analysis=analysis)
     return out
 
 
@@ -295,8 +296,7 @@ class _Planner:
         def run(resume: bool) -> list[Path]:
             spec = planner.study.patch_spec(planner._model_spec(entry), probes_file)
             spec.name = f"{planner.study.name} [{name}]"
-            Study(spec).run(results)
-            return [results]
+            return _run_patch(Study(spec), results, resume)
 
         spec_key, probe_options = self._spec_key()
         key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest,
@@ -332,8 +332,7 @@ class _Planner:
             spec = planner.study.cross_spec(section, planner._model_spec(target), planner._model_spec(source),
                                            probes_file)
             spec.name = f"{planner.study.name} [cross:{name}]"
-            Study(spec).run(results)
-            return [results]
+            return _run_patch(Study(spec), results, resume)
 
         spec_key, probe_options = self._spec_key()
         key = {"spec": spec_key, "cross_model": section.model_dump(mode="json"), "probe_options": probe_options,
@@ -456,12 +455,17 @@ class _Planner:
         out = self.out / "compare" / f"{a}-vs-{b}"
         models = self.out / "models"
 
-        def run(resume: bool) -> list[Path]:
-            return [compare_models(models / a, models / b, out, figures=figures)]
+        def run(resume: bool) -> list[Path]:  # the study's options, as analyze[NAME] uses them (not run.json's)
+            from clap.analysis_options import AnalysisOptions
+
+            return [compare_models(models / a, models / b, out, figures=figures,
+                                   analysis=options or AnalysisOptions())]
 
         figures = self.study.report.figures
-        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures},
-                  [f"patch[{a}]", f"patch[{b}]"], run, lambda: _compare_module() and None)
+        options = self.study.analysis
+        key = {"pair": [a, b], "figures": figures, "analysis": options.model_dump(mode="json") if options else None}
+        self._add(f"compare[{a}-vs-{b}]", "compare", key, [f"patch[{a}]", f"patch[{b}]"], run,
+                  lambda: _compare_module() and None)
 
     def _report(self) -> None:
         from clap.app.study_report import write_study_report
@@ -481,6 +485,21 @@ class _Planner:
         stage.hash = digest({"stage": name, "key": key, "upstream": {u: hashes[u] for u in upstream},
                              "clap": __version__})
         self.stages.append(stage)
+
+
+def _run_patch(study: Any, results: Path, resume: bool) -> list[Path]:
+    """Run a patch stage into ``results``; return the files it wrote (the results contract's).
+
+    Only a stage interrupted under the same hash resumes from its finished batches: a stage that runs because its
+    hash changed (weights, probes, spec, clap version) or was forced first discards every batch in
+    ``results/.partial``, whatever plan fingerprint they carry, so no batch of other inputs can be picked up."""
+    from clap.contract import results_path, samples_path, sidecar_path
+    from interventions.batch_store import discard_partial
+
+    if not resume and discard_partial(results):
+        log.info("%s: finished batches of an earlier run of this stage discarded (its inputs changed)", results)
+    study.run(results)
+    return [results_path(results), sidecar_path(results), *[p for p in [samples_path(results)] if p.is_file()]]
 
 
 def _fail(message: str) -> Callable[[], None]:
@@ -560,34 +579,24 @@ def run_study(study: StudyFile | str | Path | dict, out: str | Path | None = Non
         for number, stage in enumerate(stages, start=1):
             head = f"stage {number}/{len(stages)} {stage.name}"
             rerun = stage.name in forced or any(u in ran for u in stage.upstream)
-            if not rerun and store.is_done(stage.name, stage.hash) and _outputs_exist(store, stage.name):
+            problem = store.outputs_problem(stage.name) if store.is_done(stage.name, stage.hash) else None
+            if not rerun and store.is_done(stage.name, stage.hash) and problem is None:
                 result.stages[stage.name] = "up to date"
                 say(f"{head}: up to date")
                 continue
             record = store.stages.get(stage.name) or {}
             resume = record.get("status") == "running" and record.get("hash") == stage.hash
-            say(f"{head}: {'resuming' if resume else 'running'}")
+            reason = f" (its outputs changed: {problem})" if problem and not rerun else ""
+            say(f"{head}: {'resuming' if resume else 'running'}{reason}")
             store.mark_running(stage.name, stage.hash)
             clock = time.perf_counter()
             outputs = stage.action(resume)
             seconds = time.perf_counter() - clock
-            store.mark_done(stage.name, stage.hash, seconds, [_relative(p, out) for p in outputs])
+            store.mark_done(stage.name, stage.hash, seconds, outputs)
             ran.add(stage.name)
             result.stages[stage.name] = "ran"
             say(f"{head}: done in {seconds:.1f} s (elapsed {time.perf_counter() - started:.1f} s)")
     return result
-
-
-def _outputs_exist(store: StageStore, name: str) -> bool:
-    outputs = store.stages[name].get("outputs") or []
-    return all((store.path.parent / p).exists() for p in outputs)
-
-
-def _relative(path: Path, out: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(out.resolve()).as_posix()
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 # ------------------------------------------------------------------------------------------------- command line
