@@ -49,7 +49,7 @@ from clap.app.study_file import (
     StudyFile,
     resolve_path,
 )
-from clap.contract import read_results
+from clap.contract import atomic_write_text, read_results
 from clap.errors import ClapError, closest
 from interventions.spec import ModelSpec, ProbeSetSpec
 
@@ -274,10 +274,7 @@ class _Planner:
         text = "\n".join(lines) + "\n"
         target = self.out / "probes.jsonl"
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(".probes.jsonl.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(target)
+            atomic_write_text(target, text)
         return target, digest(text)
 
     def _patch(self, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
