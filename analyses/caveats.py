@@ -69,6 +69,39 @@ def undefined_caveat(data: pd.DataFrame) -> str | None:
     )
 
 
+def group_caveat(data: pd.DataFrame, group: str | None, dv: str = "recovery") -> str | None:
+    """Groups with fewer than 2 complete probes (a defined value at every layer of a slice) in some tested slice:
+    such a group has no variance and no interval, and the between-group tests lean on the other groups. Often the
+    sign of a grouping by a per-probe field (an id), so the sentence says how to declare the group."""
+    from analyses.select import SELECT_COLUMNS
+
+    if not group or group not in data.columns or dv not in data.columns:
+        return None
+    rows = data[~data["trivial"].astype(bool) & data["layer"].notna()
+                & np.isfinite(pd.to_numeric(data[dv], errors="coerce").astype(float))]
+    keys = [c for c in SELECT_COLUMNS if c in rows.columns]
+    groups = data.drop_duplicates("probe_id").set_index("probe_id")[group]
+    fewest: dict[Any, int] = {}
+    for _, part in rows.groupby(keys, observed=True, dropna=False) if keys else [((), rows)]:
+        n_layers = part["layer"].nunique()
+        if n_layers < 2:
+            continue
+        per_probe = part.groupby("probe_id", observed=True)["layer"].nunique()
+        complete = per_probe[per_probe == n_layers].index
+        counts = groups.reindex(complete).value_counts().reindex(groups.unique(), fill_value=0)
+        for g, k in counts.items():
+            fewest[g] = min(fewest.get(g, int(k)), int(k))
+    small = sorted(((g, k) for g, k in fewest.items() if k < 2), key=lambda item: str(item[0]))
+    if not small:
+        return None
+    listed = _names([f"{g} ({k})" for g, k in small])
+    return (f"Design: {len(small)} of {len(fewest)} `{group}` group(s) have fewer than 2 complete probes (a value "
+            f"at every layer of a slice; fewest per group over the slices): {listed}. Such a group has no variance "
+            "and no interval, and the between-group tests rest on the other groups. Check that `"
+            f"{group}` is the grouping you meant (declare it with `analysis: {{group: NAME}}` or `--group NAME`), "
+            "or add probes to these groups.")
+
+
 def sample_caveats(data: pd.DataFrame, group: str | None) -> list[str]:
     """Single probe (no test possible) and small samples (little power)."""
     n = data["probe_id"].nunique()

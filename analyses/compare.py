@@ -211,7 +211,9 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     dv : str, default "recovery"
         The variable compared.
     group : str, optional
-        A group column present in both runs; default the first group column they share.
+        A probe label of both runs; default the ``analysis.group`` their specs declare, else ``knowledge_type``
+        when both carry it, else the first shared label that can group probes (never a provenance label such as
+        ``pmids`` or ``bioasq_id``; :mod:`clap.groups`).
     agg : str, optional
         Legacy: one pandas aggregation over a probe's rows at one layer instead of the named reductions.
     position_reduction : str or int, default "last"
@@ -262,12 +264,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     """
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
-    if group is None:
-        shared = [g for g in meta_a["group_columns"] if g in meta_b["group_columns"]]
-        group = shared[0] if shared else None
-    elif group not in a.columns or group not in b.columns:
-        raise ClapError(f"group column {group!r} is not in both runs; group columns: "
-                        f"{', '.join(meta_a['group_columns']) or 'none'}")
+    group = comparison_group(group, a, b, meta_a, meta_b)
     check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=(str(run_a), str(run_b)))
     paired = paired_values(a, b, dv, group, agg, position_reduction, head_reduction)
     result = Comparison(Path(run_a), Path(run_b), Path(out_dir), layer_differences(paired), layer_model_anova(paired),
@@ -284,6 +281,23 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     atomic_write_text(out / "compare.md", render_markdown(result, figs, alpha))
     result.files += [out / "compare.html", out / "compare.md"]
     return result
+
+
+def comparison_group(group: str | None, a: pd.DataFrame, b: pd.DataFrame, meta_a: dict[str, Any],
+                     meta_b: dict[str, Any]) -> str | None:
+    """The group of a comparison: ``group`` (``--group``), else the ``analysis.group`` the runs' specs declare,
+    else the default of :mod:`clap.groups` (``knowledge_type``; never a provenance label such as ``pmids``) over
+    the labels both runs carry. A group that is not a label of both runs raises :class:`ClapError`."""
+    from analyses.pipeline import probe_labels
+    from clap.groups import resolve_group
+
+    analyses = [(m.get("spec") or {}).get("analysis") or {} for m in (meta_a, meta_b)]
+    if group is None:
+        group = next((x.get("group") for x in analyses if x.get("group")), None)
+    in_b = set(meta_b.get("group_columns") or []) & set(b.columns)
+    shared = {k: v for k, v in probe_labels(meta_a, a).items() if k in in_b}
+    subject_field = analyses[0].get("subject_field") or "subject"
+    return resolve_group(group, shared, subject_field, where="group (--group, analysis.group; a label of both runs)")
 
 
 def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> list[tuple[str, list[Path]]]:

@@ -86,11 +86,12 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
     return Path(result.model_dir)
 
 
-def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True) -> Path:
-    """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites)."""
+def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True, group: str | None = None) -> Path:
+    """``clap compare RUN_A RUN_B -o OUT [--group G]`` (paired differences of two models on the same probes and
+    sites; ``group``: the study's ``analysis.group``)."""
     module = _compare_module()
     function = getattr(module, "compare_runs", None) or module.compare
-    function(run_a, run_b, out, figures=figures)
+    function(run_a, run_b, out, figures=figures, **({"group": group} if group else {}))
     return out
 
 
@@ -412,10 +413,12 @@ class _Planner:
         models = self.out / "models"
 
         def run(resume: bool) -> list[Path]:
-            return [compare_models(models / a, models / b, out, figures=figures)]
+            return [compare_models(models / a, models / b, out, figures=figures, group=group)]
 
         figures = self.study.report.figures
-        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures},
+        group = self.study.analysis.group if self.study.analysis else None
+        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures,
+                                                      **({"group": group} if group else {})},
                   [f"patch[{a}]", f"patch[{b}]"], run, lambda: _compare_module() and None)
 
     def _report(self) -> None:
@@ -461,10 +464,15 @@ def _select(stages: Sequence[Stage], names: Iterable[str], option: str) -> set[s
 
 # ------------------------------------------------------------------------------------------------- running
 def load_study(study: StudyFile | str | Path | dict, models: dict[str, str] | None = None,
-               **execution: Any) -> StudyFile:
-    """The study file with ``models`` (name -> source) and execution settings (``remote``, ``device``,
-    ``max_rows``, ``progress``; None = keep) overridden, as ``clap run --model NAME=SOURCE`` does."""
+               group: str | None = None, **execution: Any) -> StudyFile:
+    """The study file with ``models`` (name -> source), ``group`` (``analysis.group``) and execution settings
+    (``remote``, ``device``, ``max_rows``, ``progress``; None = keep) overridden, as ``clap run --model NAME=SOURCE
+    --group G`` does."""
     study = StudyFile.coerce(study)
+    if group is not None:
+        from clap.analysis_options import AnalysisOptions
+
+        study.analysis = (study.analysis or AnalysisOptions()).model_copy(update={"group": group})
     if models:
         entries = study.model_entries()
         for name, source in models.items():
@@ -488,13 +496,13 @@ def load_study(study: StudyFile | str | Path | dict, models: dict[str, str] | No
 def run_study(study: StudyFile | str | Path | dict, out: str | Path | None = None, *, force: Sequence[str] = (),
               until: str | None = None, models: dict[str, str] | None = None, remote: bool | str | None = None,
               device: str | None = None, max_rows: int | None = None, progress: bool | None = None,
-              echo: Echo | None = None) -> RunResult:
+              group: str | None = None, echo: Echo | None = None) -> RunResult:
     """Run every stage of ``study`` that is not up to date into ``out``; the Python twin of ``clap run``.
 
     ``force``: stages (or kinds, or ``all``) to rerun although up to date; what depends on them reruns too.
     ``until``: the last stage (or kind) to run. ``models``: name -> source overrides. ``echo`` receives one line
-    per stage (default: printed to stderr)."""
-    study = load_study(study, models, remote=remote, device=device, max_rows=max_rows, progress=progress)
+    per stage (default: printed to stderr). ``group``: the analyses' and comparisons' group (``analysis.group``)."""
+    study = load_study(study, models, group, remote=remote, device=device, max_rows=max_rows, progress=progress)
     for section, reason in study.pending():
         raise ClapError(f"study {study.name!r}: `{section}:` {reason}; remove the section to run the rest")
     out = Path(out) if out is not None else Path(f"{study.name}-output")
@@ -564,6 +572,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
     p.add_argument("--device", help="override execution.device")
     p.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    p.add_argument("--group", metavar="LABEL",
+                   help="override analysis.group: the probe label whose values are the groups of the analyses and "
+                        "comparisons (default: analysis.group, else knowledge_type, never a provenance label)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_command)
 
@@ -578,7 +589,7 @@ def _run_command(args: argparse.Namespace) -> int:
     remote = {"false": False, "true": True, "local": "local"}[args.remote] if args.remote else None
     result = run_study(args.study, args.out, force=args.force, until=args.until, models=models, remote=remote,
                        device=args.device, max_rows=args.max_rows, progress=False if args.no_progress else None,
-                       echo=lambda line: print(line, flush=True))
+                       group=args.group, echo=lambda line: print(line, flush=True))
     ran = sum(status == "ran" for status in result.stages.values())
     print(f"{len(result.stages)} stages ({ran} ran, {len(result.stages) - ran} up to date) -> {result.out}"
           + (f"; open {result.report}" if result.report.is_file() else ""))
