@@ -55,8 +55,16 @@ def _who(group: str | None, g: Any, everyone: str = "all probes") -> str:
     return f"`{group}` = {g}" if g is not None else everyone
 
 
+def _ci_words(row: Any, level: int) -> str:
+    """``95 % CI [a, b]``, or that there is none (one probe: no interval)."""
+    if pd.isna(row["ci_low"]) or pd.isna(row["ci_high"]):
+        return f"no {level} % CI ({'one probe' if row.get('n') == 1 else 'no interval'})"
+    return f"{level} % CI [{_n(row['ci_low'])}, {_n(row['ci_high'])}]"
+
+
 def _interval_findings(ci: pd.DataFrame, group: str | None, dv: str) -> list[str]:
-    """Per group: the layer of the highest mean and the layers whose bootstrap CI excludes 0."""
+    """Per group: the layer of the highest mean and the layers whose interval excludes 0. A group without an
+    interval (one probe) is said to have none, never that its intervals include 0."""
     if not len(ci):
         return []
     out = []
@@ -64,15 +72,25 @@ def _interval_findings(ci: pd.DataFrame, group: str | None, dv: str) -> list[str
     for g, part in _by_group(ci, group):
         best = part.loc[part["mean"].idxmax()]
         sentence = (f"{_who(group, g)}: {dv} is highest at layer {_n(best['layer'])} (mean {_n(best['mean'])}, "
-                    f"{level} % CI [{_n(best['ci_low'])}, {_n(best['ci_high'])}], n = {_n(best['n'])})")
-        above = part[part["ci_low"] > 0].sort_values("layer")["layer"].tolist()
-        below = part[part["ci_high"] < 0].sort_values("layer")["layer"].tolist()
+                    f"{_ci_words(best, level)}, n = {_n(best['n'])})")
+        with_ci = part[part["ci_low"].notna() & part["ci_high"].notna()]
+        without = part[~part.index.isin(with_ci.index)].sort_values("layer")["layer"].tolist()
+        if with_ci.empty:
+            most = int(part["n"].max()) if "n" in part and part["n"].notna().any() else 0
+            out.append(sentence + f"; no {level} % interval at any layer ({most} probe(s): an interval needs at "
+                                  "least 2), so nothing can be said about 0.")
+            continue
+        above = with_ci[with_ci["ci_low"] > 0].sort_values("layer")["layer"].tolist()
+        below = with_ci[with_ci["ci_high"] < 0].sort_values("layer")["layer"].tolist()
         if above:
             sentence += f"; its {level} % CI lies above 0 at {_layers(above)}"
         else:
-            sentence += f"; no evidence of {dv} above 0 at any layer (every {level} % CI includes 0 or lies below)"
+            sentence += (f"; no evidence of {dv} above 0 at any layer (every {level} % CI includes 0 or lies below"
+                         + (" where there is one" if without else "") + ")")
         if below:
             sentence += f"; below 0 at {_layers(below)}"
+        if without:
+            sentence += f"; no interval at {_layers(without)} (fewer than 2 probes)"
         out.append(sentence + ".")
     return out
 
@@ -89,6 +107,9 @@ def _one_sample_findings(one: pd.DataFrame, group: str | None, alpha: float) -> 
     out = []
     for g, part in _by_group(one, group):
         who = _who(group, g)
+        if p.loc[part.index].isna().all():
+            out.append(f"{who}: no one-sample test could run (an interval and a test need at least 2 probes).")
+            continue
         hits = part[p.loc[part.index] < alpha].sort_values("layer")["layer"].tolist()
         out.append(f"{who}: one-sample tests against 0 ({label} < {alpha}) are significant at {_layers(hits)}."
                    if hits else f"{who}: no evidence from the one-sample tests ({label} < {alpha}) at any layer.")
@@ -172,6 +193,8 @@ def overall_findings(tables: Mapping[str, pd.DataFrame], group: str | None, dv: 
         best = part.loc[part["mean"].idxmax()]
         where = ", ".join(f"{k} {best[k]}" for k in keys)
         who = _who(group, g, everyone="All probes")
+        interval = (f"CI [{_n(best['ci_low'])}, {_n(best['ci_high'])}]"
+                    if pd.notna(best["ci_low"]) and pd.notna(best["ci_high"]) else "no interval")
         out.append(f"{who}: the highest mean {dv} of all slices is at {where}, layer {_n(best['layer'])} "
-                   f"(mean {_n(best['mean'])}, CI [{_n(best['ci_low'])}, {_n(best['ci_high'])}]).")
+                   f"(mean {_n(best['mean'])}, {interval}).")
     return out

@@ -128,3 +128,31 @@ def test_compare_defaults_to_knowledge_type_not_the_first_label(tmp_path):
     assert compare(a, b, tmp_path / "cmp2", figures=False, group="bioasq_id").group == "bioasq_id"
     with pytest.raises(ClapError, match="not a label of the probes"):
         compare(a, b, tmp_path / "cmp3", figures=False, group="nope")
+
+
+def test_findings_say_a_one_probe_group_has_no_interval(tmp_path):
+    """One-probe groups have no interval: the findings say so, never "every 95 % CI includes 0"."""
+    data = with_provenance(synthetic())
+    run = write_run(tmp_path / "run", data, ["knowledge_type", "bioasq_id", "pmids"])
+    from analyses.report import findings
+
+    result = analyze(run, figures=False, n_boot=100, group="bioasq_id")
+    lines = [x for _, sentences in findings(result) for x in sentences]
+    about_one = [x for x in lines if x.startswith("`bioasq_id` = 5e00f:")]
+    assert about_one and not any("includes 0" in x for x in lines if x.startswith("`bioasq_id`"))
+    assert "(mean " in about_one[0] and "no 95 % CI (one probe), n = 1)" in about_one[0]
+    assert "no 95 % interval at any layer (1 probe(s): an interval needs at least 2)" in about_one[0]
+    # groups that have intervals keep the wording that is true of them
+    normal = analyze(run, figures=False, n_boot=100)
+    text = " ".join(x for _, sentences in findings(normal) for x in sentences)
+    assert "`knowledge_type` = associative:" in text and "no interval" not in text
+
+
+def test_one_sample_findings_without_a_test_say_so():
+    from analyses.findings import _one_sample_findings
+
+    table = pd.DataFrame({"layer": [0, 1, 0, 1], "g": ["a", "a", "b", "b"], "p_unc": [0.01, 0.2, None, None]})
+    assert _one_sample_findings(table, "g", 0.05) == [
+        "`g` = a: one-sample tests against 0 (p_unc < 0.05) are significant at layer 0.",
+        "`g` = b: no one-sample test could run (an interval and a test need at least 2 probes).",
+    ]
