@@ -294,6 +294,7 @@ def analyze(
     notes = [c for c in [_caveats.group_caveat(data, requested, dv)] if c]
     notes += _caveats.collect(data, tables, group, alpha)
     notes += _caveats.validity_caveats(validity, tables["shared_prompts"], opts.subject)
+    notes += [c for c in [_caveats.denominator_caveat(data, validity)] if c]
     result = Analysis(results_dir, out, data, meta, options, tables, notes)
     result.methods = methods_text(result)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,7 +439,8 @@ def _rules(opts: AnalysisOptions) -> str:
     if opts.require_flip:
         parts.append("the corruption flips the preference")
     if opts.min_abs_diff is not None:
-        parts.append(f"|clean - corrupted| >= {opts.min_abs_diff:g}")
+        parts.append(f"|recovery denominator| (|clean - corrupted|, across models |source - target|) >= "
+                     f"{opts.min_abs_diff:g}")
     return "; ".join(parts)
 
 

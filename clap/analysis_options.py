@@ -22,7 +22,8 @@ every table (the ``reduction`` column) and in the Methods text:
 exclusion rules
     ``min_clean_logit_diff`` (the model must prefer the answer in the clean run by at least this margin),
     ``require_flip`` (the corruption must flip the preference: clean and corrupted logit differences of opposite
-    sign), ``min_abs_diff`` (|clean - corrupted| of the logit difference at least this). Applied to probes before
+    sign), ``min_abs_diff`` (the recovery's denominator at least this in magnitude: |clean - corrupted| of the logit
+    difference; across models |source model's run - target model's run|). Applied to probes before
     any statistic; the excluded probes are listed with the rule that excluded them.
 ``group``
     the probe label whose values are the groups of the between-group tests (mixed ANOVA, Welch tests, per-group

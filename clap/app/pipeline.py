@@ -386,14 +386,15 @@ class _Planner:
     # -- analyses -------------------------------------------------------------------------------------------
     def _analyze(self, name: str, results: Path | None = None, same_prompt: bool = False) -> None:
         """``analyze[NAME]``. A same-prompt cross-model stage has no corruption of its own (the models are the
-        difference), so the exclusion rules that judge a probe's corruption (``require_flip``, ``min_abs_diff``)
-        would drop every probe there: they apply to the per-model stages only."""
+        difference), so ``require_flip``, which judges a probe's corruption, would drop every probe there: it
+        applies to the per-model stages only. ``min_abs_diff`` judges the recovery's denominator, which a
+        cross-model run has (source model's run - target model's run), and applies everywhere."""
         results = results or self.out / "models" / name
         options = self.study.analysis
-        if same_prompt and options is not None and (options.require_flip or options.min_abs_diff is not None):
-            log.info("analyze[%s]: require_flip / min_abs_diff judge a corruption; a same-prompt cross-model run "
-                     "has none, so they are not applied there", name)
-            options = options.model_copy(update={"require_flip": False, "min_abs_diff": None})
+        if same_prompt and options is not None and options.require_flip:
+            log.info("analyze[%s]: require_flip judges a corruption; a same-prompt cross-model run has none, so it "
+                     "is not applied there", name)
+            options = options.model_copy(update={"require_flip": False})
         render = self.study.report
 
         def run(resume: bool) -> list[Path]:
