@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.figures import COLUMN_WIDTH_IN
-from analyses.pipeline import Analysis, FigureFile, analyze
+from analyses.pipeline import TABLE_FILES, Analysis, FigureFile, analyze
 from analyses.select import SELECT_COLUMNS
 from clap.contract import atomic_write_text
 
@@ -416,6 +416,25 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([head, rule, *rows]) + "\n"
 
 
+def _markdown_stat_table(name: str, shown: pd.DataFrame, alpha: float) -> list[str]:
+    """A statistics table; one longer than :data:`FOLD_ROWS` is folded as the HTML folds it: the row count, how many
+    rows are significant, the :data:`FOLD_ROWS` rows with the smallest p-values, and a link to the CSV beside the
+    report that holds every row (a pairs-of-layers table of 30 layers has 435 rows per slice)."""
+    if len(shown) <= FOLD_ROWS:
+        return [markdown_table(shown)]
+    p, label = row_p_values(shown)
+    csv = TABLE_FILES.get(name)
+    where = f"[{csv}]({csv})" if csv else "the CSV tables"
+    if p is None:
+        return [f"{len(shown)} rows; the first {FOLD_ROWS} are shown, every row is in {where}.", "",
+                markdown_table(shown.head(FOLD_ROWS))]
+    hits = int((p < alpha).sum())
+    order = p.sort_values(kind="stable", na_position="last").index[:FOLD_ROWS]
+    top = shown.loc[order]
+    return [f"{len(shown)} rows, {hits} with {label} < {alpha}; the {len(top)} with the smallest {label} are shown, "
+            f"every row is in {where} (filter by this slice's columns).", "", markdown_table(top)]
+
+
 def _noise_markdown(tables: dict[str, pd.DataFrame]) -> list[str]:
     """The noise draws table (studies with ``samples`` > 1), after the Methods."""
     if not len(tables.get("noise_samples", ())):
@@ -457,7 +476,8 @@ def render_markdown(result: Analysis) -> str:
         for name in slice_tables(result):
             part = _in_unit(tables[name], unit)
             if len(part):
-                out += [f"#### {TITLES.get(name, name)}", "", markdown_table(_shown(name, part, group))]
+                out += [f"#### {TITLES.get(name, name)}", "",
+                        *_markdown_stat_table(name, _shown(name, part, group), o.get("alpha", 0.05))]
         skipped = _in_unit(tables["skipped"], unit)
         if len(skipped):
             out += ["#### Not run", "", markdown_table(skipped[["test", "reason"]])]
