@@ -417,17 +417,14 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _markdown_stat_table(name: str, shown: pd.DataFrame, alpha: float) -> list[str]:
-    """A statistics table; one longer than :data:`FOLD_ROWS` is folded as the HTML folds it: the row count, how many
-    rows are significant, the :data:`FOLD_ROWS` rows with the smallest p-values, and a link to the CSV beside the
+    """A statistics table; a test table longer than :data:`FOLD_ROWS` is folded as the HTML folds it: the row count,
+    how many rows are significant, the :data:`FOLD_ROWS` rows with the smallest p-values, and a link to the CSV beside the
     report that holds every row (a pairs-of-layers table of 30 layers has 435 rows per slice)."""
-    if len(shown) <= FOLD_ROWS:
-        return [markdown_table(shown)]
     p, label = row_p_values(shown)
+    if len(shown) <= FOLD_ROWS or p is None:  # descriptive tables (one row per layer and group) stay whole
+        return [markdown_table(shown)]
     csv = TABLE_FILES.get(name)
     where = f"[{csv}]({csv})" if csv else "the CSV tables"
-    if p is None:
-        return [f"{len(shown)} rows; the first {FOLD_ROWS} are shown, every row is in {where}.", "",
-                markdown_table(shown.head(FOLD_ROWS))]
     hits = int((p < alpha).sum())
     order = p.sort_values(kind="stable", na_position="last").index[:FOLD_ROWS]
     top = shown.loc[order]
