@@ -417,9 +417,9 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _markdown_stat_table(name: str, shown: pd.DataFrame, alpha: float) -> list[str]:
-    """A statistics table; a test table longer than :data:`FOLD_ROWS` is folded as the HTML folds it: the row count,
-    how many rows are significant, the :data:`FOLD_ROWS` rows with the smallest p-values, and a link to the CSV beside the
-    report that holds every row (a pairs-of-layers table of 30 layers has 435 rows per slice)."""
+    """A statistics table; a test table longer than :data:`FOLD_ROWS` is folded as the HTML folds it: the row
+    count, how many rows are significant, the :data:`FOLD_ROWS` rows with the smallest p-values, and a link to the
+    CSV beside the report that holds every row (a pairs-of-layers table of 30 layers has 435 rows per slice)."""
     p, label = row_p_values(shown)
     if len(shown) <= FOLD_ROWS or p is None:  # descriptive tables (one row per layer and group) stay whole
         return [markdown_table(shown)]
