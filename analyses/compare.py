@@ -30,9 +30,11 @@ import pandas as pd
 
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
-from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_text
+from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_json, atomic_write_text
 from clap.errors import ClapError
 
+#: The findings as data beside ``compare.html``, read by ``clap run``'s study page.
+FINDINGS_FILE = "findings.json"
 #: How many offending probes or sites an error message lists.
 SHOW = 5
 
@@ -54,6 +56,7 @@ class Comparison:
     meta_b: dict[str, Any]
     group: str | None = None
     files: list[Path] = field(default_factory=list)
+    dv: str = "recovery"
 
 
 def _listing(items: list[Any]) -> str:
@@ -268,7 +271,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=(str(run_a), str(run_b)))
     paired = paired_values(a, b, dv, group, agg, position_reduction, head_reduction)
     result = Comparison(Path(run_a), Path(run_b), Path(out_dir), layer_differences(paired), layer_model_anova(paired),
-                        paired, meta_a, meta_b, group)
+                        paired, meta_a, meta_b, group, dv=dv)
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("paired_differences", paired), ("layer_differences", result.differences),
@@ -279,8 +282,32 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     result.files += [p for _, paths in figs for p in paths]
     atomic_write_text(out / "compare.html", render_html(result, figs, alpha))
     atomic_write_text(out / "compare.md", render_markdown(result, figs, alpha))
-    result.files += [out / "compare.html", out / "compare.md"]
+    atomic_write_json(out / FINDINGS_FILE, findings_record(result, alpha))
+    result.files += [out / "compare.html", out / "compare.md", out / FINDINGS_FILE]
     return result
+
+
+def comparison_findings(result: Comparison, alpha: float = 0.05) -> list[tuple[str, list[str]]]:
+    """``(slice heading, sentences)`` per slice (:func:`analyses.findings.comparison_findings`), from the very tables
+    ``compare.html`` prints; ``compare.html`` / ``.md`` show them first and ``findings.json`` holds them."""
+    from analyses.findings import comparison_findings as sentences
+
+    keys = [c for c in SELECT_COLUMNS if c in result.differences.columns]
+    out = []
+    for key, _ in result.differences.groupby(keys, sort=True) if keys else []:
+        unit = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        lines = sentences(result.differences, result.anova, unit, alpha, result.dv)
+        if lines:
+            out.append((" · ".join(f"{k} {v}" for k, v in unit.items()), lines))
+    return out
+
+
+def findings_record(result: Comparison, alpha: float = 0.05) -> dict[str, Any]:
+    """What ``findings.json`` of a comparison holds (read by ``clap run``'s study page)."""
+    found = comparison_findings(result, alpha)
+    return {"kind": "comparison", "group": result.group, "dv": result.dv, "alpha": alpha,
+            "n_probes": int(result.paired["probe_id"].nunique()),
+            "slices": [{"slice": h, "headline": lines, "findings": lines} for h, lines in found]}
 
 
 def comparison_group(group: str | None, a: pd.DataFrame, b: pd.DataFrame, meta_a: dict[str, Any],
@@ -341,6 +368,10 @@ def _sections(result: Comparison) -> list[tuple[str, pd.DataFrame, pd.DataFrame]
     return out
 
 
+def _group_words(result: Comparison) -> str:
+    return f"`{result.group}` (one heatmap panel per group)" if result.group else "none"
+
+
 def _model_name(meta: dict[str, Any], path: Path) -> str:
     from analyses.report import study_title
 
@@ -358,7 +389,13 @@ def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: f
              f"<p>A: <code>{html.escape(_model_name(result.meta_a, result.run_a))}</code><br>"
              f"B: <code>{html.escape(_model_name(result.meta_b, result.run_b))}</code><br>"
              f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired (the same probe "
-             "in both runs).</p>"]
+             f"in both runs). Groups: {html.escape(_group_words(result))}.</p>"]
+    found = comparison_findings(result, alpha)
+    if found:
+        parts.append("<h2>Findings</h2>")
+        for heading, lines in found:
+            parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">"
+                         + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
     for title, diff, anova in _sections(result):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(_html_stat_table("Paired difference per layer (B - A, t-test, Holm over layers)", diff, alpha))
@@ -380,7 +417,13 @@ def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alph
 
     out = ["# Comparison of two runs: B - A", "", f"- A: `{_model_name(result.meta_a, result.run_a)}`",
            f"- B: `{_model_name(result.meta_b, result.run_b)}`", "",
-           f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired.", ""]
+           f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired. "
+           f"Groups: {_group_words(result)}.", ""]
+    found = comparison_findings(result, alpha)
+    if found:
+        out += ["## Findings", ""]
+        for heading, lines in found:
+            out += [f"### {heading}", "", *[f"- {x}" for x in lines], ""]
     for title, diff, anova in _sections(result):
         out += [f"## {title}", "", "### Paired difference per layer (B - A, t-test, Holm over layers)", "",
                 markdown_table(diff)]

@@ -180,6 +180,47 @@ def unit_findings(tables: Mapping[str, pd.DataFrame], unit: Mapping[str, Any], g
     return out
 
 
+def unit_headline(tables: Mapping[str, pd.DataFrame], unit: Mapping[str, Any], group: str | None,
+                  alpha: float = 0.05, dv: str = "recovery") -> list[str]:
+    """The headline of one slice: the sentences of :func:`unit_findings` on the layer effect and, with groups, on
+    the group difference and the layer x group interaction (the study page shows these, unchanged)."""
+    out = _layer_effect_findings(_in(tables.get("rm_anova"), unit), dv, alpha)
+    if group:
+        out += _group_findings(_in(tables.get("mixed_anova"), unit), group, dv, alpha)
+    return out
+
+
+def comparison_findings(differences: pd.DataFrame, anova: pd.DataFrame, unit: Mapping[str, Any],
+                        alpha: float = 0.05, dv: str = "recovery") -> list[str]:
+    """Sentences for one slice of ``clap compare`` (B - A, paired per probe), from its two tables: the model main
+    effect and the layer x model interaction of the repeated-measures ANOVA, and the largest per-layer difference
+    with its uncorrected and Holm-corrected p."""
+    out = []
+    rows = _in(anova, unit).set_index("Source") if len(_in(anova, unit)) else pd.DataFrame()
+    if "model" in rows.index:
+        r = rows.loc["model"]
+        stat = f"F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(r['p_unc'])}"
+        out.append(f"Mean {dv} differs between the models (B - A; {stat})." if r["p_unc"] < alpha
+                   else f"No evidence that mean {dv} differs between the models ({stat}).")
+    if "layer * model" in rows.index:
+        r = rows.loc["layer * model"]
+        p = r["p_GG_corr"] if pd.notna(r.get("p_GG_corr")) else r["p_unc"]
+        stat = f"layer x model F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(p)}"
+        out.append(f"The difference depends on the layer ({stat})." if p < alpha
+                   else f"No evidence that the difference depends on the layer ({stat}).")
+    diff = _in(differences, unit)
+    tested = diff[diff["p_unc"].notna()] if len(diff) else diff
+    if len(tested):
+        top = tested.loc[tested["diff"].abs().idxmax()]
+        sig = tested[tested["p_corr"] < alpha].sort_values("layer")["layer"].tolist()
+        out.append(f"Largest per-layer difference: {'+' if top['diff'] > 0 else ''}{_n(top['diff'])} at layer "
+                   f"{_n(top['layer'])} (95 % CI [{_n(top['ci_low'])}, {_n(top['ci_high'])}], {_p(top['p_unc'])} "
+                   f"uncorrected, Holm p_corr = {_n(top['p_corr'])}); "
+                   + (f"B - A differs at {_layers(sig)} after Holm correction." if sig else
+                      f"no layer differs after Holm correction (p_corr < {alpha})."))
+    return out
+
+
 def overall_findings(tables: Mapping[str, pd.DataFrame], group: str | None, dv: str = "recovery") -> list[str]:
     """Across slices: for each group, the slice and layer with the highest mean (from ``bootstrap_ci``)."""
     ci = tables.get("bootstrap_ci")

@@ -25,7 +25,10 @@ import pandas as pd
 from analyses.figures import COLUMN_WIDTH_IN
 from analyses.pipeline import TABLE_FILES, Analysis, FigureFile, analyze
 from analyses.select import SELECT_COLUMNS
-from clap.contract import atomic_write_text
+from clap.contract import atomic_write_json, atomic_write_text
+
+#: The findings as data beside ``report.html`` (:func:`findings_record`), read by ``clap run``'s study page.
+FINDINGS_FILE = "findings.json"
 
 #: Columns shown in the report (the CSV files keep every column).
 SHOWN = {
@@ -126,7 +129,23 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **o
     md_path = result.out_dir / "report.md"
     atomic_write_text(html_path, render_html(result))
     atomic_write_text(md_path, render_markdown(result))
+    atomic_write_json(result.out_dir / FINDINGS_FILE, findings_record(result))
     return ReportFiles(html_path, md_path, result)
+
+
+def findings_record(result: Analysis) -> dict[str, Any]:
+    """What ``findings.json`` holds, for pages that summarise several reports (``clap run``'s study page): per
+    tested slice its heading, headline (:func:`analyses.findings.unit_headline`) and every finding, the lines
+    across slices, the group, and the caveats; the very sentences this report prints."""
+    from analyses.findings import unit_headline
+
+    o = result.options
+    group, alpha, dv = o.get("group"), o.get("alpha", 0.05), o.get("dv", "recovery")
+    found = dict(findings(result))
+    slices = [{"slice": _unit_title(u), "headline": unit_headline(result.tables, u, group, alpha, dv),
+               "findings": found.get(_unit_title(u), [])} for u in _units(result)]
+    return {"kind": "analysis", "group": group, "dv": dv, "alpha": alpha, "slices": slices,
+            "overall": found.get("Across slices", []), "caveats": list(result.caveats)}
 
 
 def _fmt(value: Any) -> str:
