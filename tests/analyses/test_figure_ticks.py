@@ -32,16 +32,14 @@ def visible_labels(ax) -> list[str]:
 
 
 def inside(fig) -> None:
-    """Every piece of text (titles, tick labels, legend) lies within the figure's canvas."""
+    """Everything drawn (titles, tick labels, legend) lies within the figure's canvas: the tight bounding box of
+    the drawn artists is inside the figure's own box."""
     fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    width, height = fig.canvas.get_width_height()
-    texts = [t for t in fig.findobj(match=lambda a: hasattr(a, "get_text") and hasattr(a, "get_window_extent"))
-             if getattr(t, "get_text", lambda: "")() and t.get_visible()]
-    assert texts
-    for text in texts:
-        box = text.get_window_extent(renderer)
-        assert box.x0 >= -1 and box.x1 <= width + 1 and box.y0 >= -1 and box.y1 <= height + 1, text.get_text()
+    drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    width, height = fig.get_size_inches()
+    tol = 1 / 72
+    assert drawn.x0 >= -tol and drawn.y0 >= -tol and drawn.x1 <= width + tol and drawn.y1 <= height + tol, \
+        (drawn, width, height)
 
 
 def test_every_panel_of_the_contrast_figure_labels_the_shared_layer_axis():
@@ -73,6 +71,18 @@ def test_long_titles_and_group_names_stay_inside_the_figure():
     means = figures.layer_means(data, group="knowledge_type")
     fig = figures.layer_contrast(means, "knowledge_type", title="Mean recovery per layer by knowledge type, each "
                                  "probe reduced to its last token, heads summed per layer (95% t-based CI)")
+    inside(fig)
+
+
+def test_a_legend_of_four_long_group_names_fits_the_figure():
+    """Four groups with long names used to get four legend columns, wider than the figure."""
+    names = ("definitional (disease, organ)", "associative (drug, indication)", "associative (gene, disorder)",
+             "definitional (symptom, cause)")
+    data = make_results(n_probes=8, n_layers=6, site_kinds=("attn_out", "mlp_out"), metrics=("logit_diff",),
+                        tokens=("x",), trivial_sites=False, groups={"knowledge_type": names})
+    fig = figures.layer_contrast(figures.layer_means(data, group="knowledge_type"), "knowledge_type")
+    inside(fig)
+    fig = figures.module_bars(figures.layer_means(data, group="knowledge_type"), "knowledge_type")
     inside(fig)
 
 
