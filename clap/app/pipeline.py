@@ -51,7 +51,7 @@ from clap.app.study_file import (
     StudyFile,
     resolve_path,
 )
-from clap.contract import read_results
+from clap.contract import atomic_write_text, read_results
 from clap.errors import ClapError, closest
 from interventions.spec import ModelSpec, ProbeSetSpec
 
@@ -280,10 +280,7 @@ class _Planner:
         text = "\n".join(lines) + "\n"
         target = self.out / "probes.jsonl"
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(".probes.jsonl.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(target)
+            atomic_write_text(target, text)
         return target, digest(text)
 
     def _patch(self, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
@@ -425,14 +422,15 @@ class _Planner:
     # -- analyses -------------------------------------------------------------------------------------------
     def _analyze(self, name: str, results: Path | None = None, same_prompt: bool = False) -> None:
         """``analyze[NAME]``. A same-prompt cross-model stage has no corruption of its own (the models are the
-        difference), so the exclusion rules that judge a probe's corruption (``require_flip``, ``min_abs_diff``)
-        would drop every probe there: they apply to the per-model stages only."""
+        difference), so ``require_flip``, which judges a probe's corruption, would drop every probe there: it
+        applies to the per-model stages only. ``min_abs_diff`` judges the recovery's denominator, which a
+        cross-model run has (source model's run - target model's run), and applies everywhere."""
         results = results or self.out / "models" / name
         options = self.study.analysis
-        if same_prompt and options is not None and (options.require_flip or options.min_abs_diff is not None):
-            log.info("analyze[%s]: require_flip / min_abs_diff judge a corruption; a same-prompt cross-model run "
-                     "has none, so they are not applied there", name)
-            options = options.model_copy(update={"require_flip": False, "min_abs_diff": None})
+        if same_prompt and options is not None and options.require_flip:
+            log.info("analyze[%s]: require_flip judges a corruption; a same-prompt cross-model run has none, so it "
+                     "is not applied there", name)
+            options = options.model_copy(update={"require_flip": False})
         render = self.study.report
         # a model's report holds its derived runs' sections (additivity check, clean-run ablation)
         derived = {kind: self.out / kind / name for kind in ("additivity", "ablation")
@@ -525,10 +523,15 @@ def _select(stages: Sequence[Stage], names: Iterable[str], option: str) -> set[s
 
 # ------------------------------------------------------------------------------------------------- running
 def load_study(study: StudyFile | str | Path | dict, models: dict[str, str] | None = None,
-               **execution: Any) -> StudyFile:
-    """The study file with ``models`` (name -> source) and execution settings (``remote``, ``device``,
-    ``max_rows``, ``progress``; None = keep) overridden, as ``clap run --model NAME=SOURCE`` does."""
+               group: str | None = None, **execution: Any) -> StudyFile:
+    """The study file with ``models`` (name -> source), ``group`` (``analysis.group``) and execution settings
+    (``remote``, ``device``, ``max_rows``, ``progress``; None = keep) overridden, as ``clap run --model NAME=SOURCE
+    --group G`` does."""
     study = StudyFile.coerce(study)
+    if group is not None:
+        from clap.analysis_options import AnalysisOptions
+
+        study.analysis = (study.analysis or AnalysisOptions()).model_copy(update={"group": group})
     if models:
         entries = study.model_entries()
         for name, source in models.items():
@@ -552,13 +555,13 @@ def load_study(study: StudyFile | str | Path | dict, models: dict[str, str] | No
 def run_study(study: StudyFile | str | Path | dict, out: str | Path | None = None, *, force: Sequence[str] = (),
               until: str | None = None, models: dict[str, str] | None = None, remote: bool | str | None = None,
               device: str | None = None, max_rows: int | None = None, progress: bool | None = None,
-              echo: Echo | None = None) -> RunResult:
+              group: str | None = None, echo: Echo | None = None) -> RunResult:
     """Run every stage of ``study`` that is not up to date into ``out``; the Python twin of ``clap run``.
 
     ``force``: stages (or kinds, or ``all``) to rerun although up to date; what depends on them reruns too.
     ``until``: the last stage (or kind) to run. ``models``: name -> source overrides. ``echo`` receives one line
-    per stage (default: printed to stderr)."""
-    study = load_study(study, models, remote=remote, device=device, max_rows=max_rows, progress=progress)
+    per stage (default: printed to stderr). ``group``: the analyses' and comparisons' group (``analysis.group``)."""
+    study = load_study(study, models, group, remote=remote, device=device, max_rows=max_rows, progress=progress)
     for section, reason in study.pending():
         raise ClapError(f"study {study.name!r}: `{section}:` {reason}; remove the section to run the rest")
     out = Path(out) if out is not None else Path(f"{study.name}-output")
@@ -618,6 +621,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
     p.add_argument("--device", help="override execution.device")
     p.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    p.add_argument("--group", metavar="LABEL",
+                   help="override analysis.group: the probe label whose values are the groups of the analyses and "
+                        "comparisons (default: analysis.group, else knowledge_type, never a provenance label)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_command)
 
@@ -632,7 +638,7 @@ def _run_command(args: argparse.Namespace) -> int:
     remote = {"false": False, "true": True, "local": "local"}[args.remote] if args.remote else None
     result = run_study(args.study, args.out, force=args.force, until=args.until, models=models, remote=remote,
                        device=args.device, max_rows=args.max_rows, progress=False if args.no_progress else None,
-                       echo=lambda line: print(line, flush=True))
+                       group=args.group, echo=lambda line: print(line, flush=True))
     ran = sum(status == "ran" for status in result.stages.values())
     print(f"{len(result.stages)} stages ({ran} ran, {len(result.stages) - ran} up to date) -> {result.out}"
           + (f"; open {result.report}" if result.report.is_file() else ""))
