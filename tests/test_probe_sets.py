@@ -16,10 +16,10 @@ from interventions.spec import ProbeSetSpec
 
 PROBE_DIR = Path(__file__).resolve().parents[1] / "clap" / "data" / "probes"
 SETS = ["definitional", "associative"]
-FIELDS = {"id", "knowledge_type", "domain", "subject", "clean", "corrupted", "answer", "wrong", "pmids", "pmid_terms"}
+FIELDS = {"id", "knowledge_type", "topic", "subject", "clean", "corrupted", "answer", "wrong", "pmids", "pmid_terms"}
 #: the sets written by build_domain_sets.py: SET.jsonl (valid on SmolLM2-135M) and SET-all.jsonl (every probe written)
 DOMAIN_SETS = ["encyclopedic", "commonsense", "compositional"]
-DOMAIN_FIELDS = {"id", "knowledge_type", "domain", "subject", "clean", "corrupted", "answer", "wrong", "source"}
+DOMAIN_FIELDS = {"id", "knowledge_type", "topic", "subject", "clean", "corrupted", "answer", "wrong", "source"}
 KNOWLEDGE_TYPES = {"encyclopedic": {"definitional", "associative"}, "commonsense": {"definitional", "associative"},
                    "compositional": {"one_hop", "two_hop"}}
 ALL_FILES = [*SETS, *DOMAIN_SETS, *(f"{name}-all" for name in DOMAIN_SETS)]
@@ -38,7 +38,7 @@ def test_probe_set_fields(name):
     rows = records(name)
     assert len(rows) >= 40
     assert all(set(r) == FIELDS for r in rows)
-    assert all(r["knowledge_type"] == name and r["domain"] == "epilepsy" for r in rows)
+    assert all(r["knowledge_type"] == name and r["topic"] == "epilepsy" for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
     assert len({r["clean"] for r in rows}) == len(rows)
     for r in rows:
@@ -60,10 +60,11 @@ def test_no_clean_prompt_or_id_is_shared_between_sets():
 @pytest.mark.parametrize("name", [*SETS, *DOMAIN_SETS])
 def test_probe_sets_load_as_study_probes(name):
     """The files are usable as `probes.file` of a study: provenance lists (PMIDs, sources, the hops a two-hop probe
-    composes) set aside, the same labels on every probe of every set, so a study can concatenate them."""
+    composes) set aside, the same labels on every probe of every set, so a study can concatenate them. Results sort
+    label columns by name and `clap analyze` groups by the first: knowledge_type (hence `topic`, not `domain`)."""
     loaded = specs(name)
     assert len(loaded) == len(records(name))
-    assert {tuple(sorted(spec.labels)) for _, spec in loaded} == {("domain", "knowledge_type", "subject")}
+    assert {tuple(sorted(spec.labels)) for _, spec in loaded} == {("knowledge_type", "subject", "topic")}
 
 
 @pytest.mark.parametrize("name", [*DOMAIN_SETS, *(f"{name}-all" for name in DOMAIN_SETS)])
@@ -73,7 +74,7 @@ def test_domain_set_fields_and_provenance(name):
     assert len(rows) >= 40
     extra = {"composes"} if domain == "compositional" else set()
     assert all(set(r) == DOMAIN_FIELDS | extra for r in rows)
-    assert {r["domain"] for r in rows} == {domain}
+    assert {r["topic"] for r in rows} == {domain}
     assert {r["knowledge_type"] for r in rows} == KNOWLEDGE_TYPES[domain]
     assert len({r["id"] for r in rows}) == len(rows) and len({r["clean"] for r in rows}) == len(rows)
     for r in rows:

@@ -10,6 +10,7 @@ import torch
 
 from clap.app.pipeline import run_study
 from clap.app.study_file import StudyFile
+from clap.contract import read_results
 from clap.errors import ClapError
 from tests.conftest import gpt2_tokenizer
 
@@ -154,7 +155,7 @@ def test_dry_run_refuses_probe_files_whose_labels_differ(tiny_dir, tmp_path):
     import json
 
     other = tmp_path / "other.jsonl"
-    other.write_text(json.dumps({"id": "x-1", "topic": "misc", "clean": "The capital of France is",
+    other.write_text(json.dumps({"id": "x-1", "category": "misc", "clean": "The capital of France is",
                                  "corrupted": "The capital of Italy is", "answer": " Paris", "wrong": " Rome"}) + "\n")
     study = tmp_path / "study.yaml"
     study.write_text("name: mixed\nmodel: {source: smollm2-135m}\n"
@@ -171,8 +172,11 @@ def test_domains_study_patches_on_tiny_gpt2(tiny_dir, tmp_path):
     result = run_study(STUDIES / "domains.yaml", tmp_path / "out", models={"model": str(tiny_dir)},
                        progress=False, until="patch", echo=lambda line: None)
     frame = result.frame("model")
+    # label columns are sorted by name and the first is `clap analyze`'s default group: knowledge_type
+    assert read_results(result.results_dir("model"), validate=False)[1]["group_columns"] == [
+        "knowledge_type", "subject", "topic"]
     assert set(frame["site_kind"]) == {"resid_pre", "attn_out", "mlp_out"} and set(frame["positions"]) == {"last"}
-    assert set(frame["domain"]) == {"epilepsy", "encyclopedic", "commonsense", "compositional"}
+    assert set(frame["topic"]) == {"epilepsy", "encyclopedic", "commonsense", "compositional"}
     assert set(frame["knowledge_type"]) == {"definitional", "associative", "one_hop", "two_hop"}
-    assert frame.probe_id.nunique() == 93 + 143 + 102 + 134
+    assert frame.probe_id.nunique() == 93 + 142 + 102 + 122
     assert len(frame) == frame.probe_id.nunique() * 3 * 2 * 2  # site kinds x layers x metrics

@@ -18,6 +18,14 @@ answer is the partner's bridge's answer.
         python -m clap probes check clap/data/probes/$s-all.jsonl --model smollm2-135m -o checks/$s.csv; done
     PYTHONPATH=. python clap/data/probes/build_domain_sets.py select checks   # -> the valid probes, *.jsonl
 
+Labels (the same three on every probe of every shipped set, so one study can read them all): ``knowledge_type``
+(``definitional`` / ``associative`` as in the epilepsy sets; ``one_hop`` / ``two_hop`` in the compositional set),
+``topic`` (the set's domain: ``epilepsy``, ``encyclopedic``, ``commonsense``, ``compositional``) and ``subject``.
+The domain label is called ``topic`` because clap sorts label columns by name and takes the first as the default
+group of ``clap analyze``: a ``domain`` label would sort before ``knowledge_type`` and become that default in every
+study of these files. Provenance is list-valued (``source``: kind of knowledge, the fact, the corruption's fact;
+``composes``), which clap sets aside rather than making a label.
+
 ``select`` keeps the probes that ``clap probes check`` marks valid (the model knows the fact and the corruption
 flips it); in the compositional set a composition is kept only with both of its hops valid, and a hop only when a
 kept composition uses it, so every kept chain can be compared with its own parts.
@@ -64,7 +72,7 @@ ENCYCLOPEDIC = [
         ("Greece", "Greek"), ("Poland", "Polish"), ("Turkey", "Turkish"), ("Sweden", "Swedish"),
         ("the Netherlands", "Dutch"), ("South Korea", "Korean"), ("Egypt", "Arabic"), ("Israel", "Hebrew"),
         ("Thailand", "Thai"), ("Vietnam", "Vietnamese"), ("Finland", "Finnish"), ("Hungary", "Hungarian"),
-        ("Norway", "Norwegian"), ("Denmark", "Danish"), ("Iran", "Persian"), ("Mexico", "Spanish"),
+        ("Norway", "Norwegian"), ("Denmark", "Danish"), ("Iran", "Persian"),
         ("Portugal", "Portuguese"), ("Ukraine", "Ukrainian"), ("Indonesia", "Indonesian"),
     ]),
     ("currency", "associative", "The currency of {S} is the", "the currency of {S} is the {A}", "world economy", [
@@ -218,8 +226,8 @@ HOP1 = {
         ("Red Square", "Russia"), ("The Forbidden City", "China"), ("The Alhambra", "Spain"),
         ("Stonehenge", "England"), ("The Sphinx", "Egypt"), ("The Sydney Opera House", "Australia"),
         ("The CN Tower", "Canada"), ("The Hagia Sophia", "Turkey"), ("The Golden Gate Bridge", "America"),
-        ("Niagara Falls", "Canada"), ("The Matterhorn", "Switzerland"), ("Neuschwanstein Castle", "Germany"),
-        ("The Little Mermaid statue", "Denmark"), ("The Taj Mahal", "India"), ("Angkor Wat", "Cambodia"),
+        ("Neuschwanstein Castle", "Germany"), ("The Little Mermaid statue", "Denmark"), ("The Taj Mahal", "India"),
+        ("Angkor Wat", "Cambodia"),
     ]),
     "person_country": ("{S} was born in the country of", "{S} was born in {A}", "history and biography", [
         ("Mozart", "Austria"), ("Einstein", "Germany"), ("Picasso", "Spain"), ("Tolstoy", "Russia"),
@@ -227,7 +235,7 @@ HOP1 = {
         ("Beethoven", "Germany"), ("Van Gogh", "Netherlands"), ("Cleopatra", "Egypt"), ("Plato", "Greece"),
         ("Sibelius", "Finland"), ("Ibsen", "Norway"), ("Hans Christian Andersen", "Denmark"),
         ("Liszt", "Hungary"), ("Cervantes", "Spain"), ("Goethe", "Germany"), ("Victor Hugo", "France"),
-        ("Dostoevsky", "Russia"), ("Galileo", "Italy"), ("Freud", "Austria"), ("James Joyce", "Ireland"),
+        ("Dostoevsky", "Russia"), ("Galileo", "Italy"), ("James Joyce", "Ireland"),
         ("Alfred Nobel", "Sweden"), ("Molière", "France"), ("Pushkin", "Russia"), ("Dickens", "England"),
     ]),
     "company_country": ("{S} is a company from the country of", "{S} is a company from {A}", "world economy", [
@@ -244,7 +252,7 @@ HOP2 = {
         "France": "Paris", "Italy": "Rome", "England": "London", "Russia": "Moscow", "China": "Beijing",
         "Germany": "Berlin", "Greece": "Athens", "Spain": "Madrid", "Egypt": "Cairo", "Japan": "Tokyo",
         "Peru": "Lima", "America": "Washington", "Australia": "Canberra", "Canada": "Ottawa", "Turkey": "Ankara",
-        "Switzerland": "Bern", "Denmark": "Copenhagen", "India": "Delhi", "Austria": "Vienna",
+        "Switzerland": "Bern", "Denmark": "Copenhagen", "Austria": "Vienna",
         "Poland": "Warsaw", "Netherlands": "Amsterdam", "Finland": "Helsinki", "Norway": "Oslo",
         "Hungary": "Budapest", "Ireland": "Dublin", "Sweden": "Stockholm", "Korea": "Seoul",
         "Cambodia": "Phnom",
@@ -255,7 +263,7 @@ HOP2 = {
         "Peru": "Spanish", "America": "English", "Turkey": "Turkish", "Denmark": "Danish",
         "Austria": "German", "Poland": "Polish", "Netherlands": "Dutch", "Finland": "Finnish",
         "Norway": "Norwegian", "Hungary": "Hungarian", "Sweden": "Swedish", "Korea": "Korean",
-        "Ireland": "English", "India": "Hindi",
+        "Ireland": "English",
     }),
 }
 TWO_HOP = [  # (first hop, second hop, two-hop template)
@@ -407,11 +415,11 @@ def fill(template: str, subject: str) -> str:
     return cap(out) if template.startswith("{S}") else out
 
 
-def record(probe_id: str, ktype: str, domain: str, template: str, s: str, a: str, s2: str, a2: str,
+def record(probe_id: str, ktype: str, topic: str, template: str, s: str, a: str, s2: str, a2: str,
            source: list[str], composes: list[str] | None = None) -> Fact:
-    """One probe line: labels (knowledge_type, domain, subject), prompts, answers, provenance (lists are provenance
+    """One probe line: labels (knowledge_type, topic, subject), prompts, answers, provenance (lists are provenance
     to clap: set aside, never labels)."""
-    row = {"id": probe_id, "knowledge_type": ktype, "domain": domain,
+    row = {"id": probe_id, "knowledge_type": ktype, "topic": topic,
            "subject": cap(s) if template.startswith("{S}") else s, "clean": fill(template, s),
            "corrupted": fill(template, s2), "answer": " " + a, "wrong": " " + a2}
     if composes is not None:
