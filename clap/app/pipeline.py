@@ -552,6 +552,35 @@ def load_study(study: StudyFile | str | Path | dict, models: dict[str, str] | No
     return study
 
 
+def check_study(study: StudyFile | str | Path | dict, *, models: dict[str, str] | None = None,
+                remote: bool | str | None = None, device: str | None = None) -> list[str]:
+    """``clap run --dry-run``: everything that can be checked without running a stage, and the stages' names.
+
+    The study file, its pending sections, the stage plan and every stage's preconditions (as a real run checks
+    them before its first stage), and, for each model with a source, what ``clap patch`` checks before loading
+    weights: the device, every site address against the model's config, and the concatenated probes with its
+    tokenizer (token lengths, one-token answers, the same labels on every probe). Planned in a temporary folder:
+    nothing is written to the output folder. A fine-tuned model's probes are checked only by its run."""
+    import tempfile
+
+    from interventions.study import Study
+
+    study = load_study(study, models, remote=remote, device=device, progress=False)
+    for section, reason in study.pending():
+        raise ClapError(f"study {study.name!r}: `{section}:` {reason}; remove the section to run the rest")
+    with tempfile.TemporaryDirectory(prefix="clap-dry-run-") as tmp:
+        planner = _Planner(study, Path(tmp), False)
+        stages = planner.plan()
+        for stage in stages:
+            if stage.check is not None:
+                stage.check()
+        probes_file, _ = planner._probes()
+        for entry in study.model_entries().values():
+            if not entry.finetuned:
+                Study(study.patch_spec(planner._model_spec(entry), probes_file)).check()
+    return [stage.name for stage in stages]
+
+
 def run_study(study: StudyFile | str | Path | dict, out: str | Path | None = None, *, force: Sequence[str] = (),
               until: str | None = None, models: dict[str, str] | None = None, remote: bool | str | None = None,
               device: str | None = None, max_rows: int | None = None, progress: bool | None = None,
@@ -625,6 +654,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override analysis.group: the probe label whose values are the groups of the analyses and "
                         "comparisons (default: analysis.group, else knowledge_type, never a provenance label)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the study (plan, preconditions, each model's sites and probes against its config and "
+                   "tokenizer; no weights loaded) and list its stages; nothing is run or written")
     p.set_defaults(func=_run_command)
 
 
@@ -636,6 +668,11 @@ def _run_command(args: argparse.Namespace) -> int:
             raise ClapError(f"--model {item!r}: expected NAME=SOURCE")
         models[name.strip()] = source.strip()
     remote = {"false": False, "true": True, "local": "local"}[args.remote] if args.remote else None
+    if args.dry_run:
+        stages = check_study(args.study, models=models, remote=remote, device=args.device)
+        print("\n".join(f"stage {i}/{len(stages)} {name}" for i, name in enumerate(stages, start=1)))
+        print(f"dry run: the study checks out; {len(stages)} stages would run (nothing ran)")
+        return 0
     result = run_study(args.study, args.out, force=args.force, until=args.until, models=models, remote=remote,
                        device=args.device, max_rows=args.max_rows, progress=False if args.no_progress else None,
                        group=args.group, echo=lambda line: print(line, flush=True))
