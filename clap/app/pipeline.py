@@ -32,7 +32,6 @@ imports it. Fine-tuning and comparison are reached through one adapter function 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -60,11 +59,6 @@ log = logging.getLogger(__name__)
 STAGE_KINDS = ("corpus", "finetune", "patch", "trace", "analyze", "compare", "report")
 #: Per-probe heatmaps a trace stage draws (the first probes of the set); the averaged figure is always drawn.
 TRACE_PROBE_FIGURES = 3
-#: Built-in model names whose code lands separately: source -> (module that provides it, what it is).
-PENDING_BUILTINS = {
-    "smollm2-135m-epilepsy": ("clap.builtin_adapters",
-                              "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
-}
 #: Execution settings that do not change results (they are left out of the patch stage's hash).
 NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "max_cells")
 
@@ -78,11 +72,8 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
 
     The only place that knows where fine-tuning lives. ``resume``: continue an interrupted run from its last
     checkpoint; otherwise earlier outputs in ``out`` are discarded (the inputs changed)."""
-    try:
-        from finetuning import finetune, load_config
-    except ModuleNotFoundError as exc:
-        raise ClapError(f"stage finetune needs clap's fine-tuning code ({exc.name}), which this installation "
-                        "lacks") from None
+    from finetuning import finetune, load_config
+
     config = load_config(preset, None, settings)
     result = finetune(corpus, model, out, config, tokenizer=tokenizer, overwrite=not resume, progress=progress)
     return Path(result.model_dir)
@@ -91,19 +82,10 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
 def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True, analysis: Any = None) -> Path:
     """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites), under
     the study's ``analysis:`` options (``analysis``; None: those recorded in run A)."""
-    module = _compare_module()
-    function = getattr(module, "compare_runs", None) or module.compare
-    function(run_a, run_b, out, figures=figures, analysis=analysis)
+    from analyses.compare import compare
+
+    compare(run_a, run_b, out, figures=figures, analysis=analysis)
     return out
-
-
-def _compare_module() -> Any:
-    if importlib.util.find_spec("analyses.compare") is None:
-        raise ClapError("stage compare needs `clap compare` (analyses/compare.py), which this installation of clap "
-                        "lacks; remove `compare:` from the study or stop before it with --until analyze")
-    import analyses.compare as module
-
-    return module
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -239,14 +221,8 @@ class _Planner:
             self.finetuned_dir = model_dir
             return [model_dir]
 
-        def check() -> None:
-            if importlib.util.find_spec("finetuning") is None:
-                raise ClapError("stage finetune needs clap's fine-tuning package (finetuning), which this "
-                                "installation lacks")
-            self._check_source(section.model, start)
-
         key = {"section": section.model_dump(mode="json"), "start": self._identity(start), **corpus_key}
-        self._add("finetune", "finetune", key, upstream, train, check)
+        self._add("finetune", "finetune", key, upstream, train)
 
     # -- patching -------------------------------------------------------------------------------------------
     def _probes(self) -> tuple[Path | None, str]:
@@ -299,7 +275,7 @@ class _Planner:
         key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest,
                "model": self._identity(entry)}
         upstream = ["finetune"] if entry.finetuned else []
-        self._add(f"patch[{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
+        self._add(f"patch[{name}]", "patch", key, upstream, run)
 
     def _model_spec(self, entry: ModelEntry) -> ModelSpec:
         """The ``model:`` a patching stage runs for one of the study's models."""
@@ -335,12 +311,7 @@ class _Planner:
         key = {"spec": spec_key, "cross_model": section.model_dump(mode="json"), "probe_options": probe_options,
                "probes": probes_digest, "target": self._identity(target), "source": self._identity(source)}
         upstream = ["finetune"] if target.finetuned or source.finetuned else []
-
-        def check() -> None:
-            self._check_source(section.target, target)
-            self._check_source(section.source, source)
-
-        self._add(f"patch[cross:{name}]", "patch", key, upstream, run, check)
+        self._add(f"patch[cross:{name}]", "patch", key, upstream, run)
 
     def _derived(self, kind: str, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
         """``patch[additivity:NAME]`` (layers patched jointly, the sets chosen from ``patch[NAME]``'s single-layer
@@ -373,7 +344,7 @@ class _Planner:
         key = {"spec": spec_key, kind: section.model_dump(mode="json"), "probe_options": probe_options,
                "probes": probes_digest, "model": self._identity(entry)}
         upstream = [f"patch[{name}]"] if kind == "additivity" else (["finetune"] if entry.finetuned else [])
-        self._add(f"patch[{kind}:{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
+        self._add(f"patch[{kind}:{name}]", "patch", key, upstream, run)
 
     def _source(self, entry: ModelEntry) -> str:
         if entry.finetuned:
@@ -396,12 +367,6 @@ class _Planner:
             identity["source"] = source
         return identity
 
-    def _check_source(self, name: str, entry: ModelEntry) -> None:
-        if entry.source in PENDING_BUILTINS:
-            module, what = PENDING_BUILTINS[entry.source]
-            if importlib.util.find_spec(module) is None:
-                raise ClapError(f"model {name!r}: source {entry.source!r} is {what} ({module}), which this "
-                                "installation of clap lacks")
 
     def _trace(self, name: str) -> None:
         """ROME's six-token-group table (with the spread over noise draws) and the heatmaps, beside the results."""
@@ -462,8 +427,7 @@ class _Planner:
         figures = self.study.report.figures
         options = self.study.analysis
         key = {"pair": [a, b], "figures": figures, "analysis": options.model_dump(mode="json") if options else None}
-        self._add(f"compare[{a}-vs-{b}]", "compare", key, [f"patch[{a}]", f"patch[{b}]"], run,
-                  lambda: _compare_module() and None)
+        self._add(f"compare[{a}-vs-{b}]", "compare", key, [f"patch[{a}]", f"patch[{b}]"], run)
 
     def _report(self) -> None:
         from clap.app.study_report import write_study_report
