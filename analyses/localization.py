@@ -310,9 +310,9 @@ def localization(data: pd.DataFrame, dv: str = "recovery", subject: str = "probe
     >>> table = localization(data, between="knowledge_type", site_kind="mlp_out")
     >>> table[["probe_id", "knowledge_type", "eff_layers_pr", "peak_layer", "window_width"]].head(3).round(2)
       probe_id knowledge_type  eff_layers_pr  peak_layer  window_width
-    0     p000   definitional           4.43           3             5
-    1     p001    associative           4.49           2             5
-    2     p002   definitional           4.92           2             5
+    0     p000   definitional           3.92           3             3
+    1     p001    associative           4.32           2             4
+    2     p002   definitional           4.62           3             4
     """
     contrib = contributions(data, dv, subject, between, **options)
     return measures_from_contributions(contrib, subject, between, coverage=coverage)
