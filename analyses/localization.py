@@ -232,6 +232,9 @@ def contributions(
         raise ClapError(f"site kind {kind!r} has no per-layer contribution: localization profiles use attn_out, "
                         "mlp_out, heads (summed per layer) and the residual stream's increments (resid_pre, "
                         "resid_post, block_out); a raw module's output may be cumulative")
+    if kind == "head" and agg is not None:
+        raise ClapError(f"the legacy aggregation agg={agg!r} pools a layer's heads by {agg}; a head profile needs "
+                        "each layer's total (heads summed): use the position rules instead of agg")
     if "window" in data.columns:
         data = data[data["window"].fillna(1).astype(int) == 1]
     missing = "drop_subjects" if missing == "keep" else missing
@@ -296,8 +299,8 @@ def _increments(values: np.ndarray, layers: np.ndarray, kind: str, reduction: st
     return np.diff(values, axis=1), blocks, basis
 
 
-def localization(data: pd.DataFrame, dv: str = "recovery", subject: str = "probe_id", between: str | None = None,
-                 *, coverage: float = COVERAGE, **options: Any) -> pd.DataFrame:
+def localization_measures(data: pd.DataFrame, dv: str = "recovery", subject: str = "probe_id",
+                          between: str | None = None, *, coverage: float = COVERAGE, **options: Any) -> pd.DataFrame:
     """The localization measures of every subject's profile in one slice (one row per subject).
 
     ``options`` go to :func:`contributions` (the slice, ``n_layers``, the position rule, ...). Columns:
@@ -307,7 +310,7 @@ def localization(data: pd.DataFrame, dv: str = "recovery", subject: str = "probe
     --------
     >>> from analyses.synthetic import make_results
     >>> data = make_results(n_probes=8, n_layers=6, site_kinds=("mlp_out",), metrics=("logit_diff",))
-    >>> table = localization(data, between="knowledge_type", site_kind="mlp_out")
+    >>> table = localization_measures(data, between="knowledge_type", site_kind="mlp_out")
     >>> table[["probe_id", "knowledge_type", "eff_layers_pr", "peak_layer", "window_width"]].head(3).round(2)
       probe_id knowledge_type  eff_layers_pr  peak_layer  window_width
     0     p000   definitional           3.92           3             3
@@ -320,7 +323,8 @@ def localization(data: pd.DataFrame, dv: str = "recovery", subject: str = "probe
 
 def measures_from_contributions(contrib: pd.DataFrame, subject: str = "probe_id", between: str | None = None, *,
                                 coverage: float = COVERAGE) -> pd.DataFrame:
-    """:func:`localization` from a :func:`contributions` table (so a caller holding both computes profiles once)."""
+    """:func:`localization_measures` from a :func:`contributions` table (a caller holding both computes the
+    profiles once)."""
     rows = []
     book = [c for c in BOOK_COLUMNS if c in contrib.columns]
     for key, part in contrib.groupby(subject, sort=True):
@@ -366,7 +370,7 @@ def permutation_test(a: Sequence[float], b: Sequence[float], *, n_resamples: int
 def compare_localization(measures: pd.DataFrame, between: str, *, measure_names: Sequence[str] = MEASURES,
                          n_resamples: int = N_RESAMPLES, seed: int = 0, ci: float = 0.95,
                          padjust: str = "holm") -> pd.DataFrame:
-    """Group comparison of the measures of one slice (a :func:`localization` table): one row per pair of groups
+    """Group comparison of the measures of one slice (a :func:`localization_measures` table): one row per pair of groups
     and measure, :data:`TEST_COLUMNS` then the book-keeping columns.
 
     ``diff`` is ``mean_A - mean_B`` (groups sorted by name), ``ci_low`` / ``ci_high`` its Welch t interval,

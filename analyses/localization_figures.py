@@ -47,7 +47,7 @@ def profile_map(contrib: pd.DataFrame, measures: pd.DataFrame, group: str | None
     total |contribution|; a dot marks each row's centre of mass.
 
     ``contrib`` is :func:`analyses.localization.contributions` output (several site kinds allowed), ``measures``
-    the matching :func:`analyses.localization.localization` table."""
+    the matching :func:`analyses.localization.localization_measures` table."""
     import seaborn as sns
 
     kinds = _kinds(contrib)
@@ -128,7 +128,7 @@ def measures_by_group(measures: pd.DataFrame, groups_table: pd.DataFrame, group:
     """Each measure by site kind and group: every subject's value (dots) and the group's mean with its 95 % t
     interval (error bar), one panel per measure (two columns at the report's width).
 
-    ``measures`` is the per-subject table (:func:`analyses.localization.localization`), ``groups_table`` the
+    ``measures`` is the per-subject table (:func:`analyses.localization.localization_measures`), ``groups_table`` the
     matching :func:`analyses.localization.summarize_localization` output."""
     import seaborn as sns
 

@@ -398,11 +398,11 @@ def compute_tables(
     }
     # A table no slice could fill is still written with its header, so readers of the CSV need no special case.
     tables = {name: _concat(frames, columns[name] + BOOK_COLUMNS) for name, frames in collected.items()}
-    localization, localization_skips = localization_tables(
+    loc_tables, loc_skipped = localization_tables(
         data, units, dv=dv, group=group, subject=unit, n_layers=n_layers, cross_model=cross_model, agg=agg,
         missing=missing, seed=seed, position_reduction=opts.position_reduction, subject_field=opts.subject_field)
-    tables.update(localization)
-    skipped += localization_skips
+    tables.update(loc_tables)
+    skipped += loc_skipped
     tables["units"] = units
     tables["skipped"] = pd.DataFrame(skipped, columns=[*SELECT_COLUMNS, "test", "reason"])
     tables["probe_counts"] = probe_counts(data, group)

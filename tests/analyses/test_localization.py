@@ -17,7 +17,7 @@ from analyses.localization import (
     compare_localization,
     contributions,
     hodges_lehmann,
-    localization,
+    localization_measures,
     permutation_test,
     profile_measures,
     summarize_localization,
@@ -165,7 +165,7 @@ def test_resid_pre_becomes_increments_closed_at_the_last_token():
     assert c == pytest.approx([0.1, 0.0, 0.6, 0.2, 0.1])  # r[l+1] - r[l], last block 1 - r[4]
     assert _profile(out, "b")[1] == pytest.approx([0.5, 0, 0, 0, 0.5])
     assert "closed" in out["basis"].iloc[0]
-    m = localization(data, site_kind="resid_pre", n_layers=5).set_index("probe_id").loc["a"]
+    m = localization_measures(data, site_kind="resid_pre", n_layers=5).set_index("probe_id").loc["a"]
     a = np.array([0.1, 0.0, 0.6, 0.2, 0.1])
     assert m["eff_layers_pr"] == pytest.approx(a.sum() ** 2 / (a**2).sum())
     assert (m["peak_layer"], m["window_start"], m["window_end"]) == (2, 2, 3)  # 0.6 + 0.2 = 0.8
@@ -176,7 +176,7 @@ def test_noising_residual_closes_at_zero_and_components_count_the_drop():
     data = _resid_frame({"a": [1.0, 0.9, 0.9, 0.3, 0.1], "b": [1.0, 1.0, 0.5, 0.5, 0.5]}, direction="noising")
     out = contributions(data, site_kind="resid_pre", n_layers=5)
     assert _profile(out, "a")[1] == pytest.approx([-0.1, 0.0, -0.6, -0.2, -0.1])
-    m = localization(data, site_kind="resid_pre", n_layers=5).set_index("probe_id")
+    m = localization_measures(data, site_kind="resid_pre", n_layers=5).set_index("probe_id")
     assert m.loc["a", "negative_share"] == pytest.approx(1.0)
     comp = _resid_frame({"a": [1.0, 0.4, 1.0], "b": [0.9, 1.0, 1.0]}, kind="attn_out", direction="noising")
     assert _profile(contributions(comp, site_kind="attn_out", n_layers=3), "a")[1] == pytest.approx([0, -0.6, 0])
@@ -236,6 +236,8 @@ def test_heads_are_summed_per_layer():
     got = out.set_index(["probe_id", "layer"])["contribution"]
     assert got.to_numpy() == pytest.approx(expected.reindex(got.index).to_numpy())
     assert "heads summed" in out["basis"].iloc[0]
+    with pytest.raises(ClapError, match="heads summed"):  # the legacy agg would average the heads
+        contributions(heads, site_kind="head", agg="mean")
 
 
 def test_windows_and_raw_modules_are_left_out():
@@ -402,7 +404,7 @@ def test_analyze_reports_the_localization_tables_and_answer(tmp_path):
     assert pr["more_localized"] == "definitional" and pr["p_perm_holm"] < 0.05
     # the per-probe table equals the measures computed from the analysed data directly
     loc = result.tables["localization"]
-    direct = localization(result.data, between=GROUP, site_kind="mlp_out", n_layers=8)
+    direct = localization_measures(result.data, between=GROUP, site_kind="mlp_out", n_layers=8)
     got = loc[loc["site_kind"] == "mlp_out"].reset_index(drop=True)
     assert got["eff_layers_pr"].to_numpy() == pytest.approx(direct["eff_layers_pr"].to_numpy())
     for name in ("localization.csv", "localization_tests.csv", "localization_groups.csv",
