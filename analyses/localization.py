@@ -481,21 +481,15 @@ def localization_tables(
     seed: int = 0,
     n_resamples: int = N_RESAMPLES,
 ) -> tuple[dict[str, pd.DataFrame], list[dict[str, Any]]]:
-    """Every slice of ``units`` (:func:`analyses.select.analysis_units`) with a per-layer contribution: the four
-    tables of :data:`TABLE_FILES` and the slices that could not be profiled (``test`` = ``localization``, with the
-    reason), for :func:`analyses.pipeline.analyze`.
-
-    Site kinds with no per-layer contribution (raw modules) are passed over silently when the results hold no kind
-    that has one, so a study of raw modules reports nothing here rather than one refusal per slice."""
+    """Every slice of ``units`` (:func:`analyses.select.analysis_units`): the four tables of :data:`TABLE_FILES`
+    and the slices that could not be profiled (``test`` = ``localization``, with the reason: e.g. a raw module
+    site, whose output may be cumulative), for :func:`analyses.pipeline.analyze`."""
     collected: dict[str, list[pd.DataFrame]] = {k: [] for k in TABLE_FILES}
     skipped: list[dict[str, Any]] = []
-    kinds = set(COMPONENT_KINDS) | set(RESID_KINDS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AnalysisWarning)  # counts are in the other tables and the caveats
         for unit in units.to_dict("records"):
             sel = {c: unit[c] for c in SELECT_COLUMNS if c in unit}
-            if sel.get("site_kind") not in kinds:
-                continue
             try:
                 contrib = contributions(data, dv, subject, group, n_layers=n_layers, cross_model=cross_model,
                                         position_reduction=position_reduction, subject_field=subject_field, agg=agg,

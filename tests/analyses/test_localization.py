@@ -443,3 +443,17 @@ def test_analyze_draws_the_localization_figures(tmp_path):
     html = render_html(result)
     section = html[html.index('id="localization"'):]
     assert 'id="fig-localization_profiles_' in section and 'id="fig-localization_measures_' in section
+
+
+def test_analyze_records_slices_it_cannot_profile(tmp_path):
+    from analyses.io import save_results
+    from analyses.pipeline import analyze
+
+    data = make_results(n_probes=6, n_layers=4, site_kinds=("mlp_out", "module"), metrics=("logit_diff",),
+                        tokens=("x",), trivial_sites=False, seed=4)
+    run = save_results(data, make_meta(data, seed=0, group_columns=[GROUP]), tmp_path / "run")
+    result = analyze(run, figures=False, n_boot=50)
+    skipped = result.tables["skipped"]
+    refused = skipped[(skipped["test"] == "localization") & (skipped["site_kind"] == "module")]
+    assert len(refused) == 1 and "no per-layer contribution" in refused["reason"].iloc[0]
+    assert set(result.tables["localization"]["site_kind"]) == {"mlp_out"}
