@@ -531,11 +531,11 @@ def localization_display(tables: dict[str, pd.DataFrame], group: str | None) -> 
     return shown_means, shown_tests, shown_probes
 
 
-def _localization_intro(result: Analysis) -> str:
-    return ("Per probe, one contribution per layer (attention and MLP outputs, heads summed per layer, the "
-            "residual stream converted to layer-to-layer increments; see Methods); fewer effective layers, a larger "
-            "peak share and a narrower window mean more localized. Centre of mass and peak in relative depth "
-            "(layer / n_layers).")
+#: The first lines of the report's localization section.
+LOCALIZATION_INTRO = ("Per probe, one contribution per layer (attention and MLP outputs, heads summed per layer, the "
+                      "residual stream converted to layer-to-layer increments; see Methods); fewer effective layers, "
+                      "a larger peak share and a narrower window mean more localized. Centre of mass and peak in "
+                      "relative depth (layer / n_layers).")
 
 
 def _localization_html(result: Analysis, group: str | None, alpha: float) -> list[str]:
@@ -544,7 +544,7 @@ def _localization_html(result: Analysis, group: str | None, alpha: float) -> lis
     means, tests, probes = localization_display(result.tables, group)
     if not len(probes):
         return []
-    parts = ["<h2 id=\"localization\">Localization profiles</h2>", f"<p>{html.escape(_localization_intro(result))}</p>",
+    parts = ["<h2 id=\"localization\">Localization profiles</h2>", f"<p>{html.escape(LOCALIZATION_INTRO)}</p>",
              "<h4>Localization measures: mean [95 % t interval] per group</h4>", _html_table(means)]
     if len(tests):
         p = tests["p_perm_holm"].astype(float)
@@ -565,7 +565,7 @@ def _localization_markdown(result: Analysis, group: str | None) -> list[str]:
     means, tests, probes = localization_display(result.tables, group)
     if not len(probes):
         return []
-    out = ["## Localization profiles", "", _localization_intro(result), "",
+    out = ["## Localization profiles", "", LOCALIZATION_INTRO, "",
            "#### Localization measures: mean [95 % t interval] per group", "", markdown_table(means)]
     if len(tests):
         out += ["#### Group comparison (Welch interval of the difference; permutation and Mann-Whitney, Holm)", "",
