@@ -204,13 +204,13 @@ def localization_findings(tables: Mapping[str, pd.DataFrame], group: str | None,
             continue
         for (a, b), pair in part.groupby(["A", "B"], sort=True):
             rows = pair.set_index("measure")
-            out.append(f"{where}: {_localization_verdict(rows, group, a, b, alpha, LOCALIZING)} "
+            out.append(f"{where}: {_localization_verdict(rows, group, a, b, alpha, LOCALIZING, MEASURE_WORDS)} "
                        + _localization_numbers(rows, a, b, MEASURE_WORDS))
     return out
 
 
 def _localization_verdict(rows: pd.DataFrame, group: str, a: Any, b: Any, alpha: float,
-                          localizing: Mapping[str, int]) -> str:
+                          localizing: Mapping[str, int], words: Mapping[str, str]) -> str:
     """The answer to "is one group more localized than the other?" from the Holm-corrected permutation tests."""
     present = [m for m in localizing if m in rows.index]
     sig = [m for m in present if pd.notna(rows.loc[m, "p_perm_holm"]) and rows.loc[m, "p_perm_holm"] < alpha]
@@ -218,7 +218,7 @@ def _localization_verdict(rows: pd.DataFrame, group: str, a: Any, b: Any, alpha:
         return (f"the data cannot tell whether `{group}` = {a} or {b} is more localized (no measure of "
                 f"concentration differs at Holm-corrected permutation p < {alpha}).")
     winners = {rows.loc[m, "more_localized"] for m in sig}
-    named = ", ".join(m for m in sig)
+    named = ", ".join(words.get(m, m) for m in sig)
     if len(winners) == 1:
         win = winners.pop()
         lose = b if win == a else a
