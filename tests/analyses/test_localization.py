@@ -457,3 +457,71 @@ def test_analyze_records_slices_it_cannot_profile(tmp_path):
     refused = skipped[(skipped["test"] == "localization") & (skipped["site_kind"] == "module")]
     assert len(refused) == 1 and "no per-layer contribution" in refused["reason"].iloc[0]
     assert set(result.tables["localization"]["site_kind"]) == {"mlp_out"}
+
+
+# ------------------------------------------------------------------------------------- figures
+
+
+def _two_kinds():
+    data = make_results(n_probes=8, n_layers=6, site_kinds=("attn_out", "mlp_out"), metrics=("logit_diff",),
+                        tokens=("x", "y"), trivial_sites=False, seed=6)
+    contrib = pd.concat([contributions(data, between=GROUP, site_kind=k, n_layers=6) for k in ("attn_out", "mlp_out")],
+                        ignore_index=True)
+    from analyses.localization import measures_from_contributions
+
+    measures = pd.concat([measures_from_contributions(contrib[contrib["site_kind"] == k], between=GROUP)
+                          for k in ("attn_out", "mlp_out")], ignore_index=True)
+    return contrib, measures
+
+
+def _readable(fig):
+    from matplotlib.text import Text
+
+    from analyses.figures import COLUMN_WIDTH_IN, MIN_FONT_PT
+
+    fig.canvas.draw()
+    assert fig.get_size_inches()[0] == pytest.approx(COLUMN_WIDTH_IN)
+    small = [(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
+             if t.get_visible() and t.get_text().strip() and t.get_fontsize() < MIN_FONT_PT]
+    assert not small, small
+
+
+def test_profile_map_shows_each_probe_share_grouped_and_ordered_by_centre_of_mass():
+    from analyses.localization_figures import profile_map
+
+    contrib, measures = _two_kinds()
+    fig = profile_map(contrib, measures, GROUP)
+    _readable(fig)
+    panels = [a for a in fig.axes if a.get_title(loc="left")]
+    assert [a.get_title(loc="left") for a in panels] == ["attn_out", "mlp_out"]
+    ax = panels[1]
+    m = measures[measures["site_kind"] == "mlp_out"]
+    order = m.sort_values([GROUP, "centre_of_mass"])["probe_id"].tolist()
+    expected = (contrib[contrib["site_kind"] == "mlp_out"].pivot(index="probe_id", columns="layer", values="share")
+                .reindex(order).to_numpy())
+    values = np.ma.asarray(ax.collections[0].get_array()).reshape(expected.shape)
+    np.testing.assert_allclose(values, expected, rtol=1e-12)
+    dots = ax.collections[1].get_offsets()  # the centre of mass of each row, in layer units (+ 0.5: cell centres)
+    com = m.set_index("probe_id").loc[order, "centre_of_mass"].to_numpy() * 6
+    np.testing.assert_allclose(np.asarray(dots)[:, 0], com + 0.5, rtol=1e-12)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["associative\n(n = 4)", "definitional\n(n = 4)"]
+
+
+def test_measure_figure_draws_each_group_mean_with_its_t_interval():
+    from analyses.localization_figures import measures_by_group
+
+    contrib, measures = _two_kinds()
+    summary = pd.concat([summarize_localization(measures[measures["site_kind"] == k], GROUP)
+                         .assign(site_kind=k) for k in ("attn_out", "mlp_out")], ignore_index=True)
+    fig = measures_by_group(measures, summary, GROUP)
+    _readable(fig)
+    panels = [a for a in fig.axes if a.get_visible() and a.get_title(loc="left")]
+    assert len(panels) == len(MEASURES)
+    ax = panels[0]  # effective layers (participation ratio)
+    bars = ax.containers  # one error bar per group and site kind, groups in sorted order
+    row = summary[(summary["measure"] == "eff_layers_pr") & (summary["site_kind"] == "mlp_out")
+                  & (summary[GROUP] == "definitional")].iloc[0]
+    line, _, (vertical,) = bars[3]  # definitional, mlp_out (associative attn/mlp first)
+    assert line.get_ydata()[0] == pytest.approx(row["mean"])
+    segment = vertical.get_segments()[0]
+    assert (segment[0][1], segment[1][1]) == (pytest.approx(row["ci_low"]), pytest.approx(row["ci_high"]))
