@@ -236,3 +236,69 @@ def overall_findings(tables: Mapping[str, pd.DataFrame], group: str | None, dv: 
         out.append(f"{who}: the highest mean {dv} of all slices is at {where}, layer {_n(best['layer'])} "
                    f"(mean {_n(best['mean'])}, {interval}).")
     return out
+
+
+def localization_findings(tables: Mapping[str, pd.DataFrame], group: str | None, alpha: float = 0.05) -> list[str]:
+    """Per profiled slice: is one group more localized than the other here? Answered from ``localization_tests``
+    (the concentration measures of :data:`analyses.localization.LOCALIZING`, Holm-corrected permutation p-values):
+    yes with the numbers when every measure that differs points the same way, "mixed" when they disagree, and
+    "the data cannot tell" when none differs. Without groups: each slice's mean effective layers and centre of mass
+    (``localization_groups``)."""
+    from analyses.localization import LOCALIZING, MEASURE_WORDS
+
+    tests, summary = tables.get("localization_tests"), tables.get("localization_groups")
+    source = tests if group and tests is not None and len(tests) else summary
+    if source is None or not len(source):
+        return []
+    keys = [c for c in SELECT_COLUMNS if c in source.columns]
+    varying = [c for c in keys if c == "site_kind" or source[c].nunique() > 1]
+    out = []
+    for key, part in source.groupby(keys, sort=True, dropna=False):
+        sel = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        where = str(sel.get("site_kind")) + "".join(f", {k} {sel[k]}" for k in varying if k != "site_kind")
+        if source is summary:
+            pr = part[part["measure"] == "eff_layers_pr"].iloc[0]
+            com = part[part["measure"] == "centre_of_mass"].iloc[0]
+            out.append(f"{where}: {_n(pr['mean'])} effective layers on average (participation ratio, 95 % CI "
+                       f"[{_n(pr['ci_low'])}, {_n(pr['ci_high'])}], n = {_n(pr['n'])}), centre of mass at "
+                       f"{_n(com['mean'])} of the depth.")
+            continue
+        for (a, b), pair in part.groupby(["A", "B"], sort=True):
+            rows = pair.set_index("measure")
+            out.append(f"{where}: {_localization_verdict(rows, group, a, b, alpha, LOCALIZING, MEASURE_WORDS)} "
+                       + _localization_numbers(rows, a, b, MEASURE_WORDS))
+    return out
+
+
+def _localization_verdict(rows: pd.DataFrame, group: str, a: Any, b: Any, alpha: float,
+                          localizing: Mapping[str, int], words: Mapping[str, str]) -> str:
+    """The answer to "is one group more localized than the other?" from the Holm-corrected permutation tests."""
+    present = [m for m in localizing if m in rows.index]
+    sig = [m for m in present if pd.notna(rows.loc[m, "p_perm_holm"]) and rows.loc[m, "p_perm_holm"] < alpha]
+    if not sig:
+        return (f"the data cannot tell whether `{group}` = {a} or {b} is more localized (no measure of "
+                f"concentration differs at Holm-corrected permutation p < {alpha}).")
+    winners = {rows.loc[m, "more_localized"] for m in sig}
+    named = ", ".join(words.get(m, m) for m in sig)
+    if len(winners) == 1:
+        win = winners.pop()
+        lose = b if win == a else a
+        return (f"`{group}` = {win} is more localized than {lose} here (Holm-corrected permutation p < {alpha}: "
+                f"{named}).")
+    return f"mixed: the measures of concentration that differ ({named}) point to different groups."
+
+
+def _localization_numbers(rows: pd.DataFrame, a: Any, b: Any, words: Mapping[str, str]) -> str:
+    """The numbers behind the verdict: each concentration measure and the centre of mass, A vs B."""
+    parts = []
+    for m in ("eff_layers_pr", "peak_share", "window_width", "centre_of_mass"):
+        if m not in rows.index:
+            continue
+        r = rows.loc[m]
+        text = f"{words[m]} {_n(r['mean_A'])} vs {_n(r['mean_B'])}"
+        if pd.notna(r["p_perm"]):
+            text += (f" (difference {_n(r['diff'])}, 95 % CI [{_n(r['ci_low'])}, {_n(r['ci_high'])}], permutation "
+                     f"{_p(r['p_perm'])}, Holm {_p(r['p_perm_holm'])})")
+        parts.append(text)
+    n = rows.iloc[0]
+    return f"{a} (n = {_n(n['n_A'])}) vs {b} (n = {_n(n['n_B'])}): " + "; ".join(parts) + "."
