@@ -48,7 +48,7 @@ from interventions.plan import (
     compile_plan,
     rows_for_budget,
 )
-from interventions.probes import Probe, check_alignment, check_context, load_probes
+from interventions.probes import Probe, check_alignment, check_context, load_probes, raise_problems
 from interventions.results import (
     average_samples,
     package_versions,
@@ -188,20 +188,18 @@ class Study:
     def probes(self, tokenizer: Any = None, warn: bool = True, config: Any = None) -> list[Probe]:
         """The spec's probes, tokenised and checked (alignment, context length, answers). ``tokenizer`` and
         ``config`` let the pre-load checks run on the tokenizer and the config alone, before any weights load."""
-        probes = load_probes(self.spec.probes, tokenizer or self.model.tokenizer, self.spec.base_dir)
-        if self.spec.corrupted_prompt == "clean":  # causal tracing: only the baseline interventions corrupt
-            for probe in probes:
-                probe.corrupted, probe.corrupted_ids = probe.clean, list(probe.clean_ids)
-        check_alignment(probes, self.spec.alignment)
-        check_context(probes, config if config is not None else self.model.hf.config)
-        for metric in ("logit_diff",):
-            if metric in self.spec.metrics:
-                missing = [p.id for p in probes if not p.wrong_ids]
-                if missing:
-                    raise ClapError(
-                        f"metric {metric} needs a `wrong` answer for every probe; missing for "
-                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
-                    )
+        spec = self.spec
+        problems: list[str] = []  # every problem of the probe set in one error, not one per run
+        probes = load_probes(spec.probes, tokenizer or self.model.tokenizer, spec.base_dir,
+                             corrupted_prompt=spec.corrupted_prompt,
+                             subject=spec.trace.subject if spec.trace is not None else None,
+                             problems=problems, warn=warn)
+        check_alignment(probes, spec.alignment, problems)
+        check_context(probes, config if config is not None else self.model.hf.config, problems)
+        if "logit_diff" in spec.metrics:
+            problems += [f"{p.origin}: metric logit_diff needs a `wrong` answer for every probe; probe {p.id} has "
+                         f"none (or use metric `logit`/`prob`)" for p in probes if not p.wrong_ids]
+        raise_problems(problems, spec.probes.file, spec.model.source)
         if not self.spec.baseline and self.spec.source_model is None:  # across models the models differ
             check_distinct_prompts(probes, warn)
         return probes
