@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     patch.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
     patch.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    patch.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 on "
+                       "a shared or loaded machine; default: one per core)")
     patch.add_argument("--source-model", metavar="SOURCE",
                        help="cross-model patching: take the source activations from this model (hub id, folder, "
                             ".gguf, built-in; overrides the spec's source_model)")
@@ -40,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trace.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
     trace.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
     trace.add_argument("--no-progress", action="store_true", help="no progress bar")
+    trace.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 on "
+                       "a shared or loaded machine; default: one per core)")
     trace.add_argument("--probe-figures", type=int, default=3, help="per-probe heatmaps to draw (default 3)")
     trace.set_defaults(func=run_trace)
 
@@ -75,6 +79,7 @@ def run_trace(args: argparse.Namespace) -> int:
 def _overridden(spec, args: argparse.Namespace):
     """The spec with the command line's execution flags applied (``clap patch`` and ``clap trace`` share them)."""
     from clap.devices import resolve_device
+    from clap.errors import ClapError
 
     execution = spec.execution
     if args.remote is not None:
@@ -86,6 +91,10 @@ def _overridden(spec, args: argparse.Namespace):
         execution.device = args.device
     if args.no_progress:
         execution.progress = False
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ClapError(f"--threads must be at least 1, got {args.threads}")
+        execution.threads = args.threads
     return spec
 
 

@@ -440,22 +440,41 @@ def subject_range(probe: Probe, name: str, prompt: str, target: str, tokenizer: 
 
 #: ROME's six token groups, in prompt order
 TOKEN_GROUPS = ("first subject", "middle subject", "last subject", "first subsequent", "further", "last")
+#: the label of a token before the subject: in no ROME group (ROME's averages leave these tokens out)
+BEFORE_SUBJECT = "before subject"
+
+
+def token_groups(index: int, first: int, last: int, n_tokens: int) -> tuple[str, ...]:
+    """Every ROME token group of a target-prompt token, given the subject's [first, last] token indices, as ROME's
+    averages (``average_causal_effects``: ``scores[first_e]``, ``scores[first_e + 1:last_e]``, ``scores[last_e]``,
+    ``scores[first_a]``, ``scores[first_a + 1:last_a]``, ``scores[last_a]``) count it: a one-token subject's token
+    is its first and its last subject token; the token right after the subject is the first subsequent one even
+    when it is the prompt's last; tokens before the subject are in no group (empty tuple)."""
+    groups = []
+    if index == first:
+        groups.append("first subject")
+    if first < index < last:
+        groups.append("middle subject")
+    if index == last:
+        groups.append("last subject")
+    if index == last + 1:
+        groups.append("first subsequent")
+    if last + 1 < index < n_tokens - 1:
+        groups.append("further")
+    if index == n_tokens - 1:
+        groups.append("last")
+    return tuple(groups)
 
 
 def token_group(index: int, first: int, last: int, n_tokens: int) -> str:
-    """ROME's token group of a target-prompt token, given the subject's [first, last] token indices. The prompt's
-    last token is ``last`` (even inside the subject); before the subject is ``further`` too (ROME drops it)."""
+    """The one label a results row carries (``token_group``): the token's first ROME group in the order ``last``,
+    then prompt order (so a one-token subject's token reads ``first subject``, and the prompt's last token ``last``
+    even when it directly follows the subject); :data:`BEFORE_SUBJECT` for a token before the subject.
+    ``trace_figures.token_group_table`` counts a token in each of its groups (:func:`token_groups`)."""
     if index == n_tokens - 1:
         return "last"
-    if index == first:
-        return "first subject"
-    if index == last:
-        return "last subject"
-    if first < index < last:
-        return "middle subject"
-    if index == last + 1:
-        return "first subsequent"
-    return "further"
+    groups = token_groups(index, first, last, n_tokens)
+    return groups[0] if groups else BEFORE_SUBJECT
 
 
 def field_cell(selector: FieldPosition, probe: Probe, target: str, tokenizer: Any) -> PositionCell:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clap.contract import SAMPLES_FILE, atomic_write_frame
-from clap.devices import resolve_device
+from clap.devices import resolve_device, torch_threads
 from clap.errors import ClapError
 from clap.locks import exclusive_lock
 from clap.models import (
@@ -351,13 +351,14 @@ class Study:
         execute.check_remote(self.spec.execution.remote, self.spec.model.source)
         if self.spec.source_model is not None:
             execute.check_remote(self.spec.execution.remote, self.spec.source_model.source)
-        if out_dir is None:
-            self.check()
-            return self._run(None)
-        out = prepare_output_dir(Path(out_dir))
-        with exclusive_lock(out / LOCK_FILE, wait=False, what=f"output folder {out}"):
-            self.check()
-            return self._run(out)
+        with torch_threads(self.spec.execution.threads):
+            if out_dir is None:
+                self.check()
+                return self._run(None)
+            out = prepare_output_dir(Path(out_dir))
+            with exclusive_lock(out / LOCK_FILE, wait=False, what=f"output folder {out}"):
+                self.check()
+                return self._run(out)
 
     def _run(self, out: Path | None) -> pd.DataFrame:
         spec = self.spec

@@ -64,7 +64,7 @@ PENDING_BUILTINS = {
                               "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
 }
 #: Execution settings that do not change results (they are left out of the patch stage's hash).
-NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb")
+NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "threads")
 
 Echo = Callable[[str], None]
 
