@@ -124,7 +124,10 @@ def test_trace_stage_table_and_clap_trace_are_one_spelling(model_dir, tmp_path):
     assert main(["trace", str(study), "-o", str(tmp_path / "cli")]) == 2  # a study file is not a plain spec
     spec = tmp_path / "spec.yaml"
     spec.write_text("\n".join(line for line in study.read_text().splitlines() if not line.startswith("report:")))
-    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress"]) == 0
+    # random weights know no fact: `clap trace` refuses them unless told to trace them anyway
+    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress"]) == 2
+    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress",
+                 "--allow-unknown"]) == 0
     keys = ["probe_id", "site", "position"]
     a = frame.sort_values(keys).reset_index(drop=True)
     b = read_results(tmp_path / "cli")[0].sort_values(keys).reset_index(drop=True)
