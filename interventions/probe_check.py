@@ -432,7 +432,8 @@ SHOWN = ["id", "n_clean", "n_corrupted", "answer_pieces", "wrong_pieces", "clean
 MODEL_COLUMNS = ("clean_logit_diff", "corrupted_logit_diff", "p_answer", "answer_rank", "top_token", "knows", "flips",
                  "valid")
 #: columns dropped, in this order, when the table is still too wide for the terminal with the problems cut short
-DROPPABLE = ("top_token", "wrong_pieces", "answer_pieces", "n_corrupted", "corrupted_logit_diff", "flips")
+DROPPABLE = ("top_token", "wrong_pieces", "answer_pieces", "n_corrupted", "corrupted_logit_diff", "flips",
+             "answer_rank", "n_clean", "knows", "clean_logit_diff", "p_answer")
 #: the narrowest the problems column is cut to before a column is dropped; the longest an id is shown
 MIN_PROBLEMS, MAX_ID = 20, 24
 
