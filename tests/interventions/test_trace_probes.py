@@ -181,3 +181,36 @@ def test_threads_on_the_command_line_override_the_spec():
     assert _overridden(spec, args).execution.threads == 1
     with pytest.raises(ClapError, match="--threads must be at least 1"):
         _overridden(spec, argparse.Namespace(remote=None, max_rows=None, device=None, no_progress=False, threads=0))
+
+
+def test_clap_trace_refuses_facts_the_model_does_not_know(tiny_gpt2, tokenizer, tmp_path, capsys):
+    """Random weights know no fact: each is named with p(answer) (equal to a plain forward's softmax), its rank and
+    the model's top token; `--min-prob 0` counts every fact as known and the trace runs."""
+    import json
+
+    from clap.app.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_gpt2.hf.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    records = [{"id": p["id"], "clean": p["clean"], "answer": p["answer"], **p["labels"]} for p in TRACE_PROBES]
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = tmp_path / "trace.yaml"
+    spec.write_text(f"model: {{source: {model_dir}}}\nprobes: {{file: facts.jsonl}}\n"
+                    "trace: {samples: 2, kinds: {hidden: 1}, layers: '0:1'}\nexecution: {progress: false}\n")
+    assert main(["trace", str(spec), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the model does not know 2 of the facts to trace" in err and "--allow-unknown" in err
+    for record in records:
+        ids = tokenizer(record["clean"])["input_ids"]
+        with torch.no_grad():
+            logits = tiny_gpt2.hf(input_ids=torch.tensor([ids])).logits[0, -1]
+        answer = tokenizer(record["answer"], add_special_tokens=False)["input_ids"][0]
+        p = torch.softmax(logits.double(), -1)[answer].item()
+        rank = int((logits > logits[answer]).sum()) + 1
+        assert (f"probe {record['id']} ({tmp_path / 'facts.jsonl'}:{records.index(record) + 1}): does not know: "
+                f"p(answer [{record['answer']!r}]) = {p:.3g} on the clean prompt (rank {rank};") in err
+        assert f"the model's top token is {tokenizer.decode([int(logits.argmax())])!r}" in err
+    assert not (tmp_path / "out" / "results.parquet").exists()
+    assert main(["trace", str(spec), "-o", str(tmp_path / "out"), "--min-prob", "0", "--probe-figures", "0"]) == 0
+    assert (tmp_path / "out" / "results.parquet").is_file()
