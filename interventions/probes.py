@@ -31,7 +31,6 @@ from interventions.spec import (
     format_validation_error,
 )
 
-
 log = logging.getLogger(__name__)
 
 
@@ -183,7 +182,7 @@ def tokenize_probes(
                        f"without one")
             continue
         if subject is not None:
-            problem = _subject_problem(spec, subject)
+            problem = subject_problem(spec, subject)
             if problem:
                 own.append(f"{origin}: probe {probe_id} {problem}")
         try:
@@ -218,7 +217,7 @@ def tokenize_probes(
     return probes
 
 
-def _subject_problem(spec: ProbeSpec, subject: str) -> str:
+def subject_problem(spec: ProbeSpec, subject: str) -> str:
     """Why a trace cannot noise this probe's subject ("" when it can)."""
     if subject not in spec.labels:
         return (f"has no `{subject}` field: a causal trace noises the tokens of the string it names "
