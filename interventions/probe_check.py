@@ -152,8 +152,8 @@ def unknown_reason(answer_pieces: Sequence[str], p_answer: float, rank: int | No
     p(answer) >= ``min_prob``), with the numbers and a hint when a leading space is the likely cause."""
     if rank == 1 or p_answer >= min_prob:
         return ""
-    return (f"does not know: p(answer {list(answer_pieces)}) = {p_answer:.3g} on the clean prompt (rank {rank}; "
-            f"below {min_prob:g} and not the top token); the model's top token is {top_token!r}"
+    return (f"does not know: p(answer {list(answer_pieces)}) = {p_answer:.3g} on the clean prompt (rank {rank}, "
+            f"below {min_prob:g} and not the top token), the model's top token is {top_token!r}"
             + _space_hint(answer_pieces, top_token))
 
 
@@ -161,9 +161,9 @@ def _space_hint(answer_pieces: Sequence[str], top: str) -> str:
     """A hint when the answer and the model's top token differ only in a leading space."""
     answer = "".join(answer_pieces)
     if answer.strip() and answer.strip() == top.strip() and answer != top:
-        return f"; the answer {answer!r} and the top token {top!r} differ only in a leading space: write {top!r}"
+        return f" (the answer {answer!r} and the top token {top!r} differ only in a leading space: write {top!r})"
     if answer[:1] not in (" ", "") and top[:1] == " ":
-        return "; mind the leading space: an answer after a space is usually written with it (' Paris')"
+        return " (mind the leading space: an answer after a space is usually written with it, ' Paris')"
     return ""
 
 
@@ -175,10 +175,10 @@ def _tokenise_answer(value: Any, tokenizer: Any, origin: str, what: str, multi_t
     several = [v for v in values if isinstance(v, str) and len(tokenizer(v, add_special_tokens=False)["input_ids"]) > 1]
     if several and multi_token == "error":
         if isinstance(value, list):
-            problem = (f"{what} set member(s) {several} are several tokens each; give single tokens or use "
+            problem = (f"{what} set member(s) {several} are several tokens each: give single tokens or use "
                        f"--multi-token first/set (the study's probes.multi_token)")
         else:
-            problem = (f"{what} {value!r} is {len(ids)} tokens {pieces}; give one token (mind the leading space) or a "
+            problem = (f"{what} {value!r} is {len(ids)} tokens {pieces}: give one token (mind the leading space) or a "
                        f"list of tokens, or use --multi-token first/set (the study's probes.multi_token)")
         return AnswerTokens(ids, pieces, "multi", problem)
     if several and multi_token == "first":
@@ -447,6 +447,10 @@ def fit_table(frame: pd.DataFrame, columns: Sequence[str], width: int) -> str:
     for name in ("answer_pieces", "wrong_pieces", "top_token"):
         if name in shown:
             shown[name] = shown[name].map(lambda t: _cut(str(t), 18))
+    formats = {"p_answer": "{:.3g}", "answer_rank": "{:.0f}"}  # probabilities span decades; ranks are counts
+    for name, form in formats.items():
+        if name in shown:
+            shown[name] = shown[name].map(lambda x, form=form: "-" if pd.isna(x) else form.format(x))
 
     def render(table: pd.DataFrame) -> str:
         return table.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-")
@@ -473,7 +477,10 @@ def _cut(text: str, width: int) -> str:
 def print_report(frame: pd.DataFrame, ran_model: bool, width: int | None = None) -> None:
     """The per-probe table fitted to the terminal, then every probe's problems in full, wrapped to it."""
     width = width or shutil.get_terminal_size((120, 24)).columns
-    columns = [c for c in SHOWN if c in frame.columns and (ran_model or c not in MODEL_COLUMNS)]
+    unused = {c for c in MODEL_COLUMNS if c in frame and frame[c].isna().all()}  # e.g. logit differences of traces
+    if "p_answer" in frame:  # trace probes: the corrupted prompt is the clean one
+        unused |= {"n_corrupted", "wrong_pieces"}
+    columns = [c for c in SHOWN if c in frame.columns and (ran_model or c not in MODEL_COLUMNS) and c not in unused]
     print(fit_table(frame, columns, width))
     flawed = frame[frame["problems"].astype(str) != ""]
     if len(flawed):  # one problem a line, unwrapped: a wrap inside a token would hide its leading space

@@ -209,7 +209,7 @@ def test_clap_trace_refuses_facts_the_model_does_not_know(tiny_gpt2, tokenizer, 
         p = torch.softmax(logits.double(), -1)[answer].item()
         rank = int((logits > logits[answer]).sum()) + 1
         assert (f"probe {record['id']} ({tmp_path / 'facts.jsonl'}:{records.index(record) + 1}): does not know: "
-                f"p(answer [{record['answer']!r}]) = {p:.3g} on the clean prompt (rank {rank};") in err
+                f"p(answer [{record['answer']!r}]) = {p:.3g} on the clean prompt (rank {rank},") in err
         assert f"the model's top token is {tokenizer.decode([int(logits.argmax())])!r}" in err
     assert not (tmp_path / "out" / "results.parquet").exists()
     assert main(["trace", str(spec), "-o", str(tmp_path / "out"), "--min-prob", "0", "--probe-figures", "0"]) == 0
