@@ -13,13 +13,12 @@ from typing import Any
 
 import pandas as pd
 
+from analyses.formatting import fmt, row_p_values
 from analyses.select import SELECT_COLUMNS
 
 
 def _n(v: Any) -> str:
-    from analyses.report import _fmt
-
-    return _fmt(v)
+    return fmt(v)
 
 
 def _p(p: float) -> str:
@@ -81,8 +80,6 @@ def _one_sample_findings(one: pd.DataFrame, group: str | None, alpha: float) -> 
     """Per group: the layers where the one-sample test against 0 is significant (with the report's p column)."""
     if not len(one) or "layer" not in one.columns:
         return []
-    from analyses.report import row_p_values
-
     p, label = row_p_values(one)
     if p is None:
         return []

@@ -157,6 +157,8 @@ class Analysis:
     figures: list[FigureFile] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
+    #: the sections of derived runs (additivity check, clean-run ablation): :mod:`analyses.derived`
+    derived: list[Any] = field(default_factory=list)
 
 
 def analyze(
@@ -180,6 +182,8 @@ def analyze(
     subject: str | None = None,
     interval: str | None = None,
     ss_type: int | None = None,
+    additivity: str | Path | None = None,
+    ablation: str | Path | None = None,
 ) -> Analysis:
     """Load ``results_dir``, run every test on every slice, write tables, caveats and figures to ``out_dir``.
 
@@ -222,6 +226,9 @@ def analyze(
         How results are reduced and tested (see above).
     position_reduction, head_reduction, subject, interval, ss_type : optional
         Override single fields of ``analysis``.
+    additivity, ablation : str or Path, optional
+        Results folders of the study's derived runs (the additivity check's joint patches with their
+        ``design.csv``; the clean-run ablation): analysed against this study's rows (:mod:`analyses.derived`).
 
     Returns
     -------
@@ -310,6 +317,10 @@ def analyze(
             tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(figure_skips)], ignore_index=True)
             atomic_write_text(out / TABLE_FILES["skipped"], tables["skipped"].to_csv(index=False))
         result.files.extend(p for f in result.figures for p in f.paths if p not in result.files)
+    if additivity is not None or ablation is not None:
+        from analyses.derived import attach
+
+        attach(result, additivity=additivity, ablation=ablation, figures=figures, dpi=dpi)
     return result
 
 

@@ -48,8 +48,10 @@ def _fingerprint(adapter: Path, base_location: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def merge_builtin_adapter(name: str, cache_dir: Path | None = None) -> Path:
-    """Directory of built-in ``name`` with its adapter merged into the base weights (made once, then cached).
+def merge_builtin_adapter(name: str, base_location: str, cache_dir: Path) -> Path:
+    """Directory of built-in ``name`` with its adapter merged into the base weights (made once, then cached under
+    ``cache_dir``). ``base_location`` is the resolved folder of its base model (:func:`clap.models.resolve_source`
+    resolves it and calls this: the dependency runs one way).
 
     Written under a per-process temporary name and renamed when complete, so an interrupted merge is never
     mistaken for a finished one and two processes merging at once cannot mix their files.
@@ -57,12 +59,9 @@ def merge_builtin_adapter(name: str, cache_dir: Path | None = None) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clap.models import cache_root, resolve_source
-
     base_name, _ = BUILTIN_ADAPTERS[name]
     adapter = builtin_adapter_dir(name)
-    base_location, _ = resolve_source(base_name)
-    target = (cache_dir or cache_root() / "merged") / f"{name}-{_fingerprint(adapter, base_location)}"
+    target = cache_dir / f"{name}-{_fingerprint(adapter, base_location)}"
     if (target / "config.json").is_file():
         return target
     log.info("merging the %s adapter into %s (once) -> %s", adapter.name, base_name, target)

@@ -89,6 +89,8 @@ from clap.errors import ClapError
 RESULTS_FILE = "results.parquet"
 SIDECAR_FILE = "run.json"
 SAMPLES_FILE = "samples.parquet"
+#: beside an additivity run's results: which layers each joint cell patched, per probe (interventions.derived)
+DESIGN_FILE = "design.csv"
 
 #: Site kinds in forward-execution order; ``module`` is any raw module address.
 SITE_KINDS: tuple[str, ...] = (

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from clap.builtin_adapters import BUILTIN_ADAPTERS, merge_builtin_adapter
 from clap.errors import ClapError
 from clap.locks import exclusive_lock
 
@@ -73,9 +74,9 @@ def builtin_gguf_path(name: str) -> Path:
 
 
 def _fingerprint(path: Path) -> str:
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The conversion cache's key of a GGUF file: its content digest (:func:`_file_digest`, hashed once per
+    :func:`stat_key`), so an edit that keeps size and mtime is a new conversion and a copy elsewhere reuses one."""
+    return _file_digest(path)[:16]
 
 
 def _convert_into(gguf_path: Path, folder: Path) -> None:
@@ -161,14 +162,20 @@ def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
     return repo_id
 
 
+def merged_builtin_adapter(name: str) -> Path:
+    """The folder of built-in fine-tuned model ``name``: its base model resolved, the shipped adapter merged into it
+    once and cached under the cache root (:func:`clap.builtin_adapters.merge_builtin_adapter`)."""
+    base_name, _ = BUILTIN_ADAPTERS[name]
+    base_location, _ = resolve_source(base_name)
+    return merge_builtin_adapter(name, base_location, cache_root() / "merged")
+
+
 def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> tuple[str, str | None]:
     """Turn a user-facing model source into (directory or hub id, gguf file name or None)."""
     if source in BUILTIN_GGUF:
         return str(convert_gguf(builtin_gguf_path(source))), None
-    from clap.builtin_adapters import BUILTIN_ADAPTERS, merge_builtin_adapter
-
     if source in BUILTIN_ADAPTERS:  # a built-in base + a shipped LoRA adapter, merged once and cached
-        return str(merge_builtin_adapter(source)), None
+        return str(merged_builtin_adapter(source)), None
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         return str(convert_gguf(path)), None
@@ -266,15 +273,26 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, identity: dict[str, Any] | N
     return LoadedModel(nn=nn_model, hf=hf_model, tokenizer=tokenizer, identity=ident)
 
 
-def _file_digest(path: Path) -> str:
-    """blake2b of a file's bytes, cached in ``$CLAP_CACHE/fingerprints.json`` by (path, size, mtime_ns): a model
-    directory is hashed in full once, and a rerun only stats its files."""
+def stat_key(path: Path) -> str:
+    """What identifies a file's bytes without reading them: path, size, mtime, inode and change time (ns).
+
+    Why the inode and the change time: ``cp -p``, ``rsync -a`` and ``touch -r`` give edited bytes the old size and
+    mtime, but none of them can set the change time (the kernel stamps it on every write, rename or chmod), and a
+    replaced file has a new inode. A key that only changes too often costs a re-hash, never a wrong answer."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
+
+
+def _file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, cached in ``$CLAP_CACHE/fingerprints.json`` by :func:`stat_key`: a model
+    directory is hashed in full once, and a rerun only stats its files."""
+    key = stat_key(path)
     store = cache_root() / "fingerprints.json"
     try:
         known = json.loads(store.read_text())
     except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):  # not a cache this code wrote: start it again
         known = {}
     if key in known:
         return known[key]

@@ -32,6 +32,7 @@ import torch
 from clap.contract import atomic_write_text
 from clap.errors import ClapError
 from clap.yamlio import SourceError, load_jsonl
+from interventions import kernel
 from interventions.probe_suggest import file_words, mismatch_message, suggest_substitutes
 from interventions.probes import ProbeError, _answer_ids, read_probe_specs, subject_problem
 from interventions.spec import ProbeSetSpec, ProbeSpec
@@ -254,7 +255,7 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, mu
 @torch.no_grad()
 def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
                       batch_size: int = 64) -> torch.Tensor:
-    """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (float32)."""
+    """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (in the model's dtype)."""
     from interventions.alignment import left_pad
 
     device = next(hf_model.parameters()).device
@@ -268,13 +269,16 @@ def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
         ).logits
-        out.append(logits[:, -1, :].float().cpu())
+        out.append(logits[:, -1, :].cpu())
     return torch.cat(out)
 
 
 def logit_diffs(logits: torch.Tensor, answer_ids: Sequence[int], wrong_ids: Sequence[int]) -> torch.Tensor:
-    """mean over the answer set minus mean over the wrong set, per row."""
-    return logits[:, list(answer_ids)].mean(-1) - logits[:, list(wrong_ids)].mean(-1)
+    """Mean over the answer set minus mean over the wrong set, per row, reduced in float64 by the edit kernel (the
+    same reduction as patching's ``logit_diff``)."""
+    answer_index, answer_mask = kernel.token_sets([answer_ids] * len(logits))
+    wrong_index, wrong_mask = kernel.token_sets([wrong_ids] * len(logits))
+    return kernel.logit_difference(logits.to(torch.float64), answer_index, answer_mask, wrong_index, wrong_mask)
 
 
 def behavioural_checks(checks: Sequence[ProbeCheck], hf_model: torch.nn.Module, tokenizer: Any,
@@ -305,11 +309,11 @@ def answer_probability(logits: torch.Tensor, answer_ids: Sequence[int]) -> tuple
     """(p(answer set), rank of its best token among all next tokens (1 = the model's top prediction), the top
     token's id) from one row of last-position logits; the probability of a set is the sum over its tokens, as the
     ``prob`` metric."""
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
     ids = list(answer_ids)
-    best = float(logits[ids].max())
-    return (float(torch.logsumexp(logprobs[ids], dim=0).exp()), int((logits > best).sum()) + 1,
-            int(logits.argmax()))
+    index, mask = kernel.token_sets([ids])
+    metrics, _ = kernel.reduce_metrics(logits[None], index, mask, index, mask)  # patching's own reduction
+    best = logits[ids].max()
+    return float(metrics[0, 2]), int((logits > best).sum()) + 1, int(logits.argmax())
 
 
 def trace_knowledge(probes: Sequence[Any], hf_model: torch.nn.Module, tokenizer: Any, min_prob: float,

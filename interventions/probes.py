@@ -204,7 +204,7 @@ def tokenize_probes(
                 origin=origin,
             )
         )
-    if ignored and warn:
+    if ignored and warn and subject is not None:  # a trace; other clean-prompt designs say so themselves
         log.warning("%d probe(s) carry a `corrupted` prompt other than their clean one (%s): a causal trace ignores "
                     "it (its corrupted run is the clean prompt with noise on the subject's tokens)",
                     len(ignored), ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))

@@ -20,9 +20,8 @@ from clap.builtin_adapters import (
     ADAPTERS_DIR,
     BUILTIN_ADAPTERS,
     builtin_adapter_dir,
-    merge_builtin_adapter,
 )
-from clap.models import load_model, resolve_source
+from clap.models import load_model, merged_builtin_adapter, resolve_source
 
 NAME = "smollm2-135m-epilepsy"
 SHIPPED = ADAPTERS_DIR / "smollm2-135m-epilepsy-lora"
@@ -129,14 +128,14 @@ def test_merge_is_cached_and_a_changed_adapter_is_merged_again(tiny_builtin):
     from safetensors.torch import load_file, save_file
 
     _, adapter_dir = tiny_builtin
-    first = merge_builtin_adapter("tiny-test")
+    first = merged_builtin_adapter("tiny-test")
     stamp = (first / "config.json").stat().st_mtime_ns
-    assert merge_builtin_adapter("tiny-test") == first
+    assert merged_builtin_adapter("tiny-test") == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert not list(first.parent.glob("*.partial-*"))
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     save_file({k: v * 2 for k, v in tensors.items()}, adapter_dir / "adapter_model.safetensors")
-    assert merge_builtin_adapter("tiny-test") != first
+    assert merged_builtin_adapter("tiny-test") != first
 
 
 def test_missing_adapter_file_is_one_clear_error(tiny_builtin):

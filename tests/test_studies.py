@@ -115,3 +115,15 @@ def test_layers_study_on_tiny_gpt2(tiny_dir, tmp_path):
     frame = result.frame("model")
     assert set(frame["site_kind"]) == {"resid_pre", "attn_out", "mlp_out", "head"}
     assert set(frame["knowledge_type"]) == {"definitional", "associative"} and frame.probe_id.nunique() == 93
+
+
+def test_additivity_ablation_study_validates_and_derives_its_ablation_spec():
+    from interventions.derived import ablation_spec
+    from interventions.spec import ModelSpec
+
+    study = StudyFile.from_yaml(STUDIES / "epilepsy-additivity-ablation.yaml")
+    assert study.probes.file == "package:clap/data/demo_probes.jsonl"
+    assert study.additivity.kinds == ["attn_out", "mlp_out"] and study.additivity.top == [2, 3, 5]
+    spec = ablation_spec(study.patch_spec(ModelSpec(source="smollm2-135m"), Path("probes.jsonl")), study.ablation)
+    assert spec.ablates_clean_run and [op.name for op in spec.operations] == ["zero", "mean", "resample"]
+    assert spec.patches[0].sites == ["layers[18:30].heads[*]", "layers[*].attn_out", "layers[*].mlp_out"]

@@ -12,6 +12,8 @@ Stages, in order (``--until`` stops after one, ``--force`` reruns one and what d
     trace[NAME]        with a `trace:` section: ROME's token-group table and      <out>/models/NAME/
                        heatmaps beside the results (what `clap trace` writes)     token_groups.csv, trace_*.png
     patch[cross:S-into-T]  cross-model patching: S's activations into T's runs    <out>/cross/S-into-T/
+    patch[additivity:NAME] layers patched jointly (sets from patch[NAME])        <out>/additivity/NAME/
+    patch[ablation:NAME]   the clean run ablated (zero / mean / resample)        <out>/ablation/NAME/
     analyze[NAME]      clap report, per model: tables, figures, report.html       <out>/models/NAME/analysis/
     analyze[cross:...] the same for each cross-model run                          <out>/cross/S-into-T/analysis/
     compare[A-vs-B]    clap compare, per pair named by `compare:`                 <out>/compare/A-vs-B/
@@ -64,7 +66,7 @@ PENDING_BUILTINS = {
                               "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
 }
 #: Execution settings that do not change results (they are left out of the patch stage's hash).
-NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "threads")
+NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "max_cells", "threads")
 
 Echo = Callable[[str], None]
 
@@ -86,11 +88,12 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
     return Path(result.model_dir)
 
 
-def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True) -> Path:
-    """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites)."""
+def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True, analysis: Any = None) -> Path:
+    """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites), under
+    the study's ``analysis:`` options (``analysis``; None: those recorded in run A)."""
     module = _compare_module()
     function = getattr(module, "compare_runs", None) or module.compare
-    function(run_a, run_b, out, figures=figures)
+    function(run_a, run_b, out, figures=figures, analysis=analysis)
     return out
 
 
@@ -163,6 +166,9 @@ class _Planner:
                 self._trace(name)
         for name, section in study.cross_runs().items():
             self._cross_patch(name, section, probes)
+        for kind, name, entry in [(k, n, e) for k in ("additivity", "ablation") if getattr(study, k) is not None
+                                  for n, e in study.model_entries().items()]:
+            self._derived(kind, name, entry, probes)
         for name in study.model_entries():
             self._analyze(name)
         for name, section in study.cross_runs().items():
@@ -290,8 +296,7 @@ class _Planner:
         def run(resume: bool) -> list[Path]:
             spec = planner.study.patch_spec(planner._model_spec(entry), probes_file)
             spec.name = f"{planner.study.name} [{name}]"
-            Study(spec).run(results)
-            return [results]
+            return _run_patch(Study(spec), results, resume)
 
         spec_key, probe_options = self._spec_key()
         key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest,
@@ -327,8 +332,7 @@ class _Planner:
             spec = planner.study.cross_spec(section, planner._model_spec(target), planner._model_spec(source),
                                            probes_file)
             spec.name = f"{planner.study.name} [cross:{name}]"
-            Study(spec).run(results)
-            return [results]
+            return _run_patch(Study(spec), results, resume)
 
         spec_key, probe_options = self._spec_key()
         key = {"spec": spec_key, "cross_model": section.model_dump(mode="json"), "probe_options": probe_options,
@@ -340,6 +344,39 @@ class _Planner:
             self._check_source(section.source, source)
 
         self._add(f"patch[cross:{name}]", "patch", key, upstream, run, check)
+
+    def _derived(self, kind: str, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
+        """``patch[additivity:NAME]`` (layers patched jointly, the sets chosen from ``patch[NAME]``'s single-layer
+        results; the design table beside the results) or ``patch[ablation:NAME]`` (the clean run ablated):
+        ``<out>/KIND/NAME/``, specs derived by :mod:`interventions.derived`."""
+        from interventions.study import Study
+
+        probes_file, probes_digest = probes
+        results = self.out / kind / name
+        singles = self.out / "models" / name
+        planner = self
+        section = getattr(self.study, kind)
+
+        def run(resume: bool) -> list[Path]:
+            from clap.contract import DESIGN_FILE, atomic_write_frame
+            from interventions import derived
+
+            spec = planner.study.patch_spec(planner._model_spec(entry), probes_file)
+            spec.name = f"{planner.study.name} [{kind}:{name}]"
+            if kind == "ablation":
+                Study(derived.ablation_spec(spec, section)).run(results)
+                return [results]
+            joint, design = derived.additivity_spec(spec, read_results(singles)[0], section)
+            joint.name = spec.name
+            Study(joint).run(results)
+            atomic_write_frame(results / DESIGN_FILE, design)
+            return [results]
+
+        spec_key, probe_options = self._spec_key()
+        key = {"spec": spec_key, kind: section.model_dump(mode="json"), "probe_options": probe_options,
+               "probes": probes_digest, "model": self._identity(entry)}
+        upstream = [f"patch[{name}]"] if kind == "additivity" else (["finetune"] if entry.finetuned else [])
+        self._add(f"patch[{kind}:{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
 
     def _source(self, entry: ModelEntry) -> str:
         if entry.finetuned:
@@ -397,29 +434,38 @@ class _Planner:
                      "has none, so they are not applied there", name)
             options = options.model_copy(update={"require_flip": False, "min_abs_diff": None})
         render = self.study.report
+        # a model's report holds its derived runs' sections (additivity check, clean-run ablation)
+        derived = {kind: self.out / kind / name for kind in ("additivity", "ablation")
+                   if any(s.name == f"patch[{kind}:{name}]" for s in self.stages)}
 
         def run(resume: bool) -> list[Path]:
             from analyses.report import write_report
             from clap.analysis_options import AnalysisOptions
 
             files = write_report(results, analysis=options or AnalysisOptions(), figures=render.figures,
-                                 n_boot=render.n_boot)
+                                 n_boot=render.n_boot, **derived)
             return [files.html.parent]
 
         key = {"analysis": options.model_dump(mode="json") if options else None,
                "report": render.model_dump(mode="json")}
-        self._add(f"analyze[{name}]", "analyze", key, [f"patch[{name}]"], run)
+        self._add(f"analyze[{name}]", "analyze", key, [f"patch[{name}]", *(f"patch[{k}:{name}]" for k in derived)],
+                  run)
 
     def _compare(self, a: str, b: str) -> None:
         out = self.out / "compare" / f"{a}-vs-{b}"
         models = self.out / "models"
 
-        def run(resume: bool) -> list[Path]:
-            return [compare_models(models / a, models / b, out, figures=figures)]
+        def run(resume: bool) -> list[Path]:  # the study's options, as analyze[NAME] uses them (not run.json's)
+            from clap.analysis_options import AnalysisOptions
+
+            return [compare_models(models / a, models / b, out, figures=figures,
+                                   analysis=options or AnalysisOptions())]
 
         figures = self.study.report.figures
-        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures},
-                  [f"patch[{a}]", f"patch[{b}]"], run, lambda: _compare_module() and None)
+        options = self.study.analysis
+        key = {"pair": [a, b], "figures": figures, "analysis": options.model_dump(mode="json") if options else None}
+        self._add(f"compare[{a}-vs-{b}]", "compare", key, [f"patch[{a}]", f"patch[{b}]"], run,
+                  lambda: _compare_module() and None)
 
     def _report(self) -> None:
         from clap.app.study_report import write_study_report
@@ -439,6 +485,21 @@ class _Planner:
         stage.hash = digest({"stage": name, "key": key, "upstream": {u: hashes[u] for u in upstream},
                              "clap": __version__})
         self.stages.append(stage)
+
+
+def _run_patch(study: Any, results: Path, resume: bool) -> list[Path]:
+    """Run a patch stage into ``results``; return the files it wrote (the results contract's).
+
+    Only a stage interrupted under the same hash resumes from its finished batches: a stage that runs because its
+    hash changed (weights, probes, spec, clap version) or was forced first discards every batch in
+    ``results/.partial``, whatever plan fingerprint they carry, so no batch of other inputs can be picked up."""
+    from clap.contract import results_path, samples_path, sidecar_path
+    from interventions.batch_store import discard_partial
+
+    if not resume and discard_partial(results):
+        log.info("%s: finished batches of an earlier run of this stage discarded (its inputs changed)", results)
+    study.run(results)
+    return [results_path(results), sidecar_path(results), *[p for p in [samples_path(results)] if p.is_file()]]
 
 
 def _fail(message: str) -> Callable[[], None]:
@@ -518,34 +579,24 @@ def run_study(study: StudyFile | str | Path | dict, out: str | Path | None = Non
         for number, stage in enumerate(stages, start=1):
             head = f"stage {number}/{len(stages)} {stage.name}"
             rerun = stage.name in forced or any(u in ran for u in stage.upstream)
-            if not rerun and store.is_done(stage.name, stage.hash) and _outputs_exist(store, stage.name):
+            problem = store.outputs_problem(stage.name) if store.is_done(stage.name, stage.hash) else None
+            if not rerun and store.is_done(stage.name, stage.hash) and problem is None:
                 result.stages[stage.name] = "up to date"
                 say(f"{head}: up to date")
                 continue
             record = store.stages.get(stage.name) or {}
             resume = record.get("status") == "running" and record.get("hash") == stage.hash
-            say(f"{head}: {'resuming' if resume else 'running'}")
+            reason = f" (its outputs changed: {problem})" if problem and not rerun else ""
+            say(f"{head}: {'resuming' if resume else 'running'}{reason}")
             store.mark_running(stage.name, stage.hash)
             clock = time.perf_counter()
             outputs = stage.action(resume)
             seconds = time.perf_counter() - clock
-            store.mark_done(stage.name, stage.hash, seconds, [_relative(p, out) for p in outputs])
+            store.mark_done(stage.name, stage.hash, seconds, outputs)
             ran.add(stage.name)
             result.stages[stage.name] = "ran"
             say(f"{head}: done in {seconds:.1f} s (elapsed {time.perf_counter() - started:.1f} s)")
     return result
-
-
-def _outputs_exist(store: StageStore, name: str) -> bool:
-    outputs = store.stages[name].get("outputs") or []
-    return all((store.path.parent / p).exists() for p in outputs)
-
-
-def _relative(path: Path, out: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(out.resolve()).as_posix()
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 # ------------------------------------------------------------------------------------------------- command line

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from analyses import load_results, rm_anova
+from analyses.formatting import fmt as _fmt
 from analyses.io import save_results
 from analyses.pipeline import TABLE_FILES
-from analyses.report import _fmt
 from analyses.synthetic import make_meta, make_results
 from clap.app.cli import main
 
