@@ -32,9 +32,11 @@ import pandas as pd
 
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
-from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_text
+from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_json, atomic_write_text
 from clap.errors import ClapError
 
+#: The findings as data beside ``compare.html``, read by ``clap run``'s study page.
+FINDINGS_FILE = "findings.json"
 #: How many offending probes or sites an error message lists.
 SHOW = 5
 
@@ -60,6 +62,7 @@ class Comparison:
     options: dict[str, Any] = field(default_factory=dict)
     #: probes dropped by the exclusion rules: ``probe_id``, ``run`` (A, B or both) and ``reason``
     excluded: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["probe_id", "run", "reason"]))
+    dv: str = "recovery"
 
 
 def _listing(items: list[Any]) -> str:
@@ -269,7 +272,9 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     dv : str, default "recovery"
         The variable compared.
     group : str, optional
-        A group column present in both runs; default the first group column they share.
+        A probe label of both runs; default the ``analysis.group`` their specs declare, else ``knowledge_type``
+        when both carry it, else the first shared label that can group probes (never a provenance label such as
+        ``pmids`` or ``bioasq_id``; :mod:`clap.groups`).
     agg : str, optional
         Legacy: one pandas aggregation over a probe's rows at one layer instead of the named reductions.
     analysis : AnalysisOptions or dict, optional
@@ -328,19 +333,14 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
     opts = resolve_options(meta_a, analysis, position_reduction=position_reduction, head_reduction=head_reduction)
-    if group is None:
-        shared = [g for g in meta_a["group_columns"] if g in meta_b["group_columns"]]
-        group = shared[0] if shared else None
-    elif group not in a.columns or group not in b.columns:
-        raise ClapError(f"group column {group!r} is not in both runs; group columns: "
-                        f"{', '.join(meta_a['group_columns']) or 'none'}")
+    group = comparison_group(group if group is not None else getattr(opts, "group", None), a, b, meta_a, meta_b)
     names = (str(run_a), str(run_b))
     check_same_probes(meta_a, meta_b, names)
     check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=names)
     a, b, excluded = _exclude(a, meta_a, b, meta_b, opts)
     paired = paired_values(a, b, dv, group, agg, opts.position_reduction, opts.head_reduction, opts.subject_field)
     result = Comparison(Path(run_a), Path(run_b), Path(out_dir), layer_differences(paired), layer_model_anova(paired),
-                        paired, meta_a, meta_b, group, options=opts.model_dump(), excluded=excluded)
+                        paired, meta_a, meta_b, group, options=opts.model_dump(), excluded=excluded, dv=dv)
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("paired_differences", paired), ("layer_differences", result.differences),
@@ -351,8 +351,49 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     result.files += [p for _, paths in figs for p in paths]
     atomic_write_text(out / "compare.html", render_html(result, figs, alpha))
     atomic_write_text(out / "compare.md", render_markdown(result, figs, alpha))
-    result.files += [out / "compare.html", out / "compare.md"]
+    atomic_write_json(out / FINDINGS_FILE, findings_record(result, alpha))
+    result.files += [out / "compare.html", out / "compare.md", out / FINDINGS_FILE]
     return result
+
+
+def comparison_findings(result: Comparison, alpha: float = 0.05) -> list[tuple[str, list[str]]]:
+    """``(slice heading, sentences)`` per slice (:func:`analyses.findings.comparison_findings`), from the very tables
+    ``compare.html`` prints; ``compare.html`` / ``.md`` show them first and ``findings.json`` holds them."""
+    from analyses.findings import comparison_findings as sentences
+
+    keys = [c for c in SELECT_COLUMNS if c in result.differences.columns]
+    out = []
+    for key, _ in result.differences.groupby(keys, sort=True) if keys else []:
+        unit = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        lines = sentences(result.differences, result.anova, unit, alpha, result.dv)
+        if lines:
+            out.append((" · ".join(f"{k} {v}" for k, v in unit.items()), lines))
+    return out
+
+
+def findings_record(result: Comparison, alpha: float = 0.05) -> dict[str, Any]:
+    """What ``findings.json`` of a comparison holds (read by ``clap run``'s study page)."""
+    found = comparison_findings(result, alpha)
+    return {"kind": "comparison", "group": result.group, "dv": result.dv, "alpha": alpha,
+            "n_probes": int(result.paired["probe_id"].nunique()),
+            "slices": [{"slice": h, "headline": lines, "findings": lines} for h, lines in found]}
+
+
+def comparison_group(group: str | None, a: pd.DataFrame, b: pd.DataFrame, meta_a: dict[str, Any],
+                     meta_b: dict[str, Any]) -> str | None:
+    """The group of a comparison: ``group`` (``--group``), else the ``analysis.group`` the runs' specs declare,
+    else the default of :mod:`clap.groups` (``knowledge_type``; never a provenance label such as ``pmids``) over
+    the labels both runs carry. A group that is not a label of both runs raises :class:`ClapError`."""
+    from analyses.pipeline import probe_labels
+    from clap.groups import resolve_group
+
+    analyses = [(m.get("spec") or {}).get("analysis") or {} for m in (meta_a, meta_b)]
+    if group is None:
+        group = next((x.get("group") for x in analyses if x.get("group")), None)
+    in_b = set(meta_b.get("group_columns") or []) & set(b.columns)
+    shared = {k: v for k, v in probe_labels(meta_a, a).items() if k in in_b}
+    subject_field = analyses[0].get("subject_field") or "subject"
+    return resolve_group(group, shared, subject_field, where="group (--group, analysis.group; a label of both runs)")
 
 
 def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> list[tuple[str, list[Path]]]:
@@ -396,6 +437,10 @@ def _sections(result: Comparison) -> list[tuple[str, pd.DataFrame, pd.DataFrame]
     return out
 
 
+def _group_words(result: Comparison) -> str:
+    return f"`{result.group}` (one heatmap panel per group)" if result.group else "none"
+
+
 def _model_name(meta: dict[str, Any], path: Path) -> str:
     from analyses.report import study_title
 
@@ -423,7 +468,13 @@ def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: f
              f"<p>A: <code>{html.escape(_model_name(result.meta_a, result.run_a))}</code><br>"
              f"B: <code>{html.escape(_model_name(result.meta_b, result.run_b))}</code><br>"
              f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired (the same probe "
-             f"in both runs). {html.escape(_values_sentence(result))}</p>"]
+             f"in both runs). Groups: {html.escape(_group_words(result))}. {html.escape(_values_sentence(result))}</p>"]
+    found = comparison_findings(result, alpha)
+    if found:
+        parts.append("<h2>Findings</h2>")
+        for heading, lines in found:
+            parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">"
+                         + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
     for title, diff, anova in _sections(result):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(_html_stat_table("Paired difference per layer (B - A, t-test, Holm over layers)", diff, alpha))
@@ -446,7 +497,12 @@ def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alph
     out = ["# Comparison of two runs: B - A", "", f"- A: `{_model_name(result.meta_a, result.run_a)}`",
            f"- B: `{_model_name(result.meta_b, result.run_b)}`", "",
            f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired. "
-           f"{_values_sentence(result)}", ""]
+           f"Groups: {_group_words(result)}. {_values_sentence(result)}", ""]
+    found = comparison_findings(result, alpha)
+    if found:
+        out += ["## Findings", ""]
+        for heading, lines in found:
+            out += [f"### {heading}", "", *[f"- {x}" for x in lines], ""]
     for title, diff, anova in _sections(result):
         out += [f"## {title}", "", "### Paired difference per layer (B - A, t-test, Holm over layers)", "",
                 markdown_table(diff)]

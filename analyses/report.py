@@ -24,9 +24,12 @@ import pandas as pd
 from analyses.figures import COLUMN_WIDTH_IN
 from analyses.formatting import html_table as _html_table
 from analyses.formatting import markdown_table, row_p_values
-from analyses.pipeline import Analysis, FigureFile, analyze
+from analyses.pipeline import TABLE_FILES, Analysis, FigureFile, analyze
 from analyses.select import SELECT_COLUMNS
-from clap.contract import atomic_write_text
+from clap.contract import atomic_write_json, atomic_write_text
+
+#: The findings as data beside ``report.html`` (:func:`findings_record`), read by ``clap run``'s study page.
+FINDINGS_FILE = "findings.json"
 
 #: Columns shown in the report (the CSV files keep every column).
 SHOWN = {
@@ -127,7 +130,23 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **o
     md_path = result.out_dir / "report.md"
     atomic_write_text(html_path, render_html(result))
     atomic_write_text(md_path, render_markdown(result))
+    atomic_write_json(result.out_dir / FINDINGS_FILE, findings_record(result))
     return ReportFiles(html_path, md_path, result)
+
+
+def findings_record(result: Analysis) -> dict[str, Any]:
+    """What ``findings.json`` holds, for pages that summarise several reports (``clap run``'s study page): per
+    tested slice its heading, headline (:func:`analyses.findings.unit_headline`) and every finding, the lines
+    across slices, the group, and the caveats; the very sentences this report prints."""
+    from analyses.findings import unit_headline
+
+    o = result.options
+    group, alpha, dv = o.get("group"), o.get("alpha", 0.05), o.get("dv", "recovery")
+    found = dict(findings(result))
+    slices = [{"slice": _unit_title(u), "headline": unit_headline(result.tables, u, group, alpha, dv),
+               "findings": found.get(_unit_title(u), [])} for u in _units(result)]
+    return {"kind": "analysis", "group": group, "dv": dv, "alpha": alpha, "slices": slices,
+            "overall": found.get("Across slices", []), "caveats": list(result.caveats)}
 
 
 def _shown(name: str, table: pd.DataFrame, group: str | None) -> pd.DataFrame:
@@ -359,6 +378,22 @@ def _html_results(result: Analysis, group: str | None, alpha: float) -> list[str
 # ------------------------------------------------------------------------------------------------ Markdown
 
 
+def _markdown_stat_table(name: str, shown: pd.DataFrame, alpha: float) -> list[str]:
+    """A statistics table; a test table longer than :data:`FOLD_ROWS` is folded as the HTML folds it: the row
+    count, how many rows are significant, the :data:`FOLD_ROWS` rows with the smallest p-values, and a link to the
+    CSV beside the report that holds every row (a pairs-of-layers table of 30 layers has 435 rows per slice)."""
+    p, label = row_p_values(shown)
+    if len(shown) <= FOLD_ROWS or p is None:  # descriptive tables (one row per layer and group) stay whole
+        return [markdown_table(shown)]
+    csv = TABLE_FILES.get(name)
+    where = f"[{csv}]({csv})" if csv else "the CSV tables"
+    hits = int((p < alpha).sum())
+    order = p.sort_values(kind="stable", na_position="last").index[:FOLD_ROWS]
+    top = shown.loc[order]
+    return [f"{len(shown)} rows, {hits} with {label} < {alpha}; the {len(top)} with the smallest {label} are shown, "
+            f"every row is in {where} (filter by this slice's columns).", "", markdown_table(top)]
+
+
 def _noise_markdown(tables: dict[str, pd.DataFrame]) -> list[str]:
     """The noise draws table (studies with ``samples`` > 1), after the Methods."""
     if not len(tables.get("noise_samples", ())):
@@ -400,7 +435,8 @@ def render_markdown(result: Analysis) -> str:
         for name in slice_tables(result):
             part = _in_unit(tables[name], unit)
             if len(part):
-                out += [f"#### {TITLES.get(name, name)}", "", markdown_table(_shown(name, part, group))]
+                out += [f"#### {TITLES.get(name, name)}", "",
+                        *_markdown_stat_table(name, _shown(name, part, group), o.get("alpha", 0.05))]
         skipped = _in_unit(tables["skipped"], unit)
         if len(skipped):
             out += ["#### Not run", "", markdown_table(skipped[["test", "reason"]])]

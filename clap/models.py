@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from clap.builtin_adapters import BUILTIN_ADAPTERS, merge_builtin_adapter
+from clap.contract import current_umask
 from clap.errors import ClapError
 from clap.locks import exclusive_lock
 
@@ -119,6 +120,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
             shutil.rmtree(orphan, ignore_errors=True)
         log.info("converting %s to safetensors in %s (once; later loads take ~1 s)", gguf_path.name, target)
         temporary = Path(tempfile.mkdtemp(dir=root, prefix=f"{target.name}.tmp-"))
+        os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp makes 0700: the folder of a plain mkdir instead
         try:
             _convert_into(gguf_path, temporary)
             (temporary / "clap-source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from clap.contract import SAMPLES_FILE, atomic_write_frame
 from clap.devices import resolve_device, torch_threads
 from clap.errors import ClapError
+from clap.groups import ordered_labels
 from clap.locks import exclusive_lock
 from clap.models import (
     LoadedModel,
@@ -297,6 +298,7 @@ class Study:
         plan = self.plan()
         if not plan.cells and not attribution.named_groups(spec):
             raise ClapError(f"the study has no cells to run ({plan.dropped} dropped under right alignment)")
+        group_columns = self._group_columns(plan)  # before any batch: an unknown analysis.group stops the run here
         model = self.model
         loaded_dtype = model.identity.get("dtype")
         if loaded_dtype and loaded_dtype != spec.execution.dtype:
@@ -337,7 +339,6 @@ class Study:
             progress.update(len(cells))
         progress.close()
         baselines.report()
-        group_columns = sorted(plan.probes[0].labels)
         result = to_frame(pd.concat(attribution.with_exact(frames, self._attribution_rows(plan)), ignore_index=True),
                           group_columns)
         self.samples_frame = None
@@ -351,6 +352,16 @@ class Study:
             write_results(out, result, self._sidecar(plan, group_columns, len(chunks), max_rows, constants))
             store.discard()  # only this plan's batches: others may resume later
         return result
+
+    def _group_columns(self, plan: Plan) -> list[str]:
+        """The probes' labels as run.json lists them: the analysis group first (``analysis.group``, else the
+        default of :mod:`clap.groups`: ``knowledge_type``, never a provenance field), then the rest by name."""
+        analysis = self.spec.analysis
+        labels = {name: [p.labels.get(name) for p in plan.probes] for name in plan.probes[0].labels} \
+            if plan.probes else {}
+        return ordered_labels(labels, analysis.group if analysis else None,
+                              analysis.subject_field if analysis else "subject",
+                              where=self.spec.where(("analysis", "group")))
 
     def _attribution_rows(self, plan: Plan) -> pd.DataFrame | None:
         """The cells whose operation is ``attribution``: estimated by :mod:`interventions.attribution` (one forward and

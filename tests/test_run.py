@@ -392,8 +392,9 @@ def test_cross_model_section_runs_end_to_end_and_equals_hooks(tmp_path, model_di
 
 
 def test_corruption_rules_do_not_empty_a_same_prompt_cross_model_analysis(tmp_path, model_dirs):
-    """`min_abs_diff` (like `require_flip`) judges a probe's corruption; a same-prompt cross-model stage has none
-    (clean == corrupted), so the rule would exclude every probe there. It applies to the per-model stages only."""
+    """`require_flip` judges a probe's corruption; a same-prompt cross-model stage has none (clean == corrupted),
+    so the rule would exclude every probe there: it applies to the per-model stages only. `min_abs_diff` judges the
+    recovery's denominator, which across models is |source model - target model|, not |clean - corrupted| = 0."""
     write_probes(tmp_path / "probes.jsonl", PROBES)
     text = study_text(*model_dirs, compare=False).replace(
         "analysis: {position_reduction: last}", "analysis: {position_reduction: last, min_abs_diff: 1.0e-9}")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -171,20 +171,22 @@ class StageStore:
 
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder: two runs writing one folder would mix their stages."""
-    import fcntl
+    """Hold an exclusive lock on the output folder: two runs writing one folder would mix their stages.
+
+    The lock file (``<out>/.clap-run.lock``) records the holder and is removed when the run ends, still under the
+    lock (:func:`clap.locks.exclusive_lock`), so a finished run leaves nothing behind and a refused run names the
+    run it waits for."""
+    from clap.locks import LockHeld, describe_holder, exclusive_lock
 
     out.mkdir(parents=True, exist_ok=True)
-    handle = (out / LOCK_FILE).open("a+")
-    try:
+    path = out / LOCK_FILE
+    with ExitStack() as stack:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ClapError(f"{out}: another `clap run` is writing to this folder; "
+            stack.enter_context(exclusive_lock(path, wait=False, what=f"output folder {out}"))
+        except LockHeld:
+            raise ClapError(f"{out}: another `clap run` is writing to this folder ({describe_holder(path)}); "
                             "wait for it or use another -o") from None
         yield
-    finally:
-        handle.close()
 
 
 def _now() -> str:
