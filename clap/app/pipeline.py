@@ -60,7 +60,7 @@ STAGE_KINDS = ("corpus", "finetune", "patch", "trace", "analyze", "compare", "re
 #: Per-probe heatmaps a trace stage draws (the first probes of the set); the averaged figure is always drawn.
 TRACE_PROBE_FIGURES = 3
 #: Execution settings that do not change results (they are left out of the patch stage's hash).
-NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "max_cells")
+NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "max_cells", "threads")
 
 Echo = Callable[[str], None]
 
