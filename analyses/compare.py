@@ -30,6 +30,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses.formatting import (
+    figure_html,
+    figure_markdown,
+    html_page,
+    list_html,
+    markdown_table,
+    slice_title,
+    slug,
+    stat_table_html,
+)
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
 from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_json, atomic_write_text
@@ -328,7 +338,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     1          model      1      7
     2  layer * model      3     21
     """
-    from analyses.pipeline import resolve_options
+    from analyses.options import resolve_options
 
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
@@ -384,7 +394,7 @@ def comparison_group(group: str | None, a: pd.DataFrame, b: pd.DataFrame, meta_a
     """The group of a comparison: ``group`` (``--group``), else the ``analysis.group`` the runs' specs declare,
     else the default of :mod:`clap.groups` (``knowledge_type``; never a provenance label such as ``pmids``) over
     the labels both runs carry. A group that is not a label of both runs raises :class:`ClapError`."""
-    from analyses.pipeline import probe_labels
+    from analyses.tables import probe_labels
     from clap.groups import resolve_group
 
     analyses = [(m.get("spec") or {}).get("analysis") or {} for m in (meta_a, meta_b)]
@@ -399,23 +409,22 @@ def comparison_group(group: str | None, a: pd.DataFrame, b: pd.DataFrame, meta_a
 def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> list[tuple[str, list[Path]]]:
     """A layer x site-kind heatmap of the mean paired difference (B - A) per metric slice, one panel per group."""
     from analyses import figures as _figures
-    from analyses.pipeline import _slug
 
     made = []
     paired = result.paired
     outer = [c for c in ("metric", "operation", "direction", "positions") if c in paired.columns]
     for key, part in paired.groupby(outer, sort=True):
         sel = dict(zip(outer, key if isinstance(key, tuple) else (key,), strict=True))
-        groups = _figures._groups(part, result.group)
+        groups = _figures.group_values(part, result.group)
         kinds = list(dict.fromkeys(k for k in SITE_KINDS if k in set(part["site_kind"])))
         kinds += sorted(set(part["site_kind"]) - set(kinds))
-        fig = _figures._layer_heatmaps(
+        fig = _figures.layer_heatmaps(
             part, "site_kind", groups, result.group, "diff", "probe_id", ylabel="site kind", annotate=None,
             row_order=_in_order(kinds),
             title=f"Mean paired difference B - A ({', '.join(f'{k}={v}' for k, v in sel.items())})",
         )
         made.append((f"Mean paired difference B - A ({', '.join(f'{k}={v}' for k, v in sel.items())})",
-                     _figures.save_figure(fig, fig_dir / f"difference_{_slug(sel)}", dpi=dpi)))
+                     _figures.save_figure(fig, fig_dir / f"difference_{slug(sel)}", dpi=dpi)))
     return made
 
 
@@ -432,7 +441,7 @@ def _sections(result: Comparison) -> list[tuple[str, pd.DataFrame, pd.DataFrame]
         anova = result.anova
         for k, v in sel.items():
             anova = anova[anova[k] == v] if len(anova) else anova
-        title = " · ".join(f"{k} {v}" for k, v in sel.items())
+        title = slice_title(sel)
         out.append((title, part.drop(columns=keys), anova.drop(columns=[k for k in keys if k in anova.columns])))
     return out
 
@@ -459,12 +468,7 @@ def _values_sentence(result: Comparison) -> str:
 
 def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: float = 0.05) -> str:
     """``compare.html``: self-contained (figures embedded), in the style of the study report."""
-    import base64
-
-    from analyses.report import CSS, _html_stat_table
-
-    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>clap compare</title>",
-             f"<style>{CSS}</style></head><body><h1>Comparison of two runs: B - A</h1>",
+    parts = ["<h1>Comparison of two runs: B - A</h1>",
              f"<p>A: <code>{html.escape(_model_name(result.meta_a, result.run_a))}</code><br>"
              f"B: <code>{html.escape(_model_name(result.meta_b, result.run_b))}</code><br>"
              f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired (the same probe "
@@ -473,27 +477,20 @@ def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: f
     if found:
         parts.append("<h2>Findings</h2>")
         for heading, lines in found:
-            parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">"
-                         + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
+            parts.append(f"<h3>{html.escape(heading)}</h3>" + list_html(lines, "findings"))
     for title, diff, anova in _sections(result):
         parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(_html_stat_table("Paired difference per layer (B - A, t-test, Holm over layers)", diff, alpha))
+        parts.append(stat_table_html("Paired difference per layer (B - A, t-test, Holm over layers)", diff, alpha))
         if len(anova):
-            parts.append(_html_stat_table("Repeated-measures ANOVA: layer x model", anova, alpha))
+            parts.append(stat_table_html("Repeated-measures ANOVA: layer x model", anova, alpha))
     for title, paths in figs:
         png = next(p for p in paths if p.suffix == ".png")
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\"><figcaption>"
-                     f"<b>{html.escape(title)}.</b> Mean over probes of each probe's B - A; red: B recovers more."
-                     "</figcaption></figure>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        parts.append(figure_html(png.stem, title, "Mean over probes of each probe's B - A; red: B recovers more.", png))
+    return html_page("clap compare", parts)
 
 
 def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: float = 0.05) -> str:
     """``compare.md``: the same tables, figures linked relative to the output folder."""
-    from analyses.report import _rel, markdown_table
-
     out = ["# Comparison of two runs: B - A", "", f"- A: `{_model_name(result.meta_a, result.run_a)}`",
            f"- B: `{_model_name(result.meta_b, result.run_b)}`", "",
            f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired. "
@@ -510,5 +507,5 @@ def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alph
             out += ["### Repeated-measures ANOVA: layer x model", "", markdown_table(anova)]
     for title, paths in figs:
         png = next(p for p in paths if p.suffix == ".png")
-        out += [f"![{title}]({_rel(png, result.out_dir)})", ""]
+        out += figure_markdown(title, "", png, result.out_dir)
     return "\n".join(out) + "\n"
