@@ -307,3 +307,70 @@ def test_cli_relative_depth(tmp_path, capsys):
         [0, 0, 0, 1, 1, 1]
     assert main([*args, "-o", str(tmp_path / "out3"), "--relative-depth", "0"]) == 2
     assert "--relative-depth 0: expected a number of bins" in capsys.readouterr().err
+
+
+E2E_PROBES = [
+    {"id": "fr", "clean": "The capital of France is", "corrupted": "The capital of Spain is",
+     "answer": " Paris", "wrong": " Madrid", "labels": {"knowledge_type": "definitional"}},
+    {"id": "de", "clean": "The capital of Germany is", "corrupted": "The capital of Italy is",
+     "answer": " Berlin", "wrong": " Rome", "labels": {"knowledge_type": "definitional"}},
+    {"id": "ep", "clean": "Epilepsy is a chronic disorder of the", "corrupted": "Migraine is a chronic disorder of the",
+     "answer": " brain", "wrong": " head", "labels": {"knowledge_type": "associative"}},
+    {"id": "lev", "clean": "Levetiracetam treats", "corrupted": "Atorvastatin treats",
+     "answer": " seizures", "wrong": " cholesterol", "labels": {"knowledge_type": "associative"}},
+]
+
+
+def _tiny_gpt2(n_layer: int, seed: int):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clap.models import wrap
+    from tests.tiny_tokenizer import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=4, n_embd=64, n_positions=64, vocab_size=len(tokenizer))
+    config._attn_implementation = "eager"
+    return wrap(GPT2LMHeadModel(config).eval(), tokenizer, {"source": f"tiny-gpt2-{n_layer}"})
+
+
+def test_tiny_gpt2_of_4_and_6_layers_through_study_then_compare(tmp_path):
+    """Two random GPT-2 models of 4 and 6 layers patched by ``Study`` (residual stream, MLP outputs and heads at the
+    last token), then compared: by relative depth in 4 bins, every paired value equal to hand-binning each run's
+    results.parquet (heads summed per layer first)."""
+    from interventions.spec import StudySpec
+    from interventions.study import Study
+
+    spec = {"name": "depth", "model": {"source": "tiny"}, "probes": {"inline": E2E_PROBES}, "metrics": ["logit_diff"],
+            "execution": {"progress": False},
+            "patches": [{"sites": ["layers[*].resid_pre", "layers[*].mlp_out"], "positions": ["last"]},
+                        {"sites": ["layers[*].heads[*]"], "positions": ["last"]}]}
+    for name, layers, seed in (("A", 4, 11), ("B", 6, 12)):
+        Study(StudySpec.from_dict(spec), model=_tiny_gpt2(layers, seed)).run(tmp_path / name)
+    res = compare(tmp_path / "A", tmp_path / "B", tmp_path / "out", figures=False)
+    assert (res.bins, res.depths) == (4, (4, 6))
+    assert set(res.paired["site_kind"]) == {"resid_pre", "mlp_out", "head"}
+    runs = {name: pd.read_parquet(tmp_path / name / "results.parquet") for name in "AB"}
+    for kind, scale in (("resid_pre", (1.0, 1.0)), ("mlp_out", (1.0, 1.5)), ("head", (1.0, 1.5))):
+        binned = []
+        for (name, frame), n, s in zip(runs.items(), (4, 6), scale, strict=True):
+            rows = frame[(frame["site_kind"] == kind) & frame["recovery_defined"] & ~frame["trivial"]]
+            per_layer = rows.groupby(["probe_id", "layer"])["recovery"].sum()  # one row per layer, or its heads
+            if kind != "head":
+                assert rows.groupby(["probe_id", "layer"]).size().max() == 1
+            table = per_layer.reset_index()
+            table["bin"] = [_hand_bin(int(layer), n, 4) for layer in table["layer"]]
+            binned.append(table.groupby(["probe_id", "bin"])["recovery"].mean() * s)
+        expected = (binned[1] - binned[0]).dropna()
+        got = res.paired[res.paired["site_kind"] == kind].set_index(["probe_id", "depth_bin"])["diff"]
+        assert len(got) == len(expected) > 0
+        np.testing.assert_allclose(got.sort_index(), expected.loc[got.sort_index().index], atol=1e-9)
+        table = res.differences[res.differences["site_kind"] == kind].set_index("depth_bin")
+        for k in table.index:
+            d = expected.xs(k, level="bin")
+            assert table.loc[k, "diff"] == pytest.approx(d.mean(), abs=1e-9)
+            if len(d) > 1 and d.std() > 0:
+                assert table.loc[k, "p_unc"] == pytest.approx(sps.ttest_1samp(d, 0).pvalue, rel=1e-6)
+    sidecars = [json.loads((tmp_path / n / "run.json").read_text())["model"]["n_layers"] for n in "AB"]
+    assert sidecars == [4, 6]
