@@ -354,7 +354,7 @@ def test_tiny_gpt2_of_4_and_6_layers_through_study_then_compare(tmp_path):
     runs = {name: pd.read_parquet(tmp_path / name / "results.parquet") for name in "AB"}
     for kind, scale in (("resid_pre", (1.0, 1.0)), ("mlp_out", (1.0, 1.5)), ("head", (1.0, 1.5))):
         binned = []
-        for (name, frame), n, s in zip(runs.items(), (4, 6), scale, strict=True):
+        for frame, n, s in zip(runs.values(), (4, 6), scale, strict=True):
             rows = frame[(frame["site_kind"] == kind) & frame["recovery_defined"] & ~frame["trivial"]]
             per_layer = rows.groupby(["probe_id", "layer"])["recovery"].sum()  # one row per layer, or its heads
             if kind != "head":
@@ -374,3 +374,85 @@ def test_tiny_gpt2_of_4_and_6_layers_through_study_then_compare(tmp_path):
                 assert table.loc[k, "p_unc"] == pytest.approx(sps.ttest_1samp(d, 0).pvalue, rel=1e-6)
     sidecars = [json.loads((tmp_path / n / "run.json").read_text())["model"]["n_layers"] for n in "AB"]
     assert sidecars == [4, 6]
+
+
+STUDY = __import__("pathlib").Path(__file__).resolve().parents[2] / "studies" / "gpt2-vs-smollm2.yaml"
+
+
+@pytest.fixture(scope="module")
+def gpt2_dirs(shared_data, tmp_path_factory):
+    """Two tiny random GPT-2 folders (2 and 3 layers) with the real GPT-2 tokenizer, under which the study's probe
+    sets are token-aligned (needs ``../shared``)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer(shared_data)
+    folders = {}
+    for name, layers in (("gpt2", 2), ("smollm2", 3)):
+        torch.manual_seed(layers)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_head=2, n_embd=32, n_positions=64,
+                                           vocab_size=len(tokenizer)))
+        folders[name] = tmp_path_factory.mktemp(name) / "model"
+        model.eval().save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+def test_study_template_validates_and_compares_the_two_models():
+    from clap.app.study_file import StudyFile
+
+    study = StudyFile.from_yaml(STUDY)
+    assert study.comparisons() == [["gpt2", "smollm2"]]
+    assert {n: e.source for n, e in study.model_entries().items()} == {"gpt2": "openai-community/gpt2",
+                                                                       "smollm2": "smollm2-135m"}
+
+
+def test_study_offline_stops_before_any_stage_and_dry_run_checks_the_rest(gpt2_dirs, tmp_path, monkeypatch):
+    """GPT-2 not cached and the hub offline: `clap run` stops before its first stage naming the model; the dry run
+    checks the other model (here a local stand-in for SmolLM2) and then says what it could not check."""
+    import huggingface_hub
+
+    from clap.app.pipeline import check_study, run_study
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not in any cache
+    local = {"smollm2": str(gpt2_dirs["smollm2"])}
+    with pytest.raises(ClapError) as info:
+        check_study(STUDY, models=local)
+    text = str(info.value)
+    assert text.startswith("dry run of study 'gpt2-vs-smollm2': the study file, its 6 stages and model(s) 'smollm2' "
+                           "(sites against the config, probes with the tokenizer) check out, but 1 model(s) could not")
+    assert "model 'gpt2': the weights of 'openai-community/gpt2' are not in the local Hugging Face cache and the hub " \
+           "cannot be reached (offline mode is set)" in text
+    assert "--model gpt2=SOURCE" in text
+    out = tmp_path / "out"
+    with pytest.raises(ClapError, match=r"^model 'gpt2': the weights of 'openai-community/gpt2' are not in the"):
+        run_study(STUDY, out, models=local, echo=lambda line: None)
+    assert not (out / "models").exists() and not (out / "stages.json").exists()
+    # both models local: the dry run passes and lists the stages
+    stages = check_study(STUDY, models={"gpt2": str(gpt2_dirs["gpt2"]), **local})
+    assert stages == ["patch[gpt2]", "patch[smollm2]", "analyze[gpt2]", "analyze[smollm2]",
+                      "compare[gpt2-vs-smollm2]", "report"]
+
+
+@pytest.mark.slow
+def test_study_runs_on_tiny_stand_ins_and_compares_by_relative_depth(gpt2_dirs, tmp_path):
+    """The whole study on two tiny GPT-2 stand-ins of 2 and 3 layers: the compare stage pairs by relative depth."""
+    import yaml
+
+    from clap.app.pipeline import run_study
+
+    data = yaml.safe_load(STUDY.read_text())
+    data["report"] = {"figures": False}
+    data["analysis"] = {}  # random models know nothing: keep every probe
+    for name, folder in gpt2_dirs.items():
+        data["models"][name] = {"source": str(folder)}
+    run_study(data, tmp_path / "out", progress=False, echo=lambda line: None)
+    folder = tmp_path / "out" / "compare" / "gpt2-vs-smollm2"
+    bins = pd.read_csv(folder / "depth_bins.csv")
+    assert bins.groupby("model")["depth_bin"].apply(list).to_dict() == {"A": [0, 1], "B": [0, 1, 1]}
+    table = pd.read_csv(folder / "depth_differences.csv")
+    assert set(table["site_kind"]) == {"resid_pre", "attn_out", "mlp_out"} and set(table["depth_bin"]) == {0, 1}
+    assert "relative depth bin" in (folder / "compare.md").read_text()
