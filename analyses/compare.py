@@ -16,6 +16,13 @@ Per slice (metric, site kind, operation, direction, positions):
   ``rm_anova``), on probes complete in both runs: ``model`` says B differs from A on average, the interaction
   that the difference depends on the layer;
 * a layer x site-kind heatmap of the mean difference, and ``compare.html`` / ``compare.md``.
+
+Models of different depth (``run.json``'s ``model.n_layers``), or any two runs when asked (``relative_depth``), are
+paired per probe and **relative depth bin** instead of layer (:mod:`analyses.depth`: how layers are binned and how
+the cumulative residual stream and per-layer contributions become one value per bin): the same tables, test,
+ANOVA (``depth_bin`` x ``model``), heatmap and findings, over bins. Their sites differ with the depth, and their
+tokenizers may differ, so there the probes are matched by id, labels and prompt text
+(:func:`check_matched_across_depth`) and the site kinds, not the sites, must overlap.
 """
 
 from __future__ import annotations
