@@ -108,7 +108,8 @@ def _per_probe(rows: pd.DataFrame, keys: Sequence[str], dv: str, subject: str) -
     return per.groupby(list(keys), observed=True)[dv].agg(["mean", "count"]).reset_index()
 
 
-def _limit(values: np.ndarray) -> float:
+def colour_limit(values: np.ndarray) -> float:
+    """The half-range of a diverging colour scale centred on 0: the largest finite |value| (at least 1e-3)."""
     finite = np.abs(values[np.isfinite(values)])
     return float(max(finite.max(), 1e-3)) if finite.size else 1.0
 
@@ -146,10 +147,11 @@ def position_labels(rows: pd.DataFrame, align: str = "start",
     on one group's rows to label that group's panel with its own tokens.
     """
     pos, _ = align_positions(rows, align, subject)
-    return pos, _token_labels(rows, pos)
+    return pos, token_labels(rows, pos)
 
 
-def _token_labels(rows: pd.DataFrame, pos: pd.Series) -> dict[int, str]:
+def token_labels(rows: pd.DataFrame, pos: pd.Series) -> dict[int, str]:
+    """Each aligned position's label: its most common token, ``*`` where probes differ, and ``[position]``."""
     labels: dict[int, str] = {}
     tokens = rows["token"].astype(object).where(rows["token"].notna(), "")
     for p, toks in tokens.groupby(np.asarray(pos, dtype=float)):
@@ -192,7 +194,7 @@ def layer_heatmaps(
     for g in groups:
         means[g] = means[g].reindex(index=row_values, columns=layers)
         counts[g] = counts[g].reindex(index=row_values, columns=layers)
-    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in means.values()]))
+    vmax = colour_limit(np.concatenate([t.to_numpy(float).ravel() for t in means.values()]))
     n_rows, n_layers = len(row_values), len(layers)
     if annotate is None:
         annotate = n_layers <= 16 and n_rows <= 16
@@ -282,7 +284,7 @@ def heatmap_layer_position(
     pos, used = align_positions(rows, align, subject)
     rows = rows.assign(_pos=pos.to_numpy())
     groups = group_values(rows, group)
-    labels = {g: _token_labels(part, part["_pos"])
+    labels = {g: token_labels(part, part["_pos"])
               for g, part in ((g, rows if g is None else rows[rows[group] == g]) for g in groups)}
     return layer_heatmaps(
         rows, "_pos", groups, group, dv, subject,
