@@ -118,7 +118,7 @@ def selection_words(selection: Mapping[str, Any]) -> str:
 
 
 def slug(selection: Mapping[str, Any]) -> str:
-    """A selection's values as a file-name part: ``logit_diff_mlp_out`` (anything else becomes ``-``)."""
+    """A selection's values as a file-name part: ``logit-diff-mlp-out`` (every run of other characters is ``-``)."""
     return re.sub(r"[^A-Za-z0-9]+", "-", "_".join(str(v) for v in selection.values())).strip("-")
 
 
