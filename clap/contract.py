@@ -78,11 +78,12 @@ import tempfile
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from clap.errors import ClapError
+
+if TYPE_CHECKING:  # pandas is imported where a frame is read, so the command line starts without it
+    import pandas as pd
 
 RESULTS_FILE = "results.parquet"
 SIDECAR_FILE = "run.json"
@@ -220,6 +221,8 @@ def read_results(results_dir: str | Path, *, validate: bool = True) -> tuple[pd.
     if not path.is_file():
         raise ClapError(f"{path}: results file not found (the patching run writes {RESULTS_FILE} beside "
                         f"{SIDECAR_FILE})")
+    import pandas as pd
+
     try:
         data = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for a corrupt file
@@ -242,6 +245,8 @@ def read_samples(results_dir: str | Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     meta = read_sidecar(sidecar_path(root))
+    import pandas as pd
+
     try:
         data = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for a corrupt file
@@ -353,6 +358,8 @@ def validate_results(
 
 
 def _coerce(series: pd.Series, kind: str) -> pd.Series:
+    import pandas as pd
+
     if kind == "str":
         present = series.notna()
         out = series.astype(object).where(present, None)

@@ -19,16 +19,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Any
 
 from clap.contract import atomic_write_text
 from clap.errors import ClapError
 from clap.yamlio import SourceError, load_jsonl
 from interventions.probes import ProbeError, _answer_ids, read_probe_specs
 from interventions.spec import ProbeSetSpec, ProbeSpec
+
+if TYPE_CHECKING:  # imported where a model runs or a table is built: `clap --help` stays fast
+    import pandas as pd
+    import torch
 
 
 @dataclass
@@ -148,10 +149,11 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any) ->
     return checks
 
 
-@torch.no_grad()
 def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
                       batch_size: int = 64) -> torch.Tensor:
     """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (float32)."""
+    import torch
+
     from interventions.alignment import left_pad
 
     device = next(hf_model.parameters()).device
@@ -160,11 +162,12 @@ def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]
         input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
         # left padding shifts absolute positions; count each row from its first real token (as nnsight does)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = hf_model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            position_ids=position_ids.to(device),
-        ).logits
+        with torch.no_grad():
+            logits = hf_model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device),
+            ).logits
         out.append(logits[:, -1, :].float().cpu())
     return torch.cat(out)
 
@@ -222,6 +225,8 @@ def read_specs(path: Path) -> list[tuple[str, ProbeSpec]]:
 def check_probes(path: Path, tokenizer: Any, hf_model: torch.nn.Module | None = None,
                  min_logit_diff: float = 0.0, batch_size: int = 64) -> pd.DataFrame:
     """The whole check as a frame, one row per probe (the CLI prints and writes this)."""
+    import pandas as pd
+
     checks = structural_checks(read_specs(path), tokenizer)
     if hf_model is not None:
         behavioural_checks(checks, hf_model, tokenizer, batch_size)
@@ -273,6 +278,8 @@ def run_check(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, dtype=args.dtype, device=args.device)
         tokenizer, hf_model = loaded.tokenizer, loaded.hf
     frame = check_probes(path, tokenizer, hf_model, args.min_logit_diff, args.batch_size)
+    import pandas as pd
+
     shown = [c for c in SHOWN if c in frame.columns and not (hf_model is None and c in SHOWN[5:9])]
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
         print(frame[shown].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
