@@ -72,10 +72,40 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
-def _fingerprint(path: Path) -> str:
+#: In-process memo of GGUF content keys: (path, size, mtime_ns, ctime_ns, inode) -> key. ``ctime`` changes on
+#: every write and cannot be set back (``touch -r``, ``cp -p`` and ``rsync -a`` leave a new one), so an edited file
+#: is hashed again; the memo lives only as long as the process.
+_GGUF_KEYS: dict[tuple, str] = {}
+
+
+def gguf_cache_key(path: Path) -> str:
+    """The conversion cache's key of a GGUF file: a digest of its bytes (16 hex digits).
+
+    Why the bytes and not the path: the same file reached through another install (a second virtual environment, a
+    copy, a symlink) or with another mtime (a reinstall) must find the one conversion already made; the tests and
+    the command line therefore share one cache folder per GGUF whoever calls (~0.5 GB each)."""
+    path = Path(path)
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    if memo not in _GGUF_KEYS:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        _GGUF_KEYS[memo] = digest.hexdigest()[:16]
+    return _GGUF_KEYS[memo]
+
+
+def gguf_cache_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Where :func:`convert_gguf` puts (or finds) the conversion of ``gguf_path``: ``<cache>/gguf/<stem>-<key>``.
+
+    The key decides: a finished conversion of the same bytes under another file name is the one returned (the
+    stem is only there for people reading the cache folder)."""
+    gguf_path = Path(gguf_path)
+    root = cache_dir or cache_root() / "gguf"
+    key = gguf_cache_key(gguf_path)
+    done = sorted(p for p in root.glob(f"*-{key}") if (p / "config.json").is_file()) if root.is_dir() else []
+    return done[0] if done else root / f"{gguf_path.resolve().stem}-{key}"
 
 
 def _convert_into(gguf_path: Path, folder: Path) -> None:
@@ -106,8 +136,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
-    root = cache_dir or cache_root() / "gguf"
-    target = root / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    target = gguf_cache_dir(gguf_path, cache_dir)
+    root = target.parent
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
