@@ -32,6 +32,7 @@ from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
 from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_text
 from clap.errors import ClapError
+from clap.outputs import prepare_output_dir
 
 #: How many offending probes or sites an error message lists.
 SHOW = 5
@@ -262,6 +263,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     """
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
+    prepare_output_dir(out_dir, holds="the comparison's tables, figures and reports are written into a folder")
     if group is None:
         shared = [g for g in meta_a["group_columns"] if g in meta_b["group_columns"]]
         group = shared[0] if shared else None

@@ -77,6 +77,7 @@ from analyses.validity import (
 from clap.analysis_options import AnalysisOptions
 from clap.contract import atomic_write_frame, atomic_write_text
 from clap.errors import ClapError
+from clap.outputs import prepare_output_dir, prune_outputs
 
 TABLE_FILES = {
     "probe_counts": "probe_counts.csv",
@@ -97,6 +98,10 @@ TABLE_FILES = {
     "skipped": "skipped.csv",
     "noise_samples": "noise_samples.csv",
 }
+
+#: The hidden list of the files an analysis wrote in its folder: the next analysis there removes those it does not
+#: write again (figures and tables of slices no longer in the results), and never any other file.
+ANALYZE_MANIFEST = ".clap-analyze-files.json"
 
 #: Book-keeping columns every statistics table ends with (see :mod:`analyses.stats`).
 BOOK_COLUMNS = ["dv", *SELECT_COLUMNS, "n_subjects", "n_levels", "n_dropped", "n_undefined", "reduction"]
@@ -255,6 +260,7 @@ def analyze(
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir / "analysis"
     data, meta = load_results(results_dir)
+    prepare_output_dir(out, holds="tables, figures and reports are written into a folder")
     opts = resolve_options(meta, analysis, position_reduction=position_reduction, head_reduction=head_reduction,
                            subject=subject, interval=interval, ss_type=ss_type)
     requested = _resolve_group(group, meta, data)
@@ -310,6 +316,7 @@ def analyze(
             tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(figure_skips)], ignore_index=True)
             atomic_write_text(out / TABLE_FILES["skipped"], tables["skipped"].to_csv(index=False))
         result.files.extend(p for f in result.figures for p in f.paths if p not in result.files)
+    prune_outputs(out, result.files, ANALYZE_MANIFEST)  # an earlier analysis's slices that are gone now
     return result
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from clap.contract import atomic_write_text
 from clap.errors import ClapError
+from clap.outputs import prepare_output_file
 from clap.yamlio import SourceError, load_jsonl
 from interventions.probes import ProbeError, _answer_ids, read_probe_specs
 from interventions.spec import ProbeSetSpec, ProbeSpec
@@ -268,6 +269,9 @@ def run_check(args: argparse.Namespace) -> int:
     if args.min_logit_diff < 0 or not math.isfinite(args.min_logit_diff):
         raise ProbeError(f"--min-logit-diff must be a finite number >= 0, got {args.min_logit_diff}")
     specs = read_specs(path)  # bad probe files fail here, before any model is loaded
+    for option, target in (("-o", args.output), ("--write-valid", args.write_valid)):
+        if target:  # before the model loads, not after the check has run
+            prepare_output_file(target, what=option)
     del specs
     hf_model = None
     if args.structural_only:

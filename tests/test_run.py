@@ -247,9 +247,10 @@ def test_stage_store_round_trip_and_lock(tmp_path):
     with pytest.raises(ClapError, match="unreadable stage record"):
         StageStore(tmp_path)
     with locked(tmp_path):
-        with pytest.raises(ClapError, match="another `clap run` is writing"):
+        with pytest.raises(ClapError, match=rf"another `clap run`\) is in use by pid {os.getpid()} on host "):
             with locked(tmp_path):
                 pass
+    assert not (tmp_path / ".clap-run.lock").exists()  # released and removed
 
 
 def _hashes(text: str, folder: Path) -> dict[str, str]:

@@ -71,14 +71,21 @@ class StageStore:
     def __init__(self, out: Path):
         self.path = Path(out) / STAGES_FILE
         self.stages: dict[str, dict[str, Any]] = {}
+        if self.path.exists() and not self.path.is_file():
+            raise ClapError(f"{self.path}: is a folder, not clap's stage record; move it away (clap run writes its "
+                            "record there)")
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8
                 raise ClapError(f"{self.path}: unreadable stage record ({exc}); "
                                 "delete it to rerun every stage") from None
             if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
                 raise ClapError(f"{self.path}: not a clap stage record; delete it to rerun every stage")
+            bad = [name for name, record in data["stages"].items() if not isinstance(record, dict)]
+            if bad:
+                raise ClapError(f"{self.path}: stage record(s) {', '.join(map(repr, bad))} are not JSON objects "
+                                "(not a clap stage record); delete the file to rerun every stage")
             self.stages = data["stages"]
 
     def is_done(self, name: str, stage_hash: str) -> bool:
@@ -105,20 +112,14 @@ class StageStore:
 
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder: two runs writing one folder would mix their stages."""
-    import fcntl
+    """Hold an exclusive lock on the output folder: two runs writing one folder would mix their stages. The folder
+    is proved writable first; a second run stops at once naming the first (:func:`clap.locks.exclusive_lock`)."""
+    from clap.locks import exclusive_lock
+    from clap.outputs import prepare_output_dir
 
-    out.mkdir(parents=True, exist_ok=True)
-    handle = (out / LOCK_FILE).open("a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ClapError(f"{out}: another `clap run` is writing to this folder; "
-                            "wait for it or use another -o") from None
+    prepare_output_dir(out, holds="a study's stages are written into a folder")
+    with exclusive_lock(out / LOCK_FILE, wait=False, what=f"output folder {out} (another `clap run`)"):
         yield
-    finally:
-        handle.close()
 
 
 def _now() -> str:
