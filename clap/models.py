@@ -306,6 +306,8 @@ def _file_digest(path: Path) -> str:
         known = json.loads(store.read_text())
     except (OSError, ValueError):
         known = {}
+    if not isinstance(known, dict):  # a cache only: anything else in its place (`[]`) is rebuilt
+        known = {}
     if key in known:
         return known[key]
     digest = hashlib.blake2b(digest_size=16)
