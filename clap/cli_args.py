@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-    """An integer of at least 1 (``--max-rows``, ``--batch-size``)."""
+def max_rows(text: str) -> int:
+    """``--max-rows``: rows per forward pass, at least 3 (a probe's clean and corrupted baselines and one patched
+    row; the spec's ``execution.max_rows`` has the same minimum)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number of rows, got {text!r}") from None
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"{value} rows per forward pass: a batch needs at least 3 (a probe's clean "
+                                         "and corrupted baselines and one patched row)")
     return value

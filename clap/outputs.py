@@ -39,27 +39,32 @@ def prepare_output_dir(out_dir: str | Path, *, what: str = "output folder", hold
     if out_dir.exists() and not out_dir.is_dir():
         raise ClapError(f"{what} {out_dir} is an existing file; " + (f"{holds}: " if holds else "")
                         + "choose another path")
-    for parent in out_dir.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ClapError(f"{what} {out_dir} cannot be created: {parent} is a file")
-            break
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as exc:
-        raise ClapError(f"{what} {out_dir} is not writable: {exc.strerror or exc}") from None
+    _writable_folder(out_dir, f"{what} {out_dir}")
     return out_dir
 
 
 def prepare_output_file(path: str | Path, *, what: str) -> Path:
-    """Check that the file ``path`` can be written (its folder created and writable, no folder in its place)."""
+    """Check that the file ``path`` can be written: no folder in its place, its folder created and writable."""
     path = Path(path)
     if path.is_dir():
         raise ClapError(f"{what} {path} is a folder; give a file name")
-    prepare_output_dir(path.parent, what=f"the folder of {what} {path},")
+    _writable_folder(path.parent, f"{what} {path}")
     return path
+
+
+def _writable_folder(folder: Path, named: str) -> None:
+    """Create ``folder`` (with its parents) and write a temporary file there; errors start with ``named``."""
+    for parent in (folder.absolute(), *folder.absolute().parents):  # the nearest that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ClapError(f"{named} cannot be created: {parent} is a file")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ClapError(f"{named} is not writable: {exc.strerror or exc}") from None
 
 
 def prune_outputs(out_dir: str | Path, written: Iterable[str | Path], manifest: str) -> list[Path]:

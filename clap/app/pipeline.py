@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clap import __version__
+from clap import __version__, cli_args
 from clap.app.stages import StageStore, digest, file_digest, locked, tree_digest
 from clap.app.study_file import (
     PACKAGE_PREFIX,
@@ -49,7 +49,6 @@ from clap.app.study_file import (
     StudyFile,
     resolve_path,
 )
-from clap.cli_args import positive_int
 from clap.contract import read_results
 from clap.errors import ClapError, closest
 from interventions.spec import ModelSpec, ProbeSetSpec
@@ -567,7 +566,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="use SOURCE (hub id, folder, .gguf, built-in) for the study's model NAME")
     p.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
     p.add_argument("--device", help="override execution.device")
-    p.add_argument("--max-rows", type=positive_int, help="override execution.max_rows (rows per forward pass)")
+    p.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_command)
 
