@@ -69,6 +69,39 @@ def undefined_caveat(data: pd.DataFrame) -> str | None:
     )
 
 
+def group_caveat(data: pd.DataFrame, group: str | None, dv: str = "recovery") -> str | None:
+    """Groups with fewer than 2 complete probes (a defined value at every layer of a slice) in some tested slice:
+    such a group has no variance and no interval, and the between-group tests lean on the other groups. Often the
+    sign of a grouping by a per-probe field (an id), so the sentence says how to declare the group."""
+    from analyses.select import SELECT_COLUMNS
+
+    if not group or group not in data.columns or dv not in data.columns:
+        return None
+    rows = data[~data["trivial"].astype(bool) & data["layer"].notna()
+                & np.isfinite(pd.to_numeric(data[dv], errors="coerce").astype(float))]
+    keys = [c for c in SELECT_COLUMNS if c in rows.columns]
+    groups = data.drop_duplicates("probe_id").set_index("probe_id")[group]
+    fewest: dict[Any, int] = {}
+    for _, part in rows.groupby(keys, observed=True, dropna=False) if keys else [((), rows)]:
+        n_layers = part["layer"].nunique()
+        if n_layers < 2:
+            continue
+        per_probe = part.groupby("probe_id", observed=True)["layer"].nunique()
+        complete = per_probe[per_probe == n_layers].index
+        counts = groups.reindex(complete).value_counts().reindex(groups.unique(), fill_value=0)
+        for g, k in counts.items():
+            fewest[g] = min(fewest.get(g, int(k)), int(k))
+    small = sorted(((g, k) for g, k in fewest.items() if k < 2), key=lambda item: str(item[0]))
+    if not small:
+        return None
+    listed = _names([f"{g} ({k})" for g, k in small])
+    return (f"Design: {len(small)} of {len(fewest)} `{group}` group(s) have fewer than 2 complete probes (a value "
+            f"at every layer of a slice; fewest per group over the slices): {listed}. Such a group has no variance "
+            "and no interval, and the between-group tests rest on the other groups. Check that `"
+            f"{group}` is the grouping you meant (declare it with `analysis: {{group: NAME}}` or `--group NAME`), "
+            "or add probes to these groups.")
+
+
 def sample_caveats(data: pd.DataFrame, group: str | None) -> list[str]:
     """Single probe (no test possible) and small samples (little power)."""
     n = data["probe_id"].nunique()
@@ -150,17 +183,92 @@ def validity_caveats(validity: pd.DataFrame, shared: pd.DataFrame, subject: str 
                        f"analysis rules: {listed}.")
         kept = validity[~validity["excluded"].astype(bool)]
         no_flip = kept[kept["flips"].astype("boolean").eq(False).fillna(False)]
-        if len(no_flip):
+        same_prompt = bool(len(kept)) and bool((kept["clean_logit_diff"] == kept["corrupted_logit_diff"]).all())
+        if len(no_flip) and not same_prompt:  # one prompt run twice (cross-model, same prompt) has no corruption
+            remaining = len(kept) - len(no_flip)
+            advice = ("Consider `require_flip: true` in the `analysis:` section (it would keep "
+                      f"{remaining} of {len(kept)} probes)." if remaining >= max(2, (len(kept) + 1) // 2) else
+                      f"`require_flip: true` would keep only {remaining} of {len(kept)} probes, so it is not "
+                      "suggested: read recovery as the share of the clean-corrupted gap recovered, not as restoring "
+                      "a flipped answer.")
             out.append(f"In {len(no_flip)} of {len(kept)} analysed probe(s) the corruption does not flip the model's "
                        "preference (clean and corrupted logit differences of the same sign): "
-                       f"{_names(no_flip['probe_id'].tolist())}. "
-                       "Consider `require_flip: true` in the `analysis:` section.")
+                       f"{_names(no_flip['probe_id'].tolist())}. {advice}")
     if len(shared) and subject != "clean_prompt":
         n_probes = int(shared["n_probes"].sum())
         out.append(f"{n_probes} probes share {len(shared)} clean prompt(s) and are not independent subjects: the tests "
                    "count them separately, which overstates the sample size. Set `subject: clean_prompt` in the "
                    "`analysis:` section to average them into one subject per clean prompt.")
     return out
+
+
+#: Recovery outside this range at a non-trivial site is rarely a finding: usually a (near) zero denominator.
+PLAUSIBLE_RECOVERY = (-1.0, 2.0)
+
+
+def small_denominators(data: pd.DataFrame, validity: pd.DataFrame, metric: str = "logit_diff") -> pd.DataFrame:
+    """Probes whose recovery denominator is small (below the median of the analysed probes) and whose recovery of
+    ``metric`` leaves :data:`PLAUSIBLE_RECOVERY` at some non-trivial site: ``probe_id``, ``abs_diff``,
+    ``min_recovery``, ``max_recovery``, sorted by ``abs_diff``. A few such probes can turn a clear layer effect
+    into "no evidence": their recoveries dominate every mean and variance."""
+    columns = ["probe_id", "abs_diff", "min_recovery", "max_recovery"]
+    if not len(validity) or "abs_diff" not in validity.columns or validity["abs_diff"].isna().all():
+        return pd.DataFrame(columns=columns)
+    rows = data[(data["metric"] == metric) & ~data["trivial"].astype(bool) & data["recovery_defined"].astype(bool)]
+    rec = rows["recovery"].astype(float)
+    rows = rows[np.isfinite(rec)]
+    span = rows.groupby("probe_id", observed=True)["recovery"].agg(["min", "max"])
+    low, high = PLAUSIBLE_RECOVERY
+    wild = span[(span["min"] < low) | (span["max"] > high)]
+    kept = validity[~validity["excluded"].astype(bool)].set_index("probe_id")["abs_diff"].astype(float)
+    median = float(kept.median()) if len(kept) else np.nan
+    small = kept.reindex(wild.index)
+    flagged = small[small < median].index
+    out = pd.DataFrame({"probe_id": flagged, "abs_diff": kept.reindex(flagged).to_numpy(),
+                        "min_recovery": wild.loc[flagged, "min"].to_numpy(),
+                        "max_recovery": wild.loc[flagged, "max"].to_numpy()})
+    return out.sort_values("abs_diff").reset_index(drop=True)[columns]
+
+
+def _round_down_between(low: float, high: float) -> float:
+    """A short number t with low < t <= high (fewest significant digits), for a threshold a person can type."""
+    import math
+
+    if high <= 0:
+        return high
+    for digits in range(1, 7):
+        step = 10.0 ** (math.floor(math.log10(high)) - digits + 1)
+        t = round(math.floor(high / step) * step, 12)
+        if low < t <= high:
+            return t
+    return high
+
+
+def denominator_caveat(data: pd.DataFrame, validity: pd.DataFrame, metric: str = "logit_diff") -> str | None:
+    """Flag probes with a near-zero recovery denominator (:func:`small_denominators`) and suggest a
+    ``min_abs_diff`` that excludes them while keeping most probes; no rule is suggested that would keep fewer
+    than half of them (never one that excludes every probe)."""
+    flagged = small_denominators(data, validity, metric)
+    if flagged.empty:
+        return None
+    kept = validity[~validity["excluded"].astype(bool)]["abs_diff"].astype(float).dropna()
+    listed = _names([f"{r.probe_id} (|denominator| {r.abs_diff:.3g}, recovery {r.min_recovery:.3g} to "
+                     f"{r.max_recovery:.3g})" for r in flagged.itertuples()], limit=4)
+    text = (f"Small denominators: {len(flagged)} of {len(kept)} probe(s) have a recovery denominator "
+            f"(|clean - corrupted| of the {metric}; across models |source - target|) well below the median "
+            f"{kept.median():.3g}, and recoveries outside [{PLAUSIBLE_RECOVERY[0]:g}, {PLAUSIBLE_RECOVERY[1]:g}]: "
+            f"{listed}. Dividing by a near-zero gap makes such values dominate every mean and variance, and can hide "
+            "a clear layer effect. ")
+    worst = float(flagged["abs_diff"].max())
+    above = kept[kept > worst]
+    if len(above):
+        threshold = _round_down_between(worst, float(above.min()))
+        remaining = int((kept >= threshold).sum())
+        if remaining >= max(2, (len(kept) + 1) // 2):
+            return text + (f"`min_abs_diff: {threshold:g}` in the `analysis:` section would exclude them and keep "
+                           f"{remaining} of {len(kept)} probes.")
+    return text + ("No `min_abs_diff` would exclude them and keep most probes; check these probes' prompts, or "
+                   "read the effect (`effect`, patched - corrupted) instead of recovery.")
 
 
 def count_tests(tables: Mapping[str, pd.DataFrame], group: str | None = None) -> tuple[int, int, int]:

@@ -18,7 +18,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default=None, help="output folder (default: RESULTS_DIR/analysis)")
     p.add_argument("--dv", default="recovery", help="column to test (default: recovery)")
     p.add_argument("--group", default=None,
-                   help="group column for between-group tests (default: the first of run.json's group_columns)")
+                   help="probe label whose values are the groups of the between-group tests (the analysis.group "
+                        "field; default: analysis.group, else knowledge_type, else the first label that is not "
+                        "provenance such as pmids or an id)")
     p.add_argument("--metric", action="append", dest="metrics", default=None, metavar="METRIC",
                    help="restrict to this metric (repeatable; default: every metric)")
     p.add_argument("--site-kind", action="append", dest="site_kinds", default=None, metavar="KIND",
@@ -109,7 +111,9 @@ def register_compare(subparsers: Any) -> None:
     c.add_argument("run_b", metavar="RUN_B", help="results directory of the compared run (B)")
     c.add_argument("-o", "--out", required=True, help="output folder")
     c.add_argument("--dv", default="recovery", help="column to compare (default: recovery)")
-    c.add_argument("--group", default=None, help="group column (default: the first group column both runs share)")
+    c.add_argument("--group", default=None,
+                   help="probe label whose values are the groups (default: the runs' analysis.group, else "
+                        "knowledge_type, else the first shared label that is not provenance such as pmids or an id)")
     c.add_argument("--alpha", type=float, default=0.05, help="significance level for highlighting (default: 0.05)")
     c.add_argument("--dpi", type=int, default=200, help="PNG resolution, at least 200 (default: 200)")
     c.add_argument("--no-figures", dest="figures", action="store_false", help="tables only")

@@ -1,10 +1,12 @@
 """``clap compare RUN_A RUN_B``: did model B (e.g. fine-tuned) change where the answer is recovered, relative to A?
 
 Both runs must have patched the same probes at the same sites: probes are matched by id, and a mismatch (ids in
-one run only, the same id with different prompt tokens or labels, different sites) is refused with a
-:class:`~clap.errors.ClapError` listing a few, because a difference between unmatched probes says nothing about
-the models. Every number is paired: per probe and layer the value of B minus that of A (each reduced to one value
-per probe and layer by the rule of :mod:`analyses.select`).
+one run only, the same id with a different clean or corrupted prompt, other answer tokens, other prompt tokens or
+labels, different sites) is refused with a :class:`~clap.errors.ClapError` listing a few, because a difference
+between unmatched probes says nothing about the models. Every number is paired: per probe and layer the value of B
+minus that of A (each reduced to one value per probe and layer by the rule of :mod:`analyses.select`, under the
+same ``analysis:`` options as ``clap analyze``: position and head reductions, the subject field, and the exclusion
+rules, which drop a probe from both runs when it fails them in either).
 
 Per slice (metric, site kind, operation, direction, positions):
 
@@ -30,10 +32,12 @@ import pandas as pd
 
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
-from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_text
+from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_json, atomic_write_text
 from clap.errors import ClapError
 from clap.outputs import prepare_output_dir
 
+#: The findings as data beside ``compare.html``, read by ``clap run``'s study page.
+FINDINGS_FILE = "findings.json"
 #: How many offending probes or sites an error message lists.
 SHOW = 5
 
@@ -55,11 +59,47 @@ class Comparison:
     meta_b: dict[str, Any]
     group: str | None = None
     files: list[Path] = field(default_factory=list)
+    #: the analysis options every value was computed under (``position_reduction``, exclusion rules, ...)
+    options: dict[str, Any] = field(default_factory=dict)
+    #: probes dropped by the exclusion rules: ``probe_id``, ``run`` (A, B or both) and ``reason``
+    excluded: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["probe_id", "run", "reason"]))
+    dv: str = "recovery"
 
 
 def _listing(items: list[Any]) -> str:
     items = sorted(map(str, items))
     return ", ".join(items[:SHOW]) + (f" and {len(items) - SHOW} more" if len(items) > SHOW else "")
+
+
+#: what each run's ``run.json`` records per probe and must be equal between the runs for a probe to be paired
+PROBE_FIELDS = ("clean", "corrupted", "answer_ids", "wrong_ids")
+
+
+def check_same_probes(meta_a: dict[str, Any], meta_b: dict[str, Any], names: tuple[str, str] = ("A", "B")) -> None:
+    """Refuse two runs in which one probe id stands for different probes: per probe, the clean and the corrupted
+    prompt and the answer and wrong-answer tokens recorded in each ``run.json`` must be equal. (The results' rows
+    carry only the tokens at patched positions: a prompt changed elsewhere, same length, would pass unseen.) Runs
+    whose sidecars do not record their probes are checked on their rows only (:func:`check_matched`)."""
+    def recorded(meta: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+        probes = meta.get("probes")
+        if not isinstance(probes, list) or not probes:
+            return None
+        return {str(p["probe_id"]): p for p in probes if isinstance(p, dict) and "probe_id" in p}
+
+    probes_a, probes_b = recorded(meta_a), recorded(meta_b)
+    if probes_a is None or probes_b is None:
+        return
+    differ: list[str] = []
+    for pid in sorted(set(probes_a) & set(probes_b)):
+        fields = [f for f in PROBE_FIELDS if probes_a[pid].get(f) != probes_b[pid].get(f)]
+        if fields:
+            first = fields[0]
+            differ.append(f"{pid} ({', '.join(fields)}; {first}: {probes_a[pid].get(first)!r} in {names[0]}, "
+                          f"{probes_b[pid].get(first)!r} in {names[1]})")
+    if differ:
+        shown = "; ".join(differ[:SHOW]) + (f"; and {len(differ) - SHOW} more" if len(differ) > SHOW else "")
+        raise ClapError(f"{len(differ)} probe id(s) stand for different probes in the two runs: {shown}. The same id "
+                        "must mean the same prompts and answers; rerun both models on one probe file")
 
 
 def check_matched(a: pd.DataFrame, b: pd.DataFrame, group_columns: list[str],
@@ -101,7 +141,7 @@ def check_matched(a: pd.DataFrame, b: pd.DataFrame, group_columns: list[str],
 
 def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group: str | None = None,
                   agg: str | None = None, position_reduction: str | int = "last",
-                  head_reduction: str = "sum") -> pd.DataFrame:
+                  head_reduction: str = "sum", subject_field: str = "subject") -> pd.DataFrame:
     """One row per slice, probe and layer present in both runs: ``value_A``, ``value_B``, ``diff`` (B - A).
 
     A probe's rows in one layer become one value by the same named rules as :func:`analyses.prepare` (default: its
@@ -114,8 +154,8 @@ def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group:
         for unit in units.to_dict("records"):
             sel = {c: unit[c] for c in SELECT_COLUMNS if c in unit}
             kw = dict(between=group, missing="keep", agg=agg, position_reduction=position_reduction,
-                      head_reduction=head_reduction, min_subjects=1, min_per_group=1, min_groups=1, min_levels=1,
-                      **sel)
+                      head_reduction=head_reduction, subject_field=subject_field, min_subjects=1, min_per_group=1,
+                      min_groups=1, min_levels=1, **sel)
             try:
                 prep_a = prepare(a, dv, "layer", "probe_id", **kw)
                 pa, pb = prep_a.data, prepare(b, dv, "layer", "probe_id", **kw).data
@@ -132,6 +172,27 @@ def paired_values(a: pd.DataFrame, b: pd.DataFrame, dv: str = "recovery", group:
     if not frames:
         raise ClapError("no slice with values in both runs (undefined or trivial everywhere?)")
     return pd.concat(frames, ignore_index=True)
+
+
+def _exclude(a: pd.DataFrame, meta_a: dict[str, Any], b: pd.DataFrame, meta_b: dict[str, Any],
+             opts: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Both runs without the probes that fail the exclusion rules in either, and the table of those probes."""
+    from analyses.validity import apply_exclusions, probe_validity
+
+    rules = dict(min_clean_logit_diff=opts.min_clean_logit_diff, require_flip=opts.require_flip,
+                 min_abs_diff=opts.min_abs_diff)
+    reasons: dict[str, dict[str, str]] = {}
+    for label, data, meta in (("A", a, meta_a), ("B", b, meta_b)):
+        _, validity = apply_exclusions(data, probe_validity(data, meta), **rules)
+        for pid, reason in validity.loc[validity["excluded"], ["probe_id", "reason"]].itertuples(index=False):
+            reasons.setdefault(pid, {})[label] = reason
+    rows = [{"probe_id": pid, "run": "both" if len(by) == 2 else next(iter(by)),
+             "reason": "; ".join(f"{k}: {v}" for k, v in sorted(by.items()))} for pid, by in sorted(reasons.items())]
+    table = pd.DataFrame(rows, columns=["probe_id", "run", "reason"])
+    if reasons and len(reasons) == a["probe_id"].nunique():
+        raise ClapError(f"every probe was excluded by the analysis rules in run A or B ({len(reasons)} probes); see "
+                        "each run's probe validity table")
+    return a[~a["probe_id"].isin(reasons)], b[~b["probe_id"].isin(reasons)], table
 
 
 def layer_differences(paired: pd.DataFrame, ci: float = 0.95) -> pd.DataFrame:
@@ -194,9 +255,9 @@ def layer_model_anova(paired: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: str = "recovery",
-            group: str | None = None, agg: str | None = None, position_reduction: str | int = "last",
-            head_reduction: str = "sum", alpha: float = 0.05, figures: bool = True,
-            dpi: int = 200) -> Comparison:
+            group: str | None = None, agg: str | None = None, analysis: Any = None,
+            position_reduction: str | int | None = None, head_reduction: str | None = None, alpha: float = 0.05,
+            figures: bool = True, dpi: int = 200) -> Comparison:
     """Load both runs, check they match, compute the paired tables and write tables, figure and report.
 
     Every number is paired per probe and layer (B - A; see the module docstring), so the two runs must have
@@ -212,13 +273,20 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     dv : str, default "recovery"
         The variable compared.
     group : str, optional
-        A group column present in both runs; default the first group column they share.
+        A probe label of both runs; default the ``analysis.group`` their specs declare, else ``knowledge_type``
+        when both carry it, else the first shared label that can group probes (never a provenance label such as
+        ``pmids`` or ``bioasq_id``; :mod:`clap.groups`).
     agg : str, optional
         Legacy: one pandas aggregation over a probe's rows at one layer instead of the named reductions.
-    position_reduction : str or int, default "last"
-        How a probe's rows at several positions of one layer become one value (:mod:`analyses.reductions`).
-    head_reduction : {"sum"}, default "sum"
-        Heads of one layer are summed (the layer's total), never averaged.
+    analysis : AnalysisOptions or dict, optional
+        The ``analysis:`` options (:mod:`clap.analysis_options`), as ``clap analyze`` takes them; default the
+        ``analysis:`` section recorded in run A's ``run.json``. The position and head reductions and the subject
+        field decide each value; the exclusion rules drop a probe (from both runs) that fails them in either run.
+    position_reduction : str or int, optional
+        Overrides ``analysis``'s: how a probe's rows at several positions of one layer become one value
+        (:mod:`analyses.reductions`).
+    head_reduction : {"sum", "each"}, optional
+        Overrides ``analysis``'s: heads of one layer are summed (the layer's total), never averaged.
     alpha : float, default 0.05
         Significance level for highlighting in the reports.
     figures : bool, default True
@@ -261,31 +329,73 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     1          model      1      7
     2  layer * model      3     21
     """
+    from analyses.pipeline import resolve_options
+
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
     prepare_output_dir(out_dir, holds="the comparison's tables, figures and reports are written into a folder")
-    if group is None:
-        shared = [g for g in meta_a["group_columns"] if g in meta_b["group_columns"]]
-        group = shared[0] if shared else None
-    elif group not in a.columns or group not in b.columns:
-        raise ClapError(f"group column {group!r} is not in both runs; group columns: "
-                        f"{', '.join(meta_a['group_columns']) or 'none'}")
-    check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=(str(run_a), str(run_b)))
-    paired = paired_values(a, b, dv, group, agg, position_reduction, head_reduction)
+    opts = resolve_options(meta_a, analysis, position_reduction=position_reduction, head_reduction=head_reduction)
+    group = comparison_group(group if group is not None else getattr(opts, "group", None), a, b, meta_a, meta_b)
+    names = (str(run_a), str(run_b))
+    check_same_probes(meta_a, meta_b, names)
+    check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=names)
+    a, b, excluded = _exclude(a, meta_a, b, meta_b, opts)
+    paired = paired_values(a, b, dv, group, agg, opts.position_reduction, opts.head_reduction, opts.subject_field)
     result = Comparison(Path(run_a), Path(run_b), Path(out_dir), layer_differences(paired), layer_model_anova(paired),
-                        paired, meta_a, meta_b, group)
+                        paired, meta_a, meta_b, group, options=opts.model_dump(), excluded=excluded, dv=dv)
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("paired_differences", paired), ("layer_differences", result.differences),
-                        ("layer_model_anova", result.anova)):
+                        ("layer_model_anova", result.anova), ("excluded_probes", excluded)):
         path = atomic_write_frame(out / f"{name}.csv", table)
         result.files.append(path)
     figs = difference_figures(result, out / "figures", dpi=dpi) if figures else []
     result.files += [p for _, paths in figs for p in paths]
     atomic_write_text(out / "compare.html", render_html(result, figs, alpha))
     atomic_write_text(out / "compare.md", render_markdown(result, figs, alpha))
-    result.files += [out / "compare.html", out / "compare.md"]
+    atomic_write_json(out / FINDINGS_FILE, findings_record(result, alpha))
+    result.files += [out / "compare.html", out / "compare.md", out / FINDINGS_FILE]
     return result
+
+
+def comparison_findings(result: Comparison, alpha: float = 0.05) -> list[tuple[str, list[str]]]:
+    """``(slice heading, sentences)`` per slice (:func:`analyses.findings.comparison_findings`), from the very tables
+    ``compare.html`` prints; ``compare.html`` / ``.md`` show them first and ``findings.json`` holds them."""
+    from analyses.findings import comparison_findings as sentences
+
+    keys = [c for c in SELECT_COLUMNS if c in result.differences.columns]
+    out = []
+    for key, _ in result.differences.groupby(keys, sort=True) if keys else []:
+        unit = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        lines = sentences(result.differences, result.anova, unit, alpha, result.dv)
+        if lines:
+            out.append((" · ".join(f"{k} {v}" for k, v in unit.items()), lines))
+    return out
+
+
+def findings_record(result: Comparison, alpha: float = 0.05) -> dict[str, Any]:
+    """What ``findings.json`` of a comparison holds (read by ``clap run``'s study page)."""
+    found = comparison_findings(result, alpha)
+    return {"kind": "comparison", "group": result.group, "dv": result.dv, "alpha": alpha,
+            "n_probes": int(result.paired["probe_id"].nunique()),
+            "slices": [{"slice": h, "headline": lines, "findings": lines} for h, lines in found]}
+
+
+def comparison_group(group: str | None, a: pd.DataFrame, b: pd.DataFrame, meta_a: dict[str, Any],
+                     meta_b: dict[str, Any]) -> str | None:
+    """The group of a comparison: ``group`` (``--group``), else the ``analysis.group`` the runs' specs declare,
+    else the default of :mod:`clap.groups` (``knowledge_type``; never a provenance label such as ``pmids``) over
+    the labels both runs carry. A group that is not a label of both runs raises :class:`ClapError`."""
+    from analyses.pipeline import probe_labels
+    from clap.groups import resolve_group
+
+    analyses = [(m.get("spec") or {}).get("analysis") or {} for m in (meta_a, meta_b)]
+    if group is None:
+        group = next((x.get("group") for x in analyses if x.get("group")), None)
+    in_b = set(meta_b.get("group_columns") or []) & set(b.columns)
+    shared = {k: v for k, v in probe_labels(meta_a, a).items() if k in in_b}
+    subject_field = analyses[0].get("subject_field") or "subject"
+    return resolve_group(group, shared, subject_field, where="group (--group, analysis.group; a label of both runs)")
 
 
 def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> list[tuple[str, list[Path]]]:
@@ -329,10 +439,24 @@ def _sections(result: Comparison) -> list[tuple[str, pd.DataFrame, pd.DataFrame]
     return out
 
 
+def _group_words(result: Comparison) -> str:
+    return f"`{result.group}` (one heatmap panel per group)" if result.group else "none"
+
+
 def _model_name(meta: dict[str, Any], path: Path) -> str:
     from analyses.report import study_title
 
     return f"{study_title(meta)} ({path})"
+
+
+def _values_sentence(result: Comparison) -> str:
+    """How each per-probe value was made (the reduction) and which probes the exclusion rules dropped."""
+    reductions = ", ".join(sorted(set(map(str, result.paired["reduction"])))) if "reduction" in result.paired else ""
+    text = f"Each probe's value per layer: {reductions}." if reductions else ""
+    if len(result.excluded):
+        text += (f" Excluded by the analysis rules (from both runs): {len(result.excluded)} probe(s) "
+                 f"({_listing(list(result.excluded['probe_id']))}; see excluded_probes.csv).")
+    return text.strip()
 
 
 def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: float = 0.05) -> str:
@@ -346,7 +470,13 @@ def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: f
              f"<p>A: <code>{html.escape(_model_name(result.meta_a, result.run_a))}</code><br>"
              f"B: <code>{html.escape(_model_name(result.meta_b, result.run_b))}</code><br>"
              f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired (the same probe "
-             "in both runs).</p>"]
+             f"in both runs). Groups: {html.escape(_group_words(result))}. {html.escape(_values_sentence(result))}</p>"]
+    found = comparison_findings(result, alpha)
+    if found:
+        parts.append("<h2>Findings</h2>")
+        for heading, lines in found:
+            parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">"
+                         + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
     for title, diff, anova in _sections(result):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(_html_stat_table("Paired difference per layer (B - A, t-test, Holm over layers)", diff, alpha))
@@ -368,7 +498,13 @@ def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alph
 
     out = ["# Comparison of two runs: B - A", "", f"- A: `{_model_name(result.meta_a, result.run_a)}`",
            f"- B: `{_model_name(result.meta_b, result.run_b)}`", "",
-           f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired.", ""]
+           f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired. "
+           f"Groups: {_group_words(result)}. {_values_sentence(result)}", ""]
+    found = comparison_findings(result, alpha)
+    if found:
+        out += ["## Findings", ""]
+        for heading, lines in found:
+            out += [f"### {heading}", "", *[f"- {x}" for x in lines], ""]
     for title, diff, anova in _sections(result):
         out += [f"## {title}", "", "### Paired difference per layer (B - A, t-test, Holm over layers)", "",
                 markdown_table(diff)]

@@ -80,6 +80,21 @@ def _new_figure(height: float, nrows: int = 1, *, sharex: bool = False,
     return fig, axes
 
 
+def _title_chars(fig: Figure, fontsize: float | None = None) -> int:
+    """How many characters of a title fit on one line of ``fig`` (an average character is ~0.6 em wide; a margin
+    is kept), so a wrapped title never runs past the figure's right edge."""
+    size = fontsize or float(STYLE["figure.titlesize"])
+    return max(20, int(fig.get_figwidth() * 72 * 0.92 / (0.55 * size)))
+
+
+def _legend_columns(groups: Sequence[Any], width: float = COLUMN_WIDTH_IN) -> int:
+    """Legend columns that fit the figure's width: long group names get fewer columns, never a legend wider than
+    the figure (a marker and gaps take ~4 em per entry)."""
+    longest = max((len(str(g)) for g in groups), default=1)
+    per_entry_in = (longest * 0.6 + 4.0) * MIN_FONT_PT / 72
+    return max(1, min(len(groups), 4, int(width * 0.95 // per_entry_in)))
+
+
 def _wrap(title: str, width: int = 72) -> str:
     """Long titles on several lines: the figure keeps the column width, so a long line would be cut off."""
     import textwrap
@@ -205,7 +220,9 @@ def _layer_heatmaps(
                 t, ax=ax, mask=t.isna(), cmap=DIVERGING_CMAP, center=0.0, vmin=-vmax, vmax=vmax,
                 annot=text if text is not None else False, fmt="", annot_kws={"fontsize": MIN_FONT_PT},
                 linewidths=0.3, linecolor="white", cbar=False, yticklabels=labels if n_rows <= 40 else "auto",
+                xticklabels=[str(v) for v in t.columns],
             )
+            _thin_layer_labels(ax, list(t.columns))
             ax.set_facecolor(MISSING_FACE)
             ax.patch.set_hatch(MISSING_HATCH)
             ax.set_xlabel("layer")
@@ -216,8 +233,19 @@ def _layer_heatmaps(
             mesh = ax.collections[0]
         shrink = min(1.0, 3.0 / (0.75 + row_h * n_rows * len(groups))) if len(groups) > 2 else 1.0
         fig.colorbar(mesh, ax=axes, label=f"mean {dv}", shrink=shrink)
-        fig.suptitle(_wrap(title), fontsize=STYLE["figure.titlesize"])
+        fig.suptitle(_wrap(title, _title_chars(fig)), fontsize=STYLE["figure.titlesize"])
     return fig
+
+
+def _thin_layer_labels(ax: Any, layers: list[Any], max_labels: int = 16) -> None:
+    """On a heatmap's layer axis (one column per layer), keep the labels of :func:`layer_tick_values`' layers
+    only: 30 two-digit labels at column width run together ("10111213...")."""
+    keep = set(layer_tick_values([v for v in layers if isinstance(v, (int, float, np.integer, np.floating))],
+                                 max_labels)) if len(layers) > max_labels else None
+    if keep is None:
+        return
+    positions = [i + 0.5 for i, v in enumerate(layers) if float(v) in keep]
+    ax.set_xticks(positions, [str(v) for v in layers if float(v) in keep])
 
 
 def _sort_key(value: Any) -> tuple:
@@ -503,11 +531,11 @@ def layer_contrast(
                                 fontsize=12)
             ax.set_ylabel(f"{dv}\n({kind})")
             ax.grid(axis="y", alpha=0.3)
-            _layer_ticks(ax, part["layer"].unique())
-        fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4),
+        _layer_ticks(axes, means["layer"].unique())
+        fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=_legend_columns(groups),
                    loc="outside lower center")
         axes[-1].set_xlabel("layer")
-        fig.suptitle(_wrap(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)"),
+        fig.suptitle(_wrap(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)", _title_chars(fig)),
                      fontsize=STYLE["figure.titlesize"])
     return fig
 
@@ -544,15 +572,15 @@ def module_bars(
             ax.set_ylabel(f"{dv}\n({kind})")
             ax.set_title(kind, loc="left")
             ax.grid(axis="y", alpha=0.3)
-            _layer_ticks(ax, part["layer"].unique())
+        _layer_ticks(axes, means["layer"].unique())
         if group:
-            fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=min(len(groups), 4),
+            fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=_legend_columns(groups),
                        loc="outside lower center")
         axes[-1].set_xlabel("layer")
         level = float(means["ci"].iloc[0]) if len(means) else 0.95
         by_group = f" by {group}" if group else ""
-        fig.suptitle(_wrap(title or f"Mean {dv} per module and layer{by_group} ({level:.0%} t-based CI)"),
-                     fontsize=STYLE["figure.titlesize"])
+        fig.suptitle(_wrap(title or f"Mean {dv} per module and layer{by_group} ({level:.0%} t-based CI)",
+                           _title_chars(fig)), fontsize=STYLE["figure.titlesize"])
     return fig
 
 
@@ -562,16 +590,32 @@ def _yerr(part: pd.DataFrame) -> np.ndarray:
     return np.where(np.isfinite(err), err, 0.0)
 
 
-def _layer_ticks(ax: Any, levels: Any, max_ticks: int = 12) -> None:
-    """Integer layer ticks, thinned to at most ``max_ticks`` so 9 pt labels never collide at column width."""
-    from matplotlib.ticker import MaxNLocator
+def layer_tick_values(levels: Any, max_ticks: int = 12) -> list[float]:
+    """The layers to label on an axis: all of them when there are at most ``max_ticks``, else the multiples of the
+    smallest step of 1, 2, 4, 5, 10, 20, 25, 50, ... that needs at most ``max_ticks`` labels (9 pt labels never
+    collide at column width). From the union of every panel's layers, so panels that share an axis label it alike."""
+    import math
 
-    levels = np.sort(np.asarray(levels, float))
-    if len(levels) <= max_ticks:
-        ax.set_xticks(levels)
-        ax.set_xticklabels([str(int(v)) if float(v).is_integer() else str(v) for v in levels])
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=max_ticks, integer=True, steps=[1, 2, 4, 5, 10]))
+    values = np.unique(np.asarray([v for v in np.asarray(levels, float) if np.isfinite(v)], float))
+    if len(values) <= max_ticks:
+        return values.tolist()
+    lo, hi = float(values.min()), float(values.max())
+    steps = [1, 2, 4, 5] + [m * 10 ** e for e in range(1, 7) for m in (1, 2, 2.5, 5)]
+    for step in steps:
+        ticks = np.arange(math.ceil(lo / step) * step, hi + 1e-9, step)
+        if len(ticks) <= max_ticks:
+            return ticks.tolist()
+    return [lo, hi]
+
+
+def _layer_ticks(axes: Any, levels: Any, max_ticks: int = 12) -> None:
+    """Label the layer axis of ``axes`` (one axis or several that share it) with :func:`layer_tick_values`, on every
+    panel: a panel whose own layers start later (heads of the upper layers only) still shows the shared scale."""
+    ticks = layer_tick_values(levels, max_ticks)
+    labels = [str(int(v)) if float(v).is_integer() else f"{v:g}" for v in ticks]
+    for ax in (axes if isinstance(axes, (list, tuple)) else [axes]):
+        ax.set_xticks(ticks, labels)
+        ax.tick_params(axis="x", labelbottom=True)
 
 
 def site_order(data: pd.DataFrame, site: str = "site") -> list[str]:

@@ -13,13 +13,12 @@ from typing import Any
 
 import pandas as pd
 
+from analyses.formatting import fmt, row_p_values
 from analyses.select import SELECT_COLUMNS
 
 
 def _n(v: Any) -> str:
-    from analyses.report import _fmt
-
-    return _fmt(v)
+    return fmt(v)
 
 
 def _p(p: float) -> str:
@@ -55,8 +54,16 @@ def _who(group: str | None, g: Any, everyone: str = "all probes") -> str:
     return f"`{group}` = {g}" if g is not None else everyone
 
 
+def _ci_words(row: Any, level: int) -> str:
+    """``95 % CI [a, b]``, or that there is none (one probe: no interval)."""
+    if pd.isna(row["ci_low"]) or pd.isna(row["ci_high"]):
+        return f"no {level} % CI ({'one probe' if row.get('n') == 1 else 'no interval'})"
+    return f"{level} % CI [{_n(row['ci_low'])}, {_n(row['ci_high'])}]"
+
+
 def _interval_findings(ci: pd.DataFrame, group: str | None, dv: str) -> list[str]:
-    """Per group: the layer of the highest mean and the layers whose bootstrap CI excludes 0."""
+    """Per group: the layer of the highest mean and the layers whose interval excludes 0. A group without an
+    interval (one probe) is said to have none, never that its intervals include 0."""
     if not len(ci):
         return []
     out = []
@@ -64,15 +71,25 @@ def _interval_findings(ci: pd.DataFrame, group: str | None, dv: str) -> list[str
     for g, part in _by_group(ci, group):
         best = part.loc[part["mean"].idxmax()]
         sentence = (f"{_who(group, g)}: {dv} is highest at layer {_n(best['layer'])} (mean {_n(best['mean'])}, "
-                    f"{level} % CI [{_n(best['ci_low'])}, {_n(best['ci_high'])}], n = {_n(best['n'])})")
-        above = part[part["ci_low"] > 0].sort_values("layer")["layer"].tolist()
-        below = part[part["ci_high"] < 0].sort_values("layer")["layer"].tolist()
+                    f"{_ci_words(best, level)}, n = {_n(best['n'])})")
+        with_ci = part[part["ci_low"].notna() & part["ci_high"].notna()]
+        without = part[~part.index.isin(with_ci.index)].sort_values("layer")["layer"].tolist()
+        if with_ci.empty:
+            most = int(part["n"].max()) if "n" in part and part["n"].notna().any() else 0
+            out.append(sentence + f"; no {level} % interval at any layer ({most} probe(s): an interval needs at "
+                                  "least 2), so nothing can be said about 0.")
+            continue
+        above = with_ci[with_ci["ci_low"] > 0].sort_values("layer")["layer"].tolist()
+        below = with_ci[with_ci["ci_high"] < 0].sort_values("layer")["layer"].tolist()
         if above:
             sentence += f"; its {level} % CI lies above 0 at {_layers(above)}"
         else:
-            sentence += f"; no evidence of {dv} above 0 at any layer (every {level} % CI includes 0 or lies below)"
+            sentence += (f"; no evidence of {dv} above 0 at any layer (every {level} % CI includes 0 or lies below"
+                         + (" where there is one" if without else "") + ")")
         if below:
             sentence += f"; below 0 at {_layers(below)}"
+        if without:
+            sentence += f"; no interval at {_layers(without)} (fewer than 2 probes)"
         out.append(sentence + ".")
     return out
 
@@ -81,14 +98,15 @@ def _one_sample_findings(one: pd.DataFrame, group: str | None, alpha: float) -> 
     """Per group: the layers where the one-sample test against 0 is significant (with the report's p column)."""
     if not len(one) or "layer" not in one.columns:
         return []
-    from analyses.report import row_p_values
-
     p, label = row_p_values(one)
     if p is None:
         return []
     out = []
     for g, part in _by_group(one, group):
         who = _who(group, g)
+        if p.loc[part.index].isna().all():
+            out.append(f"{who}: no one-sample test could run (an interval and a test need at least 2 probes).")
+            continue
         hits = part[p.loc[part.index] < alpha].sort_values("layer")["layer"].tolist()
         out.append(f"{who}: one-sample tests against 0 ({label} < {alpha}) are significant at {_layers(hits)}."
                    if hits else f"{who}: no evidence from the one-sample tests ({label} < {alpha}) at any layer.")
@@ -159,6 +177,47 @@ def unit_findings(tables: Mapping[str, pd.DataFrame], unit: Mapping[str, Any], g
     return out
 
 
+def unit_headline(tables: Mapping[str, pd.DataFrame], unit: Mapping[str, Any], group: str | None,
+                  alpha: float = 0.05, dv: str = "recovery") -> list[str]:
+    """The headline of one slice: the sentences of :func:`unit_findings` on the layer effect and, with groups, on
+    the group difference and the layer x group interaction (the study page shows these, unchanged)."""
+    out = _layer_effect_findings(_in(tables.get("rm_anova"), unit), dv, alpha)
+    if group:
+        out += _group_findings(_in(tables.get("mixed_anova"), unit), group, dv, alpha)
+    return out
+
+
+def comparison_findings(differences: pd.DataFrame, anova: pd.DataFrame, unit: Mapping[str, Any],
+                        alpha: float = 0.05, dv: str = "recovery") -> list[str]:
+    """Sentences for one slice of ``clap compare`` (B - A, paired per probe), from its two tables: the model main
+    effect and the layer x model interaction of the repeated-measures ANOVA, and the largest per-layer difference
+    with its uncorrected and Holm-corrected p."""
+    out = []
+    rows = _in(anova, unit).set_index("Source") if len(_in(anova, unit)) else pd.DataFrame()
+    if "model" in rows.index:
+        r = rows.loc["model"]
+        stat = f"F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(r['p_unc'])}"
+        out.append(f"Mean {dv} differs between the models (B - A; {stat})." if r["p_unc"] < alpha
+                   else f"No evidence that mean {dv} differs between the models ({stat}).")
+    if "layer * model" in rows.index:
+        r = rows.loc["layer * model"]
+        p = r["p_GG_corr"] if pd.notna(r.get("p_GG_corr")) else r["p_unc"]
+        stat = f"layer x model F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(p)}"
+        out.append(f"The difference depends on the layer ({stat})." if p < alpha
+                   else f"No evidence that the difference depends on the layer ({stat}).")
+    diff = _in(differences, unit)
+    tested = diff[diff["p_unc"].notna()] if len(diff) else diff
+    if len(tested):
+        top = tested.loc[tested["diff"].abs().idxmax()]
+        sig = tested[tested["p_corr"] < alpha].sort_values("layer")["layer"].tolist()
+        out.append(f"Largest per-layer difference: {'+' if top['diff'] > 0 else ''}{_n(top['diff'])} at layer "
+                   f"{_n(top['layer'])} (95 % CI [{_n(top['ci_low'])}, {_n(top['ci_high'])}], {_p(top['p_unc'])} "
+                   f"uncorrected, Holm p_corr = {_n(top['p_corr'])}); "
+                   + (f"B - A differs at {_layers(sig)} after Holm correction." if sig else
+                      f"no layer differs after Holm correction (p_corr < {alpha})."))
+    return out
+
+
 def overall_findings(tables: Mapping[str, pd.DataFrame], group: str | None, dv: str = "recovery") -> list[str]:
     """Across slices: for each group, the slice and layer with the highest mean (from ``bootstrap_ci``)."""
     ci = tables.get("bootstrap_ci")
@@ -172,6 +231,8 @@ def overall_findings(tables: Mapping[str, pd.DataFrame], group: str | None, dv: 
         best = part.loc[part["mean"].idxmax()]
         where = ", ".join(f"{k} {best[k]}" for k in keys)
         who = _who(group, g, everyone="All probes")
+        interval = (f"CI [{_n(best['ci_low'])}, {_n(best['ci_high'])}]"
+                    if pd.notna(best["ci_low"]) and pd.notna(best["ci_high"]) else "no interval")
         out.append(f"{who}: the highest mean {dv} of all slices is at {where}, layer {_n(best['layer'])} "
-                   f"(mean {_n(best['mean'])}, CI [{_n(best['ci_low'])}, {_n(best['ci_high'])}]).")
+                   f"(mean {_n(best['mean'])}, {interval}).")
     return out

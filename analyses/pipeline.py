@@ -162,6 +162,8 @@ class Analysis:
     figures: list[FigureFile] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
+    #: the sections of derived runs (additivity check, clean-run ablation): :mod:`analyses.derived`
+    derived: list[Any] = field(default_factory=list)
 
 
 def analyze(
@@ -185,12 +187,16 @@ def analyze(
     subject: str | None = None,
     interval: str | None = None,
     ss_type: int | None = None,
+    additivity: str | Path | None = None,
+    ablation: str | Path | None = None,
 ) -> Analysis:
     """Load ``results_dir``, run every test on every slice, write tables, caveats and figures to ``out_dir``.
 
-    ``out_dir`` defaults to ``RESULTS_DIR/analysis``. ``group`` defaults to the first of the sidecar's
-    ``group_columns`` (no group tests when there is none). ``seed`` defaults to the run's seed, so the bootstrap
-    intervals of a study are reproducible from its sidecar. ``metrics`` / ``site_kinds`` restrict the slices.
+    ``out_dir`` defaults to ``RESULTS_DIR/analysis``. ``group`` (the ``analysis.group`` field; this keyword wins)
+    defaults to ``knowledge_type`` when the probes carry it, else the first probe label that can group them, never
+    a provenance label such as ``pmids`` (:mod:`clap.groups`; no group tests when there is none). ``seed``
+    defaults to the run's seed, so the bootstrap intervals of a study are reproducible from its sidecar.
+    ``metrics`` / ``site_kinds`` restrict the slices.
 
     How the results are reduced and tested comes from ``analysis`` (an :class:`~clap.analysis_options.AnalysisOptions`
     or dict), else the ``analysis:`` section of the spec recorded in run.json, else the defaults; the keywords
@@ -206,7 +212,8 @@ def analyze(
     dv : str, default "recovery"
         The dependent variable of every test.
     group : str, optional
-        The group column of the between-probe tests; default the sidecar's first ``group_columns``.
+        The probe label whose values are the groups of the between-probe tests (overrides ``analysis.group``);
+        default as above.
     metrics, site_kinds : sequence of str, optional
         Restrict the slices analysed.
     agg : str, optional
@@ -227,6 +234,9 @@ def analyze(
         How results are reduced and tested (see above).
     position_reduction, head_reduction, subject, interval, ss_type : optional
         Override single fields of ``analysis``.
+    additivity, ablation : str or Path, optional
+        Results folders of the study's derived runs (the additivity check's joint patches with their
+        ``design.csv``; the clean-run ablation): analysed against this study's rows (:mod:`analyses.derived`).
 
     Returns
     -------
@@ -262,8 +272,8 @@ def analyze(
     data, meta = load_results(results_dir)
     prepare_output_dir(out, holds="tables, figures and reports are written into a folder")
     opts = resolve_options(meta, analysis, position_reduction=position_reduction, head_reduction=head_reduction,
-                           subject=subject, interval=interval, ss_type=ss_type)
-    requested = _resolve_group(group, meta, data)
+                           subject=subject, interval=interval, ss_type=ss_type, group=group)
+    requested = _resolve_group(opts, meta, data)
     seed = int(meta.get("seed", 0) if seed is None else seed)
     data = _restrict(data, "metric", metrics)
     validity = probe_validity(data, meta)
@@ -279,7 +289,8 @@ def analyze(
         raise ClapError("subject: clean_prompt needs each probe's clean prompt, but run.json has no `probes` list with "
                         "`probe_id` and `clean`; rerun `clap patch` (it records them) or use subject: probe")
     group = requested if requested and data[requested].nunique() >= 2 else None
-    options = dict(dv=dv, group=group, group_requested=requested, metrics=list(metrics or []),
+    options = dict(dv=dv, group=group, group_requested=requested, group_declared=opts.group is not None,
+                   metrics=list(metrics or []),
                    site_kinds=list(site_kinds or []), agg=agg or _reduction_words(opts), missing=missing,
                    n_boot=n_boot, seed=seed, alpha=alpha, analysis=opts.model_dump())
     tables = compute_tables(data, dv=dv, group=group, site_kinds=site_kinds, agg=agg, missing=missing, n_boot=n_boot,
@@ -293,8 +304,10 @@ def analyze(
     tables["probe_validity"] = validity
     tables["shared_prompts"] = shared_clean_prompts(prompts)
     tables["noise_samples"] = noise_samples(results_dir, data)
-    notes = _caveats.collect(data, tables, group, alpha)
+    notes = [c for c in [_caveats.group_caveat(data, requested, dv)] if c]
+    notes += _caveats.collect(data, tables, group, alpha)
     notes += _caveats.validity_caveats(validity, tables["shared_prompts"], opts.subject)
+    notes += [c for c in [_caveats.denominator_caveat(data, validity)] if c]
     result = Analysis(results_dir, out, data, meta, options, tables, notes)
     result.methods = methods_text(result)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,6 +329,10 @@ def analyze(
             tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(figure_skips)], ignore_index=True)
             atomic_write_text(out / TABLE_FILES["skipped"], tables["skipped"].to_csv(index=False))
         result.files.extend(p for f in result.figures for p in f.paths if p not in result.files)
+    if additivity is not None or ablation is not None:
+        from analyses.derived import attach
+
+        attach(result, additivity=additivity, ablation=ablation, figures=figures, dpi=dpi)
     prune_outputs(out, result.files, ANALYZE_MANIFEST)  # an earlier analysis's slices that are gone now
     return result
 
@@ -440,7 +457,8 @@ def _rules(opts: AnalysisOptions) -> str:
     if opts.require_flip:
         parts.append("the corruption flips the preference")
     if opts.min_abs_diff is not None:
-        parts.append(f"|clean - corrupted| >= {opts.min_abs_diff:g}")
+        parts.append(f"|recovery denominator| (|clean - corrupted|, across models |source - target|) >= "
+                     f"{opts.min_abs_diff:g}")
     return "; ".join(parts)
 
 
@@ -470,6 +488,16 @@ def _cross_model_methods(meta: dict[str, Any]) -> list[str]:
             "the target prompt) / (source model on the source prompt - target model on the target prompt)."]
 
 
+def _group_methods(result: Analysis) -> str:
+    """Which label grouped the probes and why (declared, or the default of :mod:`clap.groups`)."""
+    from clap.groups import choice_words
+
+    o = result.options
+    labels = probe_labels(result.meta or {}, result.data)
+    subject_field = (o.get("analysis") or {}).get("subject_field", "subject")
+    return choice_words(o.get("group_requested"), bool(o.get("group_declared")), list(labels), subject_field, labels)
+
+
 def methods_text(result: Analysis) -> list[str]:
     """The Methods paragraph, item by item: only what was done, with the reduction and units named."""
     o, t = result.options, result.tables
@@ -491,6 +519,7 @@ def methods_text(result: Analysis) -> list[str]:
         "separately.",
     ]
     out += _cross_model_methods(result.meta or {})
+    out.append(_group_methods(result))
     validity = t.get("probe_validity", pd.DataFrame())
     excluded = validity[validity["excluded"].astype(bool)] if len(validity) else validity
     if _rules(a):
@@ -757,14 +786,20 @@ def _interval_words(ci: pd.DataFrame) -> str:
     return f"{'BCa' if method == 'bca' else 'percentile'}-bootstrap ({int(ci['n_boot'].iloc[0])} resamples of probes)"
 
 
-def _resolve_group(group: str | None, meta: dict[str, Any], data: pd.DataFrame) -> str | None:
-    if group is None:
-        names = meta.get("group_columns") or []
-        return names[0] if names else None
-    if group not in data.columns:
-        raise ClapError(f"group column {group!r} not in the results; group columns in run.json: "
-                        f"{', '.join(meta.get('group_columns') or []) or 'none'}")
-    return group
+def probe_labels(meta: dict[str, Any], data: pd.DataFrame) -> dict[str, list[Any]]:
+    """Each probe label of run.json's ``group_columns`` present in ``data`` -> its value per probe."""
+    names = [c for c in meta.get("group_columns") or [] if c in data.columns]
+    per_probe = data.drop_duplicates("probe_id")
+    return {name: per_probe[name].tolist() for name in names}
+
+
+def _resolve_group(opts: AnalysisOptions, meta: dict[str, Any], data: pd.DataFrame) -> str | None:
+    """The group of the between-group tests: ``analysis.group`` / ``--group`` if given, else the default of
+    :mod:`clap.groups` (``knowledge_type``; never a provenance label such as ``pmids`` or ``bioasq_id``)."""
+    from clap.groups import resolve_group
+
+    return resolve_group(opts.group, probe_labels(meta, data), opts.subject_field,
+                         where="group (--group, analysis.group)")
 
 
 def _restrict(data: pd.DataFrame, column: str, values: Sequence[str] | None) -> pd.DataFrame:

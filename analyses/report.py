@@ -19,13 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from analyses.figures import COLUMN_WIDTH_IN
-from analyses.pipeline import Analysis, FigureFile, analyze
+from analyses.formatting import html_table as _html_table
+from analyses.formatting import markdown_table, row_p_values
+from analyses.pipeline import TABLE_FILES, Analysis, FigureFile, analyze
 from analyses.select import SELECT_COLUMNS
-from clap.contract import atomic_write_text
+from clap.contract import atomic_write_json, atomic_write_text
+
+#: The findings as data beside ``report.html`` (:func:`findings_record`), read by ``clap run``'s study page.
+FINDINGS_FILE = "findings.json"
 
 #: Columns shown in the report (the CSV files keep every column).
 SHOWN = {
@@ -126,25 +130,23 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, **o
     md_path = result.out_dir / "report.md"
     atomic_write_text(html_path, render_html(result))
     atomic_write_text(md_path, render_markdown(result))
+    atomic_write_json(result.out_dir / FINDINGS_FILE, findings_record(result))
     return ReportFiles(html_path, md_path, result)
 
 
-def _fmt(value: Any) -> str:
-    """Numbers for humans: small p-values in scientific notation, others to 3-4 significant digits."""
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return "–"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if v == int(v) and abs(v) < 1e6:
-            return f"{int(v)}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
-        if abs(v) < 1e-3:
-            return f"{v:.2e}"
-        return f"{v:.3f}" if abs(v) < 100 else f"{v:.4g}"
-    return str(value)
+def findings_record(result: Analysis) -> dict[str, Any]:
+    """What ``findings.json`` holds, for pages that summarise several reports (``clap run``'s study page): per
+    tested slice its heading, headline (:func:`analyses.findings.unit_headline`) and every finding, the lines
+    across slices, the group, and the caveats; the very sentences this report prints."""
+    from analyses.findings import unit_headline
+
+    o = result.options
+    group, alpha, dv = o.get("group"), o.get("alpha", 0.05), o.get("dv", "recovery")
+    found = dict(findings(result))
+    slices = [{"slice": _unit_title(u), "headline": unit_headline(result.tables, u, group, alpha, dv),
+               "findings": found.get(_unit_title(u), [])} for u in _units(result)]
+    return {"kind": "analysis", "group": group, "dv": dv, "alpha": alpha, "slices": slices,
+            "overall": found.get("Across slices", []), "caveats": list(result.caveats)}
 
 
 def _shown(name: str, table: pd.DataFrame, group: str | None) -> pd.DataFrame:
@@ -222,36 +224,6 @@ def _methods(result: Analysis) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- HTML
-
-
-def _html_table(table: pd.DataFrame, alpha: float | None = None, p: pd.Series | None = None) -> str:
-    """A table; with ``alpha`` and ``p`` (one p-value per row, aligned on the index), rows with p < alpha are bold."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
-    body = []
-    for idx, row in table.iterrows():
-        sig = alpha is not None and p is not None and pd.notna(p.get(idx)) and float(p[idx]) < alpha
-        cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row.tolist())
-        attr = ' class="sig"' if sig else ""
-        body.append(f"<tr{attr}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def row_p_values(table: pd.DataFrame) -> tuple[pd.Series | None, str]:
-    """The p-value that decides each row, and a label for it; ``(None, "")`` for a table without p-values.
-
-    Post-hoc tables: the corrected ``p_corr``. ANOVA tables: the Greenhouse-Geisser ``p_GG_corr`` where the row has
-    one, else ``p_unc`` (the between-groups row of a mixed ANOVA needs no sphericity correction, so its corrected
-    column is empty by design and must not hide its result). Other tables: ``p_unc``.
-    """
-    if "p_corr" in table.columns:
-        return table["p_corr"].astype(float), "p_corr"
-    if "p_GG_corr" in table.columns and "p_unc" in table.columns:
-        gg = table["p_GG_corr"].astype(float)
-        label = "p_GG_corr" if gg.notna().all() else "p_GG_corr (p_unc where not corrected)"
-        return gg.fillna(table["p_unc"].astype(float)), label
-    if "p_unc" in table.columns:
-        return table["p_unc"].astype(float), "p_unc"
-    return None, ""
 
 
 def _html_stat_table(name: str, shown: pd.DataFrame, alpha: float) -> str:
@@ -353,6 +325,9 @@ def render_html(result: Analysis) -> str:
     if shared:
         parts.append("<h2 id=\"figures\">Across site kinds and modules</h2>")
         parts += [_html_figure(f) for f in shared]
+    from analyses.derived import html_sections
+
+    parts += html_sections(result)  # additivity check, clean-run ablation
     interactive = _interactive(result)
     if interactive:
         parts += ["<h2 id=\"interactive\">Interactive heatmaps</h2>", interactive]
@@ -403,17 +378,20 @@ def _html_results(result: Analysis, group: str | None, alpha: float) -> list[str
 # ------------------------------------------------------------------------------------------------ Markdown
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured pipe table (no extra dependency)."""
-    if table.empty:
-        return "_(empty)_\n"
-    def cell(v: Any) -> str:
-        return _fmt(v).replace("|", "\\|").replace("\n", " ")
-
-    head = "| " + " | ".join(str(c) for c in table.columns) + " |"
-    rule = "|" + "|".join(" --- " for _ in table.columns) + "|"
-    rows = ["| " + " | ".join(cell(v) for v in r) + " |" for r in table.itertuples(index=False)]
-    return "\n".join([head, rule, *rows]) + "\n"
+def _markdown_stat_table(name: str, shown: pd.DataFrame, alpha: float) -> list[str]:
+    """A statistics table; a test table longer than :data:`FOLD_ROWS` is folded as the HTML folds it: the row
+    count, how many rows are significant, the :data:`FOLD_ROWS` rows with the smallest p-values, and a link to the
+    CSV beside the report that holds every row (a pairs-of-layers table of 30 layers has 435 rows per slice)."""
+    p, label = row_p_values(shown)
+    if len(shown) <= FOLD_ROWS or p is None:  # descriptive tables (one row per layer and group) stay whole
+        return [markdown_table(shown)]
+    csv = TABLE_FILES.get(name)
+    where = f"[{csv}]({csv})" if csv else "the CSV tables"
+    hits = int((p < alpha).sum())
+    order = p.sort_values(kind="stable", na_position="last").index[:FOLD_ROWS]
+    top = shown.loc[order]
+    return [f"{len(shown)} rows, {hits} with {label} < {alpha}; the {len(top)} with the smallest {label} are shown, "
+            f"every row is in {where} (filter by this slice's columns).", "", markdown_table(top)]
 
 
 def _noise_markdown(tables: dict[str, pd.DataFrame]) -> list[str]:
@@ -457,7 +435,8 @@ def render_markdown(result: Analysis) -> str:
         for name in slice_tables(result):
             part = _in_unit(tables[name], unit)
             if len(part):
-                out += [f"#### {TITLES.get(name, name)}", "", markdown_table(_shown(name, part, group))]
+                out += [f"#### {TITLES.get(name, name)}", "",
+                        *_markdown_stat_table(name, _shown(name, part, group), o.get("alpha", 0.05))]
         skipped = _in_unit(tables["skipped"], unit)
         if len(skipped):
             out += ["#### Not run", "", markdown_table(skipped[["test", "reason"]])]
@@ -469,6 +448,9 @@ def render_markdown(result: Analysis) -> str:
         out += ["## Across site kinds and modules", ""]
         for fig in shared:
             out += [f"![{fig.title}]({_rel(fig.png, result.out_dir)})", "", f"*{fig.title}.* {fig.caption}", ""]
+    from analyses.derived import markdown_sections
+
+    out += markdown_sections(result)  # additivity check, clean-run ablation
     return "\n".join(out) + "\n"
 
 

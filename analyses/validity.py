@@ -2,9 +2,9 @@
 
 A probe only measures recovery when the clean run prefers the answer and the corruption removes that preference.
 :func:`probe_validity` tabulates, per probe, the clean and corrupted logit differences (answer minus wrong token),
-whether the corruption flips the preference (opposite signs) and the gap |clean - corrupted| (the denominator of
-recovery). :func:`apply_exclusions` drops probes that fail the rules of the ``analysis:`` section *before* any
-statistic, and says which and why.
+whether the corruption flips the preference (opposite signs) and the magnitude of the denominator of recovery
+(|clean - corrupted|; across models, |source model's run - target model's run|). :func:`apply_exclusions` drops
+probes that fail the rules of the ``analysis:`` section *before* any statistic, and says which and why.
 
 Probes that share a clean prompt (one clean sentence corrupted several ways) are not independent observations: a
 test that counts them as separate subjects overstates n. :func:`clean_prompts` reads the prompts from ``run.json``
@@ -52,7 +52,8 @@ def probe_validity(data: pd.DataFrame, meta: Mapping[str, Any] | None = None,
                    metric: str = "logit_diff") -> pd.DataFrame:
     """One row per probe: ``probe_id``, its labels, ``clean_prompt`` (NA when run.json lacks it),
     ``clean_logit_diff``, ``corrupted_logit_diff`` (the metric on the unpatched runs), ``flips`` (opposite signs:
-    the corruption reverses the preference), ``abs_diff`` (|clean - corrupted|), ``excluded`` / ``reason`` (filled
+    the corruption reverses the preference), ``abs_diff`` (|recovery denominator| of the metric: |clean -
+    corrupted|, across models :func:`denominators`), ``excluded`` / ``reason`` (filled
     by :func:`apply_exclusions`). Without a ``logit_diff`` metric the values are NA (the table still lists probes)."""
     labels = [c for c in (meta or {}).get("group_columns", []) if c in data.columns]
     probes = data.drop_duplicates("probe_id")[["probe_id", *labels]].set_index("probe_id")
@@ -64,11 +65,25 @@ def probe_validity(data: pd.DataFrame, meta: Mapping[str, Any] | None = None,
     out["clean_prompt"] = prompts.to_numpy() if prompts is not None else pd.NA
     c, k = out["clean_logit_diff"].astype(float), out["corrupted_logit_diff"].astype(float)
     out["flips"] = pd.array(np.where(c.notna() & k.notna(), np.sign(c) * np.sign(k) < 0, pd.NA), dtype="boolean")
-    out["abs_diff"] = (c - k).abs()
+    out["abs_diff"] = denominators(rows).reindex(out.index).abs() if len(rows) else (c - k).abs()
     out["excluded"] = False
     out["reason"] = ""
     out = out.reset_index()
     return out[["probe_id", *labels, *VALIDITY_COLUMNS[1:]]]
+
+
+def denominators(rows: pd.DataFrame) -> pd.Series:
+    """Per probe the denominator of its recovery: ``clean - corrupted`` within one model; across models (a
+    ``source_model_clean`` column) the source model's run on the source prompt minus the target model's run on the
+    target prompt (denoising: ``source_model_clean - corrupted``; noising: ``source_model_corrupted - clean``)."""
+    first = rows.groupby("probe_id", observed=True).first()
+    within = first["clean"].astype(float) - first["corrupted"].astype(float)
+    if "source_model_clean" not in first.columns or not first["source_model_clean"].notna().any():
+        return within
+    noising = first["direction"].astype(str).eq("noising") if "direction" in first.columns else False
+    across = np.where(noising, first["source_model_corrupted"].astype(float) - first["clean"].astype(float),
+                      first["source_model_clean"].astype(float) - first["corrupted"].astype(float))
+    return pd.Series(across, index=first.index).where(first["source_model_clean"].notna(), within)
 
 
 def apply_exclusions(
@@ -91,13 +106,14 @@ def apply_exclusions(
     reasons: list[list[str]] = [[] for _ in range(len(validity))]
     c = validity["clean_logit_diff"].astype(float).to_numpy()
     k = validity["corrupted_logit_diff"].astype(float).to_numpy()
+    d = validity["abs_diff"].astype(float).to_numpy()
     for i in range(len(validity)):
         if min_clean_logit_diff is not None and not c[i] >= min_clean_logit_diff:
             reasons[i].append(f"clean logit difference {c[i]:.3g} < {min_clean_logit_diff:g}")
         if require_flip and not bool(validity["flips"].fillna(False).iloc[i]):
             reasons[i].append(f"corruption does not flip the preference (clean {c[i]:.3g}, corrupted {k[i]:.3g})")
-        if min_abs_diff is not None and not abs(c[i] - k[i]) >= min_abs_diff:
-            reasons[i].append(f"|clean - corrupted| {abs(c[i] - k[i]):.3g} < {min_abs_diff:g}")
+        if min_abs_diff is not None and not d[i] >= min_abs_diff:
+            reasons[i].append(f"|recovery denominator| {d[i]:.3g} < {min_abs_diff:g}")
     validity["reason"] = ["; ".join(r) for r in reasons]
     validity["excluded"] = validity["reason"] != ""
     dropped = set(validity.loc[validity["excluded"], "probe_id"])

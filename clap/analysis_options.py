@@ -22,8 +22,14 @@ every table (the ``reduction`` column) and in the Methods text:
 exclusion rules
     ``min_clean_logit_diff`` (the model must prefer the answer in the clean run by at least this margin),
     ``require_flip`` (the corruption must flip the preference: clean and corrupted logit differences of opposite
-    sign), ``min_abs_diff`` (|clean - corrupted| of the logit difference at least this). Applied to probes before
+    sign), ``min_abs_diff`` (the recovery's denominator at least this in magnitude: |clean - corrupted| of the logit
+    difference; across models |source model's run - target model's run|). Applied to probes before
     any statistic; the excluded probes are listed with the rule that excluded them.
+``group``
+    the probe label whose values are the groups of the between-group tests (mixed ANOVA, Welch tests, per-group
+    intervals). Default: ``knowledge_type`` when the probes carry it, else the first label that can group them,
+    never a provenance field such as ``pmids`` or ``bioasq_id`` (:mod:`clap.groups`). ``clap analyze``, ``report``,
+    ``compare`` and ``run`` take ``--group`` for the same field.
 ``interval``
     confidence intervals of means: ``t`` (default; holds its coverage at study sizes), ``bca`` or ``percentile``
     (bootstrap; the percentile interval covers only 83-87 % of a nominal 95 % at 6 probes).
@@ -55,6 +61,7 @@ class AnalysisOptions(BaseModel):
     head_reduction: Literal["sum", "each"] = "sum"
     subject_field: str = "subject"
     subject: Literal["probe", "clean_prompt"] = "probe"
+    group: str | None = Field(default=None, min_length=1)
     min_clean_logit_diff: float | None = None
     require_flip: bool = False
     min_abs_diff: float | None = Field(default=None, ge=0)

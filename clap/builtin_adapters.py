@@ -43,23 +43,24 @@ def builtin_adapter_dir(name: str) -> Path:
 
 
 def _fingerprint(adapter: Path, base_location: str) -> str:
-    """The adapter's bytes and the base model's identity: the name of its folder when that folder is a conversion
-    in clap's cache (named by the content of its GGUF, :func:`clap.models.gguf_cache_dir`), else its location.
+    """The adapter's bytes and the base model's identity: the name of its folder when that folder is a GGUF
+    conversion made by clap (it holds ``clap-source.json``; the name carries the GGUF's content digest,
+    :func:`clap.models.gguf_cache_dir`), else its location.
 
-    Why not the full path of a cached base: it holds the cache root, so two callers with different ``CLAP_CACHE``
-    or home folders would merge the same adapter into the same weights twice."""
-    from clap.models import cache_root
-
+    Why not the full path of a converted base: it holds the cache root, so two callers with different
+    ``CLAP_CACHE`` or home folders would merge the same adapter into the same weights twice."""
     base = Path(base_location)
-    cached = base.parent == cache_root() / "gguf"
-    digest = hashlib.sha256((f"gguf:{base.name}" if cached else base_location).encode())
+    converted = (base / "clap-source.json").is_file()
+    digest = hashlib.sha256((f"gguf:{base.name}" if converted else base_location).encode())
     for name in ADAPTER_FILES:
         digest.update((adapter / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def merge_builtin_adapter(name: str, cache_dir: Path | None = None) -> Path:
-    """Directory of built-in ``name`` with its adapter merged into the base weights (made once, then cached).
+def merge_builtin_adapter(name: str, base_location: str, cache_dir: Path) -> Path:
+    """Directory of built-in ``name`` with its adapter merged into the base weights (made once, then cached under
+    ``cache_dir``). ``base_location`` is the resolved folder of its base model (:func:`clap.models.resolve_source`
+    resolves it and calls this: the dependency runs one way).
 
     Merged under a file lock (a second process waits, then finds the published folder) into a per-process
     temporary folder renamed when complete, so an interrupted merge is never mistaken for a finished one and two
@@ -67,12 +68,9 @@ def merge_builtin_adapter(name: str, cache_dir: Path | None = None) -> Path:
     by the next one (it holds the lock).
     """
     from clap.locks import exclusive_lock
-    from clap.models import cache_root, resolve_source
 
-    base_name, _ = BUILTIN_ADAPTERS[name]
     adapter = builtin_adapter_dir(name)
-    base_location, _ = resolve_source(base_name)
-    root = cache_dir or cache_root() / "merged"
+    root = Path(cache_dir)
     target = root / f"{name}-{_fingerprint(adapter, base_location)}"
     if (target / "config.json").is_file():
         return target

@@ -88,6 +88,8 @@ if TYPE_CHECKING:  # pandas is imported where a frame is read, so the command li
 RESULTS_FILE = "results.parquet"
 SIDECAR_FILE = "run.json"
 SAMPLES_FILE = "samples.parquet"
+#: beside an additivity run's results: which layers each joint cell patched, per probe (interventions.derived)
+DESIGN_FILE = "design.csv"
 
 #: Site kinds in forward-execution order; ``module`` is any raw module address.
 SITE_KINDS: tuple[str, ...] = (
@@ -142,11 +144,28 @@ _KIND_WORDS = {"str": "text", "Int64": "integers or missing values", "float": "n
 
 
 # --------------------------------------------------------------------------------------------- atomic files
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (``/proc/self/status``, Linux);
+    elsewhere set and restored at once (``os.umask`` has no read-only form)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place.
 
     Why: a reader (or a crash) never sees half a file; the rename is atomic on one file system, and the
-    temporary is removed when ``write`` fails.
+    temporary is removed when ``write`` fails. The file gets the permissions of a plain ``open()`` under the
+    process's umask (0644 under umask 022, 0664 under 002), not the 0600 of the temporary name, so reports can be
+    shared from a group folder or served.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +174,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600: give the file the mode open() would
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from clap.builtin_adapters import BUILTIN_ADAPTERS, merge_builtin_adapter
+from clap.contract import current_umask
 from clap.errors import ClapError
 from clap.locks import exclusive_lock
 
@@ -72,38 +74,23 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
-#: In-process memo of GGUF content keys: (path, size, mtime_ns, ctime_ns, inode) -> key. ``ctime`` changes on
-#: every write and cannot be set back (``touch -r``, ``cp -p`` and ``rsync -a`` leave a new one), so an edited file
-#: is hashed again; the memo lives only as long as the process.
-_GGUF_KEYS: dict[tuple, str] = {}
-
-
-def gguf_cache_key(path: Path) -> str:
-    """The conversion cache's key of a GGUF file: a digest of its bytes (16 hex digits).
-
-    Why the bytes and not the path: the same file reached through another install (a second virtual environment, a
-    copy, a symlink) or with another mtime (a reinstall) must find the one conversion already made; the tests and
-    the command line therefore share one cache folder per GGUF whoever calls (~0.5 GB each)."""
-    path = Path(path)
-    stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-    if memo not in _GGUF_KEYS:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        _GGUF_KEYS[memo] = digest.hexdigest()[:16]
-    return _GGUF_KEYS[memo]
+def _fingerprint(path: Path) -> str:
+    """The conversion cache's key of a GGUF file: its content digest (:func:`_file_digest`, hashed once per
+    :func:`stat_key`), so an edit that keeps size and mtime is a new conversion and a copy elsewhere reuses one."""
+    return _file_digest(path)[:16]
 
 
 def gguf_cache_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Where :func:`convert_gguf` puts (or finds) the conversion of ``gguf_path``: ``<cache>/gguf/<stem>-<key>``.
 
-    The key decides: a finished conversion of the same bytes under another file name is the one returned (the
-    stem is only there for people reading the cache folder)."""
+    The key (:func:`_fingerprint`, the content digest) decides, not the path: the same file reached through another
+    install (a second virtual environment, a copy, a symlink, a reinstall with a new mtime) finds the one
+    conversion already made, so the tests and the command line share one cache folder per GGUF (~0.5 GB each); a
+    finished conversion of the same bytes under another file name is the one returned (the stem is only there for
+    people reading the cache folder)."""
     gguf_path = Path(gguf_path)
     root = cache_dir or cache_root() / "gguf"
-    key = gguf_cache_key(gguf_path)
+    key = _fingerprint(gguf_path)
     done = sorted(p for p in root.glob(f"*-{key}") if (p / "config.json").is_file()) if root.is_dir() else []
     return done[0] if done else root / f"{gguf_path.resolve().stem}-{key}"
 
@@ -148,6 +135,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
             shutil.rmtree(orphan, ignore_errors=True)
         log.info("converting %s to safetensors in %s (once; later loads take ~1 s)", gguf_path.name, target)
         temporary = Path(tempfile.mkdtemp(dir=root, prefix=f"{target.name}.tmp-"))
+        os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp makes 0700: the folder of a plain mkdir instead
         try:
             _convert_into(gguf_path, temporary)
             (temporary / "clap-source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
@@ -191,14 +179,20 @@ def _resolve_hub_id(repo_id: str, revision: str | None) -> str:
     return repo_id
 
 
+def merged_builtin_adapter(name: str) -> Path:
+    """The folder of built-in fine-tuned model ``name``: its base model resolved, the shipped adapter merged into it
+    once and cached under the cache root (:func:`clap.builtin_adapters.merge_builtin_adapter`)."""
+    base_name, _ = BUILTIN_ADAPTERS[name]
+    base_location, _ = resolve_source(base_name)
+    return merge_builtin_adapter(name, base_location, cache_root() / "merged")
+
+
 def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> tuple[str, str | None]:
     """Turn a user-facing model source into (directory or hub id, gguf file name or None)."""
     if source in BUILTIN_GGUF:
         return str(convert_gguf(builtin_gguf_path(source))), None
-    from clap.builtin_adapters import BUILTIN_ADAPTERS, merge_builtin_adapter
-
     if source in BUILTIN_ADAPTERS:  # a built-in base + a shipped LoRA adapter, merged once and cached
-        return str(merge_builtin_adapter(source)), None
+        return str(merged_builtin_adapter(source)), None
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         return str(convert_gguf(path)), None
@@ -296,17 +290,26 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, identity: dict[str, Any] | N
     return LoadedModel(nn=nn_model, hf=hf_model, tokenizer=tokenizer, identity=ident)
 
 
-def _file_digest(path: Path) -> str:
-    """blake2b of a file's bytes, cached in ``$CLAP_CACHE/fingerprints.json`` by (path, size, mtime_ns): a model
-    directory is hashed in full once, and a rerun only stats its files."""
+def stat_key(path: Path) -> str:
+    """What identifies a file's bytes without reading them: path, size, mtime, inode and change time (ns).
+
+    Why the inode and the change time: ``cp -p``, ``rsync -a`` and ``touch -r`` give edited bytes the old size and
+    mtime, but none of them can set the change time (the kernel stamps it on every write, rename or chmod), and a
+    replaced file has a new inode. A key that only changes too often costs a re-hash, never a wrong answer."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
+
+
+def _file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, cached in ``$CLAP_CACHE/fingerprints.json`` by :func:`stat_key`: a model
+    directory is hashed in full once, and a rerun only stats its files."""
+    key = stat_key(path)
     store = cache_root() / "fingerprints.json"
     try:
         known = json.loads(store.read_text())
     except (OSError, ValueError):
         known = {}
-    if not isinstance(known, dict):  # a cache only: anything else in its place (`[]`) is rebuilt
+    if not isinstance(known, dict):  # not a cache this code wrote: start it again
         known = {}
     if key in known:
         return known[key]

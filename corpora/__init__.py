@@ -16,7 +16,8 @@ Modules, one job each:
 - ``hub``           Hugging Face datasets (``nubahador/Retrieved_Data_from_PubMed`` or save_to_disk folders)
 - ``readers``       one ordered stream of records/deletions over all inputs; ``--skip-bad`` handling
 - ``eutils``        esearch/efetch client: NCBI rate limits, tool/email/api_key, retries with backoff, timeout
-- ``redaction``     the API key masked in every body received, error, log record and file written
+- ``redaction``     the API key masked in every body received (any escape mixture; UTF-8 or UTF-16), again in
+                    every value parsed from it, and in every error, log record and file written
 - ``store``         append-only JSONL store keyed by PMID with an atomic checkpoint
 - ``fetch``         query -> store, batch by batch, resumable
 - ``filtering``     named, case-insensitive term regexes over title + abstract

@@ -197,7 +197,7 @@ class EutilsClient:
             if response.status_code != 200:
                 raise EutilsError(f"{url}: HTTP {response.status_code} ({body[:200]!r}); not retrying")
             try:
-                return parse(body)
+                return self.redact.value(parse(body))  # again after decoding: the parser resolves escapes
             except _BadBody as exc:
                 last = f"unusable response body: {exc}"
                 log.info("%s attempt %d: %s", endpoint, attempt + 1, last)

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from clap.contract import atomic_write_text
 from corpora.errors import CorpusError, CorpusInputError, ProblemLog
 from corpora.records import PubmedRecord
 
@@ -157,9 +158,7 @@ class RecordStore:
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Write the checkpoint atomically (temp file + rename) so a crash leaves the old or the new one."""
-        tmp = self.state_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.state_path)
+        atomic_write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True))
 
     # -- exclusive writer --------------------------------------------------------------------------------------
 

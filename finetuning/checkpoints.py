@@ -3,9 +3,13 @@
 Why not ``transformers.trainer_utils.get_last_checkpoint``: it returns the highest-numbered ``checkpoint-N`` folder
 whatever it holds. A run killed while the Trainer was writing a checkpoint leaves that folder empty or half written,
 and every rerun then fails on it (or, with a truncated weights file, on a torch/safetensors error far from the
-cause). The checks here are cheap (headers and zip directories, no tensor data is read) and mirror what
-``Trainer.train(resume_from_checkpoint=...)`` loads: the trainer state, the model or adapter weights, and the
-optimizer and scheduler state.
+cause). The checks mirror what ``Trainer.train(resume_from_checkpoint=...)`` loads: the trainer state, the model
+or adapter weights, and the optimizer and scheduler state must be there; and every file of the folder that a resume
+may read must be whole: each JSON file parses (``config.json``, ``adapter_config.json``, ...), each torch file
+(``rng_state.pth``, ``optimizer.pt``, ``scaler.pt``, ...) is a zip archive whose every member passes its CRC, each
+safetensors file has a readable header covering its size. A folder failing any of them is passed over (and moved
+aside) like a half-written one, so a rerun resumes from the previous complete checkpoint instead of failing on
+every rerun.
 """
 
 from __future__ import annotations
@@ -51,13 +55,25 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def _torch_file_problem(path: Path) -> str | None:
-    """``torch.save`` writes a zip archive whose directory is at the end: a truncated file has none."""
+    """``torch.save`` writes a zip archive whose directory is at the end: a truncated file has none, and a member
+    whose bytes were damaged fails its CRC."""
     try:
         with zipfile.ZipFile(path) as archive:
             if not archive.namelist():
                 return f"{path.name} is empty"
-    except (zipfile.BadZipFile, OSError):
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return f"{path.name} is truncated or not a torch file"
+    if damaged is not None:
+        return f"{path.name} is damaged ({damaged} fails its checksum)"
+    return None
+
+
+def _json_problem(path: Path) -> str | None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        return f"{path.name} is unreadable ({str(exc).splitlines()[0][:80]})"
     return None
 
 
@@ -70,6 +86,21 @@ def _file_problem(path: Path) -> str | None:
         return _safetensors_problem(path)
     if path.suffix in (".pt", ".bin", ".pth"):
         return _torch_file_problem(path)
+    if path.suffix == ".json":
+        return _json_problem(path)
+    return None
+
+
+def _any_file_problem(folder: Path, checked: set[str]) -> str | None:
+    """The first file of ``folder`` (any depth, sorted; ``checked`` names skipped) that a resume may read and that
+    is not whole."""
+    for path in sorted(folder.rglob("*")):
+        if path.name in checked and path.parent == folder:
+            continue
+        if path.is_file() and path.suffix in (".json", ".pt", ".bin", ".pth", ".safetensors"):
+            problem = _file_problem(path)
+            if problem:
+                return problem if path.parent == folder else f"{path.relative_to(folder).as_posix()}: {problem}"
     return None
 
 
@@ -102,11 +133,12 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "trainer_state.json is unreadable"
     if step != checkpoint_step(folder):
         return f"trainer_state.json is for step {step}"
+    checked = {"trainer_state.json", *WEIGHT_FILES, "optimizer.pt", "scheduler.pt"}
     for problem in (_weights_problem(folder), _file_problem(folder / "optimizer.pt"),
                     _file_problem(folder / "scheduler.pt")):
         if problem:
             return problem
-    return None
+    return _any_file_problem(folder, checked)
 
 
 def find_resumable(checkpoints: Path) -> tuple[Path | None, list[SkippedCheckpoint]]:

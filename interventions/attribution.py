@@ -68,7 +68,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -78,19 +77,21 @@ from pydantic import TypeAdapter, ValidationError
 from clap.architectures import BY_MODEL_TYPE
 from clap.errors import ClapError
 from clap.models import LoadedModel
+from interventions import execute, kernel
 from interventions.alignment import aligned_pairs, left_pad
 from interventions.alignment import column as padded_column
+from interventions.plan import directions
 from interventions.probes import (
     PositionCell,
     Probe,
     check_alignment,
     check_context,
-    load_probes,
     resolve_positions,
     tokenize_probes,
 )
+from interventions.resolved import ResolvedStudy, load_spec_model, resolve_addresses, spec_probes
 from interventions.results import recovery, to_frame
-from interventions.sites import Site, SiteError, SiteResolver
+from interventions.sites import Site, SiteResolver
 from interventions.spec import OperationSpec, PositionSelector, ProbeSpec, SpecError, StudySpec
 
 #: the metrics attribution patching approximates (the gradient of the logit difference at the last position)
@@ -116,24 +117,6 @@ class _Chunk:
     answer_mask: torch.Tensor
     wrong_index: torch.Tensor
     wrong_mask: torch.Tensor
-
-
-def directions(direction: str) -> tuple[str, str]:
-    """(target prompt, source prompt): denoising patches clean into corrupted, noising corrupted into clean."""
-    if direction not in ("denoising", "noising"):
-        raise AttributionError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    return ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
-
-
-def _token_table(sets: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token sets as a padded index tensor and a 0/1 mask (a mean over a set = masked sum / count)."""
-    width = max(len(s) for s in sets)
-    index = torch.zeros((len(sets), width), dtype=torch.long)
-    mask = torch.zeros((len(sets), width), dtype=torch.float64)
-    for row, ids in enumerate(sets):
-        index[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    return index, mask
 
 
 def operation_label(steps: int) -> str:
@@ -162,8 +145,8 @@ def _build_chunk(probes: Sequence[Probe], members: list[int], target: str, sourc
     input_ids, attention_mask = left_pad(prompts, pad_id)
     answers = [probes[p].answer_ids for p in members] * (2 + extra_rows)
     wrongs = [probes[p].wrong_ids for p in members] * (2 + extra_rows)
-    answer_index, answer_mask = _token_table(answers)
-    wrong_index, wrong_mask = _token_table(wrongs)
+    answer_index, answer_mask = kernel.token_sets(answers)
+    wrong_index, wrong_mask = kernel.token_sets(wrongs)
     return _Chunk(members, input_ids, attention_mask, answer_index, answer_mask, wrong_index, wrong_mask)
 
 
@@ -235,9 +218,9 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
     # stays put, as an exact patch leaves it
     shared = (chunk.attention_mask[:n] * chunk.attention_mask[n:2 * n]).unsqueeze(-1)
     mix = (torch.tensor(alphas).reshape(-1, 1, 1, 1) * shared).to(parameter.dtype).to(device)
-    trace_kwargs = {} if remote is False or remote is None else {"remote": remote}
+    remote_kwargs = execute.trace_kwargs(remote)
     with torch.enable_grad():
-        with nn.trace(**kwargs, **trace_kwargs):
+        with nn.trace(**kwargs, **remote_kwargs):
             embedded = None
             if embed is not None:
                 start = embed.output
@@ -261,10 +244,8 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
                 if not value.requires_grad:  # the embedding itself, with frozen weights
                     value.requires_grad_(True)
                 values.append(value)
-            logits = nn.output.logits[:, -1, :].to(torch.float64)
-            answer = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
-            wrong = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
-            logit_diff = answer - wrong
+            logit_diff = kernel.logit_difference(nn.output.logits[:, -1, :].to(torch.float64), answer_index,
+                                                 answer_mask, wrong_index, wrong_mask)
             # rows never interact, so the gradient of the weighted sum of row metrics is each row's own gradient,
             # weighted (zero for rows of weight 0); summed over a probe's row blocks it is the path's quadrature
             grads = torch.autograd.grad((logit_diff * row_weight).sum(), values, allow_unused=True)
@@ -520,19 +501,14 @@ def spec_groups(spec: StudySpec, resolver: SiteResolver,
     out = []
     for g, location, _op in named:
         addresses, positions, _ = groups[g]
-        sites: dict[str, Site] = {}
-        for i, address in enumerate(addresses):
-            try:
-                expanded = resolver.expand(address)
-            except SiteError as exc:
-                raise SiteError(f"{spec.where(location + (i,))}: {exc}") from None
-            for site in expanded:
-                if embed and site.module == embed and site.access == "input":
-                    raise AttributionError(f"{spec.where(location + (i,))}: operation `attribution` cannot "
-                                           f"differentiate {site.name}: the embedding's input is token ids, which "
-                                           "have no gradient (patch the embedding's output, `embed`, instead)")
-                sites.setdefault(site.name, site)
-        out.append((sorted(sites.values(), key=resolver.order_key), list(positions)))
+        sites = resolve_addresses(spec, resolver, list(addresses), location)
+        for site in sites:
+            if embed and site.module == embed and site.access == "input":
+                i = next(i for i, a in enumerate(addresses) if site in resolver.expand(a))
+                raise AttributionError(f"{spec.where(location + (i,))}: operation `attribution` cannot "
+                                       f"differentiate {site.name}: the embedding's input is token ids, which "
+                                       "have no gradient (patch the embedding's output, `embed`, instead)")
+        out.append((sorted(sites, key=resolver.order_key), list(positions)))
     return out
 
 
@@ -554,10 +530,11 @@ def _group_steps(spec: StudySpec, named: Sequence[tuple[int, tuple, tuple]], def
 
 
 def _attribute_groups(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe],
-                      named: Sequence[tuple[int, tuple, tuple]], default_steps: int = 1) -> pd.DataFrame:
+                      named: Sequence[tuple[int, tuple, tuple]], resolver: SiteResolver,
+                      default_steps: int = 1) -> pd.DataFrame:
     """Every named group estimated, one :func:`attribute` call per distinct ``steps`` (groups sharing it share
     passes)."""
-    groups = spec_groups(spec, SiteResolver(model.hf), named)
+    groups = spec_groups(spec, resolver, named)
     by_steps: dict[int, list] = {}
     for group, steps in zip(groups, _group_steps(spec, named, default_steps), strict=True):
         by_steps.setdefault(steps, []).append(group)
@@ -578,16 +555,17 @@ def rows_per_probe(probes: Sequence[Probe], target: str, source: str, steps: int
     return 2 + len(alphas)
 
 
-def study_rows(spec: StudySpec, model: LoadedModel, probes: Sequence[Probe]) -> pd.DataFrame | None:
+def study_rows(study: ResolvedStudy) -> pd.DataFrame | None:
     """The rows of every cell whose operation is ``attribution`` (None when no group names it), as ``Study`` reports
     them: cells the exact plan would drop (no token left to patch) are dropped, a cell named by two groups with the
     same ``steps`` is reported once, ``window`` is 1 and ``sample`` 0. ``execution.max_rows`` bounds the rows of a
     pass (:func:`rows_per_probe`)."""
+    spec = study.spec
     named = named_groups(spec)
     if not named:
         return None
     check_spec(spec, named)
-    frame = _attribute_groups(spec, model, probes, named)
+    frame = _attribute_groups(spec, study.model, study.probes, named, study.resolver)
     frame = frame[(frame["n_patched_tokens"] > 0) | (frame["positions"] == "none")]
     frame = frame.drop_duplicates(["probe_id", "site", "positions", "position", "operation"]).reset_index(drop=True)
     return frame.assign(window=1, sample=0)
@@ -620,27 +598,8 @@ def attribution_from_spec(spec: StudySpec, model: LoadedModel | None = None, ste
               if all(entry[0] != g for entry in named)]
     check_spec(spec, named)
     if model is None:
-        model = _load(spec)
-    probes = load_probes(spec.probes, model.tokenizer, spec.base_dir)
-    check_alignment(probes, spec.alignment)
-    check_context(probes, model.hf.config)
-    frame = _attribute_groups(spec, model, probes, named, default_steps=steps)
+        model = load_spec_model(spec, spec.model)
+    probes = spec_probes(spec, model.tokenizer, model.hf.config)
+    frame = _attribute_groups(spec, model, probes, named, SiteResolver(model.hf), default_steps=steps)
     # a cell named twice with the same estimate (two groups, or `attribution` twice in one) is reported once
     return frame.drop_duplicates(["probe_id", "site", "positions", "position", "operation"]).reset_index(drop=True)
-
-
-def _load(spec: StudySpec) -> LoadedModel:
-    """The spec's model, a relative path taken from the spec's folder when it exists there (as ``Study`` does)."""
-    from clap.devices import resolve_device
-    from clap.models import BUILTIN_GGUF, load_model
-
-    def located(value: str | None) -> str | None:
-        if not value or value in BUILTIN_GGUF or spec._base_dir is None or Path(value).expanduser().is_absolute():
-            return value
-        candidate = spec._base_dir / value
-        return str(candidate) if candidate.exists() else value
-
-    m = spec.model
-    device = resolve_device(spec.execution.device, where=spec.where(("execution", "device")))
-    return load_model(located(m.source), gguf_file=m.gguf_file, tokenizer=located(m.tokenizer), revision=m.revision,
-                      dtype=spec.execution.dtype, device=device)

@@ -22,6 +22,8 @@ from interventions.plan import Plan
 
 log = logging.getLogger(__name__)
 
+#: the folder of an output folder that holds finished batches, one subfolder per plan fingerprint
+PARTIAL_DIR = ".partial"
 #: in each partial folder: which plan content and weights its batches belong to
 PLAN_FILE = "plan.json"
 
@@ -64,12 +66,22 @@ class BatchStore:
             pass  # other plans' partial batches remain
 
 
+def discard_partial(out: Path) -> bool:
+    """Remove every plan's finished batches in ``out`` (``clap run`` does, before a patch stage whose inputs
+    changed); True when there were any."""
+    root = Path(out) / PARTIAL_DIR
+    if not root.exists():
+        return False
+    shutil.rmtree(root)
+    return True
+
+
 def open_partial_dir(out: Path, plan: Plan) -> Path:
     """``<out>/.partial/<plan fingerprint>/`` (created), saying when other partial batches there are not reused.
 
     Each partial folder records its plan's content key and weights key, so a rerun after the weights changed
     (same spec, different fingerprint) says plainly that it starts afresh instead of silently ignoring them."""
-    root = out / ".partial"
+    root = out / PARTIAL_DIR
     partial = root / plan.fingerprint
     for other in sorted(root.glob("*")) if root.is_dir() else []:
         if other == partial or not other.is_dir():

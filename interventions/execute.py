@@ -1,9 +1,10 @@
 """Run batches as nnsight traces (local, NDIF, or nnsight's local simulation of NDIF).
 
-Each batch is one ``model.trace`` over all its rows. The trace body only uses torch operations on plain tensors
-and the model's envoys, never clap's own functions, so nnsight can ship it to NDIF unchanged (tests run every plan
-with ``remote="local"`` to prove it). Metrics are computed inside the trace from the last position's logits and
-only a ``[rows, n_metrics]`` tensor comes back.
+Each batch is one ``model.trace`` over all its rows. The trace body applies each module access's edits and reduces
+the last position's logits to metrics with :mod:`interventions.kernel`, the one place that defines both; the kernel
+imports only torch and is shipped to NDIF by value, so the body runs there unchanged (tests run every plan with
+``remote="local"``, which hides clap from the deserialised request, to prove it). Only a ``[rows, n_metrics]``
+tensor comes back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
+from interventions import kernel
 from interventions.plan import Batch
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,11 @@ class RemoteError(ClapError):
 
 
 def trace_kwargs(remote: bool | str) -> dict[str, Any]:
-    """nnsight's ``remote`` argument: False, True (NDIF) or "local" (simulation)."""
+    """nnsight's ``remote`` argument: False, True (NDIF) or "local" (simulation). A remote trace ships the edit
+    kernel by value (the server has no clap)."""
     if remote is False or remote is None:
         return {}
+    kernel.register_for_remote()
     return {"remote": remote}
 
 
@@ -66,9 +70,9 @@ def check_remote(remote: bool | str, model_source: str) -> None:
 
 
 def _plain_accesses(model: Any, batch: Batch) -> list[tuple]:
-    """Batch patches as plain tuples ``(envoy, access, n_heads, stages)``, each stage a list of ``(full, heads)``
-    groups, each group a ``(copy, set, add, mix)`` tuple of dicts of tensors: picklable where clap is not installed
-    (NDIF)."""
+    """Batch patches as tuples ``(envoy, access, n_heads, stages)``, each stage a ``(full, heads)`` pair of
+    ``(copy, set, add, mix)`` tuples of :class:`~interventions.kernel.Edits`: what :func:`kernel.edit_access`
+    takes, picklable where clap is not installed (the kernel ships by value)."""
     return [
         (model.get(p.module), p.access, p.n_heads or 0,
          [(full.as_tuple(), heads.as_tuple()) for full, heads in p.stages])
@@ -103,7 +107,7 @@ def metric_dtype_for(device: torch.device) -> torch.dtype:
 
 
 def _moved(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, kernel.Edits)):
         return value.to(device)
     if isinstance(value, dict):
         return {k: _moved(v, device) for k, v in value.items()}
@@ -126,53 +130,13 @@ def run_batch(model: Any, batch: Batch, remote: bool | str = False, unembed_modu
     with torch.no_grad():
         with model.trace(**inputs, **trace_kwargs(remote)):
             for envoy, access, n_heads, stages in accesses:
-                # Patch a copy and hand it back: writing into the live tensor in place would also change every
-                # other reader of it (q/k/v projections share their input; a norm's input is the residual).
-                original = envoy.input if access == "input" else envoy.output
-                value = (original[0] if isinstance(original, tuple) else original).clone()
-                for full, heads in stages:  # baseline interventions, then the cells' own
-                    views = [(value, full)]
-                    if n_heads:
-                        views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
-                    for view, (copy, set_, add, mix) in views:
-                        by_head = view.dim() == 4
-                        if copy:
-                            target = (copy["t_row"], copy["t_col"]) + ((copy["head"],) if by_head else ())
-                            source = (copy["s_row"], copy["s_col"]) + ((copy["head"],) if by_head else ())
-                            view[target] = view[source]
-                        if set_:
-                            target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
-                            view[target] = set_["values"].to(view.dtype)
-                        if add:
-                            target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
-                            view[target] = view[target] + add["values"].to(view.dtype)
-                        if mix:
-                            target = (mix["t_row"], mix["t_col"]) + ((mix["head"],) if by_head else ())
-                            source = (mix["s_row"], mix["s_col"]) + ((mix["head"],) if by_head else ())
-                            alpha = mix["alpha"].to(view.dtype)
-                            # towards given values (another model's activations) or a row of this batch
-                            towards = mix["values"].to(view.dtype) if "values" in mix else view[source]
-                            view[target] = view[target] + alpha * (towards - view[target])
-                patched = (value, *original[1:]) if isinstance(original, tuple) else value
                 if access == "input":
-                    envoy.input = patched
+                    envoy.input = kernel.edit_access(envoy.input, n_heads, stages)
                 else:
-                    envoy.output = patched
-            # metrics in float64: a float32 sum over a 50k-150k vocabulary is off by ~2e-5 relative (3e-4 at a KL
-            # of 16), and the reduction order would make numbers depend on what else shares the batch
-            logits = model.output.logits[:, -1, :].to(metric_dtype)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
-            wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
-            # log P(answer set) by logsumexp over the set: exact where the probability underflows float32
-            answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
-            logprob = torch.logsumexp(answer_logprobs, dim=1)
-            prob = logprob.exp()
-            clean_logprobs = logprobs[clean_row]
-            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
-            metrics = torch.stack(
-                [answer_logit - wrong_logit, answer_logit, prob, logprob, kl], dim=1
-            ).save()
+                    envoy.output = kernel.edit_access(envoy.output, n_heads, stages)
+            metrics, _ = kernel.reduce_metrics(model.output.logits[:, -1, :], answer_index, answer_mask, wrong_index,
+                                               wrong_mask, clean_row=clean_row, dtype=metric_dtype)
+            metrics = metrics.save()
     return metrics.detach().cpu()
 
 

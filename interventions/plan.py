@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
-from interventions import operations
+from interventions import kernel, operations
 from interventions.alignment import aligned_pairs, column, left_pad
+from interventions.kernel import Edits
 from interventions.probes import PositionCell, Probe, resolve_positions
 from interventions.sites import Site
 from interventions.spec import OperationSpec, StudySpec
@@ -75,6 +76,7 @@ class GroupPlan:
     operations: list[OperationSpec]
     stacks: dict[str, tuple[Site, ...]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    probes: frozenset[str] | None = None  #: the probe ids the group's cells are made for (None: every probe)
 
 
 @dataclass
@@ -117,7 +119,8 @@ class Plan:
 
     def _digest(self, with_model: bool) -> str:
         spec = self.spec.to_dict()
-        spec["execution"] = {k: v for k, v in spec["execution"].items() if k not in ("progress", "remote", "strategy")}
+        spec["execution"] = {k: v for k, v in spec["execution"].items()
+                             if k not in ("progress", "remote", "strategy", "max_cells")}
         payload = json.dumps(
             {
                 "spec": spec,
@@ -132,7 +135,9 @@ class Plan:
 
 
 def directions(direction: str) -> tuple[str, str]:
-    """(target prompt, source prompt) for a direction."""
+    """(target prompt, source prompt): denoising patches clean into corrupted, noising corrupted into clean."""
+    if direction not in ("denoising", "noising"):
+        raise PlanError(f"direction must be 'denoising' or 'noising', got {direction!r}")
     return ("corrupted", "clean") if direction == "denoising" else ("clean", "corrupted")
 
 
@@ -151,6 +156,58 @@ def _as_group(group: Any) -> GroupPlan:
     return group if isinstance(group, GroupPlan) else GroupPlan(list(group[0]), list(group[1]), list(group[2]))
 
 
+#: Memory a plan takes per cell while it is compiled and run: the ``Cell`` with its de-duplication key, then its
+#: row of the tidy results and the copies the concatenation of batches makes (traced on a tiny GPT-2 plan with
+#: ``each`` position: about 0.6 KB while compiling and 0.9 KB more while running), rounded up.
+BYTES_PER_CELL = 2048
+
+
+@dataclass(frozen=True)
+class PlanEstimate:
+    """An upper bound on a plan's size from counts alone (no cell is built): cells, result rows, memory."""
+
+    cells: int
+    rows: int  #: forward-pass rows: one per cell plus each probe's clean and corrupted baselines (per noise draw)
+    bytes: int
+
+    def describe(self) -> str:
+        return (f"{self.cells:,} cells ({self.rows:,} forward-pass rows), about {self.bytes / 2**30:,.1f} GB "
+                "of memory for the plan and its results")
+
+
+def estimate_plan(spec: StudySpec, probes: Sequence[Probe], groups: Sequence[Any],
+                  baseline: Sequence[tuple[Sequence[Site], Sequence[Any], OperationSpec]] = ()) -> PlanEstimate:
+    """What :func:`compile_plan` would build, counted instead of built: per probe and group, sites x positions
+    (``each``: one per token of the target prompt; any other selector: one) x operations x noise draws. Cells that
+    compiling would merge or drop are counted, so this is an upper bound."""
+    groups = [_as_group(g) for g in groups]
+    target, _ = directions(spec.direction)
+    baseline_noise = any(op.name == "noise" for _, _, op in baseline) or any(
+        b.operation.name == "noise" for b in spec.baseline or [])
+    target_samples = spec.samples if baseline_noise else 1
+    cells = 0
+    for probe in probes:
+        n_target = len(probe.prompt_ids(target))
+        for group in groups:
+            positions = sum(n_target if sel == "each" else 1 for sel in group.positions)
+            per_site = sum(spec.samples if (baseline_noise or op.name == "noise") else 1 for op in group.operations)
+            cells += len(group.sites) * positions * per_site
+    rows = cells + len(probes) * (1 + target_samples)
+    return PlanEstimate(cells=cells, rows=rows, bytes=cells * BYTES_PER_CELL)
+
+
+def check_plan_size(estimate: PlanEstimate, max_cells: int | None, where: str = "execution.max_cells") -> None:
+    """Refuse a plan larger than ``max_cells`` (None: no limit) before any cell is built, naming the estimate and
+    how to run it anyway: a runaway design (every position x every operation x 100k probes) would otherwise fill
+    the memory for minutes and end in a MemoryError."""
+    if max_cells is None or estimate.cells <= max_cells:
+        return
+    raise PlanError(f"the study would run {estimate.describe()}, more than {where} ({max_cells:,}); narrow it "
+                    f"(fewer probes, sites, positions such as `each`, operations or noise samples), split it into "
+                    f"several studies, or raise the limit: `execution: {{max_cells: {estimate.cells}}}` "
+                    "(null: no limit)")
+
+
 def compile_plan(
     spec: StudySpec,
     probes: Sequence[Probe],
@@ -163,6 +220,7 @@ def compile_plan(
     groups merge. ``groups`` are :class:`GroupPlan` s or (sites, positions, operations) tuples; ``baseline`` the
     resolved baseline interventions (sites, position selectors, operation)."""
     groups = [_as_group(g) for g in groups]
+    check_plan_size(estimate_plan(spec, probes, groups, baseline), spec.execution.max_cells)
     target, source = directions(spec.direction)
     needs_resample = any(op.name == "resample" for g in groups for op in g.operations)
     resample = resample_sources(len(probes), spec.seed) if needs_resample else None
@@ -180,6 +238,8 @@ def compile_plan(
             edits.append(BaselineEdit(tuple(sites), tuple(indices), op))
         plan_baseline[p_index] = edits
         for group in groups:
+            if group.probes is not None and probe.id not in group.probes:
+                continue
             position_cells = [pc for sel in group.positions
                               for pc in resolve_positions(sel, probe, target, source, tokenizer)]
             for site in group.sites:
@@ -241,22 +301,18 @@ def _cell(index, p_index, probe, probes, site, pc, op, resample, spec, target, s
 
 @dataclass
 class PatchGroups:
-    """Index tensors of the patches of one shape at one module access.
+    """The edits of one shape (whole width or per head) at one module access, one :class:`~interventions.kernel.Edits`
+    per mode or None (:mod:`interventions.kernel` says what each mode does)."""
 
-    ``copy``: ``x[t_row, t_col(, head)] = x[s_row, s_col(, head)]``; ``set``: ``x[t_row, t_col(, head)] = values``;
-    ``add``: ``x[t_row, t_col(, head)] += values``; ``mix``: ``x[t] += alpha * (x[s] - x[t])``, or
-    ``x[t] += alpha * (values - x[t])`` when it holds ``values`` (cross-model). Each is empty or a dict of tensors.
-    """
-
-    copy: dict[str, torch.Tensor] = field(default_factory=dict)
-    set: dict[str, torch.Tensor] = field(default_factory=dict)
-    add: dict[str, torch.Tensor] = field(default_factory=dict)
-    mix: dict[str, torch.Tensor] = field(default_factory=dict)
+    copy: Edits | None = None
+    set: Edits | None = None
+    add: Edits | None = None
+    mix: Edits | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.copy or self.set or self.add or self.mix)
+        return any(e is not None for e in self.as_tuple())
 
-    def as_tuple(self) -> tuple[dict, dict, dict, dict]:
+    def as_tuple(self) -> tuple[Edits | None, Edits | None, Edits | None, Edits | None]:
         return (self.copy, self.set, self.add, self.mix)
 
 
@@ -340,16 +396,6 @@ def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
     return chunks
 
 
-def _pad_sets(sets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(s) for s in sets))
-    index = torch.zeros((len(sets), width), dtype=torch.long)
-    mask = torch.zeros((len(sets), width), dtype=torch.float32)
-    for row, s in enumerate(sets):
-        index[row, : len(s)] = torch.tensor(s, dtype=torch.long) if s else index[row, :0]
-        mask[row, : len(s)] = 1.0
-    return index, mask
-
-
 def build_batch(
     plan: Plan,
     cells: Sequence[Cell],
@@ -385,8 +431,8 @@ def build_batch(
 
     row_probe = rows.row_probe
     clean_row = torch.tensor([rows.baseline_row[(p, "clean", 0)] for p in row_probe], dtype=torch.long)
-    answer_index, answer_mask = _pad_sets([plan.probes[p].answer_ids for p in row_probe])
-    wrong_index, wrong_mask = _pad_sets([plan.probes[p].wrong_ids for p in row_probe])
+    answer_index, answer_mask = kernel.token_sets([plan.probes[p].answer_ids for p in row_probe])
+    wrong_index, wrong_mask = kernel.token_sets([plan.probes[p].wrong_ids for p in row_probe])
     return Batch(
         index=index,
         input_ids=input_ids,
@@ -511,20 +557,22 @@ def _access_list(plan: Plan, accesses: dict[tuple[str, str], dict[str, Any]]) ->
 
 def _patch_groups(entry: dict[str, list]) -> PatchGroups:
     groups = PatchGroups()
-    if entry["copy"]:
-        t = torch.tensor([e[:5] for e in entry["copy"]], dtype=torch.long)
-        groups.copy = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4]}
-    if entry["mix"]:
-        t = torch.tensor([e[:5] for e in entry["mix"]], dtype=torch.long)
-        groups.mix = {"t_row": t[:, 0], "t_col": t[:, 1], "s_row": t[:, 2], "s_col": t[:, 3], "head": t[:, 4],
-                      "alpha": torch.tensor([e[5] for e in entry["mix"]], dtype=torch.float64)[:, None]}
-        if len(entry["mix"][0]) > 6:  # towards given values (another model's activations), not a batch row
-            groups.mix["values"] = torch.stack([e[6] for e in entry["mix"]])
+    for mode in ("copy", "mix"):
+        items = entry[mode]
+        if not items:
+            continue
+        t = torch.tensor([e[:5] for e in items], dtype=torch.long)
+        extra: dict[str, torch.Tensor] = {}
+        if mode == "mix":
+            extra["alpha"] = torch.tensor([e[5] for e in items], dtype=torch.float64)[:, None]
+            if len(items[0]) > 6:  # towards given values (another model's activations), not a batch row
+                extra["values"] = torch.stack([e[6] for e in items])
+        setattr(groups, mode, Edits(t_row=t[:, 0], t_col=t[:, 1], s_row=t[:, 2], s_col=t[:, 3], head=t[:, 4], **extra))
     for mode in ("set", "add"):
         if entry[mode]:
             t = torch.tensor([e[:3] for e in entry[mode]], dtype=torch.long)
             values = torch.stack([e[3] for e in entry[mode]])
-            getattr(groups, mode).update({"t_row": t[:, 0], "t_col": t[:, 1], "head": t[:, 2], "values": values})
+            setattr(groups, mode, Edits(t_row=t[:, 0], t_col=t[:, 1], head=t[:, 2], values=values))
     return groups
 
 

@@ -152,7 +152,7 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any) ->
 
 def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
                       batch_size: int = 64) -> torch.Tensor:
-    """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (float32)."""
+    """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (in the model's dtype)."""
     import torch
 
     from interventions.alignment import left_pad
@@ -169,13 +169,20 @@ def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]
                 attention_mask=attention_mask.to(device),
                 position_ids=position_ids.to(device),
             ).logits
-        out.append(logits[:, -1, :].float().cpu())
+        out.append(logits[:, -1, :].cpu())
     return torch.cat(out)
 
 
 def logit_diffs(logits: torch.Tensor, answer_ids: Sequence[int], wrong_ids: Sequence[int]) -> torch.Tensor:
-    """mean over the answer set minus mean over the wrong set, per row."""
-    return logits[:, list(answer_ids)].mean(-1) - logits[:, list(wrong_ids)].mean(-1)
+    """Mean over the answer set minus mean over the wrong set, per row, reduced in float64 by the edit kernel (the
+    same reduction as patching's ``logit_diff``)."""
+    import torch
+
+    from interventions import kernel
+
+    answer_index, answer_mask = kernel.token_sets([answer_ids] * len(logits))
+    wrong_index, wrong_mask = kernel.token_sets([wrong_ids] * len(logits))
+    return kernel.logit_difference(logits.to(torch.float64), answer_index, answer_mask, wrong_index, wrong_mask)
 
 
 def behavioural_checks(checks: Sequence[ProbeCheck], hf_model: torch.nn.Module, tokenizer: Any,

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from interventions import kernel
 from interventions.plan import Batch
 
 Key = tuple[str, str]
@@ -191,78 +192,36 @@ def column_groups(starts: dict[int, tuple[int, int]], width: int, n_layers: int,
 
 
 # -- one pass ------------------------------------------------------------------------------------------------------
-def apply_stages(value: torch.Tensor, n_heads: int, stages: Sequence[tuple]) -> torch.Tensor:
-    """The edits of one access on a copy of ``value``, in the arithmetic of the trace bodies (copy/mix sources are
-    given as values here: the source rows are not in a suffix pass)."""
-    value = value.clone()
-    for full, heads in stages:
-        views = [(value, full)]
-        if n_heads:
-            views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
-        for view, (copied, set_, add, mixed) in views:
-            by_head = view.dim() == 4
-            if copied:
-                target = (copied["t_row"], copied["t_col"]) + ((copied["head"],) if by_head else ())
-                view[target] = copied["values"].to(view.dtype)
-            if set_:
-                target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
-                view[target] = set_["values"].to(view.dtype)
-            if add:
-                target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
-                view[target] = view[target] + add["values"].to(view.dtype)
-            if mixed:
-                target = (mixed["t_row"], mixed["t_col"]) + ((mixed["head"],) if by_head else ())
-                alpha = mixed["alpha"].to(view.dtype)
-                view[target] = view[target] + alpha * (mixed["values"].to(view.dtype) - view[target])
-    return value
-
-
 def _rows_below(stages: Sequence[tuple], limit: int) -> list[tuple]:
     """Only the edits of pass rows ``< limit`` (the rows already in the pass at that block): a later row's
     baseline edits at this access are in the state it joins with."""
     out = []
     for shapes in stages:
-        kept_shapes = []
-        for groups in shapes:
-            kept = []
-            for entry in groups:
-                if entry:
-                    keep = entry["t_row"] < limit
-                    entry = {k: v[keep] for k, v in entry.items()} if not bool(keep.all()) else entry
-                    entry = entry if len(entry["t_row"]) else {}
-                kept.append(entry)
-            kept_shapes.append(tuple(kept))
-        if any(any(g) for g in kept_shapes):
-            out.append(tuple(kept_shapes))
+        kept_shapes = tuple(tuple(None if entry is None else entry.select(entry.t_row < limit) for entry in groups)
+                            for groups in shapes)
+        if any(entry is not None for groups in kept_shapes for entry in groups):
+            out.append(kept_shapes)
     return out
+
+
+def _edited(value: torch.Tensor, n_heads: int, stages: list[tuple]) -> torch.Tensor:
+    return kernel.apply_edits(value.clone(), n_heads, stages)
 
 
 def _hook(module: torch.nn.Module, access: str, n_heads: int, stages: list[tuple]) -> Any:
     if access == "input":
         def pre(_m: Any, args: tuple, kwargs: dict) -> tuple:
             if args:  # nnsight's `.input`: the first positional argument, else the first keyword argument
-                return (apply_stages(args[0], n_heads, stages), *args[1:]), kwargs
+                return (_edited(args[0], n_heads, stages), *args[1:]), kwargs
             first = next(iter(kwargs))
-            return args, {**kwargs, first: apply_stages(kwargs[first], n_heads, stages)}
+            return args, {**kwargs, first: _edited(kwargs[first], n_heads, stages)}
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(_m: Any, _args: Any, output: Any) -> Any:
         if isinstance(output, tuple):
-            return (apply_stages(output[0], n_heads, stages), *output[1:])
-        return apply_stages(output, n_heads, stages)
+            return (_edited(output[0], n_heads, stages), *output[1:])
+        return _edited(output, n_heads, stages)
     return module.register_forward_hook(post)
-
-
-def metrics_of(logits: torch.Tensor, answer_index: torch.Tensor, answer_mask: torch.Tensor,
-               wrong_index: torch.Tensor, wrong_mask: torch.Tensor, clean_logprobs: torch.Tensor) -> torch.Tensor:
-    """``[rows, 5]`` metrics from last-position logits, as the trace bodies compute them (in the logits' dtype)."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
-    wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
-    answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
-    logprob = torch.logsumexp(answer_logprobs, dim=1)
-    kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
-    return torch.stack([answer_logit - wrong_logit, answer_logit, logprob.exp(), logprob, kl], dim=1)
 
 
 @dataclass
@@ -316,7 +275,7 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
                 joining = base["boundary"][layout.n_layers][targets[hidden.shape[0]:], col:]
                 hidden = torch.cat([hidden, joining]) if hidden.shape[0] else joining
             normed = hf.get_submodule(arch.final_norm)(hidden)
-            logits = hf.get_submodule(arch.unembed)(normed[:, -1, :]).to(metric_dtype)
+            logits = hf.get_submodule(arch.unembed)(normed[:, -1, :])
     finally:
         for handle in handles:
             handle.remove()
@@ -324,7 +283,9 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
     answer_index, answer_mask, wrong_index, wrong_mask = (t[index].to(device) for t in (
         batch.answer_index, batch.answer_mask, batch.wrong_index, batch.wrong_mask))
     clean_logprobs = base["logprobs"][base_index[batch.clean_row[index]].to(base["logprobs"].device)].to(device)
-    return metrics_of(logits, answer_index, answer_mask, wrong_index, wrong_mask, clean_logprobs).cpu()
+    metrics, _ = kernel.reduce_metrics(logits, answer_index, answer_mask, wrong_index, wrong_mask,
+                                       clean_logprobs=clean_logprobs, dtype=metric_dtype)
+    return metrics.cpu()
 
 
 def _on(stages: list[tuple], device: torch.device) -> list[tuple]:

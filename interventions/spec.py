@@ -15,12 +15,14 @@ from pydantic import (
     BaseModel,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from clap.analysis_options import AnalysisOptions
 from clap.errors import ClapError
+from clap.names import name_problem
 from clap.validation import StrictModel
 from clap.validation import format_validation_error as _format_validation_error
 from clap.yamlio import line_of, load_yaml
@@ -54,6 +56,15 @@ class ProbeSpec(StrictModel):
     answer: AnswerTokens  #: the clean answer: a token string, a token id, or a set of them
     wrong: AnswerTokens | None = None  #: the answer the corrupted prompt elicits (for logit difference)
     labels: dict[str, str] = Field(default_factory=dict)  #: grouping labels, e.g. knowledge_type
+
+    @field_validator("id")
+    @classmethod
+    def _file_safe_id(cls, value: str | None) -> str | None:
+        """An id names files (``trace_<id>.png``): no path separators, ``..`` or control characters."""
+        problem = name_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(f"probe id {value!r} {problem}")
+        return value
 
     @field_validator("clean", "corrupted")
     @classmethod
@@ -216,6 +227,9 @@ class ExecutionSpec(StrictModel):
     #: (interventions/executor.py says why)
     strategy: Literal["auto", "full", "suffix"] = "auto"
     progress: bool = True
+    #: the largest plan (patched cells, counted before any is built) a study runs; larger ones are refused with
+    #: the estimate of cells, rows and memory. null: no limit
+    max_cells: int | None = Field(default=5_000_000, ge=1)
 
     @model_validator(mode="after")
     def _strategy_fits_remote(self) -> ExecutionSpec:
@@ -237,11 +251,20 @@ class PatchGroup(StrictModel):
     window: int = Field(default=1, ge=1)
     #: all the group's sites applied together in one row (one cell per position and operation), in forward order
     combine: bool = False
+    #: one cell per layer L that patches the same component at layers 0..L (``bottom``) or L..n_layers-1 (``top``)
+    #: together, same tokens; ``site`` is the stack's address ``layers[a:b].<kind>``, ``layer`` L. Attention and MLP
+    #: outputs only: a residual-stream state at the patched tokens already holds every earlier layer's contribution
+    #: there, so a stack of them equals its last layer's patch alone (exactly, at the last token or at every token)
+    cumulative: Literal["bottom", "top"] | None = None
+    #: make the group's cells for these probe ids only (per-probe site sets, e.g. each probe's own top layers)
+    probes: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _window_or_combine(self) -> PatchGroup:
         if self.window > 1 and self.combine:
             raise ValueError("`window` and `combine` exclude each other: a window already stacks its layers")
+        if self.cumulative is not None and (self.window > 1 or self.combine):
+            raise ValueError("`cumulative` excludes `window` and `combine`: it already stacks its layers")
         return self
 
     _operation_shorthand = field_validator("operations", mode="before")(expand_operation_names)
@@ -342,6 +365,27 @@ class StudySpec(StrictModel):
 
     _operation_shorthand = field_validator("operations", mode="before")(expand_operation_names)
 
+    @field_validator("name")
+    @classmethod
+    def _file_safe_name(cls, value: str) -> str:
+        """The name names the default output folder of ``clap run`` (``<name>-output``)."""
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(f"study name {value!r} {problem}")
+        return value
+
+    @field_validator("trace")
+    @classmethod
+    def _trace_reads_prob(cls, value: TraceSpec | None, info: ValidationInfo) -> TraceSpec | None:
+        """A trace's table and heatmaps are the indirect effect on p(answer): refuse before anything runs rather
+        than after the whole run, when the figures are drawn."""
+        metrics = info.data.get("metrics")
+        if value is not None and metrics is not None and "prob" not in metrics:
+            raise ValueError(f"a causal trace measures the indirect effect on p(answer), the metric `prob`, but "
+                             f"`metrics:` lists {', '.join(metrics)}; add it (metrics: [prob, "
+                             f"{', '.join(metrics)}]) or leave `metrics:` out (a trace then measures prob)")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _expand_trace(cls, data: Any) -> Any:
@@ -356,7 +400,8 @@ class StudySpec(StrictModel):
 
         if not self.sites and not self.patches:
             raise ValueError("name the sites to patch: `sites: [...]` and/or `patches: [{sites: [...]}, ...]`")
-        copies = [op.name for op in self.all_operations() if REGISTRY[op.name].copies_source]
+        # `resample` reads another probe's run, so it ablates even when both runs are the clean prompt
+        copies = [op.name for op in self.all_operations() if REGISTRY[op.name].copies_source and op.name != "resample"]
         if self.source_model is not None:
             self._check_cross_model()
         elif self.corrupted_prompt == "clean" and not self.baseline and copies:
@@ -369,6 +414,13 @@ class StudySpec(StrictModel):
         if self.samples > 1 and not noisy:
             raise ValueError("`samples` draws noise several times; the study has no `noise` operation")
         return self
+
+    @property
+    def ablates_clean_run(self) -> bool:
+        """Both runs are the clean prompt and nothing corrupts them (``corrupted_prompt: clean``, no baseline
+        intervention, one model): the cells ablate the clean run (``zero``, ``mean``, ``resample``), their ``effect``
+        is the change in the clean metric, and recovery is undefined by design."""
+        return self.corrupted_prompt == "clean" and not self.baseline and self.source_model is None
 
     def _check_cross_model(self) -> None:
         """A source model only means something for operations that read the source run; noise baselines would
@@ -402,6 +454,11 @@ class StudySpec(StrictModel):
         """(window, combine) per patch group, in ``groups()`` order."""
         out = [(1, False)] if self.sites else []
         return out + [(g.window, g.combine) for g in self.patches or []]
+
+    def group_stacks(self) -> list[tuple[str | None, list[str] | None]]:
+        """(cumulative, probes) per patch group, in ``groups()`` order (the top-level ``sites`` have neither)."""
+        out: list[tuple[str | None, list[str] | None]] = [(None, None)] if self.sites else []
+        return out + [(g.cumulative, g.probes) for g in self.patches or []]
 
     #: how an error names this kind of file (subclasses such as ``clap run``'s study file say their own)
     _file_kind: ClassVar[str] = "a study spec is a YAML mapping (model:, probes:, sites:, ...)"

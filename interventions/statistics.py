@@ -10,7 +10,6 @@ Each is a capture (one batched trace, :meth:`interventions.executor.Executor.cap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,17 +19,18 @@ from interventions import execute
 from interventions.alignment import left_pad, unpad
 from interventions.executor import Executor
 from interventions.plan import Batch, PatchConstants, Plan
-
-if TYPE_CHECKING:
-    from interventions.sites import Site
-    from interventions.study import Study
+from interventions.resolved import ResolvedStudy
+from interventions.sites import Site
 
 
 class StatisticsPasses:
-    """The statistics passes of one study (its model, executor, spec and optional source model)."""
+    """The statistics passes of one resolved study, run through its executor. A cross-model study's source-model
+    baselines are left in :attr:`source_metrics` (``(probe, role) -> metrics``)."""
 
-    def __init__(self, study: Study):
+    def __init__(self, study: ResolvedStudy, executor: Executor):
         self.study = study
+        self.executor = executor
+        self.source_metrics: dict[tuple[int, str], torch.Tensor] = {}
 
     def constants(self, plan: Plan) -> PatchConstants:
         """Widths of every site; the statistics passes the plan's operations need (:mod:`operations` ``needs``):
@@ -41,12 +41,11 @@ class StatisticsPasses:
         model = self.study.model
         widths = {}
         probe_ids = plan.probes[0].clean_ids
-        cell_ops = list({op.model_dump_json(): op for op in self.study.spec.all_operations()}.values())
-        baseline_ops = [b.operation for b in self.study.spec.baseline or []]
+        cell_ops, baseline_ops = self.study.cell_operations, self.study.baseline_operations
         needs = set().union(*(operations.get(op.name).needs for op in cell_ops + baseline_ops))
         keys = list(dict.fromkeys(site.access_key for site in plan.sites))
         ids = torch.tensor([probe_ids])
-        acts = self.study.executor.capture(ids, torch.ones_like(ids), keys)
+        acts = self.executor.capture(ids, torch.ones_like(ids), keys)
         shape = {key: act.shape[-1] for key, act in zip(keys, acts, strict=True)}
         for site in plan.sites:
             width = shape[site.access_key]
@@ -89,14 +88,14 @@ class StatisticsPasses:
         constants.source_acts = acts
         rows = [(p, role) for p in range(len(plan.probes)) for role in ("clean", "corrupted")]
         metrics: dict[tuple[int, str], torch.Tensor] = {}
-        unembed = self.study.unembed_module()
+        unembed = self.study.unembed_module
         for start in range(0, len(rows), step - step % 2):
             chunk = rows[start:start + step - step % 2]
             batch = baseline_batch(plan, chunk, source.tokenizer.pad_token_id)
             values = execute.run_batch(source.nn, batch, remote=self.study.spec.execution.remote,
                                        unembed_module=unembed)
             metrics.update({row: values[i] for i, row in enumerate(chunk)})
-        self.study.source_metrics = metrics
+        self.source_metrics = metrics
 
     def _selected_std(self, plan: Plan, embeddings: list[torch.Tensor]) -> float:
         """Std (over all elements) of the token embeddings of the tokens that ``selected_std`` noise acts on, over
@@ -156,7 +155,7 @@ class StatisticsPasses:
         model = model or self.study.model
         ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
         if model is self.study.model:
-            acts = self.study.executor.capture(ids, mask, keys)
+            acts = self.executor.capture(ids, mask, keys)
         else:  # the source model of a cross-model study: always a full capture
             acts = Executor(model.nn, remote=self.study.spec.execution.remote, strategy="full").capture(ids, mask, keys)
         return [[unpad(act, row, len(p)) for row, p in enumerate(prompts)] for act in acts]

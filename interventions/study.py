@@ -22,25 +22,22 @@ from tqdm.auto import tqdm
 from clap.contract import SAMPLES_FILE, atomic_write_frame
 from clap.devices import resolve_device
 from clap.errors import ClapError
+from clap.groups import ordered_labels
 from clap.locks import exclusive_lock
 from clap.models import (
-    BUILTIN_GGUF,
     LoadedModel,
-    load_model,
-    load_remote_model,
     prepare_tokenizer,
     resolve_source,
     weights_fingerprint,
 )
 from clap.process_memory import release_freed_memory
-from interventions import attribution, execute, operations
+from interventions import attribution, execute
 from interventions.batch_store import BatchStore
 from interventions.executor import Executor
 from interventions.plan import (
     DEFAULT_ROWS,
     Batch,
     Cell,
-    GroupPlan,
     PatchConstants,
     Plan,
     build_batch,
@@ -48,7 +45,17 @@ from interventions.plan import (
     compile_plan,
     rows_for_budget,
 )
-from interventions.probes import Probe, check_alignment, check_context, load_probes
+from interventions.probes import Probe
+from interventions.resolved import (
+    ResolvedStudy,
+    check_group_probes,
+    group_plans,
+    load_spec_model,
+    located,
+    site_groups,
+    spec_probes,
+    unembed_module,
+)
 from interventions.results import (
     average_samples,
     package_versions,
@@ -56,7 +63,7 @@ from interventions.results import (
     to_frame,
     write_results,
 )
-from interventions.sites import Site, SiteError, SiteResolver
+from interventions.sites import Site, SiteResolver
 from interventions.spec import ModelSpec, StudySpec
 from interventions.statistics import StatisticsPasses
 from interventions.tidy import TidyRows
@@ -123,6 +130,7 @@ class Study:
         self._model = model
         self._executor: Executor | None = None
         self._source = source_model
+        self._resolved: ResolvedStudy | None = None
         self.source_metrics: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
@@ -132,18 +140,9 @@ class Study:
 
     # -- compilation ----------------------------------------------------------------------------------------
     def model_source(self, value: str | None = None) -> str | None:
-        """``model.source`` (or ``value``, e.g. ``model.tokenizer``) with a relative path resolved like
-        ``probes.file``: against the spec file's folder when something exists there, else as given (a hub id, a
-        built-in name, or a path relative to the working directory)."""
-        value = self.spec.model.source if value is None else value
-        base = self.spec._base_dir
-        if not value or value in BUILTIN_GGUF or base is None:
-            return value
-        path = Path(value).expanduser()
-        if path.is_absolute():
-            return value
-        candidate = base / path
-        return str(candidate) if candidate.exists() else value
+        """``model.source`` (or ``value``, e.g. ``model.tokenizer``) with a relative path resolved against the spec
+        file's folder (:func:`interventions.resolved.located`)."""
+        return located(self.spec, self.spec.model.source if value is None else value)
 
     def device(self) -> str:
         """``execution.device`` checked (type, availability, index) before anything is loaded onto it."""
@@ -152,7 +151,7 @@ class Study:
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
-            self._model = self._load(self.spec.model)
+            self._model = load_spec_model(self.spec, self.spec.model)
         return self._model
 
     @property
@@ -170,30 +169,14 @@ class Study:
         if self.spec.source_model is None:
             return None
         if self._source is None:
-            self._source = self._load(self.spec.source_model)
+            self._source = load_spec_model(self.spec, self.spec.source_model)
         return self._source
-
-    def _load(self, m: ModelSpec) -> LoadedModel:
-        if self.spec.execution.remote is True:
-            return load_remote_model(m.source, revision=m.revision, tokenizer=m.tokenizer)
-        return load_model(
-            self.model_source(m.source),
-            gguf_file=m.gguf_file,
-            tokenizer=self.model_source(m.tokenizer) if m.tokenizer else None,
-            revision=m.revision,
-            dtype=self.spec.execution.dtype,
-            device=self.device(),
-        )
 
     def probes(self, tokenizer: Any = None, warn: bool = True, config: Any = None) -> list[Probe]:
         """The spec's probes, tokenised and checked (alignment, context length, answers). ``tokenizer`` and
         ``config`` let the pre-load checks run on the tokenizer and the config alone, before any weights load."""
-        probes = load_probes(self.spec.probes, tokenizer or self.model.tokenizer, self.spec.base_dir)
-        if self.spec.corrupted_prompt == "clean":  # causal tracing: only the baseline interventions corrupt
-            for probe in probes:
-                probe.corrupted, probe.corrupted_ids = probe.clean, list(probe.clean_ids)
-        check_alignment(probes, self.spec.alignment)
-        check_context(probes, config if config is not None else self.model.hf.config)
+        probes = spec_probes(self.spec, tokenizer or self.model.tokenizer,
+                             config if config is not None else self.model.hf.config)
         for metric in ("logit_diff",):
             if metric in self.spec.metrics:
                 missing = [p.id for p in probes if not p.wrong_ids]
@@ -202,73 +185,32 @@ class Study:
                         f"metric {metric} needs a `wrong` answer for every probe; missing for "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
                     )
-        if not self.spec.baseline and self.spec.source_model is None:  # across models the models differ
+        # across models the models differ; an ablation of the clean run has no corrupted prompt by design
+        if not self.spec.baseline and self.spec.source_model is None and not self.spec.ablates_clean_run:
             check_distinct_prompts(probes, warn)
         return probes
+
+    def resolved(self) -> ResolvedStudy:
+        """The study resolved on the loaded model (probes, site groups, baselines), once; the plan, the statistics
+        passes and attribution read it."""
+        if self._resolved is None:
+            attribution.check_sites(self.spec, SiteResolver(self.model.hf))
+            self._resolved = ResolvedStudy.of(self.spec, self.model, self.probes(), self.source_model)
+        return self._resolved
 
     def sites(self) -> list[Site]:
         """Every concrete site of the study, in forward-execution order."""
         return self.plan().sites
 
-    def _resolve(self, resolver: SiteResolver, addresses: list[str], location: tuple) -> list[Site]:
-        sites: dict[str, Site] = {}
-        for i, address in enumerate(addresses):
-            try:
-                expanded = resolver.expand(address)
-            except SiteError as exc:
-                raise SiteError(f"{self.spec.where(location + (i,))}: {exc}") from None
-            for site in expanded:
-                sites.setdefault(site.name, site)
-        return list(sites.values())
-
-    def _site_groups(self, hf_model: torch.nn.Module) -> tuple[SiteResolver, list[list[Site]]]:
-        """Resolve every patch group's addresses; an error names the spec file, line and field of the address."""
-        resolver = SiteResolver(hf_model)
-        groups = [self._resolve(resolver, addresses, location)
-                  for location, (addresses, _, _) in zip(self._group_locations(), self.spec.groups(), strict=True)]
-        for b, intervention in enumerate(self.spec.baseline or []):
-            self._resolve(resolver, intervention.sites, ("baseline", b, "sites"))
+    def _site_groups(self, hf_model: torch.nn.Module) -> None:
+        """Resolve every patch group's addresses on ``hf_model``; an error names the spec file, line and field."""
+        resolver, _ = site_groups(self.spec, hf_model)
         attribution.check_sites(self.spec, resolver)
-        return resolver, groups
-
-    def _group_locations(self) -> list[tuple]:
-        return ([("sites",)] if self.spec.sites else []) + [
-            ("patches", g, "sites") for g in range(len(self.spec.patches or []))]
-
-    def _group_plans(self, resolver: SiteResolver, site_groups: list[list[Site]]) -> list[GroupPlan]:
-        """Patch groups with windows and combinations resolved into the stack of sites each cell patches."""
-        plans = []
-        for location, sites, (_, positions, ops), (window, combine) in zip(
-                self._group_locations(), site_groups, self.spec.groups(), self.spec.group_options(), strict=True):
-            sites = sorted(sites, key=resolver.order_key)
-            # `attribution` cells run on the gradient path (_attribution_rows), not in batches
-            group = GroupPlan(sites, list(positions), [op for op in ops if not operations.get(op.name).approximate])
-            if combine:
-                group.sites = [sites[0]]
-                group.stacks[sites[0].name] = tuple(sites)
-                group.labels[sites[0].name] = "+".join(s.name for s in sites)
-            elif window > 1:
-                for site in sites:
-                    if site.layer is None or site.kind not in ("resid_pre", "resid_post", "block_out", "attn_out",
-                                                                "mlp_out"):
-                        raise SiteError(f"{self.spec.where(location)}: a window stacks consecutive layers of one "
-                                        f"component; {site.name} is not a layer's resid_pre / resid_post / block_out "
-                                        f"/ attn_out / mlp_out")
-                    low, high = max(0, site.layer - window // 2), min(resolver.n_layers, site.layer - (-window // 2))
-                    group.stacks[site.name] = tuple(resolver.expand(f"layers[{low}:{high}].{site.kind}"))
-                    group.labels[site.name] = f"{site.name}@w{window}"
-            plans.append(group)
-        return plans
-
-    def _baseline(self, resolver: SiteResolver) -> list[tuple[list[Site], list, Any]]:
-        return [(sorted(self._resolve(resolver, b.sites, ("baseline", i, "sites")), key=resolver.order_key),
-                 b.positions, b.operation) for i, b in enumerate(self.spec.baseline or [])]
 
     def plan(self) -> Plan:
-        resolver, site_groups = self._site_groups(self.model.hf)
-        groups = self._group_plans(resolver, site_groups)
-        plan = compile_plan(self.spec, self.probes(), groups, self.model.tokenizer, resolver.order_key,
-                            baseline=self._baseline(resolver))
+        resolved = self.resolved()
+        plan = compile_plan(self.spec, resolved.probes, resolved.groups, self.model.tokenizer,
+                            resolved.resolver.order_key, baseline=resolved.baseline)
         identity = self.model.identity
         if identity.get("weights_fingerprint") is not None:  # in-memory weights may have changed since loading
             identity["weights_fingerprint"] = weights_fingerprint(self.model.hf, identity.get("location"))
@@ -309,8 +251,10 @@ class Study:
         config, tokenizer = loaded
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
+        group_plans(self.spec, *site_groups(self.spec, skeleton))  # windows and cumulative stacks too
         self._site_groups(skeleton)
-        self.probes(tokenizer, warn=False, config=config)  # the run warns once, with the loaded model's tokenizer
+        # the run warns once, with the loaded model's tokenizer
+        check_group_probes(self.spec, self.probes(tokenizer, warn=False, config=config))
         if self.spec.source_model is not None:
             source = (self._source.hf.config, self._source.tokenizer) if self._source is not None else \
                 self._config_and_tokenizer(self.spec.source_model)
@@ -322,11 +266,10 @@ class Study:
         then reports the problem with its own message)."""
         from transformers import AutoConfig, AutoTokenizer
 
-        location, _ = resolve_source(self.model_source(m.source), gguf_file=m.gguf_file, revision=m.revision)
+        location, _ = resolve_source(located(self.spec, m.source), gguf_file=m.gguf_file, revision=m.revision)
         try:
             config = AutoConfig.from_pretrained(location, revision=m.revision)
-            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(
-                (self.model_source(m.tokenizer) if m.tokenizer else None) or location))
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(located(self.spec, m.tokenizer) or location))
         except Exception as exc:  # noqa: BLE001 - the loader reports any such problem with its own message
             log.debug("pre-load checks skipped: %s", exc)
             return None
@@ -338,11 +281,7 @@ class Study:
         check_same_tokens(self._source_probes(tokenizer), self._source_probes(source_tokenizer), where)
 
     def _source_probes(self, tokenizer: Any) -> list[Probe]:
-        probes = load_probes(self.spec.probes, tokenizer, self.spec.base_dir)
-        if self.spec.corrupted_prompt == "clean":
-            for probe in probes:
-                probe.corrupted, probe.corrupted_ids = probe.clean, list(probe.clean_ids)
-        return probes
+        return spec_probes(self.spec, tokenizer)
 
     # -- execution ------------------------------------------------------------------------------------------
     def run(self, out_dir: str | Path | None = None) -> pd.DataFrame:
@@ -366,6 +305,7 @@ class Study:
         plan = self.plan()
         if not plan.cells and not attribution.named_groups(spec):
             raise ClapError(f"the study has no cells to run ({plan.dropped} dropped under right alignment)")
+        group_columns = self._group_columns(plan)  # before any batch: an unknown analysis.group stops the run here
         model = self.model
         loaded_dtype = model.identity.get("dtype")
         if loaded_dtype and loaded_dtype != spec.execution.dtype:
@@ -406,7 +346,6 @@ class Study:
             progress.update(len(cells))
         progress.close()
         baselines.report()
-        group_columns = sorted(plan.probes[0].labels)
         result = to_frame(pd.concat(attribution.with_exact(frames, self._attribution_rows(plan)), ignore_index=True),
                           group_columns)
         self.samples_frame = None
@@ -423,20 +362,31 @@ class Study:
             store.discard()  # only this plan's batches: others may resume later
         return result
 
+    def _group_columns(self, plan: Plan) -> list[str]:
+        """The probes' labels as run.json lists them: the analysis group first (``analysis.group``, else the
+        default of :mod:`clap.groups`: ``knowledge_type``, never a provenance field), then the rest by name."""
+        analysis = self.spec.analysis
+        labels = {name: [p.labels.get(name) for p in plan.probes] for name in plan.probes[0].labels} \
+            if plan.probes else {}
+        return ordered_labels(labels, analysis.group if analysis else None,
+                              analysis.subject_field if analysis else "subject",
+                              where=self.spec.where(("analysis", "group")))
+
     def _attribution_rows(self, plan: Plan) -> pd.DataFrame | None:
         """The cells whose operation is ``attribution``: estimated by :mod:`interventions.attribution` (one forward and
-        one backward pass per chunk of probes) on the plan's probes; None when no group names it."""
-        return attribution.study_rows(self.spec, self.model, plan.probes)
+        one backward pass per chunk of probes) on the resolved study; None when no group names it."""
+        return attribution.study_rows(self.resolved())
 
     def unembed_module(self) -> str | None:
-        from clap.architectures import BY_MODEL_TYPE
-
-        arch = BY_MODEL_TYPE.get(getattr(self.model.hf.config, "model_type", None))
-        return arch.unembed if arch else None
+        return unembed_module(self.model.hf)
 
     def _constants(self, plan: Plan) -> PatchConstants:
-        """What the plan's operations need measured first (:class:`interventions.statistics.StatisticsPasses`)."""
-        return StatisticsPasses(self).constants(plan)
+        """What the plan's operations need measured first (:class:`interventions.statistics.StatisticsPasses`); a
+        cross-model study's source-model baselines land in ``source_metrics``."""
+        passes = StatisticsPasses(self.resolved(), self.executor)
+        constants = passes.constants(plan)
+        self.source_metrics = passes.source_metrics
+        return constants
 
 
     def _tidy(self, plan: Plan, batch: Batch, cells: list[Cell], metrics: torch.Tensor) -> pd.DataFrame:
@@ -557,6 +507,8 @@ class BaselineCheck:
         self.seen.update(frame.probe_id.unique())
         # recovery's denominator: |clean - corrupted|, or across models |source model's run - target model's run|
         self.defined.update(frame.probe_id[frame.recovery_defined.astype(bool)].unique())
+        if self.spec.ablates_clean_run:
+            return  # the effect on the clean run is the measure; recovery is undefined by design
         if len(self.seen) == self.n_probes and not self.defined and self.spec.source_model is not None:
             raise ClapError(
                 f"recovery is undefined for every probe: the source model's run of the source prompt and the target "
@@ -574,7 +526,7 @@ class BaselineCheck:
 
     def report(self) -> None:
         undefined = sorted(self.seen - self.defined)
-        if undefined:
+        if undefined and not self.spec.ablates_clean_run:
             gap = "|source model - target model|" if self.spec.source_model is not None else "|clean - corrupted|"
             log.warning("%d of %d probes have undefined recovery for every metric (%s <= %g): %s",
                         len(undefined), len(self.seen), gap, self.spec.recovery_epsilon, _few(undefined))

@@ -35,10 +35,15 @@ from typing import Any
 
 import torch
 
+from interventions import kernel
 from interventions.execute import _device_of, _moved, metric_dtype_for, trace_kwargs
+from interventions.kernel import MODES, Edits
 from interventions.plan import AccessPatches, Batch
 
 Key = tuple[str, str]
+
+#: a shape with no edits: ``(copy, set, add, mix)``
+NO_EDITS = (None, None, None, None)
 
 #: fixed cost of one extra suffix pass, in floating-point operations (tracing, cache assembly, small-matmul
 #: inefficiency): a group is split only where that saves more than this much compute
@@ -115,9 +120,9 @@ def row_starts(batch: Batch, layout: ModelLayout) -> dict[int, tuple[int, int]]:
                 continue
             for group in groups:
                 for entry in group.as_tuple():
-                    if not entry:
+                    if entry is None:
                         continue
-                    for row, col in zip(entry["t_row"].tolist(), entry["t_col"].tolist(), strict=True):
+                    for row, col in zip(entry.t_row.tolist(), entry.t_col.tolist(), strict=True):
                         old = starts.get(row, (block, col))
                         starts[row] = (min(old[0], block), min(old[1], col))
     return starts
@@ -163,56 +168,43 @@ def group_rows(starts: dict[int, tuple[int, int]], width: int, layout: ModelLayo
 
 
 # -- edits, re-addressed ----------------------------------------------------------------------------------------------
-def _baseline_groups(groups: Sequence[Any], table: torch.Tensor) -> tuple | None:
-    """A stage's (copy, set, add, mix) groups restricted to the baseline rows, rows renumbered (``table``: batch row
+def _baseline_groups(groups: Sequence[Edits | None], table: torch.Tensor) -> tuple | None:
+    """A stage's (copy, set, add, mix) edits restricted to the baseline rows, rows renumbered (``table``: batch row
     -> baseline-pass row or -1). None when nothing is left."""
-    out = []
-    for mode, entry in zip(("copy", "set", "add", "mix"), groups, strict=True):
-        if not entry:
-            out.append({})
+    out: list[Edits | None] = []
+    for mode, entry in zip(MODES, groups, strict=True):
+        if entry is None:
+            out.append(None)
             continue
-        rows = table[entry["t_row"]]
+        rows = table[entry.t_row]
         keep = rows >= 0
-        if mode in ("copy", "mix"):
-            sources = table[entry["s_row"]]
+        reads_row = mode in ("copy", "mix") and entry.values is None
+        if reads_row:
+            sources = table[entry.s_row]
             keep &= sources >= 0
-        if not bool(keep.any()):
-            out.append({})
-            continue
-        picked = {k: v[keep] for k, v in entry.items()}
-        picked["t_row"] = rows[keep]
-        if mode in ("copy", "mix"):
-            picked["s_row"] = sources[keep]
-        out.append(picked)
-    return tuple(out) if any(out) else None
+        entry = entry.with_(t_row=rows, **({"s_row": sources} if reads_row else {}))
+        out.append(entry.select(keep))
+    return tuple(out) if any(e is not None for e in out) else None
 
 
-def _suffix_groups(groups: Sequence[Any], table: torch.Tensor, start_col: int,
+def _suffix_groups(groups: Sequence[Edits | None], table: torch.Tensor, start_col: int,
                    sources: Sequence[torch.Tensor | None]) -> tuple | None:
-    """A stage's groups for one suffix pass, as (set from captured source, set, add, mix with captured source): rows
-    renumbered into the pass (``table``: batch row -> pass row or -1), columns shifted by ``start_col``, edits left of
-    it dropped (they are in the cached state). ``sources[k]``: the captured source values of group ``k``'s copy/mix
-    entries, in entry order."""
-    out = []
+    """A stage's edits for one suffix pass: rows renumbered into the pass (``table``: batch row -> pass row or -1),
+    columns shifted by ``start_col``, edits left of it dropped (they are in the cached state), and copy/mix sources
+    given as values (the source row is not in the pass; ``sources[k]``: the values the baseline pass captured for
+    mode ``k``'s entries, in entry order)."""
+    out: list[Edits | None] = []
     for k, entry in enumerate(groups):
-        if not entry:
-            out.append({})
+        if entry is None:
+            out.append(None)
             continue
-        rows = table[entry["t_row"]]
-        keep = (rows >= 0) & (entry["t_col"] >= start_col)
-        if not bool(keep.any()):
-            out.append({})
-            continue
-        picked = {"t_row": rows[keep], "t_col": entry["t_col"][keep] - start_col, "head": entry["head"][keep]}
-        if k in (0, 3):  # copy / mix: the source row is not in this pass; its value was captured
-            given = entry.get("values")  # cross-model: a mix towards another model's activations, given as values
-            picked["values"] = (given if given is not None else sources[k])[keep]
-            if k == 3:
-                picked["alpha"] = entry["alpha"][keep]
-        else:
-            picked["values"] = entry["values"][keep]
-        out.append(picked)
-    return tuple(out) if any(out) else None
+        rows = table[entry.t_row]
+        keep = (rows >= 0) & (entry.t_col >= start_col)
+        moved = entry.with_(t_row=rows, t_col=entry.t_col - start_col)
+        if k in (0, 3) and entry.values is None:  # copy / mix from a batch row: its value was captured
+            moved = moved.with_(values=sources[k], s_row=None, s_col=None)
+        out.append(moved.select(keep))
+    return tuple(out) if any(e is not None for e in out) else None
 
 
 def pass_edits(batch: Batch, layout: ModelLayout, base: dict[str, Any], table: torch.Tensor, start_layer: int,
@@ -231,12 +223,12 @@ def pass_edits(batch: Batch, layout: ModelLayout, base: dict[str, Any], table: t
         for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
             shaped = []
             for group in groups:
-                sources = [next(captured) if (stage >= 1 and k in (0, 3) and entry and "values" not in entry) else None
-                           for k, entry in enumerate(group.as_tuple())]
+                sources = [next(captured) if (stage >= 1 and k in (0, 3) and entry is not None and entry.values is None)
+                           else None for k, entry in enumerate(group.as_tuple())]
                 shaped.append(_suffix_groups(group.as_tuple(), table, start_col, [
                     s.cpu() if s is not None else None for s in sources]))
             if any(s is not None for s in shaped):
-                stages.append(tuple(s or ({}, {}, {}, {}) for s in shaped))
+                stages.append(tuple(s or NO_EDITS for s in shaped))
         if stages:
             out.append((patches, stages))
     return out
@@ -290,9 +282,6 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, remote: bool | str 
     return metrics
 
 
-_MODES = ("copy", "set", "add", "mix")
-
-
 def _at(view: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
     index = (rows.to(view.device), cols.to(view.device)) + ((heads.to(view.device),) if heads is not None else ())
     return view[index]
@@ -316,27 +305,26 @@ def no_op_rows(batch: Batch, base: dict[str, Any], base_index: torch.Tensor) -> 
             if stage == 0:
                 continue
             for shape, group in enumerate(groups):
-                for mode, entry in zip(_MODES, group.as_tuple(), strict=True):
-                    if not entry:
+                for mode, entry in zip(MODES, group.as_tuple(), strict=True):
+                    if entry is None:
                         continue
-                    rows = entry["t_row"]
+                    rows = entry.t_row
                     touched.update(rows.tolist())
                     if whole is None:
                         changed.update(rows.tolist())
                         continue
                     view = whole if shape == 0 else whole.view(*whole.shape[:2], patches.n_heads, -1)
-                    heads = entry["head"] if shape == 1 else None
-                    current = _at(view, base_index[target_rows[rows]], entry["t_col"], heads)
-                    if mode == "copy":
-                        new = _at(view, base_index[entry["s_row"]], entry["s_col"], heads)
-                    elif mode == "set":
-                        new = entry["values"].to(view.device, view.dtype)
+                    heads = entry.head if shape == 1 else None
+                    current = _at(view, base_index[target_rows[rows]], entry.t_col, heads)
+                    source = (entry.values.to(view.device, view.dtype) if entry.values is not None
+                              else _at(view, base_index[entry.s_row], entry.s_col, heads) if entry.s_row is not None
+                              else None)
+                    if mode in ("copy", "set"):
+                        new = source
                     elif mode == "add":
-                        new = current + entry["values"].to(view.device, view.dtype)
+                        new = current + source
                     else:
-                        towards = (entry["values"].to(view.device, view.dtype) if "values" in entry
-                                   else _at(view, base_index[entry["s_row"]], entry["s_col"], heads))
-                        new = current + entry["alpha"].to(view.device, view.dtype) * (towards - current)
+                        new = current + entry.alpha.to(view.device, view.dtype) * (source - current)
                     same = (new == current).reshape(len(rows), -1).all(1).cpu()
                     changed.update(rows[~same].tolist())
     return touched - changed
@@ -373,15 +361,15 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
             if stage == 0:
                 kept = [_baseline_groups(g.as_tuple(), base_index) for g in groups]
                 if any(k is not None for k in kept):
-                    entry["stages"].append(tuple(k or ({}, {}, {}, {}) for k in kept))
+                    entry["stages"].append(tuple(k or NO_EDITS for k in kept))
             else:
                 entry["keep"] = keep_values
                 for shape, group in enumerate(groups):
                     for mode in ("copy", "mix"):
                         found = getattr(group, mode)
-                        if found and "values" not in found:  # a mix towards given values reads no batch row
-                            entry["gathers"].append((shape == 1, base_index[found["s_row"]], found["s_col"],
-                                                     found["head"]))
+                        if found is not None and found.values is None:  # towards given values: no batch row
+                            entry["gathers"].append((shape == 1, base_index[found.s_row], found.s_col,
+                                                     found.head))
     for key in want_boundary:
         plan.setdefault(key, {"n_heads": 0, "stages": [], "gathers": [], "keep": False})
     order = sorted(plan, key=layout.rank.__getitem__)
@@ -411,27 +399,7 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
                 value = (original[0] if isinstance(original, tuple) else original).clone()
                 if capture:  # the residual stream as it leaves the previous block, before this access's edits
                     boundary_values.append(value.clone().save())
-                for full, heads in stages:
-                    views = [(value, full)]
-                    if n_heads:
-                        views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
-                    for view, (copy, set_, add, mix) in views:
-                        by_head = view.dim() == 4
-                        if copy:
-                            target = (copy["t_row"], copy["t_col"]) + ((copy["head"],) if by_head else ())
-                            source = (copy["s_row"], copy["s_col"]) + ((copy["head"],) if by_head else ())
-                            view[target] = view[source]
-                        if set_:
-                            target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
-                            view[target] = set_["values"].to(view.dtype)
-                        if add:
-                            target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
-                            view[target] = view[target] + add["values"].to(view.dtype)
-                        if mix:
-                            target = (mix["t_row"], mix["t_col"]) + ((mix["head"],) if by_head else ())
-                            source = (mix["s_row"], mix["s_col"]) + ((mix["head"],) if by_head else ())
-                            alpha = mix["alpha"].to(view.dtype)
-                            view[target] = view[target] + alpha * (view[source] - view[target])
+                kernel.apply_edits(value, n_heads, stages)
                 for by_head, s_row, s_col, head in gathers:  # source activations the suffix passes will write
                     if by_head:
                         gathered.append(value.view(value.shape[0], value.shape[1], n_heads, -1)[s_row, s_col, head]
@@ -446,16 +414,9 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
                         envoy.input = patched
                     else:
                         envoy.output = patched
-            logits = model.output.logits[:, -1, :].to(metric_dtype)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
-            wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
-            answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
-            logprob = torch.logsumexp(answer_logprobs, dim=1)
-            clean_logprobs = logprobs[clean_row]
-            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
-            metrics = torch.stack([answer_logit - wrong_logit, answer_logit, logprob.exp(), logprob, kl], dim=1).save()
-            logprobs = logprobs.save()
+            metrics, logprobs = kernel.reduce_metrics(model.output.logits[:, -1, :], answer_index, answer_mask,
+                                                      wrong_index, wrong_mask, clean_row=clean_row, dtype=metric_dtype)
+            metrics, logprobs = metrics.save(), logprobs.save()
             cache = getattr(model.output, cache_name).save()
     capture_keys = [key for key in order if key in want_boundary]
     gather_keys = [key for key in order for _ in plan[key]["gathers"]]
@@ -511,38 +472,11 @@ def _suffix_pass(model: Any, batch: Batch, layout: ModelLayout, base: dict[str, 
             for block in skipped:
                 block.skip(replacement)
             for envoy, access, n_heads, stages in accesses:
-                original = envoy.input if access == "input" else envoy.output
-                value = (original[0] if isinstance(original, tuple) else original).clone()
-                for full, heads in stages:
-                    views = [(value, full)]
-                    if n_heads:
-                        views.append((value.view(value.shape[0], value.shape[1], n_heads, -1), heads))
-                    for view, (copied, set_, add, mixed) in views:
-                        by_head = view.dim() == 4
-                        if copied:
-                            target = (copied["t_row"], copied["t_col"]) + ((copied["head"],) if by_head else ())
-                            view[target] = copied["values"].to(view.dtype)
-                        if set_:
-                            target = (set_["t_row"], set_["t_col"]) + ((set_["head"],) if by_head else ())
-                            view[target] = set_["values"].to(view.dtype)
-                        if add:
-                            target = (add["t_row"], add["t_col"]) + ((add["head"],) if by_head else ())
-                            view[target] = view[target] + add["values"].to(view.dtype)
-                        if mixed:
-                            target = (mixed["t_row"], mixed["t_col"]) + ((mixed["head"],) if by_head else ())
-                            alpha = mixed["alpha"].to(view.dtype)
-                            view[target] = view[target] + alpha * (mixed["values"].to(view.dtype) - view[target])
-                patched = (value, *original[1:]) if isinstance(original, tuple) else value
                 if access == "input":
-                    envoy.input = patched
+                    envoy.input = kernel.edit_access(envoy.input, n_heads, stages)
                 else:
-                    envoy.output = patched
-            logits = model.output.logits[:, -1, :].to(metric_dtype)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            answer_logit = (logits.gather(1, answer_index) * answer_mask).sum(1) / answer_mask.sum(1)
-            wrong_logit = (logits.gather(1, wrong_index) * wrong_mask).sum(1) / wrong_mask.sum(1)
-            answer_logprobs = logprobs.gather(1, answer_index).masked_fill(answer_mask == 0, float("-inf"))
-            logprob = torch.logsumexp(answer_logprobs, dim=1)
-            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(1)
-            metrics = torch.stack([answer_logit - wrong_logit, answer_logit, logprob.exp(), logprob, kl], dim=1).save()
+                    envoy.output = kernel.edit_access(envoy.output, n_heads, stages)
+            metrics, _ = kernel.reduce_metrics(model.output.logits[:, -1, :], answer_index, answer_mask, wrong_index,
+                                               wrong_mask, clean_logprobs=clean_logprobs, dtype=metric_dtype)
+            metrics = metrics.save()
     return metrics.detach().cpu()

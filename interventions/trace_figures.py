@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from clap.errors import ClapError
+from clap.names import file_stem
 from interventions.probes import TOKEN_GROUPS
 
 #: panel titles per traced component
@@ -128,7 +130,8 @@ def _draw(grids: list[pd.DataFrame], titles: list[str], path: str | Path, label:
         plt.close(fig)
 
 
-#: the files :func:`write_trace_outputs` writes beside the results (per-probe heatmaps are ``trace_<probe id>.png``)
+#: the files :func:`write_trace_outputs` writes beside the results (per-probe heatmaps are ``trace_<probe id>.png``,
+#: the id made file-safe by :func:`clap.names.file_stem`)
 TABLE_FILE, GROUPS_FIGURE = "token_groups.csv", "trace_groups.png"
 
 
@@ -138,11 +141,15 @@ def write_trace_outputs(frame: pd.DataFrame, out_dir: str | Path, n_probe_figure
     the first ``n_probe_figures`` probes' heatmaps (no figures with ``figures=False``)."""
     from clap.contract import atomic_write_frame
 
+    if not (frame.metric == "prob").any():
+        measured = ", ".join(sorted(map(str, frame.metric.unique()))) or "none"
+        raise ClapError(f"the causal-trace table and heatmaps read the metric `prob` (the indirect effect on "
+                        f"p(answer)); these results hold {measured}: rerun the trace with `prob` in `metrics:`")
     out = Path(out_dir)
     written = [atomic_write_frame(out / TABLE_FILE, token_group_table(frame, samples=samples))]
     if not figures:
         return written
     written.append(plot_groups(frame, out / GROUPS_FIGURE))
     for probe_id in list(dict.fromkeys(frame.probe_id))[:n_probe_figures]:
-        written.append(plot_probe(frame, probe_id, out / f"trace_{probe_id}.png"))
+        written.append(plot_probe(frame, probe_id, out / f"trace_{file_stem(probe_id)}.png"))
     return written

@@ -20,9 +20,8 @@ from clap.builtin_adapters import (
     ADAPTERS_DIR,
     BUILTIN_ADAPTERS,
     builtin_adapter_dir,
-    merge_builtin_adapter,
 )
-from clap.models import load_model, resolve_source
+from clap.models import load_model, merged_builtin_adapter, resolve_source
 
 NAME = "smollm2-135m-epilepsy"
 SHIPPED = ADAPTERS_DIR / "smollm2-135m-epilepsy-lora"
@@ -129,14 +128,14 @@ def test_merge_is_cached_and_a_changed_adapter_is_merged_again(tiny_builtin):
     from safetensors.torch import load_file, save_file
 
     _, adapter_dir = tiny_builtin
-    first = merge_builtin_adapter("tiny-test")
+    first = merged_builtin_adapter("tiny-test")
     stamp = (first / "config.json").stat().st_mtime_ns
-    assert merge_builtin_adapter("tiny-test") == first
+    assert merged_builtin_adapter("tiny-test") == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert not list(first.parent.glob("*.partial-*"))
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     save_file({k: v * 2 for k, v in tensors.items()}, adapter_dir / "adapter_model.safetensors")
-    assert merge_builtin_adapter("tiny-test") != first
+    assert merged_builtin_adapter("tiny-test") != first
 
 
 def test_concurrent_merges_merge_once_under_a_lock(tiny_builtin, monkeypatch):
@@ -157,7 +156,7 @@ def test_concurrent_merges_merge_once_under_a_lock(tiny_builtin, monkeypatch):
 
     def run():
         try:
-            results.append(merge_builtin_adapter("tiny-test"))
+            results.append(merged_builtin_adapter("tiny-test"))
         except Exception as exc:  # noqa: BLE001 - any failure of either caller fails the test below
             errors.append(exc)
 
@@ -170,16 +169,23 @@ def test_concurrent_merges_merge_once_under_a_lock(tiny_builtin, monkeypatch):
     assert sorted(p.name for p in results[0].parent.iterdir()) == [results[0].name]
 
 
-def test_merged_key_does_not_depend_on_the_cache_location(tmp_path, monkeypatch):
-    """The base's identity in the key is its conversion's content key, not the cache root's path."""
+def test_merged_key_does_not_depend_on_the_cache_location(tmp_path):
+    """A converted base (a folder clap made from a GGUF, named by its content digest) counts by its name, not by the
+    cache root it lies under; another base folder counts by its location."""
     adapter = builtin_adapter_dir(NAME)
     keys = []
     for root in ("cache-a", "elsewhere/cache-b"):
-        monkeypatch.setenv("CLAP_CACHE", str(tmp_path / root))
-        keys.append(builtin_adapters._fingerprint(adapter, str(tmp_path / root / "gguf" / "SmolLM2-0123456789abcdef")))
+        base = tmp_path / root / "gguf" / "SmolLM2-0123456789abcdef"
+        base.mkdir(parents=True)
+        (base / "clap-source.json").write_text("{}")
+        keys.append(builtin_adapters._fingerprint(adapter, str(base)))
     assert keys[0] == keys[1]
-    other = builtin_adapters._fingerprint(adapter, str(tmp_path / "cache-a" / "gguf" / "SmolLM2-fedcba9876543210"))
-    assert other != keys[0]
+    other = tmp_path / "cache-a" / "gguf" / "SmolLM2-fedcba9876543210"
+    other.mkdir()
+    (other / "clap-source.json").write_text("{}")
+    assert builtin_adapters._fingerprint(adapter, str(other)) != keys[0]
+    plain = [builtin_adapters._fingerprint(adapter, str(tmp_path / where / "model")) for where in ("a", "b")]
+    assert plain[0] != plain[1]
 
 
 def test_missing_adapter_file_is_one_clear_error(tiny_builtin):

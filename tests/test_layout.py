@@ -97,3 +97,69 @@ def test_the_engine_emits_only_contract_site_kinds():
 
     kinds = {kind for kind, _, _ in sites.COMPONENTS.values()} | set(sites.TOP_LEVEL.values()) | {"head", "module"}
     assert kinds <= set(contract.SITE_KINDS)
+
+
+def _module_edges() -> dict[str, set[str]]:
+    """Module -> the project's modules it imports, at any depth (imports inside functions count: they hide a cycle,
+    they do not remove it). ``from package import name`` is an edge to ``package.name`` where that is a module."""
+    edges: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        targets = set()
+        for imported, names, _line in _imports(path):
+            if imported.split(".")[0] not in ("clap", *AREAS):
+                continue
+            subs = [f"{imported}.{n}" for n in names if f"{imported}.{n}" in MODULES]
+            targets.update(subs)
+            if len(subs) < len(names) or not names:
+                targets.add(imported)
+        edges[name] = {t for t in targets if t in MODULES and t != name}
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_file_level_import_cycles():
+    """No two modules import each other, directly or through others, even from inside a function (a package's
+    ``__init__`` re-exporting its modules is not a cycle: it is imported, it imports nothing back)."""
+    edges = _module_edges()
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    edges = {m: {t for t in targets if t not in packages} for m, targets in edges.items()}
+    assert not _cycles(edges), f"import cycles: {_cycles(edges)}"
+
+
+def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

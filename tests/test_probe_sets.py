@@ -1,4 +1,5 @@
-"""The shipped probe sets (clap/data/probes/): structure under GPT-2 and SmolLM2 tokenizers, PMIDs, model knowledge."""
+"""The shipped probe sets (clap/data/probes/): structure under GPT-2 and SmolLM2 tokenizers, PMIDs, provenance,
+two-hop chains, model knowledge."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from interventions.spec import ProbeSetSpec
 
 PROBE_DIR = Path(__file__).resolve().parents[1] / "clap" / "data" / "probes"
 SETS = ["definitional", "associative"]
-FIELDS = {"id", "knowledge_type", "subject", "clean", "corrupted", "answer", "wrong", "pmids", "pmid_terms"}
+FIELDS = {"id", "knowledge_type", "topic", "subject", "clean", "corrupted", "answer", "wrong", "pmids", "pmid_terms"}
+#: the sets written by build_domain_sets.py: SET.jsonl (valid on SmolLM2-135M) and SET-all.jsonl (every probe written)
+DOMAIN_SETS = ["encyclopedic", "commonsense", "compositional"]
+DOMAIN_FIELDS = {"id", "knowledge_type", "topic", "subject", "clean", "corrupted", "answer", "wrong", "source"}
+KNOWLEDGE_TYPES = {"encyclopedic": {"definitional", "associative"}, "commonsense": {"definitional", "associative"},
+                   "compositional": {"one_hop", "two_hop"}}
+ALL_FILES = [*SETS, *DOMAIN_SETS, *(f"{name}-all" for name in DOMAIN_SETS)]
 
 
 def records(name: str) -> list[dict]:
@@ -31,7 +38,7 @@ def test_probe_set_fields(name):
     rows = records(name)
     assert len(rows) >= 40
     assert all(set(r) == FIELDS for r in rows)
-    assert all(r["knowledge_type"] == name for r in rows)
+    assert all(r["knowledge_type"] == name and r["topic"] == "epilepsy" for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
     assert len({r["clean"] for r in rows}) == len(rows)
     for r in rows:
@@ -42,17 +49,75 @@ def test_probe_set_fields(name):
         assert r["pmid_terms"] and all(re.compile(t) for t in r["pmid_terms"]), r["id"]
 
 
-def test_no_clean_prompt_is_shared_between_sets():
-    cleans = [r["clean"] for name in SETS for r in records(name)]
-    assert len(cleans) == len(set(cleans))
+def test_no_clean_prompt_or_id_is_shared_between_sets():
+    """Across the shipped sets (the written-only probes of SET-all.jsonl included): one study can read them all."""
+    rows = [r for name in [*SETS, *DOMAIN_SETS] for r in records(name)]
+    rows += [r for name in DOMAIN_SETS for r in records(f"{name}-all") if r not in records(name)]
+    assert len({r["clean"] for r in rows}) == len(rows)
+    assert len({r["id"] for r in rows}) == len(rows)
 
 
-@pytest.mark.parametrize("name", SETS)
+@pytest.mark.parametrize("name", [*SETS, *DOMAIN_SETS])
 def test_probe_sets_load_as_study_probes(name):
-    """The files are usable as `probes.file` of a study: PMIDs set aside, the same labels on every probe."""
+    """The files are usable as `probes.file` of a study: provenance lists (PMIDs, sources, the hops a two-hop probe
+    composes) set aside, the same labels on every probe of every set, so a study can concatenate them. Results sort
+    label columns by name and `clap analyze` groups by the first: knowledge_type (hence `topic`, not `domain`)."""
     loaded = specs(name)
     assert len(loaded) == len(records(name))
-    assert {tuple(sorted(spec.labels)) for _, spec in loaded} == {("knowledge_type", "subject")}
+    assert {tuple(sorted(spec.labels)) for _, spec in loaded} == {("knowledge_type", "subject", "topic")}
+
+
+@pytest.mark.parametrize("name", [*DOMAIN_SETS, *(f"{name}-all" for name in DOMAIN_SETS)])
+def test_domain_set_fields_and_provenance(name):
+    domain = name.removesuffix("-all")
+    rows = records(name)
+    assert len(rows) >= 40
+    extra = {"composes"} if domain == "compositional" else set()
+    assert all(set(r) == DOMAIN_FIELDS | extra for r in rows)
+    assert {r["topic"] for r in rows} == {domain}
+    assert {r["knowledge_type"] for r in rows} == KNOWLEDGE_TYPES[domain]
+    assert len({r["id"] for r in rows}) == len(rows) and len({r["clean"] for r in rows}) == len(rows)
+    for r in rows:
+        # the subject, among the prompt's first six words, is the only part the corruption changes
+        start = r["clean"].index(r["subject"])
+        assert len(r["clean"][:start].split()) <= 5, r["id"]
+        prefix, suffix = r["clean"][:start], r["clean"][start + len(r["subject"]):]
+        assert r["corrupted"].startswith(prefix) and r["corrupted"].endswith(suffix), r["id"]
+        assert r["corrupted"][len(prefix):len(r["corrupted"]) - len(suffix)] != r["subject"], r["id"]
+        assert r["answer"] != r["wrong"] and all(a.startswith(" ") and " " not in a[1:]
+                                                 for a in (r["answer"], r["wrong"])), r["id"]
+        # provenance: what kind of knowledge, the clean fact (naming the answer), the corruption's fact (the wrong)
+        kind, fact, corruption = r["source"]
+        assert kind.startswith(("common knowledge (", "composition of two common-knowledge facts")), r["id"]
+        assert r["answer"].strip() in fact and r["subject"].lower().removeprefix("the ") in fact.lower(), r["id"]
+        assert corruption.startswith("corruption: ") and r["wrong"].strip() in corruption, r["id"]
+
+
+@pytest.mark.parametrize("name", DOMAIN_SETS)
+def test_shipped_domain_sets_are_checked_subsets_of_what_was_written(name):
+    """SET.jsonl holds records of SET-all.jsonl unchanged and in order (build_domain_sets.py select)."""
+    written = (PROBE_DIR / f"{name}-all.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = (PROBE_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    positions = [written.index(line) for line in kept]
+    assert positions == sorted(positions) and len(kept) < len(written)
+
+
+@pytest.mark.parametrize("name", ["compositional", "compositional-all"])
+def test_two_hop_probes_chain_their_one_hop_parts(name):
+    """subject -> bridge (first hop), bridge -> answer (second hop), subject -> answer (the composition)."""
+    rows = records(name)
+    by_id = {r["id"]: r for r in rows}
+    chains = [r for r in rows if r["knowledge_type"] == "two_hop"]
+    assert len(chains) >= 40 if name.endswith("-all") else len(chains) >= 25
+    for r in rows:
+        assert (len(r["composes"]) == 2) == (r["knowledge_type"] == "two_hop"), r["id"]
+    for r in chains:
+        first, second = (by_id[i] for i in r["composes"])  # both parts are in the same file
+        assert first["knowledge_type"] == second["knowledge_type"] == "one_hop"
+        assert first["subject"] == r["subject"] and first["answer"].strip() == second["subject"], r["id"]
+        assert second["answer"] == r["answer"] and second["answer"] != first["answer"], r["id"]
+    used = {i for r in chains for i in r["composes"]}
+    assert used == {r["id"] for r in rows if r["knowledge_type"] == "one_hop"}  # every hop is a part of a chain
 
 
 def assert_structurally_sound(name: str, tokenizer) -> None:
@@ -62,7 +127,7 @@ def assert_structurally_sound(name: str, tokenizer) -> None:
     assert all(c.equal_length and c.answer.kind == "single" and c.wrong.kind == "single" for c in checks)
 
 
-@pytest.mark.parametrize("name", SETS)
+@pytest.mark.parametrize("name", ALL_FILES)
 def test_structure_under_gpt2_tokenizer(name, shared_data):
     from tests.conftest import gpt2_tokenizer
 
@@ -94,13 +159,13 @@ def smollm2_tokenizer_cached():
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-@pytest.mark.parametrize("name", SETS)
+@pytest.mark.parametrize("name", ALL_FILES)
 def test_structure_under_cached_smollm2_tokenizer(name, smollm2_tokenizer_cached):
     assert_structurally_sound(name, smollm2_tokenizer_cached)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SETS)
+@pytest.mark.parametrize("name", ALL_FILES)
 def test_structure_under_smollm2_tokenizer(name):
     from transformers import AutoTokenizer
 
@@ -146,3 +211,18 @@ def test_smollm2_knows_and_flips(name, tmp_path, capsys):
     assert f"{n_valid} valid / {len(frame)} total" in capsys.readouterr().out
     assert knows >= {"definitional": 35, "associative": 25}[name]
     assert flips >= {"definitional": 25, "associative": 15}[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DOMAIN_SETS)
+def test_smollm2_knows_and_flips_every_shipped_domain_probe(name, tmp_path):
+    """SET.jsonl keeps only what `clap probes check` found valid on SmolLM2-135M-Instruct: rerun, all still valid
+    (the counts written and kept are in clap/data/probes/README.md)."""
+    import pandas as pd
+
+    out = tmp_path / f"{name}.csv"
+    assert main(["probes", "check", str(PROBE_DIR / f"{name}.jsonl"), "--model", "smollm2-135m", "-o", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert len(frame) == len(records(name))
+    assert frame["structural_ok"].all() and frame["knows"].all() and frame["flips"].all() and frame["valid"].all()
+    assert (frame["clean_logit_diff"] > 0).all() and (frame["corrupted_logit_diff"] < 0).all()

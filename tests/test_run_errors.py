@@ -61,7 +61,7 @@ def test_a_held_run_folder_names_its_holder(study, tmp_path, capsys):
     out = tmp_path / "out"
     with locked(out):
         err = one_line(capsys, ["run", study, "-o", out])
-    assert f"output folder {out}" in err and f"is in use by pid {os.getpid()} on host" in err
+    assert f"{out}: another `clap run` is writing to this folder (pid {os.getpid()} on host" in err
     assert not (out / ".clap-run.lock").exists()
 
 

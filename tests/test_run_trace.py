@@ -140,3 +140,66 @@ def test_old_section_name_is_refused_with_the_one_spelling(model_dir, tmp_path):
     study = write_study(tmp_path, model_dir, section=f"causal_tracing: {TRACE}")
     with pytest.raises(ClapError, match=r"`causal_tracing:` is spelled `trace:`"):
         StudyFile.from_yaml(study)
+
+
+def test_trace_without_prob_is_refused_before_anything_runs(model_dir, tmp_path):
+    """`metrics: [logit_diff]` in a trace ran to the end and crashed drawing figures; it is refused at load time,
+    naming the file, the line and the fix."""
+    study = write_study(tmp_path, model_dir, section=f"trace: {TRACE}\nmetrics: [logit_diff]")
+    with pytest.raises(ClapError) as info:
+        run_study(study, tmp_path / "out", echo=lambda line: None)
+    assert f"{study}:4: trace: a causal trace measures the indirect effect on p(answer), the metric `prob`" in (
+        str(info.value))
+    assert "add it (metrics: [prob, logit_diff])" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    with_prob = write_study(tmp_path, model_dir, section=f"trace: {TRACE}\nmetrics: [logit_diff, prob]")
+    assert StudyFile.from_yaml(with_prob).metrics == ["logit_diff", "prob"]
+
+
+def test_trace_outputs_of_results_without_prob_say_so():
+    from interventions.trace_figures import write_trace_outputs
+
+    frame = pd.DataFrame({"metric": ["logit_diff"], "position": [0]})
+    with pytest.raises(ClapError, match=r"read the metric `prob`.*these results hold logit_diff"):
+        write_trace_outputs(frame, "unused")
+
+
+def test_probe_ids_and_study_names_cannot_leave_the_output_folder(model_dir, tmp_path):
+    """A probe id `../../../X` wrote `trace_../../../X.png` outside `-o`, an id with `/` made folders, a study
+    `name: ../../X` wrote `../../X-output`: refused at load time with file:line; file names from ids are safe."""
+    from clap.names import file_stem
+    from interventions.trace_figures import write_trace_outputs
+
+    bad = [dict(PROBES[0], id="../../../X"), *PROBES[1:]]
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in bad), encoding="utf-8")
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: tiny-trace\nmodel: {{source: {model_dir}}}\nprobes: {{file: probes.jsonl}}\n"
+                     f"trace: {TRACE}\nexecution: {{progress: false}}\n", encoding="utf-8")
+    with pytest.raises(ClapError) as info:
+        run_study(study, tmp_path / "out", echo=lambda line: None)
+    assert f"{tmp_path / 'probes.jsonl'}:1: id: probe id '../../../X' contains '/'" in str(info.value)
+    for probe_id, reason in (("a/b", "contains '/'"), ("a\\b", "contains '\\\\'"), ("..", "is '..', a path"),
+                             ("a\nb", "contains the control character '\\n'"), (" ", "is empty")):
+        (tmp_path / "probes.jsonl").write_text(json.dumps(dict(PROBES[0], id=probe_id)) + "\n", encoding="utf-8")
+        with pytest.raises(ClapError) as info:
+            run_study(study, tmp_path / "out", echo=lambda line: None)
+        assert f"probes.jsonl:1: id: probe id {probe_id!r} {reason}" in str(info.value)
+    text = study.read_text().replace("name: tiny-trace", "name: ../../X")
+    study.write_text(text, encoding="utf-8")
+    with pytest.raises(ClapError, match=rf"{study}:1: name: study name '\.\./\.\./X' contains '/'"):
+        run_study(study, echo=lambda line: None)
+    assert not (tmp_path.parent.parent / "X-output").exists()
+
+    # results of an older run (or built in Python) with such ids: the figures stay inside the folder
+    (tmp_path / "ok").mkdir()
+    run = run_study(write_study(tmp_path / "ok", model_dir), tmp_path / "ok" / "out", until="patch",
+                    echo=lambda line: None)
+    frame = read_results(run.results_dir("model"))[0]
+    frame["probe_id"] = frame["probe_id"].map({"ep": "../../../X", "eth": "a/b"}).fillna(frame["probe_id"])
+    out = tmp_path / "figs"
+    written = write_trace_outputs(frame, out, n_probe_figures=2)
+    assert all(p.parent == out for p in written)
+    assert {p.name for p in written} >= {f"trace_{file_stem('../../../X')}.png", f"trace_{file_stem('a/b')}.png"}
+    assert file_stem("../../../X").startswith(".._.._.._X-") and file_stem("ep") == "ep"
+    assert file_stem("a/b") != file_stem("a_b") and file_stem("..") != ".."
+    assert not (tmp_path.parent.parent / "X.png").exists() and not (out / "a").exists()

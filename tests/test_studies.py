@@ -10,6 +10,7 @@ import torch
 
 from clap.app.pipeline import run_study
 from clap.app.study_file import StudyFile
+from clap.contract import read_results
 from clap.errors import ClapError
 from tests.conftest import gpt2_tokenizer
 
@@ -115,3 +116,79 @@ def test_layers_study_on_tiny_gpt2(tiny_dir, tmp_path):
     frame = result.frame("model")
     assert set(frame["site_kind"]) == {"resid_pre", "attn_out", "mlp_out", "head"}
     assert set(frame["knowledge_type"]) == {"definitional", "associative"} and frame.probe_id.nunique() == 93
+
+
+def test_additivity_ablation_study_validates_and_derives_its_ablation_spec():
+    from interventions.derived import ablation_spec
+    from interventions.spec import ModelSpec
+
+    study = StudyFile.from_yaml(STUDIES / "epilepsy-additivity-ablation.yaml")
+    assert study.probes.file == "package:clap/data/demo_probes.jsonl"
+    assert study.additivity.kinds == ["attn_out", "mlp_out"] and study.additivity.top == [2, 3, 5]
+    spec = ablation_spec(study.patch_spec(ModelSpec(source="smollm2-135m"), Path("probes.jsonl")), study.ablation)
+    assert spec.ablates_clean_run and [op.name for op in spec.operations] == ["zero", "mean", "resample"]
+    assert spec.patches[0].sites == ["layers[18:30].heads[*]", "layers[*].attn_out", "layers[*].mlp_out"]
+
+
+DOMAIN_FILES = ["definitional.jsonl", "associative.jsonl", "encyclopedic.jsonl", "commonsense.jsonl",
+                "compositional.jsonl"]
+
+
+def test_domains_study_patches_every_layer_at_the_last_token_on_all_five_sets():
+    from interventions.spec import ModelSpec
+
+    study = StudyFile.from_yaml(STUDIES / "domains.yaml")
+    assert [Path(f).name for f in study.probes.files] == DOMAIN_FILES and study.pending() == []
+    spec = study.patch_spec(ModelSpec(source="smollm2-135m"), Path("probes.jsonl"))
+    assert spec.model.source == "smollm2-135m" and spec.direction == "denoising" and spec.alignment == "strict"
+    assert [(g.sites, g.positions) for g in spec.patches] == [
+        (["layers[*].resid_pre", "layers[*].attn_out", "layers[*].mlp_out"], ["last"])]
+    assert spec.analysis.require_flip and spec.analysis.min_clean_logit_diff == 0
+
+
+def test_dry_run_checks_the_domains_study_on_a_tiny_gpt2_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    """Every probe of the five sets tokenises to equal lengths and one-token answers under GPT-2's tokenizer, the
+    labels agree across files, and the sites resolve: the stages are listed, no output folder appears."""
+    from clap.app.cli import main
+    from clap.app.pipeline import check_study
+
+    stages = check_study(STUDIES / "domains.yaml", models={"model": str(tiny_dir)})
+    assert stages == ["patch[model]", "analyze[model]", "report"]
+    out = tmp_path / "out"
+    assert main(["run", str(STUDIES / "domains.yaml"), "-o", str(out), "--model", f"model={tiny_dir}",
+                 "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1/3 patch[model]" in printed and "3 stages would run (nothing ran)" in printed
+    assert not out.exists()
+
+
+def test_dry_run_refuses_probe_files_whose_labels_differ(tiny_dir, tmp_path):
+    """A file whose probes carry other labels than the rest fails the dry run, before any stage could run."""
+    import json
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "x-1", "category": "misc", "clean": "The capital of France is",
+                                 "corrupted": "The capital of Italy is", "answer": " Paris", "wrong": " Rome"}) + "\n")
+    study = tmp_path / "study.yaml"
+    study.write_text("name: mixed\nmodel: {source: smollm2-135m}\n"
+                     "probes: {files: [package:clap/data/probes/commonsense.jsonl, other.jsonl]}\n"
+                     "sites: ['layers[*].mlp_out']\npositions: [last]\n")
+    from clap.app.pipeline import check_study
+
+    with pytest.raises(ClapError, match="different label keys"):
+        check_study(study, models={"model": str(tiny_dir)})
+
+
+@pytest.mark.slow
+def test_domains_study_patches_on_tiny_gpt2(tiny_dir, tmp_path):
+    result = run_study(STUDIES / "domains.yaml", tmp_path / "out", models={"model": str(tiny_dir)},
+                       progress=False, until="patch", echo=lambda line: None)
+    frame = result.frame("model")
+    # label columns are sorted by name and the first is `clap analyze`'s default group: knowledge_type
+    assert read_results(result.results_dir("model"), validate=False)[1]["group_columns"] == [
+        "knowledge_type", "subject", "topic"]
+    assert set(frame["site_kind"]) == {"resid_pre", "attn_out", "mlp_out"} and set(frame["positions"]) == {"last"}
+    assert set(frame["topic"]) == {"epilepsy", "encyclopedic", "commonsense", "compositional"}
+    assert set(frame["knowledge_type"]) == {"definitional", "associative", "one_hop", "two_hop"}
+    assert frame.probe_id.nunique() == 93 + 142 + 102 + 122
+    assert len(frame) == frame.probe_id.nunique() * 3 * 2 * 2  # site kinds x layers x metrics

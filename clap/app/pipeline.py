@@ -12,6 +12,8 @@ Stages, in order (``--until`` stops after one, ``--force`` reruns one and what d
     trace[NAME]        with a `trace:` section: ROME's token-group table and      <out>/models/NAME/
                        heatmaps beside the results (what `clap trace` writes)     token_groups.csv, trace_*.png
     patch[cross:S-into-T]  cross-model patching: S's activations into T's runs    <out>/cross/S-into-T/
+    patch[additivity:NAME] layers patched jointly (sets from patch[NAME])        <out>/additivity/NAME/
+    patch[ablation:NAME]   the clean run ablated (zero / mean / resample)        <out>/ablation/NAME/
     analyze[NAME]      clap report, per model: tables, figures, report.html       <out>/models/NAME/analysis/
     analyze[cross:...] the same for each cross-model run                          <out>/cross/S-into-T/analysis/
     compare[A-vs-B]    clap compare, per pair named by `compare:`                 <out>/compare/A-vs-B/
@@ -30,7 +32,6 @@ imports it. Fine-tuning and comparison are reached through one adapter function 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -49,7 +50,7 @@ from clap.app.study_file import (
     StudyFile,
     resolve_path,
 )
-from clap.contract import read_results
+from clap.contract import atomic_write_text, read_results
 from clap.errors import ClapError, closest
 from interventions.spec import ModelSpec, ProbeSetSpec
 
@@ -58,13 +59,8 @@ log = logging.getLogger(__name__)
 STAGE_KINDS = ("corpus", "finetune", "patch", "trace", "analyze", "compare", "report")
 #: Per-probe heatmaps a trace stage draws (the first probes of the set); the averaged figure is always drawn.
 TRACE_PROBE_FIGURES = 3
-#: Built-in model names whose code lands separately: source -> (module that provides it, what it is).
-PENDING_BUILTINS = {
-    "smollm2-135m-epilepsy": ("clap.builtin_adapters",
-                              "the shipped LoRA adapter fine-tuned on the epilepsy corpus"),
-}
 #: Execution settings that do not change results (they are left out of the patch stage's hash).
-NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb")
+NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "max_cells")
 
 Echo = Callable[[str], None]
 
@@ -76,31 +72,20 @@ def finetune_model(corpus: Path, model: str, out: Path, *, preset: str, settings
 
     The only place that knows where fine-tuning lives. ``resume``: continue an interrupted run from its last
     checkpoint; otherwise earlier outputs in ``out`` are discarded (the inputs changed)."""
-    try:
-        from finetuning import finetune, load_config
-    except ModuleNotFoundError as exc:
-        raise ClapError(f"stage finetune needs clap's fine-tuning code ({exc.name}), which this installation "
-                        "lacks") from None
+    from finetuning import finetune, load_config
+
     config = load_config(preset, None, settings)
     result = finetune(corpus, model, out, config, tokenizer=tokenizer, overwrite=not resume, progress=progress)
     return Path(result.model_dir)
 
 
-def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True) -> Path:
-    """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites)."""
-    module = _compare_module()
-    function = getattr(module, "compare_runs", None) or module.compare
-    function(run_a, run_b, out, figures=figures)
+def compare_models(run_a: Path, run_b: Path, out: Path, *, figures: bool = True, analysis: Any = None) -> Path:
+    """``clap compare RUN_A RUN_B -o OUT`` (paired differences of two models on the same probes and sites), under
+    the study's ``analysis:`` options (``analysis``; None: those recorded in run A)."""
+    from analyses.compare import compare
+
+    compare(run_a, run_b, out, figures=figures, analysis=analysis)
     return out
-
-
-def _compare_module() -> Any:
-    if importlib.util.find_spec("analyses.compare") is None:
-        raise ClapError("stage compare needs `clap compare` (analyses/compare.py), which this installation of clap "
-                        "lacks; remove `compare:` from the study or stop before it with --until analyze")
-    import analyses.compare as module
-
-    return module
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -163,6 +148,9 @@ class _Planner:
                 self._trace(name)
         for name, section in study.cross_runs().items():
             self._cross_patch(name, section, probes)
+        for kind, name, entry in [(k, n, e) for k in ("additivity", "ablation") if getattr(study, k) is not None
+                                  for n, e in study.model_entries().items()]:
+            self._derived(kind, name, entry, probes)
         for name in study.model_entries():
             self._analyze(name)
         for name, section in study.cross_runs().items():
@@ -233,14 +221,8 @@ class _Planner:
             self.finetuned_dir = model_dir
             return [model_dir]
 
-        def check() -> None:
-            if importlib.util.find_spec("finetuning") is None:
-                raise ClapError("stage finetune needs clap's fine-tuning package (finetuning), which this "
-                                "installation lacks")
-            self._check_source(section.model, start)
-
         key = {"section": section.model_dump(mode="json"), "start": self._identity(start), **corpus_key}
-        self._add("finetune", "finetune", key, upstream, train, check)
+        self._add("finetune", "finetune", key, upstream, train)
 
     # -- patching -------------------------------------------------------------------------------------------
     def _probes(self) -> tuple[Path | None, str]:
@@ -274,10 +256,7 @@ class _Planner:
         text = "\n".join(lines) + "\n"
         target = self.out / "probes.jsonl"
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(".probes.jsonl.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(target)
+            atomic_write_text(target, text)
         return target, digest(text)
 
     def _patch(self, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
@@ -290,14 +269,13 @@ class _Planner:
         def run(resume: bool) -> list[Path]:
             spec = planner.study.patch_spec(planner._model_spec(entry), probes_file)
             spec.name = f"{planner.study.name} [{name}]"
-            Study(spec).run(results)
-            return [results]
+            return _run_patch(Study(spec), results, resume)
 
         spec_key, probe_options = self._spec_key()
         key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest,
                "model": self._identity(entry)}
         upstream = ["finetune"] if entry.finetuned else []
-        self._add(f"patch[{name}]", "patch", key, upstream, run, lambda: self._check_source(name, entry))
+        self._add(f"patch[{name}]", "patch", key, upstream, run)
 
     def _model_spec(self, entry: ModelEntry) -> ModelSpec:
         """The ``model:`` a patching stage runs for one of the study's models."""
@@ -327,19 +305,46 @@ class _Planner:
             spec = planner.study.cross_spec(section, planner._model_spec(target), planner._model_spec(source),
                                            probes_file)
             spec.name = f"{planner.study.name} [cross:{name}]"
-            Study(spec).run(results)
-            return [results]
+            return _run_patch(Study(spec), results, resume)
 
         spec_key, probe_options = self._spec_key()
         key = {"spec": spec_key, "cross_model": section.model_dump(mode="json"), "probe_options": probe_options,
                "probes": probes_digest, "target": self._identity(target), "source": self._identity(source)}
         upstream = ["finetune"] if target.finetuned or source.finetuned else []
+        self._add(f"patch[cross:{name}]", "patch", key, upstream, run)
 
-        def check() -> None:
-            self._check_source(section.target, target)
-            self._check_source(section.source, source)
+    def _derived(self, kind: str, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
+        """``patch[additivity:NAME]`` (layers patched jointly, the sets chosen from ``patch[NAME]``'s single-layer
+        results; the design table beside the results) or ``patch[ablation:NAME]`` (the clean run ablated):
+        ``<out>/KIND/NAME/``, specs derived by :mod:`interventions.derived`."""
+        from interventions.study import Study
 
-        self._add(f"patch[cross:{name}]", "patch", key, upstream, run, check)
+        probes_file, probes_digest = probes
+        results = self.out / kind / name
+        singles = self.out / "models" / name
+        planner = self
+        section = getattr(self.study, kind)
+
+        def run(resume: bool) -> list[Path]:
+            from clap.contract import DESIGN_FILE, atomic_write_frame
+            from interventions import derived
+
+            spec = planner.study.patch_spec(planner._model_spec(entry), probes_file)
+            spec.name = f"{planner.study.name} [{kind}:{name}]"
+            if kind == "ablation":
+                Study(derived.ablation_spec(spec, section)).run(results)
+                return [results]
+            joint, design = derived.additivity_spec(spec, read_results(singles)[0], section)
+            joint.name = spec.name
+            Study(joint).run(results)
+            atomic_write_frame(results / DESIGN_FILE, design)
+            return [results]
+
+        spec_key, probe_options = self._spec_key()
+        key = {"spec": spec_key, kind: section.model_dump(mode="json"), "probe_options": probe_options,
+               "probes": probes_digest, "model": self._identity(entry)}
+        upstream = [f"patch[{name}]"] if kind == "additivity" else (["finetune"] if entry.finetuned else [])
+        self._add(f"patch[{kind}:{name}]", "patch", key, upstream, run)
 
     def _source(self, entry: ModelEntry) -> str:
         if entry.finetuned:
@@ -362,12 +367,6 @@ class _Planner:
             identity["source"] = source
         return identity
 
-    def _check_source(self, name: str, entry: ModelEntry) -> None:
-        if entry.source in PENDING_BUILTINS:
-            module, what = PENDING_BUILTINS[entry.source]
-            if importlib.util.find_spec(module) is None:
-                raise ClapError(f"model {name!r}: source {entry.source!r} is {what} ({module}), which this "
-                                "installation of clap lacks")
 
     def _trace(self, name: str) -> None:
         """ROME's six-token-group table (with the spread over noise draws) and the heatmaps, beside the results."""
@@ -388,38 +387,47 @@ class _Planner:
     # -- analyses -------------------------------------------------------------------------------------------
     def _analyze(self, name: str, results: Path | None = None, same_prompt: bool = False) -> None:
         """``analyze[NAME]``. A same-prompt cross-model stage has no corruption of its own (the models are the
-        difference), so the exclusion rules that judge a probe's corruption (``require_flip``, ``min_abs_diff``)
-        would drop every probe there: they apply to the per-model stages only."""
+        difference), so ``require_flip``, which judges a probe's corruption, would drop every probe there: it
+        applies to the per-model stages only. ``min_abs_diff`` judges the recovery's denominator, which a
+        cross-model run has (source model's run - target model's run), and applies everywhere."""
         results = results or self.out / "models" / name
         options = self.study.analysis
-        if same_prompt and options is not None and (options.require_flip or options.min_abs_diff is not None):
-            log.info("analyze[%s]: require_flip / min_abs_diff judge a corruption; a same-prompt cross-model run "
-                     "has none, so they are not applied there", name)
-            options = options.model_copy(update={"require_flip": False, "min_abs_diff": None})
+        if same_prompt and options is not None and options.require_flip:
+            log.info("analyze[%s]: require_flip judges a corruption; a same-prompt cross-model run has none, so it "
+                     "is not applied there", name)
+            options = options.model_copy(update={"require_flip": False})
         render = self.study.report
+        # a model's report holds its derived runs' sections (additivity check, clean-run ablation)
+        derived = {kind: self.out / kind / name for kind in ("additivity", "ablation")
+                   if any(s.name == f"patch[{kind}:{name}]" for s in self.stages)}
 
         def run(resume: bool) -> list[Path]:
             from analyses.report import write_report
             from clap.analysis_options import AnalysisOptions
 
             files = write_report(results, analysis=options or AnalysisOptions(), figures=render.figures,
-                                 n_boot=render.n_boot)
+                                 n_boot=render.n_boot, **derived)
             return [files.html.parent]
 
         key = {"analysis": options.model_dump(mode="json") if options else None,
                "report": render.model_dump(mode="json")}
-        self._add(f"analyze[{name}]", "analyze", key, [f"patch[{name}]"], run)
+        self._add(f"analyze[{name}]", "analyze", key, [f"patch[{name}]", *(f"patch[{k}:{name}]" for k in derived)],
+                  run)
 
     def _compare(self, a: str, b: str) -> None:
         out = self.out / "compare" / f"{a}-vs-{b}"
         models = self.out / "models"
 
-        def run(resume: bool) -> list[Path]:
-            return [compare_models(models / a, models / b, out, figures=figures)]
+        def run(resume: bool) -> list[Path]:  # the study's options, as analyze[NAME] uses them (not run.json's)
+            from clap.analysis_options import AnalysisOptions
+
+            return [compare_models(models / a, models / b, out, figures=figures,
+                                   analysis=options or AnalysisOptions())]
 
         figures = self.study.report.figures
-        self._add(f"compare[{a}-vs-{b}]", "compare", {"pair": [a, b], "figures": figures},
-                  [f"patch[{a}]", f"patch[{b}]"], run, lambda: _compare_module() and None)
+        options = self.study.analysis
+        key = {"pair": [a, b], "figures": figures, "analysis": options.model_dump(mode="json") if options else None}
+        self._add(f"compare[{a}-vs-{b}]", "compare", key, [f"patch[{a}]", f"patch[{b}]"], run)
 
     def _report(self) -> None:
         from clap.app.study_report import write_study_report
@@ -439,6 +447,21 @@ class _Planner:
         stage.hash = digest({"stage": name, "key": key, "upstream": {u: hashes[u] for u in upstream},
                              "clap": __version__})
         self.stages.append(stage)
+
+
+def _run_patch(study: Any, results: Path, resume: bool) -> list[Path]:
+    """Run a patch stage into ``results``; return the files it wrote (the results contract's).
+
+    Only a stage interrupted under the same hash resumes from its finished batches: a stage that runs because its
+    hash changed (weights, probes, spec, clap version) or was forced first discards every batch in
+    ``results/.partial``, whatever plan fingerprint they carry, so no batch of other inputs can be picked up."""
+    from clap.contract import results_path, samples_path, sidecar_path
+    from interventions.batch_store import discard_partial
+
+    if not resume and discard_partial(results):
+        log.info("%s: finished batches of an earlier run of this stage discarded (its inputs changed)", results)
+    study.run(results)
+    return [results_path(results), sidecar_path(results), *[p for p in [samples_path(results)] if p.is_file()]]
 
 
 def _fail(message: str) -> Callable[[], None]:
@@ -464,10 +487,15 @@ def _select(stages: Sequence[Stage], names: Iterable[str], option: str) -> set[s
 
 # ------------------------------------------------------------------------------------------------- running
 def load_study(study: StudyFile | str | Path | dict, models: dict[str, str] | None = None,
-               **execution: Any) -> StudyFile:
-    """The study file with ``models`` (name -> source) and execution settings (``remote``, ``device``,
-    ``max_rows``, ``progress``; None = keep) overridden, as ``clap run --model NAME=SOURCE`` does."""
+               group: str | None = None, **execution: Any) -> StudyFile:
+    """The study file with ``models`` (name -> source), ``group`` (``analysis.group``) and execution settings
+    (``remote``, ``device``, ``max_rows``, ``progress``; None = keep) overridden, as ``clap run --model NAME=SOURCE
+    --group G`` does."""
     study = StudyFile.coerce(study)
+    if group is not None:
+        from clap.analysis_options import AnalysisOptions
+
+        study.analysis = (study.analysis or AnalysisOptions()).model_copy(update={"group": group})
     if models:
         entries = study.model_entries()
         for name, source in models.items():
@@ -488,16 +516,45 @@ def load_study(study: StudyFile | str | Path | dict, models: dict[str, str] | No
     return study
 
 
+def check_study(study: StudyFile | str | Path | dict, *, models: dict[str, str] | None = None,
+                remote: bool | str | None = None, device: str | None = None) -> list[str]:
+    """``clap run --dry-run``: everything that can be checked without running a stage, and the stages' names.
+
+    The study file, its pending sections, the stage plan and every stage's preconditions (as a real run checks
+    them before its first stage), and, for each model with a source, what ``clap patch`` checks before loading
+    weights: the device, every site address against the model's config, and the concatenated probes with its
+    tokenizer (token lengths, one-token answers, the same labels on every probe). Planned in a temporary folder:
+    nothing is written to the output folder. A fine-tuned model's probes are checked only by its run."""
+    import tempfile
+
+    from interventions.study import Study
+
+    study = load_study(study, models, remote=remote, device=device, progress=False)
+    for section, reason in study.pending():
+        raise ClapError(f"study {study.name!r}: `{section}:` {reason}; remove the section to run the rest")
+    with tempfile.TemporaryDirectory(prefix="clap-dry-run-") as tmp:
+        planner = _Planner(study, Path(tmp), False)
+        stages = planner.plan()
+        for stage in stages:
+            if stage.check is not None:
+                stage.check()
+        probes_file, _ = planner._probes()
+        for entry in study.model_entries().values():
+            if not entry.finetuned:
+                Study(study.patch_spec(planner._model_spec(entry), probes_file)).check()
+    return [stage.name for stage in stages]
+
+
 def run_study(study: StudyFile | str | Path | dict, out: str | Path | None = None, *, force: Sequence[str] = (),
               until: str | None = None, models: dict[str, str] | None = None, remote: bool | str | None = None,
               device: str | None = None, max_rows: int | None = None, progress: bool | None = None,
-              echo: Echo | None = None) -> RunResult:
+              group: str | None = None, echo: Echo | None = None) -> RunResult:
     """Run every stage of ``study`` that is not up to date into ``out``; the Python twin of ``clap run``.
 
     ``force``: stages (or kinds, or ``all``) to rerun although up to date; what depends on them reruns too.
     ``until``: the last stage (or kind) to run. ``models``: name -> source overrides. ``echo`` receives one line
-    per stage (default: printed to stderr)."""
-    study = load_study(study, models, remote=remote, device=device, max_rows=max_rows, progress=progress)
+    per stage (default: printed to stderr). ``group``: the analyses' and comparisons' group (``analysis.group``)."""
+    study = load_study(study, models, group, remote=remote, device=device, max_rows=max_rows, progress=progress)
     for section, reason in study.pending():
         raise ClapError(f"study {study.name!r}: `{section}:` {reason}; remove the section to run the rest")
     out = Path(out) if out is not None else Path(f"{study.name}-output")
@@ -518,34 +575,24 @@ def run_study(study: StudyFile | str | Path | dict, out: str | Path | None = Non
         for number, stage in enumerate(stages, start=1):
             head = f"stage {number}/{len(stages)} {stage.name}"
             rerun = stage.name in forced or any(u in ran for u in stage.upstream)
-            if not rerun and store.is_done(stage.name, stage.hash) and _outputs_exist(store, stage.name):
+            problem = store.outputs_problem(stage.name) if store.is_done(stage.name, stage.hash) else None
+            if not rerun and store.is_done(stage.name, stage.hash) and problem is None:
                 result.stages[stage.name] = "up to date"
                 say(f"{head}: up to date")
                 continue
             record = store.stages.get(stage.name) or {}
             resume = record.get("status") == "running" and record.get("hash") == stage.hash
-            say(f"{head}: {'resuming' if resume else 'running'}")
+            reason = f" (its outputs changed: {problem})" if problem and not rerun else ""
+            say(f"{head}: {'resuming' if resume else 'running'}{reason}")
             store.mark_running(stage.name, stage.hash)
             clock = time.perf_counter()
             outputs = stage.action(resume)
             seconds = time.perf_counter() - clock
-            store.mark_done(stage.name, stage.hash, seconds, [_relative(p, out) for p in outputs])
+            store.mark_done(stage.name, stage.hash, seconds, outputs)
             ran.add(stage.name)
             result.stages[stage.name] = "ran"
             say(f"{head}: done in {seconds:.1f} s (elapsed {time.perf_counter() - started:.1f} s)")
     return result
-
-
-def _outputs_exist(store: StageStore, name: str) -> bool:
-    outputs = store.stages[name].get("outputs") or []
-    return all((store.path.parent / p).exists() for p in outputs)
-
-
-def _relative(path: Path, out: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(out.resolve()).as_posix()
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 # ------------------------------------------------------------------------------------------------- command line
@@ -567,7 +614,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
     p.add_argument("--device", help="override execution.device")
     p.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
+    p.add_argument("--group", metavar="LABEL",
+                   help="override analysis.group: the probe label whose values are the groups of the analyses and "
+                        "comparisons (default: analysis.group, else knowledge_type, never a provenance label)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the study (plan, preconditions, each model's sites and probes against its config and "
+                   "tokenizer; no weights loaded) and list its stages; nothing is run or written")
     p.set_defaults(func=_run_command)
 
 
@@ -579,9 +632,14 @@ def _run_command(args: argparse.Namespace) -> int:
             raise ClapError(f"--model {item!r}: expected NAME=SOURCE")
         models[name.strip()] = source.strip()
     remote = {"false": False, "true": True, "local": "local"}[args.remote] if args.remote else None
+    if args.dry_run:
+        stages = check_study(args.study, models=models, remote=remote, device=args.device)
+        print("\n".join(f"stage {i}/{len(stages)} {name}" for i, name in enumerate(stages, start=1)))
+        print(f"dry run: the study checks out; {len(stages)} stages would run (nothing ran)")
+        return 0
     result = run_study(args.study, args.out, force=args.force, until=args.until, models=models, remote=remote,
                        device=args.device, max_rows=args.max_rows, progress=False if args.no_progress else None,
-                       echo=lambda line: print(line, flush=True))
+                       group=args.group, echo=lambda line: print(line, flush=True))
     ran = sum(status == "ran" for status in result.stages.values())
     print(f"{len(result.stages)} stages ({ran} ran, {len(result.stages) - ran} up to date) -> {result.out}"
           + (f"; open {result.report}" if result.report.is_file() else ""))

@@ -23,6 +23,13 @@ Everything a ``StudySpec`` accepts is accepted here with the same meaning, plus:
              source model's activations patched into the target model (both named under ``models:``), one
              ``patch[cross:SOURCE-into-TARGET]`` stage (``<out>/cross/SOURCE-into-TARGET/``) and its analysis;
              ``sites`` / ``patches`` / ``positions`` / ``operations`` / ``corrupted_prompt`` default to the study's
+``additivity`` ``{kinds: [attn_out, mlp_out], position: last, cumulative: true, top: [2, 3, 5], pairs: 5}``
+             (:class:`interventions.derived.AdditivitySection`): per model a ``patch[additivity:NAME]`` stage after
+             ``patch[NAME]`` patches layers jointly (cumulative stacks, each probe's top-m layers and pairs among its
+             top layers by the single-layer results; ``<out>/additivity/NAME/``), analysed in the model's report
+``ablation`` ``{sites: [...], positions: [last], operations: [zero, mean, resample]}``
+             (:class:`interventions.derived.AblationSection`): per model a ``patch[ablation:NAME]`` stage ablates
+             the clean run (``<out>/ablation/NAME/``), analysed in the model's report beside its head patching
 
 Validation errors name file, line and field, in the format of :mod:`interventions.spec`.
 """
@@ -39,6 +46,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from clap.errors import closest
 from clap.validation import StrictModel
 from clap.yamlio import line_of
+from interventions.derived import AblationSection, AdditivitySection
 from interventions.spec import (
     ModelSpec,
     OperationSpec,
@@ -56,7 +64,8 @@ PENDING_SECTIONS: dict[str, str] = {}
 #: Earlier spellings of sections, refused with the one spelling to use.
 RENAMED_SECTIONS = {"causal_tracing": "trace"}
 #: Fields of a study file that are not part of the per-model patching spec.
-RUN_FIELDS = ("models", "model", "corpus", "finetune", "compare", "report", "cross_model", *PENDING_SECTIONS)
+RUN_FIELDS = ("models", "model", "corpus", "finetune", "compare", "report", "cross_model", "additivity", "ablation",
+              *PENDING_SECTIONS)
 PACKAGE_PREFIX = "package:"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -181,6 +190,8 @@ class StudyFile(StudySpec):
     compare: list[str | list[str]] | None = None
     report: ReportSection = Field(default_factory=ReportSection)
     cross_model: CrossModelSection | list[CrossModelSection] | None = None
+    additivity: AdditivitySection | None = None
+    ablation: AblationSection | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -1,5 +1,9 @@
-"""The study-level report of ``clap run``: one page that links each model's report and each comparison, and states
-the caveats that concern the study's design rather than one model's statistics.
+"""The study-level report of ``clap run``: one page that links each model's report and each comparison, gives their
+headline findings, and states the caveats that concern the study's design rather than one model's statistics.
+
+The findings are the sentences the per-model reports and the comparisons already wrote (their ``findings.json``,
+:func:`analyses.report.findings_record`, :func:`analyses.compare.findings_record`), shown unchanged: this page
+derives no number of its own.
 
 Why here and not in ``analyses/report.py``: that report describes one results directory. Whether a study patched
 sites that reproduce the clean run by construction, or modules whose names mislead (GPT-2's ``Conv1D``), is a
@@ -88,6 +92,26 @@ def _trace(results: Path) -> dict[str, Any] | None:
     return {"peaks": trace_peaks(pd.read_csv(table)), "table": table, "figure": figure if figure.is_file() else None}
 
 
+def read_findings(folder: Path) -> dict[str, Any] | None:
+    """The ``findings.json`` a report or comparison wrote into ``folder``, or None (not analysed, unreadable)."""
+    path = folder / "findings.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def headline(record: dict[str, Any] | None) -> list[tuple[str, list[str]]]:
+    """``(slice, sentences)`` of a findings record's headline, then the lines across slices."""
+    if not record:
+        return []
+    out = [(str(s.get("slice", "")), [str(x) for x in s.get("headline") or []]) for s in record.get("slices") or []]
+    if record.get("overall"):
+        out.append(("Across slices", [str(x) for x in record["overall"]]))
+    return [(h, lines) for h, lines in out if lines]
+
+
 def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
     """One patching run (a model's, or a cross-model one) as the report lists it; None while it has no results."""
     from analyses.io import load_results
@@ -96,11 +120,14 @@ def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
         return None
     frame, meta = load_results(results)
     report = results / "analysis" / "report.html"
+    found = read_findings(results / "analysis")
+    design = [c for c in (found or {}).get("caveats") or [] if str(c).startswith("Design:")]
     return {
+        "findings": headline(found), "group": (found or {}).get("group"),
         "name": name, "source": source, "architecture": (meta.get("model") or {}).get("architecture", ""),
         "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
         "results": results, "report": report if report.is_file() else None,
-        "caveats": design_caveats(frame, meta), "trace": _trace(results),
+        "caveats": design_caveats(frame, meta) + design, "trace": _trace(results),
         "samples": ((meta.get("noise") or {}).get("samples")),
     }
 
@@ -117,7 +144,9 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
     for a, b in study.comparisons():
         folder = out / "compare" / f"{a}-vs-{b}"
         page = folder / "compare.html"
-        comparisons.append({"pair": f"{b} - {a}", "page": page if page.is_file() else None, "folder": folder})
+        found = read_findings(folder)
+        comparisons.append({"pair": f"{b} - {a}", "page": page if page.is_file() else None, "folder": folder,
+                            "findings": headline(found), "group": (found or {}).get("group")})
     record_path = out / "stages.json"
     record = json.loads(record_path.read_text(encoding="utf-8"))["stages"] if record_path.is_file() else {}
     stage_rows = [(s.name, s.hash[:12], (record.get(s.name) or {}).get("seconds")) for s in stages]
@@ -157,6 +186,7 @@ def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict]
         lines += ["", "## Comparisons", ""]
         for c in comparisons:
             lines.append(f"- {c['pair']}: " + (f"[compare.html]({_rel(c['page'], out)})" if c["page"] else "not run"))
+    lines += _markdown_findings(models, comparisons)
     for m in models:
         if m.get("trace"):
             lines += ["", f"## Causal trace: {m['name']}", "", _trace_words(m), ""]
@@ -177,6 +207,46 @@ def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict]
     return "\n".join(lines) + "\n"
 
 
+def _findings_blocks(models: list[dict], comparisons: list[dict]) -> list[tuple[str, str | None, list]]:
+    """(title, group, [(slice, sentences)]) for each model and comparison with findings."""
+    blocks = [(f"Model {m['name']}", m.get("group"), m["findings"]) for m in models if m.get("findings")]
+    blocks += [(f"Comparison {c['pair']}", c.get("group"), c["findings"]) for c in comparisons if c.get("findings")]
+    return blocks
+
+
+def _markdown_findings(models: list[dict], comparisons: list[dict]) -> list[str]:
+    blocks = _findings_blocks(models, comparisons)
+    if not blocks:
+        return []
+    lines = ["", "## Headline findings", "",
+             "From each report's own findings (its tables; see the linked reports for every slice's detail)."]
+    for title, group, found in blocks:
+        lines += ["", f"### {title}" + (f" (groups: `{group}`)" if group else ""), ""]
+        for heading, sentences in found:
+            lines += [f"- **{heading}**: " + " ".join(sentences)]
+    return lines
+
+
+def _inline(text: str) -> str:
+    """Escaped text with its `code` spans as <code>, as the reports show them."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _html_findings(models: list[dict], comparisons: list[dict]) -> list[str]:
+    e = html.escape
+    blocks = _findings_blocks(models, comparisons)
+    if not blocks:
+        return []
+    parts = ["<h2>Headline findings</h2><p>From each report's own findings (its tables; the linked reports give "
+             "every slice's detail).</p>"]
+    for title, group, found in blocks:
+        parts.append(f"<h3>{e(title)}" + (f" (groups: <code>{e(group)}</code>)" if group else "") + "</h3><ul>")
+        parts += [f"<li><b>{e(heading)}</b>: {_inline(' '.join(sentences))}</li>" for heading, sentences in found]
+        parts.append("</ul>")
+    return parts
+
+
 def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(study.name)}</title>",
@@ -186,8 +256,9 @@ def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], st
              f"<h1>Study: {e(study.name)}</h1>"]
     caveats = [(m["name"], c) for m in models for c in m["caveats"]]
     parts.append("<h2>Design caveats</h2><div class='caveats'><ul>"
-                 + ("".join(f"<li><b>{e(n)}</b>: {e(c)}</li>" for n, c in caveats) or "<li>None found.</li>")
+                 + ("".join(f"<li><b>{e(n)}</b>: {_inline(c)}</li>" for n, c in caveats) or "<li>None found.</li>")
                  + "</ul></div>")
+    parts += _html_findings(models, comparisons)
     parts.append("<h2>Models</h2><table><tr><th>model</th><th>source</th><th>architecture</th><th>probes</th>"
                  "<th>sites</th><th>rows</th><th>report</th></tr>")
     for m in models:

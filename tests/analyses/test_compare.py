@@ -112,3 +112,77 @@ def test_cli_compare_writes_report_and_heatmap(tmp_path, capsys):
     b.to_parquet(tmp_path / "B" / "results.parquet", index=False)
     assert main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "-o", str(tmp_path / "o2")]) == 2
     assert "p004" in capsys.readouterr().err
+
+
+def _with_probes(meta, frame):
+    """run.json's ``probes`` list as the engine writes it (prompts and answer tokens per probe)."""
+    ids = sorted(frame["probe_id"].unique())
+    meta["probes"] = [{"probe_id": pid, "clean": f"The fact about {pid} is", "corrupted": f"The fact about {pid} was",
+                       "answer_ids": [10 + i], "wrong_ids": [50 + i]} for i, pid in enumerate(ids)]
+    return meta
+
+
+def test_same_id_with_other_prompts_or_answers_is_refused(tmp_path):
+    """Rows carry only the tokens at patched positions: a clean prompt changed elsewhere (same length) or another
+    answer must still be refused, naming each probe and field."""
+    a = make_results(n_probes=6, n_layers=3, site_kinds=("resid_pre",), metrics=("logit_diff",), tokens=("a", "b"),
+                     trivial_sites=False)
+    meta_a = _with_probes(make_meta(a, group_columns=[GROUP]), a)
+    save_results(a, meta_a, tmp_path / "A")
+    meta_b = _with_probes(make_meta(a, group_columns=[GROUP]), a)
+    meta_b["probes"][2]["clean"] = meta_b["probes"][2]["clean"].replace("fact", "FACT")
+    meta_b["probes"][4]["answer_ids"] = [99]
+    meta_b["probes"][5]["corrupted"] = "Something else entirely"
+    save_results(a, meta_b, tmp_path / "B")
+    with pytest.raises(ClapError) as info:
+        compare(tmp_path / "A", tmp_path / "B", tmp_path / "out", figures=False)
+    text = str(info.value)
+    assert text.startswith("3 probe id(s) stand for different probes in the two runs")
+    assert "p002 (clean; clean: 'The fact about p002 is' in" in text and "'The FACT about p002 is' in" in text
+    assert "p004 (answer_ids; answer_ids: [14] in" in text
+    assert "p005 (corrupted;" in text
+    assert not (tmp_path / "out").exists()
+    save_results(a, meta_a, tmp_path / "A2")  # the same probes recorded alike: paired
+    assert compare(tmp_path / "A", tmp_path / "A2", tmp_path / "ok", figures=False).paired["probe_id"].nunique() == 6
+
+
+def test_compare_honours_the_analysis_options(tmp_path):
+    """``position_reduction: max`` (recorded in run A's spec, or given) gives each probe's max over positions, as
+    ``clap analyze`` does; the exclusion rules drop a probe failing them in either run from both."""
+    a = make_results(n_probes=8, n_layers=3, site_kinds=("resid_pre",), metrics=("logit_diff",),
+                     tokens=("a", "b", "c"), trivial_sites=False, seed=2)
+    rng = np.random.default_rng(4)
+    b = a.copy()
+    b["recovery"] = b["recovery"] + rng.normal(0, 0.3, len(b))
+    save_results(a, make_meta(a, group_columns=[GROUP], analysis={"position_reduction": "max"}), tmp_path / "A")
+    save_results(b, make_meta(b, group_columns=[GROUP]), tmp_path / "B")
+
+    def reduced(frame, how):
+        rows = frame[frame["recovery_defined"]]
+        if how == "last":
+            rows = rows[rows["position"] == rows.groupby("probe_id")["position"].transform("max")]
+            return rows.groupby(["probe_id", "layer"])["recovery"].first()
+        return rows.groupby(["probe_id", "layer"])["recovery"].max()
+
+    for given, how in ((None, "max"), ({"position_reduction": "last"}, "last")):
+        res = compare(tmp_path / "A", tmp_path / "B", tmp_path / f"out-{how}", figures=False, analysis=given)
+        paired = res.paired.set_index(["probe_id", "layer"]).sort_index()
+        expected = (reduced(b, how) - reduced(a, how)).sort_index()
+        np.testing.assert_allclose(paired["diff"].to_numpy(), expected.loc[paired.index].to_numpy(), atol=1e-12)
+        assert len(paired) == len(expected) == 8 * 3
+        assert res.options["position_reduction"] == how
+    assert "max over positions" in set(compare(tmp_path / "A", tmp_path / "B", tmp_path / "o", figures=False)
+                                       .paired["reduction"].str.split(" \\(").str[0])
+
+    # an exclusion rule: the probes whose |clean - corrupted| is below the threshold in A or in B
+    ends = a[a["metric"] == "logit_diff"].groupby("probe_id")[["clean", "corrupted"]].first()
+    gap = (ends["clean"] - ends["corrupted"]).abs().sort_values()
+    threshold = float(gap.iloc[2:4].mean())  # between the 3rd and 4th smallest: 3 probes fail
+    res = compare(tmp_path / "A", tmp_path / "B", tmp_path / "excl", figures=False,
+                  analysis={"position_reduction": "max", "min_abs_diff": threshold})
+    dropped = sorted(gap.index[:3])
+    assert sorted(res.excluded["probe_id"]) == dropped and set(res.excluded["run"]) == {"both"}
+    assert not set(res.paired["probe_id"]) & set(dropped) and res.paired["probe_id"].nunique() == 5
+    assert (tmp_path / "excl" / "excluded_probes.csv").is_file()
+    assert f"Excluded by the analysis rules (from both runs): 3 probe(s) ({', '.join(dropped)};" in (
+        tmp_path / "excl" / "compare.md").read_text()

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from analyses import load_results, rm_anova
+from analyses.formatting import fmt as _fmt
 from analyses.io import save_results
 from analyses.pipeline import TABLE_FILES
-from analyses.report import _fmt
 from analyses.synthetic import make_meta, make_results
 from clap.app.cli import main
 
@@ -163,7 +163,7 @@ def test_cli_errors_are_clear(tmp_path, small_dir, capsys):
     assert main(["analyze", str(small_dir), "--dpi", "72"]) == 2
     assert "200 dpi" in capsys.readouterr().err
     assert main(["report", str(small_dir), "--group", "nope"]) == 2
-    assert "group column 'nope' not in the results" in capsys.readouterr().err
+    assert "group (--group, analysis.group): 'nope' is not a label of the probes" in capsys.readouterr().err
     assert main(["analyze", str(small_dir), "-o", str(tmp_path / "o"), "--site-kind", "attn_out"]) == 2
     assert ("no testable slice with site_kind attn_out; site kinds with 2+ layers in the results: mlp_out, resid_pre"
             in capsys.readouterr().err)

@@ -115,7 +115,8 @@ class FakeEutils:
     0.6 s), ``"truncate"`` (a 200 whose body is cut in half but whose Content-Length matches it), ``"short"``
     (Content-Length of the whole body, half of it sent, then the connection closed), ``"400key"`` (a 400 that
     echoes the request's ``api_key`` in every spelling, in its body and a header, as NCBI does for a bad key) or
-    ``"errorkey"`` (a 200 whose ``<ERROR>`` echoes it). ``key_in_records`` echoes it inside a record's title.
+    ``"errorkey"`` (a 200 whose ``<ERROR>`` echoes it). ``key_in_records`` echoes it inside a record's title
+    (``True``: in the URL spellings; ``"ncr"``: as numeric character references, which the XML parser decodes).
     """
 
     articles: list[bytes]
@@ -124,7 +125,7 @@ class FakeEutils:
     log: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     webenvs: set[str] = field(default_factory=set)
     expire_after_efetch: int | None = None  # forget all WebEnvs after this many efetch calls
-    key_in_records: bool = False
+    key_in_records: bool | str = False
     url: str = ""
 
     def body_esearch(self, params: dict[str, str]) -> bytes:
@@ -248,7 +249,9 @@ def _records_body(fake: FakeEutils, endpoint: str, params: dict[str, str], fault
     if fault == "errorkey":
         body = f"<eSearchResult><ERROR>{html.escape(key_echo(key, query))}</ERROR></eSearchResult>".encode()
     if fake.key_in_records and b"</ArticleTitle>" in body:
-        body = body.replace(b"</ArticleTitle>", f" {html.escape(key_echo(key, ''))}</ArticleTitle>".encode(), 1)
+        echo = (html.escape(key_echo(key, "")) if fake.key_in_records is True
+                else "Invalid API key: " + "".join(f"&#{ord(c)};" for c in key))  # "ncr": decoded by the parser
+        body = body.replace(b"</ArticleTitle>", f" {echo}</ArticleTitle>".encode(), 1)
     if fault == "truncate":
         body = body[: len(body) // 2]
     return body

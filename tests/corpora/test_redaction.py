@@ -103,3 +103,61 @@ def test_connection_error_quoting_the_encoded_url_is_redacted(tmp_path, capsys, 
     captured = capsys.readouterr()
     assert "api_key=***" in captured.err
     assert_no_key(captured.out, captured.err, caplog.text, *files_under(tmp_path / "store").values())
+
+
+#: A key with a quote, a slash and non-ASCII letters: the characters JSON and XML writers escape.
+ODD_KEY = 'k3y"кл+/='
+
+
+def test_redactor_knows_json_escapes_character_references_and_utf16():
+    import json
+    import xml.etree.ElementTree as ET
+
+    redact = Redactor([ODD_KEY])
+    spellings = [
+        json.dumps(ODD_KEY)[1:-1],                                   # k3y\"\u043a\u043b+\/= (ASCII JSON)
+        json.dumps(ODD_KEY, ensure_ascii=False)[1:-1],               # k3y\"кл+/=
+        json.dumps(ODD_KEY)[1:-1].replace("043a", "043A"),          # upper-case hex: \u043A
+        "".join(f"&#{ord(c)};" for c in ODD_KEY),                    # decimal references
+        "".join(f"&#x{ord(c):x};" for c in ODD_KEY),                 # hex references
+        "k&#51;y&quot;&#x43a;л%2B/=",                                # a mixture
+    ]
+    for spelling in spellings:
+        assert redact(f"before {spelling} after") == "before *** after", spelling
+        assert redact.redact_bytes(f"<{spelling}>".encode()) == b"<***>", spelling
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be"):  # a whole body in UTF-16: still UTF-16 after redaction
+        body = f'<?xml version="1.0" encoding="UTF-16"?><e><t>bad key {ODD_KEY}!</t></e>'.encode(encoding)
+        cleaned = redact.redact_bytes(body)
+        text = cleaned.decode(encoding)
+        assert ODD_KEY not in text and "bad key ***!" in text
+        if encoding == "utf-16":  # with its byte-order mark, as a server sends it: the parser reads it
+            assert ET.fromstring(cleaned).find("t").text == "bad key ***!"
+    assert redact("k3y кл") == "k3y кл" and redact("&#107;3y") == "&#107;3y"  # look-alikes stay
+
+
+def test_parsed_values_are_redacted_after_decoding():
+    """A key the bytes did not show (a spelling no pattern foresaw) but the parser decoded: redacted in the parsed
+    record, every field, frozen dataclasses too."""
+    from corpora.eutils import SearchResult
+    from corpora.records import PubmedRecord
+
+    redact = Redactor([ODD_KEY])
+    record = PubmedRecord(pmid="1", title=f"t {ODD_KEY}", abstract="a", mesh_terms=[f"m{ODD_KEY}"],
+                          keywords=["k"])
+    out = redact.value([record])
+    assert out[0].title == "t ***" and out[0].mesh_terms == ["m***"] and out[0].abstract == "a"
+    search = redact.value(SearchResult(count=3, webenv=f"W{ODD_KEY}", query_key="1"))
+    assert search.webenv == "W***" and search.count == 3
+    assert redact.value({"x": (ODD_KEY, 1)}) == {"x": ("***", 1)}
+
+
+def test_a_key_the_xml_parser_decodes_is_not_stored(eutils_server, tmp_path, capsys, caplog):
+    """The key inside a record as numeric character references: the raw bytes hold no plain key, the XML parser
+    decodes it; records.jsonl must not store it."""
+    eutils_server.key_in_records = "ncr"
+    out = tmp_path / "store"
+    assert main(fetch_args(eutils_server, out)) == 0
+    stored = files_under(out)
+    assert b"Invalid API key: ***" in stored["records.jsonl"]
+    captured = capsys.readouterr()
+    assert_no_key(captured.out, captured.err, caplog.text, *stored.values())

@@ -518,3 +518,72 @@ def test_an_evaluation_repeated_at_one_step_is_logged_once():
     rows = history_rows(history)
     assert [(r["step"], r["split"]) for r in rows] == [(0, "validation"), (1, "train"), (2, "validation")]
     assert rows[2]["loss"] == 2.8 and math.isclose(rows[2]["perplexity"], math.exp(2.8))
+
+
+def test_torn_rng_state_or_config_is_passed_over(corpus_dir: Path, tiny_model_dir: Path, tmp_path: Path, caplog):
+    """A truncated ``rng_state.pth`` or ``config.json`` in the newest checkpoint said "resuming from checkpoint-N",
+    then failed with a traceback on every rerun: every file a resume reads is checked, the torn checkpoint is moved
+    aside and the run resumes from the previous complete one."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    from finetuning.checkpoints import checkpoint_problem
+
+    class StopAt5(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise Interrupt("simulated interruption")
+
+    config = fast(max_steps=8)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        finetune(corpus_dir, str(tiny_model_dir), out, config, progress=False, callbacks=[StopAt5()])
+    good = out / "checkpoints" / "checkpoint-3"
+    assert checkpoint_problem(good) is None and (good / "rng_state.pth").is_file()
+
+    def torn(step: int, damage) -> Path:
+        folder = out / "checkpoints" / f"checkpoint-{step}"
+        shutil.copytree(good, folder)
+        state = json.loads((folder / "trainer_state.json").read_text())
+        (folder / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
+        damage(folder)
+        return folder
+
+    def truncate(path: Path) -> None:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    def flip_a_byte(path: Path) -> None:  # the zip directory intact, one stored byte changed
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:
+            info = max(archive.infolist(), key=lambda i: i.file_size)
+        data = bytearray(path.read_bytes())
+        at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2
+        data[at] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    rng = torn(4, lambda f: truncate(f / "rng_state.pth"))
+    assert checkpoint_problem(rng) == "rng_state.pth is truncated or not a torch file"
+    config_file = torn(5, lambda f: truncate(f / "config.json"))
+    assert checkpoint_problem(config_file).startswith("config.json is unreadable (")
+    scratch = tmp_path / "scratch" / "checkpoint-3"
+    shutil.copytree(good, scratch)
+    flip_a_byte(scratch / "optimizer.pt")
+    assert checkpoint_problem(scratch).startswith("optimizer.pt is damaged (") and "fails its checksum" in (
+        checkpoint_problem(scratch))
+
+    with caplog.at_level("INFO", logger="finetuning.train"):
+        resumed = finetune(corpus_dir, str(tiny_model_dir), out, config, progress=False)
+    assert resumed.resumed_from == "checkpoint-3" and resumed.global_step == 8
+    assert [(s.name, s.reason.split(" (")[0]) for s in resumed.skipped_checkpoints] == [
+        ("checkpoint-5", "config.json is unreadable"),
+        ("checkpoint-4", "rng_state.pth is truncated or not a torch file")]
+    assert all(Path(s.moved_to).parent == out / "checkpoints-incomplete" for s in resumed.skipped_checkpoints)
+    assert "resuming from checkpoint-3" in caplog.text
+    log = read_log(out)
+    assert [r["step"] for r in log if r["split"] == "train"] == list(range(1, 9))
+    straight = finetune(corpus_dir, str(tiny_model_dir), tmp_path / "straight", config, progress=False)
+    a, b = state_dict_of(out / "model"), state_dict_of(straight.model_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the resumed run is the uninterrupted one

@@ -76,3 +76,41 @@ def test_directory_fingerprint_hashes_the_files_once_and_notices_a_resave(tmp_pa
     hf.save_pretrained(folder)
     assert weights_fingerprint(hf, folder) != first
     assert len(json.loads((tmp_path / "cache" / "fingerprints.json").read_text())) == 2
+
+
+def test_an_edit_that_keeps_size_and_mtime_changes_the_fingerprint(tmp_path, tiny_gpt2, monkeypatch):
+    """``cp -p`` / ``rsync -a`` / ``touch -r`` give edited weights the old size and mtime; the cached digest must
+    not be reused (its key holds the inode and change time too), nor a GGUF conversion's cache key."""
+    import os
+    import shutil
+
+    from clap import models
+
+    monkeypatch.setenv("CLAP_CACHE", str(tmp_path / "cache"))
+    folder, other = tmp_path / "model", tmp_path / "other"
+    hf = copy.deepcopy(tiny_gpt2.hf)
+    hf.save_pretrained(folder)
+    first = weights_fingerprint(hf, folder)
+    with torch.no_grad():
+        hf.transformer.h[-1].ln_2.bias.add_(1e-4)
+    hf.save_pretrained(other)
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    shutil.copyfile(other / "model.safetensors", weights)  # in place: same inode, same size
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert weights.read_bytes() != b"" and weights_fingerprint(hf, folder) != first
+    assert weights_fingerprint(hf, folder) == weights_fingerprint(hf, other)
+    assert models._file_digest(weights) == hashlib.blake2b(weights.read_bytes(), digest_size=16).hexdigest()
+
+    gguf = tmp_path / "m.gguf"  # the conversion cache: content, not timestamps
+    gguf.write_bytes(b"GGUF" + b"a" * 60)
+    stat = gguf.stat()
+    key = models._fingerprint(gguf)
+    gguf.write_bytes(b"GGUF" + b"b" * 60)
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert models._fingerprint(gguf) != key
+    shutil.copy2(gguf, tmp_path / "copy.gguf")  # a copy elsewhere shares the conversion
+    assert models._fingerprint(tmp_path / "copy.gguf") == models._fingerprint(gguf)
+    (tmp_path / "cache" / "fingerprints.json").write_text("[]")  # a cache that is not one: ignored, rewritten
+    assert models._file_digest(gguf) == hashlib.blake2b(gguf.read_bytes(), digest_size=16).hexdigest()

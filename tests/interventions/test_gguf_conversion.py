@@ -102,7 +102,7 @@ def test_cache_key_is_the_files_content_whoever_calls(fake_gguf, tmp_path, monke
     link = tmp_path / "link.gguf"
     link.symlink_to(fake_gguf)
     assert models.gguf_cache_dir(copy, cache) == models.gguf_cache_dir(fake_gguf, cache)
-    assert models.gguf_cache_dir(link, cache).name == f"{fake_gguf.stem}-{models.gguf_cache_key(fake_gguf)}"
+    assert models.gguf_cache_dir(link, cache).name == f"{fake_gguf.stem}-{models._fingerprint(fake_gguf)}"
     first = models.convert_gguf(fake_gguf, cache_dir=cache)
     renamed = Path(shutil.copy(fake_gguf, other / "renamed.gguf"))
     assert models.convert_gguf(renamed, cache_dir=cache) == first and len(calls) == 1

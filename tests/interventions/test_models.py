@@ -22,7 +22,7 @@ def test_remote_model_is_built_on_meta_without_weights_and_resolves_sites(model_
 def test_study_loads_the_tokenizer_from_the_resolved_model_unless_one_is_named(monkeypatch, tmp_path):
     """Regression: with no ``model.tokenizer`` the tokenizer must come from the resolved model location, not from
     ``model.source`` read as a hub id (a built-in name such as ``smollm2-135m`` then went to the network)."""
-    from interventions import study as study_module
+    from interventions import resolved as resolved_module
     from interventions.spec import StudySpec
     from interventions.study import Study
 
@@ -32,7 +32,7 @@ def test_study_loads_the_tokenizer_from_the_resolved_model_unless_one_is_named(m
         seen.append(kwargs.get("tokenizer"))
         raise RuntimeError("stop after recording")
 
-    monkeypatch.setattr(study_module, "load_model", fake_load_model)
+    monkeypatch.setattr(resolved_module, "load_model", fake_load_model)
     probes = [{"id": "a", "clean": "x y", "corrupted": "x z", "answer": " y", "wrong": " z"}]
     for model, expected in (({"source": "smollm2-135m"}, None),
                             ({"source": "smollm2-135m", "tokenizer": "my-tokenizer"}, "my-tokenizer")):

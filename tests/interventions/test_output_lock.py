@@ -58,7 +58,7 @@ def test_second_run_into_a_locked_folder_is_refused_naming_the_holder(held_lock,
 
 
 def test_cli_exits_2_with_one_line_before_loading_the_model(held_lock, tmp_path, monkeypatch, capsys):
-    from interventions import study
+    from interventions import resolved as study
 
     out, pid = held_lock
     monkeypatch.setattr(study, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))

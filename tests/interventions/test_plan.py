@@ -63,3 +63,51 @@ def test_yaml_probe_file_and_memory_budget_chunking(tmp_path, tiny_gpt2):
     bad.write_text("probes:\n  - id: a\n    clean: x y\n    corupted: x z\n    answer: ' z'\n")
     with pytest.raises(Exception, match=rf"{bad}:4: corupted: unknown field 'corupted'; did you mean 'corrupted'"):
         Study(StudySpec.from_dict({**base, "probes": {"file": str(bad)}}), model=tiny_gpt2).run()
+
+
+def test_runaway_plan_is_refused_from_counts_before_any_cell_is_built(tiny_gpt2, monkeypatch):
+    """10^9 cells (100k probes x 10 sites x each position x 167 operations) filled the memory for minutes and
+    ended in a MemoryError: the plan is counted first and refused past ``execution.max_cells`` with the estimate
+    and the way to run it anyway; the count is exact when nothing merges or drops."""
+    from clap.errors import ClapError
+    from interventions import plan as plan_module
+
+    def spec(**execution):
+        return StudySpec.from_dict({
+            "model": {"source": "m"}, "probes": {"inline": PROBES}, "sites": ["layers[*].resid_pre"],
+            "patches": [{"sites": ["layers[*].mlp_out"], "positions": ["last", "each"],
+                         "operations": ["replace", "zero", {"name": "noise", "scale": 0.1}]}],
+            "positions": ["each"], "samples": 2, "metrics": ["logit_diff"],
+            "execution": {"progress": False, **execution}})
+
+    estimates = []
+    count = plan_module.estimate_plan
+    monkeypatch.setattr(plan_module, "estimate_plan", lambda *a, **k: estimates.append(count(*a, **k)) or estimates[-1])
+    plan = Study(spec(max_cells=None), model=tiny_gpt2).plan()
+    (estimate,) = estimates  # counted once, by compile_plan, before it built anything
+    probes = plan.probes
+    lengths = [len(p.corrupted_ids) for p in probes]
+    # group 1: 3 layers x each token x replace; group 2: 3 layers x (1 + each) x (replace + zero + 2 noise draws)
+    by_hand = sum(3 * n + 3 * (1 + n) * 4 for n in lengths)
+    assert estimate.cells == by_hand == len(plan.cells)
+    assert estimate.rows == by_hand + 2 * len(probes)
+    assert estimate.bytes == by_hand * plan_module.BYTES_PER_CELL
+
+    built = []
+    monkeypatch.setattr(plan_module, "_cell", lambda *a, **k: built.append(1))  # nothing may be built
+    with pytest.raises(ClapError) as info:
+        Study(spec(max_cells=by_hand - 1), model=tiny_gpt2).plan()
+    text = str(info.value)
+    assert text.startswith(f"the study would run {by_hand:,} cells ({by_hand + 2 * len(probes):,} forward-pass rows)")
+    assert f"more than execution.max_cells ({by_hand - 1:,})" in text
+    assert f"`execution: {{max_cells: {by_hand}}}` (null: no limit)" in text and not built
+
+    huge = [type(probes[0])(**{**vars(probes[0]), "id": f"p{i}"}) for i in range(100_000)]
+    many = StudySpec.from_dict({
+        "model": {"source": "m"}, "probes": {"inline": PROBES}, "sites": ["layers[*].resid_pre"],
+        "positions": ["each"], "operations": ["zero"], "metrics": ["logit_diff"]})
+    big = plan_module.estimate_plan(many, huge, [plan_module.GroupPlan(sites=list(range(10)), positions=["each"],
+                                                                       operations=many.operations * 167)])
+    assert big.cells == 100_000 * 10 * len(probes[0].corrupted_ids) * 167 > 10**9 // 2
+    with pytest.raises(ClapError, match=r"GB of memory"):
+        plan_module.check_plan_size(big, many.execution.max_cells)

@@ -13,7 +13,7 @@ import torch
 
 from clap.app.cli import main
 from clap.errors import ClapError
-from interventions import study as study_module
+from interventions import resolved as resolved_module
 from interventions.results import read_results
 from interventions.spec import StudySpec
 from interventions.study import Study
@@ -32,7 +32,7 @@ def model_dir(tiny_gpt2, tmp_path_factory):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail the test if the weights are loaded: the errors under test must come first."""
-    monkeypatch.setattr(study_module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(resolved_module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
 
 
 def write_spec(folder, source, body="sites: [\"layers[*].resid_pre\"]\n", execution=""):

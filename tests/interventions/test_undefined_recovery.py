@@ -13,7 +13,7 @@ import torch
 from clap.app.cli import main
 from clap.errors import ClapError
 from clap.models import wrap
-from interventions import study as study_module
+from interventions import resolved as resolved_module
 from interventions.spec import StudySpec
 from interventions.study import Study
 
@@ -36,7 +36,7 @@ def test_identical_clean_and_corrupted_prompts_everywhere_are_refused_before_loa
     folder = tmp_path / "model"
     tiny_gpt2.hf.save_pretrained(folder)
     tiny_gpt2.tokenizer.save_pretrained(folder)
-    monkeypatch.setattr(study_module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(resolved_module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
     spec = tmp_path / "study.yaml"
     spec.write_text(f"model:\n  source: {folder}\nprobes:\n  inline: {json.dumps([_same(p) for p in PROBES])}\n"
                     f"sites: [embed]\n")
