@@ -333,12 +333,12 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
 
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
-    prepare_output_dir(out_dir, holds="the comparison's tables, figures and reports are written into a folder")
     opts = resolve_options(meta_a, analysis, position_reduction=position_reduction, head_reduction=head_reduction)
     group = comparison_group(group if group is not None else getattr(opts, "group", None), a, b, meta_a, meta_b)
     names = (str(run_a), str(run_b))
     check_same_probes(meta_a, meta_b, names)
     check_matched(a, b, [g for g in meta_a["group_columns"] if g in b.columns], names=names)
+    prepare_output_dir(out_dir, holds="the comparison's tables, figures and reports are written into a folder")
     a, b, excluded = _exclude(a, meta_a, b, meta_b, opts)
     paired = paired_values(a, b, dv, group, agg, opts.position_reduction, opts.head_reduction, opts.subject_field)
     result = Comparison(Path(run_a), Path(run_b), Path(out_dir), layer_differences(paired), layer_model_anova(paired),

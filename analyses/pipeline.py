@@ -270,7 +270,6 @@ def analyze(
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir / "analysis"
     data, meta = load_results(results_dir)
-    prepare_output_dir(out, holds="tables, figures and reports are written into a folder")
     opts = resolve_options(meta, analysis, position_reduction=position_reduction, head_reduction=head_reduction,
                            subject=subject, interval=interval, ss_type=ss_type, group=group)
     requested = _resolve_group(opts, meta, data)
@@ -288,6 +287,8 @@ def analyze(
     elif opts.subject == "clean_prompt":
         raise ClapError("subject: clean_prompt needs each probe's clean prompt, but run.json has no `probes` list with "
                         "`probe_id` and `clean`; rerun `clap patch` (it records them) or use subject: probe")
+    # the options are valid: prove the folder writable before the tables are computed
+    prepare_output_dir(out, holds="tables, figures and reports are written into a folder")
     group = requested if requested and data[requested].nunique() >= 2 else None
     options = dict(dv=dv, group=group, group_requested=requested, group_declared=opts.group is not None,
                    metrics=list(metrics or []),
