@@ -8,7 +8,8 @@ Start from a results directory written by the patching engine (``results.parquet
     rm_anova(data, dv="recovery", within="layer", subject="probe_id", metric="logit_diff", site_kind="mlp_out")
 
 or from the command line: ``clap analyze RESULTS_DIR`` (tables and figures), ``clap report RESULTS_DIR`` (HTML and
-Markdown). How rows become one value per probe and layer is documented once, in :mod:`analyses.select`.
+Markdown). How rows become one value per probe and layer is documented once, in :mod:`analyses.select`; how
+concentrated each probe's per-layer contributions are (localization profiles), in :mod:`analyses.localization`.
 """
 
 from __future__ import annotations
@@ -33,12 +34,17 @@ _EXPORTS = {
     "pairwise_between": "analyses.stats",
     "pairwise_within": "analyses.stats",
     "rm_anova": "analyses.stats",
+    "compare_localization": "analyses.localization",
+    "contributions": "analyses.localization",
+    "localization_measures": "analyses.localization",
+    "profile_measures": "analyses.localization",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what static tools see; at run time the names above are imported on first use
     from analyses.bootstrap import bootstrap_ci
     from analyses.io import REQUIRED_COLUMNS, load_results, save_results, validate_results
+    from analyses.localization import compare_localization, contributions, localization_measures, profile_measures
     from analyses.select import AnalysisWarning, analysis_units, prepare, select_rows
     from analyses.stats import (
         friedman,
@@ -53,12 +59,16 @@ __all__ = [
     "AnalysisWarning",
     "analysis_units",
     "bootstrap_ci",
+    "compare_localization",
+    "contributions",
     "friedman",
     "load_results",
+    "localization_measures",
     "mixed_anova",
     "pairwise_between",
     "pairwise_within",
     "prepare",
+    "profile_measures",
     "rm_anova",
     "save_results",
     "select_rows",

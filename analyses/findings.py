@@ -25,11 +25,11 @@ def _p(p: float) -> str:
     return f"p = {_n(float(p))}" if p >= 1e-4 else "p < 0.0001"
 
 
-def _layers(values: list[Any]) -> str:
+def _layers(values: list[Any], one: str = "layer", many: str = "layers") -> str:
     values = [int(v) if float(v).is_integer() else v for v in values]
     if len(values) == 1:
-        return f"layer {values[0]}"
-    return "layers " + ", ".join(map(str, values[:-1])) + f" and {values[-1]}"
+        return f"{one} {values[0]}"
+    return f"{many} " + ", ".join(map(str, values[:-1])) + f" and {values[-1]}"
 
 
 def _in(table: pd.DataFrame | None, unit: Mapping[str, Any]) -> pd.DataFrame:
@@ -188,10 +188,13 @@ def unit_headline(tables: Mapping[str, pd.DataFrame], unit: Mapping[str, Any], g
 
 
 def comparison_findings(differences: pd.DataFrame, anova: pd.DataFrame, unit: Mapping[str, Any],
-                        alpha: float = 0.05, dv: str = "recovery") -> list[str]:
+                        alpha: float = 0.05, dv: str = "recovery", level: str = "layer",
+                        words: tuple[str, str] = ("layer", "layers")) -> list[str]:
     """Sentences for one slice of ``clap compare`` (B - A, paired per probe), from its two tables: the model main
     effect and the layer x model interaction of the repeated-measures ANOVA, and the largest per-layer difference
-    with its uncorrected and Holm-corrected p."""
+    with its uncorrected and Holm-corrected p. ``level`` / ``words``: the column the values are paired per and how
+    to name it (``depth_bin``, "relative depth bin" when models of different depth are compared)."""
+    one, many = words
     out = []
     rows = _in(anova, unit).set_index("Source") if len(_in(anova, unit)) else pd.DataFrame()
     if "model" in rows.index:
@@ -199,22 +202,24 @@ def comparison_findings(differences: pd.DataFrame, anova: pd.DataFrame, unit: Ma
         stat = f"F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(r['p_unc'])}"
         out.append(f"Mean {dv} differs between the models (B - A; {stat})." if r["p_unc"] < alpha
                    else f"No evidence that mean {dv} differs between the models ({stat}).")
-    if "layer * model" in rows.index:
-        r = rows.loc["layer * model"]
+    if f"{level} * model" in rows.index:
+        r = rows.loc[f"{level} * model"]
         p = r["p_GG_corr"] if pd.notna(r.get("p_GG_corr")) else r["p_unc"]
-        stat = f"layer x model F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(p)}"
-        out.append(f"The difference depends on the layer ({stat})." if p < alpha
-                   else f"No evidence that the difference depends on the layer ({stat}).")
+        stat = f"{one} x model F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(p)}"
+        out.append(f"The difference depends on the {one} ({stat})." if p < alpha
+                   else f"No evidence that the difference depends on the {one} ({stat}).")
     diff = _in(differences, unit)
     tested = diff[diff["p_unc"].notna()] if len(diff) else diff
     if len(tested):
         top = tested.loc[tested["diff"].abs().idxmax()]
-        sig = tested[tested["p_corr"] < alpha].sort_values("layer")["layer"].tolist()
-        out.append(f"Largest per-layer difference: {'+' if top['diff'] > 0 else ''}{_n(top['diff'])} at layer "
-                   f"{_n(top['layer'])} (95 % CI [{_n(top['ci_low'])}, {_n(top['ci_high'])}], {_p(top['p_unc'])} "
+        sig = tested[tested["p_corr"] < alpha].sort_values(level)[level].tolist()
+        where = f"{one} {_n(top[level])}" + (f" {top['depth_range']}" if "depth_range" in top else "")
+        largest = f"Largest per-{one} difference" if " " not in one else f"Largest difference per {one}"
+        out.append(f"{largest}: {'+' if top['diff'] > 0 else ''}{_n(top['diff'])} at {where} "
+                   f"(95 % CI [{_n(top['ci_low'])}, {_n(top['ci_high'])}], {_p(top['p_unc'])} "
                    f"uncorrected, Holm p_corr = {_n(top['p_corr'])}); "
-                   + (f"B - A differs at {_layers(sig)} after Holm correction." if sig else
-                      f"no layer differs after Holm correction (p_corr < {alpha})."))
+                   + (f"B - A differs at {_layers(sig, one, many)} after Holm correction." if sig else
+                      f"no {one} differs after Holm correction (p_corr < {alpha})."))
     return out
 
 
@@ -236,3 +241,69 @@ def overall_findings(tables: Mapping[str, pd.DataFrame], group: str | None, dv: 
         out.append(f"{who}: the highest mean {dv} of all slices is at {where}, layer {_n(best['layer'])} "
                    f"(mean {_n(best['mean'])}, {interval}).")
     return out
+
+
+def localization_findings(tables: Mapping[str, pd.DataFrame], group: str | None, alpha: float = 0.05) -> list[str]:
+    """Per profiled slice: is one group more localized than the other here? Answered from ``localization_tests``
+    (the concentration measures of :data:`analyses.localization.LOCALIZING`, Holm-corrected permutation p-values):
+    yes with the numbers when every measure that differs points the same way, "mixed" when they disagree, and
+    "the data cannot tell" when none differs. Without groups: each slice's mean effective layers and centre of mass
+    (``localization_groups``)."""
+    from analyses.localization import LOCALIZING, MEASURE_WORDS
+
+    tests, summary = tables.get("localization_tests"), tables.get("localization_groups")
+    source = tests if group and tests is not None and len(tests) else summary
+    if source is None or not len(source):
+        return []
+    keys = [c for c in SELECT_COLUMNS if c in source.columns]
+    varying = [c for c in keys if c == "site_kind" or source[c].nunique() > 1]
+    out = []
+    for key, part in source.groupby(keys, sort=True, dropna=False):
+        sel = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        where = str(sel.get("site_kind")) + "".join(f", {k} {sel[k]}" for k in varying if k != "site_kind")
+        if source is summary:
+            pr = part[part["measure"] == "eff_layers_pr"].iloc[0]
+            com = part[part["measure"] == "centre_of_mass"].iloc[0]
+            out.append(f"{where}: {_n(pr['mean'])} effective layers on average (participation ratio, 95 % CI "
+                       f"[{_n(pr['ci_low'])}, {_n(pr['ci_high'])}], n = {_n(pr['n'])}), centre of mass at "
+                       f"{_n(com['mean'])} of the depth.")
+            continue
+        for (a, b), pair in part.groupby(["A", "B"], sort=True):
+            rows = pair.set_index("measure")
+            out.append(f"{where}: {_localization_verdict(rows, group, a, b, alpha, LOCALIZING, MEASURE_WORDS)} "
+                       + _localization_numbers(rows, a, b, MEASURE_WORDS))
+    return out
+
+
+def _localization_verdict(rows: pd.DataFrame, group: str, a: Any, b: Any, alpha: float,
+                          localizing: Mapping[str, int], words: Mapping[str, str]) -> str:
+    """The answer to "is one group more localized than the other?" from the Holm-corrected permutation tests."""
+    present = [m for m in localizing if m in rows.index]
+    sig = [m for m in present if pd.notna(rows.loc[m, "p_perm_holm"]) and rows.loc[m, "p_perm_holm"] < alpha]
+    if not sig:
+        return (f"the data cannot tell whether `{group}` = {a} or {b} is more localized (no measure of "
+                f"concentration differs at Holm-corrected permutation p < {alpha}).")
+    winners = {rows.loc[m, "more_localized"] for m in sig}
+    named = ", ".join(words.get(m, m) for m in sig)
+    if len(winners) == 1:
+        win = winners.pop()
+        lose = b if win == a else a
+        return (f"`{group}` = {win} is more localized than {lose} here (Holm-corrected permutation p < {alpha}: "
+                f"{named}).")
+    return f"mixed: the measures of concentration that differ ({named}) point to different groups."
+
+
+def _localization_numbers(rows: pd.DataFrame, a: Any, b: Any, words: Mapping[str, str]) -> str:
+    """The numbers behind the verdict: each concentration measure and the centre of mass, A vs B."""
+    parts = []
+    for m in ("eff_layers_pr", "peak_share", "window_width", "centre_of_mass"):
+        if m not in rows.index:
+            continue
+        r = rows.loc[m]
+        text = f"{words[m]} {_n(r['mean_A'])} vs {_n(r['mean_B'])}"
+        if pd.notna(r["p_perm"]):
+            text += (f" (difference {_n(r['diff'])}, 95 % CI [{_n(r['ci_low'])}, {_n(r['ci_high'])}], permutation "
+                     f"{_p(r['p_perm'])}, Holm {_p(r['p_perm_holm'])})")
+        parts.append(text)
+    n = rows.iloc[0]
+    return f"{a} (n = {_n(n['n_A'])}) vs {b} (n = {_n(n['n_B'])}): " + "; ".join(parts) + "."

@@ -28,6 +28,8 @@ Files written to the output folder:
 ``bootstrap_ci.csv``   :func:`analyses.bootstrap.bootstrap_ci` per slice and group (t intervals by default)
 ``module_ci.csv``      bootstrap CI per site (trivial sites included), per metric
 ``trivial_sites.csv``  the sites flagged ``trivial`` and their mean recovery
+``localization*.csv``  :mod:`analyses.localization`: per-layer contributions, per-probe localization measures,
+                       group means and the group comparison per slice
 ``skipped.csv``        tests not run, with the reason
 ``caveats.md``         the automatic caveats, one per paragraph
 ``figures/*.png|svg``  the figures (PNG at 200 dpi and SVG)
@@ -51,6 +53,8 @@ from analyses import caveats as _caveats
 from analyses import figures as _figures
 from analyses.bootstrap import CI_COLUMNS, bootstrap_ci
 from analyses.io import load_results
+from analyses.localization import TABLE_FILES as LOCALIZATION_FILES
+from analyses.localization import localization_methods, localization_tables
 from analyses.reductions import position_label
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units
 from analyses.stats import (
@@ -97,6 +101,7 @@ TABLE_FILES = {
     "trivial_sites": "trivial_sites.csv",
     "skipped": "skipped.csv",
     "noise_samples": "noise_samples.csv",
+    **LOCALIZATION_FILES,
 }
 
 #: The hidden list of the files an analysis wrote in its folder: the next analysis there removes those it does not
@@ -295,12 +300,14 @@ def analyze(
                    site_kinds=list(site_kinds or []), agg=agg or _reduction_words(opts), missing=missing,
                    n_boot=n_boot, seed=seed, alpha=alpha, analysis=opts.model_dump())
     tables = compute_tables(data, dv=dv, group=group, site_kinds=site_kinds, agg=agg, missing=missing, n_boot=n_boot,
-                            seed=seed, options=opts)
+                            seed=seed, options=opts, n_layers=(meta.get("model") or {}).get("n_layers"),
+                            cross_model=bool(meta.get("source_model")))
     if requested and not group:
         only = ", ".join(map(str, data[requested].dropna().unique())) or "none"
         reason = (f"only one {requested} group ({only}) after exclusions: the mixed ANOVA and the between-group "
                   "tests need at least 2")
-        extra = [{"test": t, "reason": reason} for t in ("mixed_anova", "posthoc_groups", "one_sample_groups")]
+        extra = [{"test": t, "reason": reason} for t in ("mixed_anova", "posthoc_groups", "one_sample_groups",
+                                                                    "localization_tests")]
         tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(extra)], ignore_index=True)
     tables["probe_validity"] = validity
     tables["shared_prompts"] = shared_clean_prompts(prompts)
@@ -326,6 +333,7 @@ def analyze(
             add_study_figures(result, dpi=dpi)
         except ClapError as exc:
             figure_skips.append({"test": "figure:add_study_figures", "reason": str(exc)})
+        result.figures += _localization_figures(result, dpi, figure_skips)
         if figure_skips:
             tables["skipped"] = pd.concat([tables["skipped"], pd.DataFrame(figure_skips)], ignore_index=True)
             atomic_write_text(out / TABLE_FILES["skipped"], tables["skipped"].to_csv(index=False))
@@ -349,10 +357,14 @@ def compute_tables(
     n_boot: int = 2000,
     seed: int = 0,
     options: AnalysisOptions | None = None,
+    n_layers: int | None = None,
+    cross_model: bool = False,
 ) -> dict[str, pd.DataFrame]:
     """All statistics tables (the keys of :data:`TABLE_FILES`), without writing anything.
 
-    ``probe_validity`` and ``shared_prompts`` need run.json and are filled by :func:`analyze` (empty here)."""
+    ``probe_validity`` and ``shared_prompts`` need run.json and are filled by :func:`analyze` (empty here).
+    ``n_layers`` (the model's depth, for relative depth) and ``cross_model`` go to the localization profiles
+    (:func:`analyses.localization.localization_tables`)."""
     opts = options or AnalysisOptions()
     units = analysis_units(data)
     if site_kinds:
@@ -411,6 +423,11 @@ def compute_tables(
     }
     # A table no slice could fill is still written with its header, so readers of the CSV need no special case.
     tables = {name: _concat(frames, columns[name] + BOOK_COLUMNS) for name, frames in collected.items()}
+    loc_tables, loc_skipped = localization_tables(
+        data, units, dv=dv, group=group, subject=unit, n_layers=n_layers, cross_model=cross_model, agg=agg,
+        missing=missing, seed=seed, position_reduction=opts.position_reduction, subject_field=opts.subject_field)
+    tables.update(loc_tables)
+    skipped += loc_skipped
     tables["units"] = units
     tables["skipped"] = pd.DataFrame(skipped, columns=[*SELECT_COLUMNS, "test", "reason"])
     tables["probe_counts"] = probe_counts(data, group)
@@ -567,6 +584,7 @@ def methods_text(result: Analysis) -> list[str]:
     out.append(f"Intervals of means: 95 % {interval[a.interval]}.")
     if o.get("group_requested") and not group:
         out.append(f"No group tests: only one `{o['group_requested']}` group.")
+    out += localization_methods(t, group)
     return out + _noise_methods(result.meta) + _approximate_methods(result.data)
 
 
@@ -891,3 +909,17 @@ def add_study_figures(result: Analysis, dpi: int = 200) -> list[FigureFile]:
     result.files.extend(p for f in made for p in f.paths)
     return made
 
+
+def _localization_figures(result: Analysis, dpi: int, skipped: list[dict[str, Any]]) -> list[FigureFile]:
+    """The localization profiles' figures (:mod:`analyses.localization_figures`); a failure is recorded in
+    ``skipped`` rather than stopping the other figures."""
+    from analyses.localization_figures import localization_figures
+
+    try:
+        made = localization_figures(result.tables, result.out_dir / "figures", group=result.options.get("group"),
+                                    subject="clean_prompt" if result.options["analysis"].get("subject") ==
+                                    "clean_prompt" else "probe_id", dpi=dpi)
+    except ClapError as exc:
+        skipped.append({"test": "figure:localization", "reason": str(exc)})
+        return []
+    return [FigureFile(*f) for f in made]

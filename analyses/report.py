@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from analyses.figures import COLUMN_WIDTH_IN
+from analyses.formatting import fmt as _fmt
 from analyses.formatting import html_table as _html_table
 from analyses.formatting import markdown_table, row_p_values
 from analyses.pipeline import TABLE_FILES, Analysis, FigureFile, analyze
@@ -53,7 +54,8 @@ TITLES = {
 #: Tables rendered per slice, in this order; any other per-slice table the analysis holds follows them.
 SLICE_TABLES = ("rm_anova", "friedman", "mixed_anova", "posthoc_layers", "posthoc_groups", "bootstrap_ci")
 #: Tables that are not per slice or are shown elsewhere (or not at all).
-NOT_PER_SLICE = ("units", "skipped", "probe_counts", "trivial_sites", "module_ci", "probe_validity")
+NOT_PER_SLICE = ("units", "skipped", "probe_counts", "trivial_sites", "module_ci", "probe_validity",
+                 "localization_contributions", "localization", "localization_groups", "localization_tests")
 
 #: Post-hoc tables longer than this are folded (HTML) so the page stays readable; all rows remain in it.
 FOLD_ROWS = 12
@@ -214,6 +216,7 @@ def findings(result: Analysis) -> list[tuple[str, list[str]]]:
     overall = overall_findings(result.tables, o.get("group"), o.get("dv", "recovery"))
     if overall:
         out.append(("Across slices", overall))
+    out.append(("Localization: is one group more localized than the other?", _localization_findings(result)))
     return [(h, lines) for h, lines in out if lines]
 
 
@@ -321,7 +324,8 @@ def render_html(result: Analysis) -> str:
         parts += ["<h3>Sites that recover by construction</h3>", _html_table(tables["trivial_sites"])]
     parts.append("<h2 id=\"results\">Results</h2>")
     parts += _html_results(result, group, alpha)
-    shared = [f for f in result.figures if "site_kind" not in f.unit]
+    parts += _localization_html(result, group, alpha)
+    shared = [f for f in result.figures if "site_kind" not in f.unit and not _is_localization(f)]
     if shared:
         parts.append("<h2 id=\"figures\">Across site kinds and modules</h2>")
         parts += [_html_figure(f) for f in shared]
@@ -443,7 +447,8 @@ def render_markdown(result: Analysis) -> str:
         for fig in result.figures:
             if "site_kind" in fig.unit and all(unit.get(k) == v for k, v in fig.unit.items()):
                 out += [f"![{fig.title}]({_rel(fig.png, result.out_dir)})", "", f"*{fig.title}.* {fig.caption}", ""]
-    shared = [f for f in result.figures if "site_kind" not in f.unit]
+    out += _localization_markdown(result, group)
+    shared = [f for f in result.figures if "site_kind" not in f.unit and not _is_localization(f)]
     if shared:
         out += ["## Across site kinds and modules", ""]
         for fig in shared:
@@ -459,3 +464,97 @@ def _rel(path: Path, base: Path) -> str:
         return path.relative_to(base).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+# ------------------------------------------------------------------------------------- Localization profiles
+
+
+def _localization_findings(result: Analysis) -> list[str]:
+    from analyses.findings import localization_findings
+
+    o = result.options
+    return localization_findings(result.tables, o.get("group"), o.get("alpha", 0.05))
+
+
+def _is_localization(fig: FigureFile) -> bool:
+    """Figures of :mod:`analyses.localization_figures` have a section of their own."""
+    return fig.name.startswith("localization_")
+
+
+def localization_display(tables: dict[str, pd.DataFrame], group: str | None) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                          pd.DataFrame]:
+    """The three localization tables as shown: group means (``mean [low, high]`` per measure), the group comparison
+    (difference with its interval, p-values) and the per-probe measures; slice columns that do not vary are left
+    out (the CSV files keep every column)."""
+    from analyses.localization import MEASURES
+
+    summary, tests, measures = (tables.get(k, pd.DataFrame()) for k in
+                                ("localization_groups", "localization_tests", "localization"))
+    source = measures if len(measures) else summary
+    keys = [c for c in SELECT_COLUMNS if c in source.columns and (c == "site_kind" or source[c].nunique() > 1)]
+    g = [group] if group and len(summary) and group in summary.columns else []
+    shown_means = pd.DataFrame()
+    if len(summary):
+        summary = summary.assign(value=[f"{_fmt(r.mean)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]"
+                                        for r in summary.itertuples()])
+        shown_means = summary.pivot_table(index=[*keys, *g], columns="measure", values="value", aggfunc="first")
+        counts = summary.groupby([*keys, *g])["n"].max().rename("n")
+        shown_means = pd.concat([counts, shown_means[[m for m in MEASURES if m in shown_means.columns]]], axis=1)
+        shown_means = shown_means.reset_index()
+    shown_tests = pd.DataFrame()
+    if len(tests):
+        shown_tests = tests.assign(interval=[f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" for r in tests.itertuples()])
+        shown_tests = shown_tests[[*keys, "measure", "A", "B", "diff", "interval", "p_perm", "p_perm_holm",
+                                   "hl_shift", "p_mwu_holm", "more_localized"]]
+    shown_probes = pd.DataFrame()
+    if len(measures):
+        subject = measures.columns[0]
+        shown_probes = measures[[*keys, subject, *g, "eff_layers_pr", "eff_layers_entropy", "peak_layer",
+                                 "peak_share", "window_start", "window_end", "centre_of_mass", "negative_share"]]
+    return shown_means, shown_tests, shown_probes
+
+
+#: The first lines of the report's localization section.
+LOCALIZATION_INTRO = ("Per probe, one contribution per layer (attention and MLP outputs, heads summed per layer, the "
+                      "residual stream converted to layer-to-layer increments; see Methods); fewer effective layers, "
+                      "a larger peak share and a narrower window mean more localized. Centre of mass and peak in "
+                      "relative depth (layer / n_layers).")
+
+
+def _localization_html(result: Analysis, group: str | None, alpha: float) -> list[str]:
+    """The section of the localization profiles: group means, the comparison (rows with Holm-corrected permutation
+    p < alpha bold; folded when long), the per-probe measures (folded) and the two figures per slice."""
+    means, tests, probes = localization_display(result.tables, group)
+    if not len(probes):
+        return []
+    parts = ["<h2 id=\"localization\">Localization profiles</h2>", f"<p>{html.escape(LOCALIZATION_INTRO)}</p>",
+             "<h4>Localization measures: mean [95 % t interval] per group</h4>", _html_table(means)]
+    if len(tests):
+        p = tests["p_perm_holm"].astype(float)
+        table = _html_table(tests, alpha, p)
+        title = "<h4>Group comparison (Welch interval of the difference; permutation and Mann-Whitney, Holm)</h4>"
+        if len(tests) > FOLD_ROWS:
+            table = (f"<details open><summary>{len(tests)} rows ({int((p < alpha).sum())} with p_perm_holm &lt; "
+                     f"{alpha}; bold)</summary>{table}</details>")
+        parts += [title, table]
+    parts.append(f"<h4>Per probe</h4><details><summary>{len(probes)} profiles</summary>{_html_table(probes)}"
+                 "</details>")
+    parts += [_html_figure(f) for f in result.figures if _is_localization(f)]
+    return parts
+
+
+def _localization_markdown(result: Analysis, group: str | None) -> list[str]:
+    """The Markdown twin of :func:`_localization_html`."""
+    means, tests, probes = localization_display(result.tables, group)
+    if not len(probes):
+        return []
+    out = ["## Localization profiles", "", LOCALIZATION_INTRO, "",
+           "#### Localization measures: mean [95 % t interval] per group", "", markdown_table(means)]
+    if len(tests):
+        out += ["#### Group comparison (Welch interval of the difference; permutation and Mann-Whitney, Holm)", "",
+                markdown_table(tests)]
+    out += ["#### Per probe", "", markdown_table(probes)]
+    for fig in result.figures:
+        if _is_localization(fig):
+            out += [f"![{fig.title}]({_rel(fig.png, result.out_dir)})", "", f"*{fig.title}.* {fig.caption}", ""]
+    return out

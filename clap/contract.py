@@ -45,7 +45,9 @@ A results folder holds two files:
     effect                    patched - corrupted: with metric ``prob`` in a causal trace, the indirect effect
                               p(answer | corrupted + restored) - p(answer | corrupted)
     token_group               (causal traces only) ROME's token group of ``position``: first / middle / last
-                              subject, first subsequent, further, last
+                              subject, first subsequent, further, last; ``before subject`` for tokens ROME leaves
+                              out. One label per token: a one-token subject's reads ``first subject`` and a last
+                              token right after the subject ``last`` (the token-group table counts both groups)
     source_model_clean,       (cross-model patching only; float) the metric on the *source* model's unpatched
     source_model_corrupted    run of the clean / corrupted prompt. ``clean``, ``corrupted`` and ``patched`` are
                               then the *target* model's runs, and ``recovery`` is (patched - target) /

@@ -3,6 +3,9 @@ traceback minutes into a run."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from clap.errors import ClapError, closest
@@ -48,3 +51,24 @@ def resolve_device(name: str, *, where: str = "device") -> str:
         raise ClapError(f"{where}: device type {device.type!r} is not supported; expected one of "
                         f"{', '.join(KNOWN_DEVICE_TYPES)}")
     return text
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op CPU thread count set to ``threads`` for the block and restored afterwards (None: unchanged).
+
+    Why a setting: torch starts one thread per core in every process; several processes on a shared or loaded
+    machine then contend for the same cores, and each runs far slower than with one thread. Results do not depend
+    on it.
+    """
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ClapError(f"threads must be at least 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

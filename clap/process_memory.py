@@ -3,12 +3,8 @@
 Why: a long study runs hundreds of batches whose forward passes allocate tensors of many sizes (ragged suffix passes,
 per-batch baseline caches). glibc's allocator keeps freed blocks for reuse and, as the shapes vary, its heap
 fragments: the process's resident memory creeps up batch after batch although no tensor outlives its batch.
-Measured on a SmolLM2 causal trace (6 facts x 4 draws): live tensors stayed under 6 MB, yet resident memory between
-batches climbed 1.21 -> 1.37 GB over 35 batches, and stayed at 1.05-1.07 GB with a trim after each batch; on 12 facts
-x 4 draws (77 batches) the peak fell from 1.66 to 1.46 GB and the memory at the end from 1.49 to 1.09 GB, the trims
-costing 1.0 s of a 245 s run (14 ms each); on 30 facts x 2 draws (101 batches) the peak fell from 1.87 to
-1.32 GB. At full size (30 facts x 10 draws, ~500 batches) the peak had been
-4.4 GB. ``malloc_trim(0)`` returns the free pages of every arena to the system.
+Trimming after each batch keeps it flat at a small cost (measurements: ``bench/results/process_memory.md``).
+``malloc_trim(0)`` returns the free pages of every arena to the system.
 """
 
 from __future__ import annotations

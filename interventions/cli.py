@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     patch.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
     patch.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    patch.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 on "
+                       "a shared or loaded machine; default: one per core)")
     patch.add_argument("--source-model", metavar="SOURCE",
                        help="cross-model patching: take the source activations from this model (hub id, folder, "
                             ".gguf, built-in; overrides the spec's source_model)")
@@ -41,7 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trace.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
     trace.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
     trace.add_argument("--no-progress", action="store_true", help="no progress bar")
+    trace.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 on "
+                       "a shared or loaded machine; default: one per core)")
     trace.add_argument("--probe-figures", type=int, default=3, help="per-probe heatmaps to draw (default 3)")
+    trace.add_argument("--min-prob", type=float, default=None,
+                       help="the model knows a fact when the answer is its top next token or p(answer | clean "
+                            "prompt) is at least this (default 0.05); facts it does not know are refused")
+    trace.add_argument("--allow-unknown", action="store_true",
+                       help="trace facts the model does not know too (they are listed, not refused)")
     trace.set_defaults(func=run_trace)
 
     sites = subparsers.add_parser(
@@ -66,6 +75,7 @@ def run_trace(args: argparse.Namespace) -> int:
         raise ClapError(f"{args.spec}: `clap trace` needs a `trace:` section (e.g. `trace: {{samples: 10}}`); "
                         f"run other specs with `clap patch`")
     study = Study(spec)
+    check_known_facts(study, args)
     frame = study.run(args.out)
     written = write_trace_outputs(frame, args.out, args.probe_figures, samples=study.samples_frame)
     print(f"{len(frame)} result rows ({frame.probe_id.nunique()} probes) written to {results_path(args.out)}; "
@@ -73,9 +83,40 @@ def run_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_known_facts(study, args: argparse.Namespace) -> None:
+    """Refuse (or, with ``--allow-unknown``, list) the facts the model does not know before tracing them: ROME traces
+    known facts, and a trace of an unknown one (often an answer written without its leading space) restores a
+    probability near zero. The checks that need no weights run first, so a bad spec fails before the model loads."""
+    import logging
+
+    from clap.devices import torch_threads
+    from clap.errors import ClapError
+    from interventions.probe_check import TRACE_MIN_PROB, trace_knowledge
+
+    min_prob = TRACE_MIN_PROB if args.min_prob is None else args.min_prob
+    if not 0 <= min_prob <= 1:
+        raise ClapError(f"--min-prob must be a probability in [0, 1], got {min_prob}")
+    with torch_threads(study.spec.execution.threads):
+        study.check()
+        model = study.model
+        unknown = trace_knowledge(study.probes(warn=False), model.hf, model.tokenizer, min_prob)
+    if not unknown:
+        return
+    listing = "\n  ".join(unknown)
+    if args.allow_unknown:
+        logging.getLogger(__name__).warning("tracing %d fact(s) the model does not know (--allow-unknown):\n  %s",
+                                            len(unknown), listing)
+        return
+    raise ClapError(f"the model does not know {len(unknown)} of the facts to trace (ROME traces known facts):\n  "
+                    f"{listing}\nfix their answers (mind the leading space), keep the known ones (`clap probes "
+                    f"check FILE --model M --trace --write-valid KNOWN.jsonl`), lower --min-prob, or pass "
+                    f"--allow-unknown to trace them anyway")
+
+
 def _overridden(spec, args: argparse.Namespace):
     """The spec with the command line's execution flags applied (``clap patch`` and ``clap trace`` share them)."""
     from clap.devices import resolve_device
+    from clap.errors import ClapError
 
     execution = spec.execution
     if args.remote is not None:
@@ -87,6 +128,10 @@ def _overridden(spec, args: argparse.Namespace):
         execution.device = args.device
     if args.no_progress:
         execution.progress = False
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ClapError(f"--threads must be at least 1, got {args.threads}")
+        execution.threads = args.threads
     return spec
 
 

@@ -616,7 +616,7 @@ class PatchConstants:
 
 #: rows per batch when neither ``max_rows`` nor ``memory_budget_mb`` is given, per execution strategy: a suffix batch
 #: holds one baseline pass and passes that run only the rows' suffixes, so it can take (and gains from) many more rows
-#: (SmolLM2 causal trace, 1,530 restores: 18.6 s at 64 rows, 12.5 s at 256, 9.6 s at 1,024; full: 22.4 / 20.1 s)
+#: (measured: ``bench/results/process_memory.md``)
 DEFAULT_ROWS = {"full": 64, "suffix": 512}
 
 

@@ -4,11 +4,15 @@ Why a separate check: a patching study only means something on probes whose clea
 token length (positions line up), whose answers are single tokens or declared token sets, and -- on the model
 studied -- whose fact the model knows (clean logit difference above a threshold) and whose corruption flips the
 preference (corrupted logit difference below zero). A probe that fails any of these makes a recovery score of
-noise. The structural part needs only the tokenizer (``--structural-only``); the behavioural part runs the clean
-and corrupted prompts of every probe through the model in batched, left-padded forward passes.
+noise. The structural part needs only the tokenizer (``--structural-only``; validity is then unknown); the
+behavioural part runs the clean and corrupted prompts of every probe through the model in batched, left-padded
+forward passes. ``--multi-token`` and ``--alignment`` take the study's settings of the same names, so
+``--write-valid`` keeps exactly the probes such a study can run; ``--trace`` checks causal-tracing probes (a
+subject in the clean prompt, the answer the model's top prediction), which need no corrupted prompt or wrong answer.
 
 The logit difference of a row is mean(logits[answer set]) - mean(logits[wrong set]) at the last position, the
-same quantity ``execute.py`` computes for the ``logit_diff`` metric.
+same quantity ``execute.py`` computes for the ``logit_diff`` metric; p(answer) is the probability of the answer
+set, as the ``prob`` metric.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +30,8 @@ from clap.contract import atomic_write_text
 from clap.errors import ClapError
 from clap.outputs import prepare_output_file
 from clap.yamlio import SourceError, load_jsonl
-from interventions.probes import ProbeError, _answer_ids, read_probe_specs
+from interventions.probe_suggest import file_words, mismatch_message, suggest_substitutes
+from interventions.probes import ProbeError, _answer_ids, read_probe_specs, subject_problem
 from interventions.spec import ProbeSetSpec, ProbeSpec
 
 if TYPE_CHECKING:  # imported where a model runs or a table is built: `clap --help` stays fast
@@ -35,11 +41,15 @@ if TYPE_CHECKING:  # imported where a model runs or a table is built: `clap --he
 
 @dataclass
 class AnswerTokens:
-    """How one answer field tokenises: its ids, their pieces, and whether it is usable as given."""
+    """How one answer field tokenises under the study's ``multi_token`` setting: its ids, their pieces, and
+    whether a study could use it as given."""
 
     ids: list[int]
     pieces: list[str]
-    kind: str  #: ``single`` (one token), ``set`` (a declared list of single tokens), ``multi`` (a string of several)
+    #: ``single`` (one token), ``set`` (a declared list, or under ``multi_token: set`` a string of several: the mean
+    #: over them), ``first`` (a string of several cut to its first token, ``multi_token: first``), ``multi`` (a
+    #: string of several that ``multi_token: error`` refuses: no logit difference is computed)
+    kind: str
     problem: str = ""
 
 
@@ -56,9 +66,15 @@ class ProbeCheck:
     n_corrupted: int
     answer: AnswerTokens
     wrong: AnswerTokens | None
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  #: structural problems (the tokenizer alone finds them)
     clean_logit_diff: float = math.nan
     corrupted_logit_diff: float = math.nan
+    trace: bool = False  #: a causal-tracing probe: knows = p(answer) check, no corrupted prompt or wrong answer
+    p_answer: float = math.nan  #: p(answer set | clean prompt) (trace probes)
+    answer_rank: int | None = None  #: rank of the answer's best token among the model's next tokens (1 = top)
+    top_token: str = ""  #: the model's top next token on the clean prompt (trace probes)
+    suggestions: list[str] = field(default_factory=list)  #: same-length corrupted prompts (``--suggest``)
+    equal_needed: bool = True  #: ``alignment: strict``: a length mismatch is a problem
 
     @property
     def equal_length(self) -> bool:
@@ -68,10 +84,39 @@ class ProbeCheck:
     def structural_ok(self) -> bool:
         return not self.problems
 
-    def row(self, threshold: float, ran_model: bool) -> dict[str, Any]:
-        knows = bool(self.clean_logit_diff > threshold) if ran_model else None
-        flips = bool(self.clean_logit_diff > 0 and self.corrupted_logit_diff < 0) if ran_model else None
-        valid = self.structural_ok and (knows and flips if ran_model else True)
+    @property
+    def measured(self) -> bool:
+        """Whether the model's numbers exist for this probe (answers a study could use)."""
+        return not math.isnan(self.p_answer if self.trace else self.clean_logit_diff)
+
+    def verdict(self, threshold: float, min_prob: float | None) -> tuple[bool | None, bool | None, list[str]]:
+        """(knows, flips, reasons): the behavioural verdict and a sentence with the numbers for each failure;
+        None where the model's numbers are missing (a structural problem kept the probe from running)."""
+        if not self.measured:
+            return None, None, []
+        if self.trace:
+            reason = unknown_reason(self.answer.pieces, self.p_answer, self.answer_rank, self.top_token,
+                                    TRACE_MIN_PROB if min_prob is None else min_prob)
+            return (False, None, [reason]) if reason else (True, None, [])
+        clean, corrupted = self.clean_logit_diff, self.corrupted_logit_diff
+        knows = bool(clean > threshold)
+        flips = bool(clean > 0 and corrupted < 0)
+        reasons = []
+        if not knows:
+            reasons.append(f"does not know: clean logit difference {clean:.3f} <= --min-logit-diff {threshold:g}"
+                           + (" (the clean prompt prefers the wrong answer)" if clean <= 0 else ""))
+        if not flips:
+            reasons.append(f"does not flip: corrupted logit difference {corrupted:.3f} >= 0 (the corrupted prompt "
+                           f"still prefers the answer)" if corrupted >= 0 else
+                           f"does not flip: clean logit difference {clean:.3f} <= 0, corrupted {corrupted:.3f}")
+        return knows, flips, reasons
+
+    def row(self, threshold: float, ran_model: bool, min_prob: float | None = None) -> dict[str, Any]:
+        knows, flips, reasons = self.verdict(threshold, min_prob) if ran_model else (None, None, [])
+        if not ran_model:
+            valid = None  # the structural checks alone cannot say: validity needs the model
+        else:
+            valid = bool(self.structural_ok and knows and (self.trace or flips))
         wrong = self.wrong or AnswerTokens([], [], "none")
         return {
             "id": self.id,
@@ -86,58 +131,116 @@ class ProbeCheck:
             "wrong_pieces": json.dumps(wrong.pieces),
             "wrong_kind": wrong.kind,
             "structural_ok": self.structural_ok,
-            "problems": "; ".join(self.problems),
+            "problems": "; ".join(self.problems + reasons),
             "clean_logit_diff": self.clean_logit_diff,
             "corrupted_logit_diff": self.corrupted_logit_diff,
+            **({"p_answer": self.p_answer, "answer_rank": self.answer_rank, "top_token": self.top_token}
+               if self.trace else {}),
             "knows": knows,
             "flips": flips,
             "valid": valid,
+            **({"suggestions": json.dumps(self.suggestions)} if self.suggestions else {}),
             "origin": self.origin,
         }
 
 
-def _tokenise_answer(value: Any, tokenizer: Any, origin: str, what: str) -> AnswerTokens:
-    """Tokenise an answer without refusing multi-token strings: the check reports them instead of stopping."""
+#: a trace probe's fact is known when its answer is the model's top next token or at least this likely
+TRACE_MIN_PROB = 0.05
+
+
+def unknown_reason(answer_pieces: Sequence[str], p_answer: float, rank: int | None, top_token: str,
+                   min_prob: float) -> str:
+    """Why the model does not know a traced fact ("" when it does: the answer is its top next token, or
+    p(answer) >= ``min_prob``), with the numbers and a hint when a leading space is the likely cause."""
+    if rank == 1 or p_answer >= min_prob:
+        return ""
+    return (f"does not know: p(answer {list(answer_pieces)}) = {p_answer:.3g} on the clean prompt (rank {rank}, "
+            f"below {min_prob:g} and not the top token), the model's top token is {top_token!r}"
+            + _space_hint(answer_pieces, top_token))
+
+
+def _space_hint(answer_pieces: Sequence[str], top: str) -> str:
+    """A hint when the answer and the model's top token differ only in a leading space."""
+    answer = "".join(answer_pieces)
+    if answer.strip() and answer.strip() == top.strip() and answer != top:
+        return f" (the answer {answer!r} and the top token {top!r} differ only in a leading space: write {top!r})"
+    if answer[:1] not in (" ", "") and top[:1] == " ":
+        return " (mind the leading space: an answer after a space is usually written with it, ' Paris')"
+    return ""
+
+
+def _tokenise_answer(value: Any, tokenizer: Any, origin: str, what: str, multi_token: str = "error") -> AnswerTokens:
+    """Tokenise an answer as a study with ``multi_token`` would, without stopping: refusals become problems."""
     ids = _answer_ids(value, tokenizer, "set", origin, what)
     pieces = [tokenizer.decode([i]) for i in ids]
-    if isinstance(value, list):
-        several = [v for v in value
-                   if isinstance(v, str) and len(tokenizer(v, add_special_tokens=False)["input_ids"]) > 1]
-        if several:
-            return AnswerTokens(ids, pieces, "set", f"{what} set member(s) {several} are several tokens each")
+    values = value if isinstance(value, list) else [value]
+    several = [v for v in values if isinstance(v, str) and len(tokenizer(v, add_special_tokens=False)["input_ids"]) > 1]
+    if several and multi_token == "error":
+        if isinstance(value, list):
+            problem = (f"{what} set member(s) {several} are several tokens each: give single tokens or use "
+                       f"--multi-token first/set (the study's probes.multi_token)")
+        else:
+            problem = (f"{what} {value!r} is {len(ids)} tokens {pieces}: give one token (mind the leading space) or a "
+                       f"list of tokens, or use --multi-token first/set (the study's probes.multi_token)")
+        return AnswerTokens(ids, pieces, "multi", problem)
+    if several and multi_token == "first":
+        ids = _answer_ids(value, tokenizer, "first", origin, what)
+        return AnswerTokens(ids, [tokenizer.decode([i]) for i in ids], "first" if len(ids) == 1 else "set")
+    if isinstance(value, list) or len(ids) > 1:
         return AnswerTokens(ids, pieces, "set" if len(ids) > 1 else "single")
-    if len(ids) > 1:
-        return AnswerTokens(
-            ids, pieces, "multi", f"{what} {value!r} is {len(ids)} tokens {pieces}; give one token or a list of tokens"
-        )
     return AnswerTokens(ids, pieces, "single")
 
 
-def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any) -> list[ProbeCheck]:
-    """Token lengths, answer tokenisation, duplicate ids and duplicate clean prompts, per probe."""
+def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, multi_token: str = "error",
+                      alignment: str = "strict", trace: bool = False, subject: str = "subject",
+                      suggest: bool = False) -> list[ProbeCheck]:
+    """Token lengths, answer tokenisation, duplicate ids and duplicate clean prompts, per probe, under the study's
+    ``multi_token`` and ``alignment``; with ``trace``, causal-tracing probes (the ``subject`` field in the clean
+    prompt; no corrupted prompt or wrong answer needed); with ``suggest``, same-length substitutes for the corrupted
+    words of each length mismatch."""
     checks: list[ProbeCheck] = []
     first_id: dict[str, str] = {}
     first_clean: dict[str, str] = {}
+    words = file_words([t for _, spec in specs for t in (spec.clean, spec.corrupted or "", *spec.labels.values())]) \
+        if suggest else []
     for index, (origin, spec) in enumerate(specs):
         probe_id = spec.id or f"p{index:04d}"
-        answer = _tokenise_answer(spec.answer, tokenizer, origin, "answer")
-        wrong = _tokenise_answer(spec.wrong, tokenizer, origin, "wrong") if spec.wrong is not None else None
+        corrupted = spec.corrupted if spec.corrupted is not None and not trace else spec.clean
+        answer = _tokenise_answer(spec.answer, tokenizer, origin, "answer", multi_token)
+        wrong = (_tokenise_answer(spec.wrong, tokenizer, origin, "wrong", multi_token)
+                 if spec.wrong is not None else None)
         check = ProbeCheck(
             id=probe_id,
             origin=origin,
             clean=spec.clean,
-            corrupted=spec.corrupted,
+            corrupted=corrupted,
             labels=dict(spec.labels),
             n_clean=len(tokenizer(spec.clean)["input_ids"]),
-            n_corrupted=len(tokenizer(spec.corrupted)["input_ids"]),
+            n_corrupted=len(tokenizer(corrupted)["input_ids"]),
             answer=answer,
             wrong=wrong,
+            trace=trace,
+            equal_needed=alignment == "strict" and not trace,
         )
-        if not check.equal_length:
-            check.problems.append(f"clean is {check.n_clean} tokens, corrupted {check.n_corrupted}")
-        check.problems += [a.problem for a in (answer, wrong) if a is not None and a.problem]
-        if wrong is None:
-            check.problems.append("no `wrong` answer: the logit difference is undefined")
+        if spec.corrupted is None and not trace:
+            check.problems.append("no `corrupted` prompt: only a causal trace runs without one (--trace)")
+        elif not check.equal_length and check.equal_needed:
+            check.problems.append(mismatch_message(tokenizer, spec.clean, corrupted, spec.labels.get(subject),
+                                                   suggesting=suggest)
+                                  + "; or --alignment right (the study's `alignment: right`)")
+            if suggest:
+                check.suggestions = suggest_substitutes(tokenizer, spec.clean, corrupted, words)
+                check.problems.append("same-length substitutes: " + (", ".join(map(repr, check.suggestions))
+                                                                     or "none found"))
+        check.problems += [a.problem for a in (answer, wrong) if a is not None and a.problem and not trace]
+        if trace:
+            check.problems += [answer.problem] if answer.problem else []
+            problem = subject_problem(spec, subject)
+            if problem:
+                check.problems.append(problem)
+        elif wrong is None:
+            check.problems.append("no `wrong` answer: the logit difference is undefined (causal-tracing probes: "
+                                  "--trace)")
         elif set(answer.ids) & set(wrong.ids):
             check.problems.append(f"answer and wrong share token(s) {sorted(set(answer.ids) & set(wrong.ids))}")
         if probe_id in first_id:
@@ -187,25 +290,65 @@ def logit_diffs(logits: torch.Tensor, answer_ids: Sequence[int], wrong_ids: Sequ
 
 def behavioural_checks(checks: Sequence[ProbeCheck], hf_model: torch.nn.Module, tokenizer: Any,
                        batch_size: int = 64) -> None:
-    """Fill in clean and corrupted logit differences of every probe that has an answer and a wrong answer."""
-    runnable = [c for c in checks if c.wrong is not None and c.answer.ids and c.wrong.ids]
-    if not runnable:
+    """Fill in the model's numbers of every probe whose answers a study could use: clean and corrupted logit
+    differences of pair probes; p(answer), its rank and the top token on the clean prompt of trace probes. A probe
+    whose answer a study would refuse (a multi-token string under ``multi_token: error``) keeps NaN: an average over
+    its tokens is not what the study would measure."""
+    usable = [c for c in checks if c.answer.ids and c.answer.kind != "multi"]
+    pairs = [c for c in usable if not c.trace and c.wrong is not None and c.wrong.ids and c.wrong.kind != "multi"]
+    traces = [c for c in usable if c.trace]
+    if not pairs and not traces:
         return
-    prompts = ([tokenizer(c.clean)["input_ids"] for c in runnable]
-               + [tokenizer(c.corrupted)["input_ids"] for c in runnable])
+    prompts = ([tokenizer(c.clean)["input_ids"] for c in pairs] + [tokenizer(c.corrupted)["input_ids"] for c in pairs]
+               + [tokenizer(c.clean)["input_ids"] for c in traces])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logits = last_token_logits(hf_model, prompts, pad_id, batch_size)
-    n = len(runnable)
-    for i, check in enumerate(runnable):
+    n = len(pairs)
+    for i, check in enumerate(pairs):
         both = logit_diffs(logits[[i, n + i]], check.answer.ids, check.wrong.ids)
         check.clean_logit_diff, check.corrupted_logit_diff = float(both[0]), float(both[1])
+    for row, check in zip(logits[2 * n:], traces, strict=True):
+        check.p_answer, check.answer_rank, top = answer_probability(row, check.answer.ids)
+        check.top_token = tokenizer.decode([top])
+
+
+def answer_probability(logits: torch.Tensor, answer_ids: Sequence[int]) -> tuple[float, int, int]:
+    """(p(answer set), rank of its best token among all next tokens (1 = the model's top prediction), the top
+    token's id) from one row of last-position logits; the probability of a set is the sum over its tokens, as the
+    ``prob`` metric."""
+    from interventions import kernel
+
+    ids = list(answer_ids)
+    index, mask = kernel.token_sets([ids])
+    metrics, _ = kernel.reduce_metrics(logits[None], index, mask, index, mask)  # patching's own reduction
+    best = logits[ids].max()
+    return float(metrics[0, 2]), int((logits > best).sum()) + 1, int(logits.argmax())
+
+
+def trace_knowledge(probes: Sequence[Any], hf_model: torch.nn.Module, tokenizer: Any, min_prob: float,
+                    batch_size: int = 64) -> list[str]:
+    """``probe (origin): reason`` for every tokenised probe (``interventions.probes.Probe``) whose fact the model
+    does not know on its clean prompt (:func:`unknown_reason`): what ``clap trace`` checks before tracing, since a
+    trace of a fact the model does not know restores nothing worth measuring."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logits = last_token_logits(hf_model, [p.clean_ids for p in probes], pad_id, batch_size)
+    out = []
+    for probe, row in zip(probes, logits, strict=True):
+        p_answer, rank, top = answer_probability(row, probe.answer_ids)
+        reason = unknown_reason([tokenizer.decode([i]) for i in probe.answer_ids], p_answer, rank,
+                                tokenizer.decode([top]), min_prob)
+        if reason:
+            out.append(f"probe {probe.id} ({probe.origin}): {reason}")
+    return out
 
 
 def load_tokenizer(source: str) -> Any:
-    """The model's tokenizer alone: no weights are read (a GGUF source is converted once, as for patching).
+    """The model's tokenizer alone: no weights are read or converted.
 
-    A folder holding only ``vocab.json`` + ``merges.txt`` (GPT-2 BPE files) is read with ``GPT2Tokenizer``,
-    because the fast class silently builds an empty tokenizer from those two files.
+    A built-in model or a ``.gguf`` file gives its tokenizer from the GGUF's metadata (transformers reads the
+    vocabulary and merges without dequantising a tensor), so ``--structural-only`` never waits for the one-off
+    conversion that patching needs. A folder holding only ``vocab.json`` + ``merges.txt`` (GPT-2 BPE files) is read
+    with ``GPT2Tokenizer``, because the fast class silently builds an empty tokenizer from those two files.
     """
     from transformers import AutoTokenizer, GPT2Tokenizer
 
@@ -216,11 +359,34 @@ def load_tokenizer(source: str) -> Any:
         if not (path / "merges.txt").is_file():
             raise ClapError(f"{path}: vocab.json without merges.txt; a GPT-2 tokenizer needs both")
         return prepare_tokenizer(GPT2Tokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt")))
+    gguf = gguf_file_of(source)
+    if gguf is not None:
+        try:
+            return prepare_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+        except (OSError, ValueError) as exc:
+            raise ClapError(f"could not read a tokenizer from the GGUF file {gguf}: {exc}") from exc
     location, _ = resolve_source(source)
     try:
         return prepare_tokenizer(AutoTokenizer.from_pretrained(location))
     except OSError as exc:
         raise ClapError(f"could not load a tokenizer from {location!r}: {exc}") from exc
+
+
+def gguf_file_of(source: str) -> Path | None:
+    """The GGUF file whose metadata holds ``source``'s tokenizer: a built-in model's packaged file (a built-in
+    fine-tuned model shares its base model's tokenizer), a ``.gguf`` path; None for other sources."""
+    from clap.builtin_adapters import BUILTIN_ADAPTERS
+    from clap.models import BUILTIN_GGUF, ModelLoadError, builtin_gguf_path
+
+    base = BUILTIN_ADAPTERS[source][0] if source in BUILTIN_ADAPTERS else source
+    if base in BUILTIN_GGUF:
+        return builtin_gguf_path(base)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return path
+    return None
 
 
 def read_specs(path: Path) -> list[tuple[str, ProbeSpec]]:
@@ -231,27 +397,37 @@ def read_specs(path: Path) -> list[tuple[str, ProbeSpec]]:
 
 
 def check_probes(path: Path, tokenizer: Any, hf_model: torch.nn.Module | None = None,
-                 min_logit_diff: float = 0.0, batch_size: int = 64) -> pd.DataFrame:
-    """The whole check as a frame, one row per probe (the CLI prints and writes this)."""
+                 min_logit_diff: float = 0.0, batch_size: int = 64, *, multi_token: str = "error",
+                 alignment: str = "strict", trace: bool = False, subject: str = "subject",
+                 min_prob: float | None = None, suggest: bool = False) -> pd.DataFrame:
+    """The whole check as a frame, one row per probe (the CLI prints and writes this). ``multi_token`` and
+    ``alignment`` are the study's settings; ``trace`` checks causal-tracing probes (knows: the answer is the model's
+    top next token, or p(answer) >= ``min_prob``, by default :data:`TRACE_MIN_PROB`)."""
     import pandas as pd
 
-    checks = structural_checks(read_specs(path), tokenizer)
+    checks = structural_checks(read_specs(path), tokenizer, multi_token=multi_token, alignment=alignment,
+                               trace=trace, subject=subject, suggest=suggest)
     if hf_model is not None:
         behavioural_checks(checks, hf_model, tokenizer, batch_size)
-    return pd.DataFrame([c.row(min_logit_diff, hf_model is not None) for c in checks])
+    return pd.DataFrame([c.row(min_logit_diff, hf_model is not None, min_prob) for c in checks])
 
 
 def summary_line(frame: pd.DataFrame, ran_model: bool) -> str:
-    parts = [f"{int(frame['valid'].sum())} valid / {len(frame)} total",
-             f"structural ok {int(frame['structural_ok'].sum())}"]
-    if ran_model:
-        parts += [f"knows {int(frame['knows'].sum())}", f"flips {int(frame['flips'].sum())}"]
+    structural = f"structural ok {int(frame['structural_ok'].sum())}"
+    if not ran_model:
+        return (f"validity unknown: structural checks only ({structural} of {len(frame)}); without "
+                f"--structural-only the model says which probes it knows and flips")
+    parts = [f"{int(frame['valid'].fillna(False).astype(bool).sum())} valid / {len(frame)} total", structural,
+             f"knows {int(frame['knows'].fillna(False).astype(bool).sum())}"]
+    if frame["flips"].notna().any():
+        parts.append(f"flips {int(frame['flips'].fillna(False).astype(bool).sum())}")
     return "; ".join(parts)
 
 
-def write_valid(source: Path, frame: pd.DataFrame, target: Path) -> int:
-    """The valid probes, each as its source record (all fields, PMIDs included), in file order; atomically."""
-    valid = set(frame.loc[frame["valid"].astype(bool), "origin"])
+def write_valid(source: Path, frame: pd.DataFrame, target: Path, column: str = "valid") -> int:
+    """The probes whose ``column`` is True (the valid ones; ``structural_ok`` under ``--structural-only``), each as
+    its source record (all fields, PMIDs included), in file order; atomically."""
+    valid = set(frame.loc[frame[column].fillna(False).astype(bool), "origin"])
     if source.suffix in (".jsonl", ".json"):  # origins are "<path as resolved>:<line>"; match on the line
         lines = {int(origin.rsplit(":", 1)[1]) for origin in valid}
         records = [obj for number, obj in load_jsonl(source) if number in lines]
@@ -266,7 +442,70 @@ def write_valid(source: Path, frame: pd.DataFrame, target: Path) -> int:
 
 
 SHOWN = ["id", "n_clean", "n_corrupted", "answer_pieces", "wrong_pieces", "clean_logit_diff", "corrupted_logit_diff",
-         "knows", "flips", "valid", "problems"]
+         "p_answer", "answer_rank", "top_token", "knows", "flips", "valid", "problems"]
+#: the model's columns (left out under --structural-only)
+MODEL_COLUMNS = ("clean_logit_diff", "corrupted_logit_diff", "p_answer", "answer_rank", "top_token", "knows", "flips",
+                 "valid")
+#: columns dropped, in this order, when the table is still too wide for the terminal with the problems cut short
+DROPPABLE = ("top_token", "wrong_pieces", "answer_pieces", "n_corrupted", "corrupted_logit_diff", "flips",
+             "answer_rank", "n_clean", "knows", "clean_logit_diff", "p_answer")
+#: the narrowest the problems column is cut to before a column is dropped; the longest an id is shown
+MIN_PROBLEMS, MAX_ID = 20, 24
+
+
+def fit_table(frame: pd.DataFrame, columns: Sequence[str], width: int) -> str:
+    """The table at most ``width`` characters wide: ids and the ``problems`` text cut short (with an ellipsis),
+    then the least needed columns dropped (:data:`DROPPABLE`). The full text is printed below it and in the CSV."""
+    import pandas as pd
+
+    columns = list(columns)
+    shown = frame[columns].copy()
+    shown["id"] = shown["id"].map(lambda t: _cut(str(t), MAX_ID))
+    for name in ("answer_pieces", "wrong_pieces", "top_token"):
+        if name in shown:
+            shown[name] = shown[name].map(lambda t: _cut(str(t), 18))
+    formats = {"p_answer": "{:.3g}", "answer_rank": "{:.0f}"}  # probabilities span decades; ranks are counts
+    for name, form in formats.items():
+        if name in shown:
+            shown[name] = shown[name].map(lambda x, form=form: "-" if pd.isna(x) else form.format(x))
+
+    def render(table: pd.DataFrame) -> str:
+        return table.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-")
+
+    droppable = [c for c in DROPPABLE if c in columns]
+    while True:
+        others = render(shown.drop(columns=["problems"])) if "problems" in shown else render(shown)
+        room = width - len(others.splitlines()[0]) - 2
+        if room >= MIN_PROBLEMS or not droppable:
+            break
+        shown = shown.drop(columns=[droppable.pop(0)])
+    if "problems" in shown:
+        longest = int(shown["problems"].map(len).max() or 0)
+        shown["problems"] = shown["problems"].map(lambda t: _cut(t, max(room, MIN_PROBLEMS, len("problems"))))
+        if longest <= room:
+            shown["problems"] = frame["problems"]
+    return render(shown)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "\u2026"
+
+
+def print_report(frame: pd.DataFrame, ran_model: bool, width: int | None = None) -> None:
+    """The per-probe table fitted to the terminal, then every probe's problems in full, wrapped to it."""
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    unused = {c for c in MODEL_COLUMNS if c in frame and frame[c].isna().all()}  # e.g. logit differences of traces
+    if "p_answer" in frame:  # trace probes: the corrupted prompt is the clean one
+        unused |= {"n_corrupted", "wrong_pieces"}
+    columns = [c for c in SHOWN if c in frame.columns and (ran_model or c not in MODEL_COLUMNS) and c not in unused]
+    print(fit_table(frame, columns, width))
+    flawed = frame[frame["problems"].astype(str) != ""]
+    if len(flawed):  # one problem a line, unwrapped: a wrap inside a token would hide its leading space
+        print(f"\nproblems ({len(flawed)} probes):")
+        for row in flawed.itertuples(index=False):
+            print(f"  {row.id} ({row.origin}):")
+            for problem in str(row.problems).split("; "):
+                print(f"      {problem}")
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -275,6 +514,8 @@ def run_check(args: argparse.Namespace) -> int:
         raise ProbeError(f"{path}: probe file not found")
     if args.min_logit_diff < 0 or not math.isfinite(args.min_logit_diff):
         raise ProbeError(f"--min-logit-diff must be a finite number >= 0, got {args.min_logit_diff}")
+    if args.min_prob is not None and not 0 <= args.min_prob <= 1:
+        raise ProbeError(f"--min-prob must be a probability in [0, 1], got {args.min_prob}")
     specs = read_specs(path)  # bad probe files fail here, before any model is loaded
     for option, target in (("-o", args.output), ("--write-valid", args.write_valid)):
         if target:  # before the model loads, not after the check has run
@@ -288,20 +529,22 @@ def run_check(args: argparse.Namespace) -> int:
 
         loaded = load_model(args.model, dtype=args.dtype, device=args.device)
         tokenizer, hf_model = loaded.tokenizer, loaded.hf
-    frame = check_probes(path, tokenizer, hf_model, args.min_logit_diff, args.batch_size)
-    import pandas as pd
-
-    shown = [c for c in SHOWN if c in frame.columns and not (hf_model is None and c in SHOWN[5:9])]
-    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
-        print(frame[shown].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    line = summary_line(frame, hf_model is not None)
-    print(line)
+    frame = check_probes(path, tokenizer, hf_model, args.min_logit_diff, args.batch_size,
+                         multi_token=args.multi_token, alignment=args.alignment, trace=args.trace,
+                         subject=args.subject, min_prob=args.min_prob, suggest=args.suggest)
+    print_report(frame, hf_model is not None)
+    print(summary_line(frame, hf_model is not None))
     if args.output:
         atomic_write_text(Path(args.output), frame.to_csv(index=False))
-        print(f"wrote {args.output}")
+        print(f"wrote {args.output} (every column, problems in full)")
     if args.write_valid:
-        n = write_valid(path, frame, Path(args.write_valid))
-        print(f"wrote {n} valid probes to {args.write_valid}")
+        if hf_model is None:
+            n = write_valid(path, frame, Path(args.write_valid), column="structural_ok")
+            print(f"wrote {n} probes that pass the structural checks to {args.write_valid} (not checked on the "
+                  f"model: whether it knows and flips them is unknown)")
+        else:
+            n = write_valid(path, frame, Path(args.write_valid))
+            print(f"wrote {n} valid probes to {args.write_valid}")
     return 0
 
 
@@ -322,7 +565,26 @@ def register_probes(subparsers: Any) -> None:
     check.add_argument("--write-valid", metavar="VALID.jsonl", help="write the valid probes (source records) here")
     check.add_argument("--min-logit-diff", type=float, default=0.0,
                        help="the model knows a fact when its clean logit difference exceeds this (default 0)")
-    check.add_argument("--structural-only", action="store_true", help="tokenizer checks only; no weights are loaded")
+    check.add_argument("--multi-token", choices=["error", "first", "set"], default="error",
+                       help="an answer string of several tokens, as the study's probes.multi_token: a problem "
+                            "(error, default), its first token (first), or the mean over its tokens (set)")
+    check.add_argument("--alignment", choices=["strict", "right"], default="strict",
+                       help="as the study's alignment: strict (default) needs clean and corrupted prompts of one "
+                            "token length; right aligns them at the end")
+    check.add_argument("--trace", action="store_true",
+                       help="causal-tracing probes: a subject in the clean prompt, no corrupted prompt or wrong "
+                            "answer needed; the model knows the fact when the answer is its top next token or "
+                            "likely enough (--min-prob)")
+    check.add_argument("--subject", default="subject", metavar="FIELD",
+                       help="the probe field naming the subject (the study's trace.subject; default subject)")
+    check.add_argument("--min-prob", type=float, default=None,
+                       help=f"with --trace: the model knows the fact when the answer is its top next token or "
+                            f"p(answer) is at least this (default {TRACE_MIN_PROB})")
+    check.add_argument("--suggest", action="store_true",
+                       help="for each length mismatch, list corrupted prompts with the differing words replaced "
+                            "so the token counts match (from the file's words and the vocabulary)")
+    check.add_argument("--structural-only", action="store_true",
+                       help="tokenizer checks only; no weights are loaded or converted (validity is then unknown)")
     check.add_argument("--device", default="cpu")
     check.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     check.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from interventions.spec import (
     ProbeSpec,
     format_validation_error,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ProbeError(ClapError):
@@ -146,55 +149,149 @@ def _answer_ids(value: Any, tokenizer: Any, policy: str, origin: str, what: str)
 
 
 def tokenize_probes(
-    specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, multi_token: str = "error"
+    specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, multi_token: str = "error",
+    corrupted_prompt: str = "probe", subject: str | None = None, problems: list[str] | None = None,
+    warn: bool = True,
 ) -> list[Probe]:
-    """Tokenise prompts (no special tokens added beyond what the tokenizer adds itself) and answers."""
+    """Tokenise prompts (no special tokens added beyond what the tokenizer adds itself) and answers.
+
+    Every probe is checked before anything is refused, so one run names every problem of the file: with
+    ``problems`` given, each is appended there (and the probes that could be tokenised are returned) for the caller
+    to add its own checks and raise once (:func:`raise_problems`); without it they are raised here, all together.
+
+    ``corrupted_prompt="clean"`` (causal tracing) runs the clean prompt as the corrupted run: a probe may then leave
+    out ``corrupted``, and one that gives a different prompt is warned about (a trace ignores it). ``subject`` names
+    the field a trace noises: every probe must carry it, as a substring of its clean prompt."""
+    own = [] if problems is None else problems
     probes: list[Probe] = []
     seen: dict[str, str] = {}
+    ignored: list[str] = []
     for index, (origin, spec) in enumerate(specs):
         probe_id = spec.id or f"p{index:04d}"
         if probe_id in seen:
-            raise ProbeError(f"{origin}: duplicate probe id {probe_id!r} (first at {seen[probe_id]})")
+            own.append(f"{origin}: duplicate probe id {probe_id!r} (first at {seen[probe_id]})")
+            continue
         seen[probe_id] = origin
-        clean_ids = tokenizer(spec.clean)["input_ids"]
-        corrupted_ids = tokenizer(spec.corrupted)["input_ids"]
-        answer = _answer_ids(spec.answer, tokenizer, multi_token, origin, "answer")
-        wrong = _answer_ids(spec.wrong, tokenizer, multi_token, origin, "wrong") if spec.wrong is not None else []
+        corrupted = spec.corrupted
+        if corrupted_prompt == "clean":
+            if corrupted is not None and corrupted != spec.clean:
+                ignored.append(probe_id)
+            corrupted = spec.clean
+        elif corrupted is None:
+            own.append(f"{origin}: probe {probe_id} has no `corrupted` prompt; only a causal trace (`trace:`) runs "
+                       f"without one")
+            continue
+        if subject is not None:
+            problem = subject_problem(spec, subject)
+            if problem:
+                own.append(f"{origin}: probe {probe_id} {problem}")
+        try:
+            answer = _answer_ids(spec.answer, tokenizer, multi_token, origin, "answer")
+            wrong = _answer_ids(spec.wrong, tokenizer, multi_token, origin, "wrong") if spec.wrong is not None else []
+        except ProbeError as exc:
+            own.append(str(exc))
+            continue
         probes.append(
             Probe(
                 id=probe_id,
                 clean=spec.clean,
-                corrupted=spec.corrupted,
-                clean_ids=list(clean_ids),
-                corrupted_ids=list(corrupted_ids),
+                corrupted=corrupted,
+                clean_ids=list(tokenizer(spec.clean)["input_ids"]),
+                corrupted_ids=list(tokenizer(corrupted)["input_ids"]),
                 answer_ids=answer,
                 wrong_ids=wrong,
                 labels=dict(spec.labels),
                 origin=origin,
             )
         )
-    if not probes:
-        raise ProbeError("the probe set is empty")
-    label_keys = {tuple(sorted(p.labels)) for p in probes}
-    if len(label_keys) > 1:
-        raise ProbeError(f"probes carry different label keys {sorted(label_keys)}; every probe needs the same labels")
+    if ignored and warn and subject is not None:  # a trace; other clean-prompt designs say so themselves
+        log.warning("%d probe(s) carry a `corrupted` prompt other than their clean one (%s): a causal trace ignores "
+                    "it (its corrupted run is the clean prompt with noise on the subject's tokens)",
+                    len(ignored), ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+    if not specs:
+        own.append("the probe set is empty")
+    own.extend(label_key_problems([(origin, spec.id or f"p{i:04d}", spec.labels)
+                                   for i, (origin, spec) in enumerate(specs)], skip=subject))
+    if problems is None:
+        raise_problems(own)
     return probes
 
 
-def check_alignment(probes: Sequence[Probe], alignment: str) -> None:
-    """Position-wise patching needs clean and corrupted prompts of one token length, unless aligned at the end."""
+def subject_problem(spec: ProbeSpec, subject: str) -> str:
+    """Why a trace cannot noise this probe's subject ("" when it can)."""
+    if subject not in spec.labels:
+        return (f"has no `{subject}` field: a causal trace noises the tokens of the string it names "
+                f"(trace.subject: {subject})")
+    value = spec.labels[subject]
+    if value not in spec.clean:
+        hint = ""
+        if value.strip() and value.strip() in spec.clean:
+            hint = " (mind the leading or trailing space)"
+        return f"has {subject} {value!r}, which is not in its clean prompt {spec.clean!r}{hint}"
+    return ""
+
+
+def label_key_problems(labelled: Sequence[tuple[str, str, dict[str, str]]], skip: str | None = None) -> list[str]:
+    """Every probe needs the same label fields (they become result columns): name each probe that lacks a field the
+    others carry or carries one they lack, against the most common set of fields. ``skip`` (a trace's subject
+    field) is reported on its own."""
+    keys = [frozenset(k for k in labels if k != skip) for _, _, labels in labelled]
+    if len(set(keys)) <= 1:
+        return []
+    common = max(set(keys), key=lambda k: (keys.count(k), sorted(k)))
+    n_common = keys.count(common)
+    out = []
+    for (origin, probe_id, _), mine in zip(labelled, keys, strict=True):
+        if mine == common:
+            continue
+        parts = []
+        if common - mine:
+            parts.append(f"lacks field(s) {', '.join(f'`{k}`' for k in sorted(common - mine))}")
+        if mine - common:
+            parts.append(f"carries field(s) {', '.join(f'`{k}`' for k in sorted(mine - common))}")
+        out.append(f"{origin}: probe {probe_id} {' and '.join(parts)}, unlike the {n_common} probe(s) with "
+                   f"fields {', '.join(f'`{k}`' for k in sorted(common)) or 'none'}; every probe needs the same "
+                   f"label fields")
+    return out
+
+
+#: the most problems one error lists (the count of the rest follows)
+MAX_LISTED = 50
+
+
+def raise_problems(problems: Sequence[str], probe_file: str | None = None, model: str | None = None) -> None:
+    """One ProbeError naming every problem found (up to :data:`MAX_LISTED`), pointing to ``clap probes check``."""
+    if not problems:
+        return
+    shown = list(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    command = f"clap probes check {probe_file or 'PROBES.jsonl'} --model {model or 'MODEL'}"
+    raise ProbeError(
+        f"{len(problems)} probe problem(s):\n  " + "\n  ".join(shown) + more
+        + f"\nfor a per-probe table of tokens, answers and logit differences run `{command}` "
+          f"(`--write-valid FILE` keeps the probes a study can run)"
+    )
+
+
+def check_alignment(probes: Sequence[Probe], alignment: str, problems: list[str] | None = None) -> None:
+    """Position-wise patching needs clean and corrupted prompts of one token length, unless aligned at the end.
+    With ``problems`` given, each mismatch is appended there instead of raised."""
     if alignment != "strict":
         return
     bad = [p for p in probes if len(p.clean_ids) != len(p.corrupted_ids)]
-    if bad:
-        lines = [f"{p.id} ({p.origin}): clean {len(p.clean_ids)} tokens, corrupted {len(p.corrupted_ids)}"
-                 for p in bad[:5]]
-        raise ProbeError(
-            "clean and corrupted prompts differ in token length, so positions cannot be matched:\n  "
-            + "\n  ".join(lines)
-            + ("\n  ..." if len(bad) > 5 else "")
-            + "\nmake the pairs the same length, or set `alignment: right` to match positions from the end"
-        )
+    if not bad:
+        return
+    lines = [f"probe {p.id} ({p.origin}): clean {len(p.clean_ids)} tokens, corrupted {len(p.corrupted_ids)}: "
+             f"positions cannot be matched (make the pair the same length, or set `alignment: right`)" for p in bad]
+    if problems is not None:
+        problems.extend(lines)
+        return
+    raise ProbeError(
+        "clean and corrupted prompts differ in token length, so positions cannot be matched:\n  "
+        + "\n  ".join(lines[:5])
+        + ("\n  ..." if len(bad) > 5 else "")
+        + "\nmake the pairs the same length, or set `alignment: right` to match positions from the end"
+    )
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -215,15 +312,20 @@ def context_length(config: Any) -> tuple[int, str] | None:
     return None
 
 
-def check_context(probes: Sequence[Probe], config: Any) -> None:
+def check_context(probes: Sequence[Probe], config: Any, problems: list[str] | None = None) -> None:
     """Refuse prompts longer than the model's context before any forward pass: past it, learned position
-    embeddings index out of range (a deep torch error) and rotary models run on positions they never saw."""
+    embeddings index out of range (a deep torch error) and rotary models run on positions they never saw. With
+    ``problems`` given, each too-long prompt is appended there instead of raised."""
     found = context_length(config)
     if found is None:
         return
     limit, name = found
     too_long = [(p, which, len(p.prompt_ids(which))) for p in probes for which in ("clean", "corrupted")
                 if len(p.prompt_ids(which)) > limit]
+    if problems is not None:
+        problems.extend(f"probe {p.id} ({p.origin}): its {which} prompt is {n} tokens, longer than the model's "
+                        f"context of {limit} tokens ({name}); shorten it" for p, which, n in too_long)
+        return
     if too_long:
         probe, which, n = too_long[0]
         more = f" (and {len(too_long) - 1} more prompts)" if len(too_long) > 1 else ""
@@ -337,22 +439,41 @@ def subject_range(probe: Probe, name: str, prompt: str, target: str, tokenizer: 
 
 #: ROME's six token groups, in prompt order
 TOKEN_GROUPS = ("first subject", "middle subject", "last subject", "first subsequent", "further", "last")
+#: the label of a token before the subject: in no ROME group (ROME's averages leave these tokens out)
+BEFORE_SUBJECT = "before subject"
+
+
+def token_groups(index: int, first: int, last: int, n_tokens: int) -> tuple[str, ...]:
+    """Every ROME token group of a target-prompt token, given the subject's [first, last] token indices, as ROME's
+    averages (``average_causal_effects``: ``scores[first_e]``, ``scores[first_e + 1:last_e]``, ``scores[last_e]``,
+    ``scores[first_a]``, ``scores[first_a + 1:last_a]``, ``scores[last_a]``) count it: a one-token subject's token
+    is its first and its last subject token; the token right after the subject is the first subsequent one even
+    when it is the prompt's last; tokens before the subject are in no group (empty tuple)."""
+    groups = []
+    if index == first:
+        groups.append("first subject")
+    if first < index < last:
+        groups.append("middle subject")
+    if index == last:
+        groups.append("last subject")
+    if index == last + 1:
+        groups.append("first subsequent")
+    if last + 1 < index < n_tokens - 1:
+        groups.append("further")
+    if index == n_tokens - 1:
+        groups.append("last")
+    return tuple(groups)
 
 
 def token_group(index: int, first: int, last: int, n_tokens: int) -> str:
-    """ROME's token group of a target-prompt token, given the subject's [first, last] token indices. The prompt's
-    last token is ``last`` (even inside the subject); before the subject is ``further`` too (ROME drops it)."""
+    """The one label a results row carries (``token_group``): the token's first ROME group in the order ``last``,
+    then prompt order (so a one-token subject's token reads ``first subject``, and the prompt's last token ``last``
+    even when it directly follows the subject); :data:`BEFORE_SUBJECT` for a token before the subject.
+    ``trace_figures.token_group_table`` counts a token in each of its groups (:func:`token_groups`)."""
     if index == n_tokens - 1:
         return "last"
-    if index == first:
-        return "first subject"
-    if index == last:
-        return "last subject"
-    if first < index < last:
-        return "middle subject"
-    if index == last + 1:
-        return "first subsequent"
-    return "further"
+    groups = token_groups(index, first, last, n_tokens)
+    return groups[0] if groups else BEFORE_SUBJECT
 
 
 def field_cell(selector: FieldPosition, probe: Probe, target: str, tokenizer: Any) -> PositionCell:
@@ -389,8 +510,12 @@ def match_label(selector: MatchPosition) -> str:
     return f"match:{text}{occurrence}{prompt}"
 
 
-def load_probes(probe_set: ProbeSetSpec, tokenizer: Any, base_dir: Path) -> list[Probe]:
+def load_probes(probe_set: ProbeSetSpec, tokenizer: Any, base_dir: Path, corrupted_prompt: str = "probe",
+                subject: str | None = None, problems: list[str] | None = None, warn: bool = True) -> list[Probe]:
+    """The probe set read and tokenised (see :func:`tokenize_probes` for ``corrupted_prompt``, ``subject`` and
+    ``problems``)."""
     try:
-        return tokenize_probes(read_probe_specs(probe_set, base_dir), tokenizer, probe_set.multi_token)
+        return tokenize_probes(read_probe_specs(probe_set, base_dir), tokenizer, probe_set.multi_token,
+                               corrupted_prompt=corrupted_prompt, subject=subject, problems=problems, warn=warn)
     except SourceError as exc:
         raise ProbeError(str(exc)) from None

@@ -20,7 +20,7 @@ from clap.errors import ClapError, closest
 from clap.models import BUILTIN_GGUF, LoadedModel, load_model, load_remote_model
 from interventions import operations
 from interventions.plan import GroupPlan
-from interventions.probes import Probe, check_alignment, check_context, load_probes
+from interventions.probes import Probe, check_alignment, check_context, load_probes, raise_problems
 from interventions.sites import Site, SiteError, SiteResolver
 from interventions.spec import ModelSpec, OperationSpec, StudySpec
 
@@ -52,16 +52,23 @@ def load_spec_model(spec: StudySpec, m: ModelSpec) -> LoadedModel:
                       revision=m.revision, dtype=spec.execution.dtype, device=device)
 
 
-def spec_probes(spec: StudySpec, tokenizer: Any, config: Any = None) -> list[Probe]:
-    """The spec's probes tokenised and checked (alignment; context length when ``config`` is given). Under
-    ``corrupted_prompt: clean`` (causal tracing, cross-model on one prompt) the corrupted prompt is the clean one."""
-    probes = load_probes(spec.probes, tokenizer, spec.base_dir)
-    if spec.corrupted_prompt == "clean":
-        for probe in probes:
-            probe.corrupted, probe.corrupted_ids = probe.clean, list(probe.clean_ids)
-    check_alignment(probes, spec.alignment)
+def spec_probes(spec: StudySpec, tokenizer: Any, config: Any = None, warn: bool = True) -> list[Probe]:
+    """The spec's probes tokenised and checked (answers, fields, alignment, the `wrong` answer ``logit_diff`` needs;
+    context length when ``config`` is given), every problem of the set raised as one error that points to
+    ``clap probes check``. Under ``corrupted_prompt: clean`` (causal tracing, cross-model on one prompt, clean-run
+    ablation) the corrupted prompt is the clean one, and a probe may leave it out; a trace's probes must carry its
+    subject field."""
+    problems: list[str] = []
+    probes = load_probes(spec.probes, tokenizer, spec.base_dir, corrupted_prompt=spec.corrupted_prompt,
+                         subject=spec.trace.subject if spec.trace is not None else None, problems=problems,
+                         warn=warn)
+    check_alignment(probes, spec.alignment, problems)
     if config is not None:
-        check_context(probes, config)
+        check_context(probes, config, problems)
+    if "logit_diff" in spec.metrics:
+        problems += [f"{p.origin}: metric logit_diff needs a `wrong` answer for every probe; probe {p.id} has none "
+                     f"(or use metric `logit`/`prob`)" for p in probes if not p.wrong_ids]
+    raise_problems(problems, spec.probes.file, spec.model.source)
     return probes
 
 

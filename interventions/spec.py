@@ -52,7 +52,9 @@ class ProbeSpec(StrictModel):
 
     id: str | None = None
     clean: str
-    corrupted: str
+    #: the corrupted prompt; a causal trace never reads it (its corrupted run is the clean prompt + noise), so trace
+    #: probes may leave it out; every other study needs it (checked when the probes are loaded)
+    corrupted: str | None = None
     answer: AnswerTokens  #: the clean answer: a token string, a token id, or a set of them
     wrong: AnswerTokens | None = None  #: the answer the corrupted prompt elicits (for logit difference)
     labels: dict[str, str] = Field(default_factory=dict)  #: grouping labels, e.g. knowledge_type
@@ -68,8 +70,8 @@ class ProbeSpec(StrictModel):
 
     @field_validator("clean", "corrupted")
     @classmethod
-    def _non_empty(cls, value: str) -> str:
-        if not value.strip():
+    def _non_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must be a non-empty prompt")
         return value
 
@@ -227,6 +229,10 @@ class ExecutionSpec(StrictModel):
     #: (interventions/executor.py says why)
     strategy: Literal["auto", "full", "suffix"] = "auto"
     progress: bool = True
+    #: torch's intra-op CPU threads while the study runs (``torch.set_num_threads``); None: torch's default (one per
+    #: core). On a shared or loaded machine several processes each using every core slow one another down far more
+    #: than they gain, so set 1 (or cores / processes) there; results do not depend on it
+    threads: int | None = Field(default=None, ge=1)
     #: the largest plan (patched cells, counted before any is built) a study runs; larger ones are refused with
     #: the estimate of cells, rows and memory. null: no limit
     max_cells: int | None = Field(default=5_000_000, ge=1)
@@ -300,13 +306,23 @@ class TraceSpec(StrictModel):
     noise: float = Field(default=3.0, gt=0)  #: noise std: ``noise`` x the std of ``relative_to``
     relative_to: Literal["absolute", "embedding_std", "selected_std"] = "selected_std"
     samples: int = Field(default=10, ge=1)
-    #: component -> window (1 = single layers); ROME: hidden states single, MLP and attention windows of 10
+    #: component -> window (1 = single layers); ROME: hidden states single, MLP and attention windows of 10;
+    #: ``hidden`` (ROME's name) is accepted for ``resid_post``, the residual stream after a block
     kinds: dict[Literal["resid_post", "mlp_out", "attn_out", "resid_pre"], int] = Field(
         default_factory=lambda: {"resid_post": 1, "mlp_out": 10, "attn_out": 10})
     positions: list[PositionSelector] = Field(default_factory=lambda: ["each"], min_length=1)
     #: which layers to trace, in the site syntax's brackets: ``*`` (all), ``0:8``, ``12``; a window still takes its
     #: neighbours from the whole stack
     layers: str = "*"
+
+    @field_validator("kinds", mode="before")
+    @classmethod
+    def _hidden_alias(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "hidden" in value:
+            if "resid_post" in value:
+                raise ValueError("`hidden` is ROME's name for `resid_post`; give one of them, not both")
+            value = {("resid_post" if k == "hidden" else k): v for k, v in value.items()}
+        return value
 
     def expand(self) -> dict[str, Any]:
         return {
@@ -390,7 +406,11 @@ class StudySpec(StrictModel):
     @classmethod
     def _expand_trace(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("trace"), (dict, TraceSpec)):
-            trace = data["trace"] if isinstance(data["trace"], TraceSpec) else TraceSpec.model_validate(data["trace"])
+            try:
+                trace = data["trace"] if isinstance(data["trace"], TraceSpec) else TraceSpec.model_validate(
+                    data["trace"])
+            except ValidationError:  # left to the `trace` field's own validation, whose errors carry `trace.` paths
+                return data
             data = {**trace.expand(), "metrics": ["prob"], **data}
         return data
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clap.contract import SAMPLES_FILE, atomic_write_frame
-from clap.devices import resolve_device
+from clap.devices import resolve_device, torch_threads
 from clap.errors import ClapError
 from clap.groups import ordered_labels
 from clap.locks import exclusive_lock
@@ -176,15 +176,7 @@ class Study:
         """The spec's probes, tokenised and checked (alignment, context length, answers). ``tokenizer`` and
         ``config`` let the pre-load checks run on the tokenizer and the config alone, before any weights load."""
         probes = spec_probes(self.spec, tokenizer or self.model.tokenizer,
-                             config if config is not None else self.model.hf.config)
-        for metric in ("logit_diff",):
-            if metric in self.spec.metrics:
-                missing = [p.id for p in probes if not p.wrong_ids]
-                if missing:
-                    raise ClapError(
-                        f"metric {metric} needs a `wrong` answer for every probe; missing for "
-                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (or use metric `logit`/`prob`)"
-                    )
+                             config if config is not None else self.model.hf.config, warn=warn)
         # across models the models differ; an ablation of the clean run has no corrupted prompt by design
         if not self.spec.baseline and self.spec.source_model is None and not self.spec.ablates_clean_run:
             check_distinct_prompts(probes, warn)
@@ -292,13 +284,14 @@ class Study:
         execute.check_remote(self.spec.execution.remote, self.spec.model.source)
         if self.spec.source_model is not None:
             execute.check_remote(self.spec.execution.remote, self.spec.source_model.source)
-        if out_dir is None:
-            self.check()
-            return self._run(None)
-        out = prepare_output_dir(Path(out_dir))
-        with exclusive_lock(out / LOCK_FILE, wait=False, what=f"output folder {out}"):
-            self.check()
-            return self._run(out)
+        with torch_threads(self.spec.execution.threads):
+            if out_dir is None:
+                self.check()
+                return self._run(None)
+            out = prepare_output_dir(Path(out_dir))
+            with exclusive_lock(out / LOCK_FILE, wait=False, what=f"output folder {out}"):
+                self.check()
+                return self._run(out)
 
     def _run(self, out: Path | None) -> pd.DataFrame:
         spec = self.spec

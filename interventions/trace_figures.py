@@ -14,7 +14,7 @@ import pandas as pd
 
 from clap.errors import ClapError
 from clap.names import file_stem
-from interventions.probes import TOKEN_GROUPS
+from interventions.probes import BEFORE_SUBJECT, TOKEN_GROUPS
 
 #: panel titles per traced component
 KIND_TITLES = {"resid_post": "hidden states", "resid_pre": "hidden states (block input)", "mlp_out": "MLP",
@@ -27,18 +27,47 @@ def _traced(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return rows
 
 
-def _one_token_subjects(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` plus, for a one-token subject, its token again as the ``last subject``: ROME's averages read that
-    token as both the first and the last subject token. A subject is one token when the token after its first
-    token is the ``first subsequent`` one or the prompt's ``last`` (so it is known only where that token was traced
-    too; a subject that ends the prompt, which a fact to complete never has, would be misread)."""
-    firsts = rows[rows.token_group == "first subject"]
-    if firsts.empty:
+def _rome_groups(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` regrouped as ROME's averages count tokens (``interventions.probes.token_groups``): a results row
+    carries one ``token_group`` label, but in ROME a one-token subject's token is also the *last subject* token and
+    the prompt's last token, when it directly follows the subject, is also the *first subsequent* one; such rows are
+    added again under their second group. Tokens before the subject are in no group and are dropped (also those an
+    older clap labelled ``further``).
+
+    Both facts are read from the neighbouring tokens' labels: a subject is one token when no token of the probe is
+    labelled middle or last subject and the token after its first is traced with a label outside the subject; the
+    last token follows the subject when the token before it is labelled first or last subject. With the default
+    ``positions: [each]`` every token is traced; with fewer positions a fact whose neighbour was not traced is not
+    counted twice."""
+    if rows.empty or "token_group" not in rows:
         return rows
     labels = rows.drop_duplicates(["probe_id", "position"]).set_index(["probe_id", "position"]).token_group.to_dict()
-    single = [labels.get((p, int(q) + 1)) in ("first subsequent", "last")
-              for p, q in zip(firsts.probe_id, firsts.position, strict=True)]
-    return pd.concat([rows, firsts[single].assign(token_group="last subject")], ignore_index=True)
+    firsts: dict = {}
+    longer: set = set()
+    for (probe, position), label in labels.items():
+        if label == "first subject":
+            firsts[probe] = min(int(position), firsts.get(probe, int(position)))
+        elif label in ("middle subject", "last subject"):
+            longer.add(probe)
+    first_of = rows.probe_id.map(firsts)
+    before = (rows.token_group == BEFORE_SUBJECT) | (
+        (rows.token_group == "further") & first_of.notna() & (rows.position < first_of))
+    rows = rows[~before]
+    outside = ("first subsequent", "further", "last")
+
+    def one_token(probe: str, position: int) -> bool:
+        return probe not in longer and labels.get((probe, position + 1)) in outside
+
+    is_first = rows.token_group == "first subject"
+    single = is_first & pd.Series([one_token(p, int(q)) for p, q in zip(rows.probe_id, rows.position, strict=True)],
+                                  index=rows.index, dtype=bool)
+    is_last = rows.token_group == "last"
+    after = is_last & pd.Series(
+        [labels.get((p, int(q) - 1)) == "last subject"
+         or (labels.get((p, int(q) - 1)) == "first subject" and one_token(p, int(q) - 1))
+         for p, q in zip(rows.probe_id, rows.position, strict=True)], index=rows.index, dtype=bool)
+    return pd.concat([rows, rows[single].assign(token_group="last subject"),
+                      rows[after].assign(token_group="first subsequent")], ignore_index=True)
 
 
 #: the keys of one cell of the token-group table
@@ -56,18 +85,21 @@ def _group_means(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 def token_group_table(frame: pd.DataFrame, metric: str = "prob", samples: pd.DataFrame | None = None,
                       confidence: float = 0.95) -> pd.DataFrame:
     """Mean indirect effect (and its n) per traced component, layer and ROME token group, averaged first within a
-    probe (several ``further`` tokens count once per probe) and then over probes. A one-token subject's token counts
-    as its first and its last subject token, as in ROME's averages.
+    probe and then over probes. The groups are ROME's (``_rome_groups``): a one-token subject's token counts as its
+    first and its last subject token, a last token right after the subject as the last and the first subsequent
+    token, and tokens before the subject in no group. One difference from ROME, on purpose: ROME pools the tokens
+    of the *middle subject* and *further* groups over all facts, so a fact with many such tokens weighs more; here
+    each probe's tokens in a group are averaged first, so every probe counts once.
 
     With ``samples`` (the per-draw rows, ``samples.parquet``) the table also says how much that mean moves between
     noise draws: the same mean computed per draw, then ``n_samples``, ``sample_sd`` (their standard deviation,
     ddof 1) and a ``confidence`` t interval over draws (``sample_ci_low``, ``sample_ci_high``). The mean over draws
     equals ``effect`` (every step is a mean), so the interval is centred on it."""
-    table = _group_means(_one_token_subjects(_traced(frame, metric)), GROUP_KEYS)
+    table = _group_means(_rome_groups(_traced(frame, metric)), GROUP_KEYS)
     if samples is not None and len(samples):
         from scipy import stats
 
-        per_draw = _group_means(_one_token_subjects(_traced(samples, metric)), [*GROUP_KEYS, "sample"])
+        per_draw = _group_means(_rome_groups(_traced(samples, metric)), [*GROUP_KEYS, "sample"])
         spread = per_draw.groupby(GROUP_KEYS, observed=True).effect.agg(["count", "std"]).reset_index()
         spread = spread.rename(columns={"count": "n_samples", "std": "sample_sd"})
         table = table.merge(spread, on=GROUP_KEYS, how="left")

@@ -20,6 +20,7 @@ MODULES = [
     "analyses.pipeline",
     "analyses.report",
     "analyses.compare",
+    "analyses.localization",
     "clap.contract",
     "corpora.build",
     "interventions.alignment",

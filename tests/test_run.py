@@ -127,6 +127,13 @@ def test_whole_study_runs_then_skips_then_reruns_what_changed(study, tmp_path, m
                                                               abs=1e-4)
     assert (out / "models" / "base" / "analysis" / "report.html").is_file()
     assert (out / "report.html").is_file() and "analysis/report.html" in (out / "report.md").read_text()
+    # the localization measures of both models, from each model's own table
+    study_md = (out / "report.md").read_text()
+    for name in ("base", "perturbed"):
+        groups = pd.read_csv(out / "models" / name / "analysis" / "localization_groups.csv")
+        pr = groups[(groups["measure"] == "eff_layers_pr") & (groups["site_kind"] == "mlp_out")].iloc[0]
+        assert f"### {name}" in study_md
+        assert f"{pr['mean']:.3f} [{pr['ci_low']:.3f}, {pr['ci_high']:.3f}]" in study_md
     records = stage_record(out)
     assert all(records[s]["status"] == "done" for s in expected)
 

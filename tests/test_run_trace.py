@@ -17,7 +17,7 @@ from clap.app.pipeline import run_study
 from clap.app.study_file import StudyFile
 from clap.contract import read_results, read_samples
 from clap.errors import ClapError
-from interventions.probes import TOKEN_GROUPS
+from interventions.probes import BEFORE_SUBJECT, TOKEN_GROUPS
 from tests.tiny_tokenizer import tiny_tokenizer
 
 PROBES = [  # corrupted prompts are never run: the trace's corrupted run is the clean prompt + noise on the subject
@@ -59,22 +59,37 @@ def write_study(folder: Path, model_dir: Path, section: str = f"trace: {TRACE}",
     return path
 
 
+def rome_groups_by_hand(first_e: int, first_a: int, n_tokens: int) -> dict[str, list[int]]:
+    """The token indices of ROME's six groups as ``average_causal_effects`` slices its scores (``subject_range`` =
+    (first_e, first_a), the subject's tokens and the one after; tokens before the subject in none)."""
+    last_e, last_a = first_a - 1, n_tokens - 1
+    return {"first subject": [first_e], "middle subject": list(range(first_e + 1, last_e)),
+            "last subject": [last_e], "first subsequent": [first_a],
+            "further": list(range(first_a + 1, last_a)), "last": [last_a]}
+
+
 def check_table_by_hand(folder: Path, n_draws: int) -> int:
-    """``token_groups.csv`` recomputed from samples.parquet with numpy: per draw, per probe the mean effect of its
-    tokens in the group, the mean over probes; then the mean, sd (ddof 1) and t interval over the draws."""
+    """``token_groups.csv`` recomputed from samples.parquet with numpy, each token placed in ROME's groups from the
+    subject's token range found by hand: per draw, per probe the mean effect of its tokens in the group, the mean
+    over probes; then the mean, sd (ddof 1) and t interval over the draws."""
     from tests.interventions.reference import subject_indices
 
     tokenizer = tiny_tokenizer()
-    one_token = {p["id"] for p in PROBES if len(subject_indices(tokenizer, p["clean"], p["subject"])) == 1}
-    assert one_token and len(one_token) < len(PROBES)  # both kinds of subject are in the test
+    groups = {}
+    for p in PROBES:
+        indices = subject_indices(tokenizer, p["clean"], p["subject"])
+        groups[p["id"]] = rome_groups_by_hand(indices[0], indices[-1] + 1, len(tokenizer(p["clean"])["input_ids"]))
+    assert any(len(subject_indices(tokenizer, p["clean"], p["subject"])) == 1 for p in PROBES)
+    assert any(len(subject_indices(tokenizer, p["clean"], p["subject"])) > 1 for p in PROBES)
+    assert any(g["first subsequent"] == g["last"] for g in groups.values())  # a subject right before the last token
+    assert any(g["first subject"][0] > 0 for g in groups.values())  # tokens before the subject, in no group
     table = pd.read_csv(folder / "token_groups.csv")
     samples = read_samples(folder)
     for row in table.itertuples(index=False):
-        group = samples.token_group == row.token_group
-        if row.token_group == "last subject":  # a one-token subject's token is also its last (ROME)
-            group |= (samples.token_group == "first subject") & samples.probe_id.isin(one_token)
-        cells = samples[(samples.site_kind == row.kind) & (samples.layer == row.layer) & group
+        cells = samples[(samples.site_kind == row.kind) & (samples.layer == row.layer)
                         & (samples["window"] == row.window)]
+        members = [(p, q) for p, g in groups.items() for q in g[row.token_group]]
+        cells = cells[[(p, q) in members for p, q in zip(cells.probe_id, cells.position, strict=True)]]
         per_draw = np.array([np.mean([cells[(cells["sample"] == s) & (cells.probe_id == p)].effect.mean()
                                       for p in sorted(set(cells.probe_id))]) for s in range(n_draws)])
         mean, sd = per_draw.mean(), per_draw.std(ddof=1)
@@ -84,6 +99,11 @@ def check_table_by_hand(folder: Path, n_draws: int) -> int:
         assert (row.sample_ci_low, row.sample_ci_high) == pytest.approx((mean - half, mean + half), abs=1e-12)
         assert row.n_samples == n_draws and row.n_probes == cells.probe_id.nunique()
     assert set(table.kind) == {"resid_post", "mlp_out"}
+    # every (group, layer) that has a member token in some probe is in the table
+    n_layers = samples.layer.nunique()
+    expected = {g for probe in groups.values() for g, tokens in probe.items() if tokens}
+    assert set(table.token_group) == expected
+    assert len(table) == len(expected) * n_layers * 2
     return len(table)
 
 
@@ -98,13 +118,16 @@ def test_trace_stage_table_and_clap_trace_are_one_spelling(model_dir, tmp_path):
     folder = roof.results_dir("model")
     frame, meta = read_results(folder)
     assert meta["noise"]["samples"] == 3 and set(read_samples(folder)["sample"]) == {0, 1, 2}
-    assert set(frame.metric) == {"prob"} and set(frame.token_group) <= set(TOKEN_GROUPS)
+    assert set(frame.metric) == {"prob"} and set(frame.token_group) == {*TOKEN_GROUPS, BEFORE_SUBJECT}
     assert check_table_by_hand(folder, 3) > 0
     assert not (folder / "trace_groups.png").exists()  # report.figures: false
     assert main(["trace", str(study), "-o", str(tmp_path / "cli")]) == 2  # a study file is not a plain spec
     spec = tmp_path / "spec.yaml"
     spec.write_text("\n".join(line for line in study.read_text().splitlines() if not line.startswith("report:")))
-    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress"]) == 0
+    # random weights know no fact: `clap trace` refuses them unless told to trace them anyway
+    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress"]) == 2
+    assert main(["trace", str(spec), "-o", str(tmp_path / "cli"), "--probe-figures", "0", "--no-progress",
+                 "--allow-unknown"]) == 0
     keys = ["probe_id", "site", "position"]
     a = frame.sort_values(keys).reset_index(drop=True)
     b = read_results(tmp_path / "cli")[0].sort_values(keys).reset_index(drop=True)

@@ -112,6 +112,31 @@ def headline(record: dict[str, Any] | None) -> list[tuple[str, list[str]]]:
     return [(h, lines) for h, lines in out if lines]
 
 
+#: the localization measures the study report shows per model (each model's report has all of them and the tests)
+LOCALIZATION_SHOWN = ("eff_layers_pr", "peak_share", "window_width", "centre_of_mass", "negative_share")
+LOCALIZATION_WORDS = ("Localization profiles per model, site kind and group: mean [95 % t interval] over probes of "
+                      "the effective number of layers (participation ratio), the peak's share, the narrowest window "
+                      "holding 80 % of |contribution| (layers), the centre of mass (relative depth) and the negative "
+                      "share; the residual stream as layer-to-layer increments. The group comparison is in each "
+                      "model's report.")
+
+
+def _localization(results: Path) -> pd.DataFrame | None:
+    """A run's localization measures per slice and group (``mean [low, high]``), from its analysis' own table."""
+    from analyses.localization import TABLE_FILES
+    from analyses.report import localization_display
+
+    path = results / "analysis" / TABLE_FILES["localization_groups"]
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    if table.empty:
+        return None
+    group = table.columns[0] if table.columns[0] != "measure" else None
+    means = localization_display({"localization_groups": table}, group)[0]
+    return means[[c for c in means.columns if c not in set(table["measure"]) - set(LOCALIZATION_SHOWN)]]
+
+
 def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
     """One patching run (a model's, or a cross-model one) as the report lists it; None while it has no results."""
     from analyses.io import load_results
@@ -128,6 +153,7 @@ def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
         "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
         "results": results, "report": report if report.is_file() else None,
         "caveats": design_caveats(frame, meta) + design, "trace": _trace(results),
+        "localization": _localization(results),
         "samples": ((meta.get("noise") or {}).get("samples")),
     }
 
@@ -174,6 +200,17 @@ def _rel(path: Path, out: Path) -> str:
     return Path(os.path.relpath(path, out)).as_posix()
 
 
+def _localization_markdown(models: list[dict]) -> list[str]:
+    """The study report's localization section: each model's measures per slice and group (none if not analysed)."""
+    shown = [m for m in models if m.get("localization") is not None]
+    if not shown:
+        return []
+    lines = ["", "## Localization profiles", "", LOCALIZATION_WORDS]
+    for m in shown:
+        lines += ["", f"### {m['name']}", "", _markdown_table(m["localization"])]
+    return lines
+
+
 def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
     lines = [f"# Study: {study.name}", "", "## Models", "",
              "| model | source | architecture | probes | sites | rows | report |",
@@ -194,6 +231,7 @@ def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict]
                 lines += [f"![causal trace of {m['name']}]({_rel(m['trace']['figure'], out)})", ""]
             lines += [_markdown_table(m["trace"]["peaks"]), "",
                       f"Full table: [{m['trace']['table'].name}]({_rel(m['trace']['table'], out)})"]
+    lines += _localization_markdown(models)
     lines += ["", "## Design caveats", ""]
     any_caveat = False
     for m in models:
@@ -275,6 +313,11 @@ def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], st
             parts.append(m["trace"]["peaks"].to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0))
             parts.append(f"<p>Full table: <a href='{e(_rel(m['trace']['table'], out))}'>"
                          f"{e(m['trace']['table'].name)}</a></p>")
+    if any(m.get("localization") is not None for m in models):
+        parts.append(f"<h2>Localization profiles</h2><p>{e(LOCALIZATION_WORDS)}</p>")
+        for m in models:
+            if m.get("localization") is not None:
+                parts.append(f"<h3>{e(m['name'])}</h3>" + m["localization"].to_html(index=False, border=0))
     if comparisons:
         parts.append("<h2>Comparisons</h2><ul>")
         for c in comparisons:

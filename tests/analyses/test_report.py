@@ -62,9 +62,12 @@ def test_analyze_writes_every_table_and_figure(small_dir, tmp_path, capsys):
     assert set(triv["site"]) == {"lm_head", "final_norm"} and (triv["mean_recovery"] == 1).all()
     figs = sorted(p.name for p in (tmp_path / "figures").iterdir())
     stems = sorted({Path(f).stem for f in figs})
-    # site-kind map, 2 x (line, position map), per-site bars, the group contrast and the per-module bars
-    assert len(figs) == 2 * len(stems) and len(stems) == 8
-    assert {"contrast_logit-diff-replace-denoising-all", "module_bars_logit-diff-replace-denoising-all"} <= set(stems)
+    # site-kind map, 2 x (line, position map), per-site bars, the group contrast, the per-module bars and the
+    # localization profiles and measures
+    assert len(figs) == 2 * len(stems) and len(stems) == 10
+    assert {"contrast_logit-diff-replace-denoising-all", "module_bars_logit-diff-replace-denoising-all",
+            "localization_profiles_logit-diff-replace-denoising-all",
+            "localization_measures_logit-diff-replace-denoising-all"} <= set(stems)
     assert all((tmp_path / "figures" / f"{s}.svg").is_file() for s in stems)
     caveats = (tmp_path / "caveats.md").read_text()
     for phrase in ("by construction", "undefined", "Small samples", "Missing cells"):
@@ -91,7 +94,7 @@ def test_html_report_is_self_contained_with_tables_and_images(reported):
     doc = lxml.html.fromstring(page)
     # Images: every one embedded as a PNG data URI that decodes to a real PNG; nothing fetched from elsewhere.
     srcs = [img.get("src") for img in doc.iter("img")]
-    assert len(srcs) == 8  # 6 from `clap analyze`, the group contrast and the module bars
+    assert len(srcs) == 10  # 6 from `clap analyze`, the group contrast, the module bars, 2 localization figures
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         raw = base64.b64decode(src.split(",", 1)[1])
@@ -132,7 +135,7 @@ def test_markdown_report_links_existing_figures(reported):
     assert "## Caveats" in md and "#### Repeated-measures ANOVA across layers" in md
     assert re.search(r"^\| Source \| F \| ddof1 \| ddof2 \| p_unc \|", md, re.M)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 8
+    assert len(links) == 10  # as in the HTML report
     for link in links:
         assert (out / link).is_file()
 

@@ -143,7 +143,7 @@ def test_probe_problems_name_the_probe(tiny_gpt2, tmp_path):
         _study(tiny_gpt2, probes={"file": str(bad_file)}).run()
     missing_field = tmp_path / "missing.jsonl"
     missing_field.write_text(json.dumps({"id": "x", "clean": "a b", "answer": " c"}) + "\n")
-    with pytest.raises(ClapError, match=rf"{missing_field}:1: corrupted: required field is missing"):
+    with pytest.raises(ClapError, match=rf"{missing_field}:1: probe x has no `corrupted` prompt; only a causal trace"):
         _study(tiny_gpt2, probes={"file": str(missing_field)}).run()
 
 

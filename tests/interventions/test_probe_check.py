@@ -122,10 +122,14 @@ def test_cli_structural_only_needs_only_tokenizer_files(tmp_path, tokenizer, cap
     code = main(["probes", "check", "b.jsonl", "--model", str(folder), "--structural-only",
                  "-o", str(out), "--write-valid", str(valid)])
     assert code == 0
-    assert "1 valid / 3 total" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "validity unknown: structural checks only (structural ok 1 of 3)" in printed and " valid / " not in printed
     rows = list(csv.DictReader(out.open()))
     assert [r["structural_ok"] for r in rows] == ["False", "False", "True"] and rows[2]["clean_logit_diff"] == ""
+    assert [r["valid"] for r in rows] == ["", "", ""]  # validity needs the model: unknown, never True
+    # --write-valid keeps the structurally sound probes and says that the model did not check them
     assert [json.loads(line)["id"] for line in valid.read_text().splitlines()] == ["fr"]
+    assert "1 probes that pass the structural checks" in printed and "not checked on the model" in printed
 
 
 def test_cli_bad_probe_file_is_exit_2_before_loading(tmp_path, capsys):

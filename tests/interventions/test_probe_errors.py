@@ -113,10 +113,11 @@ def test_prompt_longer_than_the_context_is_refused_naming_probe_and_lengths(shor
     })
     with pytest.raises(ClapError) as caught:
         Study(spec, model=short_context_gpt2).run()
-    assert str(caught.value) == (
-        f"probe long (probes.inline[1]): its {which} prompt is {n_tokens} tokens, longer than the model's context "
-        f"of 16 tokens (max_position_embeddings); shorten it"
-    )
+    assert str(caught.value).splitlines()[:2] == [
+        "1 probe problem(s):",
+        f"  probe long (probes.inline[1]): its {which} prompt is {n_tokens} tokens, longer than the model's context "
+        f"of 16 tokens (max_position_embeddings); shorten it"]
+    assert "clap probes check" in str(caught.value)
     # a prompt of exactly the context length runs
     ids = tokenizer(long_text)["input_ids"][:16]
     exact = tokenizer.decode(ids)
