@@ -3,6 +3,7 @@ another run (named), ``--max-rows 0``, invalid ``finetune.settings`` (file and l
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -25,6 +26,11 @@ sites: ['layers[0].resid_pre']
 
 @pytest.fixture
 def study(tmp_path):
+    """A study whose model folder passes the checks made before any stage (a config, no weights are read)."""
+    model = tmp_path / "no-such-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 8,
+                                                   "vocab_size": 50257, "architectures": ["GPT2LMHeadModel"]}))
     path = tmp_path / "study.yaml"
     path.write_text(STUDY)
     return path
