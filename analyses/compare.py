@@ -52,6 +52,7 @@ from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
 from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_json, atomic_write_text
 from clap.errors import ClapError
+from clap.outputs import prepare_output_dir
 
 #: The findings as data beside ``compare.html``, read by ``clap run``'s study page.
 FINDINGS_FILE = "findings.json"
@@ -489,6 +490,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
         check_matched(a, b, group_columns, names=names)
     else:
         check_matched_across_depth(a, b, meta_a, meta_b, group_columns, names)
+    prepare_output_dir(out_dir, holds="the comparison's tables, figures and reports are written into a folder")
     a, b, excluded = _exclude(a, meta_a, b, meta_b, opts)
     reduce = (dv, group, agg, opts.position_reduction, opts.head_reduction, opts.subject_field)
     notes: list[str] = []

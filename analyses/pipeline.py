@@ -61,6 +61,11 @@ from clap.analysis_options import AnalysisOptions
 from clap.contract import atomic_write_frame, atomic_write_text
 from clap.errors import ClapError
 from clap.groups import resolve_group
+from clap.outputs import prepare_output_dir, prune_outputs
+
+#: The hidden list of the files an analysis wrote in its folder: the next analysis there removes those it does not
+#: write again (figures and tables of slices no longer in the results), and never any other file.
+ANALYZE_MANIFEST = ".clap-analyze-files.json"
 
 
 @dataclass
@@ -180,6 +185,8 @@ def analyze(results_dir: str | Path, options: AnalyzeOptions | None = None, **na
     elif rules.subject == "clean_prompt":
         raise ClapError("subject: clean_prompt needs each probe's clean prompt, but run.json has no `probes` list with "
                         "`probe_id` and `clean`; rerun `clap patch` (it records them) or use subject: probe")
+    # the options are valid: prove the folder writable before the tables are computed
+    prepare_output_dir(out, holds="tables, figures and reports are written into a folder")
     group = requested if requested and data[requested].nunique() >= 2 else None
     dv, alpha = opts.dv, opts.alpha
     options_used = dict(dv=dv, group=group, group_requested=requested, group_declared=rules.group is not None,
@@ -220,6 +227,7 @@ def analyze(results_dir: str | Path, options: AnalyzeOptions | None = None, **na
         result.files.extend(p for f in result.figures for p in f.paths if p not in result.files)
     if opts.additivity is not None or opts.ablation is not None:
         attach(result, additivity=opts.additivity, ablation=opts.ablation, figures=opts.figures, dpi=opts.dpi)
+    prune_outputs(out, result.files, ANALYZE_MANIFEST)  # an earlier analysis's slices that are gone now
     return result
 
 

@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clap import cli_args
 from clap.contract import results_path
 
 
 def add_execution_flags(parser: argparse.ArgumentParser) -> None:
     """The execution flags ``clap patch`` and ``clap trace`` share (applied by :func:`overridden_spec`)."""
     parser.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
-    parser.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    parser.add_argument("--max-rows", type=cli_args.max_rows,
+                        help="override execution.max_rows (rows per forward pass)")
     parser.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 "

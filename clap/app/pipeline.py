@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clap import __version__
+from clap import __version__, cli_args
 from clap.app.stages import StageStore, digest, file_digest, locked, tree_digest
 from clap.app.study_file import (
     PACKAGE_PREFIX,
@@ -653,7 +653,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="use SOURCE (hub id, folder, .gguf, built-in) for the study's model NAME")
     p.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
     p.add_argument("--device", help="override execution.device")
-    p.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    p.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
     p.add_argument("--group", metavar="LABEL",
                    help="override analysis.group: the probe label whose values are the groups of the analyses and "
                         "comparisons (default: analysis.group, else knowledge_type, never a provenance label)")
