@@ -33,4 +33,4 @@ def test_markdown_folds_the_pairs_of_layers_table(tmp_path):
         shown = [float(re.split(r"\s*\|\s*", line)[9]) for line in table_rows]  # the p_corr column
         smallest = sorted(rows["p_corr"].nsmallest(FOLD_ROWS))
         assert sorted(shown) == pytest.approx(smallest, rel=5e-3)  # printed to 3 digits
-    assert len(text.splitlines()) < 500  # was over 1,200 lines with both 435-row tables printed
+    assert len(text.splitlines()) < 650  # over 1,200 lines with both 435-row tables printed (other sections grow)
