@@ -37,6 +37,8 @@ from interventions.plan import Batch
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "full", "suffix")
+#: the suffix strategy's savings (see :class:`Executor`)
+SUFFIX_PARTS = ("kv", "layer", "ragged", "no-op")
 
 
 def resolve_strategy(strategy: str, remote: bool | str) -> str:
@@ -63,19 +65,22 @@ class Executor:
     strategy : {"auto", "full", "suffix"}
     unembed_module : str, optional
         The unembedding's module path (only the last position's logits are computed unless it is patched).
+    suffix_parts : sequence of str
+        Which savings the suffix strategy uses (all by default; the benchmark and the tests switch some off to
+        measure or check the others): "kv" (prefix key/value reuse), "layer" (start at the first edited block),
+        "ragged" (locally: one pass per start column as plain module calls, :mod:`interventions.ragged`), "no-op"
+        (rows whose edits change nothing are not run, :func:`interventions.suffix.no_op_rows`).
     """
 
-    #: which savings the suffix strategy uses: "kv" (prefix key/value reuse), "layer" (start at the first edited
-    #: block), "ragged" (locally: one pass per start column as plain module calls, :mod:`interventions.ragged`),
-    #: "no-op" (rows whose edits change nothing are not run, :func:`interventions.suffix.no_op_rows`). All by
-    #: default; the benchmark switches some off to measure the others.
-    suffix_parts: tuple[str, ...] = ("kv", "layer", "ragged", "no-op")
-
     def __init__(self, model: Any, remote: bool | str = False, strategy: str = "auto",
-                 unembed_module: str | None = None):
+                 unembed_module: str | None = None, *, suffix_parts: Sequence[str] = SUFFIX_PARTS):
         self.model = model
         self.remote = remote
         self.unembed_module = unembed_module
+        unknown = sorted(set(suffix_parts) - set(SUFFIX_PARTS))
+        if unknown:
+            raise ClapError(f"unknown suffix parts {unknown} (valid: {', '.join(SUFFIX_PARTS)})")
+        self.suffix_parts = tuple(suffix_parts)
         self.strategy = resolve_strategy(strategy, remote)
         self.used: Counter[str] = Counter()
         self._layout: suffix.ModelLayout | None | bool = False  # False: not looked at yet
