@@ -10,8 +10,6 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from interventions.executor import Executor
-
 from .conftest import PROBES
 from .test_compose import TRACE_PROBES
 from .test_strategies import METRIC_LIST, assert_same, run
@@ -106,13 +104,12 @@ def test_no_op_rows_are_the_shared_prefix_and_equal_the_baseline(tiny_gpt2):
     assert (loud.patched != loud.corrupted).any()
 
 
-def test_switching_the_savings_off_changes_no_number(tiny_gpt2, monkeypatch):
+def test_switching_the_savings_off_changes_no_number(tiny_gpt2):
     spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST,
             "sites": ["layers[*].resid_pre", "layers[2].mlp_out"], "positions": ["each"]}
     reference, _ = run(tiny_gpt2, spec, "suffix", 64)
     for parts in (("kv", "layer", "ragged"), ("kv", "layer", "no-op"), ("kv", "layer")):
-        monkeypatch.setattr(Executor, "suffix_parts", parts)
-        frame, study = run(tiny_gpt2, spec, "suffix", 64)
+        frame, study = run(tiny_gpt2, spec, "suffix", 64, suffix_parts=parts)
         assert_same(reference, frame)
         assert (study.executor.suffix_stats["ragged_batches"] > 0) == ("ragged" in parts)
         assert (study.executor.suffix_stats["no_op_rows"] > 0) == ("no-op" in parts)

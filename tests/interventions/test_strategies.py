@@ -24,10 +24,11 @@ METRIC_LIST = ["logit_diff", "logit", "prob", "logprob", "kl"]
 KEYS = ["probe_id", "site", "positions", "position", "operation", "metric", "sample"]
 
 
-def run(model, spec_dict: dict, strategy: str, max_rows: int, remote=False) -> tuple[pd.DataFrame, Study]:
+def run(model, spec_dict: dict, strategy: str, max_rows: int, remote=False, **executor_options
+        ) -> tuple[pd.DataFrame, Study]:
     data = json.loads(json.dumps(spec_dict))
     data["execution"] = {"progress": False, "max_rows": max_rows, "strategy": strategy, "remote": remote}
-    study = Study(StudySpec.from_dict(data), model=model)
+    study = Study(StudySpec.from_dict(data), model=model, executor_options=executor_options)
     frame = study.run()
     return frame.sort_values(KEYS).reset_index(drop=True), study
 
@@ -45,17 +46,13 @@ TRACES_ONLY = ("kv", "layer", "no-op")
 
 
 def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200), remote=False) -> Study:
-    from interventions.executor import Executor
+    from interventions.executor import SUFFIX_PARTS
 
     full, _ = run(model, spec_dict, "full", full_rows, remote)
     study = None
     for rows in suffix_rows:
-        for parts in (Executor.suffix_parts, TRACES_ONLY) if remote is False else (Executor.suffix_parts,):
-            saved, Executor.suffix_parts = Executor.suffix_parts, parts
-            try:
-                frame, study = run(model, spec_dict, "suffix", rows, remote)
-            finally:
-                Executor.suffix_parts = saved
+        for parts in (SUFFIX_PARTS, TRACES_ONLY) if remote is False else (SUFFIX_PARTS,):
+            frame, study = run(model, spec_dict, "suffix", rows, remote, suffix_parts=parts)
             assert study.executor.used["full"] == 0 and study.executor.used["suffix"] > 0
             if parts == TRACES_ONLY:
                 assert study.executor.suffix_stats["ragged_batches"] == 0
