@@ -77,7 +77,7 @@ TL_FUNCTIONS = {"resid_pre": "get_act_patch_resid_pre", "attn_out": "get_act_pat
 
 COLUMNS = [
     "workload", "sweep", "model", "pairs", "tokens", "layers", "d_model", "cells", "rows", "contender", "status",
-    "repeats", "best_s", "times_s", "cells_per_s", "time_vs_clap", "peak_rss_delta_mb", "peak_rss_mb",
+    "repeats", "best_s", "times_s", "cpu_s", "cells_per_s", "time_vs_clap", "peak_rss_delta_mb", "peak_rss_mb",
     "max_abs_diff_vs_tl", "strategy", "corrupt_at", "bound_over_floor_macs", "note",
 ]
 
@@ -410,12 +410,16 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for workload, sweep, pairs in keys:
         found = {c: _best(rows, workload, c, sweep, pairs) for c in CONTENDERS}
         clap, tl, naive, floor = (found[c]["best_s"] if found[c] else None for c in CONTENDERS)
+        cpu = {c: found[c].get("cpu_s") or None if found[c] else None for c in CONTENDERS}
         clap_row = found["clap"] or {}
         bound = clap_row.get("bound_over_floor_macs")
         bound_s = floor * bound if floor and bound else None
         out.append({"workload": workload, "sweep": sweep, "pairs": pairs, "clap_s": clap, "tl_s": tl,
                     "naive_s": naive, "floor_s": floor, "tl_over_clap": tl / clap if tl and clap else None,
-                    "clap_over_floor": clap / floor if clap and floor else None, "bound_over_floor": bound,
+                    "clap_over_floor": clap / floor if clap and floor else None,
+                    "tl_over_clap_cpu": cpu["tl"] / cpu["clap"] if cpu["tl"] and cpu["clap"] else None,
+                    "clap_over_floor_cpu": cpu["clap"] / cpu["floor"] if cpu["clap"] and cpu["floor"] else None,
+                    "bound_over_floor": bound,
                     "clap_over_bound": clap / bound_s if clap and bound_s else None,
                     "naive_over_clap": naive / clap if naive and clap else None,
                     "max_abs_diff": clap_row.get("max_abs_diff_vs_tl")})
@@ -437,16 +441,20 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], notes: list[str])
                                                              if r.get("corrupt_at") not in (None, "")})) +
                   " (the shipped probes' shape). `bound/floor`: the multiply-adds that cannot be skipped "
                   "(`mac_bound`) over the floor's; `clap/bound`: clap's time over the bound's share of the floor's "
-                  "time.", "",
+                  "time. Ratios of wall times; (CPU): of the process's CPU times in the same calls (less disturbed "
+                  "by other processes on a shared machine).", "",
                   ("| workload | sweep | pairs | clap s | TransformerLens s | naive nnsight s | floor s | TL/clap | "
-                   "clap/floor | bound/floor | clap/bound | naive/clap | max abs diff clap-TL |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                   "clap/floor | TL/clap (CPU) | clap/floor (CPU) | bound/floor | clap/bound | naive/clap | "
+                   "max abs diff clap-TL |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        three = ("clap_over_floor", "clap_over_floor_cpu", "bound_over_floor")
         for s in table:
-            lines.append("| " + " | ".join(_fmt(s[k], 3 if k in ("clap_over_floor", "bound_over_floor") else 2)
+            lines.append("| " + " | ".join(_fmt(s[k], 3 if k in three else 2)
                                            if k != "max_abs_diff" else _fmt(s[k], 6) for k in
                                            ("workload", "sweep", "pairs", "clap_s", "tl_s", "naive_s", "floor_s",
-                                            "tl_over_clap", "clap_over_floor", "bound_over_floor",
-                                            "clap_over_bound", "naive_over_clap", "max_abs_diff")) + " |")
+                                            "tl_over_clap", "clap_over_floor", "tl_over_clap_cpu",
+                                            "clap_over_floor_cpu", "bound_over_floor", "clap_over_bound",
+                                            "naive_over_clap", "max_abs_diff")) + " |")
     lines += ["", "## All measurements", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, ""), 6 if c == "max_abs_diff_vs_tl" else 2) for c in COLUMNS)
@@ -460,6 +468,7 @@ def _row(base: dict[str, Any], contender: str, m: Any, cells: int, clap_best: fl
          repeats: int, **extra: Any) -> dict[str, Any]:
     best = m.best
     return {**base, "contender": contender, "status": "ok", "repeats": repeats, "best_s": round(best, 4),
+            "cpu_s": round(m.best_cpu, 4) if m.cpu_times else "",
             "times_s": ";".join(f"{t:.3f}" for t in m.times), "cells_per_s": round(cells / best, 1),
             "time_vs_clap": round(best / clap_best, 3) if clap_best else "",
             "peak_rss_delta_mb": round(m.peak_rss_delta_mb, 1), "peak_rss_mb": round(m.peak_rss_mb, 1),
@@ -469,7 +478,7 @@ def _row(base: dict[str, Any], contender: str, m: Any, cells: int, clap_best: fl
 #: the layer x position sweep workloads: a (shared prefix), e (early corruption)
 SWEEP_WORKLOADS = ("a", "e")
 #: rows per forward the floor tries; it is reported at its fastest
-FLOOR_BATCHES = (16, 32, 64, 128, 256)
+FLOOR_BATCHES = (32, 64, 128, 256)
 
 
 def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[str], workload: str = "a"

@@ -70,10 +70,14 @@ class Executor:
         measure or check the others): "kv" (prefix key/value reuse), "layer" (start at the first edited block),
         "ragged" (locally: one pass per start column as plain module calls, :mod:`interventions.ragged`), "no-op"
         (rows whose edits change nothing are not run, :func:`interventions.suffix.no_op_rows`).
+    metrics : sequence of str, optional
+        The metrics the caller reads (:data:`clap.contract.METRICS`); None: all. Without ``kl`` the ragged path does
+        not compute the KL divergence (a float64 pass over the vocabulary per row); the column is then NaN.
     """
 
     def __init__(self, model: Any, remote: bool | str = False, strategy: str = "auto",
-                 unembed_module: str | None = None, *, suffix_parts: Sequence[str] = SUFFIX_PARTS):
+                 unembed_module: str | None = None, *, suffix_parts: Sequence[str] = SUFFIX_PARTS,
+                 metrics: Sequence[str] | None = None):
         self.model = model
         self.remote = remote
         self.unembed_module = unembed_module
@@ -81,6 +85,7 @@ class Executor:
         if unknown:
             raise ClapError(f"unknown suffix parts {unknown} (valid: {', '.join(SUFFIX_PARTS)})")
         self.suffix_parts = tuple(suffix_parts)
+        self.kl = metrics is None or "kl" in metrics
         self.strategy = resolve_strategy(strategy, remote)
         self.used: Counter[str] = Counter()
         self._layout: suffix.ModelLayout | None | bool = False  # False: not looked at yet
@@ -122,7 +127,7 @@ class Executor:
         """``[rows, len(METRICS)]`` metrics of one batch, in the batch's row order."""
         if self.strategy == "suffix" and self.layout is not None:
             parts = {"kv": "kv" in self.suffix_parts, "skip": "layer" in self.suffix_parts,
-                     "skip_no_ops": "no-op" in self.suffix_parts}
+                     "skip_no_ops": "no-op" in self.suffix_parts, "kl": self.kl}
             if self.ragged is not None:
                 try:
                     metrics = suffix.run_batch(self.model, batch, self.layout, self.remote, self.unembed_module,

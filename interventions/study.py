@@ -164,7 +164,8 @@ class Study:
         if self._executor is None:
             execution = self.spec.execution
             self._executor = Executor(self.model.nn, remote=execution.remote, strategy=execution.strategy,
-                                      unembed_module=self.unembed_module(), **self.executor_options)
+                                      unembed_module=self.unembed_module(), metrics=self.spec.metrics,
+                                      **self.executor_options)
         return self._executor
 
     @property

@@ -237,8 +237,8 @@ def pass_edits(batch: Batch, layout: ModelLayout, base: dict[str, Any], table: t
 # -- the passes -------------------------------------------------------------------------------------------------------
 def run_batch(model: Any, batch: Batch, layout: ModelLayout, remote: bool | str = False,
               unembed_module: str | None = None, kv: bool = True, skip: bool = True,
-              ragged_path: Any = None, stats: dict[str, int] | None = None, skip_no_ops: bool = True
-              ) -> torch.Tensor:
+              ragged_path: Any = None, stats: dict[str, int] | None = None, skip_no_ops: bool = True,
+              kl: bool = True) -> torch.Tensor:
     """``[rows, 5]`` metrics of a batch, equal to :func:`interventions.execute.run_batch`'s (to float rounding),
     from one baseline pass and suffix passes over the patched rows.
 
@@ -247,7 +247,8 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, remote: bool | str 
     batch cannot run there); None: nnsight suffix passes. Patched rows whose every edit writes the value already
     there (:func:`no_op_rows`) are their baseline row's result and are not run (unless ``skip_no_ops`` is False,
     for measuring); ``stats`` counts them
-    (``"no_op_rows"``) and the rows run (``"rows_run"``)."""
+    (``"no_op_rows"``) and the rows run (``"rows_run"``). ``kl`` False: the ragged path leaves the patched rows'
+    KL divergence NaN (the caller does not read it)."""
     if len(batch.target_row) != len(batch.row_role):
         raise Unsupported("the batch does not name each row's target baseline row")
     starts = row_starts(batch, layout)
@@ -271,7 +272,7 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, remote: bool | str 
             metrics[row] = base["metrics"][base_index[batch.target_row[row]]]
     starts = {row: start for row, start in starts.items() if row not in quiet}
     if ragged_path is not None:
-        ragged_path.run(batch, base, base_index, block_inputs, starts, metrics)
+        ragged_path.run(batch, base, base_index, block_inputs, starts, metrics, kl=kl)
     else:
         for layer, col, rows in group_rows(starts, width, layout, kv=kv, skip=skip):
             metrics[rows] = _suffix_pass(model, batch, layout, base, base_index, layer, col, rows, device, remote,
