@@ -270,21 +270,16 @@ def mac_bound(kind: str, n_layers: int, d: int, d_mlp: int, vocab: int, clean: t
 
 
 # -- contenders -----------------------------------------------------------------------------------------------------
-#: --strategies: execution.strategy values, plus the suffix strategy with some of its savings only (the
-#: ``suffix_parts`` argument of ``interventions.executor.Executor``): "ragged" without skipping no-op rows, "traces"
-#: as nnsight traces (no ragged passes), "kv" / "layer" as nnsight traces with only one of the two savings and no
-#: no-op skipping
-STRATEGY_PARTS = {"auto": None, "full": None, "suffix": ("kv", "layer", "ragged", "no-op"),
-                  "ragged": ("kv", "layer", "ragged"), "traces": ("kv", "layer", "no-op"), "kv": ("kv",),
-                  "layer": ("layer",)}
+#: --strategies: execution.strategy values, plus "ragged": the suffix strategy running its no-op rows too (the
+#: ``skip_no_ops`` argument of ``interventions.executor.Executor``), to measure what skipping them saves
+STRATEGY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "auto": ("auto", {}), "full": ("full", {}), "suffix": ("suffix", {}),
+    "ragged": ("suffix", {"skip_no_ops": False})}
 
 
 def strategy_settings(strategy: str) -> tuple[str, dict[str, Any]]:
     """``(execution.strategy, Executor keyword arguments)`` of a ``--strategies`` entry."""
-    parts = STRATEGY_PARTS[strategy]
-    if parts is not None:
-        return "suffix", {"suffix_parts": parts}
-    return strategy, {}
+    return STRATEGY_OPTIONS[strategy]
 
 
 def clap_sweep(lm: Any, inputs: Inputs, kind: str, max_rows: int | None, strategy: str = "auto") -> np.ndarray:
@@ -761,13 +756,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per prompt (default 16; --quick: 6)")
     parser.add_argument("--repeats", type=int, default=1, help="wall time is the best of this many calls")
     parser.add_argument("--max-rows", type=int, default=None,
-                        help="rows per forward for clap and the floor (default: clap's own default)")
+                        help="rows per batch for clap and per forward for the floor (default: clap's own "
+                             "default; the floor's fastest)")
     parser.add_argument("--strategies", type=_csv_list, default=["auto"],
-                        help="clap's execution strategies, comma list of " + ",".join(STRATEGY_PARTS) +
-                             " (ragged: the suffix strategy without skipping no-op rows; traces: its passes as "
-                             "nnsight traces; kv / layer: nnsight traces with only prefix key/value reuse / only the "
-                             "start at the first edited layer); the first is the `clap` contender, the others are "
-                             "`clap[STRATEGY]` rows checked against it")
+                        help="clap's execution strategies, comma list of " + ",".join(STRATEGY_OPTIONS) +
+                             " (ragged: the suffix strategy without skipping no-op rows); the first is the `clap` "
+                             "contender, the others are `clap[STRATEGY]` rows checked against it")
     parser.add_argument("--trace-samples", type=int, default=3, help="workload b: noise samples")
     parser.add_argument("--trace-model", choices=("gpt2-random", "smollm2"), default="gpt2-random",
                         help="workload b: the random GPT-2 (--quick: the 2-layer toy) on city facts, or SmolLM2-135M "
@@ -794,7 +788,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.tokens = args.tokens or (6 if args.quick else 16)
     for name, values, valid in (("workloads", args.workloads, "abce"), ("sweeps", args.sweeps, SWEEPS),
                                 ("contenders", args.contenders, CONTENDERS),
-                                ("strategies", args.strategies, tuple(STRATEGY_PARTS))):
+                                ("strategies", args.strategies, tuple(STRATEGY_OPTIONS))):
         bad = [v for v in values if v not in valid]
         if bad:
             parser.error(f"--{name}: unknown {', '.join(bad)} (valid: {', '.join(valid)})")

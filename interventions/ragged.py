@@ -1,8 +1,8 @@
-"""Suffix passes with ragged starts, run locally as plain module calls: the fast path of the ``suffix`` strategy.
+"""The suffix strategy's patched rows, run locally as plain module calls (the *ragged path*).
 
-:mod:`interventions.suffix` runs each group of patched rows as its own nnsight trace, starting at the group's
-earliest (block, column). On a CPU those many small traces cost more than they save. Here one *pass* covers every
-patched row that starts at the same padded column, whatever its first edited block:
+After the baseline pass (:mod:`interventions.suffix`), each patched row needs only the blocks from its first edited
+one, on the columns from its first edited one. One *pass* covers every patched row that starts at the same padded
+column, whatever its first edited block:
 
 * the pass holds only columns ``c..W-1``; columns ``< c`` are the baseline row's, read from its key/value cache;
 * rows *join* the pass at their first edited block ``L``: sorted by ``L``, the rows in the pass at block ``l`` are
@@ -13,14 +13,18 @@ patched row that starts at the same padded column, whatever its first edited blo
 The blocks are the model's own modules, called one by one with the arguments the model itself gave them in the
 baseline pass (its attention mask, rotary position embeddings, position ids; sliced to the pass's rows and columns)
 and a small key/value cache holding the baseline prefix. Edits are applied by forward hooks on the patched modules,
-with the same arithmetic as the trace bodies of :mod:`interventions.execute`. Only the last column reaches the
+with the kernel every substrate uses (:func:`interventions.kernel.apply_edits`). Only the last column reaches the
 unembedding.
 
-This path runs outside nnsight, so it is local only: on NDIF and under its simulation the suffix strategy runs as
-nnsight traces. Every model is checked once against its own baseline pass (:func:`self_check`) before this path is
-trusted with it; a model that fails the check, or on which it cannot run at all (an architecture that does
-something between or after its blocks this module does not know about, such as a logit soft-cap), runs the nnsight
-passes from then on.
+Passes are cut to at most :data:`PASS_TOKENS` tokens (rows x columns) at a block, and the last columns of all
+passes of a batch are unembedded together, :data:`UNEMBED_ROWS` rows at a time, so a batch's memory stays bounded
+whatever its size.
+
+This path runs outside nnsight, so it is local only: on NDIF and under its simulation the ``suffix`` strategy is
+refused (and ``auto`` is ``full``); ARCHITECTURE.md says what running it through nnsight would take. Every model is
+checked once against its own baseline pass (:func:`self_check`) before this path is trusted with it; a model that
+fails the check, or on which it cannot run at all (an architecture that does something between or after its blocks
+this module does not know about, such as a logit soft-cap), runs ``full`` from then on.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from interventions.plan import Batch
 Key = tuple[str, str]
 
 #: fixed cost of one more pass, in floating-point operations (a block call per layer, hooks, cache slices): columns
-#: whose rows are few are merged into the pass of the column before them only when that costs less than this
+#: whose rows are few are merged into the pass of the column before them when that costs less than this
 PASS_OVERHEAD_FLOPS = 2e9
 
 #: largest metric difference the self-check accepts between this path and the model's own forward pass
@@ -59,7 +63,7 @@ _SELF_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKe
 
 
 class Unsupported(Exception):
-    """This batch (or model) cannot run on the ragged path; the caller runs nnsight suffix passes instead."""
+    """This batch (or model) cannot run on the ragged path; the caller runs it in full instead."""
 
 
 # -- the blocks' own arguments ------------------------------------------------------------------------------------

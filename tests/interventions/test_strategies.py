@@ -1,8 +1,8 @@
 """The suffix strategy (interventions/suffix.py) gives the full strategy's numbers, to 1e-5, on every kind of plan:
 all site kinds, positions `each`, windows, combined patches, causal traces (baseline noise + restores), resample,
 mean, steer, interpolate, probes of different lengths in one batch, and batch sizes that split batches differently;
-on tiny GPT-2 and tiny Llama (grouped-query attention); both as nnsight traces and (locally, by default) on the
-ragged path. It also really computes less, and run.json says what ran."""
+on tiny GPT-2 and tiny Llama (grouped-query attention). It also really computes less, runs locally only, and
+run.json says what ran."""
 
 from __future__ import annotations
 
@@ -41,22 +41,13 @@ def assert_same(a: pd.DataFrame, b: pd.DataFrame) -> None:
         assert gap <= TOL, (column, gap)
 
 
-#: the suffix strategy as nnsight traces only (locally it would take the ragged path, tested in test_ragged.py)
-TRACES_ONLY = ("kv", "layer", "no-op")
-
-
-def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200), remote=False) -> Study:
-    from interventions.executor import SUFFIX_PARTS
-
-    full, _ = run(model, spec_dict, "full", full_rows, remote)
+def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200)) -> Study:
+    full, _ = run(model, spec_dict, "full", full_rows)
     study = None
     for rows in suffix_rows:
-        for parts in (SUFFIX_PARTS, TRACES_ONLY) if remote is False else (SUFFIX_PARTS,):
-            frame, study = run(model, spec_dict, "suffix", rows, remote, suffix_parts=parts)
-            assert study.executor.used["full"] == 0 and study.executor.used["suffix"] > 0
-            if parts == TRACES_ONLY:
-                assert study.executor.suffix_stats["ragged_batches"] == 0
-            assert_same(full, frame)
+        frame, study = run(model, spec_dict, "suffix", rows)
+        assert study.executor.used["suffix"] > 0
+        assert_same(full, frame)
     return study
 
 
@@ -100,19 +91,26 @@ def test_causal_trace_with_noise_samples(tiny_model):
     compare(tiny_model, spec, suffix_rows=(6, 300))
 
 
-def test_under_the_ndif_simulation(tiny_gpt2):
+def test_refused_on_ndif_and_under_its_simulation(tiny_gpt2):
+    """The suffix strategy's patched rows run outside nnsight: on NDIF and under its local simulation it is refused
+    with a clear error, and `auto` is `full` there."""
     spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST,
-            "sites": ["layers[*].resid_pre", "layers[1].heads[*]"], "positions": ["each"]}
-    compare(tiny_gpt2, spec, suffix_rows=(64,), remote="local")
+            "sites": ["layers[*].resid_pre"], "positions": ["each"]}
+    with pytest.raises(ClapError, match="strategy `suffix` runs locally only"):
+        run(tiny_gpt2, spec, "suffix", 64, remote="local")
+    full, _ = run(tiny_gpt2, spec, "full", 64)
+    simulated, study = run(tiny_gpt2, spec, "auto", 64, remote="local")
+    assert study.executor.strategy == "full" and study.executor.ragged is None
+    assert_same(full, simulated)
 
 
 def test_suffix_passes_compute_less(tiny_gpt2, monkeypatch):
     """Tokens through each MLP: the suffix strategy runs a resid_pre layer x position sweep on well under half of
     what the full strategy runs (skipped blocks and cached columns are not computed). The pass cost is set to zero:
-    on a model this small the grouping would otherwise (rightly) run one pass from the start."""
-    from interventions import suffix
+    on a model this small the grouping would otherwise (rightly) merge start columns into fewer passes."""
+    from interventions import ragged
 
-    monkeypatch.setattr(suffix, "PASS_OVERHEAD_FLOPS", 0.0)
+    monkeypatch.setattr(ragged, "PASS_OVERHEAD_FLOPS", 0.0)
     spec = {"model": {"source": "m"}, "probes": {"inline": PROBES[:2]}, "metrics": ["logit_diff"],
             "sites": ["layers[*].resid_pre"], "positions": ["each"]}
     counts = {}
@@ -149,5 +147,5 @@ def test_strategy_is_recorded_and_checked(tiny_gpt2, tmp_path):
         StudySpec.from_dict(data)
     data["execution"].update(strategy="auto")
     assert Study(StudySpec.from_dict(data), model=tiny_gpt2).executor.strategy == "full"
-    data["execution"].update(remote="local")  # the NDIF simulation: nnsight suffix traces are slower than full
+    data["execution"].update(remote="local")  # the NDIF simulation: the suffix strategy cannot run there
     assert Study(StudySpec.from_dict(data), model=tiny_gpt2).executor.strategy == "full"
