@@ -293,7 +293,7 @@ def clap_sweep(lm: Any, inputs: Inputs, kind: str, max_rows: int | None, strateg
                                 "probes": {"inline": list(inputs.pairs)}, "sites": [f"layers[*].{kind}"],
                                 "positions": ["each"], "operations": ["replace"], "metrics": ["logit_diff"],
                                 "execution": execution})
-    study = Study(spec, model=lm, executor_options=options)
+    study = Study(spec, model=lm, **({"executor_options": options} if options else {}))
     frame = study.run()
     NO_OP_ROWS.append(study.executor.suffix_stats["no_op_rows"])
     return to_grid(frame).to_numpy(dtype="float64")
@@ -474,6 +474,8 @@ def _row(base: dict[str, Any], contender: str, m: Any, cells: int, clap_best: fl
 SWEEP_WORKLOADS = ("a", "e")
 #: rows per forward the floor tries; it is reported at its fastest
 FLOOR_BATCHES = (32, 64, 128, 256)
+#: rows each candidate is timed on before the floor runs at the fastest (--floor-probe-rows)
+FLOOR_PROBE_ROWS = 256
 
 
 def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[str], workload: str = "a"
@@ -511,10 +513,11 @@ def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[st
 
 def _floor(report: Report, args: argparse.Namespace, lm: Any, inputs: Inputs, base: dict[str, Any], cells: int,
            rows: int) -> float:
-    """The floor at its best batch size: each of :data:`FLOOR_BATCHES` (or ``--max-rows``) timed on the first
-    ``min(rows, 256)`` rows, then all rows at the fastest; returns its best time."""
-    candidates = [args.max_rows] if args.max_rows else [b for b in FLOOR_BATCHES if b <= rows] or [rows]
-    probe_rows = min(rows, max(candidates))
+    """The floor at its best batch size: each of :data:`FLOOR_BATCHES` up to ``--floor-probe-rows`` (or
+    ``--max-rows`` alone) timed on that many rows, then all rows at the fastest; returns its best time."""
+    probe_rows = min(rows, args.floor_probe_rows)
+    fixed = args.floor_batch or args.max_rows
+    candidates = [fixed] if fixed else [b for b in FLOOR_BATCHES if b <= probe_rows] or [probe_rows]
     rates = {}
     if len(candidates) > 1:
         for batch in candidates:
@@ -758,6 +761,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-rows", type=int, default=None,
                         help="rows per batch for clap and per forward for the floor (default: clap's own "
                              "default; the floor's fastest)")
+    parser.add_argument("--floor-probe-rows", type=int, default=FLOOR_PROBE_ROWS,
+                        help="the floor's batch sizes up to this many rows are each timed on this many rows; it is "
+                             "reported at the fastest")
+    parser.add_argument("--floor-batch", type=int, default=None,
+                        help="the floor's rows per forward, not probed (default: the fastest of the probes)")
     parser.add_argument("--strategies", type=_csv_list, default=["auto"],
                         help="clap's execution strategies, comma list of " + ",".join(STRATEGY_OPTIONS) +
                              " (ragged: the suffix strategy without skipping no-op rows); the first is the `clap` "

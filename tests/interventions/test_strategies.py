@@ -41,13 +41,20 @@ def assert_same(a: pd.DataFrame, b: pd.DataFrame) -> None:
         assert gap <= TOL, (column, gap)
 
 
-def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200)) -> Study:
+def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200), some_full=False) -> Study:
+    """The suffix strategy at each batch size equals the full strategy. Every batch runs under the suffix strategy,
+    unless ``some_full``: a batch holding a patch on the embedding or the unembedding runs in full (the ragged path
+    starts at the first block and unembeds by itself); then some batch, at some batch size, still runs suffix."""
     full, _ = run(model, spec_dict, "full", full_rows)
-    study = None
+    study, ran_suffix = None, 0
     for rows in suffix_rows:
         frame, study = run(model, spec_dict, "suffix", rows)
-        assert study.executor.used["suffix"] > 0
+        used = study.executor.used
+        ran_suffix += used["suffix"]
+        if not some_full:
+            assert used["full"] == 0 and used["suffix"] > 0, used
         assert_same(full, frame)
+    assert ran_suffix > 0
     return study
 
 
@@ -64,7 +71,7 @@ def test_every_site_kind_and_operation(tiny_model, tmp_path):
              "operations": ["mean", "resample", {"name": "interpolate", "alpha": 0.6}]},
         ],
     }
-    compare(tiny_model, spec)
+    compare(tiny_model, spec, some_full=True)
     # steering vectors are as wide as every site of the plan: whole-width sites only
     spec["patches"] = [{"sites": ["layers[1].mlp_out", "layers[2].resid_pre"], "positions": ["last", "all"],
                         "operations": ["mean", "resample", {"name": "interpolate", "alpha": 0.3},
