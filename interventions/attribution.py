@@ -78,9 +78,10 @@ from pydantic import TypeAdapter, ValidationError
 from clap.architectures import BY_MODEL_TYPE
 from clap.errors import ClapError
 from clap.models import LoadedModel
-from interventions import execute, kernel
+from interventions import full_traces, kernel
 from interventions.alignment import aligned_pairs, left_pad
 from interventions.alignment import column as padded_column
+from interventions.output import recovery, to_frame
 from interventions.plan import directions
 from interventions.probes import (
     PositionCell,
@@ -91,7 +92,6 @@ from interventions.probes import (
     tokenize_probes,
 )
 from interventions.resolved import ResolvedStudy, load_spec_model, resolve_addresses, spec_probes
-from interventions.results import recovery, to_frame
 from interventions.sites import Site, SiteResolver
 from interventions.spec import OperationSpec, PositionSelector, ProbeSpec, SpecError, StudySpec
 
@@ -219,7 +219,7 @@ def _run_chunk(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site], embed_m
     # stays put, as an exact patch leaves it
     shared = (chunk.attention_mask[:n] * chunk.attention_mask[n:2 * n]).unsqueeze(-1)
     mix = (torch.tensor(alphas).reshape(-1, 1, 1, 1) * shared).to(parameter.dtype).to(device)
-    remote_kwargs = execute.trace_kwargs(remote)
+    remote_kwargs = full_traces.trace_kwargs(remote)
     with torch.enable_grad():
         with nn.trace(**kwargs, **remote_kwargs):
             embedded = None

@@ -4,7 +4,7 @@ and never threads ``remote`` or strategy flags through its calls.
 
 Strategies (``execution.strategy``):
 
-* ``full``: one nnsight trace per batch over every row and column (:func:`interventions.execute.run_batch`); the
+* ``full``: one nnsight trace per batch over every row and column (:func:`interventions.full_traces.run_batch`); the
   only strategy on NDIF and under its local simulation, since its trace body ships to the server unchanged;
 * ``suffix``: locally only. One baseline pass per batch (an nnsight trace), then each patched row only from its
   first edited block and column on, from its baseline row's cached state, on the *ragged path*
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
-from interventions import execute, ragged, suffix
+from interventions import full_traces, ragged, suffix
 from interventions.plan import Batch
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Executor:
 
     @property
     def device(self) -> torch.device:
-        return execute._device_of(self.model, self.remote)
+        return full_traces._device_of(self.model, self.remote)
 
     @property
     def layout(self) -> suffix.ModelLayout | None:
@@ -134,10 +134,10 @@ class Executor:
                 self.suffix_stats["ragged_batches"] += 1
                 return metrics
         self.used["full"] += 1
-        return execute.run_batch(self.model, batch, remote=self.remote, unembed_module=self.unembed_module)
+        return full_traces.run_batch(self.model, batch, remote=self.remote, unembed_module=self.unembed_module)
 
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 modules: Sequence[tuple[str, str]]) -> list[torch.Tensor]:
         """Activations at (module, access) pairs, in execution order (statistics passes: means, noise scales,
         steering vectors)."""
-        return execute.capture(self.model, input_ids, attention_mask, modules, remote=self.remote)
+        return full_traces.capture(self.model, input_ids, attention_mask, modules, remote=self.remote)

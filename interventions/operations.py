@@ -16,7 +16,7 @@ touches only this module. An operation declares
   ``v``), which the trace applies as plain index operations (so every trace stays NDIF-serialisable).
 
 Cross-model patching (``source_model``): the source run is another model's, captured before batching
-(``PatchConstants.source_acts``), so ``replace`` compiles to ``set`` and ``interpolate`` to a ``mix`` towards those
+(``Measurements.source_acts``), so ``replace`` compiles to ``set`` and ``interpolate`` to a ``mix`` towards those
 values instead of reading a row of the batch.
 """
 
@@ -28,13 +28,16 @@ from typing import Any, ClassVar
 
 import torch
 
+from interventions.measurements import Measurements, OperationSettings
+from interventions.sites import Site
+
 
 @dataclass
 class EditContext:
     """One operation applied to one row at one site: where (padded columns) and with what it can work."""
 
-    op: Any  #: the OperationSpec
-    site: Any  #: the Site
+    op: OperationSettings  #: the cell's :class:`interventions.spec.OperationSpec`
+    site: Site
     t_row: int
     t_cols: list[int]
     indices: tuple[int, ...]  #: target-prompt token indices of ``t_cols``
@@ -42,7 +45,7 @@ class EditContext:
     s_cols: list[int]
     n_target: int
     head: int  #: -1 for whole-width sites
-    constants: Any  #: PatchConstants
+    constants: Measurements
     noise_key: str  #: identifies the noise draw: seed, probe, sample, site, role (see ``noise_seed``)
     source_probe: int | None = None  #: the probe whose source run supplies the activation (None: a baseline edit)
     source_indices: tuple[int, ...] = ()  #: source-prompt token indices matched to ``indices``

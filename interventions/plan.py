@@ -22,6 +22,7 @@ from clap.errors import ClapError
 from interventions import kernel, operations
 from interventions.alignment import aligned_pairs, column, left_pad
 from interventions.kernel import Edits
+from interventions.measurements import Measurements
 from interventions.probes import PositionCell, Probe, resolve_positions
 from interventions.sites import Site
 from interventions.spec import OperationSpec, StudySpec
@@ -401,7 +402,7 @@ def build_batch(
     cells: Sequence[Cell],
     index: int,
     pad_id: int,
-    constants: PatchConstants,
+    constants: Measurements,
 ) -> Batch:
     """Lay out rows (left-padded) and compile every edit into index tensors at its module access.
 
@@ -506,7 +507,7 @@ class _EditSink:
     plan: Plan
     prompts: list[list[int]]
     width: int
-    constants: PatchConstants
+    constants: Measurements
     accesses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     def emit(self, stage: int, site: Site, op: OperationSpec, t_row: int, indices: Sequence[int], s_row: int | None,
@@ -574,44 +575,6 @@ def _patch_groups(entry: dict[str, list]) -> PatchGroups:
             values = torch.stack([e[3] for e in entry[mode]])
             setattr(groups, mode, Edits(t_row=t[:, 0], t_col=t[:, 1], head=t[:, 2], values=values))
     return groups
-
-
-@dataclass
-class PatchConstants:
-    """Values that do not come from the batch itself: zeros, probe-set means, noise scales, steering vectors."""
-
-    widths: dict[str, int]  #: site name -> activation width (head_dim for head sites)
-    #: site name -> [max_len, width], index = offset from end - 1
-    means: dict[str, torch.Tensor] = field(default_factory=dict)
-    embedding_std: float | None = None  #: std of the token embeddings of every prompt of the probe set
-    selected_std: float | None = None  #: std of the embeddings of the tokens ``selected_std`` noise selects
-    vectors: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  #: (op JSON, site name) -> vector
-    seed: int = 0
-    #: cross-model patching: (module, access) -> per probe the source model's unpadded [len, width] activation on
-    #: the probe's source prompt
-    source_acts: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=dict)
-
-    def source_value(self, site: Site, probe: int, index: int) -> torch.Tensor:
-        """The source model's activation at ``site`` for ``probe``'s source-prompt token ``index`` (a head site's
-        slice of it)."""
-        value = self.source_acts[site.access_key][probe][index]
-        if site.kind == "head":
-            value = value.view(site.n_heads, -1)[site.head]
-        return value
-
-    def zeros(self, site: Site) -> torch.Tensor:
-        return torch.zeros(self.widths[site.name])
-
-    def mean(self, site: Site, offset_from_end: int) -> torch.Tensor:
-        table = self.means[site.name]
-        return table[offset_from_end - 1]
-
-    def noise_std(self, op: OperationSpec) -> float:
-        unit = {"absolute": 1.0, "embedding_std": self.embedding_std, "selected_std": self.selected_std}[op.relative_to]
-        return op.scale * unit
-
-    def vector(self, op: OperationSpec, site: Site) -> torch.Tensor:
-        return self.vectors[(op.model_dump_json(), site.name)]
 
 
 #: rows per batch when neither ``max_rows`` nor ``memory_budget_mb`` is given, per execution strategy: a suffix batch

@@ -11,7 +11,7 @@ forward passes. ``--multi-token`` and ``--alignment`` take the study's settings 
 subject in the clean prompt, the answer the model's top prediction), which need no corrupted prompt or wrong answer.
 
 The logit difference of a row is mean(logits[answer set]) - mean(logits[wrong set]) at the last position, the
-same quantity ``execute.py`` computes for the ``logit_diff`` metric; p(answer) is the probability of the answer
+same quantity ``full_traces.py`` computes for the ``logit_diff`` metric; p(answer) is the probability of the answer
 set, as the ``prob`` metric.
 """
 

@@ -326,7 +326,7 @@ def unembed_metrics(hf: torch.nn.Module, arch: Any, batch: Batch, base: dict[str
 
 
 def _on(stages: list[tuple], device: torch.device) -> list[tuple]:
-    from interventions.execute import _moved
+    from interventions.full_traces import _moved
 
     return _moved(stages, device)
 
@@ -378,7 +378,7 @@ class RaggedPath:
             starts: dict[int, tuple[int, int]], metrics: torch.Tensor, kl: bool = True) -> torch.Tensor:
         """Fill ``metrics`` (the batch's, baseline rows already in place) for the rows of ``starts`` (``kl`` False:
         their KL divergence is left NaN)."""
-        from interventions.execute import metric_dtype_for
+        from interventions.full_traces import metric_dtype_for
         from interventions.suffix import pass_edits
 
         metric_dtype = metric_dtype_for(next(self.hf.parameters()).device)

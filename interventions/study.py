@@ -31,14 +31,22 @@ from clap.models import (
     weights_fingerprint,
 )
 from clap.process_memory import release_freed_memory
-from interventions import attribution, execute
+from interventions import attribution, full_traces
 from interventions.batch_store import BatchStore
 from interventions.executor import Executor
+from interventions.measurements import Measurements
+from interventions.measuring import MeasurementPasses
+from interventions.output import (
+    average_samples,
+    package_versions,
+    prepare_output_dir,
+    to_frame,
+    write_results,
+)
 from interventions.plan import (
     DEFAULT_ROWS,
     Batch,
     Cell,
-    PatchConstants,
     Plan,
     build_batch,
     chunk_cells,
@@ -56,16 +64,8 @@ from interventions.resolved import (
     spec_probes,
     unembed_module,
 )
-from interventions.results import (
-    average_samples,
-    package_versions,
-    prepare_output_dir,
-    to_frame,
-    write_results,
-)
 from interventions.sites import Site, SiteResolver
 from interventions.spec import ModelSpec, StudySpec
-from interventions.statistics import StatisticsPasses
 from interventions.tidy import TidyRows
 
 log = logging.getLogger(__name__)
@@ -285,9 +285,9 @@ class Study:
 
         ``out_dir`` is checked (writable folder) and locked (``<out>/.clap.lock``) first, so a second run into the
         same folder stops at once, naming the run that holds it."""
-        execute.check_remote(self.spec.execution.remote, self.spec.model.source)
+        full_traces.check_remote(self.spec.execution.remote, self.spec.model.source)
         if self.spec.source_model is not None:
-            execute.check_remote(self.spec.execution.remote, self.spec.source_model.source)
+            full_traces.check_remote(self.spec.execution.remote, self.spec.source_model.source)
         with torch_threads(self.spec.execution.threads):
             if out_dir is None:
                 self.check()
@@ -377,10 +377,10 @@ class Study:
     def unembed_module(self) -> str | None:
         return unembed_module(self.model.hf)
 
-    def _constants(self, plan: Plan) -> PatchConstants:
-        """What the plan's operations need measured first (:class:`interventions.statistics.StatisticsPasses`); a
+    def _constants(self, plan: Plan) -> Measurements:
+        """What the plan's operations need measured first (:class:`interventions.measuring.MeasurementPasses`); a
         cross-model study's source-model baselines land in ``source_metrics``."""
-        passes = StatisticsPasses(self.resolved(), self.executor)
+        passes = MeasurementPasses(self.resolved(), self.executor)
         constants = passes.constants(plan)
         self.source_metrics = passes.source_metrics
         return constants
@@ -402,7 +402,7 @@ class Study:
         return "suffix"
 
     def _sidecar(self, plan: Plan, group_columns: list[str], n_batches: int, max_rows: int,
-                 constants: PatchConstants) -> dict[str, Any]:
+                 constants: Measurements) -> dict[str, Any]:
         noise_ops = [op for op in self.spec.all_operations() + [b.operation for b in self.spec.baseline or []]
                      if op.name == "noise"]
         return {

@@ -19,7 +19,7 @@ of :func:`pass_edits`: rows renumbered into the pass, columns shifted, edits lef
 are in the cached state). A row with no edit of its own (a ``none`` cell) is its baseline row's result.
 
 The baseline pass's trace body uses only torch operations, envoys and :mod:`interventions.kernel`, as in
-:mod:`interventions.execute`.
+:mod:`interventions.full_traces`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from interventions import kernel
-from interventions.execute import _device_of, _moved, metric_dtype_for, trace_kwargs
+from interventions.full_traces import _device_of, _moved, metric_dtype_for, trace_kwargs
 from interventions.kernel import MODES, Edits
 from interventions.plan import AccessPatches, Batch
 
@@ -196,7 +196,7 @@ def pass_edits(batch: Batch, layout: ModelLayout, base: dict[str, Any], table: t
 # -- the passes -------------------------------------------------------------------------------------------------------
 def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, unembed_module: str | None = None,
               stats: dict[str, int] | None = None, skip_no_ops: bool = True, kl: bool = True) -> torch.Tensor:
-    """``[rows, 5]`` metrics of a batch, equal to :func:`interventions.execute.run_batch`'s (to float rounding),
+    """``[rows, 5]`` metrics of a batch, equal to :func:`interventions.full_traces.run_batch`'s (to float rounding),
     from one baseline pass and the patched rows' suffixes on the ragged path.
 
     ``ragged_path``: the model's :class:`interventions.ragged.RaggedPath` (it raises

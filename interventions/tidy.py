@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 
 from clap.contract import METRICS
+from interventions.output import recovery
 from interventions.plan import Batch, Cell, Plan
 from interventions.probes import subject_range, token_group
-from interventions.results import recovery
 from interventions.spec import StudySpec
 
 

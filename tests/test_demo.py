@@ -7,7 +7,7 @@ import pytest
 from clap.app.cli import main
 from clap.errors import ClapError
 from clap.models import builtin_gguf_path
-from interventions.results import read_results
+from interventions.output import read_results
 
 pytestmark = pytest.mark.slow
 

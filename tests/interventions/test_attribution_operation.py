@@ -14,7 +14,7 @@ from clap.app.cli import main
 from clap.errors import ClapError
 from interventions import operations
 from interventions.attribution import attribution_sweep
-from interventions.results import read_results
+from interventions.output import read_results
 from interventions.spec import StudySpec
 from interventions.study import Study
 

@@ -6,7 +6,7 @@ import json
 import textwrap
 
 from clap.app.cli import main
-from interventions.results import read_results
+from interventions.output import read_results
 from interventions.spec import StudySpec
 from interventions.study import Study
 

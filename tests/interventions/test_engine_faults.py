@@ -18,9 +18,9 @@ from clap import models
 from clap.app.cli import main
 from clap.contract import SAMPLES_FILE, read_samples
 from clap.errors import ClapError
+from interventions.measuring import load_vector
 from interventions.plan import rows_for_budget
 from interventions.spec import StudySpec
-from interventions.statistics import load_vector
 from interventions.study import Study
 
 from . import reference as ref

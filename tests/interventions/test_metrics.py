@@ -9,7 +9,7 @@ import torch
 
 from clap.contract import METRICS
 from clap.models import wrap
-from interventions import execute
+from interventions import full_traces
 from interventions.spec import StudySpec
 from interventions.study import Study
 
@@ -38,7 +38,7 @@ def sharp_gpt2(tokenizer):
 
 
 class LogitRecorder:
-    """Wraps ``execute.run_batch``: keeps each batch, the unembedding's float32 output in that very forward pass
+    """Wraps ``full_traces.run_batch``: keeps each batch, the unembedding's float32 output in that very forward pass
     (a plain PyTorch hook, outside the trace) and the metrics clap returned."""
 
     def __init__(self, real, hf):
@@ -74,8 +74,8 @@ def reference_metrics(logits: torch.Tensor, batch) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("remote", [False, "local"], ids=["local", "ndif-simulation"])
 def test_kl_and_answer_probabilities_match_a_float64_reference(sharp_gpt2, monkeypatch, remote):
-    recorder = LogitRecorder(execute.run_batch, sharp_gpt2.hf)
-    monkeypatch.setattr(execute, "run_batch", recorder)
+    recorder = LogitRecorder(full_traces.run_batch, sharp_gpt2.hf)
+    monkeypatch.setattr(full_traces, "run_batch", recorder)
     spec = StudySpec.from_dict({
         "model": {"source": "in-memory"}, "probes": {"inline": PROBES}, "sites": ["layers[*].resid_pre"],
         "positions": ["last", "all"], "operations": ["zero", "replace"], "metrics": ["kl", "logprob", "prob"],

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from interventions.results import read_results
+from interventions.output import read_results
 from interventions.spec import StudySpec
 from interventions.study import Study
 

@@ -14,7 +14,7 @@ import torch
 from clap.app.cli import main
 from clap.errors import ClapError
 from interventions import resolved as resolved_module
-from interventions.results import read_results
+from interventions.output import read_results
 from interventions.spec import StudySpec
 from interventions.study import Study
 

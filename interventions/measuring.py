@@ -15,15 +15,16 @@ import torch
 
 from clap.errors import ClapError
 from clap.models import LoadedModel
-from interventions import execute
+from interventions import full_traces
 from interventions.alignment import left_pad, unpad
 from interventions.executor import Executor
-from interventions.plan import Batch, PatchConstants, Plan
+from interventions.measurements import Measurements
+from interventions.plan import Batch, Plan
 from interventions.resolved import ResolvedStudy
 from interventions.sites import Site
 
 
-class StatisticsPasses:
+class MeasurementPasses:
     """The statistics passes of one resolved study, run through its executor. A cross-model study's source-model
     baselines are left in :attr:`source_metrics` (``(probe, role) -> metrics``)."""
 
@@ -32,7 +33,7 @@ class StatisticsPasses:
         self.executor = executor
         self.source_metrics: dict[tuple[int, str], torch.Tensor] = {}
 
-    def constants(self, plan: Plan) -> PatchConstants:
+    def constants(self, plan: Plan) -> Measurements:
         """Widths of every site; the statistics passes the plan's operations need (:mod:`operations` ``needs``):
         probe-set means, embedding stds for noise, steering vectors."""
         from clap.architectures import architecture_of
@@ -50,7 +51,7 @@ class StatisticsPasses:
         for site in plan.sites:
             width = shape[site.access_key]
             widths[site.name] = width // site.n_heads if site.kind == "head" else width
-        constants = PatchConstants(widths=widths, seed=self.study.spec.seed)
+        constants = Measurements(widths=widths, seed=self.study.spec.seed)
         if "mean" in needs:
             constants.means = self._means(plan, keys, [p.prompt_ids(plan.source) for p in plan.probes])
         noise_ops = [op for op in cell_ops + baseline_ops if op.name == "noise"]
@@ -69,7 +70,7 @@ class StatisticsPasses:
         return constants
 
     def _cross_model(self, plan: Plan, keys: list[tuple[str, str]], widths: dict[tuple[str, str], int],
-                     constants: PatchConstants) -> None:
+                     constants: Measurements) -> None:
         """The source model's part of a cross-model study, before any batch: its activations on every probe's source
         prompt at every patched module access (``replace`` / ``interpolate`` compile to them), and its own metrics
         on both prompts (``source_model_clean`` / ``_corrupted``: the recovery's 1)."""
@@ -92,7 +93,7 @@ class StatisticsPasses:
         for start in range(0, len(rows), step - step % 2):
             chunk = rows[start:start + step - step % 2]
             batch = baseline_batch(plan, chunk, source.tokenizer.pad_token_id)
-            values = execute.run_batch(source.nn, batch, remote=self.study.spec.execution.remote,
+            values = full_traces.run_batch(source.nn, batch, remote=self.study.spec.execution.remote,
                                        unembed_module=unembed)
             metrics.update({row: values[i] for i, row in enumerate(chunk)})
         self.source_metrics = metrics
