@@ -52,6 +52,7 @@ from pydantic import ValidationError
 from analyses import caveats as _caveats
 from analyses import figures as _figures
 from analyses.bootstrap import CI_COLUMNS, bootstrap_ci
+from analyses.domains import attach_domains, resolve_domain
 from analyses.io import load_results
 from analyses.localization import TABLE_FILES as LOCALIZATION_FILES
 from analyses.localization import localization_methods, localization_tables
@@ -288,7 +289,8 @@ def analyze(
         raise ClapError("subject: clean_prompt needs each probe's clean prompt, but run.json has no `probes` list with "
                         "`probe_id` and `clean`; rerun `clap patch` (it records them) or use subject: probe")
     group = requested if requested and data[requested].nunique() >= 2 else None
-    options = dict(dv=dv, group=group, group_requested=requested, group_declared=opts.group is not None,
+    domain = resolve_domain(opts.domain, probe_labels(meta, data), requested)  # cross_domain.csv (analyses.domains)
+    options = dict(dv=dv, group=group, group_requested=requested, group_declared=opts.group is not None, domain=domain,
                    metrics=list(metrics or []),
                    site_kinds=list(site_kinds or []), agg=agg or _reduction_words(opts), missing=missing,
                    n_boot=n_boot, seed=seed, alpha=alpha, analysis=opts.model_dump())
@@ -335,6 +337,7 @@ def analyze(
         from analyses.derived import attach
 
         attach(result, additivity=additivity, ablation=ablation, figures=figures, dpi=dpi)
+    attach_domains(result)  # after the additivity check, whose gaps it splits by domain
     return result
 
 
