@@ -170,8 +170,10 @@ def cross_domain_table(
         if column not in table.columns:
             table[column] = pd.NA
     order = {"localization": 0, "additivity": 1, "composition": 2}
-    table = table.assign(_part=table["part"].map(order), _q=_quantity_order(table["quantity"]))
-    keys = ["domain", *[c for c in SELECT_COLUMNS if table[c].notna().any()], "_part", "A", "B", "_q"]
+    references = list(REFERENCES)
+    table = table.assign(_part=table["part"].map(order), _q=_quantity_order(table["quantity"]),
+                         _b=[f"{references.index(b):03d}" if b in references else str(b) for b in table["B"]])
+    keys = ["domain", *[c for c in SELECT_COLUMNS if table[c].notna().any()], "_part", "A", "_b", "_q"]
     table = table.sort_values(keys, kind="stable", key=lambda s: s.astype(str) if s.name != "_q" else s)
     return table[COLUMNS].reset_index(drop=True), skipped
 

@@ -137,6 +137,28 @@ def _localization(results: Path) -> pd.DataFrame | None:
     return means[[c for c in means.columns if c not in set(table["measure"]) - set(LOCALIZATION_SHOWN)]]
 
 
+CROSS_DOMAIN_WORDS = ("The localization analysis repeated within each domain (the probes' domain label), groups "
+                      "compared there: A vs B as mean per group, the difference A - B with its 95 % Welch interval and "
+                      "the permutation p Holm-corrected across the measures of the domain and site kind; the "
+                      "additivity gap (joint - sum of single layers) of every layer patched together, per group; the "
+                      "verdict from the concentration measures (effective layers, peak share, 80 % window). Every "
+                      "number is in the linked cross_domain.csv.")
+
+
+def _cross_domain(results: Path) -> dict[str, Any] | None:
+    """A run's cross-domain table as shown (:func:`analyses.domains.display`), from its analysis' own CSV."""
+    from analyses.domains import CROSS_DOMAIN_FILE, display
+
+    path = results / "analysis" / CROSS_DOMAIN_FILE
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    if table.empty:
+        return None
+    contrast, composed = display(table)
+    return {"file": path, "contrast": contrast, "composed": composed, "label": str(table["domain_label"].iloc[0])}
+
+
 def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
     """One patching run (a model's, or a cross-model one) as the report lists it; None while it has no results."""
     from analyses.io import load_results
@@ -154,6 +176,7 @@ def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
         "results": results, "report": report if report.is_file() else None,
         "caveats": design_caveats(frame, meta) + design, "trace": _trace(results),
         "localization": _localization(results),
+        "cross_domain": _cross_domain(results),
         "samples": ((meta.get("noise") or {}).get("samples")),
     }
 
@@ -211,6 +234,21 @@ def _localization_markdown(models: list[dict]) -> list[str]:
     return lines
 
 
+def _cross_domain_markdown(models: list[dict], out: Path) -> list[str]:
+    """The study report's cross-domain section: each model's contrast per domain and site kind, and where composed
+    probes sit relative to their parts (none without a domain label)."""
+    lines = []
+    for m in [m for m in models if m.get("cross_domain")]:
+        cd = m["cross_domain"]
+        lines += ["", f"## Across domains: {m['name']} (`{cd['label']}`)", "", CROSS_DOMAIN_WORDS, "",
+                  _markdown_table(cd["contrast"])]
+        if len(cd["composed"]):
+            lines += ["", "Composed probes vs their one-hop parts (paired; difference composed - part):", "",
+                      _markdown_table(cd["composed"])]
+        lines += ["", f"Full table: [{cd['file'].name}]({_rel(cd['file'], out)})"]
+    return lines
+
+
 def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
     lines = [f"# Study: {study.name}", "", "## Models", "",
              "| model | source | architecture | probes | sites | rows | report |",
@@ -232,6 +270,7 @@ def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict]
             lines += [_markdown_table(m["trace"]["peaks"]), "",
                       f"Full table: [{m['trace']['table'].name}]({_rel(m['trace']['table'], out)})"]
     lines += _localization_markdown(models)
+    lines += _cross_domain_markdown(models, out)
     lines += ["", "## Design caveats", ""]
     any_caveat = False
     for m in models:
@@ -285,6 +324,21 @@ def _html_findings(models: list[dict], comparisons: list[dict]) -> list[str]:
     return parts
 
 
+def _cross_domain_html(models: list[dict], out: Path) -> list[str]:
+    """The HTML twin of :func:`_cross_domain_markdown`."""
+    e = html.escape
+    parts = []
+    for m in [m for m in models if m.get("cross_domain")]:
+        cd = m["cross_domain"]
+        parts.append(f"<h2>Across domains: {e(m['name'])} (<code>{e(cd['label'])}</code>)</h2>"
+                     f"<p>{e(CROSS_DOMAIN_WORDS)}</p>" + cd["contrast"].to_html(index=False, border=0))
+        if len(cd["composed"]):
+            parts.append("<p>Composed probes vs their one-hop parts (paired; difference composed - part):</p>"
+                         + cd["composed"].to_html(index=False, border=0))
+        parts.append(f"<p>Full table: <a href='{e(_rel(cd['file'], out))}'>{e(cd['file'].name)}</a></p>")
+    return parts
+
+
 def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(study.name)}</title>",
@@ -318,6 +372,7 @@ def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], st
         for m in models:
             if m.get("localization") is not None:
                 parts.append(f"<h3>{e(m['name'])}</h3>" + m["localization"].to_html(index=False, border=0))
+    parts += _cross_domain_html(models, out)
     if comparisons:
         parts.append("<h2>Comparisons</h2><ul>")
         for c in comparisons:
