@@ -30,6 +30,7 @@ Files written to the output folder:
 ``trivial_sites.csv``  the sites flagged ``trivial`` and their mean recovery
 ``localization*.csv``  :mod:`analyses.localization`: per-layer contributions, per-probe localization measures,
                        group means and the group comparison per slice
+``cross_domain.csv``   :mod:`analyses.domains`: with a domain label (``topic``), localization within each domain
 ``skipped.csv``        tests not run, with the reason
 ``caveats.md``         the automatic caveats, one per paragraph
 ``figures/*.png|svg``  the figures (PNG at 200 dpi and SVG)
