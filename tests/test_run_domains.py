@@ -137,3 +137,23 @@ additivity: {{cumulative: false, top: [2, {N_LAYERS}], pairs: 2}}
     assert "## Across domains: model (`topic`)" in study_md and "cross_domain.csv" in study_md
     assert "Composed probes vs their one-hop parts" in study_md
     assert "Across domains: model" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_single_probe_file_is_recorded_by_its_resolved_path(tmp_path):
+    """run.json names the probe file wherever the run is analysed, so the analysis can read its `composes` lists."""
+    from pathlib import Path
+
+    from clap.app.study_file import StudyFile
+    from interventions.spec import ModelSpec
+
+    plain, chains = domain_probes()
+    _write(tmp_path / "chains.jsonl", chains)
+    (tmp_path / "study.yaml").write_text("name: one-file\nmodel: {source: smollm2-135m}\n"
+                                         "probes: {file: chains.jsonl}\nsites: ['layers[*].mlp_out']\n",
+                                         encoding="utf-8")
+    study = StudyFile.from_yaml(tmp_path / "study.yaml")
+    spec = study.patch_spec(ModelSpec(source="smollm2-135m"), tmp_path / "chains.jsonl")
+    assert Path(spec.probes.file).is_absolute() and Path(spec.probes.file) == tmp_path / "chains.jsonl"
+    from analyses.domains import read_compositions
+
+    assert read_compositions({"spec": spec.to_dict()}) == {f"th-{c}": [f"h1-{c}", f"h2-{c}"] for c in range(3)}
