@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clap-installed
-# Quiet pytest: any `-v` switches nnsight's debug mode on.
-PYTEST_ARGS ?= -q -rs
+# Quiet pytest: any `-v` switches nnsight's debug mode on. --durations=20: the slowest tests are listed at the end.
+PYTEST_ARGS ?= -q -rs --durations=20
 
 .PHONY: venv lint test test-slow test-all demo bench bench-trace-full clean
 

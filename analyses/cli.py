@@ -93,9 +93,14 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.dpi < 200:
         raise ClapError(f"--dpi {args.dpi}: figures are saved at 200 dpi or more")
+    if args.relative_depth is not None and args.relative_depth < 1:
+        raise ClapError(f"--relative-depth {args.relative_depth}: expected a number of bins, at least 1")
     result = compare(args.run_a, args.run_b, args.out, dv=args.dv, group=args.group, alpha=args.alpha,
-                     figures=args.figures, dpi=args.dpi)
-    print(f"wrote {len(result.files)} files to {result.out_dir} ({result.paired['probe_id'].nunique()} probes paired)")
+                     figures=args.figures, dpi=args.dpi, relative_depth=args.relative_depth)
+    by = "" if result.bins is None else (f", by relative depth: {result.bins} bins, models of "
+                                         f"{result.depths[0]} and {result.depths[1]} layers")
+    print(f"wrote {len(result.files)} files to {result.out_dir} ({result.paired['probe_id'].nunique()} probes paired"
+          f"{by})")
     return 0
 
 
@@ -103,9 +108,10 @@ def register_compare(subparsers: Any) -> None:
     """Add ``compare`` (two runs of the same probes and sites, e.g. a base and a fine-tuned model)."""
     c = subparsers.add_parser(
         "compare",
-        help="paired comparison of two runs of the same probes (B - A per probe and layer)",
+        help="paired comparison of two runs of the same probes (B - A per probe and layer, or relative depth bin)",
         description="Match the probes of two results directories by id, compute paired B - A differences per layer "
-        "and site kind, a layer x model repeated-measures ANOVA, difference heatmaps and compare.html / compare.md.",
+        "and site kind, a layer x model repeated-measures ANOVA, difference heatmaps and compare.html / compare.md. "
+        "Models of different depth are paired per relative depth bin instead of layer (--relative-depth).",
     )
     c.add_argument("run_a", metavar="RUN_A", help="results directory of the reference run (A)")
     c.add_argument("run_b", metavar="RUN_B", help="results directory of the compared run (B)")
@@ -117,6 +123,10 @@ def register_compare(subparsers: Any) -> None:
     c.add_argument("--alpha", type=float, default=0.05, help="significance level for highlighting (default: 0.05)")
     c.add_argument("--dpi", type=int, default=200, help="PNG resolution, at least 200 (default: 200)")
     c.add_argument("--no-figures", dest="figures", action="store_false", help="tables only")
+    c.add_argument("--relative-depth", type=int, default=None, metavar="BINS",
+                   help="pair per relative depth bin instead of layer: layer l of N at (l + 0.5) / N, [0, 1) cut "
+                        "into BINS equal bins (default: by relative depth with min(N_A, N_B) bins when the models' "
+                        "depths differ, else by layer)")
     c.set_defaults(func=_compare)
 
 

@@ -25,11 +25,11 @@ def _p(p: float) -> str:
     return f"p = {_n(float(p))}" if p >= 1e-4 else "p < 0.0001"
 
 
-def _layers(values: list[Any]) -> str:
+def _layers(values: list[Any], one: str = "layer", many: str = "layers") -> str:
     values = [int(v) if float(v).is_integer() else v for v in values]
     if len(values) == 1:
-        return f"layer {values[0]}"
-    return "layers " + ", ".join(map(str, values[:-1])) + f" and {values[-1]}"
+        return f"{one} {values[0]}"
+    return f"{many} " + ", ".join(map(str, values[:-1])) + f" and {values[-1]}"
 
 
 def _in(table: pd.DataFrame | None, unit: Mapping[str, Any]) -> pd.DataFrame:
@@ -188,10 +188,13 @@ def unit_headline(tables: Mapping[str, pd.DataFrame], unit: Mapping[str, Any], g
 
 
 def comparison_findings(differences: pd.DataFrame, anova: pd.DataFrame, unit: Mapping[str, Any],
-                        alpha: float = 0.05, dv: str = "recovery") -> list[str]:
+                        alpha: float = 0.05, dv: str = "recovery", level: str = "layer",
+                        words: tuple[str, str] = ("layer", "layers")) -> list[str]:
     """Sentences for one slice of ``clap compare`` (B - A, paired per probe), from its two tables: the model main
     effect and the layer x model interaction of the repeated-measures ANOVA, and the largest per-layer difference
-    with its uncorrected and Holm-corrected p."""
+    with its uncorrected and Holm-corrected p. ``level`` / ``words``: the column the values are paired per and how
+    to name it (``depth_bin``, "relative depth bin" when models of different depth are compared)."""
+    one, many = words
     out = []
     rows = _in(anova, unit).set_index("Source") if len(_in(anova, unit)) else pd.DataFrame()
     if "model" in rows.index:
@@ -199,22 +202,24 @@ def comparison_findings(differences: pd.DataFrame, anova: pd.DataFrame, unit: Ma
         stat = f"F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(r['p_unc'])}"
         out.append(f"Mean {dv} differs between the models (B - A; {stat})." if r["p_unc"] < alpha
                    else f"No evidence that mean {dv} differs between the models ({stat}).")
-    if "layer * model" in rows.index:
-        r = rows.loc["layer * model"]
+    if f"{level} * model" in rows.index:
+        r = rows.loc[f"{level} * model"]
         p = r["p_GG_corr"] if pd.notna(r.get("p_GG_corr")) else r["p_unc"]
-        stat = f"layer x model F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(p)}"
-        out.append(f"The difference depends on the layer ({stat})." if p < alpha
-                   else f"No evidence that the difference depends on the layer ({stat}).")
+        stat = f"{one} x model F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(p)}"
+        out.append(f"The difference depends on the {one} ({stat})." if p < alpha
+                   else f"No evidence that the difference depends on the {one} ({stat}).")
     diff = _in(differences, unit)
     tested = diff[diff["p_unc"].notna()] if len(diff) else diff
     if len(tested):
         top = tested.loc[tested["diff"].abs().idxmax()]
-        sig = tested[tested["p_corr"] < alpha].sort_values("layer")["layer"].tolist()
-        out.append(f"Largest per-layer difference: {'+' if top['diff'] > 0 else ''}{_n(top['diff'])} at layer "
-                   f"{_n(top['layer'])} (95 % CI [{_n(top['ci_low'])}, {_n(top['ci_high'])}], {_p(top['p_unc'])} "
+        sig = tested[tested["p_corr"] < alpha].sort_values(level)[level].tolist()
+        where = f"{one} {_n(top[level])}" + (f" {top['depth_range']}" if "depth_range" in top else "")
+        largest = f"Largest per-{one} difference" if " " not in one else f"Largest difference per {one}"
+        out.append(f"{largest}: {'+' if top['diff'] > 0 else ''}{_n(top['diff'])} at {where} "
+                   f"(95 % CI [{_n(top['ci_low'])}, {_n(top['ci_high'])}], {_p(top['p_unc'])} "
                    f"uncorrected, Holm p_corr = {_n(top['p_corr'])}); "
-                   + (f"B - A differs at {_layers(sig)} after Holm correction." if sig else
-                      f"no layer differs after Holm correction (p_corr < {alpha})."))
+                   + (f"B - A differs at {_layers(sig, one, many)} after Holm correction." if sig else
+                      f"no {one} differs after Holm correction (p_corr < {alpha})."))
     return out
 
 

@@ -16,9 +16,11 @@ from clap.contract import (
     REQUIRED_COLUMNS,
     read_results,
     read_sidecar,
+    results_path,
     validate_results,
     write_results,
 )
+from clap.errors import ClapError
 
 __all__ = ["REQUIRED_COLUMNS", "load_results", "load_sidecar", "save_results", "validate_results"]
 
@@ -42,7 +44,7 @@ def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]
     Raises
     ------
     clap.errors.ClapError
-        Naming the file and what is wrong, when either file is missing or malformed.
+        Naming the file and what is wrong, when either file is missing or malformed, or holds no rows.
 
     Examples
     --------
@@ -61,7 +63,11 @@ def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]
     >>> str(data["layer"].dtype)
     'Int64'
     """
-    return read_results(results_dir)
+    data, meta = read_results(results_dir)
+    if data.empty:  # said here, before exclusions and slices could make it sound like a filter's doing
+        raise ClapError(f"{results_path(results_dir)}: the results file holds no rows: nothing to analyse (was the "
+                        "probe set empty, or the file written by something other than a finished patching run?)")
+    return data, meta
 
 
 def load_sidecar(path: str | Path) -> dict[str, Any]:

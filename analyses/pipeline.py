@@ -83,6 +83,7 @@ from analyses.validity import (
 from clap.analysis_options import AnalysisOptions
 from clap.contract import atomic_write_frame, atomic_write_text
 from clap.errors import ClapError
+from clap.outputs import prepare_output_dir, prune_outputs
 
 TABLE_FILES = {
     "probe_counts": "probe_counts.csv",
@@ -104,6 +105,10 @@ TABLE_FILES = {
     "noise_samples": "noise_samples.csv",
     **LOCALIZATION_FILES,
 }
+
+#: The hidden list of the files an analysis wrote in its folder: the next analysis there removes those it does not
+#: write again (figures and tables of slices no longer in the results), and never any other file.
+ANALYZE_MANIFEST = ".clap-analyze-files.json"
 
 #: Book-keeping columns every statistics table ends with (see :mod:`analyses.stats`).
 BOOK_COLUMNS = ["dv", *SELECT_COLUMNS, "n_subjects", "n_levels", "n_dropped", "n_undefined", "reduction"]
@@ -289,8 +294,10 @@ def analyze(
     elif opts.subject == "clean_prompt":
         raise ClapError("subject: clean_prompt needs each probe's clean prompt, but run.json has no `probes` list with "
                         "`probe_id` and `clean`; rerun `clap patch` (it records them) or use subject: probe")
-    group = requested if requested and data[requested].nunique() >= 2 else None
     domain = resolve_domain(opts.domain, probe_labels(meta, data), requested)  # cross_domain.csv (analyses.domains)
+    # the options are valid: prove the folder writable before the tables are computed
+    prepare_output_dir(out, holds="tables, figures and reports are written into a folder")
+    group = requested if requested and data[requested].nunique() >= 2 else None
     options = dict(dv=dv, group=group, group_requested=requested, group_declared=opts.group is not None, domain=domain,
                    metrics=list(metrics or []),
                    site_kinds=list(site_kinds or []), agg=agg or _reduction_words(opts), missing=missing,
@@ -339,6 +346,7 @@ def analyze(
 
         attach(result, additivity=additivity, ablation=ablation, figures=figures, dpi=dpi)
     attach_domains(result)  # after the additivity check, whose gaps it splits by domain
+    prune_outputs(out, result.files, ANALYZE_MANIFEST)  # an earlier analysis's slices that are gone now
     return result
 
 

@@ -80,11 +80,12 @@ import tempfile
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+from clap.errors import ClapError, closest
 
-from clap.errors import ClapError
+if TYPE_CHECKING:  # pandas is imported where a frame is read, so the command line starts without it
+    import pandas as pd
 
 RESULTS_FILE = "results.parquet"
 SIDECAR_FILE = "run.json"
@@ -242,12 +243,15 @@ def read_results(results_dir: str | Path, *, validate: bool = True) -> tuple[pd.
     if not path.is_file():
         raise ClapError(f"{path}: results file not found (the patching run writes {RESULTS_FILE} beside "
                         f"{SIDECAR_FILE})")
+    import pandas as pd
+
     try:
         data = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for a corrupt file
         raise ClapError(f"{path}: not a readable Parquet file ({exc})") from exc
     if validate:
         data = validate_results(data, source=str(path), group_columns=meta["group_columns"])
+        check_layers(data, meta, str(path))
     return data, meta
 
 
@@ -258,12 +262,26 @@ def samples_path(results_dir: str | Path) -> Path:
 
 def read_samples(results_dir: str | Path) -> pd.DataFrame | None:
     """The per-noise-draw rows of a results folder (``samples.parquet``), checked and typed like the results, or
-    None when the study drew noise once (no such file). Every row has an integer ``sample``."""
+    None when the study drew noise once (no such file). Every row has an integer ``sample``.
+
+    A ``samples.parquet`` is read only when ``run.json`` records several draws (its spec's or its noise's
+    ``samples``): one left in the folder by an earlier run (a trace, then a plain run into the same ``-o``) belongs
+    to other results and is ignored, with a warning, instead of feeding their noise tables."""
     root = Path(results_dir)
     path = samples_path(root)
     if not path.is_file():
         return None
     meta = read_sidecar(sidecar_path(root))
+    recorded = [(meta.get(key) or {}).get("samples") for key in ("spec", "noise")]
+    drawn = max((n for n in recorded if isinstance(n, int) and not isinstance(n, bool)), default=1)
+    if drawn <= 1:
+        import warnings
+
+        warnings.warn(f"{path} is ignored: {SIDECAR_FILE} records a run with samples: {drawn}, so the file is left "
+                      f"from an earlier run in this folder", stacklevel=2)
+        return None
+    import pandas as pd
+
     try:
         data = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for a corrupt file
@@ -371,10 +389,47 @@ def validate_results(
     if unknown:
         raise ClapError(f"{source}: column 'site_kind' has unknown value(s) {', '.join(unknown)}; expected one of "
                         f"{', '.join(SITE_KINDS)}")
+    _check_values(out, source)
     return out
 
 
+def _check_values(data: pd.DataFrame, source: str) -> None:
+    """Values no engine run writes, which the analyses would otherwise read as data: rows without a probe id, metric
+    names other than :data:`METRICS` (a typo would make a slice of its own), negative layers."""
+    missing = data["probe_id"].isna() | (data["probe_id"].astype(str).str.strip() == "")
+    if missing.any():
+        rows = [int(i) for i in data.index[missing.to_numpy()][:5]]
+        raise ClapError(f"{source}: {int(missing.sum())} row(s) have no probe_id (rows {', '.join(map(str, rows))}"
+                        f"{', ...' if missing.sum() > 5 else ''}); every row belongs to a probe")
+    unknown = sorted({str(m) for m in data["metric"].dropna()} - set(METRICS))
+    if unknown:
+        hints = [f"{m!r} (did you mean {', '.join(map(repr, closest(m, METRICS)))}?)" if closest(m, METRICS)
+                 else repr(m) for m in unknown]
+        raise ClapError(f"{source}: column 'metric' has unknown value(s) {', '.join(hints)}; the metrics are "
+                        f"{', '.join(METRICS)}")
+    layers = data["layer"].dropna()
+    negative = sorted({int(v) for v in layers[layers < 0]})
+    if negative:
+        raise ClapError(f"{source}: column 'layer' holds negative layer(s) {', '.join(map(str, negative[:5]))}; "
+                        "layers count from 0")
+
+
+def check_layers(data: pd.DataFrame, meta: dict[str, Any], source: str) -> None:
+    """Every layer lies inside the model that ``run.json`` records (``model.n_layers``, when it records one)."""
+    n_layers = meta.get("model", {}).get("n_layers")
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers <= 0:
+        return
+    layers = data["layer"].dropna()
+    beyond = sorted({int(v) for v in layers[layers >= n_layers]})
+    if beyond:
+        raise ClapError(f"{source}: column 'layer' holds layer(s) {', '.join(map(str, beyond[:5]))}"
+                        f"{', ...' if len(beyond) > 5 else ''} but {SIDECAR_FILE} records a model of {n_layers} "
+                        f"layers (0-{n_layers - 1})")
+
+
 def _coerce(series: pd.Series, kind: str) -> pd.Series:
+    import pandas as pd
+
     if kind == "str":
         present = series.notna()
         out = series.astype(object).where(present, None)

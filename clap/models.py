@@ -80,6 +80,21 @@ def _fingerprint(path: Path) -> str:
     return _file_digest(path)[:16]
 
 
+def gguf_cache_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Where :func:`convert_gguf` puts (or finds) the conversion of ``gguf_path``: ``<cache>/gguf/<stem>-<key>``.
+
+    The key (:func:`_fingerprint`, the content digest) decides, not the path: the same file reached through another
+    install (a second virtual environment, a copy, a symlink, a reinstall with a new mtime) finds the one
+    conversion already made, so the tests and the command line share one cache folder per GGUF (~0.5 GB each); a
+    finished conversion of the same bytes under another file name is the one returned (the stem is only there for
+    people reading the cache folder)."""
+    gguf_path = Path(gguf_path)
+    root = cache_dir or cache_root() / "gguf"
+    key = _fingerprint(gguf_path)
+    done = sorted(p for p in root.glob(f"*-{key}") if (p / "config.json").is_file()) if root.is_dir() else []
+    return done[0] if done else root / f"{gguf_path.resolve().stem}-{key}"
+
+
 def _convert_into(gguf_path: Path, folder: Path) -> None:
     """Dequantise ``gguf_path`` and save it (weights, config, tokenizer) into the existing ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,8 +123,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
-    root = cache_dir or cache_root() / "gguf"
-    target = root / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    target = gguf_cache_dir(gguf_path, cache_dir)
+    root = target.parent
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)

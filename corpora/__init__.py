@@ -38,7 +38,8 @@ Output of ``clap corpus build -o OUT`` (what fine-tuning reads)::
     OUT/bad_records.jsonl   only with --skip-bad when something was skipped
 
 A build is written into a hidden sibling folder and moved to OUT only once complete: a failed or interrupted
-build leaves the previous corpus as it was.
+build (a full disk included: one line, no traceback) leaves the previous corpus as it was. A build holds a lock
+beside OUT (a second build into it stops naming the first) and removes the hidden folders of killed builds.
 
 Columns: ``pmid`` (str), ``title``, ``abstract``, ``journal``, ``year`` (int32 or null), ``mesh_terms`` (list of
 str), ``keywords`` (list of str), ``url``, ``source_file``, ``matched_terms`` (list of str) and ``text`` (title,

@@ -23,12 +23,15 @@ baseline). Only the final copy is filtered: records without an abstract and reco
 left out.
 
 Nothing is lost to a failed build: the corpus is written into a hidden sibling folder (``.<out>.building-*``) and
-moved into place only once it is complete, so a bad input, a filter that keeps nothing or Ctrl-C leaves the previous
-corpus at ``<out>`` exactly as it was. Files in ``<out>`` that a build does not write are carried over.
+moved into place only once it is complete, so a bad input, a filter that keeps nothing, a full disk or Ctrl-C leaves
+the previous corpus at ``<out>`` exactly as it was. Files in ``<out>`` that a build does not write are carried over.
+A build holds a lock beside ``<out>`` (``.<out>.lock``: a second build into the same folder stops at once, naming
+the first) and, holding it, removes hidden folders of builds that were killed (their process is gone).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -41,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clap.locks import exclusive_lock
+from clap.outputs import os_error_text
 from corpora.errors import CorpusError, ProblemLog
 from corpora.filtering import DEFAULT_TERMS, TermFilter
 from corpora.readers import iter_inputs
@@ -106,7 +111,37 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _sibling(out: Path, kind: str) -> Path:
-    return out.parent / f".{out.name}.{kind}-{uuid.uuid4().hex[:8]}"
+    """A hidden folder beside ``out`` that names its kind and the process making it (``.NAME.building-PID-XXXX``)."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_killed_builds(out: Path) -> list[Path]:
+    """Remove ``.NAME.building-*`` folders beside ``out`` left by builds that were killed (no clean-up ran).
+
+    Called under the build lock, so no other build of ``out`` is running; a folder is still kept when the process
+    its name records is alive (a build from before the lock existed). Returns the folders removed."""
+    removed = []
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.building-*")):
+        owner = folder.name.rsplit(".building-", 1)[1].split("-")[0]
+        if owner.isdigit() and _alive(int(owner)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        log.info("removed %d folder(s) of killed builds: %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 @contextmanager
@@ -243,9 +278,19 @@ def build_corpus(config: BuildConfig) -> BuildReport:
     if not config.inputs and not config.hf_dataset:
         raise CorpusError("no inputs given: pass files/folders or --hf-dataset")
     _check_out(out, config.overwrite)
-    with _staging(out) as staging:
-        report = _build_into(config, staging, started)
-        _swap_in(staging, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CorpusError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from exc
+    with exclusive_lock(out.parent / f".{out.name}.lock", wait=False, what=f"corpus folder {out}"):
+        _remove_killed_builds(out)
+        try:
+            with _staging(out) as staging:
+                report = _build_into(config, staging, started)
+                _swap_in(staging, out)
+        except OSError as exc:  # a full disk mid-build: the staging folder is gone, the previous corpus untouched
+            raise CorpusError(f"{out}: the build failed ({os_error_text(exc)}); the partial build was removed and "
+                              f"{out} is unchanged") from None
     log.info("corpus: %d records (%d train, %d validation) in %.1f s -> %s", report.kept, report.train,
              report.validation, report.seconds, out)
     return report

@@ -21,15 +21,36 @@ code; models are loaded through :mod:`clap.models`, the same loader ``clap patch
 
 from __future__ import annotations
 
-from finetuning.config import (
-    PRESETS,
-    FinetuneConfig,
-    FinetuneConfigError,
-    from_preset,
-    load_config,
-)
-from finetuning.data import FinetuneDataError, load_corpus, prepare_datasets
-from finetuning.train import FinetuneError, FinetuneResult, finetune
+from typing import TYPE_CHECKING
+
+from clap.lazy import lazy_exports
+
+#: Each public name and the module it lives in: imported on first use, so ``clap --help`` never loads transformers.
+_EXPORTS = {
+    "PRESETS": "finetuning.config",
+    "FinetuneConfig": "finetuning.config",
+    "FinetuneConfigError": "finetuning.config",
+    "from_preset": "finetuning.config",
+    "load_config": "finetuning.config",
+    "FinetuneDataError": "finetuning.data",
+    "load_corpus": "finetuning.data",
+    "prepare_datasets": "finetuning.data",
+    "FinetuneError": "finetuning.train",
+    "FinetuneResult": "finetuning.train",
+    "finetune": "finetuning.train",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # what static tools see; at run time the names above are imported on first use
+    from finetuning.config import (
+        PRESETS,
+        FinetuneConfig,
+        FinetuneConfigError,
+        from_preset,
+        load_config,
+    )
+    from finetuning.data import FinetuneDataError, load_corpus, prepare_datasets
+    from finetuning.train import FinetuneError, FinetuneResult, finetune
 
 __all__ = [
     "PRESETS",

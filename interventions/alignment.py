@@ -18,8 +18,10 @@ out of a padded capture and to index per-position attributions; written once her
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # only left_pad builds tensors; the probe reader imports this module without torch
+    import torch
 
 
 def counterpart(index: int, n_target: int, n_source: int) -> int:
@@ -48,6 +50,8 @@ def shift_to(indices: Iterable[int], n_from: int, n_to: int) -> tuple[int, ...]:
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask with every prompt right-aligned: the last column is each row's last token."""
+    import torch
+
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -12,8 +12,9 @@ so the effect of patching *every* site at *every* position comes from one forwar
 prompts and one backward pass. Denoising (the default) patches clean into corrupted, so the gradient is taken at the
 corrupted run; noising patches corrupted into clean, with the gradient at the clean run. The metric is the logit
 difference (mean answer logit minus mean wrong logit, over each token set) at the last position, as in clap's exact
-engine, and ``recovery = (patched - corrupted) / (clean - corrupted)`` with ``patched = target metric + effect``
-(for denoising that is ``effect / (clean - corrupted)``). Every row carries ``approximate=True``.
+engine; ``patched`` = the target run's metric + the first-order change, and ``effect = patched - corrupted`` and
+``recovery = (patched - corrupted) / (clean - corrupted)`` as for exact rows, in both directions (for denoising the
+effect is the first-order change itself). Every row carries ``approximate=True``.
 
 When it fails: the expansion is exact only where ``M`` is linear in the patched activation (the final norm's
 output or the unembedding's input at the last position). Through layer norms, attention softmaxes and MLP
@@ -378,7 +379,7 @@ def _record(probe: Probe, site: Site, cell: PositionCell, column: torch.Tensor, 
         "recovery_defined": bool(defined),
         "trivial": bool(site.terminal and (n_t - 1) in kept),
         "n_patched_tokens": len(kept),
-        "effect": effect,
+        "effect": patched - corrupted,  # the exact rows' definition in both directions (README), not patched - target
         "approximate": True,
     }
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from clap.contract import atomic_write_frame
+from clap.errors import ClapError
+from clap.outputs import os_error_text
 from interventions.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -40,12 +43,17 @@ class BatchStore:
         return pd.read_parquet(path) if path is not None and path.is_file() else None
 
     def save(self, index: int, frame: pd.DataFrame) -> None:
+        """Write batch ``index`` atomically; a failed write (a full disk) leaves no temporary file and stops the run
+        with one line saying that the batches already saved are kept for the rerun."""
         path = self._path(index)
         if path is None:
             return
-        tmp = path.with_suffix(".tmp")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(path)
+        try:
+            atomic_write_frame(path, frame)
+        except OSError as exc:
+            kept = len(list(path.parent.glob("batch-*.parquet")))
+            raise ClapError(f"{path}: cannot save a finished batch ({os_error_text(exc)}); the {kept} batch(es) "
+                            "saved before it are kept and a rerun resumes from them") from None
 
     def discard(self) -> None:
         """Remove this plan's partial batches (the results are written); other plans' remain."""
@@ -92,6 +100,8 @@ def open_partial_dir(out: Path, plan: Plan) -> Path:
             log.warning("%s holds %d finished batches of a different spec, probe set or batching; they are not "
                         "reused (this run's batches go to %s)", other, n, partial)
     partial.mkdir(parents=True, exist_ok=True)
+    for torn in partial.glob("*.tmp"):  # a write cut short by a killed run (the output folder is locked: no writer)
+        torn.unlink(missing_ok=True)
     meta_file = partial / PLAN_FILE
     if not meta_file.is_file():
         tmp = meta_file.with_suffix(".tmp")

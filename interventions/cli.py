@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from clap import cli_args
 from clap.contract import results_path
 
 
@@ -19,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     patch.add_argument("spec", type=Path, help="study spec (YAML)")
     patch.add_argument("-o", "--out", type=Path, required=True, help="results directory")
     patch.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
-    patch.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    patch.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
     patch.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
     patch.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 on "
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trace.add_argument("spec", type=Path, help="study spec (YAML) with a `trace:` section")
     trace.add_argument("-o", "--out", type=Path, required=True, help="results directory")
     trace.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
-    trace.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    trace.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
     trace.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
     trace.add_argument("--no-progress", action="store_true", help="no progress bar")
     trace.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 on "

@@ -27,14 +27,16 @@ clean metric (ablated - clean); recovery is undefined by design (:attr:`StudySpe
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
 from pydantic import Field, field_validator
 
 from clap.errors import ClapError
 from clap.validation import StrictModel
 from interventions.spec import Metric, OperationSpec, PositionSelector, StudySpec, expand_operation_names
+
+if TYPE_CHECKING:  # the study file reads this module's sections: `clap --help` must not import pandas
+    import pandas as pd
 
 #: components whose layers can be patched jointly (see the module docstring for the residual stream)
 ADDITIVE_KINDS = ("attn_out", "mlp_out")
@@ -156,6 +158,8 @@ def additivity_spec(spec: StudySpec, singles: pd.DataFrame, section: AdditivityS
                         "single-layer recovery at every layer)")
     derived = _derived(spec, name=f"{spec.name} [additivity]", positions=[section.position], patches=patches,
                        operations=["replace"])
+    import pandas as pd
+
     return derived, pd.DataFrame(design, columns=DESIGN_COLUMNS)
 
 

@@ -626,11 +626,19 @@ def rows_for_budget(memory_budget_mb: float | None, max_rows: int | None, seq_le
     ``default``.
 
     The estimate counts the logits (rows x seq x vocab, the largest single tensor for short prompts) and ~16 live
-    activations of width d_model per layer; it is deliberately generous so a budget is not exceeded.
+    activations of width d_model per layer; it is deliberately generous so a budget is not exceeded. A budget too
+    small for 3 rows (a probe's clean and corrupted baselines and one patched row) is refused with the minimum,
+    rather than silently exceeded.
     """
     if max_rows is not None:
         return max_rows
     if memory_budget_mb is None:
         return default
     per_row = seq_len * (vocab * 2 + 16 * d_model * max(1, n_layers)) * bytes_per
-    return max(3, int(math.floor(memory_budget_mb * 2**20 / per_row)))
+    rows = int(math.floor(memory_budget_mb * 2**20 / per_row))
+    if rows < 3:
+        need = math.ceil(3 * per_row / 2**20 * 10) / 10
+        raise ClapError(f"execution.memory_budget_mb: {memory_budget_mb:g} MB is too small for one batch: 3 rows (a "
+                        f"probe's clean and corrupted baselines and one patched row) of {seq_len} tokens need about "
+                        f"{need:g} MB on this model; give at least memory_budget_mb: {need:g}, or max_rows")
+    return rows

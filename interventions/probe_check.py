@@ -24,18 +24,19 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Any
 
 from clap.contract import atomic_write_text
 from clap.errors import ClapError
+from clap.outputs import prepare_output_file
 from clap.yamlio import SourceError, load_jsonl
-from interventions import kernel
 from interventions.probe_suggest import file_words, mismatch_message, suggest_substitutes
 from interventions.probes import ProbeError, _answer_ids, read_probe_specs, subject_problem
 from interventions.spec import ProbeSetSpec, ProbeSpec
+
+if TYPE_CHECKING:  # imported where a model runs or a table is built: `clap --help` stays fast
+    import pandas as pd
+    import torch
 
 
 @dataclass
@@ -252,10 +253,11 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, mu
     return checks
 
 
-@torch.no_grad()
 def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
                       batch_size: int = 64) -> torch.Tensor:
     """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (in the model's dtype)."""
+    import torch
+
     from interventions.alignment import left_pad
 
     device = next(hf_model.parameters()).device
@@ -264,11 +266,12 @@ def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]
         input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
         # left padding shifts absolute positions; count each row from its first real token (as nnsight does)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = hf_model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            position_ids=position_ids.to(device),
-        ).logits
+        with torch.no_grad():
+            logits = hf_model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=position_ids.to(device),
+            ).logits
         out.append(logits[:, -1, :].cpu())
     return torch.cat(out)
 
@@ -276,6 +279,10 @@ def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]
 def logit_diffs(logits: torch.Tensor, answer_ids: Sequence[int], wrong_ids: Sequence[int]) -> torch.Tensor:
     """Mean over the answer set minus mean over the wrong set, per row, reduced in float64 by the edit kernel (the
     same reduction as patching's ``logit_diff``)."""
+    import torch
+
+    from interventions import kernel
+
     answer_index, answer_mask = kernel.token_sets([answer_ids] * len(logits))
     wrong_index, wrong_mask = kernel.token_sets([wrong_ids] * len(logits))
     return kernel.logit_difference(logits.to(torch.float64), answer_index, answer_mask, wrong_index, wrong_mask)
@@ -309,6 +316,8 @@ def answer_probability(logits: torch.Tensor, answer_ids: Sequence[int]) -> tuple
     """(p(answer set), rank of its best token among all next tokens (1 = the model's top prediction), the top
     token's id) from one row of last-position logits; the probability of a set is the sum over its tokens, as the
     ``prob`` metric."""
+    from interventions import kernel
+
     ids = list(answer_ids)
     index, mask = kernel.token_sets([ids])
     metrics, _ = kernel.reduce_metrics(logits[None], index, mask, index, mask)  # patching's own reduction
@@ -394,6 +403,8 @@ def check_probes(path: Path, tokenizer: Any, hf_model: torch.nn.Module | None = 
     """The whole check as a frame, one row per probe (the CLI prints and writes this). ``multi_token`` and
     ``alignment`` are the study's settings; ``trace`` checks causal-tracing probes (knows: the answer is the model's
     top next token, or p(answer) >= ``min_prob``, by default :data:`TRACE_MIN_PROB`)."""
+    import pandas as pd
+
     checks = structural_checks(read_specs(path), tokenizer, multi_token=multi_token, alignment=alignment,
                                trace=trace, subject=subject, suggest=suggest)
     if hf_model is not None:
@@ -445,6 +456,8 @@ MIN_PROBLEMS, MAX_ID = 20, 24
 def fit_table(frame: pd.DataFrame, columns: Sequence[str], width: int) -> str:
     """The table at most ``width`` characters wide: ids and the ``problems`` text cut short (with an ellipsis),
     then the least needed columns dropped (:data:`DROPPABLE`). The full text is printed below it and in the CSV."""
+    import pandas as pd
+
     columns = list(columns)
     shown = frame[columns].copy()
     shown["id"] = shown["id"].map(lambda t: _cut(str(t), MAX_ID))
@@ -504,6 +517,9 @@ def run_check(args: argparse.Namespace) -> int:
     if args.min_prob is not None and not 0 <= args.min_prob <= 1:
         raise ProbeError(f"--min-prob must be a probability in [0, 1], got {args.min_prob}")
     specs = read_specs(path)  # bad probe files fail here, before any model is loaded
+    for option, target in (("-o", args.output), ("--write-valid", args.write_valid)):
+        if target:  # before the model loads, not after the check has run
+            prepare_output_file(target, what=option)
     del specs
     hf_model = None
     if args.structural_only:

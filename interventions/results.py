@@ -8,7 +8,6 @@ folder check that runs before any model is loaded.
 from __future__ import annotations
 
 import platform
-import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clap import outputs
 from clap.contract import (
     RESULTS_FILE,
     SIDECAR_FILE,
@@ -23,7 +23,6 @@ from clap.contract import (
     typed_frame,
     write_results,
 )
-from clap.errors import ClapError
 
 __all__ = ["package_versions", "prepare_output_dir", "read_results", "recovery", "to_frame", "write_results"]
 
@@ -75,22 +74,7 @@ def average_samples(frame: pd.DataFrame, epsilon: float) -> pd.DataFrame:
 
 def prepare_output_dir(out_dir: Path) -> Path:
     """Create ``out_dir`` and prove it writable, before any model is loaded: a typo'd ``-o`` that names a file or
-    a folder without write permission must fail in a second, not after the weights load and the first batch runs.
-    Writability is tested by creating a temporary file there (permission bits alone say nothing about read-only
-    file systems or root)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ClapError(f"output folder {out_dir} is an existing file; results are written into a folder "
-                        f"({RESULTS_FILE} + {SIDECAR_FILE}): choose another path")
-    for parent in out_dir.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ClapError(f"output folder {out_dir} cannot be created: {parent} is a file")
-            break
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as exc:
-        raise ClapError(f"output folder {out_dir} is not writable: {exc.strerror or exc}") from None
-    return out_dir
+    a folder without write permission must fail in a second, not after the weights load and the first batch runs
+    (:func:`clap.outputs.prepare_output_dir`)."""
+    return outputs.prepare_output_dir(out_dir, holds=f"results are written into a folder ({RESULTS_FILE} + "
+                                                     f"{SIDECAR_FILE})")

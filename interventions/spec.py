@@ -224,8 +224,9 @@ class ExecutionSpec(StrictModel):
     #: False: local; True: NDIF (key from NDIF_API_KEY or nnsight's config); "local": nnsight's local simulation
     remote: bool | Literal["local"] = False
     #: how batches run (interventions/executor.py): ``full`` runs every row over the whole prompt; ``suffix`` runs a
-    #: patched row only from its first edited layer and token on, from its baseline row's cached state (exact; less
-    #: compute, but not yet faster on CPU: see interventions/executor.py); ``auto`` is ``full`` for now
+    #: patched row only from its first edited layer and token on, from its baseline row's cached state (exact, same
+    #: numbers to float rounding); ``auto`` is ``suffix`` locally and ``full`` under NDIF or its local simulation
+    #: (interventions/executor.py says why)
     strategy: Literal["auto", "full", "suffix"] = "auto"
     progress: bool = True
     #: torch's intra-op CPU threads while the study runs (``torch.set_num_threads``); None: torch's default (one per

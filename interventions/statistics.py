@@ -20,6 +20,7 @@ from interventions.alignment import left_pad, unpad
 from interventions.executor import Executor
 from interventions.plan import Batch, PatchConstants, Plan
 from interventions.resolved import ResolvedStudy
+from interventions.sites import Site
 
 
 class StatisticsPasses:
@@ -126,7 +127,7 @@ class StatisticsPasses:
             key = op.model_dump_json()
             if op.vector is not None:
                 vector = load_vector(op.vector, self.study.spec.base_dir).reshape(-1)
-                for site in plan.sites:
+                for site in _sites_using(plan, key):  # only where this steer acts: other groups' sites may differ
                     if vector.numel() != widths[site.name]:
                         raise ClapError(f"steering vector {op.vector}: {vector.numel()} values, but site {site.name} "
                                         f"is {widths[site.name]} wide")
@@ -205,21 +206,45 @@ def baseline_batch(plan: Plan, rows: list[tuple[int, str]], pad_id: int) -> Batc
                  accesses=[], cells=[])
 
 
+def _sites_using(plan: Plan, key: str) -> list[Site]:
+    """The sites where the operation ``key`` (its JSON) acts: its cells' sites and its baseline edits' sites."""
+    found = {site.name: site for cell in plan.cells if cell.operation.model_dump_json() == key
+             for site in cell.all_sites}
+    for edits in plan.baseline.values():
+        for edit in edits:
+            if edit.operation.model_dump_json() == key:
+                found.update((site.name, site) for site in edit.sites)
+    return list(found.values())
+
+
 def load_vector(path: str, base_dir: Path) -> torch.Tensor:
     """A steering vector from a ``.pt`` (a tensor) or ``.npy`` file; a relative path is taken from the spec's
-    folder."""
+    folder. A file that is not a saved tensor, or a vector holding NaN or infinite values (every steered row would
+    come out NaN, yet look defined), is refused naming the file."""
     file = Path(path)
     if not file.is_absolute():
         file = base_dir / file
     if not file.is_file():
         raise ClapError(f"steering vector file {file} does not exist")
-    if file.suffix == ".npy":
-        import numpy as np
+    if file.suffix not in (".npy", ".pt"):
+        raise ClapError(f"steering vector file {file}: use a .pt or .npy file")
+    try:
+        if file.suffix == ".npy":
+            import numpy as np
 
-        return torch.from_numpy(np.load(file)).float()
-    if file.suffix == ".pt":
-        value = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(value, torch.Tensor):
-            raise ClapError(f"steering vector file {file} holds a {type(value).__name__}, not a tensor")
-        return value.float()
-    raise ClapError(f"steering vector file {file}: use a .pt or .npy file")
+            value = torch.from_numpy(np.asarray(np.load(file, allow_pickle=False), dtype=np.float32))
+        else:
+            value = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch and numpy raise many unrelated types for a file that is no tensor
+        kind = "torch.save" if file.suffix == ".pt" else "numpy.save"
+        raise ClapError(f"steering vector file {file} is not a tensor saved by {kind} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
+    if not isinstance(value, torch.Tensor):
+        raise ClapError(f"steering vector file {file} holds a {type(value).__name__}, not a tensor")
+    value = value.float()
+    bad = ~torch.isfinite(value)
+    if bad.any():
+        first = int(bad.reshape(-1).nonzero()[0])
+        raise ClapError(f"steering vector file {file} holds {int(bad.sum())} NaN or infinite value(s) (first at "
+                        f"index {first}); a steer by it would make every steered row NaN")
+    return value

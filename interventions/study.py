@@ -349,6 +349,8 @@ class Study:
         if out:
             if self.samples_frame is not None:
                 atomic_write_frame(out / SAMPLES_FILE, self.samples_frame)
+            else:  # an earlier run's draws (a trace into the same folder) must not pass for this run's
+                (out / SAMPLES_FILE).unlink(missing_ok=True)
             write_results(out, result, self._sidecar(plan, group_columns, len(chunks), max_rows, constants))
             store.discard()  # only this plan's batches: others may resume later
         return result

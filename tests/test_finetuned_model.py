@@ -138,6 +138,56 @@ def test_merge_is_cached_and_a_changed_adapter_is_merged_again(tiny_builtin):
     assert merged_builtin_adapter("tiny-test") != first
 
 
+def test_concurrent_merges_merge_once_under_a_lock(tiny_builtin, monkeypatch):
+    """Two processes loading the built-in at once: one merge, the other waits and finds it; no temporaries."""
+    import threading
+    import time
+
+    calls = []
+    merge = builtin_adapters._merge_into
+
+    def slow_merge(*args):
+        calls.append(args)
+        time.sleep(0.5)  # long enough for the second caller to arrive while the first merges
+        merge(*args)
+
+    monkeypatch.setattr(builtin_adapters, "_merge_into", slow_merge)
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(merged_builtin_adapter("tiny-test"))
+        except Exception as exc:  # noqa: BLE001 - any failure of either caller fails the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    assert sorted(p.name for p in results[0].parent.iterdir()) == [results[0].name]
+
+
+def test_merged_key_does_not_depend_on_the_cache_location(tmp_path):
+    """A converted base (a folder clap made from a GGUF, named by its content digest) counts by its name, not by the
+    cache root it lies under; another base folder counts by its location."""
+    adapter = builtin_adapter_dir(NAME)
+    keys = []
+    for root in ("cache-a", "elsewhere/cache-b"):
+        base = tmp_path / root / "gguf" / "SmolLM2-0123456789abcdef"
+        base.mkdir(parents=True)
+        (base / "clap-source.json").write_text("{}")
+        keys.append(builtin_adapters._fingerprint(adapter, str(base)))
+    assert keys[0] == keys[1]
+    other = tmp_path / "cache-a" / "gguf" / "SmolLM2-fedcba9876543210"
+    other.mkdir()
+    (other / "clap-source.json").write_text("{}")
+    assert builtin_adapters._fingerprint(adapter, str(other)) != keys[0]
+    plain = [builtin_adapters._fingerprint(adapter, str(tmp_path / where / "model")) for where in ("a", "b")]
+    assert plain[0] != plain[1]
+
+
 def test_missing_adapter_file_is_one_clear_error(tiny_builtin):
     from clap.errors import ClapError
 

@@ -135,7 +135,7 @@ def test_structure_under_gpt2_tokenizer(name, shared_data):
 
 
 def _smollm2_folder(convert: bool) -> Path | None:
-    from clap.models import _fingerprint, builtin_gguf_path, cache_root, convert_gguf
+    from clap.models import builtin_gguf_path, convert_gguf, gguf_cache_dir
 
     try:
         gguf = builtin_gguf_path("smollm2-135m")
@@ -143,7 +143,7 @@ def _smollm2_folder(convert: bool) -> Path | None:
         pytest.skip(str(exc))
     if convert:
         return convert_gguf(gguf)
-    folder = cache_root() / "gguf" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    folder = gguf_cache_dir(gguf)
     return folder if (folder / "tokenizer.json").is_file() else None
 
 

@@ -221,7 +221,7 @@ def test_dry_run_refuses_probe_files_whose_labels_differ(tiny_dir, tmp_path):
                      "sites: ['layers[*].mlp_out']\npositions: [last]\n")
     from clap.app.pipeline import check_study
 
-    with pytest.raises(ClapError, match="different label keys"):
+    with pytest.raises(ClapError, match="x-1 lacks field.*same label fields"):
         check_study(study, models={"model": str(tiny_dir)})
 
 

@@ -65,6 +65,11 @@ def _run(argv: Sequence[str] | None) -> int:
     except ClapError as exc:
         print(f"clap: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a folder that cannot be written: the file and the reason, not a traceback
+        from clap.outputs import os_error_text
+
+        print(f"clap: error: {os_error_text(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("clap: interrupted; finished results are kept and a rerun resumes", file=sys.stderr)
         return 130

@@ -13,6 +13,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from clap import cli_args
+
 DEMO_FILES = ("demo_study.yaml", "demo_probes.jsonl")
 
 
@@ -25,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "across all 30 layers, ANOVA across layers, base vs fine-tuned comparison, figures and HTML reports.",
     )
     demo.add_argument("-o", "--out", type=Path, default=Path("demo-output"), help="output directory")
-    demo.add_argument("--max-rows", type=int, help="rows per forward pass (default: the spec's)")
+    demo.add_argument("--max-rows", type=cli_args.max_rows, help="rows per forward pass (default: the spec's)")
     demo.set_defaults(func=run_demo)
 
 

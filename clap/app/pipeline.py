@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clap import __version__
+from clap import __version__, cli_args
 from clap.app.stages import StageStore, digest, file_digest, locked, tree_digest
 from clap.app.study_file import (
     PACKAGE_PREFIX,
@@ -63,6 +63,14 @@ TRACE_PROBE_FIGURES = 3
 NON_RESULT_EXECUTION = ("progress", "max_rows", "memory_budget_mb", "max_cells", "threads")
 
 Echo = Callable[[str], None]
+
+
+class ModelUnavailable(ClapError):
+    """A model of the study cannot be reached from here (a hub model not cached, with the hub unreachable)."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
 
 
 # ------------------------------------------------------------------------------------------------- adapters
@@ -222,7 +230,7 @@ class _Planner:
             return [model_dir]
 
         key = {"section": section.model_dump(mode="json"), "start": self._identity(start), **corpus_key}
-        self._add("finetune", "finetune", key, upstream, train)
+        self._add("finetune", "finetune", key, upstream, train, lambda: self._check_hub(section.model, start))
 
     # -- patching -------------------------------------------------------------------------------------------
     def _probes(self) -> tuple[Path | None, str]:
@@ -275,7 +283,7 @@ class _Planner:
         key = {"spec": spec_key, "probe_options": probe_options, "probes": probes_digest,
                "model": self._identity(entry)}
         upstream = ["finetune"] if entry.finetuned else []
-        self._add(f"patch[{name}]", "patch", key, upstream, run)
+        self._add(f"patch[{name}]", "patch", key, upstream, run, lambda: self._check_hub(name, entry))
 
     def _model_spec(self, entry: ModelEntry) -> ModelSpec:
         """The ``model:`` a patching stage runs for one of the study's models."""
@@ -311,7 +319,11 @@ class _Planner:
         key = {"spec": spec_key, "cross_model": section.model_dump(mode="json"), "probe_options": probe_options,
                "probes": probes_digest, "target": self._identity(target), "source": self._identity(source)}
         upstream = ["finetune"] if target.finetuned or source.finetuned else []
-        self._add(f"patch[cross:{name}]", "patch", key, upstream, run)
+        def check() -> None:
+            self._check_hub(section.target, target)
+            self._check_hub(section.source, source)
+
+        self._add(f"patch[cross:{name}]", "patch", key, upstream, run, check)
 
     def _derived(self, kind: str, name: str, entry: ModelEntry, probes: tuple[Path | None, str]) -> None:
         """``patch[additivity:NAME]`` (layers patched jointly, the sets chosen from ``patch[NAME]``'s single-layer
@@ -344,7 +356,7 @@ class _Planner:
         key = {"spec": spec_key, kind: section.model_dump(mode="json"), "probe_options": probe_options,
                "probes": probes_digest, "model": self._identity(entry)}
         upstream = [f"patch[{name}]"] if kind == "additivity" else (["finetune"] if entry.finetuned else [])
-        self._add(f"patch[{kind}:{name}]", "patch", key, upstream, run)
+        self._add(f"patch[{kind}:{name}]", "patch", key, upstream, run, lambda: self._check_hub(name, entry))
 
     def _source(self, entry: ModelEntry) -> str:
         if entry.finetuned:
@@ -367,6 +379,21 @@ class _Planner:
             identity["source"] = source
         return identity
 
+    def _check_hub(self, name: str, entry: ModelEntry) -> None:
+        """A hub model must be in the local cache or the hub reachable, checked before any stage runs (so that a
+        study of a built-in and a hub model does not patch the first for minutes and then fail offline)."""
+        from clap.models import BUILTIN_ADAPTERS, BUILTIN_GGUF, ModelLoadError, resolve_source
+
+        if entry.finetuned or entry.source in BUILTIN_GGUF or entry.source in BUILTIN_ADAPTERS:
+            return
+        source = self._source(entry)
+        if Path(source).expanduser().exists() or source.endswith(".gguf") or entry.gguf_file:
+            return  # a local model: checked where it loads
+        try:
+            resolve_source(source, revision=entry.revision)
+        except ModelLoadError as exc:
+            raise ModelUnavailable(name, f"model {name!r}: {exc} (in this study: `models: {{{name}: {{source: "
+                                   f"...}}}}` or `clap run ... --model {name}=SOURCE`)") from None
 
     def _trace(self, name: str) -> None:
         """ROME's six-token-group table (with the spread over noise draws) and the heatmaps, beside the results."""
@@ -532,16 +559,28 @@ def check_study(study: StudyFile | str | Path | dict, *, models: dict[str, str] 
     study = load_study(study, models, remote=remote, device=device, progress=False)
     for section, reason in study.pending():
         raise ClapError(f"study {study.name!r}: `{section}:` {reason}; remove the section to run the rest")
+    unavailable: dict[str, str] = {}  # models that cannot be checked here (a hub model offline): reported at the end
     with tempfile.TemporaryDirectory(prefix="clap-dry-run-") as tmp:
         planner = _Planner(study, Path(tmp), False)
         stages = planner.plan()
         for stage in stages:
             if stage.check is not None:
-                stage.check()
+                try:
+                    stage.check()
+                except ModelUnavailable as exc:
+                    unavailable.setdefault(exc.model, str(exc))
         probes_file, _ = planner._probes()
-        for entry in study.model_entries().values():
-            if not entry.finetuned:
+        checked = []
+        for name, entry in study.model_entries().items():
+            if not entry.finetuned and name not in unavailable:
                 Study(study.patch_spec(planner._model_spec(entry), probes_file)).check()
+                checked.append(name)
+    if unavailable:
+        done = (f"model(s) {', '.join(map(repr, checked))} (sites against the config, probes with the tokenizer)"
+                if checked else "no model")
+        raise ClapError(f"dry run of study {study.name!r}: the study file, its {len(stages)} stages and {done} check "
+                        f"out, but {len(unavailable)} model(s) could not be checked here, and `clap run` would stop "
+                        f"before its first stage for the same reason: " + "; ".join(unavailable.values()))
     return [stage.name for stage in stages]
 
 
@@ -613,7 +652,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="use SOURCE (hub id, folder, .gguf, built-in) for the study's model NAME")
     p.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
     p.add_argument("--device", help="override execution.device")
-    p.add_argument("--max-rows", type=int, help="override execution.max_rows (rows per forward pass)")
+    p.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
     p.add_argument("--group", metavar="LABEL",
                    help="override analysis.group: the probe label whose values are the groups of the analyses and "
                         "comparisons (default: analysis.group, else knowledge_type, never a provenance label)")

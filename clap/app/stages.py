@@ -131,14 +131,21 @@ class StageStore:
     def __init__(self, out: Path):
         self.path = Path(out) / STAGES_FILE
         self.stages: dict[str, dict[str, Any]] = {}
+        if self.path.exists() and not self.path.is_file():
+            raise ClapError(f"{self.path}: is a folder, not clap's stage record; move it away (clap run writes its "
+                            "record there)")
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8
                 raise ClapError(f"{self.path}: unreadable stage record ({exc}); "
                                 "delete it to rerun every stage") from None
             if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
                 raise ClapError(f"{self.path}: not a clap stage record; delete it to rerun every stage")
+            bad = [name for name, record in data["stages"].items() if not isinstance(record, dict)]
+            if bad:
+                raise ClapError(f"{self.path}: stage record(s) {', '.join(map(repr, bad))} are not JSON objects "
+                                "(not a clap stage record); delete the file to rerun every stage")
             self.stages = data["stages"]
 
     def is_done(self, name: str, stage_hash: str) -> bool:
@@ -175,10 +182,12 @@ def locked(out: Path) -> Iterator[None]:
 
     The lock file (``<out>/.clap-run.lock``) records the holder and is removed when the run ends, still under the
     lock (:func:`clap.locks.exclusive_lock`), so a finished run leaves nothing behind and a refused run names the
-    run it waits for."""
+    run it waits for. The folder is proved writable first (a file in its place or a read-only folder is one line).
+    """
     from clap.locks import LockHeld, describe_holder, exclusive_lock
+    from clap.outputs import prepare_output_dir
 
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, holds="a study's stages are written into a folder")
     path = out / LOCK_FILE
     with ExitStack() as stack:
         try:

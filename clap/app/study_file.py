@@ -279,7 +279,31 @@ class StudyFile(StudySpec):
                      "model to start from")
             if self.corpus is None and self.finetune.corpus is None:
                 fail(("finetune",), "fine-tuning needs a corpus: add a `corpus:` section or `finetune.corpus:`")
+            self._check_finetune_settings(source, lines, fail)
         self._check_cross_model(names, fail)
+
+    def _check_finetune_settings(self, source: str, lines: dict, fail: Any) -> None:
+        """The preset and ``settings:`` validated with the fine-tuning schema now, with their lines, instead of when
+        the finetune stage starts (after the corpus stage)."""
+        try:
+            from finetuning.config import PRESETS, FinetuneConfigError, build_config
+        except ModuleNotFoundError:  # no fine-tuning code installed: the stage itself says so
+            return
+        section = self.finetune
+        assert section is not None
+        if section.preset not in PRESETS:
+            hint = closest(section.preset, list(PRESETS))
+            fail(("finetune", "preset"), f"unknown fine-tuning preset {section.preset!r}"
+                 + (f"; did you mean {hint[0]!r}?" if hint else "") + f" (presets: {', '.join(PRESETS)})")
+        origins = {}
+        for name in section.settings:
+            line = line_of(lines, ("finetune", "settings", name))
+            origins[str(name)] = f"{source}{f':{line}' if line else ''}: finetune.settings.{name}"
+        try:
+            build_config({"preset": section.preset, **PRESETS[section.preset], **section.settings}, origins,
+                         source=source)
+        except FinetuneConfigError as exc:
+            raise SpecError(f"invalid study spec:\n  {exc}") from None
 
     def _cross_sections(self) -> list[tuple[tuple, CrossModelSection]]:
         """(key path, section) of each ``cross_model`` section (one, or a list)."""

@@ -92,3 +92,48 @@ def test_output_that_is_a_file_is_refused(corpus, tmp_path, capsys):
     assert main(["corpus", "build", str(source), "--overwrite", "-o", str(target)]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
     assert target.read_text() == "keep me"
+
+
+def test_full_disk_is_one_line_and_leaves_the_previous_corpus(corpus, tmp_path, capsys, monkeypatch):
+    """ENOSPC while the new corpus is written: one line naming the file, the staging folder removed."""
+    import errno
+
+    source, out = corpus
+    before = snapshot(out)
+
+    def full(path, rows):
+        Path(path).write_text("half a line")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(build_module, "_write_jsonl", full)
+    assert main(["corpus", "build", str(source), "--no-filter", "--no-figure", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == 0
+    assert "No space left on device (free some space and rerun)" in err and f"{out} is unchanged" in err
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "in.xml"]
+
+
+def test_folders_of_killed_builds_are_removed_under_the_lock(corpus, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from clap.locks import exclusive_lock
+
+    source, out = corpus
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that is gone
+    killed = [tmp_path / f".corpus.building-{dead.pid}-0123abcd", tmp_path / ".corpus.building-89ab4567"]
+    alive = tmp_path / ".corpus.building-1-feedbeef"  # pid 1 runs: a build from before the lock, left alone
+    for folder in [*killed, alive]:
+        (folder / "dataset").mkdir(parents=True)
+        (folder / "train.jsonl").write_text("half")
+    other = tmp_path / ".corpus-old.building-1234-aaaa0000"  # another output's: never touched
+    other.mkdir()
+    assert main(["--quiet", "corpus", "build", str(source), "--no-filter", "--no-figure", "-o", str(out)]) == 0
+    assert not any(f.exists() for f in killed) and alive.is_dir() and other.is_dir()
+    with exclusive_lock(tmp_path / ".corpus.lock", wait=False):
+        assert main(["corpus", "build", str(source), "--no-filter", "--no-figure", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"corpus folder {out} is in use by pid" in err
+    assert not (tmp_path / ".corpus.lock").exists()

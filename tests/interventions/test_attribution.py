@@ -147,13 +147,12 @@ def test_attribution_equals_autograd_reference(tiny_model, direction):
         corrupted = float(logit_diff(capture_logits(tiny_model, corrupted_ids), answer, wrong))
         np.testing.assert_allclose(rows["clean"], clean, atol=1e-5)
         np.testing.assert_allclose(rows["corrupted"], corrupted, atol=1e-5)
-        ours = {(r.site, int(r.position)): r.effect for r in rows.itertuples()}
+        ours = first_order(rows, direction)
         assert set(ours) == set(reference)
         for key, value in reference.items():
             assert ours[key] == pytest.approx(value, abs=1e-5), key
             checked += 1
-        baseline = rows["corrupted"] if direction == "denoising" else rows["clean"]
-        np.testing.assert_allclose(rows["patched"], baseline + rows["effect"], atol=1e-12)
+        np.testing.assert_allclose(rows["effect"], rows["patched"] - rows["corrupted"], atol=1e-12)
         np.testing.assert_allclose(rows["recovery"], (rows["patched"] - rows["corrupted"])
                                    / (rows["clean"] - rows["corrupted"]), atol=1e-9)
     assert checked == len(frame)
@@ -172,7 +171,7 @@ def test_integrated_gradients_equal_autograd_reference(tiny_model, direction, st
     for probe in PROBES:
         reference = reference_effects(tiny_model, probe, direction, steps)
         rows = frame[frame["probe_id"] == probe["id"]]
-        ours = {(r.site, int(r.position)): r.effect for r in rows.itertuples()}
+        ours = first_order(rows, direction)
         assert set(ours) == set(reference)
         for key, value in reference.items():
             assert ours[key] == pytest.approx(value, abs=1e-5), key
@@ -198,12 +197,12 @@ def test_integrated_gradients_with_right_alignment(tiny_gpt2, direction):
     for probe in UNEQUAL:
         reference = reference_effects(tiny_gpt2, probe, direction, steps=3)
         rows = frame[(frame["probe_id"] == probe["id"]) & frame["position"].notna()]
-        ours = {(r.site, int(r.position)): r.effect for r in rows.itertuples()}
+        ours = first_order(rows, direction)
         assert set(ours) == set(reference)
         for key, value in reference.items():
             assert ours[key] == pytest.approx(value, abs=1e-5), key
     unmatched = frame[frame["position"].isna()]
-    assert direction == "denoising" or len(unmatched) and (unmatched["effect"] == 0).all()
+    assert direction == "denoising" or len(unmatched) and (unmatched["patched"] == unmatched["clean"]).all()
 
 
 @pytest.mark.parametrize("family_name", ["gpt2", "llama"])
@@ -222,6 +221,13 @@ def test_integrated_gradients_are_complete_at_the_first_layer(family_name, tiny_
     size = float((per_probe["clean"] - per_probe["corrupted"]).abs().max())
     assert errors[33] < 2e-3 * size and errors[33] < errors[9] < errors[3]
     assert errors[1] > 10 * errors[33]
+
+
+def first_order(rows, direction: str) -> dict[tuple[str, int], float]:
+    """Each row's estimated change of the metric from the target run (the reference's quantity): ``patched`` minus
+    the target baseline (corrupted when denoising, clean when noising); ``effect`` is always patched - corrupted."""
+    target = "corrupted" if direction == "denoising" else "clean"
+    return {(r.site, int(r.position)): r.patched - getattr(r, target) for r in rows.itertuples()}
 
 
 def capture_logits(model, ids):

@@ -77,10 +77,50 @@ def test_failed_conversion_leaves_no_temporary_and_the_next_one_succeeds(fake_gg
         models.convert_gguf(fake_gguf, cache_dir=cache)
     assert list(cache.iterdir()) == []
     # an orphan of a process killed mid-conversion (it could not clean up) is removed by the next converter
-    target_name = f"{fake_gguf.stem}-{models._fingerprint(fake_gguf)}"
+    target_name = models.gguf_cache_dir(fake_gguf).name
     (cache / f"{target_name}.tmp-killed").mkdir()
     calls = []
     _fake_transformers(monkeypatch, calls)
     target = models.convert_gguf(fake_gguf, cache_dir=cache)
     assert len(calls) == 1 and [p.name for p in cache.iterdir()] == [target.name]
     assert models.convert_gguf(fake_gguf, cache_dir=cache) == target and len(calls) == 1
+
+
+def test_cache_key_is_the_files_content_whoever_calls(fake_gguf, tmp_path, monkeypatch):
+    """The same GGUF reached from another install (another folder, a symlink, another mtime) finds the one
+    conversion; a file whose bytes changed (same size, mtime set back) gets a conversion of its own."""
+    import os
+    import shutil
+
+    calls = []
+    _fake_transformers(monkeypatch, calls)
+    cache = tmp_path / "cache"
+    other = tmp_path / "other-venv" / "site-packages"
+    other.mkdir(parents=True)
+    copy = Path(shutil.copy(fake_gguf, other / fake_gguf.name))
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    link = tmp_path / "link.gguf"
+    link.symlink_to(fake_gguf)
+    assert models.gguf_cache_dir(copy, cache) == models.gguf_cache_dir(fake_gguf, cache)
+    assert models.gguf_cache_dir(link, cache).name == f"{fake_gguf.stem}-{models._fingerprint(fake_gguf)}"
+    first = models.convert_gguf(fake_gguf, cache_dir=cache)
+    renamed = Path(shutil.copy(fake_gguf, other / "renamed.gguf"))
+    assert models.convert_gguf(renamed, cache_dir=cache) == first and len(calls) == 1
+    assert models.convert_gguf(copy, cache_dir=cache) == first and len(calls) == 1
+    monkeypatch.chdir(fake_gguf.parent)
+    assert models.convert_gguf(Path(fake_gguf.name), cache_dir=cache) == first and len(calls) == 1
+
+    stat = fake_gguf.stat()
+    fake_gguf.write_bytes(b"GGUF not really!"[: stat.st_size].replace(b"really", b"REALLY"))
+    os.utime(fake_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # what `touch -r` / `cp -p` leave
+    assert fake_gguf.stat().st_size == stat.st_size
+    changed = models.convert_gguf(fake_gguf, cache_dir=cache)
+    assert changed != first and len(calls) == 2
+
+
+def test_default_cache_folder_does_not_depend_on_the_working_folder(fake_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAP_CACHE", str(tmp_path / "shared-cache"))
+    here = models.gguf_cache_dir(fake_gguf)
+    monkeypatch.chdir(tmp_path)
+    assert models.gguf_cache_dir(Path(fake_gguf.name)) == here
+    assert here.parent == tmp_path / "shared-cache" / "gguf"
