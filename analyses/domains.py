@@ -471,9 +471,10 @@ def _count(value: Any) -> str:
     return "–" if pd.isna(value) else str(int(value))
 
 
-def findings(table: pd.DataFrame) -> list[str]:
-    """One sentence per domain and pair: the verdict per slice (with the effective layers behind it), then one per
-    domain with compositions: where the composed probes' centre of mass sits relative to their parts."""
+def findings(table: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+    """One sentence per domain and pair: the verdict per slice with the measures behind it (the concentration
+    measures with Holm p < ``alpha``; the effective layers when none is), then one per domain with compositions:
+    where the composed probes' centre of mass sits relative to their parts."""
     from analyses.formatting import fmt
 
     if table.empty:
@@ -485,10 +486,15 @@ def findings(table: pd.DataFrame) -> list[str]:
         bits = []
         for key, part in block.groupby(keys, sort=True, dropna=False):
             key = key if isinstance(key, tuple) else (key,)
-            pr = part[part["quantity"] == "eff_layers_pr"]
-            numbers = (f" (effective layers {fmt(pr.iloc[0]['mean_A'])} vs {fmt(pr.iloc[0]['mean_B'])}, Holm p "
-                       f"{fmt(pr.iloc[0]['p_holm'])})" if len(pr) else "")
-            bits.append(f"`{' '.join(map(str, key))}`: {part.iloc[0]['verdict']}{numbers}")
+            # the measures behind the verdict: the significant concentration measures, else the effective layers
+            p = pd.to_numeric(part["p_holm"], errors="coerce")
+            behind = part[part["quantity"].isin(list(LOCALIZING)) & (p < alpha)]
+            if behind.empty:
+                behind = part[part["quantity"] == "eff_layers_pr"]
+            numbers = " and ".join(f"{MEASURE_WORDS[r['quantity']]} {fmt(r['mean_A'])} vs {fmt(r['mean_B'])}, "
+                                   f"Holm p {fmt(r['p_holm'])}" for r in behind.to_dict("records"))
+            verdict_words = part.iloc[0]["verdict"]
+            bits.append(f"`{' '.join(map(str, key))}`: {verdict_words}" + (f" ({numbers})" if numbers else ""))
         out.append(f"{value} ({a} vs {b}, n = {_count(block['n_A'].max())} / {_count(block['n_B'].max())}): "
                    + "; ".join(bits) + ".")
     comp = table[(table["part"] == "composition") & (table["quantity"] == "centre_of_mass")
@@ -560,7 +566,7 @@ def attach_domains(result: Any) -> pd.DataFrame | None:
     if len(composed):
         shown["Composed probes vs their parts (paired), difference composed - part [95 % t interval]"] = composed
     result.derived.append(Section("cross_domain", f"Across domains: localization within each `{domain}`",
-                                  findings(table), shown, []))
+                                  findings(table, o.get("alpha", 0.05)), shown, []))
     return table
 
 

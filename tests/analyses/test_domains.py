@@ -20,6 +20,7 @@ from analyses.domains import (
     resolve_domain,
     verdict,
 )
+from analyses.formatting import fmt
 from analyses.localization import (
     compare_localization,
     localization_measures,
@@ -85,6 +86,15 @@ def test_planted_profiles_give_the_known_verdict_in_each_domain(table):
     assert delta.loc["eff_layers_pr", "more_localized"] == "definitional"
     assert delta.loc["window_width", "more_localized"] == "associative"
     assert delta.loc["eff_layers_pr", "p_holm"] < 0.05 and delta.loc["window_width", "p_holm"] < 0.05
+    # the findings name the measures behind each verdict: the significant concentration measures, else the
+    # effective layers
+    text = {line.split(" ")[0]: line for line in findings(out)}
+    pr, window = (delta.loc[m] for m in ("eff_layers_pr", "window_width"))
+    assert (f"`mlp_out`: mixed (effective layers (participation ratio) {fmt(pr['mean_A'])} vs "
+            f"{fmt(pr['mean_B'])}, Holm p {fmt(pr['p_holm'])}") in text["delta"]
+    assert (f"narrowest 80 % window (layers) {fmt(window['mean_A'])} vs {fmt(window['mean_B'])}, Holm p "
+            f"{fmt(window['p_holm'])}") in text["delta"]
+    assert "`mlp_out`: cannot tell (effective layers (participation ratio) " in text["gamma"]
 
 
 def test_each_domain_equals_the_localization_module_on_that_domains_probes(table):
