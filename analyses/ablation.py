@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats as sps
 
+from analyses.formatting import fmt, interval
 from clap.contract import atomic_write_frame, read_results
 from clap.errors import ClapError
 
@@ -156,12 +157,12 @@ def findings_sentences(summary: pd.DataFrame, agreement: pd.DataFrame, group: st
             continue
         worst = part.loc[part["change"].idxmin()]
         line = (f"`{operation}` ablation: the largest drop of the clean value is at {worst['site']} "
-                f"({worst['change']:.3f} [{worst['ci_low']:.3f}, {worst['ci_high']:.3f}], n = {int(worst['n'])})")
+                f"({fmt(worst['change'])} {interval(worst['ci_low'], worst['ci_high'])}, n = {int(worst['n'])})")
         agree = agreement[agreement["operation"] == operation] if len(agreement) else agreement
         if len(agree) and np.isfinite(agree["rho"].iloc[0]):
             a = agree.iloc[0]
-            line += (f"; rank agreement with head patching over {int(a['n_heads'])} heads: rho = {a['rho']:.2f} "
-                     f"[{a['ci_low']:.2f}, {a['ci_high']:.2f}], permutation p = {a['p_perm']:.3g}")
+            line += (f"; rank agreement with head patching over {int(a['n_heads'])} heads: rho = {fmt(a['rho'])} "
+                     f"{interval(a['ci_low'], a['ci_high'])}, permutation p = {fmt(a['p_perm'])}")
         out.append(line + ".")
     return out
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats as sps
 
+from analyses.formatting import fmt, interval
 from clap.contract import DESIGN_FILE, atomic_write_frame, read_results
 from clap.errors import ClapError
 
@@ -155,10 +156,10 @@ def findings_sentences(gaps: pd.DataFrame, group: str | None = None, alpha: floa
         whole = part[part["family"] == "bottom"]
         if len(whole):
             row = whole.loc[whole["k"].astype(float).idxmax()]
-            bits.append(f"all layers together {_fmt(row['joint'])} vs the sum of single layers "
-                        f"{_fmt(row['sum_single'])} (gap {_gap(row, alpha)})")
+            bits.append(f"all layers together {fmt(row['joint'])} vs the sum of single layers "
+                        f"{fmt(row['sum_single'])} (gap {_gap(row, alpha)})")
         for row in part[part["family"] == "top_m"].to_dict("records"):
-            bits.append(f"top {int(row['k'])} layers {_fmt(row['joint'])} vs {_fmt(row['sum_single'])} "
+            bits.append(f"top {int(row['k'])} layers {fmt(row['joint'])} vs {fmt(row['sum_single'])} "
                         f"(gap {_gap(row, alpha)})")
         if bits:
             out.append(f"Additivity of `{kind}` (means over n = {int(part['n'].max())} probes, gap with 95 % t "
@@ -167,16 +168,12 @@ def findings_sentences(gaps: pd.DataFrame, group: str | None = None, alpha: floa
     return out
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3f}" if np.isfinite(value) else "undefined"
-
-
 def _gap(row: dict, alpha: float) -> str:
-    ci = (f" [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]" if np.isfinite(row["ci_low"]) else "")
+    ci = f" {interval(row['ci_low'], row['ci_high'])}" if np.isfinite(row["ci_low"]) else ""
     verdict = ""
     if np.isfinite(row["p_unc"]):
         verdict = ", not additive" if row["p_unc"] < alpha else ", consistent with additive"
-    return f"{_fmt(row['gap'])}{ci}{verdict}"
+    return f"{fmt(row['gap'])}{ci}{verdict}"
 
 
 def joint_vs_sum_figure(cells: pd.DataFrame, dv: str = "recovery") -> Any:
@@ -184,12 +181,12 @@ def joint_vs_sum_figure(cells: pd.DataFrame, dv: str = "recovery") -> Any:
     family; the diagonal is perfect additivity (below it: overlap, above it: synergy)."""
     import seaborn as sns
 
-    from analyses.figures import COLUMN_WIDTH_IN, LINE_PALETTE, _new_figure, _style
+    from analyses.figures import COLUMN_WIDTH_IN, LINE_PALETTE, house_style, new_figure
 
     kinds = sorted(cells["site_kind"].unique())
-    fig, axes = _new_figure(3.0 * len(kinds), nrows=len(kinds), width=COLUMN_WIDTH_IN)
+    fig, axes = new_figure(3.0 * len(kinds), nrows=len(kinds), width=COLUMN_WIDTH_IN)
     families = [f for f in FAMILY_WORDS if f in set(cells["family"])]
-    with _style():
+    with house_style():
         for ax, kind in zip(axes, kinds, strict=True):
             part = cells[cells["site_kind"] == kind]
             sns.scatterplot(data=part, x="sum_single", y="joint", hue="family", hue_order=families, style="family",

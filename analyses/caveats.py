@@ -2,6 +2,11 @@
 
 Each check looks at the results and the computed tables and, when it applies, returns one plain sentence that the
 report puts at the top. The sentences name the sites, probes and counts involved so they can be acted upon.
+
+Two kinds: the analysis caveats (:func:`collect` and the validity, group-size and denominator checks), about one
+analysis's statistics; and the design caveats (:func:`design_caveats`), about what the patched sites can show at
+all (sites that reproduce the clean run by construction, GPT-2's ``Conv1D`` modules). Those are a property of the
+study's design, visible across models, so ``clap run``'s study page shows them first, per model.
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+#: GPT-2's projection modules are ``transformers.pytorch_utils.Conv1D``: a linear layer despite the name.
+CONV1D_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: A site whose patched value equals the clean run's to this tolerance for every probe reproduces it exactly.
+EXACT = 1e-5
 #: Below this many probes per group a test has little power and its normal-theory p depends on normality.
 SMALL_SAMPLE = 10
 
@@ -312,3 +321,41 @@ def collect(data: pd.DataFrame, tables: Mapping[str, pd.DataFrame], group: str |
              *sample_caveats(data, group),
              *table_caveats(tables, alpha, group)]
     return [c for c in found if c]
+
+
+def design_caveats(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+    """Caveats about what the patched sites can show at all, from one model's results (``frame``, ``meta``: its
+    results and run.json): sites that recover 100 % by construction, sites that reproduce the clean run exactly for
+    every probe (a whole-stream tensor patched at every position), and GPT-2's ``Conv1D`` modules."""
+    notes = []
+    trivial = frame[frame["trivial"]]
+    if len(trivial):
+        sites = sorted(trivial["site"].unique())
+        notes.append(
+            f"{len(sites)} site(s) recover 100 % by construction ({_names(sites, 8)}): the patched tensor alone "
+            "determines the answer logits (the unembedding `lm_head`, the final norm, the last residual stream at the "
+            "answer position), so their recovery says nothing about where the knowledge is stored."
+        )
+    rows = frame[(frame["direction"] == "denoising") & ~frame["trivial"] & frame["recovery_defined"]]
+    if len(rows):
+        # the run a whole-stream patch reproduces: the clean one, or across models the source model's clean run
+        reference = rows["source_model_clean"] if "source_model_clean" in rows.columns else rows["clean"]
+        same = (rows["patched"] - reference).abs() <= EXACT * reference.abs().clip(lower=1.0)
+        whole = same.groupby(rows["site"]).all()
+        sites = sorted(whole[whole].index)
+        if sites:
+            notes.append(
+                f"{len(sites)} further site(s) reproduce the clean run exactly for every probe ({_names(sites, 8)}): "
+                "patched at every position, a tensor "
+                "that carries the whole residual stream (a block's output, the token embedding) replaces the whole "
+                "corrupted run, so recovery is 1 at every layer by construction, not a finding about that layer."
+            )
+    architecture = str((meta.get("model") or {}).get("architecture") or "")
+    modules = sorted({m for m in frame["module"].dropna().unique() if str(m).endswith(CONV1D_SUFFIXES)})
+    if modules and ("GPT2" in architecture or not architecture):
+        notes.append(
+            f"GPT-2's `c_attn`, `c_proj` and `c_fc` modules ({len(modules)} patched) are "
+            "`transformers.pytorch_utils.Conv1D`: a linear projection (x @ W + b, the weight stored transposed), "
+            "not a convolution. Results for them are results for linear layers."
+        )
+    return notes

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from analyses.options import AnalyzeOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-figures", dest="figures", action="store_false", help="tables only (faster)")
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
+def _options(args: argparse.Namespace) -> AnalyzeOptions:
+    """The options object of ``clap analyze`` / ``clap report`` from their flags (the flags of the ``analysis:``
+    section become overrides of the section recorded in run.json)."""
+    from analyses.options import analyze_options
+    from clap.analysis_options import parse_position_reduction
     from clap.errors import ClapError
 
     if args.n_boot < 100:
@@ -56,19 +63,18 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         raise ClapError(f"--dpi {args.dpi}: figures are saved at 200 dpi or more")
     if not 0 < args.alpha < 1:
         raise ClapError(f"--alpha {args.alpha}: expected a number between 0 and 1")
-    from clap.analysis_options import parse_position_reduction
-
     position = parse_position_reduction(args.position_reduction) if args.position_reduction is not None else None
-    return dict(dv=args.dv, group=args.group, metrics=args.metrics, site_kinds=args.site_kinds, agg=args.agg,
-                missing=args.missing, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha, dpi=args.dpi,
-                figures=args.figures, position_reduction=position, head_reduction=args.head_reduction,
-                subject=args.subject_unit, interval=args.interval, ss_type=args.ss_type)
+    return analyze_options(out_dir=args.out, dv=args.dv, group=args.group, metrics=args.metrics,
+                           site_kinds=args.site_kinds, agg=args.agg, missing=args.missing, n_boot=args.n_boot,
+                           seed=args.seed, alpha=args.alpha, dpi=args.dpi, figures=args.figures,
+                           position_reduction=position, head_reduction=args.head_reduction,
+                           subject=args.subject_unit, interval=args.interval, ss_type=args.ss_type)
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from analyses.pipeline import analyze
 
-    result = analyze(args.results_dir, args.out, **_options(args))
+    result = analyze(args.results_dir, _options(args))
     n_tests = len(result.tables["rm_anova"])
     print(f"wrote {len(result.files)} files to {result.out_dir} "
           f"({n_tests} slice(s) tested, {len(result.figures)} figures)")
@@ -80,7 +86,7 @@ def _analyze(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from analyses.report import write_report
 
-    files = write_report(args.results_dir, args.out, **_options(args))
+    files = write_report(args.results_dir, _options(args))
     print(f"wrote {files.html} and {files.markdown}")
     for caveat in files.analysis.caveats:
         log.warning("caveat: %s", caveat)

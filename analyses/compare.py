@@ -37,6 +37,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analyses.formatting import (
+    figure_html,
+    figure_markdown,
+    html_page,
+    html_table,
+    list_html,
+    markdown_table,
+    slice_title,
+    slug,
+    stat_table_html,
+)
 from analyses.io import load_results
 from analyses.select import SELECT_COLUMNS, AnalysisWarning, analysis_units, prepare
 from clap.contract import SITE_KINDS, atomic_write_frame, atomic_write_json, atomic_write_text
@@ -246,13 +257,9 @@ def _per_layer(a: pd.DataFrame, b: pd.DataFrame, dv: str, group: str | None, agg
                 pb = prepare(b, dv, "layer", "probe_id", **kw).data
             except ClapError as exc:
                 if skipped is not None:
-                    skipped.append(f"{_slice_words(sel)}: {exc}")
+                    skipped.append(f"{slice_title(sel)}: {exc}")
                 continue
             yield sel, prep_a, pb
-
-
-def _slice_words(sel: dict[str, Any]) -> str:
-    return " · ".join(f"{k} {v}" for k, v in sel.items())
 
 
 def depth_paired_values(a: pd.DataFrame, b: pd.DataFrame, depths: tuple[int, int], bins: int, dv: str = "recovery",
@@ -273,7 +280,7 @@ def depth_paired_values(a: pd.DataFrame, b: pd.DataFrame, depths: tuple[int, int
                                       notes):
         kind = sel.get("site_kind")
         if kind not in depth.STATE_KINDS + depth.CONTRIBUTION_KINDS:
-            notes.append(f"{_slice_words(sel)}: {kind} sites are not aligned by relative depth (raw module names "
+            notes.append(f"{slice_title(sel)}: {kind} sites are not aligned by relative depth (raw module names "
                          "are architecture-specific)")
             continue
         binned = [depth.to_bins(p, n, bins, kind, dv, ("probe_id", *group_keys))
@@ -281,7 +288,7 @@ def depth_paired_values(a: pd.DataFrame, b: pd.DataFrame, depths: tuple[int, int
         common = sorted(set(binned[0].layers) & set(binned[1].layers))
         only = [sorted(set(x.layers) - set(common)) for x in binned]
         if only[0] or only[1]:
-            notes.append(f"{_slice_words(sel)}: relative depth bin(s) measured in one run only left out ("
+            notes.append(f"{slice_title(sel)}: relative depth bin(s) measured in one run only left out ("
                          + "; ".join(f"{'AB'[i]}: {', '.join(map(str, o))}" for i, o in enumerate(only) if o) + ")")
         if not common:
             continue
@@ -469,7 +476,7 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, dv: st
     1          model      1      7
     2  layer * model      3     21
     """
-    from analyses.pipeline import resolve_options
+    from analyses.options import resolve_options
 
     a, meta_a = load_results(run_a)
     b, meta_b = load_results(run_b)
@@ -562,7 +569,7 @@ def comparison_findings(result: Comparison, alpha: float = 0.05) -> list[tuple[s
         unit = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
         lines = sentences(result.differences, result.anova, unit, alpha, result.dv, result.level, result.level_words)
         if lines:
-            out.append((" · ".join(f"{k} {v}" for k, v in unit.items()), lines))
+            out.append((slice_title(unit), lines))
     return out
 
 
@@ -579,7 +586,7 @@ def comparison_group(group: str | None, a: pd.DataFrame, b: pd.DataFrame, meta_a
     """The group of a comparison: ``group`` (``--group``), else the ``analysis.group`` the runs' specs declare,
     else the default of :mod:`clap.groups` (``knowledge_type``; never a provenance label such as ``pmids``) over
     the labels both runs carry. A group that is not a label of both runs raises :class:`ClapError`."""
-    from analyses.pipeline import probe_labels
+    from analyses.tables import probe_labels
     from clap.groups import resolve_group
 
     analyses = [(m.get("spec") or {}).get("analysis") or {} for m in (meta_a, meta_b)]
@@ -595,7 +602,6 @@ def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> lis
     """A layer x site-kind heatmap of the mean paired difference (B - A) per metric slice, one panel per group
     (relative depth bin x site kind when the models differ in depth)."""
     from analyses import figures as _figures
-    from analyses.pipeline import _slug
 
     made = []
     paired = result.paired
@@ -605,10 +611,10 @@ def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> lis
     outer = [c for c in ("metric", "operation", "direction", "positions") if c in paired.columns]
     for key, part in paired.groupby(outer, sort=True):
         sel = dict(zip(outer, key if isinstance(key, tuple) else (key,), strict=True))
-        groups = _figures._groups(part, result.group)
+        groups = _figures.group_values(part, result.group)
         kinds = list(dict.fromkeys(k for k in SITE_KINDS if k in set(part["site_kind"])))
         kinds += sorted(set(part["site_kind"]) - set(kinds))
-        fig = _figures._layer_heatmaps(
+        fig = _figures.layer_heatmaps(
             part, "site_kind", groups, result.group, "diff", "probe_id", ylabel="site kind", annotate=None,
             row_order=_in_order(kinds),
             title=f"Mean paired difference B - A{per} ({', '.join(f'{k}={v}' for k, v in sel.items())})",
@@ -618,7 +624,7 @@ def difference_figures(result: Comparison, fig_dir: Path, dpi: int = 200) -> lis
                 if ax.get_xlabel() == "layer":
                     ax.set_xlabel(result.level_words[0])
         made.append((f"Mean paired difference B - A{per} ({', '.join(f'{k}={v}' for k, v in sel.items())})",
-                     _figures.save_figure(fig, fig_dir / f"difference_{_slug(sel)}", dpi=dpi)))
+                     _figures.save_figure(fig, fig_dir / f"difference_{slug(sel)}", dpi=dpi)))
     return made
 
 
@@ -635,7 +641,7 @@ def _sections(result: Comparison) -> list[tuple[str, pd.DataFrame, pd.DataFrame]
         anova = result.anova
         for k, v in sel.items():
             anova = anova[anova[k] == v] if len(anova) else anova
-        title = " · ".join(f"{k} {v}" for k, v in sel.items())
+        title = slice_title(sel)
         out.append((title, part.drop(columns=keys), anova.drop(columns=[k for k in keys if k in anova.columns])))
     return out
 
@@ -683,13 +689,7 @@ def _values_sentence(result: Comparison) -> str:
 
 def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: float = 0.05) -> str:
     """``compare.html``: self-contained (figures embedded), in the style of the study report."""
-    import base64
-
-    from analyses.formatting import html_table
-    from analyses.report import CSS, _html_stat_table
-
-    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>clap compare</title>",
-             f"<style>{CSS}</style></head><body><h1>Comparison of two runs: B - A</h1>",
+    parts = ["<h1>Comparison of two runs: B - A</h1>",
              f"<p>A: <code>{html.escape(_model_name(result.meta_a, result.run_a))}</code><br>"
              f"B: <code>{html.escape(_model_name(result.meta_b, result.run_b))}</code><br>"
              f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired (the same probe "
@@ -698,35 +698,28 @@ def render_html(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: f
     if found:
         parts.append("<h2>Findings</h2>")
         for heading, lines in found:
-            parts.append(f"<h3>{html.escape(heading)}</h3><ul class=\"findings\">"
-                         + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
+            parts.append(f"<h3>{html.escape(heading)}</h3>" + list_html(lines, "findings"))
     overview = _depth_overview(result)
     if overview is not None:
         sentence, bins, notes = overview
         parts.append(f"<h2>Relative depth</h2><p>{html.escape(sentence)}</p>")
         parts.append(html_table(bins))
         if notes:
-            parts.append("<p>Left out:</p><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in notes) + "</ul>")
+            parts.append("<p>Left out:</p>" + list_html(notes))
     diff_title, anova_title = _table_titles(result)
     for title, diff, anova in _sections(result):
         parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(_html_stat_table(diff_title, diff, alpha))
+        parts.append(stat_table_html(diff_title, diff, alpha))
         if len(anova):
-            parts.append(_html_stat_table(anova_title, anova, alpha))
+            parts.append(stat_table_html(anova_title, anova, alpha))
     for title, paths in figs:
         png = next(p for p in paths if p.suffix == ".png")
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\"><figcaption>"
-                     f"<b>{html.escape(title)}.</b> Mean over probes of each probe's B - A; red: B recovers more."
-                     "</figcaption></figure>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        parts.append(figure_html(png.stem, title, "Mean over probes of each probe's B - A; red: B recovers more.", png))
+    return html_page("clap compare", parts)
 
 
 def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alpha: float = 0.05) -> str:
     """``compare.md``: the same tables, figures linked relative to the output folder."""
-    from analyses.report import _rel, markdown_table
-
     out = ["# Comparison of two runs: B - A", "", f"- A: `{_model_name(result.meta_a, result.run_a)}`",
            f"- B: `{_model_name(result.meta_b, result.run_b)}`", "",
            f"{result.paired['probe_id'].nunique()} probes matched by id; every difference is paired. "
@@ -749,5 +742,5 @@ def render_markdown(result: Comparison, figs: list[tuple[str, list[Path]]], alph
             out += [f"### {anova_title}", "", markdown_table(anova)]
     for title, paths in figs:
         png = next(p for p in paths if p.suffix == ".png")
-        out += [f"![{title}]({_rel(png, result.out_dir)})", ""]
+        out += figure_markdown(title, "", png, result.out_dir)
     return "\n".join(out) + "\n"

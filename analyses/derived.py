@@ -8,14 +8,16 @@ report asks for their sections (:func:`html_sections`, :func:`markdown_sections`
 
 from __future__ import annotations
 
-import base64
 import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+
+from analyses import ablation as _ablation
+from analyses import additivity as _additivity
+from analyses.formatting import figure_html, figure_markdown, list_html, stat_table_html, stat_table_markdown
 
 
 @dataclass
@@ -36,9 +38,6 @@ def attach(result: Any, *, additivity: str | Path | None = None, ablation: str |
            figures: bool = True, dpi: int = 200) -> list[Section]:
     """Analyse the derived runs against ``result`` (an Analysis): tables written into its folder, Methods sentences
     appended to ``result.methods``, sections returned (and kept in ``result.derived``)."""
-    from analyses import ablation as _ablation
-    from analyses import additivity as _additivity
-
     o = result.options
     dv, group = o.get("dv", "recovery"), o.get("group")
     sections = []
@@ -72,54 +71,30 @@ def attach(result: Any, *, additivity: str | Path | None = None, ablation: str |
     return sections
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return "–"
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return f"{v:.2e}" if v != 0 and abs(v) < 1e-3 else f"{v:.3f}"
-    return str(value)
-
-
-def _table_html(table: pd.DataFrame, fold: int = 12) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
-                   for row in table.itertuples(index=False))
-    out = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-    return f"<details><summary>{len(table)} rows</summary>{out}</details>" if len(table) > fold else out
-
-
 def html_sections(result: Any) -> list[str]:
-    """The derived sections as HTML (figures embedded)."""
-    parts = []
+    """The derived sections as HTML (figures embedded; rows with p < alpha bold, long tables folded)."""
+    parts, alpha = [], result.options.get("alpha", 0.05)
     for s in getattr(result, "derived", None) or []:
         parts.append(f"<h2 id=\"{s.key}\">{html.escape(s.title)}</h2>")
         if s.findings:
-            parts.append("<ul class=\"findings\">" + "".join(f"<li>{html.escape(x)}</li>" for x in s.findings)
-                         + "</ul>")
-        for title, table in s.tables.items():
-            if len(table):
-                parts += [f"<h4>{html.escape(title)}</h4>", _table_html(table)]
-        for name, title, caption, paths in s.figures:
-            png = next(p for p in paths if p.suffix == ".png")
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(f"<figure id=\"fig-{html.escape(name)}\"><img alt=\"{html.escape(title)}\" "
-                         f"src=\"data:image/png;base64,{data}\"><figcaption><b>{html.escape(title)}.</b> "
-                         f"{html.escape(caption)}</figcaption></figure>")
+            parts.append(list_html(s.findings, "findings"))
+        parts += [stat_table_html(title, table, alpha) for title, table in s.tables.items() if len(table)]
+        parts += [figure_html(name, title, caption, _png(paths)) for name, title, caption, paths in s.figures]
     return parts
 
 
 def markdown_sections(result: Any) -> list[str]:
     """The derived sections as Markdown (figures linked relative to the analysis folder)."""
-    from analyses.formatting import markdown_table
-
-    out = []
+    out, alpha = [], result.options.get("alpha", 0.05)
     for s in getattr(result, "derived", None) or []:
         out += [f"## {s.title}", "", *[f"- {x}" for x in s.findings], ""]
         for title, table in s.tables.items():
             if len(table):
-                out += [f"#### {title}", "", markdown_table(table)]
+                out += [f"#### {title}", "", *stat_table_markdown(table, alpha)]
         for _, title, caption, paths in s.figures:
-            png = next(p for p in paths if p.suffix == ".png")
-            out += [f"![{title}]({png.relative_to(result.out_dir).as_posix()})", "", f"*{title}.* {caption}", ""]
+            out += figure_markdown(title, caption, _png(paths), result.out_dir)
     return out
+
+
+def _png(paths: list[Path]) -> Path:
+    return next(p for p in paths if p.suffix == ".png")

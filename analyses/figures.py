@@ -61,7 +61,7 @@ STYLE = {
 
 
 @contextlib.contextmanager
-def _style() -> Iterator[None]:
+def house_style() -> Iterator[None]:
     """The house style, and silence for seaborn's internal use of soon-deprecated matplotlib calls."""
     import matplotlib as mpl
 
@@ -70,10 +70,10 @@ def _style() -> Iterator[None]:
         yield
 
 
-def _new_figure(height: float, nrows: int = 1, *, sharex: bool = False,
+def new_figure(height: float, nrows: int = 1, *, sharex: bool = False,
                 width: float = COLUMN_WIDTH_IN) -> tuple[Figure, list[Any]]:
     """A figure of the report's column width with ``nrows`` panels stacked vertically."""
-    with _style():
+    with house_style():
         fig = Figure(figsize=(width, height), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(nrows, 1, squeeze=False, sharex=sharex)[:, 0].tolist()
@@ -95,7 +95,7 @@ def _legend_columns(groups: Sequence[Any], width: float = COLUMN_WIDTH_IN) -> in
     return max(1, min(len(groups), 4, int(width * 0.95 // per_entry_in)))
 
 
-def _wrap(title: str, width: int = 72) -> str:
+def wrap_title(title: str, width: int = 72) -> str:
     """Long titles on several lines: the figure keeps the column width, so a long line would be cut off."""
     import textwrap
 
@@ -108,12 +108,14 @@ def _per_probe(rows: pd.DataFrame, keys: Sequence[str], dv: str, subject: str) -
     return per.groupby(list(keys), observed=True)[dv].agg(["mean", "count"]).reset_index()
 
 
-def _limit(values: np.ndarray) -> float:
+def colour_limit(values: np.ndarray) -> float:
+    """The half-range of a diverging colour scale centred on 0: the largest finite |value| (at least 1e-3)."""
     finite = np.abs(values[np.isfinite(values)])
     return float(max(finite.max(), 1e-3)) if finite.size else 1.0
 
 
-def _groups(rows: pd.DataFrame, group: str | None) -> list[Any]:
+def group_values(rows: pd.DataFrame, group: str | None) -> list[Any]:
+    """The panels of a per-group figure: ``group``'s values in ``rows`` (sorted as text), or ``[None]`` without."""
     return sorted(rows[group].unique().tolist(), key=str) if group else [None]
 
 
@@ -145,10 +147,11 @@ def position_labels(rows: pd.DataFrame, align: str = "start",
     on one group's rows to label that group's panel with its own tokens.
     """
     pos, _ = align_positions(rows, align, subject)
-    return pos, _token_labels(rows, pos)
+    return pos, token_labels(rows, pos)
 
 
-def _token_labels(rows: pd.DataFrame, pos: pd.Series) -> dict[int, str]:
+def token_labels(rows: pd.DataFrame, pos: pd.Series) -> dict[int, str]:
+    """Each aligned position's label: its most common token, ``*`` where probes differ, and ``[position]``."""
     labels: dict[int, str] = {}
     tokens = rows["token"].astype(object).where(rows["token"].notna(), "")
     for p, toks in tokens.groupby(np.asarray(pos, dtype=float)):
@@ -159,7 +162,7 @@ def _token_labels(rows: pd.DataFrame, pos: pd.Series) -> dict[int, str]:
     return labels
 
 
-def _layer_heatmaps(
+def layer_heatmaps(
     rows: pd.DataFrame,
     index: str,
     groups: list[Any],
@@ -191,13 +194,13 @@ def _layer_heatmaps(
     for g in groups:
         means[g] = means[g].reindex(index=row_values, columns=layers)
         counts[g] = counts[g].reindex(index=row_values, columns=layers)
-    vmax = _limit(np.concatenate([t.to_numpy(float).ravel() for t in means.values()]))
+    vmax = colour_limit(np.concatenate([t.to_numpy(float).ravel() for t in means.values()]))
     n_rows, n_layers = len(row_values), len(layers)
     if annotate is None:
         annotate = n_layers <= 16 and n_rows <= 16
     row_h = 0.3 if n_rows <= 16 else 0.16
-    fig, axes = _new_figure(0.5 + len(groups) * (0.75 + row_h * n_rows), nrows=len(groups))
-    with _style():
+    fig, axes = new_figure(0.5 + len(groups) * (0.75 + row_h * n_rows), nrows=len(groups))
+    with house_style():
         mesh = None
         for g, ax in zip(groups, axes, strict=True):
             t, n = means[g], counts[g]
@@ -233,7 +236,7 @@ def _layer_heatmaps(
             mesh = ax.collections[0]
         shrink = min(1.0, 3.0 / (0.75 + row_h * n_rows * len(groups))) if len(groups) > 2 else 1.0
         fig.colorbar(mesh, ax=axes, label=f"mean {dv}", shrink=shrink)
-        fig.suptitle(_wrap(title, _title_chars(fig)), fontsize=STYLE["figure.titlesize"])
+        fig.suptitle(wrap_title(title, _title_chars(fig)), fontsize=STYLE["figure.titlesize"])
     return fig
 
 
@@ -280,10 +283,10 @@ def heatmap_layer_position(
                         "single-position patches")
     pos, used = align_positions(rows, align, subject)
     rows = rows.assign(_pos=pos.to_numpy())
-    groups = _groups(rows, group)
-    labels = {g: _token_labels(part, part["_pos"])
+    groups = group_values(rows, group)
+    labels = {g: token_labels(part, part["_pos"])
               for g, part in ((g, rows if g is None else rows[rows[group] == g]) for g in groups)}
-    return _layer_heatmaps(
+    return layer_heatmaps(
         rows, "_pos", groups, group, dv, subject,
         ylabel="token [position from end]" if used == "end" else "token [position]", annotate=annotate,
         ytick_label=lambda g, p: labels[g].get(int(p), f"– [{int(p)}]"),
@@ -314,8 +317,8 @@ def heatmap_layer_head(
     if rows.empty:
         raise ClapError(f"no per-head rows for {dv}{_where(sel.selection)}: patch sites such as layers[*].heads[*]")
     rows = rows.assign(head=rows["head"].astype(int), layer=rows["layer"].astype(int))
-    return _layer_heatmaps(
-        rows, "head", _groups(rows, group), group, dv, subject, ylabel="head", annotate=annotate,
+    return layer_heatmaps(
+        rows, "head", group_values(rows, group), group, dv, subject, ylabel="head", annotate=annotate,
         title=title or f"Mean {dv} by layer and head{_where(sel.selection, ('metric',))}",
     )
 
@@ -342,8 +345,8 @@ def heatmap_layer_site_kind(
     def kind_order(kinds: pd.Index) -> list[str]:
         return [k for k in SITE_KINDS if k in kinds] + sorted(k for k in kinds if k not in SITE_KINDS)
 
-    return _layer_heatmaps(
-        rows, "site_kind", _groups(rows, group), group, dv, subject, ylabel="site kind", annotate=annotate,
+    return layer_heatmaps(
+        rows, "site_kind", group_values(rows, group), group, dv, subject, ylabel="site kind", annotate=annotate,
         row_order=kind_order, title=title or f"Mean {dv} by layer and site kind{_where(sel.selection, ('metric',))}",
     )
 
@@ -364,11 +367,11 @@ def line_by_layer(
     """
     import seaborn as sns
 
-    groups = _groups(ci_table, group)
+    groups = group_values(ci_table, group)
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
-    fig, (ax,) = _new_figure(3.4)
+    fig, (ax,) = new_figure(3.4)
     level = float(ci_table["ci"].iloc[0]) if "ci" in ci_table and len(ci_table) else 0.95
-    with _style():
+    with house_style():
         for i, g in enumerate(groups):
             part = (ci_table if g is None else ci_table[ci_table[group] == g]).sort_values(within)
             x = part[within].to_numpy(float)
@@ -384,7 +387,7 @@ def line_by_layer(
         _layer_ticks(ax, ci_table[within].unique())
         ax.legend(title=group if group else None, frameon=False)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_title(_wrap(title or f"{dv} by {within}"))
+        ax.set_title(wrap_title(title or f"{dv} by {within}"))
     return fig
 
 
@@ -406,12 +409,12 @@ def bar_by_module(
     """
     import seaborn as sns
 
-    groups = _groups(ci_table, group)
+    groups = group_values(ci_table, group)
     sites = list(dict.fromkeys(ci_table[site].tolist()))
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
     height = 0.8 / len(groups)
-    fig, (ax,) = _new_figure(1.2 + 0.22 * len(sites) * max(1.0, len(groups) * 0.7))
-    with _style():
+    fig, (ax,) = new_figure(1.2 + 0.22 * len(sites) * max(1.0, len(groups) * 0.7))
+    with house_style():
         y = np.arange(len(sites))
         for i, g in enumerate(groups):
             part = (ci_table if g is None else ci_table[ci_table[group] == g]).set_index(site).reindex(sites)
@@ -434,7 +437,7 @@ def bar_by_module(
         if group:
             ax.legend(title=group, frameon=True, framealpha=0.9, loc="best")
         ax.grid(axis="x", alpha=0.3)
-        ax.set_title(_wrap(title or f"{dv} per module"))
+        ax.set_title(wrap_title(title or f"{dv} per module"))
     return fig
 
 
@@ -510,12 +513,12 @@ def layer_contrast(
     import seaborn as sns
 
     if groups is None:
-        groups = _groups(means, group)
+        groups = group_values(means, group)
     kinds = list(dict.fromkeys(means["site_kind"]))
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
-    fig, axes = _new_figure(0.6 + 2.1 * len(kinds), nrows=len(kinds), sharex=True)
+    fig, axes = new_figure(0.6 + 2.1 * len(kinds), nrows=len(kinds), sharex=True)
     level = float(means["ci"].iloc[0]) if len(means) else 0.95
-    with _style():
+    with house_style():
         for ax, kind in zip(axes, kinds, strict=True):
             part = means[means["site_kind"] == kind]
             for i, g in enumerate(groups):
@@ -535,7 +538,7 @@ def layer_contrast(
         fig.legend(*axes[0].get_legend_handles_labels(), frameon=False, ncols=_legend_columns(groups),
                    loc="outside lower center")
         axes[-1].set_xlabel("layer")
-        fig.suptitle(_wrap(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)", _title_chars(fig)),
+        fig.suptitle(wrap_title(title or f"Mean {dv} per layer by {group} ({level:.0%} t-based CI)", _title_chars(fig)),
                      fontsize=STYLE["figure.titlesize"])
     return fig
 
@@ -555,12 +558,12 @@ def module_bars(
     """
     import seaborn as sns
 
-    groups = _groups(means, group)
+    groups = group_values(means, group)
     kinds = list(dict.fromkeys(means["site_kind"]))
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
     width = 0.8 / len(groups)
-    fig, axes = _new_figure(0.6 + 1.9 * len(kinds), nrows=len(kinds), sharex=True)
-    with _style():
+    fig, axes = new_figure(0.6 + 1.9 * len(kinds), nrows=len(kinds), sharex=True)
+    with house_style():
         for ax, kind in zip(axes, kinds, strict=True):
             part = means[means["site_kind"] == kind]
             for i, g in enumerate(groups):
@@ -579,7 +582,7 @@ def module_bars(
         axes[-1].set_xlabel("layer")
         level = float(means["ci"].iloc[0]) if len(means) else 0.95
         by_group = f" by {group}" if group else ""
-        fig.suptitle(_wrap(title or f"Mean {dv} per module and layer{by_group} ({level:.0%} t-based CI)",
+        fig.suptitle(wrap_title(title or f"Mean {dv} per module and layer{by_group} ({level:.0%} t-based CI)",
                            _title_chars(fig)), fontsize=STYLE["figure.titlesize"])
     return fig
 
@@ -643,7 +646,7 @@ def save_figure(fig: Figure, stem: str | Path, dpi: int = 200, formats: Sequence
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    with _style():
+    with house_style():
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
             # no tight bounding box: the file keeps the drawn width, so the report can show it at that size

@@ -14,15 +14,11 @@ from typing import Any
 import pandas as pd
 
 from analyses.formatting import fmt, row_p_values
-from analyses.select import SELECT_COLUMNS
-
-
-def _n(v: Any) -> str:
-    return fmt(v)
+from analyses.select import SELECT_COLUMNS, slice_rows
 
 
 def _p(p: float) -> str:
-    return f"p = {_n(float(p))}" if p >= 1e-4 else "p < 0.0001"
+    return f"p = {fmt(float(p))}" if p >= 1e-4 else "p < 0.0001"
 
 
 def _layers(values: list[Any], one: str = "layer", many: str = "layers") -> str:
@@ -30,16 +26,6 @@ def _layers(values: list[Any], one: str = "layer", many: str = "layers") -> str:
     if len(values) == 1:
         return f"{one} {values[0]}"
     return f"{many} " + ", ".join(map(str, values[:-1])) + f" and {values[-1]}"
-
-
-def _in(table: pd.DataFrame | None, unit: Mapping[str, Any]) -> pd.DataFrame:
-    if table is None or not len(table):
-        return pd.DataFrame()
-    mask = pd.Series(True, index=table.index)
-    for k, v in unit.items():
-        if k in table.columns:
-            mask &= table[k] == v
-    return table[mask]
 
 
 def _by_group(table: pd.DataFrame, group: str | None) -> list[tuple[Any, pd.DataFrame]]:
@@ -58,7 +44,7 @@ def _ci_words(row: Any, level: int) -> str:
     """``95 % CI [a, b]``, or that there is none (one probe: no interval)."""
     if pd.isna(row["ci_low"]) or pd.isna(row["ci_high"]):
         return f"no {level} % CI ({'one probe' if row.get('n') == 1 else 'no interval'})"
-    return f"{level} % CI [{_n(row['ci_low'])}, {_n(row['ci_high'])}]"
+    return f"{level} % CI [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
 
 
 def _interval_findings(ci: pd.DataFrame, group: str | None, dv: str) -> list[str]:
@@ -70,8 +56,8 @@ def _interval_findings(ci: pd.DataFrame, group: str | None, dv: str) -> list[str
     level = int(round(float(ci["ci"].iloc[0]) * 100)) if "ci" in ci else 95
     for g, part in _by_group(ci, group):
         best = part.loc[part["mean"].idxmax()]
-        sentence = (f"{_who(group, g)}: {dv} is highest at layer {_n(best['layer'])} (mean {_n(best['mean'])}, "
-                    f"{_ci_words(best, level)}, n = {_n(best['n'])})")
+        sentence = (f"{_who(group, g)}: {dv} is highest at layer {fmt(best['layer'])} (mean {fmt(best['mean'])}, "
+                    f"{_ci_words(best, level)}, n = {fmt(best['n'])})")
         with_ci = part[part["ci_low"].notna() & part["ci_high"].notna()]
         without = part[~part.index.isin(with_ci.index)].sort_values("layer")["layer"].tolist()
         if with_ci.empty:
@@ -119,8 +105,8 @@ def _layer_effect_findings(rm: pd.DataFrame, dv: str, alpha: float) -> list[str]
         return []
     r = rm.iloc[0]
     p = r["p_GG_corr"] if pd.notna(r.get("p_GG_corr")) else r["p_unc"]
-    stat = (f"repeated-measures ANOVA, F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, "
-            f"Greenhouse-Geisser {_p(p)}, np2 = {_n(r['np2'])}")
+    stat = (f"repeated-measures ANOVA, F({fmt(r['ddof1'])}, {fmt(r['ddof2'])}) = {fmt(r['F'])}, "
+            f"Greenhouse-Geisser {_p(p)}, np2 = {fmt(r['np2'])}")
     return [f"{dv.capitalize()} differs across layers ({stat})." if p < alpha
             else f"No evidence that {dv} differs across layers ({stat})."]
 
@@ -133,13 +119,13 @@ def _group_findings(mixed: pd.DataFrame, group: str, dv: str, alpha: float) -> l
     rows = mixed.set_index("Source")
     if group in rows.index:
         r = rows.loc[group]
-        stat = f"mixed ANOVA, F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(r['p_unc'])}"
+        stat = f"mixed ANOVA, F({fmt(r['ddof1'])}, {fmt(r['ddof2'])}) = {fmt(r['F'])}, {_p(r['p_unc'])}"
         out.append(f"Mean {dv} differs between the `{group}` groups ({stat})." if r["p_unc"] < alpha
                    else f"No evidence that mean {dv} differs between the `{group}` groups ({stat}).")
     if "Interaction" in rows.index:
         r = rows.loc["Interaction"]
         p = r["p_GG_corr"] if pd.notna(r.get("p_GG_corr")) else r["p_unc"]
-        stat = f"layer x `{group}` interaction, F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(p)}"
+        stat = f"layer x `{group}` interaction, F({fmt(r['ddof1'])}, {fmt(r['ddof2'])}) = {fmt(r['F'])}, {_p(p)}"
         out.append(f"The groups' layer profiles differ ({stat})." if p < alpha
                    else f"No evidence that the groups' layer profiles differ ({stat}).")
     return out
@@ -157,7 +143,7 @@ def _posthoc_findings(post: pd.DataFrame, group: str | None, alpha: float) -> li
     for (a, b), pair in sig.groupby(["A", "B"], sort=True):
         for more, less, rows in ((a, b, pair[pair["diff"] > 0]), (b, a, pair[pair["diff"] < 0])):
             if len(rows):
-                detail = "; ".join(f"layer {_n(r.level)}: diff {_n(abs(r.diff))}, {_p(r.p_corr)}"
+                detail = "; ".join(f"layer {fmt(r.level)}: diff {fmt(abs(r.diff))}, {_p(r.p_corr)}"
                                    for r in rows.sort_values("level").itertuples())
                 layers = _layers(rows.sort_values("level")["level"].tolist())
                 out.append(f"`{group}` = {more} recovers more than {less} at {layers} "
@@ -168,12 +154,12 @@ def _posthoc_findings(post: pd.DataFrame, group: str | None, alpha: float) -> li
 def unit_findings(tables: Mapping[str, pd.DataFrame], unit: Mapping[str, Any], group: str | None, alpha: float = 0.05,
                   dv: str = "recovery") -> list[str]:
     """Sentences for one slice (``unit``: its :data:`~analyses.select.SELECT_COLUMNS` values)."""
-    out = _interval_findings(_in(tables.get("bootstrap_ci"), unit), group, dv)
-    out += _one_sample_findings(_in(tables.get("one_sample"), unit), group, alpha)
-    out += _layer_effect_findings(_in(tables.get("rm_anova"), unit), dv, alpha)
+    out = _interval_findings(slice_rows(tables.get("bootstrap_ci"), unit), group, dv)
+    out += _one_sample_findings(slice_rows(tables.get("one_sample"), unit), group, alpha)
+    out += _layer_effect_findings(slice_rows(tables.get("rm_anova"), unit), dv, alpha)
     if group:
-        out += _group_findings(_in(tables.get("mixed_anova"), unit), group, dv, alpha)
-    out += _posthoc_findings(_in(tables.get("posthoc_groups"), unit), group, alpha)
+        out += _group_findings(slice_rows(tables.get("mixed_anova"), unit), group, dv, alpha)
+    out += _posthoc_findings(slice_rows(tables.get("posthoc_groups"), unit), group, alpha)
     return out
 
 
@@ -181,9 +167,9 @@ def unit_headline(tables: Mapping[str, pd.DataFrame], unit: Mapping[str, Any], g
                   alpha: float = 0.05, dv: str = "recovery") -> list[str]:
     """The headline of one slice: the sentences of :func:`unit_findings` on the layer effect and, with groups, on
     the group difference and the layer x group interaction (the study page shows these, unchanged)."""
-    out = _layer_effect_findings(_in(tables.get("rm_anova"), unit), dv, alpha)
+    out = _layer_effect_findings(slice_rows(tables.get("rm_anova"), unit), dv, alpha)
     if group:
-        out += _group_findings(_in(tables.get("mixed_anova"), unit), group, dv, alpha)
+        out += _group_findings(slice_rows(tables.get("mixed_anova"), unit), group, dv, alpha)
     return out
 
 
@@ -196,28 +182,28 @@ def comparison_findings(differences: pd.DataFrame, anova: pd.DataFrame, unit: Ma
     to name it (``depth_bin``, "relative depth bin" when models of different depth are compared)."""
     one, many = words
     out = []
-    rows = _in(anova, unit).set_index("Source") if len(_in(anova, unit)) else pd.DataFrame()
+    rows = slice_rows(anova, unit).set_index("Source") if len(slice_rows(anova, unit)) else pd.DataFrame()
     if "model" in rows.index:
         r = rows.loc["model"]
-        stat = f"F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(r['p_unc'])}"
+        stat = f"F({fmt(r['ddof1'])}, {fmt(r['ddof2'])}) = {fmt(r['F'])}, {_p(r['p_unc'])}"
         out.append(f"Mean {dv} differs between the models (B - A; {stat})." if r["p_unc"] < alpha
                    else f"No evidence that mean {dv} differs between the models ({stat}).")
     if f"{level} * model" in rows.index:
         r = rows.loc[f"{level} * model"]
         p = r["p_GG_corr"] if pd.notna(r.get("p_GG_corr")) else r["p_unc"]
-        stat = f"{one} x model F({_n(r['ddof1'])}, {_n(r['ddof2'])}) = {_n(r['F'])}, {_p(p)}"
+        stat = f"{one} x model F({fmt(r['ddof1'])}, {fmt(r['ddof2'])}) = {fmt(r['F'])}, {_p(p)}"
         out.append(f"The difference depends on the {one} ({stat})." if p < alpha
                    else f"No evidence that the difference depends on the {one} ({stat}).")
-    diff = _in(differences, unit)
+    diff = slice_rows(differences, unit)
     tested = diff[diff["p_unc"].notna()] if len(diff) else diff
     if len(tested):
         top = tested.loc[tested["diff"].abs().idxmax()]
         sig = tested[tested["p_corr"] < alpha].sort_values(level)[level].tolist()
-        where = f"{one} {_n(top[level])}" + (f" {top['depth_range']}" if "depth_range" in top else "")
+        where = f"{one} {fmt(top[level])}" + (f" {top['depth_range']}" if "depth_range" in top else "")
         largest = f"Largest per-{one} difference" if " " not in one else f"Largest difference per {one}"
-        out.append(f"{largest}: {'+' if top['diff'] > 0 else ''}{_n(top['diff'])} at {where} "
-                   f"(95 % CI [{_n(top['ci_low'])}, {_n(top['ci_high'])}], {_p(top['p_unc'])} "
-                   f"uncorrected, Holm p_corr = {_n(top['p_corr'])}); "
+        out.append(f"{largest}: {'+' if top['diff'] > 0 else ''}{fmt(top['diff'])} at {where} "
+                   f"(95 % CI [{fmt(top['ci_low'])}, {fmt(top['ci_high'])}], {_p(top['p_unc'])} "
+                   f"uncorrected, Holm p_corr = {fmt(top['p_corr'])}); "
                    + (f"B - A differs at {_layers(sig, one, many)} after Holm correction." if sig else
                       f"no {one} differs after Holm correction (p_corr < {alpha})."))
     return out
@@ -236,10 +222,10 @@ def overall_findings(tables: Mapping[str, pd.DataFrame], group: str | None, dv: 
         best = part.loc[part["mean"].idxmax()]
         where = ", ".join(f"{k} {best[k]}" for k in keys)
         who = _who(group, g, everyone="All probes")
-        interval = (f"CI [{_n(best['ci_low'])}, {_n(best['ci_high'])}]"
+        interval = (f"CI [{fmt(best['ci_low'])}, {fmt(best['ci_high'])}]"
                     if pd.notna(best["ci_low"]) and pd.notna(best["ci_high"]) else "no interval")
-        out.append(f"{who}: the highest mean {dv} of all slices is at {where}, layer {_n(best['layer'])} "
-                   f"(mean {_n(best['mean'])}, {interval}).")
+        out.append(f"{who}: the highest mean {dv} of all slices is at {where}, layer {fmt(best['layer'])} "
+                   f"(mean {fmt(best['mean'])}, {interval}).")
     return out
 
 
@@ -264,9 +250,9 @@ def localization_findings(tables: Mapping[str, pd.DataFrame], group: str | None,
         if source is summary:
             pr = part[part["measure"] == "eff_layers_pr"].iloc[0]
             com = part[part["measure"] == "centre_of_mass"].iloc[0]
-            out.append(f"{where}: {_n(pr['mean'])} effective layers on average (participation ratio, 95 % CI "
-                       f"[{_n(pr['ci_low'])}, {_n(pr['ci_high'])}], n = {_n(pr['n'])}), centre of mass at "
-                       f"{_n(com['mean'])} of the depth.")
+            out.append(f"{where}: {fmt(pr['mean'])} effective layers on average (participation ratio, 95 % CI "
+                       f"[{fmt(pr['ci_low'])}, {fmt(pr['ci_high'])}], n = {fmt(pr['n'])}), centre of mass at "
+                       f"{fmt(com['mean'])} of the depth.")
             continue
         for (a, b), pair in part.groupby(["A", "B"], sort=True):
             rows = pair.set_index("measure")
@@ -300,10 +286,10 @@ def _localization_numbers(rows: pd.DataFrame, a: Any, b: Any, words: Mapping[str
         if m not in rows.index:
             continue
         r = rows.loc[m]
-        text = f"{words[m]} {_n(r['mean_A'])} vs {_n(r['mean_B'])}"
+        text = f"{words[m]} {fmt(r['mean_A'])} vs {fmt(r['mean_B'])}"
         if pd.notna(r["p_perm"]):
-            text += (f" (difference {_n(r['diff'])}, 95 % CI [{_n(r['ci_low'])}, {_n(r['ci_high'])}], permutation "
+            text += (f" (difference {fmt(r['diff'])}, 95 % CI [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}], permutation "
                      f"{_p(r['p_perm'])}, Holm {_p(r['p_perm_holm'])})")
         parts.append(text)
     n = rows.iloc[0]
-    return f"{a} (n = {_n(n['n_A'])}) vs {b} (n = {_n(n['n_B'])}): " + "; ".join(parts) + "."
+    return f"{a} (n = {fmt(n['n_A'])}) vs {b} (n = {fmt(n['n_B'])}): " + "; ".join(parts) + "."

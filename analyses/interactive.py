@@ -20,10 +20,10 @@ import pandas as pd
 
 from analyses.figures import (
     DIVERGING_CMAP,
-    _limit,
-    _token_labels,
     align_positions,
+    colour_limit,
     t_interval,
+    token_labels,
 )
 from analyses.select import select_rows
 
@@ -52,12 +52,12 @@ def heatmap_payload(data: pd.DataFrame, dv: str = "recovery", group: str | None 
     if len(positions) * len(layers) * len(groups) > MAX_CELLS:
         return None
     means = per.groupby([*([group] if group else []), "_pos", "layer"])[dv].mean()
-    vmax = _limit(means.to_numpy(float))
+    vmax = colour_limit(means.to_numpy(float))
     cmap, norm = matplotlib.colormaps[DIVERGING_CMAP], Normalize(-vmax, vmax)
     out = {"title": title, "dv": dv, "align": used, "vmax": vmax, "layers": layers, "groups": []}
     for g in groups:
         part = per if g is None else per[per[group] == g]
-        labels = _token_labels(rows if g is None else rows[rows[group] == g],
+        labels = token_labels(rows if g is None else rows[rows[group] == g],
                                (rows if g is None else rows[rows[group] == g])["_pos"])
         cells = []
         for p in positions:

@@ -13,7 +13,6 @@ pyplot state) and saved by :func:`analyses.figures.save_figure`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,14 @@ from analyses.figures import (
     LINE_PALETTE,
     MARKERS,
     STYLE,
-    _new_figure,
-    _style,
-    _wrap,
+    house_style,
+    new_figure,
     save_figure,
+    wrap_title,
 )
+from analyses.formatting import selection_words, slug
 from analyses.localization import MEASURE_WORDS, MEASURES
+from analyses.select import slice_mask
 from clap.contract import SITE_KINDS
 
 #: the outer slice a figure covers (its panels are the site kinds)
@@ -53,10 +54,10 @@ def profile_map(contrib: pd.DataFrame, measures: pd.DataFrame, group: str | None
     kinds = _kinds(contrib)
     sizes = [contrib.loc[contrib["site_kind"] == k, subject].nunique() for k in kinds]
     row_h = 0.16 if max(sizes) <= 16 else 0.075
-    fig, axes = _new_figure(0.7 + sum(0.75 + row_h * n for n in sizes), nrows=len(kinds))
+    fig, axes = new_figure(0.7 + sum(0.75 + row_h * n for n in sizes), nrows=len(kinds))
     vmax = float(np.nanmax(np.abs(contrib["share"].to_numpy(float)))) if len(contrib) else 1.0
     vmax = vmax if np.isfinite(vmax) and vmax > 0 else 1.0
-    with _style():
+    with house_style():
         mesh = None
         for ax, kind in zip(axes, kinds, strict=True):
             part = contrib[contrib["site_kind"] == kind]
@@ -78,7 +79,7 @@ def profile_map(contrib: pd.DataFrame, measures: pd.DataFrame, group: str | None
             _heatmap_layer_ticks(ax, layers)
             mesh = ax.collections[0]
         fig.colorbar(mesh, ax=axes, label="signed share of sum |c|", shrink=min(1.0, 3.0 / max(len(axes), 1) + 0.3))
-        fig.suptitle(_wrap(title or "Localization profiles: each probe's per-layer contributions"),
+        fig.suptitle(wrap_title(title or "Localization profiles: each probe's per-layer contributions"),
                      fontsize=STYLE["figure.titlesize"])
     return fig
 
@@ -136,7 +137,7 @@ def measures_by_group(measures: pd.DataFrame, groups_table: pd.DataFrame, group:
     groups = sorted(measures[group].dropna().unique(), key=str) if group else [None]
     colours = sns.color_palette(LINE_PALETTE, max(len(groups), 1))
     n_rows = int(np.ceil(len(measure_names) / 2))
-    with _style():
+    with house_style():
         fig = Figure(figsize=(COLUMN_WIDTH_IN, 0.9 + 1.75 * n_rows), layout="constrained")
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -173,7 +174,7 @@ def measures_by_group(measures: pd.DataFrame, groups_table: pd.DataFrame, group:
             handles, labels = axes[0].get_legend_handles_labels()
             fig.legend(handles, labels, title=group, frameon=False, ncols=min(len(groups), 4),
                        loc="outside lower center")
-        fig.suptitle(_wrap(title or "Localization measures: each probe (dots), group mean with 95 % t interval"),
+        fig.suptitle(wrap_title(title or "Localization measures: each probe (dots), group mean with 95 % t interval"),
                      fontsize=STYLE["figure.titlesize"])
     return fig
 
@@ -192,9 +193,8 @@ def localization_figures(tables: dict[str, pd.DataFrame], fig_dir: str | Path, *
     made = []
     for key, block in measures.groupby(outer, sort=True, dropna=False):
         sel = dict(zip(outer, key if isinstance(key, tuple) else (key,), strict=True))
-        words = ", ".join(f"{k}={v}" for k, v in sel.items())
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", "_".join(map(str, sel.values()))).strip("-")
-        cpart = contrib[_match(contrib, sel)]
+        words, tag = selection_words(sel), slug(sel)
+        cpart = contrib[slice_mask(contrib, sel)]
         fig = profile_map(cpart, block, group, subject=subject,
                           title=f"Localization profiles ({words})")
         title = f"Localization profiles ({words})"
@@ -202,22 +202,15 @@ def localization_figures(tables: dict[str, pd.DataFrame], fig_dir: str | Path, *
                    "(red adds to recovery, blue takes away), rows grouped"
                    + (f" by {group}" if group else "") + " and ordered by centre of mass (black dot). Residual-"
                    "stream panels show layer-to-layer increments, not the cumulative stream.")
-        made.append((f"localization_profiles_{slug}", title, caption, dict(sel),
-                     save_figure(fig, Path(fig_dir) / f"localization_profiles_{slug}", dpi=dpi)))
-        spart = summary[_match(summary, sel)]
+        made.append((f"localization_profiles_{tag}", title, caption, dict(sel),
+                     save_figure(fig, Path(fig_dir) / f"localization_profiles_{tag}", dpi=dpi)))
+        spart = summary[slice_mask(summary, sel)]
         fig = measures_by_group(block, spart, group, title=f"Localization measures ({words})")
         caption = ("Each probe's value (dots) and the mean with its 95 % t interval per site kind"
                    + (f" and {group}" if group else "") + "; fewer effective layers, a larger peak share and a "
                    "narrower window mean more localized; centre of mass and peak in relative depth "
                    "(layer / n_layers).")
-        made.append((f"localization_measures_{slug}", f"Localization measures ({words})", caption, dict(sel),
-                     save_figure(fig, Path(fig_dir) / f"localization_measures_{slug}", dpi=dpi)))
+        made.append((f"localization_measures_{tag}", f"Localization measures ({words})", caption, dict(sel),
+                     save_figure(fig, Path(fig_dir) / f"localization_measures_{tag}", dpi=dpi)))
     return made
 
-
-def _match(frame: pd.DataFrame, sel: dict[str, Any]) -> pd.Series:
-    mask = pd.Series(True, index=frame.index)
-    for k, v in sel.items():
-        if k in frame.columns:
-            mask &= (frame[k] == v) if pd.notna(v) else frame[k].isna()
-    return mask

@@ -505,6 +505,34 @@ def analysis_units(data: pd.DataFrame, within: str = "layer", include_trivial: b
     return units
 
 
+def slice_mask(frame: pd.DataFrame, selection: dict[str, Any]) -> pd.Series:
+    """Which rows of ``frame`` belong to ``selection`` (a slice's column values; a missing value matches a missing
+    one, and a key the frame has no column for is ignored, so one selection serves tables of different layouts)."""
+    mask = pd.Series(True, index=frame.index)
+    for k, v in selection.items():
+        if k in frame.columns:
+            mask &= frame[k].isna() if _missing(v) else frame[k] == v
+    return mask
+
+
+def slice_rows(frame: pd.DataFrame | None, selection: dict[str, Any]) -> pd.DataFrame:
+    """The rows of ``frame`` in ``selection`` (:func:`slice_mask`); an empty frame for an empty or absent table."""
+    if frame is None or not len(frame):
+        return pd.DataFrame() if frame is None else frame
+    return frame[slice_mask(frame, selection)]
+
+
+def concat_or_empty(frames: Iterable[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    """The non-empty ``frames`` stacked; with none, an empty table with ``columns`` (a table no slice could fill is
+    still written with its header, so readers of the CSV need no special case)."""
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns))
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (not isinstance(value, (str, tuple, list)) and bool(pd.isna(value)))
+
+
 def _require_columns(data: pd.DataFrame, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in data.columns]
     if missing:

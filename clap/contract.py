@@ -140,6 +140,11 @@ OPTIONAL_COLUMNS: dict[str, str] = {"window": "Int64", "sample": "Int64", "effec
                                     "source_model_clean": "float", "source_model_corrupted": "float",
                                     "approximate": "bool"}
 
+#: The values of the ``token_group`` column (causal traces): ROME's six token groups, in prompt order, and the label
+#: of a token before the subject, which is in no ROME group (ROME's averages leave these tokens out).
+TOKEN_GROUPS = ("first subject", "middle subject", "last subject", "first subsequent", "further", "last")
+BEFORE_SUBJECT = "before subject"
+
 REQUIRED_SIDECAR_KEYS: tuple[str, ...] = ("spec", "model", "versions", "seed", "group_columns", "created", "n_probes")
 
 _KIND_WORDS = {"str": "text", "Int64": "integers or missing values", "float": "numbers", "bool": "true/false values"}

@@ -1,13 +1,26 @@
-"""``clap patch SPEC.yaml -o DIR`` and ``clap sites MODEL [ADDRESS ...]``."""
+"""``clap patch SPEC.yaml -o DIR``, ``clap sites MODEL [ADDRESS ...]`` and the run of ``clap trace`` (the command
+itself is registered by :mod:`clap.app.trace`, which writes the trace's analyses after the run)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from clap import cli_args
 from clap.contract import results_path
+
+
+def add_execution_flags(parser: argparse.ArgumentParser) -> None:
+    """The execution flags ``clap patch`` and ``clap trace`` share (applied by :func:`overridden_spec`)."""
+    parser.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
+    parser.add_argument("--max-rows", type=cli_args.max_rows,
+                        help="override execution.max_rows (rows per forward pass)")
+    parser.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 "
+                        "on a shared or loaded machine; default: one per core)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,39 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     patch.add_argument("spec", type=Path, help="study spec (YAML)")
     patch.add_argument("-o", "--out", type=Path, required=True, help="results directory")
-    patch.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
-    patch.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
-    patch.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
-    patch.add_argument("--no-progress", action="store_true", help="no progress bar")
-    patch.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 on "
-                       "a shared or loaded machine; default: one per core)")
+    add_execution_flags(patch)
     patch.add_argument("--source-model", metavar="SOURCE",
                        help="cross-model patching: take the source activations from this model (hub id, folder, "
                             ".gguf, built-in; overrides the spec's source_model)")
     patch.set_defaults(func=run_patch)
-
-    trace = subparsers.add_parser(
-        "trace",
-        help="run a causal-tracing study (a spec with a `trace:` section) and draw its heatmaps",
-        description="Causal tracing (Meng et al. 2022): noise on each probe's subject embeddings, then each clean "
-        "hidden state / MLP / attention output restored per (layer, token). Writes results.parquet, run.json, "
-        "samples.parquet, token_groups.csv and ROME-style heatmaps.",
-    )
-    trace.add_argument("spec", type=Path, help="study spec (YAML) with a `trace:` section")
-    trace.add_argument("-o", "--out", type=Path, required=True, help="results directory")
-    trace.add_argument("--remote", choices=["false", "true", "local"], help="override execution.remote")
-    trace.add_argument("--max-rows", type=cli_args.max_rows, help="override execution.max_rows (rows per forward pass)")
-    trace.add_argument("--device", help="override execution.device (cpu, cuda, ...)")
-    trace.add_argument("--no-progress", action="store_true", help="no progress bar")
-    trace.add_argument("--threads", type=int, help="override execution.threads: torch CPU threads for the run (1 on "
-                       "a shared or loaded machine; default: one per core)")
-    trace.add_argument("--probe-figures", type=int, default=3, help="per-probe heatmaps to draw (default 3)")
-    trace.add_argument("--min-prob", type=float, default=None,
-                       help="the model knows a fact when the answer is its top next token or p(answer | clean "
-                            "prompt) is at least this (default 0.05); facts it does not know are refused")
-    trace.add_argument("--allow-unknown", action="store_true",
-                       help="trace facts the model does not know too (they are listed, not refused)")
-    trace.set_defaults(func=run_trace)
 
     sites = subparsers.add_parser(
         "sites",
@@ -64,26 +49,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sites.set_defaults(func=run_sites)
 
 
-def run_trace(args: argparse.Namespace) -> int:
+def add_trace_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``clap trace`` sub-command's parser with the flags of the trace run (:func:`run_trace_study`). The
+    command is registered by ``clap.app.trace``: after the run it writes the analyses' token-group table and
+    heatmaps, and an area does not import another."""
+    trace = subparsers.add_parser(
+        "trace",
+        help="run a causal-tracing study (a spec with a `trace:` section) and draw its heatmaps",
+        description="Causal tracing (Meng et al. 2022): noise on each probe's subject embeddings, then each clean "
+        "hidden state / MLP / attention output restored per (layer, token). Writes results.parquet, run.json, "
+        "samples.parquet, token_groups.csv and ROME-style heatmaps.",
+    )
+    trace.add_argument("spec", type=Path, help="study spec (YAML) with a `trace:` section")
+    trace.add_argument("-o", "--out", type=Path, required=True, help="results directory")
+    add_execution_flags(trace)
+    trace.add_argument("--min-prob", type=float, default=None,
+                       help="the model knows a fact when the answer is its top next token or p(answer | clean "
+                            "prompt) is at least this (default 0.05); facts it does not know are refused")
+    trace.add_argument("--allow-unknown", action="store_true",
+                       help="trace facts the model does not know too (they are listed, not refused)")
+    return trace
+
+
+def run_trace_study(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Run the trace of ``args.spec`` into ``args.out`` (the facts the model does not know refused first, see
+    :func:`check_known_facts`); returns the results frame and the :class:`~interventions.study.Study` (its
+    ``samples_frame`` holds the per-draw rows)."""
     from clap.errors import ClapError
     from interventions.spec import StudySpec
     from interventions.study import Study
-    from interventions.trace_figures import write_trace_outputs
 
-    spec = _overridden(StudySpec.from_yaml(args.spec), args)
+    spec = overridden_spec(StudySpec.from_yaml(args.spec), args)
     if spec.trace is None:
         raise ClapError(f"{args.spec}: `clap trace` needs a `trace:` section (e.g. `trace: {{samples: 10}}`); "
                         f"run other specs with `clap patch`")
     study = Study(spec)
     check_known_facts(study, args)
-    frame = study.run(args.out)
-    written = write_trace_outputs(frame, args.out, args.probe_figures, samples=study.samples_frame)
-    print(f"{len(frame)} result rows ({frame.probe_id.nunique()} probes) written to {results_path(args.out)}; "
-          f"{', '.join(p.name for p in written)}")
-    return 0
+    return study.run(args.out), study
 
 
-def check_known_facts(study, args: argparse.Namespace) -> None:
+def check_known_facts(study: Any, args: argparse.Namespace) -> None:
     """Refuse (or, with ``--allow-unknown``, list) the facts the model does not know before tracing them: ROME traces
     known facts, and a trace of an unknown one (often an answer written without its leading space) restores a
     probability near zero. The checks that need no weights run first, so a bad spec fails before the model loads."""
@@ -113,7 +118,7 @@ def check_known_facts(study, args: argparse.Namespace) -> None:
                     f"--allow-unknown to trace them anyway")
 
 
-def _overridden(spec, args: argparse.Namespace):
+def overridden_spec(spec: Any, args: argparse.Namespace) -> Any:
     """The spec with the command line's execution flags applied (``clap patch`` and ``clap trace`` share them)."""
     from clap.devices import resolve_device
     from clap.errors import ClapError
@@ -139,7 +144,7 @@ def run_patch(args: argparse.Namespace) -> int:
     from interventions.spec import StudySpec
     from interventions.study import Study
 
-    spec = _overridden(StudySpec.from_yaml(args.spec), args)
+    spec = overridden_spec(StudySpec.from_yaml(args.spec), args)
     if args.source_model:  # validated like the spec's own section (operations that can read another model)
         data = spec.to_dict()
         data["source_model"] = {"source": args.source_model}

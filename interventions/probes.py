@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from clap.contract import BEFORE_SUBJECT
 from clap.errors import ClapError
 from clap.yamlio import SourceError, load_jsonl, load_yaml
 from interventions.alignment import shift_to
@@ -437,12 +438,6 @@ def subject_range(probe: Probe, name: str, prompt: str, target: str, tokenizer: 
     return cell.indices[0], cell.indices[-1]
 
 
-#: ROME's six token groups, in prompt order
-TOKEN_GROUPS = ("first subject", "middle subject", "last subject", "first subsequent", "further", "last")
-#: the label of a token before the subject: in no ROME group (ROME's averages leave these tokens out)
-BEFORE_SUBJECT = "before subject"
-
-
 def token_groups(index: int, first: int, last: int, n_tokens: int) -> tuple[str, ...]:
     """Every ROME token group of a target-prompt token, given the subject's [first, last] token indices, as ROME's
     averages (``average_causal_effects``: ``scores[first_e]``, ``scores[first_e + 1:last_e]``, ``scores[last_e]``,
@@ -469,7 +464,7 @@ def token_group(index: int, first: int, last: int, n_tokens: int) -> str:
     """The one label a results row carries (``token_group``): the token's first ROME group in the order ``last``,
     then prompt order (so a one-token subject's token reads ``first subject``, and the prompt's last token ``last``
     even when it directly follows the subject); :data:`BEFORE_SUBJECT` for a token before the subject.
-    ``trace_figures.token_group_table`` counts a token in each of its groups (:func:`token_groups`)."""
+    ``analyses.trace.token_group_table`` counts a token in each of its groups (:func:`token_groups`)."""
     if index == n_tokens - 1:
         return "last"
     groups = token_groups(index, first, last, n_tokens)

@@ -18,6 +18,8 @@ MODULES = [
     "analyses.select",
     "analyses.stats",
     "analyses.pipeline",
+    "analyses.options",
+    "analyses.formatting",
     "analyses.report",
     "analyses.compare",
     "analyses.localization",

@@ -61,7 +61,7 @@ def test_figures_and_reports_honour_the_umask(tmp_path, umask):
 
     run = write_synthetic(tmp_path / "run", n_probes=6, n_layers=3, site_kinds=("mlp_out",), metrics=("logit_diff",),
                           tokens=("x",), trivial_sites=False)
-    files = write_report(run, tmp_path / "analysis", n_boot=100)
+    files = write_report(run, out_dir=tmp_path / "analysis", n_boot=100)
     outputs = [p for p in (tmp_path / "analysis").rglob("*") if p.is_file()]
     assert files.html in outputs and any(p.suffix == ".png" for p in outputs)
     assert {oct(_mode(p)) for p in outputs} == {oct(0o666 & ~umask)}

@@ -15,9 +15,8 @@ from scipy import stats
 
 from clap.app.pipeline import run_study
 from clap.app.study_file import StudyFile
-from clap.contract import read_results, read_samples
+from clap.contract import BEFORE_SUBJECT, TOKEN_GROUPS, read_results, read_samples
 from clap.errors import ClapError
-from interventions.probes import BEFORE_SUBJECT, TOKEN_GROUPS
 from tests.tiny_tokenizer import tiny_tokenizer
 
 PROBES = [  # corrupted prompts are never run: the trace's corrupted run is the clean prompt + noise on the subject
@@ -180,7 +179,7 @@ def test_trace_without_prob_is_refused_before_anything_runs(model_dir, tmp_path)
 
 
 def test_trace_outputs_of_results_without_prob_say_so():
-    from interventions.trace_figures import write_trace_outputs
+    from analyses.trace import write_trace_outputs
 
     frame = pd.DataFrame({"metric": ["logit_diff"], "position": [0]})
     with pytest.raises(ClapError, match=r"read the metric `prob`.*these results hold logit_diff"):
@@ -190,8 +189,8 @@ def test_trace_outputs_of_results_without_prob_say_so():
 def test_probe_ids_and_study_names_cannot_leave_the_output_folder(model_dir, tmp_path):
     """A probe id `../../../X` wrote `trace_../../../X.png` outside `-o`, an id with `/` made folders, a study
     `name: ../../X` wrote `../../X-output`: refused at load time with file:line; file names from ids are safe."""
+    from analyses.trace import write_trace_outputs
     from clap.names import file_stem
-    from interventions.trace_figures import write_trace_outputs
 
     bad = [dict(PROBES[0], id="../../../X"), *PROBES[1:]]
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in bad), encoding="utf-8")

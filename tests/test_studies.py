@@ -80,8 +80,8 @@ def test_paper_study_model_is_one_line_and_offline_fails_clearly(tmp_path, monke
 
 @pytest.mark.slow
 def test_paper_study_on_tiny_gpt2_flags_the_traps(tiny_dir, tmp_path):
+    from analyses.caveats import design_caveats
     from analyses.io import load_results
-    from clap.app.study_report import design_caveats
 
     # until patch: `clap analyze` refuses one layer test over raw modules of different roles (analyses/select.py)
     result = run_study(STUDIES / "epilepsy-paper.yaml", tmp_path / "out", models={"paper": str(tiny_dir)},

@@ -17,7 +17,8 @@ from clap import __version__
 from clap.errors import ClapError
 
 #: Modules that contribute sub-commands; each exposes ``register(subparsers)``.
-COMMAND_MODULES = ("interventions.cli", "corpora.cli", "finetuning.cli", "analyses.cli", "clap.app.demo")
+COMMAND_MODULES = ("interventions.cli", "clap.app.trace", "corpora.cli", "finetuning.cli", "analyses.cli",
+                   "clap.app.demo")
 COMMAND_MODULES += ("interventions.probe_check",)  # `clap probes check`
 COMMAND_MODULES += ("clap.app.pipeline",)  # `clap run`
 

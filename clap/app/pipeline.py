@@ -401,8 +401,8 @@ class _Planner:
         figures = self.study.report.figures
 
         def run(resume: bool) -> list[Path]:
+            from analyses.trace import write_trace_outputs
             from clap.contract import read_samples
-            from interventions.trace_figures import write_trace_outputs
 
             frame = read_results(results)[0]
             return write_trace_outputs(frame, results, TRACE_PROBE_FIGURES, samples=read_samples(results),
@@ -429,11 +429,12 @@ class _Planner:
                    if any(s.name == f"patch[{kind}:{name}]" for s in self.stages)}
 
         def run(resume: bool) -> list[Path]:
+            from analyses.options import AnalyzeOptions
             from analyses.report import write_report
             from clap.analysis_options import AnalysisOptions
 
-            files = write_report(results, analysis=options or AnalysisOptions(), figures=render.figures,
-                                 n_boot=render.n_boot, **derived)
+            files = write_report(results, AnalyzeOptions(analysis=options or AnalysisOptions(), figures=render.figures,
+                                                         n_boot=render.n_boot, **derived))
             return [files.html.parent]
 
         key = {"analysis": options.model_dump(mode="json") if options else None,

@@ -5,86 +5,34 @@ The findings are the sentences the per-model reports and the comparisons already
 :func:`analyses.report.findings_record`, :func:`analyses.compare.findings_record`), shown unchanged: this page
 derives no number of its own.
 
-Why here and not in ``analyses/report.py``: that report describes one results directory. Whether a study patched
-sites that reproduce the clean run by construction, or modules whose names mislead (GPT-2's ``Conv1D``), is a
-property of the design, visible across models, and a reader of the study should meet it first.
+Why a page of its own: ``analyses/report.py`` describes one results directory. Whether a study patched sites that
+reproduce the clean run by construction, or modules whose names mislead (GPT-2's ``Conv1D``), is a property of the
+design, visible across models, and a reader of the study should meet it first. The checks themselves are analyses
+(:func:`analyses.caveats.design_caveats`), as are the causal trace's peaks (:mod:`analyses.trace`) and every number,
+table and style on the page (:mod:`analyses.formatting`); this module only gathers a study's folders into one page.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from analyses.caveats import design_caveats
+from analyses.formatting import html_page, html_table, inline_html, markdown_table, relative_link
+from analyses.io import load_results
+from analyses.localization import TABLE_FILES as LOCALIZATION_FILES
+from analyses.report import localization_display
+from analyses.trace import GROUPS_FIGURE, TABLE_FILE, trace_peaks, trace_sentence
 from clap.contract import atomic_write_text, has_results
-
-#: GPT-2's projection modules are ``transformers.pytorch_utils.Conv1D``: a linear layer despite the name.
-CONV1D_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-#: A site whose patched value equals the clean run's to this tolerance for every probe reproduces it exactly.
-EXACT = 1e-5
-
-
-def design_caveats(frame: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
-    """Caveats about what the patched sites can show at all, from one model's results."""
-    notes = []
-    trivial = frame[frame["trivial"]]
-    if len(trivial):
-        sites = sorted(trivial["site"].unique())
-        notes.append(
-            f"{len(sites)} site(s) recover 100 % by construction ({', '.join(sites[:8])}"
-            f"{' ...' if len(sites) > 8 else ''}): the patched tensor alone determines the answer logits (the "
-            "unembedding `lm_head`, the final norm, the last residual stream at the answer position), so their "
-            "recovery says nothing about where the knowledge is stored."
-        )
-    rows = frame[(frame["direction"] == "denoising") & ~frame["trivial"] & frame["recovery_defined"]]
-    if len(rows):
-        # the run a whole-stream patch reproduces: the clean one, or across models the source model's clean run
-        reference = rows["source_model_clean"] if "source_model_clean" in rows.columns else rows["clean"]
-        same = (rows["patched"] - reference).abs() <= EXACT * reference.abs().clip(lower=1.0)
-        whole = same.groupby(rows["site"]).all()
-        sites = sorted(whole[whole].index)
-        if sites:
-            notes.append(
-                f"{len(sites)} further site(s) reproduce the clean run exactly for every probe "
-                f"({', '.join(sites[:8])}{' ...' if len(sites) > 8 else ''}): patched at every position, a tensor "
-                "that carries the whole residual stream (a block's output, the token embedding) replaces the whole "
-                "corrupted run, so recovery is 1 at every layer by construction, not a finding about that layer."
-            )
-    architecture = str((meta.get("model") or {}).get("architecture") or "")
-    modules = sorted({m for m in frame["module"].dropna().unique() if str(m).endswith(CONV1D_SUFFIXES)})
-    if modules and ("GPT2" in architecture or not architecture):
-        notes.append(
-            f"GPT-2's `c_attn`, `c_proj` and `c_fc` modules ({len(modules)} patched) are "
-            "`transformers.pytorch_utils.Conv1D`: a linear projection (x @ W + b, the weight stored transposed), "
-            "not a convolution. Results for them are results for linear layers."
-        )
-    return notes
-
-
-def trace_peaks(table: pd.DataFrame) -> pd.DataFrame:
-    """From a causal trace's token-group table (``token_groups.csv``): per traced component and ROME token group,
-    the largest mean indirect effect over layers, its layer, and its interval over noise draws when recorded."""
-    rows = []
-    for (kind, window, group), part in table.groupby(["kind", "window", "token_group"], sort=False, observed=True):
-        best = part.loc[part["effect"].idxmax()]
-        row = {"component": kind + (f" (window {window})" if window > 1 else ""), "token group": group,
-               "peak effect": best["effect"], "layer": int(best["layer"]), "probes": int(best["n_probes"])}
-        if "sample_sd" in part.columns:
-            row["draws"] = int(best["n_samples"])
-            row["95 % t interval over draws"] = f"[{best['sample_ci_low']:.4f}, {best['sample_ci_high']:.4f}]"
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def _trace(results: Path) -> dict[str, Any] | None:
     """A model's causal-trace outputs, when its stage wrote them."""
-    from interventions.trace_figures import GROUPS_FIGURE, TABLE_FILE
-
     table = results / TABLE_FILE
     if not table.is_file():
         return None
@@ -123,10 +71,7 @@ LOCALIZATION_WORDS = ("Localization profiles per model, site kind and group: mea
 
 def _localization(results: Path) -> pd.DataFrame | None:
     """A run's localization measures per slice and group (``mean [low, high]``), from its analysis' own table."""
-    from analyses.localization import TABLE_FILES
-    from analyses.report import localization_display
-
-    path = results / "analysis" / TABLE_FILES["localization_groups"]
+    path = results / "analysis" / LOCALIZATION_FILES["localization_groups"]
     if not path.is_file():
         return None
     table = pd.read_csv(path)
@@ -161,8 +106,6 @@ def _cross_domain(results: Path) -> dict[str, Any] | None:
 
 def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
     """One patching run (a model's, or a cross-model one) as the report lists it; None while it has no results."""
-    from analyses.io import load_results
-
     if not has_results(results):
         return None
     frame, meta = load_results(results)
@@ -205,24 +148,6 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
     return [html_path, md_path]
 
 
-def _trace_words(m: dict[str, Any]) -> str:
-    draws = m["samples"] or 1
-    return ("Indirect effect = p(answer | corrupted + restored) - p(answer | corrupted), the corruption being noise "
-            "on the subject's token embeddings; per component and ROME token group the mean over probes (within a "
-            f"probe first over its tokens in the group), each value the average over {draws} seeded noise draw(s)"
-            + ("; the interval is a t interval over the draws' means." if draws > 1 else "."))
-
-
-def _markdown_table(frame: pd.DataFrame) -> str:
-    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-                     + ["| " + " | ".join(row) + " |" for row in cells])
-
-
-def _rel(path: Path, out: Path) -> str:
-    return Path(os.path.relpath(path, out)).as_posix()
-
-
 def _localization_markdown(models: list[dict]) -> list[str]:
     """The study report's localization section: each model's measures per slice and group (none if not analysed)."""
     shown = [m for m in models if m.get("localization") is not None]
@@ -230,7 +155,7 @@ def _localization_markdown(models: list[dict]) -> list[str]:
         return []
     lines = ["", "## Localization profiles", "", LOCALIZATION_WORDS]
     for m in shown:
-        lines += ["", f"### {m['name']}", "", _markdown_table(m["localization"])]
+        lines += ["", f"### {m['name']}", "", markdown_table(m["localization"])]
     return lines
 
 
@@ -241,11 +166,11 @@ def _cross_domain_markdown(models: list[dict], out: Path) -> list[str]:
     for m in [m for m in models if m.get("cross_domain")]:
         cd = m["cross_domain"]
         lines += ["", f"## Across domains: {m['name']} (`{cd['label']}`)", "", CROSS_DOMAIN_WORDS, "",
-                  _markdown_table(cd["contrast"])]
+                  markdown_table(cd["contrast"])]
         if len(cd["composed"]):
             lines += ["", "Composed probes vs their one-hop parts (paired; difference composed - part):", "",
-                      _markdown_table(cd["composed"])]
-        lines += ["", f"Full table: [{cd['file'].name}]({_rel(cd['file'], out)})"]
+                      markdown_table(cd["composed"])]
+        lines += ["", f"Full table: [{cd['file'].name}]({relative_link(cd['file'], out)})"]
     return lines
 
 
@@ -254,21 +179,22 @@ def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict]
              "| model | source | architecture | probes | sites | rows | report |",
              "|---|---|---|---|---|---|---|"]
     for m in models:
-        link = f"[report]({_rel(m['report'], out)})" if m["report"] else "not analysed"
+        link = f"[report]({relative_link(m['report'], out)})" if m["report"] else "not analysed"
         lines.append(f"| {m['name']} | {m['source']} | {m['architecture']} | {m['probes']} | {m['sites']} | "
                      f"{m['rows']} | {link} |")
     if comparisons:
         lines += ["", "## Comparisons", ""]
         for c in comparisons:
-            lines.append(f"- {c['pair']}: " + (f"[compare.html]({_rel(c['page'], out)})" if c["page"] else "not run"))
+            page = f"[compare.html]({relative_link(c['page'], out)})" if c["page"] else "not run"
+            lines.append(f"- {c['pair']}: {page}")
     lines += _markdown_findings(models, comparisons)
     for m in models:
         if m.get("trace"):
-            lines += ["", f"## Causal trace: {m['name']}", "", _trace_words(m), ""]
+            lines += ["", f"## Causal trace: {m['name']}", "", trace_sentence(m["samples"] or 1), ""]
             if m["trace"]["figure"]:
-                lines += [f"![causal trace of {m['name']}]({_rel(m['trace']['figure'], out)})", ""]
-            lines += [_markdown_table(m["trace"]["peaks"]), "",
-                      f"Full table: [{m['trace']['table'].name}]({_rel(m['trace']['table'], out)})"]
+                lines += [f"![causal trace of {m['name']}]({relative_link(m['trace']['figure'], out)})", ""]
+            lines += [markdown_table(m["trace"]["peaks"]), "",
+                      f"Full table: [{m['trace']['table'].name}]({relative_link(m['trace']['table'], out)})"]
     lines += _localization_markdown(models)
     lines += _cross_domain_markdown(models, out)
     lines += ["", "## Design caveats", ""]
@@ -304,12 +230,6 @@ def _markdown_findings(models: list[dict], comparisons: list[dict]) -> list[str]
     return lines
 
 
-def _inline(text: str) -> str:
-    """Escaped text with its `code` spans as <code>, as the reports show them."""
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
 def _html_findings(models: list[dict], comparisons: list[dict]) -> list[str]:
     e = html.escape
     blocks = _findings_blocks(models, comparisons)
@@ -319,7 +239,7 @@ def _html_findings(models: list[dict], comparisons: list[dict]) -> list[str]:
              "every slice's detail).</p>"]
     for title, group, found in blocks:
         parts.append(f"<h3>{e(title)}" + (f" (groups: <code>{e(group)}</code>)" if group else "") + "</h3><ul>")
-        parts += [f"<li><b>{e(heading)}</b>: {_inline(' '.join(sentences))}</li>" for heading, sentences in found]
+        parts += [f"<li><b>{e(heading)}</b>: {inline_html(' '.join(sentences))}</li>" for heading, sentences in found]
         parts.append("</ul>")
     return parts
 
@@ -331,56 +251,53 @@ def _cross_domain_html(models: list[dict], out: Path) -> list[str]:
     for m in [m for m in models if m.get("cross_domain")]:
         cd = m["cross_domain"]
         parts.append(f"<h2>Across domains: {e(m['name'])} (<code>{e(cd['label'])}</code>)</h2>"
-                     f"<p>{e(CROSS_DOMAIN_WORDS)}</p>" + cd["contrast"].to_html(index=False, border=0))
+                     f"<p>{e(CROSS_DOMAIN_WORDS)}</p>" + html_table(cd["contrast"]))
         if len(cd["composed"]):
             parts.append("<p>Composed probes vs their one-hop parts (paired; difference composed - part):</p>"
-                         + cd["composed"].to_html(index=False, border=0))
-        parts.append(f"<p>Full table: <a href='{e(_rel(cd['file'], out))}'>{e(cd['file'].name)}</a></p>")
+                         + html_table(cd["composed"]))
+        parts.append(f"<p>Full table: <a href='{e(relative_link(cd['file'], out))}'>{e(cd['file'].name)}</a></p>")
     return parts
 
 
 def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
     e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(study.name)}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2rem auto;padding:0 1rem}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25rem .5rem}"
-             ".caveats{background:#fff8e6;border-left:4px solid #b35806;padding:.5rem 1rem}</style></head><body>",
-             f"<h1>Study: {e(study.name)}</h1>"]
+    parts = [f"<h1>Study: {e(study.name)}</h1>"]
     caveats = [(m["name"], c) for m in models for c in m["caveats"]]
     parts.append("<h2>Design caveats</h2><div class='caveats'><ul>"
-                 + ("".join(f"<li><b>{e(n)}</b>: {_inline(c)}</li>" for n, c in caveats) or "<li>None found.</li>")
+                 + ("".join(f"<li><b>{e(n)}</b>: {inline_html(c)}</li>" for n, c in caveats) or "<li>None found.</li>")
                  + "</ul></div>")
     parts += _html_findings(models, comparisons)
     parts.append("<h2>Models</h2><table><tr><th>model</th><th>source</th><th>architecture</th><th>probes</th>"
                  "<th>sites</th><th>rows</th><th>report</th></tr>")
     for m in models:
-        link = f"<a href='{e(_rel(m['report'], out))}'>report</a>" if m["report"] else "not analysed"
+        link = f"<a href='{e(relative_link(m['report'], out))}'>report</a>" if m["report"] else "not analysed"
         parts.append(f"<tr><td>{e(m['name'])}</td><td>{e(m['source'])}</td><td>{e(str(m['architecture']))}</td>"
                      f"<td>{m['probes']}</td><td>{m['sites']}</td><td>{m['rows']}</td><td>{link}</td></tr>")
     parts.append("</table>")
     for m in models:
         if m.get("trace"):
-            parts.append(f"<h2>Causal trace: {e(m['name'])}</h2><p>{e(_trace_words(m))}</p>")
+            words = trace_sentence(m["samples"] or 1)
+            parts.append(f"<h2>Causal trace: {e(m['name'])}</h2><p>{e(words)}</p>")
             if m["trace"]["figure"]:
-                parts.append(f"<img src='{e(_rel(m['trace']['figure'], out))}' alt='causal trace of {e(m['name'])}' "
-                             "style='max-width:100%'>")
-            parts.append(m["trace"]["peaks"].to_html(index=False, float_format=lambda x: f"{x:.4f}", border=0))
-            parts.append(f"<p>Full table: <a href='{e(_rel(m['trace']['table'], out))}'>"
+                figure = relative_link(m["trace"]["figure"], out)
+                parts.append(f"<img src='{e(figure)}' alt='causal trace of {e(m['name'])}' style='max-width:100%'>")
+            parts.append(html_table(m["trace"]["peaks"]))
+            parts.append(f"<p>Full table: <a href='{e(relative_link(m['trace']['table'], out))}'>"
                          f"{e(m['trace']['table'].name)}</a></p>")
     if any(m.get("localization") is not None for m in models):
         parts.append(f"<h2>Localization profiles</h2><p>{e(LOCALIZATION_WORDS)}</p>")
         for m in models:
             if m.get("localization") is not None:
-                parts.append(f"<h3>{e(m['name'])}</h3>" + m["localization"].to_html(index=False, border=0))
+                parts.append(f"<h3>{e(m['name'])}</h3>" + html_table(m["localization"]))
     parts += _cross_domain_html(models, out)
     if comparisons:
         parts.append("<h2>Comparisons</h2><ul>")
         for c in comparisons:
-            link = f"<a href='{e(_rel(c['page'], out))}'>compare.html</a>" if c["page"] else "not run"
+            link = f"<a href='{e(relative_link(c['page'], out))}'>compare.html</a>" if c["page"] else "not run"
             parts.append(f"<li>{e(c['pair'])}: {link}</li>")
         parts.append("</ul>")
     parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>input hash</th><th>seconds</th></tr>")
     for name, h, s in stages:
         parts.append(f"<tr><td>{e(name)}</td><td><code>{h}</code></td><td>{'' if s is None else f'{s:.1f}'}</td></tr>")
-    parts.append("</table></body></html>")
-    return "\n".join(parts)
+    parts.append("</table>")
+    return html_page(study.name, parts)

@@ -57,7 +57,7 @@ def test_small_denominators_are_flagged_and_a_fitting_min_abs_diff_suggested(tmp
     assert max(abs(d) for d in TINY.values()) < threshold <= others.min()
     assert f"keep {N - 2} of {N} probes" in caveat
     assert "require_flip" not in caveat
-    fitted = analyze(run, tmp_path / "fitted", figures=False, n_boot=100, analysis={"min_abs_diff": threshold})
+    fitted = analyze(run, out_dir=tmp_path / "fitted", figures=False, n_boot=100, analysis={"min_abs_diff": threshold})
     validity = fitted.tables["probe_validity"].set_index("probe_id")
     assert set(validity.index[validity["excluded"]]) == set(TINY)
     assert not any(c.startswith("Small denominators:") for c in fitted.caveats)

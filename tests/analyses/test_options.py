@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from analyses.io import save_results
-from analyses.pipeline import resolve_options
+from analyses.options import resolve_options
 from analyses.synthetic import make_meta, make_results
 from clap.analysis_options import AnalysisOptions, parse_position_reduction
 from clap.app.cli import main

@@ -17,8 +17,8 @@ import pytest
 from analyses import load_results, rm_anova
 from analyses.formatting import fmt as _fmt
 from analyses.io import save_results
-from analyses.pipeline import TABLE_FILES
 from analyses.synthetic import make_meta, make_results
+from analyses.tables import TABLE_FILES
 from clap.app.cli import main
 
 from .conftest import GROUP
@@ -233,7 +233,7 @@ def group_effect_analysis(tmp_path_factory):
     data.loc[data[GROUP] == "definitional", "recovery"] += 0.8
     root = tmp_path_factory.mktemp("group_effect")
     save_results(data, make_meta(data, seed=5, group_columns=[GROUP]), root)
-    return analyze(root, root / "analysis", n_boot=200, figures=False)
+    return analyze(root, out_dir=root / "analysis", n_boot=200, figures=False)
 
 
 def test_folded_table_without_p_values_claims_no_test(group_effect_analysis):
@@ -281,7 +281,7 @@ def test_false_positive_caveat_counts_every_reported_test(group_effect_analysis)
 
 def _findings_for(data):
     from analyses.findings import unit_findings
-    from analyses.pipeline import compute_tables
+    from analyses.tables import compute_tables
 
     tables = compute_tables(data, group=GROUP, n_boot=300, seed=0)
     unit = {"metric": "logit_diff", "site_kind": "resid_pre", "operation": "replace", "direction": "denoising",

@@ -16,7 +16,7 @@ from analyses.synthetic import write_synthetic
 def test_markdown_folds_the_pairs_of_layers_table(tmp_path):
     run = write_synthetic(tmp_path / "run", n_probes=8, n_layers=30, site_kinds=("resid_pre", "mlp_out"),
                           metrics=("logit_diff",), tokens=("x",), trivial_sites=False, layer_effect=1.5)
-    files = write_report(run, tmp_path / "analysis", figures=False, n_boot=100)
+    files = write_report(run, out_dir=tmp_path / "analysis", figures=False, n_boot=100)
     text = files.markdown.read_text(encoding="utf-8")
     full = pd.read_csv(tmp_path / "analysis" / "posthoc_layers.csv")
     assert text.count("#### Post-hoc: pairs of layers (paired t, Holm)") == 2  # one per slice
@@ -33,4 +33,4 @@ def test_markdown_folds_the_pairs_of_layers_table(tmp_path):
         shown = [float(re.split(r"\s*\|\s*", line)[9]) for line in table_rows]  # the p_corr column
         smallest = sorted(rows["p_corr"].nsmallest(FOLD_ROWS))
         assert sorted(shown) == pytest.approx(smallest, rel=5e-3)  # printed to 3 digits
-    assert len(text.splitlines()) < 500  # was over 1,200 lines with both 435-row tables printed
+    assert len(text.splitlines()) < 650  # over 1,200 lines with both 435-row tables printed (other sections grow)

@@ -250,7 +250,7 @@ def test_restores_without_corruption_are_refused():
 
 
 def test_trace_outputs_and_cli_refusal(tiny_gpt2, tmp_path, capsys):
-    from interventions.trace_figures import token_group_table, write_trace_outputs
+    from analyses.trace import token_group_table, write_trace_outputs
 
     spec = StudySpec.from_dict({
         "model": {"source": "in-memory"}, "probes": {"inline": TRACE_PROBES}, "recovery_epsilon": 0,

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
+from analyses.trace import token_group_table
+from clap.contract import BEFORE_SUBJECT, TOKEN_GROUPS
 from clap.errors import ClapError
-from interventions.probes import BEFORE_SUBJECT, TOKEN_GROUPS, token_group, token_groups
+from interventions.probes import token_group, token_groups
 from interventions.spec import StudySpec
 from interventions.study import Study
-from interventions.trace_figures import token_group_table
 
 TRACE_PROBES = [  # no `corrupted`: a trace never reads it
     {"id": "ep", "clean": "Epilepsy is a chronic disorder of the", "answer": " brain",
@@ -173,14 +174,14 @@ def test_execution_threads_sets_torchs_threads_for_the_run(tiny_gpt2, monkeypatc
 def test_threads_on_the_command_line_override_the_spec():
     import argparse
 
-    from interventions.cli import _overridden
+    from interventions.cli import overridden_spec
 
     spec = StudySpec.from_dict({"model": {"source": "m"}, "probes": {"inline": TRACE_PROBES}, "trace": {},
                                 "execution": {"threads": 4}})
     args = argparse.Namespace(remote=None, max_rows=None, device=None, no_progress=False, threads=1)
-    assert _overridden(spec, args).execution.threads == 1
+    assert overridden_spec(spec, args).execution.threads == 1
     with pytest.raises(ClapError, match="--threads must be at least 1"):
-        _overridden(spec, argparse.Namespace(remote=None, max_rows=None, device=None, no_progress=False, threads=0))
+        overridden_spec(spec, argparse.Namespace(remote=None, max_rows=None, device=None, no_progress=False, threads=0))
 
 
 def test_clap_trace_refuses_facts_the_model_does_not_know(tiny_gpt2, tokenizer, tmp_path, capsys):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from analyses.trace import plot_groups, token_group_table
 from interventions.probe_check import check_probes
 from interventions.spec import StudySpec
 from interventions.study import Study
-from interventions.trace_figures import plot_groups, token_group_table
 
 from .conftest import load_smollm2_or_skip
 

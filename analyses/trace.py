@@ -1,20 +1,29 @@
 """Causal-trace tables and heatmaps in ROME's layout (Meng et al. 2022, figure 1).
 
-Input: the tidy results of a ``trace:`` study (metric ``prob``, one row per probe x site x token). The indirect
-effect of a cell is ``effect`` = p(answer | corrupted + restored) - p(answer | corrupted). Heatmaps put layers on
-x and tokens on y, one panel per traced component (hidden states, MLP, attention); per probe the y labels are its
-tokens (the subject's marked with ``*``), averaged over probes they are ROME's six token groups.
+Input: the tidy results of a ``trace:`` study (metric ``prob``, one row per probe x site x token), written by the
+engine's trace run (``interventions``). The indirect effect of a cell is ``effect`` = p(answer | corrupted +
+restored) - p(answer | corrupted). :func:`token_group_table` averages it over probes per traced component, layer
+and ROME token group (with the spread over noise draws when the per-draw rows are given); :func:`trace_peaks`
+reduces that table to each group's peak, as the study page shows it. Heatmaps put layers on x and tokens on y, one
+panel per traced component (hidden states, MLP, attention); per probe the y labels are its tokens (the subject's
+marked with ``*``), averaged over probes they are ROME's six token groups. :func:`write_trace_outputs` writes the
+table and the heatmaps beside the results (``clap trace``, ``clap run``'s ``trace[NAME]`` stage).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import stats
 
+from analyses.formatting import interval
+from clap.contract import BEFORE_SUBJECT, TOKEN_GROUPS, atomic_write, atomic_write_frame
 from clap.errors import ClapError
 from clap.names import file_stem
-from interventions.probes import BEFORE_SUBJECT, TOKEN_GROUPS
 
 #: panel titles per traced component
 KIND_TITLES = {"resid_post": "hidden states", "resid_pre": "hidden states (block input)", "mlp_out": "MLP",
@@ -97,8 +106,6 @@ def token_group_table(frame: pd.DataFrame, metric: str = "prob", samples: pd.Dat
     equals ``effect`` (every step is a mean), so the interval is centred on it."""
     table = _group_means(_rome_groups(_traced(frame, metric)), GROUP_KEYS)
     if samples is not None and len(samples):
-        from scipy import stats
-
         per_draw = _group_means(_rome_groups(_traced(samples, metric)), [*GROUP_KEYS, "sample"])
         spread = per_draw.groupby(GROUP_KEYS, observed=True).effect.agg(["count", "std"]).reset_index()
         spread = spread.rename(columns={"count": "n_samples", "std": "sample_sd"})
@@ -138,15 +145,13 @@ def plot_probe(frame: pd.DataFrame, probe_id: str, path: str | Path, metric: str
 
 
 def _draw(grids: list[pd.DataFrame], titles: list[str], path: str | Path, label: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
     n = len(grids)
     height = 0.3 * max(len(g) for g in grids) + 1.2
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, height), squeeze=False)
+    fig = Figure(figsize=(3.6 * n, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, grid, title in zip(axes[0], grids, titles, strict=True):
         sns.heatmap(grid, ax=ax, cmap="Purples", cbar_kws={"label": label}, xticklabels=max(1, grid.shape[1] // 10))
         ax.set_title(title, fontsize=9)
@@ -154,12 +159,7 @@ def _draw(grids: list[pd.DataFrame], titles: list[str], path: str | Path, label:
         ax.set_ylabel("")
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    from clap.contract import atomic_write
-
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 #: the files :func:`write_trace_outputs` writes beside the results (per-probe heatmaps are ``trace_<probe id>.png``,
@@ -171,8 +171,6 @@ def write_trace_outputs(frame: pd.DataFrame, out_dir: str | Path, n_probe_figure
                         samples: pd.DataFrame | None = None, figures: bool = True) -> list[Path]:
     """``token_groups.csv`` (with the spread over noise draws when ``samples`` are given), ``trace_groups.png`` and
     the first ``n_probe_figures`` probes' heatmaps (no figures with ``figures=False``)."""
-    from clap.contract import atomic_write_frame
-
     if not (frame.metric == "prob").any():
         measured = ", ".join(sorted(map(str, frame.metric.unique()))) or "none"
         raise ClapError(f"the causal-trace table and heatmaps read the metric `prob` (the indirect effect on "
@@ -185,3 +183,27 @@ def write_trace_outputs(frame: pd.DataFrame, out_dir: str | Path, n_probe_figure
     for probe_id in list(dict.fromkeys(frame.probe_id))[:n_probe_figures]:
         written.append(plot_probe(frame, probe_id, out / f"trace_{file_stem(probe_id)}.png"))
     return written
+
+
+def trace_peaks(table: pd.DataFrame) -> pd.DataFrame:
+    """From a causal trace's token-group table (``token_groups.csv``): per traced component and ROME token group,
+    the largest mean indirect effect over layers, its layer, and its interval over noise draws when recorded."""
+    rows = []
+    for (kind, window, group), part in table.groupby(["kind", "window", "token_group"], sort=False, observed=True):
+        best = part.loc[part["effect"].idxmax()]
+        row: dict[str, Any] = {"component": kind + (f" (window {window})" if window > 1 else ""), "token group": group,
+                               "peak effect": best["effect"], "layer": int(best["layer"]),
+                               "probes": int(best["n_probes"])}
+        if "sample_sd" in part.columns:
+            row["draws"] = int(best["n_samples"])
+            row["95 % t interval over draws"] = interval(best["sample_ci_low"], best["sample_ci_high"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def trace_sentence(draws: int) -> str:
+    """What the token-group table's numbers are, for a page that shows them (``draws``: noise draws per cell)."""
+    return ("Indirect effect = p(answer | corrupted + restored) - p(answer | corrupted), the corruption being noise "
+            "on the subject's token embeddings; per component and ROME token group the mean over probes (within a "
+            f"probe first over its tokens in the group), each value the average over {draws} seeded noise draw(s)"
+            + ("; the interval is a t interval over the draws' means." if draws > 1 else "."))
