@@ -302,11 +302,11 @@ def test_analyze_writes_the_table_and_the_report_section(tmp_path):
     assert "alpha (definitional vs associative, n = 4 / 4)" in md
     assert any(m.startswith("Cross-domain table:") for m in result.methods)
     # the label declared; a label the probes lack is refused by name before anything is written
-    declared = analyze(run, tmp_path / "other", figures=False, n_boot=50, analysis={"domain": "topic",
+    declared = analyze(run, out_dir=tmp_path / "other", figures=False, n_boot=50, analysis={"domain": "topic",
                                                                                       "group": GROUP})
     assert declared.options["domain"] == "topic" and (tmp_path / "other" / CROSS_DOMAIN_FILE).exists()
     with pytest.raises(ClapError, match="analysis.domain: 'field' is not a label of the probes"):
-        analyze(run, tmp_path / "bad", figures=False, n_boot=50, analysis={"domain": "field"})
+        analyze(run, out_dir=tmp_path / "bad", figures=False, n_boot=50, analysis={"domain": "field"})
     assert not (tmp_path / "bad").exists()
     # without the label there is no table
     plain = save_results(data.drop(columns="topic"), make_meta(data, seed=0, group_columns=[GROUP]),
