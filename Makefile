@@ -39,7 +39,7 @@ demo: $(STAMP)
 # Benchmarks, not tests: they take minutes (fine-tuning most) and write bench/results/.
 bench: $(STAMP)
 	$(PY) bench/patching_throughput.py
-	$(PY) bench/side_by_side.py --workloads a,b,c --pairs 4,16 --strategies suffix,ragged,traces,full --out bench/results
+	$(PY) bench/side_by_side.py --workloads a,e,b,c --pairs 4,16 --strategies suffix,ragged,full --out bench/results
 	$(PY) bench/side_by_side.py --workloads b --trace-model smollm2 --trace-facts 1 --trace-samples 1 \
 		--out bench/results/trace_smollm2
 	$(PY) bench/attribution.py

@@ -39,6 +39,11 @@ FAMILY_WORDS = {"bottom": "layers 0..k", "top": "layers k..N-1", "top_m": "each 
 SUMMARY_COLUMNS = ["n", "joint", "sum_single", "gap", "gap_sd", "ci_low", "ci_high", "T", "p_unc"]
 
 
+#: the columns of :func:`gap_summary` besides the group column
+GAP_COLUMNS = ("site_kind", "family", "k", "n", "joint", "sum_single", "gap", "gap_sd", "ci_low", "ci_high", "T",
+               "p_unc")
+
+
 def additivity_cells(singles: pd.DataFrame, joint: pd.DataFrame, design: pd.DataFrame, *, dv: str = "recovery",
                      metric: str = "logit_diff", group: str | None = None) -> pd.DataFrame:
     """One row per probe and design entry: the joint value, the sum of its layers' single values and the gap.
@@ -174,6 +179,30 @@ def _gap(row: dict, alpha: float) -> str:
     if np.isfinite(row["p_unc"]):
         verdict = ", not additive" if row["p_unc"] < alpha else ", consistent with additive"
     return f"{fmt(row['gap'])}{ci}{verdict}"
+
+
+def gap_display(gaps: pd.DataFrame) -> pd.DataFrame:
+    """The headline of an additivity check as one small table: per site kind and group (``all`` first), the gap
+    (joint - sum of single layers) of each probe's top-m layers and the mean over its pairs, each ``gap [95 % t
+    interval]`` (the cumulative stacks stay in the model's report). Empty when there is nothing of those families."""
+    chosen = gaps[gaps["family"].isin(["top_m", "pair"])]
+    if chosen.empty:
+        return pd.DataFrame()
+    group = next((c for c in gaps.columns if c not in GAP_COLUMNS), None)
+    rows = []
+    keys = ["site_kind"] + ([group] if group else [])
+    for values, part in chosen.groupby(keys, sort=False):
+        values = values if isinstance(values, tuple) else (values,)
+        row = dict(zip(["site kind"] + ([group] if group else []), values, strict=True))
+        row["n"] = int(part["n"].max())
+        for record in part.to_dict("records"):
+            name = "pairs" if record["family"] == "pair" else f"top {int(record['k'])}"
+            row[name] = f"{fmt(record['gap'])} {interval(record['ci_low'], record['ci_high'])}"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    ordered = sorted((c for c in table.columns if c.startswith("top ")), key=lambda c: int(c.split()[1]))
+    return table[[c for c in table.columns if not c.startswith("top ") and c != "pairs"] + ordered
+                 + (["pairs"] if "pairs" in table.columns else [])]
 
 
 def joint_vs_sum_figure(cells: pd.DataFrame, dv: str = "recovery") -> Any:

@@ -5,22 +5,28 @@ All contenders run in one process on the same weights, so their *ratios* are mea
 
 Workloads
   a  random-init GPT-2-small (GPT2Config defaults: 12 layers, d=768, fixed seed) with the real GPT-2 tokenizer,
-     N prompt pairs of exactly 16 tokens, layer x position sweeps of resid_pre, attn_out and mlp_out. Contenders:
-       clap   ``interventions.sweep`` (the public API, whatever the engine does inside)
+     N prompt pairs of exactly 16 tokens that differ at their second-to-last token (the country in "... the capital
+     of France is"): the *shared-prefix* case, where most restores write the value already there. Layer x position
+     sweeps of resid_pre, attn_out and mlp_out. Contenders:
+       clap   a ``Study`` of the sweep ``interventions.sweep`` runs (the public API, whatever the engine does inside)
        tl     TransformerLens ``run_with_cache`` + ``patching.get_act_patch_{resid_pre,attn_out,mlp_out}`` through a
               ``TransformerBridge`` on a copy of the same HF model (eager attention); its clean run is timed too
        naive  one nnsight trace per cell (pair x layer x position), as a tutorial would write it, plus one clean
               trace per pair to cache the clean activations
-       floor  plain HF forwards with full logits over as many rows as clap's cells + baselines, in batches of
-              clap's default rows per forward: what running every row without any patching machinery costs
+       floor  plain HF forwards with full logits over as many rows as clap's cells + baselines, at the fastest of
+              several rows per forward: what running every row without any patching machinery costs
      clap's grid (mean patched logit difference over pairs) must equal TransformerLens's to 1e-4 in the same run.
+     Beside each ratio: the multiply-adds no exact method can skip (``mac_bound``) as a fraction of the floor's,
+     and clap's time over that fraction of the floor's time.
+  e  as a, with pairs that differ at token ``--corrupt-at`` (0-2, default 2): the shape of the shipped probes,
+     which corrupt the subject at the start of the prompt; almost no restore is a no-op.
   b  causal trace on SmolLM2-135M: needs causal tracing in ``interventions`` (not available yet); reported as skipped.
   c  the demo study (``clap/data/demo_study.yaml`` through ``interventions.Study``) on SmolLM2-135M.
 
 Writes ``side_by_side.csv`` and ``side_by_side.md`` under ``--out`` (atomically, after every measurement, so an
 interrupted run keeps what it measured). Exit status 1 if clap and TransformerLens disagree by more than 1e-4.
 
-    python bench/side_by_side.py [--workloads a,c] [--pairs 4,16] [--repeats 1] [--quick] [--out bench/results]
+    python bench/side_by_side.py [--workloads a,e,c] [--pairs 4,16] [--repeats 1] [--quick] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -48,7 +54,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import csv_text, load_average, machine, measure, write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = REPO_ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
+
+
+def _default_tokenizer() -> Path:
+    """``../shared/data/gpt2-tokenizer`` beside the checkout, or beside the main checkout when this is a git
+    worktree (whose ``.git`` file names the main repository's git folder)."""
+    candidates = [REPO_ROOT.parent / "shared" / "data" / "gpt2-tokenizer"]
+    git = REPO_ROOT / ".git"
+    if git.is_file() and git.read_text().startswith("gitdir:"):
+        common = Path(git.read_text().split(":", 1)[1].strip()).resolve()  # <main>/.git/worktrees/NAME
+        candidates.append(common.parents[2].parent / "shared" / "data" / "gpt2-tokenizer")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+DEFAULT_TOKENIZER = _default_tokenizer()
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 TOLERANCE = 1e-4
 SWEEPS = ("resid_pre", "attn_out", "mlp_out")
@@ -58,8 +77,8 @@ TL_FUNCTIONS = {"resid_pre": "get_act_patch_resid_pre", "attn_out": "get_act_pat
 
 COLUMNS = [
     "workload", "sweep", "model", "pairs", "tokens", "layers", "d_model", "cells", "rows", "contender", "status",
-    "repeats", "best_s", "times_s", "cells_per_s", "time_vs_clap", "peak_rss_delta_mb", "peak_rss_mb",
-    "max_abs_diff_vs_tl", "strategy", "note",
+    "repeats", "best_s", "times_s", "cpu_s", "cells_per_s", "time_vs_clap", "peak_rss_delta_mb", "peak_rss_mb",
+    "max_abs_diff_vs_tl", "strategy", "corrupt_at", "bound_over_floor_macs", "note",
 ]
 
 # Countries and capitals that are each one GPT-2 token (with the leading space): a pair swaps the country.
@@ -93,7 +112,8 @@ def load_tokenizer(folder: Path) -> Any:
 
 def make_pairs(tokenizer: Any, n: int, tokens: int) -> list[dict[str, str]]:
     """``n`` deterministic prompt pairs of exactly ``tokens`` tokens each, differing only in the country token:
-    "<filler> the capital of France is" vs "... of Spain is", answer " Paris", wrong " Madrid"."""
+    "<filler> the capital of France is" vs "... of Spain is", answer " Paris", wrong " Madrid" (the shared-prefix
+    case: the prompts differ at their second-to-last token)."""
     k = len(COUNTRIES)
     if n > k * (k - 1):
         raise BenchError(f"at most {k * (k - 1)} distinct pairs, asked for {n}")
@@ -102,18 +122,57 @@ def make_pairs(tokenizer: Any, n: int, tokens: int) -> list[dict[str, str]]:
         raise BenchError(f"prompts must be {core}-{core + len(FILLER)} tokens, asked for {tokens}")
     words = FILLER[: tokens - core]
     lead = " ".join(words) + " the" if words else "The"
-    pairs = []
-    for i in range(n):
-        a = i % k
-        b = (a + 1 + i // k) % k
-        (clean_country, answer), (corrupted_country, wrong) = COUNTRIES[a], COUNTRIES[b]
-        pair = {"id": f"pair{i:02d}", "clean": f"{lead} capital of{clean_country} is",
-                "corrupted": f"{lead} capital of{corrupted_country} is", "answer": answer, "wrong": wrong}
+    return _checked(tokenizer, tokens, [
+        _pair(i, COUNTRIES[a], COUNTRIES[b], lambda country: f"{lead} capital of{country} is")
+        for i, (a, b) in enumerate(_country_pairs(n, range(k)))])
+
+
+#: words before the country when the corruption is at token 1 or 2 (the shipped probes corrupt the subject, at the
+#: start of the prompt)
+LEAD = ["Today", " in"]
+#: words after it, cut to the prompt length; the prompt ends with " the capital is"
+TAIL = [" is", " where", " our", " old", " teacher", " told", " us", " again", " that", " everyone", " should",
+        " know", " by", " heart", " that", " today"]
+
+
+def make_early_pairs(tokenizer: Any, n: int, tokens: int, at: int) -> list[dict[str, str]]:
+    """``n`` pairs of exactly ``tokens`` tokens that differ only at token ``at`` (0-2), the country: "France is
+    where our old teacher ... the capital is" vs "Spain is where ...". At token 0 the country has no leading space,
+    and only countries that are one token so written are used."""
+    if not 0 <= at <= len(LEAD):
+        raise BenchError(f"--corrupt-at must be 0-{len(LEAD)}, got {at}")
+    tail_words = tokens - at - 1 - 3  # " the capital is"
+    if not 0 <= tail_words <= len(TAIL):
+        raise BenchError(f"prompts must be {at + 4}-{at + 4 + len(TAIL)} tokens, asked for {tokens}")
+    usable = [i for i, (country, _) in enumerate(COUNTRIES)
+              if at > 0 or len(tokenizer(country.strip())["input_ids"]) == 1]
+    if n > len(usable) * (len(usable) - 1):
+        raise BenchError(f"at most {len(usable) * (len(usable) - 1)} distinct pairs, asked for {n}")
+    lead, tail = "".join(LEAD[:at]), "".join(TAIL[:tail_words])
+
+    def prompt(country: str) -> str:
+        return f"{lead}{country if at else country.strip()}{tail} the capital is"
+
+    return _checked(tokenizer, tokens, [_pair(i, COUNTRIES[a], COUNTRIES[b], prompt)
+                                        for i, (a, b) in enumerate(_country_pairs(n, usable))])
+
+
+def _country_pairs(n: int, usable: Sequence[int]) -> list[tuple[int, int]]:
+    k = len(usable)
+    return [(usable[i % k], usable[(i % k + 1 + i // k) % k]) for i in range(n)]
+
+
+def _pair(i: int, clean: tuple[str, str], corrupted: tuple[str, str], prompt: Any) -> dict[str, str]:
+    return {"id": f"pair{i:02d}", "clean": prompt(clean[0]), "corrupted": prompt(corrupted[0]), "answer": clean[1],
+            "wrong": corrupted[1]}
+
+
+def _checked(tokenizer: Any, tokens: int, pairs: list[dict[str, str]]) -> list[dict[str, str]]:
+    for pair in pairs:
         for side in ("clean", "corrupted"):
             got = len(tokenizer(pair[side])["input_ids"])
             if got != tokens:
                 raise BenchError(f"prompt {pair[side]!r} is {got} tokens, not {tokens}")
-        pairs.append(pair)
     return pairs
 
 
@@ -169,39 +228,74 @@ def boot_bridge(lm: Any) -> Any:
     return bridge
 
 
+# -- what cannot be skipped ------------------------------------------------------------------------------------------
+def block_macs(d: int, d_mlp: int, position: int) -> int:
+    """Multiply-adds of one GPT-2 block on the token at ``position`` (0-based, no padding): the q/k/v and output
+    projections (4 d^2), the MLP (2 d d_mlp), and attention over the ``position + 1`` keys it sees (scores and the
+    weighted sum of values, 2 d (position + 1)). Layer norms, biases and softmax are left out (a lower bound)."""
+    return 4 * d * d + 2 * d * d_mlp + 2 * d * (position + 1)
+
+
+def mac_bound(kind: str, n_layers: int, d: int, d_mlp: int, vocab: int, clean: torch.Tensor,
+              corrupted: torch.Tensor) -> dict[str, int]:
+    """Multiply-adds a layer x position sweep of ``kind`` (denoising: clean into corrupted) cannot avoid, with
+    every saving that keeps it exact: each pair's clean and corrupted baselines run once (every block, every token;
+    logits at the last token only); a patched row reuses its baseline on the blocks below the patch and on the
+    positions before it, and computes logits at the last token only; a cell whose patch writes the value already
+    there (before the first differing token; ``resid_pre`` of block 0 at an equal token) costs nothing. A
+    ``resid_pre`` patch at (l, p) runs blocks l.. on tokens p..; ``attn_out`` runs block l's MLP at token p, then
+    blocks l+1.. on tokens p..; ``mlp_out`` runs blocks l+1.. on tokens p... Also returns the plain forward's
+    multiply-adds over the same rows with full logits (the floor contender's work)."""
+    n, t = clean.shape
+    per_token = [block_macs(d, d_mlp, p) for p in range(t)]
+    suffix = [sum(per_token[p:]) for p in range(t)]  # one block on tokens p..t-1
+    unembed = d * vocab
+    bound = 2 * n * (n_layers * suffix[0] + unembed)
+    for pair in range(n):
+        differs = (clean[pair] != corrupted[pair]).nonzero()
+        first = int(differs[0]) if len(differs) else t
+        for layer in range(n_layers):
+            for p in range(first, t):
+                if kind == "resid_pre":
+                    if layer == 0 and bool(clean[pair, p] == corrupted[pair, p]):
+                        continue
+                    bound += (n_layers - layer) * suffix[p]
+                elif kind == "attn_out":
+                    bound += 2 * d * d_mlp + (n_layers - layer - 1) * suffix[p]
+                else:
+                    bound += (n_layers - layer - 1) * suffix[p]
+                bound += unembed
+    rows = 2 * n + n * n_layers * t
+    return {"bound": bound, "floor": rows * (n_layers * suffix[0] + t * unembed)}
+
+
 # -- contenders -----------------------------------------------------------------------------------------------------
-#: --strategies: execution.strategy values, plus the suffix strategy with some of its savings only (see
-#: ``Executor.suffix_parts``): "ragged" without skipping no-op rows, "traces" as nnsight traces (no ragged passes),
-#: "kv" / "layer" as nnsight traces with only one of the two savings and no no-op skipping
-STRATEGY_PARTS = {"auto": None, "full": None, "suffix": ("kv", "layer", "ragged", "no-op"),
-                  "ragged": ("kv", "layer", "ragged"), "traces": ("kv", "layer", "no-op"), "kv": ("kv",),
-                  "layer": ("layer",)}
+#: --strategies: execution.strategy values, plus "ragged": the suffix strategy running its no-op rows too (the
+#: ``skip_no_ops`` argument of ``interventions.executor.Executor``), to measure what skipping them saves
+STRATEGY_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "auto": ("auto", {}), "full": ("full", {}), "suffix": ("suffix", {}),
+    "ragged": ("suffix", {"skip_no_ops": False})}
+
+
+def strategy_settings(strategy: str) -> tuple[str, dict[str, Any]]:
+    """``(execution.strategy, Executor keyword arguments)`` of a ``--strategies`` entry."""
+    return STRATEGY_OPTIONS[strategy]
 
 
 def clap_sweep(lm: Any, inputs: Inputs, kind: str, max_rows: int | None, strategy: str = "auto") -> np.ndarray:
-    from interventions import suffix, sweep, to_grid
-    from interventions.executor import Executor
+    """The layer x position sweep through ``interventions.Study`` (what ``interventions.sweep`` runs), with the
+    strategy's executor settings; the no-op rows it found are appended to :data:`NO_OP_ROWS`."""
+    from interventions import Study, StudySpec, to_grid
 
-    extra = {"max_rows": max_rows} if max_rows else {}
-    parts = STRATEGY_PARTS[strategy]
-    if parts is not None:
-        extra["strategy"] = "suffix"
-    elif strategy == "full":
-        extra["strategy"] = "full"
-    saved, counting = Executor.suffix_parts, suffix.no_op_rows
-    Executor.suffix_parts = parts or saved
-
-    def count(*args: Any) -> set[int]:
-        found = counting(*args)
-        NO_OP_ROWS[-1] += len(found)
-        return found
-
-    NO_OP_ROWS.append(0)
-    suffix.no_op_rows = count
-    try:
-        frame = sweep(lm, inputs.pairs, [f"layers[*].{kind}"], positions=["each"], metrics=["logit_diff"], **extra)
-    finally:
-        Executor.suffix_parts, suffix.no_op_rows = saved, counting
+    name, options = strategy_settings(strategy)
+    execution = {"progress": False, "strategy": name, **({"max_rows": max_rows} if max_rows else {})}
+    spec = StudySpec.from_dict({"model": {"source": lm.identity.get("source", "in-memory")},
+                                "probes": {"inline": list(inputs.pairs)}, "sites": [f"layers[*].{kind}"],
+                                "positions": ["each"], "operations": ["replace"], "metrics": ["logit_diff"],
+                                "execution": execution})
+    study = Study(spec, model=lm, **({"executor_options": options} if options else {}))
+    frame = study.run()
+    NO_OP_ROWS.append(study.executor.suffix_stats["no_op_rows"])
     return to_grid(frame).to_numpy(dtype="float64")
 
 
@@ -292,27 +386,38 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def _best(rows: list[dict[str, Any]], contender: str, sweep: str, pairs: int) -> float | None:
+def _best(rows: list[dict[str, Any]], workload: str, contender: str, sweep: str, pairs: int) -> dict | None:
     for r in rows:
-        if r["workload"] == "a" and r["pairs"] == pairs and r["contender"] == contender and \
+        if r["workload"] == workload and r["pairs"] == pairs and r["contender"] == contender and \
                 r["sweep"] in (sweep, "any") and r["status"] == "ok":
-            return r["best_s"]
+            return r
     return None
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per (workload a sweep, pairs): the ratios the issue's targets are stated in."""
+    """One line per (sweep workload, sweep, pairs): the ratios the issue's targets are stated in, and the
+    multiply-add lower bound beside them (as a fraction of the floor's multiply-adds; in seconds at the floor's
+    rate: ``floor_s x bound / floor multiply-adds``)."""
     out = []
-    keys = sorted({(r["sweep"], r["pairs"]) for r in rows if r["workload"] == "a" and r["sweep"] != "any"},
-                  key=lambda k: (k[1], SWEEPS.index(k[0])))
-    for sweep, pairs in keys:
-        clap, tl, naive, floor = (_best(rows, c, sweep, pairs) for c in CONTENDERS)
-        diff = next((r.get("max_abs_diff_vs_tl") for r in rows if r["workload"] == "a" and r["pairs"] == pairs
-                     and r["sweep"] == sweep and r["contender"] == "clap"), None)
-        out.append({"sweep": sweep, "pairs": pairs, "clap_s": clap, "tl_s": tl, "naive_s": naive, "floor_s": floor,
-                    "tl_over_clap": tl / clap if tl and clap else None,
+    keys = sorted({(r["workload"], r["sweep"], r["pairs"]) for r in rows
+                   if r["workload"] in SWEEP_WORKLOADS and r["sweep"] != "any"},
+                  key=lambda k: (SWEEP_WORKLOADS.index(k[0]), k[2], SWEEPS.index(k[1])))
+    for workload, sweep, pairs in keys:
+        found = {c: _best(rows, workload, c, sweep, pairs) for c in CONTENDERS}
+        clap, tl, naive, floor = (found[c]["best_s"] if found[c] else None for c in CONTENDERS)
+        cpu = {c: found[c].get("cpu_s") or None if found[c] else None for c in CONTENDERS}
+        clap_row = found["clap"] or {}
+        bound = clap_row.get("bound_over_floor_macs")
+        bound_s = floor * bound if floor and bound else None
+        out.append({"workload": workload, "sweep": sweep, "pairs": pairs, "clap_s": clap, "tl_s": tl,
+                    "naive_s": naive, "floor_s": floor, "tl_over_clap": tl / clap if tl and clap else None,
                     "clap_over_floor": clap / floor if clap and floor else None,
-                    "naive_over_clap": naive / clap if naive and clap else None, "max_abs_diff": diff})
+                    "tl_over_clap_cpu": cpu["tl"] / cpu["clap"] if cpu["tl"] and cpu["clap"] else None,
+                    "clap_over_floor_cpu": cpu["clap"] / cpu["floor"] if cpu["clap"] and cpu["floor"] else None,
+                    "bound_over_floor": bound,
+                    "clap_over_bound": clap / bound_s if clap and bound_s else None,
+                    "naive_over_clap": naive / clap if naive and clap else None,
+                    "max_abs_diff": clap_row.get("max_abs_diff_vs_tl")})
     return out
 
 
@@ -325,13 +430,26 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], notes: list[str])
     lines += [f"| {k} | {v} |" for k, v in info.items()]
     table = summary(rows)
     if table:
-        lines += ["", "## Workload (a): ratios (targets: TL/clap >= 8, clap/floor <= 0.25)", "",
-                  ("| sweep | pairs | clap s | TransformerLens s | naive nnsight s | floor s | TL/clap | clap/floor | "
-                   "naive/clap | max abs diff clap-TL |"), "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Sweeps: ratios (targets on the early-corruption workload e: TL/clap >= 8, clap/floor <= 0.2)",
+                  "", "Workload a: the shared-prefix case (prompts differ at their second-to-last token); e: the "
+                  "corruption at token " + ", ".join(sorted({str(r["corrupt_at"]) for r in rows
+                                                             if r.get("corrupt_at") not in (None, "")})) +
+                  " (the shipped probes' shape). `bound/floor`: the multiply-adds that cannot be skipped "
+                  "(`mac_bound`) over the floor's; `clap/bound`: clap's time over the bound's share of the floor's "
+                  "time. Ratios of wall times; (CPU): of the process's CPU times in the same calls (less disturbed "
+                  "by other processes on a shared machine).", "",
+                  ("| workload | sweep | pairs | clap s | TransformerLens s | naive nnsight s | floor s | TL/clap | "
+                   "clap/floor | TL/clap (CPU) | clap/floor (CPU) | bound/floor | clap/bound | naive/clap | "
+                   "max abs diff clap-TL |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        three = ("clap_over_floor", "clap_over_floor_cpu", "bound_over_floor")
         for s in table:
-            lines.append("| " + " | ".join(_fmt(s[k]) if k != "max_abs_diff" else _fmt(s[k], 6) for k in
-                                           ("sweep", "pairs", "clap_s", "tl_s", "naive_s", "floor_s", "tl_over_clap",
-                                            "clap_over_floor", "naive_over_clap", "max_abs_diff")) + " |")
+            lines.append("| " + " | ".join(_fmt(s[k], 3 if k in three else 2)
+                                           if k != "max_abs_diff" else _fmt(s[k], 6) for k in
+                                           ("workload", "sweep", "pairs", "clap_s", "tl_s", "naive_s", "floor_s",
+                                            "tl_over_clap", "clap_over_floor", "tl_over_clap_cpu",
+                                            "clap_over_floor_cpu", "bound_over_floor", "clap_over_bound",
+                                            "naive_over_clap", "max_abs_diff")) + " |")
     lines += ["", "## All measurements", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, ""), 6 if c == "max_abs_diff_vs_tl" else 2) for c in COLUMNS)
@@ -345,39 +463,72 @@ def _row(base: dict[str, Any], contender: str, m: Any, cells: int, clap_best: fl
          repeats: int, **extra: Any) -> dict[str, Any]:
     best = m.best
     return {**base, "contender": contender, "status": "ok", "repeats": repeats, "best_s": round(best, 4),
+            "cpu_s": round(m.best_cpu, 4) if m.cpu_times else "",
             "times_s": ";".join(f"{t:.3f}" for t in m.times), "cells_per_s": round(cells / best, 1),
             "time_vs_clap": round(best / clap_best, 3) if clap_best else "",
             "peak_rss_delta_mb": round(m.peak_rss_delta_mb, 1), "peak_rss_mb": round(m.peak_rss_mb, 1),
             "memory_method": m.memory_method, **extra}
 
 
-def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[str]) -> list[str]:
-    """Returns the failures (sweeps where clap and TransformerLens disagree beyond the tolerance)."""
+#: the layer x position sweep workloads: a (shared prefix), e (early corruption)
+SWEEP_WORKLOADS = ("a", "e")
+#: rows per forward the floor tries; it is reported at its fastest
+FLOOR_BATCHES = (32, 64, 128, 256)
+#: rows each candidate is timed on before the floor runs at the fastest (--floor-probe-rows)
+FLOOR_PROBE_ROWS = 256
+
+
+def workload_a(report: Report, args: argparse.Namespace, contenders: Sequence[str], workload: str = "a"
+               ) -> list[str]:
+    """Layer x position sweeps; ``workload`` "a": the shared-prefix pairs (:func:`make_pairs`), "e": pairs that
+    differ at token ``--corrupt-at`` (:func:`make_early_pairs`). Returns the failures (sweeps where clap and
+    TransformerLens disagree beyond the tolerance)."""
     tokenizer = load_tokenizer(Path(args.tokenizer))
     lm = build_gpt2(tokenizer, args.quick, args.seed)
     config = lm.hf.config
     bridge = _tl_bridge(report, lm, tokenizer) if "tl" in contenders else None
-    from interventions.plan import rows_for_budget
 
     failures = []
     for n_pairs in args.pairs:
-        inputs = encode(tokenizer, make_pairs(tokenizer, n_pairs, args.tokens))
+        pairs = (make_pairs(tokenizer, n_pairs, args.tokens) if workload == "a"
+                 else make_early_pairs(tokenizer, n_pairs, args.tokens, args.corrupt_at))
+        inputs = encode(tokenizer, pairs)
         n_layers, t = config.n_layer, args.tokens
         cells = n_pairs * n_layers * t
         rows = cells + 2 * n_pairs
-        base = {"workload": "a", "model": lm.identity["source"], "pairs": n_pairs, "tokens": t, "layers": n_layers,
-                "d_model": config.n_embd, "cells": cells, "rows": rows}
+        base = {"workload": workload, "model": lm.identity["source"], "pairs": n_pairs, "tokens": t,
+                "layers": n_layers, "d_model": config.n_embd, "cells": cells, "rows": rows,
+                "corrupt_at": args.corrupt_at if workload == "e" else ""}
         floor_best = None
         if "floor" in contenders:
-            batch = args.max_rows or rows_for_budget(None, None, t, config.vocab_size, config.n_embd, n_layers, 4)
-            m = measure(partial(floor_forwards, lm, inputs, rows, batch), args.repeats)
-            floor_best = m.best
-            report.add(_row({**base, "sweep": "any"}, "floor", m, cells, None, args.repeats,
-                            note=f"{rows} rows, {batch} per forward, full logits"))
+            floor_best = _floor(report, args, lm, inputs, {**base, "sweep": "any"}, cells, rows)
         for kind in args.sweeps:
-            _sweep_a(report, args, contenders, lm, bridge, inputs, kind, {**base, "sweep": kind}, cells, n_pairs,
-                     floor_best, failures)
+            macs = mac_bound(kind, n_layers, config.n_embd, config.n_inner or 4 * config.n_embd, config.vocab_size,
+                             inputs.clean, inputs.corrupted)
+            _sweep_a(report, args, contenders, lm, bridge, inputs, kind,
+                     {**base, "sweep": kind, "bound_over_floor_macs": round(macs["bound"] / macs["floor"], 4)},
+                     cells, n_pairs, floor_best, failures)
     return failures
+
+
+def _floor(report: Report, args: argparse.Namespace, lm: Any, inputs: Inputs, base: dict[str, Any], cells: int,
+           rows: int) -> float:
+    """The floor at its best batch size: each of :data:`FLOOR_BATCHES` up to ``--floor-probe-rows`` (or
+    ``--max-rows`` alone) timed on that many rows, then all rows at the fastest; returns its best time."""
+    probe_rows = min(rows, args.floor_probe_rows)
+    fixed = args.floor_batch or args.max_rows
+    candidates = [fixed] if fixed else [b for b in FLOOR_BATCHES if b <= probe_rows] or [probe_rows]
+    rates = {}
+    if len(candidates) > 1:
+        for batch in candidates:
+            rates[batch] = measure(partial(floor_forwards, lm, inputs, probe_rows, batch), 1).best
+    batch = min(rates, key=rates.__getitem__) if rates else candidates[0]
+    m = measure(partial(floor_forwards, lm, inputs, rows, batch), args.repeats)
+    tried = "; ".join(f"{b}: {s:.2f} s" for b, s in rates.items())
+    report.add(_row(base, "floor", m, cells, None, args.repeats,
+                    note=f"{rows} rows, {batch} per forward (fastest of {tried} on {probe_rows} rows), full logits"
+                    if rates else f"{rows} rows, {batch} per forward, full logits"))
+    return m.best
 
 
 def _tl_bridge(report: Report, lm: Any, tokenizer: Any) -> Any:
@@ -454,7 +605,6 @@ def workload_b(report: Report, args: argparse.Namespace) -> list[str]:
     import pandas as pd
 
     from interventions import Study, StudySpec
-    from interventions.executor import Executor
 
     if args.trace_model == "smollm2":
         from interventions import load_model
@@ -477,21 +627,15 @@ def workload_b(report: Report, args: argparse.Namespace) -> list[str]:
             "layers": config.num_hidden_layers, "d_model": config.hidden_size}
 
     def trace(strategy: str, max_rows: int | None, probes: list[dict] = probes, samples: int = samples) -> pd.DataFrame:
-        parts = STRATEGY_PARTS[strategy]
-        execution = {"progress": False, "strategy": "full" if strategy == "full" else "suffix"}
+        name, options = strategy_settings(strategy)
+        execution = {"progress": False, "strategy": name}
         if max_rows:
             execution["max_rows"] = max_rows
         spec = StudySpec.from_dict({"model": {"source": "in-memory"}, "probes": {"inline": probes},
                                     "recovery_epsilon": 0, "execution": execution,
                                     "trace": {"samples": samples, "kinds": {"resid_post": 1, "mlp_out": 10,
                                                                             "attn_out": 10}}})
-        saved = Executor.suffix_parts
-        Executor.suffix_parts = parts or saved
-        try:
-            study = Study(spec, model=lm)
-            return study.run()
-        finally:
-            Executor.suffix_parts = saved
+        return Study(spec, model=lm, executor_options=options).run()
 
     failures, reference, first = [], None, None
     runs = [(s, args.max_rows) for s in dict.fromkeys(["suffix", "full", *args.strategies]) if s != "auto"]
@@ -603,7 +747,10 @@ def _csv_list(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", type=_csv_list, default=["a", "b", "c"], help="comma list of a,b,c")
+    parser.add_argument("--workloads", type=_csv_list, default=["a", "e", "b", "c"],
+                        help="comma list of a (shared prefix), e (early corruption), b, c")
+    parser.add_argument("--corrupt-at", type=int, default=2,
+                        help="workload e: the token (0-2) at which the pair's prompts differ")
     parser.add_argument("--pairs", type=lambda s: [int(x) for x in _csv_list(s)], default=None,
                         help="prompt pairs for workload a, comma list (default 4,16; --quick: 1)")
     parser.add_argument("--sweeps", type=_csv_list, default=list(SWEEPS), help="comma list of " + ",".join(SWEEPS))
@@ -612,13 +759,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per prompt (default 16; --quick: 6)")
     parser.add_argument("--repeats", type=int, default=1, help="wall time is the best of this many calls")
     parser.add_argument("--max-rows", type=int, default=None,
-                        help="rows per forward for clap and the floor (default: clap's own default)")
+                        help="rows per batch for clap and per forward for the floor (default: clap's own "
+                             "default; the floor's fastest)")
+    parser.add_argument("--floor-probe-rows", type=int, default=FLOOR_PROBE_ROWS,
+                        help="the floor's batch sizes up to this many rows are each timed on this many rows; it is "
+                             "reported at the fastest")
+    parser.add_argument("--floor-batch", type=int, default=None,
+                        help="the floor's rows per forward, not probed (default: the fastest of the probes)")
     parser.add_argument("--strategies", type=_csv_list, default=["auto"],
-                        help="clap's execution strategies, comma list of " + ",".join(STRATEGY_PARTS) +
-                             " (ragged: the suffix strategy without skipping no-op rows; traces: its passes as "
-                             "nnsight traces; kv / layer: nnsight traces with only prefix key/value reuse / only the "
-                             "start at the first edited layer); the first is the `clap` contender, the others are "
-                             "`clap[STRATEGY]` rows checked against it")
+                        help="clap's execution strategies, comma list of " + ",".join(STRATEGY_OPTIONS) +
+                             " (ragged: the suffix strategy without skipping no-op rows); the first is the `clap` "
+                             "contender, the others are `clap[STRATEGY]` rows checked against it")
     parser.add_argument("--trace-samples", type=int, default=3, help="workload b: noise samples")
     parser.add_argument("--trace-model", choices=("gpt2-random", "smollm2"), default="gpt2-random",
                         help="workload b: the random GPT-2 (--quick: the 2-layer toy) on city facts, or SmolLM2-135M "
@@ -632,6 +783,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="workload b: noise draws of the --trace-baseline-facts subset")
     parser.add_argument("--trace-runs", type=_csv_list, default=None,
                         help="workload b: which runs (default: suffix, full, the --strategies, one-row-per-restore)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2-layer d=64 model, 1 pair of 6 tokens, workload a only by default")
@@ -642,9 +794,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.workloads = ["a"]
     args.pairs = args.pairs or ([1] if args.quick else [4, 16])
     args.tokens = args.tokens or (6 if args.quick else 16)
-    for name, values, valid in (("workloads", args.workloads, "abc"), ("sweeps", args.sweeps, SWEEPS),
+    for name, values, valid in (("workloads", args.workloads, "abce"), ("sweeps", args.sweeps, SWEEPS),
                                 ("contenders", args.contenders, CONTENDERS),
-                                ("strategies", args.strategies, tuple(STRATEGY_PARTS))):
+                                ("strategies", args.strategies, tuple(STRATEGY_OPTIONS))):
         bad = [v for v in values if v not in valid]
         if bad:
             parser.error(f"--{name}: unknown {', '.join(bad)} (valid: {', '.join(valid)})")
@@ -658,14 +810,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine()
     info["load_average_start"] = info.pop("load_average")
     info["command"] = "python bench/side_by_side.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = Report(Path(args.out), info, args)
     failures: list[str] = []
     try:
-        if "a" in args.workloads:
-            failures += workload_a(report, args, args.contenders)
+        for workload in SWEEP_WORKLOADS:
+            if workload in args.workloads:
+                failures += workload_a(report, args, args.contenders, workload)
         if "b" in args.workloads:
             failures += workload_b(report, args)
         if "c" in args.workloads:

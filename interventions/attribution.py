@@ -44,9 +44,10 @@ tracer serves ``.grad`` through one hook per tensor, and two sites often *are* o
 block ``i+1``'s input; every head of a layer reads one ``o_proj`` input), so a second read of the same tensor's
 gradient would wait for a hook that never fires; ``Tensor.backward`` would also accumulate into the model's
 parameters' ``.grad``, a side effect on the caller's model, while ``autograd.grad`` computes exactly the gradients
-asked for. The body uses only torch operations and envoys, so it also runs under nnsight's local simulation of NDIF
-(``remote="local"``, tested); on NDIF itself it needs a backend that runs traces with gradients enabled (a backend
-under ``torch.inference_mode`` cannot), which clap cannot check from here: treat ``remote: true`` as untested.
+asked for. The body uses only torch operations, envoys and the edit kernel (shipped by value), so it also runs under
+nnsight's local simulation of NDIF (``remote="local"``, tested); on NDIF itself it needs a backend that runs traces
+with gradients enabled (a backend under ``torch.inference_mode`` cannot), which clap cannot check from here: treat
+``remote: true`` as untested.
 
 Layout: one trace per chunk of probes, rows ``[target prompts; source prompts]`` left-padded to one width. Left
 padding right-aligns every row, so a column holds the same token of a probe's target and source prompt when they

@@ -4,17 +4,18 @@ and never threads ``remote`` or strategy flags through its calls.
 
 Strategies (``execution.strategy``):
 
-* ``full``: one trace per batch over every row and column (:func:`interventions.execute.run_batch`);
-* ``suffix``: one baseline pass per batch, then each patched row only from its first edited block and column on,
-  from its baseline row's cached state (:mod:`interventions.suffix`; exact under causal attention). Rows whose
-  edits write the value already there (a restore on tokens clean and corrupted prompts share) are not run at all.
-  Locally the patched rows run on the *ragged path* (:mod:`interventions.ragged`): one pass per start column, rows
-  joining at their first edited block, the model's own blocks called one by one. Under nnsight's NDIF simulation
-  (``remote: local``) they run as nnsight traces, one per group of similar starts; on NDIF itself
-  (``remote: true``) the strategy is refused (the server cannot take a client-side cache object).
-* ``auto``: ``suffix`` locally, ``full`` under the NDIF simulation and on NDIF. Measured on GPT-2-small (4 pairs,
-  768 cells, `bench/side_by_side.py`): locally suffix 4.2 s vs full 20.0 s (11.3 s without skipping no-op rows);
-  as nnsight traces without the no-op rows it was slower than full on this 2-core CPU (many small traces).
+* ``full``: one nnsight trace per batch over every row and column (:func:`interventions.execute.run_batch`); the
+  only strategy on NDIF and under its local simulation, since its trace body ships to the server unchanged;
+* ``suffix``: locally only. One baseline pass per batch (an nnsight trace), then each patched row only from its
+  first edited block and column on, from its baseline row's cached state, on the *ragged path*
+  (:mod:`interventions.suffix`, :mod:`interventions.ragged`: the model's own blocks called one by one, outside
+  nnsight; exact under causal attention). Rows whose edits write the value already there (a restore on tokens clean
+  and corrupted prompts share) are not run at all. A batch the ragged path cannot take (a patch on the
+  unembedding, a model its self-check rejects) runs ``full``;
+* ``auto``: ``suffix`` locally, ``full`` under the NDIF simulation and on NDIF.
+
+Why these two and no other: ARCHITECTURE.md ("Which path runs where"); the measurements are in the README's
+performance section and ``bench/results/``.
 
 A model the suffix strategy cannot place (no architecture map, blocks that return tuples) runs ``full``;
 :attr:`Executor.used` counts the batches per strategy and :attr:`Executor.strategy_used` names what ran, for
@@ -40,14 +41,18 @@ STRATEGIES = ("auto", "full", "suffix")
 
 
 def resolve_strategy(strategy: str, remote: bool | str) -> str:
-    """``auto`` -> ``suffix`` locally, ``full`` otherwise (see the module docstring for why); ``suffix`` on NDIF is
-    refused."""
+    """``auto`` -> ``suffix`` locally, ``full`` otherwise; ``suffix`` is refused on NDIF and under its simulation
+    (its patched rows run outside nnsight, which a server cannot do)."""
     if strategy not in STRATEGIES:
         raise ClapError(f"unknown execution strategy {strategy!r} (valid: {', '.join(STRATEGIES)})")
+    local = remote is False or remote is None
     if strategy == "auto":
-        return "suffix" if remote is False or remote is None else "full"
+        return "suffix" if local else "full"
     if strategy == "suffix" and remote is True:
         raise ClapError("strategy `suffix` cannot run on NDIF (remote: true); use `auto` or `full`")
+    if strategy == "suffix" and not local:
+        raise ClapError("strategy `suffix` runs locally only: its patched rows run outside nnsight, which NDIF (and "
+                        "`remote: local`, its simulation) cannot do; use `auto` or `full`")
     return strategy
 
 
@@ -63,19 +68,22 @@ class Executor:
     strategy : {"auto", "full", "suffix"}
     unembed_module : str, optional
         The unembedding's module path (only the last position's logits are computed unless it is patched).
+    skip_no_ops : bool
+        Under ``suffix``, patched rows whose edits change nothing take their baseline row's result without running
+        (:func:`interventions.suffix.no_op_rows`); False runs them (the benchmark measures what the skip saves).
+    metrics : sequence of str, optional
+        The metrics the caller reads (:data:`clap.contract.METRICS`); None: all. Without ``kl`` the ragged path does
+        not compute the KL divergence (a float64 pass over the vocabulary per row); the column is then NaN.
     """
 
-    #: which savings the suffix strategy uses: "kv" (prefix key/value reuse), "layer" (start at the first edited
-    #: block), "ragged" (locally: one pass per start column as plain module calls, :mod:`interventions.ragged`),
-    #: "no-op" (rows whose edits change nothing are not run, :func:`interventions.suffix.no_op_rows`). All by
-    #: default; the benchmark switches some off to measure the others.
-    suffix_parts: tuple[str, ...] = ("kv", "layer", "ragged", "no-op")
-
     def __init__(self, model: Any, remote: bool | str = False, strategy: str = "auto",
-                 unembed_module: str | None = None):
+                 unembed_module: str | None = None, *, skip_no_ops: bool = True,
+                 metrics: Sequence[str] | None = None):
         self.model = model
         self.remote = remote
         self.unembed_module = unembed_module
+        self.skip_no_ops = skip_no_ops
+        self.kl = metrics is None or "kl" in metrics
         self.strategy = resolve_strategy(strategy, remote)
         self.used: Counter[str] = Counter()
         self._layout: suffix.ModelLayout | None | bool = False  # False: not looked at yet
@@ -107,34 +115,23 @@ class Executor:
 
     @property
     def ragged(self) -> ragged.RaggedPath | None:
-        """The local ragged path of the suffix strategy, or None (remote, simulation, no layout, switched off)."""
+        """The suffix strategy's ragged path, or None (not the suffix strategy, or a model it cannot place)."""
         if self._ragged is False:
-            usable = self.remote is False and "ragged" in self.suffix_parts and self.layout is not None
+            usable = self.strategy == "suffix" and self.layout is not None
             self._ragged = ragged.RaggedPath(self.model._module, self.layout) if usable else None
         return self._ragged
 
     def run_batch(self, batch: Batch) -> torch.Tensor:
         """``[rows, len(METRICS)]`` metrics of one batch, in the batch's row order."""
-        if self.strategy == "suffix" and self.layout is not None:
-            parts = {"kv": "kv" in self.suffix_parts, "skip": "layer" in self.suffix_parts,
-                     "skip_no_ops": "no-op" in self.suffix_parts}
-            if self.ragged is not None:
-                try:
-                    metrics = suffix.run_batch(self.model, batch, self.layout, self.remote, self.unembed_module,
-                                               ragged_path=self.ragged, stats=self.suffix_stats, **parts)
-                except (ragged.Unsupported, suffix.Unsupported) as exc:  # the traces below may still take it
-                    log.info("batch %d runs as nnsight suffix passes: %s", batch.index, exc)
-                else:
-                    self.used["suffix"] += 1
-                    self.suffix_stats["ragged_batches"] += 1
-                    return metrics
+        if self.ragged is not None:
             try:
-                metrics = suffix.run_batch(self.model, batch, self.layout, self.remote, self.unembed_module,
-                                           stats=self.suffix_stats, **parts)
-            except suffix.Unsupported as exc:
+                metrics = suffix.run_batch(self.model, batch, self.layout, self.ragged, self.unembed_module,
+                                           stats=self.suffix_stats, skip_no_ops=self.skip_no_ops, kl=self.kl)
+            except (ragged.Unsupported, suffix.Unsupported) as exc:
                 log.info("batch %d runs in full: %s", batch.index, exc)
             else:
                 self.used["suffix"] += 1
+                self.suffix_stats["ragged_batches"] += 1
                 return metrics
         self.used["full"] += 1
         return execute.run_batch(self.model, batch, remote=self.remote, unembed_module=self.unembed_module)

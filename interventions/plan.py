@@ -106,7 +106,7 @@ class Plan:
         Settings that cannot change a number beyond float rounding (progress bars; local vs simulated-remote
         execution; the execution strategy) are left out, so a rerun with ``--no-progress`` still resumes; the rows
         per batch the cells were chunked with are in, since a batch is only reusable under the same chunking. So
-        when they change the rows per batch (``auto`` is ``suffix`` locally, with 512 rows by default, and ``full``
+        when they change the rows per batch (``auto`` is ``suffix`` locally, with 1024 rows by default, and ``full``
         under the NDIF simulation, with 64), a rerun starts afresh (and says so); so do folders of finished
         batches written before the rows per batch were part of the fingerprint."""
         return self._digest(with_model=True)
@@ -617,7 +617,7 @@ class PatchConstants:
 #: rows per batch when neither ``max_rows`` nor ``memory_budget_mb`` is given, per execution strategy: a suffix batch
 #: holds one baseline pass and passes that run only the rows' suffixes, so it can take (and gains from) many more rows
 #: (measured: ``bench/results/process_memory.md``)
-DEFAULT_ROWS = {"full": 64, "suffix": 512}
+DEFAULT_ROWS = {"full": 64, "suffix": 1024}
 
 
 def rows_for_budget(memory_budget_mb: float | None, max_rows: int | None, seq_len: int, vocab: int, d_model: int,

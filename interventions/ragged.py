@@ -1,8 +1,8 @@
-"""Suffix passes with ragged starts, run locally as plain module calls: the fast path of the ``suffix`` strategy.
+"""The suffix strategy's patched rows, run locally as plain module calls (the *ragged path*).
 
-:mod:`interventions.suffix` runs each group of patched rows as its own nnsight trace, starting at the group's
-earliest (block, column). On a CPU those many small traces cost more than they save. Here one *pass* covers every
-patched row that starts at the same padded column, whatever its first edited block:
+After the baseline pass (:mod:`interventions.suffix`), each patched row needs only the blocks from its first edited
+one, on the columns from its first edited one. One *pass* covers every patched row that starts at the same padded
+column, whatever its first edited block:
 
 * the pass holds only columns ``c..W-1``; columns ``< c`` are the baseline row's, read from its key/value cache;
 * rows *join* the pass at their first edited block ``L``: sorted by ``L``, the rows in the pass at block ``l`` are
@@ -13,20 +13,25 @@ patched row that starts at the same padded column, whatever its first edited blo
 The blocks are the model's own modules, called one by one with the arguments the model itself gave them in the
 baseline pass (its attention mask, rotary position embeddings, position ids; sliced to the pass's rows and columns)
 and a small key/value cache holding the baseline prefix. Edits are applied by forward hooks on the patched modules,
-with the same arithmetic as the trace bodies of :mod:`interventions.execute`. Only the last column reaches the
+with the kernel every substrate uses (:func:`interventions.kernel.apply_edits`). Only the last column reaches the
 unembedding.
 
-This path runs outside nnsight, so it is local only: on NDIF and under its simulation the suffix strategy runs as
-nnsight traces. Every model is checked once against its own baseline pass (:func:`self_check`) before this path is
-trusted with it; a model that fails the check, or on which it cannot run at all (an architecture that does
-something between or after its blocks this module does not know about, such as a logit soft-cap), runs the nnsight
-passes from then on.
+Passes are cut to at most :data:`PASS_TOKENS` tokens (rows x columns) at a block, and the last columns of all
+passes of a batch are unembedded together, :data:`UNEMBED_ROWS` rows at a time, so a batch's memory stays bounded
+whatever its size.
+
+This path runs outside nnsight, so it is local only: on NDIF and under its simulation the ``suffix`` strategy is
+refused (and ``auto`` is ``full``); ARCHITECTURE.md says what running it through nnsight would take. Every model is
+checked once against its own baseline pass (:func:`self_check`) before this path is trusted with it; a model that
+fails the check, or on which it cannot run at all (an architecture that does something between or after its blocks
+this module does not know about, such as a logit soft-cap), runs ``full`` from then on.
 """
 
 from __future__ import annotations
 
 import bisect
 import inspect
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,15 +45,25 @@ from interventions.plan import Batch
 Key = tuple[str, str]
 
 #: fixed cost of one more pass, in floating-point operations (a block call per layer, hooks, cache slices): columns
-#: whose rows are few are merged into the pass of the column before them only when that costs less than this
+#: whose rows are few are merged into the pass of the column before them when that costs less than this
 PASS_OVERHEAD_FLOPS = 2e9
 
 #: largest metric difference the self-check accepts between this path and the model's own forward pass
 SELF_CHECK_TOLERANCE = 1e-4
 
+#: most tokens (rows x columns) a pass holds at one block: a larger pass is cut into passes of rows in order of
+#: their first edited block, so a pass's memory stays bounded whatever the batch size
+PASS_TOKENS = 16384
+
+#: most rows unembedded and reduced to metrics at once (float64 log-probabilities over the vocabulary per row)
+UNEMBED_ROWS = 256
+
+#: the self-check's result per model (it checks the architecture, so once per model object is enough)
+_SELF_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
+
 
 class Unsupported(Exception):
-    """This batch (or model) cannot run on the ragged path; the caller runs nnsight suffix passes instead."""
+    """This batch (or model) cannot run on the ragged path; the caller runs it in full instead."""
 
 
 # -- the blocks' own arguments ------------------------------------------------------------------------------------
@@ -241,12 +256,17 @@ class Pass:
         """How many of the pass's rows have begun by block ``block``."""
         return bisect.bisect_right(self.layers, block)
 
+    def cut(self, most: int) -> list[Pass]:
+        """This pass as passes of at most ``most`` rows (consecutive in first-edited-block order: each is sorted)."""
+        return [Pass(self.col, self.rows[low:low + most], self.layers[low:low + most])
+                for low in range(0, len(self.rows), most)]
+
 
 def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
-             base_index: torch.Tensor, inputs: BlockInputs, one: Pass, edits: list[tuple],
-             metric_dtype: torch.dtype) -> torch.Tensor:
-    """``[rows, 5]`` metrics of one pass. ``edits``: ``(patches, stages)`` from :func:`interventions.suffix.pass_edits`
-    with this pass's row numbering and column shift."""
+             base_index: torch.Tensor, inputs: BlockInputs, one: Pass, edits: list[tuple]) -> torch.Tensor:
+    """The final norm's output at the last column, ``[rows, d_model]``, of one pass's rows (unembedded by
+    :func:`unembed_metrics`, together with other passes' rows). ``edits``: ``(patches, stages)`` from
+    :func:`interventions.suffix.pass_edits` with this pass's row numbering and column shift."""
     device = next(hf.parameters()).device
     targets = base_index[torch.tensor([batch.target_row[r] for r in one.rows])].to(device)
     col = one.col
@@ -274,18 +294,35 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
             if len(one.rows) > hidden.shape[0]:
                 joining = base["boundary"][layout.n_layers][targets[hidden.shape[0]:], col:]
                 hidden = torch.cat([hidden, joining]) if hidden.shape[0] else joining
-            normed = hf.get_submodule(arch.final_norm)(hidden)
-            logits = hf.get_submodule(arch.unembed)(normed[:, -1, :])
+            last = hf.get_submodule(arch.final_norm)(hidden)[:, -1, :]
     finally:
         for handle in handles:
             handle.remove()
-    index = torch.tensor(one.rows)
+    return last
+
+
+def unembed_metrics(hf: torch.nn.Module, arch: Any, batch: Batch, base: dict[str, Any], base_index: torch.Tensor,
+                    rows: Sequence[int], last: torch.Tensor, metric_dtype: torch.dtype, kl: bool = True
+                    ) -> torch.Tensor:
+    """``[rows, 5]`` metrics of batch rows ``rows`` from their final norm's output at the last column (``last``),
+    :data:`UNEMBED_ROWS` rows at a time: one unembedding for the rows of many passes reads the vocabulary's weights
+    once, not once per pass, and the float64 log-probabilities stay ``UNEMBED_ROWS x vocabulary``. ``kl`` False: the
+    KL divergence is not computed (NaN), for callers that do not read it."""
+    device = last.device
+    index = torch.tensor(list(rows))
     answer_index, answer_mask, wrong_index, wrong_mask = (t[index].to(device) for t in (
         batch.answer_index, batch.answer_mask, batch.wrong_index, batch.wrong_mask))
-    clean_logprobs = base["logprobs"][base_index[batch.clean_row[index]].to(base["logprobs"].device)].to(device)
-    metrics, _ = kernel.reduce_metrics(logits, answer_index, answer_mask, wrong_index, wrong_mask,
-                                       clean_logprobs=clean_logprobs, dtype=metric_dtype)
-    return metrics.cpu()
+    clean = base_index[batch.clean_row[index]].to(base["logprobs"].device)
+    unembed = hf.get_submodule(arch.unembed)
+    out = []
+    with torch.no_grad():
+        for low in range(0, len(index), UNEMBED_ROWS):
+            part = slice(low, low + UNEMBED_ROWS)
+            metrics, _ = kernel.reduce_metrics(
+                unembed(last[part]), answer_index[part], answer_mask[part], wrong_index[part], wrong_mask[part],
+                clean_logprobs=base["logprobs"][clean[part]].to(device) if kl else None, dtype=metric_dtype)
+            out.append(metrics.cpu())
+    return torch.cat(out) if out else torch.empty((0, base["metrics"].shape[1]), dtype=base["metrics"].dtype)
 
 
 def _on(stages: list[tuple], device: torch.device) -> list[tuple]:
@@ -308,7 +345,8 @@ def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: 
     table = torch.full((len(batch.row_role),), -1, dtype=torch.long)
     table[torch.tensor(rows)] = torch.arange(len(rows))
     edits = pass_edits(probe, layout, base, table, 0, 0)  # the baseline rows' own (baseline) interventions
-    got = run_pass(hf, arch, layout, probe, base, base_index, inputs, one, edits, metric_dtype)
+    last = run_pass(hf, arch, layout, probe, base, base_index, inputs, one, edits)
+    got = unembed_metrics(hf, arch, probe, base, base_index, one.rows, last, metric_dtype)
     want = base["metrics"][base_index[torch.tensor(rows)]]
     finite = torch.isfinite(want) & torch.isfinite(got)
     if not bool((torch.isfinite(want) == torch.isfinite(got)).all()):
@@ -325,7 +363,8 @@ class RaggedPath:
 
         self.hf, self.layout = hf, layout
         self.arch = architecture_of(hf)
-        self.self_check_gap: float | None = None  #: the first batch's self-check result
+        #: the self-check's result (the first batch's; None: not run yet on this model)
+        self.self_check_gap: float | None = _SELF_CHECKS.get(hf)
 
     def check(self, batch: Batch, unembed_module: str | None) -> None:
         if self.self_check_gap is not None and not self.self_check_gap <= SELF_CHECK_TOLERANCE:
@@ -336,8 +375,9 @@ class RaggedPath:
         return BlockInputs.capture(self.hf.get_submodule(self.arch.layers), self.layout.cache_kwarg)
 
     def run(self, batch: Batch, base: dict[str, Any], base_index: torch.Tensor, inputs: BlockInputs,
-            starts: dict[int, tuple[int, int]], metrics: torch.Tensor) -> torch.Tensor:
-        """Fill ``metrics`` (the batch's, baseline rows already in place) for the rows of ``starts``."""
+            starts: dict[int, tuple[int, int]], metrics: torch.Tensor, kl: bool = True) -> torch.Tensor:
+        """Fill ``metrics`` (the batch's, baseline rows already in place) for the rows of ``starts`` (``kl`` False:
+        their KL divergence is left NaN)."""
         from interventions.execute import metric_dtype_for
         from interventions.suffix import pass_edits
 
@@ -350,14 +390,22 @@ class RaggedPath:
                 self.self_check_gap = float("inf")
                 raise Unsupported(f"the self-check could not run on this model ({type(exc).__name__}: {exc})"
                                   ) from exc
+            finally:
+                _SELF_CHECKS[self.hf] = self.self_check_gap
             if not self.self_check_gap <= SELF_CHECK_TOLERANCE:
                 raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
         n_rows, width = batch.input_ids.shape
-        for col, rows in column_groups(starts, width, self.layout.n_layers, self.layout.flops_per_token_block):
-            one = Pass.of(col, rows, starts)
+        passes = [one for col, rows in column_groups(starts, width, self.layout.n_layers,
+                                                     self.layout.flops_per_token_block)
+                  for one in Pass.of(col, rows, starts).cut(max(1, PASS_TOKENS // (width - col)))]
+        rows, lasts = [], []
+        for one in passes:
             table = torch.full((n_rows,), -1, dtype=torch.long)
             table[torch.tensor(one.rows)] = torch.arange(len(one.rows))
-            edits = pass_edits(batch, self.layout, base, table, 0, col)
-            metrics[one.rows] = run_pass(self.hf, self.arch, self.layout, batch, base, base_index, inputs, one, edits,
-                                         metric_dtype)
+            edits = pass_edits(batch, self.layout, base, table, 0, one.col)
+            lasts.append(run_pass(self.hf, self.arch, self.layout, batch, base, base_index, inputs, one, edits))
+            rows += one.rows
+        if rows:
+            metrics[rows] = unembed_metrics(self.hf, self.arch, batch, base, base_index, rows, torch.cat(lasts),
+                                            metric_dtype, kl=kl)
         return metrics

@@ -121,7 +121,8 @@ class Study:
     analyses.analyze : statistics on the results folder.
     """
 
-    def __init__(self, spec: StudySpec, model: LoadedModel | None = None, source_model: LoadedModel | None = None):
+    def __init__(self, spec: StudySpec, model: LoadedModel | None = None, source_model: LoadedModel | None = None,
+                 *, executor_options: dict[str, Any] | None = None):
         if source_model is not None and spec.source_model is None:
             spec = spec.model_copy(update={"source_model": ModelSpec(source=source_model.identity.get("source")
                                                                      or "in-memory")})
@@ -129,6 +130,8 @@ class Study:
         self.spec = spec
         self._model = model
         self._executor: Executor | None = None
+        #: further keyword arguments of :class:`~interventions.executor.Executor` (benchmarks, tests)
+        self.executor_options = dict(executor_options or {})
         self._source = source_model
         self._resolved: ResolvedStudy | None = None
         self.source_metrics: dict[tuple[int, str], torch.Tensor] = {}
@@ -160,7 +163,8 @@ class Study:
         if self._executor is None:
             execution = self.spec.execution
             self._executor = Executor(self.model.nn, remote=execution.remote, strategy=execution.strategy,
-                                      unembed_module=self.unembed_module())
+                                      unembed_module=self.unembed_module(), metrics=self.spec.metrics,
+                                      **self.executor_options)
         return self._executor
 
     @property

@@ -4,32 +4,28 @@ Why it is exact: a patched row is its target baseline row (same prompt, same bas
 sample) until its cell's first edit. Under causal attention nothing flows backwards, so at every module access
 before the row's first edited access (in execution order), and at every column before its first edited column, the
 patched row holds the baseline row's values. A row whose first edit is in block ``L`` at padded column ``c`` therefore
-only needs blocks ``L..N-1`` on columns ``c..W-1``:
+only needs blocks ``L..N-1`` on columns ``c..W-1``: columns ``< c`` contribute only their keys and values, which are
+the baseline row's (read from the baseline pass's key/value cache), and the blocks before ``L`` are the baseline
+row's residual stream entering block ``L``.
 
-* **prefix key/value reuse**: columns ``< c`` are not run; their keys and values, the only thing later columns read
-  from them, are the baseline row's, passed in as a key/value cache (the full-width attention mask still masks the
-  left padding, and position ids are given explicitly so each token keeps its position);
-* **start at a layer**: blocks ``< L`` are skipped (``envoy.skip``) with the baseline row's residual stream entering
-  block ``L`` (on columns ``c..``) as their output.
+One batch runs as one *baseline pass* (an nnsight trace) over its clean/corrupted rows (full width, with their
+baseline interventions), which returns their metrics as the full strategy would and captures the key/value cache,
+the residual stream at each block boundary, the source rows' activations that ``copy``/``mix`` edits read (the
+source rows are not run again, so those edits become writes of captured values), each patched access's value, and
+the clean rows' log-probabilities (for KL). Patched rows whose every edit writes the value already there
+(:func:`no_op_rows`) take their baseline row's result; the rest run on the ragged path
+(:mod:`interventions.ragged`: the model's own blocks called one by one, one pass per start column), with the edits
+of :func:`pass_edits`: rows renumbered into the pass, columns shifted, edits left of the start column dropped (they
+are in the cached state). A row with no edit of its own (a ``none`` cell) is its baseline row's result.
 
-One batch runs as one *baseline pass* over its clean/corrupted rows (full width, with their baseline interventions),
-which returns their metrics as the full strategy would and captures the key/value cache, the residual stream at each
-block boundary some group starts from, the source rows' activations that ``copy``/``mix`` edits read (the source rows
-are not in the suffix passes, so those edits become writes of captured values), and the clean rows' log-probabilities
-(for KL). The patched rows then run in *suffix passes*, grouped so that rows of similar (layer, column) start
-together (a group starts at its rows' earliest layer and column: recomputing a little more for some rows is still
-exact). Edits inside skipped blocks or left of the start column are already contained in the cached state and are
-not applied again; the rest are applied with their columns shifted. A row with no edit of its own (a ``none`` cell)
-is its baseline row's result.
-
-Every trace body uses only torch operations and envoys, as in :mod:`interventions.execute`.
+The baseline pass's trace body uses only torch operations, envoys and :mod:`interventions.kernel`, as in
+:mod:`interventions.execute`.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +41,9 @@ Key = tuple[str, str]
 #: a shape with no edits: ``(copy, set, add, mix)``
 NO_EDITS = (None, None, None, None)
 
-#: fixed cost of one extra suffix pass, in floating-point operations (tracing, cache assembly, small-matmul
-#: inefficiency): a group is split only where that saves more than this much compute
-PASS_OVERHEAD_FLOPS = 1e11
-
-
 class Unsupported(Exception):
-    """The batch cannot run as suffix passes (e.g. a patch on a module the layout cannot place): run it in full."""
+    """The batch cannot run under the suffix strategy (e.g. a patch on a module the layout cannot place): run it in
+    full."""
 
 
 @dataclass
@@ -134,39 +126,6 @@ def _stage_ids(patches: AccessPatches) -> list[int]:
     return patches.stage_ids
 
 
-def group_rows(starts: dict[int, tuple[int, int]], width: int, layout: ModelLayout, kv: bool = True,
-               skip: bool = True, overhead: float | None = None) -> list[tuple[int, int, list[int]]]:
-    """Partition patched rows into suffix passes ``(start block, start column, rows)``.
-
-    Rows are sorted by (block, column) and cut into contiguous groups by dynamic programming on the cost
-    ``rows x (N - L0) x (W - c0) x flops per token-block`` plus a fixed cost per pass: each group starts at its
-    earliest row, so similar rows share a pass. ``kv``/``skip`` switch the two savings off (for measuring each)."""
-    overhead = PASS_OVERHEAD_FLOPS if overhead is None else overhead
-    n_layers = layout.n_layers
-    items = sorted((layer if skip else 0, col if kv else 0, row) for row, (layer, col) in starts.items())
-    if not items:
-        return []
-    unit = layout.flops_per_token_block
-    best = [0.0] + [float("inf")] * len(items)
-    cut = [0] * (len(items) + 1)
-    for end in range(1, len(items) + 1):
-        low_col = width
-        for begin in range(end - 1, -1, -1):
-            low_col = min(low_col, items[begin][1])
-            layer = items[begin][0]  # sorted by layer: the group's earliest
-            cost = best[begin] + overhead + (end - begin) * (max(n_layers - layer, 0) + 0.05) * (width - low_col) * unit
-            if cost < best[end]:
-                best[end], cut[end] = cost, begin
-    groups = []
-    end = len(items)
-    while end > 0:
-        begin = cut[end]
-        chunk = items[begin:end]
-        groups.append((chunk[0][0], min(c for _, c, _ in chunk), [r for _, _, r in chunk]))
-        end = begin
-    return groups[::-1]
-
-
 # -- edits, re-addressed ----------------------------------------------------------------------------------------------
 def _baseline_groups(groups: Sequence[Edits | None], table: torch.Tensor) -> tuple | None:
     """A stage's (copy, set, add, mix) edits restricted to the baseline rows, rows renumbered (``table``: batch row
@@ -235,34 +194,29 @@ def pass_edits(batch: Batch, layout: ModelLayout, base: dict[str, Any], table: t
 
 
 # -- the passes -------------------------------------------------------------------------------------------------------
-def run_batch(model: Any, batch: Batch, layout: ModelLayout, remote: bool | str = False,
-              unembed_module: str | None = None, kv: bool = True, skip: bool = True,
-              ragged_path: Any = None, stats: dict[str, int] | None = None, skip_no_ops: bool = True
-              ) -> torch.Tensor:
+def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, unembed_module: str | None = None,
+              stats: dict[str, int] | None = None, skip_no_ops: bool = True, kl: bool = True) -> torch.Tensor:
     """``[rows, 5]`` metrics of a batch, equal to :func:`interventions.execute.run_batch`'s (to float rounding),
-    from one baseline pass and suffix passes over the patched rows.
+    from one baseline pass and the patched rows' suffixes on the ragged path.
 
-    ``ragged_path``: a :class:`interventions.ragged.RaggedPath` to run the patched rows locally as plain module
-    calls, one pass per start column (it raises :class:`interventions.ragged.Unsupported` before any work when the
-    batch cannot run there); None: nnsight suffix passes. Patched rows whose every edit writes the value already
-    there (:func:`no_op_rows`) are their baseline row's result and are not run (unless ``skip_no_ops`` is False,
-    for measuring); ``stats`` counts them
-    (``"no_op_rows"``) and the rows run (``"rows_run"``)."""
+    ``ragged_path``: the model's :class:`interventions.ragged.RaggedPath` (it raises
+    :class:`interventions.ragged.Unsupported` before any work when the batch cannot run there; the caller then runs
+    it in full). Patched rows whose every edit writes the value already there (:func:`no_op_rows`) are their
+    baseline row's result and are not run (unless ``skip_no_ops`` is False, for measuring); ``stats`` counts them
+    (``"no_op_rows"``) and the rows run (``"rows_run"``). ``kl`` False: the patched rows' KL divergence is left NaN
+    (the caller does not read it)."""
     if len(batch.target_row) != len(batch.row_role):
         raise Unsupported("the batch does not name each row's target baseline row")
     starts = row_starts(batch, layout)
-    if ragged_path is not None:
-        ragged_path.check(batch, unembed_module)
-    n_rows, width = batch.input_ids.shape
+    ragged_path.check(batch, unembed_module)
+    n_rows = batch.input_ids.shape[0]
     base_rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
     base_index = torch.full((n_rows,), -1, dtype=torch.long)
     base_index[base_rows] = torch.arange(len(base_rows))
-    boundaries = sorted({layer for layer, _ in starts.values() if ragged_path is not None or layer > 0}
-                        | ({0} if ragged_path is not None else set()))  # 0: the ragged path's self-check
-    device = _device_of(model, remote)
-    with ragged_path.capturing() if ragged_path is not None else nullcontext() as block_inputs:
-        base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, device, remote, unembed_module,
-                              keep_values=True)
+    boundaries = sorted({layer for layer, _ in starts.values()} | {0})  # 0: the ragged path's self-check
+    with ragged_path.capturing() as block_inputs:
+        base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, _device_of(model, False),
+                              unembed_module)
     metrics = torch.empty((n_rows, base["metrics"].shape[1]), dtype=base["metrics"].dtype)
     metrics[base_rows] = base["metrics"]
     quiet = no_op_rows(batch, base, base_index) if skip_no_ops else set()
@@ -270,12 +224,7 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, remote: bool | str 
         if role == "patched" and (row not in starts or row in quiet):  # nothing of its own: its baseline row's run
             metrics[row] = base["metrics"][base_index[batch.target_row[row]]]
     starts = {row: start for row, start in starts.items() if row not in quiet}
-    if ragged_path is not None:
-        ragged_path.run(batch, base, base_index, block_inputs, starts, metrics)
-    else:
-        for layer, col, rows in group_rows(starts, width, layout, kv=kv, skip=skip):
-            metrics[rows] = _suffix_pass(model, batch, layout, base, base_index, layer, col, rows, device, remote,
-                                         unembed_module)
+    ragged_path.run(batch, base, base_index, block_inputs, starts, metrics, kl=kl)
     if stats is not None:  # counted once the batch is done (a ragged path that gives up leaves them to the retry)
         stats["no_op_rows"] = stats.get("no_op_rows", 0) + len(quiet)
         stats["rows_run"] = stats.get("rows_run", 0) + len(starts)
@@ -342,13 +291,11 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: list[int], base_index: torch.Tensor,  # noqa: C901 - one trace body (NDIF)
-                   boundaries: list[int], device: torch.device, remote: bool | str,
-                   unembed_module: str | None, keep_values: bool = False) -> dict[str, Any]:
-    """The baseline rows over the whole prompt: metrics, key/value cache, residual stream at the boundaries the
-    groups start from, captured source activations, clean log-probabilities; with ``keep_values``, also each
-    patched access's whole value after the baseline interventions (``values``: what :func:`no_op_rows` compares
-    the cells' edits with)."""
+def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: list[int], base_index: torch.Tensor,  # noqa: C901 - one trace body
+                   boundaries: list[int], device: torch.device, unembed_module: str | None) -> dict[str, Any]:
+    """The baseline rows over the whole prompt: metrics, key/value cache, residual stream at the block boundaries
+    the rows start from, captured source activations, clean log-probabilities, and each patched access's whole
+    value after the baseline interventions (``values``: what :func:`no_op_rows` compares the cells' edits with)."""
     from transformers import DynamicCache
 
     rows = torch.tensor(base_rows)
@@ -363,7 +310,7 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
                 if any(k is not None for k in kept):
                     entry["stages"].append(tuple(k or NO_EDITS for k in kept))
             else:
-                entry["keep"] = keep_values
+                entry["keep"] = True
                 for shape, group in enumerate(groups):
                     for mode in ("copy", "mix"):
                         found = getattr(group, mode)
@@ -387,20 +334,20 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
         (batch.answer_index[rows], batch.answer_mask[rows], batch.wrong_index[rows], batch.wrong_mask[rows],
          base_index[batch.clean_row[rows]]), device)
     # no config: every layer keeps all its columns (a sliding-window layer would keep only its window, and the
-    # suffix passes read the whole prefix)
+    # ragged passes read the whole prefix)
     cache_in = DynamicCache()
-    cache_name = layout.cache_kwarg  # a plain string: the trace body must not reference clap's objects (NDIF)
+    cache_name = layout.cache_kwarg  # a plain string, read inside the trace body
     boundary_values, gathered, kept = [], [], []
     with torch.no_grad():
         with model.trace(**inputs, **{layout.cache_kwarg: cache_in, "use_cache": True},
-                         **_logits_to_keep(model, touches_unembed), **trace_kwargs(remote)):
+                         **_logits_to_keep(model, touches_unembed), **trace_kwargs(False)):
             for envoy, access, n_heads, stages, capture, gathers, keep in accesses:
                 original = envoy.input if access == "input" else envoy.output
                 value = (original[0] if isinstance(original, tuple) else original).clone()
                 if capture:  # the residual stream as it leaves the previous block, before this access's edits
                     boundary_values.append(value.clone().save())
                 kernel.apply_edits(value, n_heads, stages)
-                for by_head, s_row, s_col, head in gathers:  # source activations the suffix passes will write
+                for by_head, s_row, s_col, head in gathers:  # source activations the ragged passes will write
                     if by_head:
                         gathered.append(value.view(value.shape[0], value.shape[1], n_heads, -1)[s_row, s_col, head]
                                         .clone().save())
@@ -432,51 +379,3 @@ def _baseline_pass(model: Any, batch: Batch, layout: ModelLayout, base_rows: lis
         "sources": sources,
         "values": dict(zip(kept_keys, kept, strict=True)),
     }
-
-
-def _suffix_pass(model: Any, batch: Batch, layout: ModelLayout, base: dict[str, Any], base_index: torch.Tensor,  # noqa: C901 - one trace body (NDIF)
-                 start_layer: int, start_col: int, rows: list[int], device: torch.device, remote: bool | str,
-                 unembed_module: str | None) -> torch.Tensor:
-    """Metrics of ``rows``, run from block ``start_layer`` and column ``start_col`` on their baseline rows' state."""
-    from transformers import DynamicCache
-
-    n_rows, width = batch.input_ids.shape
-    index = torch.tensor(rows)
-    table = torch.full((n_rows,), -1, dtype=torch.long)
-    table[index] = torch.arange(len(rows))
-    targets = base_index[torch.tensor([batch.target_row[r] for r in rows])].to(device)
-    accesses = []
-    touches_unembed = False
-    for patches, stages in pass_edits(batch, layout, base, table, start_layer, start_col):
-        touches_unembed |= patches.module == unembed_module
-        accesses.append((model.get(patches.module), patches.access, patches.n_heads or 0, _moved(stages, device)))
-    mask = batch.attention_mask[index]
-    inputs = _moved({"input_ids": batch.input_ids[index, start_col:], "attention_mask": mask,
-                     "position_ids": _positions(mask)[:, start_col:]}, device)
-    extra: dict[str, Any] = {}
-    if start_col > 0:
-        extra = {layout.cache_kwarg: DynamicCache(ddp_cache_data=[(k[targets, :, :start_col], v[targets, :, :start_col])
-                                                                  for k, v in base["cache"]]),
-                 "use_cache": True}
-    else:
-        extra = {"use_cache": False}
-    replacement = base["boundary"][start_layer][targets, start_col:] if start_layer > 0 else None
-    skipped = [model.get(f"{layout.layers}.{i}") for i in range(min(start_layer, layout.n_layers))]
-    metric_dtype = metric_dtype_for(device)
-    answer_index, answer_mask, wrong_index, wrong_mask = _moved(
-        (batch.answer_index[index], batch.answer_mask[index], batch.wrong_index[index], batch.wrong_mask[index]),
-        device)
-    clean_logprobs = base["logprobs"][base_index[batch.clean_row[index]].to(base["logprobs"].device)].to(device)
-    with torch.no_grad():
-        with model.trace(**inputs, **extra, **_logits_to_keep(model, touches_unembed), **trace_kwargs(remote)):
-            for block in skipped:
-                block.skip(replacement)
-            for envoy, access, n_heads, stages in accesses:
-                if access == "input":
-                    envoy.input = kernel.edit_access(envoy.input, n_heads, stages)
-                else:
-                    envoy.output = kernel.edit_access(envoy.output, n_heads, stages)
-            metrics, _ = kernel.reduce_metrics(model.output.logits[:, -1, :], answer_index, answer_mask, wrong_index,
-                                               wrong_mask, clean_logprobs=clean_logprobs, dtype=metric_dtype)
-            metrics = metrics.save()
-    return metrics.detach().cpu()

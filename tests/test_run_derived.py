@@ -59,3 +59,12 @@ ablation: {{sites: ["layers[*].heads[*]", "layers[*].mlp_out"]}}
     assert "Additivity: layers patched jointly" in html and "Ablation of the clean run" in html
     assert "fig-additivity_joint_vs_sum" in html and "fig-ablation_heads_zero" in html
     assert "Additivity check:" in (analysis / "report.md").read_text(encoding="utf-8")
+    # the study page shows each model's top-m and pair gaps as its own table prints them
+    from analyses.formatting import fmt, interval
+
+    top = gaps[(gaps.site_kind == "mlp_out") & (gaps.family == "top_m") & (gaps.knowledge_type == "all")]
+    study_page = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Additivity" in study_page
+    for record in top.to_dict("records"):
+        assert f"{fmt(record['gap'])} {interval(record['ci_low'], record['ci_high'])}" in study_page
+    assert "<h2>Additivity</h2>" in (out / "report.html").read_text(encoding="utf-8")

@@ -22,6 +22,8 @@ from typing import Any
 
 import pandas as pd
 
+from analyses.additivity import TABLE_FILES as ADDITIVITY_FILES
+from analyses.additivity import gap_display
 from analyses.caveats import design_caveats
 from analyses.formatting import html_page, html_table, inline_html, markdown_table, relative_link
 from analyses.io import load_results
@@ -102,6 +104,20 @@ def _cross_domain(results: Path) -> dict[str, Any] | None:
         return None
     contrast, composed = display(table)
     return {"file": path, "contrast": contrast, "composed": composed, "label": str(table["domain_label"].iloc[0])}
+ADDITIVITY_WORDS = ("Additivity per model: the gap between patching each probe's top-m layers (by single-layer "
+                    "recovery) together and the sum of their single-layer recoveries, and the mean gap over pairs "
+                    "among its top 5 layers; mean [95 % t interval] over probes (0: the layers add up; below 0: "
+                    "they overlap; above 0: synergy). The cumulative stacks and every table are in each model's "
+                    "report.")
+
+
+def _additivity(results: Path) -> pd.DataFrame | None:
+    """A run's additivity gaps (top-m sets and pairs) per site kind and group, from its analysis' own table."""
+    path = results / "analysis" / ADDITIVITY_FILES["gaps"]
+    if not path.is_file():
+        return None
+    table = gap_display(pd.read_csv(path))
+    return table if len(table) else None
 
 
 def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
@@ -118,7 +134,7 @@ def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
         "probes": int(frame["probe_id"].nunique()), "sites": int(frame["site"].nunique()), "rows": len(frame),
         "results": results, "report": report if report.is_file() else None,
         "caveats": design_caveats(frame, meta) + design, "trace": _trace(results),
-        "localization": _localization(results),
+        "localization": _localization(results), "additivity": _additivity(results),
         "cross_domain": _cross_domain(results),
         "samples": ((meta.get("noise") or {}).get("samples")),
     }
@@ -156,6 +172,11 @@ def _localization_markdown(models: list[dict]) -> list[str]:
     lines = ["", "## Localization profiles", "", LOCALIZATION_WORDS]
     for m in shown:
         lines += ["", f"### {m['name']}", "", markdown_table(m["localization"])]
+    additive = [m for m in models if m.get("additivity") is not None]
+    if additive:
+        lines += ["", "## Additivity", "", ADDITIVITY_WORDS]
+        for m in additive:
+            lines += ["", f"### {m['name']}", "", markdown_table(m["additivity"])]
     return lines
 
 
@@ -257,6 +278,13 @@ def _cross_domain_html(models: list[dict], out: Path) -> list[str]:
                          + html_table(cd["composed"]))
         parts.append(f"<p>Full table: <a href='{e(relative_link(cd['file'], out))}'>{e(cd['file'].name)}</a></p>")
     return parts
+def _html_model_tables(models: list[dict], key: str, title: str, words: str) -> list[str]:
+    """A section with one table per model under ``key`` (none when no model has one)."""
+    shown = [m for m in models if m.get(key) is not None]
+    if not shown:
+        return []
+    return [f"<h2>{html.escape(title)}</h2><p>{html.escape(words)}</p>"] + [
+        f"<h3>{html.escape(m['name'])}</h3>" + html_table(m[key]) for m in shown]
 
 
 def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
@@ -284,11 +312,8 @@ def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], st
             parts.append(html_table(m["trace"]["peaks"]))
             parts.append(f"<p>Full table: <a href='{e(relative_link(m['trace']['table'], out))}'>"
                          f"{e(m['trace']['table'].name)}</a></p>")
-    if any(m.get("localization") is not None for m in models):
-        parts.append(f"<h2>Localization profiles</h2><p>{e(LOCALIZATION_WORDS)}</p>")
-        for m in models:
-            if m.get("localization") is not None:
-                parts.append(f"<h3>{e(m['name'])}</h3>" + html_table(m["localization"]))
+    parts += _html_model_tables(models, "localization", "Localization profiles", LOCALIZATION_WORDS)
+    parts += _html_model_tables(models, "additivity", "Additivity", ADDITIVITY_WORDS)
     parts += _cross_domain_html(models, out)
     if comparisons:
         parts.append("<h2>Comparisons</h2><ul>")

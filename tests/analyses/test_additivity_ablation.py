@@ -108,3 +108,27 @@ def test_ablation_tables_equal_a_hand_computation():
     bad = frame.assign(corrupted=frame.clean + 1)
     with pytest.raises(Exception, match="corrupted baseline differs from its clean one"):
         ablation_cells(bad)
+
+
+def test_gap_display_lays_out_top_m_and_pair_gaps_per_site_kind_and_group():
+    from analyses.additivity import gap_display
+    from analyses.formatting import fmt, interval
+
+    rows = []
+    for group in ("all", "a", "b"):
+        for k, gap in ((5, -0.3), (2, -0.1)):
+            rows.append({"site_kind": "attn_out", "family": "top_m", "k": k, "grp": group, "n": 4, "joint": 1.0,
+                         "sum_single": 1.0 - gap, "gap": gap, "gap_sd": 0.1, "ci_low": gap - 0.05,
+                         "ci_high": gap + 0.05, "T": -3.0, "p_unc": 0.01})
+        rows.append({"site_kind": "attn_out", "family": "pair", "k": None, "grp": group, "n": 4, "joint": 0.5,
+                     "sum_single": 0.52, "gap": -0.02, "gap_sd": 0.01, "ci_low": -0.03, "ci_high": -0.01, "T": -4.0,
+                     "p_unc": 0.02})
+        rows.append({"site_kind": "attn_out", "family": "bottom", "k": 3, "grp": group, "n": 4, "joint": 0.9,
+                     "sum_single": 0.95, "gap": -0.05, "gap_sd": 0.01, "ci_low": -0.06, "ci_high": -0.04, "T": -9.0,
+                     "p_unc": 0.001})
+    table = gap_display(pd.DataFrame(rows))
+    assert list(table.columns) == ["site kind", "grp", "n", "top 2", "top 5", "pairs"]
+    assert list(table["grp"]) == ["all", "a", "b"]
+    assert table.loc[0, "top 5"] == f"{fmt(-0.3)} {interval(-0.35, -0.25)}"
+    assert table.loc[0, "pairs"] == f"{fmt(-0.02)} {interval(-0.03, -0.01)}"
+    assert gap_display(pd.DataFrame(rows).query("family == 'bottom'")).empty

@@ -10,8 +10,6 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from interventions.executor import Executor
-
 from .conftest import PROBES
 from .test_compose import TRACE_PROBES
 from .test_strategies import METRIC_LIST, assert_same, run
@@ -106,34 +104,34 @@ def test_no_op_rows_are_the_shared_prefix_and_equal_the_baseline(tiny_gpt2):
     assert (loud.patched != loud.corrupted).any()
 
 
-def test_switching_the_savings_off_changes_no_number(tiny_gpt2, monkeypatch):
+def test_running_the_no_op_rows_changes_no_number(tiny_gpt2):
     spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST,
             "sites": ["layers[*].resid_pre", "layers[2].mlp_out"], "positions": ["each"]}
-    reference, _ = run(tiny_gpt2, spec, "suffix", 64)
-    for parts in (("kv", "layer", "ragged"), ("kv", "layer", "no-op"), ("kv", "layer")):
-        monkeypatch.setattr(Executor, "suffix_parts", parts)
-        frame, study = run(tiny_gpt2, spec, "suffix", 64)
-        assert_same(reference, frame)
-        assert (study.executor.suffix_stats["ragged_batches"] > 0) == ("ragged" in parts)
-        assert (study.executor.suffix_stats["no_op_rows"] > 0) == ("no-op" in parts)
+    reference, skipping = run(tiny_gpt2, spec, "suffix", 64)
+    frame, study = run(tiny_gpt2, spec, "suffix", 64, skip_no_ops=False)
+    assert_same(reference, frame)
+    assert skipping.executor.suffix_stats["no_op_rows"] > 0 and study.executor.suffix_stats["no_op_rows"] == 0
+    assert study.executor.suffix_stats["rows_run"] == (skipping.executor.suffix_stats["rows_run"]
+                                                       + skipping.executor.suffix_stats["no_op_rows"])
+    assert study.executor.suffix_stats["ragged_batches"] == study.executor.used["suffix"] > 0
 
 
-def test_not_under_the_ndif_simulation(tiny_gpt2):
-    """The ragged path runs outside nnsight: under the NDIF simulation the suffix passes are nnsight traces."""
-    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES[:2]}, "metrics": ["logit_diff"],
+def test_kl_is_computed_only_when_read(tiny_gpt2):
+    """Without `kl` among the metrics the ragged path leaves it out; the metrics it reports are the same."""
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff", "prob"],
             "sites": ["layers[*].resid_pre"], "positions": ["each"]}
-    local, _ = run(tiny_gpt2, spec, "suffix", 64)
-    simulated, study = run(tiny_gpt2, spec, "suffix", 64, remote="local")
-    assert study.executor.ragged is None and study.executor.suffix_stats["ragged_batches"] == 0
-    assert study.executor.used["suffix"] > 0
-    assert_same(local, simulated)
+    full, _ = run(tiny_gpt2, spec, "full", 64)
+    frame, study = run(tiny_gpt2, spec, "suffix", 64)
+    assert not study.executor.kl and study.executor.suffix_stats["rows_run"] > 0
+    assert_same(full, frame)
+    assert run(tiny_gpt2, {**spec, "metrics": METRIC_LIST}, "suffix", 64)[1].executor.kl
 
 
-def test_a_model_the_self_check_rejects_runs_as_traces(tokenizer):
+def test_a_model_the_self_check_rejects_runs_full(tokenizer):
     """Gemma-2 soft-caps its logits in the model's forward, after the last block and the unembedding: calling the
     blocks one by one misses it. The self-check sees the difference on the first batch and every batch then runs
-    as nnsight suffix passes, with the full strategy's numbers. Without the soft-cap the ragged path runs Gemma-2
-    (sliding-window layers, extra norms) itself."""
+    in full, with the full strategy's numbers. Without the soft-cap the ragged path runs Gemma-2 (sliding-window
+    layers, extra norms) itself."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from clap.models import wrap
@@ -154,7 +152,7 @@ def test_a_model_the_self_check_rejects_runs_as_traces(tokenizer):
         executor = study.executor
         if softcap:
             assert executor.ragged.self_check_gap > 1e-3
-            assert executor.suffix_stats["ragged_batches"] == 0 and executor.used["suffix"] > 0
+            assert executor.suffix_stats["ragged_batches"] == executor.used["suffix"] == 0 and executor.used["full"]
         else:
             assert executor.ragged.self_check_gap < 1e-5
             assert executor.suffix_stats["ragged_batches"] == executor.used["suffix"] > 0

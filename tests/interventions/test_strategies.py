@@ -1,8 +1,8 @@
 """The suffix strategy (interventions/suffix.py) gives the full strategy's numbers, to 1e-5, on every kind of plan:
 all site kinds, positions `each`, windows, combined patches, causal traces (baseline noise + restores), resample,
 mean, steer, interpolate, probes of different lengths in one batch, and batch sizes that split batches differently;
-on tiny GPT-2 and tiny Llama (grouped-query attention); both as nnsight traces and (locally, by default) on the
-ragged path. It also really computes less, and run.json says what ran."""
+on tiny GPT-2 and tiny Llama (grouped-query attention). It also really computes less, runs locally only, and
+run.json says what ran."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ METRIC_LIST = ["logit_diff", "logit", "prob", "logprob", "kl"]
 KEYS = ["probe_id", "site", "positions", "position", "operation", "metric", "sample"]
 
 
-def run(model, spec_dict: dict, strategy: str, max_rows: int, remote=False) -> tuple[pd.DataFrame, Study]:
+def run(model, spec_dict: dict, strategy: str, max_rows: int, remote=False, **executor_options
+        ) -> tuple[pd.DataFrame, Study]:
     data = json.loads(json.dumps(spec_dict))
     data["execution"] = {"progress": False, "max_rows": max_rows, "strategy": strategy, "remote": remote}
-    study = Study(StudySpec.from_dict(data), model=model)
+    study = Study(StudySpec.from_dict(data), model=model, executor_options=executor_options)
     frame = study.run()
     return frame.sort_values(KEYS).reset_index(drop=True), study
 
@@ -40,26 +41,20 @@ def assert_same(a: pd.DataFrame, b: pd.DataFrame) -> None:
         assert gap <= TOL, (column, gap)
 
 
-#: the suffix strategy as nnsight traces only (locally it would take the ragged path, tested in test_ragged.py)
-TRACES_ONLY = ("kv", "layer", "no-op")
-
-
-def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200), remote=False) -> Study:
-    from interventions.executor import Executor
-
-    full, _ = run(model, spec_dict, "full", full_rows, remote)
-    study = None
+def compare(model, spec_dict, full_rows=200, suffix_rows=(5, 200), some_full=False) -> Study:
+    """The suffix strategy at each batch size equals the full strategy. Every batch runs under the suffix strategy,
+    unless ``some_full``: a batch holding a patch on the embedding or the unembedding runs in full (the ragged path
+    starts at the first block and unembeds by itself); then some batch, at some batch size, still runs suffix."""
+    full, _ = run(model, spec_dict, "full", full_rows)
+    study, ran_suffix = None, 0
     for rows in suffix_rows:
-        for parts in (Executor.suffix_parts, TRACES_ONLY) if remote is False else (Executor.suffix_parts,):
-            saved, Executor.suffix_parts = Executor.suffix_parts, parts
-            try:
-                frame, study = run(model, spec_dict, "suffix", rows, remote)
-            finally:
-                Executor.suffix_parts = saved
-            assert study.executor.used["full"] == 0 and study.executor.used["suffix"] > 0
-            if parts == TRACES_ONLY:
-                assert study.executor.suffix_stats["ragged_batches"] == 0
-            assert_same(full, frame)
+        frame, study = run(model, spec_dict, "suffix", rows)
+        used = study.executor.used
+        ran_suffix += used["suffix"]
+        if not some_full:
+            assert used["full"] == 0 and used["suffix"] > 0, used
+        assert_same(full, frame)
+    assert ran_suffix > 0
     return study
 
 
@@ -76,7 +71,7 @@ def test_every_site_kind_and_operation(tiny_model, tmp_path):
              "operations": ["mean", "resample", {"name": "interpolate", "alpha": 0.6}]},
         ],
     }
-    compare(tiny_model, spec)
+    compare(tiny_model, spec, some_full=True)
     # steering vectors are as wide as every site of the plan: whole-width sites only
     spec["patches"] = [{"sites": ["layers[1].mlp_out", "layers[2].resid_pre"], "positions": ["last", "all"],
                         "operations": ["mean", "resample", {"name": "interpolate", "alpha": 0.3},
@@ -103,19 +98,26 @@ def test_causal_trace_with_noise_samples(tiny_model):
     compare(tiny_model, spec, suffix_rows=(6, 300))
 
 
-def test_under_the_ndif_simulation(tiny_gpt2):
+def test_refused_on_ndif_and_under_its_simulation(tiny_gpt2):
+    """The suffix strategy's patched rows run outside nnsight: on NDIF and under its local simulation it is refused
+    with a clear error, and `auto` is `full` there."""
     spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": METRIC_LIST,
-            "sites": ["layers[*].resid_pre", "layers[1].heads[*]"], "positions": ["each"]}
-    compare(tiny_gpt2, spec, suffix_rows=(64,), remote="local")
+            "sites": ["layers[*].resid_pre"], "positions": ["each"]}
+    with pytest.raises(ClapError, match="strategy `suffix` runs locally only"):
+        run(tiny_gpt2, spec, "suffix", 64, remote="local")
+    full, _ = run(tiny_gpt2, spec, "full", 64)
+    simulated, study = run(tiny_gpt2, spec, "auto", 64, remote="local")
+    assert study.executor.strategy == "full" and study.executor.ragged is None
+    assert_same(full, simulated)
 
 
 def test_suffix_passes_compute_less(tiny_gpt2, monkeypatch):
     """Tokens through each MLP: the suffix strategy runs a resid_pre layer x position sweep on well under half of
     what the full strategy runs (skipped blocks and cached columns are not computed). The pass cost is set to zero:
-    on a model this small the grouping would otherwise (rightly) run one pass from the start."""
-    from interventions import suffix
+    on a model this small the grouping would otherwise (rightly) merge start columns into fewer passes."""
+    from interventions import ragged
 
-    monkeypatch.setattr(suffix, "PASS_OVERHEAD_FLOPS", 0.0)
+    monkeypatch.setattr(ragged, "PASS_OVERHEAD_FLOPS", 0.0)
     spec = {"model": {"source": "m"}, "probes": {"inline": PROBES[:2]}, "metrics": ["logit_diff"],
             "sites": ["layers[*].resid_pre"], "positions": ["each"]}
     counts = {}
@@ -152,5 +154,5 @@ def test_strategy_is_recorded_and_checked(tiny_gpt2, tmp_path):
         StudySpec.from_dict(data)
     data["execution"].update(strategy="auto")
     assert Study(StudySpec.from_dict(data), model=tiny_gpt2).executor.strategy == "full"
-    data["execution"].update(remote="local")  # the NDIF simulation: nnsight suffix traces are slower than full
+    data["execution"].update(remote="local")  # the NDIF simulation: the suffix strategy cannot run there
     assert Study(StudySpec.from_dict(data), model=tiny_gpt2).executor.strategy == "full"
