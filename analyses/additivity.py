@@ -259,6 +259,7 @@ def analyze_additivity(singles: pd.DataFrame, joint_dir: str | Path, out: str | 
     metric = metric or ("logit_diff" if "logit_diff" in metrics else metrics[0])
     cells = additivity_cells(singles, joint, design, dv=dv, metric=metric, group=group)
     cells["positions"] = str(joint["positions"].iloc[0])
+    cells["metric"] = metric
     result = AdditivityResult(cells, gap_summary(cells, group), pair_summary(cells, group),
                               methods_sentences(cells, dv, metric), [])
     result.findings = findings_sentences(result.gaps, group, alpha)

@@ -30,6 +30,8 @@ class Section:
     findings: list[str]
     tables: dict[str, pd.DataFrame]
     figures: list[tuple[str, str, str, list[Path]]]
+    #: the per-probe rows behind the section (the additivity cells), for analyses that read them too
+    data: pd.DataFrame | None = None
 
 
 def attach(result: Any, *, additivity: str | Path | None = None, ablation: str | Path | None = None,
@@ -50,7 +52,7 @@ def attach(result: Any, *, additivity: str | Path | None = None, ablation: str |
         sections.append(Section("additivity", "Additivity: layers patched jointly vs the sum of single layers",
                                  add.findings, {"Joint vs sum per set of layers (all probes)": overall[shown],
                                                 "Pairwise interaction terms by rank pair (gap = interaction)":
-                                                    add.pairs[pair_cols]}, add.figures))
+                                                    add.pairs[pair_cols]}, add.figures, add.cells))
         result.files += add.files
     if ablation is not None:
         abl = _ablation.analyze_ablation(ablation, result.out_dir, patching=result.data, dv=dv, group=group,

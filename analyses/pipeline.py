@@ -35,6 +35,7 @@ Files written to the output folder:
 ``trivial_sites.csv``  the sites flagged ``trivial`` and their mean recovery
 ``localization*.csv``  :mod:`analyses.localization`: per-layer contributions, per-probe localization measures,
                        group means and the group comparison per slice
+``cross_domain.csv``   :mod:`analyses.domains`: with a domain label (``topic``), localization within each domain
 ``skipped.csv``        tests not run, with the reason
 ``caveats.md``         the automatic caveats, one per paragraph
 ``figures/*.png|svg``  the figures (PNG at 200 dpi and SVG)
@@ -51,6 +52,7 @@ import pandas as pd
 
 from analyses import caveats as _caveats
 from analyses.derived import attach
+from analyses.domains import attach_domains, resolve_domain
 from analyses.figure_set import FigureFile, draw_figures
 from analyses.io import load_results
 from analyses.methods import exclusion_rules, methods_text, reduction_words
@@ -185,12 +187,13 @@ def analyze(results_dir: str | Path, options: AnalyzeOptions | None = None, **na
     elif rules.subject == "clean_prompt":
         raise ClapError("subject: clean_prompt needs each probe's clean prompt, but run.json has no `probes` list with "
                         "`probe_id` and `clean`; rerun `clap patch` (it records them) or use subject: probe")
+    domain = resolve_domain(rules.domain, probe_labels(meta, data), requested)  # cross_domain.csv (analyses.domains)
     # the options are valid: prove the folder writable before the tables are computed
     prepare_output_dir(out, holds="tables, figures and reports are written into a folder")
     group = requested if requested and data[requested].nunique() >= 2 else None
     dv, alpha = opts.dv, opts.alpha
     options_used = dict(dv=dv, group=group, group_requested=requested, group_declared=rules.group is not None,
-                        metrics=list(opts.metrics), site_kinds=list(opts.site_kinds),
+                        domain=domain, metrics=list(opts.metrics), site_kinds=list(opts.site_kinds),
                         agg=opts.agg or reduction_words(rules), missing=opts.missing, n_boot=opts.n_boot, seed=seed,
                         alpha=alpha, analysis=rules.model_dump())
     tables = compute_tables(data, dv=dv, group=group, site_kinds=list(opts.site_kinds) or None, agg=opts.agg,
@@ -227,6 +230,7 @@ def analyze(results_dir: str | Path, options: AnalyzeOptions | None = None, **na
         result.files.extend(p for f in result.figures for p in f.paths if p not in result.files)
     if opts.additivity is not None or opts.ablation is not None:
         attach(result, additivity=opts.additivity, ablation=opts.ablation, figures=opts.figures, dpi=opts.dpi)
+    attach_domains(result)  # after the additivity check, whose gaps it splits by domain
     prune_outputs(out, result.files, ANALYZE_MANIFEST)  # an earlier analysis's slices that are gone now
     return result
 

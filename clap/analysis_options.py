@@ -30,6 +30,10 @@ exclusion rules
     intervals). Default: ``knowledge_type`` when the probes carry it, else the first label that can group them,
     never a provenance field such as ``pmids`` or ``bioasq_id`` (:mod:`clap.groups`). ``clap analyze``, ``report``,
     ``compare`` and ``run`` take ``--group`` for the same field.
+``domain``
+    the probe label whose values are the domains of the cross-domain table (:mod:`analyses.domains`: the
+    localization analysis repeated within each domain, groups compared there). Default: ``topic`` when the probes
+    carry it with at least two values; a declared label the probes lack is refused.
 ``interval``
     confidence intervals of means: ``t`` (default; holds its coverage at study sizes), ``bca`` or ``percentile``
     (bootstrap; the percentile interval covers only 83-87 % of a nominal 95 % at 6 probes).
@@ -62,6 +66,7 @@ class AnalysisOptions(BaseModel):
     subject_field: str = "subject"
     subject: Literal["probe", "clean_prompt"] = "probe"
     group: str | None = Field(default=None, min_length=1)
+    domain: str | None = Field(default=None, min_length=1)
     min_clean_logit_diff: float | None = None
     require_flip: bool = False
     min_abs_diff: float | None = Field(default=None, ge=0)

@@ -144,6 +144,52 @@ def test_domains_study_patches_every_layer_at_the_last_token_on_all_five_sets():
     assert [(g.sites, g.positions) for g in spec.patches] == [
         (["layers[*].resid_pre", "layers[*].attn_out", "layers[*].mlp_out"], ["last"])]
     assert spec.analysis.require_flip and spec.analysis.min_clean_logit_diff == 0
+    # the additivity check: each probe's top 3 and all 30 layers together, pairs among its top 3, no stacks
+    assert (study.additivity.kinds, study.additivity.top, study.additivity.pairs, study.additivity.cumulative) == (
+        ["attn_out", "mlp_out"], [3, 30], 3, False)
+
+
+def test_small_domains_study_is_the_documented_subset_of_the_shipped_sets():
+    """studies/domains-small.jsonl holds the lines its study file describes, unchanged: per topic and knowledge type
+    8 probes (epilepsy: the demo's first 8 of each type; encyclopedic, commonsense: evenly spaced; compositional: 8
+    evenly spaced two-hop probes and their one-hop parts); the study is domains.yaml with these probes."""
+    import json
+
+    import numpy as np
+
+    from interventions.spec import ModelSpec
+
+    data = STUDIES.parent / "clap" / "data"
+
+    def lines(name: str) -> list[str]:
+        return [line for line in (data / "probes" / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def spaced(items: list[str]) -> list[str]:
+        return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, 8).round().astype(int))]
+
+    def kind(line: str) -> str:
+        return json.loads(line)["knowledge_type"]
+
+    demo = [json.loads(line)["id"] for line in (data / "demo_probes.jsonl").read_text().splitlines() if line.strip()]
+    expected = []
+    for name in ("definitional.jsonl", "associative.jsonl"):
+        expected += [line for line in lines(name) if json.loads(line)["id"] in demo][:8]
+    for name in ("encyclopedic.jsonl", "commonsense.jsonl"):
+        for k in ("definitional", "associative"):
+            expected += spaced([line for line in lines(name) if kind(line) == k])
+    chains = lines("compositional.jsonl")
+    composed = spaced([line for line in chains if kind(line) == "two_hop"])
+    hops = {h for line in composed for h in json.loads(line)["composes"]}
+    expected += [line for line in chains if json.loads(line)["id"] in hops] + composed
+    assert (STUDIES / "domains-small.jsonl").read_text(encoding="utf-8").splitlines() == expected
+    assert len(expected) == 69
+    small, full = StudyFile.from_yaml(STUDIES / "domains-small.yaml"), StudyFile.from_yaml(STUDIES / "domains.yaml")
+    model = ModelSpec(source="smollm2-135m")
+    a = small.patch_spec(model, Path("probes.jsonl")).to_dict()
+    b = full.patch_spec(model, Path("probes.jsonl")).to_dict()
+    assert {k: v for k, v in a.items() if k not in ("name", "execution", "probes")} == {
+        k: v for k, v in b.items() if k not in ("name", "execution", "probes")}
+    assert small.additivity == full.additivity
 
 
 def test_dry_run_checks_the_domains_study_on_a_tiny_gpt2_and_writes_nothing(tiny_dir, tmp_path, capsys):
@@ -153,12 +199,12 @@ def test_dry_run_checks_the_domains_study_on_a_tiny_gpt2_and_writes_nothing(tiny
     from clap.app.pipeline import check_study
 
     stages = check_study(STUDIES / "domains.yaml", models={"model": str(tiny_dir)})
-    assert stages == ["patch[model]", "analyze[model]", "report"]
+    assert stages == ["patch[model]", "patch[additivity:model]", "analyze[model]", "report"]
     out = tmp_path / "out"
     assert main(["run", str(STUDIES / "domains.yaml"), "-o", str(out), "--model", f"model={tiny_dir}",
                  "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert "stage 1/3 patch[model]" in printed and "3 stages would run (nothing ran)" in printed
+    assert "stage 1/4 patch[model]" in printed and "4 stages would run (nothing ran)" in printed
     assert not out.exists()
 
 

@@ -367,6 +367,8 @@ class StudyFile(StudySpec):
                 raise SpecError("patch_spec: a probe set of several files (or a package: path) needs the prepared "
                                 "probes file")
             probes["file"] = str(probes_file)
+        elif probes_file is not None:  # the file as resolved: run.json names it wherever the run is analysed
+            probes["file"] = str(Path(probes_file).absolute())
         try:
             spec = StudySpec.model_validate({**data, "model": model.model_dump(), "probes": probes})
         except ValidationError as exc:  # only overrides can fail here: the study file itself validated

@@ -84,6 +84,26 @@ def _localization(results: Path) -> pd.DataFrame | None:
     return means[[c for c in means.columns if c not in set(table["measure"]) - set(LOCALIZATION_SHOWN)]]
 
 
+CROSS_DOMAIN_WORDS = ("The localization analysis repeated within each domain (the probes' domain label), groups "
+                      "compared there: A vs B as mean per group, the difference A - B with its 95 % Welch interval and "
+                      "the permutation p Holm-corrected across the measures of the domain and site kind; the "
+                      "additivity gap (joint - sum of single layers) of every layer patched together, per group; the "
+                      "verdict from the concentration measures (effective layers, peak share, 80 % window). Every "
+                      "number is in the linked cross_domain.csv.")
+
+
+def _cross_domain(results: Path) -> dict[str, Any] | None:
+    """A run's cross-domain table as shown (:func:`analyses.domains.display`), from its analysis' own CSV."""
+    from analyses.domains import CROSS_DOMAIN_FILE, display
+
+    path = results / "analysis" / CROSS_DOMAIN_FILE
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    if table.empty:
+        return None
+    contrast, composed = display(table)
+    return {"file": path, "contrast": contrast, "composed": composed, "label": str(table["domain_label"].iloc[0])}
 ADDITIVITY_WORDS = ("Additivity per model: the gap between patching each probe's top-m layers (by single-layer "
                     "recovery) together and the sum of their single-layer recoveries, and the mean gap over pairs "
                     "among its top 5 layers; mean [95 % t interval] over probes (0: the layers add up; below 0: "
@@ -115,6 +135,7 @@ def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
         "results": results, "report": report if report.is_file() else None,
         "caveats": design_caveats(frame, meta) + design, "trace": _trace(results),
         "localization": _localization(results), "additivity": _additivity(results),
+        "cross_domain": _cross_domain(results),
         "samples": ((meta.get("noise") or {}).get("samples")),
     }
 
@@ -159,6 +180,21 @@ def _localization_markdown(models: list[dict]) -> list[str]:
     return lines
 
 
+def _cross_domain_markdown(models: list[dict], out: Path) -> list[str]:
+    """The study report's cross-domain section: each model's contrast per domain and site kind, and where composed
+    probes sit relative to their parts (none without a domain label)."""
+    lines = []
+    for m in [m for m in models if m.get("cross_domain")]:
+        cd = m["cross_domain"]
+        lines += ["", f"## Across domains: {m['name']} (`{cd['label']}`)", "", CROSS_DOMAIN_WORDS, "",
+                  markdown_table(cd["contrast"])]
+        if len(cd["composed"]):
+            lines += ["", "Composed probes vs their one-hop parts (paired; difference composed - part):", "",
+                      markdown_table(cd["composed"])]
+        lines += ["", f"Full table: [{cd['file'].name}]({relative_link(cd['file'], out)})"]
+    return lines
+
+
 def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict], stages: list[tuple]) -> str:
     lines = [f"# Study: {study.name}", "", "## Models", "",
              "| model | source | architecture | probes | sites | rows | report |",
@@ -181,6 +217,7 @@ def _markdown(study: Any, out: Path, models: list[dict], comparisons: list[dict]
             lines += [markdown_table(m["trace"]["peaks"]), "",
                       f"Full table: [{m['trace']['table'].name}]({relative_link(m['trace']['table'], out)})"]
     lines += _localization_markdown(models)
+    lines += _cross_domain_markdown(models, out)
     lines += ["", "## Design caveats", ""]
     any_caveat = False
     for m in models:
@@ -228,6 +265,19 @@ def _html_findings(models: list[dict], comparisons: list[dict]) -> list[str]:
     return parts
 
 
+def _cross_domain_html(models: list[dict], out: Path) -> list[str]:
+    """The HTML twin of :func:`_cross_domain_markdown`."""
+    e = html.escape
+    parts = []
+    for m in [m for m in models if m.get("cross_domain")]:
+        cd = m["cross_domain"]
+        parts.append(f"<h2>Across domains: {e(m['name'])} (<code>{e(cd['label'])}</code>)</h2>"
+                     f"<p>{e(CROSS_DOMAIN_WORDS)}</p>" + html_table(cd["contrast"]))
+        if len(cd["composed"]):
+            parts.append("<p>Composed probes vs their one-hop parts (paired; difference composed - part):</p>"
+                         + html_table(cd["composed"]))
+        parts.append(f"<p>Full table: <a href='{e(relative_link(cd['file'], out))}'>{e(cd['file'].name)}</a></p>")
+    return parts
 def _html_model_tables(models: list[dict], key: str, title: str, words: str) -> list[str]:
     """A section with one table per model under ``key`` (none when no model has one)."""
     shown = [m for m in models if m.get(key) is not None]
@@ -264,6 +314,7 @@ def _html(study: Any, out: Path, models: list[dict], comparisons: list[dict], st
                          f"{e(m['trace']['table'].name)}</a></p>")
     parts += _html_model_tables(models, "localization", "Localization profiles", LOCALIZATION_WORDS)
     parts += _html_model_tables(models, "additivity", "Additivity", ADDITIVITY_WORDS)
+    parts += _cross_domain_html(models, out)
     if comparisons:
         parts.append("<h2>Comparisons</h2><ul>")
         for c in comparisons:
