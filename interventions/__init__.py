@@ -10,7 +10,8 @@ Python surface (mirrors the YAML spec one to one)::
     to_grid(resid_pre_sweep(load_model("smollm2-135m"), probes))
 
 Layers: :mod:`spec` (schema) -> :mod:`sites` / :mod:`probes` (resolution) -> :mod:`plan` (cells and batches) ->
-:mod:`execute` (nnsight traces) -> :mod:`results` (tidy frame and files); :mod:`study` ties them together.
+:mod:`executor` (the substrates, every one applying :mod:`kernel`'s edits) -> :mod:`tidy` / :mod:`output` (tidy
+frame and files); :mod:`resolved` resolves a study once and :mod:`study` ties them together.
 """
 
 from __future__ import annotations

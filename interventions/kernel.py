@@ -120,7 +120,9 @@ def edit_access(original: object, n_heads: int, stages: Sequence[EditStage]) -> 
 
 
 def set_mean(logits: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the mean logit over a token set (``index`` ``[rows, k]`` padded, ``mask`` 1 where real)."""
+    """Per row, the mean logit over a token set (``index`` ``[rows, k]`` padded, ``mask`` 1 where real), in the
+    logits' dtype."""
+    mask = mask.to(logits.dtype)
     return (logits.gather(1, index) * mask).sum(1) / mask.sum(1)
 
 
@@ -135,7 +137,7 @@ def token_sets(sets: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tenso
     """``(index, mask)`` for per-row token sets of different sizes: ids padded with 0, mask 1 where real."""
     width = max(1, max((len(s) for s in sets), default=1))
     index = torch.zeros((len(sets), width), dtype=torch.long)
-    mask = torch.zeros((len(sets), width), dtype=torch.float64)
+    mask = torch.zeros((len(sets), width), dtype=torch.float32)  # exact 0/1; cast to the logits' dtype where used
     for row, ids in enumerate(sets):
         index[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
         mask[row, : len(ids)] = 1.0

@@ -25,7 +25,7 @@ from interventions.sites import Site
 
 
 class MeasurementPasses:
-    """The statistics passes of one resolved study, run through its executor. A cross-model study's source-model
+    """The measuring passes of one resolved study, run through its executor. A cross-model study's source-model
     baselines are left in :attr:`source_metrics` (``(probe, role) -> metrics``)."""
 
     def __init__(self, study: ResolvedStudy, executor: Executor):
@@ -34,7 +34,7 @@ class MeasurementPasses:
         self.source_metrics: dict[tuple[int, str], torch.Tensor] = {}
 
     def constants(self, plan: Plan) -> Measurements:
-        """Widths of every site; the statistics passes the plan's operations need (:mod:`operations` ``needs``):
+        """Widths of every site; the measuring passes the plan's operations need (:mod:`operations` ``needs``):
         probe-set means, embedding stds for noise, steering vectors."""
         from clap.architectures import architecture_of
         from interventions import operations
@@ -119,7 +119,7 @@ class MeasurementPasses:
 
     def _vectors(self, plan: Plan, ops: list, widths: dict[str, int]) -> dict[tuple[str, str], torch.Tensor]:
         """Steering vectors per (operation, site): from a .pt/.npy file, or the mean difference of the last-token
-        activations of two prompt sets at the site (one statistics pass per set)."""
+        activations of two prompt sets at the site (one measuring pass per set)."""
         tokenizer = self.study.model.tokenizer
         out = {}
         for op in ops:

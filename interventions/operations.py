@@ -5,15 +5,16 @@ touches only this module. An operation declares
 
 * ``copies_source``: it reads the source run's activation at aligned token positions (so strict alignment and the
   right-alignment counterpart apply, and a study whose source equals its target would measure nothing);
-* ``needs``: the statistics passes it needs before batching (``mean``: probe-set means per site; ``noise_std``:
-  an embedding std; ``vector``: a steering vector loaded from a file or captured as a mean difference);
+* ``needs``: the measuring passes it needs before batching (:mod:`interventions.measuring`; ``mean``: probe-set
+  means per site; ``noise_std``: an embedding std; ``vector``: a steering vector loaded from a file or captured as a
+  mean difference);
 * ``check(spec)``: what its spec fields must satisfy (a ``ValueError`` becomes a file:line error);
 * ``label(spec)``: its name in the results' ``operation`` column;
 * ``approximate``: it is estimated, not measured: executed by the gradient path (:mod:`interventions.attribution`,
   one forward and backward pass per chunk of probes) instead of being compiled into batch edits;
 * ``compile(edit)``: the batch primitives it writes, as entries of ``copy`` (``x[t] = x[s]``), ``set``
   (``x[t] = v``), ``add`` (``x[t] += v``) and ``mix`` (``x[t] += alpha * (x[s] - x[t])``, or towards given values
-  ``v``), which the trace applies as plain index operations (so every trace stays NDIF-serialisable).
+  ``v``), which every substrate applies with :func:`interventions.kernel.apply_edits`.
 
 Cross-model patching (``source_model``): the source run is another model's, captured before batching
 (``Measurements.source_acts``), so ``replace`` compiles to ``set`` and ``interpolate`` to a ``mix`` towards those

@@ -190,6 +190,8 @@ def estimate_plan(spec: StudySpec, probes: Sequence[Probe], groups: Sequence[Any
     for probe in probes:
         n_target = len(probe.prompt_ids(target))
         for group in groups:
+            if group.probes is not None and probe.id not in group.probes:
+                continue  # a per-probe group (e.g. the additivity run's top-m sets): compile_plan skips it too
             positions = sum(n_target if sel == "each" else 1 for sel in group.positions)
             per_site = sum(spec.samples if (baseline_noise or op.name == "noise") else 1 for op in group.operations)
             cells += len(group.sites) * positions * per_site

@@ -386,12 +386,16 @@ class RaggedPath:
             try:
                 self.self_check_gap = self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs,
                                                  metric_dtype)
+            except (MemoryError, torch.OutOfMemoryError) as exc:  # this batch was too large, not a verdict
+                raise Unsupported(f"the self-check ran out of memory ({type(exc).__name__}); this batch runs full"
+                                  ) from exc
             except Exception as exc:  # noqa: BLE001 - whatever breaks here, this path is not for this model
                 self.self_check_gap = float("inf")
                 raise Unsupported(f"the self-check could not run on this model ({type(exc).__name__}: {exc})"
                                   ) from exc
             finally:
-                _SELF_CHECKS[self.hf] = self.self_check_gap
+                if self.self_check_gap is not None:  # a verdict on the architecture: kept for this model object
+                    _SELF_CHECKS[self.hf] = self.self_check_gap
             if not self.self_check_gap <= SELF_CHECK_TOLERANCE:
                 raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
         n_rows, width = batch.input_ids.shape

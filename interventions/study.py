@@ -53,7 +53,7 @@ from interventions.plan import (
     compile_plan,
     rows_for_budget,
 )
-from interventions.probes import Probe
+from interventions.probes import Probe, load_probes
 from interventions.resolved import (
     ResolvedStudy,
     check_group_probes,
@@ -64,7 +64,7 @@ from interventions.resolved import (
     spec_probes,
     unembed_module,
 )
-from interventions.sites import Site, SiteResolver
+from interventions.sites import Site
 from interventions.spec import ModelSpec, StudySpec
 from interventions.tidy import TidyRows
 
@@ -187,11 +187,11 @@ class Study:
         return probes
 
     def resolved(self) -> ResolvedStudy:
-        """The study resolved on the loaded model (probes, site groups, baselines), once; the plan, the statistics
-        passes and attribution read it."""
+        """The study resolved on the loaded model (probes, site groups, baselines), once per run; the plan, the
+        measuring passes and attribution read it."""
         if self._resolved is None:
-            attribution.check_sites(self.spec, SiteResolver(self.model.hf))
             self._resolved = ResolvedStudy.of(self.spec, self.model, self.probes(), self.source_model)
+            attribution.check_sites(self.spec, self._resolved.resolver)
         return self._resolved
 
     def sites(self) -> list[Site]:
@@ -247,8 +247,9 @@ class Study:
         config, tokenizer = loaded
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        group_plans(self.spec, *site_groups(self.spec, skeleton))  # windows and cumulative stacks too
-        self._site_groups(skeleton)
+        resolver, groups = site_groups(self.spec, skeleton)
+        group_plans(self.spec, resolver, groups)  # windows and cumulative stacks too
+        attribution.check_sites(self.spec, resolver)
         # the run warns once, with the loaded model's tokenizer
         check_group_probes(self.spec, self.probes(tokenizer, warn=False, config=config))
         if self.spec.source_model is not None:
@@ -277,7 +278,10 @@ class Study:
         check_same_tokens(self._source_probes(tokenizer), self._source_probes(source_tokenizer), where)
 
     def _source_probes(self, tokenizer: Any) -> list[Probe]:
-        return spec_probes(self.spec, tokenizer)
+        """The probes as the source model's tokenizer reads them, unchecked: :func:`check_same_tokens` then says
+        which probe the two tokenizers split differently."""
+        return load_probes(self.spec.probes, tokenizer, self.spec.base_dir,
+                           corrupted_prompt=self.spec.corrupted_prompt, warn=False)
 
     # -- execution ------------------------------------------------------------------------------------------
     def run(self, out_dir: str | Path | None = None) -> pd.DataFrame:
@@ -285,6 +289,7 @@ class Study:
 
         ``out_dir`` is checked (writable folder) and locked (``<out>/.clap.lock``) first, so a second run into the
         same folder stops at once, naming the run that holds it."""
+        self._resolved = None  # a rerun reads the probe files again (they may have changed since)
         full_traces.check_remote(self.spec.execution.remote, self.spec.model.source)
         if self.spec.source_model is not None:
             full_traces.check_remote(self.spec.execution.remote, self.spec.source_model.source)
@@ -459,12 +464,6 @@ def check_same_tokens(probes: list[Probe], source_probes: list[Probe], where: st
                 raise ClapError(f"{where}: the source model's tokenizer gives probe {mine.id} other "
                                 f"{what.replace('_ids', '')} token ids than the target's; cross-model patching "
                                 f"needs the same tokenizer")
-
-
-
-
-
-
 
 
 def _few(ids: list[str], n: int = 5) -> str:

@@ -167,3 +167,15 @@ def test_the_kernel_travels_by_value_to_a_process_without_clap(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[0] == "True"
+
+
+def test_metrics_come_out_in_the_dtype_asked_for():
+    """Devices without float64 (Apple's MPS) reduce in float32: the masks must not promote the result."""
+    logits = torch.randn(2, 20)
+    a_index, a_mask = kernel.token_sets([[1], [2, 3]])
+    w_index, w_mask = kernel.token_sets([[4], [5]])
+    assert a_mask.dtype == torch.float32
+    metrics, logprobs = kernel.reduce_metrics(logits, a_index, a_mask, w_index, w_mask, dtype=torch.float32)
+    assert metrics.dtype == torch.float32 and logprobs.dtype == torch.float32
+    half = kernel.logit_difference(logits.half(), a_index, a_mask, w_index, w_mask)
+    assert half.dtype == torch.float16

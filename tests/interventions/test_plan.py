@@ -111,3 +111,7 @@ def test_runaway_plan_is_refused_from_counts_before_any_cell_is_built(tiny_gpt2,
     assert big.cells == 100_000 * 10 * len(probes[0].corrupted_ids) * 167 > 10**9 // 2
     with pytest.raises(ClapError, match=r"GB of memory"):
         plan_module.check_plan_size(big, many.execution.max_cells)
+    # a group restricted to some probes (the additivity run's per-probe sets) counts for those probes only
+    per_probe = [plan_module.GroupPlan(sites=[0, 1], positions=["last"], operations=many.operations,
+                                       probes=frozenset({f"p{i}"})) for i in range(100)]
+    assert plan_module.estimate_plan(many, huge[:100], per_probe).cells == 100 * 2
