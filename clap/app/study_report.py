@@ -71,13 +71,19 @@ LOCALIZATION_WORDS = ("Localization profiles per model, site kind and group: mea
                       "model's report.")
 
 
-def _localization(results: Path) -> pd.DataFrame | None:
-    """A run's localization measures per slice and group (``mean [low, high]``), from its analysis' own table."""
-    path = results / "analysis" / LOCALIZATION_FILES["localization_groups"]
+def _analysis_table(results: Path, name: str) -> pd.DataFrame | None:
+    """One of a run's analysis tables (``<results>/analysis/<name>``), or None when it is missing or empty."""
+    path = results / "analysis" / name
     if not path.is_file():
         return None
     table = pd.read_csv(path)
-    if table.empty:
+    return None if table.empty else table
+
+
+def _localization(results: Path) -> pd.DataFrame | None:
+    """A run's localization measures per slice and group (``mean [low, high]``), from its analysis' own table."""
+    table = _analysis_table(results, LOCALIZATION_FILES["localization_groups"])
+    if table is None:
         return None
     group = table.columns[0] if table.columns[0] != "measure" else None
     means = localization_display({"localization_groups": table}, group)[0]
@@ -96,14 +102,14 @@ def _cross_domain(results: Path) -> dict[str, Any] | None:
     """A run's cross-domain table as shown (:func:`analyses.domains.display`), from its analysis' own CSV."""
     from analyses.domains import CROSS_DOMAIN_FILE, display
 
-    path = results / "analysis" / CROSS_DOMAIN_FILE
-    if not path.is_file():
-        return None
-    table = pd.read_csv(path)
-    if table.empty:
+    table = _analysis_table(results, CROSS_DOMAIN_FILE)
+    if table is None:
         return None
     contrast, composed = display(table)
-    return {"file": path, "contrast": contrast, "composed": composed, "label": str(table["domain_label"].iloc[0])}
+    return {"file": results / "analysis" / CROSS_DOMAIN_FILE, "contrast": contrast, "composed": composed,
+            "label": str(table["domain_label"].iloc[0])}
+
+
 ADDITIVITY_WORDS = ("Additivity per model: the gap between patching each probe's top-m layers (by single-layer "
                     "recovery) together and the sum of their single-layer recoveries, and the mean gap over pairs "
                     "among its top 5 layers; mean [95 % t interval] over probes (0: the layers add up; below 0: "
@@ -113,11 +119,9 @@ ADDITIVITY_WORDS = ("Additivity per model: the gap between patching each probe's
 
 def _additivity(results: Path) -> pd.DataFrame | None:
     """A run's additivity gaps (top-m sets and pairs) per site kind and group, from its analysis' own table."""
-    path = results / "analysis" / ADDITIVITY_FILES["gaps"]
-    if not path.is_file():
-        return None
-    table = gap_display(pd.read_csv(path))
-    return table if len(table) else None
+    table = _analysis_table(results, ADDITIVITY_FILES["gaps"])
+    shown = gap_display(table) if table is not None else None
+    return shown if shown is not None and len(shown) else None
 
 
 def _run_entry(name: str, source: str, results: Path) -> dict[str, Any] | None:
@@ -164,20 +168,22 @@ def write_study_report(study: Any, out: Path, stages: Sequence[Any]) -> list[Pat
     return [html_path, md_path]
 
 
-def _localization_markdown(models: list[dict]) -> list[str]:
-    """The study report's localization section: each model's measures per slice and group (none if not analysed)."""
-    shown = [m for m in models if m.get("localization") is not None]
+def _markdown_model_tables(models: list[dict], key: str, title: str, words: str) -> list[str]:
+    """A section with one table per model under ``key`` (none when no model has one): the Markdown twin of
+    :func:`_html_model_tables`."""
+    shown = [m for m in models if m.get(key) is not None]
     if not shown:
         return []
-    lines = ["", "## Localization profiles", "", LOCALIZATION_WORDS]
+    lines = ["", f"## {title}", "", words]
     for m in shown:
-        lines += ["", f"### {m['name']}", "", markdown_table(m["localization"])]
-    additive = [m for m in models if m.get("additivity") is not None]
-    if additive:
-        lines += ["", "## Additivity", "", ADDITIVITY_WORDS]
-        for m in additive:
-            lines += ["", f"### {m['name']}", "", markdown_table(m["additivity"])]
+        lines += ["", f"### {m['name']}", "", markdown_table(m[key])]
     return lines
+
+
+def _localization_markdown(models: list[dict]) -> list[str]:
+    """The study report's localization and additivity sections (none for what was not analysed)."""
+    return (_markdown_model_tables(models, "localization", "Localization profiles", LOCALIZATION_WORDS)
+            + _markdown_model_tables(models, "additivity", "Additivity", ADDITIVITY_WORDS))
 
 
 def _cross_domain_markdown(models: list[dict], out: Path) -> list[str]:
