@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from clap.errors import ClapError
-from interventions import full_traces, ragged, suffix
+from interventions import full_traces, kernel, ragged, suffix
 from interventions.plan import Batch
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,10 @@ class Executor:
         Under ``suffix``, patched rows whose edits change nothing take their baseline row's result without running
         (:func:`interventions.suffix.no_op_rows`); False runs them (the benchmark measures what the skip saves).
     metrics : sequence of str, optional
-        The metrics the caller reads (:data:`clap.contract.METRICS`); None: all. Without ``kl`` the ragged path does
-        not compute the KL divergence (a float64 pass over the vocabulary per row); the column is then NaN.
+        The metrics the caller reads (:data:`clap.contract.METRICS`); None: all. The ragged path computes only what
+        they need (:class:`interventions.kernel.MetricNeeds`): without ``kl`` no KL divergence (a float64 pass over
+        the vocabulary per row), without any of ``prob``, ``logprob``, ``kl`` the logits of the answer and wrong
+        tokens alone; the columns not computed are NaN.
     """
 
     def __init__(self, model: Any, remote: bool | str = False, strategy: str = "auto",
@@ -83,7 +85,7 @@ class Executor:
         self.remote = remote
         self.unembed_module = unembed_module
         self.skip_no_ops = skip_no_ops
-        self.kl = metrics is None or "kl" in metrics
+        self.needs = kernel.MetricNeeds.of(metrics)
         self.strategy = resolve_strategy(strategy, remote)
         self.used: Counter[str] = Counter()
         self._layout: suffix.ModelLayout | None | bool = False  # False: not looked at yet
@@ -126,7 +128,7 @@ class Executor:
         if self.ragged is not None:
             try:
                 metrics = suffix.run_batch(self.model, batch, self.layout, self.ragged, self.unembed_module,
-                                           stats=self.suffix_stats, skip_no_ops=self.skip_no_ops, kl=self.kl)
+                                           stats=self.suffix_stats, skip_no_ops=self.skip_no_ops, needs=self.needs)
             except (ragged.Unsupported, suffix.Unsupported) as exc:
                 log.info("batch %d runs in full: %s", batch.index, exc)
             else:

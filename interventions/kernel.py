@@ -174,6 +174,55 @@ def reduce_metrics(logits: torch.Tensor, answer_index: torch.Tensor, answer_mask
     return metrics, logprobs
 
 
+#: metrics that need the whole vocabulary's logits (a softmax over it); the others read the answer sets' logits only
+VOCABULARY_METRICS = ("prob", "logprob", "kl")
+
+
+@dataclass(frozen=True)
+class MetricNeeds:
+    """What a caller reads of :func:`reduce_metrics`' columns, so a local path can leave out what nobody reads.
+
+    ``kl``: the KL divergence from the clean run (a float64 pass over the vocabulary per row). ``vocabulary``: any
+    metric over the whole vocabulary (probability, log-probability, KL); without it only the answer and wrong sets'
+    logits are computed (:func:`reduce_token_metrics`), and the unembedding multiplies the last hidden state by
+    those few rows of its weight instead of the whole vocabulary's."""
+
+    kl: bool = True
+    vocabulary: bool = True
+
+    @classmethod
+    def of(cls, metrics: Sequence[str] | None) -> MetricNeeds:
+        """The needs of a list of metric names (None: every metric)."""
+        if metrics is None:
+            return cls()
+        return cls(kl="kl" in metrics, vocabulary=any(m in VOCABULARY_METRICS for m in metrics))
+
+
+#: every metric column: what a caller that does not say what it reads gets
+ALL_METRICS = MetricNeeds()
+
+
+def answer_tokens(answer_index: torch.Tensor, wrong_index: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens, answer_at, wrong_at)``: the sorted token ids the rows' answer and wrong sets use, and the two index
+    tables rewritten as positions in ``tokens`` (so logits over ``tokens`` alone stand in for the vocabulary's)."""
+    tokens = torch.unique(torch.cat([answer_index.reshape(-1), wrong_index.reshape(-1)]))
+    return tokens, torch.searchsorted(tokens, answer_index), torch.searchsorted(tokens, wrong_index)
+
+
+def reduce_token_metrics(token_logits: torch.Tensor, answer_at: torch.Tensor, answer_mask: torch.Tensor,
+                         wrong_at: torch.Tensor, wrong_mask: torch.Tensor, *, dtype: torch.dtype = torch.float64
+                         ) -> torch.Tensor:
+    """``[rows, 5]`` metrics, as :func:`reduce_metrics`' columns, from the logits of the answer and wrong sets'
+    tokens alone (``token_logits`` ``[rows, k]``; ``answer_at``/``wrong_at`` index its columns, from
+    :func:`answer_tokens`): the logit difference and the answer logit, the same numbers as from the whole
+    vocabulary's logits; the probability, log-probability and KL divergence NaN (they need the whole vocabulary)."""
+    logits = token_logits.to(dtype)
+    answer_logit = set_mean(logits, answer_at, answer_mask)
+    nan = torch.full_like(answer_logit, float("nan"))
+    return torch.stack([answer_logit - set_mean(logits, wrong_at, wrong_mask), answer_logit, nan, nan, nan], dim=1)
+
+
 def register_for_remote() -> None:
     """Ship this module by value with NDIF requests (and nnsight's local simulation of them): the trace bodies call
     its functions, and the server has no clap installed. Idempotent."""

@@ -117,8 +117,11 @@ class BlockInputs:
             for handle in handles:
                 handle.remove()
 
-    def for_pass(self, layer: int, rows: torch.Tensor, col: int, cache: PrefixCache) -> dict[str, Any]:
-        """Block ``layer``'s arguments for baseline rows ``rows`` (one per pass row) and columns ``col..``."""
+    def for_pass(self, layer: int, rows: torch.Tensor, col: int, cache: PrefixCache, width: int | None = None
+                 ) -> dict[str, Any]:
+        """Block ``layer``'s arguments for baseline rows ``rows`` (one per pass row) and columns ``col..`` (``width``:
+        columns ``col..col + width - 1`` only, the keys ending there)."""
+        end = None if width is None else col + width
         if layer not in self.per_block:
             raise Unsupported(f"block {layer} was not seen in the baseline pass")
         from transformers.cache_utils import Cache
@@ -132,11 +135,53 @@ class BlockInputs:
                     value = self.causal_mask(layer)
                 if not isinstance(value, torch.Tensor) or value.dim() != 4:
                     raise Unsupported("the blocks take no materialised 4-d attention mask")
-                out[name] = _rows(value, rows)[:, :, col:, :]
+                out[name] = _rows(value, rows)[:, :, col:end, :end]
             elif name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
-                out[name] = (_rows(value, rows) if value.dim() > 1 else value)[..., col:]
+                out[name] = (_rows(value, rows) if value.dim() > 1 else value)[..., col:end]
             elif name == "position_embeddings" and isinstance(value, tuple):
-                out[name] = tuple(_rows(part, rows)[:, col:] for part in value)
+                out[name] = tuple(_rows(part, rows)[:, col:end] for part in value)
+            elif isinstance(value, torch.Tensor) or (isinstance(value, tuple) and value):
+                raise Unsupported(f"block argument {name!r} is not one this path knows how to slice")
+            else:
+                out[name] = value
+        return out
+
+    def for_columns(self, layer: int, rows: torch.Tensor, columns: torch.Tensor, base: dict[str, Any]
+                    ) -> dict[str, Any]:
+        """Block ``layer``'s arguments for one column per row (baseline rows ``rows``, padded column ``columns[i]``
+        for row ``i``): the keys and values of the columns before each row's own from the baseline cache, padded
+        to the longest and masked beyond each row's column, then the row's own key last."""
+        if layer not in self.per_block:
+            raise Unsupported(f"block {layer} was not seen in the baseline pass")
+        from transformers.cache_utils import Cache
+
+        k = len(rows)
+        every = torch.arange(k, device=rows.device)
+        prefix = int(columns.max()) if k else 0
+        keys, values = base["cache"][layer]
+        out: dict[str, Any] = {}
+        for name, value in self.per_block[layer].items():
+            if name == self.cache_kwarg or isinstance(value, Cache):
+                out[name] = PrefixCache(keys[rows, :, :prefix], values[rows, :, :prefix]) if prefix else PrefixCache(
+                    None, None)
+            elif name == "attention_mask":
+                if value is None:
+                    value = self.causal_mask(layer)
+                if not isinstance(value, torch.Tensor) or value.dim() != 4:
+                    raise Unsupported("the blocks take no materialised 4-d attention mask")
+                mask = _rows(value, rows).expand(k, -1, -1, -1)[every, 0, columns]  # [k, W]: each row's query
+                before = mask[:, :prefix].masked_fill(
+                    torch.arange(prefix, device=mask.device) >= columns[:, None], torch.finfo(mask.dtype).min)
+                own = mask[every, columns][:, None]
+                out[name] = torch.cat([before, own], dim=1)[:, None, None, :]
+            elif name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
+                if value.dim() < 2 and name == "cache_position":
+                    raise Unsupported("a cache position shared by every row cannot name one column per row")
+                table = value if value.dim() > 1 else value[None]
+                out[name] = _rows(table, rows).expand(k, -1)[every, columns][:, None]
+            elif name == "position_embeddings" and isinstance(value, tuple):
+                out[name] = tuple(_rows(part, rows).expand(k, *part.shape[1:])[every, columns][:, None]
+                                  for part in value)
             elif isinstance(value, torch.Tensor) or (isinstance(value, tuple) and value):
                 raise Unsupported(f"block argument {name!r} is not one this path knows how to slice")
             else:
@@ -239,6 +284,18 @@ def _hook(module: torch.nn.Module, access: str, n_heads: int, stages: list[tuple
     return module.register_forward_hook(post)
 
 
+def _last_column_only(module: torch.nn.Module) -> Any:
+    """A pre-hook on the last block's MLP that gives it the last column alone: only the last column of the last
+    block reaches the unembedding, and the block's residual addition broadcasts the one column over the others
+    (which nothing reads). The self-check confirms the broadcast on each model."""
+    def pre(_m: Any, args: tuple, kwargs: dict) -> tuple:
+        if args:
+            return (args[0][:, -1:], *args[1:]), kwargs
+        first = next(iter(kwargs))
+        return args, {**kwargs, first: kwargs[first][:, -1:]}
+    return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+
 @dataclass
 class Pass:
     """One ragged pass: ``rows`` (batch rows, sorted by first edited block), their start blocks, the column."""
@@ -263,16 +320,21 @@ class Pass:
 
 
 def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
-             base_index: torch.Tensor, inputs: BlockInputs, one: Pass, edits: list[tuple]) -> torch.Tensor:
+             base_index: torch.Tensor, inputs: BlockInputs, one: Pass, edits: list[tuple],
+             late: dict[int, tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
     """The final norm's output at the last column, ``[rows, d_model]``, of one pass's rows (unembedded by
     :func:`unembed_metrics`, together with other passes' rows). ``edits``: ``(patches, stages)`` from
-    :func:`interventions.suffix.pass_edits` with this pass's row numbering and column shift."""
+    :func:`interventions.suffix.pass_edits` with this pass's row numbering and column shift. ``late``: per batch
+    row that joins at the block after its first edited one (``one.layers`` holds that joining block), its start
+    column and its first block's output there (:func:`late_columns`); its other columns are the baseline's."""
     device = next(hf.parameters()).device
     targets = base_index[torch.tensor([batch.target_row[r] for r in one.rows])].to(device)
     col = one.col
     blocks = hf.get_submodule(arch.layers)
+    late = late or {}
     handles = []
     try:
+        edited_modules = []
         for patches, stages in edits:
             key = (patches.module, patches.access)
             if layout.rank[key] < layout.rank[layout.boundary[0]]:
@@ -280,20 +342,27 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
             kept = _rows_below(_on(stages, device), one.active(layout.block_of[key]))
             if kept:
                 handles.append(_hook(hf.get_submodule(patches.module), patches.access, patches.n_heads or 0, kept))
+                edited_modules.append(patches.module)
+        last_mlp = f"{arch.block(layout.n_layers - 1)}.{arch.mlp}"
+        if not any(module == last_mlp or module.startswith(last_mlp + ".") for module in edited_modules):
+            handles.append(_last_column_only(hf.get_submodule(last_mlp)))
         hidden = base["boundary"][one.layers[0]][targets[:0], col:]
         with torch.no_grad():
-            for layer in range(one.layers[0], layout.n_layers):
+            for layer in range(one.layers[0], layout.n_layers + 1):
                 n = one.active(layer)
                 if n > hidden.shape[0]:
-                    joining = base["boundary"][layer][targets[hidden.shape[0]:n], col:]
+                    joining = base["boundary"][layer][targets[hidden.shape[0]:n], col:]  # a copy (indexed rows)
+                    for i in range(hidden.shape[0], n):
+                        if one.rows[i] in late:
+                            start, value = late[one.rows[i]]
+                            joining[i - hidden.shape[0], start - col] = value
                     hidden = torch.cat([hidden, joining]) if hidden.shape[0] else joining
+                if layer == layout.n_layers:
+                    break
                 keys, values = base["cache"][layer]
                 cache = PrefixCache(keys[targets[:n], :, :col], values[targets[:n], :, :col]) if col else PrefixCache(
                     None, None)
                 hidden = blocks[layer](hidden, **inputs.for_pass(layer, targets[:n], col, cache))
-            if len(one.rows) > hidden.shape[0]:
-                joining = base["boundary"][layout.n_layers][targets[hidden.shape[0]:], col:]
-                hidden = torch.cat([hidden, joining]) if hidden.shape[0] else joining
             last = hf.get_submodule(arch.final_norm)(hidden)[:, -1, :]
     finally:
         for handle in handles:
@@ -301,28 +370,99 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
     return last
 
 
+def late_columns(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
+                 base_index: torch.Tensor, inputs: BlockInputs, late: dict[int, tuple[int, int]]
+                 ) -> dict[int, tuple[int, torch.Tensor]]:
+    """For rows that start late (``late``: batch row -> (first edited block, start column); see
+    :func:`interventions.suffix.late_rows`): their first block's output at their start column, with their edits
+    there, as ``row -> (column, [d_model])``. One call of each block for all its late rows, whatever their
+    columns (each row its own column, the baseline keys and values before it, :meth:`BlockInputs.for_columns`):
+    one small call per row and block would each read the block's weights for a handful of tokens."""
+    from interventions.suffix import pass_edits
+
+    device = next(hf.parameters()).device
+    blocks = hf.get_submodule(arch.layers)
+    by_block: dict[int, list[int]] = {}
+    for row, (layer, _) in sorted(late.items()):
+        by_block.setdefault(layer, []).append(row)
+    out: dict[int, tuple[int, torch.Tensor]] = {}
+    for layer, rows in by_block.items():
+        columns = torch.tensor([late[row][1] for row in rows])
+        table = torch.full((len(batch.row_role),), -1, dtype=torch.long)
+        table[torch.tensor(rows)] = torch.arange(len(rows))
+        handles = []
+        try:
+            for patches, stages in pass_edits(batch, layout, base, table, layer, 0):
+                if layout.block_of[(patches.module, patches.access)] != layer:
+                    continue
+                kept = _on(_at_own_column(stages, columns), device)
+                if kept:
+                    handles.append(_hook(hf.get_submodule(patches.module), patches.access, patches.n_heads or 0,
+                                         kept))
+            targets = base_index[torch.tensor([batch.target_row[r] for r in rows])].to(device)
+            hidden = base["boundary"][layer][targets, columns.to(device)].unsqueeze(1)
+            with torch.no_grad():
+                result = blocks[layer](hidden, **inputs.for_columns(layer, targets, columns.to(device), base))
+        finally:
+            for handle in handles:
+                handle.remove()
+        for i, row in enumerate(rows):
+            out[row] = (late[row][1], result[i, 0])
+    return out
+
+
+def _at_own_column(stages: list[tuple], columns: torch.Tensor) -> list[tuple]:
+    """Edits of rows numbered into a :func:`late_columns` call, kept at each row's own column (renumbered 0)."""
+    out = []
+    for shapes in stages:
+        moved = tuple(tuple(None if entry is None else entry.with_(t_col=entry.t_col * 0).select(
+            entry.t_col == columns[entry.t_row]) for entry in groups) for groups in shapes)
+        if any(entry is not None for groups in moved for entry in groups):
+            out.append(moved)
+    return out
+
+
 def unembed_metrics(hf: torch.nn.Module, arch: Any, batch: Batch, base: dict[str, Any], base_index: torch.Tensor,
-                    rows: Sequence[int], last: torch.Tensor, metric_dtype: torch.dtype, kl: bool = True
-                    ) -> torch.Tensor:
+                    rows: Sequence[int], last: torch.Tensor, metric_dtype: torch.dtype,
+                    needs: kernel.MetricNeeds = kernel.ALL_METRICS) -> torch.Tensor:
     """``[rows, 5]`` metrics of batch rows ``rows`` from their final norm's output at the last column (``last``),
     :data:`UNEMBED_ROWS` rows at a time: one unembedding for the rows of many passes reads the vocabulary's weights
-    once, not once per pass, and the float64 log-probabilities stay ``UNEMBED_ROWS x vocabulary``. ``kl`` False: the
-    KL divergence is not computed (NaN), for callers that do not read it."""
+    once, not once per pass, and the float64 log-probabilities stay ``UNEMBED_ROWS x vocabulary``.
+
+    ``needs`` says which columns the caller reads: without ``kl`` the KL divergence is not computed (NaN); without
+    ``vocabulary`` only the answer and wrong sets' logits are (a product with those rows of a linear unembedding's
+    weight: :func:`token_logits`), and the probability and log-probability are NaN too."""
     device = last.device
     index = torch.tensor(list(rows))
     answer_index, answer_mask, wrong_index, wrong_mask = (t[index].to(device) for t in (
         batch.answer_index, batch.answer_mask, batch.wrong_index, batch.wrong_mask))
     clean = base_index[batch.clean_row[index]].to(base["logprobs"].device)
     unembed = hf.get_submodule(arch.unembed)
+    by_tokens = not needs.vocabulary and isinstance(unembed, torch.nn.Linear)
     out = []
     with torch.no_grad():
         for low in range(0, len(index), UNEMBED_ROWS):
             part = slice(low, low + UNEMBED_ROWS)
-            metrics, _ = kernel.reduce_metrics(
-                unembed(last[part]), answer_index[part], answer_mask[part], wrong_index[part], wrong_mask[part],
-                clean_logprobs=base["logprobs"][clean[part]].to(device) if kl else None, dtype=metric_dtype)
+            if by_tokens:
+                tokens, answer_at, wrong_at = kernel.answer_tokens(answer_index[part], wrong_index[part])
+                metrics = kernel.reduce_token_metrics(token_logits(unembed, last[part], tokens), answer_at,
+                                                      answer_mask[part], wrong_at, wrong_mask[part],
+                                                      dtype=metric_dtype)
+            else:
+                metrics, _ = kernel.reduce_metrics(
+                    unembed(last[part]), answer_index[part], answer_mask[part], wrong_index[part], wrong_mask[part],
+                    clean_logprobs=base["logprobs"][clean[part]].to(device) if needs.kl else None,
+                    dtype=metric_dtype)
             out.append(metrics.cpu())
     return torch.cat(out) if out else torch.empty((0, base["metrics"].shape[1]), dtype=base["metrics"].dtype)
+
+
+def token_logits(unembed: torch.nn.Linear, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[rows, len(tokens)]``: the logits of ``tokens`` alone, ``unembed(hidden)[:, tokens]`` without the rest of
+    the vocabulary (the rows of the weight, and of the bias, that those tokens use)."""
+    tokens = tokens.to(unembed.weight.device)
+    bias = unembed.bias[tokens] if unembed.bias is not None else None
+    return torch.nn.functional.linear(hidden, unembed.weight[tokens], bias)
 
 
 def _on(stages: list[tuple], device: torch.device) -> list[tuple]:
@@ -334,9 +474,9 @@ def _on(stages: list[tuple], device: torch.device) -> list[tuple]:
 def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
                base_index: torch.Tensor, inputs: BlockInputs, metric_dtype: torch.dtype) -> float:
     """Run the baseline rows themselves on this path (from the first block, every column, with their baseline
-    interventions) and return the largest difference from the metrics of the model's own forward pass. Catches an
-    architecture whose forward does something between or after its blocks that calling them one by one would
-    miss."""
+    interventions) and return the largest difference from the metrics of the model's own forward pass, unembedded
+    both over the whole vocabulary and over the answer tokens alone. Catches an architecture whose forward does
+    something between or after its blocks (or to its logits) that calling them one by one would miss."""
     from interventions.suffix import pass_edits
 
     rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
@@ -348,6 +488,10 @@ def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: 
     last = run_pass(hf, arch, layout, probe, base, base_index, inputs, one, edits)
     got = unembed_metrics(hf, arch, probe, base, base_index, one.rows, last, metric_dtype)
     want = base["metrics"][base_index[torch.tensor(rows)]]
+    by_tokens = unembed_metrics(hf, arch, probe, base, base_index, one.rows, last, metric_dtype,
+                                kernel.MetricNeeds(kl=False, vocabulary=False))  # the unembedding's answer rows
+    got = torch.cat([got, by_tokens[:, :2]], dim=1)
+    want = torch.cat([want, want[:, :2]], dim=1)
     finite = torch.isfinite(want) & torch.isfinite(got)
     if not bool((torch.isfinite(want) == torch.isfinite(got)).all()):
         return float("inf")
@@ -375,9 +519,12 @@ class RaggedPath:
         return BlockInputs.capture(self.hf.get_submodule(self.arch.layers), self.layout.cache_kwarg)
 
     def run(self, batch: Batch, base: dict[str, Any], base_index: torch.Tensor, inputs: BlockInputs,
-            starts: dict[int, tuple[int, int]], metrics: torch.Tensor, kl: bool = True) -> torch.Tensor:
-        """Fill ``metrics`` (the batch's, baseline rows already in place) for the rows of ``starts`` (``kl`` False:
-        their KL divergence is left NaN)."""
+            starts: dict[int, tuple[int, int]], metrics: torch.Tensor,
+            needs: kernel.MetricNeeds = kernel.ALL_METRICS, late: set[int] | frozenset[int] = frozenset()
+            ) -> torch.Tensor:
+        """Fill ``metrics`` (the batch's, baseline rows already in place) for the rows of ``starts``, with the
+        columns ``needs`` names (the others NaN: :func:`unembed_metrics`). ``late``: rows that run their first
+        edited block on their start column alone (:func:`interventions.suffix.late_rows`)."""
         from interventions.full_traces import metric_dtype_for
         from interventions.suffix import pass_edits
 
@@ -399,17 +546,21 @@ class RaggedPath:
             if not self.self_check_gap <= SELF_CHECK_TOLERANCE:
                 raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
         n_rows, width = batch.input_ids.shape
-        passes = [one for col, rows in column_groups(starts, width, self.layout.n_layers,
+        late_values = late_columns(self.hf, self.arch, self.layout, batch, base, base_index, inputs,
+                                   {row: starts[row] for row in late})
+        joins = {row: (layer + 1, col) if row in late else (layer, col) for row, (layer, col) in starts.items()}
+        passes = [one for col, rows in column_groups(joins, width, self.layout.n_layers,
                                                      self.layout.flops_per_token_block)
-                  for one in Pass.of(col, rows, starts).cut(max(1, PASS_TOKENS // (width - col)))]
+                  for one in Pass.of(col, rows, joins).cut(max(1, PASS_TOKENS // (width - col)))]
         rows, lasts = [], []
         for one in passes:
             table = torch.full((n_rows,), -1, dtype=torch.long)
             table[torch.tensor(one.rows)] = torch.arange(len(one.rows))
             edits = pass_edits(batch, self.layout, base, table, 0, one.col)
-            lasts.append(run_pass(self.hf, self.arch, self.layout, batch, base, base_index, inputs, one, edits))
+            lasts.append(run_pass(self.hf, self.arch, self.layout, batch, base, base_index, inputs, one, edits,
+                                  late_values))
             rows += one.rows
         if rows:
             metrics[rows] = unembed_metrics(self.hf, self.arch, batch, base, base_index, rows, torch.cat(lasts),
-                                            metric_dtype, kl=kl)
+                                            metric_dtype, needs)
         return metrics

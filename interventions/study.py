@@ -203,26 +203,32 @@ class Study:
         resolver, _ = site_groups(self.spec, hf_model)
         attribution.check_sites(self.spec, resolver)
 
-    def plan(self) -> Plan:
+    def plan(self, *, refresh_weights: bool = True) -> Plan:
+        """The compiled plan. ``refresh_weights`` (default) re-hashes in-memory weights, which may have been edited
+        since loading, so the plan's fingerprint names the weights the run will use; a run that writes nothing
+        (no output folder: no resuming, no sidecar) passes False and skips the hash, a full read of every weight
+        on each run of an in-memory model."""
         resolved = self.resolved()
         plan = compile_plan(self.spec, resolved.probes, resolved.groups, self.model.tokenizer,
                             resolved.resolver.order_key, baseline=resolved.baseline)
-        identity = self.model.identity
-        if identity.get("weights_fingerprint") is not None:  # in-memory weights may have changed since loading
-            identity["weights_fingerprint"] = weights_fingerprint(self.model.hf, identity.get("location"))
-        plan.model_key = f"{identity.get('architecture')}:{identity.get('weights_fingerprint')}"
+        plan.model_key = self._model_key(self.model, refresh_weights)
         source = self.source_model
         if source is not None:  # resuming must never mix batches patched from other source weights
             check_compatible(self.model.hf.config, source.hf.config, self.spec.where(("source_model",)))
             check_same_tokens(plan.probes, self._source_probes(source.tokenizer), self.spec.where(("source_model",)))
-            ident = source.identity
-            if ident.get("weights_fingerprint") is not None:
-                ident["weights_fingerprint"] = weights_fingerprint(source.hf, ident.get("location"))
-            plan.model_key += f"|source:{ident.get('architecture')}:{ident.get('weights_fingerprint')}"
+            plan.model_key += f"|source:{self._model_key(source, refresh_weights)}"
         if plan.dropped:
             log.warning("%d cells not run: none of their tokens is left to patch (right alignment, or an empty "
                         "token group)", plan.dropped)
         return plan
+
+    @staticmethod
+    def _model_key(model: LoadedModel, refresh: bool) -> str:
+        """``architecture:fingerprint`` of a loaded model; ``refresh``: hash its in-memory weights again first."""
+        identity = model.identity
+        if refresh and identity.get("weights_fingerprint") is not None:
+            identity["weights_fingerprint"] = weights_fingerprint(model.hf, identity.get("location"))
+        return f"{identity.get('architecture')}:{identity.get('weights_fingerprint')}"
 
     def check(self) -> None:
         """What can be checked before the weights load: the device, the model source, every site address (against
@@ -304,7 +310,7 @@ class Study:
 
     def _run(self, out: Path | None) -> pd.DataFrame:
         spec = self.spec
-        plan = self.plan()
+        plan = self.plan(refresh_weights=out is not None)
         if not plan.cells and not attribution.named_groups(spec):
             raise ClapError(f"the study has no cells to run ({plan.dropped} dropped under right alignment)")
         group_columns = self._group_columns(plan)  # before any batch: an unknown analysis.group stops the run here

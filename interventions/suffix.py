@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,6 +60,9 @@ class ModelLayout:
     cache_kwarg: str  #: "cache" (transformers 5) or "past_key_values"
     config: Any
     flops_per_token_block: float  #: 2 x parameters of one block: the cost of one block on one token
+    #: block L -> the rank of its attention output projection's input: from there on, block L does nothing that
+    #: mixes columns (:func:`late_rows`); blocks without a known projection are left out
+    mixed: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, hf: torch.nn.Module) -> ModelLayout | None:
@@ -96,7 +99,9 @@ class ModelLayout:
         if any(key not in order for key in boundary.values()):
             return None
         flops = 2.0 * sum(p.numel() for p in blocks[0].parameters())
-        return cls(n_layers, arch.layers, order, block_of, boundary, cache_kwarg, hf.config, flops)
+        mixed = {layer: order[key] for layer in range(n_layers)
+                 if (key := (f"{arch.block(layer)}.{arch.out_proj}", "input")) in order}
+        return cls(n_layers, arch.layers, order, block_of, boundary, cache_kwarg, hf.config, flops, mixed)
 
 
 # -- where each row starts ------------------------------------------------------------------------------------------
@@ -118,6 +123,35 @@ def row_starts(batch: Batch, layout: ModelLayout) -> dict[int, tuple[int, int]]:
                         old = starts.get(row, (block, col))
                         starts[row] = (min(old[0], block), min(old[1], col))
     return starts
+
+
+def late_rows(batch: Batch, layout: ModelLayout, starts: dict[int, tuple[int, int]]) -> set[int]:
+    """The rows of ``starts`` that can skip most of their first edited block: every own edit in that block ``L``
+    lies at the row's start column ``c`` and comes after the attention's mixing (the output projection's input
+    or later: head outputs, the attention output, the MLP, the block's output).
+
+    Why that is exact: block ``L``'s keys and values come from its input, which such a row shares with its baseline
+    row, and everything after the mixing acts on each column alone; so block ``L``'s output differs from the
+    baseline row's only at column ``c``. The ragged path runs block ``L`` for these rows on column ``c`` alone
+    (the baseline keys and values before it from the cache) and lets them join its pass at block ``L + 1``, with
+    the baseline residual stream elsewhere: one column of block ``L`` instead of ``W - c``."""
+    disqualified: set[int] = set()
+    for patches in batch.accesses:
+        key = (patches.module, patches.access)
+        block, rank = layout.block_of[key], layout.rank[key]
+        for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
+            if stage == 0:
+                continue
+            for group in groups:
+                for entry in group.as_tuple():
+                    if entry is None:
+                        continue
+                    for row, col in zip(entry.t_row.tolist(), entry.t_col.tolist(), strict=True):
+                        first_block, first_col = starts[row]
+                        if block == first_block and (rank < layout.mixed.get(block, rank + 1) or col != first_col):
+                            disqualified.add(row)
+    return {row for row, (block, _) in starts.items()
+            if block < layout.n_layers and block in layout.mixed and row not in disqualified}
 
 
 def _stage_ids(patches: AccessPatches) -> list[int]:
@@ -195,7 +229,8 @@ def pass_edits(batch: Batch, layout: ModelLayout, base: dict[str, Any], table: t
 
 # -- the passes -------------------------------------------------------------------------------------------------------
 def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, unembed_module: str | None = None,
-              stats: dict[str, int] | None = None, skip_no_ops: bool = True, kl: bool = True) -> torch.Tensor:
+              stats: dict[str, int] | None = None, skip_no_ops: bool = True,
+              needs: kernel.MetricNeeds = kernel.ALL_METRICS) -> torch.Tensor:
     """``[rows, 5]`` metrics of a batch, equal to :func:`interventions.full_traces.run_batch`'s (to float rounding),
     from one baseline pass and the patched rows' suffixes on the ragged path.
 
@@ -203,8 +238,9 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, u
     :class:`interventions.ragged.Unsupported` before any work when the batch cannot run there; the caller then runs
     it in full). Patched rows whose every edit writes the value already there (:func:`no_op_rows`) are their
     baseline row's result and are not run (unless ``skip_no_ops`` is False, for measuring); ``stats`` counts them
-    (``"no_op_rows"``) and the rows run (``"rows_run"``). ``kl`` False: the patched rows' KL divergence is left NaN
-    (the caller does not read it)."""
+    (``"no_op_rows"``), the rows run (``"rows_run"``) and those of them that ran their first edited block on one
+    column (``"late_rows"``: :func:`late_rows`). ``needs``: the metric columns the caller reads; the patched
+    rows' others are left NaN (:func:`interventions.ragged.unembed_metrics`)."""
     if len(batch.target_row) != len(batch.row_role):
         raise Unsupported("the batch does not name each row's target baseline row")
     starts = row_starts(batch, layout)
@@ -213,7 +249,9 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, u
     base_rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
     base_index = torch.full((n_rows,), -1, dtype=torch.long)
     base_index[base_rows] = torch.arange(len(base_rows))
-    boundaries = sorted({layer for layer, _ in starts.values()} | {0})  # 0: the ragged path's self-check
+    late = late_rows(batch, layout, starts)
+    # 0: the ragged path's self-check; a late row reads the state entering its first block and the next one
+    boundaries = sorted({layer for layer, _ in starts.values()} | {starts[row][0] + 1 for row in late} | {0})
     with ragged_path.capturing() as block_inputs:
         base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, _device_of(model, False),
                               unembed_module)
@@ -224,10 +262,11 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, u
         if role == "patched" and (row not in starts or row in quiet):  # nothing of its own: its baseline row's run
             metrics[row] = base["metrics"][base_index[batch.target_row[row]]]
     starts = {row: start for row, start in starts.items() if row not in quiet}
-    ragged_path.run(batch, base, base_index, block_inputs, starts, metrics, kl=kl)
+    ragged_path.run(batch, base, base_index, block_inputs, starts, metrics, needs, late=late & set(starts))
     if stats is not None:  # counted once the batch is done (a ragged path that gives up leaves them to the retry)
         stats["no_op_rows"] = stats.get("no_op_rows", 0) + len(quiet)
         stats["rows_run"] = stats.get("rows_run", 0) + len(starts)
+        stats["late_rows"] = stats.get("late_rows", 0) + len(late & set(starts))
     return metrics
 
 

@@ -114,3 +114,23 @@ def test_an_edit_that_keeps_size_and_mtime_changes_the_fingerprint(tmp_path, tin
     assert models._fingerprint(tmp_path / "copy.gguf") == models._fingerprint(gguf)
     (tmp_path / "cache" / "fingerprints.json").write_text("[]")  # a cache that is not one: ignored, rewritten
     assert models._file_digest(gguf) == hashlib.blake2b(gguf.read_bytes(), digest_size=16).hexdigest()
+
+
+def test_weights_are_hashed_again_only_for_a_run_that_writes(tmp_path, tiny_gpt2, tokenizer, monkeypatch):
+    """A run with an output folder re-hashes in-memory weights (resuming and the sidecar name them); a run that
+    writes nothing skips the hash, a read of every weight."""
+    from interventions import study as study_module
+
+    model = wrap(copy.deepcopy(tiny_gpt2.hf), tokenizer)
+    calls = []
+    real = study_module.weights_fingerprint
+    monkeypatch.setattr(study_module, "weights_fingerprint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    in_memory = Study(_spec(), model=model).run()
+    assert calls == []
+    with torch.no_grad():
+        model.hf.transformer.h[-1].ln_2.bias.add_(1e-3)
+    written = Study(_spec(), model=model).run(tmp_path / "out")
+    assert calls == [1]
+    sidecar = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert sidecar["model"]["weights_fingerprint"] == real(model.hf)
+    assert not in_memory.reset_index(drop=True).equals(written.reset_index(drop=True))

@@ -122,9 +122,86 @@ def test_kl_is_computed_only_when_read(tiny_gpt2):
             "sites": ["layers[*].resid_pre"], "positions": ["each"]}
     full, _ = run(tiny_gpt2, spec, "full", 64)
     frame, study = run(tiny_gpt2, spec, "suffix", 64)
-    assert not study.executor.kl and study.executor.suffix_stats["rows_run"] > 0
+    assert not study.executor.needs.kl and study.executor.suffix_stats["rows_run"] > 0
     assert_same(full, frame)
-    assert run(tiny_gpt2, {**spec, "metrics": METRIC_LIST}, "suffix", 64)[1].executor.kl
+    assert run(tiny_gpt2, {**spec, "metrics": METRIC_LIST}, "suffix", 64)[1].executor.needs.kl
+
+
+def test_logit_metrics_unembed_the_answer_tokens_alone(tiny_model):
+    """Without a metric over the whole vocabulary (probability, log-probability, KL) the ragged path multiplies the
+    last hidden state by the answer and wrong tokens' rows of the unembedding only: the same logit difference and
+    answer logit as the full strategy (a multi-token answer set included), and the whole-vocabulary unembedding
+    runs only in whole forward passes (the baseline pass), never on the ragged passes' last states."""
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff", "logit"],
+            "sites": ["layers[*].resid_pre", "layers[1].attn_out"], "positions": ["each"]}
+    assert any(isinstance(p["answer"], list) for p in PROBES)
+    full, _ = run(tiny_model, spec, "full", 200)
+    run(tiny_model, {**spec, "metrics": METRIC_LIST}, "suffix", 200)  # the model's self-check, done once
+    unembed = tiny_model.hf.get_output_embeddings()
+    calls = []
+    handle = unembed.register_forward_hook(lambda _m, _a, out: calls.append(tuple(out.shape)))
+    try:
+        frame, study = run(tiny_model, spec, "suffix", 200)
+    finally:
+        handle.remove()
+    assert not study.executor.needs.vocabulary and study.executor.suffix_stats["rows_run"] > 0
+    assert_same(full, frame)
+    assert [shape for shape in calls if len(shape) == 2] == []  # [rows, vocab]: a ragged pass's last states
+    assert sum(len(shape) == 3 for shape in calls) >= study.executor.used["suffix"]  # [rows, 1, vocab]: baselines
+
+
+def test_token_logits_equal_the_unembeddings_columns():
+    from interventions.ragged import token_logits
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        unembed = torch.nn.Linear(16, 50, bias=bias)
+        hidden, tokens = torch.randn(7, 16), torch.tensor([3, 11, 49])
+        torch.testing.assert_close(token_logits(unembed, hidden, tokens), unembed(hidden)[:, tokens])
+
+
+def _late(spec_sites, model, positions=("each",), **extra):
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff"],
+            "sites": list(spec_sites), "positions": list(positions), **extra}
+    full, _ = run(model, spec, "full", 200)
+    frame, study = run(model, spec, "suffix", 200)
+    assert_same(full, frame)
+    return study.executor.suffix_stats
+
+
+def test_rows_whose_first_edit_follows_the_attention_mixing_start_late(tiny_model):
+    """A patch at a block's attention output, head outputs or MLP output changes that block's output at the patched
+    column only: such rows run that block on one column and join the pass at the next block (``late_rows``). A
+    patch of the residual stream entering a block changes its keys and values: never late. Numbers equal `full`."""
+    for sites in (["layers[*].attn_out"], ["layers[*].mlp_out"], ["layers[1].heads[0:2]"], ["layers[0].resid_post"]):
+        stats = _late(sites, tiny_model)
+        assert stats["late_rows"] == stats["rows_run"] > 0, sites
+    stats = _late(["layers[*].resid_pre"], tiny_model)
+    assert stats["late_rows"] == 0 and stats["rows_run"] > 0
+    # a window of two columns in the first block: not one column, so not late; the combined cell starts with its
+    # attention input edit: not late either
+    stats = _late(["layers[1].attn_out"], tiny_model, positions=[{"indices": [0, 1]}, "each"])
+    assert 0 < stats["late_rows"] < stats["rows_run"]
+
+
+def test_the_last_block_runs_its_mlp_on_the_last_column(tiny_gpt2):
+    """Only the last column of the last block reaches the unembedding, so the passes give that block's MLP the last
+    column alone, unless the study edits that MLP (then it runs on every column the pass holds)."""
+    mlp = tiny_gpt2.hf.transformer.h[-1].mlp
+    width = tiny_gpt2.tokenizer(PROBES[1]["clean"], return_tensors="pt")["input_ids"].shape[1]  # the longest
+    _late(["layers[*].resid_pre"], tiny_gpt2)  # the self-check, once per model
+    # two columns at once: not a late row (see above), so the last block's MLP runs in the passes, edited
+    for sites, last_only in ((["layers[*].resid_pre"], True), (["layers[2].mlp_out"], False)):
+        spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff"], "sites": sites,
+                "positions": ["each"] if last_only else [{"indices": [0, 1]}]}
+        widths = []
+        handle = mlp.register_forward_hook(lambda _m, _args, out, widths=widths: widths.append(out.shape[1]))
+        try:
+            run(tiny_gpt2, spec, "suffix", 200)
+        finally:
+            handle.remove()
+        passes = widths[widths.index(width) + 1:]  # after the baseline pass (every column): the ragged passes
+        assert passes and (set(passes) == {1}) is last_only, (sites, widths)
 
 
 def test_a_model_the_self_check_rejects_runs_full(tokenizer):
