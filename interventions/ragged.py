@@ -10,11 +10,15 @@ column, whatever its first edited block:
   Block ``l`` therefore runs on exactly the rows whose edits have begun, and no row recomputes a block it shares
   with its baseline row.
 
+A row whose first edits follow the attention's mixing at one column (:func:`interventions.suffix.late_rows`) runs
+that block on that column alone, in one call per block for all such rows (:func:`late_columns`), and joins at the
+next block; the last block's MLP gets the last column alone (the only one unembedded), unless the study edits it.
+
 The blocks are the model's own modules, called one by one with the arguments the model itself gave them in the
 baseline pass (its attention mask, rotary position embeddings, position ids; sliced to the pass's rows and columns)
 and a small key/value cache holding the baseline prefix. Edits are applied by forward hooks on the patched modules,
 with the kernel every substrate uses (:func:`interventions.kernel.apply_edits`). Only the last column reaches the
-unembedding.
+unembedding, and without a metric over the whole vocabulary only the answer and wrong tokens' logits are computed.
 
 Passes are cut to at most :data:`PASS_TOKENS` tokens (rows x columns) at a block, and the last columns of all
 passes of a batch are unembedded together, :data:`UNEMBED_ROWS` rows at a time, so a batch's memory stays bounded

@@ -91,3 +91,23 @@ def test_a_disagreement_with_transformerlens_fails_the_run(bench, tmp_path, shar
     clap = next(r for r in rows if r["contender"] == "clap")
     assert float(clap["max_abs_diff_vs_tl"]) == pytest.approx(1e-3, rel=1e-3)
     assert "DISAGREEMENT" in (tmp_path / "side_by_side.md").read_text()
+
+
+def test_multiply_add_bounds_on_a_case_counted_by_hand(bench):
+    """``mac_bound`` on 1 pair of 3 tokens differing at token 1, 2 layers, d = d_mlp = 1, a vocabulary of 10: a
+    block on token p costs 4 + 2 + 2 (p + 1) = 8 + 2p (tokens 0..2: 8, 10, 12; on tokens p..: 30, 22, 12).
+
+    bound: baselines 2 x (2 x 30 + 10) = 140; ``resid_pre`` at layer 0: token 1 runs 2 blocks on tokens 1.. (44)
+    plus logits (10), token 2 is equal at the first block (a no-op); at layer 1: token 1 (22 + 10), token 2
+    (12 + 10): 248. tight: the last block on tokens p.. reads keys/values only on the non-last tokens
+    (2 x (2 - p) + 12: 16, 14, 12) and logits of 2 tokens (2): baselines 2 x (30 + 16 + 2) = 96, then
+    22 + 14 + 2, 14 + 2, 12 + 2: 164. floor: 8 rows x (2 x 30 + 3 x 10) = 720."""
+    import torch
+
+    clean, corrupted = torch.tensor([[5, 6, 7]]), torch.tensor([[5, 9, 7]])
+    macs = bench.mac_bound("resid_pre", 2, 1, 1, 10, clean, corrupted)
+    assert macs == {"bound": 248, "tight": 164, "floor": 720}
+    # the MLP output at (l, p) needs blocks l+1.. only; at the last layer, the logits alone
+    macs = bench.mac_bound("mlp_out", 2, 1, 1, 10, clean, corrupted)
+    assert macs["bound"] == 140 + (22 + 10) + (12 + 10) + 10 + 10
+    assert macs["tight"] == 96 + (14 + 2) + (12 + 2) + 2 + 2
