@@ -387,10 +387,11 @@ def late_columns(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base
     device = next(hf.parameters()).device
     blocks = hf.get_submodule(arch.layers)
     by_block: dict[int, list[int]] = {}
-    for row, (layer, _) in sorted(late.items()):
+    for row, (layer, _) in sorted(late.items(), key=lambda item: (item[1][1], item[0])):  # by column
         by_block.setdefault(layer, []).append(row)
+    calls = [(layer, part) for layer, rows in sorted(by_block.items()) for part in _by_prefix(rows, late)]
     out: dict[int, tuple[int, torch.Tensor]] = {}
-    for layer, rows in by_block.items():
+    for layer, rows in calls:
         columns = torch.tensor([late[row][1] for row in rows])
         table = torch.full((len(batch.row_role),), -1, dtype=torch.long)
         table[torch.tensor(rows)] = torch.arange(len(rows))
@@ -413,6 +414,18 @@ def late_columns(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base
         for i, row in enumerate(rows):
             out[row] = (late[row][1], result[i, 0])
     return out
+
+
+def _by_prefix(rows: list[int], late: dict[int, tuple[int, int]]) -> list[list[int]]:
+    """Rows (sorted by column) cut into calls whose rows x (longest prefix + 1) stay within :data:`PASS_TOKENS`: each
+    row of a call holds the baseline keys and values of as many columns as the call's rightmost row."""
+    calls: list[list[int]] = []
+    for row in rows:
+        if calls and (len(calls[-1]) + 1) * (late[row][1] + 1) <= PASS_TOKENS:
+            calls[-1].append(row)
+        else:
+            calls.append([row])
+    return calls
 
 
 def _at_own_column(stages: list[tuple], columns: torch.Tensor) -> list[tuple]:

@@ -184,6 +184,25 @@ def test_rows_whose_first_edit_follows_the_attention_mixing_start_late(tiny_mode
     assert 0 < stats["late_rows"] < stats["rows_run"]
 
 
+def test_late_rows_are_cut_into_calls_of_bounded_size(tiny_gpt2, monkeypatch):
+    """Each late row of a call holds the baseline keys and values of as many columns as the call's rightmost row:
+    calls are cut so rows x (longest prefix + 1) stays within the pass budget. A tiny budget cuts them finely; the
+    numbers do not change."""
+    from interventions import ragged
+
+    monkeypatch.setattr(ragged, "PASS_TOKENS", 6)
+    late = {row: (1, col) for row, col in enumerate([0, 0, 1, 1, 2, 5, 5])}
+    assert ragged._by_prefix(list(late), late) == [[0, 1, 2], [3, 4], [5], [6]]  # 3 x 2, 2 x 3, 1 x 6, 1 x 6
+    sizes = []
+    real = ragged.BlockInputs.for_columns
+    monkeypatch.setattr(ragged.BlockInputs, "for_columns",
+                        lambda self, layer, rows, columns, base: sizes.append(
+                            (len(rows), int(columns.max()) + 1)) or real(self, layer, rows, columns, base))
+    stats = _late(["layers[*].attn_out"], tiny_gpt2)
+    assert stats["late_rows"] > 0 and len(sizes) > 3
+    assert all(rows * width <= 6 or rows == 1 for rows, width in sizes) and max(r for r, _ in sizes) > 1
+
+
 def test_the_last_block_runs_its_mlp_on_the_last_column(tiny_gpt2):
     """Only the last column of the last block reaches the unembedding, so the passes give that block's MLP the last
     column alone, unless the study edits that MLP (then it runs on every column the pass holds)."""
