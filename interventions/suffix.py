@@ -25,7 +25,7 @@ The baseline pass's trace body uses only torch operations, envoys and :mod:`inte
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,23 +105,30 @@ class ModelLayout:
 
 
 # -- where each row starts ------------------------------------------------------------------------------------------
-def row_starts(batch: Batch, layout: ModelLayout) -> dict[int, tuple[int, int]]:
-    """Per patched row with edits of its own (stage >= 1): (first edited block, first edited padded column)."""
-    starts: dict[int, tuple[int, int]] = {}
+def own_edits(batch: Batch) -> Iterator[tuple[AccessPatches, int, int]]:
+    """``(access patches, row, padded column)`` of every edit the batch's cells make themselves (stage >= 1; not the
+    baseline interventions they share with their baseline row)."""
     for patches in batch.accesses:
-        block = layout.block_of.get((patches.module, patches.access))
-        if block is None:
-            raise Unsupported(f"{patches.module} {patches.access} is not on the model's recorded execution path")
         for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
             if stage == 0:
                 continue
             for group in groups:
                 for entry in group.as_tuple():
-                    if entry is None:
-                        continue
-                    for row, col in zip(entry.t_row.tolist(), entry.t_col.tolist(), strict=True):
-                        old = starts.get(row, (block, col))
-                        starts[row] = (min(old[0], block), min(old[1], col))
+                    if entry is not None:
+                        for row, col in zip(entry.t_row.tolist(), entry.t_col.tolist(), strict=True):
+                            yield patches, row, col
+
+
+def row_starts(batch: Batch, layout: ModelLayout) -> dict[int, tuple[int, int]]:
+    """Per patched row with edits of its own (stage >= 1): (first edited block, first edited padded column)."""
+    for patches in batch.accesses:
+        if (patches.module, patches.access) not in layout.block_of:
+            raise Unsupported(f"{patches.module} {patches.access} is not on the model's recorded execution path")
+    starts: dict[int, tuple[int, int]] = {}
+    for patches, row, col in own_edits(batch):
+        block = layout.block_of[(patches.module, patches.access)]
+        old = starts.get(row, (block, col))
+        starts[row] = (min(old[0], block), min(old[1], col))
     return starts
 
 
@@ -136,20 +143,12 @@ def late_rows(batch: Batch, layout: ModelLayout, starts: dict[int, tuple[int, in
     (the baseline keys and values before it from the cache) and lets them join its pass at block ``L + 1``, with
     the baseline residual stream elsewhere: one column of block ``L`` instead of ``W - c``."""
     disqualified: set[int] = set()
-    for patches in batch.accesses:
+    for patches, row, col in own_edits(batch):
         key = (patches.module, patches.access)
         block, rank = layout.block_of[key], layout.rank[key]
-        for stage, groups in zip(_stage_ids(patches), patches.stages, strict=True):
-            if stage == 0:
-                continue
-            for group in groups:
-                for entry in group.as_tuple():
-                    if entry is None:
-                        continue
-                    for row, col in zip(entry.t_row.tolist(), entry.t_col.tolist(), strict=True):
-                        first_block, first_col = starts[row]
-                        if block == first_block and (rank < layout.mixed.get(block, rank + 1) or col != first_col):
-                            disqualified.add(row)
+        first_block, first_col = starts[row]
+        if block == first_block and (rank < layout.mixed.get(block, rank + 1) or col != first_col):
+            disqualified.add(row)
     return {row for row, (block, _) in starts.items()
             if block < layout.n_layers and block in layout.mixed and row not in disqualified}
 
