@@ -742,22 +742,27 @@ def _baseline_on_subset(report: Report, args: argparse.Namespace, trace: Any, pr
 
 
 def workload_c(report: Report, args: argparse.Namespace) -> None:
-    """The demo study end to end through ``interventions.Study`` (patching only; model load not timed)."""
+    """The demo study's patching of its first model (the base model) through ``interventions.Study``, as
+    ``clap demo`` runs it (model load not timed), and the plain-forward floor over the same rows."""
+    from clap.app.study_file import StudyFile
     from clap.errors import ClapError
     from interventions import Study, load_model
+    from interventions.spec import ModelSpec
 
-    spec_path = REPO_ROOT / "clap" / "data" / "demo_study.yaml"
-    base = {"workload": "c", "sweep": "demo_study", "model": "smollm2-135m", "contender": "clap"}
+    study_file = StudyFile.from_yaml(REPO_ROOT / "clap" / "data" / "demo_study.yaml")
+    name, entry = next(iter(study_file.model_entries().items()))
+    spec = study_file.patch_spec(ModelSpec(source=entry.source, gguf_file=entry.gguf_file, tokenizer=entry.tokenizer,
+                                           revision=entry.revision))
+    spec.execution.progress = False
+    base = {"workload": "c", "sweep": "demo_study", "model": f"{name}: {entry.source}", "contender": "clap"}
     try:
-        study = Study.from_yaml(spec_path)
-        study.spec.execution.progress = False
-        model = load_model(study.spec.model.source)
+        model = load_model(spec.model.source)
     except (ClapError, OSError) as exc:
-        reason = f"SmolLM2-135M weights unavailable: {str(exc).splitlines()[0]}"
+        reason = f"{entry.source} weights unavailable: {str(exc).splitlines()[0]}"
         report.add({**base, "status": "skipped", "note": reason})
         print(f"workload c skipped: {reason}", file=sys.stderr)
         return
-    study = Study(study.spec, model=model)
+    study = Study(spec, model=model)
     m = measure(study.run, args.repeats)
     cells = len(m.result) // len(study.spec.metrics)
     shape = {**base, "cells": cells, "layers": model.config.num_hidden_layers, "d_model": model.config.hidden_size}
