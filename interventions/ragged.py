@@ -232,25 +232,30 @@ def check_batch(batch: Batch, layout: Any, final_norm: str, unembed_module: str 
 
 def column_groups(starts: dict[int, tuple[int, int]], width: int, n_layers: int, flops_per_token_block: float,
                   overhead: float = PASS_OVERHEAD_FLOPS) -> list[tuple[int, list[int]]]:
-    """Partition rows into passes ``(start column, rows)``: rows sorted by start column, cut where a new pass saves
-    more than ``overhead`` (dynamic programming on rows x (N - L) x (W - c0) x flops)."""
-    items = sorted((col, layer, row) for row, (layer, col) in starts.items())
-    if not items:
-        return []
-    best = [0.0] + [float("inf")] * len(items)
-    cut = [0] * (len(items) + 1)
-    for end in range(1, len(items) + 1):
+    """Partition rows into passes ``(start column, rows)``: consecutive start columns merged into one pass where a
+    pass of their own would save less than ``overhead`` (dynamic programming over the distinct start columns; a
+    pass costs ``overhead`` plus its rows' blocks (N - L) x (W - its first column) x flops). The rows of one start
+    column are never split: a second pass from the same column would add its overhead and save nothing."""
+    by_column: dict[int, list[tuple[int, int]]] = {}
+    for row, (layer, col) in starts.items():
+        by_column.setdefault(col, []).append((layer, row))
+    columns = sorted(by_column)
+    weight = [sum(n_layers - layer + 0.05 for layer, _ in by_column[col]) for col in columns]
+    best = [0.0] + [float("inf")] * len(columns)
+    cut = [0] * (len(columns) + 1)
+    for end in range(1, len(columns) + 1):
         blocks = 0.0
         for begin in range(end - 1, -1, -1):
-            blocks += n_layers - items[begin][1] + 0.05
-            cost = best[begin] + overhead + blocks * (width - items[begin][0]) * flops_per_token_block
+            blocks += weight[begin]
+            cost = best[begin] + overhead + blocks * (width - columns[begin]) * flops_per_token_block
             if cost < best[end]:
                 best[end], cut[end] = cost, begin
     groups = []
-    end = len(items)
+    end = len(columns)
     while end > 0:
         begin = cut[end]
-        groups.append((items[begin][0], [row for _, _, row in items[begin:end]]))
+        rows = [row for col in columns[begin:end] for _, row in sorted(by_column[col])]
+        groups.append((columns[begin], rows))
         end = begin
     return groups[::-1]
 

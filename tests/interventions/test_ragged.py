@@ -309,3 +309,38 @@ def test_sdpa_batches_without_padding(tokenizer):
     for kind in ("gpt2", "llama"):
         studies = compare_ragged(_tiny(kind, tokenizer, "sdpa"), spec, rows=(4, 200))
         assert studies[0].executor.used["suffix"] > 1  # several batches, one self-check, no fallback
+
+
+def test_column_groups_find_the_cheapest_merge_of_start_columns():
+    """Against every way of cutting the sorted start columns into consecutive passes (brute force): the passes
+    ``column_groups`` picks cost the least, hold every row once, and each starts at its first row's column."""
+    import itertools
+    import random
+
+    from interventions.ragged import column_groups
+
+    def cost(groups, starts, width, n_layers, flops, overhead):
+        return sum(overhead + sum(n_layers - starts[r][0] + 0.05 for r in rows) * (width - col) * flops
+                   for col, rows in groups)
+
+    rng = random.Random(5)
+    for _ in range(40):
+        width, n_layers = 12, 6
+        starts = {row: (rng.randrange(n_layers + 1), rng.randrange(width)) for row in range(rng.randrange(1, 14))}
+        flops, overhead = 1.0, rng.choice([0.5, 5.0, 40.0])
+        groups = column_groups(starts, width, n_layers, flops, overhead)
+        assert sorted(r for _, rows in groups for r in rows) == sorted(starts)
+        assert all(col == min(starts[r][1] for r in rows) for col, rows in groups)
+        columns = sorted({col for _, col in starts.values()})
+        cheapest = float("inf")
+        for cuts in itertools.product([False, True], repeat=len(columns) - 1):
+            parts, current = [], [columns[0]]
+            for col, cut in zip(columns[1:], cuts, strict=True):
+                if cut:
+                    parts.append(current)
+                    current = []
+                current.append(col)
+            parts.append(current)
+            candidate = [(part[0], [r for r in starts if starts[r][1] in part]) for part in parts]
+            cheapest = min(cheapest, cost(candidate, starts, width, n_layers, flops, overhead))
+        assert cost(groups, starts, width, n_layers, flops, overhead) <= cheapest + 1e-9
