@@ -33,35 +33,42 @@ class TidyRows:
     def rows(self, plan: Plan, batch: Batch, cells: list[Cell], metrics: torch.Tensor) -> pd.DataFrame:
         spec = self.spec
         wanted = [METRICS.index(m) for m in spec.metrics]
+        values = metrics.tolist()  # Python floats once: indexing a tensor per cell and metric costs microseconds each
         baseline = {}
         rows = zip(batch.row_probe, batch.row_role, batch.row_sample, strict=True)
         for row, (probe, role, sample) in enumerate(rows):
             if role in ("clean", "corrupted"):
-                baseline[(probe, role, sample)] = metrics[row]
+                baseline[(probe, role, sample)] = values[row]
         subjects = {}
         if spec.trace is not None:
             for p_index in {c.probe for c in cells}:
                 probe = plan.probes[p_index]
                 subjects[p_index] = subject_range(probe, spec.trace.subject, "clean", plan.target, self.tokenizer)
         row_of = {cell_index: row for row, cell_index in enumerate(batch.row_cell) if cell_index >= 0}
-        tokenizer = self.tokenizer
+        decoded: dict[int, str] = {}
+
+        def text(token_id: int) -> str:  # one decode per token id and batch (a layer sweep repeats each token)
+            if token_id not in decoded:
+                decoded[token_id] = self.tokenizer.decode([token_id])
+            return decoded[token_id]
+
         records = []
         for cell in cells:
             probe = plan.probes[cell.probe]
             target_ids = probe.prompt_ids(plan.target)
-            patched = metrics[row_of[cell.index]]
-            token = "".join(tokenizer.decode([target_ids[i]]) for i in cell.positions.indices)
+            patched = values[row_of[cell.index]]
+            token = "".join(text(target_ids[i]) for i in cell.positions.indices)
             source_ids = plan.probes[cell.source_probe].prompt_ids(plan.source)
-            source_token = "".join(tokenizer.decode([source_ids[j]]) for j in cell.source_indices if j >= 0)
+            source_token = "".join(text(source_ids[j]) for j in cell.source_indices if j >= 0)
             samples = {plan.target: plan.target_row_sample(cell.sample), plan.source: 0}
             group = None
             if cell.probe in subjects and cell.positions.position is not None:
                 group = token_group(cell.positions.position, *subjects[cell.probe], len(target_ids))
             for m in wanted:
                 name = METRICS[m]
-                clean = float(baseline[(cell.probe, "clean", samples["clean"])][m])
-                corrupted = float(baseline[(cell.probe, "corrupted", samples["corrupted"])][m])
-                value = float(patched[m])
+                clean = baseline[(cell.probe, "clean", samples["clean"])][m]
+                corrupted = baseline[(cell.probe, "corrupted", samples["corrupted"])][m]
+                value = patched[m]
                 cross = {}
                 if self.source_metrics:  # 0 = the target model on the target prompt, 1 = the source model's run
                     cross = {f"source_model_{role}": float(self.source_metrics[(cell.probe, role)][m])
