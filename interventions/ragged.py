@@ -354,7 +354,10 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
                 edited_modules.append(patches.module)
         last_mlp = f"{arch.block(layout.n_layers - 1)}.{arch.mlp}"
         if not any(module == last_mlp or module.startswith(last_mlp + ".") for module in edited_modules):
-            handles.append(_last_column_only(hf.get_submodule(last_mlp)))
+            try:
+                handles.append(_last_column_only(hf.get_submodule(last_mlp)))
+            except AttributeError:  # a block without that module keeps every column
+                pass
         hidden = base["boundary"][one.layers[0]][targets[:0], col:]
         with torch.no_grad():
             for layer in range(one.layers[0], layout.n_layers + 1):
