@@ -64,6 +64,8 @@ UNEMBED_ROWS = 256
 
 #: the self-check's result per model (it checks the architecture, so once per model object is enough)
 _SELF_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
+#: the late start's check per model (:func:`_late_self_check`)
+_LATE_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
 
 
 class Unsupported(Exception):
@@ -174,8 +176,10 @@ class BlockInputs:
                 if not isinstance(value, torch.Tensor) or value.dim() != 4:
                     raise Unsupported("the blocks take no materialised 4-d attention mask")
                 mask = _rows(value, rows).expand(k, -1, -1, -1)[every, 0, columns]  # [k, W]: each row's query
-                before = mask[:, :prefix].masked_fill(
-                    torch.arange(prefix, device=mask.device) >= columns[:, None], torch.finfo(mask.dtype).min)
+                beyond = torch.arange(prefix, device=mask.device) >= columns[:, None]  # another row's prefix
+                # a boolean mask (SDPA with padding) says where to attend; an additive one adds -inf-like values
+                blocked = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+                before = mask[:, :prefix].masked_fill(beyond, blocked)
                 own = mask[every, columns][:, None]
                 out[name] = torch.cat([before, own], dim=1)[:, None, None, :]
             elif name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
@@ -523,6 +527,32 @@ def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: 
     return float((got[finite] - want[finite]).abs().max()) if bool(finite.any()) else 0.0
 
 
+def _late_self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
+                     base_index: torch.Tensor, inputs: BlockInputs) -> float:
+    """The first block run one column per baseline row (:func:`late_columns`, each row at another column, so the
+    padded and masked prefixes differ) against the same block run on every column (:meth:`BlockInputs.for_pass`):
+    the largest difference, or infinity when the one-column call fails. Checks, once per model, that its mask,
+    positions and cache arguments can be cut to one column per row; a model that fails runs every row from its
+    first edited block instead (still exact)."""
+    rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
+    width = batch.input_ids.shape[1]
+    # no edits on either side: this checks the architecture, not the batch's interventions
+    probe = Batch(**{**batch.__dict__, "target_row": list(range(len(batch.row_role))), "accesses": []})
+    late = {row: (0, width - 1 - (i % min(3, width))) for i, row in enumerate(rows)}
+    device = next(hf.parameters()).device
+    targets = base_index[torch.tensor(rows)].to(device)
+    try:
+        got = late_columns(hf, arch, layout, probe, base, base_index, inputs, late)
+        with torch.no_grad():
+            full = hf.get_submodule(arch.layers)[0](base["boundary"][0][targets],
+                                                    **inputs.for_pass(0, targets, 0, PrefixCache(None, None)))
+    except Exception:  # noqa: BLE001 - whatever breaks here, the late start is not for this model
+        return float("inf")
+    gaps = [float((got[row][1] - full[i, got[row][0]]).abs().max()) for i, row in enumerate(rows)
+            if bool(batch.attention_mask[row, got[row][0]])]  # a padding column's output is never read
+    return max(gaps, default=0.0)
+
+
 class RaggedPath:
     """The ragged path for one local model: checks batches, captures the blocks' arguments during the baseline
     pass, checks itself once against the model's own forward pass, then runs the passes."""
@@ -534,6 +564,13 @@ class RaggedPath:
         self.arch = architecture_of(hf)
         #: the self-check's result (the first batch's; None: not run yet on this model)
         self.self_check_gap: float | None = _SELF_CHECKS.get(hf)
+        #: the late start's own check (:func:`_late_self_check`; None: not run yet on this model)
+        self.late_gap: float | None = _LATE_CHECKS.get(hf)
+
+    @property
+    def late_ok(self) -> bool:
+        """Whether late rows run one column per row on this model (its check passed, or has not run yet)."""
+        return self.late_gap is None or self.late_gap <= SELF_CHECK_TOLERANCE
 
     def check(self, batch: Batch, unembed_module: str | None) -> None:
         if self.self_check_gap is not None and not self.self_check_gap <= SELF_CHECK_TOLERANCE:
@@ -571,6 +608,11 @@ class RaggedPath:
             if not self.self_check_gap <= SELF_CHECK_TOLERANCE:
                 raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
         n_rows, width = batch.input_ids.shape
+        if late and self.late_gap is None:
+            self.late_gap = _late_self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs)
+            _LATE_CHECKS[self.hf] = self.late_gap
+        if not self.late_ok:
+            late = set()  # this model's blocks cannot run one column per row: those rows start at their block
         late_values = late_columns(self.hf, self.arch, self.layout, batch, base, base_index, inputs,
                                    {row: starts[row] for row in late})
         joins = {row: (layer + 1, col) if row in late else (layer, col) for row, (layer, col) in starts.items()}

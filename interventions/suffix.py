@@ -265,7 +265,8 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, u
     if stats is not None:  # counted once the batch is done (a ragged path that gives up leaves them to the retry)
         stats["no_op_rows"] = stats.get("no_op_rows", 0) + len(quiet)
         stats["rows_run"] = stats.get("rows_run", 0) + len(starts)
-        stats["late_rows"] = stats.get("late_rows", 0) + len(late & set(starts))
+        ran_late = late & set(starts) if ragged_path.late_ok else set()
+        stats["late_rows"] = stats.get("late_rows", 0) + len(ran_late)
     return metrics
 
 

@@ -184,6 +184,32 @@ def test_rows_whose_first_edit_follows_the_attention_mixing_start_late(tiny_mode
     assert 0 < stats["late_rows"] < stats["rows_run"]
 
 
+def test_late_rows_under_sdpa_with_padding(tokenizer):
+    """Under SDPA a padded batch gives the blocks a boolean mask (True: attend): the one-column calls of late rows
+    block another row's longer prefix with False there, not with a large negative number."""
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff"],
+            "sites": ["layers[*].attn_out", "layers[1].heads[1]"], "positions": ["each"]}
+    for kind in ("gpt2", "llama"):
+        model = _tiny(kind, tokenizer, "sdpa")
+        stats = _late(spec["sites"], model)
+        assert stats["late_rows"] == stats["rows_run"] > 0
+
+
+def test_a_model_whose_blocks_cannot_run_one_column_per_row_starts_every_row_at_its_block(tokenizer, monkeypatch):
+    """The late start checks itself once per model (the first block one column per row against every column): a
+    model that fails (here: the one-column arguments cannot be built) runs its late rows from their block, exactly,
+    on the ragged path still."""
+    from interventions import ragged
+
+    def refuse(*_args, **_kwargs):
+        raise TypeError("no one-column arguments for this model")
+
+    monkeypatch.setattr(ragged.BlockInputs, "for_columns", refuse)
+    model = _tiny("gpt2", tokenizer)
+    stats = _late(["layers[*].attn_out"], model)
+    assert stats["late_rows"] == 0 and stats["rows_run"] > 0 and stats["ragged_batches"] > 0
+
+
 def test_late_rows_are_cut_into_calls_of_bounded_size(tiny_gpt2, monkeypatch):
     """Each late row of a call holds the baseline keys and values of as many columns as the call's rightmost row:
     calls are cut so rows x (longest prefix + 1) stays within the pass budget. A tiny budget cuts them finely; the
