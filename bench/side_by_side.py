@@ -20,8 +20,10 @@ Workloads
      and clap's time over that fraction of the floor's time.
   e  as a, with pairs that differ at token ``--corrupt-at`` (0-2, default 2): the shape of the shipped probes,
      which corrupt the subject at the start of the prompt; almost no restore is a no-op.
-  b  causal trace on SmolLM2-135M: needs causal tracing in ``interventions`` (not available yet); reported as skipped.
-  c  the demo study (``clap/data/demo_study.yaml`` through ``interventions.Study``) on SmolLM2-135M.
+  b  causal trace (ROME): noise at the subject's embeddings, clean states and outputs restored per (layer, token),
+     on the random GPT-2 or SmolLM2-135M (``--trace-model``): clap's strategies against one restore per pass.
+  c  the demo study's patching of its first model (``clap/data/demo_study.yaml``, SmolLM2-135M) through
+     ``interventions.Study``, and the floor over the same rows (timed on ``--floor-sample-rows`` of them, scaled).
 
 Writes ``side_by_side.csv`` and ``side_by_side.md`` under ``--out`` (atomically, after every measurement, so an
 interrupted run keeps what it measured). Exit status 1 if clap and TransformerLens disagree by more than 1e-4.
