@@ -123,11 +123,47 @@ class BlockInputs:
             for handle in handles:
                 handle.remove()
 
-    def for_pass(self, layer: int, rows: torch.Tensor, col: int, cache: PrefixCache, width: int | None = None
-                 ) -> dict[str, Any]:
-        """Block ``layer``'s arguments for baseline rows ``rows`` (one per pass row) and columns ``col..`` (``width``:
-        columns ``col..col + width - 1`` only, the keys ending there)."""
-        end = None if width is None else col + width
+    def for_pass(self, layer: int, rows: torch.Tensor, col: int, cache: PrefixCache) -> dict[str, Any]:
+        """Block ``layer``'s arguments for baseline rows ``rows`` (one per pass row) and columns ``col..``."""
+        return self._arguments(
+            layer, cache,
+            mask=lambda value: _rows(value, rows)[:, :, col:, :],
+            positions=lambda value: (_rows(value, rows) if value.dim() > 1 else value)[..., col:],
+            embeddings=lambda part: _rows(part, rows)[:, col:])
+
+    def for_columns(self, layer: int, rows: torch.Tensor, columns: torch.Tensor, base: dict[str, Any]
+                    ) -> dict[str, Any]:
+        """Block ``layer``'s arguments for one column per row (baseline rows ``rows``, padded column ``columns[i]``
+        for row ``i``): the keys and values of the columns before each row's own from the baseline cache, padded
+        to the longest and masked beyond each row's column, then the row's own key last."""
+        k = len(rows)
+        every = torch.arange(k, device=rows.device)
+        prefix = int(columns.max()) if k else 0
+        keys, values = base["cache"][layer]
+        cache = PrefixCache(keys[rows, :, :prefix], values[rows, :, :prefix]) if prefix else PrefixCache(None, None)
+
+        def mask(value: torch.Tensor) -> torch.Tensor:
+            query = _rows(value, rows).expand(k, -1, -1, -1)[every, 0, columns]  # [k, W]: each row's own query
+            beyond = torch.arange(prefix, device=query.device) >= columns[:, None]  # another row's longer prefix
+            # a boolean mask (SDPA with padding) says where to attend; an additive one adds -inf-like values
+            blocked = False if query.dtype == torch.bool else torch.finfo(query.dtype).min
+            before = query[:, :prefix].masked_fill(beyond, blocked)
+            return torch.cat([before, query[every, columns][:, None]], dim=1)[:, None, None, :]
+
+        def positions(value: torch.Tensor) -> torch.Tensor:
+            table = value if value.dim() > 1 else value[None]
+            return _rows(table, rows).expand(k, -1)[every, columns][:, None]
+
+        return self._arguments(
+            layer, cache, mask=mask, positions=positions, shared_cache_position=False,
+            embeddings=lambda part: _rows(part, rows).expand(k, *part.shape[1:])[every, columns][:, None])
+
+    def _arguments(self, layer: int, cache: PrefixCache, *, mask: Any, positions: Any, embeddings: Any,
+                   shared_cache_position: bool = True) -> dict[str, Any]:
+        """Block ``layer``'s captured arguments with the cache replaced and the column-indexed ones cut by the
+        caller's functions (``mask``: the 4-d attention mask; ``positions``: position ids / cache positions;
+        ``embeddings``: each rotary table); an argument of another kind that holds tensors is refused.
+        ``shared_cache_position`` False: a 1-d cache position (one for every row) cannot be cut, and is refused."""
         if layer not in self.per_block:
             raise Unsupported(f"block {layer} was not seen in the baseline pass")
         from transformers.cache_utils import Cache
@@ -141,55 +177,13 @@ class BlockInputs:
                     value = self.causal_mask(layer)
                 if not isinstance(value, torch.Tensor) or value.dim() != 4:
                     raise Unsupported("the blocks take no materialised 4-d attention mask")
-                out[name] = _rows(value, rows)[:, :, col:end, :end]
+                out[name] = mask(value)
             elif name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
-                out[name] = (_rows(value, rows) if value.dim() > 1 else value)[..., col:end]
-            elif name == "position_embeddings" and isinstance(value, tuple):
-                out[name] = tuple(_rows(part, rows)[:, col:end] for part in value)
-            elif isinstance(value, torch.Tensor) or (isinstance(value, tuple) and value):
-                raise Unsupported(f"block argument {name!r} is not one this path knows how to slice")
-            else:
-                out[name] = value
-        return out
-
-    def for_columns(self, layer: int, rows: torch.Tensor, columns: torch.Tensor, base: dict[str, Any]
-                    ) -> dict[str, Any]:
-        """Block ``layer``'s arguments for one column per row (baseline rows ``rows``, padded column ``columns[i]``
-        for row ``i``): the keys and values of the columns before each row's own from the baseline cache, padded
-        to the longest and masked beyond each row's column, then the row's own key last."""
-        if layer not in self.per_block:
-            raise Unsupported(f"block {layer} was not seen in the baseline pass")
-        from transformers.cache_utils import Cache
-
-        k = len(rows)
-        every = torch.arange(k, device=rows.device)
-        prefix = int(columns.max()) if k else 0
-        keys, values = base["cache"][layer]
-        out: dict[str, Any] = {}
-        for name, value in self.per_block[layer].items():
-            if name == self.cache_kwarg or isinstance(value, Cache):
-                out[name] = PrefixCache(keys[rows, :, :prefix], values[rows, :, :prefix]) if prefix else PrefixCache(
-                    None, None)
-            elif name == "attention_mask":
-                if value is None:
-                    value = self.causal_mask(layer)
-                if not isinstance(value, torch.Tensor) or value.dim() != 4:
-                    raise Unsupported("the blocks take no materialised 4-d attention mask")
-                mask = _rows(value, rows).expand(k, -1, -1, -1)[every, 0, columns]  # [k, W]: each row's query
-                beyond = torch.arange(prefix, device=mask.device) >= columns[:, None]  # another row's prefix
-                # a boolean mask (SDPA with padding) says where to attend; an additive one adds -inf-like values
-                blocked = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-                before = mask[:, :prefix].masked_fill(beyond, blocked)
-                own = mask[every, columns][:, None]
-                out[name] = torch.cat([before, own], dim=1)[:, None, None, :]
-            elif name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
-                if value.dim() < 2 and name == "cache_position":
+                if name == "cache_position" and value.dim() < 2 and not shared_cache_position:
                     raise Unsupported("a cache position shared by every row cannot name one column per row")
-                table = value if value.dim() > 1 else value[None]
-                out[name] = _rows(table, rows).expand(k, -1)[every, columns][:, None]
+                out[name] = positions(value)
             elif name == "position_embeddings" and isinstance(value, tuple):
-                out[name] = tuple(_rows(part, rows).expand(k, *part.shape[1:])[every, columns][:, None]
-                                  for part in value)
+                out[name] = tuple(embeddings(part) for part in value)
             elif isinstance(value, torch.Tensor) or (isinstance(value, tuple) and value):
                 raise Unsupported(f"block argument {name!r} is not one this path knows how to slice")
             else:
@@ -444,7 +438,7 @@ def _at_own_column(stages: list[tuple], columns: torch.Tensor) -> list[tuple]:
     """Edits of rows numbered into a :func:`late_columns` call, kept at each row's own column (renumbered 0)."""
     out = []
     for shapes in stages:
-        moved = tuple(tuple(None if entry is None else entry.with_(t_col=entry.t_col * 0).select(
+        moved = tuple(tuple(None if entry is None else entry.with_(t_col=torch.zeros_like(entry.t_col)).select(
             entry.t_col == columns[entry.t_row]) for entry in groups) for groups in shapes)
         if any(entry is not None for groups in moved for entry in groups):
             out.append(moved)
@@ -500,6 +494,13 @@ def _on(stages: list[tuple], device: torch.device) -> list[tuple]:
     return _moved(stages, device)
 
 
+def _baseline_rows(batch: Batch, **changes: Any) -> tuple[list[int], Batch]:
+    """The batch's baseline rows, and the batch with each row its own target (so a check can run those rows as if
+    they were patched ones), with ``changes`` to its fields."""
+    rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
+    return rows, Batch(**{**batch.__dict__, "target_row": list(range(len(batch.row_role))), **changes})
+
+
 def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
                base_index: torch.Tensor, inputs: BlockInputs, metric_dtype: torch.dtype) -> float:
     """Run the baseline rows themselves on this path (from the first block, every column, with their baseline
@@ -508,8 +509,7 @@ def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: 
     something between or after its blocks (or to its logits) that calling them one by one would miss."""
     from interventions.suffix import pass_edits
 
-    rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
-    probe = Batch(**{**batch.__dict__, "target_row": list(range(len(batch.row_role)))})
+    rows, probe = _baseline_rows(batch)
     one = Pass(0, rows, [0] * len(rows))
     table = torch.full((len(batch.row_role),), -1, dtype=torch.long)
     table[torch.tensor(rows)] = torch.arange(len(rows))
@@ -534,10 +534,8 @@ def _late_self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, 
     the largest difference, or infinity when the one-column call fails. Checks, once per model, that its mask,
     positions and cache arguments can be cut to one column per row; a model that fails runs every row from its
     first edited block instead (still exact)."""
-    rows = [r for r, role in enumerate(batch.row_role) if role != "patched"]
+    rows, probe = _baseline_rows(batch, accesses=[])  # no edits either side: the architecture, not the batch
     width = batch.input_ids.shape[1]
-    # no edits on either side: this checks the architecture, not the batch's interventions
-    probe = Batch(**{**batch.__dict__, "target_row": list(range(len(batch.row_role))), "accesses": []})
     late = {row: (0, width - 1 - (i % min(3, width))) for i, row in enumerate(rows)}
     device = next(hf.parameters()).device
     targets = base_index[torch.tensor(rows)].to(device)
