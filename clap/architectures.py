@@ -29,6 +29,9 @@ class ArchitectureMap:
     mlp: str
     out_proj: str  #: attention output projection inside a block (its input is the concatenated head outputs)
     n_heads_attr: str = "num_attention_heads"
+    #: the per-token projections inside a block that make the attention's queries, keys and values from the
+    #: block's (normed) input; empty where unknown
+    qkv: tuple[str, ...] = ()
 
     def block(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -44,6 +47,7 @@ GPT2 = ArchitectureMap(
     mlp="mlp",
     out_proj="attn.c_proj",
     n_heads_attr="n_head",
+    qkv=("attn.c_attn",),
 )
 
 LLAMA = ArchitectureMap(
@@ -55,6 +59,7 @@ LLAMA = ArchitectureMap(
     attn="self_attn",
     mlp="mlp",
     out_proj="self_attn.o_proj",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 )
 
 GPT_NEOX = ArchitectureMap(
@@ -66,6 +71,7 @@ GPT_NEOX = ArchitectureMap(
     attn="attention",
     mlp="mlp",
     out_proj="attention.dense",
+    qkv=("attention.query_key_value",),
 )
 
 #: transformers ``config.model_type`` -> module map. Llama-style decoders share one layout.

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from interventions import kernel
+from interventions import kernel, projection_reuse
 from interventions.plan import Batch
 
 Key = tuple[str, str]
@@ -66,6 +66,8 @@ UNEMBED_ROWS = 256
 _SELF_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
 #: the late start's check per model (:func:`_late_self_check`)
 _LATE_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
+#: the projection reuse's check per model (:func:`reuse_self_check`)
+_REUSE_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
 
 
 class Unsupported(Exception):
@@ -82,6 +84,8 @@ class BlockInputs:
     per_block: dict[int, dict[str, Any]] = field(default_factory=dict)
     #: per block, the input hidden state's shape and dtype (for an explicit causal mask)
     shapes: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=dict)
+    #: per block asked for, its query/key/value projections' outputs (:mod:`interventions.projection_reuse`)
+    projections: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
 
     def causal_mask(self, layer: int) -> torch.Tensor:
         """An additive causal mask ``[rows, 1, W, W]`` for a block that received none (a batch without padding under
@@ -328,17 +332,22 @@ class Pass:
 
 def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
              base_index: torch.Tensor, inputs: BlockInputs, one: Pass, edits: list[tuple],
-             late: dict[int, tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+             late: dict[int, tuple[int, torch.Tensor]] | None = None,
+             reuse: dict[int, tuple[int, ...]] | None = None) -> torch.Tensor:
     """The final norm's output at the last column, ``[rows, d_model]``, of one pass's rows (unembedded by
     :func:`unembed_metrics`, together with other passes' rows). ``edits``: ``(patches, stages)`` from
     :func:`interventions.suffix.pass_edits` with this pass's row numbering and column shift. ``late``: per batch
     row that joins at the block after its first edited one (``one.layers`` holds that joining block), its start
-    column and its first block's output there (:func:`late_columns`); its other columns are the baseline's."""
+    column and its first block's output there (:func:`late_columns`); its other columns are the baseline's.
+    ``reuse``: per batch row, the columns where its input to its joining block may differ from the baseline's
+    (:func:`interventions.projection_reuse.changed_columns`); that block's projections read the baseline's
+    (``inputs.projections``) elsewhere."""
     device = next(hf.parameters()).device
     targets = base_index[torch.tensor([batch.target_row[r] for r in one.rows])].to(device)
     col = one.col
     blocks = hf.get_submodule(arch.layers)
     late = late or {}
+    reuse = reuse or {}
     handles = []
     try:
         edited_modules = []
@@ -359,7 +368,7 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
         hidden = base["boundary"][one.layers[0]][targets[:0], col:]
         with torch.no_grad():
             for layer in range(one.layers[0], layout.n_layers + 1):
-                n = one.active(layer)
+                n, joined = one.active(layer), hidden.shape[0]
                 if n > hidden.shape[0]:
                     joining = base["boundary"][layer][targets[hidden.shape[0]:n], col:]  # a copy (indexed rows)
                     for i in range(hidden.shape[0], n):
@@ -372,7 +381,15 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
                 keys, values = base["cache"][layer]
                 cache = PrefixCache(keys[targets[:n], :, :col], values[targets[:n], :, :col]) if col else PrefixCache(
                     None, None)
-                hidden = blocks[layer](hidden, **inputs.for_pass(layer, targets[:n], col, cache))
+                split = projection_reuse.BlockReuse.of(one.rows, range(joined, n), reuse, col, targets) \
+                    if layer in inputs.projections else None
+                block_handles = split.hooks([hf.get_submodule(path) for path in layout.projections[layer]],
+                                            inputs.projections[layer]) if split else []
+                try:
+                    hidden = blocks[layer](hidden, **inputs.for_pass(layer, targets[:n], col, cache))
+                finally:
+                    for handle in block_handles:
+                        handle.remove()
             last = hf.get_submodule(arch.final_norm)(hidden)[:, -1, :]
     finally:
         for handle in handles:
@@ -551,6 +568,51 @@ def _late_self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, 
     return max(gaps, default=0.0)
 
 
+def reuse_self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
+                     base_index: torch.Tensor, inputs: BlockInputs) -> float | None:
+    """A block whose projections are read from the baseline (:mod:`interventions.projection_reuse`) against the
+    same block run on its whole input, with one column of each baseline row changed (to the next row's state
+    there, plus 0.5): the largest difference over the real (unpadded) columns, or infinity when the call fails.
+    Checks, once per model, that the architecture's projections are per-token functions of the block's input and
+    what the baseline pass captured of them. None: no captured block of this batch is free of baseline
+    interventions at its input (the captured projections would then include them); the next batch tries again."""
+    from interventions.projection_reuse import BlockReuse
+
+    intervened = {layout.block_of[key] for patches in batch.accesses
+                  if (key := (patches.module, patches.access)) == layout.boundary.get(layout.block_of[key])
+                  and 0 in patches.stage_ids}
+    layer = min((layer for layer in inputs.projections if layer not in intervened), default=None)
+    if layer is None:
+        return None
+    rows, _ = _baseline_rows(batch)
+    device = next(hf.parameters()).device
+    targets = base_index[torch.tensor(rows)].to(device)
+    hidden = base["boundary"][layer][targets]
+    width = hidden.shape[1]
+    columns = [width - 1 - (i % min(3, width)) for i in range(len(rows))]
+    changed = hidden.clone()
+    every = torch.arange(len(rows), device=device)
+    at = torch.tensor(columns, device=device)
+    changed[every, at] = hidden[(every + 1) % len(rows), at] + 0.5
+    split = BlockReuse.of(rows, range(len(rows)), {row: (c,) for row, c in zip(rows, columns, strict=True)}, 0,
+                          targets)
+    block = hf.get_submodule(arch.layers)[layer]
+    try:
+        with torch.no_grad():
+            want = block(changed, **inputs.for_pass(layer, targets, 0, PrefixCache(None, None)))
+            handles = split.hooks([hf.get_submodule(path) for path in layout.projections[layer]],
+                                  inputs.projections[layer])
+            try:
+                got = block(changed, **inputs.for_pass(layer, targets, 0, PrefixCache(None, None)))
+            finally:
+                for handle in handles:
+                    handle.remove()
+    except Exception:  # noqa: BLE001 - whatever breaks here, the reuse is not for this model
+        return float("inf")
+    real = batch.attention_mask[torch.tensor(rows)].bool().to(device)
+    return float((got - want).abs()[real].max()) if bool(real.any()) else 0.0
+
+
 class RaggedPath:
     """The ragged path for one local model: checks batches, captures the blocks' arguments during the baseline
     pass, checks itself once against the model's own forward pass, then runs the passes."""
@@ -564,6 +626,8 @@ class RaggedPath:
         self.self_check_gap: float | None = _SELF_CHECKS.get(hf)
         #: the late start's own check (:func:`_late_self_check`; None: not run yet on this model)
         self.late_gap: float | None = _LATE_CHECKS.get(hf)
+        #: the projection reuse's check (:func:`reuse_self_check`; None: not run yet on this model)
+        self.reuse_gap: float | None = _REUSE_CHECKS.get(hf)
 
     @property
     def late_ok(self) -> bool:
@@ -575,16 +639,30 @@ class RaggedPath:
             raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
         check_batch(batch, self.layout, self.arch.final_norm, unembed_module)
 
-    def capturing(self) -> Any:
-        return BlockInputs.capture(self.hf.get_submodule(self.arch.layers), self.layout.cache_kwarg)
+    @property
+    def reuse_ok(self) -> bool:
+        """Whether joining rows read their projections from the baseline on this model (its check passed, or has
+        not run yet)."""
+        return self.reuse_gap is None or self.reuse_gap <= SELF_CHECK_TOLERANCE
+
+    @contextmanager
+    def capturing(self, projection_layers: Sequence[int] | set[int] = ()) -> Iterator[BlockInputs]:
+        """While open (around the baseline pass): the blocks' arguments, and the projections' outputs of the
+        blocks ``projection_layers`` (where rows may join and read them: :mod:`interventions.projection_reuse`)."""
+        layers = sorted(layer for layer in projection_layers if layer in self.layout.projections) \
+            if self.reuse_ok else []
+        with BlockInputs.capture(self.hf.get_submodule(self.arch.layers), self.layout.cache_kwarg) as found, \
+                projection_reuse.capture(self.hf, self.layout, layers, found.projections):
+            yield found
 
     def run(self, batch: Batch, base: dict[str, Any], base_index: torch.Tensor, inputs: BlockInputs,
             starts: dict[int, tuple[int, int]], metrics: torch.Tensor,
-            needs: kernel.MetricNeeds = kernel.ALL_METRICS, late: set[int] | frozenset[int] = frozenset()
-            ) -> torch.Tensor:
+            needs: kernel.MetricNeeds = kernel.ALL_METRICS, late: set[int] | frozenset[int] = frozenset(),
+            counts: dict[str, int] | None = None) -> torch.Tensor:
         """Fill ``metrics`` (the batch's, baseline rows already in place) for the rows of ``starts``, with the
         columns ``needs`` names (the others NaN: :func:`unembed_metrics`). ``late``: rows that run their first
-        edited block on their start column alone (:func:`interventions.suffix.late_rows`)."""
+        edited block on their start column alone (:func:`interventions.suffix.late_rows`). ``counts`` gets
+        ``reused_rows``: the rows whose joining block read its projections from the baseline."""
         from interventions.full_traces import metric_dtype_for
         from interventions.suffix import pass_edits
 
@@ -614,6 +692,9 @@ class RaggedPath:
         late_values = late_columns(self.hf, self.arch, self.layout, batch, base, base_index, inputs,
                                    {row: starts[row] for row in late})
         joins = {row: (layer + 1, col) if row in late else (layer, col) for row, (layer, col) in starts.items()}
+        reuse = self._reuse(batch, base, base_index, inputs, joins, late)
+        if counts is not None:
+            counts["reused_rows"] = counts.get("reused_rows", 0) + len(reuse)
         passes = [one for col, rows in column_groups(joins, width, self.layout.n_layers,
                                                      self.layout.flops_per_token_block)
                   for one in Pass.of(col, rows, joins).cut(max(1, PASS_TOKENS // (width - col)))]
@@ -623,9 +704,25 @@ class RaggedPath:
             table[torch.tensor(one.rows)] = torch.arange(len(one.rows))
             edits = pass_edits(batch, self.layout, base, table, 0, one.col)
             lasts.append(run_pass(self.hf, self.arch, self.layout, batch, base, base_index, inputs, one, edits,
-                                  late_values))
+                                  late_values, reuse))
             rows += one.rows
         if rows:
             metrics[rows] = unembed_metrics(self.hf, self.arch, batch, base, base_index, rows, torch.cat(lasts),
                                             metric_dtype, needs)
         return metrics
+
+    def _reuse(self, batch: Batch, base: dict[str, Any], base_index: torch.Tensor, inputs: BlockInputs,
+               joins: dict[int, tuple[int, int]], late: set[int] | frozenset[int]) -> dict[int, tuple[int, ...]]:
+        """The rows that read their joining block's projections from the baseline, with the columns they compute
+        (:func:`interventions.projection_reuse.changed_columns`), once this model passed :func:`reuse_self_check`
+        (run here the first time; a batch where it cannot run reuses nothing)."""
+        if not inputs.projections or not self.reuse_ok:
+            return {}
+        columns = {row: cols for row, cols in projection_reuse.changed_columns(batch, self.layout, joins, late).items()
+                   if joins[row][0] in inputs.projections}
+        if columns and self.reuse_gap is None:
+            gap = reuse_self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs)
+            if gap is None:
+                return {}
+            self.reuse_gap = _REUSE_CHECKS[self.hf] = gap
+        return columns if self.reuse_ok else {}

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from interventions import kernel
+from interventions import kernel, projection_reuse
 from interventions.full_traces import _device_of, _moved, metric_dtype_for, trace_kwargs
 from interventions.kernel import MODES, Edits
 from interventions.plan import AccessPatches, Batch
@@ -63,6 +63,10 @@ class ModelLayout:
     #: block L -> the rank of its attention output projection's input: from there on, block L does nothing that
     #: mixes columns (:func:`late_rows`); blocks without a known projection are left out
     mixed: dict[int, int] = field(default_factory=dict)
+    #: block L -> its query/key/value projections (module paths; :mod:`interventions.projection_reuse`), and the
+    #: rank of the last one's output; blocks where one of the architecture's projections is not found are left out
+    projections: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    projected: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, hf: torch.nn.Module) -> ModelLayout | None:
@@ -101,7 +105,12 @@ class ModelLayout:
         flops = 2.0 * sum(p.numel() for p in blocks[0].parameters())
         mixed = {layer: order[key] for layer in range(n_layers)
                  if (key := (f"{arch.block(layer)}.{arch.out_proj}", "input")) in order}
-        return cls(n_layers, arch.layers, order, block_of, boundary, cache_kwarg, hf.config, flops, mixed)
+        named = {layer: tuple(f"{arch.block(layer)}.{name}" for name in arch.qkv) for layer in range(n_layers)}
+        projections = {layer: paths for layer, paths in named.items()
+                       if paths and all((path, "output") in order for path in paths)}
+        projected = {layer: max(order[(path, "output")] for path in paths) for layer, paths in projections.items()}
+        return cls(n_layers, arch.layers, order, block_of, boundary, cache_kwarg, hf.config, flops, mixed,
+                   projections, projected)
 
 
 # -- where each row starts ------------------------------------------------------------------------------------------
@@ -250,8 +259,9 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, u
     base_index[base_rows] = torch.arange(len(base_rows))
     late = late_rows(batch, layout, starts)
     # 0: the ragged path's self-check; a late row reads the state entering its first block and the next one
-    boundaries = sorted({layer for layer, _ in starts.values()} | {starts[row][0] + 1 for row in late} | {0})
-    with ragged_path.capturing() as block_inputs:
+    joining = {layer for layer, _ in starts.values()} | {starts[row][0] + 1 for row in late}
+    boundaries = sorted(joining | {0})
+    with ragged_path.capturing(joining & projection_reuse.reusable_blocks(batch, layout)) as block_inputs:
         base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, _device_of(model, False),
                               unembed_module)
     metrics = torch.empty((n_rows, base["metrics"].shape[1]), dtype=base["metrics"].dtype)
@@ -261,8 +271,11 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, u
         if role == "patched" and (row not in starts or row in quiet):  # nothing of its own: its baseline row's run
             metrics[row] = base["metrics"][base_index[batch.target_row[row]]]
     starts = {row: start for row, start in starts.items() if row not in quiet}
-    ragged_path.run(batch, base, base_index, block_inputs, starts, metrics, needs, late=late & set(starts))
+    counts: dict[str, int] = {}
+    ragged_path.run(batch, base, base_index, block_inputs, starts, metrics, needs, late=late & set(starts),
+                    counts=counts)
     if stats is not None:  # counted once the batch is done (a ragged path that gives up leaves them to the retry)
+        stats["reused_rows"] = stats.get("reused_rows", 0) + counts.get("reused_rows", 0)
         stats["no_op_rows"] = stats.get("no_op_rows", 0) + len(quiet)
         stats["rows_run"] = stats.get("rows_run", 0) + len(starts)
         ran_late = late & set(starts) if ragged_path.late_ok else set()
