@@ -330,6 +330,28 @@ class Pass:
                 for low in range(0, len(self.rows), most)]
 
 
+def _pass_hooks(hf: torch.nn.Module, arch: Any, layout: Any, one: Pass, edits: list[tuple], device: torch.device
+                ) -> list[Any]:
+    """The hooks of one pass: its edits (each access's, for the rows that have joined by its block), and the last
+    block's MLP on the last column unless an edit is in that MLP. The caller removes them."""
+    handles, edited_modules = [], []
+    for patches, stages in edits:
+        key = (patches.module, patches.access)
+        if layout.rank[key] < layout.rank[layout.boundary[0]]:
+            continue  # baseline edits before the first block: in the state every row joins with
+        kept = _rows_below(_on(stages, device), one.active(layout.block_of[key]))
+        if kept:
+            handles.append(_hook(hf.get_submodule(patches.module), patches.access, patches.n_heads or 0, kept))
+            edited_modules.append(patches.module)
+    last_mlp = f"{arch.block(layout.n_layers - 1)}.{arch.mlp}"
+    if not any(module == last_mlp or module.startswith(last_mlp + ".") for module in edited_modules):
+        try:
+            handles.append(_last_column_only(hf.get_submodule(last_mlp)))
+        except AttributeError:  # a block without that module keeps every column
+            pass
+    return handles
+
+
 def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
              base_index: torch.Tensor, inputs: BlockInputs, one: Pass, edits: list[tuple],
              late: dict[int, tuple[int, torch.Tensor]] | None = None,
@@ -348,23 +370,9 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
     blocks = hf.get_submodule(arch.layers)
     late = late or {}
     reuse = reuse or {}
-    handles = []
+    handles: list[Any] = []
     try:
-        edited_modules = []
-        for patches, stages in edits:
-            key = (patches.module, patches.access)
-            if layout.rank[key] < layout.rank[layout.boundary[0]]:
-                continue  # baseline edits before the first block: in the state every row joins with
-            kept = _rows_below(_on(stages, device), one.active(layout.block_of[key]))
-            if kept:
-                handles.append(_hook(hf.get_submodule(patches.module), patches.access, patches.n_heads or 0, kept))
-                edited_modules.append(patches.module)
-        last_mlp = f"{arch.block(layout.n_layers - 1)}.{arch.mlp}"
-        if not any(module == last_mlp or module.startswith(last_mlp + ".") for module in edited_modules):
-            try:
-                handles.append(_last_column_only(hf.get_submodule(last_mlp)))
-            except AttributeError:  # a block without that module keeps every column
-                pass
+        handles += _pass_hooks(hf, arch, layout, one, edits, device)
         hidden = base["boundary"][one.layers[0]][targets[:0], col:]
         with torch.no_grad():
             for layer in range(one.layers[0], layout.n_layers + 1):
