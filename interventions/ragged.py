@@ -66,6 +66,8 @@ UNEMBED_ROWS = 256
 _SELF_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
 #: the late start's check per model (:func:`_late_self_check`)
 _LATE_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
+#: per model, whether the self-check passed with the last block cut to the last column (:meth:`RaggedPath._check_self`)
+_TRIMS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 #: the projection reuse's check per model (:func:`reuse_self_check`)
 _REUSE_CHECKS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
 
@@ -296,15 +298,37 @@ def _hook(module: torch.nn.Module, access: str, n_heads: int, stages: list[tuple
 
 
 def _last_column_only(module: torch.nn.Module) -> Any:
-    """A pre-hook on the last block's MLP that gives it the last column alone: only the last column of the last
-    block reaches the unembedding, and the block's residual addition broadcasts the one column over the others
-    (which nothing reads). The self-check confirms the broadcast on each model."""
+    """A pre-hook on a module of the last block that gives it the last column alone: only the last column of the
+    last block reaches the unembedding, and the block's residual additions broadcast the one column over the others
+    (which nothing reads). Used on the MLP and on the attention's output projection (whose other columns only
+    feed the MLP's); the self-check confirms the broadcast on each model."""
     def pre(_m: Any, args: tuple, kwargs: dict) -> tuple:
         if args:
             return (args[0][:, -1:], *args[1:]), kwargs
         first = next(iter(kwargs))
         return args, {**kwargs, first: kwargs[first][:, -1:]}
     return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _last_column_modules(arch: Any, layout: Any, edited: Sequence[Key]) -> list[str]:
+    """The last block's modules that may run on the last column alone, given the accesses a pass edits (an edit
+    needs its module's whole width): the MLP unless an edit is in it; the attention's output projection unless an
+    edit follows the projection's input inside the attention (its output, the attention's output). An edit of the
+    projection's input (the head outputs) runs before the cut: its hook comes first."""
+    last = layout.n_layers - 1
+    mlp, attention = f"{arch.block(last)}.{arch.mlp}", f"{arch.block(last)}.{arch.attn}"
+
+    def inside(module: str, outer: str) -> bool:
+        return module == outer or module.startswith(outer + ".")
+
+    out = []
+    if not any(inside(module, mlp) for module, _ in edited):
+        out.append(mlp)
+    mixed = layout.mixed.get(last)
+    if mixed is not None and not any(inside(module, attention) and layout.rank[(module, access)] > mixed
+                                     for module, access in edited):
+        out.append(f"{arch.block(last)}.{arch.out_proj}")
+    return out
 
 
 @dataclass
@@ -330,11 +354,12 @@ class Pass:
                 for low in range(0, len(self.rows), most)]
 
 
-def _pass_hooks(hf: torch.nn.Module, arch: Any, layout: Any, one: Pass, edits: list[tuple], device: torch.device
-                ) -> list[Any]:
-    """The hooks of one pass: its edits (each access's, for the rows that have joined by its block), and the last
-    block's MLP on the last column unless an edit is in that MLP. The caller removes them."""
-    handles, edited_modules = [], []
+def _pass_hooks(hf: torch.nn.Module, arch: Any, layout: Any, one: Pass, edits: list[tuple], device: torch.device,
+                trim: bool = True) -> list[Any]:
+    """The hooks of one pass: its edits (each access's, for the rows that have joined by its block), and, with
+    ``trim``, the last block's MLP and attention output projection on the last column where no edit needs them
+    whole (:func:`_last_column_modules`). The caller removes them."""
+    handles, edited = [], []
     for patches, stages in edits:
         key = (patches.module, patches.access)
         if layout.rank[key] < layout.rank[layout.boundary[0]]:
@@ -342,11 +367,10 @@ def _pass_hooks(hf: torch.nn.Module, arch: Any, layout: Any, one: Pass, edits: l
         kept = _rows_below(_on(stages, device), one.active(layout.block_of[key]))
         if kept:
             handles.append(_hook(hf.get_submodule(patches.module), patches.access, patches.n_heads or 0, kept))
-            edited_modules.append(patches.module)
-    last_mlp = f"{arch.block(layout.n_layers - 1)}.{arch.mlp}"
-    if not any(module == last_mlp or module.startswith(last_mlp + ".") for module in edited_modules):
+            edited.append(key)
+    for module in _last_column_modules(arch, layout, edited) if trim else []:
         try:
-            handles.append(_last_column_only(hf.get_submodule(last_mlp)))
+            handles.append(_last_column_only(hf.get_submodule(module)))
         except AttributeError:  # a block without that module keeps every column
             pass
     return handles
@@ -355,7 +379,7 @@ def _pass_hooks(hf: torch.nn.Module, arch: Any, layout: Any, one: Pass, edits: l
 def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
              base_index: torch.Tensor, inputs: BlockInputs, one: Pass, edits: list[tuple],
              late: dict[int, tuple[int, torch.Tensor]] | None = None,
-             reuse: dict[int, tuple[int, ...]] | None = None) -> torch.Tensor:
+             reuse: dict[int, tuple[int, ...]] | None = None, trim: bool = True) -> torch.Tensor:
     """The final norm's output at the last column, ``[rows, d_model]``, of one pass's rows (unembedded by
     :func:`unembed_metrics`, together with other passes' rows). ``edits``: ``(patches, stages)`` from
     :func:`interventions.suffix.pass_edits` with this pass's row numbering and column shift. ``late``: per batch
@@ -363,7 +387,8 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
     column and its first block's output there (:func:`late_columns`); its other columns are the baseline's.
     ``reuse``: per batch row, the columns where its input to its joining block may differ from the baseline's
     (:func:`interventions.projection_reuse.changed_columns`); that block's projections read the baseline's
-    (``inputs.projections``) elsewhere."""
+    (``inputs.projections``) elsewhere. ``trim``: the last block's MLP and output projection on the last column
+    (:func:`_pass_hooks`)."""
     device = next(hf.parameters()).device
     targets = base_index[torch.tensor([batch.target_row[r] for r in one.rows])].to(device)
     col = one.col
@@ -372,7 +397,7 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
     reuse = reuse or {}
     handles: list[Any] = []
     try:
-        handles += _pass_hooks(hf, arch, layout, one, edits, device)
+        handles += _pass_hooks(hf, arch, layout, one, edits, device, trim)
         hidden = base["boundary"][one.layers[0]][targets[:0], col:]
         with torch.no_grad():
             for layer in range(one.layers[0], layout.n_layers + 1):
@@ -527,11 +552,12 @@ def _baseline_rows(batch: Batch, **changes: Any) -> tuple[list[int], Batch]:
 
 
 def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: dict[str, Any],
-               base_index: torch.Tensor, inputs: BlockInputs, metric_dtype: torch.dtype) -> float:
+               base_index: torch.Tensor, inputs: BlockInputs, metric_dtype: torch.dtype, trim: bool = True) -> float:
     """Run the baseline rows themselves on this path (from the first block, every column, with their baseline
-    interventions) and return the largest difference from the metrics of the model's own forward pass, unembedded
-    both over the whole vocabulary and over the answer tokens alone. Catches an architecture whose forward does
-    something between or after its blocks (or to its logits) that calling them one by one would miss."""
+    interventions; ``trim``: the last block's cuts to the last column, as the passes run it) and return the
+    largest difference from the metrics of the model's own forward pass, unembedded both over the whole vocabulary
+    and over the answer tokens alone. Catches an architecture whose forward does something between or after its
+    blocks (or to its logits) that calling them one by one would miss."""
     from interventions.suffix import pass_edits
 
     rows, probe = _baseline_rows(batch)
@@ -539,7 +565,7 @@ def self_check(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: 
     table = torch.full((len(batch.row_role),), -1, dtype=torch.long)
     table[torch.tensor(rows)] = torch.arange(len(rows))
     edits = pass_edits(probe, layout, base, table, 0, 0)  # the baseline rows' own (baseline) interventions
-    last = run_pass(hf, arch, layout, probe, base, base_index, inputs, one, edits)
+    last = run_pass(hf, arch, layout, probe, base, base_index, inputs, one, edits, trim=trim)
     got = unembed_metrics(hf, arch, probe, base, base_index, one.rows, last, metric_dtype)
     want = base["metrics"][base_index[torch.tensor(rows)]]
     by_tokens = unembed_metrics(hf, arch, probe, base, base_index, one.rows, last, metric_dtype,
@@ -636,6 +662,8 @@ class RaggedPath:
         self.late_gap: float | None = _LATE_CHECKS.get(hf)
         #: the projection reuse's check (:func:`reuse_self_check`; None: not run yet on this model)
         self.reuse_gap: float | None = _REUSE_CHECKS.get(hf)
+        #: whether the last block runs its MLP and output projection on the last column (the self-check's finding)
+        self.trim: bool = _TRIMS.get(hf, True)
 
     @property
     def late_ok(self) -> bool:
@@ -676,21 +704,7 @@ class RaggedPath:
 
         metric_dtype = metric_dtype_for(next(self.hf.parameters()).device)
         if self.self_check_gap is None:
-            try:
-                self.self_check_gap = self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs,
-                                                 metric_dtype)
-            except (MemoryError, torch.OutOfMemoryError) as exc:  # this batch was too large, not a verdict
-                raise Unsupported(f"the self-check ran out of memory ({type(exc).__name__}); this batch runs full"
-                                  ) from exc
-            except Exception as exc:  # noqa: BLE001 - whatever breaks here, this path is not for this model
-                self.self_check_gap = float("inf")
-                raise Unsupported(f"the self-check could not run on this model ({type(exc).__name__}: {exc})"
-                                  ) from exc
-            finally:
-                if self.self_check_gap is not None:  # a verdict on the architecture: kept for this model object
-                    _SELF_CHECKS[self.hf] = self.self_check_gap
-            if not self.self_check_gap <= SELF_CHECK_TOLERANCE:
-                raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
+            self._check_self(batch, base, base_index, inputs, metric_dtype)
         n_rows, width = batch.input_ids.shape
         if late and self.late_gap is None:
             self.late_gap = _late_self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs)
@@ -712,12 +726,40 @@ class RaggedPath:
             table[torch.tensor(one.rows)] = torch.arange(len(one.rows))
             edits = pass_edits(batch, self.layout, base, table, 0, one.col)
             lasts.append(run_pass(self.hf, self.arch, self.layout, batch, base, base_index, inputs, one, edits,
-                                  late_values, reuse))
+                                  late_values, reuse, self.trim))
             rows += one.rows
         if rows:
             metrics[rows] = unembed_metrics(self.hf, self.arch, batch, base, base_index, rows, torch.cat(lasts),
                                             metric_dtype, needs)
         return metrics
+
+    def _check_self(self, batch: Batch, base: dict[str, Any], base_index: torch.Tensor, inputs: BlockInputs,
+                    metric_dtype: torch.dtype) -> None:
+        """Run :func:`self_check` with the last block's cuts to the last column, and without them when that fails
+        (a model whose last block cannot be cut runs whole there, on this path still); keep the verdict for this
+        model object, and raise :class:`Unsupported` when the path fails it either way."""
+        error: Exception | None = None
+        for trim in (True, False):
+            try:
+                gap = self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs, metric_dtype,
+                                 trim=trim)
+            except (MemoryError, torch.OutOfMemoryError) as exc:  # this batch was too large, not a verdict
+                raise Unsupported(f"the self-check ran out of memory ({type(exc).__name__}); this batch runs full"
+                                  ) from exc
+            except Exception as exc:  # noqa: BLE001 - whatever breaks here, this path is not for this model
+                gap, error = float("inf"), exc
+            if trim:
+                first = gap
+            if gap <= SELF_CHECK_TOLERANCE:
+                break
+        self.trim = _TRIMS[self.hf] = trim
+        # a verdict on the architecture, kept for this model object (the cut last block's when both fail)
+        self.self_check_gap = _SELF_CHECKS[self.hf] = gap if gap <= SELF_CHECK_TOLERANCE else first
+        if error is not None and not gap <= SELF_CHECK_TOLERANCE:
+            raise Unsupported(f"the self-check could not run on this model ({type(error).__name__}: {error})"
+                              ) from error
+        if not self.self_check_gap <= SELF_CHECK_TOLERANCE:
+            raise Unsupported(f"the self-check found a difference of {self.self_check_gap:.2e} on this model")
 
     def _reuse(self, batch: Batch, base: dict[str, Any], base_index: torch.Tensor, inputs: BlockInputs,
                joins: dict[int, tuple[int, int]], late: set[int] | frozenset[int]) -> dict[int, tuple[int, ...]]:

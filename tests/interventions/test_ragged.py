@@ -229,24 +229,48 @@ def test_late_rows_are_cut_into_calls_of_bounded_size(tiny_gpt2, monkeypatch):
     assert all(rows * width <= 6 or rows == 1 for rows, width in sizes) and max(r for r, _ in sizes) > 1
 
 
-def test_the_last_block_runs_its_mlp_on_the_last_column(tiny_gpt2):
-    """Only the last column of the last block reaches the unembedding, so the passes give that block's MLP the last
-    column alone, unless the study edits that MLP (then it runs on every column the pass holds)."""
-    mlp = tiny_gpt2.hf.transformer.h[-1].mlp
+def test_the_last_block_runs_its_mlp_and_output_projection_on_the_last_column(tiny_gpt2):
+    """Only the last column of the last block reaches the unembedding, so the passes give that block's MLP and its
+    attention output projection the last column alone, unless the study edits them (then they run on every column
+    the pass holds). An edit of the head outputs (the projection's input) comes before the cut and keeps it."""
+    last = tiny_gpt2.hf.transformer.h[-1]
     width = tiny_gpt2.tokenizer(PROBES[1]["clean"], return_tensors="pt")["input_ids"].shape[1]  # the longest
     _late(["layers[*].resid_pre"], tiny_gpt2)  # the self-check, once per model
-    # two columns at once: not a late row (see above), so the last block's MLP runs in the passes, edited
-    for sites, last_only in ((["layers[*].resid_pre"], True), (["layers[2].mlp_out"], False)):
+    two = [{"indices": [0, 1]}]  # two columns at once: not a late row, so the last block runs in the passes, edited
+    for sites, positions, cut in ((["layers[*].resid_pre"], ["each"], {"mlp": True, "attn.c_proj": True}),
+                                  (["layers[2].mlp_out"], two, {"mlp": False, "attn.c_proj": True}),
+                                  (["layers[2].attn_out"], two, {"mlp": True, "attn.c_proj": False}),
+                                  (["layers[2].heads[1]", "layers[1].resid_pre"], two,
+                                   {"mlp": True, "attn.c_proj": True})):
         spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff"], "sites": sites,
-                "positions": ["each"] if last_only else [{"indices": [0, 1]}]}
-        widths = []
-        handle = mlp.register_forward_hook(lambda _m, _args, out, widths=widths: widths.append(out.shape[1]))
+                "positions": positions}
+        widths = {name: [] for name in cut}
+        handles = [last.get_submodule(name).register_forward_hook(
+            lambda _m, _args, out, seen=seen: seen.append(out.shape[1])) for name, seen in widths.items()]
         try:
             run(tiny_gpt2, spec, "suffix", 200)
         finally:
-            handle.remove()
-        passes = widths[widths.index(width) + 1:]  # after the baseline pass (every column): the ragged passes
-        assert passes and (set(passes) == {1}) is last_only, (sites, widths)
+            for handle in handles:
+                handle.remove()
+        for name, seen in widths.items():
+            passes = seen[seen.index(width) + 1:]  # after the baseline pass (every column): the ragged passes
+            assert passes and (set(passes) == {1}) is cut[name], (sites, name, seen)
+
+
+def test_a_model_whose_last_block_cannot_be_cut_runs_it_whole(tokenizer, monkeypatch):
+    """The cuts of the last block to the last column are checked with the rest of the path (the self-check runs
+    with them): a model where they give other numbers (here: a cut that keeps the first column instead) is
+    checked again without them, and runs its passes with the last block whole, on the ragged path, exactly."""
+    from interventions import ragged
+
+    def first_column(module):
+        return module.register_forward_pre_hook(lambda _m, args: (args[0][:, :1], *args[1:]))
+
+    monkeypatch.setattr(ragged, "_last_column_only", first_column)
+    model = _tiny("llama", tokenizer)
+    stats = _late(["layers[*].resid_pre", "layers[1].attn_out"], model)
+    assert stats["ragged_batches"] > 0 and stats["rows_run"] > 0
+    assert ragged._TRIMS[model.hf] is False and ragged._SELF_CHECKS[model.hf] < 1e-5
 
 
 def test_a_model_the_self_check_rejects_runs_full(tokenizer):
