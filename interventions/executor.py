@@ -123,8 +123,9 @@ class Executor:
             self._ragged = ragged.RaggedPath(self.model._module, self.layout) if usable else None
         return self._ragged
 
-    def run_batch(self, batch: Batch) -> torch.Tensor:
-        """``[rows, len(METRICS)]`` metrics of one batch, in the batch's row order."""
+    def run_batch(self, batch: Batch, full_rows: int | None = None) -> torch.Tensor | None:
+        """``[rows, len(METRICS)]`` metrics of one batch, in the batch's row order. None: the batch would run in
+        full and holds more than ``full_rows`` rows (the caller runs it in parts)."""
         if self.ragged is not None:
             try:
                 metrics = suffix.run_batch(self.model, batch, self.layout, self.ragged, self.unembed_module,
@@ -135,6 +136,8 @@ class Executor:
                 self.used["suffix"] += 1
                 self.suffix_stats["ragged_batches"] += 1
                 return metrics
+        if full_rows is not None and len(batch.row_role) > full_rows:
+            return None
         self.used["full"] += 1
         return full_traces.run_batch(self.model, batch, remote=self.remote, unembed_module=self.unembed_module)
 

@@ -96,6 +96,9 @@ class Plan:
     #: rows per forward pass the cells were chunked with (0: not chunked yet); part of the fingerprint, since
     #: finished batches are only reusable under the same chunking
     rows_per_batch: int = 0
+    #: most baseline rows per batch the cells were chunked with (0: no cap beyond ``rows_per_batch``); part of the
+    #: fingerprint for the same reason
+    baseline_rows_per_batch: int = 0
 
     def target_row_sample(self, sample: int) -> int:
         return sample if self.target_samples > 1 else 0
@@ -107,9 +110,9 @@ class Plan:
         Settings that cannot change a number beyond float rounding (progress bars; local vs simulated-remote
         execution; the execution strategy) are left out, so a rerun with ``--no-progress`` still resumes; the rows
         per batch the cells were chunked with are in, since a batch is only reusable under the same chunking. So
-        when they change the rows per batch (``auto`` is ``suffix`` locally, with 1024 rows by default, and ``full``
-        under the NDIF simulation, with 64), a rerun starts afresh (and says so); so do folders of finished
-        batches written before the rows per batch were part of the fingerprint."""
+        when they change the rows per batch (``auto`` is ``suffix`` locally, with :data:`DEFAULT_ROWS` rows by
+        default, and ``full`` under the NDIF simulation, with fewer), a rerun starts afresh (and says so); so do
+        folders of finished batches written before the rows per batch were part of the fingerprint."""
         return self._digest(with_model=True)
 
     @property
@@ -129,6 +132,8 @@ class Plan:
                 "probes": [(p.id, p.clean_ids, p.corrupted_ids, p.answer_ids, p.wrong_ids) for p in self.probes],
                 "cells": len(self.cells),
                 "rows_per_batch": self.rows_per_batch,
+                # only when capped: a plan chunked without a cap keeps the fingerprint it had before the cap existed
+                **({"baseline_rows_per_batch": self.baseline_rows_per_batch} if self.baseline_rows_per_batch else {}),
             },
             sort_keys=True,
         )
@@ -368,9 +373,12 @@ class Batch:
     target_row: list[int] = field(default_factory=list)
 
 
-def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
-    """Split cells into batches of at most ``max_rows`` rows, counting the baseline rows each probe needs (its
-    source row and one target row, or one per noise sample when a baseline intervention draws noise)."""
+def chunk_cells(plan: Plan, max_rows: int, max_baseline_rows: int = 0,
+                cells: Sequence[Cell] | None = None) -> list[list[Cell]]:
+    """Split cells (``cells``, else the plan's) into batches of at most ``max_rows`` rows, counting the baseline
+    rows each probe needs (its source row and one target row, or one per noise sample when a baseline intervention
+    draws noise), and, with ``max_baseline_rows``, of at most that many baseline rows (a batch with few cells per
+    probe would otherwise be mostly baseline rows; a cell that needs more alone still gets a batch of its own)."""
     per_probe = 1 + plan.target_samples
     if max_rows < per_probe + 1:
         raise PlanError(f"max_rows must be at least {per_probe + 1} ({per_probe} baseline rows per probe with "
@@ -383,10 +391,11 @@ def chunk_cells(plan: Plan, max_rows: int) -> list[list[Cell]]:
     current: list[Cell] = []
     probes_in: set[int] = set()
     rows = 0
-    for cell in sorted(plan.cells, key=lambda c: (c.probe, c.index)):
+    for cell in sorted(plan.cells if cells is None else cells, key=lambda c: (c.probe, c.index)):
         needed = {cell.probe, cell.source_probe} - probes_in
         extra = per_probe * len(needed) + 1
-        if current and rows + extra > max_rows:
+        over_baseline = max_baseline_rows and per_probe * len(probes_in | needed) > max_baseline_rows
+        if current and (rows + extra > max_rows or over_baseline):
             chunks.append(current)
             current, probes_in, rows = [], set(), 0
             needed = {cell.probe, cell.source_probe}
@@ -580,9 +589,14 @@ def _patch_groups(entry: dict[str, list]) -> PatchGroups:
 
 
 #: rows per batch when neither ``max_rows`` nor ``memory_budget_mb`` is given, per execution strategy: a suffix batch
-#: holds one baseline pass and passes that run only the rows' suffixes, so it can take (and gains from) many more rows
-#: (measured: ``bench/results/process_memory.md``)
-DEFAULT_ROWS = {"full": 64, "suffix": 1024}
+#: holds one baseline pass and passes that run only the rows' suffixes (cut to a token budget), so it can take (and
+#: gains from) many more rows (measured: ``bench/results/process_memory.md``); a suffix batch that has to run in
+#: full after all runs as parts of the full strategy's size
+DEFAULT_ROWS = {"full": 64, "suffix": 4096}
+
+#: most baseline rows per batch, per execution strategy (0: none beyond the rows per batch): a suffix batch's
+#: baseline pass holds every baseline row's keys, values and block states at once, whatever the cells per probe
+DEFAULT_BASELINE_ROWS = {"full": 0, "suffix": 256}
 
 
 def rows_for_budget(memory_budget_mb: float | None, max_rows: int | None, seq_len: int, vocab: int, d_model: int,

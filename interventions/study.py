@@ -44,6 +44,7 @@ from interventions.output import (
     write_results,
 )
 from interventions.plan import (
+    DEFAULT_BASELINE_ROWS,
     DEFAULT_ROWS,
     Batch,
     Cell,
@@ -320,21 +321,10 @@ class Study:
             log.warning("the model was loaded as %s; execution.dtype %s applies only when clap loads the model",
                         loaded_dtype, spec.execution.dtype)
         constants = self._constants(plan)
-        hf = model.hf
-        max_len = max(max(len(p.clean_ids), len(p.corrupted_ids)) for p in plan.probes)
-        config = hf.config
-        max_rows = rows_for_budget(
-            spec.execution.memory_budget_mb,
-            spec.execution.max_rows,
-            max_len,
-            config.vocab_size,
-            getattr(config, "hidden_size", 768),
-            getattr(config, "num_hidden_layers", 12),
-            torch.finfo(next(hf.parameters()).dtype).bits // 8,
-            default=DEFAULT_ROWS[self._batch_kind(plan)],
-        )
-        plan.rows_per_batch = max_rows
-        chunks = chunk_cells(plan, max_rows)
+        kind = self._batch_kind(plan)
+        max_rows, full_rows = self._rows(plan, kind), self._rows(plan, "full")
+        plan.rows_per_batch, plan.baseline_rows_per_batch = max_rows, DEFAULT_BASELINE_ROWS[kind]
+        chunks = chunk_cells(plan, max_rows, plan.baseline_rows_per_batch)
         store = BatchStore(out, plan)
         pad_id = model.tokenizer.pad_token_id
         frames = []
@@ -344,9 +334,7 @@ class Study:
         for index, cells in enumerate(chunks):
             frame = store.load(index)
             if frame is None:
-                batch = build_batch(plan, cells, index, pad_id, constants)
-                metrics = self.executor.run_batch(batch)
-                frame = self._tidy(plan, batch, cells, metrics)
+                frame = self._run_cells(plan, cells, index, pad_id, constants, full_rows)
                 store.save(index, frame)
                 release_freed_memory()  # else the allocator's heap creeps up over hundreds of batches
             frames.append(frame)
@@ -369,6 +357,37 @@ class Study:
             write_results(out, result, self._sidecar(plan, group_columns, len(chunks), max_rows, constants))
             store.discard()  # only this plan's batches: others may resume later
         return result
+
+    def _rows(self, plan: Plan, kind: str) -> int:
+        """Rows per batch for a batch ``kind`` (``suffix`` or ``full``): ``execution.max_rows``, else an estimate
+        from ``execution.memory_budget_mb``, else the kind's default (:data:`interventions.plan.DEFAULT_ROWS`)."""
+        execution, hf = self.spec.execution, self.model.hf
+        config = hf.config
+        return rows_for_budget(
+            execution.memory_budget_mb,
+            execution.max_rows,
+            max(max(len(p.clean_ids), len(p.corrupted_ids)) for p in plan.probes),
+            config.vocab_size,
+            getattr(config, "hidden_size", 768),
+            getattr(config, "num_hidden_layers", 12),
+            torch.finfo(next(hf.parameters()).dtype).bits // 8,
+            default=DEFAULT_ROWS[kind],
+        )
+
+    def _run_cells(self, plan: Plan, cells: list[Cell], index: int, pad_id: int, constants: Measurements,
+                   full_rows: int) -> pd.DataFrame:
+        """Tidy rows of one chunk of cells. A chunk the executor cannot take on the suffix path runs in full, as
+        parts of at most ``full_rows`` rows when it holds more (a suffix batch is many times larger than one
+        forward pass over every row and column can hold)."""
+        batch = build_batch(plan, cells, index, pad_id, constants)
+        metrics = self.executor.run_batch(batch, full_rows=full_rows)
+        if metrics is not None:
+            return self._tidy(plan, batch, cells, metrics)
+        frames = []
+        for part in chunk_cells(plan, full_rows, cells=cells):
+            batch = build_batch(plan, part, index, pad_id, constants)
+            frames.append(self._tidy(plan, batch, part, self.executor.run_batch(batch)))
+        return pd.concat(frames, ignore_index=True)
 
     def _group_columns(self, plan: Plan) -> list[str]:
         """The probes' labels as run.json lists them: the analysis group first (``analysis.group``, else the
@@ -433,6 +452,7 @@ class Study:
             "n_cells": len(plan.cells),
             "n_batches": n_batches,
             "max_rows": max_rows,
+            "max_baseline_rows": plan.baseline_rows_per_batch,
             "strategy": self.executor.strategy_used,
             #: suffix strategy: patched rows run, rows not run because their edits change nothing, batches on the
             #: local ragged path (this run's batches only; resumed batches were counted by the run that made them)

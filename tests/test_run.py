@@ -464,11 +464,11 @@ def test_patch_stage_whose_inputs_changed_never_resumes_stale_batches(study, tmp
         calls = {"n": 0}
         real_batch = self.executor.run_batch
 
-        def counting(batch):
+        def counting(batch, **options):
             calls["n"] += 1
             if calls["n"] > 2:
                 raise KeyboardInterrupt
-            return real_batch(batch)
+            return real_batch(batch, **options)
 
         self.executor.run_batch = counting  # this study's executor only
         return real_run(self, folder)

@@ -104,11 +104,11 @@ class BatchRecorder:
         self.calls.clear()
         self.stop_after = stop_after
 
-    def __call__(self, executor, batch):
+    def __call__(self, executor, batch, **options):
         self.calls.append(batch.index)
         if self.stop_after is not None and len(self.calls) == self.stop_after:
             raise KeyboardInterrupt
-        return self.real(executor, batch)
+        return self.real(executor, batch, **options)
 
 
 @pytest.fixture
@@ -117,5 +117,5 @@ def batches(monkeypatch):
     from interventions.executor import Executor
 
     recorder = BatchRecorder(Executor.run_batch)
-    monkeypatch.setattr(Executor, "run_batch", lambda executor, batch: recorder(executor, batch))
+    monkeypatch.setattr(Executor, "run_batch", lambda executor, batch, **options: recorder(executor, batch, **options))
     return recorder

@@ -115,3 +115,48 @@ def test_runaway_plan_is_refused_from_counts_before_any_cell_is_built(tiny_gpt2,
     per_probe = [plan_module.GroupPlan(sites=[0, 1], positions=["last"], operations=many.operations,
                                        probes=frozenset({f"p{i}"})) for i in range(100)]
     assert plan_module.estimate_plan(many, huge[:100], per_probe).cells == 100 * 2
+
+
+def test_a_baseline_row_cap_bounds_each_batch_and_keeps_every_cell_once(tiny_gpt2):
+    """``chunk_cells``'s second bound: at most ``max_baseline_rows`` baseline rows (two per probe here) per batch,
+    whatever the rows; every cell in exactly one batch, in probe order; a subset of cells chunks by itself."""
+    from interventions.plan import chunk_cells
+
+    probes = [{**p, "id": f"{p['id']}{i}"} for i in range(4) for p in PROBES]  # 12 probes
+    study = Study(StudySpec.from_dict({"model": {"source": "m"}, "probes": {"inline": probes},
+                                       "sites": ["layers[1].resid_pre"], "positions": ["last"],
+                                       "metrics": ["logit_diff"]}), model=tiny_gpt2)
+    plan = study.plan()
+    assert len(plan.cells) == 12
+    for cap, expected in ((0, [12]), (6, [3, 3, 3, 3]), (8, [4, 4, 4]), (2, [1] * 12)):
+        chunks = chunk_cells(plan, 1000, cap)
+        assert [len(c) for c in chunks] == expected, cap
+        assert sorted(c.index for chunk in chunks for c in chunk) == sorted(c.index for c in plan.cells)
+        assert all(2 * len({c.probe for c in chunk}) <= (cap or 1000) for chunk in chunks)
+    assert [len(c) for c in chunk_cells(plan, 7, 0, cells=plan.cells[:5])] == [2, 2, 1]  # 3 rows per cell
+
+
+def test_a_large_suffix_batch_that_runs_full_runs_as_full_sized_parts(tiny_model, monkeypatch):
+    """A patch on the embedding keeps a batch off the suffix path; under the suffix strategy's default batch size
+    (many rows) that batch then runs as parts of the full strategy's rows (each tried on the suffix path again:
+    those without the embedding patch take it), not as one forward pass over every row: each full forward holds
+    at most that many rows, and the numbers equal the full strategy's."""
+    from interventions import full_traces, plan as plan_module
+
+    from .test_strategies import KEYS, assert_same, run
+
+    monkeypatch.setitem(plan_module.DEFAULT_ROWS, "full", 16)
+    sizes = []
+    real = full_traces.run_batch
+    monkeypatch.setattr(full_traces, "run_batch",
+                        lambda model, batch, **kw: sizes.append(len(batch.row_role)) or real(model, batch, **kw))
+    spec = {"model": {"source": "m"}, "probes": {"inline": PROBES}, "metrics": ["logit_diff"],
+            "sites": ["embed", "layers[*].resid_pre"], "positions": ["each"]}
+    reference, _ = run(tiny_model, spec, "full", 200)
+    sizes.clear()
+    data = {**spec, "execution": {"progress": False, "strategy": "suffix"}}
+    study = Study(StudySpec.from_dict(data), model=tiny_model)
+    frame = study.run().sort_values(KEYS).reset_index(drop=True)
+    # one chunk of every cell (the suffix default), run as parts: those with the embedding patch in full
+    assert len(frame) > 16 and study.executor.used["full"] > 1 and max(sizes) <= 16, sizes
+    assert_same(reference, frame)
