@@ -141,7 +141,8 @@ def test_a_large_suffix_batch_that_runs_full_runs_as_full_sized_parts(tiny_model
     (many rows) that batch then runs as parts of the full strategy's rows (each tried on the suffix path again:
     those without the embedding patch take it), not as one forward pass over every row: each full forward holds
     at most that many rows, and the numbers equal the full strategy's."""
-    from interventions import full_traces, plan as plan_module
+    from interventions import full_traces
+    from interventions import plan as plan_module
 
     from .test_strategies import KEYS, assert_same, run
 
