@@ -12,7 +12,9 @@ column, whatever its first edited block:
 
 A row whose first edits follow the attention's mixing at one column (:func:`interventions.suffix.late_rows`) runs
 that block on that column alone, in one call per block for all such rows (:func:`late_columns`), and joins at the
-next block; the last block's MLP gets the last column alone (the only one unembedded), unless the study edits it.
+next block; a joining row's block computes its query/key/value projections only where its input changed, reading
+the baseline pass's elsewhere (:mod:`interventions.projection_reuse`); the last block's MLP and attention output
+projection get the last column alone (the only one unembedded), unless the study edits them.
 
 The blocks are the model's own modules, called one by one with the arguments the model itself gave them in the
 baseline pass (its attention mask, rotary position embeddings, position ids; sliced to the pass's rows and columns)
