@@ -248,8 +248,8 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, u
     baseline row's result and are not run (unless ``skip_no_ops`` is False, for measuring); ``stats`` counts them
     (``"no_op_rows"``), the rows run (``"rows_run"``) and those of them that ran their first edited block on one
     column (``"late_rows"``: :func:`late_rows`) and whose joining block read its projections from the baseline
-    (``"reused_rows"``: :mod:`interventions.projection_reuse`). ``needs``: the metric columns the caller reads; the patched
-    rows' others are left NaN (:func:`interventions.ragged.unembed_metrics`)."""
+    (``"reused_rows"``: :mod:`interventions.projection_reuse`). ``needs``: the metric columns the caller reads;
+    the patched rows' others are left NaN (:func:`interventions.ragged.unembed_metrics`)."""
     if len(batch.target_row) != len(batch.row_role):
         raise Unsupported("the batch does not name each row's target baseline row")
     starts = row_starts(batch, layout)
