@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from interventions.module_input import replace_input
 from interventions.plan import Batch
 
 Key = tuple[str, str]
@@ -49,15 +50,15 @@ def reusable_blocks(batch: Batch, layout: Any) -> set[int]:
     return set(layout.projections) - blocked
 
 
-def changed_columns(batch: Batch, layout: Any, joins: dict[int, tuple[int, int]], late: Iterable[int]
-                    ) -> dict[int, tuple[int, ...]]:
-    """Per row of ``joins`` (batch row -> (joining block, start column)) whose joining block is reusable: the
-    padded columns where its input to that block may differ from its baseline row's. They are the columns any edit
-    at the block's input writes for the row (its own and its baseline interventions alike: computing a column that
-    did not change costs a little and changes nothing), and a late row's start column. An empty tuple: the row's
-    input to the block is the baseline's everywhere (its first edits follow the projections)."""
-    blocks = reusable_blocks(batch, layout)
-    late = set(late)
+def changed_columns(batch: Batch, layout: Any, joins: dict[int, tuple[int, int]], late: Iterable[int],
+                    blocks: Iterable[int]) -> dict[int, tuple[int, ...]]:
+    """Per row of ``joins`` (batch row -> (joining block, start column)) whose joining block is one of ``blocks``
+    (those :func:`reusable_blocks` allows and whose projections the baseline pass captured): the padded columns
+    where its input to that block may differ from its baseline row's. They are the columns any edit at the block's
+    input writes for the row (its own and its baseline interventions alike: computing a column that did not change
+    costs a little and changes nothing), and a late row's start column. An empty tuple: the row's input to the
+    block is the baseline's everywhere (its first edits follow the projections)."""
+    blocks, late = set(blocks), set(late)
     found = {row: ({col} if row in late else set()) for row, (block, col) in joins.items() if block in blocks}
     inputs = {key: block for block, key in layout.boundary.items()}
     for patches in batch.accesses:
@@ -134,14 +135,11 @@ class BlockReuse:
             shape: dict[str, torch.Size] = {}
 
             def pre(_m: Any, args: tuple, kwargs: dict, shape: dict = shape) -> tuple:
-                x = args[0] if args else next(iter(kwargs.values()))
-                shape["x"] = x.shape
-                whole = x[self.computed].reshape(len(self.computed) * x.shape[1], x.shape[-1])
-                compact = torch.cat([whole, x[self.fresh_rows, self.fresh_cols]])
-                if args:
-                    return (compact, *args[1:]), kwargs
-                first = next(iter(kwargs))
-                return args, {**kwargs, first: compact}
+                def compact(x: torch.Tensor) -> torch.Tensor:
+                    shape["x"] = x.shape
+                    whole = x[self.computed].reshape(len(self.computed) * x.shape[1], x.shape[-1])
+                    return torch.cat([whole, x[self.fresh_rows, self.fresh_cols]])
+                return replace_input(args, kwargs, compact)
 
             def post(_m: Any, _args: Any, output: torch.Tensor, shape: dict = shape, i: int = i) -> torch.Tensor:
                 rows, width = shape["x"][0], shape["x"][1]

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from interventions import kernel, projection_reuse
+from interventions.module_input import replace_input
 from interventions.plan import Batch
 
 Key = tuple[str, str]
@@ -286,10 +287,7 @@ def _edited(value: torch.Tensor, n_heads: int, stages: list[tuple]) -> torch.Ten
 def _hook(module: torch.nn.Module, access: str, n_heads: int, stages: list[tuple]) -> Any:
     if access == "input":
         def pre(_m: Any, args: tuple, kwargs: dict) -> tuple:
-            if args:  # nnsight's `.input`: the first positional argument, else the first keyword argument
-                return (_edited(args[0], n_heads, stages), *args[1:]), kwargs
-            first = next(iter(kwargs))
-            return args, {**kwargs, first: _edited(kwargs[first], n_heads, stages)}
+            return replace_input(args, kwargs, lambda value: _edited(value, n_heads, stages))
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(_m: Any, _args: Any, output: Any) -> Any:
@@ -305,10 +303,7 @@ def _last_column_only(module: torch.nn.Module) -> Any:
     (which nothing reads). Used on the MLP and on the attention's output projection (whose other columns only
     feed the MLP's); the self-check confirms the broadcast on each model."""
     def pre(_m: Any, args: tuple, kwargs: dict) -> tuple:
-        if args:
-            return (args[0][:, -1:], *args[1:]), kwargs
-        first = next(iter(kwargs))
-        return args, {**kwargs, first: kwargs[first][:, -1:]}
+        return replace_input(args, kwargs, lambda value: value[:, -1:])
     return module.register_forward_pre_hook(pre, with_kwargs=True)
 
 
@@ -404,13 +399,13 @@ def run_pass(hf: torch.nn.Module, arch: Any, layout: Any, batch: Batch, base: di
         with torch.no_grad():
             for layer in range(one.layers[0], layout.n_layers + 1):
                 n, joined = one.active(layer), hidden.shape[0]
-                if n > hidden.shape[0]:
-                    joining = base["boundary"][layer][targets[hidden.shape[0]:n], col:]  # a copy (indexed rows)
-                    for i in range(hidden.shape[0], n):
+                if n > joined:
+                    joining = base["boundary"][layer][targets[joined:n], col:]  # a copy (indexed rows)
+                    for i in range(joined, n):
                         if one.rows[i] in late:
                             start, value = late[one.rows[i]]
-                            joining[i - hidden.shape[0], start - col] = value
-                    hidden = torch.cat([hidden, joining]) if hidden.shape[0] else joining
+                            joining[i - joined, start - col] = value
+                    hidden = torch.cat([hidden, joining]) if joined else joining
                 if layer == layout.n_layers:
                     break
                 keys, values = base["cache"][layer]
@@ -770,8 +765,7 @@ class RaggedPath:
         (run here the first time; a batch where it cannot run reuses nothing)."""
         if not inputs.projections or not self.reuse_ok:
             return {}
-        columns = {row: cols for row, cols in projection_reuse.changed_columns(batch, self.layout, joins, late).items()
-                   if joins[row][0] in inputs.projections}
+        columns = projection_reuse.changed_columns(batch, self.layout, joins, late, inputs.projections)
         if columns and self.reuse_gap is None:
             gap = reuse_self_check(self.hf, self.arch, self.layout, batch, base, base_index, inputs)
             if gap is None:

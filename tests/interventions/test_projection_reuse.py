@@ -81,7 +81,7 @@ def test_changed_columns_are_every_edit_at_the_joining_blocks_input(tiny_gpt2):
     """A row's changed columns: those its edits at its joining block's input write (a window: both), and a late
     row's start column; rows joining a block that is not reusable are left out."""
     from interventions.plan import build_batch, chunk_cells
-    from interventions.projection_reuse import changed_columns
+    from interventions.projection_reuse import changed_columns, reusable_blocks
     from interventions.suffix import late_rows, row_starts
 
     spec = {"model": {"source": "m"}, "probes": {"inline": PROBES[:1]}, "metrics": ["logit_diff"],
@@ -94,7 +94,7 @@ def test_changed_columns_are_every_edit_at_the_joining_blocks_input(tiny_gpt2):
     starts = row_starts(batch, layout)
     late = late_rows(batch, layout, starts)
     joins = {row: (layer + 1, col) if row in late else (layer, col) for row, (layer, col) in starts.items()}
-    found = changed_columns(batch, layout, joins, late)
+    found = changed_columns(batch, layout, joins, late, reusable_blocks(batch, layout))
     pad = int((batch.attention_mask[0] == 0).sum())  # the probe's left padding in this batch (none: one probe)
     window, mlp = sorted(starts, key=lambda row: starts[row][0], reverse=True)
     assert joins[window] == (1, pad + 1) and found[window] == (pad + 1, pad + 3)
