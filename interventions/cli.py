@@ -104,7 +104,7 @@ def check_known_facts(study: Any, args: argparse.Namespace) -> None:
     with torch_threads(study.spec.execution.threads):
         study.check()
         model = study.model
-        unknown = trace_knowledge(study.probes(warn=False), model.hf, model.tokenizer, min_prob)
+        unknown = trace_knowledge(study.probes(warn=False), model, min_prob, remote=study.spec.execution.remote)
     if not unknown:
         return
     listing = "\n  ".join(unknown)
@@ -114,7 +114,7 @@ def check_known_facts(study: Any, args: argparse.Namespace) -> None:
         return
     raise ClapError(f"the model does not know {len(unknown)} of the facts to trace (ROME traces known facts):\n  "
                     f"{listing}\nfix their answers (mind the leading space), keep the known ones (`clap probes "
-                    f"check FILE --model M --trace --write-valid KNOWN.jsonl`), lower --min-prob, or pass "
+                    f"check --study {args.spec} --write-valid KNOWN.jsonl`), lower --min-prob, or pass "
                     f"--allow-unknown to trace them anyway")
 
 

@@ -95,7 +95,7 @@ class Executor:
 
     @property
     def device(self) -> torch.device:
-        return full_traces._device_of(self.model, self.remote)
+        return full_traces.device_of(self.model, self.remote)
 
     @property
     def layout(self) -> suffix.ModelLayout | None:

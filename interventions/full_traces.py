@@ -92,7 +92,7 @@ def forward_kwargs(model: Any, batch: Batch, unembed_module: str | None) -> dict
     return kwargs
 
 
-def _device_of(model: Any, remote: bool | str) -> torch.device:
+def device_of(model: Any, remote: bool | str) -> torch.device:
     """Where batch tensors must live: the model's device locally; CPU for NDIF (the server places them)."""
     if remote is True:
         return torch.device("cpu")
@@ -119,7 +119,7 @@ def _moved(value: Any, device: torch.device) -> Any:
 def run_batch(model: Any, batch: Batch, remote: bool | str = False, unembed_module: str | None = None) -> torch.Tensor:
     """One forward pass with every patch of the batch; returns ``[rows, len(METRICS)]`` metrics, reduced in float64
     (``metric_dtype_for``) from the model's last-position logits."""
-    device = _device_of(model, remote)
+    device = device_of(model, remote)
     metric_dtype = metric_dtype_for(device)
     accesses = [(envoy, access, n_heads, _moved(stages, device))
                 for envoy, access, n_heads, stages in _plain_accesses(model, batch)]
@@ -144,7 +144,7 @@ def capture(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, m
             remote: bool | str = False) -> list[torch.Tensor]:
     """Activations at (module, access) pairs, in the given (execution) order, for statistics such as means."""
     envoys = [(model.get(module), access) for module, access in modules]
-    device = _device_of(model, remote)
+    device = device_of(model, remote)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     saved = []
     with torch.no_grad():

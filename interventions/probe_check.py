@@ -6,13 +6,15 @@ studied -- whose fact the model knows (clean logit difference above a threshold)
 preference (corrupted logit difference below zero). A probe that fails any of these makes a recovery score of
 noise. The structural part needs only the tokenizer (``--structural-only``; validity is then unknown); the
 behavioural part runs the clean and corrupted prompts of every probe through the model in batched, left-padded
-forward passes. ``--multi-token`` and ``--alignment`` take the study's settings of the same names, so
-``--write-valid`` keeps exactly the probes such a study can run; ``--trace`` checks causal-tracing probes (a
-subject in the clean prompt, the answer the model's top prediction), which need no corrupted prompt or wrong answer.
+nnsight traces. ``--study STUDY.yaml`` checks a study's probes under that study's own rules (multi_token,
+alignment, the corrupted prompt, a trace's subject, the `wrong` answer logit_diff needs, the context length) on
+the model(s) it runs, so ``--write-valid`` keeps exactly the probes it can run; without a study, ``--multi-token``,
+``--alignment`` and ``--trace`` stand in for those settings (``--trace``: causal-tracing probes, a subject in the
+clean prompt and the answer the model's top prediction, with no corrupted prompt or wrong answer).
 
-The logit difference of a row is mean(logits[answer set]) - mean(logits[wrong set]) at the last position, the
-same quantity ``full_traces.py`` computes for the ``logit_diff`` metric; p(answer) is the probability of the answer
-set, as the ``prob`` metric.
+The logit difference of a row is mean(logits[answer set]) - mean(logits[wrong set]) at the last position, and
+p(answer) the probability of the answer set: the edit kernel's reduction of the ``logit_diff`` and ``prob``
+metrics.
 """
 
 from __future__ import annotations
@@ -31,12 +33,23 @@ from clap.errors import ClapError
 from clap.outputs import prepare_output_file
 from clap.yamlio import SourceError, load_jsonl
 from interventions.probe_suggest import file_words, mismatch_message, suggest_substitutes
-from interventions.probes import ProbeError, _answer_ids, read_probe_specs, subject_problem
-from interventions.spec import ProbeSetSpec, ProbeSpec
+from interventions.probes import (
+    ProbeError,
+    ProbeRules,
+    _answer_ids,
+    context_length,
+    label_key_problems,
+    read_probe_specs,
+    subject_problem,
+)
+from interventions.spec import ProbeSetSpec, ProbeSpec, StudySpec
 
 if TYPE_CHECKING:  # imported where a model runs or a table is built: `clap --help` stays fast
     import pandas as pd
     import torch
+
+    from clap.models import LoadedModel
+    from interventions.resolved import ResolvedStudy
 
 
 @dataclass
@@ -69,12 +82,18 @@ class ProbeCheck:
     problems: list[str] = field(default_factory=list)  #: structural problems (the tokenizer alone finds them)
     clean_logit_diff: float = math.nan
     corrupted_logit_diff: float = math.nan
-    trace: bool = False  #: a causal-tracing probe: knows = p(answer) check, no corrupted prompt or wrong answer
-    p_answer: float = math.nan  #: p(answer set | clean prompt) (trace probes)
+    #: knows = the p(answer) check (:func:`unknown_reason`): a causal trace's probe, or a probe without a ``wrong``
+    #: answer in a study that needs none (no ``logit_diff`` metric); else knows = clean logit difference > threshold
+    by_probability: bool = False
+    #: the corrupted prompt must turn the model away from the answer (a study that runs the probe's own corrupted
+    #: prompt); under ``corrupted_prompt: clean`` there is nothing to flip
+    flips_needed: bool = True
+    p_answer: float = math.nan  #: p(answer set | clean prompt) (probability-checked probes)
     answer_rank: int | None = None  #: rank of the answer's best token among the model's next tokens (1 = top)
-    top_token: str = ""  #: the model's top next token on the clean prompt (trace probes)
+    top_token: str = ""  #: the model's top next token on the clean prompt (probability-checked probes)
     suggestions: list[str] = field(default_factory=list)  #: same-length corrupted prompts (``--suggest``)
     equal_needed: bool = True  #: ``alignment: strict``: a length mismatch is a problem
+    fits: bool = True  #: its prompts fit the model's context (past it, a forward indexes out of range)
 
     @property
     def equal_length(self) -> bool:
@@ -87,25 +106,25 @@ class ProbeCheck:
     @property
     def measured(self) -> bool:
         """Whether the model's numbers exist for this probe (answers a study could use)."""
-        return not math.isnan(self.p_answer if self.trace else self.clean_logit_diff)
+        return not math.isnan(self.p_answer if self.by_probability else self.clean_logit_diff)
 
     def verdict(self, threshold: float, min_prob: float | None) -> tuple[bool | None, bool | None, list[str]]:
         """(knows, flips, reasons): the behavioural verdict and a sentence with the numbers for each failure;
         None where the model's numbers are missing (a structural problem kept the probe from running)."""
         if not self.measured:
             return None, None, []
-        if self.trace:
+        if self.by_probability:
             reason = unknown_reason(self.answer.pieces, self.p_answer, self.answer_rank, self.top_token,
                                     TRACE_MIN_PROB if min_prob is None else min_prob)
             return (False, None, [reason]) if reason else (True, None, [])
         clean, corrupted = self.clean_logit_diff, self.corrupted_logit_diff
         knows = bool(clean > threshold)
-        flips = bool(clean > 0 and corrupted < 0)
+        flips = bool(clean > 0 and corrupted < 0) if self.flips_needed else None
         reasons = []
         if not knows:
             reasons.append(f"does not know: clean logit difference {clean:.3f} <= --min-logit-diff {threshold:g}"
                            + (" (the clean prompt prefers the wrong answer)" if clean <= 0 else ""))
-        if not flips:
+        if flips is False:
             reasons.append(f"does not flip: corrupted logit difference {corrupted:.3f} >= 0 (the corrupted prompt "
                            f"still prefers the answer)" if corrupted >= 0 else
                            f"does not flip: clean logit difference {clean:.3f} <= 0, corrupted {corrupted:.3f}")
@@ -116,7 +135,7 @@ class ProbeCheck:
         if not ran_model:
             valid = None  # the structural checks alone cannot say: validity needs the model
         else:
-            valid = bool(self.structural_ok and knows and (self.trace or flips))
+            valid = bool(self.structural_ok and knows and flips is not False)
         wrong = self.wrong or AnswerTokens([], [], "none")
         return {
             "id": self.id,
@@ -135,7 +154,7 @@ class ProbeCheck:
             "clean_logit_diff": self.clean_logit_diff,
             "corrupted_logit_diff": self.corrupted_logit_diff,
             **({"p_answer": self.p_answer, "answer_rank": self.answer_rank, "top_token": self.top_token}
-               if self.trace else {}),
+               if self.by_probability else {}),
             "knows": knows,
             "flips": flips,
             "valid": valid,
@@ -191,23 +210,23 @@ def _tokenise_answer(value: Any, tokenizer: Any, origin: str, what: str, multi_t
     return AnswerTokens(ids, pieces, "single")
 
 
-def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, multi_token: str = "error",
-                      alignment: str = "strict", trace: bool = False, subject: str = "subject",
-                      suggest: bool = False) -> list[ProbeCheck]:
-    """Token lengths, answer tokenisation, duplicate ids and duplicate clean prompts, per probe, under the study's
-    ``multi_token`` and ``alignment``; with ``trace``, causal-tracing probes (the ``subject`` field in the clean
-    prompt; no corrupted prompt or wrong answer needed); with ``suggest``, same-length substitutes for the corrupted
-    words of each length mismatch."""
+def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, rules: ProbeRules | None = None,
+                      suggest: bool = False, config: Any = None) -> list[ProbeCheck]:
+    """Token lengths, answer tokenisation, duplicate ids and duplicate clean prompts, per probe, under a study's
+    :class:`~interventions.probes.ProbeRules` (``multi_token``, ``alignment``, the corrupted prompt, a trace's
+    subject, the ``wrong`` answer ``logit_diff`` needs); prompts longer than the model's context when its ``config``
+    is given; with ``suggest``, same-length substitutes for the corrupted words of each length mismatch."""
+    rules = rules or ProbeRules()
     checks: list[ProbeCheck] = []
-    first_id: dict[str, str] = {}
-    first_clean: dict[str, str] = {}
     words = file_words([t for _, spec in specs for t in (spec.clean, spec.corrupted or "", *spec.labels.values())]) \
         if suggest else []
+    own_corrupted = rules.corrupted_prompt == "probe"
+    limit = context_length(config) if config is not None else None
     for index, (origin, spec) in enumerate(specs):
         probe_id = spec.id or f"p{index:04d}"
-        corrupted = spec.corrupted if spec.corrupted is not None and not trace else spec.clean
-        answer = _tokenise_answer(spec.answer, tokenizer, origin, "answer", multi_token)
-        wrong = (_tokenise_answer(spec.wrong, tokenizer, origin, "wrong", multi_token)
+        corrupted = spec.corrupted if spec.corrupted is not None and own_corrupted else spec.clean
+        answer = _tokenise_answer(spec.answer, tokenizer, origin, "answer", rules.multi_token)
+        wrong = (_tokenise_answer(spec.wrong, tokenizer, origin, "wrong", rules.multi_token)
                  if spec.wrong is not None else None)
         check = ProbeCheck(
             id=probe_id,
@@ -219,60 +238,97 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, mu
             n_corrupted=len(tokenizer(corrupted)["input_ids"]),
             answer=answer,
             wrong=wrong,
-            trace=trace,
-            equal_needed=alignment == "strict" and not trace,
+            by_probability=rules.trace or (wrong is None and not rules.needs_wrong),
+            flips_needed=rules.flips_needed,
+            equal_needed=rules.alignment == "strict" and own_corrupted,
         )
-        if spec.corrupted is None and not trace:
-            check.problems.append("no `corrupted` prompt: only a causal trace runs without one (--trace)")
+        if spec.corrupted is None and own_corrupted:
+            check.problems.append("no `corrupted` prompt: only a causal trace (--trace) or a study with "
+                                  "`corrupted_prompt: clean` runs without one")
         elif not check.equal_length and check.equal_needed:
-            check.problems.append(mismatch_message(tokenizer, spec.clean, corrupted, spec.labels.get(subject),
+            check.problems.append(mismatch_message(tokenizer, spec.clean, corrupted, spec.labels.get(rules.subject
+                                                                                                   or "subject"),
                                                    suggesting=suggest)
                                   + "; or --alignment right (the study's `alignment: right`)")
             if suggest:
                 check.suggestions = suggest_substitutes(tokenizer, spec.clean, corrupted, words)
                 check.problems.append("same-length substitutes: " + (", ".join(map(repr, check.suggestions))
                                                                      or "none found"))
-        check.problems += [a.problem for a in (answer, wrong) if a is not None and a.problem and not trace]
-        if trace:
-            check.problems += [answer.problem] if answer.problem else []
-            problem = subject_problem(spec, subject)
+        check.problems += [a.problem for a in (answer, wrong) if a is not None and a.problem]
+        if rules.subject is not None:
+            problem = subject_problem(spec, rules.subject)
             if problem:
                 check.problems.append(problem)
-        elif wrong is None:
-            check.problems.append("no `wrong` answer: the logit difference is undefined (causal-tracing probes: "
-                                  "--trace)")
-        elif set(answer.ids) & set(wrong.ids):
+        if wrong is None and rules.needs_wrong:
+            check.problems.append("no `wrong` answer: the logit difference (metric logit_diff) is undefined "
+                                  "(causal-tracing probes: --trace; a study can measure `logit` or `prob` instead)")
+        elif wrong is not None and set(answer.ids) & set(wrong.ids):
             check.problems.append(f"answer and wrong share token(s) {sorted(set(answer.ids) & set(wrong.ids))}")
-        if probe_id in first_id:
-            check.problems.append(f"duplicate id (first at {first_id[probe_id]})")
-        first_id.setdefault(probe_id, origin)
-        if spec.clean in first_clean:
-            check.problems.append(f"duplicate clean prompt (first at {first_clean[spec.clean]})")
-        first_clean.setdefault(spec.clean, origin)
+        if limit is not None:
+            too_long = [f"its {which} prompt is {n} tokens, longer than the model's context of {limit[0]} tokens "
+                        f"({limit[1]}); shorten it" for which, n in (("clean", check.n_clean),
+                                                                      ("corrupted", check.n_corrupted))
+                        if n > limit[0] and (which == "clean" or own_corrupted)]
+            check.problems += too_long
+            check.fits = not too_long
         checks.append(check)
+    for check, duplicates, label in zip(checks, duplicate_problems(checks), label_problems(checks, rules.subject),
+                                        strict=True):
+        check.problems += duplicates + ([label] if label else [])
     return checks
 
 
-def last_token_logits(hf_model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
-                      batch_size: int = 64) -> torch.Tensor:
-    """Last-position logits [n_prompts, vocab] from left-padded batched forward passes (in the model's dtype)."""
+def duplicate_problems(checks: Sequence[ProbeCheck]) -> list[list[str]]:
+    """Per probe, the earlier probes it repeats (its id, its clean prompt)."""
+    first_id: dict[str, str] = {}
+    first_clean: dict[str, str] = {}
+    out = []
+    for check in checks:
+        found = []
+        if check.id in first_id:
+            found.append(f"duplicate id (first at {first_id[check.id]})")
+        if check.clean in first_clean:
+            found.append(f"duplicate clean prompt (first at {first_clean[check.clean]})")
+        first_id.setdefault(check.id, check.origin)
+        first_clean.setdefault(check.clean, check.origin)
+        out.append(found)
+    return out
+
+
+def label_problems(checks: Sequence[ProbeCheck], subject: str | None) -> list[str]:
+    """Per probe, "" or why its label fields differ from the other probes' (a study needs the same fields on every
+    probe: they become result columns; :func:`interventions.probes.label_key_problems`)."""
+    found = {}
+    for problem in label_key_problems([(c.origin, c.id, c.labels) for c in checks], skip=subject):
+        origin, _, text = problem.partition(": probe ")
+        found[origin] = "probe " + text
+    return [found.get(c.origin, "") for c in checks]
+
+
+def last_token_logits(model: LoadedModel, prompts: Sequence[Sequence[int]], batch_size: int = 64,
+                      remote: bool | str = False) -> torch.Tensor:
+    """Last-position logits ``[n_prompts, vocab]`` (in the model's dtype) from batched nnsight traces of left-padded
+    prompts: the inputs a study's own runs give the model (ids and attention mask), so the check measures what the
+    study would. ``remote``: NDIF (``True``) or nnsight's local simulation of it (``"local"``); only the last
+    position's logits come back. The unembedding runs on the last position alone where the model allows it."""
+    import inspect
+
     import torch
 
     from interventions.alignment import left_pad
+    from interventions.full_traces import device_of, trace_kwargs
 
-    device = next(hf_model.parameters()).device
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    device = device_of(model.nn, remote)
+    keep = "logits_to_keep" in inspect.signature(model.nn._module.forward).parameters
     out = []
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
-        # left padding shifts absolute positions; count each row from its first real token (as nnsight does)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = hf_model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-            ).logits
-        out.append(logits[:, -1, :].cpu())
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                  **({"logits_to_keep": 1} if keep else {})}
+        with torch.no_grad(), model.nn.trace(**inputs, **trace_kwargs(remote)):
+            logits = model.nn.output.logits[:, -1, :].save()
+        out.append(logits.detach().cpu())
     return torch.cat(out)
 
 
@@ -288,28 +344,38 @@ def logit_diffs(logits: torch.Tensor, answer_ids: Sequence[int], wrong_ids: Sequ
     return kernel.logit_difference(logits.to(torch.float64), answer_index, answer_mask, wrong_index, wrong_mask)
 
 
-def behavioural_checks(checks: Sequence[ProbeCheck], hf_model: torch.nn.Module, tokenizer: Any,
-                       batch_size: int = 64) -> None:
+def behavioural_checks(checks: Sequence[ProbeCheck], model: LoadedModel, batch_size: int = 64,
+                       corrupted_model: LoadedModel | None = None, remote: bool | str = False) -> None:
     """Fill in the model's numbers of every probe whose answers a study could use: clean and corrupted logit
-    differences of pair probes; p(answer), its rank and the top token on the clean prompt of trace probes. A probe
+    differences; p(answer), its rank and the top token on the clean prompt of probability-checked probes. A probe
     whose answer a study would refuse (a multi-token string under ``multi_token: error``) keeps NaN: an average over
-    its tokens is not what the study would measure."""
-    usable = [c for c in checks if c.answer.ids and c.answer.kind != "multi"]
-    pairs = [c for c in usable if not c.trace and c.wrong is not None and c.wrong.ids and c.wrong.kind != "multi"]
-    traces = [c for c in usable if c.trace]
-    if not pairs and not traces:
-        return
-    prompts = ([tokenizer(c.clean)["input_ids"] for c in pairs] + [tokenizer(c.corrupted)["input_ids"] for c in pairs]
-               + [tokenizer(c.clean)["input_ids"] for c in traces])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logits = last_token_logits(hf_model, prompts, pad_id, batch_size)
-    n = len(pairs)
-    for i, check in enumerate(pairs):
-        both = logit_diffs(logits[[i, n + i]], check.answer.ids, check.wrong.ids)
-        check.clean_logit_diff, check.corrupted_logit_diff = float(both[0]), float(both[1])
-    for row, check in zip(logits[2 * n:], traces, strict=True):
-        check.p_answer, check.answer_rank, top = answer_probability(row, check.answer.ids)
-        check.top_token = tokenizer.decode([top])
+    its tokens is not what the study would measure. ``corrupted_model`` runs the corrupted prompts when another
+    model does (cross-model patching: the source model's run is the clean one when denoising); each distinct
+    prompt runs once per model."""
+    import torch
+
+    usable = [c for c in checks if c.answer.ids and c.answer.kind != "multi" and c.fits]
+    pairs = [c for c in usable if not c.by_probability and c.wrong is not None and c.wrong.ids
+             and c.wrong.kind != "multi"]
+    by_probability = [c for c in usable if c.by_probability]
+    corrupted_model = corrupted_model or model
+    runs: dict[int, tuple[LoadedModel, dict[str, int]]] = {}
+
+    def row(which: LoadedModel, prompt: str) -> tuple[int, int]:
+        _, rows = runs.setdefault(id(which), (which, {}))
+        return id(which), rows.setdefault(prompt, len(rows))
+
+    wanted = [(c, row(model, c.clean), row(corrupted_model, c.corrupted)) for c in pairs]
+    known = [(c, row(model, c.clean)) for c in by_probability]
+    logits = {key: last_token_logits(which, [which.tokenizer(p)["input_ids"] for p in rows], batch_size, remote)
+              for key, (which, rows) in runs.items() if rows}
+    for check, (clean_key, clean_row), (corrupted_key, corrupted_row) in wanted:
+        both = torch.stack([logits[clean_key][clean_row], logits[corrupted_key][corrupted_row]])
+        values = logit_diffs(both, check.answer.ids, check.wrong.ids)
+        check.clean_logit_diff, check.corrupted_logit_diff = float(values[0]), float(values[1])
+    for check, (key, index) in known:
+        check.p_answer, check.answer_rank, top = answer_probability(logits[key][index], check.answer.ids)
+        check.top_token = model.tokenizer.decode([top])
 
 
 def answer_probability(logits: torch.Tensor, answer_ids: Sequence[int]) -> tuple[float, int, int]:
@@ -325,18 +391,17 @@ def answer_probability(logits: torch.Tensor, answer_ids: Sequence[int]) -> tuple
     return float(metrics[0, 2]), int((logits > best).sum()) + 1, int(logits.argmax())
 
 
-def trace_knowledge(probes: Sequence[Any], hf_model: torch.nn.Module, tokenizer: Any, min_prob: float,
-                    batch_size: int = 64) -> list[str]:
+def trace_knowledge(probes: Sequence[Any], model: LoadedModel, min_prob: float, batch_size: int = 64,
+                    remote: bool | str = False) -> list[str]:
     """``probe (origin): reason`` for every tokenised probe (``interventions.probes.Probe``) whose fact the model
     does not know on its clean prompt (:func:`unknown_reason`): what ``clap trace`` checks before tracing, since a
     trace of a fact the model does not know restores nothing worth measuring."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logits = last_token_logits(hf_model, [p.clean_ids for p in probes], pad_id, batch_size)
+    logits = last_token_logits(model, [p.clean_ids for p in probes], batch_size, remote)
+    decode = model.tokenizer.decode
     out = []
     for probe, row in zip(probes, logits, strict=True):
         p_answer, rank, top = answer_probability(row, probe.answer_ids)
-        reason = unknown_reason([tokenizer.decode([i]) for i in probe.answer_ids], p_answer, rank,
-                                tokenizer.decode([top]), min_prob)
+        reason = unknown_reason([decode([i]) for i in probe.answer_ids], p_answer, rank, decode([top]), min_prob)
         if reason:
             out.append(f"probe {probe.id} ({probe.origin}): {reason}")
     return out
@@ -396,20 +461,74 @@ def read_specs(path: Path) -> list[tuple[str, ProbeSpec]]:
         raise ProbeError(str(exc)) from None
 
 
-def check_probes(path: Path, tokenizer: Any, hf_model: torch.nn.Module | None = None,
+def check_probes(path: Path, tokenizer: Any, model: LoadedModel | None = None,
                  min_logit_diff: float = 0.0, batch_size: int = 64, *, multi_token: str = "error",
                  alignment: str = "strict", trace: bool = False, subject: str = "subject",
                  min_prob: float | None = None, suggest: bool = False) -> pd.DataFrame:
-    """The whole check as a frame, one row per probe (the CLI prints and writes this). ``multi_token`` and
-    ``alignment`` are the study's settings; ``trace`` checks causal-tracing probes (knows: the answer is the model's
-    top next token, or p(answer) >= ``min_prob``, by default :data:`TRACE_MIN_PROB`)."""
+    """The stand-alone check of a probe file as a frame, one row per probe (the CLI prints and writes this).
+    ``multi_token`` and ``alignment`` stand in for a study's settings; ``trace`` checks causal-tracing probes
+    (knows: the answer is the model's top next token, or p(answer) >= ``min_prob``, by default
+    :data:`TRACE_MIN_PROB`). :func:`check_study` takes all of them from a study instead."""
     import pandas as pd
 
-    checks = structural_checks(read_specs(path), tokenizer, multi_token=multi_token, alignment=alignment,
-                               trace=trace, subject=subject, suggest=suggest)
-    if hf_model is not None:
-        behavioural_checks(checks, hf_model, tokenizer, batch_size)
-    return pd.DataFrame([c.row(min_logit_diff, hf_model is not None, min_prob) for c in checks])
+    rules = (ProbeRules(multi_token=multi_token, alignment=alignment, corrupted_prompt="clean", subject=subject,
+                        needs_wrong=False) if trace else ProbeRules(multi_token=multi_token, alignment=alignment))
+    checks = structural_checks(read_specs(path), tokenizer, rules, suggest,
+                               config=model.hf.config if model is not None else None)
+    if model is not None:
+        behavioural_checks(checks, model, batch_size)
+    return pd.DataFrame([c.row(min_logit_diff, model is not None, min_prob) for c in checks])
+
+
+def check_study(study: ResolvedStudy, min_logit_diff: float = 0.0, *, min_prob: float | None = None,
+                batch_size: int = 64, suggest: bool = False) -> pd.DataFrame:
+    """``clap probes check --study``: the study's probes checked under its own rules (:class:`ProbeRules`) on the
+    models it runs, as one frame. Cross-model patching measures the clean prompt on the model that runs it (the
+    source model when denoising) and the corrupted prompt on the other; a remote study's forwards run on NDIF.
+
+    Every problem the study's own resolution found (:meth:`ResolvedStudy.for_probe_check`) is attached to its probe
+    where the checks above did not already find one, so a probe called valid here is one the study runs; problems
+    of the whole set are in ``frame.attrs["study_problems"]``. Baseline interventions (a trace's noise) are not
+    applied: the corrupted run here is the corrupted prompt itself."""
+    import pandas as pd
+
+    from interventions.resolved import check_group_probes
+
+    spec = study.spec
+    checks = structural_checks(study_specs(spec), study.model.tokenizer, study.rules, suggest,
+                               config=study.model.hf.config)
+    check_group_probes(spec, checks)
+    left = attach_problems(checks, study.probe_problems)
+    clean, corrupted = study.model, study.source_model
+    if corrupted is not None and spec.direction == "denoising":
+        clean, corrupted = corrupted, clean
+    behavioural_checks(checks, clean, batch_size, corrupted_model=corrupted, remote=spec.execution.remote)
+    frame = pd.DataFrame([c.row(min_logit_diff, True, min_prob) for c in checks])
+    frame.attrs["study_problems"] = left
+    return frame
+
+
+def study_specs(spec: StudySpec) -> list[tuple[str, ProbeSpec]]:
+    """The study's probe records (its file, or its inline list), unvalidated against any model."""
+    try:
+        return read_probe_specs(spec.probes, spec.base_dir)
+    except SourceError as exc:
+        raise ProbeError(str(exc)) from None
+
+
+def attach_problems(checks: Sequence[ProbeCheck], problems: Sequence[str]) -> list[str]:
+    """Each of a study's probe problems added to the probe whose origin it names (``file:line: ...`` or
+    ``probe ID (file:line): ...``) when that probe has no problem yet; returns the problems that name no probe."""
+    import re
+
+    left = []
+    for problem in problems:
+        owner = next((c for c in checks if re.search(re.escape(c.origin) + r"(?![0-9])", problem)), None)
+        if owner is None:
+            left.append(problem)
+        elif not owner.problems:
+            owner.problems.append(f"the study refuses it: {problem}")
+    return left
 
 
 def summary_line(frame: pd.DataFrame, ran_model: bool) -> str:
@@ -424,16 +543,18 @@ def summary_line(frame: pd.DataFrame, ran_model: bool) -> str:
     return "; ".join(parts)
 
 
-def write_valid(source: Path, frame: pd.DataFrame, target: Path, column: str = "valid") -> int:
-    """The probes whose ``column`` is True (the valid ones; ``structural_ok`` under ``--structural-only``), each as
-    its source record (all fields, PMIDs included), in file order; atomically."""
+def write_valid(source: Path | None, frame: pd.DataFrame, target: Path, column: str = "valid",
+                specs: Sequence[tuple[str, ProbeSpec]] | None = None) -> int:
+    """The probes whose ``column`` is True (the valid ones; ``structural_ok`` under ``--structural-only``), as JSONL
+    in file order, atomically: each JSONL probe as its source record (all fields, PMIDs included); a YAML or inline
+    probe (``specs``, read from ``source`` when not given) as the validated probe, labels back as top-level keys."""
     valid = set(frame.loc[frame[column].fillna(False).astype(bool), "origin"])
-    if source.suffix in (".jsonl", ".json"):  # origins are "<path as resolved>:<line>"; match on the line
+    if source is not None and source.suffix in (".jsonl", ".json"):  # origins are "<path>:<line>"; match the line
         lines = {int(origin.rsplit(":", 1)[1]) for origin in valid}
         records = [obj for number, obj in load_jsonl(source) if number in lines]
-    else:  # YAML: the validated probe, labels flattened back to top-level keys
+    else:
         records = []
-        for origin, spec in read_specs(source):
+        for origin, spec in specs if specs is not None else read_specs(source):
             if origin in valid:
                 record = spec.model_dump(exclude_none=True, exclude={"labels"})
                 records.append({**record, **spec.labels})
@@ -508,44 +629,116 @@ def print_report(frame: pd.DataFrame, ran_model: bool, width: int | None = None)
                 print(f"      {problem}")
 
 
+#: what ``--study`` takes from the study instead: the option, its default, and the spec's field
+STUDY_SETS = (("file", None, "probes.file / probes.inline"), ("model", None, "model"),
+              ("multi_token", None, "probes.multi_token"), ("alignment", None, "alignment"),
+              ("trace", False, "trace"), ("subject", None, "trace.subject"), ("dtype", None, "execution.dtype"))
+
+
 def run_check(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        raise ProbeError(f"{path}: probe file not found")
     if args.min_logit_diff < 0 or not math.isfinite(args.min_logit_diff):
         raise ProbeError(f"--min-logit-diff must be a finite number >= 0, got {args.min_logit_diff}")
     if args.min_prob is not None and not 0 <= args.min_prob <= 1:
         raise ProbeError(f"--min-prob must be a probability in [0, 1], got {args.min_prob}")
-    specs = read_specs(path)  # bad probe files fail here, before any model is loaded
-    for option, target in (("-o", args.output), ("--write-valid", args.write_valid)):
-        if target:  # before the model loads, not after the check has run
-            prepare_output_file(target, what=option)
-    del specs
-    hf_model = None
+    if args.study:
+        return run_study_check(args)
+    if not args.file or not args.model:
+        raise ProbeError("give a probe file and --model (`clap probes check PROBES.jsonl --model MODEL`), or a study "
+                         "whose probes, settings and model are checked (`clap probes check --study STUDY.yaml`)")
+    path = Path(args.file)
+    if not path.is_file():
+        raise ProbeError(f"{path}: probe file not found")
+    read_specs(path)  # bad probe files fail here, before any model is loaded
+    prepare_outputs(args)
+    model = None
     if args.structural_only:
         tokenizer = load_tokenizer(args.model)
     else:
         from clap.models import load_model
 
-        loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-        tokenizer, hf_model = loaded.tokenizer, loaded.hf
-    frame = check_probes(path, tokenizer, hf_model, args.min_logit_diff, args.batch_size,
-                         multi_token=args.multi_token, alignment=args.alignment, trace=args.trace,
-                         subject=args.subject, min_prob=args.min_prob, suggest=args.suggest)
-    print_report(frame, hf_model is not None)
-    print(summary_line(frame, hf_model is not None))
+        model = load_model(args.model, dtype=args.dtype or "float32", device=args.device or "cpu")
+        tokenizer = model.tokenizer
+    frame = check_probes(path, tokenizer, model, args.min_logit_diff, args.batch_size,
+                         multi_token=args.multi_token or "error", alignment=args.alignment or "strict",
+                         trace=args.trace, subject=args.subject or "subject", min_prob=args.min_prob,
+                         suggest=args.suggest)
+    report(args, frame, model is not None, source=path)
+    return 0
+
+
+def run_study_check(args: argparse.Namespace) -> int:
+    """``--study``: the study's probes under its own settings, on the model(s) it runs (``--device`` overrides
+    ``execution.device`` as in ``clap patch``)."""
+    from clap.devices import resolve_device, torch_threads
+    from interventions.resolved import ResolvedStudy, located
+    from interventions.study import Study
+
+    given = [f"--{name.replace('_', '-')}" if name != "file" else "a probe file" for name, default, _ in STUDY_SETS
+             if getattr(args, name) != default]
+    if given:
+        fields = ", ".join(field for name, default, field in STUDY_SETS if getattr(args, name) != default)
+        raise ProbeError(f"--study takes {', '.join(given)} from the study ({fields}); drop "
+                         f"{'it' if len(given) == 1 else 'them'} or check a probe file without --study")
+    spec = StudySpec.from_yaml(args.study)
+    if args.device:
+        resolve_device(args.device, where="--device")
+        spec.execution.device = args.device
+    specs = study_specs(spec)  # bad probe files fail here, before any model is loaded
+    prepare_outputs(args)
+    if args.structural_only:
+        tokenizer = load_tokenizer(located(spec, spec.model.tokenizer or spec.model.source) or spec.model.source)
+        frame = check_study_structure(spec, tokenizer, args.suggest)
+    else:
+        study = Study(spec)
+        with torch_threads(spec.execution.threads):
+            resolved = ResolvedStudy.for_probe_check(spec, study.model, study.source_model)
+            frame = check_study(resolved, args.min_logit_diff, min_prob=args.min_prob, batch_size=args.batch_size,
+                                suggest=args.suggest)
+    source = spec.base_dir / spec.probes.file if spec.probes.file else None
+    report(args, frame, not args.structural_only, source=source, specs=specs,
+           then=f"point the study's `probes: {{file: ...}}` at {args.write_valid} to run them" if args.write_valid
+           else "")
+    return 0
+
+
+def check_study_structure(spec: StudySpec, tokenizer: Any, suggest: bool = False) -> pd.DataFrame:
+    """``--study --structural-only``: the study's probes under its rules with its tokenizer alone."""
+    import pandas as pd
+
+    from interventions.resolved import check_group_probes
+
+    checks = structural_checks(study_specs(spec), tokenizer, ProbeRules.of(spec), suggest)
+    check_group_probes(spec, checks)
+    return pd.DataFrame([c.row(0.0, False) for c in checks])
+
+
+def prepare_outputs(args: argparse.Namespace) -> None:
+    """The CSV and valid-probe targets checked before a model loads, not after the check has run."""
+    for option, target in (("-o", args.output), ("--write-valid", args.write_valid)):
+        if target:
+            prepare_output_file(target, what=option)
+
+
+def report(args: argparse.Namespace, frame: pd.DataFrame, ran_model: bool, source: Path | None,
+           specs: Sequence[tuple[str, ProbeSpec]] | None = None, then: str = "") -> None:
+    """The table, the summary line, the problems of the whole probe set, and the files asked for."""
+    print_report(frame, ran_model)
+    print(summary_line(frame, ran_model))
+    for problem in frame.attrs.get("study_problems", []):
+        print(f"study problem: {problem}")
     if args.output:
         atomic_write_text(Path(args.output), frame.to_csv(index=False))
         print(f"wrote {args.output} (every column, problems in full)")
     if args.write_valid:
-        if hf_model is None:
-            n = write_valid(path, frame, Path(args.write_valid), column="structural_ok")
+        if not ran_model:
+            n = write_valid(source, frame, Path(args.write_valid), column="structural_ok", specs=specs)
             print(f"wrote {n} probes that pass the structural checks to {args.write_valid} (not checked on the "
                   f"model: whether it knows and flips them is unknown)")
         else:
-            n = write_valid(path, frame, Path(args.write_valid))
+            n = write_valid(source, frame, Path(args.write_valid), specs=specs)
             print(f"wrote {n} valid probes to {args.write_valid}")
-    return 0
+        if then:
+            print(then)
 
 
 def register_probes(subparsers: Any) -> None:
@@ -558,24 +751,28 @@ def register_probes(subparsers: Any) -> None:
         help="token lengths, answer tokens, clean/corrupted logit differences and validity per probe",
         description=__doc__.split("\n\n")[1],
     )
-    check.add_argument("file", help="probe file (.jsonl or .yaml)")
-    check.add_argument("--model", required=True, help="hub id, model folder, .gguf file, built-in name, or (with "
+    check.add_argument("file", nargs="?", help="probe file (.jsonl or .yaml); or --study")
+    check.add_argument("--study", metavar="STUDY.yaml",
+                       help="check a study's probes under its own settings (multi_token, alignment, corrupted "
+                            "prompt, trace subject, metrics, context length) on the model(s) it runs; a probe "
+                            "called valid is one the study runs")
+    check.add_argument("--model", help="hub id, model folder, .gguf file, built-in name, or (with "
                        "--structural-only) a folder of GPT-2 vocab.json + merges.txt")
     check.add_argument("-o", "--output", help="write the per-probe table as CSV")
     check.add_argument("--write-valid", metavar="VALID.jsonl", help="write the valid probes (source records) here")
     check.add_argument("--min-logit-diff", type=float, default=0.0,
                        help="the model knows a fact when its clean logit difference exceeds this (default 0)")
-    check.add_argument("--multi-token", choices=["error", "first", "set"], default="error",
+    check.add_argument("--multi-token", choices=["error", "first", "set"],
                        help="an answer string of several tokens, as the study's probes.multi_token: a problem "
                             "(error, default), its first token (first), or the mean over its tokens (set)")
-    check.add_argument("--alignment", choices=["strict", "right"], default="strict",
+    check.add_argument("--alignment", choices=["strict", "right"],
                        help="as the study's alignment: strict (default) needs clean and corrupted prompts of one "
                             "token length; right aligns them at the end")
     check.add_argument("--trace", action="store_true",
                        help="causal-tracing probes: a subject in the clean prompt, no corrupted prompt or wrong "
                             "answer needed; the model knows the fact when the answer is its top next token or "
                             "likely enough (--min-prob)")
-    check.add_argument("--subject", default="subject", metavar="FIELD",
+    check.add_argument("--subject", metavar="FIELD",
                        help="the probe field naming the subject (the study's trace.subject; default subject)")
     check.add_argument("--min-prob", type=float, default=None,
                        help=f"with --trace: the model knows the fact when the answer is its top next token or "
@@ -585,8 +782,8 @@ def register_probes(subparsers: Any) -> None:
                             "so the token counts match (from the file's words and the vocabulary)")
     check.add_argument("--structural-only", action="store_true",
                        help="tokenizer checks only; no weights are loaded or converted (validity is then unknown)")
-    check.add_argument("--device", default="cpu")
-    check.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    check.add_argument("--device", help="cpu (default), cuda, ...; with --study, overrides execution.device")
+    check.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default float32")
     check.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
     check.set_defaults(func=run_check)
 

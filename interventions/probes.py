@@ -29,6 +29,7 @@ from interventions.spec import (
     PositionSelector,
     ProbeSetSpec,
     ProbeSpec,
+    StudySpec,
     format_validation_error,
 )
 
@@ -149,6 +150,40 @@ def _answer_ids(value: Any, tokenizer: Any, policy: str, origin: str, what: str)
     return list(dict.fromkeys(ids))
 
 
+@dataclass(frozen=True)
+class ProbeRules:
+    """What a study asks of each probe, read from its spec in one place: ``spec_probes`` refuses what breaks these
+    rules before a run, and ``clap probes check --study`` reports the same rules per probe, so a probe the check
+    calls valid is one the study runs.
+
+    ``corrupted_prompt: clean`` (causal tracing, an ablation of the clean run, cross-model patching on one prompt)
+    runs the clean prompt as the corrupted run: no corrupted prompt is needed, and nothing has to flip. ``subject`` is
+    a trace's subject field (the model must know the fact by p(answer)); ``needs_wrong``: a ``logit_diff`` metric."""
+
+    multi_token: str = "error"
+    alignment: str = "strict"
+    corrupted_prompt: str = "probe"
+    subject: str | None = None
+    needs_wrong: bool = True
+
+    @classmethod
+    def of(cls, spec: StudySpec) -> ProbeRules:
+        return cls(multi_token=spec.probes.multi_token, alignment=spec.alignment,
+                   corrupted_prompt=spec.corrupted_prompt,
+                   subject=spec.trace.subject if spec.trace is not None else None,
+                   needs_wrong="logit_diff" in spec.metrics)
+
+    @property
+    def trace(self) -> bool:
+        return self.subject is not None
+
+    @property
+    def flips_needed(self) -> bool:
+        """The corrupted prompt must turn the model away from the answer: only a study that runs the probe's own
+        corrupted prompt has one to turn it."""
+        return self.corrupted_prompt == "probe"
+
+
 def tokenize_probes(
     specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, multi_token: str = "error",
     corrupted_prompt: str = "probe", subject: str | None = None, problems: list[str] | None = None,
@@ -260,13 +295,17 @@ def label_key_problems(labelled: Sequence[tuple[str, str, dict[str, str]]], skip
 MAX_LISTED = 50
 
 
-def raise_problems(problems: Sequence[str], probe_file: str | None = None, model: str | None = None) -> None:
-    """One ProbeError naming every problem found (up to :data:`MAX_LISTED`), pointing to ``clap probes check``."""
+def raise_problems(problems: Sequence[str], probe_file: str | None = None, model: str | None = None,
+                   study: str | None = None) -> None:
+    """One ProbeError naming every problem found (up to :data:`MAX_LISTED`), pointing to ``clap probes check``:
+    ``--study SPEC`` when the probes came from a study file (the check then applies that study's own rules and
+    model), else the probe file and model."""
     if not problems:
         return
     shown = list(problems[:MAX_LISTED])
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    command = f"clap probes check {probe_file or 'PROBES.jsonl'} --model {model or 'MODEL'}"
+    command = (f"clap probes check --study {study}" if study else
+               f"clap probes check {probe_file or 'PROBES.jsonl'} --model {model or 'MODEL'}")
     raise ProbeError(
         f"{len(problems)} probe problem(s):\n  " + "\n  ".join(shown) + more
         + f"\nfor a per-probe table of tokens, answers and logit differences run `{command}` "

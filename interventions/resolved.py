@@ -20,7 +20,14 @@ from clap.errors import ClapError, closest
 from clap.models import BUILTIN_GGUF, LoadedModel, load_model, load_remote_model
 from interventions import operations
 from interventions.plan import GroupPlan
-from interventions.probes import Probe, check_alignment, check_context, load_probes, raise_problems
+from interventions.probes import (
+    Probe,
+    ProbeRules,
+    check_alignment,
+    check_context,
+    load_probes,
+    raise_problems,
+)
 from interventions.sites import Site, SiteError, SiteResolver
 from interventions.spec import ModelSpec, OperationSpec, StudySpec
 
@@ -52,23 +59,26 @@ def load_spec_model(spec: StudySpec, m: ModelSpec) -> LoadedModel:
                       revision=m.revision, dtype=spec.execution.dtype, device=device)
 
 
-def spec_probes(spec: StudySpec, tokenizer: Any, config: Any = None, warn: bool = True) -> list[Probe]:
-    """The spec's probes tokenised and checked (answers, fields, alignment, the `wrong` answer ``logit_diff`` needs;
-    context length when ``config`` is given), every problem of the set raised as one error that points to
-    ``clap probes check``. Under ``corrupted_prompt: clean`` (causal tracing, cross-model on one prompt, clean-run
-    ablation) the corrupted prompt is the clean one, and a probe may leave it out; a trace's probes must carry its
-    subject field."""
-    problems: list[str] = []
-    probes = load_probes(spec.probes, tokenizer, spec.base_dir, corrupted_prompt=spec.corrupted_prompt,
-                         subject=spec.trace.subject if spec.trace is not None else None, problems=problems,
-                         warn=warn)
-    check_alignment(probes, spec.alignment, problems)
+def spec_probes(spec: StudySpec, tokenizer: Any, config: Any = None, warn: bool = True,
+                problems: list[str] | None = None) -> list[Probe]:
+    """The spec's probes tokenised and checked against its :class:`ProbeRules` (answers, fields, alignment, the
+    `wrong` answer ``logit_diff`` needs; context length when ``config`` is given), every problem of the set raised as
+    one error that points to ``clap probes check --study``. Under ``corrupted_prompt: clean`` (causal tracing,
+    cross-model on one prompt, clean-run ablation) the corrupted prompt is the clean one, and a probe may leave it
+    out; a trace's probes must carry its subject field. With ``problems`` given, each is appended there instead and
+    the probes that could be tokenised are returned (the probe check's resolution)."""
+    rules = ProbeRules.of(spec)
+    found: list[str] = [] if problems is None else problems
+    probes = load_probes(spec.probes, tokenizer, spec.base_dir, corrupted_prompt=rules.corrupted_prompt,
+                         subject=rules.subject, problems=found, warn=warn)
+    check_alignment(probes, rules.alignment, found)
     if config is not None:
-        check_context(probes, config, problems)
-    if "logit_diff" in spec.metrics:
-        problems += [f"{p.origin}: metric logit_diff needs a `wrong` answer for every probe; probe {p.id} has none "
-                     f"(or use metric `logit`/`prob`)" for p in probes if not p.wrong_ids]
-    raise_problems(problems, spec.probes.file, spec.model.source)
+        check_context(probes, config, found)
+    if rules.needs_wrong:
+        found += [f"{p.origin}: metric logit_diff needs a `wrong` answer for every probe; probe {p.id} has none "
+                  f"(or use metric `logit`/`prob`)" for p in probes if not p.wrong_ids]
+    if problems is None:
+        raise_problems(found, spec.probes.file, spec.model.source, study=spec._source)
     return probes
 
 
@@ -169,7 +179,8 @@ def unembed_module(hf_model: torch.nn.Module) -> str | None:
 
 @dataclass
 class ResolvedStudy:
-    """Everything a study's consumers need, resolved once on the loaded model."""
+    """Everything a study's consumers need, resolved once on the loaded model: the run (plan, measuring passes),
+    attribution and ``clap probes check --study`` read it."""
 
     spec: StudySpec
     model: LoadedModel
@@ -182,16 +193,37 @@ class ResolvedStudy:
     #: every operation of the spec's cells (deduplicated) and of its baseline interventions
     cell_operations: list[OperationSpec] = field(default_factory=list)
     baseline_operations: list[OperationSpec] = field(default_factory=list)
+    rules: ProbeRules = field(default_factory=ProbeRules)
+    #: the probe problems found (only a resolution for the probe check keeps them; a run raises them)
+    probe_problems: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, spec: StudySpec, model: LoadedModel, probes: list[Probe],
            source_model: LoadedModel | None = None) -> ResolvedStudy:
-        resolver, sites = site_groups(spec, model.hf)
+        resolved = cls._resolve(spec, model, probes, source_model)
         if not probes:
             raise ClapError(f"{spec.where(('probes',))}: the probe set is empty")
         check_group_probes(spec, probes)
+        return resolved
+
+    @classmethod
+    def for_probe_check(cls, spec: StudySpec, model: LoadedModel,
+                        source_model: LoadedModel | None = None) -> ResolvedStudy:
+        """The study resolved with its probe problems kept rather than raised (``probes`` holds those that could
+        be tokenised, possibly none): sites, windows and baselines still resolve, so a spec whose run would fail
+        for another reason fails here too, before the check reports its probes."""
+        problems: list[str] = []
+        probes = spec_probes(spec, model.tokenizer, model.hf.config, warn=False, problems=problems)
+        resolved = cls._resolve(spec, model, probes, source_model)
+        resolved.probe_problems = problems
+        return resolved
+
+    @classmethod
+    def _resolve(cls, spec: StudySpec, model: LoadedModel, probes: list[Probe],
+                 source_model: LoadedModel | None) -> ResolvedStudy:
+        resolver, sites = site_groups(spec, model.hf)
         return cls(spec=spec, model=model, probes=probes, resolver=resolver,
                    groups=group_plans(spec, resolver, sites), baseline=baseline_sites(spec, resolver),
                    source_model=source_model, unembed_module=unembed_module(model.hf),
                    cell_operations=list({op.model_dump_json(): op for op in spec.all_operations()}.values()),
-                   baseline_operations=[b.operation for b in spec.baseline or []])
+                   baseline_operations=[b.operation for b in spec.baseline or []], rules=ProbeRules.of(spec))

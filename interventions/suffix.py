@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from interventions import kernel, projection_reuse
-from interventions.full_traces import _device_of, _moved, metric_dtype_for, trace_kwargs
+from interventions.full_traces import _moved, device_of, metric_dtype_for, trace_kwargs
 from interventions.kernel import MODES, Edits
 from interventions.plan import AccessPatches, Batch
 
@@ -263,7 +263,7 @@ def run_batch(model: Any, batch: Batch, layout: ModelLayout, ragged_path: Any, u
     joining = {layer for layer, _ in starts.values()} | {starts[row][0] + 1 for row in late}
     boundaries = sorted(joining | {0})
     with ragged_path.capturing(joining & projection_reuse.reusable_blocks(batch, layout)) as block_inputs:
-        base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, _device_of(model, False),
+        base = _baseline_pass(model, batch, layout, base_rows, base_index, boundaries, device_of(model, False),
                               unembed_module)
     metrics = torch.empty((n_rows, base["metrics"].shape[1]), dtype=base["metrics"].dtype)
     metrics[base_rows] = base["metrics"]

@@ -73,7 +73,7 @@ def test_structural_verdicts(tmp_path, tokenizer):
 
 def test_logit_diffs_match_unpadded_hf_forward(tmp_path, tokenizer, tiny_gpt2):
     path = write_jsonl(tmp_path / "p.jsonl", [flat(p) for p in PROBES])
-    frame = check_probes(path, tokenizer, tiny_gpt2.hf, min_logit_diff=0.0)
+    frame = check_probes(path, tokenizer, tiny_gpt2, min_logit_diff=0.0)
     assert list(frame["id"]) == [p["id"] for p in PROBES]
     for row, probe in zip(frame.itertuples(), PROBES, strict=True):
         for which, column in (("clean", "clean_logit_diff"), ("corrupted", "corrupted_logit_diff")):

@@ -57,7 +57,7 @@ def test_invalid_probes_say_why_with_the_numbers(tmp_path, tokenizer, tiny_gpt2)
     diffs = {p["id"]: tuple(reference_logit_diff(tiny_gpt2.hf, tokenizer, p[which], p["answer"], p["wrong"])
                             for which in ("clean", "corrupted")) for p in PROBES}
     threshold = max(c for c, _ in diffs.values()) + 0.5  # above every clean difference: no fact is known
-    frame = check_probes(path, tokenizer, tiny_gpt2.hf, min_logit_diff=threshold).set_index("id")
+    frame = check_probes(path, tokenizer, tiny_gpt2, min_logit_diff=threshold).set_index("id")
     for probe_id, (clean, corrupted) in diffs.items():
         problems = frame.problems[probe_id]
         assert f"does not know: clean logit difference {clean:.3f} <= --min-logit-diff {threshold:g}" in problems
@@ -72,13 +72,13 @@ def test_invalid_probes_say_why_with_the_numbers(tmp_path, tokenizer, tiny_gpt2)
 
 def test_multi_token_answers_follow_the_studys_setting(tmp_path, tokenizer, tiny_gpt2):
     path = write_jsonl(tmp_path / "p.jsonl", [MULTI])
-    refused = check_probes(path, tokenizer, tiny_gpt2.hf).iloc[0]
+    refused = check_probes(path, tokenizer, tiny_gpt2).iloc[0]
     # the study refuses it: no average over its tokens passes for a logit difference, and it cannot read "knows"
     assert math.isnan(refused.clean_logit_diff) and math.isnan(refused.corrupted_logit_diff)
     assert refused.knows is None and not refused.valid and refused.answer_kind == "multi"
     assert "--multi-token first/set" in refused.problems
     for policy, answer in (("first", " central"), ("set", [" central", " nervous"])):
-        row = check_probes(path, tokenizer, tiny_gpt2.hf, multi_token=policy).iloc[0]
+        row = check_probes(path, tokenizer, tiny_gpt2, multi_token=policy).iloc[0]
         expected = reference_logit_diff(tiny_gpt2.hf, tokenizer, MULTI["clean"], answer, MULTI["wrong"])
         assert row.clean_logit_diff == pytest.approx(expected, abs=1e-5), policy
         assert row.structural_ok and row.answer_kind == ("first" if policy == "first" else "set")
@@ -142,9 +142,9 @@ def test_trace_probes_are_checked_as_traces(tmp_path, tokenizer, tiny_gpt2):
                {"id": "fr", "clean": "The capital of France is", "answer": " Paris", "subject": "France"},
                {"id": "sp", "clean": "The capital of Spain is", "answer": " Madrid", "subject": "Portugal"}]
     path = write_jsonl(tmp_path / "t.jsonl", records)
-    as_pairs = check_probes(path, tokenizer, tiny_gpt2.hf)
+    as_pairs = check_probes(path, tokenizer, tiny_gpt2)
     assert not as_pairs.structural_ok.any() and "--trace" in as_pairs.problems[0]
-    frame = check_probes(path, tokenizer, tiny_gpt2.hf, trace=True, min_prob=0.0).set_index("id")
+    frame = check_probes(path, tokenizer, tiny_gpt2, trace=True, min_prob=0.0).set_index("id")
     assert frame.structural_ok.tolist() == [True, True, False]
     assert "has subject 'Portugal', which is not in its clean prompt" in frame.problems["sp"]
     for record in records:
@@ -180,7 +180,7 @@ def test_clap_patch_names_every_probe_problem_at_once(tmp_path, tokenizer, tiny_
     assert f"{probes}:6: probe extra carries field(s) `bioasq_id`" in err
     assert f"probe mig ({probes}:2): clean 7 tokens, corrupted 8" in err
     assert f"{probes}:5: metric logit_diff needs a `wrong` answer for every probe; probe nowrong has none" in err
-    assert f"clap probes check {probes.name} --model {model_dir}" in err
+    assert f"clap probes check --study {spec}" in err
 
 
 @pytest.mark.slow  # builds the 49,152-token tokenizer from the GGUF metadata (~15-30 s on 2 cores)

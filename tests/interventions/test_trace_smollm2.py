@@ -35,7 +35,7 @@ def smollm2():
 def known_facts(model, path: Path, target: Path) -> int:
     """The probes of ``path`` whose answer the model prefers to the wrong answer on the clean prompt (``clap probes
     check``'s "knows"), written to ``target``; ROME traces only facts the model knows."""
-    frame = check_probes(path, model.tokenizer, model.hf)
+    frame = check_probes(path, model.tokenizer, model)
     known = set(frame.loc[frame["knows"].astype(bool), "id"])
     lines = [line for line in path.read_text(encoding="utf-8").splitlines()
              if line.strip() and json.loads(line)["id"] in known]

@@ -1,0 +1,188 @@
+"""`clap probes check --study`: a study's probes under its own rules, on the model(s) it runs.
+
+What must hold: every probe problem `clap patch` raises is named against its probe (and nothing the run accepts is
+called a problem); the model's numbers equal the study's own clean and corrupted baselines in results.parquet and a
+plain unpadded forward; cross-model studies measure each prompt on the model that runs it; traces, `prob`-only
+studies, `alignment: right` and `corrupted_prompt: clean` follow the study's settings; the valid probes written by
+`--write-valid` run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from clap.app.cli import main
+from clap.models import wrap
+from interventions.probe_check import check_study
+from interventions.resolved import ResolvedStudy
+from interventions.spec import StudySpec
+from interventions.study import Study
+from tests.interventions.conftest import PROBES
+from tests.interventions.test_probe_check import flat, reference_logit_diff, write_jsonl
+from tests.interventions.test_probe_check_report import MISMATCH, MULTI
+
+
+def save(model, tokenizer, folder: Path) -> Path:
+    model.hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_spec(folder: Path, model: Path, probes: str, extra: str = "") -> Path:
+    spec = folder / "study.yaml"
+    spec.write_text(f"model: {{source: {model}}}\nprobes: {{file: {probes}}}\nsites: ['layers[0].resid_pre']\n"
+                    f"execution: {{progress: false}}\n{extra}")
+    return spec
+
+
+@pytest.fixture
+def other_gpt2(tokenizer):
+    """A second tiny GPT-2 of the same shape with other weights (the source model of a cross-model study)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(99)
+    config = GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=64, vocab_size=len(tokenizer))
+    config._attn_implementation = "eager"
+    return wrap(GPT2LMHeadModel(config).eval(), tokenizer, {"source": "other-gpt2"})
+
+
+def test_the_run_s_problems_are_named_per_probe_and_the_valid_file_runs(tmp_path, tokenizer, tiny_gpt2, capsys):
+    """The five problems `clap patch` refuses, one per probe, and the error points to this command; the probe the
+    check passes is the one the study then runs."""
+    model = save(tiny_gpt2, tokenizer, tmp_path / "model")
+    no_wrong = {k: v for k, v in flat(PROBES[0]).items() if k != "wrong"} | {"id": "nowrong"}
+    extra = flat(PROBES[1]) | {"id": "extra", "bioasq_id": "q7"}
+    records = [flat(PROBES[0]), MISMATCH | {"subject": "x"}, MULTI | {"subject": "x"}, flat(PROBES[0]), no_wrong,
+               extra]
+    records = [{k: v for k, v in r.items() if k not in ("subject", "pmids")} for r in records]
+    probes = write_jsonl(tmp_path / "probes.jsonl", records)
+    spec = write_spec(tmp_path, model, probes.name, "metrics: [logit_diff]\n")
+    assert main(["patch", str(spec), "-o", str(tmp_path / "out")]) == 2
+    assert f"clap probes check --study {spec}" in capsys.readouterr().err
+
+    out, valid = tmp_path / "check.csv", tmp_path / "valid.jsonl"
+    assert main(["probes", "check", "--study", str(spec), "--structural-only", "-o", str(out),
+                 "--write-valid", str(valid)]) == 0
+    printed = capsys.readouterr().out
+    rows = {int(r["origin"].rsplit(":", 1)[1]): r for r in csv.DictReader(out.open())}
+    assert [rows[n]["structural_ok"] for n in range(1, 7)] == ["True"] + ["False"] * 5
+    assert "clean is 7 tokens" in rows[2]["problems"] and "corrupted 8" in rows[2]["problems"]
+    assert "answer ' central nervous' is 2 tokens" in rows[3]["problems"]
+    assert rows[4]["problems"].startswith(f"duplicate id (first at {probes}:1)")
+    assert rows[5]["problems"].startswith("no `wrong` answer: the logit difference (metric logit_diff)")
+    assert "probe extra carries field(s) `bioasq_id`" in rows[6]["problems"]
+    assert "point the study's `probes: {file: ...}` at" in printed
+    assert [json.loads(line)["id"] for line in valid.read_text().splitlines()] == ["fr"]
+
+    runnable = write_spec(tmp_path, model, valid.name, "metrics: [logit_diff]\n")
+    assert main(["patch", str(runnable), "-o", str(tmp_path / "valid-out")]) == 0
+
+
+def test_numbers_equal_the_study_s_own_baselines(tmp_path, tokenizer, tiny_gpt2):
+    """The check's clean and corrupted logit differences are the run's `clean` and `corrupted` (results.parquet)
+    and a plain unpadded forward's; the verdicts follow them."""
+    model = save(tiny_gpt2, tokenizer, tmp_path / "model")
+    probes = write_jsonl(tmp_path / "p.jsonl", [flat(p) for p in PROBES])
+    spec = StudySpec.from_yaml(write_spec(tmp_path, model, probes.name, "metrics: [logit_diff, prob]\n"))
+    run = Study(spec, model=tiny_gpt2).run(tmp_path / "out")
+    baselines = run[run.metric == "logit_diff"].groupby("probe_id")[["clean", "corrupted"]].first()
+    frame = check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2)).set_index("id")
+    for probe in PROBES:
+        row = frame.loc[probe["id"]]
+        assert row.clean_logit_diff == pytest.approx(baselines.clean[probe["id"]], abs=1e-5)
+        assert row.corrupted_logit_diff == pytest.approx(baselines.corrupted[probe["id"]], abs=1e-5)
+        assert row.clean_logit_diff == pytest.approx(
+            reference_logit_diff(tiny_gpt2.hf, tokenizer, probe["clean"], probe["answer"], probe["wrong"]), abs=1e-5)
+        assert row.knows == (row.clean_logit_diff > 0)
+        assert row.flips == (row.clean_logit_diff > 0 and row.corrupted_logit_diff < 0)
+        assert row.valid == (row.knows and row.flips)
+    assert frame.attrs["study_problems"] == []
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_cross_model_measures_each_prompt_on_the_model_that_runs_it(tmp_path, tokenizer, tiny_gpt2, other_gpt2,
+                                                                     direction):
+    """Denoising: the source model runs the clean prompt (the recovery's 1), the target model the corrupted one;
+    noising the other way round."""
+    probes = write_jsonl(tmp_path / "p.jsonl", [flat(p) for p in PROBES])
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name,
+                                          f"direction: {direction}\nsource_model: {{source: other}}\n"))
+    frame = check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2, other_gpt2)).set_index("id")
+    clean_model, corrupted_model = (other_gpt2, tiny_gpt2) if direction == "denoising" else (tiny_gpt2, other_gpt2)
+    for probe in PROBES:
+        clean = reference_logit_diff(clean_model.hf, tokenizer, probe["clean"], probe["answer"], probe["wrong"])
+        corrupted = reference_logit_diff(corrupted_model.hf, tokenizer, probe["corrupted"], probe["answer"],
+                                         probe["wrong"])
+        assert frame.clean_logit_diff[probe["id"]] == pytest.approx(clean, abs=1e-5)
+        assert frame.corrupted_logit_diff[probe["id"]] == pytest.approx(corrupted, abs=1e-5)
+    other = reference_logit_diff(tiny_gpt2.hf, tokenizer, PROBES[0]["clean"], PROBES[0]["answer"], PROBES[0]["wrong"])
+    assert abs(other - reference_logit_diff(other_gpt2.hf, tokenizer, PROBES[0]["clean"], PROBES[0]["answer"],
+                                            PROBES[0]["wrong"])) > 1e-3  # the two models really differ
+
+
+def test_a_trace_study_checks_knowledge_by_probability(tmp_path, tokenizer, tiny_gpt2):
+    """A trace spec: no corrupted prompt or wrong answer needed, the subject field must be in the clean prompt,
+    p(answer) against a plain forward, nothing to flip."""
+    records = [{"id": "ep", "clean": "Epilepsy is a chronic disorder of the", "answer": " brain",
+                "subject": "Epilepsy"},
+               {"id": "sp", "clean": "The capital of Spain is", "answer": " Madrid", "subject": "Portugal"}]
+    probes = write_jsonl(tmp_path / "t.jsonl", records)
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name, "trace: {samples: 2}\n"))
+    frame = check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2), min_prob=0.0).set_index("id")
+    assert frame.structural_ok.tolist() == [True, False]
+    assert "has subject 'Portugal', which is not in its clean prompt" in frame.problems["sp"]
+    with torch.no_grad():
+        logits = tiny_gpt2.hf(input_ids=torch.tensor([tokenizer(records[0]["clean"])["input_ids"]])).logits[0, -1]
+    answer = tokenizer(" brain", add_special_tokens=False)["input_ids"][0]
+    assert frame.p_answer["ep"] == pytest.approx(torch.softmax(logits.double(), -1)[answer].item(), rel=1e-5)
+    assert frame.answer_rank["ep"] == int((logits > logits[answer]).sum()) + 1
+    assert pd.isna(frame.flips["ep"]) and frame.valid["ep"]
+
+
+def test_the_study_s_settings_decide_what_is_a_problem(tmp_path, tokenizer, tiny_gpt2):
+    """`alignment: right` accepts a length mismatch, `multi_token: set` a multi-token answer, a `prob`-only study a
+    probe without `wrong` (checked by p(answer)); a prompt past the model's context is a problem on that model."""
+    no_wrong = {k: v for k, v in flat(PROBES[0]).items() if k != "wrong"} | {"id": "nowrong"}
+    long = flat(PROBES[1]) | {"id": "long", "clean": "the " * 70 + "end", "corrupted": "a " * 70 + "end"}
+    records = [{k: v for k, v in r.items() if k not in ("subject", "pmids")} for r in [MISMATCH, MULTI, no_wrong, long]]
+    probes = write_jsonl(tmp_path / "p.jsonl", records)
+    strict = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name, "metrics: [prob]\n"))
+    frame = check_study(ResolvedStudy.for_probe_check(strict, tiny_gpt2), min_prob=0.0).set_index("id")
+    assert "clean is 7 tokens" in frame.problems["mig"]
+    assert "is 2 tokens" in frame.problems["multi"]
+    assert frame.structural_ok["nowrong"] and frame.knows["nowrong"] and frame.p_answer["nowrong"] > 0
+    assert "longer than the model's context of 64 tokens" in frame.problems["long"]
+    with pytest.raises(Exception, match="longer than the model's context"):  # the run refuses it too
+        Study(strict, model=tiny_gpt2).run()
+
+    lenient = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name, "metrics: [prob]\nalignment: right\n"))
+    lenient.probes.multi_token = "set"
+    frame = check_study(ResolvedStudy.for_probe_check(lenient, tiny_gpt2), min_prob=0.0).set_index("id")
+    assert frame.structural_ok["mig"] and frame.structural_ok["multi"]
+    assert not frame.problems["mig"].startswith("clean is")
+    assert frame.answer_kind["multi"] == "set"
+
+
+def test_remote_simulation_gives_the_local_numbers(tmp_path, tokenizer, tiny_gpt2):
+    """`execution.remote: local` runs the check's forwards through nnsight's simulation of NDIF."""
+    probes = write_jsonl(tmp_path / "p.jsonl", [flat(p) for p in PROBES])
+    local = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name))
+    remote = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name))
+    remote.execution.remote = "local"
+    a = check_study(ResolvedStudy.for_probe_check(local, tiny_gpt2))
+    b = check_study(ResolvedStudy.for_probe_check(remote, tiny_gpt2))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_study_settings_are_not_given_twice(tmp_path, capsys):
+    spec = write_spec(tmp_path, tmp_path, "p.jsonl")
+    assert main(["probes", "check", "--study", str(spec), "--model", "gpt2", "--alignment", "right"]) == 2
+    err = capsys.readouterr().err
+    assert "--study takes --model, --alignment from the study (model, alignment); drop them" in err
+    assert main(["probes", "check", "p.jsonl"]) == 2
+    assert "give a probe file and --model" in capsys.readouterr().err
