@@ -23,7 +23,7 @@ import argparse
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -481,7 +481,8 @@ def check_probes(path: Path, tokenizer: Any, model: LoadedModel | None = None,
 
 
 def check_study(study: ResolvedStudy, min_logit_diff: float = 0.0, *, min_prob: float | None = None,
-                batch_size: int = 64, suggest: bool = False) -> pd.DataFrame:
+                batch_size: int = 64, suggest: bool = False,
+                records: Sequence[tuple[str, ProbeSpec]] | None = None) -> pd.DataFrame:
     """``clap probes check --study``: the study's probes checked under its own rules (:class:`ProbeRules`) on the
     models it runs, as one frame. Cross-model patching measures the clean prompt on the model that runs it (the
     source model when denoising) and the corrupted prompt on the other; a remote study's forwards run on NDIF.
@@ -489,16 +490,20 @@ def check_study(study: ResolvedStudy, min_logit_diff: float = 0.0, *, min_prob: 
     Every problem the study's own resolution found (:meth:`ResolvedStudy.for_probe_check`) is attached to its probe
     where the checks above did not already find one, so a probe called valid here is one the study runs; problems
     of the whole set are in ``frame.attrs["study_problems"]``. Baseline interventions (a trace's noise) are not
-    applied: the corrupted run here is the corrupted prompt itself."""
+    applied: the corrupted run here is the corrupted prompt itself. ``records``: the probe records with their own
+    origins when the spec holds them inline (:class:`StudyRun`)."""
     import pandas as pd
 
     from interventions.resolved import check_group_probes
 
     spec = study.spec
-    checks = structural_checks(study_specs(spec), study.model.tokenizer, study.rules, suggest,
-                               config=study.model.hf.config)
+    records = list(records) if records is not None else study_specs(spec)
+    checks = structural_checks(records, study.model.tokenizer, study.rules, suggest, config=study.model.hf.config)
     check_group_probes(spec, checks)
-    left = attach_problems(checks, study.probe_problems)
+    problems = study.probe_problems
+    if spec.probes.inline is not None:  # name the record behind each inline probe
+        problems = [inline_origins(problem, records) for problem in problems]
+    left = attach_problems(checks, problems)
     clean, corrupted = study.model, study.source_model
     if corrupted is not None and spec.direction == "denoising":
         clean, corrupted = corrupted, clean
@@ -514,6 +519,13 @@ def study_specs(spec: StudySpec) -> list[tuple[str, ProbeSpec]]:
         return read_probe_specs(spec.probes, spec.base_dir)
     except SourceError as exc:
         raise ProbeError(str(exc)) from None
+
+
+def inline_origins(problem: str, records: Sequence[tuple[str, ProbeSpec]]) -> str:
+    """``probes.inline[i]`` in a problem replaced by the origin of record ``i``."""
+    import re
+
+    return re.sub(r"probes\.inline\[(\d+)\]", lambda m: records[int(m.group(1))][0], problem)
 
 
 def attach_problems(checks: Sequence[ProbeCheck], problems: Sequence[str]) -> list[str]:
@@ -543,23 +555,29 @@ def summary_line(frame: pd.DataFrame, ran_model: bool) -> str:
     return "; ".join(parts)
 
 
-def write_valid(source: Path | None, frame: pd.DataFrame, target: Path, column: str = "valid",
-                specs: Sequence[tuple[str, ProbeSpec]] | None = None) -> int:
-    """The probes whose ``column`` is True (the valid ones; ``structural_ok`` under ``--structural-only``), as JSONL
-    in file order, atomically: each JSONL probe as its source record (all fields, PMIDs included); a YAML or inline
-    probe (``specs``, read from ``source`` when not given) as the validated probe, labels back as top-level keys."""
-    valid = set(frame.loc[frame[column].fillna(False).astype(bool), "origin"])
-    if source is not None and source.suffix in (".jsonl", ".json"):  # origins are "<path>:<line>"; match the line
-        lines = {int(origin.rsplit(":", 1)[1]) for origin in valid}
-        records = [obj for number, obj in load_jsonl(source) if number in lines]
-    else:
-        records = []
-        for origin, spec in specs if specs is not None else read_specs(source):
-            if origin in valid:
-                record = spec.model_dump(exclude_none=True, exclude={"labels"})
-                records.append({**record, **spec.labels})
-    atomic_write_text(target, "".join(json.dumps(r) + "\n" for r in records))
-    return len(records)
+def write_valid(records: Sequence[tuple[str, ProbeSpec]], frame: pd.DataFrame, target: Path,
+                column: str = "valid") -> int:
+    """The probes whose ``column`` is True in every row of theirs (the valid ones, on every model checked;
+    ``structural_ok`` under ``--structural-only``), as JSONL in file order, atomically: a JSONL probe as its source
+    record (all fields, PMIDs included), a YAML or inline probe as the validated probe with its labels as top-level
+    keys."""
+    verdicts = frame[column].astype("boolean").fillna(False).groupby(frame["origin"]).all()
+    valid = set(verdicts.index[verdicts])
+    files: dict[str, dict[int, Any]] = {}
+    lines = []
+    for origin, spec in records:
+        if origin not in valid:
+            continue
+        path, _, number = origin.rpartition(":")
+        if Path(path).suffix in (".jsonl", ".json") and number.isdigit():  # origins are "<path>:<line>"
+            if path not in files:
+                files[path] = dict(load_jsonl(Path(path)))
+            lines.append(json.dumps(files[path][int(number)]))
+        else:
+            record = spec.model_dump(exclude_none=True, exclude={"labels"})
+            lines.append(json.dumps({**record, **spec.labels}))
+    atomic_write_text(target, "".join(line + "\n" for line in lines))
+    return len(lines)
 
 
 SHOWN = ["id", "n_clean", "n_corrupted", "answer_pieces", "wrong_pieces", "clean_logit_diff", "corrupted_logit_diff",
@@ -630,25 +648,46 @@ def print_report(frame: pd.DataFrame, ran_model: bool, width: int | None = None)
 
 
 #: what ``--study`` takes from the study instead: the option, its default, and the spec's field
-STUDY_SETS = (("file", None, "probes.file / probes.inline"), ("model", None, "model"),
+STUDY_SETS = (("file", None, "probes"), ("model", None, "model / models"),
               ("multi_token", None, "probes.multi_token"), ("alignment", None, "alignment"),
               ("trace", False, "trace"), ("subject", None, "trace.subject"), ("dtype", None, "execution.dtype"))
 
 
-def run_check(args: argparse.Namespace) -> int:
+@dataclass
+class StudyRun:
+    """One model's run of a study as the probe check sees it: the ``clap patch`` spec that model runs, and the
+    probe records with the origins a user can open (a study file's ``probes.files`` are read file by file; its spec
+    then holds them inline, ``probes.inline[i]`` being ``records[i]``)."""
+
+    label: str  #: the model's name in a study with several; "" for one
+    spec: StudySpec
+    records: list[tuple[str, ProbeSpec]]
+
+
+#: reads ``--study FILE`` into the runs to check and notes on what is left out (e.g. a model the run trains)
+StudyLoader = Callable[[Path], tuple[list[StudyRun], list[str]]]
+
+
+def patch_spec_runs(path: Path) -> tuple[list[StudyRun], list[str]]:
+    """A ``clap patch`` spec: one run (``clap run`` study files are read by the command line's own loader)."""
+    spec = StudySpec.from_yaml(path)
+    return [StudyRun("", spec, study_specs(spec))], []
+
+
+def run_check(args: argparse.Namespace, load_study: StudyLoader = patch_spec_runs) -> int:
     if args.min_logit_diff < 0 or not math.isfinite(args.min_logit_diff):
         raise ProbeError(f"--min-logit-diff must be a finite number >= 0, got {args.min_logit_diff}")
     if args.min_prob is not None and not 0 <= args.min_prob <= 1:
         raise ProbeError(f"--min-prob must be a probability in [0, 1], got {args.min_prob}")
     if args.study:
-        return run_study_check(args)
+        return run_study_check(args, load_study)
     if not args.file or not args.model:
         raise ProbeError("give a probe file and --model (`clap probes check PROBES.jsonl --model MODEL`), or a study "
                          "whose probes, settings and model are checked (`clap probes check --study STUDY.yaml`)")
     path = Path(args.file)
     if not path.is_file():
         raise ProbeError(f"{path}: probe file not found")
-    read_specs(path)  # bad probe files fail here, before any model is loaded
+    specs = read_specs(path)  # bad probe files fail here, before any model is loaded
     prepare_outputs(args)
     model = None
     if args.structural_only:
@@ -662,52 +701,76 @@ def run_check(args: argparse.Namespace) -> int:
                          multi_token=args.multi_token or "error", alignment=args.alignment or "strict",
                          trace=args.trace, subject=args.subject or "subject", min_prob=args.min_prob,
                          suggest=args.suggest)
-    report(args, frame, model is not None, source=path)
+    show(frame, model is not None)
+    write_outputs(args, frame, specs, model is not None)
     return 0
 
 
-def run_study_check(args: argparse.Namespace) -> int:
-    """``--study``: the study's probes under its own settings, on the model(s) it runs (``--device`` overrides
-    ``execution.device`` as in ``clap patch``)."""
-    from clap.devices import resolve_device, torch_threads
+def run_study_check(args: argparse.Namespace, load_study: StudyLoader) -> int:
+    """``--study``: the study's probes under its own settings, on each model it runs (``--device`` overrides
+    ``execution.device`` as in ``clap patch``). With several models, the CSV carries a ``model`` column and a probe
+    is valid when it is valid on every model checked."""
+    import pandas as pd
+
+    from clap.devices import resolve_device
+
+    given = [(f"--{name.replace('_', '-')}" if name != "file" else "a probe file", field)
+             for name, default, field in STUDY_SETS if getattr(args, name) != default]
+    if given:
+        raise ProbeError(f"--study takes {', '.join(g for g, _ in given)} from the study "
+                         f"({', '.join(f for _, f in given)}); drop {'it' if len(given) == 1 else 'them'} or check a "
+                         f"probe file without --study")
+    runs, notes = load_study(Path(args.study))  # bad specs and probe files fail here, before any model is loaded
+    if args.device:
+        resolve_device(args.device, where="--device")
+        for run in runs:
+            run.spec.execution.device = args.device
+    prepare_outputs(args)
+    frames = []
+    for run in runs:
+        if len(runs) > 1:
+            print(f"\n== model {run.label} ({run.spec.model.source}) ==")
+        frame = check_study_run(run, args)
+        show(frame, not args.structural_only)
+        frames.append(frame.assign(model=run.label) if len(runs) > 1 else frame)
+    for note in notes:
+        print(f"note: {note}")
+    if not frames:
+        raise ProbeError(f"{args.study}: no model of the study can be checked here ({'; '.join(notes)})")
+    combined = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    write_outputs(args, combined, runs[0].records, not args.structural_only)
+    if args.write_valid:
+        print(f"point the study's `probes: {{file: ...}}` at {args.write_valid} to run them")
+    return 0
+
+
+def check_study_run(run: StudyRun, args: argparse.Namespace) -> pd.DataFrame:
+    """One model's check: structural with the tokenizer alone (``--structural-only``), else on the loaded model(s)
+    through the study's resolution."""
+    from clap.devices import torch_threads
     from interventions.resolved import ResolvedStudy, located
     from interventions.study import Study
 
-    given = [f"--{name.replace('_', '-')}" if name != "file" else "a probe file" for name, default, _ in STUDY_SETS
-             if getattr(args, name) != default]
-    if given:
-        fields = ", ".join(field for name, default, field in STUDY_SETS if getattr(args, name) != default)
-        raise ProbeError(f"--study takes {', '.join(given)} from the study ({fields}); drop "
-                         f"{'it' if len(given) == 1 else 'them'} or check a probe file without --study")
-    spec = StudySpec.from_yaml(args.study)
-    if args.device:
-        resolve_device(args.device, where="--device")
-        spec.execution.device = args.device
-    specs = study_specs(spec)  # bad probe files fail here, before any model is loaded
-    prepare_outputs(args)
+    spec = run.spec
     if args.structural_only:
         tokenizer = load_tokenizer(located(spec, spec.model.tokenizer or spec.model.source) or spec.model.source)
-        frame = check_study_structure(spec, tokenizer, args.suggest)
-    else:
-        study = Study(spec)
-        with torch_threads(spec.execution.threads):
-            resolved = ResolvedStudy.for_probe_check(spec, study.model, study.source_model)
-            frame = check_study(resolved, args.min_logit_diff, min_prob=args.min_prob, batch_size=args.batch_size,
-                                suggest=args.suggest)
-    source = spec.base_dir / spec.probes.file if spec.probes.file else None
-    report(args, frame, not args.structural_only, source=source, specs=specs,
-           then=f"point the study's `probes: {{file: ...}}` at {args.write_valid} to run them" if args.write_valid
-           else "")
-    return 0
+        return check_study_structure(spec, tokenizer, args.suggest, records=run.records)
+    study = Study(spec)
+    with torch_threads(spec.execution.threads):
+        resolved = ResolvedStudy.for_probe_check(spec, study.model, study.source_model)
+        return check_study(resolved, args.min_logit_diff, min_prob=args.min_prob, batch_size=args.batch_size,
+                           suggest=args.suggest, records=run.records)
 
 
-def check_study_structure(spec: StudySpec, tokenizer: Any, suggest: bool = False) -> pd.DataFrame:
+def check_study_structure(spec: StudySpec, tokenizer: Any, suggest: bool = False,
+                          records: Sequence[tuple[str, ProbeSpec]] | None = None) -> pd.DataFrame:
     """``--study --structural-only``: the study's probes under its rules with its tokenizer alone."""
     import pandas as pd
 
     from interventions.resolved import check_group_probes
 
-    checks = structural_checks(study_specs(spec), tokenizer, ProbeRules.of(spec), suggest)
+    checks = structural_checks(records if records is not None else study_specs(spec), tokenizer,
+                               ProbeRules.of(spec), suggest)
     check_group_probes(spec, checks)
     return pd.DataFrame([c.row(0.0, False) for c in checks])
 
@@ -719,30 +782,34 @@ def prepare_outputs(args: argparse.Namespace) -> None:
             prepare_output_file(target, what=option)
 
 
-def report(args: argparse.Namespace, frame: pd.DataFrame, ran_model: bool, source: Path | None,
-           specs: Sequence[tuple[str, ProbeSpec]] | None = None, then: str = "") -> None:
-    """The table, the summary line, the problems of the whole probe set, and the files asked for."""
+def show(frame: pd.DataFrame, ran_model: bool) -> None:
+    """The table, the summary line and the problems of the whole probe set."""
     print_report(frame, ran_model)
     print(summary_line(frame, ran_model))
     for problem in frame.attrs.get("study_problems", []):
         print(f"study problem: {problem}")
+
+
+def write_outputs(args: argparse.Namespace, frame: pd.DataFrame, records: Sequence[tuple[str, ProbeSpec]],
+                  ran_model: bool) -> None:
+    """The CSV (``-o``) and the valid probes (``--write-valid``; the structurally sound ones without a model)."""
     if args.output:
         atomic_write_text(Path(args.output), frame.to_csv(index=False))
         print(f"wrote {args.output} (every column, problems in full)")
-    if args.write_valid:
-        if not ran_model:
-            n = write_valid(source, frame, Path(args.write_valid), column="structural_ok", specs=specs)
-            print(f"wrote {n} probes that pass the structural checks to {args.write_valid} (not checked on the "
-                  f"model: whether it knows and flips them is unknown)")
-        else:
-            n = write_valid(source, frame, Path(args.write_valid), specs=specs)
-            print(f"wrote {n} valid probes to {args.write_valid}")
-        if then:
-            print(then)
+    if not args.write_valid:
+        return
+    if not ran_model:
+        n = write_valid(records, frame, Path(args.write_valid), column="structural_ok")
+        print(f"wrote {n} probes that pass the structural checks to {args.write_valid} (not checked on the model: "
+              f"whether it knows and flips them is unknown)")
+    else:
+        n = write_valid(records, frame, Path(args.write_valid))
+        print(f"wrote {n} valid probes to {args.write_valid}")
 
 
-def register_probes(subparsers: Any) -> None:
-    """``clap probes check``; registered on its own so it grows without editing interventions/cli.py."""
+def register_probes(subparsers: Any, load_study: StudyLoader = patch_spec_runs) -> None:
+    """``clap probes check``; registered on its own so it grows without editing interventions/cli.py.
+    ``load_study`` reads ``--study FILE``: the command line passes one that reads ``clap run`` study files too."""
     probes = subparsers.add_parser("probes", help="check probe files against a model's tokenizer and knowledge")
     actions = probes.add_subparsers(dest="probes_action", metavar="ACTION")
     probes.set_defaults(func=lambda args: probes.print_help() or 2)
@@ -785,7 +852,7 @@ def register_probes(subparsers: Any) -> None:
     check.add_argument("--device", help="cpu (default), cuda, ...; with --study, overrides execution.device")
     check.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default float32")
     check.add_argument("--batch-size", type=int, default=64, help="prompts per forward pass (default 64)")
-    check.set_defaults(func=run_check)
+    check.set_defaults(func=lambda args: run_check(args, load_study))
 
 
 register = register_probes

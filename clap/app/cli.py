@@ -19,7 +19,7 @@ from clap.errors import ClapError
 #: Modules that contribute sub-commands; each exposes ``register(subparsers)``.
 COMMAND_MODULES = ("interventions.cli", "clap.app.trace", "corpora.cli", "finetuning.cli", "analyses.cli",
                    "clap.app.demo")
-COMMAND_MODULES += ("interventions.probe_check",)  # `clap probes check`
+COMMAND_MODULES += ("clap.app.probes",)  # `clap probes check`
 COMMAND_MODULES += ("clap.app.pipeline",)  # `clap run`
 
 

@@ -280,7 +280,7 @@ class StudyFile(StudySpec):
             if self.corpus is None and self.finetune.corpus is None:
                 fail(("finetune",), "fine-tuning needs a corpus: add a `corpus:` section or `finetune.corpus:`")
             self._check_finetune_settings(source, lines, fail)
-        self._check_cross_model(names, fail)
+        self._check_cross_sections(names, fail)
 
     def _check_finetune_settings(self, source: str, lines: dict, fail: Any) -> None:
         """The preset and ``settings:`` validated with the fine-tuning schema now, with their lines, instead of when
@@ -313,7 +313,7 @@ class StudyFile(StudySpec):
             return [(("cross_model", i), section) for i, section in enumerate(self.cross_model)]
         return [(("cross_model",), self.cross_model)]
 
-    def _check_cross_model(self, names: list[str], fail: Any) -> None:
+    def _check_cross_sections(self, names: list[str], fail: Any) -> None:
         for at, section in self._cross_sections():
             for role in ("source", "target"):
                 name = getattr(section, role)
@@ -375,4 +375,5 @@ class StudyFile(StudySpec):
             reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
             raise SpecError(reasons) from None
         spec._base_dir = self.base_dir
+        spec._source, spec._lines = self._source, self._lines  # errors name the study file's lines
         return spec

@@ -183,6 +183,6 @@ def test_study_settings_are_not_given_twice(tmp_path, capsys):
     spec = write_spec(tmp_path, tmp_path, "p.jsonl")
     assert main(["probes", "check", "--study", str(spec), "--model", "gpt2", "--alignment", "right"]) == 2
     err = capsys.readouterr().err
-    assert "--study takes --model, --alignment from the study (model, alignment); drop them" in err
+    assert "--study takes --model, --alignment from the study (model / models, alignment); drop them" in err
     assert main(["probes", "check", "p.jsonl"]) == 2
     assert "give a probe file and --model" in capsys.readouterr().err
