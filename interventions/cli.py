@@ -108,13 +108,14 @@ def check_known_facts(study: Any, args: argparse.Namespace) -> None:
     if not unknown:
         return
     listing = "\n  ".join(unknown)
+    given_min_prob = f" --min-prob {args.min_prob:g}" if args.min_prob is not None else ""
     if args.allow_unknown:
         logging.getLogger(__name__).warning("tracing %d fact(s) the model does not know (--allow-unknown):\n  %s",
                                             len(unknown), listing)
         return
     raise ClapError(f"the model does not know {len(unknown)} of the facts to trace (ROME traces known facts):\n  "
                     f"{listing}\nfix their answers (mind the leading space), keep the known ones (`clap probes "
-                    f"check --study {args.spec} --write-valid KNOWN.jsonl`), lower --min-prob, or pass "
+                    f"check --study {args.spec}{given_min_prob} --write-valid KNOWN.jsonl`), lower --min-prob, or pass "
                     f"--allow-unknown to trace them anyway")
 
 

@@ -91,6 +91,10 @@ class ProbeCheck:
     p_answer: float = math.nan  #: p(answer set | clean prompt) (probability-checked probes)
     answer_rank: int | None = None  #: rank of the answer's best token among the model's next tokens (1 = top)
     top_token: str = ""  #: the model's top next token on the clean prompt (probability-checked probes)
+    #: the same on the corrupted prompt, where a probability-checked probe must flip (the fact no longer known)
+    corrupted_p_answer: float = math.nan
+    corrupted_answer_rank: int | None = None
+    corrupted_top_token: str = ""
     suggestions: list[str] = field(default_factory=list)  #: same-length corrupted prompts (``--suggest``)
     equal_needed: bool = True  #: ``alignment: strict``: a length mismatch is a problem
     fits: bool = True  #: its prompts fit the model's context (past it, a forward indexes out of range)
@@ -114,9 +118,18 @@ class ProbeCheck:
         if not self.measured:
             return None, None, []
         if self.by_probability:
-            reason = unknown_reason(self.answer.pieces, self.p_answer, self.answer_rank, self.top_token,
-                                    TRACE_MIN_PROB if min_prob is None else min_prob)
-            return (False, None, [reason]) if reason else (True, None, [])
+            min_prob = TRACE_MIN_PROB if min_prob is None else min_prob
+            reason = unknown_reason(self.answer.pieces, self.p_answer, self.answer_rank, self.top_token, min_prob)
+            reasons = [reason] if reason else []
+            flips = None
+            if self.flips_needed and not math.isnan(self.corrupted_p_answer):
+                flips = bool(unknown_reason(self.answer.pieces, self.corrupted_p_answer, self.corrupted_answer_rank,
+                                            self.corrupted_top_token, min_prob))
+                if not flips:
+                    reasons.append(f"does not flip: the corrupted prompt still gives p(answer) = "
+                                   f"{self.corrupted_p_answer:.3g} (rank {self.corrupted_answer_rank}; known at "
+                                   f"rank 1 or p >= {min_prob:g})")
+            return not reason, flips, reasons
         clean, corrupted = self.clean_logit_diff, self.corrupted_logit_diff
         knows = bool(clean > threshold)
         flips = bool(clean > 0 and corrupted < 0) if self.flips_needed else None
@@ -155,6 +168,8 @@ class ProbeCheck:
             "corrupted_logit_diff": self.corrupted_logit_diff,
             **({"p_answer": self.p_answer, "answer_rank": self.answer_rank, "top_token": self.top_token}
                if self.by_probability else {}),
+            **({"corrupted_p_answer": self.corrupted_p_answer, "corrupted_answer_rank": self.corrupted_answer_rank}
+               if self.by_probability and self.flips_needed else {}),
             "knows": knows,
             "flips": flips,
             "valid": valid,
@@ -188,19 +203,41 @@ def _space_hint(answer_pieces: Sequence[str], top: str) -> str:
     return ""
 
 
-def _tokenise_answer(value: Any, tokenizer: Any, origin: str, what: str, multi_token: str = "error") -> AnswerTokens:
-    """Tokenise an answer as a study with ``multi_token`` would, without stopping: refusals become problems."""
-    ids = _answer_ids(value, tokenizer, "set", origin, what)
+#: how a problem's remedy is named: as the stand-alone check's option, or as the study's own setting (``--study``)
+HINTS = {
+    "multi_token": ("use --multi-token first/set (the study's probes.multi_token)",
+                    "set the study's `probes.multi_token: first` or `set`"),
+    "alignment": ("or --alignment right (the study's `alignment: right`)", "or set the study's `alignment: right`"),
+    "corrupted": ("only a causal trace (--trace) or a study with `corrupted_prompt: clean` runs without one",
+                  "the study runs each probe's own corrupted prompt (only a trace or `corrupted_prompt: clean` runs "
+                  "without one)"),
+    "wrong": ("causal-tracing probes: --trace; a study can measure `logit` or `prob` instead",
+              "the study's metrics include logit_diff; or measure `logit` / `prob` only"),
+}
+
+
+def hint(name: str, for_study: bool) -> str:
+    return HINTS[name][1 if for_study else 0]
+
+
+def _tokenise_answer(value: Any, tokenizer: Any, origin: str, what: str, multi_token: str = "error",
+                     for_study: bool = False) -> AnswerTokens:
+    """Tokenise an answer as a study with ``multi_token`` would, without stopping: refusals (several tokens, an id
+    outside the vocabulary, a string that tokenises to nothing) become problems."""
+    try:
+        ids = _answer_ids(value, tokenizer, "set", origin, what)
+    except ProbeError as exc:
+        return AnswerTokens([], [], "invalid", str(exc).removeprefix(f"{origin}: "))
     pieces = [tokenizer.decode([i]) for i in ids]
     values = value if isinstance(value, list) else [value]
     several = [v for v in values if isinstance(v, str) and len(tokenizer(v, add_special_tokens=False)["input_ids"]) > 1]
     if several and multi_token == "error":
         if isinstance(value, list):
-            problem = (f"{what} set member(s) {several} are several tokens each: give single tokens or use "
-                       f"--multi-token first/set (the study's probes.multi_token)")
+            problem = (f"{what} set member(s) {several} are several tokens each: give single tokens or "
+                       f"{hint('multi_token', for_study)}")
         else:
             problem = (f"{what} {value!r} is {len(ids)} tokens {pieces}: give one token (mind the leading space) or a "
-                       f"list of tokens, or use --multi-token first/set (the study's probes.multi_token)")
+                       f"list of tokens, or {hint('multi_token', for_study)}")
         return AnswerTokens(ids, pieces, "multi", problem)
     if several and multi_token == "first":
         ids = _answer_ids(value, tokenizer, "first", origin, what)
@@ -211,11 +248,13 @@ def _tokenise_answer(value: Any, tokenizer: Any, origin: str, what: str, multi_t
 
 
 def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, rules: ProbeRules | None = None,
-                      suggest: bool = False, config: Any = None) -> list[ProbeCheck]:
+                      suggest: bool = False, config: Any = None, for_study: bool = False) -> list[ProbeCheck]:
     """Token lengths, answer tokenisation, duplicate ids and duplicate clean prompts, per probe, under a study's
     :class:`~interventions.probes.ProbeRules` (``multi_token``, ``alignment``, the corrupted prompt, a trace's
     subject, the ``wrong`` answer ``logit_diff`` needs); prompts longer than the model's context when its ``config``
-    is given; with ``suggest``, same-length substitutes for the corrupted words of each length mismatch."""
+    is given; with ``suggest``, same-length substitutes for the corrupted words of each length mismatch.
+    ``for_study``: the rules are a study's own (``--study``): remedies name its settings, and a clean prompt shared
+    by several probes (which a study runs) is no problem."""
     rules = rules or ProbeRules()
     checks: list[ProbeCheck] = []
     words = file_words([t for _, spec in specs for t in (spec.clean, spec.corrupted or "", *spec.labels.values())]) \
@@ -225,8 +264,8 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, ru
     for index, (origin, spec) in enumerate(specs):
         probe_id = spec.id or f"p{index:04d}"
         corrupted = spec.corrupted if spec.corrupted is not None and own_corrupted else spec.clean
-        answer = _tokenise_answer(spec.answer, tokenizer, origin, "answer", rules.multi_token)
-        wrong = (_tokenise_answer(spec.wrong, tokenizer, origin, "wrong", rules.multi_token)
+        answer = _tokenise_answer(spec.answer, tokenizer, origin, "answer", rules.multi_token, for_study)
+        wrong = (_tokenise_answer(spec.wrong, tokenizer, origin, "wrong", rules.multi_token, for_study)
                  if spec.wrong is not None else None)
         check = ProbeCheck(
             id=probe_id,
@@ -243,13 +282,12 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, ru
             equal_needed=rules.alignment == "strict" and own_corrupted,
         )
         if spec.corrupted is None and own_corrupted:
-            check.problems.append("no `corrupted` prompt: only a causal trace (--trace) or a study with "
-                                  "`corrupted_prompt: clean` runs without one")
+            check.problems.append(f"no `corrupted` prompt: {hint('corrupted', for_study)}")
         elif not check.equal_length and check.equal_needed:
             check.problems.append(mismatch_message(tokenizer, spec.clean, corrupted, spec.labels.get(rules.subject
                                                                                                    or "subject"),
                                                    suggesting=suggest)
-                                  + "; or --alignment right (the study's `alignment: right`)")
+                                  + f"; {hint('alignment', for_study)}")
             if suggest:
                 check.suggestions = suggest_substitutes(tokenizer, spec.clean, corrupted, words)
                 check.problems.append("same-length substitutes: " + (", ".join(map(repr, check.suggestions))
@@ -260,8 +298,8 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, ru
             if problem:
                 check.problems.append(problem)
         if wrong is None and rules.needs_wrong:
-            check.problems.append("no `wrong` answer: the logit difference (metric logit_diff) is undefined "
-                                  "(causal-tracing probes: --trace; a study can measure `logit` or `prob` instead)")
+            check.problems.append(f"no `wrong` answer: the logit difference (metric logit_diff) is undefined "
+                                  f"({hint('wrong', for_study)})")
         elif wrong is not None and set(answer.ids) & set(wrong.ids):
             check.problems.append(f"answer and wrong share token(s) {sorted(set(answer.ids) & set(wrong.ids))}")
         if limit is not None:
@@ -272,14 +310,15 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, ru
             check.problems += too_long
             check.fits = not too_long
         checks.append(check)
-    for check, duplicates, label in zip(checks, duplicate_problems(checks), label_problems(checks, rules.subject),
-                                        strict=True):
+    for check, duplicates, label in zip(checks, duplicate_problems(checks, clean_prompts=not for_study),
+                                        label_problems(checks, rules.subject), strict=True):
         check.problems += duplicates + ([label] if label else [])
     return checks
 
 
-def duplicate_problems(checks: Sequence[ProbeCheck]) -> list[list[str]]:
-    """Per probe, the earlier probes it repeats (its id, its clean prompt)."""
+def duplicate_problems(checks: Sequence[ProbeCheck], clean_prompts: bool = True) -> list[list[str]]:
+    """Per probe, the earlier probes it repeats: its id, and (``clean_prompts``) its clean prompt, a likely copy in
+    a probe file (a study runs probes that share a clean prompt, e.g. two subjects traced in one sentence)."""
     first_id: dict[str, str] = {}
     first_clean: dict[str, str] = {}
     out = []
@@ -287,7 +326,7 @@ def duplicate_problems(checks: Sequence[ProbeCheck]) -> list[list[str]]:
         found = []
         if check.id in first_id:
             found.append(f"duplicate id (first at {first_id[check.id]})")
-        if check.clean in first_clean:
+        if clean_prompts and check.clean in first_clean:
             found.append(f"duplicate clean prompt (first at {first_clean[check.clean]})")
         first_id.setdefault(check.id, check.origin)
         first_clean.setdefault(check.clean, check.origin)
@@ -366,16 +405,21 @@ def behavioural_checks(checks: Sequence[ProbeCheck], model: LoadedModel, batch_s
         return id(which), rows.setdefault(prompt, len(rows))
 
     wanted = [(c, row(model, c.clean), row(corrupted_model, c.corrupted)) for c in pairs]
-    known = [(c, row(model, c.clean)) for c in by_probability]
+    known = [(c, row(model, c.clean), row(corrupted_model, c.corrupted) if c.flips_needed else None)
+             for c in by_probability]
     logits = {key: last_token_logits(which, [which.tokenizer(p)["input_ids"] for p in rows], batch_size, remote)
               for key, (which, rows) in runs.items() if rows}
     for check, (clean_key, clean_row), (corrupted_key, corrupted_row) in wanted:
         both = torch.stack([logits[clean_key][clean_row], logits[corrupted_key][corrupted_row]])
         values = logit_diffs(both, check.answer.ids, check.wrong.ids)
         check.clean_logit_diff, check.corrupted_logit_diff = float(values[0]), float(values[1])
-    for check, (key, index) in known:
+    for check, (key, index), corrupted in known:
         check.p_answer, check.answer_rank, top = answer_probability(logits[key][index], check.answer.ids)
         check.top_token = model.tokenizer.decode([top])
+        if corrupted is not None:
+            check.corrupted_p_answer, check.corrupted_answer_rank, top = answer_probability(
+                logits[corrupted[0]][corrupted[1]], check.answer.ids)
+            check.corrupted_top_token = corrupted_model.tokenizer.decode([top])
 
 
 def answer_probability(logits: torch.Tensor, answer_ids: Sequence[int]) -> tuple[float, int, int]:
@@ -497,8 +541,11 @@ def check_study(study: ResolvedStudy, min_logit_diff: float = 0.0, *, min_prob: 
     from interventions.resolved import check_group_probes
 
     spec = study.spec
+    if study.source_model is not None:
+        check_models_match(study)
     records = list(records) if records is not None else study_specs(spec)
-    checks = structural_checks(records, study.model.tokenizer, study.rules, suggest, config=study.model.hf.config)
+    checks = structural_checks(records, study.model.tokenizer, study.rules, suggest, config=study.model.hf.config,
+                               for_study=True)
     check_group_probes(spec, checks)
     problems = study.probe_problems
     if spec.probes.inline is not None:  # name the record behind each inline probe
@@ -511,6 +558,21 @@ def check_study(study: ResolvedStudy, min_logit_diff: float = 0.0, *, min_prob: 
     frame = pd.DataFrame([c.row(min_logit_diff, True, min_prob) for c in checks])
     frame.attrs["study_problems"] = left
     return frame
+
+
+def check_models_match(study: ResolvedStudy) -> None:
+    """Cross-model patching refuses a source model of another shape or tokenizer (a study-level error, raised as the
+    run raises it): the checks ``Study.plan`` makes before the first batch."""
+    from interventions.probes import load_probes
+    from interventions.study import check_compatible, check_same_tokens
+
+    spec, source = study.spec, study.source_model
+    where = spec.where(("source_model",))
+    check_compatible(study.model.hf.config, source.hf.config, where)
+    theirs = load_probes(spec.probes, source.tokenizer, spec.base_dir, corrupted_prompt=spec.corrupted_prompt,
+                         problems=[], warn=False)
+    if [p.id for p in theirs] == [p.id for p in study.probes]:  # else the probe problems say why
+        check_same_tokens(study.probes, theirs, where)
 
 
 def study_specs(spec: StudySpec) -> list[tuple[str, ProbeSpec]]:
@@ -529,13 +591,13 @@ def inline_origins(problem: str, records: Sequence[tuple[str, ProbeSpec]]) -> st
 
 
 def attach_problems(checks: Sequence[ProbeCheck], problems: Sequence[str]) -> list[str]:
-    """Each of a study's probe problems added to the probe whose origin it names (``file:line: ...`` or
-    ``probe ID (file:line): ...``) when that probe has no problem yet; returns the problems that name no probe."""
-    import re
-
+    """Each of a study's probe problems added to the probe it is about, when that probe has no problem yet; returns
+    the problems about no probe. A problem is about the probe it starts with: ``file:line: ...`` or ``probe ID
+    (file:line): ...`` (a later origin in the text, such as a duplicate's "first at", names another probe)."""
     left = []
     for problem in problems:
-        owner = next((c for c in checks if re.search(re.escape(c.origin) + r"(?![0-9])", problem)), None)
+        owner = next((c for c in checks if problem.startswith((f"{c.origin}: ", f"probe {c.id} ({c.origin})"))),
+                     None)
         if owner is None:
             left.append(problem)
         elif not owner.problems:
@@ -560,13 +622,12 @@ def write_valid(records: Sequence[tuple[str, ProbeSpec]], frame: pd.DataFrame, t
     """The probes whose ``column`` is True in every row of theirs (the valid ones, on every model checked;
     ``structural_ok`` under ``--structural-only``), as JSONL in file order, atomically: a JSONL probe as its source
     record (all fields, PMIDs included), a YAML or inline probe as the validated probe with its labels as top-level
-    keys."""
-    verdicts = frame[column].astype("boolean").fillna(False).groupby(frame["origin"]).all()
-    valid = set(verdicts.index[verdicts])
+    keys. ``frame``'s index is the record's position in ``records`` (each model's frame repeats it)."""
+    verdicts = frame[column].astype("boolean").fillna(False).groupby(level=0).all()
     files: dict[str, dict[int, Any]] = {}
     lines = []
-    for origin, spec in records:
-        if origin not in valid:
+    for index, (origin, spec) in enumerate(records):
+        if not verdicts.get(index, False):
             continue
         path, _, number = origin.rpartition(":")
         if Path(path).suffix in (".jsonl", ".json") and number.isdigit():  # origins are "<path>:<line>"
@@ -737,9 +798,9 @@ def run_study_check(args: argparse.Namespace, load_study: StudyLoader) -> int:
         print(f"note: {note}")
     if not frames:
         raise ProbeError(f"{args.study}: no model of the study can be checked here ({'; '.join(notes)})")
-    combined = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    write_outputs(args, combined, runs[0].records, not args.structural_only)
-    if args.write_valid:
+    combined = pd.concat(frames) if len(frames) > 1 else frames[0]  # the index stays each probe's position
+    written = write_outputs(args, combined, runs[0].records, not args.structural_only)
+    if written:
         print(f"point the study's `probes: {{file: ...}}` at {args.write_valid} to run them")
     return 0
 
@@ -748,14 +809,20 @@ def check_study_run(run: StudyRun, args: argparse.Namespace) -> pd.DataFrame:
     """One model's check: structural with the tokenizer alone (``--structural-only``), else on the loaded model(s)
     through the study's resolution."""
     from clap.devices import torch_threads
+    from interventions.full_traces import check_remote
     from interventions.resolved import ResolvedStudy, located
     from interventions.study import Study
 
     spec = run.spec
+    if not run.records:
+        raise ProbeError(f"{spec.where(('probes',))}: the probe set is empty")
     if args.structural_only:
         tokenizer = load_tokenizer(located(spec, spec.model.tokenizer or spec.model.source) or spec.model.source)
         return check_study_structure(spec, tokenizer, args.suggest, records=run.records)
     study = Study(spec)
+    for model in (spec.model, spec.source_model):  # NDIF: the key and the hosted model, before anything loads
+        if model is not None:
+            check_remote(spec.execution.remote, model.source)
     with torch_threads(spec.execution.threads):
         resolved = ResolvedStudy.for_probe_check(spec, study.model, study.source_model)
         return check_study(resolved, args.min_logit_diff, min_prob=args.min_prob, batch_size=args.batch_size,
@@ -770,7 +837,7 @@ def check_study_structure(spec: StudySpec, tokenizer: Any, suggest: bool = False
     from interventions.resolved import check_group_probes
 
     checks = structural_checks(records if records is not None else study_specs(spec), tokenizer,
-                               ProbeRules.of(spec), suggest)
+                               ProbeRules.of(spec), suggest, for_study=True)
     check_group_probes(spec, checks)
     return pd.DataFrame([c.row(0.0, False) for c in checks])
 
@@ -791,20 +858,22 @@ def show(frame: pd.DataFrame, ran_model: bool) -> None:
 
 
 def write_outputs(args: argparse.Namespace, frame: pd.DataFrame, records: Sequence[tuple[str, ProbeSpec]],
-                  ran_model: bool) -> None:
-    """The CSV (``-o``) and the valid probes (``--write-valid``; the structurally sound ones without a model)."""
+                  ran_model: bool) -> int:
+    """The CSV (``-o``) and the valid probes (``--write-valid``; the structurally sound ones without a model);
+    returns how many valid probes were written (0 under ``--structural-only``, whose probes are not known valid)."""
     if args.output:
         atomic_write_text(Path(args.output), frame.to_csv(index=False))
         print(f"wrote {args.output} (every column, problems in full)")
     if not args.write_valid:
-        return
+        return 0
     if not ran_model:
         n = write_valid(records, frame, Path(args.write_valid), column="structural_ok")
         print(f"wrote {n} probes that pass the structural checks to {args.write_valid} (not checked on the model: "
               f"whether it knows and flips them is unknown)")
-    else:
-        n = write_valid(records, frame, Path(args.write_valid))
-        print(f"wrote {n} valid probes to {args.write_valid}")
+        return 0
+    n = write_valid(records, frame, Path(args.write_valid))
+    print(f"wrote {n} valid probes to {args.write_valid}" + ("" if n else " (none: a study needs at least one)"))
+    return n
 
 
 def register_probes(subparsers: Any, load_study: StudyLoader = patch_spec_runs) -> None:

@@ -448,7 +448,7 @@ def _match_cell(selector: MatchPosition, probe: Probe, target: str, tokenizer: A
         begin = starts[selector.occurrence]
     except IndexError:
         raise ProbeError(
-            f"probe {probe.id}: occurrence {selector.occurrence} of {selector.match!r} requested, "
+            f"probe {probe.id} ({probe.origin}): occurrence {selector.occurrence} of {selector.match!r} requested, "
             f"found {len(starts)}"
         ) from None
     end = begin + len(selector.match)

@@ -19,14 +19,16 @@ from clap.devices import resolve_device
 from clap.errors import ClapError, closest
 from clap.models import BUILTIN_GGUF, LoadedModel, load_model, load_remote_model
 from interventions import operations
-from interventions.plan import GroupPlan
+from interventions.plan import GroupPlan, directions
 from interventions.probes import (
     Probe,
+    ProbeError,
     ProbeRules,
     check_alignment,
     check_context,
     load_probes,
     raise_problems,
+    resolve_positions,
 )
 from interventions.sites import Site, SiteError, SiteResolver
 from interventions.spec import ModelSpec, OperationSpec, StudySpec
@@ -169,6 +171,25 @@ def baseline_sites(spec: StudySpec, resolver: SiteResolver) -> list[tuple[list[S
              b.positions, b.operation) for i, b in enumerate(spec.baseline or [])]
 
 
+def position_problems(study: ResolvedStudy) -> list[str]:
+    """Every probe's position selectors (its patch groups' and the baseline interventions') that cannot be resolved
+    on it (a substring not in the prompt, an index past its end, a missing field): what plan compilation would
+    refuse, one problem per probe and selector."""
+    target, source = directions(study.spec.direction)
+    tokenizer = study.model.tokenizer
+    found: list[str] = []
+    for probe in study.probes:
+        selectors = [sel for group in study.groups if group.probes is None or probe.id in group.probes
+                     for sel in group.positions] + [sel for _, positions, _ in study.baseline for sel in positions]
+        for selector in selectors:
+            try:
+                resolve_positions(selector, probe, target, source, tokenizer)
+            except ProbeError as exc:
+                if str(exc) not in found:
+                    found.append(str(exc))
+    return found
+
+
 def unembed_module(hf_model: torch.nn.Module) -> str | None:
     """The module path of the model's unembedding, or None for an architecture clap has no map of."""
     from clap.architectures import BY_MODEL_TYPE
@@ -215,7 +236,7 @@ class ResolvedStudy:
         problems: list[str] = []
         probes = spec_probes(spec, model.tokenizer, model.hf.config, warn=False, problems=problems)
         resolved = cls._resolve(spec, model, probes, source_model)
-        resolved.probe_problems = problems
+        resolved.probe_problems = problems + position_problems(resolved)
         return resolved
 
     @classmethod

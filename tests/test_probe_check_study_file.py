@@ -64,7 +64,7 @@ def test_a_probe_is_written_valid_only_when_valid_on_every_model(tmp_path):
     records = read_probe_specs(ProbeSetSpec(file=str(path)), tmp_path)
     origins = [origin for origin, _ in records]
     frame = pd.DataFrame({"model": ["base"] * 3 + ["tuned"] * 3, "origin": origins * 2,
-                          "valid": [True, True, None, True, False, True]})
+                          "valid": [True, True, None, True, False, True]}, index=[0, 1, 2] * 2)  # record positions
     assert write_valid(records, frame, tmp_path / "v.jsonl") == 1
     assert [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()] == \
         [PROBES[0] | {"pmids": [1, 2]}]  # the source record, every field kept
@@ -106,3 +106,31 @@ def test_a_study_file_may_name_a_source_model(tmp_path):
     path.write_text("model: {source: gpt2}\nprobes: {file: p.jsonl}\nsites: [embed]\nsource_model: {source: distil}\n")
     study = StudyFile.from_yaml(path)
     assert study.source_model.source == "distil"
+
+
+def test_probe_files_a_run_cannot_merge_are_refused_as_the_run_refuses_them(tmp_path, model_dirs, capsys):  # noqa: F811
+    base, perturbed = model_dirs
+    write_probes(tmp_path / "a.jsonl", PROBES[:2])
+    (tmp_path / "b.jsonl").unlink(missing_ok=True)
+    (tmp_path / "b.yaml").write_text("probes:\n" + "".join(f"  - {json.dumps(p)}\n" for p in PROBES[2:]))
+    study = study_file(tmp_path, base, perturbed).read_text().replace("b.jsonl", "b.yaml")
+    (tmp_path / "study.yaml").write_text(study)
+    assert main(["probes", "check", "--study", str(tmp_path / "study.yaml"), "--structural-only"]) == 2
+    assert "several probe files are concatenated line by line; use JSONL" in capsys.readouterr().err
+
+
+def test_probes_on_one_yaml_line_keep_their_own_verdicts(tmp_path):
+    """A flow-style YAML list gives every probe one origin line; the valid one is still the one written."""
+    import pandas as pd
+
+    from interventions.probe_check import write_valid
+    from interventions.probes import read_probe_specs
+    from interventions.spec import ProbeSetSpec
+
+    path = tmp_path / "p.yaml"
+    path.write_text("probes: [" + ", ".join(json.dumps(p) for p in PROBES[:2]) + "]\n")
+    records = read_probe_specs(ProbeSetSpec(file=str(path)), tmp_path)
+    assert records[0][0] == records[1][0]
+    frame = pd.DataFrame({"origin": [o for o, _ in records], "valid": [False, True]})
+    assert write_valid(records, frame, tmp_path / "v.jsonl") == 1
+    assert json.loads((tmp_path / "v.jsonl").read_text())["id"] == PROBES[1]["id"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clap.app.study_file import StudyFile, resolve_path
+from clap.app.study_file import PACKAGE_PREFIX, StudyFile, resolve_path
 from clap.yamlio import SourceError
 from interventions.probe_check import StudyRun, register_probes, study_specs
 from interventions.probes import ProbeError, read_probe_specs
@@ -48,10 +48,14 @@ def probe_records(study: StudyFile) -> list[tuple[str, ProbeSpec]]:
     if probes.inline is not None:
         return study_specs(study)
     names = probes.files if probes.files is not None else [probes.file]
+    merged = probes.files is not None or str(probes.file).startswith(PACKAGE_PREFIX)  # as clap run merges them
     out: list[tuple[str, ProbeSpec]] = []
     for name in names:
+        file = resolve_path(str(name), study.base_dir).absolute()
+        if merged and file.suffix != ".jsonl":
+            raise ProbeError(f"probes.files: {file}: several probe files are concatenated line by line; use JSONL "
+                             f"files (.jsonl)")
         try:
-            file = resolve_path(str(name), study.base_dir).absolute()
             out += read_probe_specs(ProbeSetSpec(file=str(file)), study.base_dir)
         except SourceError as exc:
             raise ProbeError(str(exc)) from None

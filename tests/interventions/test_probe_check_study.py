@@ -76,7 +76,7 @@ def test_the_run_s_problems_are_named_per_probe_and_the_valid_file_runs(tmp_path
     assert rows[4]["problems"].startswith(f"duplicate id (first at {probes}:1)")
     assert rows[5]["problems"].startswith("no `wrong` answer: the logit difference (metric logit_diff)")
     assert "probe extra carries field(s) `bioasq_id`" in rows[6]["problems"]
-    assert "point the study's `probes: {file: ...}` at" in printed
+    assert "point the study's" not in printed  # structurally sound is not valid: nothing is offered to run
     assert [json.loads(line)["id"] for line in valid.read_text().splitlines()] == ["fr"]
 
     runnable = write_spec(tmp_path, model, valid.name, "metrics: [logit_diff]\n")
@@ -186,3 +186,123 @@ def test_study_settings_are_not_given_twice(tmp_path, capsys):
     assert "--study takes --model, --alignment from the study (model / models, alignment); drop them" in err
     assert main(["probes", "check", "p.jsonl"]) == 2
     assert "give a probe file and --model" in capsys.readouterr().err
+
+
+def test_a_duplicate_is_named_on_the_copy_not_on_the_first(tmp_path, tokenizer, tiny_gpt2, capsys):
+    """The run's "duplicate probe id 'fr' (first at ...:1)" is about line 3; line 1 stays runnable (through the CLI,
+    on the model)."""
+    model = save(tiny_gpt2, tokenizer, tmp_path / "model")
+    records = [flat(PROBES[0]), flat(PROBES[1]), flat(PROBES[0]) | {"clean": "The capital of Spain is",
+                                                                   "corrupted": "The capital of France is"}]
+    records = [{k: v for k, v in r.items() if k != "pmids"} for r in records]
+    probes = write_jsonl(tmp_path / "p.jsonl", records)
+    spec = write_spec(tmp_path, model, probes.name)
+    out = tmp_path / "c.csv"
+    assert main(["probes", "check", "--study", str(spec), "-o", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert "duplicate" not in rows[0]["problems"] and rows[0]["structural_ok"] == "True"
+    assert rows[2]["problems"].startswith(f"duplicate id (first at {probes}:1)")
+
+
+def test_what_only_the_study_file_s_design_allows(tmp_path, tokenizer, tiny_gpt2):
+    """Two traced subjects in one sentence share a clean prompt (a study runs both); an answer id outside the
+    vocabulary is one probe's problem, not a crash; a position the probe cannot resolve is its problem; an empty
+    probe set is refused by name."""
+    sentence = "Valproate and Aspirin are"
+    records = [{"id": "a", "clean": sentence, "answer": " brain", "subject": "Valproate"},
+               {"id": "b", "clean": sentence, "answer": " brain", "subject": "Aspirin"},
+               {"id": "c", "clean": "Epilepsy is a chronic disorder of the", "answer": 10 ** 6, "subject": "Epilepsy"}]
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, write_jsonl(tmp_path / "t.jsonl", records).name,
+                                          "trace: {samples: 1}\n"))
+    frame = check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2)).set_index("id")
+    assert frame.structural_ok.tolist() == [True, True, False]
+    assert "answer token id 1000000 is outside the vocabulary" in frame.problems["c"]
+
+    probes = write_jsonl(tmp_path / "p.jsonl", [{k: v for k, v in flat(p).items() if k != "pmids"} for p in PROBES])
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name, "positions: [{match: capital}]\n"))
+    frame = check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2)).set_index("id")
+    assert "substring" not in frame.problems["fr"]
+    assert frame.problems["ep"].startswith("the study refuses it: probe ep") and \
+        "substring 'capital' not found" in frame.problems["ep"]
+    assert not frame.valid["ep"] and not frame.valid["vpa"]
+    with pytest.raises(Exception, match="substring 'capital' not found"):  # what the run says
+        Study(spec, model=tiny_gpt2).run()
+
+    (tmp_path / "empty.yaml").write_text(f"model: {{source: {tmp_path}}}\nprobes: {{inline: []}}\nsites: [embed]\n")
+    assert main(["probes", "check", "--study", str(tmp_path / "empty.yaml"), "--structural-only"]) == 2
+
+
+def test_a_prob_study_checks_the_flip_by_probability(tmp_path, tokenizer, tiny_gpt2):
+    """Without `wrong` in a `prob`-only study: knows = the answer is the top token or p >= min_prob on the clean
+    prompt, flips = no longer so on the corrupted prompt; both p(answer) against a plain forward."""
+    record = {k: v for k, v in flat(PROBES[0]).items() if k not in ("wrong", "pmids")}
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, write_jsonl(tmp_path / "p.jsonl", [record]).name,
+                                          "metrics: [prob]\n"))
+    answer = tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+    numbers = {}
+    for which in ("clean", "corrupted"):
+        with torch.no_grad():
+            logits = tiny_gpt2.hf(input_ids=torch.tensor([tokenizer(record[which])["input_ids"]])).logits[0, -1]
+        numbers[which] = (torch.softmax(logits.double(), -1)[answer].item(), int((logits > logits[answer]).sum()) + 1)
+    for min_prob in (numbers["clean"][0] / 2, 1.0):  # the clean p is above the first, nothing reaches the second
+        row = check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2), min_prob=min_prob).iloc[0]
+        assert row.p_answer == pytest.approx(numbers["clean"][0], rel=1e-5)
+        assert row.corrupted_p_answer == pytest.approx(numbers["corrupted"][0], rel=1e-5)
+        known = {w: numbers[w][1] == 1 or numbers[w][0] >= min_prob for w in numbers}
+        assert (row.knows, row.flips) == (known["clean"], not known["corrupted"])
+        assert row.valid == (known["clean"] and not known["corrupted"])
+
+
+def test_remedies_name_the_study_s_settings(tmp_path, tokenizer, tiny_gpt2):
+    records = [{k: v for k, v in r.items() if k not in ("subject", "pmids")} for r in (MISMATCH, MULTI)]
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, write_jsonl(tmp_path / "p.jsonl", records).name))
+    frame = check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2)).set_index("id")
+    assert "or set the study's `alignment: right`" in frame.problems["mig"] and "--alignment" not in \
+        frame.problems["mig"]
+    assert "set the study's `probes.multi_token: first` or `set`" in frame.problems["multi"]
+
+
+def test_remote_reaches_nnsight(tmp_path, tokenizer, tiny_gpt2, monkeypatch):
+    """The check's traces are given the study's `remote` (here nnsight's local simulation of NDIF)."""
+    probes = write_jsonl(tmp_path / "p.jsonl", [flat(p) for p in PROBES])
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name))
+    spec.execution.remote = "local"
+    seen = []
+    original = type(tiny_gpt2.nn).trace
+
+    def trace(self, *args, **kwargs):
+        seen.append(kwargs.get("remote"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_gpt2.nn), "trace", trace)
+    check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2))
+    assert seen and set(seen) == {"local"}
+
+
+def test_a_source_model_of_another_shape_is_refused_as_the_run_refuses_it(tmp_path, tokenizer, tiny_gpt2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=len(tokenizer))
+    shallow = wrap(GPT2LMHeadModel(config).eval(), tokenizer, {"source": "shallow"})
+    probes = write_jsonl(tmp_path / "p.jsonl", [flat(p) for p in PROBES])
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name, "source_model: {source: other}\n"))
+    with pytest.raises(Exception, match="source model's num_hidden_layers is 2, the target model's 3"):
+        check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2, shallow))
+
+
+def test_ndif_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """`remote: true`: the key and the hosted model are checked first (as `clap patch` does), never a late failure
+    inside nnsight."""
+    from clap.errors import ClapError
+    from interventions import full_traces
+
+    def refuse(remote, source):
+        if remote is True:
+            raise ClapError(f"NDIF check refused {source}")
+
+    monkeypatch.setattr(full_traces, "check_remote", refuse)
+    probes = write_jsonl(tmp_path / "p.jsonl", [flat(p) for p in PROBES])
+    spec = write_spec(tmp_path, "org/hosted-model", probes.name, "")
+    spec.write_text(spec.read_text().replace("execution: {progress: false}", "execution: {remote: true}"))
+    assert main(["probes", "check", "--study", str(spec)]) == 2
+    assert "NDIF check refused org/hosted-model" in capsys.readouterr().err
