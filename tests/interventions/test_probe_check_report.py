@@ -159,16 +159,21 @@ def test_trace_probes_are_checked_as_traces(tmp_path, tokenizer, tiny_gpt2):
     assert frame.valid.tolist() == [True, True, False]
 
 
-def test_clap_patch_names_every_probe_problem_at_once(tmp_path, tokenizer, tiny_gpt2, capsys):
-    model_dir = tmp_path / "model"
-    tiny_gpt2.hf.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+def five_problems() -> list[dict]:
+    """One runnable probe, then a length mismatch, a multi-token answer, a duplicate id, a missing `wrong` and a
+    label field the others lack: the five problems a `logit_diff` study refuses."""
     no_wrong = {k: v for k, v in flat(PROBES[0]).items() if k != "wrong"} | {"id": "nowrong"}
     extra = flat(PROBES[1]) | {"id": "extra", "bioasq_id": "q7"}
     records = [flat(PROBES[0]), MISMATCH | {"subject": "x"}, MULTI | {"subject": "x"}, flat(PROBES[0]), no_wrong,
                extra]
-    records = [{k: v for k, v in r.items() if k not in ("subject", "pmids")} for r in records]
-    probes = write_jsonl(tmp_path / "probes.jsonl", records)
+    return [{k: v for k, v in r.items() if k not in ("subject", "pmids")} for r in records]
+
+
+def test_clap_patch_names_every_probe_problem_at_once(tmp_path, tokenizer, tiny_gpt2, capsys):
+    model_dir = tmp_path / "model"
+    tiny_gpt2.hf.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    probes = write_jsonl(tmp_path / "probes.jsonl", five_problems())
     spec = tmp_path / "study.yaml"
     spec.write_text(f"model: {{source: {model_dir}}}\nprobes: {{file: {probes.name}}}\nsites: ['layers[0].resid_pre']\n"
                     f"metrics: [logit_diff]\nexecution: {{progress: false}}\n")

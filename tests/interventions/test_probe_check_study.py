@@ -24,7 +24,7 @@ from interventions.spec import StudySpec
 from interventions.study import Study
 from tests.interventions.conftest import PROBES
 from tests.interventions.test_probe_check import flat, reference_logit_diff, write_jsonl
-from tests.interventions.test_probe_check_report import MISMATCH, MULTI
+from tests.interventions.test_probe_check_report import MISMATCH, MULTI, five_problems
 
 
 def save(model, tokenizer, folder: Path) -> Path:
@@ -55,12 +55,7 @@ def test_the_run_s_problems_are_named_per_probe_and_the_valid_file_runs(tmp_path
     """The five problems `clap patch` refuses, one per probe, and the error points to this command; the probe the
     check passes is the one the study then runs."""
     model = save(tiny_gpt2, tokenizer, tmp_path / "model")
-    no_wrong = {k: v for k, v in flat(PROBES[0]).items() if k != "wrong"} | {"id": "nowrong"}
-    extra = flat(PROBES[1]) | {"id": "extra", "bioasq_id": "q7"}
-    records = [flat(PROBES[0]), MISMATCH | {"subject": "x"}, MULTI | {"subject": "x"}, flat(PROBES[0]), no_wrong,
-               extra]
-    records = [{k: v for k, v in r.items() if k not in ("subject", "pmids")} for r in records]
-    probes = write_jsonl(tmp_path / "probes.jsonl", records)
+    probes = write_jsonl(tmp_path / "probes.jsonl", five_problems())
     spec = write_spec(tmp_path, model, probes.name, "metrics: [logit_diff]\n")
     assert main(["patch", str(spec), "-o", str(tmp_path / "out")]) == 2
     assert f"clap probes check --study {spec}" in capsys.readouterr().err
