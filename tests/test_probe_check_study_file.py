@@ -56,7 +56,7 @@ def test_every_model_of_a_study_file_is_checked(tmp_path, model_dirs, tokenizer,
 def test_a_probe_is_written_valid_only_when_valid_on_every_model(tmp_path):
     import pandas as pd
 
-    from interventions.probe_check import write_valid
+    from interventions.probe_check_cli import write_valid
     from interventions.probes import read_probe_specs
     from interventions.spec import ProbeSetSpec
 
@@ -123,7 +123,7 @@ def test_probes_on_one_yaml_line_keep_their_own_verdicts(tmp_path):
     """A flow-style YAML list gives every probe one origin line; the valid one is still the one written."""
     import pandas as pd
 
-    from interventions.probe_check import write_valid
+    from interventions.probe_check_cli import write_valid
     from interventions.probes import read_probe_specs
     from interventions.spec import ProbeSetSpec
 

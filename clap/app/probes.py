@@ -2,7 +2,8 @@
 a ``clap patch`` spec and a ``clap run`` study file (several models, ``probes.files``, ``package:`` probe sets).
 
 Why here: reading a study file is the roof's job (:mod:`clap.app.study_file`); the check itself lives in
-:mod:`interventions.probe_check` and takes the runs this module reads.
+:mod:`interventions.probe_check` (its command line in :mod:`interventions.probe_check_cli`) and takes the runs this
+module reads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from clap.app.study_file import PACKAGE_PREFIX, StudyFile, resolve_path
 from clap.yamlio import SourceError
-from interventions.probe_check import StudyRun, register_probes, study_specs
+from interventions.probe_check import study_specs
+from interventions.probe_check_cli import StudyRun, register_probes
 from interventions.probes import ProbeError, read_probe_specs
 from interventions.spec import ModelSpec, ProbeSetSpec, ProbeSpec
 

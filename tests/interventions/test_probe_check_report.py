@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from clap.app.cli import main
-from interventions.probe_check import check_probes, fit_table, unknown_reason
+from interventions.probe_check import check_probes, unknown_reason
+from interventions.probe_table import fit_table
 from tests.interventions.conftest import PROBES
 from tests.interventions.test_probe_check import flat, reference_logit_diff, write_jsonl
 
@@ -194,7 +195,7 @@ def test_structural_only_reads_a_builtin_tokenizer_without_converting(monkeypatc
     runs; its tokens are the GGUF's own vocabulary."""
     gguf = pytest.importorskip("gguf")
     import clap.models
-    from interventions.probe_check import load_tokenizer
+    from interventions.probe_check_cli import load_tokenizer
 
     try:
         path = clap.models.builtin_gguf_path("smollm2-135m")
