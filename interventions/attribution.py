@@ -66,7 +66,6 @@ batches, in one results frame; :func:`attribution_from_spec` runs a whole spec t
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -183,9 +182,8 @@ def _forward_kwargs(model: LoadedModel, chunk: _Chunk, sites: Sequence[Site]) ->
     arch = BY_MODEL_TYPE.get(getattr(model.hf.config, "model_type", None))
     unembed = arch.unembed if arch else None
     touches = any(site.module == unembed for site in sites)
-    if unembed is not None and not touches:
-        if "logits_to_keep" in inspect.signature(model.hf.forward).parameters:
-            kwargs["logits_to_keep"] = 1
+    if unembed is not None and not touches and full_traces.keeps_last_logits(model.hf):
+        kwargs["logits_to_keep"] = 1
     return kwargs
 
 

@@ -86,10 +86,15 @@ def forward_kwargs(model: Any, batch: Batch, unembed_module: str | None) -> dict
     vocabulary projection of every other position is skipped, a large share of time and memory for short prompts."""
     kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     touches_unembed = any(p.module == unembed_module for p in batch.accesses)
-    if unembed_module is not None and not touches_unembed:
-        if "logits_to_keep" in inspect.signature(model._module.forward).parameters:
-            kwargs["logits_to_keep"] = 1
+    if unembed_module is not None and not touches_unembed and keeps_last_logits(model._module):
+        kwargs["logits_to_keep"] = 1
     return kwargs
+
+
+def keeps_last_logits(module: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do): then only the last
+    position need be unembedded."""
+    return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
 def device_of(model: Any, remote: bool | str) -> torch.device:

@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clap.yamlio import SourceError
 from interventions.probe_suggest import file_words, mismatch_message, suggest_substitutes
 from interventions.probes import (
     ProbeError,
     ProbeRules,
     _answer_ids,
     context_length,
-    label_key_problems,
+    label_field_differences,
     read_probe_specs,
     subject_problem,
+    too_long_problem,
 )
 from interventions.spec import ProbeSetSpec, ProbeSpec, StudySpec
 
@@ -298,9 +298,8 @@ def structural_checks(specs: Sequence[tuple[str, ProbeSpec]], tokenizer: Any, ru
         elif wrong is not None and set(answer.ids) & set(wrong.ids):
             check.problems.append(f"answer and wrong share token(s) {sorted(set(answer.ids) & set(wrong.ids))}")
         if limit is not None:
-            too_long = [f"its {which} prompt is {n} tokens, longer than the model's context of {limit[0]} tokens "
-                        f"({limit[1]}); shorten it" for which, n in (("clean", check.n_clean),
-                                                                      ("corrupted", check.n_corrupted))
+            too_long = [too_long_problem(which, n, limit)
+                        for which, n in (("clean", check.n_clean), ("corrupted", check.n_corrupted))
                         if n > limit[0] and (which == "clean" or own_corrupted)]
             check.problems += too_long
             check.fits = not too_long
@@ -331,12 +330,10 @@ def duplicate_problems(checks: Sequence[ProbeCheck], clean_prompts: bool = True)
 
 def label_problems(checks: Sequence[ProbeCheck], subject: str | None) -> list[str]:
     """Per probe, "" or why its label fields differ from the other probes' (a study needs the same fields on every
-    probe: they become result columns; :func:`interventions.probes.label_key_problems`)."""
-    found = {}
-    for problem in label_key_problems([(c.origin, c.id, c.labels) for c in checks], skip=subject):
-        origin, _, text = problem.partition(": probe ")
-        found[origin] = "probe " + text
-    return [found.get(c.origin, "") for c in checks]
+    probe: they become result columns; :func:`interventions.probes.label_field_differences`)."""
+    differences = label_field_differences([c.labels for c in checks], skip=subject)
+    return [f"probe {c.id} {difference}" if difference else "" for c, difference in zip(checks, differences,
+                                                                                         strict=True)]
 
 
 def last_token_logits(model: LoadedModel, prompts: Sequence[Sequence[int]], batch_size: int = 64,
@@ -345,16 +342,14 @@ def last_token_logits(model: LoadedModel, prompts: Sequence[Sequence[int]], batc
     prompts: the inputs a study's own runs give the model (ids and attention mask), so the check measures what the
     study would. ``remote``: NDIF (``True``) or nnsight's local simulation of it (``"local"``); only the last
     position's logits come back. The unembedding runs on the last position alone where the model allows it."""
-    import inspect
-
     import torch
 
     from interventions.alignment import left_pad
-    from interventions.full_traces import device_of, trace_kwargs
+    from interventions.full_traces import device_of, keeps_last_logits, trace_kwargs
 
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     device = device_of(model.nn, remote)
-    keep = "logits_to_keep" in inspect.signature(model.nn._module.forward).parameters
+    keep = keeps_last_logits(model.hf)
     out = []
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = left_pad(prompts[start : start + batch_size], pad_id)
@@ -447,10 +442,8 @@ def trace_knowledge(probes: Sequence[Any], model: LoadedModel, min_prob: float, 
 
 
 def read_specs(path: Path) -> list[tuple[str, ProbeSpec]]:
-    try:
-        return read_probe_specs(ProbeSetSpec(file=str(path)), Path.cwd())
-    except SourceError as exc:
-        raise ProbeError(str(exc)) from None
+    """A stand-alone probe file's records (a relative path is the working directory's)."""
+    return read_probe_specs(ProbeSetSpec(file=str(path)), Path.cwd())
 
 
 def check_probes(path: Path, tokenizer: Any, model: LoadedModel | None = None,
@@ -491,7 +484,7 @@ def check_study(study: ResolvedStudy, min_logit_diff: float = 0.0, *, min_prob: 
     spec = study.spec
     if study.source_model is not None:
         check_models_match(study)
-    records = list(records) if records is not None else study_specs(spec)
+    records = list(records) if records is not None else read_probe_specs(spec.probes, spec.base_dir)
     checks = structural_checks(records, study.model.tokenizer, study.rules, suggest, config=study.model.hf.config,
                                for_study=True)
     check_group_probes(spec, checks)
@@ -523,14 +516,6 @@ def check_models_match(study: ResolvedStudy) -> None:
         check_same_tokens(study.probes, theirs, where)
 
 
-def study_specs(spec: StudySpec) -> list[tuple[str, ProbeSpec]]:
-    """The study's probe records (its file, or its inline list), unvalidated against any model."""
-    try:
-        return read_probe_specs(spec.probes, spec.base_dir)
-    except SourceError as exc:
-        raise ProbeError(str(exc)) from None
-
-
 def inline_origins(problem: str, records: Sequence[tuple[str, ProbeSpec]]) -> str:
     """``probes.inline[i]`` in a problem replaced by the origin of record ``i``."""
     import re
@@ -553,14 +538,13 @@ def attach_problems(checks: Sequence[ProbeCheck], problems: Sequence[str]) -> li
     return left
 
 
-def check_study_structure(spec: StudySpec, tokenizer: Any, suggest: bool = False,
-                          records: Sequence[tuple[str, ProbeSpec]] | None = None) -> pd.DataFrame:
-    """``--study --structural-only``: the study's probes under its rules with its tokenizer alone."""
+def check_study_structure(spec: StudySpec, tokenizer: Any, records: Sequence[tuple[str, ProbeSpec]],
+                          suggest: bool = False) -> pd.DataFrame:
+    """``--study --structural-only``: the study's probe ``records`` under its rules with its tokenizer alone."""
     import pandas as pd
 
     from interventions.resolved import check_group_probes
 
-    checks = structural_checks(records if records is not None else study_specs(spec), tokenizer,
-                               ProbeRules.of(spec), suggest, for_study=True)
+    checks = structural_checks(records, tokenizer, ProbeRules.of(spec), suggest, for_study=True)
     check_group_probes(spec, checks)
     return pd.DataFrame([c.row(0.0, False) for c in checks])

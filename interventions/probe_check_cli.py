@@ -25,10 +25,9 @@ from interventions.probe_check import (
     check_study,
     check_study_structure,
     read_specs,
-    study_specs,
 )
 from interventions.probe_table import print_report, summary_line
-from interventions.probes import ProbeError
+from interventions.probes import ProbeError, read_probe_specs
 from interventions.spec import ProbeSpec, StudySpec
 
 if TYPE_CHECKING:  # imported where a model runs or a table is built: `clap --help` stays fast
@@ -59,7 +58,7 @@ StudyLoader = Callable[[Path], tuple[list[StudyRun], list[str]]]
 def patch_spec_runs(path: Path) -> tuple[list[StudyRun], list[str]]:
     """A ``clap patch`` spec: one run (``clap run`` study files are read by the command line's own loader)."""
     spec = StudySpec.from_yaml(path)
-    return [StudyRun("", spec, study_specs(spec))], []
+    return [StudyRun("", spec, read_probe_specs(spec.probes, spec.base_dir))], []
 
 
 def run_check(args: argparse.Namespace, load_study: StudyLoader = patch_spec_runs) -> int:
@@ -145,7 +144,7 @@ def check_study_run(run: StudyRun, args: argparse.Namespace) -> pd.DataFrame:
         raise ProbeError(f"{spec.where(('probes',))}: the probe set is empty")
     if args.structural_only:
         tokenizer = load_tokenizer(located(spec, spec.model.tokenizer or spec.model.source) or spec.model.source)
-        return check_study_structure(spec, tokenizer, args.suggest, records=run.records)
+        return check_study_structure(spec, tokenizer, run.records, args.suggest)
     study = Study(spec)
     for model in (spec.model, spec.source_model):  # NDIF: the key and the hosted model, before anything loads
         if model is not None:

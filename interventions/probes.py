@@ -70,9 +70,17 @@ class PositionCell:
 
 
 def read_probe_specs(probe_set: ProbeSetSpec, base_dir: Path) -> list[tuple[str, ProbeSpec]]:
-    """(origin, ProbeSpec) pairs from the inline list or the probe file (JSONL, or YAML list / {probes: [...]})."""
+    """(origin, ProbeSpec) pairs from the inline list or the probe file (JSONL, or YAML list / {probes: [...]}); a
+    file that cannot be read or parsed is a :class:`ProbeError` naming it (and its line)."""
     if probe_set.inline is not None:
         return [(f"probes.inline[{i}]", p) for i, p in enumerate(probe_set.inline)]
+    try:
+        return _read_probe_file(probe_set, base_dir)
+    except SourceError as exc:
+        raise ProbeError(str(exc)) from None
+
+
+def _read_probe_file(probe_set: ProbeSetSpec, base_dir: Path) -> list[tuple[str, ProbeSpec]]:
     path = Path(probe_set.file)
     if not path.is_absolute():
         path = base_dir / path
@@ -268,26 +276,31 @@ def subject_problem(spec: ProbeSpec, subject: str) -> str:
 
 
 def label_key_problems(labelled: Sequence[tuple[str, str, dict[str, str]]], skip: str | None = None) -> list[str]:
-    """Every probe needs the same label fields (they become result columns): name each probe that lacks a field the
-    others carry or carries one they lack, against the most common set of fields. ``skip`` (a trace's subject
-    field) is reported on its own."""
-    keys = [frozenset(k for k in labels if k != skip) for _, _, labels in labelled]
+    """Every probe needs the same label fields (they become result columns): ``origin: probe ID ...`` for each
+    probe whose fields differ (:func:`label_field_differences`)."""
+    differences = label_field_differences([labels for _, _, labels in labelled], skip)
+    return [f"{origin}: probe {probe_id} {difference}"
+            for (origin, probe_id, _), difference in zip(labelled, differences, strict=True) if difference]
+
+
+def label_field_differences(labels: Sequence[dict[str, str]], skip: str | None = None) -> list[str]:
+    """Per probe, "" or how its label fields differ from the most common set of fields (it lacks a field the others
+    carry, or carries one they lack). ``skip`` (a trace's subject field) is reported on its own."""
+    keys = [frozenset(k for k in mine if k != skip) for mine in labels]
     if len(set(keys)) <= 1:
-        return []
+        return [""] * len(keys)
     common = max(set(keys), key=lambda k: (keys.count(k), sorted(k)))
     n_common = keys.count(common)
     out = []
-    for (origin, probe_id, _), mine in zip(labelled, keys, strict=True):
-        if mine == common:
-            continue
+    for mine in keys:
         parts = []
         if common - mine:
             parts.append(f"lacks field(s) {', '.join(f'`{k}`' for k in sorted(common - mine))}")
         if mine - common:
             parts.append(f"carries field(s) {', '.join(f'`{k}`' for k in sorted(mine - common))}")
-        out.append(f"{origin}: probe {probe_id} {' and '.join(parts)}, unlike the {n_common} probe(s) with "
-                   f"fields {', '.join(f'`{k}`' for k in sorted(common)) or 'none'}; every probe needs the same "
-                   f"label fields")
+        out.append(f"{' and '.join(parts)}, unlike the {n_common} probe(s) with fields "
+                   f"{', '.join(f'`{k}`' for k in sorted(common)) or 'none'}; every probe needs the same label fields"
+                   if parts else "")
     return out
 
 
@@ -352,6 +365,12 @@ def context_length(config: Any) -> tuple[int, str] | None:
     return None
 
 
+def too_long_problem(which: str, n_tokens: int, context: tuple[int, str]) -> str:
+    """The sentence for a prompt past the model's context (``context``: :func:`context_length`'s answer)."""
+    return (f"its {which} prompt is {n_tokens} tokens, longer than the model's context of {context[0]} tokens "
+            f"({context[1]}); shorten it")
+
+
 def check_context(probes: Sequence[Probe], config: Any, problems: list[str] | None = None) -> None:
     """Refuse prompts longer than the model's context before any forward pass: past it, learned position
     embeddings index out of range (a deep torch error) and rotary models run on positions they never saw. With
@@ -363,8 +382,7 @@ def check_context(probes: Sequence[Probe], config: Any, problems: list[str] | No
     too_long = [(p, which, len(p.prompt_ids(which))) for p in probes for which in ("clean", "corrupted")
                 if len(p.prompt_ids(which)) > limit]
     if problems is not None:
-        problems.extend(f"probe {p.id} ({p.origin}): its {which} prompt is {n} tokens, longer than the model's "
-                        f"context of {limit} tokens ({name}); shorten it" for p, which, n in too_long)
+        problems.extend(f"probe {p.id} ({p.origin}): {too_long_problem(which, n, found)}" for p, which, n in too_long)
         return
     if too_long:
         probe, which, n = too_long[0]
@@ -548,8 +566,5 @@ def load_probes(probe_set: ProbeSetSpec, tokenizer: Any, base_dir: Path, corrupt
                 subject: str | None = None, problems: list[str] | None = None, warn: bool = True) -> list[Probe]:
     """The probe set read and tokenised (see :func:`tokenize_probes` for ``corrupted_prompt``, ``subject`` and
     ``problems``)."""
-    try:
-        return tokenize_probes(read_probe_specs(probe_set, base_dir), tokenizer, probe_set.multi_token,
-                               corrupted_prompt=corrupted_prompt, subject=subject, problems=problems, warn=warn)
-    except SourceError as exc:
-        raise ProbeError(str(exc)) from None
+    return tokenize_probes(read_probe_specs(probe_set, base_dir), tokenizer, probe_set.multi_token,
+                           corrupted_prompt=corrupted_prompt, subject=subject, problems=problems, warn=warn)

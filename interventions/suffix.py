@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from interventions import kernel, projection_reuse
-from interventions.full_traces import _moved, device_of, metric_dtype_for, trace_kwargs
+from interventions.full_traces import _moved, device_of, keeps_last_logits, metric_dtype_for, trace_kwargs
 from interventions.kernel import MODES, Edits
 from interventions.plan import AccessPatches, Batch
 
@@ -333,7 +333,7 @@ def no_op_rows(batch: Batch, base: dict[str, Any], base_index: torch.Tensor) -> 
 
 
 def _logits_to_keep(model: Any, touches_unembed: bool) -> dict[str, Any]:
-    if not touches_unembed and "logits_to_keep" in inspect.signature(model._module.forward).parameters:
+    if not touches_unembed and keeps_last_logits(model._module):
         return {"logits_to_keep": 1}
     return {}
 

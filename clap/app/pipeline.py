@@ -44,7 +44,6 @@ from typing import Any
 from clap import __version__, cli_args
 from clap.app.stages import StageStore, digest, file_digest, locked, tree_digest
 from clap.app.study_file import (
-    PACKAGE_PREFIX,
     RUN_FIELDS,
     ModelEntry,
     StudyFile,
@@ -239,9 +238,8 @@ class _Planner:
         probes = self.study.probes
         if probes.inline is not None:
             return None, digest([p.model_dump(mode="json") for p in probes.inline])
-        names = probes.files if probes.files is not None else [probes.file]
-        paths = [resolve_path(str(n), self.base) for n in names]
-        if probes.files is None and not str(probes.file).startswith(PACKAGE_PREFIX):
+        paths, merged = self.study.probe_paths()
+        if not merged:
             return paths[0], file_digest(paths[0]) if paths[0].is_file() else "missing"
         return self._merge(paths)
 
@@ -251,9 +249,6 @@ class _Planner:
         seen: dict[str, str] = {}
         lines: list[str] = []
         for path in paths:
-            if path.suffix != ".jsonl":
-                raise ClapError(f"probes.files: {path}: several probe files are concatenated line by line; use "
-                                "JSONL files (.jsonl)")
             for origin, spec in read_probe_specs(ProbeSetSpec(file=str(path)), self.base):  # errors name file:line
                 if spec.id is not None and spec.id in seen:
                     raise ClapError(f"{origin}: probe id {spec.id!r} also in {seen[spec.id]}; ids must be unique "
@@ -287,8 +282,7 @@ class _Planner:
 
     def _model_spec(self, entry: ModelEntry) -> ModelSpec:
         """The ``model:`` a patching stage runs for one of the study's models."""
-        return ModelSpec(source=self._source(entry), gguf_file=entry.gguf_file, tokenizer=entry.tokenizer,
-                         revision=entry.revision)
+        return entry.model_spec(self._source(entry))
 
     def _spec_key(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The parts of the study file a patching stage's numbers depend on: the spec (without the settings that
@@ -359,11 +353,7 @@ class _Planner:
         self._add(f"patch[{kind}:{name}]", "patch", key, upstream, run, lambda: self._check_hub(name, entry))
 
     def _source(self, entry: ModelEntry) -> str:
-        if entry.finetuned:
-            return str(self.finetuned_dir)
-        source = str(entry.source)
-        local = resolve_path(source, self.base)
-        return str(local) if not Path(source).is_absolute() and local.exists() else source
+        return str(self.finetuned_dir) if entry.finetuned else self.study.located_source(entry)
 
     def _identity(self, entry: ModelEntry) -> dict[str, Any]:
         """What identifies a model's weights for hashing: the fine-tuning stage, a local path's content, or the

@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clap.app.study_file import PACKAGE_PREFIX, StudyFile, resolve_path
-from clap.yamlio import SourceError
-from interventions.probe_check import study_specs
+from clap.app.study_file import StudyFile
 from interventions.probe_check_cli import StudyRun, register_probes
-from interventions.probes import ProbeError, read_probe_specs
-from interventions.spec import ModelSpec, ProbeSetSpec, ProbeSpec
+from interventions.probes import read_probe_specs
+from interventions.spec import ProbeSetSpec, ProbeSpec
 
 
 def study_file_runs(path: Path) -> tuple[list[StudyRun], list[str]]:
@@ -25,6 +23,8 @@ def study_file_runs(path: Path) -> tuple[list[StudyRun], list[str]]:
     several probe files need no merged copy, and the records with their own files and lines."""
     study = StudyFile.from_yaml(path)
     records = probe_records(study)
+    probes = {"inline": [spec.model_dump(exclude_none=True) for _, spec in records],
+              "multi_token": study.probes.multi_token}
     runs, notes = [], []
     entries = study.model_entries()
     for name, entry in entries.items():
@@ -32,13 +32,7 @@ def study_file_runs(path: Path) -> tuple[list[StudyRun], list[str]]:
             notes.append(f"model {name!r} is trained by the study's `finetune:` stage, so it is not checked here; "
                          f"once trained, check it with `clap probes check --study` on a spec naming its folder")
             continue
-        source = str(entry.source)
-        local = resolve_path(source, study.base_dir)
-        model = ModelSpec(source=str(local) if not Path(source).is_absolute() and local.exists() else source,
-                          gguf_file=entry.gguf_file, tokenizer=entry.tokenizer, revision=entry.revision)
-        probes = {"inline": [spec.model_dump(exclude_none=True) for _, spec in records],
-                  "multi_token": study.probes.multi_token}
-        spec = study.patch_spec(model, overrides={"probes": probes})
+        spec = study.patch_spec(entry.model_spec(study.located_source(entry)), overrides={"probes": probes})
         runs.append(StudyRun(name if len(entries) > 1 else "", spec, records))
     return runs, notes
 
@@ -48,20 +42,10 @@ def probe_records(study: StudyFile) -> list[tuple[str, ProbeSpec]]:
     as ``clap run`` concatenates them)."""
     probes = study.probes
     if probes.inline is not None:
-        return study_specs(study)
-    names = probes.files if probes.files is not None else [probes.file]
-    merged = probes.files is not None or str(probes.file).startswith(PACKAGE_PREFIX)  # as clap run merges them
-    out: list[tuple[str, ProbeSpec]] = []
-    for name in names:
-        file = resolve_path(str(name), study.base_dir).absolute()
-        if merged and file.suffix != ".jsonl":
-            raise ProbeError(f"probes.files: {file}: several probe files are concatenated line by line; use JSONL "
-                             f"files (.jsonl)")
-        try:
-            out += read_probe_specs(ProbeSetSpec(file=str(file)), study.base_dir)
-        except SourceError as exc:
-            raise ProbeError(str(exc)) from None
-    return out
+        return read_probe_specs(probes, study.base_dir)
+    paths, _ = study.probe_paths()  # the files clap run reads, refused as it refuses them
+    return [record for path in paths
+            for record in read_probe_specs(ProbeSetSpec(file=str(path.absolute())), study.base_dir)]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -92,6 +92,11 @@ class ModelEntry(StrictModel):
     tokenizer: str | None = None
     revision: str | None = None
 
+    def model_spec(self, source: str) -> ModelSpec:
+        """The ``model:`` of a patching spec for this entry, loaded from ``source`` (its located source, or the
+        fine-tuned model's folder)."""
+        return ModelSpec(source=source, gguf_file=self.gguf_file, tokenizer=self.tokenizer, revision=self.revision)
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelEntry:
         if (self.source is None) == (not self.finetuned):
@@ -350,6 +355,26 @@ class StudyFile(StudySpec):
         """The ``StudySpec`` that patches ``source``'s activations into ``target`` (cross-model patching)."""
         spec = self.patch_spec(target, probes_file, {**section.overrides(), "source_model": source.model_dump()})
         return spec
+
+    def located_source(self, entry: ModelEntry) -> str:
+        """A (not fine-tuned) model's source with a relative path resolved against the study's folder when something
+        exists there, else as given (a hub id, a built-in name)."""
+        source = str(entry.source)
+        local = resolve_path(source, self.base_dir)
+        return str(local) if not Path(source).is_absolute() and local.exists() else source
+
+    def probe_paths(self) -> tuple[list[Path], bool]:
+        """The probe files (``probes.file`` or ``probes.files``, resolved) and whether ``clap run`` concatenates them
+        line by line (several files, or a ``package:`` path), which only JSONL allows: refused otherwise."""
+        probes = self.probes
+        names = probes.files if probes.files is not None else [probes.file]
+        paths = [resolve_path(str(n), self.base_dir) for n in names]
+        merged = probes.files is not None or str(probes.file).startswith(PACKAGE_PREFIX)
+        for path in paths if merged else []:
+            if path.suffix != ".jsonl":
+                raise SpecError(f"probes.files: {path}: several probe files are concatenated line by line; use "
+                                "JSONL files (.jsonl)")
+        return paths, merged
 
     def pending(self) -> list[tuple[str, str]]:
         """(section, reason) for each section whose analysis is not available yet."""
