@@ -81,8 +81,10 @@ def print_report(frame: pd.DataFrame, ran_model: bool, width: int | None = None)
     """The per-probe table fitted to the terminal, then every probe's problems in full, wrapped to it."""
     width = width or shutil.get_terminal_size((120, 24)).columns
     unused = {c for c in MODEL_COLUMNS if c in frame and frame[c].isna().all()}  # e.g. logit differences of traces
-    if "p_answer" in frame:  # trace probes: the corrupted prompt is the clean one
-        unused |= {"n_corrupted", "wrong_pieces"}
+    if "p_answer" in frame and "corrupted_p_answer" not in frame and frame["corrupted_logit_diff"].isna().all():
+        unused.add("n_corrupted")  # probability-checked probes whose corrupted prompt is the clean one (traces)
+    if (frame["wrong_kind"] == "none").all():
+        unused.add("wrong_pieces")
     columns = [c for c in SHOWN if c in frame.columns and (ran_model or c not in MODEL_COLUMNS) and c not in unused]
     print(fit_table(frame, columns, width))
     flawed = frame[frame["problems"].astype(str) != ""]

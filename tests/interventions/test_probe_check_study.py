@@ -301,3 +301,22 @@ def test_ndif_is_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
     spec.write_text(spec.read_text().replace("execution: {progress: false}", "execution: {remote: true}"))
     assert main(["probes", "check", "--study", str(spec)]) == 2
     assert "NDIF check refused org/hosted-model" in capsys.readouterr().err
+
+
+def test_the_table_keeps_the_corrupted_prompt_where_one_is_measured(tmp_path, tokenizer, tiny_gpt2, capsys):
+    """A `prob`-only study's probe without `wrong` still has a corrupted prompt of its own: its length is shown (a
+    trace's, the clean prompt again, is not); a column of empty wrong answers is left out."""
+    from interventions.probe_table import print_report
+
+    record = {k: v for k, v in flat(PROBES[0]).items() if k not in ("wrong", "pmids")}
+    probes = write_jsonl(tmp_path / "p.jsonl", [record])
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, probes.name, "metrics: [prob]\n"))
+    print_report(check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2)), True, width=200)
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert "n_corrupted" in header and "wrong_pieces" not in header
+    trace = {"id": "ep", "clean": "Epilepsy is a chronic disorder of the", "answer": " brain", "subject": "Epilepsy"}
+    spec = StudySpec.from_yaml(write_spec(tmp_path, tmp_path, write_jsonl(tmp_path / "t.jsonl", [trace]).name,
+                                          "trace: {samples: 1}\n"))
+    print_report(check_study(ResolvedStudy.for_probe_check(spec, tiny_gpt2)), True, width=200)
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert "n_corrupted" not in header and "wrong_pieces" not in header and "p_answer" in header
